@@ -1,0 +1,52 @@
+# Corral: `make run` starts the platform, `make test` runs the tests. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: run test unit integration e2e bench proto lint clean help
+
+help:
+	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set)"
+	@echo "make test   run the unit, integration and end-to-end tests"
+	@echo "make bench  print benchmark figures as JSON"
+	@echo "make proto  regenerate Python code and type stubs from protos/"
+	@echo "make lint   buf lint + ruff"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing Python dependencies into $(VENV) (first run only)..."
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+.proto.stamp: $(VENV)/.installed $(PROTOS) scripts/genproto.py
+	@$(PY) scripts/genproto.py
+	@touch $@
+
+proto: .proto.stamp
+
+run: .proto.stamp
+	@$(PY) -m services.launcher
+
+test: .proto.stamp
+	$(PY) -m pytest -q tests
+
+unit: .proto.stamp
+	$(PY) -m pytest -q tests/unit
+
+integration: .proto.stamp
+	$(PY) -m pytest -q tests/integration
+
+e2e: .proto.stamp
+	$(PY) -m pytest -q tests/e2e
+
+bench: .proto.stamp
+	@$(PY) -m bench
+
+lint: .proto.stamp
+	cd protos && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check corral services tests bench
+
+clean:
+	rm -rf .proto.stamp corral/*/v1 .corral

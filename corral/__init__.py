@@ -1,0 +1,1 @@
+"""Corral: a self-hosted runtime for AI agents."""

@@ -1,0 +1,64 @@
+"""corral.sdk: what agent code imports. Tiny on purpose, and it imports nothing of the services.
+
+    from corral.sdk import App
+
+    app = App()
+
+    @app.entrypoint
+    async def handle(payload, ctx):
+        ctx.state["turns"] = ctx.state.get("turns", 0) + 1
+        yield ctx.model.complete(payload["text"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+
+class Model(Protocol):
+    """The model pinned by the version's manifest, reached through the executor's broker."""
+
+    def complete(self, prompt: str, *, system: str = "") -> str: ...
+
+
+class ModelError(RuntimeError):
+    """The broker could not get an answer from the model."""
+
+
+@dataclass
+class Context:
+    """What a handler gets besides its payload. `state` is persisted by the platform after a
+    successful invocation and handed back on the session's next turn."""
+
+    session_id: str
+    invocation_id: str
+    version: str
+    endpoint: str
+    state: dict[str, Any]
+    model: Model
+    tracer: Any
+    tenant: str = ""
+    user: str = ""
+    prompt: str = ""
+    credentials: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[..., Any]
+
+
+class App:
+    """An agent application: register one handler with @app.entrypoint. The handler takes
+    (payload, ctx) and may be a function, a coroutine, a generator or an async generator;
+    what it returns or yields (str, bytes, or JSON-able values) streams back to the caller."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+
+    def entrypoint(self, fn: Handler) -> Handler:
+        self.handler = fn
+        return fn
+
+
+__all__ = ["App", "Context", "Model", "ModelError"]

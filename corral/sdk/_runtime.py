@@ -1,0 +1,239 @@
+"""The worker that runs inside a sandbox: imports the bundle's entrypoint once, then serves
+invocations over the Unix socket the executor passed in (length-prefixed protobuf frames)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import socket
+import struct
+import sys
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from corral.sandbox.v1 import sandbox_pb2 as pb
+from corral.sdk import App, Context, ModelError
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+class Channel:
+    """Blocking framed I/O on the socket to the executor."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, frame: pb.WorkerFrame) -> None:
+        data = frame.SerializeToString()
+        self.sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def _read(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            part = self.sock.recv(n - len(buf))
+            if not part:
+                raise EOFError("executor closed the socket")
+            buf += part
+        return bytes(buf)
+
+    def receive(self) -> pb.HostFrame:
+        (size,) = _HEADER.unpack(self._read(_HEADER.size))
+        if size > MAX_FRAME:
+            raise ValueError(f"frame of {size} bytes is over the limit")
+        frame = pb.HostFrame()
+        frame.ParseFromString(self._read(size))
+        return frame
+
+
+class BrokeredModel:
+    """ctx.model: each call is a frame to the executor's broker, which holds the provider."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def complete(self, prompt: str, *, system: str = "") -> str:
+        call_id = uuid.uuid4().hex
+        self.channel.send(pb.WorkerFrame(model_call=pb.ModelCall(call_id=call_id, prompt=prompt, system=system)))
+        reply = self.channel.receive()
+        if not reply.HasField("model_result") or reply.model_result.call_id != call_id:
+            raise ModelError("the executor answered a model call out of order")
+        if reply.model_result.error:
+            raise ModelError(reply.model_result.error)
+        return reply.model_result.text
+
+    async def acomplete(self, prompt: str, *, system: str = "") -> str:
+        return self.complete(prompt, system=system)
+
+
+def _encode(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode()
+    return json.dumps(item).encode()
+
+
+class _Tracing:
+    """The agent's own tracer: spans are kept in memory and sent back with each invocation's
+    result, since the sandbox has no network to export them itself."""
+
+    def __init__(self, resource: dict[str, str]) -> None:
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        except ImportError:  # the agent runs without the OTel SDK: a no-op tracer
+            from opentelemetry import trace
+
+            self.exporter = None
+            self.tracer = trace.get_tracer("corral.agent")
+            return
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider(resource=Resource.create(resource))
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = provider.get_tracer("corral.agent")
+
+    def context(self, traceparent: str) -> Any:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        return TraceContextTextMapPropagator().extract({"traceparent": traceparent} if traceparent else {})
+
+    def drain(self) -> bytes:
+        if self.exporter is None:
+            return b""
+        spans = self.exporter.get_finished_spans()
+        self.exporter.clear()
+        if not spans:
+            return b""
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        return encode_spans(spans).SerializeToString()  # type: ignore[no-any-return]
+
+
+class Worker:
+    def __init__(self, app: App, channel: Channel, prompt: str, resource: dict[str, str]) -> None:
+        self.app = app
+        self.channel = channel
+        self.prompt = prompt
+        self.model = BrokeredModel(channel)
+        self.tracing = _Tracing(resource)
+        self.loop = asyncio.new_event_loop()
+
+    def _outputs(self, result: Any) -> Iterator[Any]:
+        if inspect.isasyncgen(result):
+            while True:
+                try:
+                    yield self.loop.run_until_complete(result.__anext__())
+                except StopAsyncIteration:
+                    return
+        elif inspect.isgenerator(result):
+            yield from result
+        elif inspect.iscoroutine(result):
+            value = self.loop.run_until_complete(result)
+            if value is not None:
+                yield value
+        elif result is not None:
+            yield result
+
+    def invoke(self, inv: pb.Invocation) -> None:
+        state = json.loads(inv.state) if inv.state else {}
+        if not isinstance(state, dict):
+            state = {"value": state}
+        payload: Any = inv.payload
+        if not inv.content_type or inv.content_type == "application/json":
+            try:
+                payload = json.loads(inv.payload) if inv.payload else {}
+            except ValueError:
+                payload = inv.payload.decode(errors="replace")
+        ctx = Context(
+            session_id=inv.session_id, invocation_id=inv.invocation_id, version=inv.version,
+            endpoint=inv.endpoint, state=state, model=self.model, tracer=self.tracing.tracer,
+            tenant=inv.tenant, user=inv.user, prompt=self.prompt,
+        )
+        assert self.app.handler is not None
+        try:
+            from opentelemetry import context as otel_context
+
+            token = otel_context.attach(self.tracing.context(inv.traceparent))
+        except ImportError:
+            token = None
+        try:
+            for item in self._outputs(self.app.handler(payload, ctx)):
+                self.channel.send(pb.WorkerFrame(chunk=pb.Chunk(data=_encode(item))))
+        except Exception as exc:  # noqa: BLE001 - the agent's failure is reported, not fatal
+            self.channel.send(pb.WorkerFrame(failed=pb.Failed(
+                error_type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc(limit=20),
+            )))
+            self.tracing.drain()
+            return
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        try:
+            new_state = json.dumps(ctx.state).encode()
+        except (TypeError, ValueError) as exc:
+            self.channel.send(pb.WorkerFrame(failed=pb.Failed(
+                error_type="StateError", message=f"ctx.state is not JSON-serialisable: {exc}",
+            )))
+            return
+        self.channel.send(pb.WorkerFrame(done=pb.Done(state=new_state, otlp_spans=self.tracing.drain())))
+
+    def serve(self) -> None:
+        self.channel.send(pb.WorkerFrame(ready=pb.Ready(pid=os.getpid())))
+        while True:
+            try:
+                frame = self.channel.receive()
+            except EOFError:
+                return
+            if frame.HasField("invoke"):
+                self.invoke(frame.invoke)
+
+
+def load_app(bundle: Path, entrypoint: str) -> App:
+    sys.path.insert(0, str(bundle))
+    module_name, attr = entrypoint.split(":")
+    module = importlib.import_module(module_name)
+    app = getattr(module, attr)
+    if not isinstance(app, App) or app.handler is None:
+        raise TypeError(f"{entrypoint} is not a corral.sdk.App with an @app.entrypoint handler")
+    return app
+
+
+def _die_with_parent() -> None:
+    """Asks the kernel to kill this worker if the executor dies, so no orphan outlives it."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    fd, bundle_dir, entrypoint, prompt_file = int(argv[1]), Path(argv[2]), argv[3], argv[4]
+    resource = json.loads(argv[5]) if len(argv) > 5 else {}
+    channel = Channel(socket.socket(fileno=fd))
+    try:
+        app = load_app(bundle_dir, entrypoint)
+        prompt = (bundle_dir / prompt_file).read_text() if prompt_file else ""
+    except Exception as exc:  # noqa: BLE001 - reported to the executor as a start failure
+        channel.send(pb.WorkerFrame(failed=pb.Failed(
+            error_type=type(exc).__name__, message=f"loading {entrypoint}: {exc}",
+            traceback=traceback.format_exc(limit=20),
+        )))
+        return 1
+    Worker(app, channel, prompt, resource).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

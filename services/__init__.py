@@ -1,0 +1,1 @@
+"""Corral services: registry, router, sessions, executor, telemetry, and their shared kit."""

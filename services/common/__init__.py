@@ -1,0 +1,1 @@
+"""The server kit every Corral service is built with."""

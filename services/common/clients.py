@@ -1,0 +1,29 @@
+"""Channels to other Corral services, with identity and trace context carried along."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common import tracing
+from services.common.identity import Caller
+from services.common.server import MAX_MESSAGE_BYTES
+from services.common.settings import Settings
+
+
+def channel(settings: Settings, service: str) -> grpc.aio.Channel:
+    interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
+    return grpc.aio.insecure_channel(
+        settings.addrs[service],
+        interceptors=interceptors or None,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.enable_retries", 1),
+        ],
+    )
+
+
+def call_metadata(caller: Caller | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata for a call made on behalf of `caller`, with the current trace context."""
+    return (*(caller.metadata() if caller else ()), *tracing.inject_metadata())

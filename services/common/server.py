@@ -1,0 +1,121 @@
+"""Start-up and graceful shutdown of one gRPC service, with health, reflection and interceptors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from typing import Callable, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import tracing
+from services.common.interceptors import ErrorMappingInterceptor
+from services.common.logs import setup_logging
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Long enough for a streaming invocation to finish its current chunk; Ctrl-C should stay snappy.
+SHUTDOWN_GRACE_S = 5.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Service(Protocol):
+    """What a service hands the host: its servicers, and what to start and stop around them."""
+
+    async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
+        """Registers servicers on `server`, pushes resources to close onto `stack`, and returns
+        the full names of the gRPC services registered (for health and reflection)."""
+        ...
+
+
+class ServiceHost:
+    """One grpc.aio server: a service's handlers plus health, reflection and the error mapping."""
+
+    def __init__(self, name: str, settings: Settings, service: Service) -> None:
+        self.name = name
+        self.settings = settings
+        self.service = service
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._stack = AsyncExitStack()
+        self._server: grpc.aio.Server | None = None
+        self._services: list[str] = []
+
+    async def start(self, listen: str | None = None) -> int:
+        """Starts serving and returns the bound port (useful with port 0 in tests)."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(self.name)]
+        if self.settings.tracing and self.settings.rpc_spans:
+            interceptors.insert(0, tracing.server_interceptor())
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._server = server
+        try:
+            self._services = await self.service.start(server, self._stack)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+            address = listen or self.settings.listen[self.name]
+            self.port = server.add_insecure_port(address)
+            if self.port == 0:
+                raise OSError(f"{self.name} could not listen on {address}")
+            await server.start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        for svc in ("", *self._services):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """NOT_SERVING first so balancers move away, then drain, then close resources."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        drain = getattr(self.service, "drain", None)
+        if drain is not None:
+            # Lets a service end its long-lived streams (watches) so shutdown does not wait on them.
+            await drain()
+        await self._server.stop(grace)
+        self._server = None
+        await self._stack.aclose()
+
+
+async def serve_forever(host: ServiceHost) -> None:
+    """Runs a service until SIGINT or SIGTERM, then shuts it down in order."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if not host.settings.supervised:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    port = await host.start()
+    log.info("%s serving on %s (port %d)", host.name, host.settings.listen[host.name], port)
+    await stop.wait()
+    log.info("%s shutting down", host.name)
+    await host.stop()
+    tracing.shutdown()
+
+
+def main(name: str, build: Callable[[Settings], Service]) -> None:
+    """Entry point shared by every service's __main__."""
+    settings = Settings.from_env()
+    setup_logging(name, settings.log_level)
+    tracing.setup(name, settings)
+    try:
+        asyncio.run(serve_forever(ServiceHost(name, settings, build(settings))))
+    except Exception as exc:  # noqa: BLE001 - a start-up failure gets one clear line, not a trace
+        log.error("%s failed to start: %s", name, exc)
+        raise SystemExit(1) from None
+
+

@@ -1,0 +1,119 @@
+"""Typed settings, read once from the environment and passed down explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_PORTS = {
+    "router": 50051,
+    "registry": 50052,
+    "sessions": 50053,
+    "executor": 50054,
+    "telemetry": 50055,
+}
+SERVICES = tuple(DEFAULT_PORTS)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    # Live sandboxes beyond this are stopped, least recently used first (their state is persisted).
+    max_live_sandboxes: int = 64
+    # Seconds a session lease lives without renewal.
+    lease_ttl_s: int = 30
+    # Largest payload accepted by an invocation, in bytes.
+    max_payload_bytes: int = 4 * 1024 * 1024
+    python: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str | None
+    redis_url: str | None
+    # Prefix for every Redis key, so several deployments (or test runs) can share one Redis.
+    redis_prefix: str
+    addrs: Mapping[str, str]
+    # Where each service listens; defaults to its address.
+    listen: Mapping[str, str]
+    # Export spans over OTLP to telemetry (off only in unit tests).
+    tracing: bool
+    # Record a span per internal RPC, not only per invocation.
+    rpc_spans: bool
+    log_level: str
+    # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
+    supervised: bool = False
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        addrs = {
+            svc: env.get(f"CORRAL_{svc.upper()}_ADDR") or f"127.0.0.1:{port}"
+            for svc, port in DEFAULT_PORTS.items()
+        }
+        listen = {svc: env.get(f"CORRAL_{svc.upper()}_LISTEN") or addrs[svc] for svc in SERVICES}
+        for svc, addr in {**addrs, **{f"{k} listen": v for k, v in listen.items()}}.items():
+            if ":" not in addr:
+                raise SettingsError(f"address for {svc} ({addr!r}) must be host:port")
+        return cls(
+            data_dir=Path(env.get("CORRAL_DATA_DIR") or ".corral").resolve(),
+            database_url=env.get("CORRAL_DATABASE_URL") or None,
+            redis_url=env.get("CORRAL_REDIS_URL") or None,
+            redis_prefix=env.get("CORRAL_REDIS_PREFIX", "corral:"),
+            addrs=addrs,
+            listen=listen,
+            tracing=_bool(env, "CORRAL_TRACING", True),
+            rpc_spans=_bool(env, "CORRAL_RPC_SPANS", False),
+            log_level=env.get("CORRAL_LOG_LEVEL", "INFO").upper(),
+            supervised=_bool(env, "CORRAL_SUPERVISED", False),
+            executor=ExecutorSettings(
+                max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
+                lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),
+                max_payload_bytes=_int(env, "CORRAL_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024),
+                python=env.get("CORRAL_SANDBOX_PYTHON", ""),
+            ),
+        )
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise SettingsError(
+                "CORRAL_DATABASE_URL is not set: point it at PostgreSQL, or start the platform "
+                "with `make run`, which starts an embedded one"
+            )
+        return self.database_url
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise SettingsError(
+                "CORRAL_REDIS_URL is not set: point it at Redis, or start the platform with "
+                "`make run`, which starts an embedded one"
+            )
+        return self.redis_url

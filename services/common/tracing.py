@@ -1,0 +1,56 @@
+"""OpenTelemetry set-up: spans exported over OTLP gRPC to the telemetry service."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from services.common.settings import Settings
+
+_provider: TracerProvider | None = None
+
+
+def setup(service: str, settings: Settings) -> None:
+    """Installs the global tracer provider. Telemetry does not export to itself."""
+    global _provider
+    if _provider is not None:
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": f"corral-{service}"}))
+    if settings.tracing and service != "telemetry":
+        exporter = OTLPSpanExporter(endpoint=settings.addrs["telemetry"], insecure=True, timeout=3)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+
+
+def shutdown() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def server_interceptor() -> grpc.aio.ServerInterceptor:
+    return aio_server_interceptor()  # type: ignore[no-any-return]
+
+
+def client_interceptors() -> Sequence[Any]:
+    return aio_client_interceptors()  # type: ignore[no-any-return]
+
+
+def inject_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace context as gRPC metadata (W3C traceparent/tracestate)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
+def extract_metadata(metadata: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> Context:
+    carrier = dict(metadata or ())
+    return propagate.extract({k: v for k, v in carrier.items() if isinstance(v, str)})

@@ -1,0 +1,1 @@
+"""Executor: one sandbox per session, the model broker, invocation spans."""

@@ -1,0 +1,4 @@
+from services.common.server import main
+from services.executor.app import build
+
+main("executor", build)

@@ -1,0 +1,41 @@
+"""Wires the executor: clients to sessions, registry and telemetry, the driver, the broker."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import grpc
+
+from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from services.common.settings import Settings
+from services.executor.broker import ModelBroker, ScriptedProvider
+from services.executor.drivers import driver_for
+from services.executor.executor import Executor, default_holder
+from services.executor.servicer import ExecutorServicer
+from services.executor.store import BundleCache, SessionsClient, SpanForwarder
+
+
+class ExecutorService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
+        s = self.settings
+        sessions = SessionsClient(s)
+        stack.push_async_callback(sessions.close)
+        bundles = BundleCache(s, s.data_dir / "bundles")
+        stack.push_async_callback(bundles.close)
+        spans = SpanForwarder(s)
+        stack.push_async_callback(spans.close)
+        executor = Executor(
+            s.executor, s.data_dir, driver_for("process"), sessions, bundles, spans,
+            ModelBroker({"scripted": ScriptedProvider()}), default_holder(s.listen["executor"]),
+        )
+        executor.start()
+        stack.push_async_callback(executor.close)
+        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
+        return [executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name]
+
+
+def build(settings: Settings) -> ExecutorService:
+    return ExecutorService(settings)

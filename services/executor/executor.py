@@ -1,0 +1,364 @@
+"""The executor's domain: a sandbox per session that lives across turns, the session lease,
+state loaded and committed around each invocation, and the invocation span."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Union
+
+from opentelemetry import trace
+from opentelemetry.context import Context as OtelContext
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from corral import names
+from corral.manifest import Manifest, parse_manifest
+from corral.sandbox.v1 import sandbox_pb2 as pb
+from services.common.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    PermissionDenied,
+    Internal,
+    InvalidArgument,
+)
+from services.common.identity import Caller
+from services.common.settings import ExecutorSettings
+from services.executor.broker import ModelBroker
+from services.executor.drivers import SandboxDriver, SandboxSpec
+from services.executor.sandbox import AgentFailed, Done, Sandbox, SandboxCrashed
+from services.executor.store import BundleCache, SessionsClient, SpanForwarder
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+REAP_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Invocation:
+    session: str
+    version: str
+    digest: str
+    endpoint: str
+    invocation_id: str
+    payload: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Started:
+    invocation_id: str
+    trace_id: str
+
+
+@dataclass(frozen=True)
+class Completed:
+    duration_ms: int
+    turn: int
+
+
+Event = Union[Started, bytes, Completed]
+
+
+class AgentError(Internal):
+    """The agent's code raised; the message carries its exception type and message."""
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: ExecutorSettings,
+        data_dir: Path,
+        driver: SandboxDriver,
+        sessions: SessionsClient,
+        bundles: BundleCache,
+        spans: SpanForwarder,
+        broker: ModelBroker,
+        holder: str,
+    ) -> None:
+        self.settings = settings
+        self.workdirs = data_dir / "sandboxes"
+        self.driver = driver
+        self.sessions = sessions
+        self.bundles = bundles
+        self.spans = spans
+        self.broker = broker
+        self.holder = holder
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._owners: dict[str, Caller] = {}
+        self._busy: set[str] = set()
+        self._manifests: dict[str, Manifest] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle of the executor -------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self.stop_session(s) for s in list(self.sandboxes)), return_exceptions=True)
+
+    # -- one invocation ------------------------------------------------------------------
+
+    async def execute(self, caller: Caller, inv: Invocation, parent: OtelContext) -> AsyncIterator[Event]:
+        self._validate(inv)
+        if inv.session in self._busy:
+            raise _busy(inv.session)
+        self._busy.add(inv.session)
+        try:
+            async for event in self._execute(caller, inv, parent):
+                yield event
+        finally:
+            self._busy.discard(inv.session)
+
+    async def _execute(self, caller: Caller, inv: Invocation, parent: OtelContext) -> AsyncIterator[Event]:
+        started = time.monotonic()
+        ref = names.parse_version(inv.version)
+        attributes = {
+            "corral.agent": names.agent_name(ref.agent),
+            "corral.version": inv.version,
+            "corral.version.number": ref.number,
+            "corral.endpoint": inv.endpoint,
+            "corral.session": inv.session,
+            "corral.tenant": caller.tenant,
+            "corral.user": caller.user,
+            "corral.invocation": inv.invocation_id,
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": ref.agent,
+        }
+        # An explicit span and context rather than "current span": this generator is suspended at
+        # every yield, and the ambient context must not leak into the caller's.
+        span = tracer.start_span(
+            f"invoke_agent {ref.agent}", context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
+        )
+        span_ctx = trace.set_span_in_context(span, parent)
+        try:
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            try:
+                sandbox = await self._sandbox_for(caller, inv)
+                manifest = self._manifests[inv.digest]
+                yield Started(inv.invocation_id, trace_id)
+                carrier: dict[str, str] = {}
+                TraceContextTextMapPropagator().inject(carrier, context=span_ctx)
+                invocation = pb.Invocation(
+                    invocation_id=inv.invocation_id, session_id=names.parse_session(inv.session),
+                    version=inv.version, payload=inv.payload, content_type=inv.content_type,
+                    state=sandbox.state, traceparent=carrier.get("traceparent", ""),
+                    endpoint=inv.endpoint, tenant=caller.tenant, user=caller.user,
+                )
+
+                async def model(call: pb.ModelCall) -> pb.ModelResult:
+                    return await self.broker.call(
+                        manifest.model_provider, manifest.model_id, manifest.model_params, call,
+                        attributes, span_ctx,
+                    )
+
+                output: list[bytes] = []
+                done: Done | None = None
+                try:
+                    async with asyncio.timeout(manifest.timeout_s):
+                        async for item in sandbox.invoke(invocation, model):
+                            if isinstance(item, Done):
+                                done = item
+                            else:
+                                output.append(item)
+                                yield item
+                except TimeoutError:
+                    await self._drop(inv.session)
+                    raise DeadlineExceeded(
+                        f"{inv.session}: the agent did not finish within resources.timeout_s="
+                        f"{manifest.timeout_s}s", reason="INVOCATION_TIMEOUT",
+                    ) from None
+                except AgentFailed as exc:
+                    raise AgentError(
+                        f"the agent raised {exc.error_type}: {exc.message}", reason="AGENT_ERROR",
+                        metadata={"error_type": exc.error_type},
+                    ) from None
+                except SandboxCrashed as exc:
+                    await self._drop(inv.session)
+                    raise Internal(f"{inv.session}: the sandbox crashed: {exc}", reason="SANDBOX_CRASHED") from None
+                except BaseException:
+                    # Cancelled mid-stream (the caller went away): the worker may still be busy
+                    # with this turn, so it cannot serve the next one.
+                    await self._drop(inv.session)
+                    raise
+                assert done is not None
+                self.spans.forward(done.otlp_spans)
+                try:
+                    committed = await self.sessions.commit(
+                        caller, inv.session, sandbox.lease_id, sandbox.etag, done.state,
+                        inv.invocation_id, inv.payload, b"".join(output),
+                    )
+                except BaseException:
+                    await self._drop(inv.session)
+                    raise
+                sandbox.state, sandbox.etag = done.state, committed.etag
+                sandbox.last_used = time.monotonic()
+                span.set_attribute("corral.turn", committed.turn_count)
+                yield Completed(int((time.monotonic() - started) * 1000), committed.turn_count)
+            except BaseException as exc:
+                if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+                    span.set_status(trace.StatusCode.ERROR, str(exc)[:500])
+                    span.set_attribute("error.type", getattr(exc, "reason", type(exc).__name__))
+                raise
+        finally:
+            span.end()
+
+    def _validate(self, inv: Invocation) -> None:
+        for field, value, parse in (
+            ("session", inv.session, names.parse_session),
+            ("version", inv.version, names.parse_version),
+        ):
+            try:
+                parse(value)
+            except names.ResourceNameError as exc:
+                raise InvalidArgument.field(field, str(exc)) from None
+        if not inv.digest.startswith("sha256:"):
+            raise InvalidArgument.field("digest", "must be the version's sha256:... digest")
+        if len(inv.payload) > self.settings.max_payload_bytes:
+            raise InvalidArgument.field(
+                "payload", f"{len(inv.payload)} bytes is over the {self.settings.max_payload_bytes}-byte limit"
+            )
+
+    # -- sandboxes -----------------------------------------------------------------------
+
+    async def _sandbox_for(self, caller: Caller, inv: Invocation) -> Sandbox:
+        current = self.sandboxes.get(inv.session)
+        if current is not None and current.alive and current.spec.version == inv.version:
+            if self._owners.get(inv.session) != caller:
+                raise PermissionDenied(f"{inv.session} belongs to another caller")
+            return current
+        if current is not None:
+            await self._drop(inv.session)
+        await self._make_room()
+        lease = await self.sessions.acquire(caller, inv.session, self.holder, self.settings.lease_ttl_s)
+        try:
+            bundle = await self.bundles.ensure(inv.version, inv.digest)
+            manifest = self._manifest(inv.digest, bundle)
+            ref = names.parse_version(inv.version)
+            spec = SandboxSpec(
+                session=inv.session, version=inv.version, bundle_dir=bundle,
+                workdir=self.workdirs / uuid.uuid4().hex, entrypoint=manifest.entrypoint,
+                prompt_file=manifest.prompt_file, python=self.settings.python,
+                resource={
+                    "service.name": f"agent-{ref.agent}",
+                    "corral.agent": names.agent_name(ref.agent),
+                    "corral.version": inv.version,
+                    "corral.endpoint": inv.endpoint,
+                    "corral.session": inv.session,
+                    "corral.tenant": caller.tenant,
+                },
+                memory_mb=manifest.memory_mb, cpu_seconds=manifest.cpu_seconds,
+            )
+            sandbox = Sandbox(spec)
+            try:
+                await sandbox.start(self.driver)
+            except AgentFailed as exc:
+                raise AgentError(
+                    f"the agent failed to load: {exc.error_type}: {exc.message}", reason="AGENT_LOAD_ERROR",
+                ) from None
+        except BaseException:
+            await self._release(caller, inv.session, lease.lease_id)
+            raise
+        sandbox.lease_id = lease.lease_id
+        sandbox.state = lease.state.state
+        sandbox.etag = lease.state.etag
+        self.sandboxes[inv.session] = sandbox
+        self._owners[inv.session] = caller
+        log.info("started sandbox pid %s for %s on %s", sandbox.process.pid if sandbox.process else "?",
+                 inv.session, inv.version)
+        return sandbox
+
+    def _manifest(self, digest: str, bundle: Path) -> Manifest:
+        manifest = self._manifests.get(digest)
+        if manifest is None:
+            manifest = parse_manifest((bundle / "agent.toml").read_text())
+            self._manifests[digest] = manifest
+        return manifest
+
+    async def _make_room(self) -> None:
+        while len(self.sandboxes) >= self.settings.max_live_sandboxes:
+            idle = [(sb.last_used, s) for s, sb in self.sandboxes.items() if s not in self._busy]
+            if not idle:
+                return
+            _, oldest = min(idle)
+            await self._drop(oldest)
+
+    async def _release(self, caller: Caller, session: str, lease_id: str) -> None:
+        try:
+            await self.sessions.release(caller, session, lease_id)
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+            log.warning("could not release the lease of %s: %s", session, exc)
+
+    async def _drop(self, session: str) -> bool:
+        sandbox = self.sandboxes.pop(session, None)
+        caller = self._owners.pop(session, None)
+        if sandbox is None:
+            return False
+        await sandbox.stop()
+        if caller is not None and sandbox.lease_id:
+            await self._release(caller, session, sandbox.lease_id)
+        return True
+
+    async def stop_session(self, session: str) -> bool:
+        return await self._drop(session)
+
+    def list_sandboxes(self) -> list[tuple[Sandbox, bool]]:
+        return [(sb, s in self._busy) for s, sb in self.sandboxes.items()]
+
+    # -- background: idle timeouts, lifetimes, lease renewal -----------------------------
+
+    async def _reap_forever(self) -> None:
+        last_renew = time.monotonic()
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            try:
+                now = time.monotonic()
+                for session, sb in list(self.sandboxes.items()):
+                    if session in self._busy:
+                        continue
+                    manifest = self._manifests.get(_digest_of(sb))
+                    idle_limit = manifest.idle_timeout_s if manifest else 900
+                    life_limit = manifest.max_lifetime_s if manifest else 28_800
+                    if not sb.alive or now - sb.last_used > idle_limit or time.time() - sb.started > life_limit:
+                        log.info("stopping sandbox of %s (idle, expired or exited)", session)
+                        await self._drop(session)
+                if now - last_renew >= self.settings.lease_ttl_s / 3:
+                    last_renew = now
+                    await self._renew_leases()
+            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+                log.exception("sandbox reaper failed; retrying")
+
+    async def _renew_leases(self) -> None:
+        for session, sb in list(self.sandboxes.items()):
+            caller = self._owners.get(session)
+            if caller is None or not sb.lease_id:
+                continue
+            try:
+                await self.sessions.renew(caller, session, sb.lease_id, self.settings.lease_ttl_s)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("lost the lease of %s (%s); stopping its sandbox", session, exc)
+                if session not in self._busy:
+                    await self._drop(session)
+
+
+def _digest_of(sandbox: Sandbox) -> str:
+    return "sha256:" + sandbox.spec.bundle_dir.name.split("-", 1)[-1]
+
+
+def _busy(session: str) -> Aborted:
+    return Aborted(
+        f"session {session} is busy: another invocation is running on it; retry when it finishes",
+        reason="SESSION_BUSY",
+    )
+
+
+def default_holder(listen: str) -> str:
+    return f"executor@{listen}#{os.getpid()}"

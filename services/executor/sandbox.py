@@ -1,0 +1,136 @@
+"""One live sandbox: a worker process for one session, and the framed socket to it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+from corral.sandbox.v1 import sandbox_pb2 as pb
+from services.common.errors import Internal
+from services.executor.drivers.base import SandboxDriver, SandboxSpec, WorkerProcess
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+START_TIMEOUT_S = 30.0
+
+
+class AgentFailed(Exception):
+    """The agent's own code raised: its exception type and message, for the caller."""
+
+    def __init__(self, error_type: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.traceback = traceback
+
+
+class SandboxCrashed(Exception):
+    """The worker went away mid-invocation."""
+
+
+@dataclass(frozen=True)
+class Done:
+    state: bytes
+    otlp_spans: bytes
+
+
+ModelBroker = Callable[[pb.ModelCall], Awaitable[pb.ModelResult]]
+
+
+class Sandbox:
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+        self.process: WorkerProcess | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.started = time.time()
+        self.last_used = time.monotonic()
+        self.busy = False
+        # The session's lease and the etag of the state this sandbox last saw committed.
+        self.lease_id = ""
+        self.state = b""
+        self.etag = ""
+
+    async def start(self, driver: SandboxDriver) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = await driver.spawn(self.spec, child.fileno())
+        finally:
+            child.close()
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                frame = await self._receive()
+        except TimeoutError:
+            self.kill()
+            raise Internal(f"the sandbox for {self.spec.session} did not start within {START_TIMEOUT_S:g}s",
+                           reason="SANDBOX_START_TIMEOUT") from None
+        except SandboxCrashed:
+            code = await self.process.wait()
+            raise Internal(f"the sandbox for {self.spec.session} exited at start (code {code})",
+                           reason="SANDBOX_START_FAILED") from None
+        if frame.HasField("failed"):
+            self.kill()
+            raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)
+        if not frame.HasField("ready"):
+            self.kill()
+            raise Internal("the sandbox sent something other than Ready at start", reason="SANDBOX_PROTOCOL")
+
+    async def _send(self, frame: pb.HostFrame) -> None:
+        assert self.writer is not None
+        data = frame.SerializeToString()
+        self.writer.write(_HEADER.pack(len(data)) + data)
+        await self.writer.drain()
+
+    async def _receive(self) -> pb.WorkerFrame:
+        assert self.reader is not None
+        try:
+            (size,) = _HEADER.unpack(await self.reader.readexactly(_HEADER.size))
+            if size > MAX_FRAME:
+                raise SandboxCrashed(f"the sandbox sent a frame of {size} bytes")
+            frame = pb.WorkerFrame()
+            frame.ParseFromString(await self.reader.readexactly(size))
+            return frame
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise SandboxCrashed("the sandbox closed its socket") from exc
+
+    async def invoke(
+        self, invocation: pb.Invocation, broker: ModelBroker
+    ) -> AsyncIterator[bytes | Done]:
+        """Runs one invocation; yields output chunks, then a Done. Raises AgentFailed or
+        SandboxCrashed."""
+        await self._send(pb.HostFrame(invoke=invocation))
+        while True:
+            frame = await self._receive()
+            kind = frame.WhichOneof("frame")
+            if kind == "chunk":
+                yield frame.chunk.data
+            elif kind == "model_call":
+                result = await broker(frame.model_call)
+                await self._send(pb.HostFrame(model_result=result))
+            elif kind == "done":
+                yield Done(state=frame.done.state, otlp_spans=frame.done.otlp_spans)
+                return
+            elif kind == "failed":
+                raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)
+            else:
+                raise SandboxCrashed(f"unexpected frame {kind!r} from the sandbox")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+        if self.writer is not None:
+            self.writer.close()
+
+    async def stop(self) -> None:
+        self.kill()
+        if self.process is not None:
+            await self.process.wait()

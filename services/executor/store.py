@@ -1,0 +1,136 @@
+"""What the executor keeps outside itself: session state and leases (the sessions service),
+bundles (the registry, cached on local disk), and agent spans (telemetry)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from corral.bundle import digest_of, unpack
+from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
+from services.common.clients import call_metadata, channel
+from services.common.errors import FailedPrecondition
+from services.common.identity import Caller
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class SessionsClient:
+    def __init__(self, settings: Settings) -> None:
+        self.channel = channel(settings, "sessions")
+        self.stub = sessions_pb2_grpc.SessionsServiceStub(self.channel)
+
+    async def acquire(self, caller: Caller, session: str, holder: str, ttl_s: int) -> sessions_pb2.Lease:
+        request = sessions_pb2.AcquireLeaseRequest(session=session, holder=holder)
+        request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
+        return await self.stub.AcquireLease(request, metadata=call_metadata(caller))
+
+    async def renew(self, caller: Caller, session: str, lease_id: str, ttl_s: int) -> None:
+        request = sessions_pb2.RenewLeaseRequest(session=session, lease_id=lease_id)
+        request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
+        await self.stub.RenewLease(request, metadata=call_metadata(caller))
+
+    async def release(self, caller: Caller, session: str, lease_id: str) -> None:
+        await self.stub.ReleaseLease(
+            sessions_pb2.ReleaseLeaseRequest(session=session, lease_id=lease_id),
+            metadata=call_metadata(caller),
+        )
+
+    async def commit(
+        self, caller: Caller, session: str, lease_id: str, etag: str, state: bytes,
+        invocation_id: str, payload: bytes, output: bytes,
+    ) -> sessions_pb2.SessionState:
+        return await self.stub.CommitTurn(
+            sessions_pb2.CommitTurnRequest(
+                session=session, lease_id=lease_id, etag=etag, state=state,
+                invocation_id=invocation_id, input=payload, output=output,
+            ),
+            metadata=call_metadata(caller),
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class BundleCache:
+    """Unpacked bundles on local disk, one directory per digest, fetched from the registry once."""
+
+    def __init__(self, settings: Settings, root: Path) -> None:
+        self.root = root
+        self.channel = channel(settings, "registry")
+        self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest.replace(":", "-")
+
+    async def ensure(self, version: str, digest: str) -> Path:
+        dest = self.path(digest)
+        if dest.exists():
+            return dest
+        lock = self._locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            if dest.exists():
+                return dest
+            parts: list[bytes] = []
+            async for msg in self.stub.DownloadVersion(registry_pb2.DownloadVersionRequest(name=version)):
+                if msg.HasField("chunk"):
+                    parts.append(msg.chunk)
+            data = b"".join(parts)
+            if digest_of(data) != digest:
+                raise FailedPrecondition(
+                    f"{version} downloaded as {digest_of(data)}, but the session is pinned to {digest}",
+                    reason="DIGEST_MISMATCH",
+                )
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".unpack-"))
+            try:
+                await asyncio.to_thread(unpack, data, tmp)
+                tmp.rename(dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info("unpacked %s (%s) into %s", version, digest, dest)
+        return dest
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class SpanForwarder:
+    """Sends the agent's own spans (already OTLP-encoded inside the sandbox) to telemetry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.tracing
+        self.channel = channel(settings, "telemetry")
+        self.stub = trace_service_pb2_grpc.TraceServiceStub(self.channel)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def forward(self, encoded: bytes) -> None:
+        if not encoded or not self.enabled:
+            return
+        task = asyncio.create_task(self._send(encoded))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, encoded: bytes) -> None:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        request.ParseFromString(encoded)
+        try:
+            await self.stub.Export(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not forward agent spans to telemetry: %s", exc.details())
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        await self.channel.close()

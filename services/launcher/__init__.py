@@ -1,0 +1,1 @@
+"""`make run`: the whole platform on one machine, as separate processes."""

@@ -1,0 +1,1 @@
+"""Registry: agents, immutable versions, endpoints and their traffic, the audit log."""

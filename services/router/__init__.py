@@ -1,0 +1,1 @@
+"""Router: resolves endpoint → version per session, forwards to an executor, streams back."""

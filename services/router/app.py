@@ -1,0 +1,34 @@
+"""Wires the router: clients, the endpoint cache and its watch, the servicer."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import grpc
+
+from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.common.settings import Settings
+from services.router.endpoints import EndpointCache
+from services.router.router import Router
+from services.router.servicer import RouterServicer
+from services.router.store import Clients
+
+
+class RouterService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.router: Router | None = None
+
+    async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
+        clients = Clients(self.settings)
+        stack.push_async_callback(clients.close)
+        endpoints = EndpointCache(clients.registry)
+        endpoints.start()
+        stack.push_async_callback(endpoints.close)
+        self.router = Router(clients, endpoints, self.settings.executor.max_payload_bytes)
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self.router), server)
+        return [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
+
+
+def build(settings: Settings) -> RouterService:
+    return RouterService(settings)

@@ -1,0 +1,1 @@
+"""The sessions service: session records, version pins, state with etags, turns and leases."""

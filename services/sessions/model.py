@@ -1,0 +1,185 @@
+"""The sessions domain's values and the ports it is built on (storage, leases, clock, ids)."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from corral import names
+
+
+class SessionStatus(enum.Enum):
+    ACTIVE = "ACTIVE"
+    STOPPED = "STOPPED"
+    EXPIRED = "EXPIRED"
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    id: str
+    agent: str
+    version: str
+    version_digest: str
+    endpoint: str
+    tenant: str
+    user: str
+    status: SessionStatus
+    turn_count: int
+    state_etag: str
+    create_time: datetime
+    update_time: datetime
+    last_active_time: datetime
+    idle_timeout_s: int
+    max_lifetime_s: int
+
+    @property
+    def name(self) -> str:
+        return names.session_name(self.id)
+
+    def is_expired(self, now: datetime) -> bool:
+        """True once the idle timeout or the max lifetime has passed (for a live session).
+        store.expire_due applies the same rule in SQL; keep the two in step."""
+        if self.status is not SessionStatus.ACTIVE:
+            return False
+        idle = now - self.last_active_time > timedelta(seconds=self.idle_timeout_s)
+        old = now - self.create_time > timedelta(seconds=self.max_lifetime_s)
+        return idle or old
+
+
+@dataclass(frozen=True)
+class SessionState:
+    session_id: str
+    state: bytes
+    etag: str
+    turn_count: int
+
+
+@dataclass(frozen=True)
+class SessionLease:
+    session_id: str
+    lease_id: str
+    holder: str
+    expire_time: datetime
+    # Only AcquireLease returns the state the holder starts from.
+    state: SessionState | None = None
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """What a caller may choose when creating a session; everything else is the platform's."""
+
+    agent: str
+    version: str
+    version_digest: str
+    endpoint: str = ""
+    idle_timeout_s: float | None = None
+    max_lifetime_s: float | None = None
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    agent: str = ""
+    version: str = ""
+    status: SessionStatus | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    invocation_id: str
+    input: bytes
+    output: bytes
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    sessions: Sequence[SessionRecord]
+    next_page_token: str
+
+
+# Keyset position in the listing order (create_time, id).
+PageKey = tuple[datetime, str]
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class IdSource(Protocol):
+    def new_id(self) -> str: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class RandomIds:
+    def new_id(self) -> str:
+        return uuid.uuid4().hex
+
+
+class SessionStore(Protocol):
+    """PostgreSQL is the record; implementations may cache, but every write is durable first."""
+
+    async def insert(self, record: SessionRecord) -> SessionRecord | None:
+        """The stored record, or None when the id is taken."""
+        ...
+
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None: ...
+
+    async def list(
+        self, tenant: str, where: SessionFilter, after: PageKey | None, limit: int
+    ) -> list[SessionRecord]: ...
+
+    async def set_status(
+        self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
+    ) -> SessionRecord | None:
+        """Changes the status if it is `only_from`; None if it was not or the session is gone."""
+        ...
+
+    async def expire_due(self, tenant: str, now: datetime) -> int:
+        """Marks the tenant's live sessions past their timeouts EXPIRED; returns how many."""
+        ...
+
+    async def touch(self, session_id: str, now: datetime) -> SessionRecord | None: ...
+
+    async def write_state(
+        self,
+        session_id: str,
+        state: bytes,
+        expected_etag: str,
+        new_etag: str,
+        now: datetime,
+        turn: Turn | None,
+    ) -> SessionRecord | None:
+        """Compare-and-set in one transaction; with a turn, also counts it and appends its event.
+        None (and nothing written) when the etag is not the current one or the session is gone."""
+        ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+
+class LeaseStore(Protocol):
+    """Leases expire on their own; check-and-set operations must be atomic."""
+
+    async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool: ...
+
+    async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
+        """Extends the lease if `lease_id` holds it and returns its holder; None if it does not."""
+        ...
+
+    async def release(self, session_id: str, lease_id: str) -> bool:
+        """Removes the lease if `lease_id` holds it; never removes another holder's."""
+        ...
+
+    async def holder(self, session_id: str) -> str | None:
+        """The lease id currently holding the session, if any."""
+        ...
+
+    async def drop(self, session_id: str) -> None: ...

@@ -1,0 +1,380 @@
+"""The sessions service's storage, the only module that speaks SQL or Redis: session records and
+turns in PostgreSQL (the record), leases and a read cache of records in Redis (disposable)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as redis
+
+from services.common.errors import Unavailable
+from services.common.kv import KeySpace
+from services.sessions.model import (
+    PageKey,
+    SessionFilter,
+    SessionRecord,
+    SessionStatus,
+    Turn,
+)
+
+log = logging.getLogger(__name__)
+
+# Bounds how long a copy could outlive a write whose invalidation was lost (Redis down at the time).
+CACHE_TTL_MS = 60_000
+
+_COLUMNS = """id, agent, version, version_digest, endpoint, tenant, user_id, status,
+    turn_count, state_etag, create_time, update_time, last_active_time, idle_timeout_s,
+    max_lifetime_s, revision"""
+_NEXT_REVISION = "nextval('sessions.revision_seq')"
+
+# Replaces the cached copy only with a newer revision, so a slow reader cannot put back a record
+# older than the one a writer just stored (or resurrect a deleted one: see RecordCache.forget).
+# ARGV[4] = '1' for a tombstone, which also replaces a copy of the same revision.
+_CACHE_PUT = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+local rev = tonumber(ARGV[1])
+if rev > current or (ARGV[4] == '1' and rev == current) then
+  redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'data', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+# A lease's value is "<lease_id>\n<holder>"; ARGV[1] is "<lease_id>\n".
+_LEASE_RENEW = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return v
+end
+return false
+"""
+_LEASE_RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _record(row: asyncpg.Record | dict[str, Any]) -> SessionRecord:
+    return SessionRecord(
+        id=row["id"],
+        agent=row["agent"],
+        version=row["version"],
+        version_digest=row["version_digest"],
+        endpoint=row["endpoint"],
+        tenant=row["tenant"],
+        user=row["user_id"],
+        status=SessionStatus(row["status"]),
+        turn_count=row["turn_count"],
+        state_etag=row["state_etag"],
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        last_active_time=row["last_active_time"],
+        idle_timeout_s=row["idle_timeout_s"],
+        max_lifetime_s=row["max_lifetime_s"],
+    )
+
+
+def _to_json(row: asyncpg.Record) -> str:
+    values = dict(row)
+    for key in ("create_time", "update_time", "last_active_time"):
+        values[key] = values[key].isoformat()
+    return json.dumps(values)
+
+
+def _from_json(data: bytes | str) -> SessionRecord:
+    values = json.loads(data)
+    for key in ("create_time", "update_time", "last_active_time"):
+        values[key] = datetime.fromisoformat(values[key])
+    return _record(values)
+
+
+class RecordCache:
+    """Hot copies of session records (never their state). Redis failures only cost a cache miss."""
+
+    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+        self._redis = client
+        self._keys = keys
+        self._put = client.register_script(_CACHE_PUT)
+
+    def _key(self, session_id: str) -> str:
+        return self._keys("sessions", "record", session_id)
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        try:
+            data = await self._redis.hget(self._key(session_id), "data")  # type: ignore[misc]
+        except (redis.RedisError, OSError) as exc:
+            log.warning("session cache read failed, reading PostgreSQL: %s", exc)
+            return None
+        if not data:
+            return None
+        try:
+            return _from_json(data)
+        except (ValueError, KeyError, TypeError):
+            log.warning("dropping an unreadable cached copy of sessions/%s", session_id)
+            return None
+
+    async def put(self, row: asyncpg.Record) -> None:
+        await self._store(row["id"], row["revision"], _to_json(row), tombstone=False)
+
+    async def forget(self, session_id: str, revision: int) -> None:
+        # A tombstone at the deleted row's revision: an older copy read before the delete can no
+        # longer be cached, while a session re-created under that id (a later revision) can.
+        await self._store(session_id, revision, "", tombstone=True)
+
+    async def _store(self, session_id: str, revision: int, data: str, *, tombstone: bool) -> None:
+        try:
+            await self._put(
+                keys=[self._key(session_id)],
+                args=[revision, data, CACHE_TTL_MS, "1" if tombstone else "0"],
+            )
+        except (redis.RedisError, OSError) as exc:
+            log.warning("session cache update for sessions/%s failed: %s", session_id, exc)
+
+
+class PgSessionStore:
+    """Sessions and their turns in PostgreSQL, with the record cache kept in step on every write."""
+
+    def __init__(self, pool: asyncpg.Pool, cache: RecordCache) -> None:
+        self._pool = pool
+        self._cache = cache
+
+    async def insert(self, record: SessionRecord) -> SessionRecord | None:
+        row = await self._pool.fetchrow(
+            f"""INSERT INTO sessions.sessions (id, agent, version, version_digest, endpoint, tenant,
+                    user_id, status, turn_count, state_etag, create_time, update_time,
+                    last_active_time, idle_timeout_s, max_lifetime_s)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING {_COLUMNS}""",
+            record.id,
+            record.agent,
+            record.version,
+            record.version_digest,
+            record.endpoint,
+            record.tenant,
+            record.user,
+            record.status.value,
+            record.turn_count,
+            record.state_etag,
+            record.create_time,
+            record.update_time,
+            record.last_active_time,
+            record.idle_timeout_s,
+            record.max_lifetime_s,
+        )
+        return await self._cached(row)
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        hit = await self._cache.get(session_id)
+        if hit is not None:
+            return hit
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM sessions.sessions WHERE id = $1", session_id
+        )
+        return await self._cached(row)
+
+    async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS}, state FROM sessions.sessions WHERE id = $1", session_id
+        )
+        if row is None:
+            return None
+        return _record(row), bytes(row["state"])
+
+    async def list(
+        self, tenant: str, where: SessionFilter, after: PageKey | None, limit: int
+    ) -> list[SessionRecord]:
+        conditions = ["tenant = $1"]
+        args: list[Any] = [tenant]
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if where.agent:
+            conditions.append(f"agent = {arg(where.agent)}")
+        if where.version:
+            conditions.append(f"version = {arg(where.version)}")
+        if where.status is not None:
+            conditions.append(f"status = {arg(where.status.value)}")
+        if after is not None:
+            conditions.append(
+                f"(create_time, id) > ({arg(after[0])}::timestamptz, {arg(after[1])}::text)"
+            )
+        rows = await self._pool.fetch(
+            f"""SELECT {_COLUMNS} FROM sessions.sessions WHERE {" AND ".join(conditions)}
+                ORDER BY create_time, id LIMIT {arg(limit)}""",
+            *args,
+        )
+        return [_record(r) for r in rows]
+
+    async def set_status(
+        self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
+    ) -> SessionRecord | None:
+        row = await self._pool.fetchrow(
+            f"""UPDATE sessions.sessions
+                SET status = $2, update_time = $3, revision = {_NEXT_REVISION}
+                WHERE id = $1 AND status = $4
+                RETURNING {_COLUMNS}""",
+            session_id,
+            status.value,
+            now,
+            only_from.value,
+        )
+        return await self._cached(row)
+
+    async def expire_due(self, tenant: str, now: datetime) -> int:
+        # The same rule as SessionRecord.is_expired, applied to every live session of the tenant.
+        rows = await self._pool.fetch(
+            f"""UPDATE sessions.sessions
+                SET status = 'EXPIRED', update_time = $2, revision = {_NEXT_REVISION}
+                WHERE tenant = $1 AND status = 'ACTIVE'
+                  AND (last_active_time + make_interval(secs => idle_timeout_s) < $2
+                       OR create_time + make_interval(secs => max_lifetime_s) < $2)
+                RETURNING {_COLUMNS}""",
+            tenant,
+            now,
+        )
+        for row in rows:
+            await self._cache.put(row)
+        return len(rows)
+
+    async def touch(self, session_id: str, now: datetime) -> SessionRecord | None:
+        row = await self._pool.fetchrow(
+            f"""UPDATE sessions.sessions
+                SET last_active_time = GREATEST(last_active_time, $2), revision = {_NEXT_REVISION}
+                WHERE id = $1
+                RETURNING {_COLUMNS}""",
+            session_id,
+            now,
+        )
+        return await self._cached(row)
+
+    async def write_state(
+        self,
+        session_id: str,
+        state: bytes,
+        expected_etag: str,
+        new_etag: str,
+        now: datetime,
+        turn: Turn | None,
+    ) -> SessionRecord | None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""UPDATE sessions.sessions
+                    SET state = $2, state_etag = $3, update_time = $4,
+                        turn_count = turn_count + $5,
+                        last_active_time = CASE WHEN $5 > 0 THEN $4 ELSE last_active_time END,
+                        revision = {_NEXT_REVISION}
+                    WHERE id = $1 AND state_etag = $6
+                    RETURNING {_COLUMNS}""",
+                session_id,
+                state,
+                new_etag,
+                now,
+                1 if turn else 0,
+                expected_etag,
+            )
+            if row is not None and turn is not None:
+                await conn.execute(
+                    """INSERT INTO sessions.session_events
+                           (session_id, seq, invocation_id, input, output, create_time)
+                       VALUES ($1, $2, $3, $4, $5, $6)""",
+                    session_id,
+                    row["turn_count"],
+                    turn.invocation_id,
+                    turn.input,
+                    turn.output,
+                    now,
+                )
+        # Only after the commit: a cached copy must never show a write that was rolled back.
+        return await self._cached(row)
+
+    async def delete(self, session_id: str) -> bool:
+        revision = await self._pool.fetchval(
+            "DELETE FROM sessions.sessions WHERE id = $1 RETURNING revision", session_id
+        )
+        if revision is None:
+            return False
+        await self._cache.forget(session_id, revision)
+        return True
+
+    async def _cached(self, row: asyncpg.Record | None) -> SessionRecord | None:
+        if row is None:
+            return None
+        await self._cache.put(row)
+        return _record(row)
+
+
+class RedisLeases:
+    """One lease per session: a key set with NX and a TTL, changed only by its holder's lease id."""
+
+    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+        self._redis = client
+        self._keys = keys
+        self._renew = client.register_script(_LEASE_RENEW)
+        self._release = client.register_script(_LEASE_RELEASE)
+
+    def _key(self, session_id: str) -> str:
+        return self._keys("sessions", "lease", session_id)
+
+    async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool:
+        async with _redis_required("take the session's lease"):
+            taken = await self._redis.set(
+                self._key(session_id), f"{lease_id}\n{holder}", nx=True, px=_ms(ttl_s)
+            )
+        return bool(taken)
+
+    async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
+        async with _redis_required("renew the session's lease"):
+            value = await self._renew(
+                keys=[self._key(session_id)], args=[f"{lease_id}\n", _ms(ttl_s)]
+            )
+        if not value:
+            return None
+        return _text(value).split("\n", 1)[1]
+
+    async def release(self, session_id: str, lease_id: str) -> bool:
+        async with _redis_required("release the session's lease"):
+            removed = await self._release(keys=[self._key(session_id)], args=[f"{lease_id}\n"])
+        return bool(removed)
+
+    async def holder(self, session_id: str) -> str | None:
+        async with _redis_required("check the session's lease"):
+            value = await self._redis.get(self._key(session_id))
+        if value is None:
+            return None
+        return _text(value).split("\n", 1)[0]
+
+    async def drop(self, session_id: str) -> None:
+        async with _redis_required("remove the session's lease"):
+            await self._redis.delete(self._key(session_id))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+@asynccontextmanager
+async def _redis_required(action: str) -> AsyncIterator[None]:
+    # Leases exist only in Redis, so without it no invocation can safely start: the caller retries.
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise Unavailable(
+            f"sessions could not {action}: Redis is unavailable ({exc}); retry shortly"
+        ) from exc

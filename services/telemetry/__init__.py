@@ -1,0 +1,1 @@
+"""Telemetry: OTLP spans in, queries over spans, traces and per-version metrics out."""

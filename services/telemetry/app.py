@@ -1,0 +1,39 @@
+"""Wires telemetry: pool and migrations → store → domain → the two servicers on one server."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.db import create_pool, migrate
+from services.common.settings import Settings
+from services.telemetry.servicer import TelemetryServicer, TraceServicer
+from services.telemetry.spans import Telemetry
+from services.telemetry.store import PgSpanStore
+
+TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
+TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
+
+
+class TelemetryApp:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
+        pool = await create_pool(self._settings.require_database())
+        stack.push_async_callback(pool.close)
+        await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
+        telemetry = Telemetry(PgSpanStore(pool))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(telemetry), server)
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
+            TelemetryServicer(telemetry), server
+        )
+        return [TELEMETRY_SERVICE, TRACE_SERVICE]
+
+
+def build(settings: Settings) -> TelemetryApp:
+    return TelemetryApp(settings)

@@ -1,0 +1,93 @@
+"""Fixtures: a fresh PostgreSQL database and Redis for the run — the machine's when
+CORRAL_TEST_DATABASE_URL / CORRAL_TEST_REDIS_URL are set, embedded ones otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from services.common import embedded
+from services.common.server import ServiceHost
+from services.common.settings import Settings
+from tests import harness
+
+StartServices = Callable[..., Awaitable[dict[str, ServiceHost]]]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("corral")
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(data_root: Path) -> Iterator[str]:
+    """A URL of a PostgreSQL server (any database on it) where test databases can be created."""
+    url = harness.test_database_url()
+    if url:
+        yield url
+        return
+    pg = embedded.start_postgres(data_root / "pg", database="postgres")
+    yield pg.url
+    pg.stop()
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own for this test run, dropped at the end."""
+    name = f"corral_test_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    yield _with_database(postgres_server_url, name)
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(data_root: Path) -> Iterator[str]:
+    url = harness.test_redis_url()
+    if url:
+        yield url
+        return
+    server = embedded.start_redis(data_root / "redis")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    """Fresh ports, data dir and Redis prefix for each test; the database is shared per run."""
+    return harness.make_settings(database_url, redis_url, tmp_path)
+
+
+@pytest_asyncio.fixture
+async def start_services(settings: Settings) -> AsyncIterator[StartServices]:
+    """`hosts = await start_services("registry", "router")` starts real servers on the
+    settings' ports; they are stopped (last started, first stopped) after the test."""
+    hosts: dict[str, ServiceHost] = {}
+
+    async def start(*names: str) -> dict[str, ServiceHost]:
+        for name in names:
+            hosts[name] = await harness.start_service(name, settings)
+        return hosts
+
+    yield start
+    for host in reversed(list(hosts.values())):
+        await host.stop(grace=0.5)

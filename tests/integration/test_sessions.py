@@ -1,0 +1,511 @@
+"""The sessions service as a client sees it: real grpc.aio server, real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from corral.sessions.v1 import sessions_pb2 as pb
+from corral.sessions.v1 import sessions_pb2_grpc
+from services.common import clients
+from services.common.kv import create_redis
+from services.common.settings import Settings
+from tests.conftest import StartServices
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+DIGEST = "sha256:" + "0f" * 32
+EIGHT_MIB = 8 * 1024 * 1024
+Metadata = tuple[tuple[str, str], ...]
+
+
+def who(tenant: str, user: str = "alice") -> Metadata:
+    return (("x-corral-tenant", tenant), ("x-corral-user", user))
+
+
+def new_session(agent: str = "demo", n: int = 1, **fields: object) -> pb.Session:
+    return pb.Session(
+        agent=f"agents/{agent}",
+        version=f"agents/{agent}/versions/{n}",
+        version_digest=DIGEST,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
+    """The ErrorInfo and the BadRequest field names the server attached."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
+    info, fields = error_details_pb2.ErrorInfo(), []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return info, fields
+
+
+async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+@pytest_asyncio.fixture
+async def stub(
+    start_services: StartServices, settings: Settings
+) -> AsyncIterator[sessions_pb2_grpc.SessionsServiceAsyncStub]:
+    await start_services("sessions")
+    async with clients.channel(settings, "sessions") as channel:
+        yield sessions_pb2_grpc.SessionsServiceStub(channel)
+
+
+@pytest.fixture
+def tenant() -> str:
+    # The database is shared by the whole run: a tenant of its own keeps each test's lists clean.
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+async def test_create_get_list_and_tenants_see_only_their_own(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+) -> None:
+    me, other = who(tenant), who(tenant + "-other")
+    # Tenant and user in the body are ignored: they come from the caller.
+    created = await stub.CreateSession(
+        pb.CreateSessionRequest(
+            session_id=f"{tenant}-a", session=new_session(tenant="evil", user="root")
+        ),
+        metadata=me,
+    )
+    assert created.name == f"sessions/{tenant}-a"
+    assert (created.tenant, created.user) == (tenant, "alice")
+    assert created.status == pb.SESSION_STATUS_ACTIVE and created.turn_count == 0
+    assert created.idle_timeout.seconds == 900 and created.max_lifetime.seconds == 28800
+    assert created.state_etag and created.version == "agents/demo/versions/1"
+    generated = await stub.CreateSession(
+        pb.CreateSessionRequest(session=new_session()), metadata=me
+    )
+    assert len(generated.name.removeprefix("sessions/")) == 32
+
+    got = await stub.GetSession(pb.GetSessionRequest(name=created.name), metadata=me)
+    assert got == created
+    listed = await stub.ListSessions(pb.ListSessionsRequest(), metadata=me)
+    assert {s.name for s in listed.sessions} == {created.name, generated.name}
+
+    assert not (await stub.ListSessions(pb.ListSessionsRequest(), metadata=other)).sessions
+    err = await fails(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.GetSession(pb.GetSessionRequest(name=created.name), metadata=other),
+    )
+    assert f"{created.name} belongs to another caller" in (err.details() or "")
+    # Same tenant, another user: still not theirs.
+    await fails(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.GetSessionState(
+            pb.GetSessionStateRequest(name=created.name), metadata=who(tenant, "bob")
+        ),
+    )
+    err = await fails(
+        grpc.StatusCode.NOT_FOUND,
+        stub.GetSession(pb.GetSessionRequest(name=f"sessions/{tenant}-zz"), metadata=me),
+    )
+    assert f"sessions/{tenant}-zz" in (err.details() or "")
+
+
+async def test_duplicate_ids_bad_ids_and_bad_versions_are_refused(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+) -> None:
+    me = who(tenant)
+    await stub.CreateSession(
+        pb.CreateSessionRequest(session_id=f"{tenant}-dup", session=new_session()), metadata=me
+    )
+    err = await fails(
+        grpc.StatusCode.ALREADY_EXISTS,
+        stub.CreateSession(
+            pb.CreateSessionRequest(session_id=f"{tenant}-dup", session=new_session()), metadata=me
+        ),
+    )
+    assert f"sessions/{tenant}-dup" in (err.details() or "")
+
+    for bad_id in ("has space", "x" * 129, "a/b", "ünicode"):
+        err = await fails(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            stub.CreateSession(
+                pb.CreateSessionRequest(session_id=bad_id, session=new_session()), metadata=me
+            ),
+        )
+        assert details(err)[1] == ["session_id"], bad_id
+    bad_versions = {
+        "agents/demo/versions/0": "session.version",
+        "agents/demo/versions/v1": "session.version",
+        "agents/other/versions/1": "session.version",
+        "demo/1": "session.version",
+        "": "session.version",
+    }
+    for version, field in bad_versions.items():
+        session = new_session()
+        session.version = version
+        err = await fails(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            stub.CreateSession(pb.CreateSessionRequest(session=session), metadata=me),
+        )
+        assert details(err)[1] == [field], version
+    session = new_session()
+    session.agent = ""
+    err = await fails(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.CreateSession(pb.CreateSessionRequest(session=session), metadata=me),
+    )
+    assert details(err)[1] == ["session.agent"]
+    # Nothing was half-written by the refused calls.
+    assert len((await stub.ListSessions(pb.ListSessionsRequest(), metadata=me)).sessions) == 1
+
+
+async def test_lease_is_exclusive_and_commit_is_compare_and_set(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+) -> None:
+    me = who(tenant)
+    name = (
+        await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)
+    ).name
+    lease = await stub.AcquireLease(
+        pb.AcquireLeaseRequest(session=name, holder="exec-1"), metadata=me
+    )
+    assert lease.lease_id and lease.holder == "exec-1" and lease.state.turn_count == 0
+
+    err = await fails(
+        grpc.StatusCode.ABORTED,
+        stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder="exec-2"), metadata=me),
+    )
+    assert details(err)[0].reason == "SESSION_BUSY"
+    assert (err.details() or "") == (
+        f"session {name} is busy: another invocation is running on it; retry when it finishes"
+    )
+
+    renewed = await stub.RenewLease(
+        pb.RenewLeaseRequest(
+            session=name, lease_id=lease.lease_id, ttl=duration_pb2.Duration(seconds=60)
+        ),
+        metadata=me,
+    )
+    assert renewed.expire_time.ToDatetime() > lease.expire_time.ToDatetime()
+
+    saved = await stub.CommitTurn(
+        pb.CommitTurnRequest(
+            session=name,
+            lease_id=lease.lease_id,
+            etag=lease.state.etag,
+            state=b'{"step": 1}',
+            invocation_id="inv-1",
+            input=b"hello",
+            output=b"hi",
+        ),
+        metadata=me,
+    )
+    assert saved.turn_count == 1 and saved.etag != lease.state.etag
+
+    err = await fails(
+        grpc.StatusCode.ABORTED,
+        stub.CommitTurn(
+            pb.CommitTurnRequest(
+                session=name,
+                lease_id=lease.lease_id,
+                etag=lease.state.etag,
+                state=b"stale",
+                invocation_id="inv-2",
+            ),
+            metadata=me,
+        ),
+    )
+    assert details(err)[0].reason == "STATE_CONFLICT" and "re-read" in (err.details() or "")
+    state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
+    assert (state.state, state.etag, state.turn_count) == (b'{"step": 1}', saved.etag, 1)
+
+    await stub.ReleaseLease(
+        pb.ReleaseLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me
+    )
+    await stub.ReleaseLease(
+        pb.ReleaseLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me
+    )
+    err = await fails(
+        grpc.StatusCode.ABORTED,
+        stub.CommitTurn(
+            pb.CommitTurnRequest(
+                session=name, lease_id=lease.lease_id, etag=saved.etag, state=b"late"
+            ),
+            metadata=me,
+        ),
+    )
+    assert details(err)[0].reason == "LEASE_LOST"
+    err = await fails(
+        grpc.StatusCode.ABORTED,
+        stub.RenewLease(pb.RenewLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me),
+    )
+    assert details(err)[0].reason == "LEASE_LOST"
+    state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
+    assert (state.state, state.turn_count) == (b'{"step": 1}', 1)
+
+    # Released, the session can be leased again, by exactly one of several racing callers.
+    results = await asyncio.gather(
+        *(
+            stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder=f"h{i}"), metadata=me)
+            for i in range(6)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, pb.Lease)]
+    assert len(winners) == 1 and winners[0].state.etag == saved.etag
+    assert all(
+        isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.ABORTED
+        for r in results
+        if r not in winners
+    )
+
+
+async def test_state_survives_a_restart_and_a_redis_flush(
+    start_services: StartServices, settings: Settings, database_url: str, tenant: str
+) -> None:
+    me = who(tenant)
+    hosts = await start_services("sessions")
+    async with clients.channel(settings, "sessions") as channel:
+        stub = sessions_pb2_grpc.SessionsServiceStub(channel)
+        name = (
+            await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)
+        ).name
+        etag = ""
+        for turn in (1, 2):
+            lease = await stub.AcquireLease(
+                pb.AcquireLeaseRequest(session=name, holder="e"), metadata=me
+            )
+            saved = await stub.CommitTurn(
+                pb.CommitTurnRequest(
+                    session=name,
+                    lease_id=lease.lease_id,
+                    etag=lease.state.etag,
+                    state=f"turn {turn}".encode(),
+                    invocation_id=f"inv-{turn}",
+                    input=f"in {turn}".encode(),
+                    output=f"out {turn}".encode(),
+                ),
+                metadata=me,
+            )
+            await stub.ReleaseLease(
+                pb.ReleaseLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me
+            )
+            etag = saved.etag
+        before = await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
+
+    await hosts["sessions"].stop(grace=0.5)
+    redis = create_redis(settings.require_redis())
+    try:
+        keys = [k async for k in redis.scan_iter(match=settings.redis_prefix + "*")]
+        assert keys, "the record cache should have had entries under the prefix"
+        await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+
+    await start_services("sessions")
+    async with clients.channel(settings, "sessions") as channel:
+        stub = sessions_pb2_grpc.SessionsServiceStub(channel)
+        after = await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
+        assert after == before and after.turn_count == 2 and after.state_etag == etag
+        state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
+        assert (state.state, state.etag, state.turn_count) == (b"turn 2", etag, 2)
+        lease = await stub.AcquireLease(
+            pb.AcquireLeaseRequest(session=name, holder="e"), metadata=me
+        )
+        assert lease.state.state == b"turn 2"
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        events = await conn.fetch(
+            """SELECT seq, invocation_id, input, output FROM sessions.session_events
+               WHERE session_id = $1 ORDER BY seq""",
+            name.removeprefix("sessions/"),
+        )
+    finally:
+        await conn.close()
+    assert [
+        (e["seq"], e["invocation_id"], bytes(e["input"]), bytes(e["output"])) for e in events
+    ] == [
+        (1, "inv-1", b"in 1", b"out 1"),
+        (2, "inv-2", b"in 2", b"out 2"),
+    ]
+
+
+async def test_a_session_expires_after_its_idle_timeout(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+) -> None:
+    me = who(tenant)
+    session = new_session(
+        idle_timeout=duration_pb2.Duration(seconds=1),
+        max_lifetime=duration_pb2.Duration(seconds=60),
+    )
+    name = (await stub.CreateSession(pb.CreateSessionRequest(session=session), metadata=me)).name
+    kept = (
+        await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)
+    ).name
+    assert (
+        await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
+    ).status == pb.SESSION_STATUS_ACTIVE
+    await asyncio.sleep(1.3)
+    listed = await stub.ListSessions(
+        pb.ListSessionsRequest(status=pb.SESSION_STATUS_EXPIRED), metadata=me
+    )
+    assert [s.name for s in listed.sessions] == [name]
+    assert (
+        await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
+    ).status == pb.SESSION_STATUS_EXPIRED
+    err = await fails(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        stub.AcquireLease(pb.AcquireLeaseRequest(session=name), metadata=me),
+    )
+    assert "expired" in (err.details() or "")
+    active = await stub.ListSessions(
+        pb.ListSessionsRequest(status=pb.SESSION_STATUS_ACTIVE), metadata=me
+    )
+    assert [s.name for s in active.sessions] == [kept]
+
+
+async def test_paging_through_more_than_a_page(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+) -> None:
+    me = who(tenant)
+    created = []
+    for i in range(12):
+        agent = "demo" if i % 4 else "other"
+        s = await stub.CreateSession(
+            pb.CreateSessionRequest(session_id=f"{tenant}-{i:02d}", session=new_session(agent)),
+            metadata=me,
+        )
+        created.append(s.name)
+    seen: list[str] = []
+    token, pages = "", 0
+    while True:
+        page = await stub.ListSessions(
+            pb.ListSessionsRequest(page_size=5, page_token=token), metadata=me
+        )
+        assert len(page.sessions) <= 5
+        seen += [s.name for s in page.sessions]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == created and pages == 3
+    others = await stub.ListSessions(pb.ListSessionsRequest(agent="agents/other"), metadata=me)
+    assert [s.name for s in others.sessions] == created[::4]
+    by_version = await stub.ListSessions(
+        pb.ListSessionsRequest(version="agents/demo/versions/1"), metadata=me
+    )
+    assert len(by_version.sessions) == 9
+    err = await fails(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.ListSessions(pb.ListSessionsRequest(page_token="not-a-token"), metadata=me),
+    )
+    assert details(err)[1] == ["page_token"]
+
+
+async def test_state_size_limit(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+) -> None:
+    me = who(tenant)
+    created = await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)
+    err = await fails(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.UpdateSessionState(
+            pb.UpdateSessionStateRequest(
+                name=created.name, state=b"x" * (EIGHT_MIB + 1), etag=created.state_etag
+            ),
+            metadata=me,
+        ),
+    )
+    assert details(err)[1] == ["state"] and str(EIGHT_MIB) in (err.details() or "")
+    full = await stub.UpdateSessionState(
+        pb.UpdateSessionStateRequest(
+            name=created.name, state=b"y" * EIGHT_MIB, etag=created.state_etag
+        ),
+        metadata=me,
+    )
+    lease = await stub.AcquireLease(pb.AcquireLeaseRequest(session=created.name), metadata=me)
+    assert lease.state.state == b"y" * EIGHT_MIB and lease.state.etag == full.etag
+    await fails(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.CommitTurn(
+            pb.CommitTurnRequest(
+                session=created.name,
+                lease_id=lease.lease_id,
+                etag=full.etag,
+                state=b"z" * (EIGHT_MIB + 1),
+            ),
+            metadata=me,
+        ),
+    )
+    state = await stub.GetSessionState(pb.GetSessionStateRequest(name=created.name), metadata=me)
+    assert state.etag == full.etag and state.turn_count == 0
+
+
+async def test_stop_and_delete(
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, settings: Settings, tenant: str
+) -> None:
+    me = who(tenant)
+    sid = f"{tenant}-gone"
+    name = (
+        await stub.CreateSession(
+            pb.CreateSessionRequest(session_id=sid, session=new_session()), metadata=me
+        )
+    ).name
+    lease_key = f"{settings.redis_prefix}sessions:lease:{sid}"
+    await stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder="e"), metadata=me)
+    redis = create_redis(settings.require_redis())
+    try:
+        assert await redis.exists(lease_key) == 1
+    finally:
+        await redis.aclose()
+    for _ in range(2):
+        stopped = await stub.StopSession(pb.StopSessionRequest(name=name), metadata=me)
+        assert stopped.status == pb.SESSION_STATUS_STOPPED
+    err = await fails(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        stub.AcquireLease(pb.AcquireLeaseRequest(session=name), metadata=me),
+    )
+    assert "stopped" in (err.details() or "")
+
+    await fails(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.DeleteSession(pb.DeleteSessionRequest(name=name), metadata=who("x")),
+    )
+    await stub.DeleteSession(pb.DeleteSessionRequest(name=name), metadata=me)
+    await fails(
+        grpc.StatusCode.NOT_FOUND, stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
+    )
+    await fails(
+        grpc.StatusCode.NOT_FOUND,
+        stub.DeleteSession(pb.DeleteSessionRequest(name=name), metadata=me),
+    )
+    # The id is free again, and the new session starts clean (no stale cached record).
+    again = await stub.CreateSession(
+        pb.CreateSessionRequest(session_id=sid, session=new_session(n=2)), metadata=me
+    )
+    got = await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
+    assert (
+        got.status == pb.SESSION_STATUS_ACTIVE
+        and got.version == "agents/demo/versions/2"
+        and got == again
+    )
+    redis = create_redis(settings.require_redis())
+    try:
+        assert await redis.exists(lease_key) == 0
+    finally:
+        await redis.aclose()
