@@ -3,6 +3,8 @@ etag), its turns and the lease that lets one invocation at a time run on it. No 
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 from datetime import timedelta
 
@@ -258,8 +260,11 @@ class Sessions:
                     f"is {len(payload)} bytes, over the limit of "
                     f"{rules.MAX_TURN_PAYLOAD_BYTES} bytes (8 MiB)",
                 )
-        await self._owned(caller, session_id)
-        if await self._leases.holder(session_id) != lease_id:
+        # Ownership and the lease are independent reads: ask both at once.
+        _, holder = await asyncio.gather(
+            self._owned(caller, session_id), self._leases.holder(session_id)
+        )
+        if holder != lease_id:
             raise _lease_lost(session_id, lease_id)
         # The etag compare-and-set (not the lease check above) is what keeps a late turn from
         # overwriting a newer one: a lease can expire between the check and the write.

@@ -269,34 +269,32 @@ class PgSessionStore:
         now: datetime,
         turn: Turn | None,
     ) -> SessionRecord | None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"""UPDATE sessions.sessions
+        # One statement, so one round trip: the compare-and-set on the etag and the turn's event
+        # commit together or not at all.
+        row = await self._pool.fetchrow(
+            f"""WITH updated AS (
+                    UPDATE sessions.sessions
                     SET state = $2, state_etag = $3, update_time = $4,
                         turn_count = turn_count + $5,
                         last_active_time = CASE WHEN $5 > 0 THEN $4 ELSE last_active_time END,
                         revision = {_NEXT_REVISION}
                     WHERE id = $1 AND state_etag = $6
-                    RETURNING {_COLUMNS}""",
-                session_id,
-                state,
-                new_etag,
-                now,
-                1 if turn else 0,
-                expected_etag,
-            )
-            if row is not None and turn is not None:
-                await conn.execute(
-                    """INSERT INTO sessions.session_events
-                           (session_id, seq, invocation_id, input, output, create_time)
-                       VALUES ($1, $2, $3, $4, $5, $6)""",
-                    session_id,
-                    row["turn_count"],
-                    turn.invocation_id,
-                    turn.input,
-                    turn.output,
-                    now,
-                )
+                    RETURNING *),
+                event AS (
+                    INSERT INTO sessions.session_events
+                        (session_id, seq, invocation_id, input, output, create_time)
+                    SELECT id, turn_count, $7, $8, $9, $4 FROM updated WHERE $5 > 0)
+                SELECT {_COLUMNS} FROM updated""",
+            session_id,
+            state,
+            new_etag,
+            now,
+            1 if turn else 0,
+            expected_etag,
+            turn.invocation_id if turn else "",
+            turn.input if turn else b"",
+            turn.output if turn else b"",
+        )
         # Only after the commit: a cached copy must never show a write that was rolled back.
         return await self._cached(row)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` prints JSON figures, compared as ratios inside one run."""

@@ -1,0 +1,136 @@
+"""`make bench`: the mesh (client → router → executor → sandbox, state committed in sessions)
+against a plain grpc.aio echo round trip, both measured in this run, sequentially and with 32
+calls in flight. Prints one JSON document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import grpc
+
+from corral.client import CorralClient
+from corral.config import ClientConfig
+from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.common.settings import SERVICES, Settings
+from services.launcher.__main__ import Launcher
+from tests.harness import free_port
+
+HERE = Path(__file__).parent
+SEQUENTIAL = int(os.environ.get("CORRAL_BENCH_SEQUENTIAL", "400"))
+IN_FLIGHT = 32
+CONCURRENT_PER_WORKER = int(os.environ.get("CORRAL_BENCH_CONCURRENT", "25"))
+
+
+def summarize(latencies: list[float], wall: float) -> dict[str, float]:
+    ordered = sorted(latencies)
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "calls": len(ordered),
+        "p50_ms": round(q[49] * 1000, 3),
+        "p99_ms": round(q[98] * 1000, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 3),
+        "throughput_per_s": round(len(ordered) / wall, 1),
+    }
+
+
+async def measure(call: Callable[[int], Awaitable[None]], workers: int, per_worker: int) -> dict[str, float]:
+    latencies: list[float] = []
+
+    async def worker(w: int) -> None:
+        for _ in range(per_worker):
+            t = time.perf_counter()
+            await call(w)
+            latencies.append(time.perf_counter() - t)
+
+    for w in range(workers):  # warm-up: connections, sandboxes, caches
+        await call(w)
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return summarize(latencies, time.perf_counter() - start)
+
+
+async def bench_echo(port: int) -> dict[str, dict[str, float]]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = channel.unary_unary("/bench.Echo/Echo")
+        payload = b'{"text": "hello"}'
+
+        async def call(_w: int) -> None:
+            await echo(payload)
+
+        return {
+            "sequential": await measure(call, 1, SEQUENTIAL),
+            f"in_flight_{IN_FLIGHT}": await measure(call, IN_FLIGHT, CONCURRENT_PER_WORKER),
+        }
+
+
+async def bench_mesh(router_addr: str) -> dict[str, dict[str, float]]:
+    async with grpc.aio.insecure_channel(router_addr) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        run = os.getpid()
+
+        async def call(w: int) -> None:
+            await stub.Invoke(router_pb2.InvokeRequest(
+                agent="agents/bench-echo", endpoint="DEFAULT", session_id=f"bench-{run}-{w}",
+                payload=b'{"text": "hello"}',
+            ))
+
+        return {
+            "sequential": await measure(call, 1, SEQUENTIAL),
+            f"in_flight_{IN_FLIGHT}": await measure(call, IN_FLIGHT, CONCURRENT_PER_WORKER),
+        }
+
+
+def main() -> int:
+    data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
+    env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
+    env["CORRAL_DATA_DIR"] = str(data)
+    env["CORRAL_LOG_LEVEL"] = "WARNING"
+    settings = Settings.from_env(env)
+    os.environ.update(env)
+    launcher = Launcher(settings)
+    echo_port = free_port()
+    echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(echo_port)], stdout=subprocess.PIPE)
+    try:
+        print("bench: starting the platform...", file=sys.stderr, flush=True)
+        launcher.start_storage()
+        launcher.start_services()
+        client = CorralClient(ClientConfig.from_env(env))
+        version = client.publish(HERE / "agents" / "echo")
+        client.close()
+        assert echo_proc.stdout is not None and echo_proc.stdout.readline().strip() == b"ready"
+        print("bench: measuring the raw grpc.aio echo...", file=sys.stderr, flush=True)
+        raw = asyncio.run(bench_echo(echo_port))
+        print("bench: measuring the mesh...", file=sys.stderr, flush=True)
+        mesh = asyncio.run(bench_mesh(settings.addrs["router"]))
+    finally:
+        echo_proc.terminate()
+        launcher.stop()
+    seq, conc = "sequential", f"in_flight_{IN_FLIGHT}"
+    report = {
+        "benchmark": "invocation overhead",
+        "agent": version.name,
+        "mesh": mesh,
+        "raw_grpc_echo": raw,
+        "ratio": {
+            "sequential_p50_latency": round(mesh[seq]["p50_ms"] / raw[seq]["p50_ms"], 2),
+            "sequential_p99_latency": round(mesh[seq]["p99_ms"] / raw[seq]["p99_ms"], 2),
+            f"{conc}_p50_latency": round(mesh[conc]["p50_ms"] / raw[conc]["p50_ms"], 2),
+            f"{conc}_throughput": round(raw[conc]["throughput_per_s"] / mesh[conc]["throughput_per_s"], 2),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
