@@ -3,13 +3,9 @@ CORRAL_TEST_DATABASE_URL / CORRAL_TEST_REDIS_URL are set, embedded ones otherwis
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -38,26 +34,11 @@ def postgres_server_url(data_root: Path) -> Iterator[str]:
     pg.stop()
 
 
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
     """A database of its own for this test run, dropped at the end."""
-    name = f"corral_test_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_server_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield _with_database(postgres_server_url, name)
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with harness.scratch_database(postgres_server_url, "corral_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,138 @@
+"""End to end, as a user runs it: the platform started the way `make run` starts it (separate
+processes), driven through the `corral` command, then stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import pytest
+
+from services.common.settings import SERVICES
+from tests import harness
+
+ROOT = Path(__file__).resolve().parents[2]
+CORRAL = str(Path(sys.executable).parent / "corral")
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def own_database(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own: the walk-through expects the example agent's first versions."""
+    with harness.scratch_database(postgres_server_url, "corral_e2e") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    database_url = own_database
+    data = tmp_path_factory.mktemp("platform")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update({f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{harness.free_port()}" for svc in SERVICES})
+    env.update({
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_DATABASE_URL": database_url,
+        "CORRAL_REDIS_URL": redis_url,
+        "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
+        "CORRAL_TENANT": "e2e",
+        "CORRAL_USER": "tester",
+    })
+    log = (data / "platform.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while b"Corral is running" not in (data / "platform.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the platform did not start:\n" + (data / "platform.log").read_text()[-3000:])
+        time.sleep(0.2)
+    env["_PID"] = str(proc.pid)
+    env["_LOG"] = str(data / "platform.log")
+    yield env
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def corral(env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True) -> Any:
+    result = subprocess.run([CORRAL, "--json", *args], env=env, input=stdin, capture_output=True,
+                            text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"corral {' '.join(args)} failed: {result.stdout}{result.stderr}")
+    return json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def test_walkthrough(platform: dict[str, str]) -> None:
+    env = platform
+    # make run already published the example and pointed prod at it.
+    v1 = corral(env, "publish", str(ROOT / "examples" / "progress-report"))
+    assert v1["name"] == "agents/progress-report/versions/1"
+    assert corral(env, "publish", str(ROOT / "examples" / "progress-report"))["number"] == 1
+    v2 = corral(env, "publish", str(ROOT / "examples" / "progress-report-v2"))
+    assert v2["number"] == 2 and v2["digest"] != v1["digest"]
+    assert [v["number"] for v in corral(env, "versions", "progress-report")] == ["1", "2"]
+
+    first = corral(env, "invoke", "progress-report", "--endpoint", "prod", "--session", "e2e-a",
+                   "--data", '{"text": "Client slept better."}')
+    assert first["version"] == "agents/progress-report/versions/1"
+    assert first["output"].startswith("Turn 1.")
+
+    corral(env, "endpoint", "set", "progress-report", "prod", "--version", "2")
+    second = corral(env, "invoke", "progress-report", "--endpoint", "prod", "--session", "e2e-a",
+                    "--data", '{"text": "Fewer panic attacks."}')
+    assert second["version"] == first["version"], "a session must keep the version it started on"
+    assert second["output"].startswith("Turn 2."), "the second turn must see the first turn's state"
+    fresh = corral(env, "invoke", "progress-report", "--endpoint", "prod", "--data", '{"text": "hi"}')
+    assert fresh["version"] == "agents/progress-report/versions/2"
+
+    split = corral(env, "endpoint", "set", "progress-report", "prod", "--split", "1=50,2=50")
+    assert [t["percent"] for t in split["traffic"]] == [50, 50]
+    endpoints = {e["name"].rsplit("/", 1)[1]: e for e in corral(env, "endpoints", "progress-report")}
+    assert {"DEFAULT", "prod"} <= set(endpoints)
+
+    chat = corral(env, "chat", "progress-report", "--endpoint", "prod", "--session", "e2e-chat",
+                  stdin="first message\nsecond message\n\n")
+    assert [t["turn"] for t in chat] == [1, 2]
+    assert chat[1]["output"].startswith("Turn 2.") and chat[0]["version"] == chat[1]["version"]
+
+    sessions = {s["name"] for s in corral(env, "sessions", "list", "--agent", "progress-report")}
+    assert {"sessions/e2e-a", "sessions/e2e-chat"} <= sessions
+
+    deadline = time.monotonic() + 20
+    while True:
+        traces = corral(env, "traces", "--agent", "progress-report", "--version", "1")
+        if any(t["session"] == "sessions/e2e-a" for t in traces) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert any(t["session"] == "sessions/e2e-a" for t in traces), traces
+    assert all(t["version"] == "agents/progress-report/versions/1" for t in traces)
+    metrics = {m["version"]: m for m in corral(env, "metrics", "progress-report")}
+    assert int(metrics["agents/progress-report/versions/1"]["invocations"]) >= 2
+    assert "latency_p99_ms" in metrics["agents/progress-report/versions/1"]
+
+    audit = corral(env, "audit", "--resource", "agents/progress-report/endpoints/prod")
+    assert any(e["method"] == "UpdateEndpoint" and e["user"] == "tester" and e["tenant"] == "e2e" for e in audit)
+
+    bad = subprocess.run([CORRAL, "--json", "endpoint", "set", "progress-report", "prod", "--split", "1=50,2=40"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["error"]["code"] == "INVALID_ARGUMENT" and "100" in bad.stdout
+
+
+def test_ctrl_c_stops_everything(platform: dict[str, str]) -> None:
+    launcher = psutil.Process(int(platform["_PID"]))
+    children = launcher.children(recursive=True)
+    assert len(children) >= 5
+    os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    gone, alive = psutil.wait_procs([launcher, *children], timeout=30)
+    assert not alive, f"still running after Ctrl-C: {[p.cmdline() for p in alive]}"
+    assert "stopped" in Path(platform["_LOG"]).read_text()
+    for svc in SERVICES:
+        port = int(platform[f"CORRAL_{svc.upper()}_ADDR"].rsplit(":", 1)[1])
+        assert not any(c.laddr.port == port for c in psutil.net_connections("tcp") if c.status == "LISTEN")
