@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
+import re
+import shutil
 import socket
 import uuid
 from dataclasses import replace
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
+from typing import Mapping
+
+from corral.bundle import digest_of
+from corral.registry.v1 import registry_pb2
 from services.common.server import ServiceHost
 from services.common.settings import SERVICES, Settings
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
+    """Creates a uniquely named database on the server at `server_url`, yields its URL, drops it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path="/" + name))
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def free_port() -> int:
@@ -51,3 +81,70 @@ def test_database_url() -> str | None:
 
 def test_redis_url() -> str | None:
     return os.environ.get("CORRAL_TEST_REDIS_URL") or None
+
+
+# -- helpers added for the registry and mesh tests ------------------------------------------
+
+# The order services start in: each one's dependencies are up before it (the router watches the
+# registry; the executor talks to sessions, registry and telemetry).
+MESH = ("telemetry", "registry", "sessions", "executor", "router")
+
+
+def write_bundle(root: Path, files: Mapping[str, str | bytes]) -> Path:
+    """Writes `files` (relative path → content) under `root` and returns `root`."""
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return root
+
+
+def agent_files(name: str, code: str, *, toml_extra: str = "") -> dict[str, str]:
+    """A minimal corral agent: agent.toml naming `name`, agent.py holding `code`, a prompt."""
+    toml = (
+        f'name = "{name}"\nentrypoint = "agent:app"\n\n[prompt]\nfile = "prompt.md"\n'
+        + toml_extra
+    )
+    return {"agent.toml": toml, "agent.py": code, "prompt.md": "You help.\n"}
+
+
+def copy_example(example: Path, dest: Path, name: str) -> Path:
+    """A copy of an example bundle renamed to `name`, so tests sharing a database stay apart."""
+    shutil.copytree(example, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    toml = dest / "agent.toml"
+    text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', toml.read_text(), count=1)
+    toml.write_text(text)
+    return dest
+
+
+def publish_requests(
+    data: bytes, *, parent: str = "", digest: str | None = None, chunk: int = 64 * 1024
+) -> list[registry_pb2.PublishVersionRequest]:
+    """The PublishVersion stream for a packed bundle: a header, then chunks."""
+    header = registry_pb2.PublishVersionHeader(
+        parent=parent,
+        size_bytes=len(data),
+        digest=digest_of(data) if digest is None else digest,
+    )
+    messages = [registry_pb2.PublishVersionRequest(header=header)]
+    for i in range(0, len(data), chunk):
+        messages.append(registry_pb2.PublishVersionRequest(chunk=data[i : i + chunk]))
+    return messages
+
+
+async def start_mesh(settings: Settings) -> dict[str, ServiceHost]:
+    """All five services in-process on `settings`' ports, in dependency order."""
+    hosts: dict[str, ServiceHost] = {}
+    try:
+        for name in MESH:
+            hosts[name] = await start_service(name, settings)
+    except BaseException:
+        await stop_mesh(hosts)
+        raise
+    return hosts
+
+
+async def stop_mesh(hosts: Mapping[str, ServiceHost], grace: float = 0.5) -> None:
+    """Stops hosts last started, first stopped."""
+    for host in reversed(list(hosts.values())):
+        await host.stop(grace=grace)
