@@ -100,6 +100,44 @@ def _check_link(name: str, target: str) -> None:
             raise BundleError(name, f"link to {target!r} points outside the bundle")
 
 
+_MAX_LINK_HOPS = 40
+
+
+def _check_link_chains(paths: set[str], links: dict[str, str]) -> None:
+    """Each link checked alone can still escape through another (a -> ".", b -> "a/.."), so
+    every link is resolved through the others, as the file system will. Entries beneath a link
+    are refused (pack never makes them), which keeps archive paths equal to paths on disk."""
+    for path in paths:
+        parts = PurePosixPath(path).parts
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in links:
+                raise BundleError(path, f"is beneath the link {prefix!r}; entries under a link are not allowed")
+    for name, target in links.items():
+        stack = list(PurePosixPath(name).parts[:-1])
+        pending = list(PurePosixPath(target).parts)
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if not stack:
+                    raise BundleError(name, f"link to {target!r} points outside the bundle through other links")
+                stack.pop()
+                continue
+            stack.append(part)
+            via = links.get("/".join(stack))
+            if via is not None:
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise BundleError(name, f"link to {target!r} never resolves (a loop of links)")
+                if via.startswith("/"):
+                    raise BundleError(name, f"link to {target!r} points outside the bundle through other links")
+                stack.pop()
+                pending = list(PurePosixPath(via).parts) + pending
+
+
 @dataclass(frozen=True)
 class CheckedBundle:
     digest: str
@@ -117,24 +155,33 @@ def inspect(data: bytes) -> CheckedBundle:
         members = tar.getmembers()
     except tarfile.TarError as exc:
         raise BundleError("", f"not a tar archive: {exc}") from None
-    files: set[str] = set()
+    files: dict[str, tarfile.TarInfo] = {}
+    links: dict[str, str] = {}
+    seen: set[str] = set()
     total = 0
     for m in members:
         path = _check_path(m.name)
+        # Paths compare normalised ("./agent.toml" is agent.toml), as they land on disk.
+        key = path.as_posix()
+        if key in seen:
+            raise BundleError(m.name, "appears twice in the bundle")
+        seen.add(key)
         if m.issym() or m.islnk():
             if m.islnk():
                 raise BundleError(m.name, "hard links are not allowed in a bundle")
             _check_link(m.name, m.linkname)
+            links[key] = m.linkname
         elif not (m.isfile() or m.isdir()):
             raise BundleError(m.name, "devices, fifos and other special files are not allowed")
         total += m.size
         if total > MAX_UNPACKED_BYTES:
             raise BundleError("", f"bundle unpacks to more than {MAX_UNPACKED_BYTES} bytes")
         if m.isfile():
-            files.add(path.as_posix())
+            files[key] = m
+    _check_link_chains(seen, links)
     if MANIFEST not in files:
         raise BundleError(MANIFEST, f"the bundle has no {MANIFEST} at its root")
-    extracted = tar.extractfile(MANIFEST)
+    extracted = tar.extractfile(files[MANIFEST])
     assert extracted is not None
     text = extracted.read().decode("utf-8", errors="replace")
     manifest = parse_manifest(text, has_file=lambda p: p in files)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import queue
 import sys
-import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 import grpc
@@ -322,12 +322,25 @@ def sessions_list(state: State, agent: str, version: str, limit: int) -> None:
     def human() -> None:
         t = Table("session", "version", "status", "turns", "user", "last active")
         for s in rows:
-            t.add_row(s.name, s.version, s.status_name if hasattr(s, "status_name") else
-                      _status(s.status), str(s.turn_count), s.user,
-                      s.last_active_time.ToDatetime().isoformat(timespec="seconds"))
+            t.add_row(s.name.removeprefix("sessions/"), _short_version(s.version), _status(s.status),
+                      str(s.turn_count), s.user, s.last_active_time.ToDatetime().isoformat(timespec="seconds"))
         out.print(t)
 
     emit(state, [to_dict(s) for s in rows], human)
+
+
+def _short_version(version: str) -> str:
+    """agents/a/versions/2 → a v2, for narrow tables."""
+    try:
+        ref = names.parse_version(version)
+    except names.ResourceNameError:
+        return version
+    return f"{ref.agent} v{ref.number}"
+
+
+def _span_status(value: int) -> str:
+    # OpenTelemetry leaves successful spans UNSET; to a reader that is "ok".
+    return "error" if value == tel.SPAN_STATUS_ERROR else "ok"
 
 
 def _status(value: int) -> str:
@@ -389,8 +402,8 @@ def traces(state: State, agent: str, version: str, endpoint: str, session: str, 
     def human() -> None:
         t = Table("trace", "started", "version", "session", "ms", "status", "spans")
         for r in rows:
-            t.add_row(r.trace_id, r.start_time.ToDatetime().isoformat(timespec="seconds"), r.version,
-                      r.session, f"{r.duration_ms:.1f}", tel.SpanStatus.Name(r.status).removeprefix("SPAN_STATUS_"),
+            t.add_row(r.trace_id, r.start_time.ToDatetime().strftime("%H:%M:%S"), _short_version(r.version),
+                      r.session.removeprefix("sessions/"), f"{r.duration_ms:.1f}", _span_status(r.status),
                       str(r.span_count))
         out.print(t)
 
@@ -408,8 +421,7 @@ def spans(state: State, trace_id: str) -> None:
     def human() -> None:
         t = Table("span", "service", "ms", "status", "parent")
         for r in sorted(rows, key=lambda r: r.start_time.ToNanoseconds()):
-            t.add_row(r.name, r.service, f"{r.duration_ms:.2f}",
-                      tel.SpanStatus.Name(r.status).removeprefix("SPAN_STATUS_"), r.parent_span_id or "-")
+            t.add_row(r.name, r.service, f"{r.duration_ms:.2f}", _span_status(r.status), r.parent_span_id or "-")
         out.print(t)
 
     emit(state, [to_dict(r) for r in rows], human)
@@ -424,9 +436,9 @@ def metrics(state: State, agent: str) -> None:
     rows = state.client.metrics(agent)
 
     def human() -> None:
-        t = Table("version", "invocations", "errors", "error rate", "sessions", "p50 ms", "p95 ms", "p99 ms")
+        t = Table("version", "calls", "errors", "err %", "sessions", "p50 ms", "p95 ms", "p99 ms")
         for m in rows:
-            t.add_row(m.version, str(m.invocations), str(m.errors), f"{m.error_rate:.1%}", str(m.sessions),
+            t.add_row(_short_version(m.version), str(m.invocations), str(m.errors), f"{m.error_rate:.1%}", str(m.sessions),
                       f"{m.latency_p50_ms:.1f}", f"{m.latency_p95_ms:.1f}", f"{m.latency_p99_ms:.1f}")
         out.print(t)
 

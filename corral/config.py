@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 DEFAULT_ADDRS = {
     "router": "127.0.0.1:50051",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
@@ -85,6 +87,22 @@ def _positive_int(table: Mapping[str, Any], key: str, path: str, default: int) -
     return value
 
 
+def _check_json_values(value: Any, path: str) -> None:
+    """Model params are stored and sent as JSON: TOML dates and non-finite floats have no JSON form."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_values(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_values(item, f"{path}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ManifestError(path, f"{value} is not a finite number")
+    elif not isinstance(value, (str, int, float, bool)):
+        raise ManifestError(
+            path, f"a {type(value).__name__} is not allowed; use a string, number, boolean, array or table"
+        )
+
+
 def parse_manifest(text: str, has_file: Callable[[str], bool] = lambda _: True) -> Manifest:
     """Parses agent.toml; `has_file` tells whether a path exists in the bundle."""
     try:
@@ -113,6 +131,7 @@ def parse_manifest(text: str, has_file: Callable[[str], bool] = lambda _: True) 
     params = model.get("params", {})
     if not isinstance(params, dict):
         raise ManifestError("model.params", "must be a table")
+    _check_json_values(params, "model.params")
 
     prompt = _table(doc, "prompt")
     _check_keys(prompt, {"file"}, "prompt")

@@ -9,14 +9,13 @@ import re
 import shutil
 import socket
 import uuid
-from dataclasses import replace
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from typing import Mapping
 
 from corral.bundle import digest_of
 from corral.registry.v1 import registry_pb2

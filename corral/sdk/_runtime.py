@@ -13,8 +13,9 @@ import struct
 import sys
 import traceback
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from corral.sdk import App, Context, ModelError

@@ -29,32 +29,31 @@ async def migrate(pool: asyncpg.Pool, service: str, directory: Path) -> list[str
     replicas starting together apply each migration exactly once. Returns the names applied."""
     applied: list[str] = []
     files = sorted(directory.glob("*.sql"))
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('corral_migrations'))")
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS public.corral_migrations (
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('corral_migrations'))")
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS public.corral_migrations (
                        service text NOT NULL,
                        name text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now(),
                        PRIMARY KEY (service, name))"""
+        )
+        done = {
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT name FROM public.corral_migrations WHERE service = $1", service
             )
-            done = {
-                r["name"]
-                for r in await conn.fetch(
-                    "SELECT name FROM public.corral_migrations WHERE service = $1", service
-                )
-            }
-            for f in files:
-                if f.name in done:
-                    continue
-                await conn.execute(f.read_text())
-                await conn.execute(
-                    "INSERT INTO public.corral_migrations (service, name) VALUES ($1, $2)",
-                    service,
-                    f.name,
-                )
-                applied.append(f.name)
+        }
+        for f in files:
+            if f.name in done:
+                continue
+            await conn.execute(f.read_text())
+            await conn.execute(
+                "INSERT INTO public.corral_migrations (service, name) VALUES ($1, $2)",
+                service,
+                f.name,
+            )
+            applied.append(f.name)
     if applied:
         log.info("%s: applied migrations %s", service, ", ".join(applied))
     return applied

@@ -4,8 +4,9 @@ manifest pins. Each call is a span with the OpenTelemetry GenAI attributes."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context

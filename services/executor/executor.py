@@ -8,9 +8,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Union
+from typing import Union
 
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
@@ -22,10 +23,9 @@ from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.errors import (
     Aborted,
     DeadlineExceeded,
-    FailedPrecondition,
-    PermissionDenied,
     Internal,
     InvalidArgument,
+    PermissionDenied,
 )
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
@@ -202,6 +202,7 @@ class Executor:
                 sandbox.state, sandbox.etag = done.state, committed.etag
                 sandbox.last_used = time.monotonic()
                 span.set_attribute("corral.turn", committed.turn_count)
+                span.set_status(trace.StatusCode.OK)
                 yield Completed(int((time.monotonic() - started) * 1000), committed.turn_count)
             except BaseException as exc:
                 if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
@@ -333,7 +334,7 @@ class Executor:
                 if now - last_renew >= self.settings.lease_ttl_s / 3:
                     last_renew = now
                     await self._renew_leases()
-            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+            except Exception:
                 log.exception("sandbox reaper failed; retrying")
 
     async def _renew_leases(self) -> None:

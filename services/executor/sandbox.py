@@ -6,8 +6,8 @@ import asyncio
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.errors import Internal

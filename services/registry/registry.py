@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from corral import names
 from corral.bundle import BundleError, inspect

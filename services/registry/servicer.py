@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from corral import names
+from corral.bundle import MAX_PACKED_BYTES
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.identity import caller
 from services.common.paging import decode_offset, next_token, page_size
-from corral.bundle import MAX_PACKED_BYTES
 from services.registry.registry import Registry, parse_name
 from services.registry.store import AgentRecord, AuditRecord, EndpointRecord, VersionRecord
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+import math
 from dataclasses import dataclass
-from typing import Iterable
 
 from services.common.errors import InvalidArgument
 
@@ -30,6 +31,8 @@ def normalize_split(shares: Iterable[tuple[int, float]]) -> tuple[TrafficShare, 
             raise InvalidArgument.field(f"{field}.version", "is required")
         if version in out:
             raise InvalidArgument.field(f"{field}.version", f"version {version} appears twice")
+        if not math.isfinite(percent):
+            raise InvalidArgument.field(f"{field}.percent", f"{percent} is not a number between 0 and 100")
         bp = round(percent * 100)
         if abs(bp - percent * 100) > 1e-6:
             raise InvalidArgument.field(f"{field}.percent", f"{percent} has more than two decimals")

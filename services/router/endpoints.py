@@ -98,7 +98,7 @@ class EndpointCache:
                 raise
             except grpc.aio.AioRpcError as exc:
                 log.warning("endpoint watch lost (%s); reconnecting in %.1fs", exc.code().name, backoff)
-            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+            except Exception:
                 log.exception("endpoint watch failed; reconnecting in %.1fs", backoff)
             self.synced.clear()
             await asyncio.sleep(backoff)

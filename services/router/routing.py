@@ -5,8 +5,8 @@ owns a contiguous range of buckets in a stable order (by version number). Raisin
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 BUCKETS = 10_000
 

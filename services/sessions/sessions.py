@@ -4,7 +4,6 @@ etag), its turns and the lease that lets one invocation at a time run on it. No 
 from __future__ import annotations
 
 import asyncio
-
 import logging
 from datetime import timedelta
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.executor.drivers.base import SandboxDriver, SandboxSpec, WorkerProcess
 from services.executor.drivers.process import ProcessDriver
 
-__all__ = ["SandboxDriver", "SandboxSpec", "WorkerProcess", "ProcessDriver", "driver_for"]
+__all__ = ["ProcessDriver", "SandboxDriver", "SandboxSpec", "WorkerProcess", "driver_for"]
 
 
 def driver_for(name: str) -> SandboxDriver:

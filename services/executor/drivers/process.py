@@ -12,6 +12,7 @@ import sys
 
 from services.executor.drivers.base import SandboxSpec
 
+
 class _Process:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
