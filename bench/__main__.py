@@ -102,6 +102,7 @@ def main() -> int:
     echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(echo_port)], stdout=subprocess.PIPE)
     try:
         print("bench: starting the platform...", file=sys.stderr, flush=True)
+        launcher.check_ports()
         launcher.start_storage()
         launcher.start_services()
         client = CorralClient(ClientConfig.from_env(env))

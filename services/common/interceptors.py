@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -98,3 +98,26 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 handler.response_serializer,
             )
         return handler
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncGenerator[Any, None]) -> None:
+    """Closes a streaming handler's generator as soon as its RPC ends. When the caller goes away
+    while the handler is parked at a `yield` (the server writing its last message), no
+    CancelledError reaches it, and its clean-up (cancelling the calls it made, releasing what it
+    holds) would otherwise wait until the generator is garbage-collected."""
+
+    async def close() -> None:
+        try:
+            await stream.aclose()
+        except RuntimeError:
+            pass  # still running: the RPC's cancellation reaches it where it awaits
+
+    def on_done(_context: object) -> None:
+        task = asyncio.ensure_future(close())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    context.add_done_callback(on_done)

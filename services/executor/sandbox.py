@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import struct
 import time
@@ -131,6 +132,8 @@ class Sandbox:
             self.writer.close()
 
     async def stop(self) -> None:
+        """Ends the worker and wipes its private disk: nothing of a session outlives its sandbox."""
         self.kill()
         if self.process is not None:
             await self.process.wait()
+        await asyncio.to_thread(shutil.rmtree, self.spec.workdir, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,22 @@ class Launcher:
         else:
             self.redis = embedded.start_redis(data / "redis")
             log.info("Redis: embedded, socket %s", self.redis.socket)
+
+    def check_ports(self) -> None:
+        """Refuses to start beside another platform: its health checks would answer for ours."""
+        busy = []
+        for svc, listen in self.settings.listen.items():
+            host, _, port = listen.rpartition(":")
+            with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+                try:
+                    s.bind((host.strip("[]"), int(port)))
+                except OSError:
+                    busy.append(f"{svc} ({listen})")
+        if busy:
+            raise RuntimeError(
+                f"already in use: {', '.join(busy)}. Is another Corral running? Stop it, or choose other "
+                "addresses with CORRAL_<SERVICE>_ADDR"
+            )
 
     def start_services(self) -> None:
         env = self._env()
@@ -187,6 +204,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
     try:
+        launcher.check_ports()
         launcher.start_storage()
         launcher.start_services()
         launcher.publish_example()

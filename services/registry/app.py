@@ -7,10 +7,16 @@ from pathlib import Path
 
 import grpc
 
-from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from corral.registry.v1 import registry_pb2, registry_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
 from services.common.db import create_pool, migrate
 from services.common.settings import Settings
+from services.registry.clients import SessionPolicies, TelemetryAnalysis
+from services.registry.controller import RolloutController
 from services.registry.registry import Registry
+from services.registry.rollout_servicer import RolloutServicer
+from services.registry.rollout_store import RolloutStore
+from services.registry.rollouts import Rollouts
+from services.registry.webhooks import WebhookNotifier
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore
 
@@ -26,12 +32,27 @@ class RegistryService:
         pool = await create_pool(self.settings.require_database())
         stack.push_async_callback(pool.close)
         await migrate(pool, "registry", MIGRATIONS)
-        registry = Registry(RegistryStore(pool))
+        store = RegistryStore(pool)
+        notifier = WebhookNotifier(store.webhook_url)
+        stack.push_async_callback(notifier.close)
+        rollouts = Rollouts(store, RolloutStore(), notifier)
+        registry = Registry(store, rollouts)
         await registry.start_watching()
         stack.push_async_callback(registry.stop_watching)
         self.registry = registry
+        analysis = TelemetryAnalysis(self.settings)
+        stack.push_async_callback(analysis.close)
+        policies = SessionPolicies(self.settings, store)
+        stack.push_async_callback(policies.close)
+        controller = RolloutController(store, RolloutStore(), rollouts, analysis, policies.after_rollback)
+        controller.start()
+        stack.push_async_callback(controller.stop)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
-        return [registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name]
+        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(rollouts, registry), server)
+        return [
+            registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+            rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+        ]
 
 
     async def drain(self) -> None:

@@ -26,6 +26,7 @@ from services.registry.store import (
     RegistryStore,
     VersionRecord,
 )
+from services.registry.rollouts import Rollouts
 from services.registry.traffic import TrafficShare, normalize_split
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def parse_name(parse: object, value: str, field: str) -> object:
 
 
 class Registry:
-    def __init__(self, store: RegistryStore) -> None:
+    def __init__(self, store: RegistryStore, rollouts: Rollouts | None = None) -> None:
         self.store = store
+        self.rollouts = rollouts
         self._watchers: set[asyncio.Queue[str]] = set()
         self._stop_listening: object = None
 
@@ -140,6 +142,8 @@ class Registry:
         agent, endpoint = parse_name(names.parse_endpoint, name, "name")  # type: ignore[misc]
         record = await self.store.get_endpoint(agent, endpoint)
         if record is None:
+            if await self.store.get_agent(agent) is None:
+                raise NotFound(f"agents/{agent} does not exist; publish a bundle to create it")
             raise NotFound(
                 f"{name} does not exist; create it with `corral endpoint set {agent} {endpoint} --version N`"
             )
@@ -193,6 +197,8 @@ class Registry:
                     "read it again and retry",
                     reason="ETAG_MISMATCH",
                 )
+            if current is not None and self.rollouts is not None:
+                await self.rollouts.abort_for_manual_change(tx, agent, endpoint, caller)
             record = await tx.put_endpoint(agent, endpoint, traffic, description=description)
             await tx.audit(
                 caller.tenant, caller.user, method, name,

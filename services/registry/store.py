@@ -170,6 +170,15 @@ class Tx:
             agent, endpoint, traffic_json, follow_latest, secrets.token_hex(8), description,
         )
         record = _endpoint(row)
+        if len(traffic) == 1:
+            # The endpoint now serves one version alone: remember it as a stable version.
+            await self.conn.execute(
+                """INSERT INTO registry.stable_history (agent, endpoint, version)
+                   SELECT $1, $2, $3 WHERE $3 IS DISTINCT FROM (
+                       SELECT version FROM registry.stable_history WHERE agent = $1 AND endpoint = $2
+                       ORDER BY seq DESC LIMIT 1)""",
+                agent, endpoint, traffic[0].version,
+            )
         await self.conn.execute(
             "SELECT pg_notify($1, $2)", ENDPOINTS_CHANNEL, f"{agent}/{endpoint}/{record.revision}"
         )
@@ -248,6 +257,11 @@ class RegistryStore:
             agent, offset, limit,
         )
         return [_endpoint(r) for r in rows]
+
+    async def webhook_url(self, agent: str, endpoint: str) -> str:
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT webhook_url FROM registry.endpoints WHERE agent = $1 AND id = $2", agent, endpoint
+        ) or ""
 
     async def list_audit(self, prefix: str, offset: int, limit: int) -> list[AuditRecord]:
         rows = await self.pool.fetch(

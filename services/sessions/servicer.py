@@ -178,3 +178,16 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             caller(context), request.session, request.lease_id, request.etag, request.state, turn
         )
         return state_pb(state)
+
+    async def RetireVersion(
+        self, request: pb.RetireVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetireVersionResponse:
+        if request.action == pb.RETIRE_ACTION_MIGRATE and not request.to_version:
+            raise InvalidArgument.field("to_version", "is required to migrate sessions")
+        if request.action == pb.RETIRE_ACTION_UNSPECIFIED:
+            raise InvalidArgument.field("action", "must be MIGRATE or STOP")
+        to_version = request.to_version if request.action == pb.RETIRE_ACTION_MIGRATE else ""
+        count = await self._sessions.retire_version(
+            caller(context), request.version, request.endpoint, to_version, request.to_version_digest
+        )
+        return pb.RetireVersionResponse(sessions=count)

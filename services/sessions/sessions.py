@@ -269,6 +269,26 @@ class Sessions:
         # overwriting a newer one: a lease can expire between the check and the write.
         return await self._write(session_id, state, etag, turn)
 
+    async def retire_version(
+        self, caller: Caller, version: str, endpoint: str, to_version: str, to_digest: str
+    ) -> int:
+        """Migrates (to_version given) or stops the active sessions pinned to `version`. A platform
+        operation used by rollbacks; it crosses tenants by design."""
+        for field, value in (("version", version), ("to_version", to_version)):
+            if value or field == "version":
+                try:
+                    names.parse_version(value)
+                except names.ResourceNameError as exc:
+                    raise InvalidArgument.field(field, str(exc)) from None
+        if to_version and not to_digest.startswith("sha256:"):
+            raise InvalidArgument.field("to_version_digest", "is required with to_version (sha256:...)")
+        count = await self._store.retire_version(
+            version, endpoint, self._clock.now(), to_version=to_version, to_digest=to_digest
+        )
+        action = f"migrated to {to_version}" if to_version else "stopped"
+        log.info("%d sessions on %s %s (by %s/%s)", count, version, action, caller.tenant, caller.user)
+        return count
+
     async def _write(
         self, session_id: str, state: bytes, etag: str, turn: Turn | None
     ) -> SessionState:

@@ -233,6 +233,28 @@ class PgSessionStore:
         )
         return await self._cached(row)
 
+    async def retire_version(
+        self, version: str, endpoint: str, now: datetime, *, to_version: str = "", to_digest: str = ""
+    ) -> int:
+        """Re-pins (or, with no to_version, stops) every active session on `version`."""
+        if to_version:
+            change, args = "version = $4, version_digest = $5", [to_version, to_digest]
+        else:
+            change, args = "status = $4", [SessionStatus.STOPPED.value]
+        rows = await self._pool.fetch(
+            f"""UPDATE sessions.sessions
+                SET {change}, update_time = $3, revision = {_NEXT_REVISION}
+                WHERE version = $1 AND ($2 = '' OR endpoint = $2) AND status = 'ACTIVE'
+                RETURNING {_COLUMNS}""",
+            version,
+            endpoint,
+            now,
+            *args,
+        )
+        for row in rows:
+            await self._cache.put(row)
+        return len(rows)
+
     async def expire_due(self, tenant: str, now: datetime) -> int:
         # The same rule as SessionRecord.is_expired, applied to every live session of the tenant.
         rows = await self._pool.fetch(
