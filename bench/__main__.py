@@ -95,6 +95,7 @@ def main() -> int:
     env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
     env["CORRAL_DATA_DIR"] = str(data)
     env["CORRAL_LOG_LEVEL"] = "WARNING"
+    env["CORRAL_TELEMETRY_METRICS_PORT"] = env["CORRAL_REGISTRY_METRICS_PORT"] = "0"
     settings = Settings.from_env(env)
     os.environ.update(env)
     launcher = Launcher(settings)

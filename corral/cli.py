@@ -22,6 +22,7 @@ from corral.bundle import BundleError
 from corral.client import CorralClient, parse_split
 from corral.config import ClientConfig
 from corral.manifest import ManifestError
+from corral.strategy import StrategyError
 from corral.router.v1 import router_pb2 as rt
 from corral.telemetry.v1 import telemetry_pb2 as tel
 
@@ -466,6 +467,8 @@ def audit(state: State, resource: str, limit: int) -> None:
 
 
 def main() -> None:
+    import corral.cli_rollouts  # noqa: F401 - registers the rollout commands on `cli`
+
     try:
         cli(standalone_mode=True)
     except grpc.RpcError as exc:
@@ -478,6 +481,6 @@ def main() -> None:
         else:
             err.print(f"[red]error:[/red] {code}: {details}")
         sys.exit(1)
-    except (BundleError, ManifestError, OSError) as exc:
+    except (BundleError, ManifestError, StrategyError, OSError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(1)

@@ -14,7 +14,7 @@ from corral import names
 from corral.bundle import pack
 from corral.config import ClientConfig
 from corral.registry.v1 import registry_pb2 as reg
-from corral.registry.v1 import registry_pb2_grpc
+from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
 from corral.router.v1 import router_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
@@ -55,6 +55,10 @@ class CorralClient:
     @property
     def registry(self) -> registry_pb2_grpc.RegistryServiceStub:
         return registry_pb2_grpc.RegistryServiceStub(self._channel("registry"))
+
+    @property
+    def rollouts(self) -> rollouts_pb2_grpc.RolloutServiceStub:
+        return rollouts_pb2_grpc.RolloutServiceStub(self._channel("registry"))
 
     @property
     def router(self) -> router_pb2_grpc.RouterServiceStub:

@@ -16,6 +16,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from corral.bundle import digest_of
 from corral.registry.v1 import registry_pb2
@@ -56,6 +59,8 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_DATA_DIR": str(data_dir),
         "CORRAL_REDIS_PREFIX": f"corral-test-{uuid.uuid4().hex[:8]}:",
         "CORRAL_TRACING": "false",
+        "CORRAL_TELEMETRY_METRICS_PORT": "0",
+        "CORRAL_REGISTRY_METRICS_PORT": "0",
     }
     for svc in SERVICES:
         values[f"CORRAL_{svc.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
@@ -147,3 +152,18 @@ async def stop_mesh(hosts: Mapping[str, ServiceHost], grace: float = 0.5) -> Non
     """Stops hosts last started, first stopped."""
     for host in reversed(list(hosts.values())):
         await host.stop(grace=grace)
+
+
+def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
+    """The ErrorInfo and the BadRequest field names a Corral service attached to a failure."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
+    info, fields = error_details_pb2.ErrorInfo(), []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return info, fields

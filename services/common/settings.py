@@ -68,6 +68,8 @@ class Settings:
     # Record a span per internal RPC, not only per invocation.
     rpc_spans: bool
     log_level: str
+    # Prometheus /metrics ports (0: off): per-version metrics in telemetry, rollouts in registry.
+    metrics_ports: Mapping[str, int] = field(default_factory=dict)
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -94,6 +96,10 @@ class Settings:
             rpc_spans=_bool(env, "CORRAL_RPC_SPANS", False),
             log_level=env.get("CORRAL_LOG_LEVEL", "INFO").upper(),
             supervised=_bool(env, "CORRAL_SUPERVISED", False),
+            metrics_ports={
+                "telemetry": _int(env, "CORRAL_TELEMETRY_METRICS_PORT", 9464),
+                "registry": _int(env, "CORRAL_REGISTRY_METRICS_PORT", 9465),
+            },
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),

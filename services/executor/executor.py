@@ -4,8 +4,10 @@ state loaded and committed around each invocation, and the invocation span."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -113,8 +115,11 @@ class Executor:
             raise _busy(inv.session)
         self._busy.add(inv.session)
         try:
-            async for event in self._execute(caller, inv, parent):
-                yield event
+            # aclosing: closing this generator must close the turn's too, so that its clean-up
+            # (stopping a worker that is mid-turn) runs before the session is free again.
+            async with contextlib.aclosing(self._execute(caller, inv, parent)) as events:
+                async for event in events:
+                    yield event
         finally:
             self._busy.discard(inv.session)
 
@@ -362,4 +367,4 @@ def _busy(session: str) -> Aborted:
 
 
 def default_holder(listen: str) -> str:
-    return f"executor@{listen}#{os.getpid()}"
+    return f"executor@{socket.gethostname()}/{listen}#{os.getpid()}"

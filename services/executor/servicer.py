@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from corral.executor.v1 import executor_pb2 as pb
 from corral.executor.v1 import executor_pb2_grpc
 from services.common.identity import caller
+from services.common.interceptors import close_when_done
 from services.common.tracing import extract_metadata
 from services.executor.executor import Completed, Executor, Invocation, Started
 
@@ -33,7 +34,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             content_type=request.content_type,
         )
         parent = extract_metadata(context.invocation_metadata())  # type: ignore[arg-type]
-        async for event in self.executor.execute(caller(context), inv, parent):
+        events = self.executor.execute(caller(context), inv, parent)
+        close_when_done(context, events)
+        async for event in events:
             if isinstance(event, bytes):
                 yield pb.ExecuteResponse(chunk=pb.ExecuteChunk(data=event))
             elif isinstance(event, Started):

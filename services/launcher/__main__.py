@@ -68,7 +68,11 @@ class Launcher:
     def check_ports(self) -> None:
         """Refuses to start beside another platform: its health checks would answer for ours."""
         busy = []
-        for svc, listen in self.settings.listen.items():
+        wanted = dict(self.settings.listen)
+        for svc, port in self.settings.metrics_ports.items():
+            if port:
+                wanted[f"{svc} /metrics"] = f"0.0.0.0:{port}"
+        for svc, listen in wanted.items():
             host, _, port = listen.rpartition(":")
             with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
                 try:
@@ -178,6 +182,7 @@ Corral is running.
   sessions   {a['sessions']}
   executor   {a['executor']}
   telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out)
+  Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts)
   data       {settings.data_dir}
 
 In another terminal (the corral command is in .venv/bin):

@@ -10,9 +10,11 @@ import grpc
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
 from services.common.db import create_pool, migrate
 from services.common.settings import Settings
+from services.common.prometheus import MetricsExporter
 from services.registry.clients import SessionPolicies, TelemetryAnalysis
 from services.registry.controller import RolloutController
 from services.registry.registry import Registry
+from services.registry.prometheus import rollout_snapshot
 from services.registry.rollout_servicer import RolloutServicer
 from services.registry.rollout_store import RolloutStore
 from services.registry.rollouts import Rollouts
@@ -47,6 +49,9 @@ class RegistryService:
         controller = RolloutController(store, RolloutStore(), rollouts, analysis, policies.after_rollback)
         controller.start()
         stack.push_async_callback(controller.stop)
+        exporter = MetricsExporter(self.settings.metrics_ports["registry"], rollout_snapshot(store, RolloutStore()))
+        exporter.start()
+        stack.push_async_callback(exporter.stop)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(rollouts, registry), server)
         return [

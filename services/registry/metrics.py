@@ -1,4 +1,6 @@
-"""The metrics a rollout or experiment may watch, with their default direction and tolerance."""
+"""The metrics a rollout or experiment may watch. Names are checked here, at creation; the
+defaults for direction and tolerance belong to telemetry's analysis, which applies them when a
+metric leaves them out."""
 
 from __future__ import annotations
 
@@ -7,47 +9,39 @@ from typing import Any
 
 from services.common.errors import InvalidArgument
 
-# name -> (direction, default tolerance, relative?)
-KNOWN = {
-    "session_error_rate": ("LOWER_IS_BETTER", 0.01, False),
-    "invocation_error_rate": ("LOWER_IS_BETTER", 0.01, False),
-    "latency_p95": ("LOWER_IS_BETTER", 0.10, True),
-    "latency_p99": ("LOWER_IS_BETTER", 0.10, True),
-    "tool_failure_rate": ("LOWER_IS_BETTER", 0.01, False),
-    "tokens_per_session": ("LOWER_IS_BETTER", 0.10, True),
-}
+KNOWN = ("session_error_rate", "invocation_error_rate", "latency_p95", "latency_p99",
+         "tool_failure_rate", "tokens_per_session")
 SCORE = re.compile(r"^score:[a-z][a-z0-9_.-]{0,62}$")
-DEFAULT_METRICS = ("session_error_rate", "latency_p95")
+DEFAULT_METRICS = ("session_error_rate", "invocation_error_rate", "latency_p95")
+DIRECTIONS = ("LOWER_IS_BETTER", "HIGHER_IS_BETTER")
 
 
 def validate_metrics(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fills defaults and checks names, directions and tolerances. Empty means the defaults."""
+    """Checks names and tolerances; keeps only what the user gave. Empty means the defaults."""
     if not metrics:
-        metrics = [{"name": n} for n in DEFAULT_METRICS]
+        return [{"name": n} for n in DEFAULT_METRICS]
     out = []
     seen = set()
     for i, m in enumerate(metrics):
         field = f"metrics[{i}]"
         name = m.get("name", "")
-        if name in KNOWN:
-            direction, tolerance, relative = KNOWN[name]
-        elif SCORE.match(name):
-            direction, tolerance, relative = "HIGHER_IS_BETTER", 0.05, False
-        else:
+        if name not in KNOWN and not SCORE.match(name):
             raise InvalidArgument.field(
-                f"{field}.name",
-                f"{name!r} is not a metric: use one of {', '.join(KNOWN)} or score:<name>",
+                f"{field}.name", f"{name!r} is not a metric: use one of {', '.join(KNOWN)} or score:<name>"
             )
         if name in seen:
             raise InvalidArgument.field(f"{field}.name", f"{name} is listed twice")
         seen.add(name)
-        tol = m.get("tolerance")
-        if tol is not None and tol < 0:
-            raise InvalidArgument.field(f"{field}.tolerance", f"{tol} must not be negative")
-        out.append({
-            "name": name,
-            "direction": m.get("direction") or direction,
-            "tolerance": tolerance if tol is None else float(tol),
-            "relative": relative if m.get("relative") is None else bool(m["relative"]),
-        })
+        spec: dict[str, Any] = {"name": name}
+        if m.get("tolerance") is not None:
+            if m["tolerance"] < 0:
+                raise InvalidArgument.field(f"{field}.tolerance", f"{m['tolerance']} must not be negative")
+            spec["tolerance"] = float(m["tolerance"])
+        if m.get("relative") is not None:
+            spec["relative"] = bool(m["relative"])
+        if m.get("direction"):
+            if m["direction"] not in DIRECTIONS:
+                raise InvalidArgument.field(f"{field}.direction", f"{m['direction']!r} is not a direction")
+            spec["direction"] = m["direction"]
+        out.append(spec)
     return out

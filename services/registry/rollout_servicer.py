@@ -74,8 +74,12 @@ def metric_to_dict(m: tel.MetricSpec) -> dict[str, Any]:
 
 
 def metric_pb(m: dict[str, Any]) -> tel.MetricSpec:
-    return tel.MetricSpec(name=m["name"], direction=_DIRECTION.get(m["direction"], 0),
-                          tolerance=m["tolerance"], relative=m["relative"])
+    out = tel.MetricSpec(name=m["name"], direction=_DIRECTION.get(m.get("direction", ""), 0))
+    if "tolerance" in m:
+        out.tolerance = m["tolerance"]
+    if "relative" in m:
+        out.relative = m["relative"]
+    return out
 
 
 def rollout_pb(r: RolloutRecord) -> pb.Rollout:

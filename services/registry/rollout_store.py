@@ -136,6 +136,14 @@ class RolloutStore:
         )
         return [_record(r) for r in rows]
 
+    async def recent(self, pool: asyncpg.Pool, limit: int = 200) -> list[RolloutRecord]:
+        """Running rollouts and experiments, and the latest ended one of each endpoint."""
+        rows = await pool.fetch(
+            """SELECT DISTINCT ON (agent, endpoint, kind) * FROM registry.rollouts
+               ORDER BY agent, endpoint, kind, id DESC LIMIT $1""", limit,
+        )
+        return [_record(r) for r in rows]
+
     async def active_for_endpoint(
         self, conn: asyncpg.Connection, agent: str, endpoint: str
     ) -> RolloutRecord | None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument

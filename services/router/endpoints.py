@@ -66,6 +66,9 @@ class EndpointCache:
             return view
         return current
 
+    def cached(self, agent: str, endpoint: str) -> EndpointView | None:
+        return self._views.get((agent, endpoint))
+
     async def get(self, agent: str, endpoint: str) -> EndpointView:
         """The cached endpoint; on a miss (an endpoint created a moment ago, or the watch still
         connecting) it is read from the registry."""

@@ -12,7 +12,7 @@ from corral.executor.v1 import executor_pb2
 from corral.sessions.v1 import sessions_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.identity import Caller
-from services.router.endpoints import EndpointCache
+from services.router.endpoints import EndpointCache, EndpointView
 from services.router.routing import bucket, choose
 from services.router.store import Clients, PinCache
 
@@ -77,7 +77,11 @@ class Router:
         pin = self.pins.get(name) if target.session_id else None
         if pin is not None and (pin.tenant, pin.user) != (caller.tenant, caller.user):
             raise PermissionDenied(f"{name} belongs to another caller")
-        if pin is None and target.session_id:
+        if pin is not None and self._maybe_retired(pin):
+            # Its version no longer takes new sessions here: a rollback may have migrated or
+            # stopped it, so read the session again rather than trust the cached pin.
+            pin = await self.clients.get_session(caller, name)
+        elif pin is None and target.session_id:
             pin = await self.clients.get_session(caller, name)
         if pin is None:
             if version:
@@ -110,6 +114,24 @@ class Router:
         self.pins.put(pin)
         return Resolved(name, pin.version, pin.version_digest, pin.endpoint, False)
 
+    def _maybe_retired(self, pin: sessions_pb2.Session) -> bool:
+        if not pin.endpoint:
+            return False
+        try:
+            agent, endpoint = names.parse_endpoint(pin.endpoint)
+            number = names.parse_version(pin.version).number
+        except names.ResourceNameError:
+            return False
+        view = self.endpoints.cached(agent, endpoint)
+        return view is not None and all(share.version != number for share in view.shares)
+
+    def cached_endpoint(self, name: str) -> tuple[EndpointView | None, bool]:
+        try:
+            agent, endpoint = names.parse_endpoint(name)
+        except names.ResourceNameError as exc:
+            raise InvalidArgument.field("name", str(exc)) from None
+        return self.endpoints.cached(agent, endpoint), self.endpoints.synced.is_set()
+
     def check_payload(self, payload: bytes) -> None:
         if not payload:
             raise InvalidArgument.field("payload", "is empty; send a request body such as {}")
@@ -129,8 +151,14 @@ class Router:
             endpoint=resolved.endpoint, invocation_id=uuid.uuid4().hex, payload=payload,
             content_type=content_type or "application/json", tenant=caller.tenant, user=caller.user,
         )
-        async for response in self.clients.execute(caller, request, trace_metadata):
-            yield resolved, response
+        call = self.clients.execute(caller, request, trace_metadata)
+        try:
+            async for response in call:
+                yield resolved, response
+        finally:
+            # When the caller goes away the execution must end too, rather than run on (and
+            # commit its turn) until the call object is garbage-collected.
+            call.cancel()  # type: ignore[attr-defined]
 
     async def stop_session(self, caller: Caller, session: str) -> None:
         try:

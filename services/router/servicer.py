@@ -10,6 +10,7 @@ from corral.router.v1 import router_pb2 as pb
 from corral.router.v1 import router_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller, caller
+from services.common.interceptors import close_when_done
 from services.router.router import Resolved, Router, Target
 
 _TRACE_KEYS = ("traceparent", "tracestate")
@@ -33,10 +34,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.router = router
 
     async def _stream(
-        self, who: Caller, target: Target, payload: bytes, content_type: str,
+        self, context: grpc.aio.ServicerContext, who: Caller, target: Target, payload: bytes, content_type: str,
         trace: tuple[tuple[str, str], ...],
     ) -> AsyncIterator[pb.InvokeStreamResponse]:
-        async for resolved, response in self.router.invoke(who, target, payload, content_type, trace):
+        stream = self.router.invoke(who, target, payload, content_type, trace)
+        close_when_done(context, stream)
+        async for resolved, response in stream:
             kind = response.WhichOneof("event")
             if kind == "started":
                 yield pb.InvokeStreamResponse(
@@ -59,7 +62,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         response = pb.InvokeResponse()
         output: list[bytes] = []
         async for event in self._stream(
-            caller(context), self._target(request), request.payload, request.content_type,
+            context, caller(context), self._target(request), request.payload, request.content_type,
             _trace_metadata(context),
         ):
             kind = event.WhichOneof("event")
@@ -76,7 +79,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: pb.InvokeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InvokeStreamResponse]:
         async for event in self._stream(
-            caller(context), self._target(request), request.payload, request.content_type,
+            context, caller(context), self._target(request), request.payload, request.content_type,
             _trace_metadata(context),
         ):
             yield event
@@ -98,7 +101,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 raise InvalidArgument.field("event", "each message must be a start or a turn")
             if target is None:
                 raise InvalidArgument.field("start", "must be the first message of the stream")
-            async for event in self._stream(who, target, message.turn.payload, message.turn.content_type, trace):
+            async for event in self._stream(context, who, target, message.turn.payload, message.turn.content_type, trace):
                 if event.HasField("started") and not target.session_id:
                     # Later turns continue the session the first turn created.
                     target = Target(target.agent, target.endpoint, target.version,
@@ -114,3 +117,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> pb.StopSessionResponse:
         await self.router.stop_session(caller(context), request.name)
         return pb.StopSessionResponse()
+
+    async def GetCachedEndpoint(
+        self, request: pb.GetCachedEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CachedEndpoint:
+        view, synced = self.router.cached_endpoint(request.name)
+        out = pb.CachedEndpoint(name=request.name, synced=synced)
+        if view is not None:
+            out.revision = view.revision
+            for share in view.shares:
+                out.traffic.add(version=f"agents/{view.agent}/versions/{share.version}",
+                                percent=share.basis_points / 100)
+        return out

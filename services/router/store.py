@@ -22,19 +22,22 @@ class Clients:
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channels["registry"])
         self.sessions = sessions_pb2_grpc.SessionsServiceStub(self._channels["sessions"])
         self.executor = executor_pb2_grpc.ExecutorServiceStub(self._channels["executor"])
-        # Versions are immutable: once looked up, their digest never changes.
-        self._digests: dict[str, str] = {}
+        # Versions are immutable: once looked up, they never change.
+        self._versions: dict[str, registry_pb2.Version] = {}
 
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()
 
+    async def version(self, name: str) -> registry_pb2.Version:
+        version = self._versions.get(name)
+        if version is None:
+            version = await self.registry.GetVersion(registry_pb2.GetVersionRequest(name=name))
+            self._versions[name] = version
+        return version
+
     async def version_digest(self, version: str) -> str:
-        digest = self._digests.get(version)
-        if digest is None:
-            v = await self.registry.GetVersion(registry_pb2.GetVersionRequest(name=version))
-            digest = self._digests[version] = v.digest
-        return digest
+        return (await self.version(version)).digest
 
     async def get_session(self, caller: Caller, session: str) -> sessions_pb2.Session | None:
         try:
@@ -51,15 +54,18 @@ class Clients:
     ) -> sessions_pb2.Session | None:
         """Creates the session with its pin; None if it already exists (a race, or a session the
         router has not seen yet)."""
+        session = sessions_pb2.Session(
+            agent=names.agent_name(agent), version=version, version_digest=digest, endpoint=endpoint,
+        )
+        # The session's lifecycle is the version's, from its manifest's [lifecycle].
+        manifest = (await self.version(version)).manifest
+        if manifest.idle_timeout_s:
+            session.idle_timeout.FromSeconds(manifest.idle_timeout_s)
+        if manifest.max_lifetime_s:
+            session.max_lifetime.FromSeconds(manifest.max_lifetime_s)
         try:
             return await self.sessions.CreateSession(
-                sessions_pb2.CreateSessionRequest(
-                    session_id=session_id,
-                    session=sessions_pb2.Session(
-                        agent=names.agent_name(agent), version=version, version_digest=digest,
-                        endpoint=endpoint,
-                    ),
-                ),
+                sessions_pb2.CreateSessionRequest(session_id=session_id, session=session),
                 metadata=call_metadata(caller),
             )
         except grpc.aio.AioRpcError as exc:

@@ -11,7 +11,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.db import create_pool, migrate
 from services.common.settings import Settings
-from services.telemetry.servicer import TelemetryServicer, TraceServicer
+from services.telemetry.evaluation import Evaluation
+from services.telemetry.evaluation_servicer import EvaluationServicer
+from services.telemetry.evaluation_store import EvaluationStore
+from services.telemetry.servicer import TraceServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.store import PgSpanStore
 
@@ -29,8 +32,9 @@ class TelemetryApp:
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         telemetry = Telemetry(PgSpanStore(pool))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(telemetry), server)
+        evaluation = Evaluation(EvaluationStore(pool))
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            TelemetryServicer(telemetry), server
+            EvaluationServicer(telemetry, evaluation), server
         )
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
 

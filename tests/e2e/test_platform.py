@@ -7,66 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 from services.common.settings import SERVICES
-from tests import harness
+from tests.e2e.conftest import CORRAL, ROOT, corral
 
-ROOT = Path(__file__).resolve().parents[2]
-CORRAL = str(Path(sys.executable).parent / "corral")
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def own_database(postgres_server_url: str) -> Iterator[str]:
-    """A database of its own: the walk-through expects the example agent's first versions."""
-    with harness.scratch_database(postgres_server_url, "corral_e2e") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    database_url = own_database
-    data = tmp_path_factory.mktemp("platform")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    env.update({f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{harness.free_port()}" for svc in SERVICES})
-    env.update({
-        "CORRAL_DATA_DIR": str(data),
-        "CORRAL_DATABASE_URL": database_url,
-        "CORRAL_REDIS_URL": redis_url,
-        "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
-        "CORRAL_TENANT": "e2e",
-        "CORRAL_USER": "tester",
-    })
-    log = (data / "platform.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while b"Corral is running" not in (data / "platform.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the platform did not start:\n" + (data / "platform.log").read_text()[-3000:])
-        time.sleep(0.2)
-    env["_PID"] = str(proc.pid)
-    env["_LOG"] = str(data / "platform.log")
-    yield env
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def corral(env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True) -> Any:
-    result = subprocess.run([CORRAL, "--json", *args], env=env, input=stdin, capture_output=True,
-                            text=True, timeout=60)
-    if check and result.returncode != 0:
-        raise AssertionError(f"corral {' '.join(args)} failed: {result.stdout}{result.stderr}")
-    return json.loads(result.stdout) if result.stdout.strip() else None
 
 
 def test_walkthrough(platform: dict[str, str]) -> None:
@@ -121,7 +71,7 @@ def test_walkthrough(platform: dict[str, str]) -> None:
     assert any(e["method"] == "UpdateEndpoint" and e["user"] == "tester" and e["tenant"] == "e2e" for e in audit)
 
     bad = subprocess.run([CORRAL, "--json", "endpoint", "set", "progress-report", "prod", "--split", "1=50,2=40"],
-                         env=env, capture_output=True, text=True, timeout=60)
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["error"]["code"] == "INVALID_ARGUMENT" and "100" in bad.stdout
 
@@ -131,7 +81,7 @@ def test_ctrl_c_stops_everything(platform: dict[str, str]) -> None:
     children = launcher.children(recursive=True)
     assert len(children) >= 5
     os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    gone, alive = psutil.wait_procs([launcher, *children], timeout=30)
+    _, alive = psutil.wait_procs([launcher, *children], timeout=30)
     assert not alive, f"still running after Ctrl-C: {[p.cmdline() for p in alive]}"
     assert "stopped" in Path(platform["_LOG"]).read_text()
     for svc in SERVICES:

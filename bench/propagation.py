@@ -1,0 +1,96 @@
+"""Propagation of an endpoint change to three router replicas: the time from the registry
+committing a change to each router routing by it (polled through GetCachedEndpoint)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from corral.client import CorralClient
+from corral.config import ClientConfig
+from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.common.settings import SERVICES, Settings
+from services.launcher.__main__ import Launcher
+from tests.harness import free_port
+
+ROUTERS = 3
+CHANGES = int(os.environ.get("CORRAL_BENCH_PROPAGATION_CHANGES", "100"))
+HERE = Path(__file__).parent
+
+
+def measure() -> dict[str, float]:
+    data = Path(tempfile.mkdtemp(prefix="corral-bench-prop-"))
+    env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
+    env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
+    env.update({"CORRAL_DATA_DIR": str(data), "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_TRACING": "false",
+                "CORRAL_TELEMETRY_METRICS_PORT": "0", "CORRAL_REGISTRY_METRICS_PORT": "0"})
+    settings = Settings.from_env(env)
+    launcher = Launcher(settings)
+    routers: list[subprocess.Popen[bytes]] = []
+    try:
+        launcher.start_storage()
+        child_env = {**os.environ, **launcher._env(), **env}
+        launcher.procs["registry"] = subprocess.Popen([sys.executable, "-m", "services.registry"], env=child_env)
+        launcher.wait_healthy("registry", 60)
+        addrs = [f"127.0.0.1:{free_port()}" for _ in range(ROUTERS)]
+        for addr in addrs:
+            routers.append(subprocess.Popen([sys.executable, "-m", "services.router"],
+                                            env={**child_env, "CORRAL_ROUTER_LISTEN": addr}))
+        client = CorralClient(ClientConfig.from_env(env))
+        v1 = client.publish(HERE / "agents" / "echo")
+        copy = Path(tempfile.mkdtemp()) / "echo2"
+        subprocess.run(["cp", "-r", str(HERE / "agents" / "echo"), str(copy)], check=True)
+        (copy / "agent.py").write_text((copy / "agent.py").read_text() + "\n# v2\n")
+        v2 = client.publish(copy)
+        stubs = [router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(a)) for a in addrs]
+        name = "agents/bench-echo/endpoints/prop"
+        client.set_endpoint("bench-echo", "prop", [(v1.number, 100.0)])
+        for stub in stubs:  # every router up and synced
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if stub.GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), timeout=1).synced:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("a router did not sync its endpoints")
+                time.sleep(0.05)
+        delays: list[float] = []
+        for i in range(CHANGES):
+            split = [(v1.number, 100.0 - (i % 9 + 1) * 10), (v2.number, (i % 9 + 1) * 10.0)]
+            t0 = time.perf_counter()
+            revision = client.set_endpoint("bench-echo", "prop", split).revision
+            committed = time.perf_counter()
+            pending = set(range(ROUTERS))
+            while pending:
+                for k in list(pending):
+                    got = stubs[k].GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name))
+                    if got.revision >= revision:
+                        delays.append((time.perf_counter() - committed) * 1000)
+                        pending.discard(k)
+                if time.perf_counter() - t0 > 10:
+                    raise RuntimeError("an endpoint change did not reach every router within 10 s")
+        client.close()
+    finally:
+        for r in routers:
+            r.terminate()
+        for r in routers:
+            r.wait(10)
+        launcher.stop()
+    q = statistics.quantiles(delays, n=100, method="inclusive")
+    return {"routers": ROUTERS, "changes": CHANGES, "p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2),
+            "max_ms": round(max(delays), 2)}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps({"propagation": measure()}, indent=2))

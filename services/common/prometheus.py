@@ -1,0 +1,77 @@
+"""Prometheus exposition: a service refreshes a snapshot of its metrics in the background and a
+collector serves the latest snapshot, so a scrape never waits on the database."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Family:
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    kind: str = "gauge"  # or "counter"
+    samples: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+
+
+Snapshot = list[Family]
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self) -> None:
+        self.snapshot: Snapshot = []
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        for fam in self.snapshot:
+            metric = (CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily)(
+                fam.name, fam.help, labels=list(fam.labels))
+            for labels, value in fam.samples:
+                metric.add_metric(list(labels), value)
+            yield metric
+
+
+class MetricsExporter:
+    """Serves /metrics on `port` (0: disabled) from snapshots `refresh` computes every `every_s`."""
+
+    def __init__(self, port: int, refresh: Callable[[], Awaitable[Snapshot]], every_s: float = 10.0) -> None:
+        self.port = port
+        self.refresh = refresh
+        self.every_s = every_s
+        self._collector = _SnapshotCollector()
+        self._task: asyncio.Task[None] | None = None
+        self._server: object = None
+
+    def start(self) -> None:
+        if not self.port:
+            return
+        registry = CollectorRegistry()
+        registry.register(self._collector)
+        self._server, _thread = start_http_server(self.port, addr="0.0.0.0", registry=registry)
+        self._task = asyncio.create_task(self._loop())
+
+    async def refresh_now(self) -> None:
+        self._collector.snapshot = await self.refresh()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_now()
+            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+                log.exception("refreshing Prometheus metrics failed")
+            await asyncio.sleep(self.every_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._server is not None:
+            self._server.shutdown()  # type: ignore[attr-defined]

@@ -1,0 +1,122 @@
+"""A/B experiments: a fixed split between versions, each variant's metrics with always-valid
+confidence intervals, each treatment's effect against control with an always-valid interval
+(Bonferroni over the treatments, so all effect intervals hold at once), and the sample-ratio
+check that decides whether a winner may be named at all."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from services.telemetry.analysis.bounded import BoundedMeanMethod
+from services.telemetry.analysis.method import SequentialMethod
+from services.telemetry.analysis.metrics import DEFAULT_METRICS, MetricSpec, measure
+from services.telemetry.analysis.model import AnalysisConfig, Direction, SessionObservation
+from services.telemetry.analysis.normal_mixture import NormalMixtureMethod
+from services.telemetry.analysis.srm import SampleRatioCheck, sample_ratio_check
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """One variant on one metric. effect = variant − control (None for the control itself)."""
+
+    variant: str
+    sessions: int
+    observations: float
+    estimate: float
+    lower: float
+    upper: float
+    effect: float | None = None
+    effect_lower: float | None = None
+    effect_upper: float | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentMetric:
+    metric: str
+    direction: Direction
+    unit: str
+    variants: tuple[VariantSummary, ...]
+    details: Mapping[str, float] = field(default_factory=dict[str, float])
+
+
+@dataclass(frozen=True)
+class ExperimentAnalysis:
+    control: str
+    sample_ratio: SampleRatioCheck
+    metrics: tuple[ExperimentMetric, ...]
+    alpha: float
+
+    @property
+    def winner_allowed(self) -> bool:
+        return not self.sample_ratio.mismatch
+
+    @property
+    def warning(self) -> str:
+        if self.winner_allowed:
+            return ""
+        return (
+            f"sample ratio mismatch (chi-square p = {self.sample_ratio.p_value:.2g} < 0.001): "
+            "sessions are not split as configured, so the effects cannot be trusted and no "
+            "winner can be named; check routing and telemetry"
+        )
+
+
+def analyze_experiment(
+    variants: Mapping[str, Sequence[SessionObservation]],
+    split: Mapping[str, float],
+    control: str,
+    metrics: Sequence[MetricSpec] = DEFAULT_METRICS,
+    config: AnalysisConfig | None = None,
+) -> ExperimentAnalysis:
+    """`variants` maps a variant (e.g. a version number) to its sessions in start order; `split`
+    to its configured weight; `control` names the variant effects are measured against."""
+    config = config or AnalysisConfig()
+    if control not in variants:
+        raise ValueError(f"control {control!r} is not one of the variants {sorted(variants)}")
+    srm = sample_ratio_check({k: len(v) for k, v in variants.items()}, split)
+    treatments = [name for name in sorted(variants) if name != control]
+    effect_config = dataclasses.replace(config, alpha=config.alpha / max(len(treatments), 1))
+    reports = tuple(
+        _metric(spec, variants, control, treatments, config, effect_config) for spec in metrics
+    )
+    return ExperimentAnalysis(control, srm, reports, config.alpha)
+
+
+def _method(spec: MetricSpec, config: AnalysisConfig) -> SequentialMethod:
+    if spec.is_score:
+        return BoundedMeanMethod(config.alpha)
+    return NormalMixtureMethod(config.alpha, config.mixing_sessions)
+
+
+def _metric(
+    spec: MetricSpec,
+    variants: Mapping[str, Sequence[SessionObservation]],
+    control: str,
+    treatments: Sequence[str],
+    config: AnalysisConfig,
+    effect_config: AnalysisConfig,
+) -> ExperimentMetric:
+    mean_method, effect_method = _method(spec, config), _method(spec, effect_config)
+    control_sessions = variants[control]
+    details: dict[str, float] = {}
+    summaries: list[VariantSummary] = []
+    for name in [control, *treatments]:
+        # Latency thresholds come from the control, so every variant is measured on one scale.
+        m = measure(spec, variants[name], control_sessions)
+        details = details or dict(m.details)
+        mean = mean_method.mean(m.candidate)
+        summary = VariantSummary(
+            name, len(variants[name]), m.candidate.units, mean.estimate, mean.lower, mean.upper
+        )
+        if name != control and m.candidate.units > 0 and m.baseline.units > 0:
+            effect = effect_method.contrast(m.candidate, m.baseline, 1.0)
+            summary = dataclasses.replace(
+                summary,
+                effect=float(effect.estimate),
+                effect_lower=float(effect.lower),
+                effect_upper=float(effect.upper),
+            )
+        summaries.append(summary)
+    return ExperimentMetric(spec.name, spec.direction, spec.unit, tuple(summaries), details)

@@ -1,0 +1,114 @@
+"""Quality scores, and CompareVersions: the candidate against the baseline over the same window,
+per metric, with the session as the unit and an always-valid interval (see analysis/)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+
+from corral import names
+from services.common.errors import InvalidArgument, NotFound
+from services.common.identity import Caller
+from services.telemetry import analysis
+from services.telemetry.evaluation_store import EvaluationStore, ScoreRow
+
+SCORE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+SOURCES = ("HUMAN", "JUDGE", "CODE", "USER")
+
+
+@dataclass(frozen=True)
+class MetricRequest:
+    name: str
+    direction: str = ""  # LOWER_IS_BETTER / HIGHER_IS_BETTER / "" for the metric's default
+    tolerance: float | None = None
+    relative: bool | None = None
+
+
+def metric_spec(m: MetricRequest, field: str) -> analysis.MetricSpec:
+    try:
+        analysis.check_metric_name(m.name)
+    except ValueError as exc:
+        raise InvalidArgument.field(f"{field}.name", str(exc)) from None
+    if m.name.startswith("score:") and not SCORE_NAME.match(m.name[6:]):
+        raise InvalidArgument.field(f"{field}.name", f"{m.name!r}: a score name is lowercase letters, digits, _ . -")
+    direction = {"LOWER_IS_BETTER": analysis.Direction.LOWER_IS_BETTER,
+                 "HIGHER_IS_BETTER": analysis.Direction.HIGHER_IS_BETTER}.get(m.direction)
+    tolerance = None
+    if m.tolerance is not None:
+        if not math.isfinite(m.tolerance) or m.tolerance < 0:
+            raise InvalidArgument.field(f"{field}.tolerance", f"{m.tolerance} must be a number >= 0")
+        tolerance = analysis.Threshold(m.tolerance, relative=bool(m.relative))
+    # A tolerance the user chose is also where failing starts; the defaults fail the session
+    # error rate on any established degradation (what rolls a bad candidate back quickly).
+    return analysis.metric(m.name, tolerance=tolerance, direction=direction,
+                           fail_margin=tolerance if tolerance is not None else None)
+
+
+class Evaluation:
+    def __init__(self, store: EvaluationStore) -> None:
+        self.store = store
+
+    async def record_score(
+        self, caller: Caller, session: str, name: str, value: float, trace_id: str, source: str, comment: str
+    ) -> ScoreRow:
+        try:
+            names.parse_session(session)
+        except names.ResourceNameError as exc:
+            raise InvalidArgument.field("score.session", str(exc)) from None
+        if not SCORE_NAME.match(name):
+            raise InvalidArgument.field("score.score_name", f"{name!r}: use lowercase letters, digits, _ . - (e.g. clinical_accuracy)")
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise InvalidArgument.field(
+                "score.value", f"{value} is outside [0, 1]; normalise it (a 4 out of 5 is 0.8, accepted is 1)")
+        if source not in SOURCES:
+            raise InvalidArgument.field("score.source", f"{source!r} is not one of {', '.join(SOURCES)}")
+        if len(comment) > 4000:
+            raise InvalidArgument.field("score.comment", "is longer than 4000 characters")
+        pin = await self.store.session_pin(caller.tenant, session)
+        if pin is None:
+            raise NotFound(f"{session} has no invocations in tenant {caller.tenant!r}; score a session that ran")
+        if trace_id and not await self.store.trace_in_session(caller.tenant, session, trace_id):
+            raise NotFound(f"trace {trace_id} is not a trace of {session}")
+        agent, version, endpoint = pin
+        return await self.store.insert_score(
+            session=session, trace_id=trace_id, name=name, value=value, source=source, comment=comment,
+            agent=agent, version=version, endpoint=endpoint, tenant=caller.tenant, user=caller.user,
+        )
+
+    async def list_scores(
+        self, caller: Caller, session: str, version: str, name: str, offset: int, limit: int
+    ) -> list[ScoreRow]:
+        return await self.store.list_scores(caller.tenant, session, version, name, offset, limit)
+
+    async def compare(
+        self, agent: str, baseline: str, candidate: str, start: datetime | None, end: datetime | None,
+        metrics: list[MetricRequest], min_sessions: int, alpha: float, endpoint: str,
+    ) -> analysis.RolloutAnalysis:
+        for field, value in (("baseline_version", baseline), ("candidate_version", candidate)):
+            try:
+                ref = names.parse_version(value)
+            except names.ResourceNameError as exc:
+                raise InvalidArgument.field(field, str(exc)) from None
+            if names.agent_name(ref.agent) != agent:
+                raise InvalidArgument.field(field, f"{value} is not a version of {agent}")
+        if baseline == candidate:
+            raise InvalidArgument.field("candidate_version", "must differ from baseline_version")
+        if start is None or end is None or end <= start:
+            raise InvalidArgument.field("start_time", "give a window: start_time before end_time")
+        if alpha and not 0 < alpha < 1:
+            raise InvalidArgument.field("alpha", f"{alpha} must be in (0, 1)")
+        if min_sessions < 0:
+            raise InvalidArgument.field("min_sessions", "must not be negative")
+        specs = [metric_spec(m, f"metrics[{i}]") for i, m in enumerate(metrics)] or list(analysis.DEFAULT_METRICS)
+        if len({s.name for s in specs}) != len(specs):
+            raise InvalidArgument.field("metrics", "a metric is listed twice")
+        config = analysis.AnalysisConfig(alpha=alpha or 0.05, min_sessions=max(1, min_sessions or 200))
+        scores = [s.name[6:] for s in specs if s.name.startswith("score:")]
+        base = await self.store.observations(baseline, start, end, endpoint, scores)
+        cand = await self.store.observations(candidate, start, end, endpoint, scores)
+        return analysis.analyze_rollout(base, cand, specs, config)
+
+

@@ -1,0 +1,69 @@
+"""The platform started as `make run` starts it, once per test module, on a database of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.settings import SERVICES
+from tests import harness
+
+ROOT = Path(__file__).resolve().parents[2]
+CORRAL = str(Path(sys.executable).parent / "corral")
+
+
+@pytest.fixture(scope="module")
+def own_database(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own: the walk-through expects the example agent's first versions."""
+    with harness.scratch_database(postgres_server_url, "corral_e2e") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    database_url = own_database
+    data = tmp_path_factory.mktemp("platform")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update({f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{harness.free_port()}" for svc in SERVICES})
+    env.update({
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_DATABASE_URL": database_url,
+        "CORRAL_REDIS_URL": redis_url,
+        "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
+        "CORRAL_TENANT": "e2e",
+        "CORRAL_USER": "tester",
+        "CORRAL_TELEMETRY_METRICS_PORT": str(harness.free_port()),
+        "CORRAL_REGISTRY_METRICS_PORT": str(harness.free_port()),
+    })
+    log = (data / "platform.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while b"Corral is running" not in (data / "platform.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the platform did not start:\n" + (data / "platform.log").read_text()[-3000:])
+        time.sleep(0.2)
+    env["_PID"] = str(proc.pid)
+    env["_LOG"] = str(data / "platform.log")
+    yield env
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def corral(env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True) -> Any:
+    """Runs the corral command with --json and returns its parsed output."""
+    result = subprocess.run([CORRAL, "--json", *args], env=env, input=stdin, capture_output=True,
+                            text=True, timeout=60, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"corral {' '.join(args)} failed: {result.stdout}{result.stderr}")
+    return json.loads(result.stdout) if result.stdout.strip() else None

@@ -1,0 +1,133 @@
+"""A canary rollout through the corral command, end to end: a candidate that fails one session
+in three is rolled back by the analysis alone, and new sessions go back to the stable version."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import harness
+from tests.e2e.conftest import corral
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+GOOD = """
+from corral.sdk import App
+app = App()
+
+@app.entrypoint
+def handle(payload, ctx):
+    ctx.state["turns"] = ctx.state.get("turns", 0) + 1
+    return "ok"
+"""
+# Fails every third session (by a stable hash of its id), on its first turn.
+BAD = """
+import hashlib
+from corral.sdk import App
+app = App()
+
+@app.entrypoint
+def handle(payload, ctx):
+    if int(hashlib.sha256(ctx.session_id.encode()).hexdigest(), 16) % 3 == 0:
+        raise RuntimeError("candidate regression")
+    return "ok"
+"""
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        received = self.events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", harness.free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_bad_canary_rolls_back_by_itself(platform: dict[str, str], tmp_path: Path) -> None:
+    env = platform
+    good = corral(env, "publish", str(harness.write_bundle(tmp_path / "good", harness.agent_files("canary-demo", GOOD))))
+    bad = corral(env, "publish", str(harness.write_bundle(tmp_path / "bad", harness.agent_files("canary-demo", BAD))))
+    corral(env, "endpoint", "set", "canary-demo", "prod", "--version", str(good["number"]))
+    hooks = Hooks()
+    started = corral(env, "rollout", "start", "canary-demo", "prod", "--to", str(bad["number"]),
+                     "--steps", "50,100", "--interval", "1s", "--min-sessions", "30", "--webhook", hooks.url)
+    assert started["name"].endswith("/rollouts/1")
+
+    second = harness_run(env, "rollout", "start", "canary-demo", "prod", "--to", str(bad["number"]))
+    assert second["error"]["code"] == "FAILED_PRECONDITION" and "rollouts/1" in second["error"]["message"]
+
+    status: dict[str, Any] = {}
+    served = {good["number"]: 0, bad["number"]: 0}
+    for i in range(400):
+        out = corral(env, "invoke", "canary-demo", "--endpoint", "prod", "--data", "{}", check=False)
+        if out and "version" in out:
+            served[int(out["version"].rsplit("/", 1)[1])] += 1
+        if i % 10 == 9:
+            status = corral(env, "rollout", "status", "canary-demo", "prod")
+            if status["state"] != "ROLLOUT_STATE_PROGRESSING":
+                break
+    assert status["state"] == "ROLLOUT_STATE_ROLLED_BACK", status
+    assert "error_rate" in status["state_reason"], status["state_reason"]
+    assert served[bad["number"]] > 0
+    failing = [c for c in status["last_analysis"]["comparisons"] if c["verdict"] == "VERDICT_FAIL"]
+    assert failing and int(failing[0]["candidate"]["sessions"]) > 0
+
+    for _ in range(10):  # new sessions are back on the stable version at once
+        out = corral(env, "invoke", "canary-demo", "--endpoint", "prod", "--data", "{}")
+        assert out["version"].endswith(f"/versions/{good['number']}")
+    endpoint = corral(env, "endpoint", "get", "canary-demo", "prod")
+    assert [t["version"] for t in endpoint["traffic"]] == [f"agents/canary-demo/versions/{good['number']}"]
+
+    deadline = time.monotonic() + 10
+    while not any(e["event"] == "ROLLED_BACK" for e in hooks.events) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    events = [e["event"] for e in hooks.events]
+    assert events[0] == "STARTED" and "ROLLED_BACK" in events, events
+    assert next(e for e in hooks.events if e["event"] == "ROLLED_BACK")["evidence"]["verdict"] == "FAIL"
+    hooks.server.shutdown()
+
+    audit = corral(env, "audit", "--resource", started["name"])
+    assert any(e["method"] == "Rollout:ROLLED_BACK" for e in audit)
+    listed = corral(env, "rollout", "list", "canary-demo", "prod")
+    assert listed[0]["state"] == "ROLLOUT_STATE_ROLLED_BACK"
+
+    finished = harness_run(env, "rollout", "promote", "canary-demo", "prod")
+    assert finished["error"]["code"] == "FAILED_PRECONDITION"
+
+
+def harness_run(env: dict[str, str], *args: str) -> Any:
+    return corral(env, *args, check=False)
+
+
+def test_score_moves_the_score_metric(platform: dict[str, str], tmp_path: Path) -> None:
+    env = platform
+    v = corral(env, "publish", str(harness.write_bundle(tmp_path / "s", harness.agent_files("scored", GOOD))))
+    out = corral(env, "invoke", "scored", "--version", str(v["number"]), "--session", "scored-1", "--data", "{}")
+    deadline = time.monotonic() + 15
+    while True:
+        recorded = corral(env, "score", "scored-1", "clinical_accuracy", "0.75", "--source", "judge", check=False)
+        if "error" not in recorded or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)  # the invocation's spans arrive in telemetry a moment after the call
+    assert recorded["value"] == 0.75 and recorded["version"] == out["version"], recorded
+    bad = corral(env, "score", "no-such-session", "clinical_accuracy", "0.5", check=False)
+    assert bad["error"]["code"] == "NOT_FOUND"
+    out_of_range = corral(env, "score", "scored-1", "clinical_accuracy", "7", check=False)
+    assert out_of_range["error"]["code"] == "INVALID_ARGUMENT" and "[0, 1]" in out_of_range["error"]["message"]

@@ -1,0 +1,162 @@
+"""agent.toml validation: what a valid manifest pins, and an error naming the field for each
+mistake a user can make."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.manifest import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_LIFETIME_S,
+    ManifestError,
+    Tool,
+    parse_manifest,
+)
+
+FILES = {"agent.py", "prompt.md", "tools/lookup.json", "pkg/__init__.py"}
+
+FULL = """
+name = "progress-report"
+entrypoint = "agent:app"
+protocol = "corral"
+description = "drafts notes"
+
+[model]
+provider = "openai"
+id = "gpt-x"
+params = { temperature = 0.2, max_tokens = 300 }
+
+[prompt]
+file = "prompt.md"
+
+[[tools]]
+name = "lookup"
+schema = "tools/lookup.json"
+
+[[tools]]
+name = "search"
+
+[retrieval]
+index = "payer-guidelines"
+digest = "sha256:abc"
+
+[resources]
+memory_mb = 256
+cpu_seconds = 30
+timeout_s = 60
+
+[lifecycle]
+idle_timeout_s = 60
+max_lifetime_s = 3600
+"""
+
+MINIMAL = 'name = "a"\nentrypoint = "agent:app"\n'
+
+
+def parse(text: str) -> object:
+    return parse_manifest(text, has_file=lambda p: p in FILES)
+
+
+def error(text: str) -> ManifestError:
+    with pytest.raises(ManifestError) as info:
+        parse(text)
+    return info.value
+
+
+def test_a_full_manifest_pins_everything() -> None:
+    m = parse_manifest(FULL, has_file=lambda p: p in FILES)
+    assert (m.name, m.entrypoint, m.protocol) == ("progress-report", "agent:app", "corral")
+    assert (m.model_provider, m.model_id) == ("openai", "gpt-x")
+    assert dict(m.model_params) == {"temperature": 0.2, "max_tokens": 300}
+    assert m.prompt_file == "prompt.md"
+    assert m.tools == (Tool("lookup", "tools/lookup.json"), Tool("search", ""))
+    assert (m.retrieval_index, m.retrieval_digest) == ("payer-guidelines", "sha256:abc")
+    assert (m.memory_mb, m.cpu_seconds, m.timeout_s) == (256, 30, 60)
+    assert (m.idle_timeout_s, m.max_lifetime_s) == (60, 3600)
+
+
+def test_a_minimal_manifest_gets_the_documented_defaults() -> None:
+    m = parse_manifest(MINIMAL, has_file=lambda p: p in FILES)
+    assert m.protocol == "corral"
+    assert (m.model_provider, m.model_id) == ("scripted", "scripted-1")
+    assert m.prompt_file == "" and m.tools == ()
+    assert (m.idle_timeout_s, m.max_lifetime_s) == (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_LIFETIME_S)
+    assert (m.memory_mb, m.cpu_seconds, m.timeout_s) == (512, 60, 900)
+
+
+def test_a_package_entrypoint_is_found_by_its_init() -> None:
+    m = parse('name = "a"\nentrypoint = "pkg:app"\n')
+    assert m.entrypoint == "pkg:app"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ('name = "a"\nentrypoint = "agent:app', "(file)", "not valid TOML"),
+        ('entrypoint = "agent:app"\n', "name", "required"),
+        ('name = ""\nentrypoint = "agent:app"\n', "name", "non-empty"),
+        ('name = 7\nentrypoint = "agent:app"\n', "name", "non-empty string"),
+        ('name = "Bad_Name"\nentrypoint = "agent:app"\n', "name", "lowercase"),
+        ('name = "-a"\nentrypoint = "agent:app"\n', "name", "lowercase"),
+        (MINIMAL + 'colour = "red"\n', "colour", "unknown key"),
+        (
+            MINIMAL + '[model]\nprovider = "scripted"\ntemperature = 1\n',
+            "model.temperature",
+            "unknown key",
+        ),
+        (MINIMAL + '[model]\nprovider = "bedrock"\n', "model.provider", "'bedrock' is not one of"),
+        (MINIMAL + "[model]\nparams = 3\n", "model.params", "table"),
+        (MINIMAL + 'model = "gpt"\n', "model", "must be a table"),
+        # Params are stored and sent as JSON, which has no dates and no NaN.
+        (MINIMAL + "[model]\nparams = { since = 2024-01-01 }\n", "model.params.since", "date"),
+        (MINIMAL + "[model]\nparams = { t = nan }\n", "model.params.t", "finite"),
+        (MINIMAL + "[model]\nparams = { stop = [1, inf] }\n", "model.params.stop[1]", "finite"),
+        (MINIMAL + 'protocol = "grpc"\n', "protocol", "'grpc' is not one of"),
+        ('name = "a"\n', "entrypoint", "required"),
+        ('name = "a"\nentrypoint = "agent"\n', "entrypoint", "module:attribute"),
+        ('name = "a"\nentrypoint = "../agent:app"\n', "entrypoint", "module:attribute"),
+        (
+            'name = "a"\nentrypoint = "missing:app"\n',
+            "entrypoint",
+            "missing.py is not in the bundle",
+        ),
+        (MINIMAL + '[prompt]\nfile = "nope.md"\n', "prompt.file", "'nope.md' is not in the bundle"),
+        (MINIMAL + '[prompt]\npath = "prompt.md"\n', "prompt.path", "unknown key"),
+        (MINIMAL + 'tools = "lookup"\n', "tools", "array of tables"),
+        (MINIMAL + '[[tools]]\nschema = "tools/lookup.json"\n', "tools[0].name", "required"),
+        (
+            MINIMAL + '[[tools]]\nname = "x"\nschema = "tools/x.json"\n',
+            "tools[0].schema",
+            "not in the bundle",
+        ),
+        (
+            MINIMAL + '[[tools]]\nname = "x"\n[[tools]]\nname = "x"\n',
+            "tools[1].name",
+            "declared twice",
+        ),
+        (MINIMAL + '[[tools]]\nname = "x"\nurl = "http://x"\n', "tools[0].url", "unknown key"),
+        (MINIMAL + '[retrieval]\nindex = ""\n', "retrieval.index", "non-empty"),
+        (MINIMAL + "[resources]\nmemory_mb = 0\n", "resources.memory_mb", "positive integer"),
+        (MINIMAL + "[resources]\ncpu_seconds = -1\n", "resources.cpu_seconds", "positive integer"),
+        (MINIMAL + '[resources]\ntimeout_s = "60"\n', "resources.timeout_s", "positive integer"),
+        (MINIMAL + "[resources]\ntimeout_s = true\n", "resources.timeout_s", "positive integer"),
+        (MINIMAL + "[resources]\ntimeout_s = 1.5\n", "resources.timeout_s", "positive integer"),
+        (MINIMAL + "[resources]\ngpus = 1\n", "resources.gpus", "unknown key"),
+        (
+            MINIMAL + "[lifecycle]\nidle_timeout_s = 0\n",
+            "lifecycle.idle_timeout_s",
+            "positive integer",
+        ),
+        (
+            MINIMAL + "[lifecycle]\nidle_timeout_s = 100\nmax_lifetime_s = 50\n",
+            "lifecycle.idle_timeout_s",
+            "must not exceed lifecycle.max_lifetime_s",
+        ),
+    ],
+)
+def test_each_mistake_names_its_field(text: str, field: str, words: str) -> None:
+    err = error(text)
+    assert err.field == field
+    assert words in err.description
+    # The message a user reads names the file and the field.
+    assert str(err).startswith(f"agent.toml: {field}: ")
