@@ -467,6 +467,7 @@ def audit(state: State, resource: str, limit: int) -> None:
 
 
 def main() -> None:
+    import corral.cli_experiments  # noqa: F401 - registers the experiment commands on `cli`
     import corral.cli_rollouts  # noqa: F401 - registers the rollout commands on `cli`
 
     try:

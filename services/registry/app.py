@@ -11,7 +11,8 @@ from corral.registry.v1 import registry_pb2, registry_pb2_grpc, rollouts_pb2, ro
 from services.common.db import create_pool, migrate
 from services.common.settings import Settings
 from services.common.prometheus import MetricsExporter
-from services.registry.clients import SessionPolicies, TelemetryAnalysis
+from services.registry.clients import SessionPolicies, TelemetryAnalysis, TelemetryExperiments
+from services.registry.experiments import Experiments
 from services.registry.controller import RolloutController
 from services.registry.registry import Registry
 from services.registry.prometheus import rollout_snapshot
@@ -53,7 +54,11 @@ class RegistryService:
         exporter.start()
         stack.push_async_callback(exporter.stop)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
-        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(rollouts, registry), server)
+        experiments = Experiments(store, RolloutStore(), notifier)
+        analyze_experiment = TelemetryExperiments(analysis)
+        controller.watch_experiments(experiments, analyze_experiment)
+        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
+            RolloutServicer(rollouts, registry, experiments, analyze_experiment), server)
         return [
             registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
             rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,

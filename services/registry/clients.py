@@ -69,6 +69,25 @@ class TelemetryAnalysis:
         await self.channel.close()
 
 
+class TelemetryExperiments:
+    """Asks telemetry for an experiment's per-variant analysis since its split started."""
+
+    def __init__(self, analysis: TelemetryAnalysis) -> None:
+        self.stub = analysis.stub
+
+    async def __call__(self, r: RolloutRecord) -> tel.AnalyzeExperimentResponse:
+        request = tel.AnalyzeExperimentRequest(
+            agent=names.agent_name(r.agent),
+            variants=[tel.ExperimentVariant(version=names.version_name(r.agent, int(v)), percent=p)
+                      for v, p in r.spec["variants"]],
+            metrics=[metric_pb(m) for m in r.spec["metrics"]], alpha=float(r.spec.get("alpha", 0.05)),
+            endpoint=names.endpoint_name(r.agent, r.endpoint),
+        )
+        request.start_time.FromDatetime(r.traffic_start_time or r.create_time)
+        request.end_time.FromDatetime(r.end_time or datetime.now(timezone.utc))
+        return await self.stub.AnalyzeExperiment(request, metadata=call_metadata(PLATFORM), timeout=30)
+
+
 class SessionPolicies:
     """What happens to a rolled-back candidate's live sessions: drain (nothing now; stopped after
     the drain timeout), migrate (re-pinned to stable at their next turn) or stop."""

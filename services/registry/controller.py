@@ -38,6 +38,14 @@ class RolloutController:
         self._task: asyncio.Task[None] | None = None
         domain.kick = self._wake.set
 
+    def watch_experiments(self, experiments: Any, analyze: Callable[[RolloutRecord], Awaitable[Any]],
+                          every_s: float = 10.0) -> None:
+        """Marks running experiments COMPLETE when they reach their end time or session count."""
+        self._experiments = experiments
+        self._analyze_experiment = analyze
+        self._experiment_every_s = every_s
+        self._experiment_checked: dict[str, float] = {}
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
@@ -63,12 +71,32 @@ class RolloutController:
 
     async def tick(self) -> None:
         for record in await self.rollouts.active(self.store.pool):
+            if record.kind == "experiment" and record.state == "RUNNING":
+                await self._check_experiment(record)
+                continue
             if record.kind != "rollout" or record.state != "PROGRESSING":
                 continue
             try:
                 await self.advance(record)
             except Exception:  # noqa: BLE001 - one broken rollout must not stop the others
                 log.exception("could not advance %s", record.name)
+
+    async def _check_experiment(self, r: RolloutRecord) -> None:
+        if getattr(self, "_experiments", None) is None:
+            return
+        last = self._experiment_checked.get(r.name, 0.0)
+        loop = asyncio.get_running_loop()
+        if loop.time() - last < self._experiment_every_s:
+            return
+        self._experiment_checked[r.name] = loop.time()
+        try:
+            sessions = 0
+            if r.spec.get("max_sessions"):
+                report = await self._analyze_experiment(r)
+                sessions = sum(report.sessions)
+            await self._experiments.check_complete(r, sessions)
+        except Exception:  # noqa: BLE001 - telemetry may be away; try again next time
+            log.warning("could not check experiment %s", r.name, exc_info=True)
 
     async def advance(self, seen: RolloutRecord) -> RolloutRecord | None:
         """Applies at most one step of one rollout. Returns the new record, or None if another

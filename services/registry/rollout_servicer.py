@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from corral import names
+from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as pb
 from corral.registry.v1 import rollouts_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from services.common.identity import caller
 from services.common.paging import decode_offset, next_token, page_size
+from services.registry.experiments import Experiments
 from services.registry.rollout_store import RolloutRecord
 from services.registry.rollouts import Rollouts
 from services.registry.servicer import endpoint_pb
@@ -120,10 +123,104 @@ def _as_proto_json(analysis: Any) -> dict[str, Any]:
     return out
 
 
-class RolloutServicer(rollouts_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, rollouts: Rollouts, registry: Registry) -> None:
+_EXPERIMENT_STATE = {"RUNNING": pb.EXPERIMENT_STATE_RUNNING, "COMPLETE": pb.EXPERIMENT_STATE_COMPLETE,
+                     "CONCLUDED": pb.EXPERIMENT_STATE_CONCLUDED, "ABORTED": pb.EXPERIMENT_STATE_ABORTED}
+
+
+def experiment_pb(r: RolloutRecord) -> pb.Experiment:
+    spec = r.spec
+    out = pb.Experiment(
+        name=r.name,
+        variants=[reg.TrafficTarget(version=names.version_name(r.agent, int(v)), percent=p)
+                  for v, p in spec["variants"]],
+        metrics=[metric_pb(m) for m in spec["metrics"]], max_sessions=int(spec.get("max_sessions") or 0),
+        state=_EXPERIMENT_STATE.get(r.state, pb.EXPERIMENT_STATE_UNSPECIFIED),
+        winner=names.version_name(r.agent, int(spec["winner"])) if spec.get("winner") else "",
+        create_time=_ts(r.create_time), conclude_time=_ts(r.end_time), creator=r.creator,
+        alpha=float(spec.get("alpha", 0.05)), webhook_url=spec.get("webhook_url", ""),
+    )
+    if spec.get("end_time"):
+        out.end_time.FromDatetime(datetime.fromisoformat(spec["end_time"]))
+    return out
+
+
+def recommend(report: tel.AnalyzeExperimentResponse) -> tuple[str, str]:
+    """(winner, summary): a variant whose effect is on the better side of zero on every metric,
+    never when the sample ratio is off."""
+    if report.sample_ratio_mismatch:
+        return "", "sample ratio mismatch (p = %.2g): the split is not what was configured; no winner can be named" % (
+            report.sample_ratio_p_value)
+    better: dict[str, int] = {}
+    for m in report.metrics:
+        sign = 1 if m.metric.direction == tel.METRIC_DIRECTION_HIGHER_IS_BETTER else -1
+        for v in m.variants:
+            if v.control:
+                continue
+            wins = (v.effect_low > 0) if sign > 0 else (v.effect_high < 0)
+            better[v.version] = better.get(v.version, 0) + (1 if wins else 0)
+    winners = [v for v, n in better.items() if n == len(report.metrics) and n > 0]
+    if len(winners) == 1:
+        return winners[0], f"{winners[0]} beats the control on every metric"
+    return "", "no variant beats the control on every metric yet"
+
+
+class ExperimentServicer:
+    """The experiment methods of RolloutService, mixed into RolloutServicer."""
+
+    experiments: Experiments
+    analyze_experiment: Any
+
+    async def CreateExperiment(self, request: pb.CreateExperimentRequest, context: grpc.aio.ServicerContext) -> pb.Experiment:
+        e = request.experiment
+        end = e.end_time.ToDatetime(tzinfo=timezone.utc) if e.HasField("end_time") else None
+        record = await self.experiments.create(
+            caller(context), request.parent, [(t.version, t.percent) for t in e.variants],
+            [metric_to_dict(m) for m in e.metrics], end, e.max_sessions, e.alpha, e.webhook_url,
+        )
+        return experiment_pb(record)
+
+    async def GetExperiment(self, request: pb.GetExperimentRequest, context: grpc.aio.ServicerContext) -> pb.Experiment:
+        return experiment_pb(await self.experiments.get(request.name))
+
+    async def ListExperiments(
+        self, request: pb.ListExperimentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListExperimentsResponse:
+        size, offset = page_size(request.page_size), decode_offset(request.page_token)
+        rows = await self.experiments.list(request.parent, offset, size)
+        return pb.ListExperimentsResponse(experiments=[experiment_pb(r) for r in rows],
+                                          next_page_token=next_token(offset, size, len(rows)))
+
+    async def GetExperimentReport(
+        self, request: pb.GetExperimentReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExperimentReport:
+        record = await self.experiments.get(request.name)
+        analysis = await self.analyze_experiment(record)
+        winner, summary = recommend(analysis)
+        return pb.ExperimentReport(experiment=experiment_pb(record), analysis=analysis,
+                                   recommended_winner=winner, summary=summary)
+
+    async def ConcludeExperiment(
+        self, request: pb.ConcludeExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Experiment:
+        record = await self.experiments.get(request.name)
+        evidence = None
+        try:
+            analysis = await self.analyze_experiment(record)
+            evidence = json_format.MessageToDict(analysis, preserving_proto_field_name=True)
+        except grpc.aio.AioRpcError:
+            evidence = {"error": "telemetry unavailable when concluding"}
+        updated = await self.experiments.conclude(caller(context), request.name, request.winner,
+                                                  request.keep_control, evidence)
+        return experiment_pb(updated)
+
+
+class RolloutServicer(ExperimentServicer, rollouts_pb2_grpc.RolloutServiceServicer):
+    def __init__(self, rollouts: Rollouts, registry: Registry, experiments: Any = None,
+                 analyze_experiment: Any = None) -> None:
         self.rollouts = rollouts
         self.registry = registry
+        self.experiments = experiments
+        self.analyze_experiment = analyze_experiment
 
     async def CreateRollout(self, request: pb.CreateRolloutRequest, context: grpc.aio.ServicerContext) -> pb.Rollout:
         r = request.rollout

@@ -11,7 +11,7 @@ import asyncpg
 
 from services.common.errors import FailedPrecondition
 
-ACTIVE_STATES = ("PROGRESSING", "PAUSED", "RUNNING")
+ACTIVE_STATES = ("PROGRESSING", "PAUSED", "RUNNING", "COMPLETE")
 
 
 @dataclass(frozen=True)

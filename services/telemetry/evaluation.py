@@ -112,3 +112,29 @@ class Evaluation:
         return analysis.analyze_rollout(base, cand, specs, config)
 
 
+
+    async def analyze_experiment(
+        self, agent: str, variants: list[tuple[str, float]], start: datetime | None, end: datetime | None,
+        metrics: list[MetricRequest], alpha: float, endpoint: str,
+    ) -> tuple[analysis.ExperimentAnalysis, dict[str, int]]:
+        if len(variants) < 2:
+            raise InvalidArgument.field("variants", "an experiment needs a control and at least one variant")
+        for i, (version, percent) in enumerate(variants):
+            try:
+                ref = names.parse_version(version)
+            except names.ResourceNameError as exc:
+                raise InvalidArgument.field(f"variants[{i}].version", str(exc)) from None
+            if names.agent_name(ref.agent) != agent:
+                raise InvalidArgument.field(f"variants[{i}].version", f"{version} is not a version of {agent}")
+            if not 0 < percent <= 100:
+                raise InvalidArgument.field(f"variants[{i}].percent", f"{percent} must be > 0 and <= 100")
+        if len({v for v, _ in variants}) != len(variants):
+            raise InvalidArgument.field("variants", "a version is listed twice")
+        if start is None or end is None or end <= start:
+            raise InvalidArgument.field("start_time", "give a window: start_time before end_time")
+        specs = [metric_spec(m, f"metrics[{i}]") for i, m in enumerate(metrics)] or list(analysis.DEFAULT_METRICS)
+        scores = [sp.name[6:] for sp in specs if sp.name.startswith("score:")]
+        observed = {v: await self.store.observations(v, start, end, endpoint, scores) for v, _ in variants}
+        config = analysis.AnalysisConfig(alpha=alpha or 0.05)
+        result = analysis.analyze_experiment(observed, dict(variants), variants[0][0], specs, config)
+        return result, {v: len(obs) for v, obs in observed.items()}

@@ -58,6 +58,15 @@ def comparison_pb(c: analysis.MetricComparison, baseline: str, candidate: str, r
     )
 
 
+def _metric_request(m: pb.MetricSpec) -> MetricRequest:
+    return MetricRequest(
+        name=m.name,
+        direction=pb.MetricDirection.Name(m.direction).removeprefix("METRIC_DIRECTION_") if m.direction else "",
+        tolerance=m.tolerance if m.HasField("tolerance") else None,
+        relative=m.relative if m.HasField("relative") else None,
+    )
+
+
 class EvaluationServicer(TelemetryServicer):
     def __init__(self, telemetry: Telemetry, evaluation: Evaluation) -> None:
         super().__init__(telemetry)
@@ -78,18 +87,32 @@ class EvaluationServicer(TelemetryServicer):
         return pb.ListScoresResponse(scores=[score_pb(r) for r in rows],
                                      next_page_token=next_token(offset, size, len(rows)))
 
+    async def AnalyzeExperiment(
+        self, request: pb.AnalyzeExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AnalyzeExperimentResponse:
+        metrics = [_metric_request(m) for m in request.metrics]
+        variants = [(v.version, v.percent) for v in request.variants]
+        result, sessions = await self._evaluation.analyze_experiment(
+            request.agent, variants, _time(request, "start_time"), _time(request, "end_time"), metrics,
+            request.alpha, request.endpoint,
+        )
+        out = pb.AnalyzeExperimentResponse(
+            sessions=[sessions[v] for v, _ in variants], sample_ratio_p_value=result.sample_ratio.p_value,
+            sample_ratio_mismatch=result.sample_ratio.mismatch, warning=result.warning,
+        )
+        for m in result.metrics:
+            item = out.metrics.add(metric=pb.MetricSpec(name=m.metric, direction=_DIRECTION[m.direction]), unit=m.unit)
+            for v in m.variants:
+                vm = item.variants.add(version=v.variant, sessions=v.sessions, estimate=v.estimate,
+                                       ci_low=v.lower, ci_high=v.upper, control=v.effect is None)
+                if v.effect is not None:
+                    vm.effect, vm.effect_low, vm.effect_high = v.effect, v.effect_lower or 0.0, v.effect_upper or 0.0
+        return out
+
     async def CompareVersions(
         self, request: pb.CompareVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompareVersionsResponse:
-        metrics = [
-            MetricRequest(
-                name=m.name,
-                direction=pb.MetricDirection.Name(m.direction).removeprefix("METRIC_DIRECTION_") if m.direction else "",
-                tolerance=m.tolerance if m.HasField("tolerance") else None,
-                relative=m.relative if m.HasField("relative") else None,
-            )
-            for m in request.metrics
-        ]
+        metrics = [_metric_request(m) for m in request.metrics]
         result = await self._evaluation.compare(
             request.agent, request.baseline_version, request.candidate_version, _time(request, "start_time"),
             _time(request, "end_time"), metrics, request.min_sessions, request.alpha, request.endpoint,

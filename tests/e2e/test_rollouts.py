@@ -131,3 +131,37 @@ def test_score_moves_the_score_metric(platform: dict[str, str], tmp_path: Path) 
     assert bad["error"]["code"] == "NOT_FOUND"
     out_of_range = corral(env, "score", "scored-1", "clinical_accuracy", "7", check=False)
     assert out_of_range["error"]["code"] == "INVALID_ARGUMENT" and "[0, 1]" in out_of_range["error"]["message"]
+
+
+def test_experiment_report_and_conclusion(platform: dict[str, str], tmp_path: Path) -> None:
+    env = platform
+    a = corral(env, "publish", str(harness.write_bundle(tmp_path / "a", harness.agent_files("ab-demo", GOOD))))
+    b = corral(env, "publish", str(harness.write_bundle(
+        tmp_path / "b", harness.agent_files("ab-demo", GOOD + "\n# variant b\n"))))
+    corral(env, "endpoint", "set", "ab-demo", "prod", "--version", str(a["number"]))
+    bad_split = corral(env, "experiment", "start", "ab-demo", "prod", "--variants",
+                       f"{a['number']}=80,{b['number']}=30", check=False)
+    assert bad_split["error"]["code"] == "INVALID_ARGUMENT" and "100" in bad_split["error"]["message"]
+    started = corral(env, "experiment", "start", "ab-demo", "prod", "--variants",
+                     f"{a['number']}=50,{b['number']}=50", "--sessions", "5000")
+    assert started["state"] == "EXPERIMENT_STATE_RUNNING"
+    for _ in range(40):
+        corral(env, "invoke", "ab-demo", "--endpoint", "prod", "--data", "{}")
+    deadline = time.monotonic() + 15
+    while True:
+        report = corral(env, "experiment", "status", "ab-demo", "prod")
+        sessions = [int(n) for n in report["analysis"].get("sessions", [])]
+        if sum(sessions) >= 40 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sum(sessions) == 40 and min(sessions) > 0, report
+    assert not report["analysis"].get("sample_ratio_mismatch", False)
+    assert report["analysis"]["metrics"], "the report has per-metric results"
+    concluded = corral(env, "experiment", "conclude", "ab-demo", "prod", "--winner", str(b["number"]))
+    assert concluded["state"] == "EXPERIMENT_STATE_CONCLUDED"
+    endpoint = corral(env, "endpoint", "get", "ab-demo", "prod")
+    assert [t["version"] for t in endpoint["traffic"]] == [b["name"]]
+    again = corral(env, "experiment", "conclude", "ab-demo", "prod", "--keep-control", check=False)
+    assert again["error"]["code"] == "FAILED_PRECONDITION"
+    audit = corral(env, "audit", "--resource", started["name"])
+    assert any(e["method"] == "ConcludeExperiment" for e in audit)

@@ -381,8 +381,9 @@ CONFSEQ_TWO_SIDED = {
 def test_the_normal_mixture_boundary_matches_confseq_and_the_closed_form() -> None:
     for (alpha, v_opt, v), expected in CONFSEQ_TWO_SIDED.items():
         assert float(normal_mixture_bound(v, alpha, v_opt)) == pytest.approx(expected, rel=1e-10)
-        # Howard et al. (2021), the two-sided normal mixture boundary:
-        # u(v) = sqrt((v + ρ) log((v + ρ) / (ρ α²))), ρ = v_opt / (2 log(1/α) + log(1 + 2 log(1/α))).
+        # Howard et al. (2021), the two-sided normal mixture boundary
+        # u(v) = sqrt((v + ρ) log((v + ρ) / (ρ α²))), with confseq's choice of ρ:
+        # ρ = v_opt / (2 log(1/α) + log(1 + 2 log(1/α))).
         rho = v_opt / (2 * math.log(1 / alpha) + math.log(1 + 2 * math.log(1 / alpha)))
         assert optimal_rho(v_opt, alpha) == pytest.approx(rho)
         closed = math.sqrt((v + rho) * math.log((v + rho) / (rho * alpha**2)))

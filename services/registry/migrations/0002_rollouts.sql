@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS registry.rollouts (
 
 -- At most one running rollout or experiment per endpoint, whatever replica creates it.
 CREATE UNIQUE INDEX IF NOT EXISTS rollouts_one_active ON registry.rollouts (agent, endpoint)
-    WHERE state IN ('PROGRESSING', 'PAUSED', 'RUNNING');
+    WHERE state IN ('PROGRESSING', 'PAUSED', 'RUNNING', 'COMPLETE');
 
 -- Every time an endpoint came to serve one version alone: what "the last stable version" means.
 CREATE TABLE IF NOT EXISTS registry.stable_history (

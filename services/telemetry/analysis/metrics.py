@@ -38,8 +38,6 @@ _UNITS = {
     TOOL_FAILURE_RATE: "share of tool calls that failed",
     TOKENS_PER_SESSION: "tokens per session",
 }
-# Chosen with bench/rollouts_sim.py: an identical candidate passes within a few hundred
-# candidate sessions at a 2% session error rate while a clearly worse one is still caught.
 _OBSERVED = {
     SESSION_ERROR_RATE: "sessions",
     INVOCATION_ERROR_RATE: "invocations",
@@ -48,6 +46,8 @@ _OBSERVED = {
     TOOL_FAILURE_RATE: "tool calls",
     TOKENS_PER_SESSION: "token counts",
 }
+# Chosen with bench/rollouts_sim.py: an identical candidate passes every default metric within a
+# few hundred candidate sessions (2% session errors, 1 + Poisson(2) invocations per session).
 DEFAULT_TOLERANCES: Mapping[str, Threshold] = MappingProxyType(
     {
         SESSION_ERROR_RATE: Threshold(0.03),
@@ -79,6 +79,13 @@ class MetricSpec:
 
     def __post_init__(self) -> None:
         check_metric_name(self.name)
+        higher = self.direction is Direction.HIGHER_IS_BETTER
+        for threshold in (self.tolerance, self.margin):
+            if higher and threshold.relative and threshold.value >= 1:
+                raise ValueError(
+                    f"metric {self.name}: a relative threshold on a higher-is-better metric "
+                    f"must be below 1 (100% of the baseline), got {threshold.value}"
+                )
         margin = self.margin
         if margin.relative == self.tolerance.relative and margin.value > self.tolerance.value:
             raise ValueError(

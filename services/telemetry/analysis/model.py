@@ -76,10 +76,11 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """alpha: the chance an A/A rollout is ever failed on a metric, however often it is looked
-    at (two-sided confidence sequences at 1 − alpha). mixing_sessions: the effective sample size
-    at which the boundary is tightest. min_sessions: sessions each version needs before a pass.
-    min_fail_sessions: candidate sessions needed before a failure (no verdict on a handful)."""
+    """alpha: the chance that an identical candidate is ever rolled back, however often the
+    analysis is looked at (split evenly over the metrics with a zero fail margin; the intervals
+    are two-sided confidence sequences). mixing_sessions: the effective sample size at which the
+    boundary is tightest. min_sessions: sessions each version needs before a pass.
+    min_fail_sessions: sessions each version needs before a failure (no verdict on a handful)."""
 
     alpha: float = 0.05
     mixing_sessions: float = 100.0

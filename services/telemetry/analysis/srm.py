@@ -52,4 +52,6 @@ def sample_ratio_check(
 
 
 def _chi2_survival(statistic: float, dof: int) -> float:
-    return float(stats.chi2.sf(statistic, dof))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+    # scipy ships no type information.
+    survival = stats.chi2.sf(statistic, dof)  # pyright: ignore[reportUnknownMemberType]
+    return float(survival)  # pyright: ignore[reportUnknownArgumentType]
