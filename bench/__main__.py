@@ -1,6 +1,8 @@
 """`make bench`: the mesh (client → router → executor → sandbox, state committed in sessions)
 against a plain grpc.aio echo round trip, both measured in this run, sequentially and with 32
-calls in flight. Prints one JSON document."""
+calls in flight; the rollout analysis simulated (sessions to roll back a bad canary, A/A false
+rollbacks, sessions to promote); and endpoint-change propagation to three routers. Prints one
+JSON document."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from bench import propagation
+from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.router.v1 import router_pb2, router_pb2_grpc
@@ -130,6 +134,10 @@ def main() -> int:
             f"{conc}_throughput": round(raw[conc]["throughput_per_s"] / mesh[conc]["throughput_per_s"], 2),
         },
     }
+    print("bench: simulating rollouts (analysis only)...", file=sys.stderr, flush=True)
+    report["rollouts"] = simulate()
+    print("bench: endpoint-change propagation to three routers...", file=sys.stderr, flush=True)
+    report["propagation"] = propagation.measure()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -38,7 +38,7 @@ CAP = 2000  # candidate sessions after which a simulated rollout stops undecided
 ARRIVALS_PER_SECOND = 1.0  # candidate sessions per second
 BASELINE_ERROR_RATE = 0.02
 BAD_CANDIDATE_ERROR_RATE = 0.07
-FULL_METRIC_ROLLOUTS = 120  # through analyze_rollout on synthetic spans, all default metrics
+FULL_METRIC_ROLLOUTS = 100  # through analyze_rollout on synthetic spans, all default metrics
 FULL_METRIC_CAP = 1000
 
 BoolArray = npt.NDArray[np.bool_]

@@ -264,3 +264,25 @@ def score(state: State, session: str, name: str, value: float, trace: str, sourc
 
 
 __all__ = ["json", "json_format"]
+
+
+@cli.command()
+@click.option("--session", default="", help="Only this session's scores.")
+@click.option("--name", "score_name", default="", help="Only scores with this name.")
+@click.option("--limit", default=50, show_default=True)
+@json_option
+@pass_state
+def scores(state: State, session: str, score_name: str, limit: int) -> None:
+    """Quality scores recorded in your tenant, newest first."""
+    rows = state.client.telemetry.ListScores(tel.ListScoresRequest(
+        filter=tel.SpanFilter(session=names.session_name(session) if session else ""), score_name=score_name,
+        page_size=limit), metadata=state.client.metadata).scores
+
+    def human() -> None:
+        t = Table("session", "score", "value", "source", "version", "by", "comment")
+        for s in rows:
+            t.add_row(s.session.removeprefix("sessions/"), s.score_name, f"{s.value:g}",
+                      tel.ScoreSource.Name(s.source).removeprefix("SCORE_SOURCE_").lower(), s.version, s.user, s.comment)
+        out.print(t)
+
+    emit(state, [to_dict(s) for s in rows], human)

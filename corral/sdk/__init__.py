@@ -46,6 +46,20 @@ class Context:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+    def score(self, name: str, value: float, *, comment: str = "") -> None:
+        """Records a quality score in [0, 1] on this session (an OpenTelemetry
+        gen_ai.evaluation.result event); it counts for the version like any other score."""
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"score {name!r}: {value} is outside [0, 1]")
+        with self.tracer.start_as_current_span(f"evaluation {name}") as span:
+            span.add_event(EVALUATION_EVENT, {
+                "gen_ai.evaluation.name": name,
+                "gen_ai.evaluation.score.value": float(value),
+                "gen_ai.evaluation.explanation": comment,
+            })
+
+
+EVALUATION_EVENT = "gen_ai.evaluation.result"
 Handler = Callable[..., Any]
 
 

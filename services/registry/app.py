@@ -47,6 +47,7 @@ class RegistryService:
         stack.push_async_callback(analysis.close)
         policies = SessionPolicies(self.settings, store)
         stack.push_async_callback(policies.close)
+        rollouts.retire = policies.retire
         controller = RolloutController(store, RolloutStore(), rollouts, analysis, policies.after_rollback)
         controller.start()
         stack.push_async_callback(controller.stop)

@@ -118,8 +118,9 @@ class SessionPolicies:
         log.info("%s: %d sessions on %s (%s)", policy.lower(), response.sessions, request.version, endpoint)
         return response.sessions
 
-    async def after_rollback(self, r: RolloutRecord) -> None:
-        await self.retire(r.agent, r.endpoint, r.candidate_version, r.spec["rollback_policy"], r.stable_version)
+    async def after_rollback(self, r: RolloutRecord, policy: str | None = None) -> None:
+        await self.retire(r.agent, r.endpoint, r.candidate_version, policy or r.spec["rollback_policy"],
+                          r.stable_version)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -19,8 +19,9 @@ SYSTEM = "corral-controller"
 
 # (rollout, window start) -> the analysis as a dict with "verdict" PASS / FAIL / INCONCLUSIVE.
 Analyze = Callable[[RolloutRecord], Awaitable[Mapping[str, Any]]]
-# Called after a rollback commits, to apply the session policy to the candidate's sessions.
-SessionPolicy = Callable[[RolloutRecord], Awaitable[None]]
+# Called after a rollback commits, to apply a session policy (the rollout's own when None) to the
+# candidate's sessions.
+SessionPolicy = Callable[[RolloutRecord, str | None], Awaitable[None]]
 
 
 class RolloutController:
@@ -70,6 +71,7 @@ class RolloutController:
             self._wake.clear()
 
     async def tick(self) -> None:
+        await self._stop_drained()
         for record in await self.rollouts.active(self.store.pool):
             if record.kind == "experiment" and record.state == "RUNNING":
                 await self._check_experiment(record)
@@ -80,6 +82,18 @@ class RolloutController:
                 await self.advance(record)
             except Exception:  # noqa: BLE001 - one broken rollout must not stop the others
                 log.exception("could not advance %s", record.name)
+
+    async def _stop_drained(self) -> None:
+        """Drain policy: the candidate's sessions finished on it; after drain_timeout, stop the rest."""
+        for r in await self.rollouts.due_drains(self.store.pool):
+            async with self.store.tx() as tx:
+                if not await self.rollouts.try_lock(tx.conn, r):
+                    continue
+                current = await self.rollouts.get(tx.conn, r.agent, r.endpoint, "rollout", r.id, for_update=True)
+                if current is None or current.spec.get("drained"):
+                    continue
+                await self.rollouts.update(tx.conn, current, spec={**current.spec, "drained": True})
+            await self.apply_policy(current, "STOP")
 
     async def _check_experiment(self, r: RolloutRecord) -> None:
         if getattr(self, "_experiments", None) is None:
@@ -124,7 +138,7 @@ class RolloutController:
             log.info("%s: %s (%s)", transition.rollout.name, transition.event, transition.rollout.state_reason)
             self.domain.notify(transition)
         if rolled_back is not None:
-            await self.apply_policy(rolled_back)
+            await self.apply_policy(rolled_back, None)
         if updated is not r:
             self._wake.set()  # more may be due at once (e.g. a weight step right after a gate)
         return updated

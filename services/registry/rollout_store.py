@@ -144,6 +144,16 @@ class RolloutStore:
         )
         return [_record(r) for r in rows]
 
+    async def due_drains(self, pool: asyncpg.Pool) -> list[RolloutRecord]:
+        """Rolled-back or aborted rollouts whose drained candidate sessions are due to be stopped."""
+        rows = await pool.fetch(
+            """SELECT * FROM registry.rollouts
+               WHERE kind = 'rollout' AND state IN ('ROLLED_BACK', 'ABORTED')
+                 AND spec->>'rollback_policy' = 'DRAIN' AND NOT coalesce((spec->>'drained')::boolean, false)
+                 AND end_time + make_interval(secs => (spec->>'drain_timeout_s')::double precision) < now()""",
+        )
+        return [_record(r) for r in rows]
+
     async def active_for_endpoint(
         self, conn: asyncpg.Connection, agent: str, endpoint: str
     ) -> RolloutRecord | None:

@@ -76,6 +76,9 @@ class Rollouts:
         self.rollouts = rollouts
         self.notify = notify
         self.kick: Callable[[], None] = lambda: None
+        # (agent, endpoint, from_version, policy, to_version): applies a session policy after a
+        # manual rollback; set by the app (the registry calls sessions for it).
+        self.retire: Callable[[str, str, int, str, int], Any] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -290,6 +293,10 @@ class Rollouts:
                 "to": target, "policy": policy,
                 "evidence": running.last_analysis if running is not None else None,
             })
+        if self.retire is not None:
+            for share in current.traffic:
+                if share.version != target:
+                    await self.retire(agent, endpoint, share.version, policy, target)
         return agent, endpoint, target
 
 

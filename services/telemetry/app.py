@@ -31,8 +31,10 @@ class TelemetryApp:
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         telemetry = Telemetry(PgSpanStore(pool))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(telemetry), server)
         evaluation = Evaluation(EvaluationStore(pool))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+            TraceServicer(telemetry, evaluation.record_exported_scores), server
+        )
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             EvaluationServicer(telemetry, evaluation), server
         )

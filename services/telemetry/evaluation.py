@@ -3,17 +3,25 @@ per metric, with the session as the unit and an always-valid interval (see analy
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from corral import names
 from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import Caller
 from services.telemetry import analysis
 from services.telemetry.evaluation_store import EvaluationStore, ScoreRow
+from services.telemetry.spans import attributes_dict
+
+log = logging.getLogger(__name__)
 
 SCORE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 SOURCES = ("HUMAN", "JUDGE", "CODE", "USER")
@@ -41,10 +49,45 @@ def metric_spec(m: MetricRequest, field: str) -> analysis.MetricSpec:
         if not math.isfinite(m.tolerance) or m.tolerance < 0:
             raise InvalidArgument.field(f"{field}.tolerance", f"{m.tolerance} must be a number >= 0")
         tolerance = analysis.Threshold(m.tolerance, relative=bool(m.relative))
-    # A tolerance the user chose is also where failing starts; the defaults fail the session
-    # error rate on any established degradation (what rolls a bad candidate back quickly).
-    return analysis.metric(m.name, tolerance=tolerance, direction=direction,
-                           fail_margin=tolerance if tolerance is not None else None)
+    # The tolerance is the bar for passing. Failing starts at the metric's fail margin: the
+    # tolerance itself, except for the session error rate, which fails on any degradation the
+    # evidence establishes (what rolls a bad candidate back within ~100 sessions).
+    return analysis.metric(m.name, tolerance=tolerance, direction=direction)
+
+
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+
+
+def scores_in_export(request: ExportTraceServiceRequest, default_tenant: str) -> list[dict[str, Any]]:
+    """Scores an agent recorded as gen_ai.evaluation.result span events (corral.sdk ctx.score)."""
+    found = []
+    for rs in request.resource_spans:
+        resource = attributes_dict(rs.resource.attributes)
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                events = [e for e in span.events if e.name == EVALUATION_EVENT]
+                if not events:
+                    continue
+                attrs = attributes_dict(span.attributes)
+
+                def text(key: str) -> str:
+                    return str(attrs.get(key) or resource.get(key) or "")
+
+                for event in events:
+                    ev = attributes_dict(event.attributes)
+                    name, value = ev.get("gen_ai.evaluation.name"), ev.get("gen_ai.evaluation.score.value")
+                    if not isinstance(name, str) or not SCORE_NAME.match(name) or not isinstance(value, (int, float)) \
+                            or not 0.0 <= float(value) <= 1.0 or not text("corral.session"):
+                        log.warning("ignoring an evaluation event without a valid name, value in [0, 1] or session")
+                        continue
+                    found.append({
+                        "session": text("corral.session"), "trace_id": span.trace_id.hex(), "name": name,
+                        "value": float(value), "source": "CODE", "comment": str(ev.get("gen_ai.evaluation.explanation", "")),
+                        "agent": text("corral.agent"), "version": text("corral.version"),
+                        "endpoint": text("corral.endpoint"), "tenant": text("corral.tenant") or default_tenant,
+                        "user": "agent",
+                    })
+    return found
 
 
 class Evaluation:
@@ -77,6 +120,12 @@ class Evaluation:
             session=session, trace_id=trace_id, name=name, value=value, source=source, comment=comment,
             agent=agent, version=version, endpoint=endpoint, tenant=caller.tenant, user=caller.user,
         )
+
+    async def record_exported_scores(self, request: ExportTraceServiceRequest, default_tenant: str) -> int:
+        scores = scores_in_export(request, default_tenant)
+        for score in scores:
+            await self.store.insert_score(**score)
+        return len(scores)
 
     async def list_scores(
         self, caller: Caller, session: str, version: str, name: str, offset: int, limit: int
@@ -135,6 +184,6 @@ class Evaluation:
         specs = [metric_spec(m, f"metrics[{i}]") for i, m in enumerate(metrics)] or list(analysis.DEFAULT_METRICS)
         scores = [sp.name[6:] for sp in specs if sp.name.startswith("score:")]
         observed = {v: await self.store.observations(v, start, end, endpoint, scores) for v, _ in variants}
-        config = analysis.AnalysisConfig(alpha=alpha or 0.05)
+        config = dataclasses.replace(analysis.EXPERIMENT_CONFIG, alpha=alpha or analysis.EXPERIMENT_CONFIG.alpha)
         result = analysis.analyze_experiment(observed, dict(variants), variants[0][0], specs, config)
         return result, {v: len(obs) for v, obs in observed.items()}

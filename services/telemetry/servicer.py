@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from datetime import UTC, datetime
 
 import grpc
@@ -101,15 +102,20 @@ def _metrics(m: VersionMetrics) -> telemetry_pb2.VersionMetrics:
 class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
     """OpenTelemetry's OTLP/gRPC trace receiver, so any OTel SDK or Collector can send here."""
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: Telemetry, on_export: Any = None) -> None:
         self._telemetry = telemetry
+        # Called with (request, tenant) after the spans are stored: scores carried as span events.
+        self._on_export = on_export
 
     async def Export(
         self,
         request: trace_service_pb2.ExportTraceServiceRequest,
         context: grpc.aio.ServicerContext,
     ) -> trace_service_pb2.ExportTraceServiceResponse:
-        result = await self._telemetry.export(request, default_tenant=caller(context).tenant)
+        tenant = caller(context).tenant
+        result = await self._telemetry.export(request, default_tenant=tenant)
+        if self._on_export is not None:
+            await self._on_export(request, tenant)
         response = trace_service_pb2.ExportTraceServiceResponse()
         if result.rejected:
             response.partial_success.rejected_spans = result.rejected

@@ -127,6 +127,19 @@ def test_score_moves_the_score_metric(platform: dict[str, str], tmp_path: Path) 
             break
         time.sleep(0.3)  # the invocation's spans arrive in telemetry a moment after the call
     assert recorded["value"] == 0.75 and recorded["version"] == out["version"], recorded
+    listed = corral(env, "scores", "--session", "scored-1")
+    assert [(x["score_name"], x["value"]) for x in listed] == [("clinical_accuracy", 0.75)]
+
+    # Agent code records a score too (corral.sdk ctx.score), and it lands on the same session.
+    selfscored = corral(env, "publish", str(harness.write_bundle(tmp_path / "self", harness.agent_files(
+        "scored", GOOD.replace('return "ok"', 'ctx.score("self_check", 0.9, comment="looked fine")\n    return "ok"')))))
+    corral(env, "invoke", "scored", "--version", str(selfscored["number"]), "--session", "scored-2", "--data", "{}")
+    deadline = time.monotonic() + 15
+    while not (own := corral(env, "scores", "--session", "scored-2")) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert [(x["score_name"], x["value"], x["comment"]) for x in own] == [("self_check", 0.9, "looked fine")]
+    assert own[0]["version"] == selfscored["name"]
+
     bad = corral(env, "score", "no-such-session", "clinical_accuracy", "0.5", check=False)
     assert bad["error"]["code"] == "NOT_FOUND"
     out_of_range = corral(env, "score", "scored-1", "clinical_accuracy", "7", check=False)

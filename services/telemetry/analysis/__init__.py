@@ -10,6 +10,7 @@ bounded (empirical-Bernstein for [0, 1] scores); srm for the sample-ratio check.
 
 from services.telemetry.analysis.bounded import BoundedMeanMethod
 from services.telemetry.analysis.experiment import (
+    EXPERIMENT_CONFIG,
     ExperimentAnalysis,
     ExperimentMetric,
     VariantSummary,
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "DEFAULT_SCORE_TOLERANCE",
     "DEFAULT_TOLERANCES",
+    "EXPERIMENT_CONFIG",
     "SRM_P_VALUE",
     "AnalysisConfig",
     "ArmEvidence",
