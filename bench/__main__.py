@@ -134,10 +134,11 @@ def main() -> int:
             f"{conc}_throughput": round(raw[conc]["throughput_per_s"] / mesh[conc]["throughput_per_s"], 2),
         },
     }
-    print("bench: simulating rollouts (analysis only)...", file=sys.stderr, flush=True)
-    report["rollouts"] = simulate()
-    print("bench: endpoint-change propagation to three routers...", file=sys.stderr, flush=True)
-    report["propagation"] = propagation.measure()
+    if os.environ.get("CORRAL_BENCH_ONLY") != "overhead":
+        print("bench: simulating rollouts (analysis only)...", file=sys.stderr, flush=True)
+        report["rollouts"] = simulate()
+        print("bench: endpoint-change propagation to three routers...", file=sys.stderr, flush=True)
+        report["propagation"] = propagation.measure()
     print(json.dumps(report, indent=2))
     return 0
 

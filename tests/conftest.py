@@ -4,6 +4,8 @@ CORRAL_TEST_DATABASE_URL / CORRAL_TEST_REDIS_URL are set, embedded ones otherwis
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,12 @@ StartServices = Callable[..., Awaitable[dict[str, ServiceHost]]]
 
 
 @pytest.fixture(scope="session")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("corral")
+def data_root() -> Iterator[Path]:
+    """Where embedded PostgreSQL and Redis live for the run: outside pytest's rotated temp
+    folders, which a concurrent pytest run may delete under a running database."""
+    root = Path(tempfile.mkdtemp(prefix="corral-test-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

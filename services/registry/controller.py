@@ -120,6 +120,9 @@ class RolloutController:
         async with self.store.tx() as tx:
             if not await self.rollouts.try_lock(tx.conn, seen):
                 return None
+            # The endpoint row before the rollout's: the order every endpoint writer takes them
+            # in (rollback, manual set), so a step racing them cannot deadlock.
+            await tx.endpoint_for_update(seen.agent, seen.endpoint)
             r = await self.rollouts.get(tx.conn, seen.agent, seen.endpoint, "rollout", seen.id, for_update=True)
             if r is None or r.state != "PROGRESSING":
                 return None

@@ -166,6 +166,7 @@ class Rollouts:
     ) -> RolloutRecord:
         agent, endpoint, rid = parse_rollout_name(name)
         async with self.store.tx() as tx:
+            await tx.endpoint_for_update(agent, endpoint)  # endpoint before rollout, as everywhere
             record = await self.rollouts.get(tx.conn, agent, endpoint, "rollout", rid, for_update=True)
             if record is None:
                 raise NotFound(f"{name} does not exist")

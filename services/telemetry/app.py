@@ -10,7 +10,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.db import create_pool, migrate
+from services.common.prometheus import MetricsExporter
 from services.common.settings import Settings
+from services.telemetry.prometheus import version_snapshot
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.evaluation_servicer import EvaluationServicer
 from services.telemetry.evaluation_store import EvaluationStore
@@ -38,6 +40,9 @@ class TelemetryApp:
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             EvaluationServicer(telemetry, evaluation), server
         )
+        exporter = MetricsExporter(self._settings.metrics_ports["telemetry"], version_snapshot(pool))
+        exporter.start()
+        stack.push_async_callback(exporter.stop)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
 
 

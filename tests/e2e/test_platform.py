@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -66,6 +67,14 @@ def test_walkthrough(platform: dict[str, str]) -> None:
     metrics = {m["version"]: m for m in corral(env, "metrics", "progress-report")}
     assert int(metrics["agents/progress-report/versions/1"]["invocations"]) >= 2
     assert "latency_p99_ms" in metrics["agents/progress-report/versions/1"]
+
+    metrics_url = f"http://127.0.0.1:{env['CORRAL_TELEMETRY_METRICS_PORT']}/metrics"
+    deadline = time.monotonic() + 20
+    while 'corral_version_invocations_total{agent="agents/progress-report"' not in (
+            text := urllib.request.urlopen(metrics_url, timeout=5).read().decode()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert 'corral_version_invocations_total{agent="agents/progress-report",version="agents/progress-report/versions/1"}' in text
+    assert 'corral_version_latency_ms{agent="agents/progress-report"' in text
 
     audit = corral(env, "audit", "--resource", "agents/progress-report/endpoints/prod")
     assert any(e["method"] == "UpdateEndpoint" and e["user"] == "tester" and e["tenant"] == "e2e" for e in audit)

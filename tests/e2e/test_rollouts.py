@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,14 @@ def test_bad_canary_rolls_back_by_itself(platform: dict[str, str], tmp_path: Pat
 
     audit = corral(env, "audit", "--resource", started["name"])
     assert any(e["method"] == "Rollout:ROLLED_BACK" for e in audit)
+    deadline = time.monotonic() + 20
+    url = f"http://127.0.0.1:{env['CORRAL_REGISTRY_METRICS_PORT']}/metrics"
+    wanted = 'corral_rollout_state{agent="canary-demo",endpoint="prod",id="1",kind="rollout",state="ROLLED_BACK"} 1.0'
+    while wanted not in (text := urllib.request.urlopen(url, timeout=5).read().decode()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert wanted in text
+    assert 'corral_rollout_analysis_verdict{agent="canary-demo"' in text
+
     listed = corral(env, "rollout", "list", "canary-demo", "prod")
     assert listed[0]["state"] == "ROLLOUT_STATE_ROLLED_BACK"
 
