@@ -22,8 +22,8 @@ from corral.bundle import BundleError
 from corral.client import CorralClient, parse_split
 from corral.config import ClientConfig
 from corral.manifest import ManifestError
-from corral.strategy import StrategyError
 from corral.router.v1 import router_pb2 as rt
+from corral.strategy import StrategyError
 from corral.telemetry.v1 import telemetry_pb2 as tel
 
 out = Console(highlight=False)
@@ -467,7 +467,7 @@ def audit(state: State, resource: str, limit: int) -> None:
 
 
 def main() -> None:
-    import corral.cli_experiments  # noqa: F401 - registers the experiment commands on `cli`
+    import corral.cli_experiments
     import corral.cli_rollouts  # noqa: F401 - registers the rollout commands on `cli`
 
     try:

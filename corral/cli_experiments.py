@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import click
 from rich.table import Table
@@ -47,7 +47,7 @@ def experiment_start(state: State, agent: str, endpoint: str, variants: str, unt
                                     for v, p in split],
                           metrics=[metric(m) for m in metrics], max_sessions=max_sessions, webhook_url=webhook)
         if until:
-            e.end_time.FromDatetime(datetime.now(timezone.utc) + timedelta(seconds=parse_duration(until, "--until")))
+            e.end_time.FromDatetime(datetime.now(UTC) + timedelta(seconds=parse_duration(until, "--until")))
     except (ValueError, StrategyError) as exc:
         raise click.BadParameter(str(exc)) from None
     created = state.client.rollouts.CreateExperiment(

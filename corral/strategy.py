@@ -124,7 +124,7 @@ def load_strategy_file(path: Path, rollout: pb.Rollout) -> None:
             raise fail("metrics", f"metrics[{i}] needs a name")
         extra = set(m) - {"name", "tolerance", "direction", "relative"}
         if extra:
-            raise fail("metrics", f"metrics[{i}]: unknown key {sorted(extra)[0]!r}")
+            raise fail("metrics", f"metrics[{i}]: unknown key {min(extra)!r}")
         try:
             rollout.analysis.metrics.append(metric(
                 m["name"], m.get("tolerance"), m.get("direction", ""), m.get("relative")))

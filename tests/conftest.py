@@ -3,9 +3,9 @@ CORRAL_TEST_DATABASE_URL / CORRAL_TEST_REDIS_URL are set, embedded ones otherwis
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import shutil
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest

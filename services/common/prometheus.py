@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -66,7 +66,7 @@ class MetricsExporter:
         while True:
             try:
                 await self.refresh_now()
-            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+            except Exception:
                 log.exception("refreshing Prometheus metrics failed")
             await asyncio.sleep(self.every_s)
 

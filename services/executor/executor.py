@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
@@ -64,7 +63,7 @@ class Completed:
     turn: int
 
 
-Event = Union[Started, bytes, Completed]
+Event = Started | bytes | Completed
 
 
 class AgentError(Internal):

@@ -9,19 +9,19 @@ import grpc
 
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
 from services.common.db import create_pool, migrate
-from services.common.settings import Settings
 from services.common.prometheus import MetricsExporter
+from services.common.settings import Settings
 from services.registry.clients import SessionPolicies, TelemetryAnalysis, TelemetryExperiments
-from services.registry.experiments import Experiments
 from services.registry.controller import RolloutController
-from services.registry.registry import Registry
+from services.registry.experiments import Experiments
 from services.registry.prometheus import rollout_snapshot
+from services.registry.registry import Registry
 from services.registry.rollout_servicer import RolloutServicer
 from services.registry.rollout_store import RolloutStore
 from services.registry.rollouts import Rollouts
-from services.registry.webhooks import WebhookNotifier
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore
+from services.registry.webhooks import WebhookNotifier
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

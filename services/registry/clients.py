@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -56,7 +56,7 @@ class TelemetryAnalysis:
             endpoint=names.endpoint_name(r.agent, r.endpoint),
         )
         request.start_time.FromDatetime(r.traffic_start_time or r.create_time)
-        request.end_time.FromDatetime(datetime.now(timezone.utc))
+        request.end_time.FromDatetime(datetime.now(UTC))
         try:
             response = await self.stub.CompareVersions(request, metadata=call_metadata(PLATFORM), timeout=30)
         except grpc.aio.AioRpcError as exc:
@@ -84,7 +84,7 @@ class TelemetryExperiments:
             endpoint=names.endpoint_name(r.agent, r.endpoint),
         )
         request.start_time.FromDatetime(r.traffic_start_time or r.create_time)
-        request.end_time.FromDatetime(r.end_time or datetime.now(timezone.utc))
+        request.end_time.FromDatetime(r.end_time or datetime.now(UTC))
         return await self.stub.AnalyzeExperiment(request, metadata=call_metadata(PLATFORM), timeout=30)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 from services.registry.rollout_store import RolloutRecord, RolloutStore
 from services.registry.rollouts import Rollouts, Transition, now
@@ -62,7 +63,7 @@ class RolloutController:
         while True:
             try:
                 await self.tick()
-            except Exception:  # noqa: BLE001 - a background loop logs and carries on
+            except Exception:
                 log.exception("rollout controller tick failed; carrying on")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
@@ -80,7 +81,7 @@ class RolloutController:
                 continue
             try:
                 await self.advance(record)
-            except Exception:  # noqa: BLE001 - one broken rollout must not stop the others
+            except Exception:
                 log.exception("could not advance %s", record.name)
 
     async def _stop_drained(self) -> None:
@@ -109,7 +110,7 @@ class RolloutController:
                 report = await self._analyze_experiment(r)
                 sessions = sum(report.sessions)
             await self._experiments.check_complete(r, sessions)
-        except Exception:  # noqa: BLE001 - telemetry may be away; try again next time
+        except Exception:
             log.warning("could not check experiment %s", r.name, exc_info=True)
 
     async def advance(self, seen: RolloutRecord) -> RolloutRecord | None:

@@ -3,8 +3,9 @@ a number of sessions, then concluded by a human with the report's evidence."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 from corral import names
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound

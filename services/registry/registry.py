@@ -19,6 +19,7 @@ from services.common.errors import (
     ResourceExhausted,
 )
 from services.common.identity import Caller
+from services.registry.rollouts import Rollouts
 from services.registry.store import (
     AgentRecord,
     AuditRecord,
@@ -26,7 +27,6 @@ from services.registry.store import (
     RegistryStore,
     VersionRecord,
 )
-from services.registry.rollouts import Rollouts
 from services.registry.traffic import TrafficShare, normalize_split
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -16,10 +16,10 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from services.common.identity import caller
 from services.common.paging import decode_offset, next_token, page_size
 from services.registry.experiments import Experiments
+from services.registry.registry import Registry
 from services.registry.rollout_store import RolloutRecord
 from services.registry.rollouts import Rollouts
 from services.registry.servicer import endpoint_pb
-from services.registry.registry import Registry
 
 _STATE = {s: getattr(pb, f"ROLLOUT_STATE_{s}") for s in
           ("PROGRESSING", "PAUSED", "SUCCEEDED", "ROLLED_BACK", "ABORTED")}
@@ -148,8 +148,8 @@ def recommend(report: tel.AnalyzeExperimentResponse) -> tuple[str, str]:
     """(winner, summary): a variant whose effect is on the better side of zero on every metric,
     never when the sample ratio is off."""
     if report.sample_ratio_mismatch:
-        return "", "sample ratio mismatch (p = %.2g): the split is not what was configured; no winner can be named" % (
-            report.sample_ratio_p_value)
+        return "", (f"sample ratio mismatch (p = {report.sample_ratio_p_value:.2g}): the split is not what was "
+                    "configured; no winner can be named")
     better: dict[str, int] = {}
     for m in report.metrics:
         sign = 1 if m.metric.direction == tel.METRIC_DIRECTION_HIGHER_IS_BETTER else -1
@@ -172,7 +172,7 @@ class ExperimentServicer:
 
     async def CreateExperiment(self, request: pb.CreateExperimentRequest, context: grpc.aio.ServicerContext) -> pb.Experiment:
         e = request.experiment
-        end = e.end_time.ToDatetime(tzinfo=timezone.utc) if e.HasField("end_time") else None
+        end = e.end_time.ToDatetime(tzinfo=UTC) if e.HasField("end_time") else None
         record = await self.experiments.create(
             caller(context), request.parent, [(t.version, t.percent) for t in e.variants],
             [metric_to_dict(m) for m in e.metrics], end, e.max_sessions, e.alpha, e.webhook_url,

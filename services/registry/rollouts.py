@@ -4,9 +4,10 @@ explicit actions on it (promote, pause, resume, abort, rollback). The controller
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -42,7 +43,7 @@ Notify = Callable[[Transition], None]
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def split_for(stable: int, candidate: int, weight: float) -> tuple[TrafficShare, ...]:
@@ -317,4 +318,4 @@ def _next_gate_end(r: RolloutRecord) -> int:
     return step
 
 
-__all__ = ["Rollouts", "Transition", "RolloutRecord", "asyncpg"]
+__all__ = ["RolloutRecord", "Rollouts", "Transition", "asyncpg"]

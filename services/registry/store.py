@@ -302,7 +302,7 @@ class _TxContext:
         await self._tx.start()
         return Tx(self._conn)
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         assert self._conn is not None
         try:
             if exc_type is None:

@@ -12,10 +12,10 @@ from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
 from services.common.settings import Settings
-from services.telemetry.prometheus import version_snapshot
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.evaluation_servicer import EvaluationServicer
 from services.telemetry.evaluation_store import EvaluationStore
+from services.telemetry.prometheus import version_snapshot
 from services.telemetry.servicer import TraceServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.store import PgSpanStore

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from corral import names
@@ -70,7 +69,7 @@ def scores_in_export(request: ExportTraceServiceRequest, default_tenant: str) ->
                     continue
                 attrs = attributes_dict(span.attributes)
 
-                def text(key: str) -> str:
+                def text(key: str, attrs: dict[str, Any] = attrs, resource: dict[str, Any] = resource) -> str:
                     return str(attrs.get(key) or resource.get(key) or "")
 
                 for event in events:

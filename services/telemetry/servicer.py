@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2

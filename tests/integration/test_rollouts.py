@@ -27,9 +27,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from corral.bundle import pack
 from corral.registry.v1 import registry_pb2 as reg
-from corral.registry.v1 import registry_pb2_grpc
+from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
 from corral.registry.v1 import rollouts_pb2 as ro
-from corral.registry.v1 import rollouts_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
 from corral.sessions.v1 import sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel

@@ -63,4 +63,4 @@ def validate_steps(steps: list[Step]) -> list[Step]:
     return steps
 
 
-__all__ = ["Step", "build_steps", "validate_steps", "weight_steps", "PRESETS"]
+__all__ = ["PRESETS", "Step", "build_steps", "validate_steps", "weight_steps"]
