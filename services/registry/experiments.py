@@ -89,6 +89,7 @@ class Experiments:
         if bool(winner) == keep_control:
             raise InvalidArgument.field("winner", "give exactly one of winner or keep_control")
         async with self.store.tx() as tx:
+            await tx.endpoint_for_update(agent, endpoint)  # endpoint before experiment, as everywhere
             r = await self.rollouts.get(tx.conn, agent, endpoint, "experiment", eid, for_update=True)
             if r is None:
                 raise NotFound(f"{name} does not exist")

@@ -197,8 +197,9 @@ class Registry:
                     "read it again and retry",
                     reason="ETAG_MISMATCH",
                 )
+            aborted = None
             if current is not None and self.rollouts is not None:
-                await self.rollouts.abort_for_manual_change(tx, agent, endpoint, caller)
+                aborted = await self.rollouts.abort_for_manual_change(tx, agent, endpoint, caller)
             record = await tx.put_endpoint(agent, endpoint, traffic, description=description)
             await tx.audit(
                 caller.tenant, caller.user, method, name,
@@ -208,6 +209,8 @@ class Registry:
                     "revision": record.revision,
                 },
             )
+        if aborted is not None and self.rollouts is not None:
+            self.rollouts.notify(aborted)
         return record
 
     # -- watch -----------------------------------------------------------------------------

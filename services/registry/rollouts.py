@@ -245,15 +245,18 @@ class Rollouts:
             changes["last_analysis"] = analysis
         return await self.rollouts.update(tx.conn, r, **changes)
 
-    async def abort_for_manual_change(self, tx: Tx, agent: str, endpoint: str, caller: Caller) -> None:
-        """A manual `endpoint set` during a rollout aborts it (audited as such)."""
+    async def abort_for_manual_change(
+        self, tx: Tx, agent: str, endpoint: str, caller: Caller
+    ) -> Transition | None:
+        """A manual `endpoint set` during a rollout aborts it (audited as such). Returns the
+        transition to announce once the caller's transaction has committed."""
         r = await self.rollouts.active_for_endpoint(tx.conn, agent, endpoint)
         if r is None:
-            return
+            return None
         reason = f"aborted: endpoint set manually by {caller.user}"
         updated = await self.rollouts.update(tx.conn, r, state="ABORTED", state_reason=reason, end_time=now())
         await tx.audit(caller.tenant, caller.user, "AbortRollout", r.name, {"reason": reason})
-        self.notify(Transition(updated, "ABORTED", caller.user))
+        return Transition(updated, "ABORTED", caller.user)
 
     async def rollback_endpoint(
         self, caller: Caller, name: str, version: str, policy: str
@@ -286,6 +289,8 @@ class Rollouts:
             if running is not None:
                 updated = await self.end_on_stable(
                     tx, running, "ROLLED_BACK", f"rolled back by {caller.user}")
+                await tx.audit(caller.tenant, caller.user, "RollbackRollout", running.name,
+                               {"to": target, "policy": policy, "evidence": running.last_analysis})
                 if target != running.stable_version:
                     await tx.put_endpoint(agent, endpoint, (TrafficShare(target, 10_000),))
                 self.notify(Transition(updated, "ROLLED_BACK", caller.user, running.last_analysis))

@@ -35,6 +35,7 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.server import ServiceHost
 from services.common.settings import Settings
+from services.registry.controller import RolloutController
 from tests import harness
 from tests.conftest import StartServices
 
@@ -374,15 +375,25 @@ async def test_registry_restarted_mid_rollout_resumes_without_repeating_a_step(
 
 
 async def test_two_registry_replicas_apply_each_step_once(
-    start_services: StartServices, settings: Settings, make_world: Callable[..., World]
+    start_services: StartServices, settings: Settings, make_world: Callable[..., World],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await start_services("telemetry", "registry")
     other = f"127.0.0.1:{harness.free_port()}"
     replica_settings = replace(settings, listen={**settings.listen, "registry": other},
                                addrs={**settings.addrs, "registry": other})
+    w = await ready(make_world)
     replica = await harness.start_service("registry", replica_settings)
+    drivers: set[int] = set()
+    advance = RolloutController.advance
+
+    async def spy(self: RolloutController, seen: Any) -> Any:
+        if seen.agent == w.agent:
+            drivers.add(id(self))
+        return await advance(self, seen)
+
+    monkeypatch.setattr(RolloutController, "advance", spy)
     try:
-        w = await ready(make_world)
         before = (await w.get_endpoint()).revision
         steps = [weight(10), pause(1), weight(30), pause(1), weight(60), pause(1), weight(100)]
         r = await w.start_rollout(2, steps)
@@ -397,6 +408,7 @@ async def test_two_registry_replicas_apply_each_step_once(
                           ("Rollout:WEIGHT_SET", 4), ("Rollout:SUCCEEDED", 6)], events
         assert (await w.get_endpoint()).revision == before + 4
         assert await w.traffic() == [(w.version(2), 100.0)]
+        assert len(drivers) == 2, "both replicas' controllers should have contended for the rollout"
     finally:
         await replica.stop(grace=0.2)
 
@@ -411,16 +423,18 @@ async def test_manual_rollback_racing_the_controller_leaves_one_consistent_endpo
     w = await ready(make_world)
     # Nine weight steps in a row: the controller applies them back to back while we roll back.
     steps = [weight(p) for p in range(10, 100, 10)] + [manual(), weight(100)]
+    first = (await w.get_endpoint()).revision
+    revisions = 0
     for round_ in range(6):
         before = (await w.get_endpoint()).revision
         r = await w.start_rollout(2, steps)
-        if round_:
-            await asyncio.sleep(0.012 * round_)  # catch the controller at different steps
+        await asyncio.sleep(0.012 * round_)  # catch the controller at different steps
         request = ro.RollbackEndpointRequest(name=w.endpoint)
         results = await asyncio.gather(
             *(w.rollouts.RollbackEndpoint(request, metadata=ALICE) for _ in range(3)), return_exceptions=True)
         ok = [x for x in results if isinstance(x, reg.Endpoint)]
         errors = [x for x in results if not isinstance(x, reg.Endpoint)]
+        # One rollback ends the rollout; the others find nothing earlier to go back to.
         assert len(ok) == 1, results
         for err in errors:
             assert isinstance(err, grpc.aio.AioRpcError), err
@@ -428,22 +442,27 @@ async def test_manual_rollback_racing_the_controller_leaves_one_consistent_endpo
             assert "no earlier stable version" in (err.details() or "")
         assert [(t.version, t.percent) for t in ok[0].traffic] == [(w.version(1), 100.0)]
 
+        await asyncio.sleep(0.3)  # the controller's next steps would follow at once
         ended = await w.rollout(r.name)
         assert state(ended) == "ROLLED_BACK" and ended.current_weight == 0, ended.state_reason
         assert f"rolled back by {USER}" in ended.state_reason
-        await asyncio.sleep(1.2)  # a controller tick later nothing moved
         endpoint = await w.get_endpoint()
         assert [(t.version, t.percent) for t in endpoint.traffic] == [(w.version(1), 100.0)]
-        assert state(await w.rollout(r.name)) == "ROLLED_BACK"
-        # Every revision is accounted for: one per weight step the controller applied, one rollback.
+        # Every revision is accounted for: one per weight step the controller applied, then the
+        # rollback's, which is the last.
         methods = [m for m, _ in await w.rollout_events(r.name)]
-        assert "Rollout:ROLLED_BACK" not in methods and "Rollout:SUCCEEDED" not in methods
+        assert "Rollout:SUCCEEDED" not in methods and "Rollout:ROLLED_BACK" not in methods, methods
         applied = methods.count("Rollout:WEIGHT_SET")
-        print("ROUND", round_, "applied", applied, [type(x).__name__ for x in results])
-        assert endpoint.revision == before + applied + 1, (before, applied, endpoint.revision, methods)
-        assert endpoint.revision == ok[0].revision
-        rollbacks = [e for e in await w.audit(w.endpoint) if e.method == "RollbackEndpoint"]
-        assert len(rollbacks) == round_ + 1
+        assert endpoint.revision == before + applied + 1 == ok[0].revision, (before, applied, endpoint.revision)
+        revisions += applied + 1
+    await asyncio.sleep(1.2)  # a full controller tick later, nothing moved
+    endpoint = await w.get_endpoint()
+    assert endpoint.revision == first + revisions
+    assert [(t.version, t.percent) for t in endpoint.traffic] == [(w.version(1), 100.0)]
+    listed = await w.rollouts.ListRollouts(ro.ListRolloutsRequest(parent=w.endpoint))
+    assert [state(x) for x in listed.rollouts] == ["ROLLED_BACK"] * 6
+    rollbacks = [e for e in await w.audit(w.endpoint) if e.method == "RollbackEndpoint"]
+    assert len(rollbacks) == 6
 
 
 # -- 6. a manual endpoint change aborts -------------------------------------------------------
