@@ -14,6 +14,7 @@ help:
 	@echo "make lint   buf lint + ruff"
 
 $(VENV)/.installed: pyproject.toml
+	@sh scripts/setup-sandbox.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing Python dependencies into $(VENV) (first run only)..."
 	@$(PY) -m pip install -q --upgrade pip

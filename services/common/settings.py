@@ -51,6 +51,8 @@ class ExecutorSettings:
     # Largest payload accepted by an invocation, in bytes.
     max_payload_bytes: int = 4 * 1024 * 1024
     python: str = ""
+    # bwrap (isolating; the default where bubblewrap is installed), or process (no isolation).
+    sandbox_driver: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Settings:
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),
                 max_payload_bytes=_int(env, "CORRAL_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024),
                 python=env.get("CORRAL_SANDBOX_PYTHON", ""),
+                sandbox_driver=env.get("CORRAL_SANDBOX_DRIVER", ""),
             ),
         )
 

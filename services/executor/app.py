@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AsyncExitStack
 
 import grpc
@@ -10,9 +11,12 @@ from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.settings import Settings
 from services.executor.broker import ModelBroker, ScriptedProvider
 from services.executor.drivers import driver_for
+from services.executor.drivers.cgroups import remove_orphans
 from services.executor.executor import Executor, default_holder
 from services.executor.servicer import ExecutorServicer
 from services.executor.store import BundleCache, SessionsClient, SpanForwarder
+
+log = logging.getLogger(__name__)
 
 
 class ExecutorService:
@@ -21,6 +25,15 @@ class ExecutorService:
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         s = self.settings
+        driver = driver_for(s.executor.sandbox_driver)
+        hierarchy = getattr(driver, "hierarchy", None)
+        if hierarchy is not None:
+            # What a crashed predecessor left behind: its sandboxes' cgroups (their processes
+            # died with it, bwrap's --die-with-parent).
+            removed = remove_orphans(hierarchy)
+            if removed:
+                log.warning("removed %d sandbox cgroups left by a crashed executor", removed)
+        log.info("sandbox driver: %s", driver.name)
         sessions = SessionsClient(s)
         stack.push_async_callback(sessions.close)
         bundles = BundleCache(s, s.data_dir / "bundles")
@@ -28,7 +41,7 @@ class ExecutorService:
         spans = SpanForwarder(s)
         stack.push_async_callback(spans.close)
         executor = Executor(
-            s.executor, s.data_dir, driver_for("process"), sessions, bundles, spans,
+            s.executor, s.data_dir, driver, sessions, bundles, spans,
             ModelBroker({"scripted": ScriptedProvider()}), default_holder(s.listen["executor"]),
         )
         executor.start()

@@ -27,6 +27,7 @@ from services.common.errors import (
     Internal,
     InvalidArgument,
     PermissionDenied,
+    ResourceExhausted,
 )
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
@@ -186,7 +187,17 @@ class Executor:
                         metadata={"error_type": exc.error_type},
                     ) from None
                 except SandboxCrashed as exc:
-                    await self._drop(inv.session)
+                    process = sandbox.process
+                    await self._drop(inv.session)  # waits for the driver's verdict on why it ended
+                    limit = getattr(process, "limit_hit", None)
+                    if limit == "memory":
+                        raise ResourceExhausted(
+                            f"{inv.session}: the agent went over its memory limit (resources.memory_mb="
+                            f"{manifest.memory_mb}) and was stopped", reason="MEMORY_LIMIT") from None
+                    if limit == "cpu":
+                        raise ResourceExhausted(
+                            f"{inv.session}: the agent used up its CPU time (resources.cpu_seconds="
+                            f"{manifest.cpu_seconds}) and was stopped", reason="CPU_LIMIT") from None
                     raise Internal(f"{inv.session}: the sandbox crashed: {exc}", reason="SANDBOX_CRASHED") from None
                 except BaseException:
                     # Cancelled mid-stream (the caller went away): the worker may still be busy

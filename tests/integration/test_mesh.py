@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -590,27 +591,28 @@ async def test_the_worker_is_its_own_process_without_the_executor_environment(
     )
     assert seen["pid"] != os.getpid()
     assert Path(seen["cwd"]).resolve() != Path.cwd().resolve()
-    assert Path(seen["cwd"]).resolve().is_relative_to(mesh.settings.data_dir.resolve())
 
     sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
     mine = [s for s in sandboxes if s.session == f"sessions/{session}"]
-    assert len(mine) == 1 and mine[0].pid == seen["pid"] and not mine[0].busy
+    assert len(mine) == 1 and not mine[0].busy
     assert mine[0].version == f"agents/{agent}/versions/1"
-    # The same process serves the session's next turn, and is gone once the session stops.
+    host_pid = mine[0].pid
+    assert host_pid != os.getpid() and psutil.pid_exists(host_pid)
+    # The same worker serves the session's next turn, and is gone once the session stops.
     again = json.loads(
         (await mesh.invoke(agent, {"mode": "env"}, session_id=session)).output.removeprefix(
             b"Turn 2."
         )
     )
-    assert again["pid"] == seen["pid"]
-    assert Path(seen["cwd"]).is_dir()
+    assert again["pid"] == seen["pid"] and again["cwd"] == seen["cwd"]
     await mesh.router.StopSession(
         rt.StopSessionRequest(name=f"sessions/{session}"), metadata=mesh.me
     )
-    with pytest.raises(ProcessLookupError):
-        os.kill(seen["pid"], 0)
-    # Its private disk is wiped with it.
-    assert not Path(seen["cwd"]).exists()
+    assert not psutil.pid_exists(host_pid) or psutil.Process(host_pid).status() == psutil.STATUS_ZOMBIE
+    if mesh.settings.executor.sandbox_driver == "process":
+        # The process driver's private disk is a directory under the data dir, wiped with it
+        # (the bwrap driver's is a tmpfs that ends with the sandbox).
+        assert not Path(seen["cwd"]).exists()
 
 
 async def test_state_survives_restarting_every_service(

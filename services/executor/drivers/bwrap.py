@@ -1,0 +1,334 @@
+"""The `bwrap` driver: the worker runs under bubblewrap in its own user, pid, network, ipc, uts,
+mount and cgroup namespaces, as uid/gid 65534 with no capabilities and no_new_privs, seeing only
+read-only binds of /usr, the interpreter, the virtualenv, the corral package and its bundle, plus
+a private size-limited tmpfs; with a seccomp filter, rlimits and a cgroup of its own.
+
+Start-up is gated so that no sandboxed instruction runs outside its cgroup or without its rlimits:
+the driver starts `/bin/sh` blocked on a pipe, sets the rlimits on it (prlimit(2) from here, no
+preexec_fn), writes its pid into the cgroup, and only then lets it exec bwrap. Everything bwrap
+starts inherits both."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from services.executor.drivers import seccomp
+from services.executor.drivers.base import SandboxSpec
+from services.executor.drivers.cgroups import Hierarchy, Limits, SandboxCgroup, detect
+
+log = logging.getLogger(__name__)
+
+NOBODY = 65534
+BUNDLE_MOUNT = "/bundle"
+SCRATCH = "/tmp"
+MIN_VERSION = (0, 8, 0)  # --size for tmpfs
+CPU_POLL_S = 0.2
+KILL_GRACE_S = 1.0  # for the outer bwrap to exit after its sandbox was killed
+OUTPUT_LOG_LIMIT = 64 * 1024  # bytes of a sandbox's stdout/stderr logged; the rest is dropped
+# Waits for one line on stdin (the gate), then becomes bwrap with stdin on /dev/null.
+_GATE = 'read -r go || exit 125; exec "$@" </dev/null'
+_PROBE = (
+    "import importlib.util, json, os, sys; s = importlib.util.find_spec('corral'); "
+    "print(json.dumps({'prefix': sys.prefix, 'base_prefix': sys.base_prefix, "
+    "'executable': os.path.realpath(sys.executable), "
+    "'corral': os.path.dirname(s.origin) if s and s.origin else ''}))"
+)
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap (or what it needs) is not usable on this host; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What of the host one interpreter needs to see, bound read-only at the same paths."""
+
+    python: str
+    binds: tuple[str, ...]
+
+
+def bwrap_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise SandboxUnavailable(f"cannot read the version of {binary}: {out!r}")
+    return tuple(int(part) for part in match.groups())
+
+
+def _outermost(paths: list[str]) -> tuple[str, ...]:
+    """Drops paths already inside another one (or inside /usr, which is always bound)."""
+    kept: list[str] = []
+    for path in sorted(set(paths), key=len):
+        if not any(path == p or path.startswith(p.rstrip("/") + "/") for p in ["/usr", *kept]):
+            kept.append(path)
+    return tuple(kept)
+
+
+class BwrapWorker:
+    """A running bwrap sandbox: its outer process, its cgroup, and a watchdog that enforces the
+    CPU-time budget and removes the cgroup once the sandbox has ended."""
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, cgroup: SandboxCgroup, spec: SandboxSpec
+    ) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self.cgroup = cgroup
+        self.spec = spec
+        # Which limit ended the sandbox ("memory", "cpu"), for a clear status; None otherwise.
+        self.limit_hit: str | None = None
+        self.cpu_used_s = 0.0
+        self._escalation: asyncio.TimerHandle | None = None
+        self._tasks = [
+            asyncio.create_task(_drain(proc.stdout, spec.session, "stdout", logging.INFO)),
+            asyncio.create_task(_drain(proc.stderr, spec.session, "stderr", logging.WARNING)),
+        ]
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while self._proc.returncode is None:
+                try:
+                    async with asyncio.timeout(CPU_POLL_S):
+                        await self._proc.wait()
+                except TimeoutError:
+                    pass
+                used = self.cgroup.cpu_seconds()
+                if self._proc.returncode is None and used > self.spec.cpu_seconds:
+                    self.limit_hit = "cpu"
+                    log.warning("sandbox of %s used %.1f CPU-seconds, over its %ss; killing it",
+                                self.spec.session, used, self.spec.cpu_seconds)
+                    self.kill()
+        finally:
+            if self._escalation is not None:
+                self._escalation.cancel()
+            self.cpu_used_s = self.cgroup.cpu_seconds()
+            if self.limit_hit is None and self.cgroup.oom_kills() > 0:
+                self.limit_hit = "memory"
+            await asyncio.shield(asyncio.to_thread(self.cgroup.remove))
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(task, 2.0)
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        await asyncio.shield(self._watchdog)
+        return code
+
+    def kill(self) -> None:
+        """Kills everything inside; the outer bwrap then reaps the sandbox's init and exits by
+        itself. Killing the outer bwrap first would also end the sandbox (--die-with-parent),
+        but would leave its init to the host's pid 1 to reap."""
+        if self._proc.returncode is not None:
+            return
+        inside = [pid for pid in self.cgroup.pids() if pid != self.pid]
+        for pid in inside:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the event loop: no grace
+            loop = None
+        if not inside or loop is None:  # still in its gate or bwrap's set-up
+            self._kill_outer()
+        elif self._escalation is None:
+            self._escalation = loop.call_later(KILL_GRACE_S, self._kill_outer)
+
+    def _kill_outer(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+
+async def _drain(
+    stream: asyncio.StreamReader | None, session: str, name: str, level: int
+) -> None:
+    """Logs the start of a sandbox's output and drops the rest: it never writes into the
+    executor's own stdout or log file, and printing gigabytes only costs it CPU."""
+    if stream is None:
+        return
+    budget = OUTPUT_LOG_LIMIT
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return
+        if budget > 0:
+            text = chunk[:budget].decode(errors="replace").rstrip()
+            if text:
+                log.log(level, "sandbox %s %s: %s", session, name, text)
+            budget -= len(chunk)
+            if budget <= 0:
+                log.warning("sandbox %s %s: more output dropped", session, name)
+
+
+class BwrapDriver:
+    name = "bwrap"
+
+    def __init__(
+        self,
+        *,
+        scratch_mb: int = 64,
+        pids_max: int = 128,
+        nofile: int = 1024,
+        cpus: float = 1.0,
+        hierarchy: Hierarchy | None = None,
+        binary: str = "bwrap",
+    ) -> None:
+        found = shutil.which(binary)
+        if found is None:
+            raise SandboxUnavailable(
+                "the bwrap sandbox driver needs bubblewrap: run scripts/setup-sandbox.sh as root "
+                "(Debian/Ubuntu: apt-get install bubblewrap)"
+            )
+        version = bwrap_version(found)
+        if version < MIN_VERSION:
+            raise SandboxUnavailable(
+                f"bubblewrap {'.'.join(map(str, version))} is too old: the sandbox's size-limited "
+                "scratch disk needs 0.8 or newer (Debian 12's bubblewrap package)"
+            )
+        self.binary = found
+        self.scratch_mb = scratch_mb
+        self.pids_max = pids_max
+        self.nofile = nofile
+        self.cpus = cpus
+        self.hierarchy = hierarchy or detect()
+        unwritable = [str(d) for d in self.hierarchy.directories() if not os.access(d, os.W_OK)]
+        if unwritable:
+            raise SandboxUnavailable(
+                f"the bwrap driver puts each sandbox in a cgroup, but cannot write {unwritable}: "
+                "run the executor as root, or in a cgroup delegated to its user"
+            )
+        seccomp.filter_bpf()  # fail now, not at the first session, if pyseccomp is missing
+        self._layouts: dict[str, Layout] = {}
+        if os.geteuid() == 0:
+            # bwrap started by root maps the sandbox's uid 65534 to host uid 0 (without any
+            # capability); the /proc, / and /dev remounts below close what that would open.
+            log.info("bwrap sandboxes run as uid 65534 mapped to host root without capabilities")
+
+    async def layout(self, python: str) -> Layout:
+        """Asks the interpreter itself where it lives (once per interpreter)."""
+        layout = self._layouts.get(python)
+        if layout is None:
+            proc = await asyncio.create_subprocess_exec(
+                python, "-c", _PROBE, env={"PATH": "/usr/bin:/bin"},
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise SandboxUnavailable(
+                    f"cannot inspect the worker interpreter {python}: {err.decode()[-500:]}"
+                )
+            found = json.loads(out)
+            paths = [found["base_prefix"], found["prefix"], os.path.dirname(found["executable"])]
+            if found["corral"]:
+                paths.append(found["corral"])
+            real = [os.path.realpath(p) for p in paths]
+            layout = Layout(python=python, binds=_outermost(real + paths))
+            self._layouts[python] = layout
+        return layout
+
+    def arguments(self, spec: SandboxSpec, layout: Layout, seccomp_fd: int) -> list[str]:
+        """bwrap's options, before the `--` and the command."""
+        args = [
+            "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--hostname", "corral-sandbox",
+            "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
+            "--ro-bind", "/usr", "/usr",
+        ]
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        for path in layout.binds:
+            args += ["--ro-bind", path, path]
+        args += [
+            "--ro-bind", str(spec.bundle_dir), BUNDLE_MOUNT,
+            # The sandbox's uid is host root when the executor is: a writable /proc would let
+            # it change global sysctls (kernel.core_pattern...), so /proc is read-only.
+            "--proc", "/proc", "--remount-ro", "/proc",
+            "--dev", "/dev", "--remount-ro", "/dev",
+            "--size", str(self.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH,
+            "--remount-ro", "/",
+            "--chdir", SCRATCH,
+            "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin",
+            "--setenv", "HOME", SCRATCH,
+            "--setenv", "TMPDIR", SCRATCH,
+            "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+            "--setenv", "PYTHONUNBUFFERED", "1",
+            "--setenv", "LANG", "C.UTF-8",
+            "--seccomp", str(seccomp_fd),
+        ]
+        return args
+
+    def command(self, spec: SandboxSpec, layout: Layout, socket_fd: int) -> list[str]:
+        """What runs inside: the worker."""
+        return [
+            layout.python, "-m", "corral.sdk._runtime",
+            str(socket_fd), BUNDLE_MOUNT, spec.entrypoint, spec.prompt_file,
+            json.dumps(spec.resource),
+        ]
+
+    def _enter(self, pid: int, cgroup: SandboxCgroup) -> None:
+        """Puts the gated process under its rlimits and into its cgroup, before it runs bwrap."""
+        scratch = self.scratch_mb * 1024 * 1024
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (scratch, scratch))
+        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        cgroup.add(pid)
+
+    async def spawn(self, spec: SandboxSpec, socket_fd: int) -> BwrapWorker:
+        layout = await self.layout(spec.python or sys.executable)
+        cgroup = await asyncio.to_thread(
+            SandboxCgroup.create, self.hierarchy, Limits(spec.memory_mb, self.pids_max, self.cpus)
+        )
+        gate_read, gate_write = os.pipe()
+        seccomp_fd = seccomp.filter_fd()
+        proc: asyncio.subprocess.Process | None = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _GATE, "corral-sandbox",
+                self.binary, *self.arguments(spec, layout, seccomp_fd),
+                "--", *self.command(spec, layout, socket_fd),
+                # Nothing of the executor's environment: bwrap's own init inside the sandbox
+                # keeps the environment it was started with, readable in /proc/1/environ.
+                env={"PATH": "/usr/bin:/bin"},
+                cwd="/",
+                stdin=gate_read, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                pass_fds=(socket_fd, seccomp_fd),
+                start_new_session=True,
+            )
+            os.close(gate_read)
+            gate_read = -1
+            # In a thread: joining a cgroup waits for an RCU grace period (about 10 ms here).
+            await asyncio.to_thread(self._enter, proc.pid, cgroup)
+            os.write(gate_write, b"go\n")
+        except BaseException:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            await asyncio.to_thread(cgroup.remove)
+            raise
+        finally:
+            for fd in (gate_read, gate_write, seccomp_fd):
+                if fd >= 0:
+                    os.close(fd)
+        return BwrapWorker(proc, cgroup, spec)
