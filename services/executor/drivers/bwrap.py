@@ -250,6 +250,9 @@ class BwrapDriver:
             "--die-with-parent", "--new-session", "--hostname", "corral-sandbox",
             "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr",
+            # The scratch tmpfs first: an interpreter or virtualenv that lives under /tmp is then
+            # bound on top of it instead of being hidden by it.
+            "--size", str(self.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH,
         ]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
@@ -264,7 +267,6 @@ class BwrapDriver:
             # it change global sysctls (kernel.core_pattern...), so /proc is read-only.
             "--proc", "/proc", "--remount-ro", "/proc",
             "--dev", "/dev", "--remount-ro", "/dev",
-            "--size", str(self.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH,
             "--remount-ro", "/",
             "--chdir", SCRATCH,
             "--clearenv",
