@@ -14,7 +14,6 @@ from corral.client import parse_split
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as pb
 from corral.strategy import StrategyError, metric, parse_duration
-from corral.telemetry.v1 import telemetry_pb2 as tel
 
 PLOT_WIDTH = 31
 
@@ -145,5 +144,3 @@ def experiment_conclude(state: State, agent: str, endpoint: str, experiment_id: 
         keep_control=keep_control), metadata=state.client.metadata)
     emit(state, to_dict(e), lambda: out.print(f"{e.name}: concluded; endpoint set to {e.winner}"))
 
-
-__all__ = ["tel"]

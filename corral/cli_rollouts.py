@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-from google.protobuf import json_format
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
@@ -262,8 +260,6 @@ def score(state: State, session: str, name: str, value: float, trace: str, sourc
         source=SOURCES[source], comment=comment)), metadata=state.client.metadata)
     emit(state, to_dict(s), lambda: out.print(f"{s.score_name}={s.value:g} on {s.session} ({s.version})"))
 
-
-__all__ = ["json", "json_format"]
 
 
 @cli.command()

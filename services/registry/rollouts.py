@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
-
 from corral import names
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.identity import Caller
@@ -323,4 +321,4 @@ def _next_gate_end(r: RolloutRecord) -> int:
     return step
 
 
-__all__ = ["RolloutRecord", "Rollouts", "Transition", "asyncpg"]
+__all__ = ["RolloutRecord", "Rollouts", "Transition"]
