@@ -24,6 +24,7 @@ from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.errors import (
     Aborted,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     PermissionDenied,
@@ -190,6 +191,10 @@ class Executor:
                     process = sandbox.process
                     await self._drop(inv.session)  # waits for the driver's verdict on why it ended
                     limit = getattr(process, "limit_hit", None)
+                    if sandbox.stopped:
+                        raise FailedPrecondition(
+                            f"{inv.session} was stopped while this invocation was running",
+                            reason="SESSION_STOPPED") from None
                     if limit == "memory":
                         raise ResourceExhausted(
                             f"{inv.session}: the agent went over its memory limit (resources.memory_mb="
@@ -324,6 +329,10 @@ class Executor:
         return True
 
     async def stop_session(self, session: str) -> bool:
+        sandbox = self.sandboxes.get(session)
+        if sandbox is not None:
+            # An invocation still streaming sees its worker go away: it should say why.
+            sandbox.stopped = True
         return await self._drop(session)
 
     def list_sandboxes(self) -> list[tuple[Sandbox, bool]]:

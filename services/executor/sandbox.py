@@ -51,6 +51,8 @@ class Sandbox:
         self.started = time.time()
         self.last_used = time.monotonic()
         self.busy = False
+        # Set when the session was stopped on purpose, so a running invocation can say so.
+        self.stopped = False
         # The session's lease and the etag of the state this sandbox last saw committed.
         self.lease_id = ""
         self.state = b""

@@ -21,6 +21,16 @@ def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def _cgroup_reading(sandbox: object, reading: str) -> int | float:
+    cgroup = getattr(getattr(sandbox, "process", None), "cgroup", None)
+    if cgroup is None:
+        return 0
+    try:
+        return getattr(cgroup, reading)()  # type: ignore[no-any-return]
+    except OSError:  # the sandbox ended between the listing and the reading
+        return 0
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
@@ -65,6 +75,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     session=sb.spec.session, version=sb.spec.version, start_time=_ts(sb.started),
                     last_used_time=_ts(now_wall - (now_mono - sb.last_used)),
                     pid=sb.process.pid if sb.process else 0, busy=busy,
+                    memory_bytes=_cgroup_reading(sb, "memory_bytes"),
+                    cpu_seconds=float(_cgroup_reading(sb, "cpu_seconds")),
                 )
                 for sb, busy in self.executor.list_sandboxes()
             ]

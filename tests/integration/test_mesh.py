@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -701,3 +702,25 @@ async def test_an_invocation_is_one_trace_in_telemetry(settings: Settings, tmp_p
     finally:
         tracing.shutdown()
         await harness.stop_mesh(hosts)
+
+
+async def test_stopping_a_session_mid_invocation_ends_it_with_a_clear_status(mesh: Mesh) -> None:
+    agent = await mesh.publish_agent("stopme", BEHAVIOUR)
+    session = f"{mesh.prefix}-stopme"
+    await mesh.invoke(agent, {}, session_id=session)
+    running = asyncio.ensure_future(mesh.invoke(agent, {"mode": "sleep", "seconds": 5}, session_id=session))
+    listed: list[executor_pb2.Sandbox] = []
+    for _ in range(100):  # wait until the second turn is running in the sandbox
+        listed = [s for s in (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+                  if s.session == f"sessions/{session}"]
+        if listed and listed[0].busy:
+            break
+        await asyncio.sleep(0.05)
+    assert listed and listed[0].busy
+    if mesh.settings.executor.sandbox_driver in ("", "bwrap") and shutil.which("bwrap"):
+        assert listed[0].memory_bytes > 0, "the sandbox's cgroup reports its memory"
+    await mesh.router.StopSession(rt.StopSessionRequest(name=f"sessions/{session}"), metadata=mesh.me)
+    err = await fails(grpc.StatusCode.FAILED_PRECONDITION, running)
+    assert harness.error_details(err)[0].reason == "SESSION_STOPPED" and "stopped" in (err.details() or "")
+    later = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
+    assert "stopped" in (later.details() or "")
