@@ -53,10 +53,13 @@ def parse_weights(text: str) -> list[float]:
         raise StrategyError(f"--steps: {text!r} must be percentages separated by commas, e.g. 5,50,100") from None
 
 
-def metric(name: str, tolerance: float | None = None, direction: str = "", relative: bool | None = None) -> tel.MetricSpec:
+def metric(name: str, tolerance: float | None = None, direction: str = "", relative: bool | None = None,
+           fail_margin: float | None = None) -> tel.MetricSpec:
     m = tel.MetricSpec(name=name)
     if tolerance is not None:
         m.tolerance = tolerance
+    if fail_margin is not None:
+        m.fail_margin = fail_margin
     if relative is not None:
         m.relative = relative
     if direction:
@@ -122,12 +125,12 @@ def load_strategy_file(path: Path, rollout: pb.Rollout) -> None:
     for i, m in enumerate(doc.get("metrics", [])):
         if not isinstance(m, dict) or "name" not in m:
             raise fail("metrics", f"metrics[{i}] needs a name")
-        extra = set(m) - {"name", "tolerance", "direction", "relative"}
+        extra = set(m) - {"name", "tolerance", "direction", "relative", "fail_margin"}
         if extra:
             raise fail("metrics", f"metrics[{i}]: unknown key {min(extra)!r}")
         try:
             rollout.analysis.metrics.append(metric(
-                m["name"], m.get("tolerance"), m.get("direction", ""), m.get("relative")))
+                m["name"], m.get("tolerance"), m.get("direction", ""), m.get("relative"), m.get("fail_margin")))
         except StrategyError as exc:
             raise fail("metrics", f"metrics[{i}]: {exc}") from None
 

@@ -37,6 +37,10 @@ def validate_metrics(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if m["tolerance"] < 0:
                 raise InvalidArgument.field(f"{field}.tolerance", f"{m['tolerance']} must not be negative")
             spec["tolerance"] = float(m["tolerance"])
+        if m.get("fail_margin") is not None:
+            if m["fail_margin"] < 0:
+                raise InvalidArgument.field(f"{field}.fail_margin", f"{m['fail_margin']} must not be negative")
+            spec["fail_margin"] = float(m["fail_margin"])
         if m.get("relative") is not None:
             spec["relative"] = bool(m["relative"])
         if m.get("direction"):

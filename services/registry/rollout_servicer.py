@@ -73,6 +73,8 @@ def metric_to_dict(m: tel.MetricSpec) -> dict[str, Any]:
         d["tolerance"] = m.tolerance
     if m.HasField("relative"):
         d["relative"] = m.relative
+    if m.HasField("fail_margin"):
+        d["fail_margin"] = m.fail_margin
     return d
 
 
@@ -82,6 +84,8 @@ def metric_pb(m: dict[str, Any]) -> tel.MetricSpec:
         out.tolerance = m["tolerance"]
     if "relative" in m:
         out.relative = m["relative"]
+    if "fail_margin" in m:
+        out.fail_margin = m["fail_margin"]
     return out
 
 

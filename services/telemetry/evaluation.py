@@ -32,6 +32,7 @@ class MetricRequest:
     direction: str = ""  # LOWER_IS_BETTER / HIGHER_IS_BETTER / "" for the metric's default
     tolerance: float | None = None
     relative: bool | None = None
+    fail_margin: float | None = None
 
 
 def metric_spec(m: MetricRequest, field: str) -> analysis.MetricSpec:
@@ -48,10 +49,18 @@ def metric_spec(m: MetricRequest, field: str) -> analysis.MetricSpec:
         if not math.isfinite(m.tolerance) or m.tolerance < 0:
             raise InvalidArgument.field(f"{field}.tolerance", f"{m.tolerance} must be a number >= 0")
         tolerance = analysis.Threshold(m.tolerance, relative=bool(m.relative))
+    margin = None
+    if m.fail_margin is not None:
+        if not math.isfinite(m.fail_margin) or m.fail_margin < 0:
+            raise InvalidArgument.field(f"{field}.fail_margin", f"{m.fail_margin} must be a number >= 0")
+        margin = analysis.Threshold(m.fail_margin, relative=bool(m.relative))
     # The tolerance is the bar for passing. Failing starts at the metric's fail margin: the
-    # tolerance itself, except for the session error rate, which fails on any degradation the
-    # evidence establishes (what rolls a bad candidate back within ~100 sessions).
-    return analysis.metric(m.name, tolerance=tolerance, direction=direction)
+    # tolerance itself unless given, except for the session error rate, which by default fails on
+    # any degradation the evidence establishes (what rolls a bad candidate back in ~100 sessions).
+    try:
+        return analysis.metric(m.name, tolerance=tolerance, direction=direction, fail_margin=margin)
+    except ValueError as exc:
+        raise InvalidArgument.field(f"{field}.fail_margin", str(exc)) from None
 
 
 EVALUATION_EVENT = "gen_ai.evaluation.result"

@@ -64,6 +64,7 @@ def _metric_request(m: pb.MetricSpec) -> MetricRequest:
         direction=pb.MetricDirection.Name(m.direction).removeprefix("METRIC_DIRECTION_") if m.direction else "",
         tolerance=m.tolerance if m.HasField("tolerance") else None,
         relative=m.relative if m.HasField("relative") else None,
+        fail_margin=m.fail_margin if m.HasField("fail_margin") else None,
     )
 
 
