@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from services.common.errors import InvalidArgument
 
@@ -35,3 +37,22 @@ def next_token(offset: int, size: int, got: int) -> str:
     if got < size:
         return ""
     return base64.urlsafe_b64encode(json.dumps({"o": offset + got}).encode()).decode()
+
+
+class PageRequest(Protocol):
+    page_size: int
+    page_token: str
+
+
+T = TypeVar("T")
+
+
+async def paged(request: PageRequest, fetch: Callable[[int, int], Awaitable[list[T]]]) -> tuple[list[T], str]:
+    """Runs fetch(offset, limit) for the page a List request asks for; returns the rows and the
+    next page's token."""
+    size, offset = page_size(request.page_size), decode_offset(request.page_token)
+    rows = await fetch(offset, size)
+    return rows, next_token(offset, size, len(rows))
+
+
+__all__ = ["PageRequest", "decode_offset", "next_token", "page_size", "paged"]

@@ -126,3 +126,9 @@ class Settings:
                 "`make run`, which starts an embedded one"
             )
         return self.redis_url
+
+
+def inherited_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment plus `overrides`, for a child process (the launcher's
+    services): the one other place besides Settings.from_env that reads the environment."""
+    return {**os.environ, **overrides}

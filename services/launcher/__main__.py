@@ -4,7 +4,6 @@ the five services as separate processes, publishes the example agent, and stops 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from corral.client import CorralClient
 from corral.config import ClientConfig
 from services.common import embedded
 from services.common.logs import setup_logging
-from services.common.settings import Settings
+from services.common.settings import Settings, inherited_environment
 
 log = logging.getLogger("corral.launcher")
 # Dependencies first: each service finds what it calls already up.
@@ -38,7 +37,7 @@ class Launcher:
         self.stopping = False
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = inherited_environment()
         env["CORRAL_DATA_DIR"] = str(self.settings.data_dir)
         # Ctrl-C reaches the whole process group; the services leave stopping to the launcher.
         env["CORRAL_SUPERVISED"] = "true"

@@ -14,7 +14,7 @@ from corral.registry.v1 import rollouts_pb2 as pb
 from corral.registry.v1 import rollouts_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from services.common.identity import caller
-from services.common.paging import decode_offset, next_token, page_size
+from services.common.paging import paged
 from services.registry.experiments import Experiments
 from services.registry.registry import Registry
 from services.registry.rollout_store import RolloutRecord
@@ -189,10 +189,8 @@ class ExperimentServicer:
     async def ListExperiments(
         self, request: pb.ListExperimentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListExperimentsResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self.experiments.list(request.parent, offset, size)
-        return pb.ListExperimentsResponse(experiments=[experiment_pb(r) for r in rows],
-                                          next_page_token=next_token(offset, size, len(rows)))
+        rows, token = await paged(request, lambda o, n: self.experiments.list(request.parent, o, n))
+        return pb.ListExperimentsResponse(experiments=[experiment_pb(r) for r in rows], next_page_token=token)
 
     async def GetExperimentReport(
         self, request: pb.GetExperimentReportRequest, context: grpc.aio.ServicerContext
@@ -251,10 +249,8 @@ class RolloutServicer(ExperimentServicer, rollouts_pb2_grpc.RolloutServiceServic
     async def ListRollouts(
         self, request: pb.ListRolloutsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRolloutsResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self.rollouts.list(request.parent, offset, size)
-        return pb.ListRolloutsResponse(rollouts=[rollout_pb(r) for r in rows],
-                                       next_page_token=next_token(offset, size, len(rows)))
+        rows, token = await paged(request, lambda o, n: self.rollouts.list(request.parent, o, n))
+        return pb.ListRolloutsResponse(rollouts=[rollout_pb(r) for r in rows], next_page_token=token)
 
     async def PromoteRollout(self, request: pb.PromoteRolloutRequest, context: grpc.aio.ServicerContext) -> pb.Rollout:
         return rollout_pb(await self.rollouts.promote(caller(context), request.name, request.full))

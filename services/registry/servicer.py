@@ -14,7 +14,7 @@ from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.identity import caller
-from services.common.paging import decode_offset, next_token, page_size
+from services.common.paging import paged
 from services.registry.registry import Registry, parse_name
 from services.registry.store import AgentRecord, AuditRecord, EndpointRecord, VersionRecord
 
@@ -117,10 +117,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self.registry.list_agents(offset, size)
+        rows, token = await paged(request, self.registry.list_agents)
         return pb.ListAgentsResponse(
-            agents=[agent_pb(r) for r in rows], next_page_token=next_token(offset, size, len(rows))
+            agents=[agent_pb(r) for r in rows], next_page_token=token
         )
 
     async def PublishVersion(
@@ -164,10 +163,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListVersionsResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self.registry.list_versions(request.parent, offset, size)
+        rows, token = await paged(request, lambda o, n: self.registry.list_versions(request.parent, o, n))
         return pb.ListVersionsResponse(
-            versions=[version_pb(r) for r in rows], next_page_token=next_token(offset, size, len(rows))
+            versions=[version_pb(r) for r in rows], next_page_token=token
         )
 
     async def DownloadVersion(
@@ -200,10 +198,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListEndpoints(
         self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEndpointsResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self.registry.list_endpoints(request.parent, offset, size)
+        rows, token = await paged(request, lambda o, n: self.registry.list_endpoints(request.parent, o, n))
         return pb.ListEndpointsResponse(
-            endpoints=[endpoint_pb(r) for r in rows], next_page_token=next_token(offset, size, len(rows))
+            endpoints=[endpoint_pb(r) for r in rows], next_page_token=token
         )
 
     async def UpdateEndpoint(
@@ -226,8 +223,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAuditEventsResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self.registry.list_audit(request.resource_prefix, offset, size)
+        rows, token = await paged(request, lambda o, n: self.registry.list_audit(request.resource_prefix, o, n))
         return pb.ListAuditEventsResponse(
-            events=[audit_pb(r) for r in rows], next_page_token=next_token(offset, size, len(rows))
+            events=[audit_pb(r) for r in rows], next_page_token=token
         )

@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common.identity import caller
-from services.common.paging import decode_offset, next_token, page_size
+from services.common.paging import paged
 from services.telemetry import analysis
 from services.telemetry.evaluation import Evaluation, MetricRequest
 from services.telemetry.evaluation_store import ScoreRow
@@ -82,11 +82,9 @@ class EvaluationServicer(TelemetryServicer):
         return score_pb(row)
 
     async def ListScores(self, request: pb.ListScoresRequest, context: grpc.aio.ServicerContext) -> pb.ListScoresResponse:
-        size, offset = page_size(request.page_size), decode_offset(request.page_token)
-        rows = await self._evaluation.list_scores(
-            caller(context), request.filter.session, request.filter.version, request.score_name, offset, size)
-        return pb.ListScoresResponse(scores=[score_pb(r) for r in rows],
-                                     next_page_token=next_token(offset, size, len(rows)))
+        rows, token = await paged(request, lambda o, n: self._evaluation.list_scores(
+            caller(context), request.filter.session, request.filter.version, request.score_name, o, n))
+        return pb.ListScoresResponse(scores=[score_pb(r) for r in rows], next_page_token=token)
 
     async def AnalyzeExperiment(
         self, request: pb.AnalyzeExperimentRequest, context: grpc.aio.ServicerContext
