@@ -724,3 +724,22 @@ async def test_stopping_a_session_mid_invocation_ends_it_with_a_clear_status(mes
     assert harness.error_details(err)[0].reason == "SESSION_STOPPED" and "stopped" in (err.details() or "")
     later = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
     assert "stopped" in (later.details() or "")
+
+
+@pytest.mark.timeout(60)
+async def test_a_session_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
+    agent = await mesh.publish_agent(
+        "mortal", BEHAVIOUR, toml_extra="\n[lifecycle]\nidle_timeout_s = 2\nmax_lifetime_s = 3\n"
+    )
+    session = f"{mesh.prefix}-mortal"
+    await mesh.invoke(agent, {}, session_id=session)
+    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    pid = next(s.pid for s in listed if s.session == f"sessions/{session}")
+    deadline = asyncio.get_running_loop().time() + 20
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert asyncio.get_running_loop().time() < deadline, "the sandbox outlived its lifetime"
+        await asyncio.sleep(0.5)
+    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    assert all(s.session != f"sessions/{session}" for s in listed)
+    err = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
+    assert "expired" in (err.details() or "")
