@@ -17,17 +17,22 @@ DRIVERS = ("bwrap", "process")
 def driver_for(name: str) -> SandboxDriver:
     """The named driver; with no name, bwrap where bubblewrap is installed on Linux, else the
     process driver, which says loudly that it does not isolate."""
-    if not name:
-        name = "bwrap" if sys.platform == "linux" and shutil.which("bwrap") else "process"
-    if name == "bwrap":
-        from services.executor.drivers.bwrap import BwrapDriver
+    chosen = name or ("bwrap" if sys.platform == "linux" and shutil.which("bwrap") else "process")
+    if chosen == "bwrap":
+        from services.executor.drivers.bwrap import BwrapDriver, SandboxUnavailable
 
-        return BwrapDriver()  # raises SandboxUnavailable with how to fix it
-    if name == "process":
+        try:
+            return BwrapDriver()
+        except SandboxUnavailable as exc:
+            if name:  # asked for by name: refuse to start, saying how to fix it
+                raise
+            log.warning("the bwrap sandbox driver is not usable here: %s", exc)
+            chosen = "process"
+    if chosen == "process":
         log.warning(
             "SANDBOX DRIVER 'process' DOES NOT ISOLATE: agent code runs as an ordinary process "
             "with this machine's file system and network. Install bubblewrap "
             "(scripts/setup-sandbox.sh) for the bwrap driver."
         )
         return ProcessDriver()
-    raise ValueError(f"unknown sandbox driver {name!r} (CORRAL_SANDBOX_DRIVER: one of {', '.join(DRIVERS)})")
+    raise ValueError(f"unknown sandbox driver {chosen!r} (CORRAL_SANDBOX_DRIVER: one of {', '.join(DRIVERS)})")
