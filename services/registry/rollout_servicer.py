@@ -15,6 +15,7 @@ from corral.registry.v1 import rollouts_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from services.common.identity import caller
 from services.common.paging import paged
+from services.common.timestamps import timestamp
 from services.registry.experiments import Experiments
 from services.registry.registry import Registry
 from services.registry.rollout_store import RolloutRecord
@@ -30,11 +31,7 @@ _DIRECTION = {"LOWER_IS_BETTER": tel.METRIC_DIRECTION_LOWER_IS_BETTER,
 
 
 def _ts(dt: Any) -> timestamp_pb2.Timestamp | None:
-    if dt is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(dt)
-    return ts
+    return timestamp(dt) if dt is not None else None
 
 
 def _secs(d: duration_pb2.Duration) -> float:

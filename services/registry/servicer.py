@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from corral import names
 from corral.bundle import MAX_PACKED_BYTES
@@ -15,6 +15,7 @@ from corral.registry.v1 import registry_pb2_grpc
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.identity import caller
 from services.common.paging import paged
+from services.common.timestamps import timestamp
 from services.registry.registry import Registry, parse_name
 from services.registry.store import AgentRecord, AuditRecord, EndpointRecord, VersionRecord
 
@@ -22,17 +23,11 @@ DOWNLOAD_CHUNK = 1024 * 1024
 _PROTOCOLS = {"corral": pb.AGENT_PROTOCOL_CORRAL, "http": pb.AGENT_PROTOCOL_HTTP}
 
 
-def _ts(dt: object) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(dt)  # type: ignore[arg-type]
-    return ts
-
-
 def agent_pb(r: AgentRecord) -> pb.Agent:
     return pb.Agent(
         name=names.agent_name(r.id),
         latest_version=names.version_name(r.id, r.latest_version) if r.latest_version else "",
-        create_time=_ts(r.create_time),
+        create_time=timestamp(r.create_time),
     )
 
 
@@ -45,7 +40,7 @@ def version_pb(r: VersionRecord) -> pb.Version:
         number=r.number,
         digest=r.digest,
         size_bytes=r.size,
-        create_time=_ts(r.create_time),
+        create_time=timestamp(r.create_time),
         creator=r.creator,
         manifest=pb.Manifest(
             agent=m["name"],
@@ -76,8 +71,8 @@ def endpoint_pb(r: EndpointRecord) -> pb.Endpoint:
         salt=r.salt,
         etag=r.etag,
         revision=r.revision,
-        create_time=_ts(r.create_time),
-        update_time=_ts(r.update_time),
+        create_time=timestamp(r.create_time),
+        update_time=timestamp(r.update_time),
         description=r.description,
     )
 
@@ -86,7 +81,7 @@ def audit_pb(r: AuditRecord) -> pb.AuditEvent:
     details = struct_pb2.Struct()
     details.update(dict(r.details))
     return pb.AuditEvent(
-        name=f"auditEvents/{r.id}", time=_ts(r.time), tenant=r.tenant, user=r.user,
+        name=f"auditEvents/{r.id}", time=timestamp(r.time), tenant=r.tenant, user=r.user,
         method=r.method, resource=r.resource, details=details,
     )
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from corral import names
 from corral.sessions.v1 import sessions_pb2 as pb
 from corral.sessions.v1 import sessions_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.identity import caller
+from services.common.timestamps import timestamp
 from services.sessions.model import (
     NewSession,
     SessionFilter,
@@ -31,12 +30,6 @@ _STATUS_TO_PB = {
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _seconds(value: duration_pb2.Duration) -> float:
     return value.seconds + value.nanos / 1e9
 
@@ -52,9 +45,9 @@ def session_pb(record: SessionRecord) -> pb.Session:
         user=record.user,
         status=_STATUS_TO_PB[record.status],
         turn_count=record.turn_count,
-        create_time=_timestamp(record.create_time),
-        update_time=_timestamp(record.update_time),
-        last_active_time=_timestamp(record.last_active_time),
+        create_time=timestamp(record.create_time),
+        update_time=timestamp(record.update_time),
+        last_active_time=timestamp(record.last_active_time),
         idle_timeout=duration_pb2.Duration(seconds=record.idle_timeout_s),
         max_lifetime=duration_pb2.Duration(seconds=record.max_lifetime_s),
         state_etag=record.state_etag,
@@ -75,7 +68,7 @@ def lease_pb(lease: SessionLease) -> pb.Lease:
         session=names.session_name(lease.session_id),
         lease_id=lease.lease_id,
         holder=lease.holder,
-        expire_time=_timestamp(lease.expire_time),
+        expire_time=timestamp(lease.expire_time),
     )
     if lease.state is not None:
         message.state.CopyFrom(state_pb(lease.state))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common.identity import caller
 from services.common.paging import paged
+from services.common.timestamps import optional_time, timestamp
 from services.telemetry import analysis
 from services.telemetry.evaluation import Evaluation, MetricRequest
 from services.telemetry.evaluation_store import ScoreRow
@@ -25,23 +25,11 @@ _DIRECTION = {analysis.Direction.LOWER_IS_BETTER: pb.METRIC_DIRECTION_LOWER_IS_B
               analysis.Direction.HIGHER_IS_BETTER: pb.METRIC_DIRECTION_HIGHER_IS_BETTER}
 
 
-def _ts(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def _time(message: object, field: str) -> datetime | None:
-    if not message.HasField(field):  # type: ignore[attr-defined]
-        return None
-    return getattr(message, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
-
-
 def score_pb(s: ScoreRow) -> pb.Score:
     return pb.Score(
         name=f"scores/{s.id}", session=s.session, trace_id=s.trace_id, score_name=s.name, value=s.value,
         source=_SOURCE_TO_PB.get(s.source, pb.SCORE_SOURCE_UNSPECIFIED), comment=s.comment, version=s.version,
-        create_time=_ts(s.create_time), user=s.user,
+        create_time=timestamp(s.create_time), user=s.user,
     )
 
 
@@ -92,7 +80,7 @@ class EvaluationServicer(TelemetryServicer):
         metrics = [_metric_request(m) for m in request.metrics]
         variants = [(v.version, v.percent) for v in request.variants]
         result, sessions = await self._evaluation.analyze_experiment(
-            request.agent, variants, _time(request, "start_time"), _time(request, "end_time"), metrics,
+            request.agent, variants, optional_time(request, "start_time"), optional_time(request, "end_time"), metrics,
             request.alpha, request.endpoint,
         )
         out = pb.AnalyzeExperimentResponse(
@@ -113,12 +101,12 @@ class EvaluationServicer(TelemetryServicer):
     ) -> pb.CompareVersionsResponse:
         metrics = [_metric_request(m) for m in request.metrics]
         result = await self._evaluation.compare(
-            request.agent, request.baseline_version, request.candidate_version, _time(request, "start_time"),
-            _time(request, "end_time"), metrics, request.min_sessions, request.alpha, request.endpoint,
+            request.agent, request.baseline_version, request.candidate_version, optional_time(request, "start_time"),
+            optional_time(request, "end_time"), metrics, request.min_sessions, request.alpha, request.endpoint,
         )
         relative = {m.name: bool(m.relative) for m in metrics}
         return pb.CompareVersionsResponse(
             comparisons=[comparison_pb(c, request.baseline_version, request.candidate_version,
                                        relative.get(c.metric, False)) for c in result.comparisons],
-            verdict=_VERDICT[result.verdict], evaluate_time=_ts(datetime.now(UTC)),
+            verdict=_VERDICT[result.verdict], evaluate_time=timestamp(datetime.now(UTC)),
         )

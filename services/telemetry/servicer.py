@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.identity import caller
+from services.common.timestamps import optional_time, timestamp
 from services.telemetry.spans import SpanFilter, SpanRow, Telemetry, TraceSummary, VersionMetrics
 
 log = logging.getLogger(__name__)
@@ -22,19 +22,6 @@ _STATUS = {
 }
 
 
-def _time(message: object, field: str) -> datetime | None:
-    if not message.HasField(field):  # type: ignore[attr-defined]
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(message, field)
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _filter(message: telemetry_pb2.SpanFilter) -> SpanFilter:
     return SpanFilter(
         agent=message.agent,
@@ -42,8 +29,8 @@ def _filter(message: telemetry_pb2.SpanFilter) -> SpanFilter:
         endpoint=message.endpoint,
         session=message.session,
         trace_id=message.trace_id,
-        start_time=_time(message, "start_time"),
-        end_time=_time(message, "end_time"),
+        start_time=optional_time(message, "start_time"),
+        end_time=optional_time(message, "end_time"),
         errors_only=message.errors_only,
     )
 
@@ -57,8 +44,8 @@ def _span(row: SpanRow) -> telemetry_pb2.Span:
         parent_span_id=row.parent_span_id,
         name=row.name,
         service=row.service,
-        start_time=_timestamp(row.start_time),
-        end_time=_timestamp(row.end_time),
+        start_time=timestamp(row.start_time),
+        end_time=timestamp(row.end_time),
         duration_ms=row.duration_ms,
         status=_STATUS.get(row.status, telemetry_pb2.SPAN_STATUS_UNSPECIFIED),
         status_message=row.status_message,
@@ -75,7 +62,7 @@ def _trace(summary: TraceSummary) -> telemetry_pb2.TraceSummary:
     return telemetry_pb2.TraceSummary(
         trace_id=summary.trace_id,
         root_span_name=summary.root_span_name,
-        start_time=_timestamp(summary.start_time),
+        start_time=timestamp(summary.start_time),
         duration_ms=summary.duration_ms,
         status=_STATUS.get(summary.status, telemetry_pb2.SPAN_STATUS_UNSPECIFIED),
         agent=summary.agent,
@@ -153,7 +140,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         metrics = await self._telemetry.version_metrics(
             caller(context).tenant,
             request.agent,
-            _time(request, "start_time"),
-            _time(request, "end_time"),
+            optional_time(request, "start_time"),
+            optional_time(request, "end_time"),
         )
         return telemetry_pb2.GetVersionMetricsResponse(versions=[_metrics(m) for m in metrics])
