@@ -100,6 +100,7 @@ def main() -> int:
     env["CORRAL_DATA_DIR"] = str(data)
     env["CORRAL_LOG_LEVEL"] = "WARNING"
     env["CORRAL_TELEMETRY_METRICS_PORT"] = env["CORRAL_REGISTRY_METRICS_PORT"] = "0"
+    env["CORRAL_EXECUTOR_HTTP_PORT"] = "0"
     settings = Settings.from_env(env)
     os.environ.update(env)
     launcher = Launcher(settings)

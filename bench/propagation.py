@@ -30,7 +30,8 @@ def measure() -> dict[str, float]:
     env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
     env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
     env.update({"CORRAL_DATA_DIR": str(data), "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_TRACING": "false",
-                "CORRAL_TELEMETRY_METRICS_PORT": "0", "CORRAL_REGISTRY_METRICS_PORT": "0"})
+                "CORRAL_TELEMETRY_METRICS_PORT": "0", "CORRAL_REGISTRY_METRICS_PORT": "0",
+                "CORRAL_EXECUTOR_HTTP_PORT": "0"})
     settings = Settings.from_env(env)
     launcher = Launcher(settings)
     routers: list[subprocess.Popen[bytes]] = []

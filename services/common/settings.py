@@ -51,8 +51,15 @@ class ExecutorSettings:
     # Largest payload accepted by an invocation, in bytes.
     max_payload_bytes: int = 4 * 1024 * 1024
     python: str = ""
-    # bwrap (isolating; the default where bubblewrap is installed), or process (no isolation).
+    # bwrap (isolating; the default where bubblewrap is installed), gvisor, or process (no isolation).
     sandbox_driver: str = ""
+    # Sandboxes kept started per warm version (0: no warm pools), and at most this many in all.
+    warm_pool_size: int = 1
+    warm_pool_max_total: int = 16
+    # The executor's HTTP port: /metrics, /.well-known/jwks.json, revocation checks (0: off).
+    http_port: int = 9466
+    # Hours an invocation-credential signing key signs before the next one takes over.
+    key_rotation_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,10 @@ class Settings:
                 max_payload_bytes=_int(env, "CORRAL_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024),
                 python=env.get("CORRAL_SANDBOX_PYTHON", ""),
                 sandbox_driver=env.get("CORRAL_SANDBOX_DRIVER", ""),
+                warm_pool_size=_int(env, "CORRAL_WARM_POOL_SIZE", 1),
+                warm_pool_max_total=_int(env, "CORRAL_WARM_POOL_MAX_TOTAL", 16),
+                http_port=_int(env, "CORRAL_EXECUTOR_HTTP_PORT", 9466),
+                key_rotation_hours=float(env.get("CORRAL_KEY_ROTATION_HOURS") or 24.0),
             ),
         )
 

@@ -43,6 +43,7 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
         "CORRAL_USER": "tester",
         "CORRAL_TELEMETRY_METRICS_PORT": str(harness.free_port()),
         "CORRAL_REGISTRY_METRICS_PORT": str(harness.free_port()),
+        "CORRAL_EXECUTOR_HTTP_PORT": str(harness.free_port()),
     })
     log = (data / "platform.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env,

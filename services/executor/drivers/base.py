@@ -22,6 +22,8 @@ class SandboxSpec:
     resource: dict[str, str] = field(default_factory=dict)
     memory_mb: int = 512
     cpu_seconds: int = 60
+    # "corral" (the SDK's worker) or "http" (an AgentCore-contract server behind a bridge).
+    protocol: str = "corral"
 
 
 class WorkerProcess(Protocol):
