@@ -62,6 +62,8 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_TELEMETRY_METRICS_PORT": "0",
         "CORRAL_REGISTRY_METRICS_PORT": "0",
         "CORRAL_EXECUTOR_HTTP_PORT": "0",
+        # The run shares one database: a warm pool would warm every test's routed versions.
+        "CORRAL_WARM_POOL_SIZE": "0",
     }
     for svc in SERVICES:
         values[f"CORRAL_{svc.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"

@@ -94,10 +94,24 @@ class _Tracing:
             from opentelemetry import trace
 
             self.exporter = None
+            self.attributes = {}
             self.tracer = trace.get_tracer("corral.agent")
             return
+        from opentelemetry.sdk.trace import SpanProcessor
+
+        tracing = self
+
+        class _InvocationAttributes(SpanProcessor):
+            """Stamps every span with the current invocation's session, endpoint and tenant: one
+            worker may wait in a warm pool before it knows which session it serves."""
+
+            def on_start(self, span: Any, parent_context: Any = None) -> None:
+                span.set_attributes(tracing.attributes)
+
+        self.attributes: dict[str, str] = {}
         self.exporter = InMemorySpanExporter()
         provider = TracerProvider(resource=Resource.create(resource))
+        provider.add_span_processor(_InvocationAttributes())
         provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.tracer = provider.get_tracer("corral.agent")
 
@@ -153,6 +167,10 @@ class Worker:
                 payload = json.loads(inv.payload) if inv.payload else {}
             except ValueError:
                 payload = inv.payload.decode(errors="replace")
+        self.tracing.attributes = {
+            "corral.session": f"sessions/{inv.session_id}", "corral.endpoint": inv.endpoint,
+            "corral.tenant": inv.tenant, "corral.invocation": inv.invocation_id,
+        }
         ctx = Context(
             session_id=inv.session_id, invocation_id=inv.invocation_id, version=inv.version,
             endpoint=inv.endpoint, state=state, model=self.model, tracer=self.tracing.tracer,
@@ -199,6 +217,10 @@ class Worker:
 
 def load_app(bundle: Path, entrypoint: str) -> App:
     sys.path.insert(0, str(bundle))
+    # Dependencies vendored by `corral publish`: after the bundle's own modules (the agent's
+    # code wins a name clash), before the executor's site-packages (the versions it pinned win).
+    if (bundle / "deps").is_dir():
+        sys.path.insert(1, str(bundle / "deps"))
     module_name, attr = entrypoint.split(":")
     module = importlib.import_module(module_name)
     app = getattr(module, attr)
@@ -222,6 +244,13 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     fd, bundle_dir, entrypoint, prompt_file = int(argv[1]), Path(argv[2]), argv[3], argv[4]
     resource = json.loads(argv[5]) if len(argv) > 5 else {}
+    if fd == 0:
+        # The channel came in as stdin (gVisor passes no other descriptor): move it off fd 0
+        # so that the agent's subprocesses, which inherit stdin, cannot read its frames.
+        fd = os.dup(0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
     channel = Channel(socket.socket(fileno=fd))
     try:
         app = load_app(bundle_dir, entrypoint)

@@ -82,6 +82,9 @@ class Settings:
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    # Base64 of the 32-byte key that encrypts tool secrets at rest (registry). Kept out of repr so
+    # that logging the settings cannot print it.
+    secrets_key: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,6 +123,7 @@ class Settings:
                 http_port=_int(env, "CORRAL_EXECUTOR_HTTP_PORT", 9466),
                 key_rotation_hours=float(env.get("CORRAL_KEY_ROTATION_HOURS") or 24.0),
             ),
+            secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
         )
 
     def require_database(self) -> str:

@@ -13,6 +13,8 @@ from services.executor.broker import ModelBroker, ScriptedProvider
 from services.executor.drivers import driver_for
 from services.executor.drivers.cgroups import remove_orphans
 from services.executor.executor import Executor, default_holder
+from services.executor.metrics import ExecutorMetrics
+from services.executor.pools import EndpointWatch
 from services.executor.servicer import ExecutorServicer
 from services.executor.store import BundleCache, SessionsClient, SpanForwarder
 
@@ -40,12 +42,18 @@ class ExecutorService:
         stack.push_async_callback(bundles.close)
         spans = SpanForwarder(s)
         stack.push_async_callback(spans.close)
+        metrics = ExecutorMetrics()
         executor = Executor(
             s.executor, s.data_dir, driver, sessions, bundles, spans,
             ModelBroker({"scripted": ScriptedProvider()}), default_holder(s.listen["executor"]),
+            metrics,
         )
         executor.start()
         stack.push_async_callback(executor.close)
+        if executor.pools is not None:
+            watch = EndpointWatch(bundles.stub, executor.pools)
+            watch.start()
+            stack.push_async_callback(watch.close)
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
         return [executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name]
 

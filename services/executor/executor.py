@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -34,12 +35,17 @@ from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
 from services.executor.drivers import SandboxDriver, SandboxSpec
+from services.executor.metrics import ExecutorMetrics
+from services.executor.pools import WarmPools
 from services.executor.sandbox import AgentFailed, Done, Sandbox, SandboxCrashed
 from services.executor.store import BundleCache, SessionsClient, SpanForwarder
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 REAP_INTERVAL_S = 5.0
+# Stamped by the executor on the agent's own spans, whatever the agent's code put there.
+TRUSTED_SPAN_KEYS = ("corral.agent", "corral.version", "corral.endpoint", "corral.session",
+                     "corral.tenant", "corral.user", "corral.invocation")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class Executor:
         spans: SpanForwarder,
         broker: ModelBroker,
         holder: str,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.workdirs = data_dir / "sandboxes"
@@ -97,15 +104,29 @@ class Executor:
         self._busy: set[str] = set()
         self._manifests: dict[str, Manifest] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.metrics = metrics or ExecutorMetrics()
+        self.pools = (
+            WarmPools(self.new_sandbox, settings.warm_pool_size, settings.warm_pool_max_total, self.metrics)
+            if settings.warm_pool_size > 0 else None
+        )
 
     # -- lifecycle of the executor -------------------------------------------------------
 
     def start(self) -> None:
+        # Scratch directories a crashed predecessor on this data dir left (the process driver's;
+        # bwrap's scratch is a tmpfs that died with its sandbox).
+        if self.workdirs.is_dir():
+            for leftover in self.workdirs.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
         self._reaper = asyncio.create_task(self._reap_forever())
+        if self.pools is not None:
+            self.pools.start()
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.pools is not None:
+            await self.pools.close()
         await asyncio.gather(*(self.stop_session(s) for s in list(self.sandboxes)), return_exceptions=True)
 
     # -- one invocation ------------------------------------------------------------------
@@ -210,7 +231,7 @@ class Executor:
                     await self._drop(inv.session)
                     raise
                 assert done is not None
-                self.spans.forward(done.otlp_spans)
+                self.spans.forward(done.otlp_spans, {k: str(attributes[k]) for k in TRUSTED_SPAN_KEYS})
                 try:
                     committed = await self.sessions.commit(
                         caller, inv.session, sandbox.lease_id, sandbox.etag, done.state,
@@ -261,40 +282,53 @@ class Executor:
         await self._make_room()
         lease = await self.sessions.acquire(caller, inv.session, self.holder, self.settings.lease_ttl_s)
         try:
-            bundle = await self.bundles.ensure(inv.version, inv.digest)
-            manifest = self._manifest(inv.digest, bundle)
-            ref = names.parse_version(inv.version)
-            spec = SandboxSpec(
-                session=inv.session, version=inv.version, bundle_dir=bundle,
-                workdir=self.workdirs / uuid.uuid4().hex, entrypoint=manifest.entrypoint,
-                prompt_file=manifest.prompt_file, python=self.settings.python,
-                resource={
-                    "service.name": f"agent-{ref.agent}",
-                    "corral.agent": names.agent_name(ref.agent),
-                    "corral.version": inv.version,
-                    "corral.endpoint": inv.endpoint,
-                    "corral.session": inv.session,
-                    "corral.tenant": caller.tenant,
-                },
-                memory_mb=manifest.memory_mb, cpu_seconds=manifest.cpu_seconds,
-            )
-            sandbox = Sandbox(spec)
-            try:
-                await sandbox.start(self.driver)
-            except AgentFailed as exc:
-                raise AgentError(
-                    f"the agent failed to load: {exc.error_type}: {exc.message}", reason="AGENT_LOAD_ERROR",
-                ) from None
+            sandbox = self.pools.take(inv.version, inv.digest) if self.pools else None
+            warm = sandbox is not None
+            if sandbox is None:
+                sandbox = await self.new_sandbox(inv.version, inv.digest)
         except BaseException:
             await self._release(caller, inv.session, lease.lease_id)
             raise
+        sandbox.bind(inv.session, warm=warm)
         sandbox.lease_id = lease.lease_id
         sandbox.state = lease.state.state
         sandbox.etag = lease.state.etag
         self.sandboxes[inv.session] = sandbox
         self._owners[inv.session] = caller
-        log.info("started sandbox pid %s for %s on %s", sandbox.process.pid if sandbox.process else "?",
-                 inv.session, inv.version)
+        self.metrics.live.set(len(self.sandboxes))
+        log.info("sandbox pid %s (%s) serves %s on %s", sandbox.process.pid if sandbox.process else "?",
+                 "warm" if sandbox.warm else "cold start", inv.session, inv.version)
+        return sandbox
+
+    async def new_sandbox(self, version: str, digest: str) -> Sandbox:
+        """A started sandbox of `version` with its bundle imported, bound to no session yet: for
+        a warm pool, or for a session that found none."""
+        bundle = await self.bundles.ensure(version, digest)
+        manifest = self._manifest(digest, bundle)
+        ref = names.parse_version(version)
+        spec = SandboxSpec(
+            session=f"(warm) {version}", version=version, bundle_dir=bundle,
+            workdir=self.workdirs / uuid.uuid4().hex, entrypoint=manifest.entrypoint,
+            prompt_file=manifest.prompt_file, python=self.settings.python,
+            # Per version only: the session, endpoint and tenant of each invocation are set on
+            # the agent's spans by the worker, and enforced by the executor when it forwards them.
+            resource={
+                "service.name": f"agent-{ref.agent}",
+                "corral.agent": names.agent_name(ref.agent),
+                "corral.version": version,
+            },
+            memory_mb=manifest.memory_mb, cpu_seconds=manifest.cpu_seconds,
+            protocol=manifest.protocol,
+        )
+        sandbox = Sandbox(spec)
+        began = time.monotonic()
+        try:
+            await sandbox.start(self.driver)
+        except AgentFailed as exc:
+            raise AgentError(
+                f"the agent failed to load: {exc.error_type}: {exc.message}", reason="AGENT_LOAD_ERROR",
+            ) from None
+        self.metrics.sandbox_start.labels(self.driver.name).observe(time.monotonic() - began)
         return sandbox
 
     def _manifest(self, digest: str, bundle: Path) -> Manifest:
@@ -323,6 +357,7 @@ class Executor:
         caller = self._owners.pop(session, None)
         if sandbox is None:
             return False
+        self.metrics.live.set(len(self.sandboxes))
         await sandbox.stop()
         if caller is not None and sandbox.lease_id:
             await self._release(caller, session, sandbox.lease_id)
@@ -335,8 +370,12 @@ class Executor:
             sandbox.stopped = True
         return await self._drop(session)
 
-    def list_sandboxes(self) -> list[tuple[Sandbox, bool]]:
-        return [(sb, s in self._busy) for s, sb in self.sandboxes.items()]
+    def list_sandboxes(self) -> list[tuple[Sandbox, str]]:
+        """Every sandbox with its state: WARM (in a pool), IDLE or BUSY (a session's)."""
+        out = [(sb, "BUSY" if s in self._busy else "IDLE") for s, sb in self.sandboxes.items()]
+        if self.pools is not None:
+            out += [(sb, "WARM") for pool in self.pools.ready().values() for sb in pool]
+        return out
 
     # -- background: idle timeouts, lifetimes, lease renewal -----------------------------
 
@@ -352,7 +391,7 @@ class Executor:
                     manifest = self._manifests.get(_digest_of(sb))
                     idle_limit = manifest.idle_timeout_s if manifest else 900
                     life_limit = manifest.max_lifetime_s if manifest else 28_800
-                    if not sb.alive or now - sb.last_used > idle_limit or time.time() - sb.started > life_limit:
+                    if not sb.alive or now - sb.last_used > idle_limit or time.time() - sb.bound_at > life_limit:
                         log.info("stopping sandbox of %s (idle, expired or exited)", session)
                         await self._drop(session)
                 if now - last_renew >= self.settings.lease_ttl_s / 3:

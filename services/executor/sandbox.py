@@ -50,7 +50,11 @@ class Sandbox:
         self.writer: asyncio.StreamWriter | None = None
         self.started = time.time()
         self.last_used = time.monotonic()
-        self.busy = False
+        # The session it serves: none while it waits in a warm pool.
+        self.session = ""
+        self.bound_at = self.started
+        # Taken from a warm pool rather than started for its session.
+        self.warm = False
         # Set when the session was stopped on purpose, so a running invocation can say so.
         self.stopped = False
         # The session's lease and the etag of the state this sandbox last saw committed.
@@ -122,6 +126,14 @@ class Sandbox:
                 raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)
             else:
                 raise SandboxCrashed(f"unexpected frame {kind!r} from the sandbox")
+
+    def bind(self, session: str, *, warm: bool) -> None:
+        """Gives the sandbox to `session`, for good: a sandbox never serves a second session."""
+        assert not self.session, f"sandbox already serves {self.session}"
+        self.warm = warm
+        self.session = session
+        self.bound_at = time.time()
+        self.last_used = time.monotonic()
 
     @property
     def alive(self) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -66,18 +68,20 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ListSandboxes(
         self, request: pb.ListSandboxesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSandboxesResponse:
-        import time
-
         now_wall, now_mono = time.time(), time.monotonic()
-        return pb.ListSandboxesResponse(
-            sandboxes=[
-                pb.Sandbox(
-                    session=sb.spec.session, version=sb.spec.version, start_time=_ts(sb.started),
-                    last_used_time=_ts(now_wall - (now_mono - sb.last_used)),
-                    pid=sb.process.pid if sb.process else 0, busy=busy,
-                    memory_bytes=_cgroup_reading(sb, "memory_bytes"),
-                    cpu_seconds=float(_cgroup_reading(sb, "cpu_seconds")),
-                )
-                for sb, busy in self.executor.list_sandboxes()
-            ]
-        )
+        response = pb.ListSandboxesResponse()
+        for sb, state in self.executor.list_sandboxes():
+            item = response.sandboxes.add(
+                session=sb.session, version=sb.spec.version, start_time=_ts(sb.started),
+                last_used_time=_ts(now_wall - (now_mono - sb.last_used)),
+                pid=sb.process.pid if sb.process else 0, busy=state == "BUSY",
+                memory_bytes=_cgroup_reading(sb, "memory_bytes"),
+                cpu_seconds=float(_cgroup_reading(sb, "cpu_seconds")),
+                state=pb.Sandbox.State.Value(f"STATE_{state}"), driver=self.executor.driver.name,
+            )
+            item.age.FromTimedelta(timedelta(seconds=max(0.0, now_wall - sb.started)))
+        if self.executor.pools is not None:
+            for version, ready, target, hits, misses, reasons in self.executor.pools.report():
+                response.pools.add(version=version, ready=ready, target=target, hits=hits,
+                                   misses=misses, reasons=reasons)
+        return response

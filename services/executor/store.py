@@ -7,10 +7,13 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from corral.bundle import digest_of, unpack
@@ -115,16 +118,30 @@ class SpanForwarder:
         self.stub = trace_service_pb2_grpc.TraceServiceStub(self.channel)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def forward(self, encoded: bytes) -> None:
+    def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
+        """Sends the spans of one invocation, with `trusted` (agent, version, session, tenant...)
+        stamped on their resource and removed from their own attributes: the spans come from
+        untrusted code, which must not file them under another tenant or session."""
         if not encoded or not self.enabled:
             return
-        task = asyncio.create_task(self._send(encoded))
+        task = asyncio.create_task(self._send(encoded, dict(trusted)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, encoded: bytes) -> None:
+    async def _send(self, encoded: bytes, trusted: dict[str, str]) -> None:
         request = trace_service_pb2.ExportTraceServiceRequest()
-        request.ParseFromString(encoded)
+        try:
+            request.ParseFromString(encoded)
+        except DecodeError:
+            log.warning("dropped agent spans that do not parse as OTLP")
+            return
+        for resource_spans in request.resource_spans:
+            _replace(resource_spans.resource.attributes, trusted)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    kept = [kv for kv in span.attributes if kv.key not in trusted]
+                    del span.attributes[:]
+                    span.attributes.extend(kept)
         try:
             await self.stub.Export(request, timeout=10)
         except grpc.aio.AioRpcError as exc:
@@ -134,3 +151,12 @@ class SpanForwarder:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
         await self.channel.close()
+
+
+def _replace(attributes: Any, values: Mapping[str, str]) -> None:
+    """Sets string `values` in an OTLP KeyValue list, replacing what was there under those keys."""
+    kept = [kv for kv in attributes if kv.key not in values]
+    del attributes[:]
+    attributes.extend(kept)
+    for key, value in values.items():
+        attributes.add(key=key).value.string_value = value

@@ -74,6 +74,9 @@ def endpoint_pb(r: EndpointRecord) -> pb.Endpoint:
         create_time=timestamp(r.create_time),
         update_time=timestamp(r.update_time),
         description=r.description,
+        rollback_version=(
+            names.version_name(r.agent, r.rollback_version) if r.rollback_version else ""
+        ),
     )
 
 

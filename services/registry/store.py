@@ -45,6 +45,8 @@ class EndpointRecord:
     description: str
     create_time: datetime
     update_time: datetime
+    # The last version that served the endpoint alone and is not in its traffic now.
+    rollback_version: int | None = None
 
     @property
     def etag(self) -> str:
@@ -77,7 +79,7 @@ def _endpoint(row: asyncpg.Record) -> EndpointRecord:
     traffic = tuple(TrafficShare(int(v), int(bp)) for v, bp in json.loads(row["traffic"]))
     return EndpointRecord(
         row["agent"], row["id"], traffic, row["follow_latest"], row["salt"], row["revision"],
-        row["description"], row["create_time"], row["update_time"],
+        row["description"], row["create_time"], row["update_time"], row["rollback_version"],
     )
 
 
@@ -160,16 +162,6 @@ class Tx:
         description: str = "",
     ) -> EndpointRecord:
         traffic_json = json.dumps([[s.version, s.basis_points] for s in traffic])
-        row = await self.conn.fetchrow(
-            """INSERT INTO registry.endpoints (agent, id, traffic, follow_latest, salt, description)
-               VALUES ($1, $2, $3, $4, $5, $6)
-               ON CONFLICT (agent, id) DO UPDATE SET traffic = EXCLUDED.traffic,
-                   description = EXCLUDED.description,
-                   revision = registry.endpoints.revision + 1, update_time = now()
-               RETURNING *""",
-            agent, endpoint, traffic_json, follow_latest, secrets.token_hex(8), description,
-        )
-        record = _endpoint(row)
         if len(traffic) == 1:
             # The endpoint now serves one version alone: remember it as a stable version.
             await self.conn.execute(
@@ -179,6 +171,23 @@ class Tx:
                        ORDER BY seq DESC LIMIT 1)""",
                 agent, endpoint, traffic[0].version,
             )
+        rollback = await self.conn.fetchval(
+            """SELECT version FROM registry.stable_history
+               WHERE agent = $1 AND endpoint = $2 AND NOT (version = ANY($3::bigint[]))
+               ORDER BY seq DESC LIMIT 1""",
+            agent, endpoint, [s.version for s in traffic],
+        )
+        row = await self.conn.fetchrow(
+            """INSERT INTO registry.endpoints
+                   (agent, id, traffic, follow_latest, salt, description, rollback_version)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)
+               ON CONFLICT (agent, id) DO UPDATE SET traffic = EXCLUDED.traffic,
+                   description = EXCLUDED.description, rollback_version = EXCLUDED.rollback_version,
+                   revision = registry.endpoints.revision + 1, update_time = now()
+               RETURNING *""",
+            agent, endpoint, traffic_json, follow_latest, secrets.token_hex(8), description, rollback,
+        )
+        record = _endpoint(row)
         await self.conn.execute(
             "SELECT pg_notify($1, $2)", ENDPOINTS_CHANNEL, f"{agent}/{endpoint}/{record.revision}"
         )
