@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral import names
-from corral.bundle import BundleError
+from corral.bundle import LIMITS, BundleError, Target, check_size, pack, stage, unpacked_size
 from corral.client import CorralClient, parse_split
 from corral.config import ClientConfig
 from corral.manifest import ManifestError
@@ -83,14 +85,39 @@ pass_state = click.make_pass_decorator(State, ensure=True)
 
 # -- agents and versions ------------------------------------------------------------------
 
+def _target(python_version: str | None, platforms: tuple[str, ...]) -> Target:
+    current = Target.current()
+    if python_version is not None and not re.fullmatch(r"3\.\d{1,2}", python_version):
+        raise click.BadParameter(f"{python_version!r} must look like 3.11",
+                                 param_hint="--python-version")
+    return Target(python_version or current.python_version, platforms or current.platforms)
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--python-version", help="The executor's Python, e.g. 3.11 (default: this one).")
+@click.option("--platform", "platforms", multiple=True,
+              help="The executor's pip platform tag, e.g. manylinux2014_x86_64; repeatable "
+                   "(default: this machine's).")
 @json_option
 @pass_state
-def publish(state: State, directory: Path) -> None:
+def publish(
+    state: State, directory: Path, python_version: str | None, platforms: tuple[str, ...]
+) -> None:
     """Pack DIRECTORY (with its agent.toml) and publish it as a new version.
-    Publishing the same bytes again returns the existing version."""
-    v = state.client.publish(directory)
+    Dependencies it declares (agent.toml `dependencies` or requirements.txt) are installed into
+    the bundle's deps/ first, so a sandbox needs no network. Publishing the same bytes again
+    returns the existing version."""
+    target = _target(python_version, platforms)
+    try:
+        with tempfile.TemporaryDirectory(prefix="corral-publish-") as work:
+            root = stage(directory, Path(work), target, lambda line: err.print(line, markup=False))
+            data = pack(root)
+            # Refused here, before uploading, with both sizes; the registry checks again.
+            check_size(len(data), unpacked_size(data), LIMITS)
+            v = state.client.publish(root)
+    except (BundleError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
     emit(state, {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes},
          lambda: out.print(f"{v.name}  {v.digest}"))
 
@@ -469,6 +496,9 @@ def audit(state: State, resource: str, limit: int) -> None:
 def main() -> None:
     import corral.cli_experiments
     import corral.cli_rollouts  # noqa: F401 - registers the rollout commands on `cli`
+    from corral.cli_tools import tools
+
+    cli.add_command(tools)
 
     try:
         cli(standalone_mode=True)

@@ -14,7 +14,7 @@ from corral import names
 from corral.bundle import pack
 from corral.config import ClientConfig
 from corral.registry.v1 import registry_pb2 as reg
-from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
+from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
 from corral.router.v1 import router_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
@@ -175,3 +175,8 @@ class CorralClient:
             token = page.next_page_token
             if not token:
                 return
+
+    @property
+    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
+        """The tenant's tools (corral tools ...); served by the registry."""
+        return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))

@@ -9,19 +9,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 PROTOCOLS = ("corral", "http")
 PROVIDERS = ("scripted", "openai")
 DEFAULT_IDLE_TIMEOUT_S = 900
 DEFAULT_MAX_LIFETIME_S = 28_800
+REQUIREMENTS_FILE = "requirements.txt"
 
 
 class ManifestError(ValueError):
-    """agent.toml is wrong; `field` is the dotted path of the offending key."""
+    """agent.toml is wrong; `field` is the dotted path of the offending key (or, for
+    requirements.txt, `requirements.txt:LINE`)."""
 
     def __init__(self, field: str, description: str) -> None:
-        super().__init__(f"agent.toml: {field}: {description}")
+        where = field if field.startswith(REQUIREMENTS_FILE) else f"agent.toml: {field}"
+        super().__init__(f"{where}: {description}")
         self.field = field
         self.description = description
 
@@ -49,6 +54,8 @@ class Manifest:
     timeout_s: int = 900
     idle_timeout_s: int = DEFAULT_IDLE_TIMEOUT_S
     max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S
+    # PEP 508 strings, as written; `corral publish` installs them into the bundle's deps/.
+    dependencies: tuple[str, ...] = ()
 
 
 _TOP = {"name", "entrypoint", "protocol", "description", "model", "prompt", "tools", "retrieval",
@@ -101,6 +108,57 @@ def _check_json_values(value: Any, path: str) -> None:
         raise ManifestError(
             path, f"a {type(value).__name__} is not allowed; use a string, number, boolean, array or table"
         )
+
+
+def _requirement(text: str, where: str) -> str:
+    try:
+        Requirement(text)
+    except InvalidRequirement as exc:
+        # packaging's message spans lines (it points at the column); the first line says what.
+        reason = str(exc).splitlines()[0]
+        raise ManifestError(where, f"{text!r} is not a PEP 508 requirement: {reason}") from None
+    return text
+
+
+def _dependencies(doc: Mapping[str, Any]) -> tuple[str, ...]:
+    raw = doc.get("dependencies", [])
+    if not isinstance(raw, list):
+        raise ManifestError("dependencies", 'must be an array of strings, like ["requests>=2.31"]')
+    for i, item in enumerate(raw):
+        if not isinstance(item, str) or not item.strip():
+            raise ManifestError(f"dependencies[{i}]", "must be a non-empty string")
+    return tuple(_requirement(item.strip(), f"dependencies[{i}]") for i, item in enumerate(raw))
+
+
+def parse_requirements_txt(text: str) -> tuple[str, ...]:
+    """The requirements in a requirements.txt: one PEP 508 string a line, `#` comments. pip
+    options (-r, -e, --index-url) are refused: the bundle must say what it holds, and an index
+    belongs to the publisher's pip configuration (PIP_INDEX_URL), not the agent."""
+    out: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{REQUIREMENTS_FILE}:{number}"
+        if line.startswith("-"):
+            option = line.split()[0]
+            raise ManifestError(
+                where, f"pip option {option!r} is not supported; list requirements only"
+            )
+        out.append(_requirement(line, where))
+    return tuple(out)
+
+
+def declared_dependencies(manifest: Manifest, requirements_txt: str | None) -> tuple[str, ...]:
+    """What the agent imports: agent.toml's `dependencies` or requirements.txt beside it. Both
+    is refused, since one would silently lose."""
+    if requirements_txt is None:
+        return manifest.dependencies
+    if manifest.dependencies:
+        raise ManifestError(
+            "dependencies", f"declared here and in {REQUIREMENTS_FILE}; keep one of the two"
+        )
+    return parse_requirements_txt(requirements_txt)
 
 
 def parse_manifest(text: str, has_file: Callable[[str], bool] = lambda _: True) -> Manifest:
@@ -182,4 +240,5 @@ def parse_manifest(text: str, has_file: Callable[[str], bool] = lambda _: True) 
         timeout_s=_positive_int(resources, "timeout_s", "resources.timeout_s", 900),
         idle_timeout_s=idle,
         max_lifetime_s=lifetime,
+        dependencies=_dependencies(doc),
     )

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import grpc
 
-from corral.registry.v1 import registry_pb2, registry_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
+from corral.registry.v1 import (
+    registry_pb2,
+    registry_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
+    tools_pb2,
+    tools_pb2_grpc,
+)
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
 from services.common.settings import Settings
@@ -19,8 +26,11 @@ from services.registry.registry import Registry
 from services.registry.rollout_servicer import RolloutServicer
 from services.registry.rollout_store import RolloutStore
 from services.registry.rollouts import Rollouts
+from services.registry.secrets import secret_box
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore
+from services.registry.tool_servicer import Tools, ToolSecretsServicer, ToolServicer
+from services.registry.tool_store import ToolStore
 from services.registry.webhooks import WebhookNotifier
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -60,9 +70,14 @@ class RegistryService:
         controller.watch_experiments(experiments, analyze_experiment)
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
             RolloutServicer(rollouts, registry, experiments, analyze_experiment), server)
+        tools = Tools(ToolStore(pool), secret_box(self.settings.secrets_key))
+        tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)
+        tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(ToolSecretsServicer(tools), server)
         return [
             registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
             rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+            tools_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name,
+            tools_pb2.DESCRIPTOR.services_by_name["ToolSecretsService"].full_name,
         ]
 
 

@@ -9,10 +9,17 @@ import grpc
 from google.protobuf import struct_pb2
 
 from corral import names
-from corral.bundle import MAX_PACKED_BYTES
+from corral.bundle import (
+    LIMITS,
+    BundleError,
+    BundleLimits,
+    BundleTooLarge,
+    check_size,
+    unpacked_size,
+)
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import FieldViolation, InvalidArgument
 from services.common.identity import caller
 from services.common.paging import paged
 from services.common.timestamps import timestamp
@@ -102,9 +109,33 @@ def _split(agent: str, endpoint: pb.Endpoint) -> list[tuple[int, float]]:
     return out
 
 
+def _too_large(exc: BundleTooLarge) -> InvalidArgument:
+    """The caller must make the bundle smaller: INVALID_ARGUMENT, with the sizes for tools."""
+    sizes = {"packed_bytes": exc.packed, "packed_limit_bytes": exc.limits.packed_bytes,
+             "unpacked_limit_bytes": exc.limits.unpacked_bytes}
+    if exc.unpacked is not None:
+        sizes["unpacked_bytes"] = exc.unpacked
+    return InvalidArgument(
+        exc.description,
+        reason="BUNDLE_TOO_LARGE",
+        violations=[FieldViolation("chunk", exc.description)],
+        metadata={k: str(v) for k, v in sizes.items()},
+    )
+
+
+def _check_unpacked(data: bytes, limits: BundleLimits) -> None:
+    try:
+        check_size(len(data), unpacked_size(data), limits)
+    except BundleTooLarge as exc:
+        raise _too_large(exc) from None
+    except BundleError:
+        pass  # not a tar: the registry's own checks report that, with the rest
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, limits: BundleLimits = LIMITS) -> None:
         self.registry = registry
+        self.limits = limits
 
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext) -> pb.Agent:
         return agent_pb(await self.registry.create_agent(caller(context), request.agent_id))
@@ -136,10 +167,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if header is None:
                 raise InvalidArgument.field("header", "must be the first message of the stream")
             received += len(message.chunk)
-            if received > MAX_PACKED_BYTES:
-                raise ResourceExhausted(
-                    f"bundle exceeds {MAX_PACKED_BYTES} bytes packed", reason="BUNDLE_TOO_LARGE"
-                )
+            # Stop reading as soon as the upload passes the limit, not after holding all of it.
+            if received > self.limits.packed_bytes:
+                raise _too_large(BundleTooLarge(received, None, self.limits))
             hasher.update(message.chunk)
             parts.append(message.chunk)
         if header is None:
@@ -150,8 +180,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             )
         if received == 0:
             raise InvalidArgument.field("chunk", "no bundle bytes were sent")
+        data = b"".join(parts)
+        _check_unpacked(data, self.limits)
         version, _created = await self.registry.publish(
-            caller(context), header.parent, b"".join(parts), header.digest, header.request_id
+            caller(context), header.parent, data, header.digest, header.request_id
         )
         return version_pb(version)
 

@@ -6,14 +6,29 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from corral import bundle
-from corral.bundle import BundleError, digest_of, inspect, pack, unpack
+from corral import cli as cli_module
+from corral.bundle import (
+    BundleError,
+    BundleLimits,
+    BundleTooLarge,
+    Target,
+    digest_of,
+    inspect,
+    pack,
+    stage,
+    unpack,
+    unpacked_size,
+)
 from corral.manifest import ManifestError
 from tests.harness import agent_files, write_bundle
 
@@ -192,13 +207,63 @@ def test_a_bad_manifest_is_reported_as_such() -> None:
     assert info.value.field == "entrypoint"
 
 
-def test_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+# -- sizes ------------------------------------------------------------------------------------
+
+
+def test_the_limits_are_agentcores() -> None:
+    assert bundle.LIMITS == BundleLimits(250 * 1024 * 1024, 750 * 1024 * 1024)
+
+
+def test_the_unpacked_size_is_read_from_the_headers() -> None:
+    data = tar_of(*BASE, ("big.bin", b"x" * 5000), link("alias", "big.bin"))
+    assert unpacked_size(data) == len(TOML) + len(CODE) + 5000
+    with pytest.raises(BundleError, match="not a tar archive"):
+        unpacked_size(b"not a tar")
+
+
+def test_a_bundle_over_either_limit_is_refused_giving_sizes_and_limits() -> None:
     data = tar_of(*BASE, ("big.bin", b"x" * 5000))
-    monkeypatch.setattr(bundle, "MAX_PACKED_BYTES", len(data) - 1)
-    assert "the limit is" in str(refused(data))
-    monkeypatch.setattr(bundle, "MAX_PACKED_BYTES", len(data))
-    monkeypatch.setattr(bundle, "MAX_UNPACKED_BYTES", 4000)
-    assert "unpacks to more than 4000 bytes" in str(refused(data))
+    unpacked = unpacked_size(data)
+    inspect(data, BundleLimits(packed_bytes=len(data), unpacked_bytes=unpacked))
+
+    with pytest.raises(BundleTooLarge) as info:
+        inspect(data, BundleLimits(packed_bytes=len(data) - 1, unpacked_bytes=10**9))
+    assert (info.value.packed, info.value.unpacked) == (len(data), unpacked)
+    message = str(info.value)
+    assert f"{len(data):,} bytes packed and {unpacked:,} bytes unpacked" in message
+    assert f"the limit is {len(data) - 1:,} bytes packed" in message
+
+    with pytest.raises(BundleTooLarge) as info:
+        inspect(data, BundleLimits(packed_bytes=10**9, unpacked_bytes=4000))
+    assert "the limit is" in str(info.value) and "4,000 bytes unpacked" in str(info.value)
+
+
+def test_large_sizes_read_in_megabytes() -> None:
+    error = BundleTooLarge(300 * 1024 * 1024, 900 * 1024 * 1024, bundle.LIMITS)
+    assert "300.0 MB packed and 900.0 MB unpacked" in str(error)
+    assert "the limit is 250.0 MB packed and 750.0 MB unpacked" in str(error)
+
+
+def test_unpack_refuses_a_bundle_too_large_before_writing_anything(tmp_path: Path) -> None:
+    data = tar_of(*BASE, ("big.bin", b"x" * 5000))
+    dest = tmp_path / "dest"
+    with pytest.raises(BundleTooLarge):
+        unpack(data, dest, BundleLimits(packed_bytes=10**9, unpacked_bytes=5000))
+    assert not dest.exists()
+    unpack(data, dest, BundleLimits(packed_bytes=10**9, unpacked_bytes=6000))
+    assert (dest / "big.bin").stat().st_size == 5000
+
+
+def test_publish_refuses_a_bundle_too_large_before_uploading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_bundle(tmp_path / "b", files())
+    monkeypatch.setattr(cli_module, "LIMITS", BundleLimits(packed_bytes=1000, unpacked_bytes=10**9))
+    # No platform is running: the refusal must come before any connection is attempted.
+    monkeypatch.setenv("CORRAL_REGISTRY_ADDR", "127.0.0.1:1")
+    result = CliRunner().invoke(cli_module.cli, ["publish", str(root)])
+    assert result.exit_code == 1, result.output
+    assert "bytes packed" in result.output and "the limit is 1,000 bytes packed" in result.output
 
 
 # -- unpacking --------------------------------------------------------------------------------
@@ -227,3 +292,129 @@ def test_unpack_refuses_an_unsafe_tar_and_writes_nothing_outside(tmp_path: Path)
         unpack(tar_of(*BASE, ("../escaped.py", b"x")), dest)
     assert not (tmp_path / "escaped.py").exists()
     assert not dest.exists() or not any(dest.iterdir())
+
+
+# -- vendored dependencies ------------------------------------------------------------------
+
+
+def build_wheel(workdir: Path, name: str, code: str) -> Path:
+    """A wheel of a one-module project, built locally with `pip wheel` (no index, no network)."""
+    project = write_bundle(workdir / f"{name}-src", {
+        "pyproject.toml": (
+            '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+            f'[project]\nname = "{name}"\nversion = "1.0"\n'
+            # A console script: pip writes it to bin/ with this machine's interpreter path.
+            f'[project.scripts]\n{name} = "{name}:main"\n'
+        ),
+        f"{name}/__init__.py": code,
+    })
+    wheels = workdir / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
+         "--wheel-dir", str(wheels), str(project)],
+        check=True, capture_output=True,
+    )
+    return next(wheels.glob(f"{name}-1.0-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def tiny_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    code = 'GREETING = "hi"\ndef main(): pass\n'
+    return build_wheel(tmp_path_factory.mktemp("wheel"), "tinydep", code)
+
+
+@pytest.fixture(autouse=True)
+def no_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip installs only from the local wheel: a unit test opens no socket.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+
+
+def agent_with(tmp_path: Path, toml_extra: str, **extra: str) -> Path:
+    root = write_bundle(tmp_path / "src", files())
+    # Top-level keys go before agent.toml's first table.
+    (root / "agent.toml").write_text(toml_extra + (root / "agent.toml").read_text())
+    return write_bundle(root, extra)
+
+
+def staged(source: Path, workdir: Path, lines: list[str] | None = None) -> Path:
+    workdir.mkdir(parents=True)
+    return stage(source, workdir, Target.current(), (lines if lines is not None else []).append)
+
+
+def test_declared_dependencies_are_installed_into_deps_of_a_copy(
+    tmp_path: Path, tiny_wheel: Path
+) -> None:
+    source = agent_with(tmp_path, f'dependencies = ["tinydep @ {tiny_wheel.as_uri()}"]\n')
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    lines: list[str] = []
+    root = staged(source, tmp_path / "work", lines)
+    assert root != source
+    assert (root / "deps" / "tinydep" / "__init__.py").read_text().startswith('GREETING = "hi"')
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before  # source untouched
+    assert lines == [f"installing 1 dependency for {Target.current().describe()}..."]
+    with tarfile.open(fileobj=io.BytesIO(pack(root))) as tar:
+        names = tar.getnames()
+    assert "deps/tinydep/__init__.py" in names and "agent.py" in names
+
+
+def test_vendored_dependencies_pack_to_the_same_digest_every_time(
+    tmp_path: Path, tiny_wheel: Path
+) -> None:
+    source = agent_with(tmp_path, f'dependencies = ["tinydep @ {tiny_wheel.as_uri()}"]\n')
+    first = staged(source, tmp_path / "one")
+    second = staged(source, tmp_path / "elsewhere" / "two")
+    assert digest_of(pack(first)) == digest_of(pack(second))
+    deps = first / "deps"
+    # What pip writes that depends on the install (paths, hashes, this machine's interpreter).
+    info = next(deps.glob("tinydep-1.0.dist-info"))
+    assert {"RECORD", "INSTALLER", "direct_url.json"}.isdisjoint(p.name for p in info.iterdir())
+    assert not (deps / "bin").exists() and not list(deps.rglob("__pycache__"))
+
+
+def test_requirements_txt_is_read_like_dependencies(tmp_path: Path, tiny_wheel: Path) -> None:
+    requirements = f"# vendored\ntinydep @ {tiny_wheel.as_uri()}\n"
+    source = agent_with(tmp_path, "", **{"requirements.txt": requirements})
+    assert (staged(source, tmp_path / "work") / "deps" / "tinydep").is_dir()
+
+
+def test_without_dependencies_the_source_is_packed_as_it_is(tmp_path: Path) -> None:
+    source = agent_with(tmp_path, "")
+    assert staged(source, tmp_path / "work") == source.resolve()
+    assert not (tmp_path / "work" / "bundle").exists()
+
+
+def test_a_deps_folder_of_its_own_and_declared_dependencies_are_refused(tmp_path: Path) -> None:
+    source = agent_with(tmp_path, 'dependencies = ["tinydep"]\n', **{"deps/x.py": ""})
+    with pytest.raises(BundleError) as info:
+        staged(source, tmp_path / "work")
+    assert info.value.path == "deps"
+    assert "remove the folder or the declaration" in info.value.description
+
+
+def test_dependencies_declared_twice_are_refused(tmp_path: Path) -> None:
+    declared = 'dependencies = ["tinydep"]\n'
+    source = agent_with(tmp_path, declared, **{"requirements.txt": "tinydep\n"})
+    with pytest.raises(ManifestError) as info:
+        staged(source, tmp_path / "work")
+    assert info.value.field == "dependencies" and "requirements.txt" in info.value.description
+
+
+def test_pip_failing_is_reported_with_its_error(tmp_path: Path) -> None:
+    source = agent_with(tmp_path, 'dependencies = ["no-such-package-corral==1.0"]\n')
+    with pytest.raises(BundleError) as info:
+        staged(source, tmp_path / "work")
+    assert info.value.path == "deps"
+    assert "pip could not install" in info.value.description
+    assert "no-such-package-corral" in info.value.description  # pip's own words follow
+
+
+def test_the_target_is_passed_to_pip() -> None:
+    target = Target("3.12", ("manylinux2014_x86_64", "linux_x86_64"))
+    assert target.pip_args() == [
+        "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+        "--abi", "cp312", "--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64",
+    ]
+    assert target.describe() == "cp312 manylinux2014_x86_64 (+1 compatible platform tags)"
+    current = Target.current()
+    assert current.python_version == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert current.platforms and "any" not in current.platforms

@@ -20,6 +20,8 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 # What the Envoy README promises external clients; the executor is deliberately absent.
 EXPECTED_ROUTES = {
     "/corral.router.v1.RouterService/": "router",
+    # Internal (executors only): answered by Envoy itself, never routed.
+    "/corral.registry.v1.ToolSecretsService/": "direct_response",
     "/corral.registry.v1.": "registry",
     "/corral.sessions.v1.": "sessions",
     "/corral.telemetry.v1.": "telemetry",
@@ -55,13 +57,17 @@ def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def routes(text: str) -> dict[str, str]:
-    """prefix → cluster, from `- match: { prefix: "..." }` and the `cluster:` after it."""
+    """prefix → cluster, from `- match: { prefix: "..." }` and the `cluster:` after it
+    ("direct_response" for a route Envoy answers itself)."""
     found: dict[str, str] = {}
     prefix: str | None = None
     for line in text.splitlines():
         if m := re.search(r'match: \{ prefix: "([^"]+)" \}', line):
             assert prefix is None, f"route {prefix} has no cluster"
             prefix = m.group(1)
+        elif prefix is not None and "direct_response:" in line:
+            found[prefix] = "direct_response"
+            prefix = None
         elif prefix is not None and (m := re.search(r"\bcluster: (\w+)", line)):
             assert prefix not in found, f"two routes for {prefix}"
             found[prefix] = m.group(1)

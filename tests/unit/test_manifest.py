@@ -8,9 +8,12 @@ import pytest
 from corral.manifest import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_LIFETIME_S,
+    Manifest,
     ManifestError,
     Tool,
+    declared_dependencies,
     parse_manifest,
+    parse_requirements_txt,
 )
 
 FILES = {"agent.py", "prompt.md", "tools/lookup.json", "pkg/__init__.py"}
@@ -53,7 +56,7 @@ max_lifetime_s = 3600
 MINIMAL = 'name = "a"\nentrypoint = "agent:app"\n'
 
 
-def parse(text: str) -> object:
+def parse(text: str) -> Manifest:
     return parse_manifest(text, has_file=lambda p: p in FILES)
 
 
@@ -86,7 +89,7 @@ def test_a_minimal_manifest_gets_the_documented_defaults() -> None:
 
 def test_a_package_entrypoint_is_found_by_its_init() -> None:
     m = parse('name = "a"\nentrypoint = "pkg:app"\n')
-    assert m.entrypoint == "pkg:app"  # type: ignore[attr-defined]
+    assert m.entrypoint == "pkg:app"
 
 
 @pytest.mark.parametrize(
@@ -160,3 +163,72 @@ def test_each_mistake_names_its_field(text: str, field: str, words: str) -> None
     assert words in err.description
     # The message a user reads names the file and the field.
     assert str(err).startswith(f"agent.toml: {field}: ")
+
+
+# -- dependencies -----------------------------------------------------------------------------
+
+
+def test_dependencies_are_kept_as_written() -> None:
+    m = parse_manifest(
+        'name = "a"\nentrypoint = "agent:app"\n'
+        'dependencies = ["requests>=2.31", "tiny @ file:///tmp/tiny-1.0-py3-none-any.whl",'
+        " \"tomli; python_version < '3.11'\"]\n",
+        has_file=lambda p: p in FILES,
+    )
+    assert m.dependencies == (
+        "requests>=2.31",
+        "tiny @ file:///tmp/tiny-1.0-py3-none-any.whl",
+        "tomli; python_version < '3.11'",
+    )
+    assert parse_manifest(MINIMAL, has_file=lambda p: p in FILES).dependencies == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "words"),
+    [
+        ('"requests"', "dependencies", "array of strings"),
+        ('{ requests = "2" }', "dependencies", "array of strings"),
+        ('["requests", 2]', "dependencies[1]", "non-empty string"),
+        ('["requests", ""]', "dependencies[1]", "non-empty string"),
+        ('["ok", "bad req !!"]', "dependencies[1]", "'bad req !!' is not a PEP 508 requirement"),
+        ('["requests>=>2"]', "dependencies[0]", "not a PEP 508 requirement"),
+    ],
+)
+def test_a_bad_dependency_names_its_index(value: str, field: str, words: str) -> None:
+    err = error(MINIMAL + f"dependencies = {value}\n")
+    assert err.field == field and words in err.description
+    assert str(err).startswith(f"agent.toml: {field}: ")
+
+
+def test_requirements_txt_lines_are_requirements() -> None:
+    text = "# pinned\nrequests==2.31.0  # http\n\nattrs>=23 ; python_version >= '3.8'\n"
+    assert parse_requirements_txt(text) == (
+        "requests==2.31.0",
+        "attrs>=23 ; python_version >= '3.8'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("requests\n-r other.txt\n", "requirements.txt:2", "pip option '-r' is not supported"),
+        ("--index-url https://x\n", "requirements.txt:1", "'--index-url'"),
+        ("ok\n./local/path\n", "requirements.txt:2", "not a PEP 508 requirement"),
+    ],
+)
+def test_a_bad_requirements_txt_names_its_line(text: str, field: str, words: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        parse_requirements_txt(text)
+    assert info.value.field == field and words in info.value.description
+    assert str(info.value).startswith(f"{field}: ")  # not "agent.toml: ..."
+
+
+def test_dependencies_come_from_agent_toml_or_requirements_txt_not_both() -> None:
+    declared = parse(MINIMAL + 'dependencies = ["requests"]\n')
+    plain = parse(MINIMAL)
+    assert declared_dependencies(declared, None) == ("requests",)
+    assert declared_dependencies(plain, "attrs\n") == ("attrs",)
+    assert declared_dependencies(plain, None) == ()
+    with pytest.raises(ManifestError) as info:
+        declared_dependencies(declared, "attrs\n")
+    assert info.value.field == "dependencies" and "keep one" in info.value.description

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from services.executor.drivers import seccomp
 from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.cgroups import Hierarchy, Limits, SandboxCgroup, detect
+from services.executor.drivers.process import worker_module
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,9 @@ class BwrapDriver:
         return args
 
     def command(self, spec: SandboxSpec, layout: Layout, socket_fd: int) -> list[str]:
-        """What runs inside: the worker."""
+        """What runs inside: the worker for the agent's protocol."""
         return [
-            layout.python, "-m", "corral.sdk._runtime",
+            layout.python, "-m", worker_module(spec.protocol),
             str(socket_fd), BUNDLE_MOUNT, spec.entrypoint, spec.prompt_file,
             json.dumps(spec.resource),
         ]
@@ -302,7 +303,8 @@ class BwrapDriver:
             SandboxCgroup.create, self.hierarchy, Limits(spec.memory_mb, self.pids_max, self.cpus)
         )
         gate_read, gate_write = os.pipe()
-        seccomp_fd = seccomp.filter_fd()
+        # http agents serve on 127.0.0.1 inside the sandbox's own network namespace (only lo).
+        seccomp_fd = seccomp.filter_fd(allow_inet=spec.protocol == "http")
         proc: asyncio.subprocess.Process | None = None
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -1,6 +1,8 @@
 """The `process` driver: the worker is its own process, in its own process group and working
 directory, with none of the executor's environment. It does not isolate the file system or the
-network; stronger drivers come with the sandbox work."""
+network; stronger drivers come with the sandbox work. An http-protocol agent's server listens on
+the host's port 8080 here, so only one such session can run at a time (its worker refuses to
+start when the port is taken)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,18 @@ import signal
 import sys
 
 from services.executor.drivers.base import SandboxSpec
+
+# The worker module each agent protocol runs (agent.toml's `protocol`), for every driver.
+WORKERS = {"corral": "corral.sdk._runtime", "http": "corral.sdk._http_runtime"}
+
+
+def worker_module(protocol: str) -> str:
+    try:
+        return WORKERS[protocol]
+    except KeyError:
+        raise ValueError(
+            f"no sandbox worker for protocol {protocol!r} (one of {', '.join(WORKERS)})"
+        ) from None
 
 
 class _Process:
@@ -47,7 +61,7 @@ class ProcessDriver:
         }
         proc = await asyncio.create_subprocess_exec(
             spec.python or sys.executable,
-            "-m", "corral.sdk._runtime",
+            "-m", worker_module(spec.protocol),
             str(socket_fd), str(spec.bundle_dir), spec.entrypoint, spec.prompt_file,
             json.dumps(spec.resource),
             cwd=spec.workdir,

@@ -1,7 +1,12 @@
 """The seccomp filter every bwrap sandbox runs under: allow by default, refuse the system calls
 agent code never needs (debugging other processes, mounting, kernel modules, keyrings, eBPF,
-namespaces, io_uring) and every socket family but AF_UNIX. Compiled once with libseccomp
-(pyseccomp) and handed to bwrap as classic BPF on a file descriptor (`bwrap --seccomp FD`)."""
+namespaces, io_uring) and every socket family but AF_UNIX. Compiled once per variant with
+libseccomp (pyseccomp) and handed to bwrap as classic BPF on a file descriptor
+(`bwrap --seccomp FD`).
+
+The variant for `protocol = "http"` agents also allows AF_INET/AF_INET6 sockets: the agent serves
+AgentCore's contract on 127.0.0.1:8080 and the bridge beside it connects there. The sandbox's own
+network namespace holds only `lo`, so those sockets reach nothing outside it."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import functools
 import os
 import socket
 import tempfile
+from typing import Any
 
 # Each is refused with EPERM. Grouped by what they would let an agent do.
 DENIED: tuple[str, ...] = (
@@ -54,9 +60,33 @@ def _resolve(pyseccomp: object, name: str) -> int:
     return number
 
 
+def socket_families(allow_inet: bool) -> frozenset[int]:
+    """The address families socket(2) may create in a sandbox."""
+    if allow_inet:
+        return frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6})
+    return frozenset({socket.AF_UNIX})
+
+
+def _refuse_other_families(sc: Any, f: Any, call: int, allowed: frozenset[int]) -> None:
+    """EPERM for every first argument of `call` outside `allowed`. libseccomp cannot compare
+    one argument twice in a rule, and rules are OR-ed: one rule per refused value below the
+    highest allowed family, and one for everything above it."""
+    eperm = sc.ERRNO(errno.EPERM)
+    if len(allowed) == 1:
+        (only,) = allowed
+        f.add_rule(eperm, call, sc.Arg(0, sc.NE, only))
+        return
+    top = max(allowed)
+    for family in range(top):
+        if family not in allowed:
+            f.add_rule(eperm, call, sc.Arg(0, sc.EQ, family))
+    f.add_rule(eperm, call, sc.Arg(0, sc.GT, top))
+
+
 @functools.cache
-def filter_bpf() -> bytes:
-    """The filter as classic BPF, ready for `bwrap --seccomp`. Cached: it never changes."""
+def filter_bpf(allow_inet: bool = False) -> bytes:
+    """The filter as classic BPF, ready for `bwrap --seccomp`. Cached: a variant never changes.
+    `allow_inet` is for http-protocol sandboxes only (see the module's docstring)."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:  # OSError: libseccomp.so.2 missing
@@ -78,10 +108,11 @@ def filter_bpf() -> bytes:
     clone = _resolve(sc, "clone")
     for flag in _CLONE_NEW.values():
         f.add_rule(eperm, clone, sc.Arg(0, sc.MASKED_EQ, flag, flag))
-    # Only Unix sockets: no inet/inet6 (the network namespace already has only lo), no raw or
-    # packet sockets, no netlink, and no AF_VSOCK, which network namespaces do not isolate.
-    for call in ("socket", "socketpair"):
-        f.add_rule(eperm, _resolve(sc, call), sc.Arg(0, sc.NE, socket.AF_UNIX))
+    # Unix sockets (and inet/inet6 for http agents, whose network namespace has only lo): no
+    # raw or packet sockets, no netlink, and no AF_VSOCK, which network namespaces do not
+    # isolate. socketpair(2) is Unix-only either way.
+    _refuse_other_families(sc, f, _resolve(sc, "socket"), socket_families(allow_inet))
+    _refuse_other_families(sc, f, _resolve(sc, "socketpair"), socket_families(False))
 
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
@@ -89,10 +120,10 @@ def filter_bpf() -> bytes:
         return out.read()
 
 
-def filter_fd() -> int:
+def filter_fd(allow_inet: bool = False) -> int:
     """A fresh memfd holding the filter, positioned at its start; the caller passes it to
     bwrap (which reads it to the end) and closes its own copy after the spawn."""
-    data = filter_bpf()
+    data = filter_bpf(allow_inet)
     fd = os.memfd_create("corral-seccomp", os.MFD_CLOEXEC)
     try:
         os.write(fd, data)
