@@ -1,8 +1,10 @@
 """`make bench`: the mesh (client → router → executor → sandbox, state committed in sessions)
 against a plain grpc.aio echo round trip, both measured in this run, sequentially and with 32
 calls in flight; the rollout analysis simulated (sessions to roll back a bad canary, A/A false
-rollbacks, sessions to promote); and endpoint-change propagation to three routers. Prints one
-JSON document."""
+rollbacks, sessions to promote); endpoint-change propagation to three routers; warm pools,
+streaming and sandbox memory (bench/sandboxes.py); the model broker's overhead (bench/broker.py);
+invocation credentials (bench/credentials.py). CORRAL_BENCH_ONLY=part,part runs some of them.
+Prints one JSON document."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import propagation
+from bench import broker, credentials, propagation, sandboxes
 from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
@@ -32,6 +34,8 @@ HERE = Path(__file__).parent
 SEQUENTIAL = int(os.environ.get("CORRAL_BENCH_SEQUENTIAL", "400"))
 IN_FLIGHT = 32
 CONCURRENT_PER_WORKER = int(os.environ.get("CORRAL_BENCH_CONCURRENT", "25"))
+# CORRAL_BENCH_ONLY=a,b picks some of these; unset, all run.
+PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials")
 
 
 def summarize(latencies: list[float], wall: float) -> dict[str, float]:
@@ -93,7 +97,7 @@ async def bench_mesh(router_addr: str) -> dict[str, dict[str, float]]:
         }
 
 
-def main() -> int:
+def overhead() -> dict[str, object]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
     env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
@@ -123,7 +127,7 @@ def main() -> int:
         echo_proc.terminate()
         launcher.stop()
     seq, conc = "sequential", f"in_flight_{IN_FLIGHT}"
-    report = {
+    report: dict[str, object] = {
         "benchmark": "invocation overhead",
         "agent": version.name,
         "mesh": mesh,
@@ -135,11 +139,32 @@ def main() -> int:
             f"{conc}_throughput": round(raw[conc]["throughput_per_s"] / mesh[conc]["throughput_per_s"], 2),
         },
     }
-    if os.environ.get("CORRAL_BENCH_ONLY") != "overhead":
+    return report
+
+
+def main() -> int:
+    only = os.environ.get("CORRAL_BENCH_ONLY", "")
+    parts = {p.strip() for p in only.split(",") if p.strip()} or set(PARTS)
+    if unknown := parts - set(PARTS):
+        print(f"CORRAL_BENCH_ONLY: unknown part(s) {', '.join(sorted(unknown))}; "
+              f"choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    report: dict[str, object] = overhead() if "overhead" in parts else {}
+    if "rollouts" in parts:
         print("bench: simulating rollouts (analysis only)...", file=sys.stderr, flush=True)
         report["rollouts"] = simulate()
+    if "propagation" in parts:
         print("bench: endpoint-change propagation to three routers...", file=sys.stderr, flush=True)
         report["propagation"] = propagation.measure()
+    if "sandboxes" in parts:
+        print("bench: warm pools, streaming and sandbox memory...", file=sys.stderr, flush=True)
+        report["sandboxes"] = sandboxes.measure(dict(os.environ))
+    if "broker" in parts:
+        print("bench: the model broker's overhead...", file=sys.stderr, flush=True)
+        report["broker"] = asyncio.run(broker.run())
+    if "credentials" in parts:
+        print("bench: invocation credentials...", file=sys.stderr, flush=True)
+        report["credentials"] = asyncio.run(credentials.run())
     print(json.dumps(report, indent=2))
     return 0
 

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,9 +22,32 @@ class Model(Protocol):
 
     def complete(self, prompt: str, *, system: str = "") -> str: ...
 
+    def stream(self, prompt: str, *, system: str = "") -> Iterator[str]:
+        """The answer as it is generated, piece by piece."""
+        ...
+
 
 class ModelError(RuntimeError):
     """The broker could not get an answer from the model."""
+
+
+class Tools(Protocol):
+    """The tools the version's manifest declares ([[tools]]), called through the executor's
+    broker, which adds the invocation's credential and the tool's secret."""
+
+    def call(self, name: str, payload: Any = None, *, timeout_s: float | None = None) -> Any:
+        """Calls tool `name` with `payload` (bytes are sent as they are, anything else as JSON)
+        and returns its answer (parsed when it is JSON). Raises ToolError."""
+        ...
+
+
+class ToolError(RuntimeError):
+    """A tool call failed. `code` says how: PERMISSION_DENIED (the manifest does not declare
+    the tool), NOT_FOUND, TIMEOUT, UNAVAILABLE or TOOL_ERROR (the tool answered with an error)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
 
 
 @dataclass
@@ -42,8 +65,11 @@ class Context:
     tenant: str = ""
     user: str = ""
     prompt: str = ""
+    # This invocation's credential (a JWT that expires at its deadline and is revoked when it
+    # ends), for agent code that hands it on; tool calls through ctx.tools carry it already.
     credentials: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    tools: Tools | None = None
 
 
     def score(self, name: str, value: float, *, comment: str = "") -> None:
@@ -76,4 +102,4 @@ class App:
         return fn
 
 
-__all__ = ["App", "Context", "Model", "ModelError"]
+__all__ = ["App", "Context", "Model", "ModelError", "ToolError", "Tools"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
-from corral.sdk import App, Context, ModelError
+from corral.sdk import App, Context, ModelError, ToolError
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
@@ -58,18 +58,61 @@ class BrokeredModel:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
-    def complete(self, prompt: str, *, system: str = "") -> str:
+    def _answers(self, prompt: str, system: str, stream: bool) -> Iterator[str]:
+        """Yields streamed pieces (stream=True), then the whole answer last."""
         call_id = uuid.uuid4().hex
-        self.channel.send(pb.WorkerFrame(model_call=pb.ModelCall(call_id=call_id, prompt=prompt, system=system)))
-        reply = self.channel.receive()
-        if not reply.HasField("model_result") or reply.model_result.call_id != call_id:
-            raise ModelError("the executor answered a model call out of order")
-        if reply.model_result.error:
-            raise ModelError(reply.model_result.error)
-        return reply.model_result.text
+        self.channel.send(pb.WorkerFrame(model_call=pb.ModelCall(
+            call_id=call_id, prompt=prompt, system=system, stream=stream)))
+        while True:
+            reply = self.channel.receive()
+            if reply.HasField("model_chunk") and reply.model_chunk.call_id == call_id:
+                yield reply.model_chunk.text
+                continue
+            if not reply.HasField("model_result") or reply.model_result.call_id != call_id:
+                raise ModelError("the executor answered a model call out of order")
+            if reply.model_result.error:
+                raise ModelError(reply.model_result.error)
+            if not stream:
+                yield reply.model_result.text
+            return
+
+    def complete(self, prompt: str, *, system: str = "") -> str:
+        return "".join(self._answers(prompt, system, stream=False))
+
+    def stream(self, prompt: str, *, system: str = "") -> Iterator[str]:
+        return self._answers(prompt, system, stream=True)
 
     async def acomplete(self, prompt: str, *, system: str = "") -> str:
         return self.complete(prompt, system=system)
+
+
+class BrokeredTools:
+    """ctx.tools: each call is a frame to the executor's tool broker."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def call(self, name: str, payload: Any = None, *, timeout_s: float | None = None) -> Any:
+        if isinstance(payload, bytes):
+            data, content_type = payload, "application/octet-stream"
+        else:
+            data, content_type = json.dumps(payload).encode(), "application/json"
+        call_id = uuid.uuid4().hex
+        self.channel.send(pb.WorkerFrame(tool_call=pb.ToolCall(
+            call_id=call_id, tool=name, payload=data, content_type=content_type,
+            timeout_s=timeout_s or 0.0)))
+        reply = self.channel.receive()
+        if not reply.HasField("tool_result") or reply.tool_result.call_id != call_id:
+            raise ToolError("UNAVAILABLE", "the executor answered a tool call out of order")
+        result = reply.tool_result
+        if result.error or result.error_code:
+            raise ToolError(result.error_code or "TOOL_ERROR", result.error)
+        if result.content_type.split(";")[0].strip() == "application/json":
+            try:
+                return json.loads(result.payload)
+            except ValueError:
+                pass
+        return result.payload
 
 
 def _encode(item: Any) -> bytes:
@@ -138,6 +181,7 @@ class Worker:
         self.channel = channel
         self.prompt = prompt
         self.model = BrokeredModel(channel)
+        self.tools = BrokeredTools(channel)
         self.tracing = _Tracing(resource)
         self.loop = asyncio.new_event_loop()
 
@@ -175,6 +219,7 @@ class Worker:
             session_id=inv.session_id, invocation_id=inv.invocation_id, version=inv.version,
             endpoint=inv.endpoint, state=state, model=self.model, tracer=self.tracing.tracer,
             tenant=inv.tenant, user=inv.user, prompt=self.prompt,
+            credentials=inv.credentials, tools=self.tools,
         )
         assert self.app.handler is not None
         try:
@@ -204,7 +249,23 @@ class Worker:
             return
         self.channel.send(pb.WorkerFrame(done=pb.Done(state=new_state, otlp_spans=self.tracing.drain())))
 
+    def warm_up(self) -> None:
+        """Pays the one-time costs of a first invocation (lazy imports, the first span and its
+        encoding) before Ready, so a sandbox from a warm pool answers its first invocation about
+        as fast as a live session's next one."""
+        try:
+            from opentelemetry import context as otel_context
+
+            token = otel_context.attach(self.tracing.context(""))
+            with self.tracing.tracer.start_as_current_span("warm-up"):
+                pass
+            otel_context.detach(token)
+        except ImportError:
+            pass
+        self.tracing.drain()  # discarded
+
     def serve(self) -> None:
+        self.warm_up()
         self.channel.send(pb.WorkerFrame(ready=pb.Ready(pid=os.getpid())))
         while True:
             try:

@@ -31,6 +31,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name}={raw!r} is not an integer") from None
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -60,6 +73,9 @@ class ExecutorSettings:
     http_port: int = 9466
     # Hours an invocation-credential signing key signs before the next one takes over.
     key_rotation_hours: float = 24.0
+    # An OpenAI-compatible server for manifests pinning provider "openai" (none: refused).
+    openai_base_url: str = ""
+    openai_api_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,7 +137,9 @@ class Settings:
                 warm_pool_size=_int(env, "CORRAL_WARM_POOL_SIZE", 1),
                 warm_pool_max_total=_int(env, "CORRAL_WARM_POOL_MAX_TOTAL", 16),
                 http_port=_int(env, "CORRAL_EXECUTOR_HTTP_PORT", 9466),
-                key_rotation_hours=float(env.get("CORRAL_KEY_ROTATION_HOURS") or 24.0),
+                key_rotation_hours=_float(env, "CORRAL_KEY_ROTATION_HOURS", 24.0),
+                openai_base_url=env.get("CORRAL_OPENAI_BASE_URL", "").strip(),
+                openai_api_key=env.get("CORRAL_OPENAI_API_KEY", ""),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
         )

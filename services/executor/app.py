@@ -1,22 +1,29 @@
-"""Wires the executor: clients to sessions, registry and telemetry, the driver, the broker."""
+"""Wires the executor: clients to sessions, registry and telemetry, the driver, the model and tool
+brokers, invocation credentials (keys on local disk, the deny-list in Redis), warm pools, and the
+HTTP port (/metrics, /.well-known/jwks.json, revocations)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import AsyncExitStack
 
 import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from services.common.kv import create_redis
 from services.common.settings import Settings
-from services.executor.broker import ModelBroker, ScriptedProvider
+from services.executor.broker import ModelBroker, providers_from_settings
+from services.executor.credentials import CredentialIssuer, KeyRing, keep_rotated
 from services.executor.drivers import driver_for
 from services.executor.drivers.cgroups import remove_orphans
 from services.executor.executor import Executor, default_holder
+from services.executor.http import ExecutorHttp
 from services.executor.metrics import ExecutorMetrics
 from services.executor.pools import EndpointWatch
 from services.executor.servicer import ExecutorServicer
 from services.executor.store import BundleCache, SessionsClient, SpanForwarder
+from services.executor.tools import ToolBroker
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +31,19 @@ log = logging.getLogger(__name__)
 class ExecutorService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.executor: Executor | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         s = self.settings
         driver = driver_for(s.executor.sandbox_driver)
+        # What a crashed predecessor left behind: its sandboxes' cgroups (their processes died
+        # with it: bwrap's --die-with-parent, runsc's --attached) and gVisor's state directories.
+        cleanup = getattr(driver, "remove_orphans", None)
         hierarchy = getattr(driver, "hierarchy", None)
-        if hierarchy is not None:
-            # What a crashed predecessor left behind: its sandboxes' cgroups (their processes
-            # died with it, bwrap's --die-with-parent).
-            removed = remove_orphans(hierarchy)
-            if removed:
-                log.warning("removed %d sandbox cgroups left by a crashed executor", removed)
+        removed = cleanup() if cleanup is not None else (
+            remove_orphans(hierarchy) if hierarchy is not None else 0)
+        if removed:
+            log.warning("removed %d sandboxes' remains left by a crashed executor", removed)
         log.info("sandbox driver: %s", driver.name)
         sessions = SessionsClient(s)
         stack.push_async_callback(sessions.close)
@@ -43,17 +52,37 @@ class ExecutorService:
         spans = SpanForwarder(s)
         stack.push_async_callback(spans.close)
         metrics = ExecutorMetrics()
+        broker = ModelBroker(providers_from_settings({
+            "CORRAL_OPENAI_BASE_URL": s.executor.openai_base_url,
+            "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
+        }))
+        stack.push_async_callback(broker.aclose)
+        tools = ToolBroker(s)
+        stack.push_async_callback(tools.close)
+        redis = create_redis(s.require_redis())
+        stack.push_async_callback(redis.aclose)
+        rotation_s = s.executor.key_rotation_hours * 3600
+        # Retired public keys stay published for two days: longer than any token they signed.
+        keyring = KeyRing(s.data_dir / "keys", rotation_s, retain_s=max(rotation_s, 2 * 86_400))
+        rotating = asyncio.create_task(keep_rotated(keyring))
+        stack.callback(rotating.cancel)
+        holder = default_holder(s.listen["executor"])
+        issuer = CredentialIssuer(keyring, redis, s.redis_prefix, issuer=holder.split("#")[0])
         executor = Executor(
-            s.executor, s.data_dir, driver, sessions, bundles, spans,
-            ModelBroker({"scripted": ScriptedProvider()}), default_holder(s.listen["executor"]),
-            metrics,
+            s.executor, s.data_dir, driver, sessions, bundles, spans, broker, holder, metrics,
+            credentials=issuer, tools=tools,
         )
         executor.start()
         stack.push_async_callback(executor.close)
+        self.executor = executor
         if executor.pools is not None:
             watch = EndpointWatch(bundles.stub, executor.pools)
             watch.start()
             stack.push_async_callback(watch.close)
+        if s.executor.http_port:
+            http = ExecutorHttp(issuer, metrics.registry, "0.0.0.0", s.executor.http_port)
+            await http.start()
+            stack.push_async_callback(http.close)
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
         return [executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name]
 

@@ -34,11 +34,13 @@ from services.common.errors import (
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
+from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.drivers import SandboxDriver, SandboxSpec
 from services.executor.metrics import ExecutorMetrics
 from services.executor.pools import WarmPools
 from services.executor.sandbox import AgentFailed, Done, Sandbox, SandboxCrashed
 from services.executor.store import BundleCache, SessionsClient, SpanForwarder
+from services.executor.tools import ToolBroker
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -90,6 +92,8 @@ class Executor:
         broker: ModelBroker,
         holder: str,
         metrics: ExecutorMetrics | None = None,
+        credentials: CredentialIssuer | None = None,
+        tools: ToolBroker | None = None,
     ) -> None:
         self.settings = settings
         self.workdirs = data_dir / "sandboxes"
@@ -105,6 +109,9 @@ class Executor:
         self._manifests: dict[str, Manifest] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.metrics = metrics or ExecutorMetrics()
+        self.credentials = credentials
+        self.tools = tools
+        self._revocations: set[asyncio.Task[None]] = set()
         self.pools = (
             WarmPools(self.new_sandbox, settings.warm_pool_size, settings.warm_pool_max_total, self.metrics)
             if settings.warm_pool_size > 0 else None
@@ -128,6 +135,8 @@ class Executor:
         if self.pools is not None:
             await self.pools.close()
         await asyncio.gather(*(self.stop_session(s) for s in list(self.sandboxes)), return_exceptions=True)
+        if self._revocations:
+            await asyncio.wait(self._revocations, timeout=2)
 
     # -- one invocation ------------------------------------------------------------------
 
@@ -166,6 +175,7 @@ class Executor:
             f"invoke_agent {ref.agent}", context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
         )
         span_ctx = trace.set_span_in_context(span, parent)
+        credential: Credential | None = None
         try:
             trace_id = format(span.get_span_context().trace_id, "032x")
             try:
@@ -174,24 +184,48 @@ class Executor:
                 yield Started(inv.invocation_id, trace_id)
                 carrier: dict[str, str] = {}
                 TraceContextTextMapPropagator().inject(carrier, context=span_ctx)
+                deadline = time.time() + manifest.timeout_s
+                credential = self._mint(caller, inv, manifest, deadline)
                 invocation = pb.Invocation(
                     invocation_id=inv.invocation_id, session_id=names.parse_session(inv.session),
                     version=inv.version, payload=inv.payload, content_type=inv.content_type,
                     state=sandbox.state, traceparent=carrier.get("traceparent", ""),
                     endpoint=inv.endpoint, tenant=caller.tenant, user=caller.user,
+                    credentials=credential.token if credential else "",
+                    deadline_unix_ms=int(deadline * 1000),
                 )
 
                 async def model(call: pb.ModelCall) -> pb.ModelResult:
+                    async def chunk(text: str) -> None:
+                        await sandbox.send(pb.HostFrame(
+                            model_chunk=pb.ModelChunk(call_id=call.call_id, text=text)))
+
                     return await self.broker.call(
                         manifest.model_provider, manifest.model_id, manifest.model_params, call,
-                        attributes, span_ctx,
+                        attributes, span_ctx, deadline=time.monotonic() + (deadline - time.time()),
+                        on_chunk=chunk if call.stream else None,
+                    )
+
+                async def tool(call: pb.ToolCall) -> pb.ToolResult:
+                    if self.tools is None:
+                        return pb.ToolResult(error="this executor has no tool broker",
+                                             error_code="UNAVAILABLE")
+                    outcome = await self.tools.call(
+                        tenant=caller.tenant, tool=call.tool, allowed=[t.name for t in manifest.tools],
+                        token=credential.token if credential else "", payload=call.payload,
+                        content_type=call.content_type, timeout_s=call.timeout_s or None,
+                        deadline=deadline, attributes=attributes, context=span_ctx,
+                    )
+                    return pb.ToolResult(
+                        payload=outcome.payload, content_type=outcome.content_type,
+                        error=outcome.error, error_code=outcome.error_code,
                     )
 
                 output: list[bytes] = []
                 done: Done | None = None
                 try:
                     async with asyncio.timeout(manifest.timeout_s):
-                        async for item in sandbox.invoke(invocation, model):
+                        async for item in sandbox.invoke(invocation, model, tool):
                             if isinstance(item, Done):
                                 done = item
                             else:
@@ -252,6 +286,36 @@ class Executor:
                 raise
         finally:
             span.end()
+            if credential is not None:
+                # The invocation is over: its token must not work a moment longer.
+                self._revoke(credential)
+
+    def _mint(
+        self, caller: Caller, inv: Invocation, manifest: Manifest, deadline: float
+    ) -> Credential | None:
+        """The invocation's credential: its audience is the tools the manifest declares, so a
+        version without tools gets none."""
+        if self.credentials is None or not manifest.tools:
+            return None
+        return self.credentials.mint(
+            version=inv.version, session=inv.session, invocation_id=inv.invocation_id,
+            tenant=caller.tenant, user=caller.user, audience=[t.name for t in manifest.tools],
+            expires_at=min(deadline, time.time() + self.credentials.keyring.retain_s * 0.9),
+        )
+
+    def _revoke(self, credential: Credential) -> None:
+        """Revokes in the background: the caller already has its answer, and a cancelled
+        invocation must still revoke."""
+        assert self.credentials is not None
+        task = asyncio.get_running_loop().create_task(self.credentials.revoke(credential))
+        self._revocations.add(task)
+        task.add_done_callback(self._revocation_done)
+
+    def _revocation_done(self, task: asyncio.Task[None]) -> None:
+        self._revocations.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not revoke an invocation credential (it expires at its "
+                        "deadline): %s", task.exception())
 
     def _validate(self, inv: Invocation) -> None:
         for field, value, parse in (
@@ -391,7 +455,11 @@ class Executor:
                     manifest = self._manifests.get(_digest_of(sb))
                     idle_limit = manifest.idle_timeout_s if manifest else 900
                     life_limit = manifest.max_lifetime_s if manifest else 28_800
-                    if not sb.alive or now - sb.last_used > idle_limit or time.time() - sb.bound_at > life_limit:
+                    expired = not sb.alive or time.time() - sb.bound_at > life_limit
+                    if not expired and now - sb.last_used > idle_limit and await self._busy_inside(sb):
+                        sb.last_used = now  # AgentCore's contract: a HealthyBusy agent is not idle
+                        continue
+                    if expired or now - sb.last_used > idle_limit:
                         log.info("stopping sandbox of %s (idle, expired or exited)", session)
                         await self._drop(session)
                 if now - last_renew >= self.settings.lease_ttl_s / 3:
@@ -399,6 +467,10 @@ class Executor:
                     await self._renew_leases()
             except Exception:
                 log.exception("sandbox reaper failed; retrying")
+
+    async def _busy_inside(self, sandbox: Sandbox) -> bool:
+        """Whether an http-protocol agent reports background work on its /ping."""
+        return sandbox.spec.protocol == "http" and await sandbox.ping() == "HealthyBusy"
 
     async def _renew_leases(self) -> None:
         for session, sb in list(self.sandboxes.items()):

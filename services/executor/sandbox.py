@@ -40,6 +40,16 @@ class Done:
 
 
 ModelBroker = Callable[[pb.ModelCall], Awaitable[pb.ModelResult]]
+ToolBroker = Callable[[pb.ToolCall], Awaitable[pb.ToolResult]]
+
+
+async def _tool_result(call: pb.ToolCall, tools: ToolBroker | None) -> pb.ToolResult:
+    if tools is None:
+        return pb.ToolResult(call_id=call.call_id, error="tool calls are not available here",
+                             error_code="UNAVAILABLE")
+    result = await tools(call)
+    result.call_id = call.call_id
+    return result
 
 
 class Sandbox:
@@ -57,6 +67,8 @@ class Sandbox:
         self.warm = False
         # Set when the session was stopped on purpose, so a running invocation can say so.
         self.stopped = False
+        # One exchange on the socket at a time: an invocation, or a ping between invocations.
+        self._exchange = asyncio.Lock()
         # The session's lease and the etag of the state this sandbox last saw committed.
         self.lease_id = ""
         self.state = b""
@@ -87,11 +99,13 @@ class Sandbox:
             self.kill()
             raise Internal("the sandbox sent something other than Ready at start", reason="SANDBOX_PROTOCOL")
 
-    async def _send(self, frame: pb.HostFrame) -> None:
+    async def send(self, frame: pb.HostFrame) -> None:
         assert self.writer is not None
         data = frame.SerializeToString()
         self.writer.write(_HEADER.pack(len(data)) + data)
         await self.writer.drain()
+
+    _send = send
 
     async def _receive(self) -> pb.WorkerFrame:
         assert self.reader is not None
@@ -106,26 +120,48 @@ class Sandbox:
             raise SandboxCrashed("the sandbox closed its socket") from exc
 
     async def invoke(
-        self, invocation: pb.Invocation, broker: ModelBroker
+        self, invocation: pb.Invocation, broker: ModelBroker, tools: ToolBroker | None = None
     ) -> AsyncIterator[bytes | Done]:
         """Runs one invocation; yields output chunks, then a Done. Raises AgentFailed or
-        SandboxCrashed."""
-        await self._send(pb.HostFrame(invoke=invocation))
-        while True:
-            frame = await self._receive()
-            kind = frame.WhichOneof("frame")
-            if kind == "chunk":
-                yield frame.chunk.data
-            elif kind == "model_call":
-                result = await broker(frame.model_call)
-                await self._send(pb.HostFrame(model_result=result))
-            elif kind == "done":
-                yield Done(state=frame.done.state, otlp_spans=frame.done.otlp_spans)
-                return
-            elif kind == "failed":
-                raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)
-            else:
-                raise SandboxCrashed(f"unexpected frame {kind!r} from the sandbox")
+        SandboxCrashed. `broker` answers model calls (it may send ModelChunk frames itself
+        through `send` for a streamed call); `tools` answers tool calls."""
+        async with self._exchange:
+            await self.send(pb.HostFrame(invoke=invocation))
+            while True:
+                frame = await self._receive()
+                kind = frame.WhichOneof("frame")
+                if kind == "chunk":
+                    yield frame.chunk.data
+                elif kind == "model_call":
+                    result = await broker(frame.model_call)
+                    await self.send(pb.HostFrame(model_result=result))
+                elif kind == "tool_call":
+                    await self.send(pb.HostFrame(tool_result=await _tool_result(frame.tool_call, tools)))
+                elif kind == "done":
+                    yield Done(state=frame.done.state, otlp_spans=frame.done.otlp_spans)
+                    return
+                elif kind == "failed":
+                    raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)
+                elif kind == "pong":
+                    continue  # the answer to a ping that gave up waiting
+                else:
+                    raise SandboxCrashed(f"unexpected frame {kind!r} from the sandbox")
+
+    async def ping(self, timeout_s: float = 2.0) -> str:
+        """Asks an idle http-protocol worker whether its agent is busy (AgentCore's /ping):
+        "Healthy" or "HealthyBusy"; "" when it does not answer in time."""
+        if self._exchange.locked():
+            return "HealthyBusy"  # an invocation is running
+        async with self._exchange:
+            await self.send(pb.HostFrame(ping=pb.Ping()))
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while True:
+                        frame = await self._receive()
+                        if frame.HasField("pong"):
+                            return frame.pong.status
+            except TimeoutError:
+                return ""
 
     def bind(self, session: str, *, warm: bool) -> None:
         """Gives the sandbox to `session`, for good: a sandbox never serves a second session."""

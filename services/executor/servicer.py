@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from corral.executor.v1 import executor_pb2 as pb
 from corral.executor.v1 import executor_pb2_grpc
+from services.common.errors import InvalidArgument
 from services.common.identity import caller
 from services.common.interceptors import close_when_done
 from services.common.tracing import extract_metadata
@@ -85,3 +86,18 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 response.pools.add(version=version, ready=ready, target=target, hits=hits,
                                    misses=misses, reasons=reasons)
         return response
+
+    async def GetJwks(self, request: pb.GetJwksRequest, context: grpc.aio.ServicerContext) -> pb.Jwks:
+        issuer = self.executor.credentials
+        if issuer is None:
+            return pb.Jwks()
+        return pb.Jwks(keys=[pb.Jwk(**key) for key in issuer.jwks()["keys"]])
+
+    async def CheckRevocation(
+        self, request: pb.CheckRevocationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckRevocationResponse:
+        if not request.jti:
+            raise InvalidArgument.field("jti", "is required: the credential's jti claim")
+        issuer = self.executor.credentials
+        revoked = await issuer.is_revoked(request.jti) if issuer is not None else False
+        return pb.CheckRevocationResponse(revoked=revoked)

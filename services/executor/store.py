@@ -98,6 +98,8 @@ class BundleCache:
             tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".unpack-"))
             try:
                 await asyncio.to_thread(unpack, data, tmp)
+                # mkdtemp makes it 0700: a sandbox's real uid (gVisor's nobody) must read it.
+                tmp.chmod(0o755)
                 tmp.rename(dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

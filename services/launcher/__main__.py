@@ -3,7 +3,10 @@ the five services as separate processes, publishes the example agent, and stops 
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,6 +50,8 @@ class Launcher:
             env["CORRAL_REDIS_URL"] = self.redis.url
         for svc, addr in self.settings.addrs.items():
             env[f"CORRAL_{svc.upper()}_ADDR"] = addr
+        if not self.settings.secrets_key:
+            env["CORRAL_SECRETS_KEY"] = local_secrets_key(self.settings.data_dir)
         return env
 
     def start_storage(self) -> None:
@@ -71,6 +76,8 @@ class Launcher:
         for svc, port in self.settings.metrics_ports.items():
             if port:
                 wanted[f"{svc} /metrics"] = f"0.0.0.0:{port}"
+        if self.settings.executor.http_port:
+            wanted["executor http"] = f"0.0.0.0:{self.settings.executor.http_port}"
         for svc, listen in wanted.items():
             host, _, port = listen.rpartition(":")
             with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
@@ -164,6 +171,19 @@ class Launcher:
         return 0
 
 
+def local_secrets_key(data_dir: Path) -> str:
+    """The key that encrypts tool secrets at rest when CORRAL_SECRETS_KEY is not set: made once
+    and kept beside the embedded databases (mode 0600), so secrets survive a restart."""
+    path = data_dir / "secrets.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(secrets.token_bytes(32)).decode())
+        log.info("generated the tool-secrets key in %s (set CORRAL_SECRETS_KEY to use your own)", path)
+    return path.read_text().strip()
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -181,7 +201,8 @@ Corral is running.
   sessions   {a['sessions']}
   executor   {a['executor']}
   telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out)
-  Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts)
+  Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.executor.http_port}/metrics (sandboxes)
+  JWKS       http://127.0.0.1:{settings.executor.http_port}/.well-known/jwks.json (verifies invocation credentials)
   data       {settings.data_dir}
 
 In another terminal (the corral command is in .venv/bin):

@@ -9,8 +9,7 @@ from typing import Any
 import asyncpg
 
 from services.telemetry.analysis import SessionObservation
-
-TOOL_ATTR = "corral.tool.name"
+from services.telemetry.spans import TOOL_ATTR
 
 
 @dataclass(frozen=True)

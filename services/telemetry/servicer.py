@@ -83,6 +83,11 @@ def _metrics(m: VersionMetrics) -> telemetry_pb2.VersionMetrics:
         latency_p50_ms=m.latency_p50_ms,
         latency_p95_ms=m.latency_p95_ms,
         latency_p99_ms=m.latency_p99_ms,
+        tool_calls=m.tool_calls,
+        tool_failures=m.tool_failures,
+        tool_failure_rate=m.tool_failure_rate,
+        input_tokens=m.input_tokens,
+        output_tokens=m.output_tokens,
     )
 
 

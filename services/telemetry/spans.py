@@ -30,6 +30,8 @@ ENDPOINT_ATTR = "corral.endpoint"
 SESSION_ATTR = "corral.session"
 TENANT_ATTR = "corral.tenant"
 INVOCATION_ATTR = "corral.invocation"
+# On the executor's execute_tool spans: tool calls and their failures are counted by it.
+TOOL_ATTR = "corral.tool.name"
 OPERATION_ATTR = "gen_ai.operation.name"
 INVOKE_AGENT = "invoke_agent"
 SERVICE_NAME_ATTR = "service.name"
@@ -345,10 +347,18 @@ class VersionMetrics:
     latency_p50_ms: float
     latency_p95_ms: float
     latency_p99_ms: float
+    tool_calls: int = 0
+    tool_failures: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.invocations if self.invocations else 0.0
+
+    @property
+    def tool_failure_rate(self) -> float:
+        return self.tool_failures / self.tool_calls if self.tool_calls else 0.0
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,14 @@ from typing import Any
 
 import asyncpg
 
-from services.telemetry.spans import Cursor, SpanFilter, SpanRow, TraceSummary, VersionMetrics
+from services.telemetry.spans import (
+    TOOL_ATTR,
+    Cursor,
+    SpanFilter,
+    SpanRow,
+    TraceSummary,
+    VersionMetrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +178,7 @@ class PgSpanStore:
         self, tenant: str, agent: str, start: datetime | None, end: datetime | None
     ) -> list[VersionMetrics]:
         where = _Where(tenant)
-        where.conditions += ["is_invocation", "version <> ''"]
+        where.conditions += ["version <> ''"]
         where.add("agent = {}", agent)
         if start is not None:
             where.add("start_time >= {}", start)
@@ -179,10 +186,16 @@ class PgSpanStore:
             where.add("start_time < {}", end)
         sql = f"""
             SELECT version,
-                   count(*) AS invocations,
-                   count(*) FILTER (WHERE status = 'ERROR') AS errors,
-                   count(DISTINCT session) FILTER (WHERE session <> '') AS sessions,
-                   percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms) AS latency
+                   count(*) FILTER (WHERE is_invocation) AS invocations,
+                   count(*) FILTER (WHERE is_invocation AND status = 'ERROR') AS errors,
+                   count(DISTINCT session) FILTER (WHERE is_invocation AND session <> '') AS sessions,
+                   percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms)
+                       FILTER (WHERE is_invocation) AS latency,
+                   count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}') AS tool_calls,
+                   count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}' AND status = 'ERROR')
+                       AS tool_failures,
+                   coalesce(sum((attributes->>'gen_ai.usage.input_tokens')::numeric), 0) AS input_tokens,
+                   coalesce(sum((attributes->>'gen_ai.usage.output_tokens')::numeric), 0) AS output_tokens
               FROM telemetry.spans
              WHERE {where.sql}
              GROUP BY version"""
@@ -193,9 +206,14 @@ class PgSpanStore:
                 invocations=r["invocations"],
                 errors=r["errors"],
                 sessions=r["sessions"],
-                latency_p50_ms=r["latency"][0],
-                latency_p95_ms=r["latency"][1],
-                latency_p99_ms=r["latency"][2],
+                # No invocation span in the window (only tool or agent spans): no latency.
+                latency_p50_ms=(r["latency"] or (0.0,))[0],
+                latency_p95_ms=(r["latency"] or (0.0, 0.0))[1],
+                latency_p99_ms=(r["latency"] or (0.0, 0.0, 0.0))[2],
+                tool_calls=r["tool_calls"],
+                tool_failures=r["tool_failures"],
+                input_tokens=int(r["input_tokens"]),
+                output_tokens=int(r["output_tokens"]),
             )
             for r in records
         ]

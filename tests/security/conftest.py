@@ -1,5 +1,5 @@
-"""Fixtures for the escape suite: the bwrap driver, and sandboxes started through
-services/executor/sandbox.py from bundles each test writes."""
+"""Fixtures for the escape suite: each sandbox driver (bwrap, gvisor) in turn, and sandboxes
+started through services/executor/sandbox.py from bundles each test writes."""
 
 from __future__ import annotations
 
@@ -13,12 +13,25 @@ import pytest_asyncio
 
 from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.bwrap import BwrapDriver
+from services.executor.drivers.gvisor import GvisorDriver
 from services.executor.sandbox import Sandbox
-from tests.security.sandboxes import AGENTS, PIDS_MAX, SCRATCH_MB, worker
+from tests.security.sandboxes import (
+    AGENTS,
+    PIDS_MAX,
+    SCRATCH_MB,
+    needs_bwrap,
+    needs_runsc,
+    worker,
+)
 
 
-@pytest.fixture(scope="module")
-def driver() -> BwrapDriver:
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("bwrap", marks=needs_bwrap), pytest.param("gvisor", marks=needs_runsc)],
+)
+def driver(request: pytest.FixtureRequest) -> BwrapDriver | GvisorDriver:
+    if request.param == "gvisor":
+        return GvisorDriver(scratch_mb=SCRATCH_MB, pids_max=PIDS_MAX)
     return BwrapDriver(scratch_mb=SCRATCH_MB, pids_max=PIDS_MAX)
 
 
@@ -26,7 +39,7 @@ StartSandbox = Callable[..., Awaitable[Sandbox]]
 
 
 @pytest_asyncio.fixture
-async def start(driver: BwrapDriver, tmp_path: Path) -> AsyncIterator[StartSandbox]:
+async def start(driver: BwrapDriver | GvisorDriver, tmp_path: Path) -> AsyncIterator[StartSandbox]:
     """start(agent="attacker", memory_mb=..., cpu_seconds=...) → a started Sandbox; at the end
     every sandbox is stopped and must leave no process and no cgroup behind."""
     started: list[Sandbox] = []

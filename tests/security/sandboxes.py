@@ -20,17 +20,22 @@ AGENTS = Path(__file__).parent / "agents"
 SCRATCH_MB = 16
 PIDS_MAX = 64
 
-# Test modules here carry `pytestmark = needs_bwrap`: the lead's set-up installs bubblewrap, and
-# a host without it says so instead of failing every test.
+# The `driver` fixture carries these per driver: a host without one says so instead of failing
+# every test.
 needs_bwrap = pytest.mark.skipif(
     shutil.which("bwrap") is None,
     reason="bubblewrap (bwrap) is not installed: run `sh scripts/setup-sandbox.sh` as root "
     "(Debian: apt-get install bubblewrap)",
 )
+needs_runsc = pytest.mark.skipif(
+    shutil.which("runsc") is None,
+    reason="runsc is not installed (scripts/setup-sandbox.sh installs it)",
+)
 
 
 def worker(sandbox: Sandbox) -> BwrapWorker:
-    """The sandbox's bwrap process, with its cgroup and the limit that ended it."""
+    """The sandbox's outer process (bwrap, or runsc: GvisorWorker is a BwrapWorker), with its
+    cgroup and the limit that ended it."""
     assert isinstance(sandbox.process, BwrapWorker)
     return sandbox.process
 

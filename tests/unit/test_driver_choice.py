@@ -30,3 +30,25 @@ def test_without_bubblewrap_the_default_falls_back_loudly(
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 def test_bwrap_is_the_default_where_installed() -> None:
     assert drivers.driver_for("").name == "bwrap"
+
+
+def test_gvisor_without_runsc_refuses_to_start_saying_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.executor.drivers.bwrap import SandboxUnavailable
+
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    hint = r"scripts/setup-sandbox\.sh.*apt-get install runsc"
+    with pytest.raises(SandboxUnavailable, match=hint):
+        drivers.driver_for("gvisor")
+
+
+def test_gvisor_is_never_the_default() -> None:
+    assert "gvisor" in drivers.DRIVERS
+    assert drivers.driver_for("").name != "gvisor"
+
+
+@pytest.mark.skipif(shutil.which("runsc") is None,
+                    reason="runsc is not installed (scripts/setup-sandbox.sh installs it)")
+def test_gvisor_by_name_where_runsc_is_installed() -> None:
+    assert drivers.driver_for("gvisor").name == "gvisor"

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from services.executor.drivers import seccomp
-from services.executor.drivers.base import SandboxSpec
-from services.executor.drivers.process import worker_module
+from services.executor.drivers.base import SandboxSpec, worker_module
 
 try:
     seccomp.filter_bpf()

@@ -6,6 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+# The worker module each agent protocol runs (agent.toml's `protocol`), for every driver.
+WORKERS = {"corral": "corral.sdk._runtime", "http": "corral.sdk._http_runtime"}
+
+
+def worker_module(protocol: str) -> str:
+    try:
+        return WORKERS[protocol]
+    except KeyError:
+        raise ValueError(
+            f"no sandbox worker for protocol {protocol!r} (one of {', '.join(WORKERS)})"
+        ) from None
+
 
 @dataclass(frozen=True)
 class SandboxSpec:

@@ -24,9 +24,8 @@ import sys
 from dataclasses import dataclass
 
 from services.executor.drivers import seccomp
-from services.executor.drivers.base import SandboxSpec
+from services.executor.drivers.base import SandboxSpec, worker_module
 from services.executor.drivers.cgroups import Hierarchy, Limits, SandboxCgroup, detect
-from services.executor.drivers.process import worker_module
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,7 @@ import os
 import signal
 import sys
 
-from services.executor.drivers.base import SandboxSpec
-
-# The worker module each agent protocol runs (agent.toml's `protocol`), for every driver.
-WORKERS = {"corral": "corral.sdk._runtime", "http": "corral.sdk._http_runtime"}
-
-
-def worker_module(protocol: str) -> str:
-    try:
-        return WORKERS[protocol]
-    except KeyError:
-        raise ValueError(
-            f"no sandbox worker for protocol {protocol!r} (one of {', '.join(WORKERS)})"
-        ) from None
+from services.executor.drivers.base import SandboxSpec, worker_module
 
 
 class _Process:
