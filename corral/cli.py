@@ -266,7 +266,7 @@ def invoke(state: State, agent: str, endpoint: str, version: str, session: str, 
             "session": info.session, "invocation_id": info.invocation_id, "trace_id": info.trace_id,
             "endpoint": info.endpoint, "new_session": info.new_session, "turn": completed.turn,
             "duration_ms": completed.duration_ms, "output": b"".join(chunks).decode(errors="replace"),
-            "version": info.version,
+            "chunks": len(chunks), "version": info.version,
         }, indent=2))
     else:
         sys.stdout.write("\n")
@@ -460,14 +460,16 @@ def spans(state: State, trace_id: str) -> None:
 @json_option
 @pass_state
 def metrics(state: State, agent: str) -> None:
-    """Per-version invocations, errors and latency percentiles of AGENT."""
+    """Per-version invocations, errors, latency percentiles, tool calls and tokens of AGENT."""
     rows = state.client.metrics(agent)
 
     def human() -> None:
-        t = Table("version", "calls", "errors", "err %", "sessions", "p50 ms", "p95 ms", "p99 ms")
+        t = Table("version", "calls", "errors", "err %", "sessions", "p50 ms", "p95 ms", "p99 ms",
+                  "tool calls", "tool fail %", "tokens in/out")
         for m in rows:
             t.add_row(_short_version(m.version), str(m.invocations), str(m.errors), f"{m.error_rate:.1%}", str(m.sessions),
-                      f"{m.latency_p50_ms:.1f}", f"{m.latency_p95_ms:.1f}", f"{m.latency_p99_ms:.1f}")
+                      f"{m.latency_p50_ms:.1f}", f"{m.latency_p95_ms:.1f}", f"{m.latency_p99_ms:.1f}",
+                      str(m.tool_calls), f"{m.tool_failure_rate:.1%}", f"{m.input_tokens}/{m.output_tokens}")
         out.print(t)
 
     emit(state, [to_dict(m) | {"latency_p50_ms": m.latency_p50_ms, "latency_p95_ms": m.latency_p95_ms,
