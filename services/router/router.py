@@ -81,9 +81,10 @@ class Router:
             # Its version no longer takes new sessions here: a rollback may have migrated or
             # stopped it, so read the session again rather than trust the cached pin.
             pin = await self.clients.get_session(caller, name)
-        elif pin is None and target.session_id:
-            pin = await self.clients.get_session(caller, name)
         if pin is None:
+            # Not pinned here: most often a new session, so it is created straight away; one that
+            # exists already (started through another router) is refused by the create and read.
+            # That saves a new session a round trip to sessions.
             if version:
                 digest = await self.clients.version_digest(version)
                 endpoint_name = ""

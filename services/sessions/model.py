@@ -149,6 +149,12 @@ class SessionStore(Protocol):
 
     async def touch(self, session_id: str, now: datetime) -> SessionRecord | None: ...
 
+    async def touch_and_load(
+        self, session_id: str, now: datetime
+    ) -> tuple[SessionRecord, bytes] | None:
+        """touch(), returning the committed state as well."""
+        ...
+
     async def write_state(
         self,
         session_id: str,

@@ -193,9 +193,7 @@ class Sessions:
             )
         try:
             # Read the state only once the lease is ours, so no other turn can commit under us.
-            if await self._store.touch(session_id, now) is None:
-                raise _not_found(session_id)
-            loaded = await self._store.get_state(session_id)
+            loaded = await self._store.touch_and_load(session_id, now)
             if loaded is None:
                 raise _not_found(session_id)
         except BaseException:

@@ -282,6 +282,24 @@ class PgSessionStore:
         )
         return await self._cached(row)
 
+    async def touch_and_load(
+        self, session_id: str, now: datetime
+    ) -> tuple[SessionRecord, bytes] | None:
+        """touch(), returning the committed state too: a lease's first read in one statement."""
+        row = await self._pool.fetchrow(
+            f"""UPDATE sessions.sessions
+                SET last_active_time = GREATEST(last_active_time, $2), revision = {_NEXT_REVISION}
+                WHERE id = $1
+                RETURNING {_COLUMNS}, state""",
+            session_id,
+            now,
+        )
+        if row is None:
+            return None
+        columns = {key: value for key, value in row.items() if key != "state"}
+        await self._cache.put(columns)  # type: ignore[arg-type]
+        return _record(columns), bytes(row["state"])  # type: ignore[arg-type]
+
     async def write_state(
         self,
         session_id: str,

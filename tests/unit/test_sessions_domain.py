@@ -124,6 +124,12 @@ class MemoryStore:
             None if record is None else self._put(dataclasses.replace(record, last_active_time=now))
         )
 
+    async def touch_and_load(
+        self, session_id: str, now: datetime
+    ) -> tuple[SessionRecord, bytes] | None:
+        record = await self.touch(session_id, now)
+        return None if record is None else (record, self.states.get(session_id, b""))
+
     async def write_state(
         self,
         session_id: str,
