@@ -5,7 +5,6 @@ the same executor, whose turns must complete."""
 from __future__ import annotations
 
 import asyncio
-import io
 import tarfile
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from tests import harness
 from tests.conftest import StartServices
 from tests.integration.test_mesh import Mesh, connect, fails
 from tests.security.sandboxes import needs_bwrap
+from tests.unit.test_bundle import link, tar_of
 
 pytestmark = [pytest.mark.integration, needs_bwrap, pytest.mark.timeout(90)]
 
@@ -99,26 +99,6 @@ async def test_a_sandbox_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
     await neighbour_keeps_working(mesh, neighbour, 1)
 
 
-def tar_with(*members: tarfile.TarInfo | tuple[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for member in members:
-            if isinstance(member, tarfile.TarInfo):
-                tar.addfile(member)
-            else:
-                info = tarfile.TarInfo(member[0])
-                info.size = len(member[1])
-                tar.addfile(info, io.BytesIO(member[1]))
-    return buf.getvalue()
-
-
-def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
-
-
 EVIL = {
     "dot-dot path": ("../evil.py", b"import os"),
     "absolute path": ("/etc/cron.d/evil", b"* * * * * root true"),
@@ -135,7 +115,7 @@ async def test_a_tar_reaching_outside_is_refused_at_publish_and_never_unpacked(
 ) -> None:
     neighbour = await mesh.publish_agent("neighbour", NEIGHBOUR)
     name = f"{mesh.prefix}-evil"
-    data = tar_with(
+    data = tar_of(
         ("agent.toml", f'name = "{name}"\nentrypoint = "agent:app"\n'.encode()),
         ("agent.py", b"from corral.sdk import App\napp = App()\n"), EVIL[case],
     )

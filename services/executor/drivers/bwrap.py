@@ -75,6 +75,24 @@ def _outermost(paths: list[str]) -> tuple[str, ...]:
     return tuple(kept)
 
 
+async def probe_layout(python: str) -> Layout:
+    """Asks the interpreter itself where it lives: what a sandbox must see of the host to run it."""
+    proc = await asyncio.create_subprocess_exec(
+        python, "-c", _PROBE, env={"PATH": "/usr/bin:/bin"},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise SandboxUnavailable(f"cannot inspect the worker interpreter {python}: {err.decode()[-500:]}")
+    found = json.loads(out)
+    paths = [found["base_prefix"], found["prefix"], os.path.dirname(found["executable"])]
+    if found["corral"]:
+        paths.append(found["corral"])
+    real = [os.path.realpath(p) for p in paths]
+    return Layout(python=python, binds=_outermost(real + paths))
+
+
 class BwrapWorker:
     """A running bwrap sandbox: its outer process, its cgroup, and a watchdog that enforces the
     CPU-time budget and removes the cgroup once the sandbox has ended."""
@@ -224,23 +242,7 @@ class BwrapDriver:
         """Asks the interpreter itself where it lives (once per interpreter)."""
         layout = self._layouts.get(python)
         if layout is None:
-            proc = await asyncio.create_subprocess_exec(
-                python, "-c", _PROBE, env={"PATH": "/usr/bin:/bin"},
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await proc.communicate()
-            if proc.returncode != 0:
-                raise SandboxUnavailable(
-                    f"cannot inspect the worker interpreter {python}: {err.decode()[-500:]}"
-                )
-            found = json.loads(out)
-            paths = [found["base_prefix"], found["prefix"], os.path.dirname(found["executable"])]
-            if found["corral"]:
-                paths.append(found["corral"])
-            real = [os.path.realpath(p) for p in paths]
-            layout = Layout(python=python, binds=_outermost(real + paths))
-            self._layouts[python] = layout
+            layout = self._layouts[python] = await probe_layout(python)
         return layout
 
     def arguments(self, spec: SandboxSpec, layout: Layout, seccomp_fd: int) -> list[str]:

@@ -29,14 +29,13 @@ from typing import Any
 
 from services.executor.drivers.base import SandboxSpec, worker_module
 from services.executor.drivers.bwrap import (
-    _PROBE,
     BUNDLE_MOUNT,
     NOBODY,
     SCRATCH,
     BwrapWorker,
     Layout,
     SandboxUnavailable,
-    _outermost,
+    probe_layout,
 )
 from services.executor.drivers.cgroups import (
     Hierarchy,
@@ -162,22 +161,7 @@ class GvisorDriver:
         """Asks the interpreter where it lives (once per interpreter), as the bwrap driver does."""
         layout = self._layouts.get(python)
         if layout is None:
-            proc = await asyncio.create_subprocess_exec(
-                python, "-c", _PROBE, env={"PATH": "/usr/bin:/bin"},
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await proc.communicate()
-            if proc.returncode != 0:
-                raise SandboxUnavailable(
-                    f"cannot inspect the worker interpreter {python}: {err.decode()[-500:]}"
-                )
-            found = json.loads(out)
-            paths = [found["base_prefix"], found["prefix"], os.path.dirname(found["executable"])]
-            if found["corral"]:
-                paths.append(found["corral"])
-            real = [os.path.realpath(p) for p in paths]
-            layout = Layout(python=python, binds=_outermost(real + paths))
+            layout = await probe_layout(python)
             await asyncio.to_thread(self._prepare_rootfs, layout)
             self._layouts[python] = layout
         return layout
