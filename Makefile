@@ -14,15 +14,15 @@ help:
 	@echo "make lint   buf lint + ruff"
 
 $(VENV)/.installed: pyproject.toml
-	@sh scripts/setup-sandbox.sh
+	@sh scripts/setup-sandbox.sh >&2
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing Python dependencies into $(VENV) (first run only)..."
+	@echo "installing Python dependencies into $(VENV) (first run only)..." >&2
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
 .proto.stamp: $(VENV)/.installed $(PROTOS) scripts/genproto.py
-	@$(PY) scripts/genproto.py
+	@$(PY) scripts/genproto.py >&2
 	@touch $@
 
 proto: .proto.stamp
