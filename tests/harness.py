@@ -64,6 +64,9 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_EXECUTOR_HTTP_PORT": "0",
         # The run shares one database: a warm pool would warm every test's routed versions.
         "CORRAL_WARM_POOL_SIZE": "0",
+        # The tests' tool services listen on 127.0.0.1.
+        "CORRAL_TOOLS_ALLOW_LOOPBACK": "true",
+        "CORRAL_INTERNAL_TOKEN": uuid.uuid4().hex,
     }
     for svc in SERVICES:
         values[f"CORRAL_{svc.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"

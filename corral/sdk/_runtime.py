@@ -63,18 +63,27 @@ class BrokeredModel:
         call_id = uuid.uuid4().hex
         self.channel.send(pb.WorkerFrame(model_call=pb.ModelCall(
             call_id=call_id, prompt=prompt, system=system, stream=stream)))
-        while True:
-            reply = self.channel.receive()
-            if reply.HasField("model_chunk") and reply.model_chunk.call_id == call_id:
-                yield reply.model_chunk.text
-                continue
-            if not reply.HasField("model_result") or reply.model_result.call_id != call_id:
-                raise ModelError("the executor answered a model call out of order")
-            if reply.model_result.error:
-                raise ModelError(reply.model_result.error)
-            if not stream:
-                yield reply.model_result.text
-            return
+        finished = False
+        try:
+            while True:
+                reply = self.channel.receive()
+                if reply.HasField("model_chunk") and reply.model_chunk.call_id == call_id:
+                    yield reply.model_chunk.text
+                    continue
+                finished = True
+                if not reply.HasField("model_result") or reply.model_result.call_id != call_id:
+                    raise ModelError("the executor answered a model call out of order")
+                if reply.model_result.error:
+                    raise ModelError(reply.model_result.error)
+                if not stream:
+                    yield reply.model_result.text
+                return
+        finally:
+            if not finished:
+                # The agent stopped reading early: the rest of this answer is still on its way
+                # and must not be taken for the answer to its next call.
+                while not self.channel.receive().HasField("model_result"):
+                    pass
 
     def complete(self, prompt: str, *, system: str = "") -> str:
         return "".join(self._answers(prompt, system, stream=False))

@@ -76,6 +76,8 @@ class ExecutorSettings:
     # An OpenAI-compatible server for manifests pinning provider "openai" (none: refused).
     openai_base_url: str = ""
     openai_api_key: str = field(default="", repr=False)
+    # Let tools live on loopback addresses (a one-machine set-up: `make run` turns it on).
+    tools_allow_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ class Settings:
     # Base64 of the 32-byte key that encrypts tool secrets at rest (registry). Kept out of repr so
     # that logging the settings cannot print it.
     secrets_key: str = field(default="", repr=False)
+    # Shared by registries and executors only: an executor proves with it that it may resolve
+    # tool secrets (ToolSecretsService). Kept out of repr like the key.
+    internal_token: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -140,8 +145,10 @@ class Settings:
                 key_rotation_hours=_float(env, "CORRAL_KEY_ROTATION_HOURS", 24.0),
                 openai_base_url=env.get("CORRAL_OPENAI_BASE_URL", "").strip(),
                 openai_api_key=env.get("CORRAL_OPENAI_API_KEY", ""),
+                tools_allow_loopback=_bool(env, "CORRAL_TOOLS_ALLOW_LOOPBACK", False),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
+            internal_token=env.get("CORRAL_INTERNAL_TOKEN", ""),
         )
 
     def require_database(self) -> str:

@@ -459,6 +459,8 @@ class Executor:
                     if not expired and now - sb.last_used > idle_limit and await self._busy_inside(sb):
                         sb.last_used = now  # AgentCore's contract: a HealthyBusy agent is not idle
                         continue
+                    if session in self._busy or self.sandboxes.get(session) is not sb:
+                        continue  # an invocation arrived while the agent was asked
                     if expired or now - sb.last_used > idle_limit:
                         log.info("stopping sandbox of %s (idle, expired or exited)", session)
                         await self._drop(session)

@@ -92,6 +92,9 @@ class Sandbox:
             code = await self.process.wait()
             raise Internal(f"the sandbox for {self.spec.session} exited at start (code {code})",
                            reason="SANDBOX_START_FAILED") from None
+        except BaseException:  # cancelled while it started: nothing may be left running
+            self.kill()
+            raise
         if frame.HasField("failed"):
             self.kill()
             raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)

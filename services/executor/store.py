@@ -141,7 +141,8 @@ class SpanForwarder:
             _replace(resource_spans.resource.attributes, trusted)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    kept = [kv for kv in span.attributes if kv.key not in trusted]
+                    kept = [kv for kv in span.attributes
+                            if kv.key not in trusted and not _counted_by_telemetry(kv.key)]
                     del span.attributes[:]
                     span.attributes.extend(kept)
         try:
@@ -153,6 +154,12 @@ class SpanForwarder:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
         await self.channel.close()
+
+
+def _counted_by_telemetry(key: str) -> bool:
+    """Attributes telemetry counts per version (invocations, tool calls, tokens): only the
+    executor's own spans may carry them, or an agent could forge its version's figures."""
+    return key in ("gen_ai.operation.name", "corral.tool.name") or key.startswith("gen_ai.usage.")
 
 
 def _replace(attributes: Any, values: Mapping[str, str]) -> None:

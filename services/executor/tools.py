@@ -5,11 +5,14 @@ sees a secret. Each call is an `execute_tool {tool}` span (telemetry counts call
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
@@ -85,11 +88,12 @@ class RegistryToolResolver:
     def __init__(self, settings: Settings) -> None:
         self.channel = channel(settings, "registry")
         self.stub = reg_grpc.ToolSecretsServiceStub(self.channel)
+        self.metadata = (*call_metadata(), ("x-corral-internal-token", settings.internal_token))
 
     async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
         try:
             resolved = await self.stub.ResolveTool(
-                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=call_metadata(),
+                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self.metadata,
                 timeout=timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
@@ -124,6 +128,7 @@ class ToolBroker:
         self.tracer = tracer or _tracer
         self.clock = clock
         self.max_payload = settings.executor.max_payload_bytes
+        self.allow_loopback = settings.executor.tools_allow_loopback
         # No redirects: following one would hand the token and the secret to another host. No
         # proxies from the environment either: tool traffic carries both.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
@@ -202,13 +207,42 @@ class ToolBroker:
         invocation = str(attributes.get("corral.invocation", ""))
         try:
             async with asyncio.timeout(limit):
+                await self._check_destination(resolved)
                 if resolved.kind == "http":
-                    return await self._http_call(resolved, token, invocation, payload, content_type,
-                                                 limit, secrets)
-                return await self._grpc_call(resolved, token, invocation, payload, content_type,
-                                             limit, secrets)
+                    outcome = await self._http_call(resolved, token, invocation, payload,
+                                                    content_type, limit, secrets)
+                else:
+                    outcome = await self._grpc_call(resolved, token, invocation, payload,
+                                                    content_type, limit, secrets)
         except TimeoutError:
             raise ToolFailure(TIMEOUT, f"tool {tool!r} did not answer within {limit:.3g}s ({why})") from None
+        if resolved.secret and resolved.secret.encode() in outcome.payload:
+            # A tool that echoes its request back would hand its own secret to the sandbox.
+            outcome = replace(outcome, payload=outcome.payload.replace(
+                resolved.secret.encode(), b"[redacted]"))
+        return outcome
+
+    async def _check_destination(self, tool: ResolvedTool) -> None:
+        """Refuses addresses a tenant must not reach through the executor: link-local (cloud
+        metadata services), multicast and unspecified ones always, loopback unless the operator
+        allows it (a one-machine set-up). Private networks, where tool services live, are fine."""
+        host = urlsplit(tool.address).hostname if tool.kind == "http" else tool.address.rpartition(":")[0]
+        host = (host or "").strip("[]")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # the call itself reports the unreachable host
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0])
+            if ip.is_link_local or ip.is_multicast or ip.is_unspecified or (
+                ip.is_loopback and not self.allow_loopback
+            ):
+                raise ToolFailure(
+                    PERMISSION_DENIED,
+                    f"tool {tool.tool!r} resolves to {ip}, an address tools may not use "
+                    "(link-local, multicast, unspecified, or loopback without "
+                    "CORRAL_TOOLS_ALLOW_LOOPBACK=true)",
+                )
 
     async def _resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
         key = (tenant, tool)

@@ -51,7 +51,11 @@ class Launcher:
         for svc, addr in self.settings.addrs.items():
             env[f"CORRAL_{svc.upper()}_ADDR"] = addr
         if not self.settings.secrets_key:
-            env["CORRAL_SECRETS_KEY"] = local_secrets_key(self.settings.data_dir)
+            env["CORRAL_SECRETS_KEY"] = local_secret(self.settings.data_dir, "secrets.key", 32)
+        if not self.settings.internal_token:
+            env["CORRAL_INTERNAL_TOKEN"] = local_secret(self.settings.data_dir, "internal.token", 24)
+        # One machine: tool services under development listen on localhost.
+        env.setdefault("CORRAL_TOOLS_ALLOW_LOOPBACK", "true")
         return env
 
     def start_storage(self) -> None:
@@ -171,16 +175,17 @@ class Launcher:
         return 0
 
 
-def local_secrets_key(data_dir: Path) -> str:
-    """The key that encrypts tool secrets at rest when CORRAL_SECRETS_KEY is not set: made once
-    and kept beside the embedded databases (mode 0600), so secrets survive a restart."""
-    path = data_dir / "secrets.key"
+def local_secret(data_dir: Path, name: str, size: int) -> str:
+    """A random secret made once and kept beside the embedded databases (mode 0600), for what
+    the environment does not set: the key that encrypts tool secrets at rest (they must survive
+    a restart) and the registries' and executors' internal token."""
+    path = data_dir / name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(secrets.token_bytes(32)).decode())
-        log.info("generated the tool-secrets key in %s (set CORRAL_SECRETS_KEY to use your own)", path)
+            f.write(base64.b64encode(secrets.token_bytes(size)).decode())
+        log.info("generated %s (set it in the environment to use your own)", path)
     return path.read_text().strip()
 
 

@@ -72,7 +72,8 @@ class RegistryService:
             RolloutServicer(rollouts, registry, experiments, analyze_experiment), server)
         tools = Tools(ToolStore(pool), secret_box(self.settings.secrets_key))
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)
-        tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(ToolSecretsServicer(tools), server)
+        tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(
+            ToolSecretsServicer(tools, self.settings.internal_token), server)
         return [
             registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
             rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,

@@ -3,6 +3,7 @@ ToolSecretsService, and the small domain between them (validation, secrets seale
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import re
@@ -22,6 +23,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from services.common.identity import Caller, caller
 from services.common.paging import paged
@@ -364,15 +366,30 @@ class ToolServicer(tools_pb2_grpc.ToolServiceServicer):
         return empty_pb2.Empty()
 
 
-class ToolSecretsServicer(tools_pb2_grpc.ToolSecretsServiceServicer):
-    """Internal: the executor's broker resolves tools here. Not routed by Envoy."""
+INTERNAL_TOKEN_HEADER = "x-corral-internal-token"
 
-    def __init__(self, tools: Tools) -> None:
+
+class ToolSecretsServicer(tools_pb2_grpc.ToolSecretsServiceServicer):
+    """Internal: the executor's broker resolves tools here, proving itself with the deployment's
+    internal token (CORRAL_INTERNAL_TOKEN, shared by registries and executors only). Not routed
+    by Envoy either."""
+
+    def __init__(self, tools: Tools, internal_token: str) -> None:
         self.tools = tools
+        self.internal_token = internal_token
 
     async def ResolveTool(
         self, request: pb.ResolveToolRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolvedTool:
+        presented = dict(context.invocation_metadata() or ()).get(INTERNAL_TOKEN_HEADER, "")
+        if not self.internal_token:
+            raise PermissionDenied(
+                "ResolveTool is for executors only, and this registry has no CORRAL_INTERNAL_TOKEN "
+                "to recognise them by; set the same one on registries and executors")
+        if not isinstance(presented, str) or not hmac.compare_digest(
+            presented.encode(), self.internal_token.encode()
+        ):
+            raise PermissionDenied("ResolveTool is for executors only (bad or missing internal token)")
         if not request.tenant:
             raise InvalidArgument.field("tenant", "required: the tenant whose tool to resolve")
         record, secret = await self.tools.resolve(request.tenant, check_tool_id(request.tool, "tool"))

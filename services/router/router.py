@@ -7,10 +7,17 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+
 from corral import names
 from corral.executor.v1 import executor_pb2
 from corral.sessions.v1 import sessions_pb2
-from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.errors import (
+    CorralError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+)
 from services.common.identity import Caller
 from services.router.endpoints import EndpointCache, EndpointView
 from services.router.routing import bucket, choose
@@ -85,24 +92,19 @@ class Router:
             # Not pinned here: most often a new session, so it is created straight away; one that
             # exists already (started through another router) is refused by the create and read.
             # That saves a new session a round trip to sessions.
-            if version:
-                digest = await self.clients.version_digest(version)
-                endpoint_name = ""
+            try:
+                created = await self._create(caller, session_id, agent, endpoint, version)
+            except (CorralError, grpc.aio.AioRpcError):
+                # Nothing to create it from (an endpoint or version that is not there): a session
+                # that exists needs neither, so its pin decides.
+                if not target.session_id or (pin := await self.clients.get_session(caller, name)) is None:
+                    raise
             else:
-                view = await self.endpoints.get(agent, endpoint)
-                number = choose(view.shares, bucket(view.salt, session_id))
-                version = names.version_name(agent, number)
-                digest = await self.clients.version_digest(version)
-                endpoint_name = names.endpoint_name(agent, endpoint)
-            created = await self.clients.create_session(
-                caller, session_id, agent, version, digest, endpoint_name
-            )
-            if created is not None:
-                self.pins.put(created)
-                return Resolved(name, version, digest, endpoint_name, True)
-            pin = await self.clients.get_session(caller, name)
-            if pin is None:
-                raise FailedPrecondition(f"{name} vanished while it was being created; retry")
+                if created is not None:
+                    return created
+                pin = await self.clients.get_session(caller, name)
+                if pin is None:
+                    raise FailedPrecondition(f"{name} vanished while it was being created; retry")
         if pin.agent != names.agent_name(agent):
             raise FailedPrecondition(
                 f"{name} belongs to {pin.agent}, not agents/{agent}; use another session id",
@@ -114,6 +116,28 @@ class Router:
             raise FailedPrecondition(f"{name} is {state}; start a new session", reason="SESSION_ENDED")
         self.pins.put(pin)
         return Resolved(name, pin.version, pin.version_digest, pin.endpoint, False)
+
+    async def _create(
+        self, caller: Caller, session_id: str, agent: str, endpoint: str, version: str
+    ) -> Resolved | None:
+        """Creates the session, pinned to `version` or to what `endpoint` chooses for it; None
+        when a session with that id exists already."""
+        if version:
+            digest = await self.clients.version_digest(version)
+            endpoint_name = ""
+        else:
+            view = await self.endpoints.get(agent, endpoint)
+            number = choose(view.shares, bucket(view.salt, session_id))
+            version = names.version_name(agent, number)
+            digest = await self.clients.version_digest(version)
+            endpoint_name = names.endpoint_name(agent, endpoint)
+        created = await self.clients.create_session(
+            caller, session_id, agent, version, digest, endpoint_name
+        )
+        if created is None:
+            return None
+        self.pins.put(created)
+        return Resolved(names.session_name(session_id), version, digest, endpoint_name, True)
 
     def _maybe_retired(self, pin: sessions_pb2.Session) -> bool:
         if not pin.endpoint:

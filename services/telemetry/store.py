@@ -194,8 +194,8 @@ class PgSpanStore:
                    count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}') AS tool_calls,
                    count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}' AND status = 'ERROR')
                        AS tool_failures,
-                   coalesce(sum((attributes->>'gen_ai.usage.input_tokens')::numeric), 0) AS input_tokens,
-                   coalesce(sum((attributes->>'gen_ai.usage.output_tokens')::numeric), 0) AS output_tokens
+                   coalesce(sum((CASE WHEN jsonb_typeof(attributes->'gen_ai.usage.input_tokens') = 'number' THEN (attributes->>'gen_ai.usage.input_tokens')::numeric END)), 0) AS input_tokens,
+                   coalesce(sum((CASE WHEN jsonb_typeof(attributes->'gen_ai.usage.output_tokens') = 'number' THEN (attributes->>'gen_ai.usage.output_tokens')::numeric END)), 0) AS output_tokens
               FROM telemetry.spans
              WHERE {where.sql}
              GROUP BY version"""

@@ -82,6 +82,10 @@ def run(payload, ctx):
     elif mode == "stream":
         for piece in ctx.model.stream("the client reported better sleep and less anxiety"):
             yield piece
+    elif mode == "partial":
+        for piece in ctx.model.stream("the client reported better sleep and less anxiety"):
+            break  # stops reading early: the next call must still get its own answer
+        yield json.dumps({"first": piece, "then": ctx.model.complete("second question asked")})
 """
 TOOLS = '\n[[tools]]\nname = "session_data"\n'
 
@@ -231,3 +235,6 @@ async def test_a_streamed_model_answer_arrives_in_pieces(world) -> None:
     whole = await mesh.invoke(agent, {"mode": "stream"})
     assert len(chunks) > 2 and b"".join(chunks) == whole.output
     assert b"key points" in whole.output
+    partial = json.loads((await mesh.invoke(agent, {"mode": "partial"})).output)
+    assert whole.output.decode().startswith(partial["first"])
+    assert partial["then"] == "[scripted-1] 3 words; key points: second, question, asked."

@@ -11,7 +11,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -743,3 +743,25 @@ async def test_a_session_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
     assert all(s.session != f"sessions/{session}" for s in listed)
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
     assert "expired" in (err.details() or "")
+
+
+async def test_a_router_that_has_not_seen_a_session_follows_its_pin(
+    mesh: Mesh, settings: Settings
+) -> None:
+    agent = await mesh.publish_agent("pinned", BEHAVIOUR)
+    session = f"{mesh.prefix}-pinned"
+    await mesh.invoke(agent, {}, session_id=session)
+    # A second router (a replica, or this one restarted) knows nothing of the session, and is
+    # asked through an endpoint that does not exist: the session's pin decides.
+    port = harness.free_port()
+    replica = replace(settings, addrs={**settings.addrs, "router": f"127.0.0.1:{port}"},
+                      listen={**settings.listen, "router": f"127.0.0.1:{port}"})
+    host = await harness.start_service("router", replica)
+    try:
+        async with grpc.aio.insecure_channel(replica.addrs["router"]) as channel:
+            reply = await router_pb2_grpc.RouterServiceStub(channel).Invoke(
+                rt.InvokeRequest(agent=f"agents/{agent}", endpoint="nowhere", session_id=session,
+                                 payload=body({})), metadata=mesh.me)
+    finally:
+        await host.stop(grace=0.5)
+    assert reply.output == b"Turn 2." and not reply.info.new_session

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -82,6 +83,11 @@ class Registry:
     audit: registry_pb2_grpc.RegistryServiceStub
     tenant: str
     md: Metadata = ()
+
+    @property
+    def internal(self) -> Metadata:
+        """What an executor presents to ResolveTool."""
+        return (("x-corral-internal-token", self.settings.internal_token),)
 
     async def create(self, tool_id: str, secret: str = "", **fields: Any) -> pb.Tool:
         tool = pb.Tool(secret=secret, **{"kind": pb.TOOL_KIND_HTTP, **fields})
@@ -309,11 +315,11 @@ async def test_the_secret_is_sealed_at_rest_and_never_returned(
     finally:
         await conn.close()
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="decoy")))
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="decoy"), metadata=registry.internal))
     assert "corral tools update decoy" in (err.details() or "")
 
     resolved = await registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"))
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"), metadata=registry.internal)
     assert resolved.secret == SECRET + "-2" and resolved.tool.has_secret and resolved.tool.secret == ""
 
     # "secret" in the mask with no secret removes it.
@@ -322,7 +328,7 @@ async def test_the_secret_is_sealed_at_rest_and_never_returned(
         metadata=registry.md)
     assert not cleared.has_secret
     resolved = await registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"))
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"), metadata=registry.internal)
     assert resolved.secret == ""
     assert not [r for r in caplog.records if SECRET in r.getMessage()]
 
@@ -373,7 +379,7 @@ async def test_the_cli_manages_tools_and_reads_secrets_from_env(
     updated = await asyncio.to_thread(run, "update", "cli_tool", "--secret-file", str(secret_file))
     assert updated["has_secret"] is True
     resolved = await registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="cli_tool"))
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="cli_tool"), metadata=registry.internal)
     assert resolved.secret == "from-a-file"
     cleared = await asyncio.to_thread(run, "update", "cli_tool", "--clear-secret")
     assert "has_secret" not in cleared
@@ -411,8 +417,13 @@ async def _http_tool(seen: Seen) -> tuple[web.AppRunner, int]:
         return web.Response(status=500, text=f"database down (key {secret}, auth "
                                              f"{request.headers.get('Authorization')})")
 
+    async def echo(request: web.Request) -> web.Response:
+        seen.requests.append((dict(request.headers), await request.read()))
+        return web.json_response({"headers": dict(request.headers)})  # a debugging tool, 200
+
     app = web.Application()
-    app.add_routes([web.post("/ok", ok), web.post("/slow", slow), web.post("/broken", broken)])
+    app.add_routes([web.post("/ok", ok), web.post("/slow", slow), web.post("/broken", broken),
+                    web.post("/echo", echo)])
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -492,6 +503,8 @@ async def tools(registry: Registry) -> AsyncIterator[Tools]:
     await registry.create("slow_web", address=f"{base}/slow")
     await registry.create("impatient", address=f"{base}/slow", timeout=seconds(0.2))
     await registry.create("broken", SECRET, address=f"{base}/broken")
+    await registry.create("echo", SECRET, address=f"{base}/echo")
+    await registry.create("metadata", address="http://169.254.169.254/latest/meta-data")
     await registry.create("refused", address=f"http://127.0.0.1:{harness.free_port()}/x")
     await registry.create("rpc", SECRET, kind=pb.TOOL_KIND_GRPC, address=f"127.0.0.1:{grpc_port}")
     await registry.create("rpc_refused", kind=pb.TOOL_KIND_GRPC, address=f"127.0.0.1:{harness.free_port()}")
@@ -600,3 +613,38 @@ async def test_each_call_is_a_span_telemetry_can_count(
         text = span.to_json()
         assert SECRET not in text and TOKEN not in text
     assert not [r for r in caplog.records if SECRET in r.getMessage() or TOKEN in r.getMessage()]
+
+
+async def test_resolving_secrets_takes_the_internal_token(registry: Registry) -> None:
+    await registry.create("guarded", address="https://tools.example.com/g", secret="hush-hush-1")
+    request = pb.ResolveToolRequest(tenant=registry.tenant, tool="guarded")
+    for metadata in ((), (("x-corral-internal-token", "guess"),)):
+        err = await fails(grpc.StatusCode.PERMISSION_DENIED,
+                          registry.secrets.ResolveTool(request, metadata=metadata))
+        assert "executors only" in (err.details() or "") and "hush-hush-1" not in str(err)
+    resolved = await registry.secrets.ResolveTool(request, metadata=registry.internal)
+    assert resolved.secret == "hush-hush-1"
+
+
+async def test_a_tool_that_echoes_its_secret_does_not_pass_it_to_the_agent(tools: Tools) -> None:
+    outcome = await tools.call("echo")
+    assert outcome.error_code == "" and SECRET.encode() not in outcome.payload
+    assert json.loads(outcome.payload)["headers"]["X-Corral-Tool-Secret"] == "[redacted]"
+
+
+async def test_link_local_and_unallowed_loopback_addresses_are_refused(
+    tools: Tools, registry: Registry
+) -> None:
+    outcome = await tools.call("metadata")
+    assert outcome.error_code == PERMISSION_DENIED and "169.254.169.254" in outcome.error
+    strict = ToolBroker(dataclasses.replace(registry.settings, executor=dataclasses.replace(
+        registry.settings.executor, tools_allow_loopback=False)), resolver=tools.resolver)
+    try:
+        outcome = await strict.call(
+            tenant=registry.tenant, tool="web", allowed=("web",), token=TOKEN, payload=b"{}",
+            content_type="application/json", timeout_s=None, deadline=time.time() + 10,
+            attributes={}, context=None)
+    finally:
+        await strict.close()
+    assert outcome.error_code == PERMISSION_DENIED and "CORRAL_TOOLS_ALLOW_LOOPBACK" in outcome.error
+    assert tools.http.requests == []

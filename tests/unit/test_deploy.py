@@ -159,14 +159,16 @@ def kind_and_name(doc: str) -> tuple[str, str]:
 
 
 def k8s_services() -> dict[str, int]:
-    """Service name → its port, over every manifest."""
+    """Service name → its gRPC port, over every manifest."""
     found = {}
     for path in manifests():
         for doc in documents(path):
             kind, name = kind_and_name(doc)
             if kind == "Service":
-                ports = re.findall(r"\bport: (\d+),", doc)
-                assert len(ports) == 1, f"{path.name}: Service {name} should have one port"
+                # Its gRPC port where it has one (the executor also serves HTTP), else its port.
+                ports = re.findall(r"name: grpc, port: (\d+),", doc) or re.findall(
+                    r"\bport: (\d+),", doc)
+                assert len(ports) == 1, f"{path.name}: Service {name} should have one gRPC port"
                 found[name] = int(ports[0])
     return found
 
