@@ -107,9 +107,13 @@ def example_bundle(dest: Path, deps: Path, name: str = "agentcore-hello") -> Pat
 # -- the mesh, with bwrap sandboxes --------------------------------------------------------------
 
 
-@pytest.fixture
-def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
-    return harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER="bwrap")
+@pytest.fixture(params=["bwrap", "gvisor"])
+def settings(
+    request: pytest.FixtureRequest, database_url: str, redis_url: str, tmp_path: Path
+) -> Settings:
+    if request.param == "gvisor" and shutil.which("runsc") is None:
+        pytest.skip("runsc is not installed (scripts/setup-sandbox.sh installs it)")
+    return harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER=request.param)
 
 
 @pytest_asyncio.fixture
