@@ -477,6 +477,30 @@ def metrics(state: State, agent: str) -> None:
 
 
 @cli.command()
+@json_option
+@pass_state
+def sandboxes(state: State) -> None:
+    """The executor's sandboxes (session, version, state, age, memory) and its warm pools."""
+    listing = state.client.sandboxes()
+
+    def human() -> None:
+        t = Table("session", "version", "state", "age", "memory MiB", "cpu s", "pid", "driver")
+        for sb in listing.sandboxes:
+            state_name = sb.State.Name(sb.state).removeprefix("STATE_").lower()
+            t.add_row(sb.session or "-", _short_version(sb.version), state_name,
+                      f"{sb.age.ToTimedelta().total_seconds():.0f}s", f"{sb.memory_bytes / 2**20:.1f}",
+                      f"{sb.cpu_seconds:.1f}", str(sb.pid), sb.driver)
+        out.print(t)
+        p = Table("warm pool", "ready", "target", "hits", "misses", "why")
+        for pool in listing.pools:
+            p.add_row(_short_version(pool.version), str(pool.ready), str(pool.target), str(pool.hits),
+                      str(pool.misses), ", ".join(pool.reasons) or "-")
+        out.print(p)
+
+    emit(state, to_dict(listing), human)
+
+
+@cli.command()
 @click.option("--resource", default="", help="Only changes to this resource (name prefix).")
 @click.option("--limit", default=50, show_default=True)
 @json_option

@@ -13,6 +13,8 @@ import grpc
 from corral import names
 from corral.bundle import pack
 from corral.config import ClientConfig
+from corral.executor.v1 import executor_pb2 as ex
+from corral.executor.v1 import executor_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
@@ -180,3 +182,8 @@ class CorralClient:
     def tools(self) -> tools_pb2_grpc.ToolServiceStub:
         """The tenant's tools (corral tools ...); served by the registry."""
         return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))
+
+    def sandboxes(self) -> ex.ListSandboxesResponse:
+        """The executor's sandboxes and warm pools (an operator's view, across tenants)."""
+        stub = executor_pb2_grpc.ExecutorServiceStub(self._channel("executor"))
+        return stub.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)

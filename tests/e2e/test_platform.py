@@ -76,6 +76,22 @@ def test_walkthrough(platform: dict[str, str]) -> None:
     assert 'corral_version_invocations_total{agent="agents/progress-report",version="agents/progress-report/versions/1"}' in text
     assert 'corral_version_latency_ms{agent="agents/progress-report"' in text
 
+    # The executor's view: the live sessions' sandboxes, the warm pools kept for prod's versions,
+    # and its own Prometheus page counting pool hits and misses.
+    listing = corral(env, "sandboxes")
+    live = {s["session"]: s for s in listing["sandboxes"] if s.get("session")}
+    assert live["sessions/e2e-a"]["state"] in ("STATE_IDLE", "STATE_BUSY")
+    if live["sessions/e2e-a"]["driver"] != "process":  # memory is read from its cgroup
+        assert int(live["sessions/e2e-a"].get("memory_bytes", 0)) > 0
+    pools = {p["version"]: p for p in listing["pools"]}
+    assert "routed" in pools["agents/progress-report/versions/2"]["reasons"]
+    executor_metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{env['CORRAL_EXECUTOR_HTTP_PORT']}/metrics", timeout=5).read().decode()
+    assert "corral_executor_warm_pool_misses_total" in executor_metrics
+    jwks = json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{env['CORRAL_EXECUTOR_HTTP_PORT']}/.well-known/jwks.json", timeout=5).read())
+    assert jwks["keys"] and jwks["keys"][0]["crv"] == "Ed25519"
+
     audit = corral(env, "audit", "--resource", "agents/progress-report/endpoints/prod")
     assert any(e["method"] == "UpdateEndpoint" and e["user"] == "tester" and e["tenant"] == "e2e" for e in audit)
 
