@@ -465,11 +465,12 @@ def metrics(state: State, agent: str) -> None:
 
     def human() -> None:
         t = Table("version", "calls", "errors", "err %", "sessions", "p50 ms", "p95 ms", "p99 ms",
-                  "tool calls", "tool fail %", "tokens in/out")
+                  "tool calls", "tool fail %", "tokens in/out", "cost $")
         for m in rows:
             t.add_row(_short_version(m.version), str(m.invocations), str(m.errors), f"{m.error_rate:.1%}", str(m.sessions),
                       f"{m.latency_p50_ms:.1f}", f"{m.latency_p95_ms:.1f}", f"{m.latency_p99_ms:.1f}",
-                      str(m.tool_calls), f"{m.tool_failure_rate:.1%}", f"{m.input_tokens}/{m.output_tokens}")
+                      str(m.tool_calls), f"{m.tool_failure_rate:.1%}", f"{m.input_tokens}/{m.output_tokens}",
+                      f"{m.cost_usd:.4f}" + ("*" if m.unpriced_models else ""))
         out.print(t)
 
     emit(state, [to_dict(m) | {"latency_p50_ms": m.latency_p50_ms, "latency_p95_ms": m.latency_p95_ms,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +44,26 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0:
         raise SettingsError(f"{name}={raw!r} must be positive")
     return value
+
+
+def _prices(env: Mapping[str, str], name: str) -> dict[str, tuple[float, float]]:
+    """`{"gpt-4o-mini": {"input": 0.15, "output": 0.6}}`: US dollars per million tokens."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+        prices = {
+            str(model): (float(p["input"]), float(p["output"])) for model, p in doc.items()
+        }
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise SettingsError(
+            f'{name} must be JSON like {{"gpt-4o-mini": {{"input": 0.15, "output": 0.6}}}} '
+            "(US dollars per million input and output tokens)"
+        ) from None
+    if any(v < 0 or not math.isfinite(v) for pair in prices.values() for v in pair):
+        raise SettingsError(f"{name}: prices must be finite and not negative")
+    return prices
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -106,6 +128,8 @@ class Settings:
     # Shared by registries and executors only: an executor proves with it that it may resolve
     # tool secrets (ToolSecretsService). Kept out of repr like the key.
     internal_token: str = field(default="", repr=False)
+    # Telemetry's price list: model id -> US dollars per million (input, output) tokens.
+    model_prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -149,6 +173,7 @@ class Settings:
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             internal_token=env.get("CORRAL_INTERNAL_TOKEN", ""),
+            model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
         )
 
     def require_database(self) -> str:

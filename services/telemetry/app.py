@@ -32,7 +32,7 @@ class TelemetryApp:
         pool = await create_pool(self._settings.require_database())
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
-        telemetry = Telemetry(PgSpanStore(pool))
+        telemetry = Telemetry(PgSpanStore(pool), self._settings.model_prices)
         evaluation = Evaluation(EvaluationStore(pool))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
             TraceServicer(telemetry, evaluation.record_exported_scores), server

@@ -88,6 +88,8 @@ def _metrics(m: VersionMetrics) -> telemetry_pb2.VersionMetrics:
         tool_failure_rate=m.tool_failure_rate,
         input_tokens=m.input_tokens,
         output_tokens=m.output_tokens,
+        cost_usd=m.cost_usd,
+        unpriced_models=m.unpriced_models,
     )
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -351,6 +351,10 @@ class VersionMetrics:
     tool_failures: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    # model id -> (input tokens, output tokens), for the cost.
+    tokens_by_model: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    cost_usd: float = 0.0
+    unpriced_models: tuple[str, ...] = ()
 
     @property
     def error_rate(self) -> float:
@@ -400,8 +404,10 @@ class SpanStore(Protocol):
 class Telemetry:
     """Stores exported spans and answers the tenant-scoped queries over them."""
 
-    def __init__(self, store: SpanStore) -> None:
+    def __init__(self, store: SpanStore, prices: Mapping[str, tuple[float, float]] | None = None) -> None:
         self._store = store
+        # model id -> US dollars per million (input, output) tokens.
+        self._prices = dict(prices or {})
 
     async def export(
         self, request: ExportTraceServiceRequest, *, default_tenant: str
@@ -456,4 +462,14 @@ class Telemetry:
             n = version_number(m.version)
             return (0, n, "") if n is not None else (1, 0, m.version)
 
-        return sorted(metrics, key=order)
+        return sorted((self._priced(m) for m in metrics), key=order)
+
+    def _priced(self, m: VersionMetrics) -> VersionMetrics:
+        cost, unpriced = 0.0, []
+        for model, (tokens_in, tokens_out) in sorted(m.tokens_by_model.items()):
+            price = self._prices.get(model)
+            if price is None:
+                unpriced.append(model)
+                continue
+            cost += (tokens_in * price[0] + tokens_out * price[1]) / 1_000_000
+        return replace(m, cost_usd=round(cost, 6), unpriced_models=tuple(unpriced))

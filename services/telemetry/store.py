@@ -21,6 +21,12 @@ from services.telemetry.spans import (
 
 log = logging.getLogger(__name__)
 
+
+def _number(key: str) -> str:
+    """SQL for a numeric span attribute, NULL when the span carries anything else there (spans
+    come from outside: a string must not break the query)."""
+    return f"(CASE WHEN jsonb_typeof(attributes->'{key}') = 'number' THEN (attributes->>'{key}')::numeric END)"
+
 # Column order shared by the insert's unnest() and by SpanRow.
 _COLUMNS = (
     ("trace_id", "text"),
@@ -194,12 +200,24 @@ class PgSpanStore:
                    count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}') AS tool_calls,
                    count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}' AND status = 'ERROR')
                        AS tool_failures,
-                   coalesce(sum((CASE WHEN jsonb_typeof(attributes->'gen_ai.usage.input_tokens') = 'number' THEN (attributes->>'gen_ai.usage.input_tokens')::numeric END)), 0) AS input_tokens,
-                   coalesce(sum((CASE WHEN jsonb_typeof(attributes->'gen_ai.usage.output_tokens') = 'number' THEN (attributes->>'gen_ai.usage.output_tokens')::numeric END)), 0) AS output_tokens
+                   coalesce(sum({_number('gen_ai.usage.input_tokens')}), 0) AS input_tokens,
+                   coalesce(sum({_number('gen_ai.usage.output_tokens')}), 0) AS output_tokens
               FROM telemetry.spans
              WHERE {where.sql}
              GROUP BY version"""
         records = await self._pool.fetch(sql, *where.args)
+        by_model: dict[str, dict[str, tuple[int, int]]] = {}
+        for r in await self._pool.fetch(
+            f"""SELECT version, attributes->>'gen_ai.request.model' AS model,
+                       coalesce(sum({_number('gen_ai.usage.input_tokens')}), 0) AS input_tokens,
+                       coalesce(sum({_number('gen_ai.usage.output_tokens')}), 0) AS output_tokens
+                  FROM telemetry.spans
+                 WHERE {where.sql} AND attributes ? 'gen_ai.request.model'
+                 GROUP BY version, model""",
+            *where.args,
+        ):
+            by_model.setdefault(r["version"], {})[r["model"]] = (
+                int(r["input_tokens"]), int(r["output_tokens"]))
         return [
             VersionMetrics(
                 version=r["version"],
@@ -214,6 +232,7 @@ class PgSpanStore:
                 tool_failures=r["tool_failures"],
                 input_tokens=int(r["input_tokens"]),
                 output_tokens=int(r["output_tokens"]),
+                tokens_by_model=by_model.get(r["version"], {}),
             )
             for r in records
         ]

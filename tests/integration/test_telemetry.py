@@ -4,10 +4,12 @@ then found, summarised and measured through TelemetryService, one tenant at a ti
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +31,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from services.common.settings import Settings
+from tests import harness
 from tests.conftest import StartServices
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -563,3 +566,42 @@ async def test_trace_with_nested_invocations_is_summarised_once(telemetry: Telem
         pb.ListTracesRequest(filter=pb.SpanFilter(errors_only=True)), metadata=md
     )
     assert [t.root_span_name for t in failed.traces] == ["invoke_agent helper"]
+
+
+async def test_tokens_and_their_cost_per_version(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    prices = {"gpt-x": {"input": 1.0, "output": 4.0}}  # dollars per million tokens
+    settings = harness.make_settings(database_url, redis_url, tmp_path,
+                                     CORRAL_MODEL_PRICES=json.dumps(prices))
+    host = await harness.start_service("telemetry", settings)
+    tenant, agent = f"c-{uid()}", f"agents/cost-{uid()}"
+    base = int(uuid.uuid4().int >> 64) << 32
+
+    def chat(span: int, model: str, tokens_in: object, tokens_out: object) -> Span:
+        parent = otlp_span(base, span, 10, 5, invocation(agent, 1, "sessions/c", tenant), parent=1)
+        values = {"gen_ai.request.model": AnyValue(string_value=model),
+                  "gen_ai.operation.name": AnyValue(string_value="chat")}
+        for key, value in (("input_tokens", tokens_in), ("output_tokens", tokens_out)):
+            values[f"gen_ai.usage.{key}"] = (AnyValue(int_value=value) if isinstance(value, int)
+                                             else AnyValue(string_value=str(value)))
+        parent.attributes.extend(KeyValue(key=k, value=v) for k, v in values.items())
+        return parent
+
+    spans = [
+        otlp_span(base, 1, 0, 50, invocation(agent, 1, "sessions/c", tenant)),
+        chat(2, "gpt-x", 1000, 500),
+        chat(3, "local-llama", 200, 100),  # no price for it
+        chat(4, "gpt-x", "lots", "more"),  # not numbers: ignored, and nothing breaks
+    ]
+    try:
+        async with grpc.aio.insecure_channel(settings.addrs["telemetry"]) as channel:
+            await trace_service_pb2_grpc.TraceServiceStub(channel).Export(export_request(spans))
+            result = await TelemetryServiceStub(channel).GetVersionMetrics(
+                pb.GetVersionMetricsRequest(agent=agent), metadata=as_tenant(tenant))
+    finally:
+        await host.stop(grace=0.5)
+    [m] = result.versions
+    assert (m.input_tokens, m.output_tokens) == (1200, 600)
+    assert m.cost_usd == pytest.approx((1000 * 1.0 + 500 * 4.0) / 1_000_000)
+    assert list(m.unpriced_models) == ["local-llama"]
