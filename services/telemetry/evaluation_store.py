@@ -10,6 +10,7 @@ import asyncpg
 
 from services.telemetry.analysis import SessionObservation
 from services.telemetry.spans import TOOL_ATTR
+from services.telemetry.store import number_attribute
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class EvaluationStore:
                     SELECT session,
                            count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}') AS tool_calls,
                            count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}' AND status = 'ERROR') AS tool_failures,
-                           coalesce(sum(coalesce((CASE WHEN jsonb_typeof(attributes->'gen_ai.usage.input_tokens') = 'number' THEN (attributes->>'gen_ai.usage.input_tokens')::numeric END), 0)
-                                        + coalesce((CASE WHEN jsonb_typeof(attributes->'gen_ai.usage.output_tokens') = 'number' THEN (attributes->>'gen_ai.usage.output_tokens')::numeric END), 0)), 0)
+                           coalesce(sum(coalesce({number_attribute('gen_ai.usage.input_tokens')}, 0)
+                                        + coalesce({number_attribute('gen_ai.usage.output_tokens')}, 0)), 0)
                                AS tokens
                     FROM telemetry.spans
                     WHERE version = $1 AND NOT is_invocation AND start_time >= $2 AND start_time < $3

@@ -22,7 +22,7 @@ from services.telemetry.spans import (
 log = logging.getLogger(__name__)
 
 
-def _number(key: str) -> str:
+def number_attribute(key: str) -> str:
     """SQL for a numeric span attribute, NULL when the span carries anything else there (spans
     come from outside: a string must not break the query)."""
     return f"(CASE WHEN jsonb_typeof(attributes->'{key}') = 'number' THEN (attributes->>'{key}')::numeric END)"
@@ -200,8 +200,8 @@ class PgSpanStore:
                    count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}') AS tool_calls,
                    count(*) FILTER (WHERE attributes ? '{TOOL_ATTR}' AND status = 'ERROR')
                        AS tool_failures,
-                   coalesce(sum({_number('gen_ai.usage.input_tokens')}), 0) AS input_tokens,
-                   coalesce(sum({_number('gen_ai.usage.output_tokens')}), 0) AS output_tokens
+                   coalesce(sum({number_attribute('gen_ai.usage.input_tokens')}), 0) AS input_tokens,
+                   coalesce(sum({number_attribute('gen_ai.usage.output_tokens')}), 0) AS output_tokens
               FROM telemetry.spans
              WHERE {where.sql}
              GROUP BY version"""
@@ -209,8 +209,8 @@ class PgSpanStore:
         by_model: dict[str, dict[str, tuple[int, int]]] = {}
         for r in await self._pool.fetch(
             f"""SELECT version, attributes->>'gen_ai.request.model' AS model,
-                       coalesce(sum({_number('gen_ai.usage.input_tokens')}), 0) AS input_tokens,
-                       coalesce(sum({_number('gen_ai.usage.output_tokens')}), 0) AS output_tokens
+                       coalesce(sum({number_attribute('gen_ai.usage.input_tokens')}), 0) AS input_tokens,
+                       coalesce(sum({number_attribute('gen_ai.usage.output_tokens')}), 0) AS output_tokens
                   FROM telemetry.spans
                  WHERE {where.sql} AND attributes ? 'gen_ai.request.model'
                  GROUP BY version, model""",
