@@ -27,8 +27,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
-from services.executor.broker import ModelBroker, ScriptedProvider
+from services.executor.broker import ModelBroker
 from services.executor.drivers.base import SandboxSpec
+from services.executor.providers import ScriptedProvider
 from services.executor.sandbox import Done, Sandbox
 
 AGENT = Path(__file__).parent / "agents" / "model"

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
-from services.executor.broker import ModelBroker, OpenAIProvider
+from services.executor.broker import ModelBroker
+from services.executor.openai_provider import OpenAIProvider
 from tests.harness import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]

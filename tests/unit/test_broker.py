@@ -15,14 +15,9 @@ import pytest
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.settings import SettingsError
-from services.executor.broker import (
-    Completion,
-    ModelBroker,
-    OpenAIProvider,
-    ProviderError,
-    ScriptedProvider,
-    providers_from_settings,
-)
+from services.executor.broker import ModelBroker, providers_from_settings
+from services.executor.openai_provider import OpenAIProvider
+from services.executor.providers import Completion, ProviderError, ScriptedProvider
 
 pytestmark = pytest.mark.timeout(10)
 
