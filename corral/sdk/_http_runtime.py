@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import http.client
 import json
+import logging
 import os
 import queue
 import socket
@@ -31,6 +32,7 @@ from typing import IO
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from corral.sdk._runtime import Channel, _die_with_parent
 
+log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 PORT = 8080  # AgentCore's contract: the agent serves on 8080
 SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
@@ -304,7 +306,7 @@ class Bridge:
         try:
             return _get_ping(PING_TIMEOUT_S)
         except (OSError, http.client.HTTPException, AgentServerError) as exc:
-            print(f"corral: GET /ping failed: {exc}", file=sys.stderr)
+            log.warning("GET /ping failed: %s", exc)
             return BUSY if self.in_flight.is_set() else HEALTHY
 
     def serve(self) -> None:
@@ -329,11 +331,13 @@ def _exit_with_server(server: AgentServer) -> None:
     code = server.process.wait()
     if server.stopping:
         return
-    print(f"corral: the agent's server exited with code {code}:\n{server.tail()}", file=sys.stderr)
+    log.error("the agent's server exited with code %s:\n%s", code, server.tail())
     os._exit(70)
 
 
 def main(argv: list[str]) -> int:
+    # Inside the sandbox stderr is the only way out: the executor's driver logs what comes.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="corral: %(message)s")
     _die_with_parent()
     fd, bundle_dir, entrypoint = int(argv[1]), Path(argv[2]), argv[3]
     channel = LockedChannel(socket.socket(fileno=fd))
