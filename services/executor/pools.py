@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.endpoint_watch import follow_endpoints
 from services.executor.metrics import ExecutorMetrics
 from services.executor.sandbox import Sandbox
 
@@ -222,30 +223,19 @@ class EndpointWatch:
                 await self._task
 
     async def _watch_forever(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                async for msg in self.stub.WatchEndpoints(registry_pb2.WatchEndpointsRequest()):
-                    if msg.snapshot:
-                        self._endpoints.clear()
-                    for ep in msg.endpoints:
-                        current = self._endpoints.get(ep.name)
-                        if current is None or ep.revision >= current.revision:
-                            self._endpoints[ep.name] = ep
-                    await self._publish()
-                    if msg.snapshot:
-                        self.synced.set()
-                        backoff = 0.5
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.info("endpoint watch for warm pools lost (%s); again in %.1fs",
-                         exc.code().name, backoff)
-            except Exception:
-                log.exception("endpoint watch for warm pools failed; again in %.1fs", backoff)
-            self.synced.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+        await follow_endpoints(self.stub, self._on_message, self.synced.clear,
+                               first_backoff_s=0.5, max_backoff_s=10.0)
+
+    async def _on_message(self, msg: registry_pb2.WatchEndpointsResponse) -> None:
+        if msg.snapshot:
+            self._endpoints.clear()
+        for ep in msg.endpoints:
+            current = self._endpoints.get(ep.name)
+            if current is None or ep.revision >= current.revision:
+                self._endpoints[ep.name] = ep
+        await self._publish()
+        if msg.snapshot:
+            self.synced.set()
 
     async def _publish(self) -> None:
         reasons: dict[str, set[str]] = {}

@@ -4,17 +4,13 @@ on every router within milliseconds and resolving needs no call on the hot path.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from corral import names
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.endpoint_watch import follow_endpoints
 from services.router.routing import Share
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,28 +77,17 @@ class EndpointCache:
         return self.apply(pb)
 
     async def _watch_forever(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                async for msg in self.stub.WatchEndpoints(registry_pb2.WatchEndpointsRequest()):
-                    if msg.snapshot:
-                        seen = set()
-                        for ep in msg.endpoints:
-                            view = self.apply(ep)
-                            seen.add((view.agent, view.endpoint))
-                        for key in set(self._views) - seen:
-                            del self._views[key]
-                        self.synced.set()
-                        backoff = 0.1
-                    else:
-                        for ep in msg.endpoints:
-                            self.apply(ep)
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("endpoint watch lost (%s); reconnecting in %.1fs", exc.code().name, backoff)
-            except Exception:
-                log.exception("endpoint watch failed; reconnecting in %.1fs", backoff)
-            self.synced.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await follow_endpoints(self.stub, self._on_message, self.synced.clear)
+
+    async def _on_message(self, msg: registry_pb2.WatchEndpointsResponse) -> None:
+        if msg.snapshot:
+            seen = set()
+            for ep in msg.endpoints:
+                view = self.apply(ep)
+                seen.add((view.agent, view.endpoint))
+            for key in set(self._views) - seen:
+                del self._views[key]
+            self.synced.set()
+        else:
+            for ep in msg.endpoints:
+                self.apply(ep)
