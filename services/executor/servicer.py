@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -14,14 +14,13 @@ from corral.executor.v1 import executor_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.identity import caller
 from services.common.interceptors import close_when_done
+from services.common.timestamps import timestamp
 from services.common.tracing import extract_metadata
 from services.executor.executor import Completed, Executor, Invocation, Started
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    return timestamp(datetime.fromtimestamp(seconds, UTC))
 
 
 def _cgroup_reading(sandbox: object, reading: str) -> int | float:
