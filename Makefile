@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test unit integration e2e bench proto lint clean help
+.PHONY: run test unit integration e2e bench proto lint typecheck clean help
 
 help:
 	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set)"
@@ -48,6 +48,11 @@ bench: .proto.stamp
 lint: .proto.stamp
 	cd protos && ../$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check corral services tests bench
+
+# Strict type checking; each agent bundle holds a module named `agent`, so each is a run of its own.
+typecheck: .proto.stamp
+	$(VENV)/bin/mypy
+	@for bundle in examples/*/ bench/agents/*/; do $(VENV)/bin/mypy --no-namespace-packages "$$bundle" || exit 1; done
 
 clean:
 	rm -rf .proto.stamp corral/*/v1 .corral

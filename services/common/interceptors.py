@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
-from services.common.errors import CorralError, to_status
+from services.common.status import domain_error, from_rpc_error, to_status
 
 log = logging.getLogger(__name__)
+
+# Handlers of every method pass through here, whatever their message types.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -21,18 +25,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, domain: str) -> None:
         self._domain = domain
 
-    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
-        if isinstance(exc, CorralError):
-            await context.abort_with_status(to_status(exc, self._domain))
-        if isinstance(exc, grpc.aio.AioRpcError):
-            # A downstream service failed: pass its status on unchanged, details included.
-            code = exc.code()
-            if code == grpc.StatusCode.UNKNOWN:
-                code = grpc.StatusCode.INTERNAL
-            details = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE:
-                details = f"{self._domain}: a service it depends on is unavailable: {details}"
-            await context.abort(code, details, tuple(exc.trailing_metadata() or ()))
+    async def _fail(self, exc: Exception, context: Context, method: str) -> None:
+        error = domain_error(exc)
+        if error is None and isinstance(exc, grpc.aio.AioRpcError):
+            # A call to another service failed outside a clients module: pass its status on.
+            error = from_rpc_error(exc, "a service it depends on")
+        if error is not None:
+            await context.abort_with_status(to_status(error, self._domain))
         log.exception("unexpected error in %s", method, exc_info=exc)
         await context.abort(
             grpc.StatusCode.INTERNAL,
@@ -41,9 +40,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -51,7 +50,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         fail = self._fail
 
         def wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def run(request: Any, context: Context) -> Any:
                 try:
                     return await behavior(request, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -62,7 +61,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return run
 
         def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def run(request: Any, context: Context) -> AsyncIterator[Any]:
                 try:
                     async for item in behavior(request, context):
                         yield item
@@ -103,7 +102,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 _closing: set[asyncio.Task[None]] = set()
 
 
-def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncGenerator[Any, None]) -> None:
+def close_when_done(context: Context, stream: AsyncGenerator[Any, None]) -> None:
     """Closes a streaming handler's generator as soon as its RPC ends. When the caller goes away
     while the handler is parked at a `yield` (the server writing its last message), no
     CancelledError reaches it, and its clean-up (cancelling the calls it made, releasing what it
@@ -115,9 +114,10 @@ def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncGenerator[An
         except RuntimeError:
             pass  # still running: the RPC's cancellation reaches it where it awaits
 
-    def on_done(_context: object) -> None:
+    def on_done(_context: Context) -> None:
         task = asyncio.ensure_future(close())
         _closing.add(task)
         task.add_done_callback(_closing.discard)
 
-    context.add_done_callback(on_done)
+    # The stubs declare the callback as a class rather than a callable Protocol.
+    context.add_done_callback(on_done)  # type: ignore[arg-type]

@@ -33,6 +33,10 @@ class Service(Protocol):
         the full names of the gRPC services registered (for health and reflection)."""
         ...
 
+    async def drain(self) -> None:
+        """Ends long-lived streams (watches) so that shutdown does not wait on them. Services
+        that subclass Service explicitly inherit this one, which has none to end."""
+
 
 class ServiceHost:
     """One grpc.aio server: a service's handlers plus health, reflection and the error mapping."""
@@ -84,10 +88,7 @@ class ServiceHost:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
-        drain = getattr(self.service, "drain", None)
-        if drain is not None:
-            # Lets a service end its long-lived streams (watches) so shutdown does not wait on them.
-            await drain()
+        await self.service.drain()
         await self._server.stop(grace)
         self._server = None
         await self._stack.aclose()

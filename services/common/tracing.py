@@ -38,11 +38,14 @@ def shutdown() -> None:
 
 
 def server_interceptor() -> grpc.aio.ServerInterceptor:
-    return aio_server_interceptor()  # type: ignore[no-any-return]
+    # opentelemetry-instrumentation-grpc has no type hints.
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
+    return interceptor
 
 
-def client_interceptors() -> Sequence[Any]:
-    return aio_client_interceptors()  # type: ignore[no-any-return]
+def client_interceptors() -> Sequence[grpc.aio.ClientInterceptor]:
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = aio_client_interceptors()  # type: ignore[no-untyped-call]
+    return interceptors
 
 
 def inject_metadata() -> tuple[tuple[str, str], ...]:

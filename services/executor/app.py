@@ -12,6 +12,7 @@ import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.kv import create_redis
+from services.common.server import Service
 from services.common.settings import Settings
 from services.executor.broker import ModelBroker, providers_from_settings
 from services.executor.credentials import CredentialIssuer, KeyRing, keep_rotated
@@ -20,7 +21,7 @@ from services.executor.drivers.cgroups import remove_orphans
 from services.executor.executor import Executor, default_holder
 from services.executor.http import ExecutorHttp
 from services.executor.metrics import ExecutorMetrics
-from services.executor.pools import EndpointWatch
+from services.executor.pools import EndpointWants
 from services.executor.servicer import ExecutorServicer
 from services.executor.store import BundleCache, SessionsClient, SpanForwarder
 from services.executor.tools import ToolBroker
@@ -28,7 +29,7 @@ from services.executor.tools import ToolBroker
 log = logging.getLogger(__name__)
 
 
-class ExecutorService:
+class ExecutorService(Service):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.executor: Executor | None = None
@@ -76,7 +77,7 @@ class ExecutorService:
         stack.push_async_callback(executor.close)
         self.executor = executor
         if executor.pools is not None:
-            watch = EndpointWatch(bundles.stub, executor.pools)
+            watch = EndpointWants(bundles.stub, executor.pools)
             watch.start()
             stack.push_async_callback(watch.close)
         if s.executor.http_port:

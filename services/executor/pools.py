@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.common.endpoint_watch import follow_endpoints
+from services.common.endpoint_watch import RegistryEndpoints
+from services.common.endpoints import EndpointMirror
 from services.executor.metrics import ExecutorMetrics
 from services.executor.sandbox import Sandbox
 
@@ -201,50 +202,33 @@ class WarmPools:
         task.add_done_callback(self._stopping.discard)
 
 
-class EndpointWatch:
-    """Follows the registry's endpoints and tells the pools which versions to keep warm: those an
-    endpoint routes to, and each endpoint's rollback version."""
+class EndpointWants:
+    """Tells the pools which versions the endpoints want warm: those an endpoint routes to, and
+    each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes."""
 
-    def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub, pools: WarmPools) -> None:
-        self.stub = stub
+    def __init__(self, registry: registry_pb2_grpc.RegistryServiceAsyncStub, pools: WarmPools) -> None:
+        self.registry = registry
         self.pools = pools
-        self._endpoints: dict[str, registry_pb2.Endpoint] = {}
+        self.mirror = EndpointMirror(
+            RegistryEndpoints(registry), on_change=self._publish, first_backoff_s=0.5,
+            max_backoff_s=10.0,
+        )
         self._digests: dict[str, str] = {}  # versions are immutable: cached for good
-        self._task: asyncio.Task[None] | None = None
-        self.synced = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._watch_forever())
+        self.mirror.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch_forever(self) -> None:
-        await follow_endpoints(self.stub, self._on_message, self.synced.clear,
-                               first_backoff_s=0.5, max_backoff_s=10.0)
-
-    async def _on_message(self, msg: registry_pb2.WatchEndpointsResponse) -> None:
-        if msg.snapshot:
-            self._endpoints.clear()
-        for ep in msg.endpoints:
-            current = self._endpoints.get(ep.name)
-            if current is None or ep.revision >= current.revision:
-                self._endpoints[ep.name] = ep
-        await self._publish()
-        if msg.snapshot:
-            self.synced.set()
+        await self.mirror.close()
 
     async def _publish(self) -> None:
         reasons: dict[str, set[str]] = {}
-        for ep in self._endpoints.values():
-            for target in ep.traffic:
-                if target.percent > 0:
-                    reasons.setdefault(target.version, set()).add("routed")
+        for ep in self.mirror.all():
+            for version in ep.versions():
+                reasons.setdefault(version.name, set()).add("routed")
             if ep.rollback_version:
-                reasons.setdefault(ep.rollback_version, set()).add("rollback")
+                rollback = ep.ref.parent.version(ep.rollback_version).name
+                reasons.setdefault(rollback, set()).add("rollback")
         wants: dict[str, Want] = {}
         for version, why in reasons.items():
             digest = await self._digest(version)
@@ -256,7 +240,7 @@ class EndpointWatch:
         digest = self._digests.get(version)
         if digest is None:
             try:
-                found = await self.stub.GetVersion(registry_pb2.GetVersionRequest(name=version))
+                found = await self.registry.GetVersion(registry_pb2.GetVersionRequest(name=version))
             except grpc.aio.AioRpcError as exc:
                 log.warning("cannot keep %s warm: %s", version, exc.details())
                 return ""

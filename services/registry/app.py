@@ -17,6 +17,7 @@ from corral.registry.v1 import (
 )
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
+from services.common.server import Service
 from services.common.settings import Settings
 from services.registry.clients import SessionPolicies, TelemetryAnalysis, TelemetryExperiments
 from services.registry.controller import RolloutController
@@ -36,7 +37,7 @@ from services.registry.webhooks import WebhookNotifier
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class RegistryService:
+class RegistryService(Service):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry: Registry | None = None

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import InvalidArgument
-
-BASIS_POINTS = 10_000
-
-
-@dataclass(frozen=True)
-class TrafficShare:
-    version: int
-    basis_points: int
-
-    @property
-    def percent(self) -> float:
-        return self.basis_points / 100
 
 
 def normalize_split(shares: Iterable[tuple[int, float]]) -> tuple[TrafficShare, ...]:

@@ -7,14 +7,16 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.common.endpoint_watch import RegistryEndpoints
+from services.common.endpoints import EndpointMirror
+from services.common.server import Service
 from services.common.settings import Settings
-from services.router.endpoints import EndpointCache
 from services.router.router import Router
 from services.router.servicer import RouterServicer
 from services.router.store import Clients
 
 
-class RouterService:
+class RouterService(Service):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.router: Router | None = None
@@ -22,7 +24,7 @@ class RouterService:
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         clients = Clients(self.settings)
         stack.push_async_callback(clients.close)
-        endpoints = EndpointCache(clients.registry)
+        endpoints = EndpointMirror(RegistryEndpoints(clients.registry))
         endpoints.start()
         stack.push_async_callback(endpoints.close)
         self.router = Router(clients, endpoints, self.settings.executor.max_payload_bytes)

@@ -12,6 +12,7 @@ import grpc
 from corral import names
 from corral.executor.v1 import executor_pb2
 from corral.sessions.v1 import sessions_pb2
+from services.common.endpoints import EndpointMirror, EndpointTraffic
 from services.common.errors import (
     CorralError,
     FailedPrecondition,
@@ -19,7 +20,6 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.identity import Caller
-from services.router.endpoints import EndpointCache, EndpointView
 from services.router.routing import bucket, choose
 from services.router.store import Clients, PinCache
 
@@ -71,7 +71,7 @@ def _parse_target(target: Target) -> tuple[str, str, str]:
 
 
 class Router:
-    def __init__(self, clients: Clients, endpoints: EndpointCache, max_payload_bytes: int) -> None:
+    def __init__(self, clients: Clients, endpoints: EndpointMirror, max_payload_bytes: int) -> None:
         self.clients = clients
         self.endpoints = endpoints
         self.pins = PinCache()
@@ -126,7 +126,7 @@ class Router:
             digest = await self.clients.version_digest(version)
             endpoint_name = ""
         else:
-            view = await self.endpoints.get(agent, endpoint)
+            view = await self.endpoints.get(names.EndpointRef(agent, endpoint))
             number = choose(view.shares, bucket(view.salt, session_id))
             version = names.version_name(agent, number)
             digest = await self.clients.version_digest(version)
@@ -147,15 +147,15 @@ class Router:
             number = names.parse_version(pin.version).number
         except names.ResourceNameError:
             return False
-        view = self.endpoints.cached(agent, endpoint)
-        return view is not None and all(share.version != number for share in view.shares)
+        view = self.endpoints.cached(names.EndpointRef(agent, endpoint))
+        return view is not None and not view.routes_to(number)
 
-    def cached_endpoint(self, name: str) -> tuple[EndpointView | None, bool]:
+    def cached_endpoint(self, name: str) -> tuple[EndpointTraffic | None, bool]:
         try:
             agent, endpoint = names.parse_endpoint(name)
         except names.ResourceNameError as exc:
             raise InvalidArgument.field("name", str(exc)) from None
-        return self.endpoints.cached(agent, endpoint), self.endpoints.synced.is_set()
+        return self.endpoints.cached(names.EndpointRef(agent, endpoint)), self.endpoints.synced.is_set()
 
     def check_payload(self, payload: bytes) -> None:
         if not payload:

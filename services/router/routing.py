@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-BUCKETS = 10_000
+from services.common.endpoints import BASIS_POINTS, TrafficShare
 
-
-@dataclass(frozen=True)
-class Share:
-    version: int
-    basis_points: int
+BUCKETS = BASIS_POINTS
 
 
 def bucket(salt: str, key: str) -> int:
@@ -22,7 +17,7 @@ def bucket(salt: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def choose(shares: Sequence[Share], bucket_no: int) -> int:
+def choose(shares: Sequence[TrafficShare], bucket_no: int) -> int:
     """The version whose range holds `bucket_no`. Shares must add up to BUCKETS; ranges are laid
     out in descending version order so the newest version's range starts at 0 and a growing
     canary takes buckets from the end of the older versions' ranges."""

@@ -126,6 +126,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if view is not None:
             out.revision = view.revision
             for share in view.shares:
-                out.traffic.add(version=f"agents/{view.agent}/versions/{share.version}",
+                out.traffic.add(version=view.ref.parent.version(share.version).name,
                                 percent=share.basis_points / 100)
         return out

@@ -10,6 +10,7 @@ import grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common import db
 from services.common.kv import KeySpace, create_redis
+from services.common.server import Service
 from services.common.settings import Settings
 from services.sessions.servicer import SessionsServicer
 from services.sessions.sessions import Sessions
@@ -18,7 +19,7 @@ from services.sessions.store import PgSessionStore, RecordCache, RedisLeases
 SERVICE_NAME = sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name
 
 
-class SessionsApp:
+class SessionsApp(Service):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 

@@ -11,6 +11,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
+from services.common.server import Service
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.evaluation_servicer import EvaluationServicer
@@ -24,7 +25,7 @@ TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].fu
 TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 
 
-class TelemetryApp:
+class TelemetryApp(Service):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 

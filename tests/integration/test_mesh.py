@@ -19,6 +19,7 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from corral import names
 from corral.bundle import pack
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
@@ -138,7 +139,7 @@ class Mesh:
         cache = self.hosts["router"].service.router.endpoints  # type: ignore[attr-defined]
         async with asyncio.timeout(5):
             while True:
-                view = cache.cached(agent, endpoint)
+                view = cache.cached(names.EndpointRef(agent, endpoint))
                 if view is not None and view.revision >= revision:
                     return
                 await asyncio.sleep(0.01)

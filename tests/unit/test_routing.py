@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from services.router.routing import BUCKETS, Share, bucket, choose
+from services.common.endpoints import TrafficShare as Share
+from services.router.routing import BUCKETS, bucket, choose
 
 KEYS = [f"session-{i}" for i in range(2000)]
 

@@ -1,0 +1,148 @@
+"""Endpoints as routers and executors see them: the traffic of each, mirrored from the registry's
+watch stream (a snapshot, then every change), opened again with backoff whenever it breaks.
+Routers resolve sessions from the mirror; executors choose from it the versions to keep warm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from corral.names import EndpointRef, VersionRef
+from services.common.background import TaskSet
+from services.common.errors import CorralError
+
+log = logging.getLogger(__name__)
+BASIS_POINTS = 10_000
+
+
+@dataclass(frozen=True)
+class TrafficShare:
+    version: int
+    basis_points: int
+
+    @property
+    def percent(self) -> float:
+        return self.basis_points / 100
+
+
+@dataclass(frozen=True)
+class EndpointTraffic:
+    ref: EndpointRef
+    salt: str
+    revision: int
+    shares: tuple[TrafficShare, ...]
+    # The version a rollback would return to (0: none).
+    rollback_version: int = 0
+
+    def routes_to(self, version: int) -> bool:
+        return any(s.version == version and s.basis_points > 0 for s in self.shares)
+
+    def versions(self) -> Iterable[VersionRef]:
+        return (VersionRef(self.ref.agent, s.version) for s in self.shares if s.basis_points > 0)
+
+
+@dataclass(frozen=True)
+class EndpointUpdate:
+    """One message of the watch: every endpoint (snapshot) or the ones that changed."""
+
+    endpoints: tuple[EndpointTraffic, ...]
+    snapshot: bool
+
+
+class EndpointSource(Protocol):
+    """The registry, as a mirror reads it."""
+
+    def watch(self) -> AsyncIterator[EndpointUpdate]:
+        """The watch stream; it ends or raises a CorralError when the connection is lost."""
+        ...
+
+    async def get(self, ref: EndpointRef) -> EndpointTraffic: ...
+
+
+class EndpointMirror:
+    """The newest revision of every endpoint, kept by following the watch until closed."""
+
+    def __init__(
+        self,
+        source: EndpointSource,
+        *,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        first_backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self._source = source
+        self._on_change = on_change
+        self._first_backoff_s = first_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._endpoints: dict[EndpointRef, EndpointTraffic] = {}
+        self._tasks = TaskSet("endpoint watch")
+        self.synced = asyncio.Event()
+        # When each revision was applied (monotonic seconds), for propagation measurements.
+        self.applied_at: dict[tuple[EndpointRef, int], float] = {}
+
+    def start(self) -> None:
+        self._tasks.spawn(self._follow_forever())
+
+    async def close(self) -> None:
+        await self._tasks.close()
+
+    def cached(self, ref: EndpointRef) -> EndpointTraffic | None:
+        return self._endpoints.get(ref)
+
+    def all(self) -> list[EndpointTraffic]:
+        return list(self._endpoints.values())
+
+    async def get(self, ref: EndpointRef) -> EndpointTraffic:
+        """The mirrored endpoint; on a miss (one created a moment ago, or the watch still
+        connecting) it is read from the registry."""
+        found = self._endpoints.get(ref)
+        if found is not None:
+            return found
+        return self.apply(await self._source.get(ref))
+
+    def apply(self, endpoint: EndpointTraffic) -> EndpointTraffic:
+        """Keeps `endpoint` unless a newer revision is mirrored already; returns the kept one."""
+        current = self._endpoints.get(endpoint.ref)
+        if current is not None and endpoint.revision < current.revision:
+            return current
+        self._endpoints[endpoint.ref] = endpoint
+        if len(self.applied_at) > 10_000:
+            self.applied_at.clear()
+        self.applied_at[(endpoint.ref, endpoint.revision)] = time.monotonic()
+        return endpoint
+
+    async def _follow_forever(self) -> None:
+        backoff = self._first_backoff_s
+        while True:
+            try:
+                async for update in self._source.watch():
+                    await self._take(update)
+                    if update.snapshot:
+                        backoff = self._first_backoff_s
+                log.warning("endpoint watch ended; reconnecting in %.1fs", backoff)
+            except asyncio.CancelledError:
+                raise
+            except CorralError as exc:
+                log.warning("endpoint watch lost (%s); reconnecting in %.1fs", exc.message, backoff)
+            except Exception:
+                log.exception("endpoint watch failed; reconnecting in %.1fs", backoff)
+            self.synced.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    async def _take(self, update: EndpointUpdate) -> None:
+        if update.snapshot:
+            seen = {self.apply(e).ref for e in update.endpoints}
+            for ref in set(self._endpoints) - seen:
+                del self._endpoints[ref]
+        else:
+            for endpoint in update.endpoints:
+                self.apply(endpoint)
+        if self._on_change is not None:
+            await self._on_change()
+        if update.snapshot:
+            self.synced.set()

@@ -1,0 +1,151 @@
+"""The one table between the domain error tree and gRPC status codes.
+
+Servers: `to_status` turns a domain error into a grpc.Status carrying google.rpc.ErrorInfo (and
+BadRequest for bad input). Clients: `from_rpc_error` turns a failed call back into the domain
+error it stands for, so a service's clients module raises the same tree its domain catches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from corral.names import ResourceNameError
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    CorralError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+STATUS_CODES: Mapping[type[CorralError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Aborted: grpc.StatusCode.ABORTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    Internal: grpc.StatusCode.INTERNAL,
+}
+_ERRORS: Mapping[grpc.StatusCode, type[CorralError]] = {v: k for k, v in STATUS_CODES.items()}
+
+
+def status_code(error: CorralError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if issubclass(cls, CorralError) and cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def domain_error(exc: Exception) -> CorralError | None:
+    """The domain error an exception stands for, or None when it is not one (a bug)."""
+    if isinstance(exc, CorralError):
+        return exc
+    if isinstance(exc, ResourceNameError):
+        return InvalidArgument.field(exc.field, exc.message)
+    return None
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: CorralError, domain: str) -> grpc.Status:
+    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error."""
+    code = status_code(error)
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=error.reason, domain=error.domain or domain, metadata=error.metadata
+            )
+        )
+    ]
+    if error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    status = status_pb2.Status(
+        code=code_pb2.Code.Value(code.name), message=error.message, details=details
+    )
+    return rpc_status.to_status(status)
+
+
+_DETAILS_KEY = "grpc-status-details-bin"
+_Detail = TypeVar("_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
+
+
+def _google_status(err: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status a server attached to a failed call (what grpc_status's from_call
+    reads, for the aio error its stubs do not take)."""
+    for key, value in err.trailing_metadata() or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def _detail(status: status_pb2.Status | None, message: _Detail) -> _Detail | None:
+    for detail in status.details if status is not None else ():
+        if detail.Unpack(message):
+            return message
+    return None
+
+
+def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a Corral service attached to a failed call, if any."""
+    return _detail(_google_status(err), error_details_pb2.ErrorInfo())
+
+
+def field_violations(err: grpc.aio.AioRpcError) -> list[FieldViolation]:
+    """The BadRequest field violations a Corral service attached to a failed call."""
+    bad = _detail(_google_status(err), error_details_pb2.BadRequest())
+    if bad is None:
+        return []
+    return [FieldViolation(v.field, v.description) for v in bad.field_violations]
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
+    """The domain error a failed call to `service` stands for, keeping its reason, field
+    violations and metadata. A service that cannot be reached is Unavailable, naming it."""
+    code = err.code()
+    message = err.details() or code.name
+    info = error_info(err)
+    if info is None and code == grpc.StatusCode.UNAVAILABLE:
+        # Not an answer from the service but a failure to reach it.
+        message = f"{service} is unavailable ({message}); retry shortly"
+    return _ERRORS.get(code, Internal)(
+        message,
+        reason=info.reason if info is not None and info.reason else None,
+        violations=field_violations(err),
+        metadata=dict(info.metadata) if info is not None else {},
+        domain=info.domain if info is not None and info.domain else service,
+    )
