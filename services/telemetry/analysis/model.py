@@ -24,8 +24,15 @@ class SessionObservation:
     failed: bool = False  # a session-level failure besides failed invocations
 
     def __post_init__(self) -> None:
-        for name in ("invocations", "failed_invocations", "tool_calls", "tool_failures", "tokens"):
-            if getattr(self, name) < 0:
+        counts = {
+            "invocations": self.invocations,
+            "failed_invocations": self.failed_invocations,
+            "tool_calls": self.tool_calls,
+            "tool_failures": self.tool_failures,
+            "tokens": self.tokens,
+        }
+        for name, count in counts.items():
+            if count < 0:
                 raise ValueError(f"session observation: {name} must be >= 0")
         if self.failed_invocations > self.invocations:
             raise ValueError("session observation: failed_invocations exceeds invocations")

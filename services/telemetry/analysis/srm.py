@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats  # pyright: ignore[reportMissingTypeStubs]
+from scipy import stats
 
 SRM_P_VALUE = 0.001
 
@@ -47,11 +47,5 @@ def sample_ratio_check(
         return SampleRatioCheck(dict(observed), shares, 0.0, 1.0, False)
     expected = total * np.array([shares[name] for name in names])
     chi2 = float(np.sum(np.square(counts - expected) / expected))
-    p = _chi2_survival(chi2, len(names) - 1)
+    p = float(stats.chi2.sf(chi2, len(names) - 1))
     return SampleRatioCheck(dict(observed), shares, chi2, p, p < threshold)
-
-
-def _chi2_survival(statistic: float, dof: int) -> float:
-    # scipy ships no type information.
-    survival = stats.chi2.sf(statistic, dof)  # pyright: ignore[reportUnknownMemberType]
-    return float(survival)  # pyright: ignore[reportUnknownArgumentType]
