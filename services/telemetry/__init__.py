@@ -1,1 +1,1 @@
-"""Telemetry: OTLP spans in, queries over spans, traces and per-version metrics out."""
+"""Telemetry: OTLP spans in; spans, traces, per-version metrics, scores and version comparisons out."""

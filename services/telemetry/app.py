@@ -1,7 +1,9 @@
-"""Wires telemetry: pool and migrations → store → domain → the two servicers on one server."""
+"""Wires telemetry: pool and migrations → stores → domains → the two servicers on one server, and
+the Prometheus exporter over the fleet's figures."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -14,13 +16,16 @@ from services.common.prometheus import MetricsExporter
 from services.common.server import Service
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
-from services.telemetry.evaluation_servicer import EvaluationServicer
-from services.telemetry.evaluation_store import EvaluationStore
 from services.telemetry.prometheus import version_snapshot
-from services.telemetry.servicer import TraceServicer
+from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
-from services.telemetry.store import PgSpanStore
+from services.telemetry.store import PgFleetMetrics, PgScoreStore, PgSpanStore
+from services.telemetry.trace_servicer import TraceServicer
 
+# opentelemetry-proto ships its *_pb2_grpc modules without annotations: typed here, once.
+_add_trace_servicer: Callable[[TraceServicer, grpc.aio.Server], None] = (
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server
+)
 TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 
@@ -33,18 +38,21 @@ class TelemetryApp(Service):
         pool = await create_pool(self._settings.require_database())
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
-        telemetry = Telemetry(PgSpanStore(pool), self._settings.model_prices)
-        evaluation = Evaluation(EvaluationStore(pool))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            TraceServicer(telemetry, evaluation.record_exported_scores), server
-        )
+        spans, scores = PgSpanStore(pool), PgScoreStore(pool)
+        telemetry = Telemetry(spans, scores, self._settings.model_prices)
+        _add_trace_servicer(TraceServicer(telemetry), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            EvaluationServicer(telemetry, evaluation), server
+            TelemetryServicer(telemetry, Evaluation(scores, spans)), server
         )
-        exporter = MetricsExporter(self._settings.metrics_ports["telemetry"], version_snapshot(pool))
+        exporter = MetricsExporter(
+            self._settings.metrics_ports["telemetry"], version_snapshot(PgFleetMetrics(pool))
+        )
         exporter.start()
         stack.push_async_callback(exporter.stop)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
+
+    async def drain(self) -> None:
+        """Telemetry serves no long-lived streams."""
 
 
 def build(settings: Settings) -> TelemetryApp:

@@ -1,153 +1,144 @@
-"""gRPC ↔ domain for OTLP's TraceService/Export and corral.telemetry.v1.TelemetryService."""
+"""corral.telemetry.v1.TelemetryService over gRPC: parses the names a request carries, calls the
+span or the evaluation domain once, and answers with the messages of messages.py."""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from datetime import UTC, datetime
 
-import grpc
-from google.protobuf import struct_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from corral.telemetry.v1 import telemetry_pb2 as pb
+from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.identity import caller
-from services.common.timestamps import optional_time, timestamp
-from services.telemetry.spans import SpanFilter, SpanRow, Telemetry, TraceSummary, VersionMetrics
+from services.common.interceptors import Context
+from services.common.timestamps import optional_time
+from services.telemetry import messages
+from services.telemetry.evaluation import Evaluation
+from services.telemetry.model import (
+    AnalysisScope,
+    ScoreFilter,
+    ScoreInput,
+    ScoreSource,
+    SpanFilter,
+    Variant,
+    VersionComparison,
+)
+from services.telemetry.spans import Telemetry
 
-log = logging.getLogger(__name__)
 
-_STATUS = {
-    "OK": telemetry_pb2.SPAN_STATUS_OK,
-    "ERROR": telemetry_pb2.SPAN_STATUS_ERROR,
-}
-
-
-def _filter(message: telemetry_pb2.SpanFilter) -> SpanFilter:
+def span_filter(f: pb.SpanFilter) -> SpanFilter:
+    """A request's `filter`, its names parsed (a bad one is refused naming filter.<field>)."""
+    prefix = "filter."
     return SpanFilter(
-        agent=message.agent,
-        version=message.version,
-        endpoint=message.endpoint,
-        session=message.session,
-        trace_id=message.trace_id,
-        start_time=optional_time(message, "start_time"),
-        end_time=optional_time(message, "end_time"),
-        errors_only=message.errors_only,
+        agent=AgentRef.parse(f.agent, field=prefix + "agent") if f.agent else None,
+        version=VersionRef.parse(f.version, field=prefix + "version") if f.version else None,
+        endpoint=EndpointRef.parse(f.endpoint, field=prefix + "endpoint") if f.endpoint else None,
+        session=SessionRef.parse(f.session, field=prefix + "session") if f.session else None,
+        trace_id=f.trace_id,
+        start_time=optional_time(f, "start_time"),
+        end_time=optional_time(f, "end_time"),
+        errors_only=f.errors_only,
     )
 
 
-def _span(row: SpanRow) -> telemetry_pb2.Span:
-    attributes = struct_pb2.Struct()
-    attributes.update(dict(row.attributes))
-    return telemetry_pb2.Span(
-        trace_id=row.trace_id,
-        span_id=row.span_id,
-        parent_span_id=row.parent_span_id,
-        name=row.name,
-        service=row.service,
-        start_time=timestamp(row.start_time),
-        end_time=timestamp(row.end_time),
-        duration_ms=row.duration_ms,
-        status=_STATUS.get(row.status, telemetry_pb2.SPAN_STATUS_UNSPECIFIED),
-        status_message=row.status_message,
-        agent=row.agent,
-        version=row.version,
-        endpoint=row.endpoint,
-        session=row.session,
-        tenant=row.tenant,
-        attributes=attributes,
+def _span_query(
+    request: pb.ListSpansRequest | pb.ListTracesRequest, context: Context
+) -> tuple[str, SpanFilter, int, str]:
+    """What ListSpans and ListTraces ask the domain: the caller's tenant, the filter, the page."""
+    return (
+        caller(context).tenant,
+        span_filter(request.filter),
+        request.page_size,
+        request.page_token,
     )
 
 
-def _trace(summary: TraceSummary) -> telemetry_pb2.TraceSummary:
-    return telemetry_pb2.TraceSummary(
-        trace_id=summary.trace_id,
-        root_span_name=summary.root_span_name,
-        start_time=timestamp(summary.start_time),
-        duration_ms=summary.duration_ms,
-        status=_STATUS.get(summary.status, telemetry_pb2.SPAN_STATUS_UNSPECIFIED),
-        agent=summary.agent,
-        version=summary.version,
-        endpoint=summary.endpoint,
-        session=summary.session,
-        span_count=summary.span_count,
+def _scope(
+    request: pb.CompareVersionsRequest | pb.AnalyzeExperimentRequest,
+) -> AnalysisScope:
+    endpoint = request.endpoint
+    return AnalysisScope(
+        agent=AgentRef.parse(request.agent, field="agent"),
+        start=optional_time(request, "start_time"),
+        end=optional_time(request, "end_time"),
+        endpoint=EndpointRef.parse(endpoint, field="endpoint") if endpoint else None,
+        metrics=[messages.metric_request(m) for m in request.metrics],
+        alpha=request.alpha,
     )
-
-
-def _metrics(m: VersionMetrics) -> telemetry_pb2.VersionMetrics:
-    return telemetry_pb2.VersionMetrics(
-        version=m.version,
-        invocations=m.invocations,
-        errors=m.errors,
-        error_rate=m.error_rate,
-        sessions=m.sessions,
-        latency_p50_ms=m.latency_p50_ms,
-        latency_p95_ms=m.latency_p95_ms,
-        latency_p99_ms=m.latency_p99_ms,
-        tool_calls=m.tool_calls,
-        tool_failures=m.tool_failures,
-        tool_failure_rate=m.tool_failure_rate,
-        input_tokens=m.input_tokens,
-        output_tokens=m.output_tokens,
-        cost_usd=m.cost_usd,
-        unpriced_models=m.unpriced_models,
-    )
-
-
-class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
-    """OpenTelemetry's OTLP/gRPC trace receiver, so any OTel SDK or Collector can send here."""
-
-    def __init__(self, telemetry: Telemetry, on_export: Any = None) -> None:
-        self._telemetry = telemetry
-        # Called with (request, tenant) after the spans are stored: scores carried as span events.
-        self._on_export = on_export
-
-    async def Export(
-        self,
-        request: trace_service_pb2.ExportTraceServiceRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        tenant = caller(context).tenant
-        result = await self._telemetry.export(request, default_tenant=tenant)
-        if self._on_export is not None:
-            await self._on_export(request, tenant)
-        response = trace_service_pb2.ExportTraceServiceResponse()
-        if result.rejected:
-            response.partial_success.rejected_spans = result.rejected
-            response.partial_success.error_message = result.reason
-        return response
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: Telemetry, evaluation: Evaluation) -> None:
         self._telemetry = telemetry
+        self._evaluation = evaluation
 
     async def ListSpans(
-        self, request: telemetry_pb2.ListSpansRequest, context: grpc.aio.ServicerContext
-    ) -> telemetry_pb2.ListSpansResponse:
-        page = await self._telemetry.list_spans(
-            caller(context).tenant, _filter(request.filter), request.page_size, request.page_token
-        )
-        return telemetry_pb2.ListSpansResponse(
-            spans=[_span(row) for row in page.spans], next_page_token=page.next_page_token
-        )
+        self, request: pb.ListSpansRequest, context: Context
+    ) -> pb.ListSpansResponse:
+        page = await self._telemetry.list_spans(*_span_query(request, context))
+        return messages.spans_response(page)
 
     async def ListTraces(
-        self, request: telemetry_pb2.ListTracesRequest, context: grpc.aio.ServicerContext
-    ) -> telemetry_pb2.ListTracesResponse:
-        page = await self._telemetry.list_traces(
-            caller(context).tenant, _filter(request.filter), request.page_size, request.page_token
-        )
-        return telemetry_pb2.ListTracesResponse(
-            traces=[_trace(t) for t in page.traces], next_page_token=page.next_page_token
-        )
+        self, request: pb.ListTracesRequest, context: Context
+    ) -> pb.ListTracesResponse:
+        page = await self._telemetry.list_traces(*_span_query(request, context))
+        return messages.traces_response(page)
 
     async def GetVersionMetrics(
-        self, request: telemetry_pb2.GetVersionMetricsRequest, context: grpc.aio.ServicerContext
-    ) -> telemetry_pb2.GetVersionMetricsResponse:
+        self, request: pb.GetVersionMetricsRequest, context: Context
+    ) -> pb.GetVersionMetricsResponse:
         metrics = await self._telemetry.version_metrics(
             caller(context).tenant,
-            request.agent,
+            AgentRef.parse(request.agent, field="agent"),
             optional_time(request, "start_time"),
             optional_time(request, "end_time"),
         )
-        return telemetry_pb2.GetVersionMetricsResponse(versions=[_metrics(m) for m in metrics])
+        return pb.GetVersionMetricsResponse(
+            versions=[messages.version_metrics_pb(m) for m in metrics]
+        )
+
+    async def RecordScore(self, request: pb.RecordScoreRequest, context: Context) -> pb.Score:
+        s = request.score
+        score = ScoreInput(
+            session=SessionRef.parse(s.session, field="score.session"),
+            name=s.score_name,
+            value=s.value,
+            trace_id=s.trace_id,
+            source=messages.SOURCE_FROM_PB.get(s.source, ScoreSource.HUMAN),
+            comment=s.comment,
+        )
+        return messages.score_pb(await self._evaluation.record_score(caller(context), score))
+
+    async def ListScores(
+        self, request: pb.ListScoresRequest, context: Context
+    ) -> pb.ListScoresResponse:
+        # Scores are found by the session or version they were recorded on.
+        f = span_filter(request.filter)
+        where = ScoreFilter(session=f.session, version=f.version, name=request.score_name)
+        page = await self._evaluation.list_scores(
+            caller(context), where, request.page_size, request.page_token
+        )
+        return pb.ListScoresResponse(
+            scores=[messages.score_pb(s) for s in page.items], next_page_token=page.next_page_token
+        )
+
+    async def CompareVersions(
+        self, request: pb.CompareVersionsRequest, context: Context
+    ) -> pb.CompareVersionsResponse:
+        comparison = VersionComparison(
+            scope=_scope(request),
+            baseline=VersionRef.parse(request.baseline_version, field="baseline_version"),
+            candidate=VersionRef.parse(request.candidate_version, field="candidate_version"),
+            min_sessions=request.min_sessions,
+        )
+        result = await self._evaluation.compare(comparison)
+        return messages.comparison_response(result, comparison, datetime.now(UTC))
+
+    async def AnalyzeExperiment(
+        self, request: pb.AnalyzeExperimentRequest, context: Context
+    ) -> pb.AnalyzeExperimentResponse:
+        variants = [
+            Variant(VersionRef.parse(v.version, field=f"variants[{i}].version"), v.percent)
+            for i, v in enumerate(request.variants)
+        ]
+        result = await self._evaluation.analyze_experiment(_scope(request), variants)
+        return messages.experiment_response(result, variants)

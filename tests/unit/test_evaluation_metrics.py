@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.telemetry.evaluation import MetricRequest, metric_spec
+from services.telemetry.model import MetricRequest
+from services.telemetry.rules import metric_spec
 
 
 def test_session_errors_fail_on_any_established_degradation_by_default() -> None:

@@ -1,7 +1,9 @@
-"""OTLP → span rows, filter validation and page tokens: telemetry's domain without sockets."""
+"""OTLP → span rows and scores, filter validation and page tokens: telemetry's span domain and
+its servicer's conversions, against fakes (no sockets)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,16 +18,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from corral.names import AgentRef, VersionRef
+from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common.errors import InvalidArgument
-from services.telemetry.spans import (
-    Cursor,
-    SpanFilter,
-    check_agent,
-    decode_page_token,
-    encode_page_token,
-    page_size,
-    rows_from_export,
-)
+from services.common.status import domain_error
+from services.telemetry import rules
+from services.telemetry.model import ScoreSource, SpanFilter, SpanRow
+from services.telemetry.otlp import export_batch
+from services.telemetry.servicer import span_filter
+from services.telemetry.spans import Telemetry
+from tests.fakes import FakeScoreStore, FakeSpanStore
 
 TRACE = bytes(range(16))
 T0 = 1_700_000_000_000_000_000  # nanoseconds since the epoch
@@ -62,7 +64,7 @@ def span(number: int = 1, **fields: object) -> Span:
 
 def test_ids_are_hex_and_durations_in_milliseconds() -> None:
     parent = span(0xABCDEF, parent_span_id=(7).to_bytes(8, "big"), kind=Span.SPAN_KIND_CLIENT)
-    row = rows_from_export(request([parent]), "default").rows[0]
+    row = export_batch(request([parent]), "default").rows[0]
     assert row.trace_id == "000102030405060708090a0b0c0d0e0f"
     assert row.span_id == "0000000000abcdef"
     assert row.parent_span_id == "0000000000000007"
@@ -73,7 +75,7 @@ def test_ids_are_hex_and_durations_in_milliseconds() -> None:
 
 
 def test_root_span_has_no_parent_and_end_before_start_is_zero_length() -> None:
-    row = rows_from_export(request([span(end_time_unix_nano=T0 - 5)]), "default").rows[0]
+    row = export_batch(request([span(end_time_unix_nano=T0 - 5)]), "default").rows[0]
     assert row.parent_span_id == ""
     assert row.duration_ms == 0
     assert row.end_time == row.start_time
@@ -87,8 +89,8 @@ def test_root_span_has_no_parent_and_end_before_start_is_zero_length() -> None:
         (Status.STATUS_CODE_ERROR, "ERROR"),
     ],
 )
-def test_status_codes(code: int, expected: str) -> None:
-    row = rows_from_export(request([span(status=Status(code=code, message="boom"))]), "t").rows[0]
+def test_status_codes(code: Status.StatusCode.ValueType, expected: str) -> None:
+    row = export_batch(request([span(status=Status(code=code, message="boom"))]), "t").rows[0]
     assert row.status == expected
     assert row.status_message == "boom"
 
@@ -107,7 +109,7 @@ def test_corral_columns_from_span_attributes_falling_back_to_resource() -> None:
         kv("corral.invocation", "inv-1"),
         kv("gen_ai.operation.name", "invoke_agent"),
     ]
-    row = rows_from_export(request([span(attributes=attributes)], resource), "default").rows[0]
+    row = export_batch(request([span(attributes=attributes)], resource), "default").rows[0]
     assert row.service == "corral-executor"
     assert row.agent == "agents/progress-report"  # the span wins over the resource
     assert row.version == "agents/progress-report/versions/2"
@@ -120,7 +122,7 @@ def test_corral_columns_from_span_attributes_falling_back_to_resource() -> None:
 
 
 def test_span_without_tenant_belongs_to_the_exporting_tenant() -> None:
-    row = rows_from_export(
+    row = export_batch(
         request([span(attributes=[kv("gen_ai.operation.name", "chat")])]), "beta"
     ).rows[0]
     assert row.tenant == "beta"
@@ -145,7 +147,7 @@ def test_attribute_values_of_every_kind_become_json() -> None:
         KeyValue(key="empty", value=AnyValue()),
         kv("nul", "a\x00b"),
     ]
-    row = rows_from_export(request([span(attributes=attributes, name="x\x00y")]), "t").rows[0]
+    row = export_batch(request([span(attributes=attributes, name="x\x00y")]), "t").rows[0]
     assert row.attributes == {
         "i": -(2**40),
         "d": 0.25,
@@ -161,12 +163,74 @@ def test_attribute_values_of_every_kind_become_json() -> None:
 
 
 def test_spans_with_malformed_ids_are_rejected_and_counted() -> None:
-    conversion = rows_from_export(
+    conversion = export_batch(
         request([span(1), span(2, trace_id=b"short"), span(3, span_id=b"")]), "t"
     )
     assert [r.span_id for r in conversion.rows] == ["0000000000000001"]
     assert conversion.rejected == 2
     assert "trace_id must be 16 bytes" in conversion.reason
+
+
+def evaluation(name: str, value: AnyValue, comment: str = "") -> Span.Event:
+    return Span.Event(
+        name="gen_ai.evaluation.result",
+        attributes=[
+            kv("gen_ai.evaluation.name", name),
+            KeyValue(key="gen_ai.evaluation.score.value", value=value),
+            kv("gen_ai.evaluation.explanation", comment),
+        ],
+    )
+
+
+def test_scores_travel_as_evaluation_events_and_bad_ones_are_ignored() -> None:
+    attributes = [
+        kv("corral.session", "sessions/s1"),
+        kv("corral.version", "agents/a/versions/2"),
+    ]
+    events = [
+        evaluation("self_check", AnyValue(double_value=0.9), "looked fine"),
+        evaluation("Bad Name", AnyValue(double_value=0.5)),
+        evaluation("too_high", AnyValue(double_value=1.5)),
+        evaluation("not_a_number", AnyValue(string_value="0.5")),
+        Span.Event(name="exception"),
+    ]
+    batch = export_batch(
+        request([span(attributes=attributes, events=events)], [kv("corral.agent", "agents/a")]),
+        "acme",
+    )
+    [score] = batch.scores
+    assert (score.session, score.name, score.value, score.comment) == (
+        "sessions/s1",
+        "self_check",
+        0.9,
+        "looked fine",
+    )
+    assert (score.agent, score.version, score.tenant) == ("agents/a", "agents/a/versions/2", "acme")
+    assert (score.source, score.user, score.trace_id) == (ScoreSource.CODE, "agent", TRACE.hex())
+    no_session = export_batch(request([span(events=events[:1])]), "acme")
+    assert no_session.scores == []
+
+
+async def test_an_export_stores_its_spans_once_and_its_scores() -> None:
+    spans, scores = FakeSpanStore(), FakeScoreStore()
+    telemetry = Telemetry(spans, scores)
+    events = [evaluation("self_check", AnyValue(int_value=1))]
+    batch = export_batch(
+        request(
+            [
+                span(1, attributes=[kv("corral.session", "sessions/s1")], events=events),
+                span(2, trace_id=b"short"),
+            ]
+        ),
+        "acme",
+    )
+    first = await telemetry.export(batch)
+    assert (first.accepted, first.stored, first.rejected) == (1, 1, 1)
+    assert "trace_id must be 16 bytes" in first.reason
+    assert [(s.session, s.value) for s in scores.scores] == [("sessions/s1", 1.0)]
+    again = await telemetry.export(batch)  # an exporter's retry
+    assert (again.accepted, again.stored) == (1, 0)
+    assert len(spans.rows) == 1
 
 
 def test_spans_from_the_real_sdk_encoder() -> None:
@@ -190,7 +254,7 @@ def test_spans_from_the_real_sdk_encoder() -> None:
         child.set_status(StatusCode.ERROR, "tool failed")
     provider.shutdown()
     finished = exporter.get_finished_spans()
-    rows = {r.name: r for r in rows_from_export(encode_spans(finished), "default").rows}
+    rows = {r.name: r for r in export_batch(encode_spans(finished), "default").rows}
     invocation, tool = rows["invoke_agent progress-report"], rows["execute_tool session_data"]
     assert invocation.trace_id == format(root.get_span_context().trace_id, "032x")
     assert invocation.span_id == format(root.get_span_context().span_id, "016x")
@@ -208,6 +272,21 @@ def test_spans_from_the_real_sdk_encoder() -> None:
     assert invocation.duration_ms == pytest.approx((sdk_root.end_time - sdk_root.start_time) / 1e6)
 
 
+def refusal(call: Callable[[], object]) -> InvalidArgument:
+    """The InvalidArgument a caller would see for `call()` (a bad name raises ResourceNameError,
+    which the server kit reports the same way)."""
+    with pytest.raises(Exception) as err:
+        call()
+    error = domain_error(err.value)
+    assert isinstance(error, InvalidArgument), err.value
+    return error
+
+
+def checked(f: pb.SpanFilter) -> SpanFilter:
+    """What ListSpans and ListTraces do with a request's filter before they query."""
+    return rules.checked_filter(span_filter(f))
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -217,64 +296,165 @@ def test_spans_from_the_real_sdk_encoder() -> None:
         ("endpoint", "agents/progress-report/prod"),
         ("session", "abc"),
         ("trace_id", "not-hex"),
+        # Names the other services refuse, which telemetry's own patterns used to accept.
+        ("agent", "agents/Progress_Report"),
+        ("version", "agents/progress report/versions/2"),
+        ("endpoint", "agents/progress-report/endpoints/1prod"),
+        ("session", "sessions/-abc"),
     ],
 )
 def test_bad_filter_values_name_the_field(field: str, value: str) -> None:
-    with pytest.raises(InvalidArgument) as err:
-        SpanFilter(**{field: value}).validated()  # type: ignore[arg-type]
-    assert err.value.violations[0].field == f"filter.{field}"
-    assert value in err.value.message
+    only = {field: value}
+    error = refusal(lambda: checked(pb.SpanFilter(**only)))  # type: ignore[arg-type]  # a str field
+    assert error.violations[0].field == f"filter.{field}"
+    assert value in error.message
+
+
+def test_filter_names_become_references() -> None:
+    where = checked(
+        pb.SpanFilter(
+            agent="agents/a",
+            version="agents/a/versions/3",
+            endpoint="agents/a/endpoints/prod",
+            session="sessions/s-1",
+        )
+    )
+    assert where.agent == AgentRef("a")
+    assert where.version == VersionRef("a", 3)
+    assert where.endpoint is not None and where.endpoint.name == "agents/a/endpoints/prod"
+    assert where.session is not None and where.session.session == "s-1"
+    assert checked(pb.SpanFilter()) == SpanFilter()
 
 
 def test_filter_version_must_belong_to_filter_agent() -> None:
-    with pytest.raises(InvalidArgument) as err:
-        SpanFilter(agent="agents/a", version="agents/b/versions/1").validated()
-    assert err.value.violations[0].field == "filter.version"
+    error = refusal(lambda: checked(pb.SpanFilter(agent="agents/a", version="agents/b/versions/1")))
+    assert error.violations[0].field == "filter.version"
 
 
 def test_filter_window_must_not_be_reversed_and_trace_id_is_normalised() -> None:
     now = datetime.now(UTC)
     with pytest.raises(InvalidArgument) as err:
-        SpanFilter(start_time=now, end_time=now - timedelta(seconds=1)).validated()
+        rules.checked_filter(SpanFilter(start_time=now, end_time=now - timedelta(seconds=1)))
     assert err.value.violations[0].field == "filter.end_time"
-    assert SpanFilter(trace_id="AB" * 16).validated().trace_id == "ab" * 16
+    assert rules.checked_filter(SpanFilter(trace_id="AB" * 16)).trace_id == "ab" * 16
 
 
-def test_agent_is_required_for_metrics() -> None:
+def telemetry_with_spans(count: int, tenant: str = "acme") -> Telemetry:
+    """Telemetry over a fake store holding `count` invocation spans of one agent, one a trace,
+    several starting at the same time (to exercise ties)."""
+    store = FakeSpanStore()
+    for i in range(count):
+        row = export_batch(
+            request(
+                [
+                    span(
+                        1,
+                        trace_id=i.to_bytes(16, "big"),
+                        start_time_unix_nano=T0 + (i // 3) * 1000,
+                        attributes=[
+                            kv("gen_ai.operation.name", "invoke_agent"),
+                            kv("corral.agent", "agents/a"),
+                            kv("corral.version", "agents/a/versions/1"),
+                        ],
+                    )
+                ]
+            ),
+            tenant,
+        ).rows[0]
+        store.rows[(row.trace_id, row.span_id)] = row
+    return Telemetry(store, FakeScoreStore())
+
+
+async def test_page_size_default_and_cap() -> None:
+    telemetry = telemetry_with_spans(1001)
+    for requested, expected in ((0, 100), (5, 5), (5000, 1000)):
+        page = await telemetry.list_spans("acme", SpanFilter(), requested, "")
+        assert len(page.items) == expected
     with pytest.raises(InvalidArgument) as err:
-        check_agent("")
-    assert err.value.violations[0].field == "agent"
-    assert check_agent("agents/progress-report") == "agents/progress-report"
+        await telemetry.list_spans("acme", SpanFilter(), -1, "")
+    assert err.value.violations[0].field == "page_size"
 
 
-def test_page_size_default_and_cap() -> None:
-    assert page_size(0) == 100
-    assert page_size(5) == 5
-    assert page_size(5000) == 1000
-    with pytest.raises(InvalidArgument):
-        page_size(-1)
+async def test_pages_are_newest_first_complete_and_bound_to_their_query() -> None:
+    telemetry = telemetry_with_spans(10)
+    where = SpanFilter(version=VersionRef("a", 1))
+    seen: list[SpanRow] = []
+    token = ""
+    while True:
+        page = await telemetry.list_spans("acme", where, 4, token)
+        seen += page.items
+        token = page.next_page_token
+        if not token:
+            break
+    keys = [(r.start_time, r.trace_id, r.span_id) for r in seen]
+    assert len(keys) == 10 == len(set(keys))
+    assert keys == sorted(keys, reverse=True)
 
-
-def test_page_token_round_trip_and_binding_to_its_query() -> None:
-    f = SpanFilter(version="agents/a/versions/1")
-    cursor = Cursor(datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "ab" * 16, "cd" * 8)
-    token = encode_page_token("spans", "acme", f, cursor)
-    assert decode_page_token(token, "spans", "acme", f) == cursor
-    assert decode_page_token("", "spans", "acme", f) is None
-    for kind, tenant, other in (
-        ("traces", "acme", f),
-        ("spans", "beta", f),
-        ("spans", "acme", SpanFilter()),
+    first = await telemetry.list_spans("acme", where, 4, "")
+    traces = await telemetry.list_traces("acme", where, 3, "")
+    assert [t.trace_id for t in traces.items] == [r.trace_id for r in first.items[:3]]
+    for call in (
+        lambda: telemetry.list_traces("acme", where, 4, first.next_page_token),
+        lambda: telemetry.list_spans("beta", where, 4, first.next_page_token),
+        lambda: telemetry.list_spans("acme", SpanFilter(), 4, first.next_page_token),
     ):
         with pytest.raises(InvalidArgument) as err:
-            decode_page_token(token, kind, tenant, other)
+            await call()
         assert err.value.violations[0].field == "page_token"
 
 
 @pytest.mark.parametrize(
     "token", ["garbage!", "e30", "bm90IGpzb24", "eyJmIjoxLCJ0IjoieCIsInRyIjoxLCJzIjoyfQ"]
 )
-def test_malformed_page_tokens(token: str) -> None:
+async def test_malformed_page_tokens(token: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        decode_page_token(token, "spans", "acme", SpanFilter())
+        await telemetry_with_spans(1).list_spans("acme", SpanFilter(), 0, token)
     assert err.value.violations[0].field == "page_token"
+
+
+def invocation(version: str, trace_id: bytes) -> Span:
+    attributes = [
+        kv("gen_ai.operation.name", "invoke_agent"),
+        kv("corral.agent", "agents/a"),
+        kv("corral.version", version),
+    ]
+    return span(attributes=attributes, trace_id=trace_id)
+
+
+def chat(number: int, model: str, tokens_in: int, tokens_out: int) -> Span:
+    attributes = [
+        kv("corral.agent", "agents/a"),
+        kv("corral.version", "agents/a/versions/2"),
+        kv("gen_ai.request.model", model),
+        KeyValue(key="gen_ai.usage.input_tokens", value=AnyValue(int_value=tokens_in)),
+        KeyValue(key="gen_ai.usage.output_tokens", value=AnyValue(int_value=tokens_out)),
+    ]
+    return span(number, attributes=attributes)
+
+
+async def test_version_metrics_in_version_order_with_their_cost() -> None:
+    spans = [
+        invocation("agents/a/versions/10", trace_id=b"\x01" * 16),
+        invocation("agents/a/versions/2", trace_id=b"\x02" * 16),
+        invocation("agents/a/versions/latest", trace_id=b"\x03" * 16),
+        chat(2, "gpt-x", 1000, 500),
+        chat(3, "local-llama", 200, 100),
+    ]
+    prices = {"gpt-x": (1.0, 4.0)}  # dollars per million tokens
+    telemetry = Telemetry(FakeSpanStore(), FakeScoreStore(), prices)
+    await telemetry.export(export_batch(request(spans), "acme"))
+    metrics = await telemetry.version_metrics("acme", AgentRef("a"), None, None)
+    assert [m.version for m in metrics] == [
+        "agents/a/versions/2",
+        "agents/a/versions/10",
+        "agents/a/versions/latest",  # not a numbered version (spans are not validated): last
+    ]
+    v2 = metrics[0]
+    assert (v2.counts.input_tokens, v2.counts.output_tokens) == (1200, 600)
+    assert v2.cost_usd == pytest.approx((1000 * 1.0 + 500 * 4.0) / 1_000_000)
+    assert v2.unpriced_models == ("local-llama",)
+    with pytest.raises(InvalidArgument) as err:
+        await telemetry.version_metrics(
+            "acme", AgentRef("a"), datetime.now(UTC), datetime.now(UTC) - timedelta(seconds=1)
+        )
+    assert err.value.violations[0].field == "end_time"

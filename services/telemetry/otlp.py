@@ -1,0 +1,203 @@
+"""OTLP → telemetry's domain: an ExportTraceServiceRequest as span rows and the scores its spans
+carry as gen_ai.evaluation.result events. The names in spans are stored as the executor sent them:
+they are not a user's request, so they are not parsed here."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
+
+from services.telemetry import rules
+from services.telemetry.model import (
+    AGENT_ATTR,
+    ENDPOINT_ATTR,
+    INVOCATION_ATTR,
+    SESSION_ATTR,
+    TENANT_ATTR,
+    VERSION_ATTR,
+    Attributes,
+    ExportBatch,
+    JsonValue,
+    NewScore,
+    ScoreSource,
+    SpanRow,
+    SpanStatus,
+)
+
+log = logging.getLogger(__name__)
+
+OPERATION_ATTR = "gen_ai.operation.name"
+INVOKE_AGENT = "invoke_agent"
+SERVICE_NAME_ATTR = "service.name"
+# Scores an agent records with corral.sdk's ctx.score travel as these span events.
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+SCORE_NAME_ATTR = "gen_ai.evaluation.name"
+SCORE_VALUE_ATTR = "gen_ai.evaluation.score.value"
+SCORE_EXPLANATION_ATTR = "gen_ai.evaluation.explanation"
+# Who recorded a score that arrived in an export.
+EXPORTED_BY = "agent"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_STATUS = {
+    OtlpStatus.STATUS_CODE_UNSET: SpanStatus.UNSET,
+    OtlpStatus.STATUS_CODE_OK: SpanStatus.OK,
+    OtlpStatus.STATUS_CODE_ERROR: SpanStatus.ERROR,
+}
+
+
+def _clean(text: str) -> str:
+    # PostgreSQL text and jsonb refuse NUL characters; a span carrying one must not fail the batch.
+    return text.replace("\x00", "")
+
+
+def any_value(value: AnyValue) -> JsonValue:
+    """An OTLP AnyValue as a JSON value."""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return _clean(value.string_value)
+    if which == "bool_value":
+        return value.bool_value
+    if which == "int_value":
+        return value.int_value
+    if which == "double_value":
+        # JSON has no NaN or Infinity; keep what was sent, as text.
+        return value.double_value if math.isfinite(value.double_value) else str(value.double_value)
+    if which == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return attributes_dict(value.kvlist_value.values)
+    if which == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    return None
+
+
+def attributes_dict(attributes: Sequence[KeyValue]) -> dict[str, JsonValue]:
+    return {_clean(kv.key): any_value(kv.value) for kv in attributes}
+
+
+def _text(value: JsonValue) -> str:
+    return "" if value is None else str(value)
+
+
+def _nanos_to_datetime(nanos: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=nanos // 1000)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One span with its resource: Corral's attributes come from the span, else the resource."""
+
+    span: OtlpSpan
+    attributes: Attributes
+    resource: Attributes
+
+    def text(self, key: str) -> str:
+        value = self.attributes.get(key)
+        if value is None or value == "":
+            value = self.resource.get(key)
+        return _text(value)
+
+
+def _spans(request: ExportTraceServiceRequest) -> Iterator[_Source]:
+    for resource_spans in request.resource_spans:
+        resource = attributes_dict(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield _Source(span, attributes_dict(span.attributes), resource)
+
+
+def _kind(span: OtlpSpan) -> str:
+    if span.kind not in OtlpSpan.SpanKind.values():
+        return "UNSPECIFIED"
+    return OtlpSpan.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_")
+
+
+def _row(source: _Source, default_tenant: str) -> SpanRow:
+    """A span that names no tenant belongs to the tenant that exported it."""
+    span = source.span
+    end_nanos = max(span.end_time_unix_nano, span.start_time_unix_nano)
+    return SpanRow(
+        trace_id=span.trace_id.hex(),
+        span_id=span.span_id.hex(),
+        parent_span_id=span.parent_span_id.hex(),
+        name=_clean(span.name),
+        service=_text(source.resource.get(SERVICE_NAME_ATTR)),
+        kind=_kind(span),
+        start_time=_nanos_to_datetime(span.start_time_unix_nano),
+        end_time=_nanos_to_datetime(end_nanos),
+        duration_ms=(end_nanos - span.start_time_unix_nano) / 1_000_000,
+        status=_STATUS.get(span.status.code, SpanStatus.UNSET),
+        status_message=_clean(span.status.message),
+        agent=source.text(AGENT_ATTR),
+        version=source.text(VERSION_ATTR),
+        endpoint=source.text(ENDPOINT_ATTR),
+        session=source.text(SESSION_ATTR),
+        tenant=source.text(TENANT_ATTR) or default_tenant,
+        invocation_id=source.text(INVOCATION_ATTR),
+        is_invocation=source.attributes.get(OPERATION_ATTR) == INVOKE_AGENT,
+        attributes=source.attributes,
+        resource=source.resource,
+    )
+
+
+def _scores(source: _Source, default_tenant: str) -> Iterator[NewScore]:
+    session = source.text(SESSION_ATTR)
+    for event in source.span.events:
+        if event.name != EVALUATION_EVENT:
+            continue
+        values = attributes_dict(event.attributes)
+        name, value = values.get(SCORE_NAME_ATTR), values.get(SCORE_VALUE_ATTR)
+        if (
+            not isinstance(name, str)
+            or not rules.valid_score_name(name)
+            or not isinstance(value, int | float)
+            or not 0.0 <= float(value) <= 1.0
+            or not session
+        ):
+            log.warning(
+                "ignoring an evaluation event without a valid name, value in [0, 1] or session"
+            )
+            continue
+        yield NewScore(
+            session=session,
+            trace_id=source.span.trace_id.hex(),
+            name=name,
+            value=float(value),
+            source=ScoreSource.CODE,
+            comment=str(values.get(SCORE_EXPLANATION_ATTR, "")),
+            agent=source.text(AGENT_ATTR),
+            version=source.text(VERSION_ATTR),
+            endpoint=source.text(ENDPOINT_ATTR),
+            tenant=source.text(TENANT_ATTR) or default_tenant,
+            user=EXPORTED_BY,
+        )
+
+
+def export_batch(request: ExportTraceServiceRequest, default_tenant: str) -> ExportBatch:
+    """Every span of an export as a row, and the scores its spans carry. Spans whose ids are not
+    the sizes OTLP requires (16-byte trace id, 8-byte span id) are rejected and counted, as OTLP's
+    partial success expects."""
+    rows: list[SpanRow] = []
+    scores: list[NewScore] = []
+    rejected = 0
+    for source in _spans(request):
+        scores.extend(_scores(source, default_tenant))
+        if len(source.span.trace_id) != 16 or len(source.span.span_id) != 8:
+            rejected += 1
+            continue
+        rows.append(_row(source, default_tenant))
+    reason = (
+        f"{rejected} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes"
+        if rejected
+        else ""
+    )
+    return ExportBatch(rows=rows, scores=scores, rejected=rejected, reason=reason)
