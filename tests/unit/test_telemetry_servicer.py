@@ -1,0 +1,183 @@
+"""Telemetry's edges without a socket: the servicers parse the names a request carries once, at
+the boundary, refusing a bad one by its request field, and convert answers back to protos; the
+Prometheus exposition turns the fleet's figures into metric families."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from corral.names import ResourceNameError
+from corral.telemetry.v1 import telemetry_pb2 as pb
+from services.common.interceptors import Context
+from services.telemetry.evaluation import Evaluation
+from services.telemetry.model import FleetVersion, Latency, UsageCounts
+from services.telemetry.prometheus import LATENCY_WINDOW_S, version_snapshot
+from services.telemetry.servicer import TelemetryServicer
+from services.telemetry.spans import Telemetry
+from services.telemetry.trace_servicer import TraceServicer
+from tests.fakes import FakeFleet, FakeScoreStore, FakeSpanStore
+
+
+class _Metadata:
+    """The part of a grpc.aio.ServicerContext the servicers read: who is calling."""
+
+    def __init__(self, tenant: str) -> None:
+        self._metadata = (("x-corral-tenant", tenant),)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+def context(tenant: str = "acme") -> Context:
+    return cast(Context, _Metadata(tenant))
+
+
+def servicers() -> tuple[TelemetryServicer, TraceServicer]:
+    spans, scores = FakeSpanStore(), FakeScoreStore()
+    telemetry = Telemetry(spans, scores)
+    return TelemetryServicer(telemetry, Evaluation(scores, spans)), TraceServicer(telemetry)
+
+
+Call = Callable[[TelemetryServicer], Awaitable[object]]
+CTX = context()
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: s.GetVersionMetrics(pb.GetVersionMetricsRequest(), CTX), "agent"),
+        (
+            lambda s: s.GetVersionMetrics(
+                pb.GetVersionMetricsRequest(agent="progress-report"), CTX
+            ),
+            "agent",
+        ),
+        (
+            lambda s: s.ListSpans(pb.ListSpansRequest(filter=pb.SpanFilter(agent="agents/A")), CTX),
+            "filter.agent",
+        ),
+        (
+            lambda s: s.ListTraces(pb.ListTracesRequest(filter=pb.SpanFilter(session="s")), CTX),
+            "filter.session",
+        ),
+        (
+            lambda s: s.RecordScore(pb.RecordScoreRequest(score=pb.Score(session="abc")), CTX),
+            "score.session",
+        ),
+        (
+            lambda s: s.ListScores(
+                pb.ListScoresRequest(filter=pb.SpanFilter(version="agents/a/versions/x")), CTX
+            ),
+            "filter.version",
+        ),
+        (
+            lambda s: s.CompareVersions(
+                pb.CompareVersionsRequest(
+                    agent="agents/a", baseline_version="v1", candidate_version="agents/a/versions/2"
+                ),
+                CTX,
+            ),
+            "baseline_version",
+        ),
+        (
+            lambda s: s.CompareVersions(
+                pb.CompareVersionsRequest(
+                    agent="a",
+                    baseline_version="agents/a/versions/1",
+                    candidate_version="agents/a/versions/2",
+                ),
+                CTX,
+            ),
+            "agent",
+        ),
+        (
+            lambda s: s.AnalyzeExperiment(
+                pb.AnalyzeExperimentRequest(
+                    agent="agents/a",
+                    variants=[
+                        pb.ExperimentVariant(version="agents/a/versions/1", percent=50),
+                        pb.ExperimentVariant(version="agents/a/versions/0", percent=50),
+                    ],
+                ),
+                CTX,
+            ),
+            "variants[1].version",
+        ),
+        (
+            lambda s: s.AnalyzeExperiment(
+                pb.AnalyzeExperimentRequest(agent="agents/a", endpoint="prod"), CTX
+            ),
+            "endpoint",
+        ),
+    ],
+)
+async def test_bad_names_are_refused_naming_their_field(call: Call, field: str) -> None:
+    telemetry, _ = servicers()
+    with pytest.raises(ResourceNameError) as err:
+        await call(telemetry)
+    assert err.value.field == field
+
+
+async def test_exported_spans_come_back_as_protos_for_the_exporting_tenant_only() -> None:
+    telemetry, trace = servicers()
+    attributes = [
+        KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="invoke_agent")),
+        KeyValue(key="corral.session", value=AnyValue(string_value="sessions/s1")),
+        KeyValue(key="tokens", value=AnyValue(int_value=12)),
+    ]
+    spans = [
+        Span(
+            trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="invoke_agent a", attributes=attributes
+        ),
+        Span(trace_id=b"short", span_id=b"\x03" * 8, name="broken"),
+    ]
+    export = ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
+    )
+    response = await trace.Export(export, CTX)
+    assert response.partial_success.rejected_spans == 1
+
+    query = pb.ListSpansRequest(filter=pb.SpanFilter(session="sessions/s1"))
+    [span] = (await telemetry.ListSpans(query, CTX)).spans
+    assert (span.trace_id, span.span_id, span.tenant) == ("01" * 16, "02" * 8, "acme")
+    assert span.status == pb.SPAN_STATUS_UNSPECIFIED
+    assert span.attributes["tokens"] == 12
+    traces = await telemetry.ListTraces(pb.ListTracesRequest(), CTX)
+    assert [(t.root_span_name, t.span_count) for t in traces.traces] == [("invoke_agent a", 1)]
+    other = await telemetry.ListSpans(query, context("beta"))
+    assert list(other.spans) == []
+
+
+async def test_prometheus_families_for_every_version() -> None:
+    fleet = FakeFleet(
+        [
+            FleetVersion("agents/a", "agents/a/versions/1", UsageCounts(invocations=4, errors=1)),
+            FleetVersion(
+                "agents/a",
+                "agents/a/versions/2",
+                UsageCounts(invocations=2, input_tokens=30),
+                Latency(10.0, 20.0, 30.0),
+            ),
+        ]
+    )
+    families = {f.name: f for f in await version_snapshot(fleet)()}
+    assert fleet.windows == [LATENCY_WINDOW_S]
+    assert families["corral_version_invocations"].samples == [
+        (("agents/a", "agents/a/versions/1"), 4.0),
+        (("agents/a", "agents/a/versions/2"), 2.0),
+    ]
+    assert families["corral_version_invocations"].kind == "counter"
+    assert families["corral_version_latency_ms"].samples == [
+        (("agents/a", "agents/a/versions/2", "0.5"), 10.0),
+        (("agents/a", "agents/a/versions/2", "0.95"), 20.0),
+        (("agents/a", "agents/a/versions/2", "0.99"), 30.0),
+    ]
+    assert (("agents/a", "agents/a/versions/2", "input"), 30.0) in families[
+        "corral_version_tokens"
+    ].samples
