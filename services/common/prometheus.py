@@ -3,14 +3,16 @@ collector serves the latest snapshot, so a scrape never waits on the database.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from services.common.background import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,9 @@ class MetricsExporter:
     def __init__(self, port: int, refresh: Callable[[], Awaitable[Snapshot]], every_s: float = 10.0) -> None:
         self.port = port
         self.refresh = refresh
-        self.every_s = every_s
         self._collector = _SnapshotCollector()
-        self._task: asyncio.Task[None] | None = None
-        self._server: object = None
+        self._refreshing = Periodic(self.refresh_now, every_s=every_s, what="refreshing Prometheus metrics")
+        self._server: WSGIServer | None = None
 
     def start(self) -> None:
         if not self.port:
@@ -57,21 +58,13 @@ class MetricsExporter:
         registry = CollectorRegistry()
         registry.register(self._collector)
         self._server, _thread = start_http_server(self.port, addr="0.0.0.0", registry=registry)
-        self._task = asyncio.create_task(self._loop())
+        self._refreshing.start()
 
     async def refresh_now(self) -> None:
         self._collector.snapshot = await self.refresh()
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.refresh_now()
-            except Exception:
-                log.exception("refreshing Prometheus metrics failed")
-            await asyncio.sleep(self.every_s)
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        await self._refreshing.close()
         if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
+            self._server.shutdown()
+            self._server = None

@@ -36,6 +36,7 @@ class Service(Protocol):
     async def drain(self) -> None:
         """Ends long-lived streams (watches) so that shutdown does not wait on them. Services
         that subclass Service explicitly inherit this one, which has none to end."""
+        return
 
 
 class ServiceHost:

@@ -51,9 +51,6 @@ class TelemetryApp(Service):
         stack.push_async_callback(exporter.stop)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
 
-    async def drain(self) -> None:
-        """Telemetry serves no long-lived streams."""
-
 
 def build(settings: Settings) -> TelemetryApp:
     return TelemetryApp(settings)
