@@ -38,6 +38,9 @@ class SessionsApp(Service):
         sessions_pb2_grpc.add_SessionsServiceServicer_to_server(SessionsServicer(sessions), server)
         return [SERVICE_NAME]
 
+    async def drain(self) -> None:
+        """Sessions serves no long-lived streams: nothing to end before shutdown."""
+
 
 def build(settings: Settings) -> SessionsApp:
     return SessionsApp(settings)
