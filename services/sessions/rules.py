@@ -63,7 +63,8 @@ def check_turn(turn: Turn) -> None:
         if len(payload) > MAX_TURN_PAYLOAD_BYTES:
             raise InvalidArgument.field(
                 field,
-                f"is {len(payload)} bytes, over the limit of {MAX_TURN_PAYLOAD_BYTES} bytes (8 MiB)",
+                f"is {len(payload)} bytes, over the limit of {MAX_TURN_PAYLOAD_BYTES} bytes "
+                "(8 MiB)",
             )
 
 

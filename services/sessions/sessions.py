@@ -152,8 +152,9 @@ class Sessions:
         record = await self._owned(caller, session)
         if record.status is not SessionStatus.ACTIVE:
             return record  # already ended: stopping again is a no-op, and EXPIRED stays EXPIRED
+        now = self._clock.now()
         stopped = await self._store.set_status(
-            session.session, SessionStatus.STOPPED, self._clock.now(), only_from=SessionStatus.ACTIVE
+            session.session, SessionStatus.STOPPED, now, only_from=SessionStatus.ACTIVE
         )
         return stopped or await self._owned(caller, session)
 
@@ -234,7 +235,13 @@ class Sessions:
             log.info("lease %s on %s was already gone at release", lease_id, session.name)
 
     async def commit_turn(
-        self, caller: Caller, session: SessionRef, lease_id: str, etag: str, state: bytes, turn: Turn
+        self,
+        caller: Caller,
+        session: SessionRef,
+        lease_id: str,
+        etag: str,
+        state: bytes,
+        turn: Turn,
     ) -> SessionState:
         rules.require_lease_id(lease_id)
         if not etag:
@@ -266,7 +273,12 @@ class Sessions:
         count = await self._store.retire_version(version, endpoint, self._clock.now(), to)
         action = f"migrated to {to.version.name}" if to is not None else "stopped"
         log.info(
-            "%d sessions on %s %s (by %s/%s)", count, version.name, action, caller.tenant, caller.user
+            "%d sessions on %s %s (by %s/%s)",
+            count,
+            version.name,
+            action,
+            caller.tenant,
+            caller.user,
         )
         return count
 
