@@ -280,7 +280,7 @@ class FakeExecutor:
         session = invocation.resolved.pin.session
         try:
             yield router_model.Started("trace-" + invocation.invocation_id)
-            size = -(-len(invocation.payload) // self.chunks)
+            size = max(1, -(-len(invocation.payload) // self.chunks))
             for start in range(0, len(invocation.payload), size):
                 yield router_model.Chunk(invocation.payload[start : start + size])
             self.turns[session] = self.turns.get(session, 0) + 1
@@ -293,7 +293,8 @@ class FakeExecutor:
 
 
 class FakeEndpoints:
-    """The registry's endpoints for an EndpointMirror, without a watch: `get` reads the dict."""
+    """The registry's endpoints, as an EndpointMirror reads them: the watch sends one snapshot,
+    `get` reads the dict."""
 
     def __init__(self, *endpoints: EndpointTraffic) -> None:
         self.endpoints = {e.ref: e for e in endpoints}

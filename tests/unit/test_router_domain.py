@@ -72,8 +72,11 @@ def world() -> World:
     return World(router, sessions, registry, executor, mirror)
 
 
-def at(session: str, endpoint: EndpointRef | None = PROD, **more: object) -> Target:
-    return Target(AGENT, endpoint, session=SessionRef(session), **more)  # type: ignore[arg-type]
+def at(
+    session: str, endpoint: EndpointRef | None = PROD, version: VersionRef | None = None
+) -> Target:
+    """A target naming session `session`, through prod unless told otherwise."""
+    return Target(AGENT, endpoint, version, SessionRef(session))
 
 
 async def test_a_new_session_is_pinned_by_the_endpoints_split(world: World) -> None:
