@@ -216,8 +216,8 @@ class FakeSessions:
 
     def __init__(self) -> None:
         self.pins: dict[SessionRef, router_model.SessionPin] = {}
-        # The lifecycle each session was created with.
-        self.lifecycles: dict[SessionRef, router_model.Lifecycle] = {}
+        # The version each session was created on, with its timeouts.
+        self.created_on: dict[SessionRef, router_model.VersionInfo] = {}
         self.gets = 0
 
     def _owned(self, caller: Caller, session: SessionRef) -> router_model.SessionPin | None:
@@ -240,7 +240,7 @@ class FakeSessions:
             session, caller, None, version.ref.parent, version.ref, version.digest, endpoint
         )
         self.pins[session] = pin
-        self.lifecycles[session] = version.lifecycle
+        self.created_on[session] = version
         return pin
 
     async def stop(self, caller: Caller, session: SessionRef) -> None:

@@ -23,7 +23,6 @@ from services.router.model import (
     Completed,
     ExecutionEvent,
     Invocation,
-    Lifecycle,
     SessionEnd,
     SessionPin,
     Started,
@@ -92,10 +91,10 @@ class SessionsService:
             version_digest=version.digest,
             endpoint=endpoint.name if endpoint is not None else "",
         )
-        if version.lifecycle.idle_timeout_s:
-            pinned.idle_timeout.FromSeconds(version.lifecycle.idle_timeout_s)
-        if version.lifecycle.max_lifetime_s:
-            pinned.max_lifetime.FromSeconds(version.lifecycle.max_lifetime_s)
+        if version.idle_timeout_s:
+            pinned.idle_timeout.FromSeconds(version.idle_timeout_s)
+        if version.max_lifetime_s:
+            pinned.max_lifetime.FromSeconds(version.max_lifetime_s)
         request = sessions_pb2.CreateSessionRequest(session_id=session.session, session=pinned)
         created = self._stub.CreateSession(request, metadata=call_metadata(caller))
         return await _pin_unless(AlreadyExists, created)
@@ -120,9 +119,8 @@ class RegistryVersions:
             return known
         with _failures("registry"):
             found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=ref.name))
-        # The session's lifecycle is the version's, from its manifest's [lifecycle].
-        lifecycle = Lifecycle(found.manifest.idle_timeout_s, found.manifest.max_lifetime_s)
-        info = VersionInfo(ref, found.digest, lifecycle)
+        manifest = found.manifest
+        info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s)
         self._versions[ref] = info
         return info
 

@@ -104,18 +104,14 @@ class SessionEnd(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Lifecycle:
-    """A version's session timeouts, from its manifest's [lifecycle]; 0 leaves the default."""
-
-    idle_timeout_s: int = 0
-    max_lifetime_s: int = 0
-
-
-@dataclass(frozen=True)
 class VersionInfo:
+    """A published version: its bundle's digest, and the timeouts of the sessions pinned to it
+    (its manifest's [lifecycle]; 0 leaves the sessions service's default)."""
+
     ref: VersionRef
     digest: str
-    lifecycle: Lifecycle = Lifecycle()
+    idle_timeout_s: int = 0
+    max_lifetime_s: int = 0
 
 
 class SessionsClient(Protocol):
@@ -127,7 +123,7 @@ class SessionsClient(Protocol):
         self, caller: Caller, session: SessionRef, version: VersionInfo,
         endpoint: EndpointRef | None,
     ) -> SessionPin | None:
-        """Creates the session pinned to `version` with its lifecycle; None when a session by
+        """Creates the session pinned to `version` with its timeouts; None when a session by
         that name exists already (a race, or one this router has not seen)."""
         ...
 

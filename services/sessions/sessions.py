@@ -129,12 +129,8 @@ class Sessions:
     ) -> Page[SessionRecord]:
         """The caller's tenant's sessions matching `where`, oldest first, a page at a time."""
         query = PageQuery.start(
-            "ListSessions",
-            owner=caller.tenant,
-            where=where,
-            page_size=page_size,
-            token=page_token,
-            key_shape=(datetime, str),
+            "ListSessions", owner=caller.tenant, where=where, page_size=page_size,
+            token=page_token, key_shape=(datetime, str),
         )
         # Expiry is computed on read; persisting it first keeps the status filter truthful.
         await self._store.expire_due(caller.tenant, self._clock.now())

@@ -19,7 +19,6 @@ from services.common.identity import Caller
 from services.router.model import (
     Chunk,
     Completed,
-    Lifecycle,
     Started,
     Target,
     VersionInfo,
@@ -64,7 +63,7 @@ class World:
 def world() -> World:
     sessions, executor = FakeSessions(), FakeExecutor()
     registry = FakeRegistry(
-        VersionInfo(V1, digest(V1), Lifecycle(idle_timeout_s=60, max_lifetime_s=120)),
+        VersionInfo(V1, digest(V1), idle_timeout_s=60, max_lifetime_s=120),
         VersionInfo(V2, digest(V2)),
     )
     mirror = EndpointMirror(FakeEndpoints(split(1)))
@@ -91,9 +90,10 @@ async def test_a_new_session_is_pinned_by_the_endpoints_split(world: World) -> N
         pin = world.sessions.pins[resolved.pin.session]
         assert (pin.version, pin.endpoint, pin.owner) == (resolved.pin.version, PROD, ALICE)
     assert set(chosen) == {V1, V2}
-    # The session takes its version's lifecycle.
+    # The session takes its version's timeouts.
     on_v1 = next(s for s, p in world.sessions.pins.items() if p.version == V1)
-    assert world.sessions.lifecycles[on_v1] == Lifecycle(60, 120)
+    created_on = world.sessions.created_on[on_v1]
+    assert (created_on.idle_timeout_s, created_on.max_lifetime_s) == (60, 120)
 
 
 async def test_without_an_id_or_endpoint_a_new_session_on_the_default_endpoint(
