@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.common.errors import InvalidArgument
-from services.common.interceptors import Context
+
+if TYPE_CHECKING:
+    from services.common.interceptors import Context
 
 TENANT_KEY = "x-corral-tenant"
 USER_KEY = "x-corral-user"

@@ -1,4 +1,4 @@
-"""Wires the router: clients, the endpoint cache and its watch, the servicer."""
+"""Wires the router: its clients, the endpoint mirror and its watch, the domain, the servicer."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointMirror
 from services.common.server import Service
 from services.common.settings import Settings
+from services.router.clients import RouterClients
 from services.router.router import Router
 from services.router.servicer import RouterServicer
-from services.router.store import Clients
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 class RouterService(Service):
@@ -22,14 +24,19 @@ class RouterService(Service):
         self.router: Router | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
-        clients = Clients(self.settings)
-        stack.push_async_callback(clients.close)
-        endpoints = EndpointMirror(RegistryEndpoints(clients.registry))
+        clients = RouterClients.open(self.settings, stack)
+        endpoints = EndpointMirror(RegistryEndpoints(clients.registry_stub))
         endpoints.start()
         stack.push_async_callback(endpoints.close)
-        self.router = Router(clients, endpoints, self.settings.executor.max_payload_bytes)
+        self.router = Router(
+            clients.sessions,
+            clients.registry,
+            clients.executor,
+            endpoints,
+            self.settings.executor.max_payload_bytes,
+        )
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self.router), server)
-        return [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
+        return [SERVICE_NAME]
 
 
 def build(settings: Settings) -> RouterService:

@@ -1,17 +1,14 @@
-"""The router's domain: which version serves a session, and forwarding the invocation."""
+"""The router's domain: which version serves a session (its pin, or for a new session the
+endpoint's split), and forwarding each invocation to an executor. No gRPC here: the services it
+calls are the Protocols of model.py, and their failures arrive as the domain error tree."""
 
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
-import grpc
-
-from corral import names
-from corral.executor.v1 import executor_pb2
-from corral.sessions.v1 import sessions_pb2
+from corral.names import EndpointRef, SessionRef
 from services.common.endpoints import EndpointMirror, EndpointTraffic
 from services.common.errors import (
     CorralError,
@@ -20,142 +17,123 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.identity import Caller
+from services.router.model import (
+    ExecutionEvent,
+    ExecutorClient,
+    IdSource,
+    Invocation,
+    RandomIds,
+    RegistryClient,
+    Resolved,
+    SessionPin,
+    SessionsClient,
+    Target,
+    TraceContext,
+)
+from services.router.pins import PinCache
 from services.router.routing import bucket, choose
-from services.router.store import Clients, PinCache
 
 log = logging.getLogger(__name__)
-DEFAULT_ENDPOINT = "DEFAULT"
+DEFAULT_CONTENT_TYPE = "application/json"
 
 
-@dataclass(frozen=True)
-class Target:
-    agent: str
-    endpoint: str = ""
-    version: str = ""
-    session_id: str = ""
-
-
-@dataclass(frozen=True)
-class Resolved:
-    session: str
-    version: str
-    digest: str
-    endpoint: str
-    new_session: bool
-
-
-def _parse_target(target: Target) -> tuple[str, str, str]:
-    """(agent id, endpoint id, version name) from what the caller sent, checked."""
-    try:
-        agent = names.parse_agent(target.agent)
-    except names.ResourceNameError as exc:
-        raise InvalidArgument.field("agent", str(exc)) from None
-    version = ""
-    if target.version:
-        raw = target.version
-        version = names.version_name(agent, int(raw)) if raw.isdigit() and int(raw) > 0 else raw
-        try:
-            ref = names.parse_version(version)
-        except names.ResourceNameError as exc:
-            raise InvalidArgument.field("version", str(exc)) from None
-        if ref.agent != agent:
-            raise InvalidArgument.field("version", f"{version} is not a version of {target.agent}")
-    endpoint = target.endpoint or ("" if version else DEFAULT_ENDPOINT)
-    if endpoint and not names.valid_endpoint_id(endpoint):
-        raise InvalidArgument.field("endpoint", f"{endpoint!r} is not an endpoint id")
-    if target.session_id and not names.valid_session_id(target.session_id):
+def check_target(target: Target) -> None:
+    if target.version is not None and target.version.parent != target.agent:
         raise InvalidArgument.field(
-            "session_id", f"{target.session_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'"
+            "version", f"{target.version.name} is not a version of {target.agent.name}"
         )
-    return agent, endpoint, version
 
 
 class Router:
-    def __init__(self, clients: Clients, endpoints: EndpointMirror, max_payload_bytes: int) -> None:
-        self.clients = clients
+    def __init__(
+        self,
+        sessions: SessionsClient,
+        registry: RegistryClient,
+        executor: ExecutorClient,
+        endpoints: EndpointMirror,
+        max_payload_bytes: int,
+        ids: IdSource | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._registry = registry
+        self._executor = executor
         self.endpoints = endpoints
         self.pins = PinCache()
         self.max_payload_bytes = max_payload_bytes
+        self._ids = ids or RandomIds()
 
     async def resolve(self, caller: Caller, target: Target) -> Resolved:
-        agent, endpoint, version = _parse_target(target)
-        session_id = target.session_id or uuid.uuid4().hex
-        name = names.session_name(session_id)
-        pin = self.pins.get(name) if target.session_id else None
-        if pin is not None and (pin.tenant, pin.user) != (caller.tenant, caller.user):
-            raise PermissionDenied(f"{name} belongs to another caller")
+        """The session the invocation runs in and its version: the session's pin when it has
+        one, else a new session pinned to the named version or to what the endpoint chooses."""
+        check_target(target)
+        session = target.session or SessionRef(self._ids.new_id())
+        pin = self.pins.get(session) if target.session else None
+        if pin is not None and pin.owner != caller:
+            raise PermissionDenied(f"{session.name} belongs to another caller")
         if pin is not None and self._maybe_retired(pin):
             # Its version no longer takes new sessions here: a rollback may have migrated or
             # stopped it, so read the session again rather than trust the cached pin.
-            pin = await self.clients.get_session(caller, name)
+            pin = await self._sessions.get(caller, session)
         if pin is None:
             # Not pinned here: most often a new session, so it is created straight away; one that
             # exists already (started through another router) is refused by the create and read.
             # That saves a new session a round trip to sessions.
             try:
-                created = await self._create(caller, session_id, agent, endpoint, version)
-            except (CorralError, grpc.aio.AioRpcError):
+                created = await self._create(caller, session, target)
+            except CorralError:
                 # Nothing to create it from (an endpoint or version that is not there): a session
                 # that exists needs neither, so its pin decides.
-                if not target.session_id or (pin := await self.clients.get_session(caller, name)) is None:
+                if not target.session or (pin := await self._sessions.get(caller, session)) is None:
                     raise
             else:
                 if created is not None:
                     return created
-                pin = await self.clients.get_session(caller, name)
+                pin = await self._sessions.get(caller, session)
                 if pin is None:
-                    raise FailedPrecondition(f"{name} vanished while it was being created; retry")
-        if pin.agent != names.agent_name(agent):
+                    raise FailedPrecondition(
+                        f"{session.name} vanished while it was being created; retry"
+                    )
+        if pin.agent != target.agent:
             raise FailedPrecondition(
-                f"{name} belongs to {pin.agent}, not agents/{agent}; use another session id",
+                f"{session.name} belongs to {pin.agent.name}, not {target.agent.name}; "
+                "use another session id",
                 reason="SESSION_AGENT_MISMATCH",
             )
-        if pin.status in (sessions_pb2.SESSION_STATUS_STOPPED, sessions_pb2.SESSION_STATUS_EXPIRED):
-            self.pins.forget(name)
-            state = sessions_pb2.SessionStatus.Name(pin.status).removeprefix("SESSION_STATUS_").lower()
-            raise FailedPrecondition(f"{name} is {state}; start a new session", reason="SESSION_ENDED")
+        if pin.ended is not None:
+            self.pins.forget(session)
+            raise FailedPrecondition(
+                f"{session.name} is {pin.ended.value}; start a new session",
+                reason="SESSION_ENDED",
+            )
         self.pins.put(pin)
-        return Resolved(name, pin.version, pin.version_digest, pin.endpoint, False)
+        return Resolved(pin, new_session=False)
 
-    async def _create(
-        self, caller: Caller, session_id: str, agent: str, endpoint: str, version: str
-    ) -> Resolved | None:
-        """Creates the session, pinned to `version` or to what `endpoint` chooses for it; None
-        when a session with that id exists already."""
-        if version:
-            digest = await self.clients.version_digest(version)
-            endpoint_name = ""
+    async def _create(self, caller: Caller, session: SessionRef, target: Target) -> Resolved | None:
+        """Creates the session, pinned to the target's version or to what its endpoint chooses
+        for it; None when a session with that id exists already."""
+        endpoint: EndpointRef | None = None
+        if target.version is not None:
+            version = target.version
         else:
-            view = await self.endpoints.get(names.EndpointRef(agent, endpoint))
-            number = choose(view.shares, bucket(view.salt, session_id))
-            version = names.version_name(agent, number)
-            digest = await self.clients.version_digest(version)
-            endpoint_name = names.endpoint_name(agent, endpoint)
-        created = await self.clients.create_session(
-            caller, session_id, agent, version, digest, endpoint_name
-        )
+            endpoint = target.routing_endpoint()
+            view = await self.endpoints.get(endpoint)
+            version = target.agent.version(choose(view.shares, bucket(view.salt, session.session)))
+        info = await self._registry.version(version)
+        created = await self._sessions.create(caller, session, info, endpoint)
         if created is None:
             return None
         self.pins.put(created)
-        return Resolved(names.session_name(session_id), version, digest, endpoint_name, True)
+        return Resolved(created, new_session=True)
 
-    def _maybe_retired(self, pin: sessions_pb2.Session) -> bool:
-        if not pin.endpoint:
+    def _maybe_retired(self, pin: SessionPin) -> bool:
+        if pin.endpoint is None:
             return False
-        try:
-            agent, endpoint = names.parse_endpoint(pin.endpoint)
-            number = names.parse_version(pin.version).number
-        except names.ResourceNameError:
-            return False
-        view = self.endpoints.cached(names.EndpointRef(agent, endpoint))
-        return view is not None and not view.routes_to(number)
+        view = self.endpoints.cached(pin.endpoint)
+        return view is not None and not view.routes_to(pin.version.number)
 
-    def cached_endpoint(self, name: str) -> tuple[EndpointTraffic | None, bool]:
-        try:
-            agent, endpoint = names.parse_endpoint(name)
-        except names.ResourceNameError as exc:
-            raise InvalidArgument.field("name", str(exc)) from None
-        return self.endpoints.cached(names.EndpointRef(agent, endpoint)), self.endpoints.synced.is_set()
+    def cached_endpoint(self, endpoint: EndpointRef) -> tuple[EndpointTraffic | None, bool]:
+        """The endpoint as this router's mirror holds it, and whether the mirror is in sync."""
+        return self.endpoints.cached(endpoint), self.endpoints.synced.is_set()
 
     def check_payload(self, payload: bytes) -> None:
         if not payload:
@@ -166,29 +144,27 @@ class Router:
             )
 
     async def invoke(
-        self, caller: Caller, target: Target, payload: bytes, content_type: str,
-        trace_metadata: tuple[tuple[str, str], ...],
-    ) -> AsyncIterator[tuple[Resolved, executor_pb2.ExecuteResponse]]:
+        self,
+        caller: Caller,
+        target: Target,
+        payload: bytes,
+        content_type: str,
+        trace: TraceContext,
+    ) -> AsyncGenerator[tuple[Invocation, ExecutionEvent], None]:
+        """Runs one turn: resolves its session, then streams the execution's events, each with
+        the invocation it belongs to."""
         self.check_payload(payload)
         resolved = await self.resolve(caller, target)
-        request = executor_pb2.ExecuteRequest(
-            session=resolved.session, version=resolved.version, digest=resolved.digest,
-            endpoint=resolved.endpoint, invocation_id=uuid.uuid4().hex, payload=payload,
-            content_type=content_type or "application/json", tenant=caller.tenant, user=caller.user,
+        invocation = Invocation(
+            resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE
         )
-        call = self.clients.execute(caller, request, trace_metadata)
-        try:
-            async for response in call:
-                yield resolved, response
-        finally:
-            # When the caller goes away the execution must end too, rather than run on (and
-            # commit its turn) until the call object is garbage-collected.
-            call.cancel()  # type: ignore[attr-defined]
+        # Closing this generator (the caller went away) closes the execution's, which ends the
+        # execution too, rather than letting it run on and commit its turn.
+        async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
+            async for event in events:
+                yield invocation, event
 
-    async def stop_session(self, caller: Caller, session: str) -> None:
-        try:
-            names.parse_session(session)
-        except names.ResourceNameError as exc:
-            raise InvalidArgument.field("name", str(exc)) from None
-        await self.clients.stop_session(caller, session)
+    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
+        await self._sessions.stop(caller, session)
+        await self._executor.stop_session(caller, session)
         self.pins.forget(session)

@@ -1,131 +1,161 @@
-"""gRPC ↔ router domain: the three ways to invoke (unary, server stream, bidirectional)."""
+"""RouterService over gRPC: the three ways to invoke (unary, server stream, bidirectional), stopping
+a session, and the endpoint cache. Converts requests to refs and domain calls, events to protos."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TypeVar
 
-import grpc
-
+from corral import names
+from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.router.v1 import router_pb2 as pb
 from corral.router.v1 import router_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller, caller
-from services.common.interceptors import close_when_done
-from services.router.router import Resolved, Router, Target
+from services.common.interceptors import Context, close_when_done
+from services.router.model import (
+    Chunk,
+    Completed,
+    ExecutionEvent,
+    Invocation,
+    Started,
+    Target,
+    TraceContext,
+)
+from services.router.router import Router
 
 _TRACE_KEYS = ("traceparent", "tracestate")
 
 
-def _trace_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+def _trace_context(context: Context) -> TraceContext:
     return tuple(
-        (k, v) for k, v in (context.invocation_metadata() or ()) if k in _TRACE_KEYS and isinstance(v, str)
+        (k, v)
+        for k, v in (context.invocation_metadata() or ())
+        if k in _TRACE_KEYS and isinstance(v, str)
     )
 
 
-def _info(resolved: Resolved, invocation_id: str, trace_id: str) -> pb.InvocationInfo:
+def target_of(request: pb.InvokeRequest | pb.ConverseStart) -> Target:
+    """The agent, endpoint, version and session an invocation names. A version may be given as
+    its number alone."""
+    agent = AgentRef.parse(request.agent, field="agent")
+    version = None
+    if request.version:
+        raw = request.version
+        name = agent.version(int(raw)).name if raw.isdigit() and int(raw) > 0 else raw
+        version = VersionRef.parse(name, field="version")
+    endpoint = None
+    if request.endpoint:
+        endpoint = agent.endpoint(names.ENDPOINT_IDS.check(request.endpoint, field="endpoint"))
+    session = None
+    if request.session_id:
+        session = SessionRef(names.SESSION_IDS.check(request.session_id, field="session_id"))
+    return Target(agent, endpoint, version, session)
+
+
+def _info(invocation: Invocation, started: Started) -> pb.InvocationInfo:
+    pin = invocation.resolved.pin
     return pb.InvocationInfo(
-        session=resolved.session, version=resolved.version, endpoint=resolved.endpoint,
-        invocation_id=invocation_id, trace_id=trace_id, new_session=resolved.new_session,
+        session=pin.session.name,
+        version=pin.version.name,
+        endpoint=pin.endpoint.name if pin.endpoint is not None else "",
+        invocation_id=invocation.invocation_id,
+        trace_id=started.trace_id,
+        new_session=invocation.resolved.new_session,
     )
+
+
+# InvokeStream and Converse stream the same events.
+_Streamed = TypeVar("_Streamed", pb.InvokeStreamResponse, pb.ConverseResponse)
+
+
+def _event_pb(kind: type[_Streamed], invocation: Invocation, event: ExecutionEvent) -> _Streamed:
+    match event:
+        case Started():
+            return kind(started=_info(invocation, event))
+        case Chunk(data=data):
+            return kind(chunk=pb.OutputChunk(data=data))
+        case Completed(duration_ms=duration_ms, turn=turn):
+            return kind(completed=pb.InvocationCompleted(duration_ms=duration_ms, turn=turn))
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    async def _stream(
-        self, context: grpc.aio.ServicerContext, who: Caller, target: Target, payload: bytes, content_type: str,
-        trace: tuple[tuple[str, str], ...],
-    ) -> AsyncIterator[pb.InvokeStreamResponse]:
-        stream = self.router.invoke(who, target, payload, content_type, trace)
+    def _invoke(
+        self, context: Context, who: Caller, target: Target, turn: pb.InvokeRequest | pb.Turn
+    ) -> AsyncGenerator[tuple[Invocation, ExecutionEvent], None]:
+        stream = self.router.invoke(
+            who, target, turn.payload, turn.content_type, _trace_context(context)
+        )
         close_when_done(context, stream)
-        async for resolved, response in stream:
-            kind = response.WhichOneof("event")
-            if kind == "started":
-                yield pb.InvokeStreamResponse(
-                    started=_info(resolved, response.started.invocation_id, response.started.trace_id)
-                )
-            elif kind == "chunk":
-                yield pb.InvokeStreamResponse(chunk=pb.OutputChunk(data=response.chunk.data))
-            elif kind == "completed":
-                yield pb.InvokeStreamResponse(
-                    completed=pb.InvocationCompleted(
-                        duration_ms=response.completed.duration_ms, turn=response.completed.turn
-                    )
-                )
+        return stream
 
-    @staticmethod
-    def _target(request: pb.InvokeRequest | pb.ConverseStart) -> Target:
-        return Target(request.agent, request.endpoint, request.version, request.session_id)
-
-    async def Invoke(self, request: pb.InvokeRequest, context: grpc.aio.ServicerContext) -> pb.InvokeResponse:
+    async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
         response = pb.InvokeResponse()
         output: list[bytes] = []
-        async for event in self._stream(
-            context, caller(context), self._target(request), request.payload, request.content_type,
-            _trace_metadata(context),
+        async for invocation, event in self._invoke(
+            context, caller(context), target_of(request), request
         ):
-            kind = event.WhichOneof("event")
-            if kind == "started":
-                response.info.CopyFrom(event.started)
-            elif kind == "chunk":
-                output.append(event.chunk.data)
-            elif kind == "completed":
-                response.completed.CopyFrom(event.completed)
+            match event:
+                case Started():
+                    response.info.CopyFrom(_info(invocation, event))
+                case Chunk(data=data):
+                    output.append(data)
+                case Completed(duration_ms=duration_ms, turn=turn):
+                    response.completed.duration_ms = duration_ms
+                    response.completed.turn = turn
         response.output = b"".join(output)
         return response
 
     async def InvokeStream(
-        self, request: pb.InvokeRequest, context: grpc.aio.ServicerContext
+        self, request: pb.InvokeRequest, context: Context
     ) -> AsyncIterator[pb.InvokeStreamResponse]:
-        async for event in self._stream(
-            context, caller(context), self._target(request), request.payload, request.content_type,
-            _trace_metadata(context),
+        async for invocation, event in self._invoke(
+            context, caller(context), target_of(request), request
         ):
-            yield event
+            yield _event_pb(pb.InvokeStreamResponse, invocation, event)
 
     async def Converse(
-        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
     ) -> AsyncIterator[pb.ConverseResponse]:
         who = caller(context)
-        trace = _trace_metadata(context)
         target: Target | None = None
         async for message in request_iterator:
             kind = message.WhichOneof("event")
             if kind == "start":
                 if target is not None:
                     raise InvalidArgument.field("start", "sent twice; a stream is one conversation")
-                target = self._target(message.start)
+                target = target_of(message.start)
                 continue
             if kind != "turn":
                 raise InvalidArgument.field("event", "each message must be a start or a turn")
             if target is None:
                 raise InvalidArgument.field("start", "must be the first message of the stream")
-            async for event in self._stream(context, who, target, message.turn.payload, message.turn.content_type, trace):
-                if event.HasField("started") and not target.session_id:
+            async for invocation, event in self._invoke(context, who, target, message.turn):
+                if target.session is None:
                     # Later turns continue the session the first turn created.
-                    target = Target(target.agent, target.endpoint, target.version,
-                                    event.started.session.removeprefix("sessions/"))
-                yield pb.ConverseResponse(
-                    started=event.started if event.HasField("started") else None,
-                    chunk=event.chunk if event.HasField("chunk") else None,
-                    completed=event.completed if event.HasField("completed") else None,
-                )
+                    target = dataclasses.replace(target, session=invocation.resolved.pin.session)
+                yield _event_pb(pb.ConverseResponse, invocation, event)
 
     async def StopSession(
-        self, request: pb.StopSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StopSessionRequest, context: Context
     ) -> pb.StopSessionResponse:
-        await self.router.stop_session(caller(context), request.name)
+        session = SessionRef.parse(request.name, field="name")
+        await self.router.stop_session(caller(context), session)
         return pb.StopSessionResponse()
 
     async def GetCachedEndpoint(
-        self, request: pb.GetCachedEndpointRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetCachedEndpointRequest, context: Context
     ) -> pb.CachedEndpoint:
-        view, synced = self.router.cached_endpoint(request.name)
+        view, synced = self.router.cached_endpoint(EndpointRef.parse(request.name, field="name"))
         out = pb.CachedEndpoint(name=request.name, synced=synced)
         if view is not None:
             out.revision = view.revision
             for share in view.shares:
-                out.traffic.add(version=view.ref.parent.version(share.version).name,
-                                percent=share.basis_points / 100)
+                out.traffic.add(
+                    version=view.ref.parent.version(share.version).name, percent=share.percent
+                )
         return out

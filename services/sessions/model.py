@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from corral import names
+from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from services.common.paging import Key
 
 
 class SessionStatus(enum.Enum):
@@ -37,8 +37,12 @@ class SessionRecord:
     max_lifetime_s: int
 
     @property
+    def ref(self) -> SessionRef:
+        return SessionRef(self.id)
+
+    @property
     def name(self) -> str:
-        return names.session_name(self.id)
+        return self.ref.name
 
     def is_expired(self, now: datetime) -> bool:
         """True once the idle timeout or the max lifetime has passed (for a live session).
@@ -72,18 +76,28 @@ class SessionLease:
 class NewSession:
     """What a caller may choose when creating a session; everything else is the platform's."""
 
-    agent: str
-    version: str
+    agent: AgentRef
+    version: VersionRef
     version_digest: str
-    endpoint: str = ""
+    endpoint: EndpointRef | None = None
     idle_timeout_s: float | None = None
     max_lifetime_s: float | None = None
 
 
 @dataclass(frozen=True)
+class PinnedVersion:
+    """A version as a session is pinned to it: by name, and by the digest of its bundle."""
+
+    version: VersionRef
+    digest: str
+
+
+@dataclass(frozen=True)
 class SessionFilter:
-    agent: str = ""
-    version: str = ""
+    """Which sessions a listing keeps; None matches any. Its repr binds page tokens to it."""
+
+    agent: AgentRef | None = None
+    version: VersionRef | None = None
     status: SessionStatus | None = None
 
 
@@ -92,16 +106,6 @@ class Turn:
     invocation_id: str
     input: bytes
     output: bytes
-
-
-@dataclass(frozen=True)
-class SessionPage:
-    sessions: Sequence[SessionRecord]
-    next_page_token: str
-
-
-# Keyset position in the listing order (create_time, id).
-PageKey = tuple[datetime, str]
 
 
 class Clock(Protocol):
@@ -134,13 +138,24 @@ class SessionStore(Protocol):
     async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None: ...
 
     async def list(
-        self, tenant: str, where: SessionFilter, after: PageKey | None, limit: int
-    ) -> list[SessionRecord]: ...
+        self, tenant: str, where: SessionFilter, after: Key | None, limit: int
+    ) -> list[SessionRecord]:
+        """The tenant's sessions matching `where` in (create_time, id) order, after the key
+        (create_time, id) `after` when one is given."""
+        ...
 
     async def set_status(
         self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
     ) -> SessionRecord | None:
         """Changes the status if it is `only_from`; None if it was not or the session is gone."""
+        ...
+
+    async def retire_version(
+        self, version: VersionRef, endpoint: EndpointRef | None, now: datetime,
+        to: PinnedVersion | None,
+    ) -> int:
+        """Re-pins every active session on `version` (routed through `endpoint`, or any) to `to`,
+        or stops them when there is none; returns how many. Crosses tenants."""
         ...
 
     async def expire_due(self, tenant: str, now: datetime) -> int:

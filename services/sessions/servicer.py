@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import grpc
 from google.protobuf import duration_pb2
 
 from corral import names
+from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.sessions.v1 import sessions_pb2 as pb
 from corral.sessions.v1 import sessions_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.identity import caller
+from services.common.interceptors import Context
 from services.common.timestamps import timestamp
 from services.sessions.model import (
     NewSession,
+    PinnedVersion,
     SessionFilter,
     SessionLease,
     SessionRecord,
@@ -32,6 +34,54 @@ _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 
 def _seconds(value: duration_pb2.Duration) -> float:
     return value.seconds + value.nanos / 1e9
+
+
+def new_session(request: pb.CreateSessionRequest) -> tuple[SessionRef | None, NewSession]:
+    """The session id a CreateSession asks for (None: generate one) and the session's pin."""
+    s = request.session
+    chosen = None
+    if request.session_id:
+        chosen = SessionRef(names.SESSION_IDS.check(request.session_id, field="session_id"))
+    spec = NewSession(
+        agent=AgentRef.parse(s.agent, field="session.agent"),
+        version=VersionRef.parse(s.version, field="session.version"),
+        version_digest=names.DIGESTS.check(s.version_digest, field="session.version_digest"),
+        endpoint=EndpointRef.parse(s.endpoint, field="session.endpoint") if s.endpoint else None,
+        idle_timeout_s=_seconds(s.idle_timeout) if s.HasField("idle_timeout") else None,
+        max_lifetime_s=_seconds(s.max_lifetime) if s.HasField("max_lifetime") else None,
+    )
+    return chosen, spec
+
+
+def session_filter(request: pb.ListSessionsRequest) -> SessionFilter:
+    status: SessionStatus | None = None
+    if request.status != pb.SESSION_STATUS_UNSPECIFIED:
+        if request.status not in _STATUS_FROM_PB:
+            raise InvalidArgument.field("status", f"{request.status} is not a SessionStatus")
+        status = _STATUS_FROM_PB[request.status]
+    return SessionFilter(
+        agent=AgentRef.parse(request.agent, field="agent") if request.agent else None,
+        version=VersionRef.parse(request.version, field="version") if request.version else None,
+        status=status,
+    )
+
+
+def retirement(
+    request: pb.RetireVersionRequest,
+) -> tuple[VersionRef, EndpointRef | None, PinnedVersion | None]:
+    """What a RetireVersion retires (the version, through which endpoint or any), and where its
+    sessions go (None: they stop)."""
+    if request.action == pb.RETIRE_ACTION_UNSPECIFIED:
+        raise InvalidArgument.field("action", "must be MIGRATE or STOP")
+    version = VersionRef.parse(request.version, field="version")
+    endpoint = EndpointRef.parse(request.endpoint, field="endpoint") if request.endpoint else None
+    if request.action != pb.RETIRE_ACTION_MIGRATE:
+        return version, endpoint, None
+    to = PinnedVersion(
+        VersionRef.parse(request.to_version, field="to_version"),
+        names.DIGESTS.check(request.to_version_digest, field="to_version_digest"),
+    )
+    return version, endpoint, to
 
 
 def session_pb(record: SessionRecord) -> pb.Session:
@@ -79,108 +129,79 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
     def __init__(self, sessions: Sessions) -> None:
         self._sessions = sessions
 
-    async def CreateSession(
-        self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Session:
-        s = request.session
-        spec = NewSession(
-            agent=s.agent,
-            version=s.version,
-            version_digest=s.version_digest,
-            endpoint=s.endpoint,
-            idle_timeout_s=_seconds(s.idle_timeout) if s.HasField("idle_timeout") else None,
-            max_lifetime_s=_seconds(s.max_lifetime) if s.HasField("max_lifetime") else None,
-        )
-        record = await self._sessions.create(caller(context), request.session_id, spec)
-        return session_pb(record)
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
+        session, spec = new_session(request)
+        return session_pb(await self._sessions.create(caller(context), session, spec))
 
-    async def GetSession(
-        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Session:
-        return session_pb(await self._sessions.get(caller(context), request.name))
+    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
+        session = SessionRef.parse(request.name, field="name")
+        return session_pb(await self._sessions.get(caller(context), session))
 
     async def ListSessions(
-        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
-        status: SessionStatus | None = None
-        if request.status != pb.SESSION_STATUS_UNSPECIFIED:
-            if request.status not in _STATUS_FROM_PB:
-                raise InvalidArgument.field("status", f"{request.status} is not a SessionStatus")
-            status = _STATUS_FROM_PB[request.status]
-        where = SessionFilter(agent=request.agent, version=request.version, status=status)
         page = await self._sessions.list(
-            caller(context), where, request.page_size, request.page_token
+            caller(context), session_filter(request), request.page_size, request.page_token
         )
         return pb.ListSessionsResponse(
-            sessions=[session_pb(r) for r in page.sessions], next_page_token=page.next_page_token
+            sessions=[session_pb(r) for r in page.items], next_page_token=page.next_page_token
         )
 
     async def DeleteSession(
-        self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
-        await self._sessions.delete(caller(context), request.name)
+        await self._sessions.delete(caller(context), SessionRef.parse(request.name, field="name"))
         return pb.DeleteSessionResponse()
 
-    async def StopSession(
-        self, request: pb.StopSessionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Session:
-        return session_pb(await self._sessions.stop(caller(context), request.name))
+    async def StopSession(self, request: pb.StopSessionRequest, context: Context) -> pb.Session:
+        session = SessionRef.parse(request.name, field="name")
+        return session_pb(await self._sessions.stop(caller(context), session))
 
     async def GetSessionState(
-        self, request: pb.GetSessionStateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetSessionStateRequest, context: Context
     ) -> pb.SessionState:
-        return state_pb(await self._sessions.get_state(caller(context), request.name))
+        session = SessionRef.parse(request.name, field="name")
+        return state_pb(await self._sessions.get_state(caller(context), session))
 
     async def UpdateSessionState(
-        self, request: pb.UpdateSessionStateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateSessionStateRequest, context: Context
     ) -> pb.SessionState:
+        session = SessionRef.parse(request.name, field="name")
         state = await self._sessions.update_state(
-            caller(context), request.name, request.state, request.etag
+            caller(context), session, request.state, request.etag
         )
         return state_pb(state)
 
-    async def AcquireLease(
-        self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Lease:
+    async def AcquireLease(self, request: pb.AcquireLeaseRequest, context: Context) -> pb.Lease:
+        session = SessionRef.parse(request.session, field="session")
         ttl = _seconds(request.ttl) if request.HasField("ttl") else None
-        lease = await self._sessions.acquire_lease(
-            caller(context), request.session, request.holder, ttl
-        )
+        lease = await self._sessions.acquire_lease(caller(context), session, request.holder, ttl)
         return lease_pb(lease)
 
-    async def RenewLease(
-        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Lease:
+    async def RenewLease(self, request: pb.RenewLeaseRequest, context: Context) -> pb.Lease:
+        session = SessionRef.parse(request.session, field="session")
         ttl = _seconds(request.ttl) if request.HasField("ttl") else None
-        lease = await self._sessions.renew_lease(
-            caller(context), request.session, request.lease_id, ttl
-        )
+        lease = await self._sessions.renew_lease(caller(context), session, request.lease_id, ttl)
         return lease_pb(lease)
 
     async def ReleaseLease(
-        self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReleaseLeaseRequest, context: Context
     ) -> pb.ReleaseLeaseResponse:
-        await self._sessions.release_lease(caller(context), request.session, request.lease_id)
+        session = SessionRef.parse(request.session, field="session")
+        await self._sessions.release_lease(caller(context), session, request.lease_id)
         return pb.ReleaseLeaseResponse()
 
-    async def CommitTurn(
-        self, request: pb.CommitTurnRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SessionState:
+    async def CommitTurn(self, request: pb.CommitTurnRequest, context: Context) -> pb.SessionState:
+        session = SessionRef.parse(request.session, field="session")
         turn = Turn(invocation_id=request.invocation_id, input=request.input, output=request.output)
         state = await self._sessions.commit_turn(
-            caller(context), request.session, request.lease_id, request.etag, request.state, turn
+            caller(context), session, request.lease_id, request.etag, request.state, turn
         )
         return state_pb(state)
 
     async def RetireVersion(
-        self, request: pb.RetireVersionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RetireVersionRequest, context: Context
     ) -> pb.RetireVersionResponse:
-        if request.action == pb.RETIRE_ACTION_MIGRATE and not request.to_version:
-            raise InvalidArgument.field("to_version", "is required to migrate sessions")
-        if request.action == pb.RETIRE_ACTION_UNSPECIFIED:
-            raise InvalidArgument.field("action", "must be MIGRATE or STOP")
-        to_version = request.to_version if request.action == pb.RETIRE_ACTION_MIGRATE else ""
-        count = await self._sessions.retire_version(
-            caller(context), request.version, request.endpoint, to_version, request.to_version_digest
-        )
+        version, endpoint, to = retirement(request)
+        count = await self._sessions.retire_version(caller(context), version, endpoint, to)
         return pb.RetireVersionResponse(sessions=count)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from corral import names
+from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -17,16 +17,17 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.identity import Caller
+from services.common.paging import Page, PageQuery
 from services.sessions import rules
 from services.sessions.model import (
     Clock,
     IdSource,
     LeaseStore,
     NewSession,
+    PinnedVersion,
     RandomIds,
     SessionFilter,
     SessionLease,
-    SessionPage,
     SessionRecord,
     SessionState,
     SessionStatus,
@@ -44,17 +45,21 @@ REASON_SESSION_STOPPED = "SESSION_STOPPED"
 REASON_SESSION_EXPIRED = "SESSION_EXPIRED"
 
 
-def _not_found(session_id: str) -> NotFound:
-    return NotFound(f"{names.session_name(session_id)} not found; create it with CreateSession")
+def _not_found(session: SessionRef) -> NotFound:
+    return NotFound(f"{session.name} not found; create it with CreateSession")
 
 
-def _lease_lost(session_id: str, lease_id: str) -> Aborted:
+def _lease_lost(session: SessionRef, lease_id: str) -> Aborted:
     return Aborted(
-        f"lease {lease_id} on {names.session_name(session_id)} is no longer held (it expired "
+        f"lease {lease_id} on {session.name} is no longer held (it expired "
         "or was released); acquire a new lease and run the turn again",
         reason=REASON_LEASE_LOST,
-        metadata={"session": names.session_name(session_id)},
+        metadata={"session": session.name},
     )
+
+
+def _sort_key(record: SessionRecord) -> tuple[datetime, str]:
+    return record.create_time, record.id
 
 
 class Sessions:
@@ -70,8 +75,12 @@ class Sessions:
         self._clock = clock or SystemClock()
         self._ids = ids or RandomIds()
 
-    async def create(self, caller: Caller, session_id: str, spec: NewSession) -> SessionRecord:
-        rules.validate_new_session(session_id, spec)
+    async def create(
+        self, caller: Caller, session: SessionRef | None, spec: NewSession
+    ) -> SessionRecord:
+        """Creates the session under the caller's tenant and user; with no `session`, an id is
+        generated."""
+        rules.check_pin(spec)
         idle = rules.timeout_seconds(
             spec.idle_timeout_s, "session.idle_timeout", rules.DEFAULT_IDLE_TIMEOUT_S
         )
@@ -80,11 +89,11 @@ class Sessions:
         )
         now = self._clock.now()
         record = SessionRecord(
-            id=session_id or self._ids.new_id(),
-            agent=spec.agent,
-            version=spec.version,
+            id=session.session if session is not None else self._ids.new_id(),
+            agent=spec.agent.name,
+            version=spec.version.name,
             version_digest=spec.version_digest,
-            endpoint=spec.endpoint,
+            endpoint=spec.endpoint.name if spec.endpoint is not None else "",
             tenant=caller.tenant,
             user=caller.user,
             status=SessionStatus.ACTIVE,
@@ -112,67 +121,59 @@ class Sessions:
         )
         return stored
 
-    async def get(self, caller: Caller, name: str) -> SessionRecord:
-        return await self._owned(caller, rules.session_id_of(name, "name"))
+    async def get(self, caller: Caller, session: SessionRef) -> SessionRecord:
+        return await self._owned(caller, session)
 
     async def list(
-        self, caller: Caller, where: SessionFilter, size: int, page_token: str
-    ) -> SessionPage:
-        rules.validate_filter(where)
-        limit = rules.page_size(size)
-        after = rules.decode_page_token(page_token) if page_token else None
+        self, caller: Caller, where: SessionFilter, page_size: int, page_token: str
+    ) -> Page[SessionRecord]:
+        """The caller's tenant's sessions matching `where`, oldest first, a page at a time."""
+        query = PageQuery.start(
+            "ListSessions", owner=caller.tenant, where=where, page_size=page_size,
+            token=page_token, key_shape=(datetime, str),
+        )
         # Expiry is computed on read; persisting it first keeps the status filter truthful.
         await self._store.expire_due(caller.tenant, self._clock.now())
-        rows = await self._store.list(caller.tenant, where, after, limit + 1)
-        page = rows[:limit]
-        token = (
-            rules.encode_page_token((page[-1].create_time, page[-1].id))
-            if len(rows) > limit
-            else ""
-        )
-        return SessionPage(sessions=page, next_page_token=token)
+        rows = await self._store.list(caller.tenant, where, query.after, query.fetch_limit)
+        return query.page(rows, key=_sort_key)
 
-    async def delete(self, caller: Caller, name: str) -> None:
-        session_id = rules.session_id_of(name, "name")
-        await self._owned(caller, session_id)
-        if not await self._store.delete(session_id):
-            raise _not_found(session_id)
-        await self._leases.drop(session_id)
-        log.info("deleted %s", names.session_name(session_id))
+    async def delete(self, caller: Caller, session: SessionRef) -> None:
+        await self._owned(caller, session)
+        if not await self._store.delete(session.session):
+            raise _not_found(session)
+        await self._leases.drop(session.session)
+        log.info("deleted %s", session.name)
 
-    async def stop(self, caller: Caller, name: str) -> SessionRecord:
-        session_id = rules.session_id_of(name, "name")
-        record = await self._owned(caller, session_id)
+    async def stop(self, caller: Caller, session: SessionRef) -> SessionRecord:
+        record = await self._owned(caller, session)
         if record.status is not SessionStatus.ACTIVE:
             return record  # already ended: stopping again is a no-op, and EXPIRED stays EXPIRED
+        now = self._clock.now()
         stopped = await self._store.set_status(
-            session_id, SessionStatus.STOPPED, self._clock.now(), only_from=SessionStatus.ACTIVE
+            session.session, SessionStatus.STOPPED, now, only_from=SessionStatus.ACTIVE
         )
-        return stopped or await self._owned(caller, session_id)
+        return stopped or await self._owned(caller, session)
 
-    async def get_state(self, caller: Caller, name: str) -> SessionState:
-        session_id = rules.session_id_of(name, "name")
-        record, state = await self._owned_state(caller, session_id)
-        return SessionState(session_id, state, record.state_etag, record.turn_count)
+    async def get_state(self, caller: Caller, session: SessionRef) -> SessionState:
+        record, state = await self._owned_state(caller, session)
+        return SessionState(session.session, state, record.state_etag, record.turn_count)
 
     async def update_state(
-        self, caller: Caller, name: str, state: bytes, etag: str
+        self, caller: Caller, session: SessionRef, state: bytes, etag: str
     ) -> SessionState:
-        session_id = rules.session_id_of(name, "name")
         rules.check_state_size(state)
         if not etag:
             raise InvalidArgument.field(
                 "etag", "is required: read the state with GetSessionState and pass its etag"
             )
-        await self._owned(caller, session_id)
-        return await self._write(session_id, state, etag, None)
+        await self._owned(caller, session)
+        return await self._write(session, state, etag, None)
 
     async def acquire_lease(
-        self, caller: Caller, name: str, holder: str, ttl_s: float | None
+        self, caller: Caller, session: SessionRef, holder: str, ttl_s: float | None
     ) -> SessionLease:
-        session_id = rules.session_id_of(name, "session")
         ttl = rules.lease_ttl(ttl_s)
-        record = await self._owned(caller, session_id)
+        record = await self._owned(caller, session)
         if record.status is not SessionStatus.ACTIVE:
             ended = record.status.value.lower()
             raise FailedPrecondition(
@@ -184,7 +185,7 @@ class Sessions:
             )
         lease_id = self._ids.new_id()
         now = self._clock.now()
-        if not await self._leases.acquire(session_id, lease_id, holder, ttl):
+        if not await self._leases.acquire(session.session, lease_id, holder, ttl):
             raise Aborted(
                 f"session {record.name} is busy: another invocation is running on it; "
                 "retry when it finishes",
@@ -193,129 +194,121 @@ class Sessions:
             )
         try:
             # Read the state only once the lease is ours, so no other turn can commit under us.
-            loaded = await self._store.touch_and_load(session_id, now)
+            loaded = await self._store.touch_and_load(session.session, now)
             if loaded is None:
-                raise _not_found(session_id)
+                raise _not_found(session)
         except BaseException:
-            await self._leases.release(session_id, lease_id)
+            await self._leases.release(session.session, lease_id)
             raise
         current, state = loaded
         return SessionLease(
-            session_id,
+            session.session,
             lease_id,
             holder,
             now + timedelta(seconds=ttl),
-            SessionState(session_id, state, current.state_etag, current.turn_count),
+            SessionState(session.session, state, current.state_etag, current.turn_count),
         )
 
     async def renew_lease(
-        self, caller: Caller, name: str, lease_id: str, ttl_s: float | None
+        self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: float | None
     ) -> SessionLease:
-        session_id = rules.session_id_of(name, "session")
-        if not lease_id:
-            raise InvalidArgument.field(
-                "lease_id", "is required: pass the lease_id AcquireLease returned"
-            )
+        rules.require_lease_id(lease_id)
         ttl = rules.lease_ttl(ttl_s)
-        await self._owned(caller, session_id)
+        await self._owned(caller, session)
         now = self._clock.now()
-        holder = await self._leases.renew(session_id, lease_id, ttl)
+        holder = await self._leases.renew(session.session, lease_id, ttl)
         if holder is None:
-            raise _lease_lost(session_id, lease_id)
+            raise _lease_lost(session, lease_id)
         # A turn that keeps renewing is activity: the session must not go idle under it.
-        await self._store.touch(session_id, now)
-        return SessionLease(session_id, lease_id, holder, now + timedelta(seconds=ttl))
+        await self._store.touch(session.session, now)
+        return SessionLease(session.session, lease_id, holder, now + timedelta(seconds=ttl))
 
-    async def release_lease(self, caller: Caller, name: str, lease_id: str) -> None:
-        session_id = rules.session_id_of(name, "session")
-        if not lease_id:
-            raise InvalidArgument.field(
-                "lease_id", "is required: pass the lease_id AcquireLease returned"
-            )
-        await self._owned(caller, session_id)
+    async def release_lease(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
+        rules.require_lease_id(lease_id)
+        await self._owned(caller, session)
         # Releasing a lease that is already gone is a success, so callers can retry it freely.
-        if not await self._leases.release(session_id, lease_id):
-            log.info("lease %s on sessions/%s was already gone at release", lease_id, session_id)
+        if not await self._leases.release(session.session, lease_id):
+            log.info("lease %s on %s was already gone at release", lease_id, session.name)
 
     async def commit_turn(
-        self, caller: Caller, name: str, lease_id: str, etag: str, state: bytes, turn: Turn
+        self,
+        caller: Caller,
+        session: SessionRef,
+        lease_id: str,
+        etag: str,
+        state: bytes,
+        turn: Turn,
     ) -> SessionState:
-        session_id = rules.session_id_of(name, "session")
-        if not lease_id:
-            raise InvalidArgument.field(
-                "lease_id", "is required: pass the lease_id AcquireLease returned"
-            )
+        rules.require_lease_id(lease_id)
         if not etag:
             raise InvalidArgument.field(
                 "etag", "is required: pass the etag of the state the turn started from"
             )
         rules.check_state_size(state)
-        for field, payload in (("input", turn.input), ("output", turn.output)):
-            if len(payload) > rules.MAX_TURN_PAYLOAD_BYTES:
-                raise InvalidArgument.field(
-                    field,
-                    f"is {len(payload)} bytes, over the limit of "
-                    f"{rules.MAX_TURN_PAYLOAD_BYTES} bytes (8 MiB)",
-                )
+        rules.check_turn(turn)
         # Ownership and the lease are independent reads: ask both at once.
         _, holder = await asyncio.gather(
-            self._owned(caller, session_id), self._leases.holder(session_id)
+            self._owned(caller, session), self._leases.holder(session.session)
         )
         if holder != lease_id:
-            raise _lease_lost(session_id, lease_id)
+            raise _lease_lost(session, lease_id)
         # The etag compare-and-set (not the lease check above) is what keeps a late turn from
         # overwriting a newer one: a lease can expire between the check and the write.
-        return await self._write(session_id, state, etag, turn)
+        return await self._write(session, state, etag, turn)
 
     async def retire_version(
-        self, caller: Caller, version: str, endpoint: str, to_version: str, to_digest: str
+        self,
+        caller: Caller,
+        version: VersionRef,
+        endpoint: EndpointRef | None,
+        to: PinnedVersion | None,
     ) -> int:
-        """Migrates (to_version given) or stops the active sessions pinned to `version`. A platform
-        operation used by rollbacks; it crosses tenants by design."""
-        for field, value in (("version", version), ("to_version", to_version)):
-            if value or field == "version":
-                try:
-                    names.parse_version(value)
-                except names.ResourceNameError as exc:
-                    raise InvalidArgument.field(field, str(exc)) from None
-        if to_version and not to_digest.startswith("sha256:"):
-            raise InvalidArgument.field("to_version_digest", "is required with to_version (sha256:...)")
-        count = await self._store.retire_version(
-            version, endpoint, self._clock.now(), to_version=to_version, to_digest=to_digest
+        """Migrates (to a version) or stops (to None) the active sessions pinned to `version`,
+        those routed through `endpoint` or all. A platform operation used by rollbacks; it
+        crosses tenants by design."""
+        count = await self._store.retire_version(version, endpoint, self._clock.now(), to)
+        action = f"migrated to {to.version.name}" if to is not None else "stopped"
+        log.info(
+            "%d sessions on %s %s (by %s/%s)",
+            count,
+            version.name,
+            action,
+            caller.tenant,
+            caller.user,
         )
-        action = f"migrated to {to_version}" if to_version else "stopped"
-        log.info("%d sessions on %s %s (by %s/%s)", count, version, action, caller.tenant, caller.user)
         return count
 
     async def _write(
-        self, session_id: str, state: bytes, etag: str, turn: Turn | None
+        self, session: SessionRef, state: bytes, etag: str, turn: Turn | None
     ) -> SessionState:
         new_etag = self._ids.new_id()
         written = await self._store.write_state(
-            session_id, state, etag, new_etag, self._clock.now(), turn
+            session.session, state, etag, new_etag, self._clock.now(), turn
         )
         if written is None:
-            if await self._store.get(session_id) is None:
-                raise _not_found(session_id)
+            if await self._store.get(session.session) is None:
+                raise _not_found(session)
             raise Aborted(
-                f"the state of {names.session_name(session_id)} changed since etag {etag!r} "
+                f"the state of {session.name} changed since etag {etag!r} "
                 "was read; re-read it with GetSessionState (or a new lease) and retry",
                 reason=REASON_STATE_CONFLICT,
-                metadata={"session": names.session_name(session_id)},
+                metadata={"session": session.name},
             )
-        return SessionState(session_id, state, written.state_etag, written.turn_count)
+        return SessionState(session.session, state, written.state_etag, written.turn_count)
 
-    async def _owned(self, caller: Caller, session_id: str) -> SessionRecord:
-        record = await self._store.get(session_id)
+    async def _owned(self, caller: Caller, session: SessionRef) -> SessionRecord:
+        record = await self._store.get(session.session)
         if record is None:
-            raise _not_found(session_id)
+            raise _not_found(session)
         self._check_owner(caller, record)
         return await self._settle_expiry(record)
 
-    async def _owned_state(self, caller: Caller, session_id: str) -> tuple[SessionRecord, bytes]:
-        loaded = await self._store.get_state(session_id)
+    async def _owned_state(
+        self, caller: Caller, session: SessionRef
+    ) -> tuple[SessionRecord, bytes]:
+        loaded = await self._store.get_state(session.session)
         if loaded is None:
-            raise _not_found(session_id)
+            raise _not_found(session)
         self._check_owner(caller, loaded[0])
         return await self._settle_expiry(loaded[0]), loaded[1]
 
@@ -341,5 +334,5 @@ class Sessions:
         # Someone else changed its status meanwhile; theirs is the one to report.
         current = await self._store.get(record.id)
         if current is None:
-            raise _not_found(record.id)
+            raise _not_found(record.ref)
         return current

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -13,10 +13,12 @@ from typing import Any
 import asyncpg
 import redis.asyncio as redis
 
+from corral.names import EndpointRef, VersionRef
 from services.common.errors import Unavailable
 from services.common.kv import KeySpace
+from services.common.paging import Key
 from services.sessions.model import (
-    PageKey,
+    PinnedVersion,
     SessionFilter,
     SessionRecord,
     SessionStatus,
@@ -32,6 +34,8 @@ _COLUMNS = """id, agent, version, version_digest, endpoint, tenant, user_id, sta
     turn_count, state_etag, create_time, update_time, last_active_time, idle_timeout_s,
     max_lifetime_s, revision"""
 _NEXT_REVISION = "nextval('sessions.revision_seq')"
+# A session row: as asyncpg returns it, or its columns picked out of a wider row.
+Row = asyncpg.Record | Mapping[str, Any]
 
 # Replaces the cached copy only with a newer revision, so a slow reader cannot put back a record
 # older than the one a writer just stored (or resurrect a deleted one: see RecordCache.forget).
@@ -64,7 +68,7 @@ return 0
 """
 
 
-def _record(row: asyncpg.Record | dict[str, Any]) -> SessionRecord:
+def _record(row: Row) -> SessionRecord:
     return SessionRecord(
         id=row["id"],
         agent=row["agent"],
@@ -84,8 +88,8 @@ def _record(row: asyncpg.Record | dict[str, Any]) -> SessionRecord:
     )
 
 
-def _to_json(row: asyncpg.Record) -> str:
-    values = dict(row)
+def _to_json(row: Row) -> str:
+    values = dict(row.items())
     for key in ("create_time", "update_time", "last_active_time"):
         values[key] = values[key].isoformat()
     return json.dumps(values)
@@ -111,7 +115,7 @@ class RecordCache:
 
     async def get(self, session_id: str) -> SessionRecord | None:
         try:
-            data = await self._redis.hget(self._key(session_id), "data")  # type: ignore[misc]
+            data = await self._redis.hget(self._key(session_id), "data")
         except (redis.RedisError, OSError) as exc:
             log.warning("session cache read failed, reading PostgreSQL: %s", exc)
             return None
@@ -123,7 +127,7 @@ class RecordCache:
             log.warning("dropping an unreadable cached copy of sessions/%s", session_id)
             return None
 
-    async def put(self, row: asyncpg.Record) -> None:
+    async def put(self, row: Row) -> None:
         await self._store(row["id"], row["revision"], _to_json(row), tombstone=False)
 
     async def forget(self, session_id: str, revision: int) -> None:
@@ -192,7 +196,7 @@ class PgSessionStore:
         return _record(row), bytes(row["state"])
 
     async def list(
-        self, tenant: str, where: SessionFilter, after: PageKey | None, limit: int
+        self, tenant: str, where: SessionFilter, after: Key | None, limit: int
     ) -> list[SessionRecord]:
         conditions = ["tenant = $1"]
         args: list[Any] = [tenant]
@@ -201,10 +205,10 @@ class PgSessionStore:
             args.append(value)
             return f"${len(args)}"
 
-        if where.agent:
-            conditions.append(f"agent = {arg(where.agent)}")
-        if where.version:
-            conditions.append(f"version = {arg(where.version)}")
+        if where.agent is not None:
+            conditions.append(f"agent = {arg(where.agent.name)}")
+        if where.version is not None:
+            conditions.append(f"version = {arg(where.version.name)}")
         if where.status is not None:
             conditions.append(f"status = {arg(where.status.value)}")
         if after is not None:
@@ -234,11 +238,12 @@ class PgSessionStore:
         return await self._cached(row)
 
     async def retire_version(
-        self, version: str, endpoint: str, now: datetime, *, to_version: str = "", to_digest: str = ""
+        self, version: VersionRef, endpoint: EndpointRef | None, now: datetime,
+        to: PinnedVersion | None,
     ) -> int:
-        """Re-pins (or, with no to_version, stops) every active session on `version`."""
-        if to_version:
-            change, args = "version = $4, version_digest = $5", [to_version, to_digest]
+        """Re-pins (or, with nowhere to go, stops) every active session on `version`."""
+        if to is not None:
+            change, args = "version = $4, version_digest = $5", [to.version.name, to.digest]
         else:
             change, args = "status = $4", [SessionStatus.STOPPED.value]
         rows = await self._pool.fetch(
@@ -246,8 +251,8 @@ class PgSessionStore:
                 SET {change}, update_time = $3, revision = {_NEXT_REVISION}
                 WHERE version = $1 AND ($2 = '' OR endpoint = $2) AND status = 'ACTIVE'
                 RETURNING {_COLUMNS}""",
-            version,
-            endpoint,
+            version.name,
+            endpoint.name if endpoint is not None else "",
             now,
             *args,
         )
@@ -297,8 +302,8 @@ class PgSessionStore:
         if row is None:
             return None
         columns = {key: value for key, value in row.items() if key != "state"}
-        await self._cache.put(columns)  # type: ignore[arg-type]
-        return _record(columns), bytes(row["state"])  # type: ignore[arg-type]
+        await self._cache.put(columns)
+        return _record(columns), bytes(row["state"])
 
     async def write_state(
         self,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
 
 import pytest
+from google.protobuf import duration_pb2
 
+from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
+from corral.sessions.v1 import sessions_pb2 as pb
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -17,191 +19,28 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.identity import Caller
-from services.sessions.model import (
-    NewSession,
-    PageKey,
-    SessionFilter,
-    SessionRecord,
-    SessionStatus,
-    Turn,
-)
+from services.sessions.model import NewSession, PinnedVersion, SessionFilter, SessionStatus, Turn
 from services.sessions.rules import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_LIFETIME_S,
     MAX_STATE_BYTES,
+    check_pin,
     check_state_size,
-    decode_page_token,
-    encode_page_token,
     lease_ttl,
-    page_size,
-    validate_new_session,
 )
+from services.sessions.servicer import new_session, retirement, session_filter
 from services.sessions.sessions import Sessions
+from tests.fakes import FakeClock, MemoryLeases, MemoryStore, SequentialIds
 
 DIGEST = "sha256:" + "ab" * 32
-SPEC = NewSession(agent="agents/demo", version="agents/demo/versions/1", version_digest=DIGEST)
+SPEC = NewSession(AgentRef("demo"), VersionRef("demo", 1), DIGEST)
 ALICE = Caller("acme", "alice")
 BOB = Caller("acme", "bob")
 MALLORY = Caller("evil", "alice")
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.time = T0
-
-    def now(self) -> datetime:
-        return self.time
-
-    def advance(self, seconds: float) -> None:
-        self.time += timedelta(seconds=seconds)
-
-
-class SequentialIds:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def new_id(self) -> str:
-        self.n += 1
-        return f"id{self.n:04d}"
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.records: dict[str, SessionRecord] = {}
-        self.states: dict[str, bytes] = {}
-        self.events: dict[str, list[tuple[int, Turn]]] = {}
-
-    async def insert(self, record: SessionRecord) -> SessionRecord | None:
-        if record.id in self.records:
-            return None
-        self.records[record.id], self.states[record.id] = record, b""
-        self.events[record.id] = []
-        return record
-
-    async def get(self, session_id: str) -> SessionRecord | None:
-        return self.records.get(session_id)
-
-    async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None:
-        if session_id not in self.records:
-            return None
-        return self.records[session_id], self.states[session_id]
-
-    async def list(
-        self, tenant: str, where: SessionFilter, after: PageKey | None, limit: int
-    ) -> list[SessionRecord]:
-        rows = sorted(
-            (
-                r
-                for r in self.records.values()
-                if r.tenant == tenant
-                and (not where.agent or r.agent == where.agent)
-                and (not where.version or r.version == where.version)
-                and (where.status is None or r.status is where.status)
-                and (after is None or (r.create_time, r.id) > after)
-            ),
-            key=lambda r: (r.create_time, r.id),
-        )
-        return rows[:limit]
-
-    async def set_status(
-        self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
-    ) -> SessionRecord | None:
-        record = self.records.get(session_id)
-        if record is None or record.status is not only_from:
-            return None
-        return self._put(dataclasses.replace(record, status=status, update_time=now))
-
-    async def expire_due(self, tenant: str, now: datetime) -> int:
-        due = [r for r in self.records.values() if r.tenant == tenant and r.is_expired(now)]
-        for r in due:
-            self._put(dataclasses.replace(r, status=SessionStatus.EXPIRED, update_time=now))
-        return len(due)
-
-    async def touch(self, session_id: str, now: datetime) -> SessionRecord | None:
-        record = self.records.get(session_id)
-        return (
-            None if record is None else self._put(dataclasses.replace(record, last_active_time=now))
-        )
-
-    async def touch_and_load(
-        self, session_id: str, now: datetime
-    ) -> tuple[SessionRecord, bytes] | None:
-        record = await self.touch(session_id, now)
-        return None if record is None else (record, self.states.get(session_id, b""))
-
-    async def write_state(
-        self,
-        session_id: str,
-        state: bytes,
-        expected_etag: str,
-        new_etag: str,
-        now: datetime,
-        turn: Turn | None,
-    ) -> SessionRecord | None:
-        record = self.records.get(session_id)
-        if record is None or record.state_etag != expected_etag:
-            return None
-        record = dataclasses.replace(
-            record,
-            state_etag=new_etag,
-            update_time=now,
-            turn_count=record.turn_count + (1 if turn else 0),
-            last_active_time=now if turn else record.last_active_time,
-        )
-        self.states[session_id] = state
-        if turn:
-            self.events[session_id].append((record.turn_count, turn))
-        return self._put(record)
-
-    async def delete(self, session_id: str) -> bool:
-        self.states.pop(session_id, None)
-        self.events.pop(session_id, None)
-        return self.records.pop(session_id, None) is not None
-
-    def _put(self, record: SessionRecord) -> SessionRecord:
-        self.records[record.id] = record
-        return record
-
-
-class MemoryLeases:
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.leases: dict[str, tuple[str, str, datetime]] = {}
-
-    def _live(self, session_id: str) -> tuple[str, str, datetime] | None:
-        lease = self.leases.get(session_id)
-        if lease and lease[2] <= self.clock.now():
-            del self.leases[session_id]
-            return None
-        return lease
-
-    async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool:
-        if self._live(session_id):
-            return False
-        self.leases[session_id] = (lease_id, holder, self.clock.now() + timedelta(seconds=ttl_s))
-        return True
-
-    async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
-        lease = self._live(session_id)
-        if not lease or lease[0] != lease_id:
-            return None
-        self.leases[session_id] = (lease_id, lease[1], self.clock.now() + timedelta(seconds=ttl_s))
-        return lease[1]
-
-    async def release(self, session_id: str, lease_id: str) -> bool:
-        lease = self._live(session_id)
-        if not lease or lease[0] != lease_id:
-            return False
-        del self.leases[session_id]
-        return True
-
-    async def holder(self, session_id: str) -> str | None:
-        lease = self._live(session_id)
-        return lease[0] if lease else None
-
-    async def drop(self, session_id: str) -> None:
-        self.leases.pop(session_id, None)
+def ref(session_id: str) -> SessionRef:
+    return SessionRef(session_id)
 
 
 @pytest.fixture
@@ -229,16 +68,27 @@ def field_of(err: CorralError) -> str:
     return err.violations[0].field
 
 
+def create_request(session_id: str = "", **fields: object) -> pb.CreateSessionRequest:
+    session = pb.Session(
+        agent="agents/demo", version="agents/demo/versions/1", version_digest=DIGEST
+    )
+    for key, value in fields.items():
+        setattr(session, key, value)
+    return pb.CreateSessionRequest(session_id=session_id, session=session)
+
+
 @pytest.mark.parametrize("session_id", ["a b", "x" * 129, "a/b", "-leading", "é", "a*"])
 def test_bad_session_ids_name_the_field(session_id: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
-        validate_new_session(session_id, SPEC)
-    assert field_of(info.value) == "session_id"
+    with pytest.raises(ResourceNameError) as info:
+        new_session(create_request(session_id))
+    assert info.value.field == "session_id"
 
 
 @pytest.mark.parametrize("session_id", ["", "a", "x" * 128, "conv-1_a.b:c", "A9"])
 def test_good_session_ids_pass(session_id: str) -> None:
-    validate_new_session(session_id, SPEC)
+    chosen, spec = new_session(create_request(session_id))
+    assert chosen == (SessionRef(session_id) if session_id else None)
+    assert spec == SPEC
 
 
 @pytest.mark.parametrize(
@@ -249,34 +99,90 @@ def test_good_session_ids_pass(session_id: str) -> None:
         ({"version": ""}, "session.version"),
         ({"version": "agents/demo/versions/0"}, "session.version"),
         ({"version": "agents/demo/versions/latest"}, "session.version"),
-        ({"version": "agents/other/versions/1"}, "session.version"),
         ({"version_digest": ""}, "session.version_digest"),
         ({"version_digest": "sha256:xyz"}, "session.version_digest"),
         ({"endpoint": "prod"}, "session.endpoint"),
-        ({"endpoint": "agents/other/endpoints/prod"}, "session.endpoint"),
     ],
 )
-def test_bad_pins_name_the_field(change: dict[str, str], field: str) -> None:
+def test_badly_named_pins_name_the_field(change: dict[str, str], field: str) -> None:
+    with pytest.raises(ResourceNameError) as info:
+        new_session(create_request(**change))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"version": VersionRef("other", 1)}, "session.version"),
+        ({"endpoint": EndpointRef("other", "prod")}, "session.endpoint"),
+    ],
+)
+def test_pins_to_another_agent_name_the_field(change: dict[str, object], field: str) -> None:
+    check_pin(dataclasses.replace(SPEC, endpoint=EndpointRef("demo", "prod")))
     with pytest.raises(InvalidArgument) as info:
-        validate_new_session("", dataclasses.replace(SPEC, **change))
+        check_pin(dataclasses.replace(SPEC, **change))  # type: ignore[arg-type]
     assert field_of(info.value) == field
 
 
-def test_page_token_round_trips_and_rejects_garbage() -> None:
-    key = (T0 + timedelta(microseconds=123457), "conv:1")
-    assert decode_page_token(encode_page_token(key)) == key
-    for token in ("garbage!", "djE6eDph", encode_page_token(key)[:-3] + "%%%", "djI6MTphYmM"):
-        with pytest.raises(InvalidArgument) as info:
-            decode_page_token(token)
-        assert field_of(info.value) == "page_token"
+def test_timeouts_are_read_from_the_request() -> None:
+    request = create_request(endpoint="agents/demo/endpoints/prod")
+    request.session.idle_timeout.CopyFrom(duration_pb2.Duration(seconds=10, nanos=500_000_000))
+    _, spec = new_session(request)
+    assert (spec.idle_timeout_s, spec.max_lifetime_s) == (10.5, None)
+    assert spec.endpoint == EndpointRef("demo", "prod")
 
 
-def test_page_size_defaults_caps_and_refuses_negative() -> None:
-    assert page_size(0) == 50
-    assert page_size(7) == 7
-    assert page_size(5000) == 1000
-    with pytest.raises(InvalidArgument):
-        page_size(-1)
+def test_list_filters_are_parsed_and_checked() -> None:
+    where = session_filter(
+        pb.ListSessionsRequest(
+            agent="agents/demo", version="agents/demo/versions/2", status=pb.SESSION_STATUS_ACTIVE
+        )
+    )
+    assert where == SessionFilter(AgentRef("demo"), VersionRef("demo", 2), SessionStatus.ACTIVE)
+    assert session_filter(pb.ListSessionsRequest()) == SessionFilter()
+    for request, field in (
+        (pb.ListSessionsRequest(version="agents/demo"), "version"),
+        (pb.ListSessionsRequest(agent="demo"), "agent"),
+    ):
+        with pytest.raises(ResourceNameError) as info:
+            session_filter(request)
+        assert info.value.field == field
+    with pytest.raises(InvalidArgument) as bad_status:
+        session_filter(pb.ListSessionsRequest(status=42))  # type: ignore[arg-type]
+    assert field_of(bad_status.value) == "status"
+
+
+def test_retirement_requests() -> None:
+    version = "agents/demo/versions/2"
+    stop = pb.RetireVersionRequest(version=version, action=pb.RETIRE_ACTION_STOP)
+    assert retirement(stop) == (VersionRef("demo", 2), None, None)
+    migrate = pb.RetireVersionRequest(
+        version=version,
+        endpoint="agents/demo/endpoints/prod",
+        action=pb.RETIRE_ACTION_MIGRATE,
+        to_version="agents/demo/versions/1",
+        to_version_digest=DIGEST,
+    )
+    assert retirement(migrate) == (
+        VersionRef("demo", 2),
+        EndpointRef("demo", "prod"),
+        PinnedVersion(VersionRef("demo", 1), DIGEST),
+    )
+    with pytest.raises(InvalidArgument) as info:
+        retirement(pb.RetireVersionRequest(version=version))
+    assert field_of(info.value) == "action"
+    for field, bad in (
+        ("to_version", ""),
+        ("to_version_digest", "sha256:"),
+        ("version", "demo"),
+        ("endpoint", "prod"),
+    ):
+        request = pb.RetireVersionRequest()
+        request.CopyFrom(migrate)
+        setattr(request, field, bad)
+        with pytest.raises(ResourceNameError) as named:
+            retirement(request)
+        assert named.value.field == field
 
 
 def test_lease_ttl_and_state_limits() -> None:
@@ -293,7 +199,7 @@ def test_lease_ttl_and_state_limits() -> None:
 
 
 async def test_create_applies_defaults_and_binds_the_caller(sessions: Sessions) -> None:
-    record = await sessions.create(ALICE, "", SPEC)
+    record = await sessions.create(ALICE, None, SPEC)
     assert record.id == "id0001"
     assert (record.tenant, record.user) == ("acme", "alice")
     assert (record.idle_timeout_s, record.max_lifetime_s) == (
@@ -302,90 +208,87 @@ async def test_create_applies_defaults_and_binds_the_caller(sessions: Sessions) 
     )
     assert record.status is SessionStatus.ACTIVE and record.state_etag
     with pytest.raises(AlreadyExists, match="sessions/id0001"):
-        await sessions.create(ALICE, "id0001", SPEC)
+        await sessions.create(ALICE, ref("id0001"), SPEC)
     with pytest.raises(InvalidArgument) as info:
-        await sessions.create(ALICE, "x", dataclasses.replace(SPEC, idle_timeout_s=0.2))
+        await sessions.create(ALICE, ref("x"), dataclasses.replace(SPEC, idle_timeout_s=0.2))
     assert field_of(info.value) == "session.idle_timeout"
 
 
 async def test_other_callers_are_refused_before_anything(sessions: Sessions) -> None:
-    await sessions.create(ALICE, "s1", SPEC)
+    await sessions.create(ALICE, ref("s1"), SPEC)
     for other in (BOB, MALLORY):
         with pytest.raises(PermissionDenied, match="sessions/s1 belongs to another caller"):
-            await sessions.get(other, "sessions/s1")
+            await sessions.get(other, ref("s1"))
         with pytest.raises(PermissionDenied):
-            await sessions.acquire_lease(other, "sessions/s1", "x", None)
+            await sessions.acquire_lease(other, ref("s1"), "x", None)
         with pytest.raises(PermissionDenied):
-            await sessions.delete(other, "sessions/s1")
+            await sessions.delete(other, ref("s1"))
     with pytest.raises(NotFound, match="sessions/nope"):
-        await sessions.get(ALICE, "sessions/nope")
-    with pytest.raises(InvalidArgument) as info:
-        await sessions.get(ALICE, "s1")
-    assert field_of(info.value) == "name"
+        await sessions.get(ALICE, ref("nope"))
 
 
 async def test_idle_and_lifetime_expiry_is_persisted_and_blocks_leases(
     sessions: Sessions, store: MemoryStore, clock: FakeClock
 ) -> None:
-    await sessions.create(ALICE, "idle", dataclasses.replace(SPEC, idle_timeout_s=10))
-    await sessions.create(ALICE, "old", dataclasses.replace(SPEC, max_lifetime_s=20))
+    await sessions.create(ALICE, ref("idle"), dataclasses.replace(SPEC, idle_timeout_s=10))
+    await sessions.create(ALICE, ref("old"), dataclasses.replace(SPEC, max_lifetime_s=20))
     clock.advance(9)
-    lease = await sessions.acquire_lease(ALICE, "sessions/old", "h", None)
+    lease = await sessions.acquire_lease(ALICE, ref("old"), "h", None)
     assert lease.state is not None
     await sessions.commit_turn(
-        ALICE, "sessions/old", lease.lease_id, lease.state.etag, b"s", Turn("i", b"", b"")
+        ALICE, ref("old"), lease.lease_id, lease.state.etag, b"s", Turn("i", b"", b"")
     )
-    assert (await sessions.get(ALICE, "sessions/idle")).status is SessionStatus.ACTIVE
+    assert (await sessions.get(ALICE, ref("idle"))).status is SessionStatus.ACTIVE
     clock.advance(2)
-    assert (await sessions.get(ALICE, "sessions/idle")).status is SessionStatus.EXPIRED
+    assert (await sessions.get(ALICE, ref("idle"))).status is SessionStatus.EXPIRED
     assert store.records["idle"].status is SessionStatus.EXPIRED
     # Activity keeps "old" from going idle, but not past its max lifetime.
-    assert (await sessions.get(ALICE, "sessions/old")).status is SessionStatus.ACTIVE
+    assert (await sessions.get(ALICE, ref("old"))).status is SessionStatus.ACTIVE
     clock.advance(10)
     page = await sessions.list(ALICE, SessionFilter(status=SessionStatus.EXPIRED), 0, "")
-    assert [r.id for r in page.sessions] == ["idle", "old"]
+    assert [r.id for r in page.items] == ["idle", "old"]
     with pytest.raises(FailedPrecondition, match="expired") as info:
-        await sessions.acquire_lease(ALICE, "sessions/old", "h", None)
+        await sessions.acquire_lease(ALICE, ref("old"), "h", None)
     assert info.value.reason == "SESSION_EXPIRED"
 
 
 async def test_stop_is_idempotent_and_refuses_new_leases(sessions: Sessions) -> None:
-    await sessions.create(ALICE, "s", SPEC)
-    assert (await sessions.stop(ALICE, "sessions/s")).status is SessionStatus.STOPPED
-    assert (await sessions.stop(ALICE, "sessions/s")).status is SessionStatus.STOPPED
+    await sessions.create(ALICE, ref("s"), SPEC)
+    assert (await sessions.stop(ALICE, ref("s"))).status is SessionStatus.STOPPED
+    assert (await sessions.stop(ALICE, ref("s"))).status is SessionStatus.STOPPED
     with pytest.raises(FailedPrecondition, match="stopped"):
-        await sessions.acquire_lease(ALICE, "sessions/s", "h", None)
+        await sessions.acquire_lease(ALICE, ref("s"), "h", None)
 
 
 async def test_lease_is_exclusive_until_released_or_expired(
     sessions: Sessions, clock: FakeClock
 ) -> None:
-    await sessions.create(ALICE, "s", SPEC)
-    first = await sessions.acquire_lease(ALICE, "sessions/s", "exec-a", 5)
+    await sessions.create(ALICE, ref("s"), SPEC)
+    first = await sessions.acquire_lease(ALICE, ref("s"), "exec-a", 5)
     assert first.state is not None and first.state.turn_count == 0
     with pytest.raises(Aborted, match="session sessions/s is busy") as info:
-        await sessions.acquire_lease(ALICE, "sessions/s", "exec-b", 5)
+        await sessions.acquire_lease(ALICE, ref("s"), "exec-b", 5)
     assert info.value.reason == "SESSION_BUSY"
-    assert (await sessions.renew_lease(ALICE, "sessions/s", first.lease_id, 5)).holder == "exec-a"
-    await sessions.release_lease(ALICE, "sessions/s", "someone-else")  # not ours: no-op
+    assert (await sessions.renew_lease(ALICE, ref("s"), first.lease_id, 5)).holder == "exec-a"
+    await sessions.release_lease(ALICE, ref("s"), "someone-else")  # not ours: no-op
     with pytest.raises(Aborted):
-        await sessions.acquire_lease(ALICE, "sessions/s", "exec-b", 5)
+        await sessions.acquire_lease(ALICE, ref("s"), "exec-b", 5)
     clock.advance(6)
     with pytest.raises(Aborted) as info:
-        await sessions.renew_lease(ALICE, "sessions/s", first.lease_id, 5)
+        await sessions.renew_lease(ALICE, ref("s"), first.lease_id, 5)
     assert info.value.reason == "LEASE_LOST"
-    second = await sessions.acquire_lease(ALICE, "sessions/s", "exec-b", 5)
-    await sessions.release_lease(ALICE, "sessions/s", second.lease_id)
-    await sessions.release_lease(ALICE, "sessions/s", second.lease_id)  # idempotent
+    second = await sessions.acquire_lease(ALICE, ref("s"), "exec-b", 5)
+    await sessions.release_lease(ALICE, ref("s"), second.lease_id)
+    await sessions.release_lease(ALICE, ref("s"), second.lease_id)  # idempotent
 
 
 async def test_commit_turn_is_compare_and_set(sessions: Sessions, store: MemoryStore) -> None:
-    await sessions.create(ALICE, "s", SPEC)
-    lease = await sessions.acquire_lease(ALICE, "sessions/s", "h", None)
+    await sessions.create(ALICE, ref("s"), SPEC)
+    lease = await sessions.acquire_lease(ALICE, ref("s"), "h", None)
     assert lease.state is not None
     saved = await sessions.commit_turn(
         ALICE,
-        "sessions/s",
+        ref("s"),
         lease.lease_id,
         lease.state.etag,
         b'{"n":1}',
@@ -394,57 +297,108 @@ async def test_commit_turn_is_compare_and_set(sessions: Sessions, store: MemoryS
     assert saved.turn_count == 1 and saved.etag != lease.state.etag
     with pytest.raises(Aborted, match="re-read") as info:
         await sessions.commit_turn(
-            ALICE, "sessions/s", lease.lease_id, lease.state.etag, b"stale", Turn("inv2", b"", b"")
+            ALICE, ref("s"), lease.lease_id, lease.state.etag, b"stale", Turn("inv2", b"", b"")
         )
     assert info.value.reason == "STATE_CONFLICT"
     assert store.states["s"] == b'{"n":1}' and store.records["s"].turn_count == 1
     assert [(seq, t.invocation_id) for seq, t in store.events["s"]] == [(1, "inv1")]
-    await sessions.release_lease(ALICE, "sessions/s", lease.lease_id)
+    await sessions.release_lease(ALICE, ref("s"), lease.lease_id)
     with pytest.raises(Aborted) as info:
         await sessions.commit_turn(
-            ALICE, "sessions/s", lease.lease_id, saved.etag, b"x", Turn("i", b"", b"")
+            ALICE, ref("s"), lease.lease_id, saved.etag, b"x", Turn("i", b"", b"")
         )
     assert info.value.reason == "LEASE_LOST"
     assert store.states["s"] == b'{"n":1}'
 
 
 async def test_update_state_needs_the_current_etag(sessions: Sessions) -> None:
-    record = await sessions.create(ALICE, "s", SPEC)
+    record = await sessions.create(ALICE, ref("s"), SPEC)
     with pytest.raises(InvalidArgument):
-        await sessions.update_state(ALICE, "sessions/s", b"x", "")
-    updated = await sessions.update_state(ALICE, "sessions/s", b"x", record.state_etag)
+        await sessions.update_state(ALICE, ref("s"), b"x", "")
+    updated = await sessions.update_state(ALICE, ref("s"), b"x", record.state_etag)
     assert updated.turn_count == 0
     with pytest.raises(Aborted):
-        await sessions.update_state(ALICE, "sessions/s", b"y", record.state_etag)
-    assert (await sessions.get_state(ALICE, "sessions/s")).state == b"x"
+        await sessions.update_state(ALICE, ref("s"), b"y", record.state_etag)
+    assert (await sessions.get_state(ALICE, ref("s"))).state == b"x"
 
 
 async def test_list_pages_within_the_tenant(sessions: Sessions, clock: FakeClock) -> None:
     for i in range(7):
-        await sessions.create(ALICE if i % 2 == 0 else BOB, f"s{i}", SPEC)
+        await sessions.create(ALICE if i % 2 == 0 else BOB, ref(f"s{i}"), SPEC)
         if i % 3 == 0:
             clock.advance(1)  # some share a create_time: the id breaks the tie
-    await sessions.create(MALLORY, "theirs", SPEC)
+    await sessions.create(MALLORY, ref("theirs"), SPEC)
     seen: list[str] = []
     token = ""
     while True:
         page = await sessions.list(ALICE, SessionFilter(), 3, token)
-        assert len(page.sessions) <= 3
-        seen += [r.id for r in page.sessions]
+        assert len(page.items) <= 3
+        seen += [r.id for r in page.items]
         token = page.next_page_token
         if not token:
             break
     assert seen == [f"s{i}" for i in range(7)]
-    assert (await sessions.list(MALLORY, SessionFilter(), 0, "")).sessions[0].id == "theirs"
+    assert (await sessions.list(MALLORY, SessionFilter(), 0, "")).items[0].id == "theirs"
+
+
+async def test_page_tokens_continue_only_their_own_listing(sessions: Sessions) -> None:
+    for i in range(3):
+        await sessions.create(ALICE, ref(f"s{i}"), SPEC)
+    await sessions.create(MALLORY, ref("theirs"), SPEC)
+    token = (await sessions.list(ALICE, SessionFilter(), 1, "")).next_page_token
+    assert token
+    assert [r.id for r in (await sessions.list(ALICE, SessionFilter(), 5, token)).items] == [
+        "s1",
+        "s2",
+    ]
+    # Another tenant, another filter, or a token that is not one: page_token is wrong.
+    for caller, where, bad in (
+        (MALLORY, SessionFilter(), token),
+        (ALICE, SessionFilter(status=SessionStatus.ACTIVE), token),
+        (ALICE, SessionFilter(), "garbage!"),
+        (ALICE, SessionFilter(), token[:-3] + "%%%"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            await sessions.list(caller, where, 1, bad)
+        assert field_of(info.value) == "page_token"
+
+
+async def test_page_size_defaults_caps_and_refuses_negative(sessions: Sessions) -> None:
+    for i in range(60):
+        await sessions.create(ALICE, ref(f"s{i:02d}"), SPEC)
+    assert len((await sessions.list(ALICE, SessionFilter(), 0, "")).items) == 50
+    assert len((await sessions.list(ALICE, SessionFilter(), 7, "")).items) == 7
+    assert len((await sessions.list(ALICE, SessionFilter(), 5000, "")).items) == 60
     with pytest.raises(InvalidArgument) as info:
-        await sessions.list(ALICE, SessionFilter(version="agents/demo"), 0, "")
-    assert field_of(info.value) == "version"
+        await sessions.list(ALICE, SessionFilter(), -1, "")
+    assert field_of(info.value) == "page_size"
+
+
+async def test_retiring_a_version_migrates_or_stops_its_active_sessions(
+    sessions: Sessions, store: MemoryStore
+) -> None:
+    prod = EndpointRef("demo", "prod")
+    on_prod = dataclasses.replace(SPEC, endpoint=prod)
+    await sessions.create(ALICE, ref("a"), on_prod)
+    await sessions.create(MALLORY, ref("b"), on_prod)
+    await sessions.create(ALICE, ref("direct"), SPEC)
+    await sessions.create(ALICE, ref("ended"), on_prod)
+    await sessions.stop(ALICE, ref("ended"))
+    stable = PinnedVersion(VersionRef("demo", 7), "sha256:" + "cd" * 32)
+    assert await sessions.retire_version(ALICE, SPEC.version, prod, stable) == 2
+    assert {store.records[i].version for i in ("a", "b")} == {"agents/demo/versions/7"}
+    assert store.records["a"].version_digest == stable.digest
+    assert store.records["direct"].version == store.records["ended"].version == SPEC.version.name
+    # Without an endpoint, every session on the version; without a target, they stop.
+    assert await sessions.retire_version(ALICE, SPEC.version, None, None) == 1
+    assert store.records["direct"].status is SessionStatus.STOPPED
+    assert store.records["a"].status is SessionStatus.ACTIVE
 
 
 async def test_delete_removes_the_lease_too(sessions: Sessions, leases: MemoryLeases) -> None:
-    await sessions.create(ALICE, "s", SPEC)
-    await sessions.acquire_lease(ALICE, "sessions/s", "h", None)
-    await sessions.delete(ALICE, "sessions/s")
+    await sessions.create(ALICE, ref("s"), SPEC)
+    await sessions.acquire_lease(ALICE, ref("s"), "h", None)
+    await sessions.delete(ALICE, ref("s"))
     assert "s" not in leases.leases
     with pytest.raises(NotFound):
-        await sessions.get_state(ALICE, "sessions/s")
+        await sessions.get_state(ALICE, ref("s"))

@@ -1,0 +1,193 @@
+"""The router's calls out, over gRPC, as the Protocols of model.py: sessions (pins), the registry
+(versions) and executors. They return domain values and raise the domain error tree."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
+from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
+from services.common.clients import call_metadata, channel
+from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
+from services.common.identity import Caller
+from services.common.settings import Settings
+from services.common.status import from_rpc_error
+from services.router.model import (
+    Chunk,
+    Completed,
+    ExecutionEvent,
+    Invocation,
+    SessionEnd,
+    SessionPin,
+    Started,
+    TraceContext,
+    VersionInfo,
+)
+
+_ENDED = {
+    sessions_pb2.SESSION_STATUS_ACTIVE: None,
+    sessions_pb2.SESSION_STATUS_STOPPED: SessionEnd.STOPPED,
+    sessions_pb2.SESSION_STATUS_EXPIRED: SessionEnd.EXPIRED,
+}
+
+
+@contextmanager
+def _failures(service: str) -> Iterator[None]:
+    """Raises a failed call to `service` as the domain error it stands for."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc, service) from None
+
+
+def _pin(session: sessions_pb2.Session) -> SessionPin:
+    try:
+        return SessionPin(
+            session=SessionRef.parse(session.name),
+            owner=Caller(session.tenant, session.user),
+            ended=_ENDED[session.status],
+            agent=AgentRef.parse(session.agent),
+            version=VersionRef.parse(session.version),
+            digest=session.version_digest,
+            endpoint=EndpointRef.parse(session.endpoint) if session.endpoint else None,
+        )
+    except (ResourceNameError, KeyError) as exc:
+        raise Internal(f"sessions answered with a session the router cannot read ({exc})") from None
+
+
+async def _pin_unless(
+    absent: type[CorralError], call: Awaitable[sessions_pb2.Session]
+) -> SessionPin | None:
+    """The session a call to sessions answers with, or None when it fails with `absent`."""
+    try:
+        with _failures("sessions"):
+            return _pin(await call)
+    except absent:
+        return None
+
+
+class SessionsService:
+    def __init__(self, stub: sessions_pb2_grpc.SessionsServiceAsyncStub) -> None:
+        self._stub = stub
+
+    async def get(self, caller: Caller, session: SessionRef) -> SessionPin | None:
+        request = sessions_pb2.GetSessionRequest(name=session.name)
+        found = self._stub.GetSession(request, metadata=call_metadata(caller))
+        return await _pin_unless(NotFound, found)
+
+    async def create(
+        self, caller: Caller, session: SessionRef, version: VersionInfo,
+        endpoint: EndpointRef | None,
+    ) -> SessionPin | None:
+        pinned = sessions_pb2.Session(
+            agent=version.ref.parent.name,
+            version=version.ref.name,
+            version_digest=version.digest,
+            endpoint=endpoint.name if endpoint is not None else "",
+        )
+        if version.idle_timeout_s:
+            pinned.idle_timeout.FromSeconds(version.idle_timeout_s)
+        if version.max_lifetime_s:
+            pinned.max_lifetime.FromSeconds(version.max_lifetime_s)
+        request = sessions_pb2.CreateSessionRequest(session_id=session.session, session=pinned)
+        created = self._stub.CreateSession(request, metadata=call_metadata(caller))
+        return await _pin_unless(AlreadyExists, created)
+
+    async def stop(self, caller: Caller, session: SessionRef) -> None:
+        with _failures("sessions"):
+            await self._stub.StopSession(
+                sessions_pb2.StopSessionRequest(name=session.name), metadata=call_metadata(caller)
+            )
+
+
+class RegistryVersions:
+    """Versions never change once published: each is asked for once."""
+
+    def __init__(self, stub: registry_pb2_grpc.RegistryServiceAsyncStub) -> None:
+        self._stub = stub
+        self._versions: dict[VersionRef, VersionInfo] = {}
+
+    async def version(self, ref: VersionRef) -> VersionInfo:
+        known = self._versions.get(ref)
+        if known is not None:
+            return known
+        with _failures("registry"):
+            found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=ref.name))
+        manifest = found.manifest
+        info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s)
+        self._versions[ref] = info
+        return info
+
+
+def _event(response: executor_pb2.ExecuteResponse) -> ExecutionEvent | None:
+    kind = response.WhichOneof("event")
+    if kind == "started":
+        return Started(response.started.trace_id)
+    if kind == "chunk":
+        return Chunk(response.chunk.data)
+    if kind == "completed":
+        return Completed(response.completed.duration_ms, response.completed.turn)
+    return None
+
+
+class ExecutorService:
+    def __init__(self, stub: executor_pb2_grpc.ExecutorServiceAsyncStub) -> None:
+        self._stub = stub
+
+    async def execute(
+        self, caller: Caller, invocation: Invocation, trace: TraceContext
+    ) -> AsyncGenerator[ExecutionEvent, None]:
+        pin = invocation.resolved.pin
+        request = executor_pb2.ExecuteRequest(
+            session=pin.session.name, version=pin.version.name, digest=pin.digest,
+            endpoint=pin.endpoint.name if pin.endpoint is not None else "",
+            invocation_id=invocation.invocation_id, payload=invocation.payload,
+            content_type=invocation.content_type, tenant=caller.tenant, user=caller.user,
+        )
+        call = self._stub.Execute(request, metadata=(*caller.metadata(), *trace))
+        try:
+            with _failures("executor"):
+                async for response in call:
+                    event = _event(response)
+                    if event is not None:
+                        yield event
+        finally:
+            # When the caller goes away the execution must end too, rather than run on (and
+            # commit its turn) until the call object is garbage-collected.
+            call.cancel()
+
+    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
+        with _failures("executor"):
+            await self._stub.StopSession(
+                executor_pb2.StopSessionRequest(session=session.name),
+                metadata=call_metadata(caller),
+            )
+
+
+@dataclass(frozen=True)
+class RouterClients:
+    sessions: SessionsService
+    registry: RegistryVersions
+    executor: ExecutorService
+    # The registry's own stub, for the endpoint mirror's watch on the same channel.
+    registry_stub: registry_pb2_grpc.RegistryServiceAsyncStub
+
+    @classmethod
+    def open(cls, settings: Settings, stack: AsyncExitStack) -> RouterClients:
+        """Clients on one channel per service, closed when `stack` closes."""
+        channels = {svc: channel(settings, svc) for svc in ("registry", "sessions", "executor")}
+        for opened in channels.values():
+            stack.push_async_callback(opened.close)
+        registry = registry_pb2_grpc.RegistryServiceStub(channels["registry"])
+        return cls(
+            sessions=SessionsService(sessions_pb2_grpc.SessionsServiceStub(channels["sessions"])),
+            registry=RegistryVersions(registry),
+            executor=ExecutorService(executor_pb2_grpc.ExecutorServiceStub(channels["executor"])),
+            registry_stub=registry,
+        )

@@ -1,0 +1,155 @@
+"""The router's domain values, and the seams it is built on: the sessions, registry and executor
+it calls (clients.py implements them over gRPC), and its id source."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Protocol
+
+from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from services.common.identity import Caller
+
+DEFAULT_ENDPOINT = "DEFAULT"
+# Metadata carrying the caller's trace context (traceparent, tracestate) on to the executor.
+TraceContext = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an invocation names. A version, when given, pins a new session to it whatever the
+    endpoint."""
+
+    agent: AgentRef
+    endpoint: EndpointRef | None = None
+    version: VersionRef | None = None
+    # None: start a new session with a generated id.
+    session: SessionRef | None = None
+
+    def routing_endpoint(self) -> EndpointRef:
+        """The endpoint whose split chooses a new session's version: the named one, else the
+        agent's DEFAULT."""
+        return self.endpoint or self.agent.endpoint(DEFAULT_ENDPOINT)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where one invocation runs: its session, which the router may just have created, and the
+    version pinned to it."""
+
+    pin: SessionPin
+    new_session: bool
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One turn as the router forwards it to an executor."""
+
+    resolved: Resolved
+    invocation_id: str
+    payload: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """The executor took the invocation; `trace_id` is the trace its spans go to."""
+
+    trace_id: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The next piece of the agent's output."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Completed:
+    """The turn is over and its state committed."""
+
+    duration_ms: int
+    # The session's turn count after this invocation.
+    turn: int
+
+
+# What an execution reports, in order: Started, any Chunks, Completed.
+ExecutionEvent = Started | Chunk | Completed
+
+
+@dataclass(frozen=True)
+class SessionPin:
+    """A session as the router sees it: whose it is, whether it has ended, and which version
+    serves it."""
+
+    session: SessionRef
+    owner: Caller
+    # None while the session takes invocations.
+    ended: SessionEnd | None
+    agent: AgentRef
+    version: VersionRef
+    digest: str
+    # The endpoint that chose the version; None when the caller named the version.
+    endpoint: EndpointRef | None
+
+
+class SessionEnd(enum.Enum):
+    """Why a session takes no more invocations."""
+
+    STOPPED = "stopped"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A published version: its bundle's digest, and the timeouts of the sessions pinned to it
+    (its manifest's [lifecycle]; 0 leaves the sessions service's default)."""
+
+    ref: VersionRef
+    digest: str
+    idle_timeout_s: int = 0
+    max_lifetime_s: int = 0
+
+
+class SessionsClient(Protocol):
+    async def get(self, caller: Caller, session: SessionRef) -> SessionPin | None:
+        """The session, or None when there is none by that name."""
+        ...
+
+    async def create(
+        self, caller: Caller, session: SessionRef, version: VersionInfo,
+        endpoint: EndpointRef | None,
+    ) -> SessionPin | None:
+        """Creates the session pinned to `version` with its timeouts; None when a session by
+        that name exists already (a race, or one this router has not seen)."""
+        ...
+
+    async def stop(self, caller: Caller, session: SessionRef) -> None: ...
+
+
+class RegistryClient(Protocol):
+    async def version(self, ref: VersionRef) -> VersionInfo: ...
+
+
+class ExecutorClient(Protocol):
+    def execute(
+        self, caller: Caller, invocation: Invocation, trace: TraceContext
+    ) -> AsyncGenerator[ExecutionEvent, None]:
+        """Runs the invocation; closing the generator early cancels it."""
+        ...
+
+    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
+        """Ends the session's sandbox, and with it any invocation running there."""
+        ...
+
+
+class IdSource(Protocol):
+    def new_id(self) -> str: ...
+
+
+class RandomIds:
+    def new_id(self) -> str:
+        return uuid.uuid4().hex

@@ -1,0 +1,223 @@
+"""The router's domain against fake sessions, registry, executor and endpoints: no sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
+from corral.router.v1 import router_pb2 as pb
+from services.common.endpoints import EndpointMirror, EndpointTraffic, TrafficShare
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from services.common.identity import Caller
+from services.router.model import (
+    Chunk,
+    Completed,
+    Started,
+    Target,
+    VersionInfo,
+)
+from services.router.router import Router
+from services.router.routing import bucket, choose
+from services.router.servicer import target_of
+from tests.fakes import FakeEndpoints, FakeExecutor, FakeRegistry, FakeSessions, SequentialIds
+
+AGENT = AgentRef("demo")
+V1, V2 = AGENT.version(1), AGENT.version(2)
+PROD = AGENT.endpoint("prod")
+ALICE = Caller("acme", "alice")
+BOB = Caller("acme", "bob")
+MAX_PAYLOAD = 64
+
+
+def digest(version: VersionRef) -> str:
+    return f"sha256:{version.number:064x}"
+
+
+def split(revision: int, *shares: tuple[int, int]) -> EndpointTraffic:
+    """prod's traffic at `revision`: (version, basis points) pairs, half and half by default."""
+    pairs = shares or ((1, 5000), (2, 5000))
+    return EndpointTraffic(PROD, "salt", revision, tuple(TrafficShare(v, bp) for v, bp in pairs))
+
+
+@dataclasses.dataclass
+class World:
+    router: Router
+    sessions: FakeSessions
+    registry: FakeRegistry
+    executor: FakeExecutor
+    mirror: EndpointMirror
+
+    def fresh_router(self) -> Router:
+        """Another router (a replica, or this one restarted) on the same services: no pins."""
+        return Router(self.sessions, self.registry, self.executor, self.mirror, MAX_PAYLOAD)
+
+
+@pytest.fixture
+def world() -> World:
+    sessions, executor = FakeSessions(), FakeExecutor()
+    registry = FakeRegistry(
+        VersionInfo(V1, digest(V1), idle_timeout_s=60, max_lifetime_s=120),
+        VersionInfo(V2, digest(V2)),
+    )
+    mirror = EndpointMirror(FakeEndpoints(split(1)))
+    router = Router(sessions, registry, executor, mirror, MAX_PAYLOAD, SequentialIds())
+    return World(router, sessions, registry, executor, mirror)
+
+
+def at(
+    session: str, endpoint: EndpointRef | None = PROD, version: VersionRef | None = None
+) -> Target:
+    """A target naming session `session`, through prod unless told otherwise."""
+    return Target(AGENT, endpoint, version, SessionRef(session))
+
+
+async def test_a_new_session_is_pinned_by_the_endpoints_split(world: World) -> None:
+    chosen: dict[VersionRef, int] = {}
+    for i in range(40):
+        resolved = await world.router.resolve(ALICE, at(f"s{i}"))
+        assert resolved.new_session and resolved.pin.endpoint == PROD
+        chosen_bucket = bucket("salt", f"s{i}")
+        assert resolved.pin.version == AGENT.version(choose(split(1).shares, chosen_bucket))
+        assert resolved.pin.digest == digest(resolved.pin.version)
+        chosen[resolved.pin.version] = chosen.get(resolved.pin.version, 0) + 1
+        pin = world.sessions.pins[resolved.pin.session]
+        assert (pin.version, pin.endpoint, pin.owner) == (resolved.pin.version, PROD, ALICE)
+    assert set(chosen) == {V1, V2}
+    # The session takes its version's timeouts.
+    on_v1 = next(s for s, p in world.sessions.pins.items() if p.version == V1)
+    created_on = world.sessions.created_on[on_v1]
+    assert (created_on.idle_timeout_s, created_on.max_lifetime_s) == (60, 120)
+
+
+async def test_without_an_id_or_endpoint_a_new_session_on_the_default_endpoint(
+    world: World,
+) -> None:
+    default = AGENT.endpoint("DEFAULT")
+    world.mirror.apply(EndpointTraffic(default, "s", 1, (TrafficShare(2, 10_000),)))
+    resolved = await world.router.resolve(ALICE, Target(AGENT))
+    assert resolved.pin.session == SessionRef("id0001") and resolved.new_session
+    assert (resolved.pin.version, resolved.pin.endpoint) == (V2, default)
+
+
+async def test_a_named_version_pins_directly_whatever_the_endpoint(world: World) -> None:
+    nowhere = AGENT.endpoint("nowhere")
+    resolved = await world.router.resolve(ALICE, at("direct", nowhere, version=V1))
+    assert (resolved.pin.version, resolved.pin.endpoint, resolved.new_session) == (V1, None, True)
+    with pytest.raises(NotFound, match="agents/demo/versions/9"):
+        await world.router.resolve(ALICE, at("nine", version=AGENT.version(9)))
+    with pytest.raises(InvalidArgument) as info:
+        await world.router.resolve(ALICE, at("x", version=VersionRef("other", 1)))
+    assert info.value.violations[0].field == "version"
+    assert SessionRef("nine") not in world.sessions.pins
+
+
+async def test_an_existing_session_follows_its_pin(world: World) -> None:
+    first = await world.router.resolve(ALICE, at("kept"))
+    # The split changes: the session keeps its version, from the cached pin (sessions not asked).
+    world.mirror.apply(split(2, (first.pin.version.number, 10_000)))
+    again = await world.router.resolve(ALICE, at("kept"))
+    assert (again.pin.version, again.new_session) == (first.pin.version, False)
+    assert world.sessions.gets == 0
+    # A router that has not seen it, asked through an endpoint that does not exist: the pin
+    # decides.
+    replica = world.fresh_router()
+    followed = await replica.resolve(ALICE, at("kept", AGENT.endpoint("nowhere")))
+    assert (followed.pin.version, followed.pin.endpoint) == (first.pin.version, PROD)
+    assert not followed.new_session
+    # A session of another agent is not taken over.
+    with pytest.raises(FailedPrecondition) as info:
+        await replica.resolve(ALICE, dataclasses.replace(at("kept"), agent=AgentRef("other")))
+    assert info.value.reason == "SESSION_AGENT_MISMATCH"
+
+
+async def test_another_callers_session_is_refused(world: World) -> None:
+    await world.router.resolve(ALICE, at("mine"))
+    for router in (world.router, world.fresh_router()):  # with the pin cached, and without
+        with pytest.raises(PermissionDenied, match="sessions/mine"):
+            await router.resolve(BOB, at("mine"))
+    with pytest.raises(PermissionDenied):
+        await world.router.stop_session(BOB, SessionRef("mine"))
+    assert world.sessions.pins[SessionRef("mine")].ended is None
+
+
+async def test_a_stopped_session_is_refused(world: World) -> None:
+    await world.router.resolve(ALICE, at("ending"))
+    await world.router.stop_session(ALICE, SessionRef("ending"))
+    assert world.executor.stopped == [SessionRef("ending")]
+    for router in (world.router, world.fresh_router()):
+        with pytest.raises(FailedPrecondition, match="sessions/ending is stopped") as info:
+            await router.resolve(ALICE, at("ending"))
+        assert info.value.reason == "SESSION_ENDED"
+    with pytest.raises(NotFound):
+        await world.router.stop_session(ALICE, SessionRef("never"))
+
+
+async def test_a_pin_whose_version_the_endpoint_left_is_read_again(world: World) -> None:
+    first = await world.router.resolve(ALICE, at("moved"))
+    other = V2 if first.pin.version == V1 else V1
+    # A rollback takes the endpoint off the session's version and migrates its sessions.
+    world.mirror.apply(split(2, (other.number, 10_000)))
+    session = SessionRef("moved")
+    world.sessions.pins[session] = dataclasses.replace(
+        world.sessions.pins[session], version=other, digest=digest(other)
+    )
+    moved = await world.router.resolve(ALICE, at("moved"))
+    assert (moved.pin.version, moved.pin.digest, world.sessions.gets) == (other, digest(other), 1)
+    # The pin read again is cached: the next turn does not ask.
+    await world.router.resolve(ALICE, at("moved"))
+    assert world.sessions.gets == 1
+
+
+async def test_payload_limits(world: World) -> None:
+    for payload in (b"", b"x" * (MAX_PAYLOAD + 1)):
+        with pytest.raises(InvalidArgument) as info:
+            await anext(world.router.invoke(ALICE, at("p"), payload, "", ()))
+        assert info.value.violations[0].field == "payload"
+    assert not world.sessions.pins, "a refused payload creates no session"
+    events = [e async for _, e in world.router.invoke(ALICE, at("p"), b"x" * MAX_PAYLOAD, "", ())]
+    assert events[-1] == Completed(duration_ms=1, turn=1)
+
+
+async def test_invoke_streams_the_execution_and_closing_it_ends_the_execution(
+    world: World,
+) -> None:
+    stream = world.router.invoke(ALICE, at("talk"), b'{"hi": 1}', "", (("traceparent", "t"),))
+    events = [event async for _, event in stream]
+    assert isinstance(events[0], Started)
+    assert b"".join(e.data for e in events if isinstance(e, Chunk)) == b'{"hi": 1}'
+    sent = world.executor.invocations[0]
+    assert sent.content_type == "application/json"
+    assert sent.resolved.pin.session == SessionRef("talk")
+    # The caller goes away after the first event: the execution is closed, not left running.
+    stream = world.router.invoke(ALICE, at("talk"), b"{}", "text/plain", ())
+    await anext(stream)
+    await stream.aclose()
+    assert world.executor.closed[-1] == world.executor.invocations[-1].invocation_id
+    assert world.executor.turns[SessionRef("talk")] == 1
+
+
+def test_the_servicer_parses_what_an_invocation_names() -> None:
+    request = pb.InvokeRequest(agent="agents/demo", endpoint="prod", version="2", session_id="a:b")
+    assert target_of(request) == Target(AGENT, PROD, V2, SessionRef("a:b"))
+    assert target_of(pb.InvokeRequest(agent="agents/demo")) == Target(AGENT)
+    full = pb.ConverseStart(agent="agents/demo", version="agents/other/versions/3")
+    assert target_of(full).version == VersionRef("other", 3)  # refused later, by the router
+    invalid = {
+        "agent": [{"agent": "demo"}, {"agent": "agents/Bad_Name"}],
+        "version": [{"version": "v2"}, {"version": "0"}],
+        "endpoint": [{"endpoint": "no such"}],
+        "session_id": [{"session_id": "has space"}],
+    }
+    for field, changes in invalid.items():
+        for change in changes:
+            bad = pb.InvokeRequest(**{"agent": "agents/demo", **change})  # type: ignore[arg-type]
+            with pytest.raises(ResourceNameError) as info:
+                target_of(bad)
+            assert info.value.field == field, change
