@@ -21,14 +21,11 @@ from pathlib import Path
 
 import grpc
 
-from bench import broker, credentials, propagation, sandboxes
+from bench import broker, credentials, platform, propagation, sandboxes
 from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.router.v1 import router_pb2, router_pb2_grpc
-from services.common.settings import SERVICES, Settings
-from services.launcher.__main__ import Launcher
-from tests.harness import free_port
 
 HERE = Path(__file__).parent
 SEQUENTIAL = int(os.environ.get("CORRAL_BENCH_SEQUENTIAL", "400"))
@@ -66,9 +63,9 @@ async def measure(call: Callable[[int], Awaitable[None]], workers: int, per_work
     return summarize(latencies, time.perf_counter() - start)
 
 
-async def bench_echo(port: int) -> dict[str, dict[str, float]]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        echo = channel.unary_unary("/bench.Echo/Echo")
+async def bench_echo(addr: str) -> dict[str, dict[str, float]]:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/bench.Echo/Echo")
         payload = b'{"text": "hello"}'
 
         async def call(_w: int) -> None:
@@ -99,30 +96,21 @@ async def bench_mesh(router_addr: str) -> dict[str, dict[str, float]]:
 
 def overhead() -> dict[str, object]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
-    env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
-    env["CORRAL_DATA_DIR"] = str(data)
-    env["CORRAL_LOG_LEVEL"] = "WARNING"
-    env["CORRAL_TELEMETRY_METRICS_PORT"] = env["CORRAL_REGISTRY_METRICS_PORT"] = "0"
-    env["CORRAL_EXECUTOR_HTTP_PORT"] = "0"
-    settings = Settings.from_env(env)
-    os.environ.update(env)
-    launcher = Launcher(settings)
-    echo_port = free_port()
-    echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(echo_port)], stdout=subprocess.PIPE)
+    launcher = platform.launcher(os.environ, data)
+    echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE)
     try:
         print("bench: starting the platform...", file=sys.stderr, flush=True)
-        launcher.check_ports()
         launcher.start_storage()
         launcher.start_services()
-        client = CorralClient(ClientConfig.from_env(env))
+        client = CorralClient(ClientConfig.from_env(launcher.client_environ()))
         version = client.publish(HERE / "agents" / "echo")
         client.close()
-        assert echo_proc.stdout is not None and echo_proc.stdout.readline().strip() == b"ready"
+        assert echo_proc.stdout is not None
+        echo_addr = echo_proc.stdout.readline().decode().strip()  # it prints where it serves
         print("bench: measuring the raw grpc.aio echo...", file=sys.stderr, flush=True)
-        raw = asyncio.run(bench_echo(echo_port))
+        raw = asyncio.run(bench_echo(echo_addr))
         print("bench: measuring the mesh...", file=sys.stderr, flush=True)
-        mesh = asyncio.run(bench_mesh(settings.addrs["router"]))
+        mesh = asyncio.run(bench_mesh(launcher.settings.addrs["router"]))
     finally:
         echo_proc.terminate()
         launcher.stop()

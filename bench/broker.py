@@ -38,7 +38,7 @@ N = int(os.environ.get("CORRAL_BENCH_BROKER_N", "200"))
 K = int(os.environ.get("CORRAL_BENCH_BROKER_K", "20"))
 WARM_UP = 10
 PROMPT = "benchmark prompt number 7 about latency"
-MODEL = ("scripted", "scripted-1", {})
+MODEL: tuple[str, str, dict[str, object]] = ("scripted", "scripted-1", {})  # provider, model, params
 # What the executor puts on each model-call span (the invocation's attributes).
 ATTRIBUTES = {
     "corral.agent": "agents/bench-model", "corral.version": "agents/bench-model/versions/1",

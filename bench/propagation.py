@@ -6,19 +6,16 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
+from bench import platform
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.router.v1 import router_pb2, router_pb2_grpc
-from services.common.settings import SERVICES, Settings
-from services.launcher.__main__ import Launcher
-from tests.harness import free_port
 
 ROUTERS = 3
 CHANGES = int(os.environ.get("CORRAL_BENCH_PROPAGATION_CHANGES", "100"))
@@ -27,24 +24,12 @@ HERE = Path(__file__).parent
 
 def measure() -> dict[str, float]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-prop-"))
-    env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
-    env.update({k: v for k, v in os.environ.items() if k in ("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")})
-    env.update({"CORRAL_DATA_DIR": str(data), "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_TRACING": "false",
-                "CORRAL_TELEMETRY_METRICS_PORT": "0", "CORRAL_REGISTRY_METRICS_PORT": "0",
-                "CORRAL_EXECUTOR_HTTP_PORT": "0"})
-    settings = Settings.from_env(env)
-    launcher = Launcher(settings)
-    routers: list[subprocess.Popen[bytes]] = []
+    launcher = platform.launcher(os.environ, data, CORRAL_TRACING="false")
     try:
         launcher.start_storage()
-        child_env = {**os.environ, **launcher._env(), **env}
-        launcher.procs["registry"] = subprocess.Popen([sys.executable, "-m", "services.registry"], env=child_env)
-        launcher.wait_healthy("registry", 60)
-        addrs = [f"127.0.0.1:{free_port()}" for _ in range(ROUTERS)]
-        for addr in addrs:
-            routers.append(subprocess.Popen([sys.executable, "-m", "services.router"],
-                                            env={**child_env, "CORRAL_ROUTER_LISTEN": addr}))
-        client = CorralClient(ClientConfig.from_env(env))
+        launcher.start_service("registry")
+        addrs = [launcher.start_service("router", f"router-{n}") for n in range(1, ROUTERS + 1)]
+        client = CorralClient(ClientConfig.from_env(launcher.client_environ()))
         v1 = client.publish(HERE / "agents" / "echo")
         copy = Path(tempfile.mkdtemp()) / "echo2"
         subprocess.run(["cp", "-r", str(HERE / "agents" / "echo"), str(copy)], check=True)
@@ -81,10 +66,6 @@ def measure() -> dict[str, float]:
                     raise RuntimeError("an endpoint change did not reach every router within 10 s")
         client.close()
     finally:
-        for r in routers:
-            r.terminate()
-        for r in routers:
-            r.wait(10)
         launcher.stop()
     q = statistics.quantiles(delays, n=100, method="inclusive")
     return {"routers": ROUTERS, "changes": CHANGES, "p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2),

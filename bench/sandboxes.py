@@ -29,15 +29,14 @@ from pathlib import Path
 import grpc
 import psutil
 
+from bench import platform as bench_platform
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.executor.v1 import executor_pb2 as ex
 from corral.executor.v1 import executor_pb2_grpc
 from corral.router.v1 import router_pb2, router_pb2_grpc
 from services.common.kv import create_redis
-from services.common.settings import SERVICES, Settings
-from services.launcher.__main__ import Launcher
-from tests.harness import free_port, scratch_database
+from tests.harness import scratch_database
 
 AGENTS = Path(__file__).parent / "agents"
 POOL_SIZE = 4  # warm sandboxes per version on the pooled platform; also the RSS sample
@@ -60,46 +59,27 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def _environ(values: Mapping[str, str], unset: tuple[str, ...]) -> Iterator[None]:
-    """The launcher gives its services this process's environment: set what they should see."""
-    saved = dict(os.environ)
-    for key in unset:
-        os.environ.pop(key, None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-@contextmanager
 def platform(base: Mapping[str, str], tag: str, pool_size: int) -> Iterator[dict[str, str]]:
-    """Starts the five services on free ports, a data dir and (when base names a PostgreSQL
-    server) a scratch database of their own; yields their environment; stops and cleans up."""
+    """Starts the five services on ports the OS picks, with a data dir and (when base names a
+    PostgreSQL server) a scratch database of their own; yields the environment that reaches
+    them; stops and cleans up."""
     data = Path(tempfile.mkdtemp(prefix=f"corral-bench-{tag}-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, data, ignore_errors=True)
-        env = {f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{free_port()}" for svc in SERVICES}
-        env.update({
-            "CORRAL_DATA_DIR": str(data), "CORRAL_LOG_LEVEL": "WARNING",
-            "CORRAL_TELEMETRY_METRICS_PORT": "0", "CORRAL_REGISTRY_METRICS_PORT": "0",
-            "CORRAL_EXECUTOR_HTTP_PORT": "0", "CORRAL_WARM_POOL_SIZE": str(pool_size),
+        env = {
+            "CORRAL_WARM_POOL_SIZE": str(pool_size),
             "CORRAL_REDIS_PREFIX": f"corral-bench-{tag}-{uuid.uuid4().hex[:8]}:",
-        })
+        }
         if base.get("CORRAL_DATABASE_URL"):
             env["CORRAL_DATABASE_URL"] = stack.enter_context(
                 scratch_database(base["CORRAL_DATABASE_URL"], "corral_bench"))
         if base.get("CORRAL_REDIS_URL"):
-            env["CORRAL_REDIS_URL"] = base["CORRAL_REDIS_URL"]
-            stack.callback(_forget_keys, env["CORRAL_REDIS_URL"], env["CORRAL_REDIS_PREFIX"])
-        stack.enter_context(_environ(env, unset=("CORRAL_DATABASE_URL", "CORRAL_REDIS_URL")))
-        launcher = Launcher(Settings.from_env(env))
+            stack.callback(_forget_keys, base["CORRAL_REDIS_URL"], env["CORRAL_REDIS_PREFIX"])
+        launcher = bench_platform.launcher(base, data, **env)
         stack.callback(launcher.stop)
-        launcher.check_ports()
         launcher.start_storage()
         launcher.start_services()
-        yield env
+        yield launcher.client_environ()
 
 
 def _forget_keys(url: str, prefix: str) -> None:
@@ -252,12 +232,13 @@ def tree_memory(pid: int) -> dict[str, float]:
     totals = {"rss": 0.0, "pss": 0.0, "uss": 0.0, "processes": 0.0}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            info = proc.memory_full_info()
-        except psutil.AccessDenied:
-            info = proc.memory_info()
-        totals["rss"] += info.rss
-        totals["pss"] += getattr(info, "pss", 0)
-        totals["uss"] += getattr(info, "uss", 0)
+            full = proc.memory_full_info()
+            rss, pss, uss = full.rss, full.pss, full.uss
+        except psutil.AccessDenied:  # a process of another user's: only its RSS is readable
+            rss, pss, uss = proc.memory_info().rss, 0, 0
+        totals["rss"] += rss
+        totals["pss"] += pss
+        totals["uss"] += uss
         totals["processes"] += 1
     return totals
 

@@ -60,21 +60,23 @@ def redis_url(data_root: Path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
-    """Fresh ports, data dir and Redis prefix for each test; the database is shared per run."""
+    """Port 0 for every service, a data dir and Redis prefix of each test's own; the database is
+    shared per run. Where started services serve is in `services.settings`, not here."""
     return harness.make_settings(database_url, redis_url, tmp_path)
 
 
 @pytest_asyncio.fixture
-async def start_services(settings: Settings) -> AsyncIterator[StartServices]:
-    """`hosts = await start_services("registry", "router")` starts real servers on the
-    settings' ports; they are stopped (last started, first stopped) after the test."""
-    hosts: dict[str, ServiceHost] = {}
+async def services(settings: Settings) -> AsyncIterator[harness.Platform]:
+    """`await services.start("registry", "router")` starts real servers on ports the OS picks;
+    `services.settings` say where they serve. They are stopped (last started, first stopped)
+    after the test."""
+    platform = harness.Platform(settings)
+    yield platform
+    await platform.stop()
 
-    async def start(*names: str) -> dict[str, ServiceHost]:
-        for name in names:
-            hosts[name] = await harness.start_service(name, settings)
-        return hosts
 
-    yield start
-    for host in reversed(list(hosts.values())):
-        await host.stop(grace=0.5)
+@pytest.fixture
+def start_services(services: harness.Platform) -> StartServices:
+    """`hosts = await start_services("registry", "router")`: `services.start`, for a test that
+    needs the hosts but not their addresses."""
+    return services.start

@@ -1,13 +1,13 @@
-"""Shared test helpers: real databases, free ports, and in-process services on those ports."""
+"""Shared test helpers: real databases, and in-process services on ports the OS picks."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import os
 import re
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +23,8 @@ from grpc_status import rpc_status
 from corral.bundle import digest_of
 from corral.registry.v1 import registry_pb2
 from services.common.server import ServiceHost
-from services.common.settings import SERVICES, Settings
+from services.common.settings import SERVICES, START_ORDER, Settings
+from services.launcher.ports import HeldPort
 
 
 @contextmanager
@@ -45,14 +46,26 @@ def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def refused_address() -> str:
+    """host:port where every connection is refused, for the whole run: a port held bound and never
+    listened on (see HeldPort), so no server can appear there."""
+    return _refusing_port().address
+
+
+@functools.cache  # one for the run: cached, its socket stays open until the run ends
+def _refusing_port() -> HeldPort:
+    return HeldPort()
+
+
+def held_port() -> HeldPort:
+    """A port for a server that a service starts on the port number it is given (the executor's
+    HTTP port), which takes it over while it is held; close it when the test ends."""
+    return HeldPort(handover=True)
 
 
 def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str) -> Settings:
-    """Settings for one test run: free ports for every service, a private Redis key prefix."""
+    """Settings for one test run: every service on port 0 (a Platform gives each the addresses
+    of those started before it), a private Redis key prefix."""
     values = {
         "CORRAL_DATABASE_URL": database_url,
         "CORRAL_REDIS_URL": redis_url,
@@ -69,16 +82,47 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_INTERNAL_TOKEN": uuid.uuid4().hex,
     }
     for svc in SERVICES:
-        values[f"CORRAL_{svc.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
+        values[f"CORRAL_{svc.upper()}_ADDR"] = "127.0.0.1:0"
     values.update(env)
     return Settings.from_env(values)
 
 
-async def start_service(name: str, settings: Settings) -> ServiceHost:
+async def start_service(name: str, settings: Settings, listen: str | None = None) -> ServiceHost:
+    """One service in-process on `listen` (by default where `settings` say: port 0 from
+    make_settings); `host.address` is where it serves."""
     app = importlib.import_module(f"services.{name}.app")
     host = ServiceHost(name, settings, app.build(settings))
-    await host.start()
+    await host.start(listen)
     return host
+
+
+async def restart(host: ServiceHost) -> ServiceHost:
+    """A new instance of a stopped service where the old one listened: clients' channels to it
+    reach the new one."""
+    return await start_service(host.name, host.settings, host.listening)
+
+
+class Platform:
+    """Services started in-process, each on a port the OS picks. `settings` say where the started
+    ones serve; each service is given the settings as they stand when it starts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hosts: dict[str, ServiceHost] = {}
+
+    async def start(self, *names: str) -> dict[str, ServiceHost]:
+        """Starts `names` in dependency order (a service knows only those started before it) and
+        returns every host started so far. A service started before, and stopped since, comes
+        back where it was."""
+        for name in sorted(names, key=START_ORDER.index):
+            before = self.hosts.get(name)
+            host = await start_service(name, self.settings, before.listening if before else None)
+            self.hosts[name] = host
+            self.settings = self.settings.with_address(name, host.address)
+        return self.hosts
+
+    async def stop(self, grace: float = 0.5) -> None:
+        await stop_mesh(self.hosts, grace)
 
 
 def with_tracing(settings: Settings) -> Settings:
@@ -95,9 +139,8 @@ def test_redis_url() -> str | None:
 
 # -- helpers added for the registry and mesh tests ------------------------------------------
 
-# The order services start in: each one's dependencies are up before it (the router watches the
-# registry; the executor talks to sessions, registry and telemetry).
-MESH = ("telemetry", "registry", "sessions", "executor", "router")
+# All five, in the order they start: each one's dependencies are up before it.
+MESH = START_ORDER
 
 
 def write_bundle(root: Path, files: Mapping[str, str | bytes]) -> Path:
@@ -142,16 +185,16 @@ def publish_requests(
     return messages
 
 
-async def start_mesh(settings: Settings) -> dict[str, ServiceHost]:
-    """All five services in-process on `settings`' ports, in dependency order."""
-    hosts: dict[str, ServiceHost] = {}
+async def start_mesh(settings: Settings, *names: str) -> Platform:
+    """`names` (all five when none are named) in-process on ports the OS picks; those started
+    are stopped again if one fails to start."""
+    platform = Platform(settings)
     try:
-        for name in MESH:
-            hosts[name] = await start_service(name, settings)
+        await platform.start(*(names or MESH))
     except BaseException:
-        await stop_mesh(hosts)
+        await platform.stop()
         raise
-    return hosts
+    return platform
 
 
 async def stop_mesh(hosts: Mapping[str, ServiceHost], grace: float = 0.5) -> None:

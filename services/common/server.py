@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -47,7 +48,9 @@ class ServiceHost:
         self.settings = settings
         self.service = service
         self.health = health.aio.HealthServicer()
+        # The port bound, and host:port listened on: with port 0, the port the OS picked.
         self.port = 0
+        self.listening = ""
         self._stack = AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._services: list[str] = []
@@ -76,6 +79,7 @@ class ServiceHost:
             self.port = server.add_insecure_port(address)
             if self.port == 0:
                 raise OSError(f"{self.name} could not listen on {address}")
+            self.listening = with_port(address, self.port)
             await server.start()
         except BaseException:
             await self._stack.aclose()
@@ -83,6 +87,11 @@ class ServiceHost:
         for svc in ("", *self._services):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    @property
+    def address(self) -> str:
+        """Where clients reach this server: its address in the settings, on the port it bound."""
+        return with_port(self.settings.addrs[self.name], self.port)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """NOT_SERVING first so balancers move away, then drain, then close resources."""
@@ -103,11 +112,27 @@ async def serve_forever(host: ServiceHost) -> None:
     if not host.settings.supervised:
         loop.add_signal_handler(signal.SIGINT, stop.set)
     port = await host.start()
-    log.info("%s serving on %s (port %d)", host.name, host.settings.listen[host.name], port)
+    log.info("%s serving on %s (port %d)", host.name, host.listening, port)
+    if host.settings.address_file is not None:
+        report_address(host.settings.address_file, host.address)
     await stop.wait()
     log.info("%s shutting down", host.name)
     await host.stop()
     tracing.shutdown()
+
+
+def with_port(address: str, port: int) -> str:
+    """`host:port` with the port replaced (IPv6 hosts keep their brackets)."""
+    return f"{address.rpartition(':')[0]}:{port}"
+
+
+def report_address(path: Path, address: str) -> None:
+    """Tells the launcher where this service serves. Written aside, then renamed into place, so
+    that the launcher, which polls for the file, never reads half an address."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_text(address + "\n")
+    part.replace(path)
 
 
 def main(name: str, build: Callable[[Settings], Service]) -> None:

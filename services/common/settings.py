@@ -6,7 +6,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_PORTS = {
@@ -17,6 +17,10 @@ DEFAULT_PORTS = {
     "telemetry": 50055,
 }
 SERVICES = tuple(DEFAULT_PORTS)
+# Each service after those it calls (registry → telemetry, sessions; executor → sessions, registry,
+# telemetry; router → registry, sessions, executor): one listening on port 0 is known only once it
+# has started, so it can be given only to those started after it.
+START_ORDER = ("telemetry", "sessions", "registry", "executor", "router")
 
 
 class SettingsError(ValueError):
@@ -130,6 +134,9 @@ class Settings:
     internal_token: str = field(default="", repr=False)
     # Telemetry's price list: model id -> US dollars per million (input, output) tokens.
     model_prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    # Set by the launcher: the file where the service writes the address it serves on once it is
+    # up, so that an address with port 0 becomes the port the OS picked.
+    address_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -174,7 +181,13 @@ class Settings:
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             internal_token=env.get("CORRAL_INTERNAL_TOKEN", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
+            address_file=Path(env["CORRAL_ADDRESS_FILE"]) if env.get("CORRAL_ADDRESS_FILE") else None,
         )
+
+    def with_address(self, service: str, address: str) -> Settings:
+        """These settings with `service` reached at `address`: where it really listens, once a
+        service asked for port 0 has started."""
+        return replace(self, addrs={**self.addrs, service: address})
 
     def require_database(self) -> str:
         if not self.database_url:

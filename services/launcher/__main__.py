@@ -4,6 +4,7 @@ the five services as separate processes, publishes the example agent, and stops 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import secrets
@@ -12,35 +13,48 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import TypeAlias, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from services.common import embedded
 from services.common.logs import setup_logging
-from services.common.settings import Settings, inherited_environment
+from services.common.settings import START_ORDER, Settings, inherited_environment
+from services.launcher.ports import HeldPort
 
 log = logging.getLogger("corral.launcher")
-# Dependencies first: each service finds what it calls already up.
-START_ORDER = ("telemetry", "registry", "sessions", "executor", "router")
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "progress-report"
+# The HTTP ports, which take "any" for a port the OS picks (0 turns one off, as documented).
+HTTP_PORTS = ("CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT")
+ANY_PORT = "any"
+T = TypeVar("T")
+HealthCheck: TypeAlias = "grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]"
 
 
 class Launcher:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        """The platform `environ` describes; its services inherit `environ`. An HTTP port set to
+        "any" is one the OS picks, which the launcher holds (bound, not listening) until it stops,
+        so that no one else gets it before its service takes it over."""
+        held = {name: HeldPort("0.0.0.0", handover=True) for name in HTTP_PORTS if environ.get(name) == ANY_PORT}
+        self.held = list(held.values())
+        self.environ = {**environ, **{name: str(port.port) for name, port in held.items()}}
+        # Updated as services start: an address asking for port 0 becomes the one its service bound.
+        self.settings = Settings.from_env(self.environ)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pg: embedded.EmbeddedPostgres | None = None
         self.redis: embedded.EmbeddedRedis | None = None
         self.stopping = False
 
     def _env(self) -> dict[str, str]:
-        env = inherited_environment()
+        env = dict(self.environ)
         env["CORRAL_DATA_DIR"] = str(self.settings.data_dir)
         # Ctrl-C reaches the whole process group; the services leave stopping to the launcher.
         env["CORRAL_SUPERVISED"] = "true"
@@ -82,11 +96,14 @@ class Launcher:
                 wanted[f"{svc} /metrics"] = f"0.0.0.0:{port}"
         if self.settings.executor.http_port:
             wanted["executor http"] = f"0.0.0.0:{self.settings.executor.http_port}"
+        held = {h.port for h in self.held}
         for svc, listen in wanted.items():
-            host, _, port = listen.rpartition(":")
+            host, _, number = listen.rpartition(":")
+            if int(number) == 0 or int(number) in held:
+                continue  # the OS picks these: nothing else can be on them
             with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
                 try:
-                    s.bind((host.strip("[]"), int(port)))
+                    s.bind((host.strip("[]"), int(number)))
                 except OSError:
                     busy.append(f"{svc} ({listen})")
         if busy:
@@ -96,40 +113,57 @@ class Launcher:
             )
 
     def start_services(self) -> None:
-        env = self._env()
         for svc in START_ORDER:
-            # A child inherits an ignored SIGINT through exec, so Ctrl-C during its start-up does
-            # not kill it half-way; the launcher stops it with SIGTERM in order instead.
-            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                self.procs[svc] = subprocess.Popen(
-                    [sys.executable, "-m", f"services.{svc}"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL
-                )
-            finally:
-                signal.signal(signal.SIGINT, handler)
-            self.wait_healthy(svc, timeout=60)
+            self.start_service(svc)
 
-    def wait_healthy(self, svc: str, timeout: float) -> None:
+    def start_service(self, svc: str, name: str = "", timeout: float = 60) -> str:
+        """Starts `svc` as a process (called `name` when it is a further instance) and waits until
+        it serves; returns the address it reported. The services started after a service's first
+        instance are given that address."""
+        name = name or svc
+        report = self.settings.data_dir / "run" / f"{name}.address"
+        report.unlink(missing_ok=True)  # an earlier run's
+        env = {**self._env(), "CORRAL_ADDRESS_FILE": str(report)}
+        # A child inherits an ignored SIGINT through exec, so Ctrl-C during its start-up does not
+        # kill it half-way; the launcher stops it with SIGTERM in order instead.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{svc}"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL
+            )
+        finally:
+            signal.signal(signal.SIGINT, handler)
         deadline = time.monotonic() + timeout
-        addr = self.settings.addrs[svc]
+        addr = self._wait(name, deadline, f"{name} reported no address within {timeout:.0f}s",
+                          lambda: _reported(report))
         with grpc.insecure_channel(addr) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.stopping:
-                    raise RuntimeError("interrupted")
-                proc = self.procs[svc]
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{svc} exited with code {proc.returncode} while starting (see its log above)")
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        log.info("%-9s serving on %s (pid %d)", svc, addr, proc.pid)
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{svc} did not become healthy on {addr} within {timeout:.0f}s")
-                time.sleep(0.1)
+            check = _health_check(channel)
+            self._wait(name, deadline, f"{name} did not become healthy on {addr} within {timeout:.0f}s",
+                       lambda: _serving(check))
+        log.info("%-9s serving on %s (pid %d)", name, addr, self.procs[name].pid)
+        if name == svc:
+            self.settings = self.settings.with_address(svc, addr)
+        return addr
+
+    def _wait(self, name: str, deadline: float, failure: str, probe: Callable[[], T | None]) -> T:
+        """`probe()` once it answers, while process `name` lives and the launcher is not stopping."""
+        proc = self.procs[name]
+        while True:
+            if self.stopping:
+                raise RuntimeError("interrupted")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} while starting (see its log above)")
+            if (found := probe()) is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise RuntimeError(failure)
+            time.sleep(0.1)
+
+    def client_environ(self) -> dict[str, str]:
+        """The variables that point a client (the corral command, a test) at this platform."""
+        env = {f"CORRAL_{svc.upper()}_ADDR": addr for svc, addr in self.settings.addrs.items()}
+        env.update({name: self.environ[name] for name in HTTP_PORTS if name in self.environ})
+        return env
 
     def publish_example(self) -> None:
         client = CorralClient(ClientConfig.from_env(self._env(), tenant="default", user="corral-launcher"))
@@ -147,17 +181,19 @@ class Launcher:
         """Stops services in reverse start order, so each one's dependencies are still up while it
         drains (the executor releases leases and flushes spans before sessions and telemetry go)."""
         self.stopping = True
-        for svc in reversed(START_ORDER):
-            proc = self.procs.pop(svc, None)
-            if proc is None or proc.poll() is not None:
+        for name, proc in reversed(list(self.procs.items())):
+            del self.procs[name]
+            if proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in 15s; killing it", svc)
+                log.warning("%s did not stop in 15s; killing it", name)
                 proc.kill()
                 proc.wait()
+        for port in self.held:
+            port.close()
         if self.redis is not None:
             self.redis.stop()
         if self.pg is not None:
@@ -187,6 +223,32 @@ def local_secret(data_dir: Path, name: str, size: int) -> str:
             f.write(base64.b64encode(secrets.token_bytes(size)).decode())
         log.info("generated %s (set it in the environment to use your own)", path)
     return path.read_text().strip()
+
+
+def _reported(path: Path) -> str | None:
+    """The address a service wrote to `path` once it served (see services.common.server)."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _health_check(channel: grpc.Channel) -> HealthCheck:
+    # Built by hand: the typing stubs' HealthStub declares no methods.
+    return channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
+def _serving(check: HealthCheck) -> health_pb2.HealthCheckResponse | None:
+    """The server's health once it says SERVING."""
+    try:
+        reply = check(health_pb2.HealthCheckRequest(), timeout=1)
+    except grpc.RpcError:
+        return None
+    return reply if reply.status == health_pb2.HealthCheckResponse.SERVING else None
 
 
 def _redact(url: str) -> str:
@@ -223,9 +285,8 @@ Press Ctrl-C to stop everything.
 
 
 def main() -> int:
-    settings = Settings.from_env()
-    setup_logging("launcher", settings.log_level)
-    launcher = Launcher(settings)
+    launcher = Launcher(inherited_environment())
+    setup_logging("launcher", launcher.settings.log_level)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         launcher.stopping = True
@@ -238,7 +299,9 @@ def main() -> int:
         launcher.start_storage()
         launcher.start_services()
         launcher.publish_example()
-        print(banner(settings), flush=True)
+        # For whoever started the launcher with port 0 somewhere (the end-to-end tests).
+        (launcher.settings.data_dir / "addresses.json").write_text(json.dumps(launcher.client_environ()))
+        print(banner(launcher.settings), flush=True)
         code = launcher.supervise()
     except Exception as exc:  # noqa: BLE001 - one clear line, then a clean stop
         if not launcher.stopping:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from services.common.settings import SERVICES
+from services.launcher.__main__ import ANY_PORT, HTTP_PORTS
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,10 +31,12 @@ def own_database(postgres_server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The launcher's environment, then, once it runs, where it says its services serve: every
+    port is one the OS picked."""
     database_url = own_database
     data = tmp_path_factory.mktemp("platform")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    env.update({f"CORRAL_{svc.upper()}_ADDR": f"127.0.0.1:{harness.free_port()}" for svc in SERVICES})
+    env.update({f"CORRAL_{svc.upper()}_ADDR": "127.0.0.1:0" for svc in SERVICES})
     env.update({
         "CORRAL_DATA_DIR": str(data),
         "CORRAL_DATABASE_URL": database_url,
@@ -41,9 +44,7 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
         "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
         "CORRAL_TENANT": "e2e",
         "CORRAL_USER": "tester",
-        "CORRAL_TELEMETRY_METRICS_PORT": str(harness.free_port()),
-        "CORRAL_REGISTRY_METRICS_PORT": str(harness.free_port()),
-        "CORRAL_EXECUTOR_HTTP_PORT": str(harness.free_port()),
+        **dict.fromkeys(HTTP_PORTS, ANY_PORT),
     })
     log = (data / "platform.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env,
@@ -54,6 +55,7 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
             proc.kill()
             pytest.fail("the platform did not start:\n" + (data / "platform.log").read_text()[-3000:])
         time.sleep(0.2)
+    env.update(json.loads((data / "addresses.json").read_text()))
     env["_PID"] = str(proc.pid)
     env["_LOG"] = str(data / "platform.log")
     yield env

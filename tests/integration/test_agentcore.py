@@ -29,7 +29,6 @@ from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.sandbox import AgentFailed, Done, Sandbox
 from tests import harness
-from tests.conftest import StartServices
 from tests.integration.test_mesh import Mesh, body, connect, fails
 
 pytestmark = [
@@ -118,10 +117,10 @@ def settings(
 
 @pytest_asyncio.fixture
 async def mesh(
-    start_services: StartServices, settings: Settings, tmp_path: Path
+    services: harness.Platform, tmp_path: Path
 ) -> AsyncIterator[Mesh]:
-    hosts = await start_services(*harness.MESH)
-    async for m in connect(settings, hosts, tmp_path):
+    hosts = await services.start(*harness.MESH)
+    async for m in connect(services.settings, hosts, tmp_path):
         yield m
 
 

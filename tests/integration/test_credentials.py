@@ -33,7 +33,7 @@ from corral.verify import (
 from services.common.kv import create_redis
 from services.executor.credentials import Credential, CredentialIssuer, KeyRing, jwk_thumbprint
 from services.executor.http import ExecutorHttp
-from tests.harness import free_port
+from tests.harness import refused_address
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -247,7 +247,7 @@ async def test_the_executor_http_routes(stack: Stack) -> None:
 
 
 async def test_without_redis_the_revocation_check_fails_closed(stack: Stack) -> None:
-    dead = create_redis(f"redis://127.0.0.1:{free_port()}/0")
+    dead = create_redis(f"redis://{refused_address()}/0")
     issuer = CredentialIssuer(stack.keyring, dead, "unused:", "executor")
     http = ExecutorHttp(issuer, stack.registry, "127.0.0.1", 0)
     await http.start()

@@ -23,9 +23,9 @@ pytestmark = [
 
 async def test_a_session_runs_its_turns_in_gvisor(database_url: str, redis_url: str, tmp_path: Path) -> None:
     settings = harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER="gvisor")
-    hosts = await harness.start_mesh(settings)
+    platform = await harness.start_mesh(settings)
     try:
-        async for mesh in connect(settings, hosts, tmp_path):
+        async for mesh in connect(platform.settings, platform.hosts, tmp_path):
             agent = await mesh.publish_agent("gvisor", BEHAVIOUR)
             session = f"{mesh.prefix}-gvisor"
             assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 1."
@@ -37,4 +37,4 @@ async def test_a_session_runs_its_turns_in_gvisor(database_url: str, redis_url: 
             # The failed turn committed nothing: the next one is turn 2.
             assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 2."
     finally:
-        await harness.stop_mesh(hosts)
+        await platform.stop()

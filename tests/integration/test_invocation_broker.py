@@ -121,8 +121,8 @@ class ToolService:
         app.router.add_post("/session-data", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        self.port = harness.free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
         return f"http://127.0.0.1:{self.port}/session-data"
 
     async def stop(self) -> None:
@@ -132,27 +132,26 @@ class ToolService:
 
 @pytest_asyncio.fixture
 async def world(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[Mesh, ToolService, str]]:
-    http_port = harness.free_port()
+    http = harness.held_port()  # the executor's HTTP port: the tool fetches its JWKS there
     key = base64.b64encode(os.urandom(32)).decode()
     s = harness.with_tracing(harness.make_settings(
         settings.database_url or "", settings.redis_url or "", tmp_path,
-        CORRAL_EXECUTOR_HTTP_PORT=str(http_port), CORRAL_SECRETS_KEY=key))
-    hosts: dict = {}
-    tool = ToolService(f"http://127.0.0.1:{http_port}/.well-known/jwks.json")
+        CORRAL_EXECUTOR_HTTP_PORT=str(http.port), CORRAL_SECRETS_KEY=key))
+    platform = harness.Platform(s)
+    tool = ToolService(f"http://127.0.0.1:{http.port}/.well-known/jwks.json")
     try:
-        for name in harness.MESH:
-            hosts[name] = await harness.start_service(name, s)
+        await platform.start(*harness.MESH)
         address = await tool.start()
-        async for mesh in connect(s, hosts, tmp_path):
-            stub = tools_pb2_grpc.ToolServiceStub(grpc.aio.insecure_channel(s.addrs["registry"]))
+        async for mesh in connect(platform.settings, platform.hosts, tmp_path):
+            stub = tools_pb2_grpc.ToolServiceStub(grpc.aio.insecure_channel(platform.settings.addrs["registry"]))
             await stub.CreateTool(tools_pb2.CreateToolRequest(tool_id="session_data", tool=tools_pb2.Tool(
                 kind=tools_pb2.TOOL_KIND_HTTP, address=address, secret=SECRET)), metadata=mesh.me)
             agent = await mesh.publish_agent("broker", AGENT, toml_extra=TOOLS)
             yield mesh, tool, agent
     finally:
+        http.close()
         await tool.stop()
-        for host in reversed(list(hosts.values())):
-            await host.stop(grace=0.5)
+        await platform.stop()
 
 
 async def invoke(mesh: Mesh, agent: str, payload: dict, session: str = "") -> dict:

@@ -11,7 +11,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -183,10 +183,10 @@ async def connect(
 
 @pytest_asyncio.fixture
 async def mesh(
-    start_services: StartServices, settings: Settings, tmp_path: Path
+    services: harness.Platform, tmp_path: Path
 ) -> AsyncIterator[Mesh]:
-    hosts = await start_services(*harness.MESH)
-    async for m in connect(settings, hosts, tmp_path):
+    hosts = await services.start(*harness.MESH)
+    async for m in connect(services.settings, hosts, tmp_path):
         yield m
 
 
@@ -523,7 +523,7 @@ async def test_sessions_belong_to_their_tenant_and_end_when_stopped(mesh: Mesh) 
         )
     # A router that has not seen the session (no cached pin) refuses them too.
     await mesh.hosts["router"].stop(grace=0.5)
-    mesh.hosts["router"] = await harness.start_service("router", mesh.settings)
+    mesh.hosts["router"] = await harness.restart(mesh.hosts["router"])
     for intruder in intruders:
         await fails(
             grpc.StatusCode.PERMISSION_DENIED,
@@ -655,10 +655,10 @@ async def test_an_invocation_is_one_trace_in_telemetry(settings: Settings, tmp_p
     # this test's telemetry; it is shut down at the end, after which spans are dropped.
     assert tracing._provider is None, "another test installed the global tracer provider first"
     traced = harness.with_tracing(settings)
-    hosts = await harness.start_mesh(traced)
-    tracing.setup("executor", traced)
+    platform = await harness.start_mesh(traced)
+    tracing.setup("executor", platform.settings)
     try:
-        async for mesh in connect(traced, hosts, tmp_path):
+        async for mesh in connect(platform.settings, platform.hosts, tmp_path):
             agent = await mesh.publish_examples()
             await mesh.set_split(agent, "prod", [(1, 100)])
             session = f"{mesh.prefix}-traced"
@@ -702,7 +702,7 @@ async def test_an_invocation_is_one_trace_in_telemetry(settings: Settings, tmp_p
             assert list(other.spans) == []
     finally:
         tracing.shutdown()
-        await harness.stop_mesh(hosts)
+        await platform.stop()
 
 
 async def test_stopping_a_session_mid_invocation_ends_it_with_a_clear_status(mesh: Mesh) -> None:
@@ -747,19 +747,16 @@ async def test_a_session_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
 
 
 async def test_a_router_that_has_not_seen_a_session_follows_its_pin(
-    mesh: Mesh, settings: Settings
+    mesh: Mesh,
 ) -> None:
     agent = await mesh.publish_agent("pinned", BEHAVIOUR)
     session = f"{mesh.prefix}-pinned"
     await mesh.invoke(agent, {}, session_id=session)
     # A second router (a replica, or this one restarted) knows nothing of the session, and is
     # asked through an endpoint that does not exist: the session's pin decides.
-    port = harness.free_port()
-    replica = replace(settings, addrs={**settings.addrs, "router": f"127.0.0.1:{port}"},
-                      listen={**settings.listen, "router": f"127.0.0.1:{port}"})
-    host = await harness.start_service("router", replica)
+    host = await harness.start_service("router", mesh.settings)
     try:
-        async with grpc.aio.insecure_channel(replica.addrs["router"]) as channel:
+        async with grpc.aio.insecure_channel(host.address) as channel:
             reply = await router_pb2_grpc.RouterServiceStub(channel).Invoke(
                 rt.InvokeRequest(agent=f"agents/{agent}", endpoint="nowhere", session_id=session,
                                  payload=body({})), metadata=mesh.me)

@@ -21,7 +21,7 @@ from opentelemetry.trace import StatusCode
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.executor.broker import ModelBroker
 from services.executor.openai_provider import OpenAIProvider
-from tests.harness import free_port
+from tests.harness import refused_address
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -119,13 +119,13 @@ def slow(seconds: float) -> Reply:
 
 @pytest_asyncio.fixture
 async def server() -> AsyncIterator[FakeServer]:
-    port = free_port()
-    fake = FakeServer(url=f"http://127.0.0.1:{port}/v1", replies=[answer("hello")])
+    fake = FakeServer(url="", replies=[answer("hello")])
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     yield fake
     await runner.cleanup()
 
@@ -344,7 +344,7 @@ async def test_the_api_key_never_appears_in_errors(server: FakeServer, rig: Rig)
 
 
 async def test_an_unreachable_server_is_retried_then_reported(rig: Rig) -> None:
-    closed = OpenAIProvider(f"http://127.0.0.1:{free_port()}/v1", API_KEY, backoff_s=0.01,
+    closed = OpenAIProvider(f"http://{refused_address()}/v1", API_KEY, backoff_s=0.01,
                             max_attempts=3)
     try:
         with pytest.raises(Exception, match="connection to 127.0.0.1") as caught:

@@ -75,13 +75,13 @@ class Platform:
 
 @pytest_asyncio.fixture
 async def platform(
-    start_services: StartServices, settings: Settings, tmp_path: Path
+    services: harness.Platform, tmp_path: Path
 ) -> AsyncIterator[Platform]:
-    await start_services(*harness.MESH)
-    async with grpc.aio.insecure_channel(settings.addrs["registry"]) as registry, \
-            grpc.aio.insecure_channel(settings.addrs["router"]) as router:
+    await services.start(*harness.MESH)
+    async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as registry, \
+            grpc.aio.insecure_channel(services.settings.addrs["router"]) as router:
         yield Platform(
-            settings=settings, tmp=tmp_path, tenant=f"t-{uuid.uuid4().hex[:8]}",
+            settings=services.settings, tmp=tmp_path, tenant=f"t-{uuid.uuid4().hex[:8]}",
             registry=registry_pb2_grpc.RegistryServiceStub(registry),
             router=router_pb2_grpc.RouterServiceStub(router),
         )

@@ -9,7 +9,7 @@ import io
 import tarfile
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -23,7 +23,6 @@ from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from services.common.settings import Settings
 from tests import harness
-from tests.conftest import StartServices
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -83,13 +82,13 @@ class Registry:
 
 @pytest_asyncio.fixture
 async def registry(
-    start_services: StartServices, settings: Settings, tmp_path: Path
+    services: harness.Platform, tmp_path: Path
 ) -> AsyncIterator[Registry]:
-    await start_services("registry")
-    async with grpc.aio.insecure_channel(settings.addrs["registry"]) as channel:
+    await services.start("registry")
+    async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
         # The database is shared by the whole run: an agent of its own keeps each test apart.
         yield Registry(
-            settings,
+            services.settings,
             registry_pb2_grpc.RegistryServiceStub(channel),
             tmp_path,
             f"a-{uuid.uuid4().hex[:10]}",
@@ -533,7 +532,7 @@ async def next_message(call: object, timeout: float = 5.0) -> pb.WatchEndpointsR
 
 
 async def test_watch_sends_a_snapshot_then_each_change_from_any_replica(
-    registry: Registry, settings: Settings
+    registry: Registry,
 ) -> None:
     a, stub = registry.agent, registry.stub
     await registry.publish(registry.bundle())
@@ -545,13 +544,7 @@ async def test_watch_sends_a_snapshot_then_each_change_from_any_replica(
     watch = stub.WatchEndpoints(pb.WatchEndpointsRequest(parent=f"agents/{a}"))
     everything = stub.WatchEndpoints(pb.WatchEndpointsRequest())
     # A second registry replica on the same database, on a port of its own.
-    port = harness.free_port()
-    replica_settings = replace(
-        settings,
-        addrs={**settings.addrs, "registry": f"127.0.0.1:{port}"},
-        listen={**settings.listen, "registry": f"127.0.0.1:{port}"},
-    )
-    replica = await harness.start_service("registry", replica_settings)
+    replica = await harness.start_service("registry", registry.settings)
     try:
         snapshot = await next_message(watch)
         assert snapshot.snapshot
@@ -572,7 +565,7 @@ async def test_watch_sends_a_snapshot_then_each_change_from_any_replica(
             (f"agents/{a}/endpoints/DEFAULT", [f"agents/{a}/versions/2"])
         ]
 
-        async with grpc.aio.insecure_channel(replica_settings.addrs["registry"]) as channel:
+        async with grpc.aio.insecure_channel(replica.address) as channel:
             second = registry_pb2_grpc.RegistryServiceStub(channel)
             await registry.publish(registry.bundle(name=f"{a}-other", prompt="v2\n"))
             updated = await second.UpdateEndpoint(

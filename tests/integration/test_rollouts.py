@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -236,18 +236,18 @@ async def fails(code: grpc.StatusCode, call: Awaitable[Any]) -> grpc.aio.AioRpcE
 
 
 @pytest_asyncio.fixture
-async def make_world(settings: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., World]]:
+async def make_world(services: harness.Platform, tmp_path: Path) -> AsyncIterator[Callable[..., World]]:
     worlds: list[World] = []
 
     def make(agent_prefix: str = "ro") -> World:
-        w = World(settings, tmp_path, f"{agent_prefix}-{uuid.uuid4().hex[:8]}")
+        w = World(services.settings, tmp_path, f"{agent_prefix}-{uuid.uuid4().hex[:8]}")
         worlds.append(w)
         return w
 
     yield make
     # The database is shared by the run, and every registry's controller drives every running
     # rollout: leave none of this test's running, whatever the outcome.
-    conn = await asyncpg.connect(settings.require_database())
+    conn = await asyncpg.connect(services.settings.require_database())
     try:
         for w in worlds:
             await conn.execute(
@@ -344,10 +344,10 @@ async def test_no_traffic_pauses_as_inconclusive_and_never_promotes(
 
 
 async def test_registry_restarted_mid_rollout_resumes_without_repeating_a_step(
-    start_services: StartServices, settings: Settings, make_world: Callable[..., World]
+    start_services: StartServices, make_world: Callable[..., World]
 ) -> None:
     await start_services("telemetry")
-    first = await harness.start_service("registry", settings)
+    first = (await start_services("registry"))["registry"]
     second: ServiceHost | None = None
     try:
         w = await ready(make_world)
@@ -357,7 +357,7 @@ async def test_registry_restarted_mid_rollout_resumes_without_repeating_a_step(
         await w.wait(r.name, lambda x: x.current_step == 1, what="in its first pause")
         await first.stop(grace=0.2)
         await asyncio.sleep(2.5)  # the pause runs out while no registry is up
-        second = await harness.start_service("registry", settings)
+        second = await harness.restart(first)
         done = await w.wait(r.name, lambda x: state(x) != "PROGRESSING", what="finished")
         assert state(done) == "SUCCEEDED", done.state_reason
         assert await w.traffic() == [(w.version(2), 100.0)]
@@ -375,15 +375,12 @@ async def test_registry_restarted_mid_rollout_resumes_without_repeating_a_step(
 
 
 async def test_two_registry_replicas_apply_each_step_once(
-    start_services: StartServices, settings: Settings, make_world: Callable[..., World],
+    start_services: StartServices, services: harness.Platform, make_world: Callable[..., World],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await start_services("telemetry", "registry")
-    other = f"127.0.0.1:{harness.free_port()}"
-    replica_settings = replace(settings, listen={**settings.listen, "registry": other},
-                               addrs={**settings.addrs, "registry": other})
     w = await ready(make_world)
-    replica = await harness.start_service("registry", replica_settings)
+    replica = await harness.start_service("registry", services.settings)
     drivers: set[int] = set()
     advance = RolloutController.advance
 
@@ -398,7 +395,7 @@ async def test_two_registry_replicas_apply_each_step_once(
         steps = [weight(10), pause(1), weight(30), pause(1), weight(60), pause(1), weight(100)]
         r = await w.start_rollout(2, steps)
         # Both replicas serve the rollout API over the same database.
-        via_replica = rollouts_pb2_grpc.RolloutServiceStub(w.channel("registry", other))
+        via_replica = rollouts_pb2_grpc.RolloutServiceStub(w.channel("registry", replica.address))
         seen = await via_replica.GetRollout(ro.GetRolloutRequest(name=r.name))
         assert seen.name == r.name
         done = await w.wait(r.name, lambda x: state(x) != "PROGRESSING", what="finished")

@@ -19,7 +19,7 @@ from corral.sessions.v1 import sessions_pb2_grpc
 from services.common import clients
 from services.common.kv import create_redis
 from services.common.settings import Settings
-from tests.conftest import StartServices
+from tests.harness import Platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -65,10 +65,10 @@ async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
 
 @pytest_asyncio.fixture
 async def stub(
-    start_services: StartServices, settings: Settings
+    services: Platform,
 ) -> AsyncIterator[sessions_pb2_grpc.SessionsServiceAsyncStub]:
-    await start_services("sessions")
-    async with clients.channel(settings, "sessions") as channel:
+    await services.start("sessions")
+    async with clients.channel(services.settings, "sessions") as channel:
         yield sessions_pb2_grpc.SessionsServiceStub(channel)
 
 
@@ -275,11 +275,11 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
 
 
 async def test_state_survives_a_restart_and_a_redis_flush(
-    start_services: StartServices, settings: Settings, database_url: str, tenant: str
+    services: Platform, settings: Settings, database_url: str, tenant: str
 ) -> None:
     me = who(tenant)
-    hosts = await start_services("sessions")
-    async with clients.channel(settings, "sessions") as channel:
+    hosts = await services.start("sessions")
+    async with clients.channel(services.settings, "sessions") as channel:
         stub = sessions_pb2_grpc.SessionsServiceStub(channel)
         name = (
             await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)
@@ -316,8 +316,8 @@ async def test_state_survives_a_restart_and_a_redis_flush(
     finally:
         await redis.aclose()
 
-    await start_services("sessions")
-    async with clients.channel(settings, "sessions") as channel:
+    await services.start("sessions")
+    async with clients.channel(services.settings, "sessions") as channel:
         stub = sessions_pb2_grpc.SessionsServiceStub(channel)
         after = await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
         assert after == before and after.turn_count == 2 and after.state_etag == etag

@@ -32,7 +32,6 @@ from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from services.common.settings import Settings
 from tests import harness
-from tests.conftest import StartServices
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -49,11 +48,11 @@ class Telemetry:
 
 
 @pytest_asyncio.fixture
-async def telemetry(settings: Settings, start_services: StartServices) -> AsyncIterator[Telemetry]:
-    await start_services("telemetry")
-    channel = grpc.aio.insecure_channel(settings.addrs["telemetry"])
+async def telemetry(services: harness.Platform) -> AsyncIterator[Telemetry]:
+    await services.start("telemetry")
+    channel = grpc.aio.insecure_channel(services.settings.addrs["telemetry"])
     yield Telemetry(
-        settings,
+        services.settings,
         TelemetryServiceStub(channel),
         trace_service_pb2_grpc.TraceServiceStub(channel),
         channel,
@@ -595,7 +594,7 @@ async def test_tokens_and_their_cost_per_version(
         chat(4, "gpt-x", "lots", "more"),  # not numbers: ignored, and nothing breaks
     ]
     try:
-        async with grpc.aio.insecure_channel(settings.addrs["telemetry"]) as channel:
+        async with grpc.aio.insecure_channel(host.address) as channel:
             await trace_service_pb2_grpc.TraceServiceStub(channel).Export(export_request(spans))
             result = await TelemetryServiceStub(channel).GetVersionMetrics(
                 pb.GetVersionMetricsRequest(agent=agent), metadata=as_tenant(tenant))

@@ -102,12 +102,12 @@ async def registry(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIt
     settings = harness.make_settings(
         database_url, redis_url, tmp_path, CORRAL_SECRETS_KEY=base64.b64encode(KEY).decode()
     )
-    host = await harness.start_service("registry", settings)
+    platform = await harness.start_mesh(settings, "registry")
     try:
-        async with grpc.aio.insecure_channel(settings.addrs["registry"]) as channel:
+        async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
             tenant = f"t-{uuid.uuid4().hex[:10]}"
             yield Registry(
-                settings,
+                platform.settings,
                 tools_pb2_grpc.ToolServiceStub(channel),
                 tools_pb2_grpc.ToolSecretsServiceStub(channel),
                 registry_pb2_grpc.RegistryServiceStub(channel),
@@ -115,7 +115,7 @@ async def registry(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIt
                 who(tenant),
             )
     finally:
-        await host.stop(grace=0.5)
+        await platform.stop()
 
 
 # -- the registry: CRUD, validation, tenants, secrets ------------------------------------------
@@ -334,12 +334,12 @@ async def test_the_secret_is_sealed_at_rest_and_never_returned(
 
 
 async def test_without_a_key_only_secretless_tools_can_be_created(
-    start_services: Any, settings: Settings
+    services: harness.Platform, settings: Settings
 ) -> None:
     assert not settings.secrets_key
-    await start_services("registry")
+    await services.start("registry")
     md = who(f"t-{uuid.uuid4().hex[:10]}")
-    async with grpc.aio.insecure_channel(settings.addrs["registry"]) as channel:
+    async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
         stub = tools_pb2_grpc.ToolServiceStub(channel)
         err = await fails(grpc.StatusCode.FAILED_PRECONDITION, stub.CreateTool(pb.CreateToolRequest(
             tool_id="keyed", tool=pb.Tool(kind=pb.TOOL_KIND_HTTP, address="https://x.example", secret=SECRET),
@@ -505,9 +505,9 @@ async def tools(registry: Registry) -> AsyncIterator[Tools]:
     await registry.create("broken", SECRET, address=f"{base}/broken")
     await registry.create("echo", SECRET, address=f"{base}/echo")
     await registry.create("metadata", address="http://169.254.169.254/latest/meta-data")
-    await registry.create("refused", address=f"http://127.0.0.1:{harness.free_port()}/x")
+    await registry.create("refused", address=f"http://{harness.refused_address()}/x")
     await registry.create("rpc", SECRET, kind=pb.TOOL_KIND_GRPC, address=f"127.0.0.1:{grpc_port}")
-    await registry.create("rpc_refused", kind=pb.TOOL_KIND_GRPC, address=f"127.0.0.1:{harness.free_port()}")
+    await registry.create("rpc_refused", kind=pb.TOOL_KIND_GRPC, address=harness.refused_address())
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))

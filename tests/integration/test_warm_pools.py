@@ -44,15 +44,12 @@ def warm_settings(postgres_server_url: str, redis_url: str, tmp_path: Path) -> I
 
 @pytest_asyncio.fixture
 async def mesh(warm_settings: Settings, tmp_path: Path) -> AsyncIterator[Mesh]:
-    hosts: dict = {}
+    platform = await harness.start_mesh(warm_settings)
     try:
-        for name in harness.MESH:
-            hosts[name] = await harness.start_service(name, warm_settings)
-        async for m in connect(warm_settings, hosts, tmp_path):
+        async for m in connect(platform.settings, platform.hosts, tmp_path):
             yield m
     finally:
-        for host in reversed(list(hosts.values())):
-            await host.stop(grace=0.5)
+        await platform.stop()
 
 
 async def publish(mesh: Mesh, agent: str, n: int) -> None:

@@ -17,9 +17,7 @@ import pytest_asyncio
 
 from corral.bundle import unpack
 from corral.executor.v1 import executor_pb2
-from services.common.settings import Settings
 from tests import harness
-from tests.conftest import StartServices
 from tests.integration.test_mesh import Mesh, connect, fails
 from tests.security.sandboxes import needs_bwrap
 from tests.unit.test_bundle import link, tar_of
@@ -28,9 +26,9 @@ pytestmark = [pytest.mark.integration, needs_bwrap, pytest.mark.timeout(90)]
 
 
 @pytest_asyncio.fixture
-async def mesh(start_services: StartServices, settings: Settings, tmp_path: Path) -> AsyncIterator[Mesh]:
-    hosts = await start_services(*harness.MESH)
-    async for m in connect(settings, hosts, tmp_path):
+async def mesh(services: harness.Platform, tmp_path: Path) -> AsyncIterator[Mesh]:
+    hosts = await services.start(*harness.MESH)
+    async for m in connect(services.settings, hosts, tmp_path):
         yield m
 
 # Leaves a detached grandchild and a spinning thread behind, then returns as if all were well.
