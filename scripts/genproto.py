@@ -29,6 +29,13 @@ def run_protoc(*args: str) -> None:
         raise SystemExit("protoc failed")
 
 
+def write_descriptor_set(out: pathlib.Path) -> None:
+    """Every Corral proto, its imports and its comments (source info) as a FileDescriptorSet:
+    what tests read to check the contracts' documentation and annotations."""
+    run_protoc("--include_imports", "--include_source_info", f"--descriptor_set_out={out}",
+               *sources())
+
+
 def main() -> int:
     files = sources()
     bindir = pathlib.Path(sys.executable).parent
