@@ -34,18 +34,12 @@ _NESTED_MESSAGE, _NESTED_ENUM, _METHOD = 3, 4, 2
 
 
 @dataclass(frozen=True)
-class Declared:
-    """A message, enum or method with the comment above it."""
-
-    name: str
-    comment: str
-
-
-@dataclass(frozen=True)
 class Contracts:
-    files: list[descriptor_pb2.FileDescriptorProto]
+    """Corral's messages by full name; the comment above each service, message and enum; and
+    each method with its full name and comment."""
+
     messages: dict[str, descriptor_pb2.DescriptorProto]
-    commented: list[Declared]
+    comments: dict[str, str]
     methods: list[tuple[str, descriptor_pb2.MethodDescriptorProto, str]]
 
 
@@ -84,24 +78,26 @@ def contracts(tmp_path_factory: pytest.TempPathFactory) -> Contracts:
     out = tmp_path_factory.mktemp("protos") / "corral.binpb"
     _genproto().write_descriptor_set(out)
     descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    files = [f for f in descriptor_set.file if f.name.startswith("corral/")]
     messages: dict[str, descriptor_pb2.DescriptorProto] = {}
-    commented: list[Declared] = []
+    comments: dict[str, str] = {}
     methods = []
-    for file in files:
-        comments = {
+    for file in descriptor_set.file:
+        if not file.name.startswith("corral/"):
+            continue
+        located = {
             tuple(loc.path): loc.leading_comments.strip() for loc in file.source_code_info.location
         }
-        for name, message, comment in _walk(file, comments, file.package, list(file.message_type), ()):
-            commented.append(Declared(name, comment))
+        top_level = list(file.message_type)
+        for name, message, comment in _walk(file, located, file.package, top_level, ()):
+            comments[name] = comment
             if message is not None:
                 messages[name] = message
         for s, service in enumerate(file.service):
-            commented.append(Declared(f"{file.package}.{service.name}", comments.get((_SERVICE, s), "")))
+            comments[f"{file.package}.{service.name}"] = located.get((_SERVICE, s), "")
             for m, method in enumerate(service.method):
-                comment = comments.get((_SERVICE, s, _METHOD, m), "")
+                comment = located.get((_SERVICE, s, _METHOD, m), "")
                 methods.append((f"{file.package}.{service.name}.{method.name}", method, comment))
-    return Contracts(files, messages, commented, methods)
+    return Contracts(messages, comments, methods)
 
 
 def _option(options: Message, extension: FieldDescriptor) -> object | None:
@@ -128,11 +124,11 @@ def _reference(field: descriptor_pb2.FieldDescriptorProto) -> resource_pb2.Resou
 def test_every_rpc_says_what_it_does_and_how_it_fails(contracts: Contracts) -> None:
     assert contracts.methods
     undocumented = [name for name, _, comment in contracts.methods if "Errors" not in comment]
-    assert not undocumented, f"RPCs whose comment lacks what they do and their Errors: {undocumented}"
+    assert not undocumented, f"RPCs without a comment listing their Errors: {undocumented}"
 
 
 def test_every_service_message_and_enum_says_what_it_is(contracts: Contracts) -> None:
-    missing = [d.name for d in contracts.commented if not d.comment and d.name not in PENDING]
+    missing = [n for n, comment in contracts.comments.items() if not comment and n not in PENDING]
     assert not missing, f"no comment above: {missing}"
 
 
