@@ -11,7 +11,7 @@ help:
 	@echo "make test   run the unit, integration and end-to-end tests"
 	@echo "make bench  print benchmark figures as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"
-	@echo "make lint   buf lint, buf breaking (against the previous commit) + ruff"
+	@echo "make lint   buf lint, buf breaking against the previous commit, ruff"
 
 $(VENV)/.installed: pyproject.toml
 	@sh scripts/setup-sandbox.sh >&2
