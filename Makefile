@@ -11,7 +11,7 @@ help:
 	@echo "make test   run the unit, integration and end-to-end tests"
 	@echo "make bench  print benchmark figures as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"
-	@echo "make lint   buf lint + ruff"
+	@echo "make lint   buf lint, buf breaking against the previous commit, ruff"
 
 $(VENV)/.installed: pyproject.toml
 	@sh scripts/setup-sandbox.sh >&2
@@ -45,8 +45,22 @@ e2e: .proto.stamp
 bench: .proto.stamp
 	@$(PY) -m bench
 
+# buf breaking compares protos/ with the previous commit, which buf builds from git: whatever an
+# import needs must be committed (hence the vendored protos/third_party). Both sides are built to
+# images first, so a change in how protos/ is split into buf modules is not itself a difference.
+BUF := ../$(VENV)/bin/buf
 lint: .proto.stamp
-	cd protos && ../$(VENV)/bin/buf lint
+	cd protos && $(BUF) lint
+	@if ! before=$$(git rev-parse -q --verify 'HEAD~1^{commit}'); then \
+	  echo "buf breaking: skipped, this checkout has no previous commit (a shallow clone?);" \
+	    "run 'git fetch --deepen=1' to compare with it" >&2; \
+	else \
+	  images=$$(mktemp -d) && trap 'rm -rf "$$images"' EXIT && cd protos && \
+	  $(BUF) build -o "$$images/now.binpb" && \
+	  $(BUF) build "../.git#ref=$$before,subdir=protos" -o "$$images/before.binpb" && \
+	  $(BUF) breaking "$$images/now.binpb" --against "$$images/before.binpb" && \
+	  echo "buf breaking: no breaking change since $$(git rev-parse --short $$before)"; \
+	fi
 	$(VENV)/bin/ruff check corral services tests bench
 
 # Strict type checking; each agent bundle holds a module named `agent`, so each is a run of its own.
