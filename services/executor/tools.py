@@ -9,9 +9,8 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import grpc
@@ -19,11 +18,16 @@ import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
-from corral.registry.v1 import tools_pb2 as reg
-from corral.registry.v1 import tools_pb2_grpc as reg_grpc
 from corral.tools.v1 import tools_pb2, tools_pb2_grpc
-from services.common.clients import call_metadata, channel
+from services.common.errors import CorralError
 from services.common.settings import Settings
+from services.executor.clients import RegistryToolResolver
+from services.executor.model import ResolvedTool, SpanAttributes, ToolOutcome, ToolResolver
+
+__all__ = [
+    "NOT_FOUND", "PERMISSION_DENIED", "TIMEOUT", "TOOL_ATTR", "TOOL_ERROR", "UNAVAILABLE",
+    "RegistryToolResolver", "ResolvedTool", "ToolBroker", "ToolFailure", "ToolOutcome",
+]
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -42,28 +46,6 @@ TIMEOUT = "TIMEOUT"
 UNAVAILABLE = "UNAVAILABLE"
 TOOL_ERROR = "TOOL_ERROR"
 
-_KINDS = {reg.TOOL_KIND_HTTP: "http", reg.TOOL_KIND_GRPC: "grpc"}
-
-
-@dataclass(frozen=True)
-class ToolOutcome:
-    """What the agent gets back: the tool's answer, or an error and its code (PERMISSION_DENIED,
-    NOT_FOUND, TIMEOUT, UNAVAILABLE, TOOL_ERROR)."""
-
-    payload: bytes = b""
-    content_type: str = ""
-    error: str = ""
-    error_code: str = ""
-
-
-@dataclass(frozen=True)
-class ResolvedTool:
-    tool: str
-    kind: str  # "http" or "grpc"
-    address: str
-    timeout_s: float
-    secret: str = field(default="", repr=False)
-
 
 class ToolFailure(Exception):
     """A call failed in a way the agent is told about; the message never holds a secret."""
@@ -72,47 +54,6 @@ class ToolFailure(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class ToolResolver(Protocol):
-    async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
-        """The tenant's tool with its secret, or None when it has no such tool."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class RegistryToolResolver:
-    """Resolves tools through the registry's internal ToolSecretsService."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.channel = channel(settings, "registry")
-        self.stub = reg_grpc.ToolSecretsServiceStub(self.channel)
-        self.metadata = (*call_metadata(), ("x-corral-internal-token", settings.internal_token))
-
-    async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
-        try:
-            resolved = await self.stub.ResolveTool(
-                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self.metadata,
-                timeout=timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            # FAILED_PRECONDITION (no key, unreadable secret) is not for the agent to fix either.
-            raise ToolFailure(
-                UNAVAILABLE, f"tool {tool!r} could not be resolved: {exc.code().name}: {exc.details()}"
-            ) from None
-        t = resolved.tool
-        if t.kind not in _KINDS:
-            raise ToolFailure(UNAVAILABLE, f"tool {tool!r} has a kind this executor does not know")
-        return ResolvedTool(
-            tool=tool, kind=_KINDS[t.kind], address=t.address,
-            timeout_s=t.timeout.ToMilliseconds() / 1000, secret=resolved.secret,
-        )
-
-    async def close(self) -> None:
-        await self.channel.close()
 
 
 class ToolBroker:
@@ -153,7 +94,7 @@ class ToolBroker:
         content_type: str,
         timeout_s: float | None,
         deadline: float,
-        attributes: Mapping[str, Any],
+        attributes: SpanAttributes,
         context: Context | None,
     ) -> ToolOutcome:
         """Calls `tool` of `tenant` if the version declares it (`allowed`: agent.toml's [[tools]]
@@ -179,7 +120,7 @@ class ToolBroker:
 
     async def _call(
         self, tenant: str, tool: str, allowed: Collection[str], token: str, payload: bytes,
-        content_type: str, timeout_s: float | None, deadline: float, attributes: Mapping[str, Any],
+        content_type: str, timeout_s: float | None, deadline: float, attributes: SpanAttributes,
     ) -> ToolOutcome:
         if tool not in allowed:
             declared = ", ".join(sorted(allowed)) or "none"
@@ -250,7 +191,13 @@ class ToolBroker:
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
-        resolved = await self.resolver.resolve(tenant, tool, timeout_s)
+        try:
+            resolved = await self.resolver.resolve(tenant, tool, timeout_s)
+        except CorralError as exc:
+            # Not for the agent to fix either (no key, an unreadable secret, a registry away).
+            raise ToolFailure(
+                UNAVAILABLE, f"tool {tool!r} could not be resolved: {exc.reason}: {exc.message}"
+            ) from None
         self._cache[key] = (now + CACHE_TTL_S, resolved)
         return resolved
 
