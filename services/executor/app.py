@@ -29,6 +29,7 @@ from services.executor.keys import KeyRing, rotation
 from services.executor.metrics import ExecutorMetrics
 from services.executor.pools import EndpointWants
 from services.executor.servicer import ExecutorServicer
+from services.executor.starter import SandboxStarter
 from services.executor.store import RedisRevocations
 from services.executor.tools import ToolBroker
 
@@ -76,9 +77,12 @@ class ExecutorService(Service):
         issuer = CredentialIssuer(
             keyring, RedisRevocations(redis, s.redis_prefix), issuer=holder.split("#")[0]
         )
+        starter = SandboxStarter(
+            driver, BundleCache(registry, s.data_dir / "bundles"), s.data_dir / "sandboxes",
+            s.executor.python, metrics,
+        )
         executor = Executor(
-            s.executor, s.data_dir, driver, sessions, BundleCache(registry, s.data_dir / "bundles"),
-            spans, broker, holder, metrics, credentials=issuer, tools=tools,
+            s.executor, starter, sessions, spans, broker, holder, credentials=issuer, tools=tools
         )
         executor.start()
         stack.push_async_callback(executor.close)

@@ -7,15 +7,26 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral.bundle import digest_of, unpack
-from corral.manifest import parse_manifest
+from corral.manifest import Manifest, parse_manifest
 from corral.names import VersionRef
 from services.common.errors import FailedPrecondition
-from services.executor.model import Registry, UnpackedBundle
+from services.executor.model import Registry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnpackedBundle:
+    """A version's bundle unpacked on local disk, with its manifest."""
+
+    version: VersionRef
+    digest: str
+    path: Path
+    manifest: Manifest
 
 
 class BundleCache:

@@ -29,11 +29,11 @@ from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import from_rpc_error
 from services.executor.model import (
-    CommittedTurn,
     FinishedTurn,
     Lease,
     PackedBundle,
     ResolvedTool,
+    SessionState,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class SessionsClient:
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
         with _calling("sessions"):
             lease = await self._stub.AcquireLease(request, metadata=call_metadata(caller))
-        return Lease(lease.lease_id, lease.state.state, lease.state.etag)
+        return Lease(lease.lease_id, _state(lease.state))
 
     async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
         request = sessions_pb2.RenewLeaseRequest(session=session.name, lease_id=lease_id)
@@ -75,17 +75,21 @@ class SessionsClient:
 
     async def commit(
         self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
-    ) -> CommittedTurn:
+    ) -> SessionState:
         request = sessions_pb2.CommitTurnRequest(
             session=session.name, lease_id=lease_id, etag=etag, state=turn.state,
             invocation_id=turn.invocation_id, input=turn.input, output=turn.output,
         )
         with _calling("sessions"):
             state = await self._stub.CommitTurn(request, metadata=call_metadata(caller))
-        return CommittedTurn(state.etag, state.turn_count)
+        return _state(state)
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _state(state: sessions_pb2.SessionState) -> SessionState:
+    return SessionState(state.state, state.etag, state.turn_count)
 
 
 class RegistryClient:

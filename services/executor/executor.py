@@ -9,7 +9,6 @@ import os
 import socket
 from collections.abc import AsyncGenerator
 from datetime import datetime
-from pathlib import Path
 
 from opentelemetry.context import Context as OtelContext
 
@@ -19,10 +18,7 @@ from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
-from services.executor.bundles import BundleCache
 from services.executor.credentials import CredentialIssuer, InvocationCredentials
-from services.executor.drivers import SandboxDriver
-from services.executor.metrics import ExecutorMetrics
 from services.executor.model import (
     Event,
     Invocation,
@@ -48,34 +44,21 @@ def _listing_order(info: SandboxInfo) -> tuple[datetime, str]:
 
 class Executor:
     def __init__(
-        self,
-        settings: ExecutorSettings,
-        data_dir: Path,
-        driver: SandboxDriver,
-        sessions: Sessions,
-        bundles: BundleCache,
-        spans: SpanExport,
-        broker: ModelBroker,
-        holder: str,
-        metrics: ExecutorMetrics | None = None,
-        credentials: CredentialIssuer | None = None,
-        tools: ToolBroker | None = None,
+        self, settings: ExecutorSettings, starter: SandboxStarter, sessions: Sessions,
+        spans: SpanExport, broker: ModelBroker, holder: str, *,
+        credentials: CredentialIssuer | None = None, tools: ToolBroker | None = None,
     ) -> None:
         self.settings = settings
-        self.driver = driver
-        self.metrics = metrics or ExecutorMetrics()
         self.credentials = credentials
         self.tools = tools
-        self._starter = SandboxStarter(
-            driver, bundles, data_dir / "sandboxes", settings.python, self.metrics
-        )
+        self._starter = starter
+        metrics = starter.metrics
         self.pools = (
-            WarmPools(self._starter.start, settings.warm_pool_size, settings.warm_pool_max_total,
-                      self.metrics)
+            WarmPools(starter.start, settings.warm_pool_size, settings.warm_pool_max_total, metrics)
             if settings.warm_pool_size > 0 else None
         )
         self.sandboxes = SandboxTable(
-            settings, sessions, bundles, self._starter, self.pools, self.metrics, holder
+            settings, sessions, starter.bundles, starter, self.pools, metrics, holder
         )
         self._credentials = InvocationCredentials(credentials)
         self._turns = Turns(self.sandboxes, sessions, spans, broker, tools, self._credentials)

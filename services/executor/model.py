@@ -8,10 +8,8 @@ import enum
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Protocol
 
-from corral.manifest import Manifest
 from corral.names import SessionRef, VersionRef
 from services.common.endpoints import EndpointSource
 from services.common.errors import Internal
@@ -28,7 +26,7 @@ class AgentError(Internal):
 # -- one invocation ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Invocation:
     """One Execute call, its names already parsed."""
 
@@ -42,22 +40,26 @@ class Invocation:
     content_type: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Started:
-    invocation_id: str
+    """The invocation has its sandbox and is about to run."""
+
     trace_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Completed:
+    """The turn is committed."""
+
     duration_ms: int
+    # The session's turn count after this invocation.
     turn: int
 
 
 Event = Started | bytes | Completed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TurnInput:
     """What the worker is handed for one invocation."""
 
@@ -76,20 +78,22 @@ class TurnInput:
     deadline_unix_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TurnOutput:
     """What the worker hands back at the end of a turn: the session's new state and the agent's
     own spans, OTLP-encoded."""
 
     state: bytes
-    otlp_spans: bytes
+    otlp_spans: bytes = b""
 
 
 # -- the agent's calls out of its sandbox ------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelRequest:
+    """A model call the agent made; its answer carries the same call_id."""
+
     call_id: str
     prompt: str
     system: str = ""
@@ -97,7 +101,7 @@ class ModelRequest:
     stream: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelAnswer:
     """The model's answer, or `error` (the agent sees it as its model call failing)."""
 
@@ -108,8 +112,10 @@ class ModelAnswer:
     error: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ToolRequest:
+    """A call to one of the tenant's tools, by name; its outcome goes back as a ToolOutcome."""
+
     call_id: str
     tool: str
     payload: bytes
@@ -118,7 +124,24 @@ class ToolRequest:
     timeout_s: float = 0.0
 
 
-@dataclass(frozen=True)
+# What a failed tool call tells the agent (ToolOutcome.error_code).
+PERMISSION_DENIED = "PERMISSION_DENIED"
+NOT_FOUND = "NOT_FOUND"
+TIMEOUT = "TIMEOUT"
+UNAVAILABLE = "UNAVAILABLE"
+TOOL_ERROR = "TOOL_ERROR"
+
+
+class ToolFailure(Exception):
+    """A tool call failed in a way the agent is told about; the message never holds a secret."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
 class ToolOutcome:
     """What the agent gets back: the tool's answer, or an error and its code (PERMISSION_DENIED,
     NOT_FOUND, TIMEOUT, UNAVAILABLE, TOOL_ERROR)."""
@@ -136,7 +159,7 @@ ModelHandler = Callable[[ModelRequest, ChunkSink | None], Awaitable[ModelAnswer]
 ToolHandler = Callable[[ToolRequest], Awaitable[ToolOutcome]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResolvedTool:
     tool: str
     kind: str  # "http" or "grpc"
@@ -145,19 +168,35 @@ class ResolvedTool:
     secret: str = field(default="", repr=False)
 
 
-# -- what the other services hand back ---------------------------------------------------------
+class ToolResolver(Protocol):
+    async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
+        """The tenant's tool with its secret, or None when it has no such tool."""
+        ...
+
+    async def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+# -- the sessions service ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """A session's committed state: what its next turn starts from."""
+
+    state: bytes
+    etag: str
+    turn_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A session's lease, with the state committed when it was taken."""
 
     lease_id: str
-    state: bytes
-    etag: str
+    committed: SessionState
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FinishedTurn:
     """What a turn commits: the new state, and the exchange that produced it."""
 
@@ -167,13 +206,26 @@ class FinishedTurn:
     state: bytes
 
 
-@dataclass(frozen=True)
-class CommittedTurn:
-    etag: str
-    turn_count: int
+class Sessions(Protocol):
+    """The sessions service: a session's lease, and its state committed turn by turn."""
+
+    async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease: ...
+
+    async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None: ...
+
+    async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None: ...
+
+    async def commit(
+        self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
+    ) -> SessionState:
+        """Compare-and-set on `etag`: Aborted when another turn committed since."""
+        ...
 
 
-@dataclass(frozen=True)
+# -- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
 class PackedBundle:
     """A version's bundle as the registry serves it (a tar, not yet checked or unpacked)."""
 
@@ -181,14 +233,14 @@ class PackedBundle:
     data: bytes
 
 
-@dataclass(frozen=True)
-class UnpackedBundle:
-    """A version's bundle unpacked on local disk, with its manifest."""
+class Registry(Protocol):
+    """The registry: versions' bundles and digests, and the endpoints routing to them."""
 
-    version: VersionRef
-    digest: str
-    path: Path
-    manifest: Manifest
+    async def download(self, version: VersionRef) -> PackedBundle: ...
+
+    async def digest(self, version: VersionRef) -> str: ...
+
+    def endpoints(self) -> EndpointSource: ...
 
 
 # -- sandboxes as operators see them -----------------------------------------------------------
@@ -200,7 +252,7 @@ class SandboxState(enum.Enum):
     BUSY = "BUSY"  # a session's, running an invocation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxInfo:
     id: str
     session: str  # "" while warm
@@ -215,7 +267,7 @@ class SandboxInfo:
     cpu_seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolReport:
     version: str
     ready: int
@@ -225,7 +277,7 @@ class PoolReport:
     reasons: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SandboxListing:
     sandboxes: list[SandboxInfo]
     # Only on the first page: the pools are a summary, not the listing's items.
@@ -233,41 +285,7 @@ class SandboxListing:
     next_page_token: str
 
 
-# -- the seams ---------------------------------------------------------------------------------
-
-
-class Sessions(Protocol):
-    """The sessions service: a session's lease, and its state committed turn by turn."""
-
-    async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease: ...
-
-    async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None: ...
-
-    async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None: ...
-
-    async def commit(
-        self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
-    ) -> CommittedTurn:
-        """Compare-and-set on `etag`: Aborted when another turn committed since."""
-        ...
-
-
-class Registry(Protocol):
-    """The registry: versions' bundles and digests, and the endpoints routing to them."""
-
-    async def download(self, version: VersionRef) -> PackedBundle: ...
-
-    async def digest(self, version: VersionRef) -> str: ...
-
-    def endpoints(self) -> EndpointSource: ...
-
-
-class ToolResolver(Protocol):
-    async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
-        """The tenant's tool with its secret, or None when it has no such tool."""
-        ...
-
-    async def close(self) -> None: ...
+# -- telemetry and credentials -------------------------------------------------------------------
 
 
 class SpanExport(Protocol):

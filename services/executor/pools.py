@@ -129,9 +129,9 @@ class WarmPools:
         versions = set(wanted) | set(self._ready) | set(self.hits) | set(self.misses)
         return [
             PoolReport(
-                v.name, len(self._ready.get(v, ())), targets.get(v, 0), self.hits[v],
-                self.misses[v],
-                tuple(sorted(wanted[v].reasons, key=REASONS.index)) if v in wanted else (),
+                version=v.name, ready=len(self._ready.get(v, ())), target=targets.get(v, 0),
+                hits=self.hits[v], misses=self.misses[v],
+                reasons=tuple(sorted(wanted[v].reasons, key=REASONS.index)) if v in wanted else (),
             )
             for v in sorted(versions, key=str)
         ]

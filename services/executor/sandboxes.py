@@ -20,7 +20,7 @@ from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.bundles import BundleCache
 from services.executor.metrics import ExecutorMetrics
-from services.executor.model import Invocation, SandboxInfo, SandboxState, Sessions
+from services.executor.model import Invocation, SandboxInfo, SandboxState, Sessions, SessionState
 from services.executor.pools import WarmPools
 from services.executor.sandbox import Sandbox
 from services.executor.starter import SandboxStarter
@@ -33,37 +33,28 @@ REAP_INTERVAL_S = 5.0
 @dataclass(eq=False)
 class SessionSandbox:
     """A sandbox bound to a session, and what the executor keeps for the session between turns:
-    its lease and the state (with its etag) it last committed."""
+    its lease and the state it last committed."""
 
     session: SessionRef
     sandbox: Sandbox
     manifest: Manifest
     owner: Caller
     lease_id: str
-    state: bytes
-    etag: str
+    committed: SessionState
     # Set when the session was stopped on purpose, so a running invocation can say so.
     stopped: bool = False
 
 
 class SandboxTable:
     def __init__(
-        self,
-        settings: ExecutorSettings,
-        sessions: Sessions,
-        bundles: BundleCache,
-        starter: SandboxStarter,
-        pools: WarmPools | None,
-        metrics: ExecutorMetrics,
-        holder: str,
+        self, settings: ExecutorSettings, sessions: Sessions, bundles: BundleCache,
+        starter: SandboxStarter, pools: WarmPools | None, metrics: ExecutorMetrics, holder: str,
     ) -> None:
-        self._settings = settings
-        self._sessions = sessions
-        self._bundles = bundles
-        self._starter = starter
-        self._pools = pools
-        self._metrics = metrics
-        self._holder = holder
+        self._settings, self._metrics = settings, metrics
+        # Leases are taken in the name of `holder` (this executor).
+        self._sessions, self._holder = sessions, holder
+        # A new session's sandbox: from a warm pool, else started from its bundle.
+        self._bundles, self._starter, self._pools = bundles, starter, pools
         self._bound: dict[SessionRef, SessionSandbox] = {}
         self._busy: set[SessionRef] = set()
         self._reaper = Periodic(
@@ -123,7 +114,7 @@ class SandboxTable:
             raise
         sandbox.bind(inv.session.name, warm=warm)
         bound = SessionSandbox(
-            inv.session, sandbox, bundle.manifest, caller, lease.lease_id, lease.state, lease.etag
+            inv.session, sandbox, bundle.manifest, caller, lease.lease_id, lease.committed
         )
         self._bound[inv.session] = bound
         self._metrics.live.set(len(self._bound))

@@ -72,7 +72,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 yield pb.ExecuteResponse(chunk=pb.ExecuteChunk(data=event))
             elif isinstance(event, Started):
                 yield pb.ExecuteResponse(
-                    started=pb.ExecuteStarted(invocation_id=event.invocation_id, trace_id=event.trace_id)
+                    started=pb.ExecuteStarted(invocation_id=inv.invocation_id, trace_id=event.trace_id)
                 )
             elif isinstance(event, Completed):
                 yield pb.ExecuteResponse(

@@ -10,27 +10,21 @@ import uuid
 from pathlib import Path
 
 from corral.names import VersionRef
-from services.executor.bundles import BundleCache
+from services.executor.bundles import BundleCache, UnpackedBundle
 from services.executor.drivers import SandboxDriver, SandboxSpec
 from services.executor.metrics import ExecutorMetrics
-from services.executor.model import AgentError, UnpackedBundle
+from services.executor.model import AgentError
 from services.executor.sandbox import AgentFailed, Sandbox
 
 
 class SandboxStarter:
     def __init__(
-        self,
-        driver: SandboxDriver,
-        bundles: BundleCache,
-        workdirs: Path,
-        python: str,
+        self, driver: SandboxDriver, bundles: BundleCache, workdirs: Path, python: str,
         metrics: ExecutorMetrics,
     ) -> None:
-        self.driver = driver
-        self.bundles = bundles
-        self.workdirs = workdirs
-        self.python = python
-        self.metrics = metrics
+        self.driver, self.bundles, self.metrics = driver, bundles, metrics
+        # Each sandbox's private directory goes under `workdirs`; `python` runs its worker.
+        self.workdirs, self.python = workdirs, python
 
     def remove_leftovers(self) -> None:
         """Scratch directories a crashed predecessor on this data dir left (the process
@@ -43,8 +37,21 @@ class SandboxStarter:
         return await self.start_bundle(await self.bundles.ensure(version, digest))
 
     async def start_bundle(self, bundle: UnpackedBundle) -> Sandbox:
+        sandbox = Sandbox(self.spec(bundle))
+        began = time.monotonic()
+        try:
+            await sandbox.start(self.driver)
+        except AgentFailed as exc:
+            raise AgentError(
+                f"the agent failed to load: {exc.error_type}: {exc.message}", reason="AGENT_LOAD_ERROR",
+            ) from None
+        self.metrics.sandbox_start.labels(self.driver.name).observe(time.monotonic() - began)
+        return sandbox
+
+    def spec(self, bundle: UnpackedBundle) -> SandboxSpec:
+        """What the driver runs for a sandbox of `bundle`, bound to no session yet."""
         manifest, version = bundle.manifest, bundle.version
-        spec = SandboxSpec(
+        return SandboxSpec(
             session=f"(warm) {version}", version=version.name, digest=bundle.digest,
             bundle_dir=bundle.path, workdir=self.workdirs / uuid.uuid4().hex,
             entrypoint=manifest.entrypoint, prompt_file=manifest.prompt_file, python=self.python,
@@ -58,13 +65,3 @@ class SandboxStarter:
             memory_mb=manifest.memory_mb, cpu_seconds=manifest.cpu_seconds,
             protocol=manifest.protocol,
         )
-        sandbox = Sandbox(spec)
-        began = time.monotonic()
-        try:
-            await sandbox.start(self.driver)
-        except AgentFailed as exc:
-            raise AgentError(
-                f"the agent failed to load: {exc.error_type}: {exc.message}", reason="AGENT_LOAD_ERROR",
-            ) from None
-        self.metrics.sandbox_start.labels(self.driver.name).observe(time.monotonic() - began)
-        return sandbox

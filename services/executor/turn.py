@@ -27,12 +27,12 @@ from services.executor.credentials import Credential, InvocationCredentials
 from services.executor.drivers.base import Limit
 from services.executor.model import (
     AgentError,
-    CommittedTurn,
     Completed,
     Event,
     FinishedTurn,
     Invocation,
     Sessions,
+    SessionState,
     SpanExport,
     Started,
     TurnInput,
@@ -65,20 +65,12 @@ def invocation_attributes(caller: Caller, inv: Invocation) -> dict[str, str | in
 
 class Turns:
     def __init__(
-        self,
-        table: SandboxTable,
-        sessions: Sessions,
-        spans: SpanExport,
-        models: ModelBroker,
-        tools: ToolBroker | None,
-        credentials: InvocationCredentials,
+        self, table: SandboxTable, sessions: Sessions, spans: SpanExport, models: ModelBroker,
+        tools: ToolBroker | None, credentials: InvocationCredentials,
     ) -> None:
-        self._table = table
-        self._sessions = sessions
-        self._spans = spans
-        self._models = models
-        self._tools = tools
-        self._credentials = credentials
+        self._table, self._sessions, self._spans = table, sessions, spans
+        # What answers the agent's calls, and what authenticates them to tools.
+        self._models, self._tools, self._credentials = models, tools, credentials
 
     async def run(
         self, caller: Caller, inv: Invocation, parent: OtelContext
@@ -96,7 +88,7 @@ class Turns:
         credential: Credential | None = None
         try:
             bound = await self._table.sandbox_for(caller, inv)
-            yield Started(inv.invocation_id, format(span.get_span_context().trace_id, "032x"))
+            yield Started(format(span.get_span_context().trace_id, "032x"))
             deadline = time.time() + bound.manifest.timeout_s
             credential = self._credentials.mint(caller, inv, bound.manifest, deadline)
             token = credential.token if credential else ""
@@ -182,16 +174,20 @@ class Turns:
 
     async def _commit(
         self, caller: Caller, inv: Invocation, bound: SessionSandbox, done: TurnOutput, output: bytes
-    ) -> CommittedTurn:
-        turn = FinishedTurn(inv.invocation_id, inv.payload, output, done.state)
+    ) -> SessionState:
+        turn = FinishedTurn(
+            invocation_id=inv.invocation_id, input=inv.payload, output=output, state=done.state
+        )
         try:
-            committed = await self._sessions.commit(caller, inv.session, bound.lease_id, bound.etag, turn)
+            committed = await self._sessions.commit(
+                caller, inv.session, bound.lease_id, bound.committed.etag, turn
+            )
         except BaseException:
             # Another writer moved the state (or the commit's fate is unknown): the sandbox's
             # idea of it can no longer be trusted.
             await self._table.drop(inv.session)
             raise
-        bound.state, bound.etag = done.state, committed.etag
+        bound.committed = committed
         bound.sandbox.last_used = time.monotonic()
         return committed
 
@@ -204,7 +200,7 @@ def _turn_input(
     TraceContextTextMapPropagator().inject(carrier, context=context)
     return TurnInput(
         invocation_id=inv.invocation_id, session_id=inv.session.session, version=inv.version.name,
-        payload=inv.payload, content_type=inv.content_type, state=bound.state,
+        payload=inv.payload, content_type=inv.content_type, state=bound.committed.state,
         traceparent=carrier.get("traceparent", ""), endpoint=inv.endpoint, tenant=caller.tenant,
         user=caller.user, credentials=token, deadline_unix_ms=int(deadline * 1000),
     )
