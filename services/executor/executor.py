@@ -33,8 +33,9 @@ from services.executor.starter import SandboxStarter
 from services.executor.tools import ToolBroker
 from services.executor.turn import Turns
 
-# One executor's sandboxes are bounded (max_live_sandboxes plus the warm pools), so a caller
-# that does not page sees all of them, as before ListSandboxes paged.
+# One executor's sandboxes are few (max_live_sandboxes, 64 by default, and the warm pools, at
+# most warm_pool_max_total): a caller that does not page sees all of them, as before
+# ListSandboxes paged.
 SANDBOXES_PAGE_SIZE = MAX_PAGE_SIZE
 
 
