@@ -65,8 +65,8 @@ class FakeRevocations:
         return jti in self.ttl
 
 
-class FakeSessions:
-    """The sessions service (Sessions) in memory: one state per session, compare-and-set on its
+class FakeSessionLeases:
+    """The sessions service as the executor sees it (Sessions), in memory: one state per session, compare-and-set on its
     etag, and the leases taken and released."""
 
     def __init__(self) -> None:
@@ -104,32 +104,16 @@ class FakeSessions:
         return committed
 
 
-class FakeEndpoints:
-    """The registry's endpoint watch (EndpointSource): one snapshot, then nothing changes."""
-
-    def __init__(self, endpoints: tuple[EndpointTraffic, ...]) -> None:
-        self.endpoints = endpoints
-
-    async def watch(self) -> AsyncIterator[EndpointUpdate]:
-        yield EndpointUpdate(self.endpoints, snapshot=True)
-        await asyncio.Event().wait()
-
-    async def get(self, ref: EndpointRef) -> EndpointTraffic:
-        for endpoint in self.endpoints:
-            if endpoint.ref == ref:
-                return endpoint
-        raise NotFound(f"{ref} does not exist")
-
-
-class FakeRegistry:
-    """The registry (Registry): packed bundles and digests by version, and its endpoints."""
+class FakeBundleRegistry:
+    """The registry as the executor sees it (Registry): packed bundles and digests by version,
+    and the endpoints it watches, which send one snapshot and then never change."""
 
     def __init__(
         self, bundles: Mapping[VersionRef, tuple[str, bytes]],
         endpoints: tuple[EndpointTraffic, ...] = (),
     ) -> None:
         self.bundles = dict(bundles)  # version -> (digest, packed)
-        self._endpoints = FakeEndpoints(endpoints)
+        self.traffic = endpoints
         self.downloads = 0
 
     async def download(self, version: VersionRef) -> PackedBundle:
@@ -141,11 +125,21 @@ class FakeRegistry:
             raise NotFound(f"{version} does not exist")
         return self.bundles[version][0]
 
-    def endpoints(self) -> FakeEndpoints:
-        return self._endpoints
+    def endpoints(self) -> FakeBundleRegistry:
+        return self
+
+    async def watch(self) -> AsyncIterator[EndpointUpdate]:
+        yield EndpointUpdate(self.traffic, snapshot=True)
+        await asyncio.Event().wait()  # quiet until the mirror closes
+
+    async def get(self, ref: EndpointRef) -> EndpointTraffic:
+        found = [endpoint for endpoint in self.traffic if endpoint.ref == ref]
+        if not found:
+            raise NotFound(f"{ref} does not exist")
+        return found[0]
 
 
-class FakeSpans:
+class FakeSpanExport:
     """Telemetry's span export (SpanExport): what was forwarded, with its trusted attributes."""
 
     def __init__(self) -> None:

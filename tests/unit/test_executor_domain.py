@@ -42,10 +42,10 @@ from services.executor.providers import ScriptedProvider
 from services.executor.sandbox import SandboxCrashed
 from tests.fakes import (
     AgentScript,
-    FakeRegistry,
+    FakeBundleRegistry,
     FakeRevocations,
-    FakeSessions,
-    FakeSpans,
+    FakeSessionLeases,
+    FakeSpanExport,
     FakeWorker,
     ScriptedStarter,
 )
@@ -84,9 +84,9 @@ class World:
     ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.bundles = {V1: bundle(tmp, "v1", toml_extra), V2: bundle(tmp, "v2", toml_extra)}
-        self.registry = FakeRegistry(self.bundles, endpoints)
-        self.sessions = FakeSessions()
-        self.spans = FakeSpans()
+        self.registry = FakeBundleRegistry(self.bundles, endpoints)
+        self.sessions = FakeSessionLeases()
+        self.spans = FakeSpanExport()
         self.starter = ScriptedStarter(
             BundleCache(self.registry, tmp / "bundles"), tmp / "sandboxes", script
         )
