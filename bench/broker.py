@@ -26,9 +26,16 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.executor.broker import ModelBroker
 from services.executor.drivers.base import SandboxSpec
+from services.executor.model import (
+    ChunkSink,
+    ModelAnswer,
+    ModelRequest,
+    ToolOutcome,
+    ToolRequest,
+    TurnInput,
+)
 from services.executor.providers import ScriptedProvider
 from services.executor.sandbox import Done, Sandbox
 
@@ -40,7 +47,7 @@ WARM_UP = 10
 PROMPT = "benchmark prompt number 7 about latency"
 MODEL: tuple[str, str, dict[str, object]] = ("scripted", "scripted-1", {})  # provider, model, params
 # What the executor puts on each model-call span (the invocation's attributes).
-ATTRIBUTES = {
+ATTRIBUTES: dict[str, str | int] = {
     "corral.agent": "agents/bench-model", "corral.version": "agents/bench-model/versions/1",
     "corral.version.number": 1, "corral.endpoint": "DEFAULT", "corral.session": "sessions/bench",
     "corral.tenant": "default", "corral.user": "bench", "corral.invocation": "bench",
@@ -90,24 +97,29 @@ async def measure(tmp: Path) -> dict[str, object]:
     tracer_provider.add_span_processor(BatchSpanProcessor(_Dropped()))
     broker = ModelBroker({"scripted": provider}, tracer=tracer_provider.get_tracer("bench.broker"))
     parent = trace.set_span_in_context(tracer_provider.get_tracer("bench").start_span("invoke_agent"))
-    call = pb.ModelCall(call_id="bench", prompt=PROMPT)
+    call = ModelRequest(call_id="bench", prompt=PROMPT)
     try:
         print(f"bench: broker: in-process ({N * K} calls)...", file=sys.stderr, flush=True)
         direct = await time_calls(lambda: provider.complete(MODEL[1], MODEL[2], PROMPT, ""), N * K)
         brokered = await time_calls(lambda: broker.call(*MODEL, call, ATTRIBUTES, parent), N * K)
 
-        async def callback(model_call: pb.ModelCall) -> pb.ModelResult:
-            return await broker.call(*MODEL, model_call, ATTRIBUTES, parent)
+        async def model(request: ModelRequest, on_chunk: ChunkSink | None) -> ModelAnswer:
+            return await broker.call(*MODEL, request, ATTRIBUTES, parent, on_chunk=on_chunk)
+
+        async def no_tools(request: ToolRequest) -> ToolOutcome:
+            return ToolOutcome(error="this bench has no tools", error_code="UNAVAILABLE")
 
         sandbox = await start_sandbox(tmp)
         try:
             async def invoke(k: int) -> None:
-                inv = pb.Invocation(
-                    invocation_id=uuid.uuid4().hex, session_id=sandbox.spec.session.removeprefix("sessions/"),
+                turn = TurnInput(
+                    invocation_id=uuid.uuid4().hex,
+                    session_id=sandbox.spec.session.removeprefix("sessions/"),
                     version=sandbox.spec.version, payload=json.dumps({"k": k}).encode(),
-                    content_type="application/json",
+                    content_type="application/json", state=b"", traceparent="", endpoint="",
+                    tenant="default", user="bench", credentials="", deadline_unix_ms=0,
                 )
-                async for item in sandbox.invoke(inv, callback):
+                async for item in sandbox.run(turn, model, no_tools):
                     if isinstance(item, Done):
                         return
                 raise RuntimeError("the sandbox ended the invocation without Done")

@@ -24,6 +24,7 @@ from services.common import embedded
 from services.common.kv import create_redis
 from services.executor.credentials import Credential, CredentialIssuer, KeyRing
 from services.executor.http import ExecutorHttp
+from services.executor.store import RedisRevocations
 
 N = int(os.environ.get("CORRAL_BENCH_N", "2000"))
 WARM_UP = 50
@@ -60,7 +61,8 @@ async def time_async(op: Callable[[int], Awaitable[object]], n: int) -> dict[str
 async def measure(redis_url: str, keys_dir: Path, n: int) -> dict[str, object]:
     redis = create_redis(redis_url)
     keyring = KeyRing(keys_dir, rotation_s=86400, retain_s=3600)
-    issuer = CredentialIssuer(keyring, redis, f"corral-bench-{uuid.uuid4().hex[:8]}:", "bench")
+    revocations = RedisRevocations(redis, f"corral-bench-{uuid.uuid4().hex[:8]}:")
+    issuer = CredentialIssuer(keyring, revocations, "bench")
     http = ExecutorHttp(issuer, CollectorRegistry(), "127.0.0.1", 0)
     await http.start()
     verifier = TokenVerifier(f"http://127.0.0.1:{http.port}/.well-known/jwks.json")

@@ -4,7 +4,6 @@ HTTP port (/metrics, /.well-known/jwks.json, revocations)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import AsyncExitStack
 
@@ -15,18 +14,27 @@ from services.common.kv import create_redis
 from services.common.server import Service
 from services.common.settings import Settings
 from services.executor.broker import ModelBroker, providers_from_settings
-from services.executor.credentials import CredentialIssuer, KeyRing, keep_rotated
+from services.executor.bundles import BundleCache
+from services.executor.clients import (
+    RegistryClient,
+    RegistryToolResolver,
+    SessionsClient,
+    TelemetrySpans,
+)
+from services.executor.credentials import CredentialIssuer
 from services.executor.drivers import driver_for
-from services.executor.drivers.cgroups import remove_orphans
 from services.executor.executor import Executor, default_holder
 from services.executor.http import ExecutorHttp
+from services.executor.keys import KeyRing, rotation
 from services.executor.metrics import ExecutorMetrics
 from services.executor.pools import EndpointWants
 from services.executor.servicer import ExecutorServicer
-from services.executor.store import BundleCache, SessionsClient, SpanForwarder
+from services.executor.starter import SandboxStarter
+from services.executor.store import RedisRevocations
 from services.executor.tools import ToolBroker
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
 
 class ExecutorService(Service):
@@ -39,18 +47,15 @@ class ExecutorService(Service):
         driver = driver_for(s.executor.sandbox_driver)
         # What a crashed predecessor left behind: its sandboxes' cgroups (their processes died
         # with it: bwrap's --die-with-parent, runsc's --attached) and gVisor's state directories.
-        cleanup = getattr(driver, "remove_orphans", None)
-        hierarchy = getattr(driver, "hierarchy", None)
-        removed = cleanup() if cleanup is not None else (
-            remove_orphans(hierarchy) if hierarchy is not None else 0)
+        removed = driver.remove_orphans()
         if removed:
             log.warning("removed %d sandboxes' remains left by a crashed executor", removed)
         log.info("sandbox driver: %s", driver.name)
         sessions = SessionsClient(s)
         stack.push_async_callback(sessions.close)
-        bundles = BundleCache(s, s.data_dir / "bundles")
-        stack.push_async_callback(bundles.close)
-        spans = SpanForwarder(s)
+        registry = RegistryClient(s)
+        stack.push_async_callback(registry.close)
+        spans = TelemetrySpans(s)
         stack.push_async_callback(spans.close)
         metrics = ExecutorMetrics()
         broker = ModelBroker(providers_from_settings({
@@ -58,26 +63,32 @@ class ExecutorService(Service):
             "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
         }))
         stack.push_async_callback(broker.aclose)
-        tools = ToolBroker(s)
+        tools = ToolBroker(s, resolver=RegistryToolResolver(s))
         stack.push_async_callback(tools.close)
         redis = create_redis(s.require_redis())
         stack.push_async_callback(redis.aclose)
         rotation_s = s.executor.key_rotation_hours * 3600
         # Retired public keys stay published for two days: longer than any token they signed.
         keyring = KeyRing(s.data_dir / "keys", rotation_s, retain_s=max(rotation_s, 2 * 86_400))
-        rotating = asyncio.create_task(keep_rotated(keyring))
-        stack.callback(rotating.cancel)
+        rotating = rotation(keyring)
+        rotating.start()
+        stack.push_async_callback(rotating.close)
         holder = default_holder(s.listen["executor"])
-        issuer = CredentialIssuer(keyring, redis, s.redis_prefix, issuer=holder.split("#")[0])
+        issuer = CredentialIssuer(
+            keyring, RedisRevocations(redis, s.redis_prefix), issuer=holder.split("#")[0]
+        )
+        starter = SandboxStarter(
+            driver, BundleCache(registry, s.data_dir / "bundles"), s.data_dir / "sandboxes",
+            s.executor.python, metrics,
+        )
         executor = Executor(
-            s.executor, s.data_dir, driver, sessions, bundles, spans, broker, holder, metrics,
-            credentials=issuer, tools=tools,
+            s.executor, starter, sessions, spans, broker, holder, credentials=issuer, tools=tools
         )
         executor.start()
         stack.push_async_callback(executor.close)
         self.executor = executor
         if executor.pools is not None:
-            watch = EndpointWants(bundles.stub, executor.pools)
+            watch = EndpointWants(registry, executor.pools)
             watch.start()
             stack.push_async_callback(watch.close)
         if s.executor.http_port:
@@ -85,7 +96,7 @@ class ExecutorService(Service):
             await http.start()
             stack.push_async_callback(http.close)
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
-        return [executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name]
+        return [SERVICE_NAME]
 
 
 def build(settings: Settings) -> ExecutorService:

@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.settings import SettingsError
+from services.executor.model import ChunkSink, ModelAnswer, ModelRequest, SpanAttributes
 from services.executor.openai_provider import OpenAIProvider
 from services.executor.providers import (
-    ChunkSink,
     Completion,
     ModelProvider,
     ProviderError,
@@ -71,18 +70,16 @@ class ModelBroker:
     async def aclose(self) -> None:
         """Closes the providers' connection pools."""
         for impl in self.providers.values():
-            close = getattr(impl, "aclose", None)
-            if close is not None:
-                await close()
+            await impl.aclose()
 
     async def call(
-        self, provider: str, model_id: str, params: Mapping[str, Any], call: pb.ModelCall,
-        attributes: Mapping[str, Any], context: Context | None = None, *,
+        self, provider: str, model_id: str, params: Mapping[str, Any], call: ModelRequest,
+        attributes: SpanAttributes, context: Context | None = None, *,
         deadline: float | None = None, on_chunk: ChunkSink | None = None,
-    ) -> pb.ModelResult:
+    ) -> ModelAnswer:
         """Calls the model; with call.stream and on_chunk, each text delta goes to on_chunk first.
         `deadline` is an absolute time.monotonic() value. Model failures come back as
-        ModelResult.error; an exception from on_chunk propagates."""
+        ModelAnswer.error; an exception from on_chunk propagates."""
         with self._tracer.start_as_current_span(
             f"chat {model_id}", context=context, attributes=dict(attributes)
         ) as span:
@@ -96,24 +93,25 @@ class ModelBroker:
                 raise exc.__cause__ from None
             except Exception as exc:  # noqa: BLE001 - reported to the agent as a model error
                 log.warning("model call to %s/%s failed: %s", provider, model_id, exc)
-                span.set_attribute("error.type", getattr(exc, "error_type", type(exc).__qualname__))
+                if isinstance(exc, ProviderError | ProviderNotConfigured):
+                    error_type, message = exc.error_type, str(exc)
+                else:
+                    error_type, message = type(exc).__qualname__, f"{provider} model call failed: {exc}"
+                span.set_attribute("error.type", error_type)
                 span.set_status(trace.StatusCode.ERROR, str(exc))
-                message = str(exc) if isinstance(exc, ProviderError | ProviderNotConfigured) else (
-                    f"{provider} model call failed: {exc}"
-                )
-                return pb.ModelResult(call_id=call.call_id, error=message)
+                return ModelAnswer(call_id=call.call_id, error=message)
             span.set_attribute("gen_ai.response.model", result.response_model or model_id)
             if result.input_tokens is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", result.input_tokens)
             if result.output_tokens is not None:
                 span.set_attribute("gen_ai.usage.output_tokens", result.output_tokens)
-            return pb.ModelResult(
+            return ModelAnswer(
                 call_id=call.call_id, text=result.text,
                 input_tokens=result.input_tokens or 0, output_tokens=result.output_tokens or 0,
             )
 
     async def _complete(
-        self, provider: str, model_id: str, params: Mapping[str, Any], call: pb.ModelCall,
+        self, provider: str, model_id: str, params: Mapping[str, Any], call: ModelRequest,
         deadline: float | None, on_chunk: ChunkSink | None,
     ) -> Completion:
         impl = self.providers.get(provider)

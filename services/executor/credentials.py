@@ -1,287 +1,23 @@
-"""Per-invocation credentials: Ed25519 signing keys that rotate on disk, short-lived EdDSA JWTs
-minted from them, and a Redis deny-list that kills a token the moment its invocation ends.
-
-One executor process owns a key directory. Two processes sharing one directory is NOT supported:
-each would rotate on its own clock, create keys the other never publishes, and delete keys the
-other still signs with. Give every executor replica its own directory (its data dir)."""
+"""Per-invocation credentials: short-lived EdDSA JWTs signed by the keyring (keys.py), minted
+when an invocation starts and put on the deny-list the moment it ends."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import hashlib
-import json
-import logging
 import math
-import os
-import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from redis.asyncio import Redis
 
-log = logging.getLogger(__name__)
+from corral.manifest import Manifest
+from services.common.background import TaskSet
+from services.common.identity import Caller
+from services.executor.keys import Clock, KeyRing
+from services.executor.model import Invocation, RevocationList
 
-Clock = Callable[[], float]
-
-# Verifiers refetch the JWKS on an unknown kid at most every 30 s and otherwise every 300 s
-# (its Cache-Control max-age). A key published this long before it signs is therefore known to
-# every verifier by the time its first token arrives, even through one more HTTP cache.
-DEFAULT_PUBLISH_AHEAD_S = 600.0
-
-# `{not_before in ms}-{kid}.pem`; kid is base64url, so it may itself hold '-' and '_'.
-_KEY_FILE = re.compile(r"^(\d+)-([A-Za-z0-9_-]{43})\.pem$")
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def jwk_thumbprint(key: Ed25519PublicKey) -> str:
-    """RFC 7638: SHA-256 over the required members (crv, kty, x) in lexicographic order."""
-    members = {"crv": "Ed25519", "kty": "OKP", "x": _b64url(_raw_public(key))}
-    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
-    return _b64url(hashlib.sha256(canonical).digest())
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    kid: str
-    # Unix time from which this key signs; it is retired when the next key's not_before passes.
-    not_before: float
-    public: Ed25519PublicKey
-    # None once retired: a retired key only needs to verify, so its private half is destroyed.
-    private: Ed25519PrivateKey | None
-    path: Path
-
-    def jwk(self) -> dict[str, str]:
-        return {
-            "kty": "OKP",
-            "crv": "Ed25519",
-            "x": _b64url(_raw_public(self.public)),
-            "kid": self.kid,
-            "alg": "EdDSA",
-            "use": "sig",
-        }
-
-
-class KeyRing:
-    """Ed25519 keys under `directory` (0700; one PEM file per key, 0600).
-
-    The newest key whose not_before has passed signs. When it has signed for `rotation_s` the
-    next key takes over; that key is created and published `publish_ahead_s` earlier so verifiers
-    already hold it (0 makes it sign as soon as it exists). A retired key's public half stays in
-    the JWKS for `retain_s` after retirement, then its file is deleted, so `retain_s` must cover
-    the longest token lifetime (CredentialIssuer refuses longer ones). A key signs for
-    max(rotation_s, publish_ahead_s), a little longer if maybe_rotate() runs late.
-    Rotation happens at load and on `maybe_rotate()`; call that periodically (`keep_rotated`)."""
-
-    def __init__(
-        self,
-        directory: Path,
-        rotation_s: float,
-        retain_s: float,
-        *,
-        publish_ahead_s: float = DEFAULT_PUBLISH_AHEAD_S,
-        clock: Clock = time.time,
-    ) -> None:
-        if rotation_s <= 0 or retain_s <= 0 or publish_ahead_s < 0:
-            raise ValueError(
-                f"key rotation_s ({rotation_s}) and retain_s ({retain_s}) must be positive and "
-                f"publish_ahead_s ({publish_ahead_s}) not negative"
-            )
-        self.directory = directory
-        self.rotation_s = rotation_s
-        self.retain_s = retain_s
-        self.publish_ahead_s = publish_ahead_s
-        self._clock = clock
-        self._keys: list[SigningKey] = []  # oldest not_before first
-        self._prepare_directory()
-        self._keys = self._load()
-        self.maybe_rotate()
-
-    # -- reading -------------------------------------------------------------------------------
-
-    def signing_key(self) -> SigningKey:
-        """The key that signs now: the newest one whose not_before has passed."""
-        key = self._current(self._clock())
-        if key is not None:
-            return key
-        # Only reachable if the newest due key lost its private half outside this class.
-        raise RuntimeError(f"no signing key is active in {self.directory}; call maybe_rotate()")
-
-    def public_keys(self) -> list[SigningKey]:
-        """Every key a token may carry: retired (within retention), active and pending."""
-        return list(self._keys)
-
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        return {"keys": [key.jwk() for key in reversed(self._keys)]}
-
-    # -- rotation ------------------------------------------------------------------------------
-
-    def maybe_rotate(self) -> bool:
-        """Creates the next key when due, retires and deletes old ones. True if anything changed."""
-        now = self._clock()
-        changed = self._ensure_successor(now)
-        changed |= self._retire(now)
-        return changed
-
-    def _ensure_successor(self, now: float) -> bool:
-        signer = self._current(now)
-        if signer is None:
-            # Nothing can sign (first start, or keys lost): sign at once rather than fail.
-            self._add(self._create(now))
-            return True
-        if any(key.not_before > signer.not_before for key in self._keys):
-            return False  # the successor is already published
-        due = signer.not_before + self.rotation_s
-        if now < due - self.publish_ahead_s:
-            return False
-        # Late (after downtime, or a first call inside the window): keep signing with the old key
-        # until the new one has been published for publish_ahead_s, rather than surprise
-        # verifiers with an unknown kid.
-        self._add(self._create(max(due, now + self.publish_ahead_s)))
-        return True
-
-    def _add(self, key: SigningKey) -> None:
-        # A new list rather than an append: readers on other threads see the old or the new one.
-        self._keys = sorted([*self._keys, key], key=lambda k: k.not_before)
-
-    def _current(self, now: float) -> SigningKey | None:
-        for key in reversed(self._keys):
-            if key.not_before <= now:
-                return key if key.private is not None else None
-        return None
-
-    def _retire(self, now: float) -> bool:
-        changed = False
-        kept: list[SigningKey] = []
-        for key, successor in zip(self._keys, [*self._keys[1:], None], strict=True):
-            if successor is None or successor.not_before > now:
-                kept.append(key)  # still signing, or pending
-            elif now >= successor.not_before + self.retain_s:
-                key.path.unlink(missing_ok=True)
-                log.info("deleted retired credential key %s", key.kid)
-                changed = True
-            elif key.private is not None:
-                kept.append(self._strip_private(key))
-                log.info("retired credential key %s (signing with %s)", key.kid, successor.kid)
-                changed = True
-            else:
-                kept.append(key)
-        self._keys = kept
-        return changed
-
-    # -- files ---------------------------------------------------------------------------------
-
-    def _prepare_directory(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)  # mkdir's mode is masked by the umask, and may pre-exist
-
-    def _load(self) -> list[SigningKey]:
-        keys = []
-        for path in self.directory.iterdir():
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # a write cut short by a crash
-                continue
-            match = _KEY_FILE.match(path.name)
-            if match is None:
-                continue
-            key = self._read(path, not_before=int(match[1]) / 1000, kid=match[2])
-            if key is not None:
-                keys.append(key)
-        keys.sort(key=lambda k: k.not_before)
-        return keys
-
-    def _read(self, path: Path, *, not_before: float, kid: str) -> SigningKey | None:
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            log.warning("credential key %s had mode %o; restricting it to 0600", path, mode)
-            os.chmod(path, 0o600)
-        data = path.read_bytes()
-        try:
-            loaded: Any = (
-                serialization.load_pem_private_key(data, password=None)
-                if b"PRIVATE KEY" in data
-                else serialization.load_pem_public_key(data)
-            )
-        except ValueError as err:
-            log.warning("ignoring unreadable credential key file %s: %s", path, err)
-            return None
-        private = loaded if isinstance(loaded, Ed25519PrivateKey) else None
-        public = private.public_key() if private is not None else loaded
-        if not isinstance(public, Ed25519PublicKey):
-            log.warning("ignoring %s: not an Ed25519 key", path)
-            return None
-        if jwk_thumbprint(public) != kid:
-            log.warning("ignoring %s: its key does not match the kid in its name", path)
-            return None
-        return SigningKey(kid, not_before, public, private, path)
-
-    def _create(self, not_before: float) -> SigningKey:
-        private = Ed25519PrivateKey.generate()
-        public = private.public_key()
-        kid = jwk_thumbprint(public)
-        path = self.directory / f"{int(not_before * 1000)}-{kid}.pem"
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_private_file(path, pem)
-        log.info("created credential key %s, signing from %.0f", kid, not_before)
-        return SigningKey(kid, not_before, public, private, path)
-
-    def _strip_private(self, key: SigningKey) -> SigningKey:
-        pem = key.public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        _write_private_file(key.path, pem)
-        return SigningKey(key.kid, key.not_before, key.public, None, key.path)
-
-
-def _write_private_file(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` atomically, never readable by anyone but the owner."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
-
-
-async def keep_rotated(keyring: KeyRing, every_s: float = 60.0) -> None:
-    """Background loop for the executor: rotates and prunes keys; errors are logged, not fatal."""
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            await asyncio.to_thread(keyring.maybe_rotate)
-        except Exception:
-            log.exception("credential key rotation failed; retrying in %.0f s", every_s)
-
-
-# -- tokens ------------------------------------------------------------------------------------
+__all__ = ["Credential", "CredentialIssuer", "InvocationCredentials", "KeyRing"]
 
 
 @dataclass(frozen=True)
@@ -292,20 +28,18 @@ class Credential:
 
 
 class CredentialIssuer:
-    """Mints invocation tokens signed by the keyring and keeps the jti deny-list in Redis."""
+    """Mints invocation tokens signed by the keyring and keeps the jti deny-list."""
 
     def __init__(
         self,
         keyring: KeyRing,
-        redis: Redis,
-        redis_prefix: str,
+        revocations: RevocationList,
         issuer: str,
         *,
         clock: Clock = time.time,
     ) -> None:
         self.keyring = keyring
-        self._redis = redis
-        self._prefix = redis_prefix
+        self.revocations = revocations
         self.issuer = issuer
         self._clock = clock
 
@@ -349,16 +83,13 @@ class CredentialIssuer:
     async def revoke(self, credential: Credential) -> None:
         # The entry only has to outlive the token: after exp it is refused as expired anyway.
         ttl = max(1, math.ceil(credential.expires_at - self._clock()))
-        await self._redis.set(self._revoked_key(credential.jti), b"1", ex=ttl)
+        await self.revocations.add(credential.jti, ttl)
 
     async def is_revoked(self, jti: str) -> bool:
-        return bool(await self._redis.exists(self._revoked_key(jti)))
+        return await self.revocations.contains(jti)
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return self.keyring.jwks()
-
-    def _revoked_key(self, jti: str) -> str:
-        return f"{self._prefix}revoked:{jti}"
 
 
 def _check_lifetime(now: float, expires_at: float, retain_s: float) -> None:
@@ -370,3 +101,34 @@ def _check_lifetime(now: float, expires_at: float, retain_s: float) -> None:
             f"a credential may live at most the key retention ({retain_s:.0f} s), "
             f"not {expires_at - now:.0f} s; raise the retention or shorten the deadline"
         )
+
+
+class InvocationCredentials:
+    """The executor's side of credentials: one per invocation whose version declares tools (its
+    audience is those tools), revoked in the background when the invocation ends."""
+
+    def __init__(self, issuer: CredentialIssuer | None) -> None:
+        self.issuer = issuer
+        # Detached: the caller already has its answer, and a cancelled invocation must still
+        # revoke. A failure leaves the token to expire at its invocation's deadline.
+        self._revocations = TaskSet("revoking an invocation credential (it expires at its deadline)")
+
+    def mint(
+        self, caller: Caller, inv: Invocation, manifest: Manifest, deadline: float
+    ) -> Credential | None:
+        """The credential of `inv`, valid until `deadline` (Unix seconds) at the latest; None
+        when its version declares no tools or this executor issues none."""
+        if self.issuer is None or not manifest.tools:
+            return None
+        return self.issuer.mint(
+            version=inv.version.name, session=inv.session.name, invocation_id=inv.invocation_id,
+            tenant=caller.tenant, user=caller.user, audience=[t.name for t in manifest.tools],
+            expires_at=min(deadline, time.time() + self.issuer.keyring.retain_s * 0.9),
+        )
+
+    def revoke(self, credential: Credential) -> None:
+        assert self.issuer is not None  # only its own credentials come back
+        self._revocations.spawn(self.issuer.revoke(credential))
+
+    async def close(self) -> None:
+        await self._revocations.wait(timeout_s=2)

@@ -10,8 +10,8 @@ import re
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis.exceptions import RedisError
 
+from services.common.errors import Unavailable
 from services.executor.credentials import CredentialIssuer
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ class ExecutorHttp:
             return _error(400, f"jti {jti!r} is not a token id (32 lowercase hex digits)")
         try:
             revoked = await self._issuer.is_revoked(jti)
-        except (RedisError, OSError) as err:
-            log.warning("revocation check for %s failed: %s", jti, err)
+        except Unavailable as err:
+            log.warning("revocation check for %s failed: %s", jti, err.message)
             # Not an answer either way: the verifier must fail closed and may retry.
             return _error(503, "the revocation list is unavailable; retry")
         return web.json_response(

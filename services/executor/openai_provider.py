@@ -17,7 +17,8 @@ import httpx
 from opentelemetry import trace
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from services.executor.providers import ChunkSink, Completion, ProviderError
+from services.executor.model import ChunkSink
+from services.executor.providers import Completion, ProviderError
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,18 @@ can reach the next."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-import grpc
-
-from corral.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.common.endpoint_watch import RegistryEndpoints
+from corral.names import VersionRef
+from services.common.background import Periodic, TaskSet
 from services.common.endpoints import EndpointMirror
+from services.common.errors import CorralError
 from services.executor.metrics import ExecutorMetrics
+from services.executor.model import PoolReport, Registry
 from services.executor.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,9 @@ log = logging.getLogger(__name__)
 REASONS = ("routed", "rollback", "active")  # in order of priority when the total cap binds
 ACTIVE_FOR_S = 900.0  # a version stays warm this long after its last session started here
 RETRY_AFTER_S = 30.0  # after a version's sandbox failed to start
+# Besides whenever a session takes a sandbox or what is wanted changes: warm sandboxes can die,
+# an active version can age out.
+REFILL_EVERY_S = 5.0
 
 
 @dataclass
@@ -39,37 +41,36 @@ class Want:
     reasons: set[str] = field(default_factory=set)
 
 
-StartSandbox = Callable[[str, str], Awaitable[Sandbox]]
+# start(version, digest) -> a started sandbox bound to no session.
+StartSandbox = Callable[[VersionRef, str], Awaitable[Sandbox]]
 
 
 class WarmPools:
     def __init__(
         self, start: StartSandbox, size: int, max_total: int, metrics: ExecutorMetrics
     ) -> None:
-        # start(version, digest) -> a started sandbox bound to no session.
         self._start = start
         self.size = size
         self.max_total = max_total
         self.metrics = metrics
-        self._ready: dict[str, deque[Sandbox]] = {}
+        self._ready: dict[VersionRef, deque[Sandbox]] = {}
         # From the endpoint watch: version -> digest and reasons; replaced as a whole.
-        self._endpoint_wants: dict[str, Want] = {}
+        self._endpoint_wants: dict[VersionRef, Want] = {}
         # version -> (digest, monotonic time of the last session start here).
-        self._active: dict[str, tuple[str, float]] = {}
-        self.hits: Counter[str] = Counter()
-        self.misses: Counter[str] = Counter()
-        self._failed_at: dict[str, float] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping: set[asyncio.Task[None]] = set()
+        self._active: dict[VersionRef, tuple[str, float]] = {}
+        self.hits: Counter[VersionRef] = Counter()
+        self.misses: Counter[VersionRef] = Counter()
+        self._failed_at: dict[VersionRef, float] = {}
+        self._filler = Periodic(self._fill_once, every_s=REFILL_EVERY_S, what="warm pool refill")
+        self._stopping = TaskSet("stopping a warm sandbox")
 
     # -- what is wanted -------------------------------------------------------------------
 
-    def set_endpoint_wants(self, wants: Mapping[str, Want]) -> None:
+    def set_endpoint_wants(self, wants: Mapping[VersionRef, Want]) -> None:
         self._endpoint_wants = dict(wants)
-        self._wake.set()
+        self._filler.wake()
 
-    def wanted(self) -> dict[str, Want]:
+    def wanted(self) -> dict[VersionRef, Want]:
         """Every version to keep warm, with its digest and why."""
         now = time.monotonic()
         out = {v: Want(w.digest, set(w.reasons)) for v, w in self._endpoint_wants.items()}
@@ -80,13 +81,13 @@ class WarmPools:
             out.setdefault(version, Want(digest)).reasons.add("active")
         return out
 
-    def _targets(self) -> dict[str, int]:
+    def _targets(self) -> dict[VersionRef, int]:
         """Sandboxes to keep per version: `size` each, by priority, within `max_total`."""
         if self.size <= 0:
             return {}
         wanted = self.wanted()
         order = sorted(wanted, key=lambda v: min(REASONS.index(r) for r in wanted[v].reasons))
-        targets: dict[str, int] = {}
+        targets: dict[VersionRef, int] = {}
         left = self.max_total
         for version in order:
             n = min(self.size, left)
@@ -98,66 +99,54 @@ class WarmPools:
 
     # -- taking ---------------------------------------------------------------------------
 
-    def take(self, version: str, digest: str) -> Sandbox | None:
+    def take(self, version: VersionRef, digest: str) -> Sandbox | None:
         """A warm sandbox of `version` for a new session, or None (a miss). Either way the
         version counts as active here, so its pool fills for the next session."""
         self._active[version] = (digest, time.monotonic())
         pool = self._ready.get(version)
-        while pool:
+        found: Sandbox | None = None
+        while pool and found is None:
             sandbox = pool.popleft()
-            if sandbox.alive and sandbox.spec.bundle_dir.name.endswith(digest.split(":", 1)[-1]):
-                self.hits[version] += 1
-                self.metrics.pool_hits.labels(version).inc()
-                self._wake.set()
-                return sandbox
-            self._discard(sandbox)
-        self.misses[version] += 1
-        self.metrics.pool_misses.labels(version).inc()
-        self._wake.set()
-        return None
+            if sandbox.alive and sandbox.digest == digest:
+                found = sandbox
+            else:
+                self._discard(sandbox)
+        counter, metric = (self.hits, self.metrics.pool_hits) if found is not None else (
+            self.misses, self.metrics.pool_misses)
+        counter[version] += 1
+        metric.labels(version.name).inc()
+        self._filler.wake()
+        return found
 
-    def ready(self) -> dict[str, list[Sandbox]]:
-        return {v: list(p) for v, p in self._ready.items() if p}
+    def ready(self) -> list[Sandbox]:
+        """Every warm sandbox, waiting for a session."""
+        return [sb for pool in self._ready.values() for sb in pool]
 
-    def report(self) -> list[tuple[str, int, int, int, int, list[str]]]:
-        """(version, ready, target, hits, misses, reasons) for every version with a pool or a count."""
+    def report(self) -> list[PoolReport]:
+        """Every version with a pool or a count."""
         wanted = self.wanted()
         targets = self._targets()
         versions = set(wanted) | set(self._ready) | set(self.hits) | set(self.misses)
         return [
-            (v, len(self._ready.get(v, ())), targets.get(v, 0), self.hits[v], self.misses[v],
-             sorted(wanted[v].reasons, key=REASONS.index) if v in wanted else [])
-            for v in sorted(versions)
+            PoolReport(
+                version=v.name, ready=len(self._ready.get(v, ())), target=targets.get(v, 0),
+                hits=self.hits[v], misses=self.misses[v],
+                reasons=tuple(sorted(wanted[v].reasons, key=REASONS.index)) if v in wanted else (),
+            )
+            for v in sorted(versions, key=str)
         ]
 
     # -- the background filler ------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._fill_forever())
+        self._filler.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        sandboxes = [sb for pool in self._ready.values() for sb in pool]
+        await self._filler.close()
+        sandboxes = self.ready()
         self._ready.clear()
-        await asyncio.gather(*(sb.stop() for sb in sandboxes), *self._stopping, return_exceptions=True)
-
-    async def _fill_forever(self) -> None:
-        while True:
-            try:
-                await self._fill_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("warm pool refill failed; retrying")
-            self._wake.clear()
-            # Woken by a take or a change of what is wanted; otherwise look again now and then
-            # (warm sandboxes can die, an active version can age out).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await self._wake.wait()
+        await asyncio.gather(*(sb.stop() for sb in sandboxes), return_exceptions=True)
+        await self._stopping.wait(timeout_s=10)
 
     async def _fill_once(self) -> None:
         targets = self._targets()
@@ -193,27 +182,24 @@ class WarmPools:
         self._export()
 
     def _export(self) -> None:
-        for version, ready, *_ in self.report():
-            self.metrics.pool_ready.labels(version).set(ready)
+        for pool in self.report():
+            self.metrics.pool_ready.labels(pool.version).set(pool.ready)
 
     def _discard(self, sandbox: Sandbox) -> None:
-        task = asyncio.get_running_loop().create_task(sandbox.stop())
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._stopping.spawn(sandbox.stop())
 
 
 class EndpointWants:
     """Tells the pools which versions the endpoints want warm: those an endpoint routes to, and
     each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes."""
 
-    def __init__(self, registry: registry_pb2_grpc.RegistryServiceAsyncStub, pools: WarmPools) -> None:
+    def __init__(self, registry: Registry, pools: WarmPools) -> None:
         self.registry = registry
         self.pools = pools
         self.mirror = EndpointMirror(
-            RegistryEndpoints(registry), on_change=self._publish, first_backoff_s=0.5,
-            max_backoff_s=10.0,
+            registry.endpoints(), on_change=self._publish, first_backoff_s=0.5, max_backoff_s=10.0,
         )
-        self._digests: dict[str, str] = {}  # versions are immutable: cached for good
+        self._digests: dict[VersionRef, str] = {}  # versions are immutable: cached for good
 
     def start(self) -> None:
         self.mirror.start()
@@ -222,27 +208,25 @@ class EndpointWants:
         await self.mirror.close()
 
     async def _publish(self) -> None:
-        reasons: dict[str, set[str]] = {}
+        reasons: dict[VersionRef, set[str]] = {}
         for ep in self.mirror.all():
-            for version in ep.versions():
-                reasons.setdefault(version.name, set()).add("routed")
+            for routed in ep.versions():
+                reasons.setdefault(routed, set()).add("routed")
             if ep.rollback_version:
-                rollback = ep.ref.parent.version(ep.rollback_version).name
-                reasons.setdefault(rollback, set()).add("rollback")
-        wants: dict[str, Want] = {}
+                reasons.setdefault(ep.ref.parent.version(ep.rollback_version), set()).add("rollback")
+        wants: dict[VersionRef, Want] = {}
         for version, why in reasons.items():
             digest = await self._digest(version)
             if digest:
                 wants[version] = Want(digest, why)
         self.pools.set_endpoint_wants(wants)
 
-    async def _digest(self, version: str) -> str:
+    async def _digest(self, version: VersionRef) -> str:
         digest = self._digests.get(version)
         if digest is None:
             try:
-                found = await self.registry.GetVersion(registry_pb2.GetVersionRequest(name=version))
-            except grpc.aio.AioRpcError as exc:
-                log.warning("cannot keep %s warm: %s", version, exc.details())
+                digest = self._digests[version] = await self.registry.digest(version)
+            except CorralError as exc:
+                log.warning("cannot keep %s warm: %s", version, exc.message)
                 return ""
-            digest = self._digests[version] = found.digest
         return digest

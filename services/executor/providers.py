@@ -4,12 +4,11 @@ answers for tests and demos."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# Receives each text delta of a streamed answer, in order.
-ChunkSink = Callable[[str], Awaitable[None]]
+from services.executor.model import ChunkSink
 
 
 @dataclass(frozen=True)
@@ -53,12 +52,19 @@ class ModelProvider(Protocol):
         """Passes each text delta to `on_chunk`; the Completion holds the whole text."""
         ...
 
+    async def aclose(self) -> None:
+        """Releases what the provider holds open (connection pools)."""
+        ...
+
 
 class ScriptedProvider:
     """Deterministic answers computed from the prompt, for tests and the demo: the same prompt
     always gets the same text, and token counts are word counts."""
 
     name = "scripted"
+
+    async def aclose(self) -> None:
+        """Holds nothing open."""
 
     async def complete(
         self, model_id: str, params: Mapping[str, Any], prompt: str, system: str, *,

@@ -1,18 +1,30 @@
-"""One live sandbox: a worker process for one session, and the framed socket to it."""
+"""One live sandbox: a worker process for one session, and the framed socket to it. The only
+module that speaks the sandbox protocol (corral.sandbox.v1 frames); `run` turns the domain's
+values into frames and back."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.errors import Internal
-from services.executor.drivers.base import SandboxDriver, SandboxSpec, WorkerProcess
+from services.executor.drivers.base import SandboxDriver, SandboxSpec, Usage, WorkerProcess
+from services.executor.model import (
+    ChunkSink,
+    ModelHandler,
+    ModelRequest,
+    ToolHandler,
+    ToolRequest,
+    TurnInput,
+    TurnOutput,
+)
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
@@ -33,17 +45,14 @@ class SandboxCrashed(Exception):
     """The worker went away mid-invocation."""
 
 
-@dataclass(frozen=True)
-class Done:
-    state: bytes
-    otlp_spans: bytes
+# The end of a turn, as `invoke` and `run` yield it.
+Done = TurnOutput
+
+ModelFrames = Callable[[pb.ModelCall], Awaitable[pb.ModelResult]]
+ToolFrames = Callable[[pb.ToolCall], Awaitable[pb.ToolResult]]
 
 
-ModelBroker = Callable[[pb.ModelCall], Awaitable[pb.ModelResult]]
-ToolBroker = Callable[[pb.ToolCall], Awaitable[pb.ToolResult]]
-
-
-async def _tool_result(call: pb.ToolCall, tools: ToolBroker | None) -> pb.ToolResult:
+async def _tool_result(call: pb.ToolCall, tools: ToolFrames | None) -> pb.ToolResult:
     if tools is None:
         return pb.ToolResult(call_id=call.call_id, error="tool calls are not available here",
                              error_code="UNAVAILABLE")
@@ -55,6 +64,7 @@ async def _tool_result(call: pb.ToolCall, tools: ToolBroker | None) -> pb.ToolRe
 class Sandbox:
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
+        self.id = spec.workdir.name or uuid.uuid4().hex
         self.process: WorkerProcess | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -65,14 +75,16 @@ class Sandbox:
         self.bound_at = self.started
         # Taken from a warm pool rather than started for its session.
         self.warm = False
-        # Set when the session was stopped on purpose, so a running invocation can say so.
-        self.stopped = False
         # One exchange on the socket at a time: an invocation, or a ping between invocations.
         self._exchange = asyncio.Lock()
-        # The session's lease and the etag of the state this sandbox last saw committed.
-        self.lease_id = ""
-        self.state = b""
-        self.etag = ""
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def digest(self) -> str:
+        return self.spec.digest
 
     async def start(self, driver: SandboxDriver) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -122,9 +134,47 @@ class Sandbox:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise SandboxCrashed("the sandbox closed its socket") from exc
 
+    async def run(
+        self, turn: TurnInput, model: ModelHandler, tools: ToolHandler
+    ) -> AsyncGenerator[bytes | Done, None]:
+        """`invoke` in the domain's terms: the turn's input, and handlers for the agent's model
+        and tool calls."""
+
+        async def model_frames(call: pb.ModelCall) -> pb.ModelResult:
+            async def chunk(text: str) -> None:
+                await self.send(pb.HostFrame(model_chunk=pb.ModelChunk(call_id=call.call_id, text=text)))
+
+            on_chunk: ChunkSink | None = chunk if call.stream else None
+            answer = await model(
+                ModelRequest(call.call_id, call.prompt, call.system, call.stream), on_chunk
+            )
+            return pb.ModelResult(
+                call_id=answer.call_id, text=answer.text, error=answer.error,
+                input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
+            )
+
+        async def tool_frames(call: pb.ToolCall) -> pb.ToolResult:
+            outcome = await tools(ToolRequest(
+                call.call_id, call.tool, call.payload, call.content_type, call.timeout_s))
+            return pb.ToolResult(
+                payload=outcome.payload, content_type=outcome.content_type,
+                error=outcome.error, error_code=outcome.error_code,
+            )
+
+        invocation = pb.Invocation(
+            invocation_id=turn.invocation_id, session_id=turn.session_id, version=turn.version,
+            payload=turn.payload, content_type=turn.content_type, state=turn.state,
+            traceparent=turn.traceparent, endpoint=turn.endpoint, tenant=turn.tenant,
+            user=turn.user, credentials=turn.credentials, deadline_unix_ms=turn.deadline_unix_ms,
+        )
+        # aclosing: closing this generator (a caller that went away) must end the exchange too.
+        async with contextlib.aclosing(self.invoke(invocation, model_frames, tool_frames)) as items:
+            async for item in items:
+                yield item
+
     async def invoke(
-        self, invocation: pb.Invocation, broker: ModelBroker, tools: ToolBroker | None = None
-    ) -> AsyncIterator[bytes | Done]:
+        self, invocation: pb.Invocation, broker: ModelFrames, tools: ToolFrames | None = None
+    ) -> AsyncGenerator[bytes | Done, None]:
         """Runs one invocation; yields output chunks, then a Done. Raises AgentFailed or
         SandboxCrashed. `broker` answers model calls (it may send ModelChunk frames itself
         through `send` for a streamed call); `tools` answers tool calls."""
@@ -177,6 +227,9 @@ class Sandbox:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
+
+    def usage(self) -> Usage:
+        return self.process.usage() if self.process is not None else Usage()
 
     def kill(self) -> None:
         if self.process is not None:

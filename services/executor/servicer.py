@@ -1,36 +1,52 @@
-"""gRPC ↔ executor domain."""
+"""ExecutorService over gRPC: converts requests to domain calls and domain values to protos."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-import grpc
-from google.protobuf import timestamp_pb2
-
+from corral import names
 from corral.executor.v1 import executor_pb2 as pb
 from corral.executor.v1 import executor_pb2_grpc
+from corral.names import SessionRef, VersionRef
 from services.common.errors import InvalidArgument
 from services.common.identity import caller
-from services.common.interceptors import close_when_done
+from services.common.interceptors import Context, close_when_done
 from services.common.timestamps import timestamp
 from services.common.tracing import extract_metadata
-from services.executor.executor import Completed, Executor, Invocation, Started
+from services.executor.executor import Executor
+from services.executor.model import (
+    Completed,
+    Invocation,
+    PoolReport,
+    SandboxInfo,
+    SandboxState,
+    Started,
+)
+
+_STATES = {
+    SandboxState.WARM: pb.Sandbox.STATE_WARM,
+    SandboxState.IDLE: pb.Sandbox.STATE_IDLE,
+    SandboxState.BUSY: pb.Sandbox.STATE_BUSY,
+}
 
 
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    return timestamp(datetime.fromtimestamp(seconds, UTC))
+def sandbox_pb(info: SandboxInfo) -> pb.Sandbox:
+    message = pb.Sandbox(
+        session=info.session, version=info.version, start_time=timestamp(info.start_time),
+        last_used_time=timestamp(info.last_used_time), pid=info.pid,
+        busy=info.state is SandboxState.BUSY, memory_bytes=info.memory_bytes,
+        cpu_seconds=info.cpu_seconds, state=_STATES[info.state], driver=info.driver,
+    )
+    message.age.FromTimedelta(timedelta(seconds=info.age_s))
+    return message
 
 
-def _cgroup_reading(sandbox: object, reading: str) -> int | float:
-    cgroup = getattr(getattr(sandbox, "process", None), "cgroup", None)
-    if cgroup is None:
-        return 0
-    try:
-        return getattr(cgroup, reading)()  # type: ignore[no-any-return]
-    except OSError:  # the sandbox ended between the listing and the reading
-        return 0
+def pool_pb(pool: PoolReport) -> pb.WarmPool:
+    return pb.WarmPool(
+        version=pool.version, ready=pool.ready, target=pool.target, hits=pool.hits,
+        misses=pool.misses, reasons=pool.reasons,
+    )
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
@@ -38,14 +54,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.executor = executor
 
     async def Execute(
-        self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ExecuteRequest, context: Context
     ) -> AsyncIterator[pb.ExecuteResponse]:
         inv = Invocation(
-            session=request.session, version=request.version, digest=request.digest,
+            session=SessionRef.parse(request.session, field="session"),
+            version=VersionRef.parse(request.version, field="version"),
+            digest=names.DIGESTS.check(request.digest, field="digest"),
             endpoint=request.endpoint, invocation_id=request.invocation_id, payload=request.payload,
             content_type=request.content_type,
         )
-        parent = extract_metadata(context.invocation_metadata())  # type: ignore[arg-type]
+        # (key, value) pairs, whether the stubs call them grpc.aio.Metadata or a tuple.
+        parent = extract_metadata(tuple(context.invocation_metadata() or ()))
         events = self.executor.execute(caller(context), inv, parent)
         close_when_done(context, events)
         async for event in events:
@@ -53,7 +72,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 yield pb.ExecuteResponse(chunk=pb.ExecuteChunk(data=event))
             elif isinstance(event, Started):
                 yield pb.ExecuteResponse(
-                    started=pb.ExecuteStarted(invocation_id=event.invocation_id, trace_id=event.trace_id)
+                    started=pb.ExecuteStarted(invocation_id=inv.invocation_id, trace_id=event.trace_id)
                 )
             elif isinstance(event, Completed):
                 yield pb.ExecuteResponse(
@@ -61,42 +80,27 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 )
 
     async def StopSession(
-        self, request: pb.StopSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StopSessionRequest, context: Context
     ) -> pb.StopSessionResponse:
-        return pb.StopSessionResponse(stopped=await self.executor.stop_session(request.session))
+        session = SessionRef.parse(request.session, field="session")
+        return pb.StopSessionResponse(stopped=await self.executor.stop_session(session))
 
     async def ListSandboxes(
-        self, request: pb.ListSandboxesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListSandboxesRequest, context: Context
     ) -> pb.ListSandboxesResponse:
-        now_wall, now_mono = time.time(), time.monotonic()
-        response = pb.ListSandboxesResponse()
-        for sb, state in self.executor.list_sandboxes():
-            item = response.sandboxes.add(
-                session=sb.session, version=sb.spec.version, start_time=_ts(sb.started),
-                last_used_time=_ts(now_wall - (now_mono - sb.last_used)),
-                pid=sb.process.pid if sb.process else 0, busy=state == "BUSY",
-                memory_bytes=_cgroup_reading(sb, "memory_bytes"),
-                cpu_seconds=float(_cgroup_reading(sb, "cpu_seconds")),
-                state=pb.Sandbox.State.Value(f"STATE_{state}"), driver=self.executor.driver.name,
-            )
-            item.age.FromTimedelta(timedelta(seconds=max(0.0, now_wall - sb.started)))
-        if self.executor.pools is not None:
-            for version, ready, target, hits, misses, reasons in self.executor.pools.report():
-                response.pools.add(version=version, ready=ready, target=target, hits=hits,
-                                   misses=misses, reasons=reasons)
-        return response
+        listing = self.executor.list_sandboxes(caller(context), request.page_size, request.page_token)
+        return pb.ListSandboxesResponse(
+            sandboxes=[sandbox_pb(s) for s in listing.sandboxes],
+            pools=[pool_pb(p) for p in listing.pools],
+            next_page_token=listing.next_page_token,
+        )
 
-    async def GetJwks(self, request: pb.GetJwksRequest, context: grpc.aio.ServicerContext) -> pb.Jwks:
-        issuer = self.executor.credentials
-        if issuer is None:
-            return pb.Jwks()
-        return pb.Jwks(keys=[pb.Jwk(**key) for key in issuer.jwks()["keys"]])
+    async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> pb.Jwks:
+        return pb.Jwks(keys=[pb.Jwk(**key) for key in self.executor.jwks()["keys"]])
 
     async def CheckRevocation(
-        self, request: pb.CheckRevocationRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CheckRevocationRequest, context: Context
     ) -> pb.CheckRevocationResponse:
         if not request.jti:
             raise InvalidArgument.field("jti", "is required: the credential's jti claim")
-        issuer = self.executor.credentials
-        revoked = await issuer.is_revoked(request.jti) if issuer is not None else False
-        return pb.CheckRevocationResponse(revoked=revoked)
+        return pb.CheckRevocationResponse(revoked=await self.executor.is_revoked(request.jti))

@@ -31,8 +31,10 @@ from corral.verify import (
     verify_invocation_token,
 )
 from services.common.kv import create_redis
-from services.executor.credentials import Credential, CredentialIssuer, KeyRing, jwk_thumbprint
+from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.http import ExecutorHttp
+from services.executor.keys import KeyRing, jwk_thumbprint
+from services.executor.store import RedisRevocations
 from tests.harness import refused_address
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -113,7 +115,8 @@ async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
         tmp_path / "keys", rotation_s=3600, retain_s=600, publish_ahead_s=60, clock=clock
     )
     redis = create_redis(redis_url)
-    issuer = CredentialIssuer(keyring, redis, f"corral-test-{uuid.uuid4().hex[:8]}:", "executor")
+    revocations = RedisRevocations(redis, f"corral-test-{uuid.uuid4().hex[:8]}:")
+    issuer = CredentialIssuer(keyring, revocations, "executor")
     registry = CollectorRegistry()
     Counter("corral_credentials_minted", "Invocation credentials minted.", registry=registry).inc()
     http = ExecutorHttp(issuer, registry, "127.0.0.1", 0)
@@ -162,7 +165,7 @@ async def test_another_invocations_token_is_refused(stack: Stack) -> None:
 async def test_an_expired_token_is_refused(stack: Stack) -> None:
     # Minted ten minutes ago for a one-minute invocation.
     earlier = CredentialIssuer(
-        stack.keyring, stack.issuer._redis, "unused:", "executor", clock=lambda: time.time() - 600
+        stack.keyring, stack.issuer.revocations, "executor", clock=lambda: time.time() - 600
     )
     expired = mint(earlier, expires_at=time.time() - 540)
     assert await stack.call(expired.token) == (401, {"error": "expired"})
@@ -248,7 +251,7 @@ async def test_the_executor_http_routes(stack: Stack) -> None:
 
 async def test_without_redis_the_revocation_check_fails_closed(stack: Stack) -> None:
     dead = create_redis(f"redis://{refused_address()}/0")
-    issuer = CredentialIssuer(stack.keyring, dead, "unused:", "executor")
+    issuer = CredentialIssuer(stack.keyring, RedisRevocations(dead, "unused:"), "executor")
     http = ExecutorHttp(issuer, stack.registry, "127.0.0.1", 0)
     await http.start()
     try:

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.executor.broker import ModelBroker
+from services.executor.model import ModelAnswer, ModelRequest
 from services.executor.openai_provider import OpenAIProvider
 from tests.harness import refused_address
 
@@ -140,13 +140,13 @@ class Rig:
     async def call(
         self, prompt: str = "Say hello", *, stream: bool = False, deadline: float | None = None,
         params: dict[str, Any] | None = None,
-    ) -> tuple[pb.ModelResult, list[str]]:
+    ) -> tuple[ModelAnswer, list[str]]:
         chunks: list[str] = []
 
         async def on_chunk(text: str) -> None:
             chunks.append(text)
 
-        call = pb.ModelCall(call_id="c1", prompt=prompt, system="Be brief.", stream=stream)
+        call = ModelRequest(call_id="c1", prompt=prompt, system="Be brief.", stream=stream)
         result = await self.broker.call(
             "openai", "gpt-test", params or {}, call, {"gen_ai.agent.name": "greeter"},
             deadline=deadline, on_chunk=on_chunk,

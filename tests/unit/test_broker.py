@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.settings import SettingsError
 from services.executor.broker import ModelBroker, providers_from_settings
+from services.executor.model import ModelAnswer, ModelRequest
 from services.executor.openai_provider import OpenAIProvider
 from services.executor.providers import Completion, ProviderError, ScriptedProvider
 
@@ -24,14 +24,14 @@ pytestmark = pytest.mark.timeout(10)
 PROMPT = "Summarise the quarterly report about revenue, churn and hiring plans."
 
 
-def model_call(stream: bool = False) -> pb.ModelCall:
-    return pb.ModelCall(call_id="c1", prompt=PROMPT, system="Be brief.", stream=stream)
+def model_call(stream: bool = False) -> ModelRequest:
+    return ModelRequest(call_id="c1", prompt=PROMPT, system="Be brief.", stream=stream)
 
 
 async def call(
     broker: ModelBroker, provider: str = "scripted", *, stream: bool = False,
     deadline: float | None = None,
-) -> tuple[pb.ModelResult, list[str]]:
+) -> tuple[ModelAnswer, list[str]]:
     chunks: list[str] = []
 
     async def on_chunk(text: str) -> None:

@@ -23,12 +23,10 @@ from corral.verify import (
     TokenVerifier,
     VerificationUnavailable,
 )
-from services.executor.credentials import (
-    Credential,
-    CredentialIssuer,
-    KeyRing,
-    jwk_thumbprint,
-)
+from services.executor.credentials import Credential, CredentialIssuer
+from services.executor.keys import KeyRing, jwk_thumbprint
+from services.executor.store import RedisRevocations
+from tests.fakes import FakeRedis
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,19 +40,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class FakeRedis:
-    """The two commands the issuer uses, with the expiry they were given."""
-
-    def __init__(self) -> None:
-        self.ttl: dict[str, int] = {}
-
-    async def set(self, key: str, _value: bytes, ex: int) -> None:
-        self.ttl[key] = ex
-
-    async def exists(self, key: str) -> int:
-        return int(key in self.ttl)
 
 
 class Executor:
@@ -91,14 +76,19 @@ def keys_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def issuer(keys_dir: Path) -> CredentialIssuer:
-    keyring = KeyRing(keys_dir, rotation_s=3600, retain_s=900)
-    return CredentialIssuer(keyring, FakeRedis(), "t:", "executor-1")  # type: ignore[arg-type]
+def redis() -> FakeRedis:
+    return FakeRedis()
 
 
 @pytest.fixture
-def executor(issuer: CredentialIssuer) -> Iterator[Executor]:
-    yield Executor(issuer, issuer._redis, "t:")  # type: ignore[arg-type]
+def issuer(keys_dir: Path, redis: FakeRedis) -> CredentialIssuer:
+    keyring = KeyRing(keys_dir, rotation_s=3600, retain_s=900)
+    return CredentialIssuer(keyring, RedisRevocations(redis, "t:"), "executor-1")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def executor(issuer: CredentialIssuer, redis: FakeRedis) -> Iterator[Executor]:
+    yield Executor(issuer, redis, "t:")
 
 
 def mint(issuer: CredentialIssuer, **overrides: object) -> Credential:
@@ -282,8 +272,7 @@ def test_mint_refuses_credentials_it_could_not_honour(
         mint(issuer, **overrides)
 
 
-async def test_revocation_lives_as_long_as_the_token(issuer: CredentialIssuer) -> None:
-    redis: FakeRedis = issuer._redis  # type: ignore[assignment]
+async def test_revocation_lives_as_long_as_the_token(issuer: CredentialIssuer, redis: FakeRedis) -> None:
     cred = mint(issuer, expires_at=time.time() + 120)
     assert not await issuer.is_revoked(cred.jti)
     await issuer.revoke(cred)
@@ -344,7 +333,9 @@ def test_tampered_claims_break_the_signature(issuer: CredentialIssuer, executor:
 
 def test_refusals_name_their_reason(issuer: CredentialIssuer, executor: Executor) -> None:
     verifier = executor.verifier()
-    past = CredentialIssuer(issuer.keyring, FakeRedis(), "t:", "x", clock=lambda: time.time() - 600)  # type: ignore[arg-type]
+    past = CredentialIssuer(
+        issuer.keyring, RedisRevocations(FakeRedis(), "t:"), "x", clock=lambda: time.time() - 600  # type: ignore[arg-type]
+    )
     assert reason(verifier, mint(past, expires_at=time.time() - 60).token) == "expired"
     assert reason(verifier, mint(issuer).token, audience="shell") == "wrong audience"
     assert reason(verifier, "not.a.token") == "malformed"
@@ -399,8 +390,9 @@ def test_a_key_published_ahead_is_known_before_it_signs(keys_dir: Path) -> None:
     # PyJWT checks iat and exp against the real clock, so the fake one ends at the real now.
     clock = Clock(time.time() - 100)
     ring = KeyRing(keys_dir, rotation_s=100, retain_s=90, publish_ahead_s=40, clock=clock)
-    issuer = CredentialIssuer(ring, FakeRedis(), "t:", "x", clock=clock)  # type: ignore[arg-type]
-    executor = Executor(issuer, issuer._redis, "t:")  # type: ignore[arg-type]
+    redis = FakeRedis()
+    issuer = CredentialIssuer(ring, RedisRevocations(redis, "t:"), "x", clock=clock)  # type: ignore[arg-type]
+    executor = Executor(issuer, redis, "t:")
     verifier = executor.verifier(clock)
     clock.now += 60
     ring.maybe_rotate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,23 @@ class SandboxSpec:
     cpu_seconds: int = 60
     # "corral" (the SDK's worker) or "http" (an AgentCore-contract server behind a bridge).
     protocol: str = "corral"
+    # The bundle's digest: what a warm sandbox is matched on, and what its manifest is cached by.
+    digest: str = ""
+
+
+class Limit(enum.StrEnum):
+    """A resource limit that ended a worker."""
+
+    MEMORY = "memory"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a worker's processes use now; zeros where the driver does not measure."""
+
+    memory_bytes: int = 0
+    cpu_seconds: float = 0.0
 
 
 class WorkerProcess(Protocol):
@@ -48,10 +66,25 @@ class WorkerProcess(Protocol):
     @property
     def returncode(self) -> int | None: ...
 
+    @property
+    def limit_hit(self) -> Limit | None:
+        """Which limit ended the worker, once wait() has returned; None when none did (or the
+        driver enforces none)."""
+        ...
+
+    def usage(self) -> Usage:
+        """Memory and CPU time in use; zeros once the worker has ended."""
+        ...
+
 
 class SandboxDriver(Protocol):
     name: str
 
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> WorkerProcess:
         """Starts the worker with `socket_fd` (its end of a Unix socketpair) inherited."""
+        ...
+
+    def remove_orphans(self) -> int:
+        """Removes what executors that crashed on this host left behind (their sandboxes'
+        cgroups, runtime state); returns how many sandboxes' remains it removed."""
         ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,11 +22,18 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.executor.drivers import seccomp
-from services.executor.drivers.base import SandboxSpec, worker_module
-from services.executor.drivers.cgroups import Hierarchy, Limits, SandboxCgroup, detect
+from services.executor.drivers.base import Limit, SandboxSpec, Usage, worker_module
+from services.executor.drivers.cgroups import (
+    Hierarchy,
+    Limits,
+    SandboxCgroup,
+    detect,
+    remove_orphans,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +112,8 @@ class BwrapWorker:
         self.pid = proc.pid
         self.cgroup = cgroup
         self.spec = spec
-        # Which limit ended the sandbox ("memory", "cpu"), for a clear status; None otherwise.
-        self.limit_hit: str | None = None
+        # Which limit ended the sandbox, for a clear status; None otherwise.
+        self.limit_hit: Limit | None = None
         self.cpu_used_s = 0.0
         self._escalation: asyncio.TimerHandle | None = None
         self._tasks = [
@@ -116,15 +124,17 @@ class BwrapWorker:
 
     async def _watch(self) -> None:
         try:
-            while self._proc.returncode is None:
+            while True:
                 try:
                     async with asyncio.timeout(CPU_POLL_S):
                         await self._proc.wait()
                 except TimeoutError:
                     pass
+                if self.returncode is not None:
+                    break
                 used = self.cgroup.cpu_seconds()
-                if self._proc.returncode is None and used > self.spec.cpu_seconds:
-                    self.limit_hit = "cpu"
+                if used > self.spec.cpu_seconds:
+                    self.limit_hit = Limit.CPU
                     log.warning("sandbox of %s used %.1f CPU-seconds, over its %ss; killing it",
                                 self.spec.session, used, self.spec.cpu_seconds)
                     self.kill()
@@ -133,7 +143,7 @@ class BwrapWorker:
                 self._escalation.cancel()
             self.cpu_used_s = self.cgroup.cpu_seconds()
             if self.limit_hit is None and self.cgroup.oom_kills() > 0:
-                self.limit_hit = "memory"
+                self.limit_hit = Limit.MEMORY
             await asyncio.shield(asyncio.to_thread(self.cgroup.remove))
             for task in self._tasks:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -171,6 +181,12 @@ class BwrapWorker:
     @property
     def returncode(self) -> int | None:
         return self._proc.returncode
+
+    def usage(self) -> Usage:
+        try:
+            return Usage(self.cgroup.memory_bytes(), self.cgroup.cpu_seconds())
+        except OSError:  # the sandbox ended and its cgroup went while it was read
+            return Usage()
 
 
 async def _drain(
@@ -290,7 +306,7 @@ class BwrapDriver:
             json.dumps(spec.resource),
         ]
 
-    def _enter(self, pid: int, cgroup: SandboxCgroup) -> None:
+    def _enter(self, pid: int, *, cgroup: SandboxCgroup) -> None:
         """Puts the gated process under its rlimits and into its cgroup, before it runs bwrap."""
         scratch = self.scratch_mb * 1024 * 1024
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
@@ -306,34 +322,54 @@ class BwrapDriver:
         gate_read, gate_write = os.pipe()
         # http agents serve on 127.0.0.1 inside the sandbox's own network namespace (only lo).
         seccomp_fd = seccomp.filter_fd(allow_inet=spec.protocol == "http")
-        proc: asyncio.subprocess.Process | None = None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _GATE, "corral-sandbox",
-                self.binary, *self.arguments(spec, layout, seccomp_fd),
-                "--", *self.command(spec, layout, socket_fd),
-                # Nothing of the executor's environment: bwrap's own init inside the sandbox
-                # keeps the environment it was started with, readable in /proc/1/environ.
-                env={"PATH": "/usr/bin:/bin"},
-                cwd="/",
-                stdin=gate_read, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(socket_fd, seccomp_fd),
-                start_new_session=True,
+            proc = await start_gated(
+                ["/bin/sh", "-c", _GATE, "corral-sandbox",
+                 self.binary, *self.arguments(spec, layout, seccomp_fd),
+                 "--", *self.command(spec, layout, socket_fd)],
+                gate_read, gate_write, cgroup, functools.partial(self._enter, cgroup=cgroup),
+                stdin=gate_read, pass_fds=(socket_fd, seccomp_fd),
             )
-            os.close(gate_read)
-            gate_read = -1
-            # In a thread: joining a cgroup waits for an RCU grace period (about 10 ms here).
-            await asyncio.to_thread(self._enter, proc.pid, cgroup)
-            os.write(gate_write, b"go\n")
-        except BaseException:
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            await asyncio.to_thread(cgroup.remove)
-            raise
         finally:
-            for fd in (gate_read, gate_write, seccomp_fd):
-                if fd >= 0:
-                    os.close(fd)
+            os.close(gate_write)
+            os.close(seccomp_fd)
         return BwrapWorker(proc, cgroup, spec)
+
+    def remove_orphans(self) -> int:
+        """The cgroups of sandboxes whose executor crashed (their processes died with it:
+        bwrap's --die-with-parent), killing anything still in them."""
+        return remove_orphans(self.hierarchy)
+
+
+async def start_gated(
+    argv: Sequence[str], gate_read: int, gate_write: int, cgroup: SandboxCgroup,
+    enter: Callable[[int], None], *, stdin: int, pass_fds: tuple[int, ...],
+) -> asyncio.subprocess.Process:
+    """Starts `argv`, a gate script that waits for one line on `gate_read`; puts it under its
+    limits and into `cgroup` with `enter(pid)` (in a thread: joining a cgroup waits for an RCU
+    grace period, about 10 ms here), then opens the gate. Nothing of the executor's environment
+    goes along: a sandbox's init keeps the environment it was started with, readable in
+    /proc/1/environ. Closes `gate_read`; `gate_write` stays the caller's. On failure nothing is
+    left running and the cgroup is removed."""
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+            stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            pass_fds=pass_fds, start_new_session=True,
+        )
+        os.close(gate_read)
+        gate_read = -1
+        await asyncio.to_thread(enter, proc.pid)
+        os.write(gate_write, b"go\n")
+    except BaseException:
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        await asyncio.to_thread(cgroup.remove)
+        raise
+    finally:
+        if gate_read >= 0:
+            os.close(gate_read)
+    return proc

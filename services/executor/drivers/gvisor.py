@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from services.executor.drivers.bwrap import (
     Layout,
     SandboxUnavailable,
     probe_layout,
+    start_gated,
 )
 from services.executor.drivers.cgroups import (
     Hierarchy,
@@ -250,7 +252,7 @@ class GvisorDriver:
         (bundle / "config.json").write_text(json.dumps(config))
         return bundle
 
-    def _enter(self, pid: int, cgroup: SandboxCgroup) -> None:
+    def _enter(self, pid: int, *, cgroup: SandboxCgroup) -> None:
         """Puts the gated process into its cgroup, before it runs runsc. No RLIMIT_FSIZE here:
         the sentry's guest memory is a host file, and the scratch size is enforced inside."""
         resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
@@ -267,34 +269,18 @@ class GvisorDriver:
             Limits(spec.memory_mb, self.host_pids_max, self.cpus),
         )
         gate_read, gate_write = os.pipe()
-        proc: asyncio.subprocess.Process | None = None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/bash", "--norc", "--noprofile", "-c", _GATE, "corral-sandbox", str(gate_read),
-                self.binary, *self.arguments(container_id, bundle),
-                env={"PATH": "/usr/bin:/bin"},
-                cwd="/",
+            proc = await start_gated(
+                ["/bin/bash", "--norc", "--noprofile", "-c", _GATE, "corral-sandbox",
+                 str(gate_read), self.binary, *self.arguments(container_id, bundle)],
+                gate_read, gate_write, cgroup, functools.partial(self._enter, cgroup=cgroup),
                 # runsc donates its stdio to the container: the socket is the worker's fd 0.
-                stdin=socket_fd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(gate_read,),
-                start_new_session=True,
+                stdin=socket_fd, pass_fds=(gate_read,),
             )
-            os.close(gate_read)
-            gate_read = -1
-            await asyncio.to_thread(self._enter, proc.pid, cgroup)
-            os.write(gate_write, b"go\n")
         except BaseException:
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            await asyncio.to_thread(cgroup.remove)
             await asyncio.to_thread(_remove_container, bundle)
             os.close(gate_write)
             raise
-        finally:
-            if gate_read >= 0:
-                os.close(gate_read)
         return GvisorWorker(proc, cgroup, spec, bundle, gate_write)
 
     def remove_orphans(self) -> int:

@@ -12,10 +12,13 @@ import os
 import signal
 import sys
 
-from services.executor.drivers.base import SandboxSpec, worker_module
+from services.executor.drivers.base import Limit, SandboxSpec, Usage, worker_module
 
 
 class _Process:
+    # No cgroup: nothing is measured, and no limit ends the worker.
+    limit_hit: Limit | None = None
+
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
         self.pid = proc.pid
@@ -33,9 +36,17 @@ class _Process:
     def returncode(self) -> int | None:
         return self._proc.returncode
 
+    def usage(self) -> Usage:
+        return Usage()
+
 
 class ProcessDriver:
     name = "process"
+
+    def remove_orphans(self) -> int:
+        """None to remove: this driver keeps no cgroups or runtime state, and the scratch
+        directories are the executor's to wipe at start."""
+        return 0
 
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> _Process:
         spec.workdir.mkdir(parents=True, exist_ok=True)

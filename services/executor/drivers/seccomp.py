@@ -15,7 +15,10 @@ import functools
 import os
 import socket
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: a missing libseccomp must fail with a hint, not at import
+    import pyseccomp
 
 # Each is refused with EPERM. Grouped by what they would let an agent do.
 DENIED: tuple[str, ...] = (
@@ -51,8 +54,10 @@ class SeccompUnavailable(RuntimeError):
     """pyseccomp or the system's libseccomp is missing."""
 
 
-def _resolve(pyseccomp: object, name: str) -> int:
-    number: int = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)  # type: ignore[attr-defined]
+def _resolve(name: str) -> int:
+    import pyseccomp as sc
+
+    number = sc.resolve_syscall(sc.Arch.NATIVE, name)
     # libseccomp returns -1 (__NR_SCMP_ERROR) for a name it does not know at all; other
     # negative numbers are calls this architecture lacks, which it handles itself.
     if number == -1:
@@ -67,10 +72,12 @@ def socket_families(allow_inet: bool) -> frozenset[int]:
     return frozenset({socket.AF_UNIX})
 
 
-def _refuse_other_families(sc: Any, f: Any, call: int, allowed: frozenset[int]) -> None:
+def _refuse_other_families(f: pyseccomp.SyscallFilter, call: int, allowed: frozenset[int]) -> None:
     """EPERM for every first argument of `call` outside `allowed`. libseccomp cannot compare
     one argument twice in a rule, and rules are OR-ed: one rule per refused value below the
     highest allowed family, and one for everything above it."""
+    import pyseccomp as sc
+
     eperm = sc.ERRNO(errno.EPERM)
     if len(allowed) == 1:
         (only,) = allowed
@@ -101,18 +108,18 @@ def filter_bpf(allow_inet: bool = False) -> bytes:
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     eperm = sc.ERRNO(errno.EPERM)
     for name in DENIED:
-        f.add_rule(eperm, _resolve(sc, name))
+        f.add_rule(eperm, _resolve(name))
     # ENOSYS, not EPERM: glibc then falls back to clone(2), so threads and subprocesses work;
     # with EPERM Python cannot start a thread at all.
-    f.add_rule(sc.ERRNO(errno.ENOSYS), _resolve(sc, "clone3"))
-    clone = _resolve(sc, "clone")
+    f.add_rule(sc.ERRNO(errno.ENOSYS), _resolve("clone3"))
+    clone = _resolve("clone")
     for flag in _CLONE_NEW.values():
         f.add_rule(eperm, clone, sc.Arg(0, sc.MASKED_EQ, flag, flag))
     # Unix sockets (and inet/inet6 for http agents, whose network namespace has only lo): no
     # raw or packet sockets, no netlink, and no AF_VSOCK, which network namespaces do not
     # isolate. socketpair(2) is Unix-only either way.
-    _refuse_other_families(sc, f, _resolve(sc, "socket"), socket_families(allow_inet))
-    _refuse_other_families(sc, f, _resolve(sc, "socketpair"), socket_families(False))
+    _refuse_other_families(f, _resolve("socket"), socket_families(allow_inet))
+    _refuse_other_families(f, _resolve("socketpair"), socket_families(False))
 
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)

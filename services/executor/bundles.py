@@ -1,0 +1,75 @@
+"""Unpacked bundles on local disk, one directory per digest, fetched from the registry once and
+checked against the digest the session is pinned to; their manifests parsed once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.bundle import digest_of, unpack
+from corral.manifest import Manifest, parse_manifest
+from corral.names import VersionRef
+from services.common.errors import FailedPrecondition
+from services.executor.model import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnpackedBundle:
+    """A version's bundle unpacked on local disk, with its manifest."""
+
+    version: VersionRef
+    digest: str
+    path: Path
+    manifest: Manifest
+
+
+class BundleCache:
+    def __init__(self, registry: Registry, root: Path) -> None:
+        self._registry = registry
+        self.root = root
+        self._unpacked: dict[str, UnpackedBundle] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest.replace(":", "-")
+
+    async def ensure(self, version: VersionRef, digest: str) -> UnpackedBundle:
+        """The bundle of `version`, which must have `digest`: from memory, from disk, or
+        downloaded and unpacked (once, however many sessions ask at the same time)."""
+        known = self._unpacked.get(digest)
+        if known is not None:
+            return known
+        async with self._locks.setdefault(digest, asyncio.Lock()):
+            known = self._unpacked.get(digest)
+            if known is None:
+                dest = self.path(digest)
+                if not dest.exists():
+                    await self._download(version, digest, dest)
+                manifest = parse_manifest((dest / "agent.toml").read_text())
+                known = self._unpacked[digest] = UnpackedBundle(version, digest, dest, manifest)
+        return known
+
+    async def _download(self, version: VersionRef, digest: str, dest: Path) -> None:
+        bundle = await self._registry.download(version)
+        if digest_of(bundle.data) != digest:
+            raise FailedPrecondition(
+                f"{version} downloaded as {digest_of(bundle.data)}, but the session is pinned to {digest}",
+                reason="DIGEST_MISMATCH",
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".unpack-"))
+        try:
+            await asyncio.to_thread(unpack, bundle.data, tmp)
+            # mkdtemp makes it 0700: a sandbox's real uid (gVisor's nobody) must read it.
+            tmp.chmod(0o755)
+            tmp.rename(dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("unpacked %s (%s) into %s", version, digest, dest)

@@ -1,0 +1,207 @@
+"""The executor's calls to other Corral services: sessions (leases, state, commits), the registry
+(bundles, versions, endpoints, tool secrets) and telemetry (the agent's spans). Each returns
+domain values and raises the domain error tree."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+
+import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
+from corral.names import SessionRef, VersionRef
+from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from corral.registry.v1 import tools_pb2 as reg
+from corral.registry.v1 import tools_pb2_grpc as reg_grpc
+from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
+from services.common.background import TaskSet
+from services.common.clients import call_metadata, channel
+from services.common.endpoint_watch import RegistryEndpoints
+from services.common.endpoints import EndpointSource
+from services.common.errors import FailedPrecondition
+from services.common.identity import Caller
+from services.common.settings import Settings
+from services.common.status import from_rpc_error
+from services.executor.model import (
+    FinishedTurn,
+    Lease,
+    PackedBundle,
+    ResolvedTool,
+    SessionState,
+)
+
+log = logging.getLogger(__name__)
+
+_TOOL_KINDS = {reg.TOOL_KIND_HTTP: "http", reg.TOOL_KIND_GRPC: "grpc"}
+
+
+@contextlib.contextmanager
+def _calling(service: str) -> Iterator[None]:
+    """Turns a failed call to `service` into the domain error it stands for."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc, service) from None
+
+
+class SessionsClient:
+    def __init__(self, settings: Settings) -> None:
+        self._channel = channel(settings, "sessions")
+        self._stub = sessions_pb2_grpc.SessionsServiceStub(self._channel)
+
+    async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
+        request = sessions_pb2.AcquireLeaseRequest(session=session.name, holder=holder)
+        request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
+        with _calling("sessions"):
+            lease = await self._stub.AcquireLease(request, metadata=call_metadata(caller))
+        return Lease(lease.lease_id, _state(lease.state))
+
+    async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
+        request = sessions_pb2.RenewLeaseRequest(session=session.name, lease_id=lease_id)
+        request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
+        with _calling("sessions"):
+            await self._stub.RenewLease(request, metadata=call_metadata(caller))
+
+    async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
+        request = sessions_pb2.ReleaseLeaseRequest(session=session.name, lease_id=lease_id)
+        with _calling("sessions"):
+            await self._stub.ReleaseLease(request, metadata=call_metadata(caller))
+
+    async def commit(
+        self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
+    ) -> SessionState:
+        request = sessions_pb2.CommitTurnRequest(
+            session=session.name, lease_id=lease_id, etag=etag, state=turn.state,
+            invocation_id=turn.invocation_id, input=turn.input, output=turn.output,
+        )
+        with _calling("sessions"):
+            state = await self._stub.CommitTurn(request, metadata=call_metadata(caller))
+        return _state(state)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _state(state: sessions_pb2.SessionState) -> SessionState:
+    return SessionState(state.state, state.etag, state.turn_count)
+
+
+class RegistryClient:
+    def __init__(self, settings: Settings) -> None:
+        self._channel = channel(settings, "registry")
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+
+    async def download(self, version: VersionRef) -> PackedBundle:
+        parts: list[bytes] = []
+        with _calling("registry"):
+            request = registry_pb2.DownloadVersionRequest(name=version.name)
+            async for message in self._stub.DownloadVersion(request):
+                if message.HasField("chunk"):
+                    parts.append(message.chunk)
+        return PackedBundle(version, b"".join(parts))
+
+    async def digest(self, version: VersionRef) -> str:
+        with _calling("registry"):
+            found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=version.name))
+        return found.digest
+
+    def endpoints(self) -> EndpointSource:
+        return RegistryEndpoints(self._stub)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class RegistryToolResolver:
+    """Resolves tools through the registry's internal ToolSecretsService."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.channel = channel(settings, "registry")
+        self.stub = reg_grpc.ToolSecretsServiceStub(self.channel)
+        self.metadata = (*call_metadata(), ("x-corral-internal-token", settings.internal_token))
+
+    async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
+        try:
+            resolved = await self.stub.ResolveTool(
+                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self.metadata,
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise from_rpc_error(exc, "registry") from None
+        t = resolved.tool
+        if t.kind not in _TOOL_KINDS:
+            raise FailedPrecondition(
+                f"tool {tool!r} has a kind this executor does not know", reason="UNKNOWN_TOOL_KIND"
+            )
+        return ResolvedTool(
+            tool=tool, kind=_TOOL_KINDS[t.kind], address=t.address,
+            timeout_s=t.timeout.ToMilliseconds() / 1000, secret=resolved.secret,
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class TelemetrySpans:
+    """Sends the agent's own spans (already OTLP-encoded inside the sandbox) to telemetry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.tracing
+        self._channel = channel(settings, "telemetry")
+        # opentelemetry-proto ships no types for its gRPC stubs.
+        self._stub = trace_service_pb2_grpc.TraceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._sending = TaskSet("forwarding agent spans")
+
+    def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
+        """Sends the spans of one invocation, with `trusted` (agent, version, session, tenant...)
+        stamped on their resource and removed from their own attributes: the spans come from
+        untrusted code, which must not file them under another tenant or session."""
+        if encoded and self.enabled:
+            self._sending.spawn(self._send(encoded, dict(trusted)))
+
+    async def _send(self, encoded: bytes, trusted: dict[str, str]) -> None:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        try:
+            request.ParseFromString(encoded)
+        except DecodeError:
+            log.warning("dropped agent spans that do not parse as OTLP")
+            return
+        for resource_spans in request.resource_spans:
+            _replace(resource_spans.resource.attributes, trusted)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    kept = [kv for kv in span.attributes
+                            if kv.key not in trusted and not _counted_by_telemetry(kv.key)]
+                    del span.attributes[:]
+                    span.attributes.extend(kept)
+        try:
+            await self._stub.Export(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not forward agent spans to telemetry: %s", exc.details())
+
+    async def close(self) -> None:
+        await self._sending.wait(timeout_s=2)
+        await self._channel.close()
+
+
+def _counted_by_telemetry(key: str) -> bool:
+    """Attributes telemetry counts per version (invocations, tool calls, tokens): only the
+    executor's own spans may carry them, or an agent could forge its version's figures."""
+    return key in ("gen_ai.operation.name", "corral.tool.name") or key.startswith("gen_ai.usage.")
+
+
+def _replace(attributes: RepeatedCompositeFieldContainer[KeyValue], values: Mapping[str, str]) -> None:
+    """Sets string `values` in an OTLP KeyValue list, replacing what was there under those keys."""
+    kept = [kv for kv in attributes if kv.key not in values]
+    del attributes[:]
+    attributes.extend(kept)
+    for key, value in values.items():
+        attributes.add(key=key).value.string_value = value

@@ -1,0 +1,305 @@
+"""The executor's domain values and the seams it is built on: the sessions service (leases, state,
+commits), the registry (bundles, versions, endpoints), telemetry (agent spans) and the
+credential deny-list. Implementations live in clients.py and store.py; tests use tests/fakes.py."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from corral.names import SessionRef, VersionRef
+from services.common.endpoints import EndpointSource
+from services.common.errors import Internal
+from services.common.identity import Caller
+
+# Attributes of the executor's own spans (the invocation's, its model and tool calls).
+SpanAttributes = Mapping[str, str | int]
+
+
+class AgentError(Internal):
+    """The agent's code raised; the message carries its exception type and message."""
+
+
+# -- one invocation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Invocation:
+    """One Execute call, its names already parsed."""
+
+    session: SessionRef
+    version: VersionRef
+    digest: str
+    # The endpoint the version was resolved through, for telemetry ("" when called by version).
+    endpoint: str
+    invocation_id: str
+    payload: bytes
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The invocation has its sandbox and is about to run."""
+
+    trace_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The turn is committed."""
+
+    duration_ms: int
+    # The session's turn count after this invocation.
+    turn: int
+
+
+Event = Started | bytes | Completed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnInput:
+    """What the worker is handed for one invocation."""
+
+    invocation_id: str
+    session_id: str
+    version: str
+    payload: bytes
+    content_type: str
+    state: bytes
+    traceparent: str
+    endpoint: str
+    tenant: str
+    user: str
+    # The invocation's credential ("" when its version declares no tools).
+    credentials: str
+    deadline_unix_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnOutput:
+    """What the worker hands back at the end of a turn: the session's new state and the agent's
+    own spans, OTLP-encoded."""
+
+    state: bytes
+    otlp_spans: bytes = b""
+
+
+# -- the agent's calls out of its sandbox ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """A model call the agent made; its answer carries the same call_id."""
+
+    call_id: str
+    prompt: str
+    system: str = ""
+    # Whether the agent reads the answer as it arrives.
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAnswer:
+    """The model's answer, or `error` (the agent sees it as its model call failing)."""
+
+    call_id: str
+    text: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRequest:
+    """A call to one of the tenant's tools, by name; its outcome goes back as a ToolOutcome."""
+
+    call_id: str
+    tool: str
+    payload: bytes
+    content_type: str
+    # The agent's own limit for this call (0: none).
+    timeout_s: float = 0.0
+
+
+# What a failed tool call tells the agent (ToolOutcome.error_code).
+PERMISSION_DENIED = "PERMISSION_DENIED"
+NOT_FOUND = "NOT_FOUND"
+TIMEOUT = "TIMEOUT"
+UNAVAILABLE = "UNAVAILABLE"
+TOOL_ERROR = "TOOL_ERROR"
+
+
+class ToolFailure(Exception):
+    """A tool call failed in a way the agent is told about; the message never holds a secret."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    """What the agent gets back: the tool's answer, or an error and its code (PERMISSION_DENIED,
+    NOT_FOUND, TIMEOUT, UNAVAILABLE, TOOL_ERROR)."""
+
+    payload: bytes = b""
+    content_type: str = ""
+    error: str = ""
+    error_code: str = ""
+
+
+# Receives each text delta of a streamed answer, in order.
+ChunkSink = Callable[[str], Awaitable[None]]
+# Answers the agent's model calls; `on_chunk` is given when the agent streams the answer.
+ModelHandler = Callable[[ModelRequest, ChunkSink | None], Awaitable[ModelAnswer]]
+ToolHandler = Callable[[ToolRequest], Awaitable[ToolOutcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTool:
+    tool: str
+    kind: str  # "http" or "grpc"
+    address: str
+    timeout_s: float
+    secret: str = field(default="", repr=False)
+
+
+class ToolResolver(Protocol):
+    async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
+        """The tenant's tool with its secret, or None when it has no such tool."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# -- the sessions service ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """A session's committed state: what its next turn starts from."""
+
+    state: bytes
+    etag: str
+    turn_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A session's lease, with the state committed when it was taken."""
+
+    lease_id: str
+    committed: SessionState
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinishedTurn:
+    """What a turn commits: the new state, and the exchange that produced it."""
+
+    invocation_id: str
+    input: bytes
+    output: bytes
+    state: bytes
+
+
+class Sessions(Protocol):
+    """The sessions service: a session's lease, and its state committed turn by turn."""
+
+    async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease: ...
+
+    async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None: ...
+
+    async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None: ...
+
+    async def commit(
+        self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
+    ) -> SessionState:
+        """Compare-and-set on `etag`: Aborted when another turn committed since."""
+        ...
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PackedBundle:
+    """A version's bundle as the registry serves it (a tar, not yet checked or unpacked)."""
+
+    version: VersionRef
+    data: bytes
+
+
+class Registry(Protocol):
+    """The registry: versions' bundles and digests, and the endpoints routing to them."""
+
+    async def download(self, version: VersionRef) -> PackedBundle: ...
+
+    async def digest(self, version: VersionRef) -> str: ...
+
+    def endpoints(self) -> EndpointSource: ...
+
+
+# -- sandboxes as operators see them -----------------------------------------------------------
+
+
+class SandboxState(enum.Enum):
+    WARM = "WARM"  # started and in a warm pool, no session's yet
+    IDLE = "IDLE"  # a session's, between invocations
+    BUSY = "BUSY"  # a session's, running an invocation
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxInfo:
+    id: str
+    session: str  # "" while warm
+    version: str
+    state: SandboxState
+    driver: str
+    pid: int
+    start_time: datetime
+    last_used_time: datetime
+    age_s: float
+    memory_bytes: int
+    cpu_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolReport:
+    version: str
+    ready: int
+    target: int
+    hits: int
+    misses: int
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxListing:
+    sandboxes: list[SandboxInfo]
+    # Only on the first page: the pools are a summary, not the listing's items.
+    pools: list[PoolReport]
+    next_page_token: str
+
+
+# -- telemetry and credentials -------------------------------------------------------------------
+
+
+class SpanExport(Protocol):
+    def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
+        """Sends the agent's OTLP-encoded spans on in the background, with `trusted` (agent,
+        version, session, tenant...) stamped over whatever the agent's code put there."""
+        ...
+
+
+class RevocationList(Protocol):
+    """The jti deny-list of invocation credentials."""
+
+    async def add(self, jti: str, ttl_s: int) -> None: ...
+
+    async def contains(self, jti: str) -> bool:
+        """Unavailable when the list cannot be read: a verifier must then fail closed."""
+        ...

@@ -1,0 +1,208 @@
+"""The sandbox table: which session has which sandbox, under which lease, and which are busy.
+A sandbox lives across its session's turns; a background reaper stops the idle, the expired and
+the exited ones, and another loop renews the leases of the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from corral.manifest import Manifest
+from corral.names import SessionRef
+from services.common.background import Periodic
+from services.common.errors import Aborted, PermissionDenied
+from services.common.identity import Caller
+from services.common.settings import ExecutorSettings
+from services.executor.bundles import BundleCache
+from services.executor.metrics import ExecutorMetrics
+from services.executor.model import Invocation, SandboxInfo, SandboxState, Sessions, SessionState
+from services.executor.pools import WarmPools
+from services.executor.sandbox import Sandbox
+from services.executor.starter import SandboxStarter
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL_S = 5.0
+
+
+@dataclass(eq=False)
+class SessionSandbox:
+    """A sandbox bound to a session, and what the executor keeps for the session between turns:
+    its lease and the state it last committed."""
+
+    session: SessionRef
+    sandbox: Sandbox
+    manifest: Manifest
+    owner: Caller
+    lease_id: str
+    committed: SessionState
+    # Set when the session was stopped on purpose, so a running invocation can say so.
+    stopped: bool = False
+
+
+class SandboxTable:
+    def __init__(
+        self, settings: ExecutorSettings, sessions: Sessions, bundles: BundleCache,
+        starter: SandboxStarter, pools: WarmPools | None, metrics: ExecutorMetrics, holder: str,
+    ) -> None:
+        self._settings, self._metrics = settings, metrics
+        # Leases are taken in the name of `holder` (this executor).
+        self._sessions, self._holder = sessions, holder
+        # A new session's sandbox: from a warm pool, else started from its bundle.
+        self._bundles, self._starter, self._pools = bundles, starter, pools
+        self._bound: dict[SessionRef, SessionSandbox] = {}
+        self._busy: set[SessionRef] = set()
+        self._reaper = Periodic(
+            self._reap, every_s=REAP_INTERVAL_S, first_delay_s=REAP_INTERVAL_S, what="sandbox reaper"
+        )
+        renew_every_s = settings.lease_ttl_s / 3
+        self._renewal = Periodic(
+            self._renew, every_s=renew_every_s, first_delay_s=renew_every_s, what="lease renewal"
+        )
+
+    def start(self) -> None:
+        self._reaper.start()
+        self._renewal.start()
+
+    async def close(self) -> None:
+        await self._reaper.close()
+        await self._renewal.close()
+        await asyncio.gather(*(self.stop(s) for s in list(self._bound)), return_exceptions=True)
+
+    @contextlib.contextmanager
+    def claim(self, session: SessionRef) -> Iterator[None]:
+        """Holds `session` for one invocation: Aborted (SESSION_BUSY) while another holds it."""
+        if session in self._busy:
+            raise Aborted(
+                f"session {session} is busy: another invocation is running on it; retry when it "
+                "finishes",
+                reason="SESSION_BUSY",
+            )
+        self._busy.add(session)
+        try:
+            yield
+        finally:
+            self._busy.discard(session)
+
+    # -- binding -------------------------------------------------------------------------
+
+    async def sandbox_for(self, caller: Caller, inv: Invocation) -> SessionSandbox:
+        """The session's sandbox: the one it has, or a new one (warm if a pool has one) under a
+        lease on the session, starting from its committed state."""
+        current = self._bound.get(inv.session)
+        if current is not None and current.sandbox.alive and current.sandbox.version == inv.version.name:
+            if current.owner != caller:
+                raise PermissionDenied(f"{inv.session} belongs to another caller")
+            return current
+        if current is not None:
+            await self.drop(inv.session)
+        await self._make_room()
+        lease = await self._sessions.acquire(caller, inv.session, self._holder, self._settings.lease_ttl_s)
+        try:
+            bundle = await self._bundles.ensure(inv.version, inv.digest)
+            sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
+            warm = sandbox is not None
+            if sandbox is None:
+                sandbox = await self._starter.start_bundle(bundle)
+        except BaseException:
+            await self._release(caller, inv.session, lease.lease_id)
+            raise
+        sandbox.bind(inv.session.name, warm=warm)
+        bound = SessionSandbox(
+            inv.session, sandbox, bundle.manifest, caller, lease.lease_id, lease.committed
+        )
+        self._bound[inv.session] = bound
+        self._metrics.live.set(len(self._bound))
+        log.info("sandbox pid %s (%s) serves %s on %s", sandbox.process.pid if sandbox.process else "?",
+                 "warm" if warm else "cold start", inv.session, inv.version)
+        return bound
+
+    async def _make_room(self) -> None:
+        while len(self._bound) >= self._settings.max_live_sandboxes:
+            idle = [b for s, b in self._bound.items() if s not in self._busy]
+            if not idle:
+                return
+            await self.drop(min(idle, key=lambda b: b.sandbox.last_used).session)
+
+    async def drop(self, session: SessionRef) -> bool:
+        """Stops the session's sandbox and gives up its lease; False if it had none here."""
+        bound = self._bound.pop(session, None)
+        if bound is None:
+            return False
+        self._metrics.live.set(len(self._bound))
+        await bound.sandbox.stop()
+        await self._release(bound.owner, session, bound.lease_id)
+        return True
+
+    async def stop(self, session: SessionRef) -> bool:
+        bound = self._bound.get(session)
+        if bound is not None:
+            # An invocation still streaming sees its worker go away: it should say why.
+            bound.stopped = True
+        return await self.drop(session)
+
+    async def _release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
+        try:
+            await self._sessions.release(caller, session, lease_id)
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+            log.warning("could not release the lease of %s: %s", session, exc)
+
+    # -- what operators see --------------------------------------------------------------
+
+    def listing(self) -> list[SandboxInfo]:
+        """Every sandbox: the sessions' (IDLE or BUSY) and the warm pools' (WARM)."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        kinds = [
+            (b.sandbox, SandboxState.BUSY if s in self._busy else SandboxState.IDLE)
+            for s, b in self._bound.items()
+        ]
+        kinds += [(sb, SandboxState.WARM) for sb in (self._pools.ready() if self._pools else [])]
+        return [self._info(sb, state, now_wall, now_mono) for sb, state in kinds]
+
+    def _info(self, sb: Sandbox, state: SandboxState, now_wall: float, now_mono: float) -> SandboxInfo:
+        usage = sb.usage()
+        return SandboxInfo(
+            id=sb.id, session=sb.session, version=sb.version, state=state,
+            driver=self._starter.driver.name, pid=sb.process.pid if sb.process else 0,
+            start_time=datetime.fromtimestamp(sb.started, UTC),
+            last_used_time=datetime.fromtimestamp(now_wall - (now_mono - sb.last_used), UTC),
+            age_s=max(0.0, now_wall - sb.started),
+            memory_bytes=usage.memory_bytes, cpu_seconds=usage.cpu_seconds,
+        )
+
+    # -- background: idle timeouts, lifetimes, lease renewal -----------------------------
+
+    async def _reap(self) -> None:
+        now = time.monotonic()
+        for session, bound in list(self._bound.items()):
+            if session in self._busy:
+                continue
+            sb, manifest = bound.sandbox, bound.manifest
+            expired = not sb.alive or time.time() - sb.bound_at > manifest.max_lifetime_s
+            if not expired and now - sb.last_used > manifest.idle_timeout_s and await _busy_inside(sb):
+                sb.last_used = now  # AgentCore's contract: a HealthyBusy agent is not idle
+                continue
+            if session in self._busy or self._bound.get(session) is not bound:
+                continue  # an invocation arrived while the agent was asked
+            if expired or now - sb.last_used > manifest.idle_timeout_s:
+                log.info("stopping sandbox of %s (idle, expired or exited)", session)
+                await self.drop(session)
+
+    async def _renew(self) -> None:
+        for session, bound in list(self._bound.items()):
+            try:
+                await self._sessions.renew(bound.owner, session, bound.lease_id, self._settings.lease_ttl_s)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("lost the lease of %s (%s); stopping its sandbox", session, exc)
+                if session not in self._busy:
+                    await self.drop(session)
+
+
+async def _busy_inside(sandbox: Sandbox) -> bool:
+    """Whether an http-protocol agent reports background work on its /ping."""
+    return sandbox.spec.protocol == "http" and await sandbox.ping() == "HealthyBusy"
