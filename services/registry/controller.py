@@ -54,9 +54,7 @@ class RolloutController:
         tick_s: float = TICK_S,
         experiment_check_s: float = EXPERIMENT_CHECK_S,
     ) -> None:
-        self._store = store
-        self._rollouts = rollouts
-        self._experiments = experiments
+        self._store, self._rollouts, self._experiments = store, rollouts, experiments
         self._analysis = analysis
         self._experiment_check_s = experiment_check_s
         self._experiment_checked: dict[str, float] = {}

@@ -33,7 +33,12 @@ from services.registry.rollout_model import (
     Notify,
     Transition,
 )
-from services.registry.rollouts import run_changed, run_in_the_way, started_just_now
+from services.registry.rollouts import (
+    run_changed,
+    run_in_the_way,
+    run_not_found,
+    started_just_now,
+)
 
 log = logging.getLogger(__name__)
 CONTROLLER = "corral-controller"
@@ -103,10 +108,7 @@ class Experiments:
     async def get(self, experiment: ExperimentRef) -> ExperimentRecord:
         record = await self._store.get_experiment(experiment)
         if record is None:
-            raise NotFound(
-                f"{experiment.name} does not exist; `corral experiment list {experiment.agent} "
-                f"{experiment.endpoint.endpoint}` lists them"
-            )
+            raise run_not_found(experiment)
         return record
 
     async def analyze(self, r: ExperimentRecord) -> ExperimentAnalysis:

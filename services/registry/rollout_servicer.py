@@ -169,14 +169,12 @@ class RolloutServicer(rollouts_pb2_grpc.RolloutServiceServicer):
         record = await self.rollouts.create(caller(context), _endpoint(request.parent), wanted)
         return rollout_pb(record)
 
-    async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
-        return rollout_pb(await self.rollouts.get(RolloutRef.parse(request.name)))
-
-    async def ListRollouts(
-        self, request: pb.ListRolloutsRequest, context: Context
-    ) -> pb.ListRolloutsResponse:
+    async def ListRollouts(self, request: pb.ListRolloutsRequest, context: Context) -> pb.ListRolloutsResponse:
         page = await self.rollouts.list_rollouts(_endpoint(request.parent), paging(request, context))
         return pb.ListRolloutsResponse(rollouts=each(page, rollout_pb), next_page_token=page.next_page_token)
+
+    async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
+        return rollout_pb(await self.rollouts.get(RolloutRef.parse(request.name)))
 
     async def PromoteRollout(self, request: pb.PromoteRolloutRequest, context: Context) -> pb.Rollout:
         record = await self.rollouts.promote(caller(context), RolloutRef.parse(request.name), request.full)
@@ -216,9 +214,7 @@ class RolloutServicer(rollouts_pb2_grpc.RolloutServiceServicer):
         experiment = ExperimentRef.parse(request.name)
         return experiment_pb(await self.experiments.get(experiment))
 
-    async def ListExperiments(
-        self, request: pb.ListExperimentsRequest, context: Context
-    ) -> pb.ListExperimentsResponse:
+    async def ListExperiments(self, request: pb.ListExperimentsRequest, context: Context) -> pb.ListExperimentsResponse:
         page = await self.experiments.list_experiments(_endpoint(request.parent), paging(request, context))
         items = each(page, experiment_pb)
         return pb.ListExperimentsResponse(experiments=items, next_page_token=page.next_page_token)

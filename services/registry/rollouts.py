@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 
-from corral.names import EndpointRef, RolloutRef, VersionRef
+from corral.names import EndpointRef, ExperimentRef, RolloutRef, VersionRef
 from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
@@ -56,6 +56,14 @@ def split_for(stable: int, candidate: int, weight: float) -> tuple[TrafficShare,
 def run_changed(run: RunRecord) -> FailedPrecondition:
     return FailedPrecondition(f"{run.name} changed while it was being updated; retry",
                               reason="ROLLOUT_CHANGED")
+
+
+def run_not_found(run: RolloutRef | ExperimentRef) -> NotFound:
+    command = "rollout" if isinstance(run, RolloutRef) else "experiment"
+    return NotFound(
+        f"{run.name} does not exist; `corral {command} list {run.agent} {run.endpoint.endpoint}` "
+        "lists them"
+    )
 
 
 def run_in_the_way(running: RunRecord, endpoint: EndpointRef) -> FailedPrecondition:
@@ -108,10 +116,7 @@ class Rollouts:
     async def get(self, rollout: RolloutRef) -> RolloutRecord:
         record = await self._store.get_rollout(rollout)
         if record is None:
-            raise NotFound(
-                f"{rollout.name} does not exist; `corral rollout list {rollout.agent} "
-                f"{rollout.endpoint.endpoint}` lists them"
-            )
+            raise run_not_found(rollout)
         return record
 
     async def list_rollouts(self, endpoint: EndpointRef, paging: Paging) -> Page[RolloutRecord]:

@@ -155,9 +155,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.Agent:
         return agent_pb(await self.registry.get_agent(AgentRef.parse(request.name)))
 
-    async def ListAgents(
-        self, request: pb.ListAgentsRequest, context: Context
-    ) -> pb.ListAgentsResponse:
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: Context) -> pb.ListAgentsResponse:
         page = await self.registry.list_agents(paging(request, context))
         return pb.ListAgentsResponse(agents=each(page, agent_pb), next_page_token=page.next_page_token)
 
@@ -182,9 +180,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         version = VersionRef.parse(request.name, allow_digest=True)
         return version_pb(await self.registry.get_version(version))
 
-    async def ListVersions(
-        self, request: pb.ListVersionsRequest, context: Context
-    ) -> pb.ListVersionsResponse:
+    async def ListVersions(self, request: pb.ListVersionsRequest, context: Context) -> pb.ListVersionsResponse:
         page = await self.registry.list_versions(_agent(request.parent), paging(request, context))
         return pb.ListVersionsResponse(versions=each(page, version_pb), next_page_token=page.next_page_token)
 
@@ -212,9 +208,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetEndpoint(self, request: pb.GetEndpointRequest, context: Context) -> pb.Endpoint:
         return endpoint_pb(await self.registry.get_endpoint(EndpointRef.parse(request.name)))
 
-    async def ListEndpoints(
-        self, request: pb.ListEndpointsRequest, context: Context
-    ) -> pb.ListEndpointsResponse:
+    async def ListEndpoints(self, request: pb.ListEndpointsRequest, context: Context) -> pb.ListEndpointsResponse:
         page = await self.registry.list_endpoints(_any_agent(request.parent), paging(request, context))
         return pb.ListEndpointsResponse(endpoints=each(page, endpoint_pb), next_page_token=page.next_page_token)
 
@@ -234,8 +228,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         async for records, snapshot in self.registry.watch(_any_agent(request.parent)):
             yield pb.WatchEndpointsResponse(endpoints=[endpoint_pb(r) for r in records], snapshot=snapshot)
 
-    async def ListAuditEvents(
-        self, request: pb.ListAuditEventsRequest, context: Context
-    ) -> pb.ListAuditEventsResponse:
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
         page = await self.registry.list_audit(request.resource_prefix, paging(request, context))
         return pb.ListAuditEventsResponse(events=each(page, audit_pb), next_page_token=page.next_page_token)
