@@ -22,6 +22,7 @@ from services.registry.analysis_protos import (
     metric_pb,
 )
 from services.registry.experiments import Experiments
+from services.registry.messages import each, endpoint_pb, paging, traffic_targets
 from services.registry.rollout_model import (
     AnalysisGate,
     ExperimentRecord,
@@ -37,7 +38,6 @@ from services.registry.rollout_model import (
     Step,
 )
 from services.registry.rollouts import Rollouts
-from services.registry.servicer import each, endpoint_pb, paging, traffic_targets
 
 # The values' names are the messages' enum names without their prefix.
 _STATE_TO_PB = {s: pb.RolloutState.Value(f"ROLLOUT_STATE_{s.value}") for s in RolloutState}

@@ -13,7 +13,7 @@ from services.common.identity import caller
 from services.common.interceptors import Context
 from services.common.timestamps import timestamp
 from services.registry import tool_rules
-from services.registry.servicer import each, paging
+from services.registry.messages import each, paging
 from services.registry.tool_model import ToolDraft, ToolKind, ToolRecord
 from services.registry.tools import Tools
 
