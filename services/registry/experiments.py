@@ -3,134 +3,176 @@ a number of sessions, then concluded by a human with the report's evidence."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
-from typing import Any
+import logging
+from dataclasses import replace
+from functools import partial
 
-from corral import names
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from corral.names import EndpointRef, ExperimentRef, VersionRef
+from services.common.endpoints import BASIS_POINTS, TrafficShare
+from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
-from services.registry.metrics import validate_metrics
-from services.registry.rollout_store import RolloutRecord, RolloutStore
-from services.registry.rollouts import Notify, Transition, _endpoint, now, parse_rollout_name
-from services.registry.store import RegistryStore
-from services.registry.traffic import TrafficShare, normalize_split
+from services.common.paging import Page
+from services.registry import rollout_rules
+from services.registry.model import (
+    Clock,
+    ExperimentAnalyzer,
+    Paging,
+    RegistryStore,
+    RegistryTx,
+    SystemClock,
+    read_page,
+)
+from services.registry.registry import check_versions_exist
+from services.registry.rollout_model import (
+    Direction,
+    ExperimentAnalysis,
+    ExperimentRecord,
+    ExperimentReport,
+    ExperimentRequest,
+    ExperimentState,
+    Notify,
+    Transition,
+)
+from services.registry.rollouts import (
+    run_changed,
+    run_in_the_way,
+    run_not_found,
+    started_just_now,
+)
 
-# (experiment) -> the telemetry analysis as a dict (AnalyzeExperimentResponse's JSON form).
-AnalyzeExperiment = Callable[[RolloutRecord], Awaitable[Mapping[str, Any]]]
+log = logging.getLogger(__name__)
+CONTROLLER = "corral-controller"
+
+
+def recommend(report: ExperimentAnalysis) -> tuple[str, str]:
+    """(winner, summary): a variant whose effect is on the better side of zero on every metric,
+    never when the sample ratio is off."""
+    if report.sample_ratio_mismatch:
+        return "", (f"sample ratio mismatch (p = {report.sample_ratio_p_value:.2g}): the split is "
+                    "not what was configured; no winner can be named")
+    better: dict[str, int] = {}
+    for m in report.metrics:
+        higher = m.metric.direction is Direction.HIGHER_IS_BETTER
+        for v in m.variants:
+            if v.control:
+                continue
+            wins = (v.effect_low > 0) if higher else (v.effect_high < 0)
+            better[v.version] = better.get(v.version, 0) + (1 if wins else 0)
+    winners = [v for v, n in better.items() if n == len(report.metrics) and n > 0]
+    if len(winners) == 1:
+        return winners[0], f"{winners[0]} beats the control on every metric"
+    return "", "no variant beats the control on every metric yet"
+
+
+async def save(tx: RegistryTx, experiment: ExperimentRecord) -> ExperimentRecord:
+    saved = await tx.save_experiment(experiment)
+    if saved is None:
+        raise run_changed(experiment)
+    return saved
 
 
 class Experiments:
-    def __init__(self, store: RegistryStore, rollouts: RolloutStore, notify: Notify) -> None:
-        self.store = store
-        self.rollouts = rollouts
-        self.notify = notify
+    def __init__(self, store: RegistryStore, notify: Notify, analyzer: ExperimentAnalyzer, *,
+                 clock: Clock | None = None) -> None:
+        self._store, self._notify, self._analyzer = store, notify, analyzer
+        self._clock = clock or SystemClock()
+
+    async def list_experiments(
+        self, endpoint: EndpointRef, paging: Paging
+    ) -> Page[ExperimentRecord]:
+        rows = partial(self._store.list_experiments, endpoint)
+        return await read_page(paging, "ListExperiments", endpoint, (int,), rows, key=lambda e: (e.id,))
 
     async def create(
-        self, caller: Caller, parent: str, variants: list[tuple[str, float]], metrics: list[dict[str, Any]],
-        end_time: datetime | None, max_sessions: int, alpha: float, webhook_url: str,
-    ) -> RolloutRecord:
-        agent, endpoint = _endpoint(parent, "parent")
-        numbers: list[tuple[int, float]] = []
-        for i, (version, percent) in enumerate(variants):
-            try:
-                ref = names.parse_version(version)
-            except names.ResourceNameError as exc:
-                raise InvalidArgument.field(f"experiment.variants[{i}].version", str(exc)) from None
-            if ref.agent != agent:
-                raise InvalidArgument.field(f"experiment.variants[{i}].version", f"{version} is not a version of agents/{agent}")
-            numbers.append((ref.number, percent))
-        if len(numbers) < 2:
-            raise InvalidArgument.field("experiment.variants", "needs a control and at least one variant, e.g. 2=80,3=20")
-        traffic = normalize_split(numbers)  # adds up to 100, no duplicates
-        if end_time is not None and end_time <= now():
-            raise InvalidArgument.field("experiment.end_time", "is in the past")
-        if max_sessions < 0:
-            raise InvalidArgument.field("experiment.max_sessions", "must not be negative")
-        if alpha and not 0 < alpha < 1:
-            raise InvalidArgument.field("experiment.alpha", f"{alpha} must be in (0, 1)")
-        spec = {
-            "variants": [[v, p] for v, p in numbers], "metrics": validate_metrics(metrics),
-            "end_time": end_time.isoformat() if end_time else None, "max_sessions": max_sessions,
-            "alpha": alpha or 0.05, "webhook_url": webhook_url,
-        }
-        async with self.store.tx() as tx:
-            current = await tx.endpoint_for_update(agent, endpoint)
+        self, caller: Caller, endpoint: EndpointRef, request: ExperimentRequest
+    ) -> ExperimentRecord:
+        now = self._clock.now()
+        spec, traffic = rollout_rules.experiment_spec(endpoint, request, now)
+        async with self._store.tx() as tx:
+            current = await tx.get_endpoint(endpoint, for_update=True)
             if current is None:
-                raise NotFound(f"{parent} does not exist; create it with `corral endpoint set`")
-            wanted = [v for v, _ in numbers]
-            missing = sorted(set(wanted) - await tx.existing_versions(agent, wanted))
-            if missing:
-                raise FailedPrecondition(f"agents/{agent} has no version {', '.join(map(str, missing))}",
-                                         reason="VERSION_NOT_FOUND")
-            record = await self.rollouts.insert(
-                tx.conn, agent, endpoint, "experiment", numbers[0][0], numbers[1][0], spec, "RUNNING", caller.user)
-            await tx.put_endpoint(agent, endpoint, traffic)
-            record = await self.rollouts.update(tx.conn, record, traffic_start_time=now())
-            await tx.audit(caller.tenant, caller.user, "CreateExperiment", record.name,
-                           {"variants": {str(v): p for v, p in numbers}})
-        self.notify(Transition(record, "STARTED", caller.user))
+                raise NotFound(f"{endpoint.name} does not exist; create it with `corral endpoint set`")
+            await check_versions_exist(tx, endpoint.parent, [v.version for v in spec.variants])
+            running = await tx.active_run(endpoint)
+            if running is not None:
+                raise run_in_the_way(running, endpoint)
+            record = await tx.insert_experiment(endpoint, spec, caller.user, now)
+            if record is None:
+                raise started_just_now(endpoint)
+            await tx.put_endpoint(endpoint, traffic)
+            await tx.audit(caller, "CreateExperiment", record.name,
+                           {"variants": {str(v.version): v.percent for v in spec.variants}})
+        self._notify(Transition(record, "STARTED", caller.user))
         return record
 
-    async def get(self, name: str) -> RolloutRecord:
-        agent, endpoint, eid = parse_rollout_name(name, "experiment")
-        record = await self.rollouts.get(self.store.pool, agent, endpoint, "experiment", eid)
+    async def get(self, experiment: ExperimentRef) -> ExperimentRecord:
+        record = await self._store.get_experiment(experiment)
         if record is None:
-            raise NotFound(f"{name} does not exist; `corral experiment list {agent} {endpoint}` lists them")
+            raise run_not_found(experiment)
         return record
 
-    async def list(self, parent: str, offset: int, limit: int) -> list[RolloutRecord]:
-        agent, endpoint = _endpoint(parent, "parent")
-        return await self.rollouts.list(self.store.pool, agent, endpoint, "experiment", offset, limit)
+    async def analyze(self, r: ExperimentRecord) -> ExperimentAnalysis:
+        """Telemetry's analysis of the experiment since its split started."""
+        return await self._analyzer.analyze_experiment(
+            r.endpoint, r.spec, r.traffic_start_time or r.create_time, r.end_time or self._clock.now()
+        )
 
-    async def conclude(self, caller: Caller, name: str, winner: str, keep_control: bool,
-                       evidence: Mapping[str, Any] | None) -> RolloutRecord:
-        agent, endpoint, eid = parse_rollout_name(name, "experiment")
-        if bool(winner) == keep_control:
-            raise InvalidArgument.field("winner", "give exactly one of winner or keep_control")
-        async with self.store.tx() as tx:
-            await tx.endpoint_for_update(agent, endpoint)  # endpoint before experiment, as everywhere
-            r = await self.rollouts.get(tx.conn, agent, endpoint, "experiment", eid, for_update=True)
+    async def report(self, experiment: ExperimentRef) -> ExperimentReport:
+        record = await self.get(experiment)
+        analysis = await self.analyze(record)
+        winner, summary = recommend(analysis)
+        return ExperimentReport(record, analysis, winner, summary)
+
+    async def conclude(
+        self, caller: Caller, experiment: ExperimentRef, winner: VersionRef | None,
+        keep_control: bool,
+    ) -> ExperimentRecord:
+        """Ends the experiment on the winner (or the control), with the analysis as evidence."""
+        rollout_rules.check_conclusion(winner, keep_control)
+        seen = await self.get(experiment)
+        try:
+            evidence = await self.analyze(seen)
+        except CorralError:
+            evidence = ExperimentAnalysis(error="telemetry unavailable when concluding")
+        async with self._store.tx() as tx:
+            # The endpoint before the experiment, as everywhere.
+            await tx.get_endpoint(experiment.endpoint, for_update=True)
+            r = await tx.get_experiment(experiment, for_update=True)
             if r is None:
-                raise NotFound(f"{name} does not exist")
-            if r.state == "CONCLUDED":
+                raise NotFound(f"{experiment.name} does not exist")
+            if r.state is ExperimentState.CONCLUDED:
                 raise FailedPrecondition(f"{r.name} was already concluded", reason="EXPERIMENT_ENDED")
-            variants = [int(v) for v, _ in r.spec["variants"]]
-            if keep_control:
-                chosen = variants[0]
-            else:
-                try:
-                    chosen = names.parse_version(winner).number
-                except names.ResourceNameError as exc:
-                    raise InvalidArgument.field("winner", str(exc)) from None
-                if chosen not in variants:
-                    raise InvalidArgument.field("winner", f"{winner} is not a variant of {r.name}")
-            await tx.put_endpoint(agent, endpoint, (TrafficShare(chosen, 10_000),))
-            spec = {**r.spec, "winner": chosen}
-            updated = await self.rollouts.update(
-                tx.conn, r, state="CONCLUDED", spec=spec, end_time=now(),
-                state_reason=f"concluded by {caller.user}: " + ("kept the control" if keep_control else f"winner v{chosen}"),
-            )
-            await tx.audit(caller.tenant, caller.user, "ConcludeExperiment", r.name,
+            chosen = rollout_rules.chosen_winner(r.spec, r.name, winner)
+            await tx.put_endpoint(r.endpoint, (TrafficShare(chosen, BASIS_POINTS),))
+            outcome = "kept the control" if keep_control else f"winner v{chosen}"
+            updated = await save(tx, replace(
+                r, state=ExperimentState.CONCLUDED, spec=replace(r.spec, winner=chosen),
+                end_time=self._clock.now(), state_reason=f"concluded by {caller.user}: {outcome}",
+            ))
+            await tx.audit(caller, "ConcludeExperiment", r.name,
                            {"winner": chosen, "keep_control": keep_control, "evidence": evidence})
-        self.notify(Transition(updated, "CONCLUDED", caller.user, evidence))
+        self._notify(Transition(updated, "CONCLUDED", caller.user, evidence))
         return updated
 
-    async def check_complete(self, r: RolloutRecord, sessions: int) -> RolloutRecord | None:
+    async def sessions_seen(self, r: ExperimentRecord) -> int:
+        """How many sessions the experiment saw, when it stops at a number of them (else 0)."""
+        if not r.spec.max_sessions:
+            return 0
+        return sum((await self.analyze(r)).sessions)
+
+    async def check_complete(self, r: ExperimentRecord, sessions: int) -> ExperimentRecord | None:
         """RUNNING → COMPLETE when its end time passed or it saw max_sessions; the split stays
         until someone concludes it."""
-        end = r.spec.get("end_time")
-        due = (end is not None and now() >= datetime.fromisoformat(end)) or (
-            r.spec.get("max_sessions") and sessions >= int(r.spec["max_sessions"]))
-        if not due:
+        now = self._clock.now()
+        ended = r.spec.end_time is not None and now >= r.spec.end_time
+        if not ended and not (r.spec.max_sessions and sessions >= r.spec.max_sessions):
             return None
-        async with self.store.tx() as tx:
-            current = await self.rollouts.get(tx.conn, r.agent, r.endpoint, "experiment", r.id, for_update=True)
-            if current is None or current.state != "RUNNING":
+        async with self._store.tx() as tx:
+            current = await tx.get_experiment(r.ref, for_update=True)
+            if current is None or current.state is not ExperimentState.RUNNING:
                 return None
-            updated = await self.rollouts.update(
-                tx.conn, current, state="COMPLETE",
-                state_reason="reached its end time" if end and now() >= datetime.fromisoformat(end)
-                else f"reached {sessions} sessions")
-        self.notify(Transition(updated, "COMPLETE", "corral-controller"))
+            reason = "reached its end time" if ended else f"reached {sessions} sessions"
+            updated = await save(tx, replace(current, state=ExperimentState.COMPLETE,
+                                             state_reason=reason))
+        self._notify(Transition(updated, "COMPLETE", CONTROLLER))
         return updated

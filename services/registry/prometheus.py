@@ -3,15 +3,17 @@ per-version metrics, so one dashboard shows a rollout and the numbers it decides
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from services.common.prometheus import Family, Snapshot
-from services.registry.rollout_store import RolloutStore
-from services.registry.store import RegistryStore
+from services.registry.model import RegistryStore
+from services.registry.rollout_model import ExperimentState, RolloutRecord, RolloutState, Verdict
 
-STATES = ("PROGRESSING", "PAUSED", "SUCCEEDED", "ROLLED_BACK", "ABORTED", "RUNNING", "COMPLETE", "CONCLUDED")
-VERDICT_VALUE = {"PASS": 1.0, "INCONCLUSIVE": 0.0, "FAIL": -1.0}
+STATES = tuple(dict.fromkeys([*(s.value for s in RolloutState), *(s.value for s in ExperimentState)]))
+VERDICT_VALUE = {Verdict.PASS: 1.0, Verdict.INCONCLUSIVE: 0.0, Verdict.FAIL: -1.0}
 
 
-def rollout_snapshot(store: RegistryStore, rollouts: RolloutStore):  # type: ignore[no-untyped-def]
+def rollout_snapshot(store: RegistryStore) -> Callable[[], Awaitable[Snapshot]]:
     async def refresh() -> Snapshot:
         labels = ("agent", "endpoint", "kind", "id")
         state = Family("corral_rollout_state", "1 for the rollout's current state", (*labels, "state"))
@@ -20,15 +22,17 @@ def rollout_snapshot(store: RegistryStore, rollouts: RolloutStore):  # type: ign
                          "Last analysis per metric: 1 pass, 0 inconclusive, -1 fail", (*labels, "metric"))
         diff = Family("corral_rollout_analysis_difference", "Candidate minus baseline, last analysis",
                       (*labels, "metric"))
-        for r in await rollouts.recent(store.pool):
-            key = (r.agent, r.endpoint, r.kind, str(r.id))
+        for r in await store.recent_runs():
+            key = (r.agent, r.endpoint.endpoint, r.kind, str(r.id))
             for s in STATES:
-                state.samples.append(((*key, s), 1.0 if r.state == s else 0.0))
+                state.samples.append(((*key, s), 1.0 if r.state.value == s else 0.0))
+            if not isinstance(r, RolloutRecord):
+                weight.samples.append((key, 0.0))
+                continue
             weight.samples.append((key, r.current_weight))
-            for c in (r.last_analysis or {}).get("comparisons", []):
-                name = c.get("metric", {}).get("name", "")
-                verdict.samples.append(((*key, name), VERDICT_VALUE.get(c.get("verdict", ""), 0.0)))
-                diff.samples.append(((*key, name), float(c.get("difference", 0.0))))
+            for c in r.last_analysis.comparisons if r.last_analysis else ():
+                verdict.samples.append(((*key, c.metric.name), VERDICT_VALUE[c.verdict]))
+                diff.samples.append(((*key, c.metric.name), c.difference))
         return [state, weight, verdict, diff]
 
     return refresh

@@ -4,321 +4,383 @@ explicit actions on it (promote, pause, resume, abort, rollback). The controller
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
 
-from corral import names
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from corral.names import EndpointRef, ExperimentRef, RolloutRef, VersionRef
+from services.common.endpoints import BASIS_POINTS, TrafficShare
+from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
-from services.registry.metrics import validate_metrics
-from services.registry.rollout_store import RolloutRecord, RolloutStore
-from services.registry.store import RegistryStore, Tx
-from services.registry.strategies import build_steps, validate_steps
-from services.registry.traffic import TrafficShare
+from services.common.paging import Page
+from services.registry import rollout_rules
+from services.registry.model import (
+    Clock,
+    EndpointRecord,
+    Paging,
+    RegistryStore,
+    RegistryTx,
+    SessionRetirement,
+    SystemClock,
+    read_page,
+)
+from services.registry.rollout_model import (
+    Analysis,
+    AnalysisGate,
+    ExperimentRecord,
+    ExperimentState,
+    ManualGate,
+    Notify,
+    RolloutRecord,
+    RolloutRequest,
+    RolloutState,
+    RunRecord,
+    SessionPolicy,
+    SetWeight,
+    Transition,
+)
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("DRAIN", "MIGRATE", "STOP")
-DEFAULT_INTERVAL_S = 30
-DEFAULT_MIN_SESSIONS = 100
-DEFAULT_ALPHA = 0.05
-DEFAULT_DRAIN_TIMEOUT_S = 3600
-
-
-@dataclass(frozen=True)
-class Transition:
-    """A state change to announce (webhook, log) once its transaction has committed."""
-
-    rollout: RolloutRecord
-    event: str
-    actor: str
-    evidence: Mapping[str, Any] | None = None
-
-
-Notify = Callable[[Transition], None]
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def split_for(stable: int, candidate: int, weight: float) -> tuple[TrafficShare, ...]:
     bp = round(weight * 100)
-    if bp >= 10_000:
-        return (TrafficShare(candidate, 10_000),)
+    if bp >= BASIS_POINTS:
+        return (TrafficShare(candidate, BASIS_POINTS),)
     if bp <= 0:
-        return (TrafficShare(stable, 10_000),)
-    return tuple(sorted((TrafficShare(stable, 10_000 - bp), TrafficShare(candidate, bp)), key=lambda s: s.version))
+        return (TrafficShare(stable, BASIS_POINTS),)
+    shares = (TrafficShare(stable, BASIS_POINTS - bp), TrafficShare(candidate, bp))
+    return tuple(sorted(shares, key=lambda s: s.version))
 
 
-def parse_rollout_name(name: str, kind: str = "rollout") -> tuple[str, str, int | None]:
-    plural = "rollouts" if kind == "rollout" else "experiments"
-    parts = name.split("/")
-    if len(parts) != 6 or parts[4] != plural:
-        raise InvalidArgument.field("name", f"{name!r} is not agents/{{agent}}/endpoints/{{endpoint}}/{plural}/{{id}}")
-    try:
-        agent, endpoint = names.parse_endpoint("/".join(parts[:4]))
-    except names.ResourceNameError as exc:
-        raise InvalidArgument.field("name", str(exc)) from None
-    if parts[5] == "-":
-        return agent, endpoint, None
-    if not parts[5].isdigit():
-        raise InvalidArgument.field("name", f"{parts[5]!r} is not a {kind} id (a number, or - for the newest)")
-    return agent, endpoint, int(parts[5])
+def run_changed(run: RunRecord) -> FailedPrecondition:
+    return FailedPrecondition(f"{run.name} changed while it was being updated; retry",
+                              reason="ROLLOUT_CHANGED")
+
+
+def run_not_found(run: RolloutRef | ExperimentRef) -> NotFound:
+    command = "rollout" if isinstance(run, RolloutRef) else "experiment"
+    return NotFound(
+        f"{run.name} does not exist; `corral {command} list {run.agent} {run.endpoint.endpoint}` "
+        "lists them"
+    )
+
+
+def run_in_the_way(running: RunRecord, endpoint: EndpointRef) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"{running.name} is still {running.state.value.lower()} on {endpoint.name}; promote, "
+        "abort or conclude it first",
+        reason="ROLLOUT_RUNNING", metadata={"running": running.name},
+    )
+
+
+def started_just_now(endpoint: EndpointRef) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"another rollout or experiment started on {endpoint.name} just now",
+        reason="ROLLOUT_RUNNING",
+    )
+
+
+async def save(tx: RegistryTx, rollout: RolloutRecord) -> RolloutRecord:
+    saved = await tx.save_rollout(rollout)
+    if saved is None:
+        raise run_changed(rollout)
+    return saved
+
+
+# What one explicit action does to a rollout: the rollout after it, and the event to announce.
+Change = Callable[[RegistryTx, RolloutRecord], Awaitable[tuple[RolloutRecord, str]]]
 
 
 class Rollouts:
-    def __init__(self, store: RegistryStore, rollouts: RolloutStore, notify: Notify) -> None:
-        self.store = store
-        self.rollouts = rollouts
-        self.notify = notify
+    def __init__(
+        self,
+        store: RegistryStore,
+        notify: Notify,
+        sessions: SessionRetirement,
+        clock: Clock | None = None,
+    ) -> None:
+        self._store = store
+        self._notify = notify
+        self._sessions = sessions
+        self.clock = clock or SystemClock()
+        # Runs the controller's next tick now; the app points it at the controller.
         self.kick: Callable[[], None] = lambda: None
-        # (agent, endpoint, from_version, policy, to_version): applies a session policy after a
-        # manual rollback; set by the app (the registry calls sessions for it).
-        self.retire: Callable[[str, str, int, str, int], Any] | None = None
+
+    def announce(self, transition: Transition) -> None:
+        """Announces a transition whose transaction has committed."""
+        self._notify(transition)
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def get(self, name: str) -> RolloutRecord:
-        agent, endpoint, rid = parse_rollout_name(name)
-        record = await self.rollouts.get(self.store.pool, agent, endpoint, "rollout", rid)
+    async def get(self, rollout: RolloutRef) -> RolloutRecord:
+        record = await self._store.get_rollout(rollout)
         if record is None:
-            raise NotFound(f"{name} does not exist; `corral rollout list {agent} {endpoint}` lists them")
+            raise run_not_found(rollout)
         return record
 
-    async def list(self, parent: str, offset: int, limit: int) -> list[RolloutRecord]:
-        agent, endpoint = _endpoint(parent, "parent")
-        return await self.rollouts.list(self.store.pool, agent, endpoint, "rollout", offset, limit)
+    async def list_rollouts(self, endpoint: EndpointRef, paging: Paging) -> Page[RolloutRecord]:
+        rows = partial(self._store.list_rollouts, endpoint)
+        return await read_page(paging, "ListRollouts", endpoint, (int,), rows, key=lambda r: (r.id,))
 
     # -- creating --------------------------------------------------------------------------
 
-    async def create(self, caller: Caller, parent: str, candidate_name: str, spec: dict[str, Any]) -> RolloutRecord:
-        agent, endpoint = _endpoint(parent, "parent")
-        try:
-            cand = names.parse_version(candidate_name)
-        except names.ResourceNameError as exc:
-            raise InvalidArgument.field("rollout.candidate_version", str(exc)) from None
-        if cand.agent != agent:
-            raise InvalidArgument.field("rollout.candidate_version", f"{candidate_name} is not a version of agents/{agent}")
-        spec = self._validated_spec(spec)
-        async with self.store.tx() as tx:
-            current = await tx.endpoint_for_update(agent, endpoint)
+    async def create(
+        self, caller: Caller, endpoint: EndpointRef, request: RolloutRequest
+    ) -> RolloutRecord:
+        candidate = request.candidate
+        rollout_rules.check_candidate(endpoint, candidate)
+        spec = rollout_rules.rollout_spec(request)
+        async with self._store.tx() as tx:
+            current = await tx.get_endpoint(endpoint, for_update=True)
             if current is None:
-                raise NotFound(f"{parent} does not exist; create it with `corral endpoint set`")
-            if not await tx.existing_versions(agent, [cand.number]):
-                raise FailedPrecondition(f"{candidate_name} does not exist; publish it first", reason="VERSION_NOT_FOUND")
-            running = await self.rollouts.active_for_endpoint(tx.conn, agent, endpoint)
+                raise NotFound(f"{endpoint.name} does not exist; create it with `corral endpoint set`")
+            if not await tx.existing_versions(endpoint.parent, [candidate.number]):
+                raise FailedPrecondition(f"{candidate.name} does not exist; publish it first",
+                                         reason="VERSION_NOT_FOUND")
+            running = await tx.active_run(endpoint)
             if running is not None:
-                raise FailedPrecondition(
-                    f"{running.name} is still {running.state.lower()} on {parent}; promote, abort or "
-                    "conclude it first", reason="ROLLOUT_RUNNING", metadata={"running": running.name},
-                )
+                raise run_in_the_way(running, endpoint)
             if len(current.traffic) != 1:
                 raise FailedPrecondition(
-                    f"{parent} is split between versions; set it to one stable version before a rollout",
+                    f"{endpoint.name} is split between versions; set it to one stable version "
+                    "before a rollout",
                     reason="ENDPOINT_SPLIT",
                 )
             stable = current.traffic[0].version
-            if stable == cand.number:
+            if stable == candidate.number:
                 raise FailedPrecondition(
-                    f"{candidate_name} is already the stable version of {parent}", reason="ALREADY_STABLE"
+                    f"{candidate.name} is already the stable version of {endpoint.name}",
+                    reason="ALREADY_STABLE",
                 )
-            record = await self.rollouts.insert(
-                tx.conn, agent, endpoint, "rollout", stable, cand.number, spec, "PROGRESSING", caller.user
-            )
-            await tx.audit(caller.tenant, caller.user, "CreateRollout", record.name,
-                           {"stable": stable, "candidate": cand.number, "strategy": spec.get("strategy")})
-        self.notify(Transition(record, "STARTED", caller.user))
+            record = await tx.insert_rollout(endpoint, stable, candidate.number, spec, caller.user)
+            if record is None:
+                raise started_just_now(endpoint)
+            await tx.audit(caller, "CreateRollout", record.name,
+                           {"stable": stable, "candidate": candidate.number, "strategy": spec.strategy})
+        self._notify(Transition(record, "STARTED", caller.user))
         self.kick()
         return record
-
-    @staticmethod
-    def _validated_spec(spec: dict[str, Any]) -> dict[str, Any]:
-        strategy = spec.get("strategy") or ("custom" if spec.get("steps") else "canary")
-        gate = int(spec.get("gate_max_s") or 3600)
-        steps = validate_steps(spec["steps"]) if spec.get("steps") else build_steps(strategy, gate)
-        analysis = dict(spec.get("analysis") or {})
-        analysis["metrics"] = validate_metrics(analysis.get("metrics") or [])
-        analysis.setdefault("interval_s", DEFAULT_INTERVAL_S)
-        analysis.setdefault("min_sessions", DEFAULT_MIN_SESSIONS)
-        analysis.setdefault("alpha", DEFAULT_ALPHA)
-        if analysis["interval_s"] <= 0:
-            raise InvalidArgument.field("rollout.analysis.interval", "must be a positive duration")
-        if analysis["min_sessions"] < 0:
-            raise InvalidArgument.field("rollout.analysis.min_sessions", "must not be negative")
-        if not 0 < analysis["alpha"] < 1:
-            raise InvalidArgument.field("rollout.analysis.alpha", f"{analysis['alpha']} must be in (0, 1)")
-        policy = spec.get("rollback_policy") or "DRAIN"
-        if policy not in POLICIES:
-            raise InvalidArgument.field("rollout.rollback_policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
-        drain = int(spec.get("drain_timeout_s") or DEFAULT_DRAIN_TIMEOUT_S)
-        return {"strategy": strategy, "steps": steps, "analysis": analysis, "rollback_policy": policy,
-                "drain_timeout_s": drain, "webhook_url": spec.get("webhook_url", "")}
 
     # -- explicit actions ------------------------------------------------------------------
 
     async def _act(
-        self, caller: Caller, name: str, method: str,
-        change: Callable[[Tx, RolloutRecord], Any],
+        self, caller: Caller, rollout: RolloutRef, method: str, change: Change
     ) -> RolloutRecord:
-        agent, endpoint, rid = parse_rollout_name(name)
-        async with self.store.tx() as tx:
-            await tx.endpoint_for_update(agent, endpoint)  # endpoint before rollout, as everywhere
-            record = await self.rollouts.get(tx.conn, agent, endpoint, "rollout", rid, for_update=True)
+        async with self._store.tx() as tx:
+            # The endpoint row before the rollout's, as everywhere.
+            await tx.get_endpoint(rollout.endpoint, for_update=True)
+            record = await tx.get_rollout(rollout, for_update=True)
             if record is None:
-                raise NotFound(f"{name} does not exist")
+                raise NotFound(f"{rollout.name} does not exist")
             if not record.active:
                 raise FailedPrecondition(
-                    f"{record.name} has already ended ({record.state.lower()}); start a new rollout",
+                    f"{record.name} has already ended ({record.state.value.lower()}); start a new "
+                    "rollout",
                     reason="ROLLOUT_ENDED",
                 )
             updated, event = await change(tx, record)
-            await tx.audit(caller.tenant, caller.user, method, record.name, {
-                "state": updated.state, "weight": updated.current_weight, "reason": updated.state_reason,
-                "evidence": record.last_analysis,
+            await tx.audit(caller, method, record.name, {
+                "state": updated.state.value, "weight": updated.current_weight,
+                "reason": updated.state_reason, "evidence": record.last_analysis,
             })
-        self.notify(Transition(updated, event, caller.user, record.last_analysis))
+        self._notify(Transition(updated, event, caller.user, record.last_analysis))
         self.kick()
         return updated
 
-    async def promote(self, caller: Caller, name: str, full: bool) -> RolloutRecord:
-        async def change(tx: Tx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
+    async def promote(self, caller: Caller, rollout: RolloutRef, full: bool) -> RolloutRecord:
+        async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
             if full:
                 return await self.finish(tx, r, f"promoted to 100% by {caller.user}"), "PROMOTED"
-            step = _next_gate_end(r)
-            return await self.rollouts.update(
-                tx.conn, r, state="PROGRESSING", state_reason=f"promoted past step {r.current_step} by {caller.user}",
-                current_step=step, step_start_time=now(),
-            ), "PROMOTED"
-        return await self._act(caller, name, "PromoteRollout", change)
+            promoted = replace(
+                r, state=RolloutState.PROGRESSING,
+                state_reason=f"promoted past step {r.current_step} by {caller.user}",
+                current_step=_next_gate_end(r), step_start_time=self.clock.now(),
+            )
+            return await save(tx, promoted), "PROMOTED"
+        return await self._act(caller, rollout, "PromoteRollout", change)
 
-    async def pause(self, caller: Caller, name: str, reason: str) -> RolloutRecord:
-        async def change(tx: Tx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
-            return await self.rollouts.update(
-                tx.conn, r, state="PAUSED", state_reason=reason or f"paused by {caller.user}"), "PAUSED"
-        return await self._act(caller, name, "PauseRollout", change)
+    async def pause(self, caller: Caller, rollout: RolloutRef, reason: str) -> RolloutRecord:
+        async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
+            paused = replace(r, state=RolloutState.PAUSED,
+                             state_reason=reason or f"paused by {caller.user}")
+            return await save(tx, paused), "PAUSED"
+        return await self._act(caller, rollout, "PauseRollout", change)
 
-    async def resume(self, caller: Caller, name: str) -> RolloutRecord:
-        async def change(tx: Tx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
-            if r.state != "PAUSED":
+    async def resume(self, caller: Caller, rollout: RolloutRef) -> RolloutRecord:
+        async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
+            if r.state is not RolloutState.PAUSED:
                 raise FailedPrecondition(f"{r.name} is not paused", reason="NOT_PAUSED")
             step = r.current_step
-            steps = r.spec["steps"]
+            steps = r.spec.steps
             # Resuming a manual gate, or a gate that timed out, moves past it.
-            if step < len(steps) and ("manual" in steps[step] or "analysis" in steps[step]):
+            if step < len(steps) and isinstance(steps[step], ManualGate | AnalysisGate):
                 step += 1
-            return await self.rollouts.update(
-                tx.conn, r, state="PROGRESSING", state_reason=f"resumed by {caller.user}",
-                current_step=step, step_start_time=now()), "RESUMED"
-        return await self._act(caller, name, "ResumeRollout", change)
+            resumed = replace(r, state=RolloutState.PROGRESSING,
+                              state_reason=f"resumed by {caller.user}", current_step=step,
+                              step_start_time=self.clock.now())
+            return await save(tx, resumed), "RESUMED"
+        return await self._act(caller, rollout, "ResumeRollout", change)
 
-    async def abort(self, caller: Caller, name: str, reason: str) -> RolloutRecord:
-        async def change(tx: Tx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
-            return await self.end_on_stable(tx, r, "ABORTED", reason or f"aborted by {caller.user}"), "ABORTED"
-        return await self._act(caller, name, "AbortRollout", change)
+    async def abort(self, caller: Caller, rollout: RolloutRef, reason: str) -> RolloutRecord:
+        async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
+            ended = await self.end_on_stable(
+                tx, r, RolloutState.ABORTED, reason or f"aborted by {caller.user}")
+            return ended, "ABORTED"
+        return await self._act(caller, rollout, "AbortRollout", change)
 
     # -- effects shared with the controller ------------------------------------------------
 
-    async def set_weight(self, tx: Tx, r: RolloutRecord, weight: float, step: int) -> RolloutRecord:
-        await tx.put_endpoint(r.agent, r.endpoint, split_for(r.stable_version, r.candidate_version, weight))
-        t = now()
-        return await self.rollouts.update(
-            tx.conn, r, current_weight=weight, current_step=step, step_start_time=t,
+    async def set_weight(
+        self, tx: RegistryTx, r: RolloutRecord, weight: float, step: int
+    ) -> RolloutRecord:
+        await tx.put_endpoint(r.endpoint, split_for(r.stable_version, r.candidate_version, weight))
+        t = self.clock.now()
+        return await save(tx, replace(
+            r, current_weight=weight, current_step=step, step_start_time=t,
             traffic_start_time=r.traffic_start_time or t,
-        )
+        ))
 
-    async def finish(self, tx: Tx, r: RolloutRecord, reason: str) -> RolloutRecord:
-        await tx.put_endpoint(r.agent, r.endpoint, split_for(r.stable_version, r.candidate_version, 100))
-        return await self.rollouts.update(
-            tx.conn, r, state="SUCCEEDED", state_reason=reason, current_weight=100.0,
-            current_step=len(r.spec["steps"]), end_time=now(),
-        )
+    async def finish(self, tx: RegistryTx, r: RolloutRecord, reason: str) -> RolloutRecord:
+        await tx.put_endpoint(r.endpoint, split_for(r.stable_version, r.candidate_version, 100))
+        return await save(tx, replace(
+            r, state=RolloutState.SUCCEEDED, state_reason=reason, current_weight=100.0,
+            current_step=len(r.spec.steps), end_time=self.clock.now(),
+        ))
 
-    async def end_on_stable(self, tx: Tx, r: RolloutRecord, state: str, reason: str, analysis: Any = None) -> RolloutRecord:
-        await tx.put_endpoint(r.agent, r.endpoint, split_for(r.stable_version, r.candidate_version, 0))
-        changes: dict[str, Any] = {"state": state, "state_reason": reason, "current_weight": 0.0, "end_time": now()}
-        if analysis is not None:
-            changes["last_analysis"] = analysis
-        return await self.rollouts.update(tx.conn, r, **changes)
+    async def end_on_stable(
+        self, tx: RegistryTx, r: RolloutRecord, state: RolloutState, reason: str,
+        analysis: Analysis | None = None,
+    ) -> RolloutRecord:
+        await tx.put_endpoint(r.endpoint, split_for(r.stable_version, r.candidate_version, 0))
+        return await save(tx, replace(
+            r, state=state, state_reason=reason, current_weight=0.0, end_time=self.clock.now(),
+            last_analysis=analysis if analysis is not None else r.last_analysis,
+        ))
 
     async def abort_for_manual_change(
-        self, tx: Tx, agent: str, endpoint: str, caller: Caller
+        self, tx: RegistryTx, endpoint: EndpointRef, caller: Caller
     ) -> Transition | None:
-        """A manual `endpoint set` during a rollout aborts it (audited as such). Returns the
-        transition to announce once the caller's transaction has committed."""
-        r = await self.rollouts.active_for_endpoint(tx.conn, agent, endpoint)
-        if r is None:
+        """A manual `endpoint set` during a rollout or experiment aborts it (audited as such).
+        Returns the transition to announce once the caller's transaction has committed."""
+        run = await tx.active_run(endpoint)
+        if run is None:
             return None
         reason = f"aborted: endpoint set manually by {caller.user}"
-        updated = await self.rollouts.update(tx.conn, r, state="ABORTED", state_reason=reason, end_time=now())
-        await tx.audit(caller.tenant, caller.user, "AbortRollout", r.name, {"reason": reason})
-        return Transition(updated, "ABORTED", caller.user)
+        ended: RunRecord
+        if isinstance(run, ExperimentRecord):
+            ended = await self._end_experiment(tx, run, reason)
+        else:
+            ended = await save(tx, replace(
+                run, state=RolloutState.ABORTED, state_reason=reason, end_time=self.clock.now()))
+        await tx.audit(caller, "AbortRollout", run.name, {"reason": reason})
+        return Transition(ended, "ABORTED", caller.user)
+
+    async def _end_experiment(
+        self, tx: RegistryTx, experiment: ExperimentRecord, reason: str
+    ) -> ExperimentRecord:
+        """An experiment that a manual change of its endpoint ends before its conclusion."""
+        ended = await tx.save_experiment(replace(
+            experiment, state=ExperimentState.ABORTED, state_reason=reason,
+            end_time=self.clock.now()))
+        if ended is None:
+            raise run_changed(experiment)
+        return ended
 
     async def rollback_endpoint(
-        self, caller: Caller, name: str, version: str, policy: str
-    ) -> tuple[str, str, int]:
-        """Back to the last stable version (or `version`). Returns (agent, endpoint, version)."""
-        agent, endpoint = _endpoint(name, "name")
-        async with self.store.tx() as tx:
-            current = await tx.endpoint_for_update(agent, endpoint)
+        self, caller: Caller, endpoint: EndpointRef, version: VersionRef | None,
+        policy: SessionPolicy,
+    ) -> EndpointRecord:
+        """Back to the last stable version (or `version`), applying the session policy to the
+        sessions of the versions it leaves."""
+        async with self._store.tx() as tx:
+            current = await tx.get_endpoint(endpoint, for_update=True)
             if current is None:
-                raise NotFound(f"{name} does not exist")
-            running = await self.rollouts.active_for_endpoint(tx.conn, agent, endpoint)
-            if version:
-                try:
-                    target = names.parse_version(version).number
-                except names.ResourceNameError as exc:
-                    raise InvalidArgument.field("version", str(exc)) from None
-                if not await tx.existing_versions(agent, [target]):
-                    raise FailedPrecondition(f"{version} does not exist", reason="VERSION_NOT_FOUND")
+                raise NotFound(f"{endpoint.name} does not exist")
+            running = await tx.active_run(endpoint)
+            if version is not None:
+                target = version.number
+                if not await tx.existing_versions(endpoint.parent, [target]):
+                    raise FailedPrecondition(f"{version.name} does not exist",
+                                             reason="VERSION_NOT_FOUND")
             elif running is not None:
                 target = running.stable_version
             else:
                 serving = current.traffic[0].version if len(current.traffic) == 1 else -1
-                found = await self.rollouts.last_stable(tx.conn, agent, endpoint, serving)
+                found = await tx.last_stable(endpoint, serving)
                 if found is None:
                     raise FailedPrecondition(
-                        f"{name} has no earlier stable version to roll back to; give --to VERSION",
+                        f"{endpoint.name} has no earlier stable version to roll back to; give "
+                        "--to VERSION",
                         reason="NO_STABLE_VERSION",
                     )
                 target = found
+            evidence = running.last_analysis if isinstance(running, RolloutRecord) else None
+            serving_stable = None
+            transition = None
             if running is not None:
-                updated = await self.end_on_stable(
-                    tx, running, "ROLLED_BACK", f"rolled back by {caller.user}")
-                await tx.audit(caller.tenant, caller.user, "RollbackRollout", running.name,
-                               {"to": target, "policy": policy, "evidence": running.last_analysis})
-                if target != running.stable_version:
-                    await tx.put_endpoint(agent, endpoint, (TrafficShare(target, 10_000),))
-                self.notify(Transition(updated, "ROLLED_BACK", caller.user, running.last_analysis))
-            else:
-                await tx.put_endpoint(agent, endpoint, (TrafficShare(target, 10_000),))
-            await tx.audit(caller.tenant, caller.user, "RollbackEndpoint", name, {
-                "to": target, "policy": policy,
-                "evidence": running.last_analysis if running is not None else None,
-            })
-        if self.retire is not None:
-            for share in current.traffic:
-                if share.version != target:
-                    await self.retire(agent, endpoint, share.version, policy, target)
-        return agent, endpoint, target
+                reason = f"rolled back by {caller.user}"
+                updated: RunRecord
+                if isinstance(running, RolloutRecord):
+                    updated = await self.end_on_stable(tx, running, RolloutState.ROLLED_BACK, reason)
+                    serving_stable = running.stable_version
+                else:
+                    updated = await self._end_experiment(tx, running, reason)
+                await tx.audit(caller, "RollbackRollout", running.name,
+                               {"to": target, "policy": policy.value, "evidence": evidence})
+                transition = Transition(updated, "ROLLED_BACK", caller.user, evidence)
+            if target != serving_stable:
+                await tx.put_endpoint(endpoint, (TrafficShare(target, BASIS_POINTS),))
+            await tx.audit(caller, "RollbackEndpoint", endpoint.name,
+                           {"to": target, "policy": policy.value, "evidence": evidence})
+        if transition is not None:
+            self._notify(transition)
+        for share in current.traffic:
+            if share.version != target:
+                await self.retire_sessions(endpoint, share.version, policy, target)
+        after = await self._store.get_endpoint(endpoint)
+        if after is None:
+            raise NotFound(f"{endpoint.name} does not exist")
+        return after
 
+    # -- session policies ------------------------------------------------------------------
 
-def _endpoint(name: str, field: str) -> tuple[str, str]:
-    try:
-        return names.parse_endpoint(name)
-    except names.ResourceNameError as exc:
-        raise InvalidArgument.field(field, str(exc)) from None
+    async def retire_sessions(
+        self, endpoint: EndpointRef, version: int, policy: SessionPolicy, to_version: int
+    ) -> int:
+        """Applies a session policy to the sessions of `version` on the endpoint: drain (nothing
+        now; stopped after the drain timeout), migrate (to `to_version`) or stop. Returns how
+        many sessions it moved or stopped; a sessions service that cannot be reached is logged,
+        never fatal."""
+        if policy is SessionPolicy.DRAIN:
+            return 0
+        leaving = VersionRef(endpoint.agent, version)
+        migrate_to = None
+        digest = ""
+        if policy is SessionPolicy.MIGRATE:
+            migrate_to = VersionRef(endpoint.agent, to_version)
+            target = await self._store.get_version(migrate_to)
+            digest = target.digest if target else ""
+        try:
+            count = await self._sessions.retire_version(leaving, endpoint, migrate_to, digest)
+        except CorralError as exc:
+            log.error("could not apply the %s policy to %s sessions: %s", policy.value,
+                      leaving.name, exc.message)
+            return 0
+        log.info("%s: %d sessions on %s (%s)", policy.value.lower(), count, leaving.name,
+                 endpoint.endpoint)
+        return count
+
+    async def after_rollback(self, r: RolloutRecord, policy: SessionPolicy | None = None) -> None:
+        """The session policy (the rollout's own unless given) for a rolled-back candidate."""
+        await self.retire_sessions(r.endpoint, r.candidate_version,
+                                   policy or r.spec.rollback_policy, r.stable_version)
 
 
 def _next_gate_end(r: RolloutRecord) -> int:
     """The step after the current gate (or the current step when it is not a gate)."""
-    steps = r.spec["steps"]
+    steps = r.spec.steps
     step = r.current_step
-    if step < len(steps) and "set_weight" not in steps[step]:
+    if step < len(steps) and not isinstance(steps[step], SetWeight):
         return step + 1
     return step
-
-
-__all__ = ["RolloutRecord", "Rollouts", "Transition"]

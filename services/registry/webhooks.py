@@ -3,18 +3,24 @@ blocking the controller (delivery runs in its own task)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from services.registry.rollouts import Transition
+from corral.names import EndpointRef
+from services.common.background import TaskSet
+from services.registry.rollout_model import ExperimentRecord, Transition
+from services.registry.store.json_forms import JsonObject, evidence_json
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 5
+CLOSE_WAIT_S = 2.0
+
+# The webhook an endpoint has configured ("" for none), for runs that name none of their own.
+EndpointWebhook = Callable[[EndpointRef], Awaitable[str]]
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -23,40 +29,41 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-def payload(t: Transition) -> dict[str, Any]:
-    r = t.rollout
+def payload(t: Transition) -> JsonObject:
+    r = t.run
     return {
         "event": t.event,
         "rollout": r.name,
         "kind": r.kind,
-        "state": r.state,
+        "state": r.state.value,
         "reason": r.state_reason,
-        "stable_version": f"agents/{r.agent}/versions/{r.stable_version}",
-        "candidate_version": f"agents/{r.agent}/versions/{r.candidate_version}",
-        "weight": r.current_weight,
+        "stable_version": r.endpoint.parent.version(r.stable_version).name,
+        "candidate_version": r.endpoint.parent.version(r.candidate_version).name,
+        "weight": 0.0 if isinstance(r, ExperimentRecord) else r.current_weight,
         "actor": t.actor,
-        "evidence": t.evidence,
+        "evidence": evidence_json(t.evidence),
         "time": datetime.now(UTC).isoformat(),
     }
 
 
 class WebhookNotifier:
-    def __init__(self, lookup_endpoint_url: Any = None, timeout_s: float = 5.0, wait_max_s: float = 10.0) -> None:
+    def __init__(
+        self, endpoint_webhook: EndpointWebhook | None = None, timeout_s: float = 5.0,
+        wait_max_s: float = 10.0,
+    ) -> None:
         self._client = httpx.AsyncClient(timeout=timeout_s)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._deliveries = TaskSet("webhook delivery")
         self._wait_max_s = wait_max_s
-        self.lookup_endpoint_url = lookup_endpoint_url
+        self._endpoint_webhook = endpoint_webhook
         self.delivered = 0
 
     def __call__(self, t: Transition) -> None:
-        task = asyncio.get_running_loop().create_task(self._deliver(t))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._deliveries.spawn(self._deliver(t))
 
     async def _deliver(self, t: Transition) -> None:
-        url = t.rollout.spec.get("webhook_url") or ""
-        if not url and self.lookup_endpoint_url is not None:
-            url = await self.lookup_endpoint_url(t.rollout.agent, t.rollout.endpoint)
+        url = t.run.spec.webhook_url
+        if not url and self._endpoint_webhook is not None:
+            url = await self._endpoint_webhook(t.run.endpoint)
         if not url:
             return
         body = payload(t)
@@ -70,9 +77,9 @@ class WebhookNotifier:
                     response.raise_for_status()
             self.delivered += 1
         except Exception as exc:  # noqa: BLE001 - a failed page is logged, never fatal
-            log.warning("webhook %s for %s (%s) failed: %s", url, t.rollout.name, t.event, exc)
+            log.warning("webhook %s for %s (%s) failed: %s", url, t.run.name, t.event, exc)
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
+        await self._deliveries.wait(CLOSE_WAIT_S)
+        await self._deliveries.close()
         await self._client.aclose()

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 
 from corral.bundle import digest_of, pack
 from corral.client import CorralClient
@@ -468,6 +469,59 @@ async def test_endpoint_updates_are_checked_and_guarded_by_etags(registry: Regis
     assert staging.revision == 1 and staging.salt != prod.salt
     listed = await stub.ListEndpoints(pb.ListEndpointsRequest(parent=f"agents/{a}"))
     assert [e.name.rsplit("/", 1)[1] for e in listed.endpoints] == ["DEFAULT", "prod", "staging"]
+
+
+async def test_an_update_mask_changes_only_the_fields_it_names(registry: Registry) -> None:
+    a, stub = registry.agent, registry.stub
+    for i in range(2):
+        await registry.publish(registry.bundle(prompt=f"v{i}\n"))
+    body = registry.body("prod", [(1, 100)])
+    body.description = "the one users reach"
+    prod = await stub.UpdateEndpoint(
+        pb.UpdateEndpointRequest(endpoint=body, allow_missing=True), metadata=who()
+    )
+
+    def update(split: list[tuple[int, float]], description: str, *paths: str) -> object:
+        changed = registry.body("prod", split)
+        changed.description = description
+        mask = field_mask_pb2.FieldMask(paths=list(paths))
+        return stub.UpdateEndpoint(
+            pb.UpdateEndpointRequest(endpoint=changed, update_mask=mask), metadata=who()
+        )
+
+    # Only the description: the traffic in the request is ignored, even a split that is wrong.
+    described = await update([(1, 50)], "the stable one", "description")
+    assert described.description == "the stable one" and described.revision == prod.revision + 1
+    assert list(described.traffic) == list(prod.traffic)
+    # Only the traffic: the description stays.
+    moved = await update([(1, 50), (2, 50)], "", "traffic")
+    assert moved.description == "the stable one"
+    assert [t.percent for t in moved.traffic] == [50.0, 50.0]
+    # Both named, or no mask at all: both are replaced, as before masks existed.
+    both = await update([(2, 100)], "all on v2", "traffic", "description")
+    assert both.description == "all on v2" and [t.version for t in both.traffic] == [
+        f"agents/{a}/versions/2"
+    ]
+    unmasked = await update([(1, 100)], "")
+    assert unmasked.description == "" and [t.version for t in unmasked.traffic] == [
+        f"agents/{a}/versions/1"
+    ]
+
+    for paths in (["salt"], ["traffic", "etag"], ["name"]):
+        err = await fails(grpc.StatusCode.INVALID_ARGUMENT, update([(1, 100)], "x", *paths))
+        assert harness.error_details(err)[1] == ["update_mask"], paths
+        assert "cannot be changed" in (err.details() or "")
+    # Creating an endpoint needs its traffic.
+    missing = registry.body("staging", [(1, 100)])
+    err = await fails(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+            endpoint=missing, allow_missing=True,
+            update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+        )),
+    )
+    assert harness.error_details(err)[1] == ["update_mask"]
+    assert await registry.endpoint("prod") == unmasked
 
 
 async def test_the_audit_log_records_who_changed_what(registry: Registry) -> None:

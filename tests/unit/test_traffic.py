@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import InvalidArgument
-from services.registry.traffic import BASIS_POINTS, TrafficShare, normalize_split
+from services.registry.rules import normalize_split
 
 
 def test_a_split_is_ordered_by_version_and_kept_in_basis_points() -> None:

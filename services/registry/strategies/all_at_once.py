@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from services.registry.rollout_model import SetWeight, Step
 
 
-def all_at_once_steps(gate_max_s: int) -> list[dict[str, Any]]:
-    return [{"set_weight": 100.0}]
+def all_at_once_steps(gate_max_s: int) -> tuple[Step, ...]:
+    return (SetWeight(100.0),)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from services.registry.rollout_model import Step
 from services.registry.strategies.weights import weight_steps
 
 
-def canary_steps(gate_max_s: int) -> list[dict[str, Any]]:
+def canary_steps(gate_max_s: int) -> tuple[Step, ...]:
     return weight_steps([10, 100], gate_max_s)

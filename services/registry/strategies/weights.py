@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from services.registry.rollout_model import AnalysisGate, SetWeight, Step
 
 
-def weight_steps(weights: list[float], gate_max_s: int) -> list[dict[str, Any]]:
-    steps: list[dict[str, Any]] = []
+def weight_steps(weights: list[float], gate_max_s: int) -> tuple[Step, ...]:
+    steps: list[Step] = []
     for w in weights:
-        steps.append({"set_weight": w})
+        steps.append(SetWeight(w))
         if w < 100:
-            steps.append({"analysis": {"max_duration_s": gate_max_s}})
-    return steps
+            steps.append(AnalysisGate(gate_max_s))
+    return tuple(steps)

@@ -1,0 +1,138 @@
+"""Telemetry's analysis messages ↔ the registry's analysis values: metric specs, version
+comparisons, experiment analyses. Shared by the servicer (rollouts carry them) and the client
+(telemetry computes them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from corral.telemetry.v1 import telemetry_pb2 as tel
+from services.common.timestamps import optional_time, timestamp
+from services.registry.rollout_model import (
+    Analysis,
+    ArmStats,
+    Comparison,
+    Direction,
+    ExperimentAnalysis,
+    ExperimentMetric,
+    MetricSpec,
+    VariantMetric,
+    Verdict,
+)
+
+# The values' names are the messages' enum names without their prefix.
+_DIRECTION_TO_PB = {d: tel.MetricDirection.Value(f"METRIC_DIRECTION_{d.value}") for d in Direction}
+_DIRECTION_FROM_PB = {v: k for k, v in _DIRECTION_TO_PB.items()}
+_VERDICT_TO_PB = {v: tel.Verdict.Value(f"VERDICT_{v.value}") for v in Verdict}
+_VERDICT_FROM_PB = {v: k for k, v in _VERDICT_TO_PB.items()}
+
+
+def metric_from_pb(m: tel.MetricSpec) -> MetricSpec:
+    return MetricSpec(
+        name=m.name,
+        direction=_DIRECTION_FROM_PB.get(m.direction),
+        tolerance=m.tolerance if m.HasField("tolerance") else None,
+        relative=m.relative if m.HasField("relative") else None,
+        fail_margin=m.fail_margin if m.HasField("fail_margin") else None,
+    )
+
+
+def metric_pb(m: MetricSpec) -> tel.MetricSpec:
+    out = tel.MetricSpec(
+        name=m.name,
+        direction=_DIRECTION_TO_PB[m.direction] if m.direction else tel.METRIC_DIRECTION_UNSPECIFIED,
+    )
+    if m.tolerance is not None:
+        out.tolerance = m.tolerance
+    if m.relative is not None:
+        out.relative = m.relative
+    if m.fail_margin is not None:
+        out.fail_margin = m.fail_margin
+    return out
+
+
+def _arm_from_pb(a: tel.ArmStats) -> ArmStats:
+    return ArmStats(a.version, a.sessions, a.invocations, a.estimate, a.ci_low, a.ci_high)
+
+
+def _arm_pb(a: ArmStats) -> tel.ArmStats:
+    return tel.ArmStats(**dataclasses.asdict(a))  # the same fields by the same names
+
+
+def _verdict_from_pb(v: tel.Verdict.ValueType) -> Verdict:
+    # Telemetry leaves no verdict only when it has none to give.
+    return _VERDICT_FROM_PB.get(v, Verdict.INCONCLUSIVE)
+
+
+def analysis_from_pb(response: tel.CompareVersionsResponse) -> Analysis:
+    return Analysis(
+        verdict=_verdict_from_pb(response.verdict),
+        comparisons=tuple(
+            Comparison(
+                metric=metric_from_pb(c.metric),
+                baseline=_arm_from_pb(c.baseline) if c.HasField("baseline") else None,
+                candidate=_arm_from_pb(c.candidate) if c.HasField("candidate") else None,
+                difference=c.difference, ci_low=c.ci_low, ci_high=c.ci_high,
+                tolerance=c.tolerance, verdict=_verdict_from_pb(c.verdict),
+                explanation=c.explanation,
+            )
+            for c in response.comparisons
+        ),
+        evaluate_time=optional_time(response, "evaluate_time"),
+    )
+
+
+def analysis_pb(a: Analysis) -> tel.CompareVersionsResponse:
+    out = tel.CompareVersionsResponse(verdict=_VERDICT_TO_PB[a.verdict])
+    for c in a.comparisons:
+        comparison = out.comparisons.add(
+            metric=metric_pb(c.metric), difference=c.difference, ci_low=c.ci_low,
+            ci_high=c.ci_high, tolerance=c.tolerance, verdict=_VERDICT_TO_PB[c.verdict],
+            explanation=c.explanation,
+        )
+        if c.baseline is not None:
+            comparison.baseline.CopyFrom(_arm_pb(c.baseline))
+        if c.candidate is not None:
+            comparison.candidate.CopyFrom(_arm_pb(c.candidate))
+    if a.evaluate_time is not None:
+        out.evaluate_time.CopyFrom(timestamp(a.evaluate_time))
+    return out
+
+
+def experiment_analysis_from_pb(response: tel.AnalyzeExperimentResponse) -> ExperimentAnalysis:
+    return ExperimentAnalysis(
+        metrics=tuple(
+            ExperimentMetric(
+                metric=metric_from_pb(m.metric),
+                unit=m.unit,
+                variants=tuple(
+                    VariantMetric(v.version, v.sessions, v.estimate, v.ci_low, v.ci_high,
+                                  v.control, v.effect, v.effect_low, v.effect_high)
+                    for v in m.variants
+                ),
+            )
+            for m in response.metrics
+        ),
+        sessions=tuple(response.sessions),
+        sample_ratio_p_value=response.sample_ratio_p_value,
+        sample_ratio_mismatch=response.sample_ratio_mismatch,
+        warning=response.warning,
+    )
+
+
+def experiment_analysis_pb(a: ExperimentAnalysis) -> tel.AnalyzeExperimentResponse:
+    return tel.AnalyzeExperimentResponse(
+        metrics=[
+            tel.ExperimentMetricResult(
+                metric=metric_pb(m.metric),
+                unit=m.unit,
+                # The same fields by the same names.
+                variants=[tel.VariantMetric(**dataclasses.asdict(v)) for v in m.variants],
+            )
+            for m in a.metrics
+        ],
+        sessions=list(a.sessions),
+        sample_ratio_p_value=a.sample_ratio_p_value,
+        sample_ratio_mismatch=a.sample_ratio_mismatch,
+        warning=a.warning,
+    )

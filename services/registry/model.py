@@ -1,0 +1,373 @@
+"""The registry's values (agents, versions, endpoints, the audit log) and the seams its domain is
+built on: storage, the clock, and the calls out to telemetry and sessions. No gRPC here."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol, TypeAlias, TypeVar
+
+from corral.manifest import Manifest
+from corral.names import AgentRef, EndpointRef, ExperimentRef, RolloutRef, ToolRef, VersionRef
+from services.common.endpoints import TrafficShare
+from services.common.identity import Caller
+from services.common.paging import Key, KeyPart, Page, PageQuery
+from services.registry.rollout_model import (
+    Analysis,
+    AnalysisConfig,
+    ExperimentAnalysis,
+    ExperimentRecord,
+    ExperimentSpec,
+    RolloutRecord,
+    RolloutSpec,
+    RunRecord,
+    TrafficTarget,
+)
+from services.registry.tool_model import ToolRecord, ToolSpec
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    id: str
+    create_time: datetime
+    latest_version: int
+
+    @property
+    def ref(self) -> AgentRef:
+        return AgentRef(self.id)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    agent: str
+    number: int
+    digest: str
+    size: int
+    manifest: Manifest
+    create_time: datetime
+    creator: str
+
+    @property
+    def ref(self) -> VersionRef:
+        return VersionRef(self.agent, self.number)
+
+
+@dataclass(frozen=True)
+class EndpointRecord:
+    agent: str
+    id: str
+    follow_latest: bool
+    salt: str
+    revision: int
+    description: str
+    traffic: tuple[TrafficShare, ...]
+    create_time: datetime
+    update_time: datetime
+    # The last version that served the endpoint alone and is not in its traffic now.
+    rollback_version: int | None = None
+
+    @property
+    def ref(self) -> EndpointRef:
+        return EndpointRef(self.agent, self.id)
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.revision}"'
+
+
+JsonValue: TypeAlias = (
+    str | int | float | bool | None | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
+)
+# Audit details as written: JSON values, or domain values the store knows how to write (an
+# analysis as evidence).
+AuditDetails = Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    time: datetime
+    tenant: str
+    user: str
+    method: str
+    resource: str
+    details: Mapping[str, JsonValue]
+
+
+@dataclass(frozen=True)
+class EndpointChange:
+    """What an endpoint update sets; None keeps the field as it is."""
+
+    traffic: tuple[TrafficTarget, ...] | None
+    description: str | None
+
+
+@dataclass(frozen=True)
+class Paging:
+    """The page a caller's List call asks for: a size (0: the default) and the token of the
+    previous page."""
+
+    who: Caller
+    size: int = 0
+    token: str = ""
+
+
+Row = TypeVar("Row")
+
+
+async def read_page(
+    paging: Paging, method: str, where: object, key_shape: tuple[type[KeyPart], ...],
+    rows: Callable[[Key | None, int], Awaitable[list[Row]]], key: Callable[[Row], Key],
+) -> Page[Row]:
+    """One page of a listing: `rows(after, limit)` reads in the order `key` gives. The token is
+    bound to the method, the filter `where` and the caller's tenant, so it cannot be replayed
+    elsewhere."""
+    query = PageQuery.start(
+        method, owner=paging.who.tenant, where=where, page_size=paging.size, token=paging.token,
+        key_shape=key_shape,
+    )
+    return query.page(await rows(query.after, query.fetch_limit), key=key)
+
+
+# -- seams -------------------------------------------------------------------------------------
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class CatalogReads(Protocol):
+    """Agents, their versions and the bundles behind them."""
+
+    async def get_agent(self, agent: AgentRef) -> AgentRecord | None: ...
+
+    async def list_agents(self, after: Key | None, limit: int) -> list[AgentRecord]:
+        """In id order."""
+        ...
+
+    async def get_version(self, version: VersionRef) -> VersionRecord | None:
+        """By number, or by digest when the reference carries one."""
+        ...
+
+    async def list_versions(
+        self, agent: AgentRef, after: Key | None, limit: int
+    ) -> list[VersionRecord]:
+        """In number order."""
+        ...
+
+    async def existing_versions(self, agent: AgentRef, numbers: Collection[int]) -> set[int]: ...
+
+    async def bundle(self, digest: str) -> bytes | None: ...
+
+
+class EndpointReads(Protocol):
+    async def get_endpoint(
+        self, endpoint: EndpointRef, *, for_update: bool = False
+    ) -> EndpointRecord | None: ...
+
+    async def list_endpoints(
+        self, agent: AgentRef | None, after: Key | None, limit: int | None
+    ) -> list[EndpointRecord]:
+        """In (agent, id) order; every agent's when `agent` is None, all of them when `limit` is
+        None."""
+        ...
+
+    async def webhook_url(self, endpoint: EndpointRef) -> str: ...
+
+    async def last_stable(self, endpoint: EndpointRef, not_version: int) -> int | None:
+        """The newest version that served the endpoint alone, other than `not_version`."""
+        ...
+
+
+class RunReads(Protocol):
+    """Rollouts and experiments ("runs": both change one endpoint over time)."""
+
+    async def get_rollout(
+        self, rollout: RolloutRef, *, for_update: bool = False
+    ) -> RolloutRecord | None:
+        """The rollout, or the endpoint's newest when the reference has no id."""
+        ...
+
+    async def get_experiment(
+        self, experiment: ExperimentRef, *, for_update: bool = False
+    ) -> ExperimentRecord | None: ...
+
+    async def list_rollouts(
+        self, endpoint: EndpointRef, after: Key | None, limit: int
+    ) -> list[RolloutRecord]:
+        """Newest first."""
+        ...
+
+    async def list_experiments(
+        self, endpoint: EndpointRef, after: Key | None, limit: int
+    ) -> list[ExperimentRecord]:
+        """Newest first."""
+        ...
+
+    async def active_runs(self) -> list[RunRecord]:
+        """Every run not ended yet, oldest first."""
+        ...
+
+    async def recent_runs(self, limit: int = 200) -> list[RunRecord]:
+        """The newest run of each kind on each endpoint."""
+        ...
+
+    async def due_drains(self) -> list[RolloutRecord]:
+        """Ended rollouts whose drained candidate sessions are due to be stopped."""
+        ...
+
+
+class AuditReads(Protocol):
+    async def list_audit(self, prefix: str, after: Key | None, limit: int) -> list[AuditRecord]:
+        """Events whose resource starts with `prefix` (literally), newest first."""
+        ...
+
+
+class AuditWrites(Protocol):
+    async def audit(
+        self, who: Caller, method: str, resource: str, details: AuditDetails
+    ) -> None: ...
+
+    async def claim_request(self, key: str, resource: str) -> str | None:
+        """Records a create's request key; returns the resource an earlier request with the same
+        key created, if any."""
+        ...
+
+
+class RegistryTx(CatalogReads, EndpointReads, RunReads, AuditWrites, Protocol):
+    """Reads and writes inside one transaction. Reads `for_update` lock the row until it ends;
+    endpoint changes reach the watchers when it commits."""
+
+    async def ensure_agent(self, agent: AgentRef, creator: str) -> bool:
+        """Creates the agent if missing and locks its row; True if it was created."""
+        ...
+
+    async def lock_agent(self, agent: AgentRef) -> bool:
+        """Locks the agent's row; False when there is no such agent."""
+        ...
+
+    async def insert_version(
+        self, agent: AgentRef, digest: str, data: bytes, manifest: Manifest, creator: str
+    ) -> VersionRecord:
+        """Stores the bundle (once per digest) as the agent's next version."""
+        ...
+
+    async def put_endpoint(
+        self, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
+        follow_latest: bool = False, description: str = "",
+    ) -> EndpointRecord:
+        """Creates or replaces the endpoint's traffic (a new revision)."""
+        ...
+
+    async def insert_rollout(
+        self, endpoint: EndpointRef, stable: int, candidate: int, spec: RolloutSpec, creator: str
+    ) -> RolloutRecord | None:
+        """The new PROGRESSING rollout; None when another run started on the endpoint just now."""
+        ...
+
+    async def insert_experiment(
+        self, endpoint: EndpointRef, spec: ExperimentSpec, creator: str, traffic_start: datetime
+    ) -> ExperimentRecord | None:
+        """The new RUNNING experiment, its split in place since `traffic_start`; None when another
+        run started on the endpoint just now."""
+        ...
+
+    async def active_run(self, endpoint: EndpointRef) -> RunRecord | None:
+        """The endpoint's run that has not ended, locked."""
+        ...
+
+    async def save_rollout(self, rollout: RolloutRecord) -> RolloutRecord | None:
+        """Writes the rollout's progress if the row is still at its revision (a driver that lost
+        its lock cannot apply a step twice); None when it is not."""
+        ...
+
+    async def save_experiment(self, experiment: ExperimentRecord) -> ExperimentRecord | None:
+        """As save_rollout, for an experiment."""
+        ...
+
+    async def try_lock_run(self, name: str) -> bool:
+        """A lock held until the transaction ends, if no one else holds it: exactly one replica
+        drives a run."""
+        ...
+
+
+class RegistryStore(CatalogReads, EndpointReads, RunReads, AuditReads, Protocol):
+    def tx(self) -> AbstractAsyncContextManager[RegistryTx]:
+        """A transaction: committed when the block ends, rolled back when it raises."""
+        ...
+
+    async def listen_endpoints(
+        self, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Calls `callback("agent/endpoint/revision")` on every committed endpoint change, from
+        any replica. Returns the function that stops listening."""
+        ...
+
+
+class ToolTx(AuditWrites, Protocol):
+    async def get_tool(
+        self, tenant: str, tool: ToolRef, *, for_update: bool = False
+    ) -> ToolRecord | None: ...
+
+    async def insert_tool(
+        self, tenant: str, tool: ToolRef, spec: ToolSpec, ciphertext: bytes | None, creator: str
+    ) -> ToolRecord | None:
+        """The new tool, or None when the tenant already has one by that name."""
+        ...
+
+    async def update_tool(
+        self, tenant: str, tool: ToolRef, spec: ToolSpec, ciphertext: bytes | None
+    ) -> ToolRecord: ...
+
+    async def delete_tool(self, tenant: str, tool: ToolRef) -> None: ...
+
+
+class ToolStore(Protocol):
+    def tx(self) -> AbstractAsyncContextManager[ToolTx]: ...
+
+    async def get_tool(
+        self, tenant: str, tool: ToolRef, *, for_update: bool = False
+    ) -> ToolRecord | None: ...
+
+    async def list_tools(self, tenant: str, after: Key | None, limit: int) -> list[ToolRecord]:
+        """In name order."""
+        ...
+
+
+# -- calls out ---------------------------------------------------------------------------------
+
+
+class VersionAnalysis(Protocol):
+    """Telemetry's comparison of a candidate with the stable version over a window."""
+
+    async def compare_versions(
+        self, endpoint: EndpointRef, baseline: int, candidate: int, config: AnalysisConfig,
+        start: datetime, end: datetime,
+    ) -> Analysis: ...
+
+
+class ExperimentAnalyzer(Protocol):
+    """Telemetry's per-variant analysis of an experiment over a window."""
+
+    async def analyze_experiment(
+        self, endpoint: EndpointRef, spec: ExperimentSpec, start: datetime, end: datetime
+    ) -> ExperimentAnalysis: ...
+
+
+class SessionRetirement(Protocol):
+    """The sessions service, moving or stopping the sessions pinned to a version."""
+
+    async def retire_version(
+        self, version: VersionRef, endpoint: EndpointRef, migrate_to: VersionRef | None,
+        migrate_digest: str,
+    ) -> int:
+        """Stops the sessions on `version` (or, with `migrate_to`, re-pins them to it); returns
+        how many."""
+        ...

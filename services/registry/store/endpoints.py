@@ -1,0 +1,101 @@
+"""SQL for endpoints: their traffic, the versions each served alone (what a rollback returns
+to), and the notification that tells every replica's watchers about a change."""
+
+from __future__ import annotations
+
+import secrets
+
+import asyncpg
+
+from corral.names import AgentRef, EndpointRef
+from services.common.endpoints import TrafficShare
+from services.common.paging import Key
+from services.registry.model import EndpointRecord
+from services.registry.store.json_forms import traffic_from_json, traffic_json
+from services.registry.store.rows import Rows, key_part
+
+ENDPOINTS_CHANNEL = "corral_endpoints"
+
+
+def _endpoint(row: asyncpg.Record) -> EndpointRecord:
+    return EndpointRecord(
+        agent=row["agent"], id=row["id"], follow_latest=row["follow_latest"], salt=row["salt"],
+        revision=row["revision"], description=row["description"],
+        traffic=traffic_from_json(row["traffic"]), create_time=row["create_time"],
+        update_time=row["update_time"], rollback_version=row["rollback_version"],
+    )
+
+
+class EndpointRows(Rows):
+    async def get_endpoint(
+        self, endpoint: EndpointRef, *, for_update: bool = False
+    ) -> EndpointRecord | None:
+        lock = " FOR UPDATE" if for_update else ""
+        row = await self._db.fetchrow(
+            "SELECT * FROM registry.endpoints WHERE agent = $1 AND id = $2" + lock,
+            endpoint.agent, endpoint.endpoint,
+        )
+        return _endpoint(row) if row else None
+
+    async def list_endpoints(
+        self, agent: AgentRef | None, after: Key | None, limit: int | None
+    ) -> list[EndpointRecord]:
+        rows = await self._db.fetch(
+            "SELECT * FROM registry.endpoints WHERE ($1::text IS NULL OR agent = $1) "
+            "AND ($2::text IS NULL OR (agent, id) > ($2::text, $3::text)) ORDER BY agent, id LIMIT $4",
+            agent.agent if agent else None, key_part(after, 0), key_part(after, 1), limit,
+        )
+        return [_endpoint(r) for r in rows]
+
+    async def webhook_url(self, endpoint: EndpointRef) -> str:
+        url = await self._db.fetchval(
+            "SELECT webhook_url FROM registry.endpoints WHERE agent = $1 AND id = $2",
+            endpoint.agent, endpoint.endpoint,
+        )
+        return str(url or "")
+
+    async def last_stable(self, endpoint: EndpointRef, not_version: int) -> int | None:
+        version = await self._db.fetchval(
+            "SELECT version FROM registry.stable_history WHERE agent = $1 AND endpoint = $2 "
+            "AND version <> $3 ORDER BY seq DESC LIMIT 1",
+            endpoint.agent, endpoint.endpoint, not_version,
+        )
+        return int(version) if version is not None else None
+
+    async def put_endpoint(
+        self, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
+        follow_latest: bool = False, description: str = "",
+    ) -> EndpointRecord:
+        agent, name = endpoint.agent, endpoint.endpoint
+        if len(traffic) == 1:
+            # The endpoint now serves one version alone: remember it as a stable version.
+            await self._db.execute(
+                """INSERT INTO registry.stable_history (agent, endpoint, version)
+                   SELECT $1, $2, $3 WHERE $3 IS DISTINCT FROM (
+                       SELECT version FROM registry.stable_history WHERE agent = $1 AND endpoint = $2
+                       ORDER BY seq DESC LIMIT 1)""",
+                agent, name, traffic[0].version,
+            )
+        rollback = await self._db.fetchval(
+            """SELECT version FROM registry.stable_history
+               WHERE agent = $1 AND endpoint = $2 AND NOT (version = ANY($3::bigint[]))
+               ORDER BY seq DESC LIMIT 1""",
+            agent, name, [s.version for s in traffic],
+        )
+        row = await self._db.fetchrow(
+            """INSERT INTO registry.endpoints
+                   (agent, id, traffic, follow_latest, salt, description, rollback_version)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)
+               ON CONFLICT (agent, id) DO UPDATE SET traffic = EXCLUDED.traffic,
+                   description = EXCLUDED.description, rollback_version = EXCLUDED.rollback_version,
+                   revision = registry.endpoints.revision + 1, update_time = now()
+               RETURNING *""",
+            agent, name, traffic_json(traffic), follow_latest, secrets.token_hex(8), description,
+            rollback,
+        )
+        assert row is not None  # an upsert always returns its row
+        record = _endpoint(row)
+        await self._db.execute(
+            "SELECT pg_notify($1, $2)", ENDPOINTS_CHANNEL, f"{agent}/{name}/{record.revision}"
+        )
+        return record
