@@ -1,22 +1,26 @@
 """A typed, synchronous client for the Corral services: the corral command is built on it, and
-scripts can use it directly."""
+scripts can use it directly. Each method makes one call (or one listing's pages) with the
+caller's tenant and user, and returns the service's messages."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from corral import names
-from corral.bundle import pack
+from corral.bundle import digest_of, pack
 from corral.config import ClientConfig
 from corral.executor.v1 import executor_pb2 as ex
 from corral.executor.v1 import executor_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
+from corral.registry.v1 import rollouts_pb2 as ro
+from corral.registry.v1 import tools_pb2 as tls
 from corral.router.v1 import router_pb2 as rt
 from corral.router.v1 import router_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
@@ -27,6 +31,30 @@ from corral.telemetry.v1 import telemetry_pb2_grpc
 CHUNK = 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+# Listings that a command shows whole are read in pages this large.
+_PAGE = 500
+
+
+class Page(Protocol):
+    """A List response: its items are in a field of its own, the next page's token in this."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+P = TypeVar("P", bound=Page)
+T = TypeVar("T")
+
+
+def pages(fetch: Callable[[str], P], items: Callable[[P], Iterable[T]]) -> Iterator[T]:
+    """Every item of a listing: `fetch(token)` gets one page, `items(page)` its items."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield from items(page)
+        token = page.next_page_token
+        if not token:
+            return
 
 
 def parse_split(text: str) -> list[tuple[int, float]]:
@@ -63,6 +91,11 @@ class CorralClient:
         return rollouts_pb2_grpc.RolloutServiceStub(self._channel("registry"))
 
     @property
+    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
+        """The tenant's tools (corral tools ...); served by the registry."""
+        return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))
+
+    @property
     def router(self) -> router_pb2_grpc.RouterServiceStub:
         return router_pb2_grpc.RouterServiceStub(self._channel("router"))
 
@@ -74,37 +107,45 @@ class CorralClient:
     def telemetry(self) -> telemetry_pb2_grpc.TelemetryServiceStub:
         return telemetry_pb2_grpc.TelemetryServiceStub(self._channel("telemetry"))
 
+    @property
+    def executor(self) -> executor_pb2_grpc.ExecutorServiceStub:
+        return executor_pb2_grpc.ExecutorServiceStub(self._channel("executor"))
+
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
 
-    # -- registry ---------------------------------------------------------------------------
+    # -- registry: agents, versions, endpoints, audit ---------------------------------------
 
     def publish(self, directory: Path) -> reg.Version:
-        data = pack(directory)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        """Packs `directory` as it is (dependencies already in deps/) and publishes it."""
+        return self.publish_bundle(pack(directory))
+
+    def publish_bundle(self, data: bytes) -> reg.Version:
+        """Publishes a packed bundle; the same bytes again return the existing version."""
 
         def messages() -> Iterator[reg.PublishVersionRequest]:
             yield reg.PublishVersionRequest(header=reg.PublishVersionHeader(
-                size_bytes=len(data), digest=digest, request_id=uuid.uuid4().hex))
+                size_bytes=len(data), digest=digest_of(data), request_id=uuid.uuid4().hex))
             for i in range(0, len(data), CHUNK):
                 yield reg.PublishVersionRequest(chunk=data[i : i + CHUNK])
 
         return self.registry.PublishVersion(messages(), metadata=self.metadata, timeout=120)
 
     def versions(self, agent: str) -> list[reg.Version]:
-        return list(self._pages(lambda token: self.registry.ListVersions(
-            reg.ListVersionsRequest(parent=names.agent_name(agent), page_token=token, page_size=500),
-            metadata=self.metadata), "versions"))
+        return list(pages(lambda token: self.registry.ListVersions(
+            reg.ListVersionsRequest(parent=names.agent_name(agent), page_token=token, page_size=_PAGE),
+            metadata=self.metadata), lambda page: page.versions))
 
     def agents(self) -> list[reg.Agent]:
-        return list(self._pages(lambda token: self.registry.ListAgents(
-            reg.ListAgentsRequest(page_token=token, page_size=500), metadata=self.metadata), "agents"))
+        return list(pages(lambda token: self.registry.ListAgents(
+            reg.ListAgentsRequest(page_token=token, page_size=_PAGE), metadata=self.metadata),
+            lambda page: page.agents))
 
     def endpoints(self, agent: str) -> list[reg.Endpoint]:
-        return list(self._pages(lambda token: self.registry.ListEndpoints(
-            reg.ListEndpointsRequest(parent=names.agent_name(agent), page_token=token, page_size=500),
-            metadata=self.metadata), "endpoints"))
+        return list(pages(lambda token: self.registry.ListEndpoints(
+            reg.ListEndpointsRequest(parent=names.agent_name(agent), page_token=token, page_size=_PAGE),
+            metadata=self.metadata), lambda page: page.endpoints))
 
     def get_endpoint(self, agent: str, endpoint: str) -> reg.Endpoint:
         return self.registry.GetEndpoint(
@@ -122,6 +163,84 @@ class CorralClient:
         return list(self.registry.ListAuditEvents(
             reg.ListAuditEventsRequest(resource_prefix=prefix, page_size=limit), metadata=self.metadata).events)
 
+    # -- registry: rollouts and experiments -------------------------------------------------
+
+    def create_rollout(self, endpoint: names.EndpointRef, rollout: ro.Rollout) -> ro.Rollout:
+        return self.rollouts.CreateRollout(
+            ro.CreateRolloutRequest(parent=endpoint.name, rollout=rollout), metadata=self.metadata)
+
+    def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
+        return self.rollouts.GetRollout(ro.GetRolloutRequest(name=rollout.name), metadata=self.metadata)
+
+    def list_rollouts(self, endpoint: names.EndpointRef, limit: int = 100) -> list[ro.Rollout]:
+        return list(self.rollouts.ListRollouts(
+            ro.ListRolloutsRequest(parent=endpoint.name, page_size=limit), metadata=self.metadata).rollouts)
+
+    def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
+        return self.rollouts.PromoteRollout(
+            ro.PromoteRolloutRequest(name=rollout.name, full=full), metadata=self.metadata)
+
+    def pause_rollout(self, rollout: names.RolloutRef, *, reason: str = "") -> ro.Rollout:
+        return self.rollouts.PauseRollout(
+            ro.PauseRolloutRequest(name=rollout.name, reason=reason), metadata=self.metadata)
+
+    def resume_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
+        return self.rollouts.ResumeRollout(ro.ResumeRolloutRequest(name=rollout.name), metadata=self.metadata)
+
+    def abort_rollout(self, rollout: names.RolloutRef, *, reason: str = "") -> ro.Rollout:
+        return self.rollouts.AbortRollout(
+            ro.AbortRolloutRequest(name=rollout.name, reason=reason), metadata=self.metadata)
+
+    def rollback_endpoint(
+        self, endpoint: names.EndpointRef, to: names.VersionRef | None, policy: ro.SessionPolicy.ValueType
+    ) -> reg.Endpoint:
+        """Sets `endpoint` back to `to`, or (None) to the last version that was stable on it."""
+        return self.rollouts.RollbackEndpoint(ro.RollbackEndpointRequest(
+            name=endpoint.name, version=to.name if to else "", session_policy=policy), metadata=self.metadata)
+
+    def create_experiment(self, endpoint: names.EndpointRef, experiment: ro.Experiment) -> ro.Experiment:
+        return self.rollouts.CreateExperiment(
+            ro.CreateExperimentRequest(parent=endpoint.name, experiment=experiment), metadata=self.metadata)
+
+    def experiment_report(self, experiment: names.ExperimentRef) -> ro.ExperimentReport:
+        return self.rollouts.GetExperimentReport(
+            ro.GetExperimentReportRequest(name=experiment.name), metadata=self.metadata)
+
+    def list_experiments(self, endpoint: names.EndpointRef, limit: int = 100) -> list[ro.Experiment]:
+        return list(self.rollouts.ListExperiments(
+            ro.ListExperimentsRequest(parent=endpoint.name, page_size=limit), metadata=self.metadata).experiments)
+
+    def conclude_experiment(
+        self, experiment: names.ExperimentRef, *, winner: names.VersionRef | None, keep_control: bool
+    ) -> ro.Experiment:
+        return self.rollouts.ConcludeExperiment(ro.ConcludeExperimentRequest(
+            name=experiment.name, winner=winner.name if winner else "", keep_control=keep_control),
+            metadata=self.metadata)
+
+    # -- registry: tools --------------------------------------------------------------------
+
+    def create_tool(self, tool_id: str, tool: tls.Tool) -> tls.Tool:
+        return self.tools.CreateTool(
+            tls.CreateToolRequest(tool_id=tool_id, tool=tool, request_id=uuid.uuid4().hex),
+            metadata=self.metadata)
+
+    def get_tool(self, tool: names.ToolRef) -> tls.Tool:
+        return self.tools.GetTool(tls.GetToolRequest(name=tool.name), metadata=self.metadata)
+
+    def list_tools(self) -> list[tls.Tool]:
+        return list(pages(lambda token: self.tools.ListTools(
+            tls.ListToolsRequest(page_size=_PAGE, page_token=token), metadata=self.metadata),
+            lambda page: page.tools))
+
+    def update_tool(self, tool: tls.Tool, paths: Iterable[str]) -> tls.Tool:
+        """Changes the fields of `tool` that `paths` name (its name says which tool)."""
+        return self.tools.UpdateTool(
+            tls.UpdateToolRequest(tool=tool, update_mask=field_mask_pb2.FieldMask(paths=paths)),
+            metadata=self.metadata)
+
+    def delete_tool(self, tool: names.ToolRef, etag: str = "") -> None:
+        self.tools.DeleteTool(tls.DeleteToolRequest(name=tool.name, etag=etag), metadata=self.metadata)
+
     # -- router -----------------------------------------------------------------------------
 
     def invoke_stream(
@@ -132,10 +251,10 @@ class CorralClient:
             agent=names.agent_name(agent), endpoint=endpoint, version=version, session_id=session,
             payload=payload, content_type=content_type,
         )
-        return self.router.InvokeStream(request, metadata=self.metadata)  # type: ignore[no-any-return]
+        return self.router.InvokeStream(request, metadata=self.metadata)
 
     def converse(self, requests: Iterator[rt.ConverseRequest]) -> Iterator[rt.ConverseResponse]:
-        return self.router.Converse(requests, metadata=self.metadata)  # type: ignore[no-any-return]
+        return self.router.Converse(requests, metadata=self.metadata)
 
     def stop_session(self, session: str) -> None:
         self.router.StopSession(rt.StopSessionRequest(name=names.session_name(session)), metadata=self.metadata)
@@ -168,22 +287,17 @@ class CorralClient:
         return list(self.telemetry.GetVersionMetrics(
             tel.GetVersionMetricsRequest(agent=names.agent_name(agent)), metadata=self.metadata).versions)
 
-    @staticmethod
-    def _pages(fetch, field: str):  # type: ignore[no-untyped-def]
-        token = ""
-        while True:
-            page = fetch(token)
-            yield from getattr(page, field)
-            token = page.next_page_token
-            if not token:
-                return
+    def record_score(self, score: tel.Score) -> tel.Score:
+        return self.telemetry.RecordScore(tel.RecordScoreRequest(score=score), metadata=self.metadata)
 
-    @property
-    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
-        """The tenant's tools (corral tools ...); served by the registry."""
-        return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))
+    def scores(self, session: str = "", score_name: str = "", limit: int = 50) -> list[tel.Score]:
+        """The newest scores, of one session (its name) and one score name where given."""
+        return list(self.telemetry.ListScores(tel.ListScoresRequest(
+            filter=tel.SpanFilter(session=session), score_name=score_name, page_size=limit),
+            metadata=self.metadata).scores)
+
+    # -- executor ---------------------------------------------------------------------------
 
     def sandboxes(self) -> ex.ListSandboxesResponse:
         """The executor's sandboxes and warm pools (an operator's view, across tenants)."""
-        stub = executor_pb2_grpc.ExecutorServiceStub(self._channel("executor"))
-        return stub.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)
+        return self.executor.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)
