@@ -75,11 +75,13 @@ class CorralClient:
     def __init__(self, config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig.from_env()
         self._channels: dict[str, grpc.Channel] = {}
-        self.metadata = (("x-corral-tenant", self.config.tenant), ("x-corral-user", self.config.user))
+        self.metadata = (
+            ("x-corral-tenant", self.config.tenant), ("x-corral-user", self.config.user))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(self.config.addrs[service], options=_OPTIONS)
+            self._channels[service] = grpc.insecure_channel(
+                self.config.addrs[service], options=_OPTIONS)
         return self._channels[service]
 
     @property
@@ -133,119 +135,137 @@ class CorralClient:
         return self.registry.PublishVersion(messages(), metadata=self.metadata, timeout=120)
 
     def versions(self, agent: str) -> list[reg.Version]:
-        return list(pages(lambda token: self.registry.ListVersions(
-            reg.ListVersionsRequest(parent=names.agent_name(agent), page_token=token, page_size=_PAGE),
-            metadata=self.metadata), lambda page: page.versions))
+        parent = names.agent_name(agent)
+        return list(pages(
+            lambda token: self.registry.ListVersions(reg.ListVersionsRequest(
+                parent=parent, page_token=token, page_size=_PAGE), metadata=self.metadata),
+            lambda page: page.versions))
 
     def agents(self) -> list[reg.Agent]:
-        return list(pages(lambda token: self.registry.ListAgents(
-            reg.ListAgentsRequest(page_token=token, page_size=_PAGE), metadata=self.metadata),
+        return list(pages(
+            lambda token: self.registry.ListAgents(reg.ListAgentsRequest(
+                page_token=token, page_size=_PAGE), metadata=self.metadata),
             lambda page: page.agents))
 
     def endpoints(self, agent: str) -> list[reg.Endpoint]:
-        return list(pages(lambda token: self.registry.ListEndpoints(
-            reg.ListEndpointsRequest(parent=names.agent_name(agent), page_token=token, page_size=_PAGE),
-            metadata=self.metadata), lambda page: page.endpoints))
+        parent = names.agent_name(agent)
+        return list(pages(
+            lambda token: self.registry.ListEndpoints(reg.ListEndpointsRequest(
+                parent=parent, page_token=token, page_size=_PAGE), metadata=self.metadata),
+            lambda page: page.endpoints))
 
     def get_endpoint(self, agent: str, endpoint: str) -> reg.Endpoint:
-        return self.registry.GetEndpoint(
-            reg.GetEndpointRequest(name=names.endpoint_name(agent, endpoint)), metadata=self.metadata)
+        request = reg.GetEndpointRequest(name=names.endpoint_name(agent, endpoint))
+        return self.registry.GetEndpoint(request, metadata=self.metadata)
 
-    def set_endpoint(self, agent: str, endpoint: str, split: Iterable[tuple[int, float]], etag: str = "") -> reg.Endpoint:
+    def set_endpoint(
+        self, agent: str, endpoint: str, split: Iterable[tuple[int, float]], etag: str = ""
+    ) -> reg.Endpoint:
         body = reg.Endpoint(
             name=names.endpoint_name(agent, endpoint), etag=etag,
-            traffic=[reg.TrafficTarget(version=names.version_name(agent, v), percent=p) for v, p in split],
+            traffic=[reg.TrafficTarget(version=names.version_name(agent, v), percent=p)
+                     for v, p in split],
         )
-        return self.registry.UpdateEndpoint(
-            reg.UpdateEndpointRequest(endpoint=body, allow_missing=True), metadata=self.metadata)
+        request = reg.UpdateEndpointRequest(endpoint=body, allow_missing=True)
+        return self.registry.UpdateEndpoint(request, metadata=self.metadata)
 
     def audit(self, prefix: str = "", limit: int = 50) -> list[reg.AuditEvent]:
-        return list(self.registry.ListAuditEvents(
-            reg.ListAuditEventsRequest(resource_prefix=prefix, page_size=limit), metadata=self.metadata).events)
+        request = reg.ListAuditEventsRequest(resource_prefix=prefix, page_size=limit)
+        return list(self.registry.ListAuditEvents(request, metadata=self.metadata).events)
 
     # -- registry: rollouts and experiments -------------------------------------------------
 
     def create_rollout(self, endpoint: names.EndpointRef, rollout: ro.Rollout) -> ro.Rollout:
-        return self.rollouts.CreateRollout(
-            ro.CreateRolloutRequest(parent=endpoint.name, rollout=rollout), metadata=self.metadata)
+        request = ro.CreateRolloutRequest(parent=endpoint.name, rollout=rollout)
+        return self.rollouts.CreateRollout(request, metadata=self.metadata)
 
     def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
-        return self.rollouts.GetRollout(ro.GetRolloutRequest(name=rollout.name), metadata=self.metadata)
+        request = ro.GetRolloutRequest(name=rollout.name)
+        return self.rollouts.GetRollout(request, metadata=self.metadata)
 
     def list_rollouts(self, endpoint: names.EndpointRef, limit: int = 100) -> list[ro.Rollout]:
-        return list(self.rollouts.ListRollouts(
-            ro.ListRolloutsRequest(parent=endpoint.name, page_size=limit), metadata=self.metadata).rollouts)
+        request = ro.ListRolloutsRequest(parent=endpoint.name, page_size=limit)
+        return list(self.rollouts.ListRollouts(request, metadata=self.metadata).rollouts)
 
     def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
-        return self.rollouts.PromoteRollout(
-            ro.PromoteRolloutRequest(name=rollout.name, full=full), metadata=self.metadata)
+        request = ro.PromoteRolloutRequest(name=rollout.name, full=full)
+        return self.rollouts.PromoteRollout(request, metadata=self.metadata)
 
     def pause_rollout(self, rollout: names.RolloutRef, *, reason: str = "") -> ro.Rollout:
-        return self.rollouts.PauseRollout(
-            ro.PauseRolloutRequest(name=rollout.name, reason=reason), metadata=self.metadata)
+        request = ro.PauseRolloutRequest(name=rollout.name, reason=reason)
+        return self.rollouts.PauseRollout(request, metadata=self.metadata)
 
     def resume_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
-        return self.rollouts.ResumeRollout(ro.ResumeRolloutRequest(name=rollout.name), metadata=self.metadata)
+        request = ro.ResumeRolloutRequest(name=rollout.name)
+        return self.rollouts.ResumeRollout(request, metadata=self.metadata)
 
     def abort_rollout(self, rollout: names.RolloutRef, *, reason: str = "") -> ro.Rollout:
-        return self.rollouts.AbortRollout(
-            ro.AbortRolloutRequest(name=rollout.name, reason=reason), metadata=self.metadata)
+        request = ro.AbortRolloutRequest(name=rollout.name, reason=reason)
+        return self.rollouts.AbortRollout(request, metadata=self.metadata)
 
     def rollback_endpoint(
-        self, endpoint: names.EndpointRef, to: names.VersionRef | None, policy: ro.SessionPolicy.ValueType
+        self, endpoint: names.EndpointRef, to: names.VersionRef | None,
+        policy: ro.SessionPolicy.ValueType,
     ) -> reg.Endpoint:
         """Sets `endpoint` back to `to`, or (None) to the last version that was stable on it."""
-        return self.rollouts.RollbackEndpoint(ro.RollbackEndpointRequest(
-            name=endpoint.name, version=to.name if to else "", session_policy=policy), metadata=self.metadata)
+        request = ro.RollbackEndpointRequest(
+            name=endpoint.name, version=to.name if to else "", session_policy=policy)
+        return self.rollouts.RollbackEndpoint(request, metadata=self.metadata)
 
-    def create_experiment(self, endpoint: names.EndpointRef, experiment: ro.Experiment) -> ro.Experiment:
-        return self.rollouts.CreateExperiment(
-            ro.CreateExperimentRequest(parent=endpoint.name, experiment=experiment), metadata=self.metadata)
+    def create_experiment(
+        self, endpoint: names.EndpointRef, experiment: ro.Experiment
+    ) -> ro.Experiment:
+        request = ro.CreateExperimentRequest(parent=endpoint.name, experiment=experiment)
+        return self.rollouts.CreateExperiment(request, metadata=self.metadata)
 
     def experiment_report(self, experiment: names.ExperimentRef) -> ro.ExperimentReport:
-        return self.rollouts.GetExperimentReport(
-            ro.GetExperimentReportRequest(name=experiment.name), metadata=self.metadata)
+        request = ro.GetExperimentReportRequest(name=experiment.name)
+        return self.rollouts.GetExperimentReport(request, metadata=self.metadata)
 
-    def list_experiments(self, endpoint: names.EndpointRef, limit: int = 100) -> list[ro.Experiment]:
-        return list(self.rollouts.ListExperiments(
-            ro.ListExperimentsRequest(parent=endpoint.name, page_size=limit), metadata=self.metadata).experiments)
+    def list_experiments(
+        self, endpoint: names.EndpointRef, limit: int = 100
+    ) -> list[ro.Experiment]:
+        request = ro.ListExperimentsRequest(parent=endpoint.name, page_size=limit)
+        return list(self.rollouts.ListExperiments(request, metadata=self.metadata).experiments)
 
     def conclude_experiment(
-        self, experiment: names.ExperimentRef, *, winner: names.VersionRef | None, keep_control: bool
+        self, experiment: names.ExperimentRef, *, winner: names.VersionRef | None,
+        keep_control: bool,
     ) -> ro.Experiment:
-        return self.rollouts.ConcludeExperiment(ro.ConcludeExperimentRequest(
-            name=experiment.name, winner=winner.name if winner else "", keep_control=keep_control),
-            metadata=self.metadata)
+        request = ro.ConcludeExperimentRequest(
+            name=experiment.name, winner=winner.name if winner else "", keep_control=keep_control)
+        return self.rollouts.ConcludeExperiment(request, metadata=self.metadata)
 
     # -- registry: tools --------------------------------------------------------------------
 
     def create_tool(self, tool_id: str, tool: tls.Tool) -> tls.Tool:
-        return self.tools.CreateTool(
-            tls.CreateToolRequest(tool_id=tool_id, tool=tool, request_id=uuid.uuid4().hex),
-            metadata=self.metadata)
+        request = tls.CreateToolRequest(tool_id=tool_id, tool=tool, request_id=uuid.uuid4().hex)
+        return self.tools.CreateTool(request, metadata=self.metadata)
 
     def get_tool(self, tool: names.ToolRef) -> tls.Tool:
         return self.tools.GetTool(tls.GetToolRequest(name=tool.name), metadata=self.metadata)
 
     def list_tools(self) -> list[tls.Tool]:
-        return list(pages(lambda token: self.tools.ListTools(
-            tls.ListToolsRequest(page_size=_PAGE, page_token=token), metadata=self.metadata),
+        return list(pages(
+            lambda token: self.tools.ListTools(tls.ListToolsRequest(
+                page_size=_PAGE, page_token=token), metadata=self.metadata),
             lambda page: page.tools))
 
     def update_tool(self, tool: tls.Tool, paths: Iterable[str]) -> tls.Tool:
         """Changes the fields of `tool` that `paths` name (its name says which tool)."""
-        return self.tools.UpdateTool(
-            tls.UpdateToolRequest(tool=tool, update_mask=field_mask_pb2.FieldMask(paths=paths)),
-            metadata=self.metadata)
+        mask = field_mask_pb2.FieldMask(paths=paths)
+        request = tls.UpdateToolRequest(tool=tool, update_mask=mask)
+        return self.tools.UpdateTool(request, metadata=self.metadata)
 
     def delete_tool(self, tool: names.ToolRef, etag: str = "") -> None:
-        self.tools.DeleteTool(tls.DeleteToolRequest(name=tool.name, etag=etag), metadata=self.metadata)
+        request = tls.DeleteToolRequest(name=tool.name, etag=etag)
+        self.tools.DeleteTool(request, metadata=self.metadata)
 
     # -- router -----------------------------------------------------------------------------
 
     def invoke_stream(
-        self, agent: str, payload: bytes, *, endpoint: str = "", version: str = "", session: str = "",
-        content_type: str = "application/json",
+        self, agent: str, payload: bytes, *, endpoint: str = "", version: str = "",
+        session: str = "", content_type: str = "application/json",
     ) -> Iterator[rt.InvokeStreamResponse]:
         request = rt.InvokeRequest(
             agent=names.agent_name(agent), endpoint=endpoint, version=version, session_id=session,
@@ -257,44 +277,48 @@ class CorralClient:
         return self.router.Converse(requests, metadata=self.metadata)
 
     def stop_session(self, session: str) -> None:
-        self.router.StopSession(rt.StopSessionRequest(name=names.session_name(session)), metadata=self.metadata)
+        request = rt.StopSessionRequest(name=names.session_name(session))
+        self.router.StopSession(request, metadata=self.metadata)
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def list_sessions(self, agent: str = "", version: str = "", limit: int = 50) -> list[ses.Session]:
-        return list(self.sessions.ListSessions(
-            ses.ListSessionsRequest(agent=agent, version=version, page_size=limit), metadata=self.metadata
-        ).sessions)
+    def list_sessions(
+        self, agent: str = "", version: str = "", limit: int = 50
+    ) -> list[ses.Session]:
+        request = ses.ListSessionsRequest(agent=agent, version=version, page_size=limit)
+        return list(self.sessions.ListSessions(request, metadata=self.metadata).sessions)
 
     def get_session(self, session: str) -> ses.Session:
-        return self.sessions.GetSession(ses.GetSessionRequest(name=names.session_name(session)), metadata=self.metadata)
+        request = ses.GetSessionRequest(name=names.session_name(session))
+        return self.sessions.GetSession(request, metadata=self.metadata)
 
     def session_state(self, session: str) -> ses.SessionState:
-        return self.sessions.GetSessionState(
-            ses.GetSessionStateRequest(name=names.session_name(session)), metadata=self.metadata)
+        request = ses.GetSessionStateRequest(name=names.session_name(session))
+        return self.sessions.GetSessionState(request, metadata=self.metadata)
 
     # -- telemetry --------------------------------------------------------------------------
 
     def traces(self, span_filter: tel.SpanFilter, limit: int = 20) -> list[tel.TraceSummary]:
-        return list(self.telemetry.ListTraces(
-            tel.ListTracesRequest(filter=span_filter, page_size=limit), metadata=self.metadata).traces)
+        request = tel.ListTracesRequest(filter=span_filter, page_size=limit)
+        return list(self.telemetry.ListTraces(request, metadata=self.metadata).traces)
 
     def spans(self, span_filter: tel.SpanFilter, limit: int = 100) -> list[tel.Span]:
-        return list(self.telemetry.ListSpans(
-            tel.ListSpansRequest(filter=span_filter, page_size=limit), metadata=self.metadata).spans)
+        request = tel.ListSpansRequest(filter=span_filter, page_size=limit)
+        return list(self.telemetry.ListSpans(request, metadata=self.metadata).spans)
 
     def metrics(self, agent: str) -> list[tel.VersionMetrics]:
-        return list(self.telemetry.GetVersionMetrics(
-            tel.GetVersionMetricsRequest(agent=names.agent_name(agent)), metadata=self.metadata).versions)
+        request = tel.GetVersionMetricsRequest(agent=names.agent_name(agent))
+        return list(self.telemetry.GetVersionMetrics(request, metadata=self.metadata).versions)
 
     def record_score(self, score: tel.Score) -> tel.Score:
-        return self.telemetry.RecordScore(tel.RecordScoreRequest(score=score), metadata=self.metadata)
+        request = tel.RecordScoreRequest(score=score)
+        return self.telemetry.RecordScore(request, metadata=self.metadata)
 
     def scores(self, session: str = "", score_name: str = "", limit: int = 50) -> list[tel.Score]:
         """The newest scores, of one session (its name) and one score name where given."""
-        return list(self.telemetry.ListScores(tel.ListScoresRequest(
-            filter=tel.SpanFilter(session=session), score_name=score_name, page_size=limit),
-            metadata=self.metadata).scores)
+        request = tel.ListScoresRequest(
+            filter=tel.SpanFilter(session=session), score_name=score_name, page_size=limit)
+        return list(self.telemetry.ListScores(request, metadata=self.metadata).scores)
 
     # -- executor ---------------------------------------------------------------------------
 

@@ -39,7 +39,8 @@ def endpoint() -> None:
 def endpoint_set(
     state: State, agent: str, name: str, split: str | None, version: int | None, etag: str
 ) -> None:
-    """Set the traffic of endpoint NAME (created if missing). Existing sessions keep their version."""
+    """Set the traffic of endpoint NAME (created if missing). Existing sessions keep their
+    version."""
     if (split is None) == (version is None):
         raise click.UsageError("give exactly one of --split 1=90,2=10 or --version N")
     try:

@@ -68,7 +68,8 @@ def forest(lo: float, mid: float, hi: float, scale: float) -> Text:
 
 def render_report(r: pb.ExperimentReport) -> None:
     e, a = r.experiment, r.analysis
-    out.print(Text.assemble((e.name, "bold"), "  ", (enum_label(pb.ExperimentState, e.state), "bold")))
+    state = enum_label(pb.ExperimentState, e.state)
+    out.print(Text.assemble((e.name, "bold"), "  ", (state, "bold")))
     counts = Table("variant", "expected", "sessions")
     for t, n in zip(e.variants, a.sessions, strict=False):
         control = " (control)" if t is e.variants[0] else ""
@@ -98,7 +99,8 @@ def render_report(r: pb.ExperimentReport) -> None:
 @endpoint_command(experiment.command("status"))
 @_ID
 def experiment_status(state: State, target: names.EndpointRef, experiment_id: int | None) -> None:
-    """Per variant: sessions, each metric's mean and effect against control, the sample-ratio check."""
+    """Per variant: sessions, each metric's mean and effect against control, the sample-ratio
+    check."""
     report = state.client.experiment_report(names.ExperimentRef(target, experiment_id))
     emit_message(state, report, lambda: render_report(report))
 

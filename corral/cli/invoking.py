@@ -7,7 +7,6 @@ import queue
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -130,7 +129,7 @@ def chat(state: State, agent: str, endpoint: str, version: str, session: str) ->
 
     responses = state.client.converse(requests())
     interactive = sys.stdin.isatty() and not state.json
-    transcript: list[dict[str, Any]] = []
+    transcript: list[dict[str, object]] = []
     try:
         while True:
             if interactive:

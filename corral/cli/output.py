@@ -46,7 +46,9 @@ def emit_message(state: State, msg: Message, human: Callable[[], None]) -> None:
     emit(state, to_dict(msg), human)
 
 
-def print_table(rows: Iterable[M], header: Sequence[str], cells: Callable[[M], Sequence[str]]) -> None:
+def print_table(
+    rows: Iterable[M], header: Sequence[str], cells: Callable[[M], Sequence[str]]
+) -> None:
     table = Table(*header)
     for row in rows:
         table.add_row(*cells(row))

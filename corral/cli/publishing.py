@@ -53,7 +53,8 @@ def publish(
     except (BundleError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     v = state.client.publish_bundle(data)
-    emit(state, {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes},
+    emit(state,
+         {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes},
          lambda: out.print(f"{v.name}  {v.digest}"))
 
 

@@ -237,7 +237,8 @@ def rollout_list(state: State, target: names.EndpointRef) -> None:
 @click.option("--to", "to", type=int,
               help="Roll back to this version (default: the last stable one).")
 @click.option("--sessions", "policy", type=click.Choice(sorted(POLICIES)), default="drain",
-              show_default=True, help="What happens to the sessions on the version rolled back from.")
+              show_default=True,
+              help="What happens to the sessions on the version rolled back from.")
 def rollback(state: State, target: names.EndpointRef, to: int | None, policy: str) -> None:
     """Set ENDPOINT back to the last version that was stable on it (or --to VERSION), at once."""
     e = state.client.rollback_endpoint(

@@ -20,7 +20,8 @@ def sandboxes(state: State) -> None:
         print_table(
             listing.sandboxes,
             ("session", "version", "state", "age", "memory MiB", "cpu s", "pid", "driver"),
-            lambda sb: (sb.session or "-", short_version(sb.version), enum_label(ex.Sandbox.State, sb.state).lower(),
+            lambda sb: (sb.session or "-", short_version(sb.version),
+                        enum_label(ex.Sandbox.State, sb.state).lower(),
                         f"{sb.age.ToTimedelta().total_seconds():.0f}s",
                         f"{sb.memory_bytes / 2**20:.1f}", f"{sb.cpu_seconds:.1f}", str(sb.pid),
                         sb.driver),

@@ -41,7 +41,8 @@ def sessions_list(state: State, agent: str, version: str, limit: int) -> None:
     emit_rows(
         state, state.client.list_sessions(agent_name, version_name, limit),
         ("session", "version", "status", "turns", "user", "last active"),
-        lambda s: (session_id(s.name), short_version(s.version), enum_label(ses.SessionStatus, s.status).lower(),
+        lambda s: (session_id(s.name), short_version(s.version),
+                   enum_label(ses.SessionStatus, s.status).lower(),
                    str(s.turn_count), s.user, timestamp(s.last_active_time)),
     )
 

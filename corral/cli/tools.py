@@ -66,7 +66,8 @@ def _show(state: State, tool: pb.Tool) -> None:
     def human() -> None:
         t = Table.grid(padding=(0, 2))
         for label, value in (
-            ("name", tool.name), ("kind", enum_label(pb.ToolKind, tool.kind).lower()), ("address", tool.address),
+            ("name", tool.name), ("kind", enum_label(pb.ToolKind, tool.kind).lower()),
+            ("address", tool.address),
             ("timeout", _timeout_text(tool)), ("secret", "set" if tool.has_secret else "none"),
             ("description", tool.description or "-"), ("etag", tool.etag),
             ("updated", timestamp(tool.update_time)),
