@@ -17,13 +17,13 @@ from corral.config import ClientConfig
 
 class State:
     """One run of the command: its options, and a client made on first use (so --help and
-    argument errors open no channel)."""
+    argument errors open no channel) unless one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: CorralClient | None = None) -> None:
         self.json = False
         self.tenant: str | None = None
         self.user: str | None = None
-        self._client: CorralClient | None = None
+        self._client = client
 
     @property
     def client(self) -> CorralClient:
