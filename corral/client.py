@@ -1,22 +1,26 @@
 """A typed, synchronous client for the Corral services: the corral command is built on it, and
-scripts can use it directly."""
+scripts can use it directly. Each method makes one call (or one listing's pages) with the
+caller's tenant and user, and returns the service's messages."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from corral import names
-from corral.bundle import pack
+from corral.bundle import digest_of, pack
 from corral.config import ClientConfig
 from corral.executor.v1 import executor_pb2 as ex
 from corral.executor.v1 import executor_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
+from corral.registry.v1 import rollouts_pb2 as ro
+from corral.registry.v1 import tools_pb2 as tls
 from corral.router.v1 import router_pb2 as rt
 from corral.router.v1 import router_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
@@ -27,6 +31,30 @@ from corral.telemetry.v1 import telemetry_pb2_grpc
 CHUNK = 1024 * 1024
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+# Listings that a command shows whole are read in pages this large.
+_PAGE = 500
+
+
+class Page(Protocol):
+    """A List response: its items are in a field of its own, the next page's token in this."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+P = TypeVar("P", bound=Page)
+T = TypeVar("T")
+
+
+def pages(fetch: Callable[[str], P], items: Callable[[P], Iterable[T]]) -> Iterator[T]:
+    """Every item of a listing: `fetch(token)` gets one page, `items(page)` its items."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield from items(page)
+        token = page.next_page_token
+        if not token:
+            return
 
 
 def parse_split(text: str) -> list[tuple[int, float]]:
@@ -47,11 +75,13 @@ class CorralClient:
     def __init__(self, config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig.from_env()
         self._channels: dict[str, grpc.Channel] = {}
-        self.metadata = (("x-corral-tenant", self.config.tenant), ("x-corral-user", self.config.user))
+        self.metadata = (
+            ("x-corral-tenant", self.config.tenant), ("x-corral-user", self.config.user))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(self.config.addrs[service], options=_OPTIONS)
+            self._channels[service] = grpc.insecure_channel(
+                self.config.addrs[service], options=_OPTIONS)
         return self._channels[service]
 
     @property
@@ -61,6 +91,11 @@ class CorralClient:
     @property
     def rollouts(self) -> rollouts_pb2_grpc.RolloutServiceStub:
         return rollouts_pb2_grpc.RolloutServiceStub(self._channel("registry"))
+
+    @property
+    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
+        """The tenant's tools (corral tools ...); served by the registry."""
+        return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))
 
     @property
     def router(self) -> router_pb2_grpc.RouterServiceStub:
@@ -74,116 +109,219 @@ class CorralClient:
     def telemetry(self) -> telemetry_pb2_grpc.TelemetryServiceStub:
         return telemetry_pb2_grpc.TelemetryServiceStub(self._channel("telemetry"))
 
+    @property
+    def executor(self) -> executor_pb2_grpc.ExecutorServiceStub:
+        return executor_pb2_grpc.ExecutorServiceStub(self._channel("executor"))
+
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
 
-    # -- registry ---------------------------------------------------------------------------
+    # -- registry: agents, versions, endpoints, audit ---------------------------------------
 
     def publish(self, directory: Path) -> reg.Version:
-        data = pack(directory)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        """Packs `directory` as it is (dependencies already in deps/) and publishes it."""
+        return self.publish_bundle(pack(directory))
+
+    def publish_bundle(self, data: bytes) -> reg.Version:
+        """Publishes a packed bundle; the same bytes again return the existing version."""
 
         def messages() -> Iterator[reg.PublishVersionRequest]:
             yield reg.PublishVersionRequest(header=reg.PublishVersionHeader(
-                size_bytes=len(data), digest=digest, request_id=uuid.uuid4().hex))
+                size_bytes=len(data), digest=digest_of(data), request_id=uuid.uuid4().hex))
             for i in range(0, len(data), CHUNK):
                 yield reg.PublishVersionRequest(chunk=data[i : i + CHUNK])
 
         return self.registry.PublishVersion(messages(), metadata=self.metadata, timeout=120)
 
     def versions(self, agent: str) -> list[reg.Version]:
-        return list(self._pages(lambda token: self.registry.ListVersions(
-            reg.ListVersionsRequest(parent=names.agent_name(agent), page_token=token, page_size=500),
-            metadata=self.metadata), "versions"))
+        parent = names.agent_name(agent)
+        return list(pages(
+            lambda token: self.registry.ListVersions(reg.ListVersionsRequest(
+                parent=parent, page_token=token, page_size=_PAGE), metadata=self.metadata),
+            lambda page: page.versions))
 
     def agents(self) -> list[reg.Agent]:
-        return list(self._pages(lambda token: self.registry.ListAgents(
-            reg.ListAgentsRequest(page_token=token, page_size=500), metadata=self.metadata), "agents"))
+        return list(pages(
+            lambda token: self.registry.ListAgents(reg.ListAgentsRequest(
+                page_token=token, page_size=_PAGE), metadata=self.metadata),
+            lambda page: page.agents))
 
     def endpoints(self, agent: str) -> list[reg.Endpoint]:
-        return list(self._pages(lambda token: self.registry.ListEndpoints(
-            reg.ListEndpointsRequest(parent=names.agent_name(agent), page_token=token, page_size=500),
-            metadata=self.metadata), "endpoints"))
+        parent = names.agent_name(agent)
+        return list(pages(
+            lambda token: self.registry.ListEndpoints(reg.ListEndpointsRequest(
+                parent=parent, page_token=token, page_size=_PAGE), metadata=self.metadata),
+            lambda page: page.endpoints))
 
     def get_endpoint(self, agent: str, endpoint: str) -> reg.Endpoint:
-        return self.registry.GetEndpoint(
-            reg.GetEndpointRequest(name=names.endpoint_name(agent, endpoint)), metadata=self.metadata)
+        request = reg.GetEndpointRequest(name=names.endpoint_name(agent, endpoint))
+        return self.registry.GetEndpoint(request, metadata=self.metadata)
 
-    def set_endpoint(self, agent: str, endpoint: str, split: Iterable[tuple[int, float]], etag: str = "") -> reg.Endpoint:
+    def set_endpoint(
+        self, agent: str, endpoint: str, split: Iterable[tuple[int, float]], etag: str = ""
+    ) -> reg.Endpoint:
         body = reg.Endpoint(
             name=names.endpoint_name(agent, endpoint), etag=etag,
-            traffic=[reg.TrafficTarget(version=names.version_name(agent, v), percent=p) for v, p in split],
+            traffic=[reg.TrafficTarget(version=names.version_name(agent, v), percent=p)
+                     for v, p in split],
         )
-        return self.registry.UpdateEndpoint(
-            reg.UpdateEndpointRequest(endpoint=body, allow_missing=True), metadata=self.metadata)
+        request = reg.UpdateEndpointRequest(endpoint=body, allow_missing=True)
+        return self.registry.UpdateEndpoint(request, metadata=self.metadata)
 
     def audit(self, prefix: str = "", limit: int = 50) -> list[reg.AuditEvent]:
-        return list(self.registry.ListAuditEvents(
-            reg.ListAuditEventsRequest(resource_prefix=prefix, page_size=limit), metadata=self.metadata).events)
+        request = reg.ListAuditEventsRequest(resource_prefix=prefix, page_size=limit)
+        return list(self.registry.ListAuditEvents(request, metadata=self.metadata).events)
+
+    # -- registry: rollouts and experiments -------------------------------------------------
+
+    def create_rollout(self, endpoint: names.EndpointRef, rollout: ro.Rollout) -> ro.Rollout:
+        request = ro.CreateRolloutRequest(parent=endpoint.name, rollout=rollout)
+        return self.rollouts.CreateRollout(request, metadata=self.metadata)
+
+    def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
+        request = ro.GetRolloutRequest(name=rollout.name)
+        return self.rollouts.GetRollout(request, metadata=self.metadata)
+
+    def list_rollouts(self, endpoint: names.EndpointRef, limit: int = 100) -> list[ro.Rollout]:
+        request = ro.ListRolloutsRequest(parent=endpoint.name, page_size=limit)
+        return list(self.rollouts.ListRollouts(request, metadata=self.metadata).rollouts)
+
+    def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
+        request = ro.PromoteRolloutRequest(name=rollout.name, full=full)
+        return self.rollouts.PromoteRollout(request, metadata=self.metadata)
+
+    def pause_rollout(self, rollout: names.RolloutRef, *, reason: str = "") -> ro.Rollout:
+        request = ro.PauseRolloutRequest(name=rollout.name, reason=reason)
+        return self.rollouts.PauseRollout(request, metadata=self.metadata)
+
+    def resume_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
+        request = ro.ResumeRolloutRequest(name=rollout.name)
+        return self.rollouts.ResumeRollout(request, metadata=self.metadata)
+
+    def abort_rollout(self, rollout: names.RolloutRef, *, reason: str = "") -> ro.Rollout:
+        request = ro.AbortRolloutRequest(name=rollout.name, reason=reason)
+        return self.rollouts.AbortRollout(request, metadata=self.metadata)
+
+    def rollback_endpoint(
+        self, endpoint: names.EndpointRef, to: names.VersionRef | None,
+        policy: ro.SessionPolicy.ValueType,
+    ) -> reg.Endpoint:
+        """Sets `endpoint` back to `to`, or (None) to the last version that was stable on it."""
+        request = ro.RollbackEndpointRequest(
+            name=endpoint.name, version=to.name if to else "", session_policy=policy)
+        return self.rollouts.RollbackEndpoint(request, metadata=self.metadata)
+
+    def create_experiment(
+        self, endpoint: names.EndpointRef, experiment: ro.Experiment
+    ) -> ro.Experiment:
+        request = ro.CreateExperimentRequest(parent=endpoint.name, experiment=experiment)
+        return self.rollouts.CreateExperiment(request, metadata=self.metadata)
+
+    def experiment_report(self, experiment: names.ExperimentRef) -> ro.ExperimentReport:
+        request = ro.GetExperimentReportRequest(name=experiment.name)
+        return self.rollouts.GetExperimentReport(request, metadata=self.metadata)
+
+    def list_experiments(
+        self, endpoint: names.EndpointRef, limit: int = 100
+    ) -> list[ro.Experiment]:
+        request = ro.ListExperimentsRequest(parent=endpoint.name, page_size=limit)
+        return list(self.rollouts.ListExperiments(request, metadata=self.metadata).experiments)
+
+    def conclude_experiment(
+        self, experiment: names.ExperimentRef, *, winner: names.VersionRef | None,
+        keep_control: bool,
+    ) -> ro.Experiment:
+        request = ro.ConcludeExperimentRequest(
+            name=experiment.name, winner=winner.name if winner else "", keep_control=keep_control)
+        return self.rollouts.ConcludeExperiment(request, metadata=self.metadata)
+
+    # -- registry: tools --------------------------------------------------------------------
+
+    def create_tool(self, tool_id: str, tool: tls.Tool) -> tls.Tool:
+        request = tls.CreateToolRequest(tool_id=tool_id, tool=tool, request_id=uuid.uuid4().hex)
+        return self.tools.CreateTool(request, metadata=self.metadata)
+
+    def get_tool(self, tool: names.ToolRef) -> tls.Tool:
+        return self.tools.GetTool(tls.GetToolRequest(name=tool.name), metadata=self.metadata)
+
+    def list_tools(self) -> list[tls.Tool]:
+        return list(pages(
+            lambda token: self.tools.ListTools(tls.ListToolsRequest(
+                page_size=_PAGE, page_token=token), metadata=self.metadata),
+            lambda page: page.tools))
+
+    def update_tool(self, tool: tls.Tool, paths: Iterable[str]) -> tls.Tool:
+        """Changes the fields of `tool` that `paths` name (its name says which tool)."""
+        mask = field_mask_pb2.FieldMask(paths=paths)
+        request = tls.UpdateToolRequest(tool=tool, update_mask=mask)
+        return self.tools.UpdateTool(request, metadata=self.metadata)
+
+    def delete_tool(self, tool: names.ToolRef, etag: str = "") -> None:
+        request = tls.DeleteToolRequest(name=tool.name, etag=etag)
+        self.tools.DeleteTool(request, metadata=self.metadata)
 
     # -- router -----------------------------------------------------------------------------
 
     def invoke_stream(
-        self, agent: str, payload: bytes, *, endpoint: str = "", version: str = "", session: str = "",
-        content_type: str = "application/json",
+        self, agent: str, payload: bytes, *, endpoint: str = "", version: str = "",
+        session: str = "", content_type: str = "application/json",
     ) -> Iterator[rt.InvokeStreamResponse]:
         request = rt.InvokeRequest(
             agent=names.agent_name(agent), endpoint=endpoint, version=version, session_id=session,
             payload=payload, content_type=content_type,
         )
-        return self.router.InvokeStream(request, metadata=self.metadata)  # type: ignore[no-any-return]
+        return self.router.InvokeStream(request, metadata=self.metadata)
 
     def converse(self, requests: Iterator[rt.ConverseRequest]) -> Iterator[rt.ConverseResponse]:
-        return self.router.Converse(requests, metadata=self.metadata)  # type: ignore[no-any-return]
+        return self.router.Converse(requests, metadata=self.metadata)
 
     def stop_session(self, session: str) -> None:
-        self.router.StopSession(rt.StopSessionRequest(name=names.session_name(session)), metadata=self.metadata)
+        request = rt.StopSessionRequest(name=names.session_name(session))
+        self.router.StopSession(request, metadata=self.metadata)
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def list_sessions(self, agent: str = "", version: str = "", limit: int = 50) -> list[ses.Session]:
-        return list(self.sessions.ListSessions(
-            ses.ListSessionsRequest(agent=agent, version=version, page_size=limit), metadata=self.metadata
-        ).sessions)
+    def list_sessions(
+        self, agent: str = "", version: str = "", limit: int = 50
+    ) -> list[ses.Session]:
+        request = ses.ListSessionsRequest(agent=agent, version=version, page_size=limit)
+        return list(self.sessions.ListSessions(request, metadata=self.metadata).sessions)
 
     def get_session(self, session: str) -> ses.Session:
-        return self.sessions.GetSession(ses.GetSessionRequest(name=names.session_name(session)), metadata=self.metadata)
+        request = ses.GetSessionRequest(name=names.session_name(session))
+        return self.sessions.GetSession(request, metadata=self.metadata)
 
     def session_state(self, session: str) -> ses.SessionState:
-        return self.sessions.GetSessionState(
-            ses.GetSessionStateRequest(name=names.session_name(session)), metadata=self.metadata)
+        request = ses.GetSessionStateRequest(name=names.session_name(session))
+        return self.sessions.GetSessionState(request, metadata=self.metadata)
 
     # -- telemetry --------------------------------------------------------------------------
 
     def traces(self, span_filter: tel.SpanFilter, limit: int = 20) -> list[tel.TraceSummary]:
-        return list(self.telemetry.ListTraces(
-            tel.ListTracesRequest(filter=span_filter, page_size=limit), metadata=self.metadata).traces)
+        request = tel.ListTracesRequest(filter=span_filter, page_size=limit)
+        return list(self.telemetry.ListTraces(request, metadata=self.metadata).traces)
 
     def spans(self, span_filter: tel.SpanFilter, limit: int = 100) -> list[tel.Span]:
-        return list(self.telemetry.ListSpans(
-            tel.ListSpansRequest(filter=span_filter, page_size=limit), metadata=self.metadata).spans)
+        request = tel.ListSpansRequest(filter=span_filter, page_size=limit)
+        return list(self.telemetry.ListSpans(request, metadata=self.metadata).spans)
 
     def metrics(self, agent: str) -> list[tel.VersionMetrics]:
-        return list(self.telemetry.GetVersionMetrics(
-            tel.GetVersionMetricsRequest(agent=names.agent_name(agent)), metadata=self.metadata).versions)
+        request = tel.GetVersionMetricsRequest(agent=names.agent_name(agent))
+        return list(self.telemetry.GetVersionMetrics(request, metadata=self.metadata).versions)
 
-    @staticmethod
-    def _pages(fetch, field: str):  # type: ignore[no-untyped-def]
-        token = ""
-        while True:
-            page = fetch(token)
-            yield from getattr(page, field)
-            token = page.next_page_token
-            if not token:
-                return
+    def record_score(self, score: tel.Score) -> tel.Score:
+        request = tel.RecordScoreRequest(score=score)
+        return self.telemetry.RecordScore(request, metadata=self.metadata)
 
-    @property
-    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
-        """The tenant's tools (corral tools ...); served by the registry."""
-        return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))
+    def scores(self, session: str = "", score_name: str = "", limit: int = 50) -> list[tel.Score]:
+        """The newest scores, of one session (its name) and one score name where given."""
+        request = tel.ListScoresRequest(
+            filter=tel.SpanFilter(session=session), score_name=score_name, page_size=limit)
+        return list(self.telemetry.ListScores(request, metadata=self.metadata).scores)
+
+    # -- executor ---------------------------------------------------------------------------
 
     def sandboxes(self) -> ex.ListSandboxesResponse:
         """The executor's sandboxes and warm pools (an operator's view, across tenants)."""
-        stub = executor_pb2_grpc.ExecutorServiceStub(self._channel("executor"))
-        return stub.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)
+        return self.executor.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)

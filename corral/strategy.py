@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ def load_strategy_file(path: Path, rollout: pb.Rollout) -> None:
             raise fail("metrics", f"metrics[{i}]: {exc}") from None
 
 
-def _duration(doc: dict[str, Any], key: str, fail: Any) -> float:
+def _duration(doc: dict[str, Any], key: str, fail: Callable[[str, str], StrategyError]) -> float:
     if key not in doc:
         return 0.0
     try:

@@ -12,18 +12,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+# What a span attribute may hold (OpenTelemetry takes these and more).
+AttributeValue = (
+    str | bool | int | float | Sequence[str] | Sequence[bool] | Sequence[int] | Sequence[float]
+)
+
+
+class Span(Protocol):
+    """The part of an OpenTelemetry span that agent code uses."""
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None: ...
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None: ...
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, AttributeValue] | None = None
+    ) -> None: ...
+
+
+class Tracer(Protocol):
+    """ctx.tracer, an OpenTelemetry tracer: the spans agent code starts join the invocation's
+    trace. Declared here rather than imported, so that this module needs nothing installed."""
+
+    def start_as_current_span(
+        self, name: str, *, attributes: Mapping[str, AttributeValue] | None = None
+    ) -> AbstractContextManager[Span]: ...
 
 
 class Model(Protocol):
     """The model pinned by the version's manifest, reached through the executor's broker."""
 
-    def complete(self, prompt: str, *, system: str = "") -> str: ...
+    def complete(self, prompt: str, *, system: str = "") -> str:
+        """The whole answer."""
+        ...
 
     def stream(self, prompt: str, *, system: str = "") -> Iterator[str]:
         """The answer as it is generated, piece by piece."""
+        ...
+
+    async def acomplete(self, prompt: str, *, system: str = "") -> str:
+        """The whole answer, for async handlers."""
         ...
 
 
@@ -61,7 +94,7 @@ class Context:
     endpoint: str
     state: dict[str, Any]
     model: Model
-    tracer: Any
+    tracer: Tracer
     tenant: str = ""
     user: str = ""
     prompt: str = ""
@@ -70,7 +103,6 @@ class Context:
     credentials: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     tools: Tools | None = None
-
 
     def score(self, name: str, value: float, *, comment: str = "") -> None:
         """Records a quality score in [0, 1] on this session (an OpenTelemetry
@@ -86,7 +118,10 @@ class Context:
 
 
 EVALUATION_EVENT = "gen_ai.evaluation.result"
-Handler = Callable[..., Any]
+# (payload, ctx) -> what streams back: the payload is the request's JSON, or its text when it is
+# not JSON; the result is a value, or a generator, coroutine or async generator of values.
+Handler = Callable[[Any, Context], object]
+H = TypeVar("H", bound=Handler)
 
 
 class App:
@@ -97,9 +132,9 @@ class App:
     def __init__(self) -> None:
         self.handler: Handler | None = None
 
-    def entrypoint(self, fn: Handler) -> Handler:
+    def entrypoint(self, fn: H) -> H:
         self.handler = fn
         return fn
 
 
-__all__ = ["App", "Context", "Model", "ModelError", "ToolError", "Tools"]
+__all__ = ["App", "Context", "Model", "ModelError", "Span", "ToolError", "Tools", "Tracer"]

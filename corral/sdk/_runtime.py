@@ -15,10 +15,17 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from corral import names
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from corral.sdk import App, Context, ModelError, ToolError
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context as OtelContext
+    from opentelemetry.sdk.trace import Span
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import Tracer
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
@@ -124,7 +131,7 @@ class BrokeredTools:
         return result.payload
 
 
-def _encode(item: Any) -> bytes:
+def _encode(item: object) -> bytes:
     if isinstance(item, bytes):
         return item
     if isinstance(item, str):
@@ -136,7 +143,13 @@ class _Tracing:
     """The agent's own tracer: spans are kept in memory and sent back with each invocation's
     result, since the sandbox has no network to export them itself."""
 
+    exporter: InMemorySpanExporter | None
+    # The current invocation's, stamped on every span it starts.
+    attributes: dict[str, str]
+    tracer: Tracer
+
     def __init__(self, resource: dict[str, str]) -> None:
+        self.attributes = {}
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
@@ -146,7 +159,6 @@ class _Tracing:
             from opentelemetry import trace
 
             self.exporter = None
-            self.attributes = {}
             self.tracer = trace.get_tracer("corral.agent")
             return
         from opentelemetry.sdk.trace import SpanProcessor
@@ -157,17 +169,16 @@ class _Tracing:
             """Stamps every span with the current invocation's session, endpoint and tenant: one
             worker may wait in a warm pool before it knows which session it serves."""
 
-            def on_start(self, span: Any, parent_context: Any = None) -> None:
+            def on_start(self, span: Span, parent_context: OtelContext | None = None) -> None:
                 span.set_attributes(tracing.attributes)
 
-        self.attributes: dict[str, str] = {}
         self.exporter = InMemorySpanExporter()
         provider = TracerProvider(resource=Resource.create(resource))
         provider.add_span_processor(_InvocationAttributes())
         provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.tracer = provider.get_tracer("corral.agent")
 
-    def context(self, traceparent: str) -> Any:
+    def context(self, traceparent: str) -> OtelContext:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         return TraceContextTextMapPropagator().extract({"traceparent": traceparent} if traceparent else {})
@@ -181,7 +192,7 @@ class _Tracing:
             return b""
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-        return encode_spans(spans).SerializeToString()  # type: ignore[no-any-return]
+        return encode_spans(spans).SerializeToString()
 
 
 class Worker:
@@ -194,7 +205,7 @@ class Worker:
         self.tracing = _Tracing(resource)
         self.loop = asyncio.new_event_loop()
 
-    def _outputs(self, result: Any) -> Iterator[Any]:
+    def _outputs(self, result: object) -> Iterator[object]:
         if inspect.isasyncgen(result):
             while True:
                 try:
@@ -221,7 +232,7 @@ class Worker:
             except ValueError:
                 payload = inv.payload.decode(errors="replace")
         self.tracing.attributes = {
-            "corral.session": f"sessions/{inv.session_id}", "corral.endpoint": inv.endpoint,
+            "corral.session": names.session_name(inv.session_id), "corral.endpoint": inv.endpoint,
             "corral.tenant": inv.tenant, "corral.invocation": inv.invocation_id,
         }
         ctx = Context(

@@ -10,17 +10,20 @@ HealthyBusy for n seconds; {"fail": true} raises (a 500).
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
-from bedrock_agentcore.runtime import BedrockAgentCoreApp
+from bedrock_agentcore.runtime import BedrockAgentCoreApp, RequestContext
 
 app = BedrockAgentCoreApp()
 
 # Conversation memory, in-process and keyed by the runtime session: AgentCore (and Corral) keep
 # one session on one instance of the agent for the session's whole life.
-conversations: dict[str, list[str]] = {}
+# session_id is None for a request without a session header: those share one memory.
+conversations: dict[str | None, list[str]] = {}
 
 
-def reply_to(session_id: str, prompt: str) -> str:
+def reply_to(session_id: str | None, prompt: str) -> str:
     earlier = conversations.setdefault(session_id, [])
     if earlier:
         answer = f"Hello again! You said: {prompt}. Before that: {'; '.join(earlier)}."
@@ -30,7 +33,7 @@ def reply_to(session_id: str, prompt: str) -> str:
     return answer
 
 
-async def stream_reply(answer: str):
+async def stream_reply(answer: str) -> AsyncIterator[str]:
     for word in answer.split(" "):
         await asyncio.sleep(0.01)
         yield word + " "
@@ -42,7 +45,9 @@ def background_work(task_id: int, seconds: float) -> None:
 
 
 @app.entrypoint
-def invoke(payload, context):
+def invoke(
+    payload: dict[str, Any], context: RequestContext
+) -> dict[str, Any] | AsyncIterator[str]:
     if payload.get("fail"):
         raise RuntimeError("asked to fail")
     if payload.get("background_s"):

@@ -1,12 +1,15 @@
 """progress-report v2: the same conversation and state, with the note structured as SOAP."""
 
-from corral.sdk import App
+from collections.abc import AsyncIterator
+from typing import Any
+
+from corral.sdk import App, Context
 
 app = App()
 
 
 @app.entrypoint
-async def draft(payload, ctx):
+async def draft(payload: Any, ctx: Context) -> AsyncIterator[str]:
     text = payload.get("text", "") if isinstance(payload, dict) else str(payload)
     turns = ctx.state.get("turns", 0) + 1
     history = ctx.state.setdefault("conversation", [])

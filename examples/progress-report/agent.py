@@ -1,12 +1,15 @@
 """progress-report v1: counts turns, keeps the conversation, streams a drafted progress note."""
 
-from corral.sdk import App
+from collections.abc import Iterator
+from typing import Any
+
+from corral.sdk import App, Context
 
 app = App()
 
 
 @app.entrypoint
-def draft(payload, ctx):
+def draft(payload: Any, ctx: Context) -> Iterator[str]:
     text = payload.get("text", "") if isinstance(payload, dict) else str(payload)
     turns = ctx.state.get("turns", 0) + 1
     history = ctx.state.setdefault("conversation", [])

@@ -16,7 +16,6 @@ import pytest
 from click.testing import CliRunner
 
 from corral import bundle
-from corral import cli as cli_module
 from corral.bundle import (
     BundleError,
     BundleLimits,
@@ -29,6 +28,7 @@ from corral.bundle import (
     unpack,
     unpacked_size,
 )
+from corral.cli import cli, publishing
 from corral.manifest import ManifestError
 from tests.harness import agent_files, write_bundle
 
@@ -258,10 +258,10 @@ def test_publish_refuses_a_bundle_too_large_before_uploading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = write_bundle(tmp_path / "b", files())
-    monkeypatch.setattr(cli_module, "LIMITS", BundleLimits(packed_bytes=1000, unpacked_bytes=10**9))
+    monkeypatch.setattr(publishing, "LIMITS", BundleLimits(packed_bytes=1000, unpacked_bytes=10**9))
     # No platform is running: the refusal must come before any connection is attempted.
     monkeypatch.setenv("CORRAL_REGISTRY_ADDR", "127.0.0.1:1")
-    result = CliRunner().invoke(cli_module.cli, ["publish", str(root)])
+    result = CliRunner().invoke(cli, ["publish", str(root)])
     assert result.exit_code == 1, result.output
     assert "bytes packed" in result.output and "the limit is 1,000 bytes packed" in result.output
 

@@ -1,0 +1,93 @@
+"""What every corral command takes: the State that the root options set (tenant, user, --json)
+with the client built from it, the --json flag each command repeats, and the argument types
+that more than one area uses."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+
+import click
+
+from corral import names
+from corral.client import CorralClient
+from corral.config import ClientConfig
+
+
+class State:
+    """One run of the command: its options, and a client made on first use (so --help and
+    argument errors open no channel) unless one is given."""
+
+    def __init__(self, client: CorralClient | None = None) -> None:
+        self.json = False
+        self.tenant: str | None = None
+        self.user: str | None = None
+        self._client = client
+
+    @property
+    def client(self) -> CorralClient:
+        if self._client is None:
+            self._client = CorralClient(ClientConfig.from_env(tenant=self.tenant, user=self.user))
+        return self._client
+
+
+pass_state = click.make_pass_decorator(State, ensure=True)
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(State).json = True
+
+
+# Repeated on every command so that `corral invoke ... --json` works as well as `corral --json`.
+json_option = click.option(
+    "--json", "as_json", is_flag=True, expose_value=False, callback=_set_json, is_eager=True,
+    help="Print machine-readable JSON.",
+)
+
+_ID = re.compile(r"[1-9][0-9]*")
+
+
+class NewestOrNumber(click.ParamType[int | None]):
+    """The id of a rollout or an experiment: a number, or "-" for the endpoint's newest (None,
+    as the references in corral.names hold it)."""
+
+    name = "id"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value)
+        if text == "-":
+            return None
+        if not _ID.fullmatch(text):
+            self.fail(f"{text!r} is not a number, or - for the newest", param, ctx)
+        return int(text)
+
+
+NEWEST_OR_NUMBER = NewestOrNumber()
+
+
+CommandMaker = Callable[[Callable[..., None]], click.Command]
+
+
+def endpoint_command(make: CommandMaker) -> CommandMaker:
+    """A command on one endpoint, `... AGENT ENDPOINT [OPTIONS] [--json]`, made by `make` (a
+    group's .command(...)): the decorated function takes the State and the endpoint, `target`,
+    then the values of the options that decorate it."""
+
+    def decorate(command: Callable[..., None]) -> click.Command:
+        with_state = pass_state(command)
+
+        @functools.wraps(with_state)
+        def with_target(*args: object, agent: str, endpoint: str, **values: object) -> None:
+            with_state(*args, target=names.EndpointRef(agent, endpoint), **values)
+
+        made = make(click.argument("agent")(click.argument("endpoint")(with_target)))
+        # Added to the command itself, --json comes after the options in --help, as elsewhere.
+        return json_option(made)
+
+    return decorate

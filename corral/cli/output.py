@@ -1,0 +1,126 @@
+"""How corral commands print: rich tables for people, JSON for scripts (--json), short forms of
+resource names for narrow tables, and one way to report a failure and exit with 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+from rich.table import Table
+
+from corral import names
+from corral.cli.options import State
+from corral.registry.v1 import registry_pb2 as reg
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+M = TypeVar("M", bound=Message)
+V = TypeVar("V", bound=int)
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def emit(state: State, data: object, human: Callable[[], None]) -> None:
+    """`data` as JSON under --json, else whatever `human` prints."""
+    if state.json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human()
+
+
+def emit_message(state: State, msg: Message, human: Callable[[], None]) -> None:
+    emit(state, to_dict(msg), human)
+
+
+def print_table(
+    rows: Iterable[M], header: Sequence[str], cells: Callable[[M], Sequence[str]]
+) -> None:
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*cells(row))
+    out.print(table)
+
+
+def emit_rows(
+    state: State, rows: Sequence[M], header: Sequence[str], cells: Callable[[M], Sequence[str]]
+) -> None:
+    """A listing: a table of one row per message, or under --json the messages as a list."""
+    emit(state, [to_dict(row) for row in rows], lambda: print_table(rows, header, cells))
+
+
+# -- short forms for tables ------------------------------------------------------------------
+
+
+def timestamp(ts: Timestamp) -> str:
+    return ts.ToDatetime().isoformat(timespec="seconds")
+
+
+def enum_label(enum: _EnumTypeWrapper[V], value: V) -> str:
+    """A value's name without its enum's prefix: ROLLOUT_STATE_ROLLED_BACK → ROLLED_BACK (the
+    prefix is the zero value's name less UNSPECIFIED, as every Corral enum declares it)."""
+    return enum.Name(value).removeprefix(enum.keys()[0].removesuffix("UNSPECIFIED"))
+
+
+def short_version(version: str) -> str:
+    """agents/a/versions/2 → a v2; anything else as it is."""
+    try:
+        ref = names.VersionRef.parse(version)
+    except names.ResourceNameError:
+        return version
+    return f"{ref.agent} v{ref.number}"
+
+
+def version_label(version: str) -> str:
+    """agents/a/versions/2 → v2."""
+    return f"v{names.VersionRef.parse(version).number}"
+
+
+def traffic_text(traffic: Iterable[reg.TrafficTarget]) -> str:
+    """v1=90%, v2=10%."""
+    return ", ".join(f"{version_label(t.version)}={t.percent:g}%" for t in traffic)
+
+
+def session_id(session: str) -> str:
+    """sessions/abc → abc; anything else (an empty name too) as it is."""
+    try:
+        return names.SessionRef.parse(session).session
+    except names.ResourceNameError:
+        return session
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def rpc_failure(exc: grpc.RpcError) -> NoReturn:
+    """A call the platform refused: its status code and message, as JSON under --json."""
+    try:
+        code, details = exc.code().name, exc.details() or ""
+    except AttributeError:  # a bare RpcError: the calls' errors carry a status, it has none
+        code, details = "UNKNOWN", str(exc)
+    if code == "UNAVAILABLE":
+        details += " (is the platform running? start it with `make run`)"
+    # Raised out of the command, past its State: the command line says whether --json was given.
+    if "--json" in sys.argv:
+        click.echo(json.dumps({"error": {"code": code, "message": details}}))
+    else:
+        err.print(f"[red]error:[/red] {code}: {details}")
+    sys.exit(1)
+
+
+def local_failure(exc: Exception) -> NoReturn:
+    err.print(f"[red]error:[/red] {exc}")
+    sys.exit(1)

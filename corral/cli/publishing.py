@@ -1,0 +1,85 @@
+"""corral publish, agents, versions: agent bundles in, versions out."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import click
+
+from corral.bundle import LIMITS, BundleError, Target, check_size, pack, stage, unpacked_size
+from corral.cli.options import State, json_option, pass_state
+from corral.cli.output import emit, emit_rows, err, out, timestamp
+from corral.manifest import ManifestError
+
+
+def _target(python_version: str | None, platforms: tuple[str, ...]) -> Target:
+    current = Target.current()
+    if python_version is not None and not re.fullmatch(r"3\.\d{1,2}", python_version):
+        raise click.BadParameter(f"{python_version!r} must look like 3.11",
+                                 param_hint="--python-version")
+    return Target(python_version or current.python_version, platforms or current.platforms)
+
+
+def _bundle(directory: Path, target: Target) -> bytes:
+    """The bundle's bytes, packed once: what is measured is what is uploaded."""
+    with tempfile.TemporaryDirectory(prefix="corral-publish-") as work:
+        root = stage(directory, Path(work), target, lambda line: err.print(line, markup=False))
+        data = pack(root)
+    # Refused here, before uploading, with both sizes; the registry checks again.
+    check_size(len(data), unpacked_size(data), LIMITS)
+    return data
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--python-version", help="The executor's Python, e.g. 3.11 (default: this one).")
+@click.option("--platform", "platforms", multiple=True,
+              help="The executor's pip platform tag, e.g. manylinux2014_x86_64; repeatable "
+                   "(default: this machine's).")
+@json_option
+@pass_state
+def publish(
+    state: State, directory: Path, python_version: str | None, platforms: tuple[str, ...]
+) -> None:
+    """Pack DIRECTORY (with its agent.toml) and publish it as a new version.
+    Dependencies it declares (agent.toml `dependencies` or requirements.txt) are installed into
+    the bundle's deps/ first, so a sandbox needs no network. Publishing the same bytes again
+    returns the existing version."""
+    target = _target(python_version, platforms)
+    try:
+        data = _bundle(directory, target)
+    except (BundleError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    v = state.client.publish_bundle(data)
+    emit(state,
+         {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes},
+         lambda: out.print(f"{v.name}  {v.digest}"))
+
+
+@click.command()
+@json_option
+@pass_state
+def agents(state: State) -> None:
+    """List agents."""
+    emit_rows(state, state.client.agents(), ("agent", "latest version", "created"),
+              lambda a: (a.name, a.latest_version or "-", timestamp(a.create_time)))
+
+
+@click.command()
+@click.argument("agent")
+@json_option
+@pass_state
+def versions(state: State, agent: str) -> None:
+    """List the versions of AGENT."""
+    emit_rows(
+        state, state.client.versions(agent),
+        ("version", "digest", "model", "size", "created", "by"),
+        lambda v: (str(v.number), v.digest[:19] + "…",
+                   f"{v.manifest.model_provider}/{v.manifest.model_id}", f"{v.size_bytes:,}",
+                   timestamp(v.create_time), v.creator),
+    )
+
+
+COMMANDS: tuple[click.Command, ...] = (publish, agents, versions)

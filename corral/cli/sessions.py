@@ -1,0 +1,73 @@
+"""corral sessions list / get / stop: conversations and the version each is pinned to."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from corral import names
+from corral.cli.options import State, json_option, pass_state
+from corral.cli.output import (
+    emit,
+    emit_rows,
+    enum_label,
+    out,
+    session_id,
+    short_version,
+    timestamp,
+    to_dict,
+)
+from corral.sessions.v1 import sessions_pb2 as ses
+
+
+@click.group()
+def sessions() -> None:
+    """List, show and stop sessions."""
+
+
+@sessions.command("list")
+@click.option("--agent", default="", help="Only sessions of this agent.")
+@click.option("--version", "version", default="",
+              help="Only sessions pinned to this version number.")
+@click.option("--limit", default=50, show_default=True)
+@json_option
+@pass_state
+def sessions_list(state: State, agent: str, version: str, limit: int) -> None:
+    """List your tenant's sessions, newest first."""
+    agent_name = names.agent_name(agent) if agent else ""
+    version_name = (names.version_name(agent, int(version)) if agent and version.isdigit()
+                    else version)
+    emit_rows(
+        state, state.client.list_sessions(agent_name, version_name, limit),
+        ("session", "version", "status", "turns", "user", "last active"),
+        lambda s: (session_id(s.name), short_version(s.version),
+                   enum_label(ses.SessionStatus, s.status).lower(),
+                   str(s.turn_count), s.user, timestamp(s.last_active_time)),
+    )
+
+
+@sessions.command("get")
+@click.argument("session")
+@json_option
+@pass_state
+def sessions_get(state: State, session: str) -> None:
+    """Show SESSION and its state."""
+    s = state.client.get_session(session)
+    st = state.client.session_state(session)
+    data = {**to_dict(s), "state": json.loads(st.state) if st.state else None}
+    emit(state, data, lambda: out.print_json(json.dumps(data, default=str)))
+
+
+@sessions.command("stop")
+@click.argument("session")
+@json_option
+@pass_state
+def sessions_stop(state: State, session: str) -> None:
+    """Stop SESSION now: its sandbox is torn down, later invocations are refused."""
+    state.client.stop_session(session)
+    name = names.SessionRef(session).name
+    emit(state, {"stopped": name}, lambda: out.print(f"stopped {name}"))
+
+
+COMMANDS: tuple[click.Command, ...] = (sessions,)

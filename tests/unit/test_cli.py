@@ -1,0 +1,111 @@
+"""The corral command without a platform: a recording client stands in for the services, so
+these tests check what the command sends and prints, and open no socket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from corral import names
+from corral.bundle import digest_of, pack, unpack
+from corral.cli import State, cli, publishing
+from corral.cli.output import enum_label
+from corral.client import CorralClient, pages
+from corral.config import ClientConfig
+from corral.registry.v1 import registry_pb2 as reg
+from corral.registry.v1 import rollouts_pb2 as ro
+from corral.registry.v1 import tools_pb2 as tls
+from tests.harness import agent_files, write_bundle
+
+CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
+
+
+class RecordingClient(CorralClient):
+    """Answers the calls these tests make from memory and keeps what they were asked."""
+
+    def __init__(self) -> None:
+        super().__init__(ClientConfig(addrs={}, tenant="t", user="u"))
+        self.uploaded: list[bytes] = []
+        self.asked: list[names.RolloutRef] = []
+        self.promoted: list[tuple[names.RolloutRef, bool]] = []
+
+    def publish_bundle(self, data: bytes) -> reg.Version:
+        self.uploaded.append(data)
+        return reg.Version(name="agents/a/versions/1", number=1, digest=digest_of(data),
+                           size_bytes=len(data))
+
+    def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
+        self.asked.append(rollout)
+        # "-" stands for the newest, which here is rollout 7.
+        return ro.Rollout(name=names.RolloutRef(rollout.endpoint, rollout.id or 7).name)
+
+    def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
+        self.promoted.append((rollout, full))
+        return ro.Rollout(name=rollout.name)
+
+
+def run(client: CorralClient, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["--json", *args], obj=State(client=client))
+    return result.exit_code, result.output
+
+
+def test_publish_packs_once_and_uploads_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packed: list[bytes] = []
+
+    def counted_pack(root: Path) -> bytes:
+        packed.append(pack(root))
+        return packed[-1]
+
+    monkeypatch.setattr(publishing, "pack", counted_pack)
+    client = RecordingClient()
+    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", CODE))))
+    assert code == 0, output
+    assert len(packed) == 1 and client.uploaded == packed
+    assert json.loads(output)["digest"] == digest_of(packed[0])
+    unpack(packed[0], tmp_path / "out")
+    assert (tmp_path / "out" / "agent.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [([], None), (["--id", "3"], 3), (["--id", "-"], None)]
+)
+def test_a_rollout_action_resolves_the_rollout_then_acts_on_it(
+    given: list[str], expected: int | None
+) -> None:
+    client = RecordingClient()
+    code, output = run(client, "rollout", "promote", "a", "prod", *given, "--full")
+    assert code == 0, output
+    endpoint = names.EndpointRef("a", "prod")
+    assert client.asked == [names.RolloutRef(endpoint, expected)]
+    acted_on = names.RolloutRef(endpoint, expected or 7)
+    assert client.promoted == [(acted_on, True)]
+    assert json.loads(output)["name"] == acted_on.name
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "07", "1.5"])
+def test_a_rollout_id_is_a_number_or_a_dash(bad: str) -> None:
+    client = RecordingClient()
+    code, output = run(client, "rollout", "status", "a", "prod", "--id", bad)
+    assert code == 2 and "--id" in output and not client.asked
+
+
+def test_pages_follows_next_page_token_to_the_end() -> None:
+    book = {"": (["a", "b"], "t1"), "t1": (["c"], "t2"), "t2": ([], "")}
+
+    def fetch(token: str) -> tls.ListToolsResponse:
+        items, next_token = book[token]
+        return tls.ListToolsResponse(tools=[tls.Tool(name=f"tools/{i}") for i in items],
+                                     next_page_token=next_token)
+
+    listed = [t.name for t in pages(fetch, lambda page: page.tools)]
+    assert listed == ["tools/a", "tools/b", "tools/c"]
+
+
+def test_enum_labels_drop_their_enums_prefix() -> None:
+    assert enum_label(ro.RolloutState, ro.ROLLOUT_STATE_ROLLED_BACK) == "ROLLED_BACK"
+    assert enum_label(tls.ToolKind, tls.TOOL_KIND_GRPC) == "GRPC"
