@@ -323,5 +323,15 @@ class CorralClient:
     # -- executor ---------------------------------------------------------------------------
 
     def sandboxes(self) -> ex.ListSandboxesResponse:
-        """The executor's sandboxes and warm pools (an operator's view, across tenants)."""
-        return self.executor.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)
+        """The executor's sandboxes, every page of them, and its warm pools (an operator's view,
+        across tenants)."""
+        listing = ex.ListSandboxesResponse()
+
+        def fetch(token: str) -> ex.ListSandboxesResponse:
+            request = ex.ListSandboxesRequest(page_size=_PAGE, page_token=token)
+            page = self.executor.ListSandboxes(request, metadata=self.metadata)
+            listing.pools.extend(page.pools)  # only the first page carries them
+            return page
+
+        listing.sandboxes.extend(pages(fetch, lambda page: page.sandboxes))
+        return listing

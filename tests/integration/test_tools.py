@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from corral.cli import State
-from corral.cli_tools import tools as tools_cli
+from corral.cli.tools import tools as tools_cli
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc, tools_pb2_grpc
 from corral.registry.v1 import tools_pb2 as pb
 from corral.tools.v1 import tools_pb2 as tool_api
