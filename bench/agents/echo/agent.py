@@ -1,8 +1,10 @@
-from corral.sdk import App
+from typing import Any
+
+from corral.sdk import App, Context
 
 app = App()
 
 
 @app.entrypoint
-def echo(payload, ctx):
+def echo(payload: Any, ctx: Context) -> Any:
     return payload
