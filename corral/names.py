@@ -267,23 +267,3 @@ def session_name(session_id: str) -> str:
 
 def tool_name(tool: str) -> str:
     return ToolRef(tool).name
-
-
-# -- transitional: string-returning parsers, until every caller takes the references above ----
-
-
-def parse_agent(name: str) -> str:
-    return AgentRef.parse(name).agent
-
-
-def parse_version(name: str, *, allow_digest: bool = False) -> VersionRef:
-    return VersionRef.parse(name, allow_digest=allow_digest)
-
-
-def parse_endpoint(name: str) -> tuple[str, str]:
-    ref = EndpointRef.parse(name)
-    return ref.agent, ref.endpoint
-
-
-def parse_session(name: str) -> str:
-    return SessionRef.parse(name).session

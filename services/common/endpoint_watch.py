@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
 from corral.names import EndpointRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.endpoints import EndpointTraffic, EndpointUpdate, TrafficShare
-from services.common.status import from_rpc_error
+from services.common.status import calling
 
 
 def endpoint_traffic(endpoint: registry_pb2.Endpoint) -> EndpointTraffic:
@@ -32,17 +30,13 @@ class RegistryEndpoints:
         self._stub = stub
 
     async def watch(self) -> AsyncIterator[EndpointUpdate]:
-        try:
+        with calling("registry"):
             async for message in self._stub.WatchEndpoints(registry_pb2.WatchEndpointsRequest()):
                 yield EndpointUpdate(
                     tuple(endpoint_traffic(e) for e in message.endpoints), message.snapshot
                 )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "registry") from None
 
     async def get(self, ref: EndpointRef) -> EndpointTraffic:
-        try:
+        with calling("registry"):
             found = await self._stub.GetEndpoint(registry_pb2.GetEndpointRequest(name=ref.name))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "registry") from None
         return endpoint_traffic(found)

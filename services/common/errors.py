@@ -3,6 +3,7 @@ table that maps these to gRPC status codes, in both directions."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,12 +18,16 @@ class FieldViolation:
 class CorralError(Exception):
     """A failure the caller can act on; the subclass says what kind (and so its status code).
 
-    `reason` is an UPPER_SNAKE word for programs (ErrorInfo.reason), `violations` name the bad
-    request fields, `metadata` carries figures (ErrorInfo.metadata). `domain` is the service the
-    error came from when it was passed on from another service, else empty (the reporting
-    service's own)."""
+    `reason` is an UPPER_SNAKE word for programs (ErrorInfo.reason; by default the kind's name,
+    NotFound → NOT_FOUND), `violations` name the bad request fields, `metadata` carries figures
+    (ErrorInfo.metadata). `domain` is the service the error came from when it was passed on from
+    another service, else empty (the reporting service's own)."""
 
     default_reason: ClassVar[str] = "INTERNAL"
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.default_reason = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
 
     def __init__(
         self,
@@ -42,9 +47,8 @@ class CorralError(Exception):
 
 
 class InvalidArgument(CorralError):
-    """The request is wrong; fixing it is the caller's to do."""
-
-    default_reason = "INVALID_ARGUMENT"
+    """The request is wrong, whatever the state of the system: the caller must fix it. Name the
+    field (InvalidArgument.field) and say what a right value looks like."""
 
     @classmethod
     def field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidArgument:
@@ -54,52 +58,48 @@ class InvalidArgument(CorralError):
 
 
 class NotFound(CorralError):
-    default_reason = "NOT_FOUND"
+    """The named resource does not exist (or the caller may not know that it does)."""
 
 
 class AlreadyExists(CorralError):
-    default_reason = "ALREADY_EXISTS"
+    """A create named a resource that exists already."""
 
 
 class FailedPrecondition(CorralError):
-    """The system is not in the state the call needs; change the state first."""
-
-    default_reason = "FAILED_PRECONDITION"
+    """The system is not in the state the call needs (a stopped session, a version an endpoint
+    still routes to): change the state first; retrying as it is will fail again."""
 
 
 class Aborted(CorralError):
-    """A read-modify-write lost a race (etag, busy session): read again and retry."""
-
-    default_reason = "ABORTED"
+    """A read-modify-write lost a race (an etag that changed, a busy session): read again and
+    retry the whole operation."""
 
 
 class PermissionDenied(CorralError):
-    default_reason = "PERMISSION_DENIED"
+    """The caller is known but may not do this."""
 
 
 class Unauthenticated(CorralError):
-    default_reason = "UNAUTHENTICATED"
+    """The call carries no credential, or one that is not valid."""
 
 
 class ResourceExhausted(CorralError):
-    default_reason = "RESOURCE_EXHAUSTED"
+    """A limit was reached: a quota, a size, a rate. Retrying later may help; retrying at once
+    will not."""
 
 
 class Unavailable(CorralError):
-    """Retry the call, after a backoff."""
-
-    default_reason = "UNAVAILABLE"
+    """A service or store could not be reached: retry the call, after a backoff."""
 
 
 class DeadlineExceeded(CorralError):
-    default_reason = "DEADLINE_EXCEEDED"
+    """The work did not finish in the time it was given."""
 
 
 class Cancelled(CorralError):
-    default_reason = "CANCELLED"
+    """The caller went away, or the work was stopped on purpose."""
 
 
 class Internal(CorralError):
-    """A bug or a broken invariant; the message says where to look."""
-
-    default_reason = "INTERNAL"
+    """A bug or a broken invariant. The message says where to look; the service's log has the
+    traceback."""

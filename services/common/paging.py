@@ -18,10 +18,10 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from services.common.errors import InvalidArgument
 
@@ -140,29 +140,3 @@ class PageQuery:
             return Page(list(rows), "")
         items = list(rows[: self.size])
         return Page(items, self.token_after(key(items[-1])))
-
-
-# -- transitional: offset tokens, until every List method takes a PageQuery ---------------------
-
-
-class PageRequest(Protocol):
-    page_size: int
-    page_token: str
-
-
-async def paged(
-    request: PageRequest, fetch: Callable[[int, int], Awaitable[list[T]]]
-) -> tuple[list[T], str]:
-    size = checked_page_size(request.page_size)
-    offset = 0
-    if request.page_token:
-        try:
-            offset = int(json.loads(base64.urlsafe_b64decode(request.page_token.encode()))["o"])
-            if offset < 0:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise _bad_token(_NOT_OURS) from None
-    rows = await fetch(offset, size)
-    if len(rows) < size:
-        return rows, ""
-    return rows, base64.urlsafe_b64encode(json.dumps({"o": offset + len(rows)}).encode()).decode()

@@ -6,7 +6,8 @@ error it stands for, so a service's clients module raises the same tree its doma
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -149,3 +150,13 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
         metadata=dict(info.metadata) if info is not None else {},
         domain=info.domain if info is not None and info.domain else service,
     )
+
+
+@contextmanager
+def calling(service: str) -> Iterator[None]:
+    """Raises a failed call to `service` inside the block as the domain error it stands for:
+    clients modules wrap each call in it, so their callers see only the domain error tree."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc, service) from None

@@ -4,9 +4,8 @@ domain values and raises the domain error tree."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 
 import grpc
@@ -27,7 +26,7 @@ from services.common.endpoints import EndpointSource
 from services.common.errors import FailedPrecondition
 from services.common.identity import Caller
 from services.common.settings import Settings
-from services.common.status import from_rpc_error
+from services.common.status import calling, from_rpc_error
 from services.executor.model import (
     FinishedTurn,
     Lease,
@@ -41,15 +40,6 @@ log = logging.getLogger(__name__)
 _TOOL_KINDS = {reg.TOOL_KIND_HTTP: "http", reg.TOOL_KIND_GRPC: "grpc"}
 
 
-@contextlib.contextmanager
-def _calling(service: str) -> Iterator[None]:
-    """Turns a failed call to `service` into the domain error it stands for."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc, service) from None
-
-
 class SessionsClient:
     def __init__(self, settings: Settings) -> None:
         self._channel = channel(settings, "sessions")
@@ -58,19 +48,19 @@ class SessionsClient:
     async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
         request = sessions_pb2.AcquireLeaseRequest(session=session.name, holder=holder)
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
-        with _calling("sessions"):
+        with calling("sessions"):
             lease = await self._stub.AcquireLease(request, metadata=call_metadata(caller))
         return Lease(lease.lease_id, _state(lease.state))
 
     async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
         request = sessions_pb2.RenewLeaseRequest(session=session.name, lease_id=lease_id)
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
-        with _calling("sessions"):
+        with calling("sessions"):
             await self._stub.RenewLease(request, metadata=call_metadata(caller))
 
     async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
         request = sessions_pb2.ReleaseLeaseRequest(session=session.name, lease_id=lease_id)
-        with _calling("sessions"):
+        with calling("sessions"):
             await self._stub.ReleaseLease(request, metadata=call_metadata(caller))
 
     async def commit(
@@ -80,7 +70,7 @@ class SessionsClient:
             session=session.name, lease_id=lease_id, etag=etag, state=turn.state,
             invocation_id=turn.invocation_id, input=turn.input, output=turn.output,
         )
-        with _calling("sessions"):
+        with calling("sessions"):
             state = await self._stub.CommitTurn(request, metadata=call_metadata(caller))
         return _state(state)
 
@@ -99,7 +89,7 @@ class RegistryClient:
 
     async def download(self, version: VersionRef) -> PackedBundle:
         parts: list[bytes] = []
-        with _calling("registry"):
+        with calling("registry"):
             request = registry_pb2.DownloadVersionRequest(name=version.name)
             async for message in self._stub.DownloadVersion(request):
                 if message.HasField("chunk"):
@@ -107,7 +97,7 @@ class RegistryClient:
         return PackedBundle(version, b"".join(parts))
 
     async def digest(self, version: VersionRef) -> str:
-        with _calling("registry"):
+        with calling("registry"):
             found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=version.name))
         return found.digest
 

@@ -8,8 +8,6 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import TypeVar
 
-import grpc
-
 from corral.names import EndpointRef, VersionRef
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
@@ -17,7 +15,7 @@ from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.clients import call_metadata, channel
 from services.common.identity import Caller
 from services.common.settings import Settings
-from services.common.status import from_rpc_error
+from services.common.status import calling
 from services.common.timestamps import timestamp
 from services.registry.analysis_protos import (
     analysis_from_pb,
@@ -39,10 +37,8 @@ Response = TypeVar("Response")
 
 async def _answer(call: Awaitable[Response], service: str) -> Response:
     """The response of a call to `service`, or the domain error its failure stands for."""
-    try:
+    with calling(service):
         return await call
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc, service) from None
 
 
 class TelemetryClient:

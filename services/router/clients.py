@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-
-import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
@@ -17,7 +15,7 @@ from services.common.clients import call_metadata, channel
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
 from services.common.identity import Caller
 from services.common.settings import Settings
-from services.common.status import from_rpc_error
+from services.common.status import calling
 from services.router.model import (
     Chunk,
     Completed,
@@ -35,15 +33,6 @@ _ENDED = {
     sessions_pb2.SESSION_STATUS_STOPPED: SessionEnd.STOPPED,
     sessions_pb2.SESSION_STATUS_EXPIRED: SessionEnd.EXPIRED,
 }
-
-
-@contextmanager
-def _failures(service: str) -> Iterator[None]:
-    """Raises a failed call to `service` as the domain error it stands for."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc, service) from None
 
 
 def _pin(session: sessions_pb2.Session) -> SessionPin:
@@ -66,7 +55,7 @@ async def _pin_unless(
 ) -> SessionPin | None:
     """The session a call to sessions answers with, or None when it fails with `absent`."""
     try:
-        with _failures("sessions"):
+        with calling("sessions"):
             return _pin(await call)
     except absent:
         return None
@@ -100,7 +89,7 @@ class SessionsService:
         return await _pin_unless(AlreadyExists, created)
 
     async def stop(self, caller: Caller, session: SessionRef) -> None:
-        with _failures("sessions"):
+        with calling("sessions"):
             await self._stub.StopSession(
                 sessions_pb2.StopSessionRequest(name=session.name), metadata=call_metadata(caller)
             )
@@ -117,7 +106,7 @@ class RegistryVersions:
         known = self._versions.get(ref)
         if known is not None:
             return known
-        with _failures("registry"):
+        with calling("registry"):
             found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=ref.name))
         manifest = found.manifest
         info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s)
@@ -152,7 +141,7 @@ class ExecutorService:
         )
         call = self._stub.Execute(request, metadata=(*caller.metadata(), *trace))
         try:
-            with _failures("executor"):
+            with calling("executor"):
                 async for response in call:
                     event = _event(response)
                     if event is not None:
@@ -163,7 +152,7 @@ class ExecutorService:
             call.cancel()
 
     async def stop_session(self, caller: Caller, session: SessionRef) -> None:
-        with _failures("executor"):
+        with calling("executor"):
             await self._stub.StopSession(
                 executor_pb2.StopSessionRequest(session=session.name),
                 metadata=call_metadata(caller),
