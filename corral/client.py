@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -71,47 +71,41 @@ def parse_split(text: str) -> list[tuple[int, float]]:
     return out
 
 
+S = TypeVar("S")
+
+
+class _Stub(Generic[S]):
+    """A client's stub for one gRPC service, on the channel to the Corral service serving it."""
+
+    def __init__(self, service: str, stub: Callable[[grpc.Channel], S]) -> None:
+        self.service = service
+        self.stub = stub
+
+    def __get__(self, client: CorralClient, owner: type[CorralClient]) -> S:
+        return self.stub(client.channel(self.service))
+
+
 class CorralClient:
+    registry = _Stub("registry", registry_pb2_grpc.RegistryServiceStub)
+    rollouts = _Stub("registry", rollouts_pb2_grpc.RolloutServiceStub)
+    # The tenant's tools (corral tools ...).
+    tools = _Stub("registry", tools_pb2_grpc.ToolServiceStub)
+    router = _Stub("router", router_pb2_grpc.RouterServiceStub)
+    sessions = _Stub("sessions", sessions_pb2_grpc.SessionsServiceStub)
+    telemetry = _Stub("telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
+    executor = _Stub("executor", executor_pb2_grpc.ExecutorServiceStub)
+
     def __init__(self, config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig.from_env()
         self._channels: dict[str, grpc.Channel] = {}
         self.metadata = (
             ("x-corral-tenant", self.config.tenant), ("x-corral-user", self.config.user))
 
-    def _channel(self, service: str) -> grpc.Channel:
+    def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
             self._channels[service] = grpc.insecure_channel(
                 self.config.addrs[service], options=_OPTIONS)
         return self._channels[service]
-
-    @property
-    def registry(self) -> registry_pb2_grpc.RegistryServiceStub:
-        return registry_pb2_grpc.RegistryServiceStub(self._channel("registry"))
-
-    @property
-    def rollouts(self) -> rollouts_pb2_grpc.RolloutServiceStub:
-        return rollouts_pb2_grpc.RolloutServiceStub(self._channel("registry"))
-
-    @property
-    def tools(self) -> tools_pb2_grpc.ToolServiceStub:
-        """The tenant's tools (corral tools ...); served by the registry."""
-        return tools_pb2_grpc.ToolServiceStub(self._channel("registry"))
-
-    @property
-    def router(self) -> router_pb2_grpc.RouterServiceStub:
-        return router_pb2_grpc.RouterServiceStub(self._channel("router"))
-
-    @property
-    def sessions(self) -> sessions_pb2_grpc.SessionsServiceStub:
-        return sessions_pb2_grpc.SessionsServiceStub(self._channel("sessions"))
-
-    @property
-    def telemetry(self) -> telemetry_pb2_grpc.TelemetryServiceStub:
-        return telemetry_pb2_grpc.TelemetryServiceStub(self._channel("telemetry"))
-
-    @property
-    def executor(self) -> executor_pb2_grpc.ExecutorServiceStub:
-        return executor_pb2_grpc.ExecutorServiceStub(self._channel("executor"))
 
     def close(self) -> None:
         for ch in self._channels.values():
@@ -142,17 +136,18 @@ class CorralClient:
             lambda page: page.versions))
 
     def agents(self) -> list[reg.Agent]:
-        return list(pages(
-            lambda token: self.registry.ListAgents(reg.ListAgentsRequest(
-                page_token=token, page_size=_PAGE), metadata=self.metadata),
+        return list(pages(lambda token: self.registry.ListAgents(
+            reg.ListAgentsRequest(page_token=token, page_size=_PAGE), metadata=self.metadata),
             lambda page: page.agents))
 
     def endpoints(self, agent: str) -> list[reg.Endpoint]:
-        parent = names.agent_name(agent)
-        return list(pages(
-            lambda token: self.registry.ListEndpoints(reg.ListEndpointsRequest(
-                parent=parent, page_token=token, page_size=_PAGE), metadata=self.metadata),
-            lambda page: page.endpoints))
+        request = reg.ListEndpointsRequest(parent=names.agent_name(agent), page_size=_PAGE)
+
+        def fetch(token: str) -> reg.ListEndpointsResponse:
+            request.page_token = token
+            return self.registry.ListEndpoints(request, metadata=self.metadata)
+
+        return list(pages(fetch, lambda page: page.endpoints))
 
     def get_endpoint(self, agent: str, endpoint: str) -> reg.Endpoint:
         request = reg.GetEndpointRequest(name=names.endpoint_name(agent, endpoint))

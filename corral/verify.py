@@ -105,51 +105,42 @@ class TokenVerifier:
 
     # -- public --------------------------------------------------------------------------------
 
-    def verify(
-        self,
-        token: str,
-        *,
-        audience: str,
-        check_revocation: bool = True,
-        leeway_s: float = 5,
-        issuer: str | None = None,
-    ) -> InvocationClaims:
+    def verify(self, token: str, *, audience: str, check_revocation: bool = True,
+               leeway_s: float = 5, issuer: str | None = None) -> InvocationClaims:
         """Blocks on HTTP when the JWKS is due or revocation is checked: not for event loops."""
         kid = _unverified_kid(token)
-        key = self._known_key(kid)
-        if key is None and self._needs_refresh(kid):
+        if self._must_fetch(kid):
             with self._lock:
                 if self._needs_refresh(kid):
                     self._refresh(self._clock(), self._fetch_jwks())
-            key = self._known_key(kid)
-        claims = _decode(token, _require_key(key, kid), audience, leeway_s, issuer)
+        claims = self._decode(token, kid, audience, leeway_s, issuer)
         if check_revocation:
             url = self._revocation_url(claims.jti)
             _raise_if_revoked(claims.jti, _get(lambda: self._sync_client().get(url), url))
         return claims
 
-    async def averify(
-        self,
-        token: str,
-        *,
-        audience: str,
-        check_revocation: bool = True,
-        leeway_s: float = 5,
-        issuer: str | None = None,
-    ) -> InvocationClaims:
+    async def averify(self, token: str, *, audience: str, check_revocation: bool = True,
+                      leeway_s: float = 5, issuer: str | None = None) -> InvocationClaims:
+        """verify() for event loops: the same checks, over this loop's HTTP client."""
         kid = _unverified_kid(token)
-        key = self._known_key(kid)
-        if key is None and self._needs_refresh(kid):
+        if self._must_fetch(kid):
             io = self._loop_io()
             async with io.lock:
                 if self._needs_refresh(kid):
                     self._refresh(self._clock(), await self._afetch_jwks(io))
-            key = self._known_key(kid)
-        claims = _decode(token, _require_key(key, kid), audience, leeway_s, issuer)
+        claims = self._decode(token, kid, audience, leeway_s, issuer)
         if check_revocation:
             url = self._revocation_url(claims.jti)
             _raise_if_revoked(claims.jti, await _aget(self._loop_io().client.get(url), url))
         return claims
+
+    def _must_fetch(self, kid: str) -> bool:
+        return self._known_key(kid) is None and self._needs_refresh(kid)
+
+    def _decode(
+        self, token: str, kid: str, audience: str, leeway_s: float, issuer: str | None
+    ) -> InvocationClaims:
+        return _decode(token, _require_key(self._known_key(kid), kid), audience, leeway_s, issuer)
 
     def close(self) -> None:
         if self._client is not None:
@@ -253,29 +244,20 @@ def verifier_for(jwks_url: str | None = None) -> TokenVerifier:
         return verifier
 
 
-def verify_invocation_token(
-    token: str,
-    *,
-    audience: str,
-    jwks_url: str | None = None,
-    check_revocation: bool = True,
-    leeway_s: float = 5,
-) -> InvocationClaims:
+def verify_invocation_token(token: str, *, audience: str, jwks_url: str | None = None,
+                            check_revocation: bool = True, leeway_s: float = 5) -> InvocationClaims:
     """Verifies `token` for the tool named `audience`. Blocking: use averify_invocation_token
     inside an event loop."""
-    return verifier_for(jwks_url).verify(
-        token, audience=audience, check_revocation=check_revocation, leeway_s=leeway_s
-    )
+    verifier = verifier_for(jwks_url)
+    return verifier.verify(token, audience=audience, check_revocation=check_revocation,
+                           leeway_s=leeway_s)
 
 
 async def averify_invocation_token(
-    token: str,
-    *,
-    audience: str,
-    jwks_url: str | None = None,
-    check_revocation: bool = True,
+    token: str, *, audience: str, jwks_url: str | None = None, check_revocation: bool = True,
     leeway_s: float = 5,
 ) -> InvocationClaims:
+    """verify_invocation_token() for event loops."""
     return await verifier_for(jwks_url).averify(
         token, audience=audience, check_revocation=check_revocation, leeway_s=leeway_s
     )

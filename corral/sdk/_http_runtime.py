@@ -311,12 +311,7 @@ class Bridge:
 
     def serve(self) -> None:
         threading.Thread(target=self._run_invocations, daemon=True).start()
-        self.channel.send(pb.WorkerFrame(ready=pb.Ready(pid=os.getpid())))
-        while True:
-            try:
-                frame = self.channel.receive()
-            except EOFError:
-                return
+        for frame in self.channel.serve():
             kind = frame.WhichOneof("frame")
             if kind == "invoke":
                 self.invocations.put(frame.invoke)

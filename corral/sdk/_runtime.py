@@ -58,6 +58,16 @@ class Channel:
         frame.ParseFromString(self._read(size))
         return frame
 
+    def serve(self) -> Iterator[pb.HostFrame]:
+        """Tells the executor this worker is ready, then yields its frames until it closes the
+        socket."""
+        self.send(pb.WorkerFrame(ready=pb.Ready(pid=os.getpid())))
+        while True:
+            try:
+                yield self.receive()
+            except EOFError:
+                return
+
 
 class BrokeredModel:
     """ctx.model: each call is a frame to the executor's broker, which holds the provider."""
@@ -286,12 +296,7 @@ class Worker:
 
     def serve(self) -> None:
         self.warm_up()
-        self.channel.send(pb.WorkerFrame(ready=pb.Ready(pid=os.getpid())))
-        while True:
-            try:
-                frame = self.channel.receive()
-            except EOFError:
-                return
+        for frame in self.channel.serve():
             if frame.HasField("invoke"):
                 self.invoke(frame.invoke)
 

@@ -8,9 +8,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before reconnecting: `first_s` after a good connection, doubling up to
+    `max_s` while reconnecting keeps failing."""
+
+    first_s: float = 0.1
+    max_s: float = 5.0
+
+    def after(self, waited_s: float) -> float:
+        return min(waited_s * 2, self.max_s)
 
 
 class Periodic:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corral.names import EndpointRef, VersionRef
-from services.common.background import TaskSet
+from services.common.background import Backoff, TaskSet
 from services.common.errors import CorralError
 
 log = logging.getLogger(__name__)
+# A router must see endpoint changes again quickly after the registry comes back.
+RECONNECT = Backoff(first_s=0.1, max_s=5.0)
 BASIS_POINTS = 10_000
 
 
@@ -71,13 +73,11 @@ class EndpointMirror:
         source: EndpointSource,
         *,
         on_change: Callable[[], Awaitable[None]] | None = None,
-        first_backoff_s: float = 0.1,
-        max_backoff_s: float = 5.0,
+        backoff: Backoff = RECONNECT,
     ) -> None:
         self._source = source
         self._on_change = on_change
-        self._first_backoff_s = first_backoff_s
-        self._max_backoff_s = max_backoff_s
+        self._backoff = backoff
         self._endpoints: dict[EndpointRef, EndpointTraffic] = {}
         self._tasks = TaskSet("endpoint watch")
         self.synced = asyncio.Event()
@@ -116,13 +116,13 @@ class EndpointMirror:
         return endpoint
 
     async def _follow_forever(self) -> None:
-        backoff = self._first_backoff_s
+        backoff = self._backoff.first_s
         while True:
             try:
                 async for update in self._source.watch():
                     await self._take(update)
                     if update.snapshot:
-                        backoff = self._first_backoff_s
+                        backoff = self._backoff.first_s
                 log.warning("endpoint watch ended; reconnecting in %.1fs", backoff)
             except asyncio.CancelledError:
                 raise
@@ -132,7 +132,7 @@ class EndpointMirror:
                 log.exception("endpoint watch failed; reconnecting in %.1fs", backoff)
             self.synced.clear()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff_s)
+            backoff = self._backoff.after(backoff)
 
     async def _take(self, update: EndpointUpdate) -> None:
         if update.snapshot:

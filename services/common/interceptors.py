@@ -26,6 +26,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         self._domain = domain
 
     async def _fail(self, exc: Exception, context: Context, method: str) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc  # the handler aborted with a status of its own choosing
         error = domain_error(exc)
         if error is None and isinstance(exc, grpc.aio.AioRpcError):
             # A call to another service failed outside a clients module: pass its status on.
@@ -49,53 +51,38 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         fail = self._fail
 
-        def wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # Cancellation is a BaseException and passes through; everything else is mapped here,
+        # the one place that catches all.
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             async def run(request: Any, context: Context) -> Any:
                 try:
                     return await behavior(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this is the one place that catches all
-                    await fail(exc, context, method)
-
-            return run
-
-        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: Context) -> AsyncIterator[Any]:
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
                 except Exception as exc:  # noqa: BLE001
                     await fail(exc, context, method)
 
             return run
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def run(request: Any, context: Context) -> AsyncIterator[Any]:
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except Exception as exc:  # noqa: BLE001
+                    await fail(exc, context, method)
+
+            return run
+
+        kinds = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, unary),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, streaming),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, streaming),
+        )
+        for behavior, method_handler, wrap in kinds:
+            if behavior:
+                return method_handler(
+                    wrap(behavior), handler.request_deserializer, handler.response_serializer
+                )
         return handler
 
 

@@ -190,20 +190,19 @@ class Settings:
         return replace(self, addrs={**self.addrs, service: address})
 
     def require_database(self) -> str:
-        if not self.database_url:
-            raise SettingsError(
-                "CORRAL_DATABASE_URL is not set: point it at PostgreSQL, or start the platform "
-                "with `make run`, which starts an embedded one"
-            )
-        return self.database_url
+        return _required(self.database_url, "CORRAL_DATABASE_URL", "PostgreSQL")
 
     def require_redis(self) -> str:
-        if not self.redis_url:
-            raise SettingsError(
-                "CORRAL_REDIS_URL is not set: point it at Redis, or start the platform with "
-                "`make run`, which starts an embedded one"
-            )
-        return self.redis_url
+        return _required(self.redis_url, "CORRAL_REDIS_URL", "Redis")
+
+
+def _required(url: str | None, variable: str, server: str) -> str:
+    if not url:
+        raise SettingsError(
+            f"{variable} is not set: point it at {server}, or start the platform with "
+            "`make run`, which starts an embedded one"
+        )
+    return url
 
 
 def inherited_environment(**overrides: str) -> dict[str, str]:

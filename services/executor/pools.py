@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from corral.names import VersionRef
-from services.common.background import Periodic, TaskSet
+from services.common.background import Backoff, Periodic, TaskSet
 from services.common.endpoints import EndpointMirror
 from services.common.errors import CorralError
 from services.executor.metrics import ExecutorMetrics
@@ -197,7 +197,7 @@ class EndpointWants:
         self.registry = registry
         self.pools = pools
         self.mirror = EndpointMirror(
-            registry.endpoints(), on_change=self._publish, first_backoff_s=0.5, max_backoff_s=10.0,
+            registry.endpoints(), on_change=self._publish, backoff=Backoff(0.5, 10.0),
         )
         self._digests: dict[VersionRef, str] = {}  # versions are immutable: cached for good
 
