@@ -13,6 +13,7 @@ from typing import Protocol
 from corral.names import SessionRef, VersionRef
 from services.common.endpoints import EndpointSource
 from services.common.errors import Internal
+from services.common.execution import Completed, Started
 from services.common.identity import Caller
 
 # Attributes of the executor's own spans (the invocation's, its model and tool calls).
@@ -40,22 +41,7 @@ class Invocation:
     content_type: str
 
 
-@dataclass(frozen=True, slots=True)
-class Started:
-    """The invocation has its sandbox and is about to run."""
-
-    trace_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Completed:
-    """The turn is committed."""
-
-    duration_ms: int
-    # The session's turn count after this invocation.
-    turn: int
-
-
+# What an execution yields, in order: Started, the agent's output as it comes, Completed.
 Event = Started | bytes | Completed
 
 

@@ -10,18 +10,17 @@ from corral.executor.v1 import executor_pb2 as pb
 from corral.executor.v1 import executor_pb2_grpc
 from corral.names import SessionRef, VersionRef
 from services.common.errors import InvalidArgument
+from services.common.execution import Completed, Started
 from services.common.identity import caller
 from services.common.interceptors import Context, close_when_done
 from services.common.timestamps import timestamp
 from services.common.tracing import extract_metadata
 from services.executor.executor import Executor
 from services.executor.model import (
-    Completed,
     Invocation,
     PoolReport,
     SandboxInfo,
     SandboxState,
-    Started,
 )
 
 _STATES = {

@@ -20,6 +20,7 @@ from services.common.errors import (
     Internal,
     ResourceExhausted,
 )
+from services.common.execution import Completed, Started
 from services.common.identity import Caller
 from services.executor.broker import ModelBroker
 from services.executor.calls import AgentCalls, InvocationScope
@@ -27,14 +28,12 @@ from services.executor.credentials import Credential, InvocationCredentials
 from services.executor.drivers.base import Limit
 from services.executor.model import (
     AgentError,
-    Completed,
     Event,
     FinishedTurn,
     Invocation,
     Sessions,
     SessionState,
     SpanExport,
-    Started,
     TurnInput,
     TurnOutput,
 )

@@ -13,17 +13,16 @@ from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.clients import call_metadata, channel
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
+from services.common.execution import Completed, Started
 from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling
 from services.router.model import (
     Chunk,
-    Completed,
     ExecutionEvent,
     Invocation,
     SessionEnd,
     SessionPin,
-    Started,
     TraceContext,
     VersionInfo,
 )

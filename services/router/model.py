@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from services.common.execution import Completed, Started
 from services.common.identity import Caller
 
 DEFAULT_ENDPOINT = "DEFAULT"
@@ -54,26 +55,10 @@ class Invocation:
 
 
 @dataclass(frozen=True)
-class Started:
-    """The executor took the invocation; `trace_id` is the trace its spans go to."""
-
-    trace_id: str
-
-
-@dataclass(frozen=True)
 class Chunk:
     """The next piece of the agent's output."""
 
     data: bytes
-
-
-@dataclass(frozen=True)
-class Completed:
-    """The turn is over and its state committed."""
-
-    duration_ms: int
-    # The session's turn count after this invocation.
-    turn: int
 
 
 # What an execution reports, in order: Started, any Chunks, Completed.

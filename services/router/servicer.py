@@ -12,14 +12,13 @@ from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.router.v1 import router_pb2 as pb
 from corral.router.v1 import router_pb2_grpc
 from services.common.errors import InvalidArgument
+from services.common.execution import Completed, Started
 from services.common.identity import Caller, caller
 from services.common.interceptors import Context, close_when_done
 from services.router.model import (
     Chunk,
-    Completed,
     ExecutionEvent,
     Invocation,
-    Started,
     Target,
     TraceContext,
 )
