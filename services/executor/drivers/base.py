@@ -78,7 +78,8 @@ class WorkerProcess(Protocol):
 
 
 class SandboxDriver(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> WorkerProcess:
         """Starts the worker with `socket_fd` (its end of a Unix socketpair) inherited."""

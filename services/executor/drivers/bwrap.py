@@ -23,7 +23,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from services.executor.drivers import seccomp
 from services.executor.drivers.base import Limit, SandboxSpec, Usage, worker_module
@@ -210,56 +211,80 @@ async def _drain(
                 log.warning("sandbox %s %s: more output dropped", session, name)
 
 
-class BwrapDriver:
-    name = "bwrap"
+@dataclass(kw_only=True, eq=False)
+class GatedDriver:
+    """What the bwrap and gvisor drivers share: the limits each sandbox gets, the cgroup
+    hierarchy its cgroup goes in, and each interpreter's layout, probed once. A subclass checks
+    its host in __post_init__ and starts each sandbox through start_gated."""
 
-    def __init__(
-        self,
-        *,
-        scratch_mb: int = 64,
-        pids_max: int = 128,
-        nofile: int = 1024,
-        cpus: float = 1.0,
-        hierarchy: Hierarchy | None = None,
-        binary: str = "bwrap",
-    ) -> None:
+    name: ClassVar[str]
+    scratch_mb: int = 64
+    pids_max: int = 128
+    nofile: int = 1024
+    cpus: float = 1.0
+    # Where the sandboxes' cgroups go; None: the host's (detected once the binary is found).
+    hierarchy: Hierarchy | None = None
+    cgroups: Hierarchy = field(init=False)
+    _layouts: dict[str, Layout] = field(default_factory=dict, init=False, repr=False)
+
+    @staticmethod
+    def _installed(binary: str, hint: str) -> str:
+        """The path of `binary`; SandboxUnavailable saying `hint` when it is not installed."""
         found = shutil.which(binary)
         if found is None:
-            raise SandboxUnavailable(
-                "the bwrap sandbox driver needs bubblewrap: run scripts/setup-sandbox.sh as root "
-                "(Debian/Ubuntu: apt-get install bubblewrap)"
-            )
-        version = bwrap_version(found)
-        if version < MIN_VERSION:
-            raise SandboxUnavailable(
-                f"bubblewrap {'.'.join(map(str, version))} is too old: the sandbox's size-limited "
-                "scratch disk needs 0.8 or newer (Debian 12's bubblewrap package)"
-            )
-        self.binary = found
-        self.scratch_mb = scratch_mb
-        self.pids_max = pids_max
-        self.nofile = nofile
-        self.cpus = cpus
-        self.hierarchy = hierarchy or detect()
-        unwritable = [str(d) for d in self.hierarchy.directories() if not os.access(d, os.W_OK)]
+            raise SandboxUnavailable(hint)
+        return found
+
+    def _writable_cgroups(self, fix: str) -> Hierarchy:
+        """The hierarchy sandboxes' cgroups go in, if the executor can write it; else
+        SandboxUnavailable saying `fix`."""
+        cgroups = self.hierarchy or detect()
+        unwritable = [str(d) for d in cgroups.directories() if not os.access(d, os.W_OK)]
         if unwritable:
             raise SandboxUnavailable(
-                f"the bwrap driver puts each sandbox in a cgroup, but cannot write {unwritable}: "
-                "run the executor as root, or in a cgroup delegated to its user"
+                f"the {self.name} driver puts each sandbox in a cgroup, but cannot write "
+                f"{unwritable}: {fix}"
             )
-        seccomp.filter_bpf()  # fail now, not at the first session, if pyseccomp is missing
-        self._layouts: dict[str, Layout] = {}
-        if os.geteuid() == 0:
-            # bwrap started by root maps the sandbox's uid 65534 to host uid 0 (without any
-            # capability); the /proc, / and /dev remounts below close what that would open.
-            log.info("bwrap sandboxes run as uid 65534 mapped to host root without capabilities")
+        return cgroups
 
     async def layout(self, python: str) -> Layout:
         """Asks the interpreter itself where it lives (once per interpreter)."""
         layout = self._layouts.get(python)
         if layout is None:
-            layout = self._layouts[python] = await probe_layout(python)
+            layout = await probe_layout(python)
+            await self._prepare(layout)
+            self._layouts[python] = layout
         return layout
+
+    async def _prepare(self, layout: Layout) -> None:
+        """Readies the host for sandboxes of a newly probed interpreter; nothing by default."""
+
+
+@dataclass(kw_only=True, eq=False)
+class BwrapDriver(GatedDriver):
+    name = "bwrap"
+    binary: str = "bwrap"
+
+    def __post_init__(self) -> None:
+        self.binary = self._installed(
+            self.binary,
+            "the bwrap sandbox driver needs bubblewrap: run scripts/setup-sandbox.sh as root "
+            "(Debian/Ubuntu: apt-get install bubblewrap)",
+        )
+        version = bwrap_version(self.binary)
+        if version < MIN_VERSION:
+            raise SandboxUnavailable(
+                f"bubblewrap {'.'.join(map(str, version))} is too old: the sandbox's size-limited "
+                "scratch disk needs 0.8 or newer (Debian 12's bubblewrap package)"
+            )
+        self.cgroups = self._writable_cgroups(
+            "run the executor as root, or in a cgroup delegated to its user"
+        )
+        seccomp.filter_bpf()  # fail now, not at the first session, if pyseccomp is missing
+        if os.geteuid() == 0:
+            # bwrap started by root maps the sandbox's uid 65534 to host uid 0 (without any
+            # capability); the /proc, / and /dev remounts below close what that would open.
+            log.info("bwrap sandboxes run as uid 65534 mapped to host root without capabilities")
 
     def arguments(self, spec: SandboxSpec, layout: Layout, seccomp_fd: int) -> list[str]:
         """bwrap's options, before the `--` and the command."""
@@ -317,7 +342,7 @@ class BwrapDriver:
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> BwrapWorker:
         layout = await self.layout(spec.python or sys.executable)
         cgroup = await asyncio.to_thread(
-            SandboxCgroup.create, self.hierarchy, Limits(spec.memory_mb, self.pids_max, self.cpus)
+            SandboxCgroup.create, self.cgroups, Limits(spec.memory_mb, self.pids_max, self.cpus)
         )
         gate_read, gate_write = os.pipe()
         # http agents serve on 127.0.0.1 inside the sandbox's own network namespace (only lo).
@@ -338,7 +363,7 @@ class BwrapDriver:
     def remove_orphans(self) -> int:
         """The cgroups of sandboxes whose executor crashed (their processes died with it:
         bwrap's --die-with-parent), killing anything still in them."""
-        return remove_orphans(self.hierarchy)
+        return remove_orphans(self.cgroups)
 
 
 async def start_gated(

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,12 @@ from services.executor.drivers.bwrap import (
     NOBODY,
     SCRATCH,
     BwrapWorker,
+    GatedDriver,
     Layout,
     SandboxUnavailable,
-    probe_layout,
     start_gated,
 )
-from services.executor.drivers.cgroups import (
-    Hierarchy,
-    Limits,
-    SandboxCgroup,
-    _pid_alive,
-    detect,
-)
+from services.executor.drivers.cgroups import Limits, SandboxCgroup, _pid_alive
 from services.executor.drivers.cgroups import (
     remove_orphans as remove_orphan_cgroups,
 )
@@ -120,53 +115,29 @@ def _mount(destination: str, source: str, kind: str = "bind", *options: str) -> 
     return {"destination": destination, "type": kind, "source": source, "options": list(options)}
 
 
-class GvisorDriver:
+@dataclass(kw_only=True, eq=False)
+class GvisorDriver(GatedDriver):
     name = "gvisor"
+    binary: str = "runsc"
+    state_root: Path = STATE_ROOT
+    # The host's pids limit: the agent's processes plus room for gVisor's own threads.
+    host_pids_max: int = field(init=False)
+    # One directory per executor (named by its pid, like its cgroups) so that a restarted
+    # executor can tell what a crashed one left from what a live one is using.
+    home: Path = field(init=False)
+    rootfs: Path = field(init=False)
 
-    def __init__(
-        self,
-        *,
-        scratch_mb: int = 64,
-        pids_max: int = 128,
-        nofile: int = 1024,
-        cpus: float = 1.0,
-        hierarchy: Hierarchy | None = None,
-        binary: str = "runsc",
-        state_root: Path = STATE_ROOT,
-    ) -> None:
-        found = shutil.which(binary)
-        if found is None:
-            raise SandboxUnavailable(INSTALL_HINT)
-        self.binary = found
-        self.scratch_mb = scratch_mb
-        self.pids_max = pids_max
-        self.host_pids_max = 4 * pids_max + GVISOR_THREADS
-        self.nofile = nofile
-        self.cpus = cpus
-        self.hierarchy = hierarchy or detect()
-        unwritable = [str(d) for d in self.hierarchy.directories() if not os.access(d, os.W_OK)]
-        if unwritable:
-            raise SandboxUnavailable(
-                f"the gvisor driver puts each sandbox in a cgroup, but cannot write {unwritable}: "
-                "run the executor as root"
-            )
+    def __post_init__(self) -> None:
+        self.binary = self._installed(self.binary, INSTALL_HINT)
+        self.cgroups = self._writable_cgroups("run the executor as root")
         if os.geteuid() != 0:
             raise SandboxUnavailable("the gvisor driver runs runsc, which needs root")
-        self.state_root = state_root
-        # One directory per executor (named by its pid, like its cgroups) so that a restarted
-        # executor can tell what a crashed one left from what a live one is using.
-        self.home = state_root / str(os.getpid())
-        self.rootfs = state_root / "rootfs"
-        self._layouts: dict[str, Layout] = {}
+        self.host_pids_max = 4 * self.pids_max + GVISOR_THREADS
+        self.home = self.state_root / str(os.getpid())
+        self.rootfs = self.state_root / "rootfs"
 
-    async def layout(self, python: str) -> Layout:
-        """Asks the interpreter where it lives (once per interpreter), as the bwrap driver does."""
-        layout = self._layouts.get(python)
-        if layout is None:
-            layout = await probe_layout(python)
-            await asyncio.to_thread(self._prepare_rootfs, layout)
-            self._layouts[python] = layout
-        return layout
+    async def _prepare(self, layout: Layout) -> None:
+        await asyncio.to_thread(self._prepare_rootfs, layout)
 
     def _prepare_rootfs(self, layout: Layout) -> None:
         """The container's read-only root: empty mount points and the host's /lib-style
@@ -265,7 +236,7 @@ class GvisorDriver:
             self._write_bundle, container_id, self.config(spec, layout)
         )
         cgroup = await asyncio.to_thread(
-            SandboxCgroup.create, self.hierarchy,
+            SandboxCgroup.create, self.cgroups,
             Limits(spec.memory_mb, self.host_pids_max, self.cpus),
         )
         gate_read, gate_write = os.pipe()
@@ -287,7 +258,7 @@ class GvisorDriver:
         """What crashed executors left: their sandboxes' cgroups (killing what still runs in
         them), cgroups runsc made at the top of each hierarchy for their containers, and their
         runsc state. Returns how many sandboxes were cleaned up."""
-        removed = remove_orphan_cgroups(self.hierarchy)
+        removed = remove_orphan_cgroups(self.cgroups)
         removed += _remove_top_level_cgroups()
         with contextlib.suppress(FileNotFoundError):
             for entry in self.state_root.iterdir():
