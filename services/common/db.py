@@ -1,14 +1,22 @@
-"""PostgreSQL through asyncpg: the pool, and ordered SQL migrations applied at start."""
+"""PostgreSQL through asyncpg: the pool, ordered SQL migrations applied at start, and domain
+values read from rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
+D = TypeVar("D", bound="DataclassInstance")
 
 
 @retry(
@@ -57,3 +65,11 @@ async def migrate(pool: asyncpg.Pool, service: str, directory: Path) -> list[str
     if applied:
         log.info("%s: applied migrations %s", service, ", ".join(applied))
     return applied
+
+
+def from_row(cls: type[D], row: asyncpg.Record | Mapping[str, Any], **converted: object) -> D:
+    """A `cls` from the row's columns named like its fields, and `converted` for the fields
+    whose column differs in name or type. Fields the row lacks take their defaults."""
+    columns = set(row.keys())
+    names = [f.name for f in dataclasses.fields(cls) if f.name in columns]
+    return cls(**{name: row[name] for name in names if name not in converted}, **converted)

@@ -3,17 +3,20 @@ turns in PostgreSQL (the record), leases and a read cache of records in Redis (d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import redis.asyncio as redis
+from redis.commands.core import AsyncScript
 
 from corral.names import EndpointRef, VersionRef
+from services.common.db import from_row
 from services.common.errors import Unavailable
 from services.common.kv import KeySpace
 from services.common.paging import Key
@@ -34,6 +37,8 @@ _COLUMNS = """id, agent, version, version_digest, endpoint, tenant, user_id, sta
     turn_count, state_etag, create_time, update_time, last_active_time, idle_timeout_s,
     max_lifetime_s, revision"""
 _NEXT_REVISION = "nextval('sessions.revision_seq')"
+# The record's times, which its cached copy holds in ISO 8601.
+_TIMES = ("create_time", "update_time", "last_active_time")
 # A session row: as asyncpg returns it, or its columns picked out of a wider row.
 Row = asyncpg.Record | Mapping[str, Any]
 
@@ -69,49 +74,57 @@ return 0
 
 
 def _record(row: Row) -> SessionRecord:
-    return SessionRecord(
-        id=row["id"],
-        agent=row["agent"],
-        version=row["version"],
-        version_digest=row["version_digest"],
-        endpoint=row["endpoint"],
-        tenant=row["tenant"],
-        user=row["user_id"],
-        status=SessionStatus(row["status"]),
-        turn_count=row["turn_count"],
-        state_etag=row["state_etag"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        last_active_time=row["last_active_time"],
-        idle_timeout_s=row["idle_timeout_s"],
-        max_lifetime_s=row["max_lifetime_s"],
-    )
+    """The record in a row: its columns by the fields' names, but for user_id and the status."""
+    return from_row(SessionRecord, row, user=row["user_id"], status=SessionStatus(row["status"]))
+
+
+def _row(record: SessionRecord) -> dict[str, object]:
+    """The record as the table's columns, by name."""
+    values = dataclasses.asdict(record)
+    values["user_id"] = values.pop("user")
+    values["status"] = record.status.value
+    return values
 
 
 def _to_json(row: Row) -> str:
     values = dict(row.items())
-    for key in ("create_time", "update_time", "last_active_time"):
+    for key in _TIMES:
         values[key] = values[key].isoformat()
     return json.dumps(values)
 
 
 def _from_json(data: bytes | str) -> SessionRecord:
     values = json.loads(data)
-    for key in ("create_time", "update_time", "last_active_time"):
+    for key in _TIMES:
         values[key] = datetime.fromisoformat(values[key])
     return _record(values)
 
 
-class RecordCache:
-    """Hot copies of session records (never their state). Redis failures only cost a cache miss."""
+class _PerSession:
+    """What the record cache and the leases share: one Redis key per session for their `kind`,
+    and their Lua scripts, registered with the client once each."""
+
+    kind: ClassVar[str]
 
     def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
         self._redis = client
         self._keys = keys
-        self._put = client.register_script(_CACHE_PUT)
+        self._scripts: dict[str, AsyncScript] = {}
 
     def _key(self, session_id: str) -> str:
-        return self._keys("sessions", "record", session_id)
+        return self._keys("sessions", self.kind, session_id)
+
+    def _script(self, source: str) -> AsyncScript:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._redis.register_script(source)
+        return script
+
+
+class RecordCache(_PerSession):
+    """Hot copies of session records (never their state). Redis failures only cost a cache miss."""
+
+    kind = "record"
 
     async def get(self, session_id: str) -> SessionRecord | None:
         try:
@@ -137,7 +150,7 @@ class RecordCache:
 
     async def _store(self, session_id: str, revision: int, data: str, *, tombstone: bool) -> None:
         try:
-            await self._put(
+            await self._script(_CACHE_PUT)(
                 keys=[self._key(session_id)],
                 args=[revision, data, CACHE_TTL_MS, "1" if tombstone else "0"],
             )
@@ -153,28 +166,13 @@ class PgSessionStore:
         self._cache = cache
 
     async def insert(self, record: SessionRecord) -> SessionRecord | None:
+        values = _row(record)
         row = await self._pool.fetchrow(
-            f"""INSERT INTO sessions.sessions (id, agent, version, version_digest, endpoint, tenant,
-                    user_id, status, turn_count, state_etag, create_time, update_time,
-                    last_active_time, idle_timeout_s, max_lifetime_s)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+            f"""INSERT INTO sessions.sessions ({", ".join(values)})
+                VALUES ({", ".join(f"${n}" for n in range(1, len(values) + 1))})
                 ON CONFLICT (id) DO NOTHING
                 RETURNING {_COLUMNS}""",
-            record.id,
-            record.agent,
-            record.version,
-            record.version_digest,
-            record.endpoint,
-            record.tenant,
-            record.user,
-            record.status.value,
-            record.turn_count,
-            record.state_etag,
-            record.create_time,
-            record.update_time,
-            record.last_active_time,
-            record.idle_timeout_s,
-            record.max_lifetime_s,
+            *values.values(),
         )
         return await self._cached(row)
 
@@ -359,17 +357,10 @@ class PgSessionStore:
         return _record(row)
 
 
-class RedisLeases:
+class RedisLeases(_PerSession):
     """One lease per session: a key set with NX and a TTL, changed only by its holder's lease id."""
 
-    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
-        self._redis = client
-        self._keys = keys
-        self._renew = client.register_script(_LEASE_RENEW)
-        self._release = client.register_script(_LEASE_RELEASE)
-
-    def _key(self, session_id: str) -> str:
-        return self._keys("sessions", "lease", session_id)
+    kind = "lease"
 
     async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool:
         async with _redis_required("take the session's lease"):
@@ -380,7 +371,7 @@ class RedisLeases:
 
     async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
         async with _redis_required("renew the session's lease"):
-            value = await self._renew(
+            value = await self._script(_LEASE_RENEW)(
                 keys=[self._key(session_id)], args=[f"{lease_id}\n", _ms(ttl_s)]
             )
         if not value:
@@ -389,7 +380,9 @@ class RedisLeases:
 
     async def release(self, session_id: str, lease_id: str) -> bool:
         async with _redis_required("release the session's lease"):
-            removed = await self._release(keys=[self._key(session_id)], args=[f"{lease_id}\n"])
+            removed = await self._script(_LEASE_RELEASE)(
+                keys=[self._key(session_id)], args=[f"{lease_id}\n"]
+            )
         return bool(removed)
 
     async def holder(self, session_id: str) -> str | None:

@@ -7,6 +7,7 @@ import json
 
 import asyncpg
 
+from services.common.db import from_row
 from services.common.errors import Internal
 from services.common.paging import Key
 from services.telemetry.analysis import SessionObservation
@@ -22,18 +23,17 @@ from services.telemetry.store.sql import (
     IS_TOOL_CALL,
     OUTPUT_TOKENS,
     Where,
-    from_record,
     tokens,
 )
 
 
 def _score(r: asyncpg.Record) -> Score:
-    return from_record(Score, r, source=ScoreSource(r["source"]), user=r["user_id"])
+    return from_row(Score, r, source=ScoreSource(r["source"]), user=r["user_id"])
 
 
 def _observation(r: asyncpg.Record) -> SessionObservation:
     scores: dict[str, float] = json.loads(r["scores"]) if r["scores"] else {}
-    return from_record(
+    return from_row(
         SessionObservation,
         r,
         latencies_ms=tuple(float(x) for x in r["latencies_ms"]),

@@ -9,6 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from corral.names import AgentRef, SessionRef
+from services.common.db import from_row
 from services.common.paging import Key
 from services.telemetry.model import (
     MODEL_ATTR,
@@ -25,7 +26,6 @@ from services.telemetry.store.sql import (
     USAGE,
     Param,
     Where,
-    from_record,
     latency,
     tokens,
     usage_counts,
@@ -93,7 +93,7 @@ def _values(row: SpanRow) -> tuple[Param, ...]:
 
 
 def _row(r: asyncpg.Record) -> SpanRow:
-    return from_record(
+    return from_row(
         SpanRow,
         r,
         status=SpanStatus(r["status"]),
@@ -191,7 +191,7 @@ class PgSpanStore:
             *sql.args,
         )
         return [
-            from_record(TraceSummary, r, root_span_name=r["name"], status=SpanStatus(r["status"]))
+            from_row(TraceSummary, r, root_span_name=r["name"], status=SpanStatus(r["status"]))
             for r in records
         ]
 

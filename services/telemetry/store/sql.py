@@ -3,12 +3,11 @@ the per-version aggregates (usage counts, latency quantiles) over telemetry.span
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
+from services.common.db import from_row
 from services.common.paging import Key
 from services.telemetry.model import (
     INPUT_TOKENS_ATTR,
@@ -18,20 +17,8 @@ from services.telemetry.model import (
     UsageCounts,
 )
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
 # Parameters asyncpg binds for these queries.
 Param = str | int | float | bool | datetime | list[str] | None
-D = TypeVar("D", bound="DataclassInstance")
-
-
-def from_record(cls: type[D], record: asyncpg.Record, **converted: object) -> D:
-    """A `cls` from the record's columns named like its fields, and `converted` for the fields
-    whose column differs in name or type. Fields the record lacks take their defaults."""
-    columns = set(record.keys())
-    names = [f.name for f in dataclasses.fields(cls) if f.name in columns]
-    return cls(**{name: record[name] for name in names if name not in converted}, **converted)
 
 
 def number_attribute(key: str) -> str:
@@ -69,7 +56,7 @@ LATENCY = """
 
 
 def usage_counts(r: asyncpg.Record) -> UsageCounts:
-    return from_record(UsageCounts, r)
+    return from_row(UsageCounts, r)
 
 
 def latency(r: asyncpg.Record) -> Latency:
