@@ -1,5 +1,5 @@
-"""Telemetry's analysis messages ↔ the registry's analysis values: metric specs, version
-comparisons, experiment analyses. Shared by the servicer (rollouts carry them) and the client
+"""Telemetry's analysis messages ↔ the registry's analysis values: version comparisons and
+experiment analyses (metric specs: services.common.metric_protos). Shared by the servicer (rollouts carry them) and the client
 (telemetry computes them)."""
 
 from __future__ import annotations
@@ -7,48 +7,21 @@ from __future__ import annotations
 import dataclasses
 
 from corral.telemetry.v1 import telemetry_pb2 as tel
+from services.common.metric_protos import metric_from_pb, metric_pb
 from services.common.timestamps import optional_time, timestamp
 from services.registry.rollout_model import (
     Analysis,
     ArmStats,
     Comparison,
-    Direction,
     ExperimentAnalysis,
     ExperimentMetric,
-    MetricSpec,
     VariantMetric,
     Verdict,
 )
 
-# The values' names are the messages' enum names without their prefix.
-_DIRECTION_TO_PB = {d: tel.MetricDirection.Value(f"METRIC_DIRECTION_{d.value}") for d in Direction}
-_DIRECTION_FROM_PB = {v: k for k, v in _DIRECTION_TO_PB.items()}
+# The verdicts' names are the messages' enum names without their prefix.
 _VERDICT_TO_PB = {v: tel.Verdict.Value(f"VERDICT_{v.value}") for v in Verdict}
 _VERDICT_FROM_PB = {v: k for k, v in _VERDICT_TO_PB.items()}
-
-
-def metric_from_pb(m: tel.MetricSpec) -> MetricSpec:
-    return MetricSpec(
-        name=m.name,
-        direction=_DIRECTION_FROM_PB.get(m.direction),
-        tolerance=m.tolerance if m.HasField("tolerance") else None,
-        relative=m.relative if m.HasField("relative") else None,
-        fail_margin=m.fail_margin if m.HasField("fail_margin") else None,
-    )
-
-
-def metric_pb(m: MetricSpec) -> tel.MetricSpec:
-    out = tel.MetricSpec(
-        name=m.name,
-        direction=_DIRECTION_TO_PB[m.direction] if m.direction else tel.METRIC_DIRECTION_UNSPECIFIED,
-    )
-    if m.tolerance is not None:
-        out.tolerance = m.tolerance
-    if m.relative is not None:
-        out.relative = m.relative
-    if m.fail_margin is not None:
-        out.fail_margin = m.fail_margin
-    return out
 
 
 def _arm_from_pb(a: tel.ArmStats) -> ArmStats:

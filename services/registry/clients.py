@@ -14,14 +14,11 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.clients import call_metadata, channel
 from services.common.identity import Caller
+from services.common.metric_protos import metric_pb
 from services.common.settings import Settings
 from services.common.status import calling
 from services.common.timestamps import timestamp
-from services.registry.analysis_protos import (
-    analysis_from_pb,
-    experiment_analysis_from_pb,
-    metric_pb,
-)
+from services.registry.analysis_protos import analysis_from_pb, experiment_analysis_from_pb
 from services.registry.rollout_model import (
     Analysis,
     AnalysisConfig,

@@ -11,6 +11,7 @@ from corral.names import EndpointRef, ExperimentRef, VersionRef
 from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
+from services.common.metric_spec import Direction
 from services.common.paging import Page
 from services.registry import rollout_rules
 from services.registry.model import (
@@ -24,7 +25,6 @@ from services.registry.model import (
 )
 from services.registry.registry import check_versions_exist
 from services.registry.rollout_model import (
-    Direction,
     ExperimentAnalysis,
     ExperimentRecord,
     ExperimentReport,

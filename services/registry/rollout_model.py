@@ -11,6 +11,7 @@ from typing import ClassVar, Generic, TypeVar
 
 from corral.names import EndpointRef, ExperimentRef, RolloutRef, VersionRef
 from services.common.endpoints import TrafficShare
+from services.common.metric_spec import MetricSpec
 
 # -- the strategy: steps ------------------------------------------------------------------------
 
@@ -42,23 +43,7 @@ class ManualGate:
 Step = SetWeight | Pause | AnalysisGate | ManualGate
 
 
-# -- what the analysis watches -------------------------------------------------------------------
-
-
-class Direction(enum.Enum):
-    LOWER_IS_BETTER = "LOWER_IS_BETTER"
-    HIGHER_IS_BETTER = "HIGHER_IS_BETTER"
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """A metric and how to judge it; what is left out takes telemetry's defaults."""
-
-    name: str
-    direction: Direction | None = None
-    tolerance: float | None = None
-    relative: bool | None = None
-    fail_margin: float | None = None
+# -- specs: what the analysis watches (metrics: services.common.metric_spec), what a rollback does
 
 
 class SessionPolicy(enum.Enum):

@@ -11,13 +11,13 @@ from datetime import datetime
 from corral.names import EndpointRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import InvalidArgument
+from services.common.metric_spec import MetricSpec
 from services.registry.rollout_model import (
     AnalysisConfig,
     AnalysisGate,
     ExperimentRequest,
     ExperimentSpec,
     ManualGate,
-    MetricSpec,
     Pause,
     RolloutRequest,
     RolloutSpec,

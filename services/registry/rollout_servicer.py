@@ -13,14 +13,10 @@ from corral.registry.v1 import rollouts_pb2 as pb
 from corral.registry.v1 import rollouts_pb2_grpc
 from services.common.identity import caller
 from services.common.interceptors import Context
+from services.common.metric_protos import metric_from_pb, metric_pb
 from services.common.timestamps import optional_time, timestamp
 from services.registry import rollout_rules
-from services.registry.analysis_protos import (
-    analysis_pb,
-    experiment_analysis_pb,
-    metric_from_pb,
-    metric_pb,
-)
+from services.registry.analysis_protos import analysis_pb, experiment_analysis_pb
 from services.registry.experiments import Experiments
 from services.registry.messages import each, endpoint_pb, paging, traffic_targets
 from services.registry.rollout_model import (

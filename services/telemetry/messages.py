@@ -16,7 +16,6 @@ from services.common.paging import Page
 from services.common.timestamps import timestamp
 from services.telemetry import analysis
 from services.telemetry.model import (
-    MetricRequest,
     Score,
     ScoreSource,
     SpanRow,
@@ -53,7 +52,6 @@ DIRECTION_TO_PB = {
     analysis.Direction.LOWER_IS_BETTER: pb.METRIC_DIRECTION_LOWER_IS_BETTER,
     analysis.Direction.HIGHER_IS_BETTER: pb.METRIC_DIRECTION_HIGHER_IS_BETTER,
 }
-DIRECTION_FROM_PB = {v: k for k, v in DIRECTION_TO_PB.items()}
 
 
 def _message(cls: type[M], value: DataclassInstance, **converted: Any) -> M:
@@ -192,13 +190,3 @@ def experiment_response(
                 variant.effect_low = v.effect_lower or 0.0
                 variant.effect_high = v.effect_upper or 0.0
     return out
-
-
-def metric_request(m: pb.MetricSpec) -> MetricRequest:
-    return MetricRequest(
-        name=m.name,
-        direction=DIRECTION_FROM_PB.get(m.direction),
-        tolerance=m.tolerance if m.HasField("tolerance") else None,
-        relative=m.relative if m.HasField("relative") else None,
-        fail_margin=m.fail_margin if m.HasField("fail_margin") else None,
-    )

@@ -10,8 +10,9 @@ from datetime import datetime
 from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from services.common.metric_spec import MetricSpec
 from services.common.paging import Key
-from services.telemetry.analysis import Direction, SessionObservation
+from services.telemetry.analysis import SessionObservation
 
 # The span attributes Corral's executor sets, by which spans are found and counted.
 AGENT_ATTR = "corral.agent"
@@ -26,6 +27,8 @@ MODEL_ATTR = "gen_ai.request.model"
 INPUT_TOKENS_ATTR = "gen_ai.usage.input_tokens"
 OUTPUT_TOKENS_ATTR = "gen_ai.usage.output_tokens"
 
+# A metric as a caller asks for it; analysis.MetricSpec is the metric with its defaults filled in.
+MetricRequest = MetricSpec
 # What span attributes hold once converted from OTLP: JSON values.
 JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
 Attributes = Mapping[str, JsonValue]
@@ -224,17 +227,6 @@ class ScoreFilter:
     session: SessionRef | None = None
     version: VersionRef | None = None
     name: str = ""
-
-
-@dataclass(frozen=True)
-class MetricRequest:
-    """A metric as a caller asks for it; unset parts take the metric's defaults."""
-
-    name: str
-    direction: Direction | None = None
-    tolerance: float | None = None
-    relative: bool | None = None
-    fail_margin: float | None = None
 
 
 @dataclass(frozen=True)

@@ -111,12 +111,13 @@ def metric_spec(m: MetricRequest, field: str) -> analysis.MetricSpec:
         )
     tolerance = _threshold(m.tolerance, m.relative, f"{field}.tolerance")
     margin = _threshold(m.fail_margin, m.relative, f"{field}.fail_margin")
+    direction = analysis.Direction[m.direction.name] if m.direction is not None else None
     # The tolerance is the bar for passing. Failing starts at the metric's fail margin: the
     # tolerance itself unless given, except for the session error rate, which by default fails on
     # any degradation the evidence establishes (what rolls a bad candidate back in ~100 sessions).
     try:
         return analysis.metric(
-            m.name, tolerance=tolerance, direction=m.direction, fail_margin=margin
+            m.name, tolerance=tolerance, direction=direction, fail_margin=margin
         )
     except ValueError as exc:
         raise InvalidArgument.field(f"{field}.fail_margin", str(exc)) from None

@@ -10,6 +10,7 @@ from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.identity import caller
 from services.common.interceptors import Context
+from services.common.metric_protos import metric_from_pb
 from services.common.timestamps import optional_time
 from services.telemetry import messages
 from services.telemetry.evaluation import Evaluation
@@ -61,7 +62,7 @@ def _scope(
         start=optional_time(request, "start_time"),
         end=optional_time(request, "end_time"),
         endpoint=EndpointRef.parse(endpoint, field="endpoint") if endpoint else None,
-        metrics=[messages.metric_request(m) for m in request.metrics],
+        metrics=[metric_from_pb(m) for m in request.metrics],
         alpha=request.alpha,
     )
 

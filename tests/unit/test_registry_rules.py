@@ -13,6 +13,7 @@ from corral.bundle import BundleLimits
 from corral.names import VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import InvalidArgument
+from services.common.metric_spec import Direction
 from services.registry import rollout_model as ro
 from services.registry.rollout_rules import rollout_spec, validate_steps
 from services.registry.rules import BundleUpload, UploadHeader, update_paths
@@ -120,7 +121,7 @@ ANALYSIS = ro.Analysis(
     ro.Verdict.FAIL,
     (
         ro.Comparison(
-            ro.MetricSpec("session_error_rate", ro.Direction.LOWER_IS_BETTER, tolerance=0.01),
+            ro.MetricSpec("session_error_rate", Direction.LOWER_IS_BETTER, tolerance=0.01),
             ro.ArmStats("agents/support/versions/1", 200, 310, 0.01, 0.0, 0.02),
             ro.ArmStats("agents/support/versions/2", 200, 305, 0.33, 0.27, 0.39),
             0.32, 0.25, 0.39, 0.01, ro.Verdict.FAIL, "0.33 > 0.01",
@@ -158,7 +159,7 @@ def test_an_analysis_stored_before_the_values_still_reads() -> None:
 def test_specs_keep_their_stored_shape() -> None:
     spec = ro.RolloutSpec(
         "custom", (ro.SetWeight(10), ro.Pause(30), ro.AnalysisGate(600), ro.ManualGate(), ro.SetWeight(100)),
-        ro.AnalysisConfig((ro.MetricSpec("latency_p95", ro.Direction.HIGHER_IS_BETTER, relative=True),),
+        ro.AnalysisConfig((ro.MetricSpec("latency_p95", Direction.HIGHER_IS_BETTER, relative=True),),
                        30, 100, 0.05),
         ro.SessionPolicy.MIGRATE, 3600, "https://hooks.example/x", drained=True,
     )

@@ -14,6 +14,7 @@ from corral.names import AgentRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.identity import Caller
+from services.common.metric_spec import Direction
 from services.registry import rollout_model as ro
 from services.registry.experiments import recommend
 from services.registry.model import EndpointChange
@@ -244,13 +245,13 @@ def test_a_winner_is_recommended_only_when_it_beats_the_control_on_every_metric(
     def variant(version: str, low: float, high: float, control: bool = False) -> ro.VariantMetric:
         return ro.VariantMetric(version, 100, 0.5, 0.4, 0.6, control, (low + high) / 2, low, high)
 
-    def metric(direction: ro.Direction, *variants: ro.VariantMetric) -> ro.ExperimentMetric:
+    def metric(direction: Direction, *variants: ro.VariantMetric) -> ro.ExperimentMetric:
         return ro.ExperimentMetric(ro.MetricSpec("m", direction), "", variants)
 
     control = variant("v1", 0, 0, control=True)
     better = ro.ExperimentAnalysis(metrics=(
-        metric(ro.Direction.LOWER_IS_BETTER, control, variant("v2", -0.2, -0.1), variant("v3", -0.1, 0.1)),
-        metric(ro.Direction.HIGHER_IS_BETTER, control, variant("v2", 0.1, 0.3), variant("v3", 0.1, 0.2)),
+        metric(Direction.LOWER_IS_BETTER, control, variant("v2", -0.2, -0.1), variant("v3", -0.1, 0.1)),
+        metric(Direction.HIGHER_IS_BETTER, control, variant("v2", 0.1, 0.3), variant("v3", 0.1, 0.2)),
     ))
     assert recommend(better) == ("v2", "v2 beats the control on every metric")
     assert recommend(ro.ExperimentAnalysis(metrics=better.metrics[1:]))[0] == ""

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from corral.manifest import Manifest, Tool
 from services.common.endpoints import TrafficShare
+from services.common.metric_spec import Direction, MetricSpec
 from services.registry.model import JsonValue
 from services.registry.rollout_model import (
     Analysis,
@@ -20,11 +21,9 @@ from services.registry.rollout_model import (
     AnalysisGate,
     ArmStats,
     Comparison,
-    Direction,
     ExperimentAnalysis,
     ExperimentSpec,
     ManualGate,
-    MetricSpec,
     Pause,
     RolloutSpec,
     SessionPolicy,
