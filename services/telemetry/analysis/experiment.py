@@ -10,11 +10,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.telemetry.analysis.bounded import BoundedMeanMethod
-from services.telemetry.analysis.method import SequentialMethod
-from services.telemetry.analysis.metrics import DEFAULT_METRICS, MetricSpec, measure
+from services.telemetry.analysis.metrics import DEFAULT_METRICS, MetricSpec, measure, method_for
 from services.telemetry.analysis.model import AnalysisConfig, Direction, SessionObservation
-from services.telemetry.analysis.normal_mixture import NormalMixtureMethod
 from services.telemetry.analysis.srm import SampleRatioCheck, sample_ratio_check
 
 
@@ -89,12 +86,6 @@ def analyze_experiment(
     return ExperimentAnalysis(control, srm, reports, config.alpha)
 
 
-def _method(spec: MetricSpec, config: AnalysisConfig) -> SequentialMethod:
-    if spec.is_score:
-        return BoundedMeanMethod(config.alpha)
-    return NormalMixtureMethod(config.alpha, config.mixing_sessions)
-
-
 def _metric(
     spec: MetricSpec,
     variants: Mapping[str, Sequence[SessionObservation]],
@@ -103,7 +94,8 @@ def _metric(
     config: AnalysisConfig,
     effect_config: AnalysisConfig,
 ) -> ExperimentMetric:
-    mean_method, effect_method = _method(spec, config), _method(spec, effect_config)
+    mean_method = method_for(spec, config.alpha, config)
+    effect_method = method_for(spec, effect_config.alpha, config)
     control_sessions = variants[control]
     details: dict[str, float] = {}
     summaries: list[VariantSummary] = []

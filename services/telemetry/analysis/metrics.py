@@ -18,8 +18,15 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from services.telemetry.analysis.method import ArmSample
-from services.telemetry.analysis.model import Direction, SessionObservation, Threshold
+from services.telemetry.analysis.bounded import BoundedMeanMethod
+from services.telemetry.analysis.method import ArmSample, SequentialMethod
+from services.telemetry.analysis.model import (
+    AnalysisConfig,
+    Direction,
+    SessionObservation,
+    Threshold,
+)
+from services.telemetry.analysis.normal_mixture import NormalMixtureMethod
 
 SESSION_ERROR_RATE = "session_error_rate"
 INVOCATION_ERROR_RATE = "invocation_error_rate"
@@ -115,6 +122,14 @@ class MetricSpec:
     def observed(self) -> str:
         """What the metric's denominator counts, for messages."""
         return f"{self.name} values" if self.is_score else _OBSERVED[self.name]
+
+
+def method_for(spec: MetricSpec, alpha: float, config: AnalysisConfig) -> SequentialMethod:
+    """The method that bounds `spec` at `alpha`: empirical-Bernstein for [0, 1] scores, the
+    normal mixture (tuned by config.mixing_sessions) for every other metric."""
+    if spec.is_score:
+        return BoundedMeanMethod(alpha)
+    return NormalMixtureMethod(alpha, config.mixing_sessions)
 
 
 def check_metric_name(name: str) -> None:

@@ -20,12 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from services.telemetry.analysis.boundary import ArrayLike
-from services.telemetry.analysis.bounded import BoundedMeanMethod
-from services.telemetry.analysis.method import ArmSample, ContrastBounds, SequentialMethod
+from services.telemetry.analysis.method import ArmSample, ContrastBounds
 from services.telemetry.analysis.metrics import (
     DEFAULT_METRICS,
     MetricSpec,
     measure,
+    method_for,
     observed_count,
 )
 from services.telemetry.analysis.model import (
@@ -201,17 +201,6 @@ def analyze_rollout(
     return RolloutAnalysis(verdict, reason, comparisons, config.alpha)
 
 
-def _methods(spec: MetricSpec, config: AnalysisConfig, alpha_for_fail: float) -> tuple[
-    SequentialMethod, SequentialMethod
-]:
-    if spec.is_score:
-        return BoundedMeanMethod(alpha_for_fail), BoundedMeanMethod(config.alpha)
-    return (
-        NormalMixtureMethod(alpha_for_fail, config.mixing_sessions),
-        NormalMixtureMethod(config.alpha, config.mixing_sessions),
-    )
-
-
 def _compare(
     spec: MetricSpec,
     baseline: Sequence[SessionObservation],
@@ -246,11 +235,10 @@ def _compare(
         if arm.observations == 0:
             return result(Verdict.INCONCLUSIVE, f"no {spec.observed} for the {who} yet")
 
-    fail_method, pass_method = _methods(spec, config, alpha_for_fail)
-    fail_bounds = fail_method.contrast(
+    fail_bounds = method_for(spec, alpha_for_fail, config).contrast(
         m.candidate, m.baseline, contrast_weight(spec.margin, spec.direction)
     )
-    pass_bounds = pass_method.contrast(
+    pass_bounds = method_for(spec, config.alpha, config).contrast(
         m.candidate, m.baseline, contrast_weight(spec.tolerance, spec.direction)
     )
     j = judge(
