@@ -5,8 +5,9 @@ domain values and raises the domain error tree."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
+from typing import Protocol
 
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -20,11 +21,12 @@ from corral.registry.v1 import tools_pb2 as reg
 from corral.registry.v1 import tools_pb2_grpc as reg_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.background import TaskSet
-from services.common.clients import call_metadata, channel
+from services.common.clients import call_metadata
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import FailedPrecondition
 from services.common.identity import Caller
+from services.common.service_client import ServiceClient
 from services.common.settings import Settings
 from services.common.status import calling, from_rpc_error
 from services.executor.model import (
@@ -40,10 +42,9 @@ log = logging.getLogger(__name__)
 _TOOL_KINDS = {reg.TOOL_KIND_HTTP: "http", reg.TOOL_KIND_GRPC: "grpc"}
 
 
-class SessionsClient:
+class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]):
     def __init__(self, settings: Settings) -> None:
-        self._channel = channel(settings, "sessions")
-        self._stub = sessions_pb2_grpc.SessionsServiceStub(self._channel)
+        super().__init__(settings, "sessions", sessions_pb2_grpc.SessionsServiceStub)
 
     async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
         request = sessions_pb2.AcquireLeaseRequest(session=session.name, holder=holder)
@@ -74,18 +75,14 @@ class SessionsClient:
             state = await self._stub.CommitTurn(request, metadata=call_metadata(caller))
         return _state(state)
 
-    async def close(self) -> None:
-        await self._channel.close()
-
 
 def _state(state: sessions_pb2.SessionState) -> SessionState:
     return SessionState(state.state, state.etag, state.turn_count)
 
 
-class RegistryClient:
+class RegistryClient(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
     def __init__(self, settings: Settings) -> None:
-        self._channel = channel(settings, "registry")
-        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        super().__init__(settings, "registry", registry_pb2_grpc.RegistryServiceStub)
 
     async def download(self, version: VersionRef) -> PackedBundle:
         parts: list[bytes] = []
@@ -104,22 +101,18 @@ class RegistryClient:
     def endpoints(self) -> EndpointSource:
         return RegistryEndpoints(self._stub)
 
-    async def close(self) -> None:
-        await self._channel.close()
 
-
-class RegistryToolResolver:
+class RegistryToolResolver(ServiceClient["reg_grpc.ToolSecretsServiceAsyncStub"]):
     """Resolves tools through the registry's internal ToolSecretsService."""
 
     def __init__(self, settings: Settings) -> None:
-        self.channel = channel(settings, "registry")
-        self.stub = reg_grpc.ToolSecretsServiceStub(self.channel)
-        self.metadata = (*call_metadata(), ("x-corral-internal-token", settings.internal_token))
+        super().__init__(settings, "registry", reg_grpc.ToolSecretsServiceStub)
+        self._metadata = (*call_metadata(), ("x-corral-internal-token", settings.internal_token))
 
     async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
         try:
-            resolved = await self.stub.ResolveTool(
-                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self.metadata,
+            resolved = await self._stub.ResolveTool(
+                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self._metadata,
                 timeout=timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
@@ -136,18 +129,25 @@ class RegistryToolResolver:
             timeout_s=t.timeout.ToMilliseconds() / 1000, secret=resolved.secret,
         )
 
-    async def close(self) -> None:
-        await self.channel.close()
+
+class TraceExport(Protocol):
+    """The call of OTLP's TraceService that forwarding spans makes."""
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, *, timeout: float
+    ) -> Awaitable[trace_service_pb2.ExportTraceServiceResponse]: ...
 
 
-class TelemetrySpans:
+# opentelemetry-proto ships its *_pb2_grpc modules without annotations: typed here, once.
+_trace_stub: Callable[[grpc.aio.Channel], TraceExport] = trace_service_pb2_grpc.TraceServiceStub
+
+
+class TelemetrySpans(ServiceClient[TraceExport]):
     """Sends the agent's own spans (already OTLP-encoded inside the sandbox) to telemetry."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "telemetry", _trace_stub)
         self.enabled = settings.tracing
-        self._channel = channel(settings, "telemetry")
-        # opentelemetry-proto ships no types for its gRPC stubs.
-        self._stub = trace_service_pb2_grpc.TraceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._sending = TaskSet("forwarding agent spans")
 
     def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
@@ -179,7 +179,7 @@ class TelemetrySpans:
 
     async def close(self) -> None:
         await self._sending.wait(timeout_s=2)
-        await self._channel.close()
+        await super().close()
 
 
 def _counted_by_telemetry(key: str) -> bool:

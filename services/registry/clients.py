@@ -12,9 +12,10 @@ from corral.names import EndpointRef, VersionRef
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
-from services.common.clients import call_metadata, channel
+from services.common.clients import call_metadata
 from services.common.identity import Caller
 from services.common.metric_protos import metric_pb
+from services.common.service_client import ServiceClient
 from services.common.settings import Settings
 from services.common.status import calling
 from services.common.timestamps import timestamp
@@ -38,12 +39,11 @@ async def _answer(call: Awaitable[Response], service: str) -> Response:
         return await call
 
 
-class TelemetryClient:
+class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStub"]):
     """Implements VersionAnalysis and ExperimentAnalyzer."""
 
     def __init__(self, settings: Settings) -> None:
-        self._channel = channel(settings, "telemetry")
-        self._stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
+        super().__init__(settings, "telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
 
     async def compare_versions(
         self, endpoint: EndpointRef, baseline: int, candidate: int, config: AnalysisConfig,
@@ -75,16 +75,12 @@ class TelemetryClient:
         call = self._stub.AnalyzeExperiment(request, metadata=call_metadata(PLATFORM), timeout=TIMEOUT_S)
         return experiment_analysis_from_pb(await _answer(call, "telemetry"))
 
-    async def close(self) -> None:
-        await self._channel.close()
 
-
-class SessionsClient:
+class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]):
     """Implements SessionRetirement."""
 
     def __init__(self, settings: Settings) -> None:
-        self._channel = channel(settings, "sessions")
-        self._stub = sessions_pb2_grpc.SessionsServiceStub(self._channel)
+        super().__init__(settings, "sessions", sessions_pb2_grpc.SessionsServiceStub)
 
     async def retire_version(
         self, version: VersionRef, endpoint: EndpointRef, migrate_to: VersionRef | None,
@@ -99,6 +95,3 @@ class SessionsClient:
             request.action = sessions_pb2.RETIRE_ACTION_STOP
         call = self._stub.RetireVersion(request, metadata=call_metadata(PLATFORM), timeout=TIMEOUT_S)
         return (await _answer(call, "sessions")).sessions
-
-    async def close(self) -> None:
-        await self._channel.close()

@@ -7,7 +7,6 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.router.v1 import router_pb2, router_pb2_grpc
-from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointMirror
 from services.common.server import Service
 from services.common.settings import Settings
@@ -25,7 +24,7 @@ class RouterService(Service):
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         clients = RouterClients.open(self.settings, stack)
-        endpoints = EndpointMirror(RegistryEndpoints(clients.registry_stub))
+        endpoints = EndpointMirror(clients.registry.endpoints())
         endpoints.start()
         stack.push_async_callback(endpoints.close)
         self.router = Router(

@@ -11,10 +11,13 @@ from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
-from services.common.clients import call_metadata, channel
+from services.common.clients import call_metadata
+from services.common.endpoint_watch import RegistryEndpoints
+from services.common.endpoints import EndpointSource
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
 from services.common.execution import Completed, Started
 from services.common.identity import Caller
+from services.common.service_client import ServiceClient
 from services.common.settings import Settings
 from services.common.status import calling
 from services.router.model import (
@@ -60,9 +63,9 @@ async def _pin_unless(
         return None
 
 
-class SessionsService:
-    def __init__(self, stub: sessions_pb2_grpc.SessionsServiceAsyncStub) -> None:
-        self._stub = stub
+class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "sessions", sessions_pb2_grpc.SessionsServiceStub)
 
     async def get(self, caller: Caller, session: SessionRef) -> SessionPin | None:
         request = sessions_pb2.GetSessionRequest(name=session.name)
@@ -94,11 +97,11 @@ class SessionsService:
             )
 
 
-class RegistryVersions:
+class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
     """Versions never change once published: each is asked for once."""
 
-    def __init__(self, stub: registry_pb2_grpc.RegistryServiceAsyncStub) -> None:
-        self._stub = stub
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "registry", registry_pb2_grpc.RegistryServiceStub)
         self._versions: dict[VersionRef, VersionInfo] = {}
 
     async def version(self, ref: VersionRef) -> VersionInfo:
@@ -112,6 +115,10 @@ class RegistryVersions:
         self._versions[ref] = info
         return info
 
+    def endpoints(self) -> EndpointSource:
+        """The registry's endpoint watch, on the same channel, for the endpoint mirror."""
+        return RegistryEndpoints(self._stub)
+
 
 def _event(response: executor_pb2.ExecuteResponse) -> ExecutionEvent | None:
     kind = response.WhichOneof("event")
@@ -124,9 +131,9 @@ def _event(response: executor_pb2.ExecuteResponse) -> ExecutionEvent | None:
     return None
 
 
-class ExecutorService:
-    def __init__(self, stub: executor_pb2_grpc.ExecutorServiceAsyncStub) -> None:
-        self._stub = stub
+class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"]):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
 
     async def execute(
         self, caller: Caller, invocation: Invocation, trace: TraceContext
@@ -163,19 +170,11 @@ class RouterClients:
     sessions: SessionsService
     registry: RegistryVersions
     executor: ExecutorService
-    # The registry's own stub, for the endpoint mirror's watch on the same channel.
-    registry_stub: registry_pb2_grpc.RegistryServiceAsyncStub
 
     @classmethod
     def open(cls, settings: Settings, stack: AsyncExitStack) -> RouterClients:
         """Clients on one channel per service, closed when `stack` closes."""
-        channels = {svc: channel(settings, svc) for svc in ("registry", "sessions", "executor")}
-        for opened in channels.values():
-            stack.push_async_callback(opened.close)
-        registry = registry_pb2_grpc.RegistryServiceStub(channels["registry"])
-        return cls(
-            sessions=SessionsService(sessions_pb2_grpc.SessionsServiceStub(channels["sessions"])),
-            registry=RegistryVersions(registry),
-            executor=ExecutorService(executor_pb2_grpc.ExecutorServiceStub(channels["executor"])),
-            registry_stub=registry,
-        )
+        clients = cls(SessionsService(settings), RegistryVersions(settings), ExecutorService(settings))
+        for client in (clients.sessions, clients.registry, clients.executor):
+            stack.push_async_callback(client.close)
+        return clients
