@@ -10,8 +10,8 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from services.common.app import App
 from services.common.kv import create_redis
-from services.common.server import Service
 from services.common.settings import Settings
 from services.executor.broker import ModelBroker, providers_from_settings
 from services.executor.bundles import BundleCache
@@ -37,10 +37,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
 
-class ExecutorService(Service):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.executor: Executor | None = None
+class ExecutorService(App):
+    # The domain, once started.
+    executor: Executor | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         s = self.settings

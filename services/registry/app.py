@@ -16,9 +16,9 @@ from corral.registry.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
+from services.common.app import App
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
-from services.common.server import Service
 from services.common.settings import Settings
 from services.registry.clients import SessionsClient, TelemetryClient
 from services.registry.controller import RolloutController
@@ -44,10 +44,9 @@ SERVICES = [
 ]
 
 
-class RegistryService(Service):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.registry: Registry | None = None
+class RegistryService(App):
+    # The domain, once started.
+    registry: Registry | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         pool = await create_pool(self.settings.require_database())

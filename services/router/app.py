@@ -7,8 +7,8 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.common.app import App
 from services.common.endpoints import EndpointMirror
-from services.common.server import Service
 from services.common.settings import Settings
 from services.router.clients import RouterClients
 from services.router.router import Router
@@ -17,10 +17,9 @@ from services.router.servicer import RouterServicer
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
-class RouterService(Service):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.router: Router | None = None
+class RouterService(App):
+    # The domain, once started.
+    router: Router | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         clients = RouterClients.open(self.settings, stack)

@@ -9,8 +9,8 @@ import grpc
 
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common import db
+from services.common.app import App
 from services.common.kv import KeySpace, create_redis
-from services.common.server import Service
 from services.common.settings import Settings
 from services.sessions.servicer import SessionsServicer
 from services.sessions.sessions import Sessions
@@ -19,19 +19,16 @@ from services.sessions.store import PgSessionStore, RecordCache, RedisLeases
 SERVICE_NAME = sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name
 
 
-class SessionsApp(Service):
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
+class SessionsApp(App):
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
-        database_url = self._settings.require_database()
-        redis_url = self._settings.require_redis()
+        database_url = self.settings.require_database()
+        redis_url = self.settings.require_redis()
         pool = await db.create_pool(database_url)
         stack.push_async_callback(pool.close)
         await db.migrate(pool, "sessions", Path(__file__).parent / "migrations")
         client = create_redis(redis_url)
         stack.push_async_callback(client.aclose)
-        keys = KeySpace(self._settings.redis_prefix)
+        keys = KeySpace(self.settings.redis_prefix)
         sessions = Sessions(
             PgSessionStore(pool, RecordCache(client, keys)), RedisLeases(client, keys)
         )

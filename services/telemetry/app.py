@@ -11,9 +11,9 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.app import App
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
-from services.common.server import Service
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.prometheus import version_snapshot
@@ -30,22 +30,19 @@ TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].fu
 TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 
 
-class TelemetryApp(Service):
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
+class TelemetryApp(App):
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
-        pool = await create_pool(self._settings.require_database())
+        pool = await create_pool(self.settings.require_database())
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         spans, scores = PgSpanStore(pool), PgScoreStore(pool)
-        telemetry = Telemetry(spans, scores, self._settings.model_prices)
+        telemetry = Telemetry(spans, scores, self.settings.model_prices)
         _add_trace_servicer(TraceServicer(telemetry), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, Evaluation(scores, spans)), server
         )
         exporter = MetricsExporter(
-            self._settings.metrics_ports["telemetry"], version_snapshot(PgFleetMetrics(pool))
+            self.settings.metrics_ports["telemetry"], version_snapshot(PgFleetMetrics(pool))
         )
         exporter.start()
         stack.push_async_callback(exporter.stop)
