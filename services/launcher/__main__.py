@@ -183,15 +183,8 @@ class Launcher:
         self.stopping = True
         for name, proc in reversed(list(self.procs.items())):
             del self.procs[name]
-            if proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in 15s; killing it", name)
-                proc.kill()
-                proc.wait()
+            if embedded.stop_process(proc, grace_s=15):
+                log.warning("%s did not stop in 15s; killed it", name)
         for port in self.held:
             port.close()
         if self.redis is not None:
