@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 from corral import names
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
@@ -32,7 +35,31 @@ _STATUS_TO_PB = {
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 
 
-def _seconds(value: duration_pb2.Duration) -> float:
+class _Named(Protocol):
+    """A request on one session that names it in `name` (the standard methods)."""
+
+    name: str
+
+
+class _OnSession(Protocol):
+    """A request on one session's lease or turn, which names it in `session`."""
+
+    session: str
+
+
+def _named(request: _Named) -> SessionRef:
+    return SessionRef.parse(request.name, field="name")
+
+
+def _on_session(request: _OnSession) -> SessionRef:
+    return SessionRef.parse(request.session, field="session")
+
+
+def _seconds(message: Message, field: str) -> float | None:
+    """The duration in `field` of `message` in seconds; None when it is unset."""
+    if not message.HasField(field):
+        return None
+    value: duration_pb2.Duration = getattr(message, field)
     return value.seconds + value.nanos / 1e9
 
 
@@ -47,8 +74,8 @@ def new_session(request: pb.CreateSessionRequest) -> tuple[SessionRef | None, Ne
         version=VersionRef.parse(s.version, field="session.version"),
         version_digest=names.DIGESTS.check(s.version_digest, field="session.version_digest"),
         endpoint=EndpointRef.parse(s.endpoint, field="session.endpoint") if s.endpoint else None,
-        idle_timeout_s=_seconds(s.idle_timeout) if s.HasField("idle_timeout") else None,
-        max_lifetime_s=_seconds(s.max_lifetime) if s.HasField("max_lifetime") else None,
+        idle_timeout_s=_seconds(s, "idle_timeout"),
+        max_lifetime_s=_seconds(s, "max_lifetime"),
     )
     return chosen, spec
 
@@ -134,8 +161,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
         return session_pb(await self._sessions.create(caller(context), session, spec))
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.Session:
-        session = SessionRef.parse(request.name, field="name")
-        return session_pb(await self._sessions.get(caller(context), session))
+        return session_pb(await self._sessions.get(caller(context), _named(request)))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
@@ -150,49 +176,45 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
-        await self._sessions.delete(caller(context), SessionRef.parse(request.name, field="name"))
+        await self._sessions.delete(caller(context), _named(request))
         return pb.DeleteSessionResponse()
 
     async def StopSession(self, request: pb.StopSessionRequest, context: Context) -> pb.Session:
-        session = SessionRef.parse(request.name, field="name")
-        return session_pb(await self._sessions.stop(caller(context), session))
+        return session_pb(await self._sessions.stop(caller(context), _named(request)))
 
     async def GetSessionState(
         self, request: pb.GetSessionStateRequest, context: Context
     ) -> pb.SessionState:
-        session = SessionRef.parse(request.name, field="name")
-        return state_pb(await self._sessions.get_state(caller(context), session))
+        return state_pb(await self._sessions.get_state(caller(context), _named(request)))
 
     async def UpdateSessionState(
         self, request: pb.UpdateSessionStateRequest, context: Context
     ) -> pb.SessionState:
-        session = SessionRef.parse(request.name, field="name")
         state = await self._sessions.update_state(
-            caller(context), session, request.state, request.etag
+            caller(context), _named(request), request.state, request.etag
         )
         return state_pb(state)
 
     async def AcquireLease(self, request: pb.AcquireLeaseRequest, context: Context) -> pb.Lease:
-        session = SessionRef.parse(request.session, field="session")
-        ttl = _seconds(request.ttl) if request.HasField("ttl") else None
-        lease = await self._sessions.acquire_lease(caller(context), session, request.holder, ttl)
+        lease = await self._sessions.acquire_lease(
+            caller(context), _on_session(request), request.holder, _seconds(request, "ttl")
+        )
         return lease_pb(lease)
 
     async def RenewLease(self, request: pb.RenewLeaseRequest, context: Context) -> pb.Lease:
-        session = SessionRef.parse(request.session, field="session")
-        ttl = _seconds(request.ttl) if request.HasField("ttl") else None
-        lease = await self._sessions.renew_lease(caller(context), session, request.lease_id, ttl)
+        lease = await self._sessions.renew_lease(
+            caller(context), _on_session(request), request.lease_id, _seconds(request, "ttl")
+        )
         return lease_pb(lease)
 
     async def ReleaseLease(
         self, request: pb.ReleaseLeaseRequest, context: Context
     ) -> pb.ReleaseLeaseResponse:
-        session = SessionRef.parse(request.session, field="session")
-        await self._sessions.release_lease(caller(context), session, request.lease_id)
+        await self._sessions.release_lease(caller(context), _on_session(request), request.lease_id)
         return pb.ReleaseLeaseResponse()
 
     async def CommitTurn(self, request: pb.CommitTurnRequest, context: Context) -> pb.SessionState:
-        session = SessionRef.parse(request.session, field="session")
+        session = _on_session(request)
         turn = Turn(invocation_id=request.invocation_id, input=request.input, output=request.output)
         state = await self._sessions.commit_turn(
             caller(context), session, request.lease_id, request.etag, request.state, turn
