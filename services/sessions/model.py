@@ -73,23 +73,22 @@ class SessionLease:
 
 
 @dataclass(frozen=True)
-class NewSession:
-    """What a caller may choose when creating a session; everything else is the platform's."""
-
-    agent: AgentRef
-    version: VersionRef
-    version_digest: str
-    endpoint: EndpointRef | None = None
-    idle_timeout_s: float | None = None
-    max_lifetime_s: float | None = None
-
-
-@dataclass(frozen=True)
 class PinnedVersion:
     """A version as a session is pinned to it: by name, and by the digest of its bundle."""
 
     version: VersionRef
     digest: str
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """What a caller may choose when creating a session; everything else is the platform's."""
+
+    agent: AgentRef
+    pin: PinnedVersion
+    endpoint: EndpointRef | None = None
+    idle_timeout_s: float | None = None
+    max_lifetime_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -171,13 +170,8 @@ class SessionStore(Protocol):
         ...
 
     async def write_state(
-        self,
-        session_id: str,
-        state: bytes,
-        expected_etag: str,
-        new_etag: str,
-        now: datetime,
-        turn: Turn | None,
+        self, session_id: str, state: bytes, *, expected_etag: str, new_etag: str,
+        now: datetime, turn: Turn | None,
     ) -> SessionRecord | None:
         """Compare-and-set in one transaction; with a turn, also counts it and appends its event.
         None (and nothing written) when the etag is not the current one or the session is gone."""

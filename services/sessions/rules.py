@@ -70,10 +70,10 @@ def check_turn(turn: Turn) -> None:
 
 def check_pin(spec: NewSession) -> None:
     """The version and the endpoint a new session is pinned to are its agent's."""
-    if spec.version.parent != spec.agent:
+    if spec.pin.version.parent != spec.agent:
         raise InvalidArgument.field(
             "session.version",
-            f"{spec.version.name!r} is a version of another agent than {spec.agent.name!r}",
+            f"{spec.pin.version.name!r} is a version of another agent than {spec.agent.name!r}",
         )
     if spec.endpoint is not None and spec.endpoint.parent != spec.agent:
         raise InvalidArgument.field(

@@ -71,8 +71,10 @@ def new_session(request: pb.CreateSessionRequest) -> tuple[SessionRef | None, Ne
         chosen = SessionRef(names.SESSION_IDS.check(request.session_id, field="session_id"))
     spec = NewSession(
         agent=AgentRef.parse(s.agent, field="session.agent"),
-        version=VersionRef.parse(s.version, field="session.version"),
-        version_digest=names.DIGESTS.check(s.version_digest, field="session.version_digest"),
+        pin=PinnedVersion(
+            VersionRef.parse(s.version, field="session.version"),
+            names.DIGESTS.check(s.version_digest, field="session.version_digest"),
+        ),
         endpoint=EndpointRef.parse(s.endpoint, field="session.endpoint") if s.endpoint else None,
         idle_timeout_s=_seconds(s, "idle_timeout"),
         max_lifetime_s=_seconds(s, "max_lifetime"),

@@ -91,8 +91,8 @@ class Sessions:
         record = SessionRecord(
             id=session.session if session is not None else self._ids.new_id(),
             agent=spec.agent.name,
-            version=spec.version.name,
-            version_digest=spec.version_digest,
+            version=spec.pin.version.name,
+            version_digest=spec.pin.digest,
             endpoint=spec.endpoint.name if spec.endpoint is not None else "",
             tenant=caller.tenant,
             user=caller.user,
@@ -283,7 +283,8 @@ class Sessions:
     ) -> SessionState:
         new_etag = self._ids.new_id()
         written = await self._store.write_state(
-            session.session, state, etag, new_etag, self._clock.now(), turn
+            session.session, state, expected_etag=etag, new_etag=new_etag,
+            now=self._clock.now(), turn=turn,
         )
         if written is None:
             if await self._store.get(session.session) is None:

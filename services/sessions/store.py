@@ -304,13 +304,8 @@ class PgSessionStore:
         return _record(columns), bytes(row["state"])
 
     async def write_state(
-        self,
-        session_id: str,
-        state: bytes,
-        expected_etag: str,
-        new_etag: str,
-        now: datetime,
-        turn: Turn | None,
+        self, session_id: str, state: bytes, *, expected_etag: str, new_etag: str,
+        now: datetime, turn: Turn | None,
     ) -> SessionRecord | None:
         # One statement, so one round trip: the compare-and-set on the etag and the turn's event
         # commit together or not at all.

@@ -33,7 +33,7 @@ from services.sessions.sessions import Sessions
 from tests.fakes import FakeClock, MemoryLeases, MemoryStore, SequentialIds
 
 DIGEST = "sha256:" + "ab" * 32
-SPEC = NewSession(AgentRef("demo"), VersionRef("demo", 1), DIGEST)
+SPEC = NewSession(AgentRef("demo"), PinnedVersion(VersionRef("demo", 1), DIGEST))
 ALICE = Caller("acme", "alice")
 BOB = Caller("acme", "bob")
 MALLORY = Caller("evil", "alice")
@@ -113,7 +113,7 @@ def test_badly_named_pins_name_the_field(change: dict[str, str], field: str) -> 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"version": VersionRef("other", 1)}, "session.version"),
+        ({"pin": PinnedVersion(VersionRef("other", 1), DIGEST)}, "session.version"),
         ({"endpoint": EndpointRef("other", "prod")}, "session.endpoint"),
     ],
 )
@@ -385,12 +385,12 @@ async def test_retiring_a_version_migrates_or_stops_its_active_sessions(
     await sessions.create(ALICE, ref("ended"), on_prod)
     await sessions.stop(ALICE, ref("ended"))
     stable = PinnedVersion(VersionRef("demo", 7), "sha256:" + "cd" * 32)
-    assert await sessions.retire_version(ALICE, SPEC.version, prod, stable) == 2
+    assert await sessions.retire_version(ALICE, SPEC.pin.version, prod, stable) == 2
     assert {store.records[i].version for i in ("a", "b")} == {"agents/demo/versions/7"}
     assert store.records["a"].version_digest == stable.digest
-    assert store.records["direct"].version == store.records["ended"].version == SPEC.version.name
+    assert store.records["direct"].version == store.records["ended"].version == SPEC.pin.version.name
     # Without an endpoint, every session on the version; without a target, they stop.
-    assert await sessions.retire_version(ALICE, SPEC.version, None, None) == 1
+    assert await sessions.retire_version(ALICE, SPEC.pin.version, None, None) == 1
     assert store.records["direct"].status is SessionStatus.STOPPED
     assert store.records["a"].status is SessionStatus.ACTIVE
 
