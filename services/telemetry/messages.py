@@ -131,8 +131,8 @@ def _comparison_pb(
         return _message(pb.ArmStats, evidence, version=version)
 
     metric = pb.MetricSpec(
-        name=c.metric,
-        direction=DIRECTION_TO_PB[c.direction],
+        name=c.spec.name,
+        direction=DIRECTION_TO_PB[c.spec.direction],
         tolerance=c.tolerance,
         relative=relative,
     )
@@ -174,8 +174,8 @@ def experiment_response(
         warning=result.warning,
     )
     for m in result.metrics:
-        metric = pb.MetricSpec(name=m.metric, direction=DIRECTION_TO_PB[m.direction])
-        item = out.metrics.add(metric=metric, unit=m.unit)
+        metric = pb.MetricSpec(name=m.spec.name, direction=DIRECTION_TO_PB[m.spec.direction])
+        item = out.metrics.add(metric=metric, unit=m.spec.unit)
         for v in m.variants:
             variant = item.variants.add(
                 version=v.variant,

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.telemetry.analysis.metrics import DEFAULT_METRICS, MetricSpec, measure, method_for
-from services.telemetry.analysis.model import AnalysisConfig, Direction, SessionObservation
+from services.telemetry.analysis.model import AnalysisConfig, SessionObservation
 from services.telemetry.analysis.srm import SampleRatioCheck, sample_ratio_check
 
 
@@ -33,15 +33,18 @@ class VariantSummary:
 
 @dataclass(frozen=True)
 class ExperimentMetric:
-    metric: str
-    direction: Direction
-    unit: str
+    """Every variant on one metric, the control first."""
+
+    spec: MetricSpec
     variants: tuple[VariantSummary, ...]
     details: Mapping[str, float] = field(default_factory=dict[str, float])
 
 
 @dataclass(frozen=True)
 class ExperimentAnalysis:
+    """Every metric across the variants, effects against `control`, at `alpha` over all of
+    them; a winner may be named only when the sessions are split as configured."""
+
     control: str
     sample_ratio: SampleRatioCheck
     metrics: tuple[ExperimentMetric, ...]
@@ -123,4 +126,4 @@ def _metric(
                 effect_upper=float(effect.upper),
             )
         summaries.append(summary)
-    return ExperimentMetric(spec.name, spec.direction, spec.unit, tuple(summaries), details)
+    return ExperimentMetric(spec, tuple(summaries), details)

@@ -56,9 +56,7 @@ class MetricComparison:
     fail_margin are absolute amounts of degradation in the metric's unit (relative thresholds
     resolved against the baseline's estimate)."""
 
-    metric: str
-    direction: Direction
-    unit: str
+    spec: MetricSpec
     baseline: ArmEvidence
     candidate: ArmEvidence
     difference: float
@@ -71,9 +69,16 @@ class MetricComparison:
     reason: str
     details: Mapping[str, float] = field(default_factory=dict[str, float])
 
+    @property
+    def metric(self) -> str:
+        return self.spec.name
+
 
 @dataclass(frozen=True)
 class RolloutAnalysis:
+    """The candidate against the stable version: FAIL if any metric fails, PASS if every one
+    passes, else INCONCLUSIVE; why, each metric's comparison, and the alpha they held to."""
+
     verdict: Verdict
     reason: str
     comparisons: tuple[MetricComparison, ...]
@@ -216,7 +221,7 @@ def _compare(
     def result(verdict: Verdict, reason: str, j: Judgement | None = None) -> MetricComparison:
         nan = float("nan")
         return MetricComparison(
-            spec.name, spec.direction, spec.unit, b_arm, c_arm, c_arm.estimate - b_arm.estimate,
+            spec, b_arm, c_arm, c_arm.estimate - b_arm.estimate,
             float(j.lower) if j else nan,
             float(j.upper) if j else nan,
             float(j.tolerance) if j else spec.tolerance.absolute(b_arm.estimate),
