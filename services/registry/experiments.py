@@ -20,7 +20,6 @@ from services.registry.model import (
     Paging,
     RegistryStore,
     RegistryTx,
-    SystemClock,
     read_page,
 )
 from services.registry.registry import check_versions_exist
@@ -34,6 +33,7 @@ from services.registry.rollout_model import (
     Transition,
 )
 from services.registry.rollouts import (
+    RunDomain,
     run_changed,
     run_in_the_way,
     run_not_found,
@@ -71,11 +71,11 @@ async def save(tx: RegistryTx, experiment: ExperimentRecord) -> ExperimentRecord
     return saved
 
 
-class Experiments:
+class Experiments(RunDomain):
     def __init__(self, store: RegistryStore, notify: Notify, analyzer: ExperimentAnalyzer, *,
                  clock: Clock | None = None) -> None:
-        self._store, self._notify, self._analyzer = store, notify, analyzer
-        self._clock = clock or SystemClock()
+        super().__init__(store, notify, clock)
+        self._analyzer = analyzer
 
     async def list_experiments(
         self, endpoint: EndpointRef, paging: Paging
@@ -86,7 +86,7 @@ class Experiments:
     async def create(
         self, caller: Caller, endpoint: EndpointRef, request: ExperimentRequest
     ) -> ExperimentRecord:
-        now = self._clock.now()
+        now = self.clock.now()
         spec, traffic = rollout_rules.experiment_spec(endpoint, request, now)
         async with self._store.tx() as tx:
             current = await tx.get_endpoint(endpoint, for_update=True)
@@ -114,7 +114,7 @@ class Experiments:
     async def analyze(self, r: ExperimentRecord) -> ExperimentAnalysis:
         """Telemetry's analysis of the experiment since its split started."""
         return await self._analyzer.analyze_experiment(
-            r.endpoint, r.spec, r.traffic_start_time or r.create_time, r.end_time or self._clock.now()
+            r.endpoint, r.spec, r.traffic_start_time or r.create_time, r.end_time or self.clock.now()
         )
 
     async def report(self, experiment: ExperimentRef) -> ExperimentReport:
@@ -147,7 +147,7 @@ class Experiments:
             outcome = "kept the control" if keep_control else f"winner v{chosen}"
             updated = await save(tx, replace(
                 r, state=ExperimentState.CONCLUDED, spec=replace(r.spec, winner=chosen),
-                end_time=self._clock.now(), state_reason=f"concluded by {caller.user}: {outcome}",
+                end_time=self.clock.now(), state_reason=f"concluded by {caller.user}: {outcome}",
             ))
             await tx.audit(caller, "ConcludeExperiment", r.name,
                            {"winner": chosen, "keep_control": keep_control, "evidence": evidence})
@@ -163,7 +163,7 @@ class Experiments:
     async def check_complete(self, r: ExperimentRecord, sessions: int) -> ExperimentRecord | None:
         """RUNNING → COMPLETE when its end time passed or it saw max_sessions; the split stays
         until someone concludes it."""
-        now = self._clock.now()
+        now = self.clock.now()
         ended = r.spec.end_time is not None and now >= r.spec.end_time
         if not ended and not (r.spec.max_sessions and sessions >= r.spec.max_sessions):
             return None

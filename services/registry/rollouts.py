@@ -92,24 +92,27 @@ async def save(tx: RegistryTx, rollout: RolloutRecord) -> RolloutRecord:
 Change = Callable[[RegistryTx, RolloutRecord], Awaitable[tuple[RolloutRecord, str]]]
 
 
-class Rollouts:
-    def __init__(
-        self,
-        store: RegistryStore,
-        notify: Notify,
-        sessions: SessionRetirement,
-        clock: Clock | None = None,
-    ) -> None:
+class RunDomain:
+    """What the rollouts and experiments domains share: the store their runs live in, how a
+    transition is announced once its transaction has committed, and the clock."""
+
+    def __init__(self, store: RegistryStore, notify: Notify, clock: Clock | None) -> None:
         self._store = store
         self._notify = notify
-        self._sessions = sessions
         self.clock = clock or SystemClock()
-        # Runs the controller's next tick now; the app points it at the controller.
-        self.kick: Callable[[], None] = lambda: None
 
     def announce(self, transition: Transition) -> None:
         """Announces a transition whose transaction has committed."""
         self._notify(transition)
+
+
+class Rollouts(RunDomain):
+    def __init__(self, store: RegistryStore, notify: Notify, sessions: SessionRetirement,
+                 clock: Clock | None = None) -> None:
+        super().__init__(store, notify, clock)
+        self._sessions = sessions
+        # Runs the controller's next tick now; the app points it at the controller.
+        self.kick: Callable[[], None] = lambda: None
 
     # -- reading ---------------------------------------------------------------------------
 
