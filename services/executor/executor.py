@@ -55,10 +55,7 @@ class Executor:
         self.tools = tools
         self._starter = starter
         metrics = starter.metrics
-        self.pools = (
-            WarmPools(starter.start, settings.warm_pool_size, settings.warm_pool_max_total, metrics)
-            if settings.warm_pool_size > 0 else None
-        )
+        self.pools = WarmPools(starter, settings) if settings.warm_pool_size > 0 else None
         self.sandboxes = SandboxTable(
             settings, sessions, starter.bundles, starter, self.pools, metrics, holder
         )

@@ -14,16 +14,17 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from corral.names import VersionRef
 from services.common.background import Backoff, Periodic, TaskSet
 from services.common.endpoints import EndpointMirror
 from services.common.errors import CorralError
-from services.executor.metrics import ExecutorMetrics
+from services.common.settings import ExecutorSettings
 from services.executor.model import PoolReport, Registry
 from services.executor.sandbox import Sandbox
+from services.executor.starter import SandboxStarter
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,15 @@ class Want:
     reasons: set[str] = field(default_factory=set)
 
 
-# start(version, digest) -> a started sandbox bound to no session.
-StartSandbox = Callable[[VersionRef, str], Awaitable[Sandbox]]
-
-
 class WarmPools:
-    def __init__(
-        self, start: StartSandbox, size: int, max_total: int, metrics: ExecutorMetrics
-    ) -> None:
-        self._start = start
-        self.size = size
-        self.max_total = max_total
-        self.metrics = metrics
+    """Sandboxes started ahead of their sessions by `starter`: warm_pool_size per wanted version,
+    warm_pool_max_total in all (the executor's settings)."""
+
+    def __init__(self, starter: SandboxStarter, settings: ExecutorSettings) -> None:
+        self._starter = starter
+        self.metrics = starter.metrics
+        self.size = settings.warm_pool_size
+        self.max_total = settings.warm_pool_max_total
         self._ready: dict[VersionRef, deque[Sandbox]] = {}
         # From the endpoint watch: version -> digest and reasons; replaced as a whole.
         self._endpoint_wants: dict[VersionRef, Want] = {}
@@ -168,7 +166,7 @@ class WarmPools:
                 continue
             while len(self._ready.get(version, ())) < target and version in self._targets():
                 try:
-                    sandbox = await self._start(version, wanted[version].digest)
+                    sandbox = await self._starter.start(version, wanted[version].digest)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - one version's failure must not stop others
