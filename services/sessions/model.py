@@ -36,14 +36,6 @@ class SessionRecord:
     idle_timeout_s: int
     max_lifetime_s: int
 
-    @property
-    def ref(self) -> SessionRef:
-        return SessionRef(self.id)
-
-    @property
-    def name(self) -> str:
-        return self.ref.name
-
     def is_expired(self, now: datetime) -> bool:
         """True once the idle timeout or the max lifetime has passed (for a live session).
         store.expire_due applies the same rule in SQL; keep the two in step."""
@@ -52,6 +44,14 @@ class SessionRecord:
         idle = now - self.last_active_time > timedelta(seconds=self.idle_timeout_s)
         old = now - self.create_time > timedelta(seconds=self.max_lifetime_s)
         return idle or old
+
+    @property
+    def ref(self) -> SessionRef:
+        return SessionRef(self.id)
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
 
 
 @dataclass(frozen=True)
