@@ -80,9 +80,10 @@ class PinnedVersion:
     digest: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NewSession:
-    """What a caller may choose when creating a session; everything else is the platform's."""
+    """What a caller may choose when creating a session; everything else is the platform's.
+    By keyword: its two timeouts would be easy to swap."""
 
     agent: AgentRef
     pin: PinnedVersion

@@ -192,10 +192,9 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
     async def UpdateSessionState(
         self, request: pb.UpdateSessionStateRequest, context: Context
     ) -> pb.SessionState:
-        state = await self._sessions.update_state(
+        return state_pb(await self._sessions.update_state(
             caller(context), _named(request), request.state, request.etag
-        )
-        return state_pb(state)
+        ))
 
     async def AcquireLease(self, request: pb.AcquireLeaseRequest, context: Context) -> pb.Lease:
         lease = await self._sessions.acquire_lease(

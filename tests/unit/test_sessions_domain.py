@@ -33,7 +33,7 @@ from services.sessions.sessions import Sessions
 from tests.fakes import FakeClock, MemoryLeases, MemoryStore, SequentialIds
 
 DIGEST = "sha256:" + "ab" * 32
-SPEC = NewSession(AgentRef("demo"), PinnedVersion(VersionRef("demo", 1), DIGEST))
+SPEC = NewSession(agent=AgentRef("demo"), pin=PinnedVersion(VersionRef("demo", 1), DIGEST))
 ALICE = Caller("acme", "alice")
 BOB = Caller("acme", "bob")
 MALLORY = Caller("evil", "alice")
