@@ -1,6 +1,10 @@
-"""Channels to other Corral services, with identity and trace context carried along."""
+"""Channels to other Corral services, with identity and trace context carried along, and the base
+of every clients module's classes: one channel to the service it calls, a typed stub, close()."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -27,3 +31,20 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
 def call_metadata(caller: Caller | None = None) -> tuple[tuple[str, str], ...]:
     """Metadata for a call made on behalf of `caller`, with the current trace context."""
     return (*(caller.metadata() if caller else ()), *tracing.inject_metadata())
+
+
+Stub = TypeVar("Stub")
+
+
+class ServiceClient(Generic[Stub]):
+    """Subclasses name their stub type in quotes: the generated *AsyncStub classes exist only in
+    the .pyi stubs, for the type checker."""
+
+    def __init__(
+        self, settings: Settings, service: str, stub: Callable[[grpc.aio.Channel], Stub]
+    ) -> None:
+        self._channel = channel(settings, service)
+        self._stub = stub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()

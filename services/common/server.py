@@ -40,6 +40,13 @@ class Service(Protocol):
         return
 
 
+class App(Service):
+    """The base of every service's app.py: the wiring of one service from its settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
 class ServiceHost:
     """One grpc.aio server: a service's handlers plus health, reflection and the error mapping."""
 

@@ -10,8 +10,8 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
-from services.common.app import App
 from services.common.kv import create_redis
+from services.common.server import App
 from services.common.settings import Settings
 from services.executor.broker import ModelBroker, providers_from_settings
 from services.executor.bundles import BundleCache

@@ -21,12 +21,11 @@ from corral.registry.v1 import tools_pb2 as reg
 from corral.registry.v1 import tools_pb2_grpc as reg_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.background import TaskSet
-from services.common.clients import call_metadata
+from services.common.clients import ServiceClient, call_metadata
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import FailedPrecondition
 from services.common.identity import Caller
-from services.common.service_client import ServiceClient
 from services.common.settings import Settings
 from services.common.status import calling, from_rpc_error
 from services.executor.model import (

@@ -16,9 +16,9 @@ from corral.registry.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
-from services.common.app import App
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
+from services.common.server import App
 from services.common.settings import Settings
 from services.registry.clients import SessionsClient, TelemetryClient
 from services.registry.controller import RolloutController

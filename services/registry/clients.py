@@ -12,10 +12,9 @@ from corral.names import EndpointRef, VersionRef
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
-from services.common.clients import call_metadata
+from services.common.clients import ServiceClient, call_metadata
 from services.common.identity import Caller
 from services.common.metric_protos import metric_pb
-from services.common.service_client import ServiceClient
 from services.common.settings import Settings
 from services.common.status import calling
 from services.common.timestamps import timestamp

@@ -7,8 +7,8 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.router.v1 import router_pb2, router_pb2_grpc
-from services.common.app import App
 from services.common.endpoints import EndpointMirror
+from services.common.server import App
 from services.common.settings import Settings
 from services.router.clients import RouterClients
 from services.router.router import Router

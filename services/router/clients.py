@@ -11,13 +11,12 @@ from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
-from services.common.clients import call_metadata
+from services.common.clients import ServiceClient, call_metadata
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
 from services.common.execution import Completed, Started
 from services.common.identity import Caller
-from services.common.service_client import ServiceClient
 from services.common.settings import Settings
 from services.common.status import calling
 from services.router.model import (

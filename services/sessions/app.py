@@ -9,8 +9,8 @@ import grpc
 
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common import db
-from services.common.app import App
 from services.common.kv import KeySpace, create_redis
+from services.common.server import App
 from services.common.settings import Settings
 from services.sessions.servicer import SessionsServicer
 from services.sessions.sessions import Sessions

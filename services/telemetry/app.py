@@ -11,9 +11,9 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
-from services.common.app import App
 from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
+from services.common.server import App
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.prometheus import version_snapshot
