@@ -31,6 +31,7 @@ from services.executor.pools import EndpointWants
 from services.executor.servicer import ExecutorServicer
 from services.executor.starter import SandboxStarter
 from services.executor.store import RedisRevocations
+from services.executor.tool_transport import ToolTransport
 from services.executor.tools import ToolBroker
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ExecutorService(App):
             "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
         }))
         stack.push_async_callback(broker.aclose)
-        tools = ToolBroker(s, resolver=RegistryToolResolver(s))
+        tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s))
         stack.push_async_callback(tools.close)
         redis = create_redis(s.require_redis())
         stack.push_async_callback(redis.aclose)

@@ -13,6 +13,7 @@ from corral.manifest import Manifest
 from services.common.identity import Caller
 from services.executor.broker import ModelBroker
 from services.executor.model import (
+    UNAVAILABLE,
     ChunkSink,
     ModelAnswer,
     ModelRequest,
@@ -20,7 +21,7 @@ from services.executor.model import (
     ToolOutcome,
     ToolRequest,
 )
-from services.executor.tools import UNAVAILABLE, ToolBroker
+from services.executor.tools import ToolBroker
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,32 @@ class ToolResolver(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One call to a resolved tool, as it goes over the wire."""
+
+    tool: ResolvedTool
+    token: str
+    invocation: str
+    payload: bytes
+    content_type: str
+    limit_s: float
+    # Blanked out of anything the tool answers into an error message.
+    secrets: tuple[str, ...] = field(repr=False)
+
+
+
+class ToolSender(Protocol):
+    """Delivers a call to a tenant's tool service (HTTP or gRPC)."""
+
+    async def send(self, call: ToolCall) -> ToolOutcome:
+        """The tool's answer; raises ToolFailure when it refuses or cannot be reached, and
+        TimeoutError when it does not answer within call.limit_s."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 # -- the sessions service ---------------------------------------------------------------------
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import grpc
@@ -15,11 +14,13 @@ import httpx
 from opentelemetry import propagate
 
 from corral.tools.v1 import tools_pb2, tools_pb2_grpc
+from services.common.settings import Settings
 from services.executor.model import (
     PERMISSION_DENIED,
     TOOL_ERROR,
     UNAVAILABLE,
     ResolvedTool,
+    ToolCall,
     ToolFailure,
     ToolOutcome,
 )
@@ -27,21 +28,9 @@ from services.executor.model import (
 MAX_MESSAGE_CHARS = 200
 
 
-@dataclass(frozen=True)
-class ToolCall:
-    """One call to a resolved tool, as it goes over the wire."""
-
-    tool: ResolvedTool
-    token: str
-    invocation: str
-    payload: bytes
-    content_type: str
-    limit_s: float
-    # Blanked out of anything the tool answers into an error message.
-    secrets: tuple[str, ...] = field(repr=False)
-
-
 class ToolTransport:
+    """The executor's ToolSender."""
+
     def __init__(self, max_payload: int, allow_loopback: bool) -> None:
         self.max_payload = max_payload
         self.allow_loopback = allow_loopback
@@ -49,6 +38,10 @@ class ToolTransport:
         # proxies from the environment either: tool traffic carries both.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ToolTransport:
+        return cls(settings.executor.max_payload_bytes, settings.executor.tools_allow_loopback)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -14,31 +14,24 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from services.common.errors import CorralError
-from services.common.settings import Settings
-from services.executor.clients import RegistryToolResolver
 from services.executor.model import (
     NOT_FOUND,
     PERMISSION_DENIED,
     TIMEOUT,
-    TOOL_ERROR,
     UNAVAILABLE,
     ResolvedTool,
     SpanAttributes,
+    ToolCall,
     ToolFailure,
     ToolOutcome,
     ToolResolver,
+    ToolSender,
 )
-from services.executor.tool_transport import ToolCall, ToolTransport
-
-__all__ = [
-    "NOT_FOUND", "PERMISSION_DENIED", "TIMEOUT", "TOOL_ATTR", "TOOL_ERROR", "UNAVAILABLE",
-    "RegistryToolResolver", "ResolvedTool", "ToolBroker", "ToolFailure", "ToolOutcome",
-]
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
-# The attribute telemetry counts tool calls by (services/telemetry/evaluation_store.py).
+# The attribute telemetry counts tool calls by (services/telemetry/store/sql.py, IS_TOOL_CALL).
 TOOL_ATTR = "corral.tool.name"
 # How long a resolved tool (or the fact that it does not exist) is reused: a changed address or
 # secret reaches running agents within this long, and the registry is not asked on every call.
@@ -49,18 +42,16 @@ RESOLVE_TIMEOUT_S = 5.0
 class ToolBroker:
     def __init__(
         self,
-        settings: Settings,
         *,
-        resolver: ToolResolver | None = None,
+        resolver: ToolResolver,
+        transport: ToolSender,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.resolver = resolver or RegistryToolResolver(settings)
+        self.resolver = resolver
         self.tracer = tracer or _tracer
         self.clock = clock
-        self._transport = ToolTransport(
-            settings.executor.max_payload_bytes, settings.executor.tools_allow_loopback
-        )
+        self._transport = transport
         self._cache: dict[tuple[str, str], tuple[float, ResolvedTool | None]] = {}
 
     async def close(self) -> None:

@@ -35,18 +35,18 @@ from corral.registry.v1 import tools_pb2 as pb
 from corral.tools.v1 import tools_pb2 as tool_api
 from corral.tools.v1 import tools_pb2_grpc as tool_api_grpc
 from services.common.settings import Settings
-from services.executor.tools import (
+from services.executor.clients import RegistryToolResolver
+from services.executor.model import (
     NOT_FOUND,
     PERMISSION_DENIED,
     TIMEOUT,
-    TOOL_ATTR,
     TOOL_ERROR,
     UNAVAILABLE,
-    RegistryToolResolver,
     ResolvedTool,
-    ToolBroker,
     ToolOutcome,
 )
+from services.executor.tool_transport import ToolTransport
+from services.executor.tools import TOOL_ATTR, ToolBroker
 from services.registry.secrets import SecretBox, SecretError
 from tests import harness
 
@@ -512,7 +512,8 @@ async def tools(registry: Registry) -> AsyncIterator[Tools]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     resolver = CountingResolver(RegistryToolResolver(registry.settings))
-    broker = ToolBroker(registry.settings, resolver=resolver, tracer=provider.get_tracer("test"))
+    broker = ToolBroker(resolver=resolver, transport=ToolTransport.from_settings(registry.settings),
+                        tracer=provider.get_tracer("test"))
     try:
         yield Tools(registry, broker, resolver, exporter, http_seen, grpc_seen)
     finally:
@@ -637,8 +638,9 @@ async def test_link_local_and_unallowed_loopback_addresses_are_refused(
 ) -> None:
     outcome = await tools.call("metadata")
     assert outcome.error_code == PERMISSION_DENIED and "169.254.169.254" in outcome.error
-    strict = ToolBroker(dataclasses.replace(registry.settings, executor=dataclasses.replace(
-        registry.settings.executor, tools_allow_loopback=False)), resolver=tools.resolver)
+    strict = ToolBroker(resolver=tools.resolver, transport=ToolTransport.from_settings(
+        dataclasses.replace(registry.settings, executor=dataclasses.replace(
+            registry.settings.executor, tools_allow_loopback=False))))
     try:
         outcome = await strict.call(
             tenant=registry.tenant, tool="web", allowed=("web",), token=TOKEN, payload=b"{}",
