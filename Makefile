@@ -11,7 +11,7 @@ help:
 	@echo "make test   run the unit, integration and end-to-end tests"
 	@echo "make bench  print benchmark figures as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"
-	@echo "make lint   buf lint, buf breaking against the previous commit, ruff, mypy --strict"
+	@echo "make lint   buf lint, buf breaking against the previous commit, ruff, import contracts, mypy --strict"
 
 $(VENV)/.installed: pyproject.toml
 	@sh scripts/setup-sandbox.sh >&2
@@ -62,6 +62,7 @@ lint: .proto.stamp
 	  echo "buf breaking: no breaking change since $$(git rev-parse --short $$before)"; \
 	fi
 	$(VENV)/bin/ruff check corral services tests bench examples scripts
+	$(VENV)/bin/lint-imports --no-cache
 	@$(MAKE) --no-print-directory typecheck
 
 # Strict type checking; each agent bundle holds a module named `agent`, so each is a run of its own.
