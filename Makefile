@@ -62,7 +62,7 @@ lint: .proto.stamp
 	  echo "buf breaking: no breaking change since $$(git rev-parse --short $$before)"; \
 	fi
 	$(VENV)/bin/ruff check corral services tests bench examples scripts
-	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	@$(MAKE) --no-print-directory typecheck
 
 # Strict type checking; each agent bundle holds a module named `agent`, so each is a run of its own.
