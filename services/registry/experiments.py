@@ -8,6 +8,7 @@ from dataclasses import replace
 from functools import partial
 
 from corral.names import EndpointRef, ExperimentRef, VersionRef
+from services.common.clock import Clock
 from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
@@ -15,7 +16,6 @@ from services.common.metric_spec import Direction
 from services.common.paging import Page
 from services.registry import rollout_rules
 from services.registry.model import (
-    Clock,
     ExperimentAnalyzer,
     Paging,
     RegistryStore,

@@ -9,19 +9,18 @@ from dataclasses import replace
 from functools import partial
 
 from corral.names import EndpointRef, ExperimentRef, RolloutRef, VersionRef
+from services.common.clock import Clock, SystemClock
 from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
 from services.common.paging import Page
 from services.registry import rollout_rules
 from services.registry.model import (
-    Clock,
     EndpointRecord,
     Paging,
     RegistryStore,
     RegistryTx,
     SessionRetirement,
-    SystemClock,
     read_page,
 )
 from services.registry.rollout_model import (

@@ -4,7 +4,6 @@ it calls (clients.py implements them over gRPC), and its id source."""
 from __future__ import annotations
 
 import enum
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
@@ -131,10 +130,3 @@ class ExecutorClient(Protocol):
         ...
 
 
-class IdSource(Protocol):
-    def new_id(self) -> str: ...
-
-
-class RandomIds:
-    def new_id(self) -> str:
-        return uuid.uuid4().hex

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from corral.names import EndpointRef, SessionRef
+from services.common.clock import IdSource, RandomIds
 from services.common.endpoints import EndpointMirror, EndpointTraffic
 from services.common.errors import (
     CorralError,
@@ -20,9 +21,7 @@ from services.common.identity import Caller
 from services.router.model import (
     ExecutionEvent,
     ExecutorClient,
-    IdSource,
     Invocation,
-    RandomIds,
     RegistryClient,
     Resolved,
     SessionPin,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
@@ -106,24 +105,6 @@ class Turn:
     invocation_id: str
     input: bytes
     output: bytes
-
-
-class Clock(Protocol):
-    def now(self) -> datetime: ...
-
-
-class IdSource(Protocol):
-    def new_id(self) -> str: ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-
-class RandomIds:
-    def new_id(self) -> str:
-        return uuid.uuid4().hex
 
 
 class SessionStore(Protocol):

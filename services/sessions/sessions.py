@@ -8,6 +8,7 @@ import logging
 from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common.clock import Clock, IdSource, RandomIds, SystemClock
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -20,19 +21,15 @@ from services.common.identity import Caller
 from services.common.paging import Page, PageQuery
 from services.sessions import rules
 from services.sessions.model import (
-    Clock,
-    IdSource,
     LeaseStore,
     NewSession,
     PinnedVersion,
-    RandomIds,
     SessionFilter,
     SessionLease,
     SessionRecord,
     SessionState,
     SessionStatus,
     SessionStore,
-    SystemClock,
     Turn,
 )
 

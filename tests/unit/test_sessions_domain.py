@@ -19,6 +19,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.identity import Caller
+from services.sessions.messages import new_session, retirement, session_filter
 from services.sessions.model import NewSession, PinnedVersion, SessionFilter, SessionStatus, Turn
 from services.sessions.rules import (
     DEFAULT_IDLE_TIMEOUT_S,
@@ -28,7 +29,6 @@ from services.sessions.rules import (
     check_state_size,
     lease_ttl,
 )
-from services.sessions.servicer import new_session, retirement, session_filter
 from services.sessions.sessions import Sessions
 from tests.fakes import FakeClock, MemoryLeases, MemoryStore, SequentialIds
 
