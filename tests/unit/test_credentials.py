@@ -26,7 +26,7 @@ from corral.verify import (
 from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.keys import KeyRing, jwk_thumbprint
 from services.executor.store import RedisRevocations
-from tests.fakes import FakeRedis
+from tests.fakes.executor import FakeRedis
 
 pytestmark = pytest.mark.timeout(30)
 

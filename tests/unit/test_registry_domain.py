@@ -28,7 +28,13 @@ from services.registry.tool_model import ToolChange, ToolDraft
 from services.registry.tool_rules import tool_change, tool_spec
 from services.registry.tools import Tools
 from tests import harness
-from tests.fakes import REGISTRY_TENANT, FakeClock, FakeRegistryStore, RegistryWorld, registry_world
+from tests.fakes.common import FakeClock
+from tests.fakes.registry import (
+    REGISTRY_TENANT,
+    FakeRegistryStore,
+    RegistryWorld,
+    registry_world,
+)
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -18,7 +18,7 @@ from services.registry import rollout_model as ro
 from services.registry.experiments import recommend
 from services.registry.model import EndpointChange
 from tests import harness
-from tests.fakes import REGISTRY_TENANT, RegistryWorld, registry_world
+from tests.fakes.registry import REGISTRY_TENANT, RegistryWorld, registry_world
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -21,7 +21,7 @@ from services.telemetry.prometheus import LATENCY_WINDOW_S, version_snapshot
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes import FakeFleet, FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSpanStore
 
 
 class _Metadata:

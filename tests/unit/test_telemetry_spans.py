@@ -27,7 +27,7 @@ from services.telemetry.model import ScoreSource, SpanFilter, SpanRow
 from services.telemetry.otlp import export_batch
 from services.telemetry.servicer import span_filter
 from services.telemetry.spans import Telemetry
-from tests.fakes import FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
 
 TRACE = bytes(range(16))
 T0 = 1_700_000_000_000_000_000  # nanoseconds since the epoch
