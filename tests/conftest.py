@@ -15,6 +15,7 @@ from services.common import embedded
 from services.common.server import ServiceHost
 from services.common.settings import Settings
 from tests import harness
+from tests.mesh import Mesh, connect
 
 StartServices = Callable[..., Awaitable[dict[str, ServiceHost]]]
 
@@ -80,3 +81,12 @@ def start_services(services: harness.Platform) -> StartServices:
     """`hosts = await start_services("registry", "router")`: `services.start`, for a test that
     needs the hosts but not their addresses."""
     return services.start
+
+
+@pytest_asyncio.fixture
+async def mesh(services: harness.Platform, tmp_path: Path) -> AsyncIterator[Mesh]:
+    """All five services started, and a client's stubs to them with a tenant and an agent prefix
+    of this test's own."""
+    hosts = await services.start(*harness.MESH)
+    async with connect(services.settings, hosts, tmp_path) as m:
+        yield m

@@ -29,7 +29,9 @@ from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.sandbox import AgentFailed, Done, Sandbox
 from tests import harness
-from tests.integration.test_mesh import Mesh, body, connect, fails
+from tests.bundles import copy_example, write_bundle
+from tests.mesh import Mesh
+from tests.rpc import body, error_details, fails
 
 pytestmark = [
     pytest.mark.integration,
@@ -98,7 +100,7 @@ def _link_tree(source: Path, dest: Path) -> None:
 
 
 def example_bundle(dest: Path, deps: Path, name: str = "agentcore-hello") -> Path:
-    root = harness.copy_example(EXAMPLE, dest, name)
+    root = copy_example(EXAMPLE, dest, name)
     _link_tree(deps, root / "deps")
     return root
 
@@ -113,15 +115,6 @@ def settings(
     if request.param == "gvisor" and shutil.which("runsc") is None:
         pytest.skip("runsc is not installed (scripts/setup-sandbox.sh installs it)")
     return harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER=request.param)
-
-
-@pytest_asyncio.fixture
-async def mesh(
-    services: harness.Platform, tmp_path: Path
-) -> AsyncIterator[Mesh]:
-    hosts = await services.start(*harness.MESH)
-    async for m in connect(services.settings, hosts, tmp_path):
-        yield m
 
 
 async def publish_example(mesh: Mesh, deps: Path) -> str:
@@ -175,7 +168,7 @@ async def test_a_500_from_the_agent_fails_the_invocation_and_the_session_carries
     )
     details = err.details() or ""
     assert "500" in details and "asked to fail" in details, details
-    info, _ = harness.error_details(err)
+    info, _ = error_details(err)
     assert info.reason == "AGENT_ERROR" and info.metadata["error_type"] == "HTTPError"
 
     after = await mesh.invoke(agent, {"prompt": "two"}, session_id=session)
@@ -346,7 +339,7 @@ if __name__ == "__main__":
 
 
 def probe_bundle(tmp_path: Path) -> Path:
-    return harness.write_bundle(tmp_path / "probe", {
+    return write_bundle(tmp_path / "probe", {
         "agent.toml": 'name = "probe"\nentrypoint = "server:app"\nprotocol = "http"\n',
         "server.py": PROBE,
         "deps/vendored.py": "",
@@ -416,7 +409,7 @@ async def test_server_sent_events_become_chunks_and_the_sdk_error_event_a_failur
 async def test_an_agent_that_does_not_start_fails_the_sandbox_start_with_its_error(
     start: StartSandbox, tmp_path: Path
 ) -> None:
-    bundle = harness.write_bundle(tmp_path / "broken", {
+    bundle = write_bundle(tmp_path / "broken", {
         "agent.toml": 'name = "broken"\nentrypoint = "server:app"\nprotocol = "http"\n',
         "server.py": "import not_installed_anywhere\n",
     })

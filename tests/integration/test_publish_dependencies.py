@@ -29,8 +29,9 @@ from services.common.interceptors import ErrorMappingInterceptor
 from services.common.settings import Settings
 from services.registry.servicer import RegistryServicer
 from tests import harness
+from tests.bundles import agent_files, build_wheel, publish_requests, write_bundle
 from tests.conftest import StartServices
-from tests.unit.test_bundle import build_wheel
+from tests.rpc import Metadata, error_details, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -57,8 +58,8 @@ class Platform:
     router: router_pb2_grpc.RouterServiceAsyncStub
 
     @property
-    def me(self) -> tuple[tuple[str, str], ...]:
-        return (("x-corral-tenant", self.tenant), ("x-corral-user", "alice"))
+    def me(self) -> Metadata:
+        return who(self.tenant)
 
     async def corral(self, *args: str) -> dict[str, Any]:
         """Runs the corral command; in a thread, since its client blocks and the services
@@ -88,9 +89,9 @@ async def platform(
 
 
 def agent_source(tmp: Path, agent: str, wheel: Path) -> Path:
-    files = harness.agent_files(agent, AGENT)
+    files = agent_files(agent, AGENT)
     files["agent.toml"] = f'dependencies = ["tinydep @ {wheel.as_uri()}"]\n' + files["agent.toml"]
-    return harness.write_bundle(tmp / "source", files)
+    return write_bundle(tmp / "source", files)
 
 
 async def downloaded(platform: Platform, version: str) -> list[str]:
@@ -132,7 +133,7 @@ async def test_dependencies_travel_in_the_bundle_and_the_agent_imports_them(
 
 # The async stub type exists only in the .pyi stubs, hence the string.
 SmallRegistry = tuple["registry_pb2_grpc.RegistryServiceAsyncStub", BundleLimits]
-ALICE = (("x-corral-user", "alice"),)
+ALICE = who(tenant="")  # the default tenant
 
 
 @pytest_asyncio.fixture
@@ -153,7 +154,7 @@ async def small_registry(start_services: StartServices) -> AsyncIterator[SmallRe
 
 def too_large(err: grpc.aio.AioRpcError) -> str:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.code()}: {err.details()}"
-    info, fields = harness.error_details(err)
+    info, fields = error_details(err)
     assert info.reason == "BUNDLE_TOO_LARGE" and fields == ["chunk"]
     return err.details() or ""
 
@@ -185,11 +186,11 @@ async def test_the_registry_refuses_a_bundle_that_unpacks_too_large(
     small_registry: SmallRegistry, tmp_path: Path
 ) -> None:
     stub, limits = small_registry
-    files = harness.agent_files(f"big-{uuid.uuid4().hex[:8]}", "app = None\n")
-    data = pack(harness.write_bundle(tmp_path / "big", {**files, "blob.bin": b"x" * 20_000}))
+    files = agent_files(f"big-{uuid.uuid4().hex[:8]}", "app = None\n")
+    data = pack(write_bundle(tmp_path / "big", {**files, "blob.bin": b"x" * 20_000}))
     assert len(data) < limits.packed_bytes and unpacked_size(data) > limits.unpacked_bytes
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        requests = iter(harness.publish_requests(data))
+        requests = iter(publish_requests(data))
         await stub.PublishVersion(requests, metadata=ALICE)  # type: ignore[arg-type]
     details = too_large(info.value)
     assert f"{unpacked_size(data):,} bytes unpacked" in details

@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +37,14 @@ from services.common.server import ServiceHost
 from services.common.settings import Settings
 from services.registry.controller import RolloutController
 from tests import harness
+from tests.bundles import SAYS_HI, agent_files, publish_requests, write_bundle
 from tests.conftest import StartServices
+from tests.rpc import error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 TENANT, USER = "acme", "alice"
-ALICE = (("x-corral-tenant", TENANT), ("x-corral-user", USER))
-CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
+ALICE = who(TENANT, USER)
 ACTIVE = ("PROGRESSING", "PAUSED", "RUNNING", "COMPLETE")
 State = ro.RolloutState
 
@@ -147,10 +148,10 @@ class World:
     async def publish(self, count: int) -> list[int]:
         """`count` distinct versions of this test's agent."""
         for i in range(count):
-            files: dict[str, str | bytes] = {**harness.agent_files(self.agent, CODE)}
+            files: dict[str, str | bytes] = {**agent_files(self.agent, SAYS_HI)}
             files["prompt.md"] = f"You help (variant {i}).\n"
-            data = pack(harness.write_bundle(self.tmp / uuid.uuid4().hex, files))
-            v = await self.registry.PublishVersion(iter(harness.publish_requests(data)), metadata=ALICE)
+            data = pack(write_bundle(self.tmp / uuid.uuid4().hex, files))
+            v = await self.registry.PublishVersion(iter(publish_requests(data)), metadata=ALICE)
             self.versions[v.number] = v
         return sorted(self.versions)
 
@@ -226,13 +227,6 @@ class World:
         response = await self.otlp.Export(export_request(spans), metadata=ALICE)
         assert not response.partial_success.rejected_spans, response.partial_success.error_message
         return ids
-
-
-async def fails(code: grpc.StatusCode, call: Awaitable[Any]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
-    return info.value
 
 
 @pytest_asyncio.fixture
@@ -511,7 +505,7 @@ async def test_bad_input_is_refused_with_its_reason_and_changes_nothing(
     err = await fails(Code.FAILED_PRECONDITION, w.start_rollout(9, ok_steps))
     assert w.version(9) in err.details() and "does not exist" in err.details()
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(2, [weight(50), weight(30), weight(100)]))
-    assert "does not increase" in err.details() and "steps[1]" in str(harness.error_details(err)[1])
+    assert "does not increase" in err.details() and "steps[1]" in str(error_details(err)[1])
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(2, [weight(50), weight(150)]))
     assert "150" in err.details() and "<= 100" in err.details()
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(2, [weight(50), weight(90)]))
@@ -519,11 +513,11 @@ async def test_bad_input_is_refused_with_its_reason_and_changes_nothing(
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(
         2, ok_steps, analysis(20, tel.MetricSpec(name="happiness"))))
     assert "'happiness' is not a metric" in err.details()
-    assert harness.error_details(err)[1] == ["metrics[0].name"]
+    assert error_details(err)[1] == ["metrics[0].name"]
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(
         2, ok_steps, analysis(20, tel.MetricSpec(name="session_error_rate", tolerance=-0.1))))
     assert "-0.1" in err.details() and "negative" in err.details()
-    assert harness.error_details(err)[1] == ["metrics[0].tolerance"]
+    assert error_details(err)[1] == ["metrics[0].tolerance"]
     experiment = ro.Experiment(variants=[reg.TrafficTarget(version=w.version(1), percent=80),
                                          reg.TrafficTarget(version=w.version(2), percent=30)])
     err = await fails(Code.INVALID_ARGUMENT, w.rollouts.CreateExperiment(

@@ -49,30 +49,19 @@ from services.executor.tools import (
 )
 from services.registry.secrets import SecretBox, SecretError
 from tests import harness
+from tests.rpc import Metadata, error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 SECRET = "sk-test-" + "7f3a9c" * 4
 TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl"
 KEY = os.urandom(32)
-Metadata = tuple[tuple[str, str], ...]
-
-
-def who(tenant: str, user: str = "alice") -> Metadata:
-    return (("x-corral-tenant", tenant), ("x-corral-user", user))
 
 
 def seconds(value: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(value * 1e9))
     return d
-
-
-async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
-    return info.value
 
 
 @dataclass
@@ -230,7 +219,7 @@ async def test_bad_input_names_the_field(
 ) -> None:
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, registry.tools.CreateTool(
         pb.CreateToolRequest(tool_id=tool_id, tool=tool), metadata=registry.md))
-    info, fields = harness.error_details(err)
+    info, fields = error_details(err)
     assert fields == [field] and info.domain == "registry"
     assert SECRET not in (err.details() or "")
 
@@ -248,10 +237,10 @@ async def test_bad_updates_and_names_name_the_field(registry: Registry) -> None:
     ):
         err = await fails(grpc.StatusCode.INVALID_ARGUMENT,
                           registry.tools.UpdateTool(request, metadata=registry.md))
-        assert harness.error_details(err)[1] == [expected]
+        assert error_details(err)[1] == [expected]
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, registry.tools.GetTool(
         pb.GetToolRequest(name="agents/web"), metadata=registry.md))
-    assert harness.error_details(err)[1] == ["name"]
+    assert error_details(err)[1] == ["name"]
 
 
 async def test_a_tenant_sees_only_its_own_tools(registry: Registry) -> None:

@@ -16,10 +16,8 @@ from corral.cli.output import enum_label
 from corral.client import CorralClient, pages
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
+from tests.bundles import SAYS_HI, agent_files, write_bundle
 from tests.fakes.cli import RecordingClient
-from tests.harness import agent_files, write_bundle
-
-CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
 
 
 def run(client: CorralClient, *args: str) -> tuple[int, str]:
@@ -38,7 +36,7 @@ def test_publish_packs_once_and_uploads_what_it_measured(
 
     monkeypatch.setattr(publishing, "pack", counted_pack)
     client = RecordingClient()
-    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", CODE))))
+    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", SAYS_HI))))
     assert code == 0, output
     assert len(packed) == 1 and client.uploaded == packed
     assert json.loads(output)["digest"] == digest_of(packed[0])

@@ -27,7 +27,7 @@ from services.registry.secrets import SecretBox
 from services.registry.tool_model import ToolChange, ToolDraft
 from services.registry.tool_rules import tool_change, tool_spec
 from services.registry.tools import Tools
-from tests import harness
+from tests.bundles import agent_files, write_bundle
 from tests.fakes.common import FakeClock
 from tests.fakes.registry import (
     REGISTRY_TENANT,
@@ -45,8 +45,8 @@ PROD = AGENT.endpoint("prod")
 
 
 def bundle(tmp: Path, agent: str = AGENT.agent, prompt: str = "You help.\n") -> bytes:
-    files = {**harness.agent_files(agent, CODE), "prompt.md": prompt}
-    return pack(harness.write_bundle(tmp / uuid.uuid4().hex, files))
+    files = {**agent_files(agent, CODE), "prompt.md": prompt}
+    return pack(write_bundle(tmp / uuid.uuid4().hex, files))
 
 
 def traffic(*split: tuple[int, float]) -> EndpointChange:

@@ -17,7 +17,7 @@ from services.common.identity import Caller
 from services.registry import rollout_model as ro
 from services.registry.experiments import recommend
 from services.registry.model import EndpointChange
-from tests import harness
+from tests.bundles import agent_files, write_bundle
 from tests.fakes.registry import REGISTRY_TENANT, RegistryWorld, registry_world
 
 pytestmark = pytest.mark.timeout(20)
@@ -32,8 +32,8 @@ async def world(tmp_path: Path) -> RegistryWorld:
     """Three versions of the agent, and prod serving the first alone."""
     w = registry_world()
     for i in range(3):
-        files = {**harness.agent_files(AGENT.agent, "app = None\n"), "prompt.md": f"v{i}\n"}
-        data = pack(harness.write_bundle(tmp_path / uuid.uuid4().hex, files))
+        files = {**agent_files(AGENT.agent, "app = None\n"), "prompt.md": f"v{i}\n"}
+        data = pack(write_bundle(tmp_path / uuid.uuid4().hex, files))
         await w.registry.publish(ALICE, None, data, "", "")
     only_v1 = EndpointChange((ro.TrafficTarget(AGENT.version(1), 100),), None)
     await w.registry.set_endpoint(ALICE, PROD, only_v1, allow_missing=True)
