@@ -30,7 +30,7 @@ class FakeClock:
 class EpochClock:
     """A `time.time`-style clock (seconds since the epoch) that moves when a test sets `now`."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float = T0.timestamp()) -> None:
         self.now = now
 
     def __call__(self) -> float:

@@ -1,18 +1,25 @@
-"""The executor's seams in memory: the revocation store's Redis and deny-list, the sessions and
-registry clients, telemetry's span export, and sandboxes whose agent is a script (no worker
-process, no socket)."""
+"""The executor's seams in memory: the revocation store's Redis and deny-list (and credentials to
+put there), the sessions and registry clients, telemetry's span export, and sandboxes whose
+agent is a script (no worker process, no socket)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
 from services.common.errors import Aborted, NotFound
 from services.common.identity import Caller
 from services.executor.bundles import BundleCache, UnpackedBundle
+from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.drivers.base import Limit, SandboxSpec, Usage
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model import (
@@ -40,6 +47,37 @@ class FakeRedis:
 
     async def exists(self, key: str) -> int:
         return int(key in self.ttl)
+
+
+def mint(issuer: CredentialIssuer, **claims: object) -> Credential:
+    """A credential from `issuer` for invocation inv-1 of sessions/s1 on agents/x/versions/3, as
+    alice of acme, for the search and calendar tools, expiring in a minute; `claims` change any
+    of these."""
+    fields: dict[str, object] = {
+        "version": "agents/x/versions/3",
+        "session": "sessions/s1",
+        "invocation_id": "inv-1",
+        "tenant": "acme",
+        "user": "alice",
+        "audience": ["search", "calendar"],
+        "expires_at": time.time() + 60,
+    }
+    return issuer.mint(**{**fields, **claims})  # type: ignore[arg-type]
+
+
+def forge(token: str, key: Ed25519PrivateKey, kid: str) -> str:
+    """`token`'s claims signed with `key` under the key id `kid`: a forgery."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
+
+
+def tamper(token: str, **changes: object) -> str:
+    """`token` with `changes` made to its claims and its signature kept: a tampered token."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims.update(changes)
+    encoded = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{encoded}.{signature}"
 
 
 class FakeRevocations:
