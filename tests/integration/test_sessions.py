@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import asyncpg
 import grpc
@@ -174,33 +174,27 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     )
     assert renewed.expire_time.ToDatetime() > lease.expire_time.ToDatetime()
 
-    saved = await stub.CommitTurn(
-        pb.CommitTurnRequest(
-            session=name,
-            lease_id=lease.lease_id,
-            etag=lease.state.etag,
-            state=b'{"step": 1}',
-            invocation_id="inv-1",
-            input=b"hello",
-            output=b"hi",
-        ),
-        metadata=me,
-    )
-    assert saved.turn_count == 1 and saved.etag != lease.state.etag
-
-    err = await fails(
-        grpc.StatusCode.ABORTED,
-        stub.CommitTurn(
+    def commit(
+        etag: str, state: bytes, invocation_id: str = "", input: bytes = b"", output: bytes = b""
+    ) -> Awaitable[pb.SessionState]:
+        """CommitTurn under the lease taken above."""
+        return stub.CommitTurn(
             pb.CommitTurnRequest(
                 session=name,
                 lease_id=lease.lease_id,
-                etag=lease.state.etag,
-                state=b"stale",
-                invocation_id="inv-2",
+                etag=etag,
+                state=state,
+                invocation_id=invocation_id,
+                input=input,
+                output=output,
             ),
             metadata=me,
-        ),
-    )
+        )
+
+    saved = await commit(lease.state.etag, b'{"step": 1}', "inv-1", input=b"hello", output=b"hi")
+    assert saved.turn_count == 1 and saved.etag != lease.state.etag
+
+    err = await fails(grpc.StatusCode.ABORTED, commit(lease.state.etag, b"stale", "inv-2"))
     assert error_details(err)[0].reason == "STATE_CONFLICT" and "re-read" in (err.details() or "")
     state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
     assert (state.state, state.etag, state.turn_count) == (b'{"step": 1}', saved.etag, 1)
@@ -211,15 +205,7 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     await stub.ReleaseLease(
         pb.ReleaseLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me
     )
-    err = await fails(
-        grpc.StatusCode.ABORTED,
-        stub.CommitTurn(
-            pb.CommitTurnRequest(
-                session=name, lease_id=lease.lease_id, etag=saved.etag, state=b"late"
-            ),
-            metadata=me,
-        ),
-    )
+    err = await fails(grpc.StatusCode.ABORTED, commit(saved.etag, b"late"))
     assert error_details(err)[0].reason == "LEASE_LOST"
     err = await fails(
         grpc.StatusCode.ABORTED,
