@@ -1,4 +1,5 @@
-"""Shared test helpers: real databases, and in-process services on ports the OS picks."""
+"""Shared test helpers: real databases, in-process services on ports the OS picks, and sandboxes
+started directly under a driver."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import functools
 import importlib
 import os
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +19,8 @@ import asyncpg
 
 from services.common.server import ServiceHost
 from services.common.settings import SERVICES, START_ORDER, Settings
+from services.executor.drivers.base import SandboxDriver, SandboxSpec
+from services.executor.sandbox import Sandbox
 from services.launcher.ports import HeldPort
 
 
@@ -151,3 +155,30 @@ async def stop_mesh(hosts: Mapping[str, ServiceHost], grace: float = 0.5) -> Non
     for host in reversed(list(hosts.values())):
         await host.stop(grace=grace)
 
+
+class Sandboxes:
+    """Sandboxes started directly under one driver (no executor), each in a work dir of its own
+    under `workdirs`; the fixture that made them stops them all when its test ends."""
+
+    def __init__(self, driver: SandboxDriver, workdirs: Path) -> None:
+        self.driver = driver
+        self.workdirs = workdirs
+        self.started: list[Sandbox] = []
+
+    def spec(self, bundle: Path, entrypoint: str, *, agent: str, version: str) -> SandboxSpec:
+        """What runs `bundle` for a session of its own, with this interpreter."""
+        return SandboxSpec(
+            session=f"sessions/{agent}-{uuid.uuid4().hex[:8]}", version=version,
+            bundle_dir=bundle, workdir=self.workdirs / f"work-{uuid.uuid4().hex[:6]}",
+            entrypoint=entrypoint, prompt_file="", python=sys.executable,
+        )
+
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        sandbox = Sandbox(spec)
+        self.started.append(sandbox)
+        await sandbox.start(self.driver)
+        return sandbox
+
+    async def stop(self) -> None:
+        for sandbox in self.started:
+            await sandbox.stop()

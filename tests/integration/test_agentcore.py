@@ -16,6 +16,7 @@ import sys
 import tomllib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -25,7 +26,6 @@ import pytest_asyncio
 from corral.router.v1 import router_pb2 as rt
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.settings import Settings
-from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.sandbox import AgentFailed, Done, Sandbox
 from tests import harness
@@ -189,22 +189,14 @@ StartSandbox = Callable[[Path, str], Awaitable[Sandbox]]
 
 @pytest_asyncio.fixture
 async def start(driver: BwrapDriver, tmp_path: Path) -> AsyncIterator[StartSandbox]:
-    started: list[Sandbox] = []
+    sandboxes = harness.Sandboxes(driver, tmp_path)
 
     async def _start(bundle: Path, entrypoint: str) -> Sandbox:
-        spec = SandboxSpec(
-            session=f"sessions/ac-{uuid.uuid4().hex[:8]}", version="agents/ac/versions/1",
-            bundle_dir=bundle, workdir=tmp_path / f"work-{uuid.uuid4().hex[:6]}",
-            entrypoint=entrypoint, prompt_file="", python=sys.executable, protocol="http",
-        )
-        sandbox = Sandbox(spec)
-        started.append(sandbox)
-        await sandbox.start(driver)
-        return sandbox
+        spec = sandboxes.spec(bundle, entrypoint, agent="ac", version="agents/ac/versions/1")
+        return await sandboxes.start(replace(spec, protocol="http"))
 
     yield _start
-    for sandbox in started:
-        await sandbox.stop()
+    await sandboxes.stop()
 
 
 def invocation(payload: object, session: str = "s-1", credentials: str = "") -> pb.Invocation:
