@@ -9,10 +9,11 @@ import importlib
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -126,12 +127,27 @@ def with_tracing(settings: Settings) -> Settings:
     return replace(settings, tracing=True)
 
 
-def test_database_url() -> str | None:
-    return os.environ.get("CORRAL_TEST_DATABASE_URL") or None
+class Server(Protocol):
+    """A server started for the run (embedded PostgreSQL or Redis)."""
+
+    url: str
+
+    def stop(self) -> None: ...
 
 
-def test_redis_url() -> str | None:
-    return os.environ.get("CORRAL_TEST_REDIS_URL") or None
+@contextmanager
+def machine_or_embedded(variable: str, start: Callable[[], Server]) -> Iterator[str]:
+    """The URL of the machine's server when the environment `variable` names one, else of one
+    `start` starts for the run (stopped at its end)."""
+    url = os.environ.get(variable)
+    if url:
+        yield url
+        return
+    server = start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 # All five, in the order they start: each one's dependencies are up before it.
