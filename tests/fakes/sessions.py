@@ -7,13 +7,7 @@ from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, VersionRef
 from services.common.paging import Key
-from services.sessions.model import (
-    PinnedVersion,
-    SessionFilter,
-    SessionRecord,
-    SessionStatus,
-    Turn,
-)
+from services.sessions.model import PinnedVersion, SessionFilter, SessionRecord, SessionStatus, Turn
 from tests.fakes.common import FakeClock, keyset_page
 
 
