@@ -21,9 +21,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from corral.bundle import pack
 from corral.registry.v1 import registry_pb2 as reg
@@ -39,6 +37,7 @@ from services.registry.controller import RolloutController
 from tests import harness
 from tests.bundles import SAYS_HI, agent_files, publish_requests, write_bundle
 from tests.conftest import StartServices
+from tests.otlp import attributes, export_request, kv
 from tests.rpc import error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -104,14 +103,8 @@ def invocation_span(
         end_time_unix_nano=start + int(latency_ms * 1e6),
         status=Status(code=Status.STATUS_CODE_ERROR if error else Status.STATUS_CODE_OK,
                       message="candidate regression" if error else ""),
-        attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items()],
+        attributes=attributes(attrs),
     )
-
-
-def export_request(spans: Sequence[Span]) -> ExportTraceServiceRequest:
-    resource = [KeyValue(key="service.name", value=AnyValue(string_value="corral-executor"))]
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource={"attributes": resource}, scope_spans=[ScopeSpans(spans=list(spans))])])
 
 
 # -- the world a test runs in ------------------------------------------------------------------
@@ -224,7 +217,8 @@ class World:
             for turn in range(1 + i % 3):
                 spans.append(invocation_span(self.agent, version, self.endpoint_id, sid,
                                              error=failed and turn == 0, latency_ms=100 + (i * 7 + turn * 13) % 50))
-        response = await self.otlp.Export(export_request(spans), metadata=ALICE)
+        executor = [kv("service.name", "corral-executor")]
+        response = await self.otlp.Export(export_request(spans, executor), metadata=ALICE)
         assert not response.partial_success.rejected_spans, response.partial_success.error_message
         return ids
 

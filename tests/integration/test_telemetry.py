@@ -18,9 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -30,6 +29,7 @@ from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from services.common.settings import Settings
 from tests import harness
+from tests.otlp import attributes, export_request
 from tests.rpc import error_details, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -255,15 +255,7 @@ def otlp_span(
         start_time_unix_nano=start,
         end_time_unix_nano=start + int(duration_ms * MS),
         status=Status(code=Status.STATUS_CODE_ERROR if error else Status.STATUS_CODE_UNSET),
-        attributes=[
-            KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items() if k != "name"
-        ],
-    )
-
-
-def export_request(spans: list[Span]) -> ExportTraceServiceRequest:
-    return ExportTraceServiceRequest(
-        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
+        attributes=attributes({k: v for k, v in attrs.items() if k != "name"}),
     )
 
 
