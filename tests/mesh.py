@@ -25,7 +25,7 @@ from services.common.server import ServiceHost
 from services.common.settings import Settings
 from tests import harness
 from tests.bundles import agent_files, copy_example, publish_requests, write_bundle
-from tests.rpc import Metadata, body, who
+from tests.rpc import Metadata, body, new_tenant, who
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -125,7 +125,7 @@ async def connect(
             hosts=hosts,
             tmp=tmp,
             prefix=f"m{uuid.uuid4().hex[:8]}",
-            tenant=f"t-{uuid.uuid4().hex[:8]}",
+            tenant=new_tenant(),
             registry=registry_pb2_grpc.RegistryServiceStub(channels["registry"]),
             router=router_pb2_grpc.RouterServiceStub(channels["router"]),
             sessions=sessions_pb2_grpc.SessionsServiceStub(channels["sessions"]),

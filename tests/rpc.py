@@ -4,6 +4,7 @@ headers, a JSON payload, a call that must fail with a given code, and the detail
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable
 
 import grpc
@@ -19,6 +20,12 @@ def who(tenant: str, user: str = "alice") -> Metadata:
     tenant or user is left out."""
     headers = (("x-corral-tenant", tenant), ("x-corral-user", user))
     return tuple((key, value) for key, value in headers if value)
+
+
+def new_tenant() -> str:
+    """A tenant of a test's own: the run shares one database, and this keeps the test's lists
+    to what it made."""
+    return f"t-{uuid.uuid4().hex[:10]}"
 
 
 def body(payload: object) -> bytes:

@@ -31,7 +31,7 @@ from services.registry.servicer import RegistryServicer
 from tests import harness
 from tests.bundles import agent_files, build_wheel, publish_requests, write_bundle
 from tests.conftest import StartServices
-from tests.rpc import Metadata, error_details, who
+from tests.rpc import Metadata, error_details, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -82,7 +82,7 @@ async def platform(
     async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as registry, \
             grpc.aio.insecure_channel(services.settings.addrs["router"]) as router:
         yield Platform(
-            settings=services.settings, tmp=tmp_path, tenant=f"t-{uuid.uuid4().hex[:8]}",
+            settings=services.settings, tmp=tmp_path, tenant=new_tenant(),
             registry=registry_pb2_grpc.RegistryServiceStub(registry),
             router=router_pb2_grpc.RouterServiceStub(router),
         )

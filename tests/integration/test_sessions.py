@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 
 import asyncpg
@@ -18,7 +17,7 @@ from services.common import clients
 from services.common.kv import create_redis
 from services.common.settings import Settings
 from tests.harness import Platform
-from tests.rpc import error_details, fails, who
+from tests.rpc import error_details, fails, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -46,8 +45,7 @@ async def stub(
 
 @pytest.fixture
 def tenant() -> str:
-    # The database is shared by the whole run: a tenant of its own keeps each test's lists clean.
-    return f"t-{uuid.uuid4().hex[:10]}"
+    return new_tenant()
 
 
 async def test_create_get_list_and_tenants_see_only_their_own(

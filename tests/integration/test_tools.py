@@ -49,7 +49,7 @@ from services.executor.tools import (
 )
 from services.registry.secrets import SecretBox, SecretError
 from tests import harness
-from tests.rpc import Metadata, error_details, fails, who
+from tests.rpc import Metadata, error_details, fails, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -94,7 +94,7 @@ async def registry(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIt
     platform = await harness.start_mesh(settings, "registry")
     try:
         async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
-            tenant = f"t-{uuid.uuid4().hex[:10]}"
+            tenant = new_tenant()
             yield Registry(
                 platform.settings,
                 tools_pb2_grpc.ToolServiceStub(channel),
@@ -245,7 +245,7 @@ async def test_bad_updates_and_names_name_the_field(registry: Registry) -> None:
 
 async def test_a_tenant_sees_only_its_own_tools(registry: Registry) -> None:
     await registry.create("shared_name", SECRET, address="https://acme.example/t")
-    other = who(f"t-{uuid.uuid4().hex[:10]}")
+    other = who(new_tenant())
     err = await fails(grpc.StatusCode.NOT_FOUND, registry.tools.GetTool(
         pb.GetToolRequest(name="tools/shared_name"), metadata=other))
     assert registry.tenant not in (err.details() or "")
@@ -327,7 +327,7 @@ async def test_without_a_key_only_secretless_tools_can_be_created(
 ) -> None:
     assert not settings.secrets_key
     await services.start("registry")
-    md = who(f"t-{uuid.uuid4().hex[:10]}")
+    md = who(new_tenant())
     async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
         stub = tools_pb2_grpc.ToolServiceStub(channel)
         err = await fails(grpc.StatusCode.FAILED_PRECONDITION, stub.CreateTool(pb.CreateToolRequest(
