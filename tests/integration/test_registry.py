@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import tarfile
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,7 +312,7 @@ async def test_unknown_things_are_not_found_and_malformed_names_invalid(registry
     a = registry.agent
     version = await registry.publish(registry.bundle())
     stub = registry.stub
-    not_found = [
+    not_found: list[Awaitable[object]] = [
         stub.GetAgent(pb.GetAgentRequest(name=f"agents/{a}-nope")),
         stub.ListVersions(pb.ListVersionsRequest(parent=f"agents/{a}-nope")),
         stub.ListEndpoints(pb.ListEndpointsRequest(parent=f"agents/{a}-nope")),
@@ -341,7 +341,7 @@ async def test_unknown_things_are_not_found_and_malformed_names_invalid(registry
         stub.UpdateEndpoint(pb.UpdateEndpointRequest(endpoint=other, allow_missing=True)),
     )
 
-    invalid = {
+    invalid: dict[str, Awaitable[object]] = {
         "name": stub.GetVersion(pb.GetVersionRequest(name=f"agents/{a}/versions/one")),
         "endpoint.name": stub.UpdateEndpoint(
             pb.UpdateEndpointRequest(endpoint=pb.Endpoint(name=f"agents/{a}/prod"))
@@ -393,7 +393,9 @@ async def test_endpoint_updates_are_checked_and_guarded_by_etags(registry: Regis
     )
     assert prod.name in (err.details() or "")
 
-    def update(split: list[tuple[int, float]], etag: str = "", endpoint: str = "prod") -> object:
+    def update(
+        split: list[tuple[int, float]], etag: str = "", endpoint: str = "prod"
+    ) -> Awaitable[pb.Endpoint]:
         return stub.UpdateEndpoint(
             pb.UpdateEndpointRequest(endpoint=registry.body(endpoint, split, etag)), metadata=ALICE
         )
@@ -448,7 +450,9 @@ async def test_an_update_mask_changes_only_the_fields_it_names(registry: Registr
         pb.UpdateEndpointRequest(endpoint=body, allow_missing=True), metadata=ALICE
     )
 
-    def update(split: list[tuple[int, float]], description: str, *paths: str) -> object:
+    def update(
+        split: list[tuple[int, float]], description: str, *paths: str
+    ) -> Awaitable[pb.Endpoint]:
         changed = registry.body("prod", split)
         changed.description = description
         mask = field_mask_pb2.FieldMask(paths=list(paths))

@@ -67,9 +67,9 @@ def seconds(value: float) -> duration_pb2.Duration:
 @dataclass
 class Registry:
     settings: Settings
-    tools: tools_pb2_grpc.ToolServiceStub
-    secrets: tools_pb2_grpc.ToolSecretsServiceStub
-    audit: registry_pb2_grpc.RegistryServiceStub
+    tools: tools_pb2_grpc.ToolServiceAsyncStub
+    secrets: tools_pb2_grpc.ToolSecretsServiceAsyncStub
+    audit: registry_pb2_grpc.RegistryServiceAsyncStub
     tenant: str
     md: Metadata = ()
 
@@ -329,7 +329,7 @@ async def test_without_a_key_only_secretless_tools_can_be_created(
     await services.start("registry")
     md = who(new_tenant())
     async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
-        stub = tools_pb2_grpc.ToolServiceStub(channel)
+        stub: tools_pb2_grpc.ToolServiceAsyncStub = tools_pb2_grpc.ToolServiceStub(channel)
         err = await fails(grpc.StatusCode.FAILED_PRECONDITION, stub.CreateTool(pb.CreateToolRequest(
             tool_id="keyed", tool=pb.Tool(kind=pb.TOOL_KIND_HTTP, address="https://x.example", secret=SECRET),
         ), metadata=md))

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 from corral.sdk import App
 
@@ -20,7 +21,7 @@ def _errno(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def _attempt(done: str, act, *args) -> str:
+def _attempt(done: str, act: Callable[..., object], *args: object) -> str:
     """What came of `act(*args)`: `done`, or the errno it met."""
     try:
         act(*args)
