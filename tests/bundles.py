@@ -1,5 +1,5 @@
-"""Agent bundles as tests write them: the files of a small agent, written out or copied from an
-example; hand-made tars holding what a published bundle must not; a wheel built on this machine;
+"""Agent bundles as tests write them: the files of a small agent, written out, packed, or copied
+from an example; hand-made tars holding what a published bundle must not; a wheel built on this machine;
 and the PublishVersion stream that uploads a packed bundle."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from corral.bundle import digest_of
+from corral.bundle import digest_of, pack
 from corral.registry.v1 import registry_pb2
 
 # An agent.py whose entrypoint answers "hi" to anything.
@@ -67,6 +68,15 @@ def agent_files(name: str, code: str, *, toml_extra: str = "") -> dict[str, str]
         + toml_extra
     )
     return {"agent.toml": toml, "agent.py": code, "prompt.md": "You help.\n"}
+
+
+def packed_agent(
+    tmp: Path, name: str, code: str = SAYS_HI, *, prompt: str = "You help.\n", **extra: str | bytes
+) -> bytes:
+    """A small agent packed, as publishing takes it: agent_files' agent with `prompt` as its
+    prompt and `extra` files, written to a folder of its own under `tmp`."""
+    files: dict[str, str | bytes] = {**agent_files(name, code), "prompt.md": prompt, **extra}
+    return pack(write_bundle(tmp / uuid.uuid4().hex, files))
 
 
 def copy_example(example: Path, dest: Path, name: str) -> Path:

@@ -16,14 +16,22 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from corral.bundle import digest_of, pack
+from corral.bundle import digest_of
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from services.common.settings import Settings
 from tests import harness
-from tests.bundles import SAYS_HI, agent_files, link, publish_requests, tar_of, write_bundle
+from tests.bundles import (
+    SAYS_HI,
+    agent_files,
+    link,
+    packed_agent,
+    publish_requests,
+    tar_of,
+    write_bundle,
+)
 from tests.rpc import Metadata, error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -40,11 +48,7 @@ class Registry:
 
     def bundle(self, name: str = "", prompt: str = "You help.\n", **extra: str | bytes) -> bytes:
         """The packed bytes of a small agent (this test's agent unless `name` is given)."""
-        files: dict[str, str | bytes] = {**agent_files(name or self.agent, SAYS_HI)}
-        files["prompt.md"] = prompt
-        files.update(extra)
-        root = self.tmp / uuid.uuid4().hex
-        return pack(write_bundle(root, files))
+        return packed_agent(self.tmp, name or self.agent, prompt=prompt, **extra)
 
     async def publish(self, data: bytes, metadata: Metadata = ALICE, **header: str) -> pb.Version:
         return await self.stub.PublishVersion(

@@ -23,7 +23,6 @@ from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from corral.bundle import pack
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
 from corral.registry.v1 import rollouts_pb2 as ro
@@ -35,7 +34,7 @@ from services.common.server import ServiceHost
 from services.common.settings import Settings
 from services.registry.controller import RolloutController
 from tests import harness
-from tests.bundles import SAYS_HI, agent_files, publish_requests, write_bundle
+from tests.bundles import packed_agent, publish_requests
 from tests.conftest import StartServices
 from tests.otlp import attributes, export_request, kv
 from tests.rpc import error_details, fails, who
@@ -141,9 +140,7 @@ class World:
     async def publish(self, count: int) -> list[int]:
         """`count` distinct versions of this test's agent."""
         for i in range(count):
-            files: dict[str, str | bytes] = {**agent_files(self.agent, SAYS_HI)}
-            files["prompt.md"] = f"You help (variant {i}).\n"
-            data = pack(write_bundle(self.tmp / uuid.uuid4().hex, files))
+            data = packed_agent(self.tmp, self.agent, prompt=f"You help (variant {i}).\n")
             v = await self.registry.PublishVersion(iter(publish_requests(data)), metadata=ALICE)
             self.versions[v.number] = v
         return sorted(self.versions)
