@@ -14,7 +14,7 @@ import grpc
 
 from corral import names
 from corral.bundle import pack
-from corral.executor.v1 import executor_pb2_grpc
+from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
@@ -97,6 +97,10 @@ class Mesh:
                 if view is not None and view.revision >= revision:
                     return
                 await asyncio.sleep(0.01)
+
+    async def sandboxes(self) -> list[executor_pb2.Sandbox]:
+        """The executor's sandboxes, as ListSandboxes lists them."""
+        return list((await self.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes)
 
     async def invoke(
         self, agent: str, payload: object = None, metadata: Metadata | None = None, **target: str

@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from corral.executor.v1 import executor_pb2
 from tests import harness
 from tests.bundles import BEHAVIOUR
 from tests.mesh import started_mesh
@@ -29,7 +28,7 @@ async def test_a_session_runs_its_turns_in_gvisor(database_url: str, redis_url: 
         agent = await mesh.publish_agent("gvisor", BEHAVIOUR)
         session = f"{mesh.prefix}-gvisor"
         assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 1."
-        listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+        listed = await mesh.sandboxes()
         assert [s.driver for s in listed if s.session == f"sessions/{session}"] == ["gvisor"]
         err = await fails(grpc.StatusCode.INTERNAL,
                           mesh.invoke(agent, {"mode": "boom"}, session_id=session))

@@ -363,7 +363,7 @@ async def test_sessions_belong_to_their_tenant_and_end_when_stopped(mesh: Mesh) 
         )
     # The intruders changed nothing.
     assert (await mesh.invoke(agent, session_id=session)).output.startswith(b"Turn 2. ")
-    sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    sandboxes = await mesh.sandboxes()
     assert f"sessions/{session}" in {s.session for s in sandboxes}
 
     await mesh.router.StopSession(
@@ -375,7 +375,7 @@ async def test_sessions_belong_to_their_tenant_and_end_when_stopped(mesh: Mesh) 
         ses.GetSessionRequest(name=f"sessions/{session}"), metadata=mesh.me
     )
     assert stored.status == ses.SESSION_STATUS_STOPPED and stored.turn_count == 2
-    sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    sandboxes = await mesh.sandboxes()
     assert f"sessions/{session}" not in {s.session for s in sandboxes}
     await fails(
         grpc.StatusCode.NOT_FOUND,
@@ -426,7 +426,7 @@ async def test_the_worker_is_its_own_process_without_the_executor_environment(
     assert seen["pid"] != os.getpid()
     assert Path(seen["cwd"]).resolve() != Path.cwd().resolve()
 
-    sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    sandboxes = await mesh.sandboxes()
     mine = [s for s in sandboxes if s.session == f"sessions/{session}"]
     assert len(mine) == 1 and not mine[0].busy
     assert mine[0].version == f"agents/{agent}/versions/1"
@@ -460,7 +460,7 @@ async def test_state_survives_restarting_every_service(
     session = f"{mesh.prefix}-restart"
     first = await mesh.invoke(agent, endpoint="DEFAULT", session_id=session)
     assert first.output.startswith(b"Turn 1. ") and version_of(first) == 2
-    pid = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes[0].pid
+    pid = (await mesh.sandboxes())[0].pid
 
     await harness.stop_mesh(mesh.hosts)
     with pytest.raises(ProcessLookupError):
@@ -544,8 +544,7 @@ async def test_stopping_a_session_mid_invocation_ends_it_with_a_clear_status(mes
     running = asyncio.ensure_future(mesh.invoke(agent, {"mode": "sleep", "seconds": 5}, session_id=session))
     listed: list[executor_pb2.Sandbox] = []
     for _ in range(100):  # wait until the second turn is running in the sandbox
-        listed = [s for s in (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
-                  if s.session == f"sessions/{session}"]
+        listed = [s for s in await mesh.sandboxes() if s.session == f"sessions/{session}"]
         if listed and listed[0].busy:
             break
         await asyncio.sleep(0.05)
@@ -566,13 +565,13 @@ async def test_a_session_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
     )
     session = f"{mesh.prefix}-mortal"
     await mesh.invoke(agent, {}, session_id=session)
-    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    listed = await mesh.sandboxes()
     pid = next(s.pid for s in listed if s.session == f"sessions/{session}")
     deadline = asyncio.get_running_loop().time() + 20
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert asyncio.get_running_loop().time() < deadline, "the sandbox outlived its lifetime"
         await asyncio.sleep(0.5)
-    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    listed = await mesh.sandboxes()
     assert all(s.session != f"sessions/{session}" for s in listed)
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
     assert "expired" in (err.details() or "")

@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 from corral.bundle import unpack
-from corral.executor.v1 import executor_pb2
 from tests.bundles import link, publish_requests, tar_of
 from tests.mesh import Mesh
 from tests.rpc import fails
@@ -73,7 +72,7 @@ async def test_a_sandbox_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
     neighbour = await mesh.publish_agent("neighbour", NEIGHBOUR)
     session = f"{mesh.prefix}-immortal"
     await mesh.invoke(attacker, {}, session_id=session)
-    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    listed = await mesh.sandboxes()
     pid = next(s.pid for s in listed if s.session == f"sessions/{session}")
     assert len(sandbox_processes(pid)) >= 3  # bwrap, the worker, its detached sleep
 
