@@ -15,6 +15,7 @@ from services.common import embedded
 from services.common.server import ServiceHost
 from services.common.settings import Settings
 from tests import harness
+from tests.mesh import Mesh, connect
 
 StartServices = Callable[..., Awaitable[dict[str, ServiceHost]]]
 
@@ -31,13 +32,11 @@ def data_root() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def postgres_server_url(data_root: Path) -> Iterator[str]:
     """A URL of a PostgreSQL server (any database on it) where test databases can be created."""
-    url = harness.test_database_url()
-    if url:
+    with harness.machine_or_embedded(
+        "CORRAL_TEST_DATABASE_URL",
+        lambda: embedded.start_postgres(data_root / "pg", database="postgres"),
+    ) as url:
         yield url
-        return
-    pg = embedded.start_postgres(data_root / "pg", database="postgres")
-    yield pg.url
-    pg.stop()
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +48,11 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url(data_root: Path) -> Iterator[str]:
-    url = harness.test_redis_url()
-    if url:
+    """A URL of a Redis server; each test keeps to a key prefix of its own."""
+    with harness.machine_or_embedded(
+        "CORRAL_TEST_REDIS_URL", lambda: embedded.start_redis(data_root / "redis")
+    ) as url:
         yield url
-        return
-    server = embedded.start_redis(data_root / "redis")
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture
@@ -80,3 +77,12 @@ def start_services(services: harness.Platform) -> StartServices:
     """`hosts = await start_services("registry", "router")`: `services.start`, for a test that
     needs the hosts but not their addresses."""
     return services.start
+
+
+@pytest_asyncio.fixture
+async def mesh(services: harness.Platform, tmp_path: Path) -> AsyncIterator[Mesh]:
+    """All five services started, and a client's stubs to them with a tenant and an agent prefix
+    of this test's own."""
+    hosts = await services.start(*harness.MESH)
+    async with connect(services.settings, hosts, tmp_path) as m:
+        yield m

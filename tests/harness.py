@@ -1,4 +1,5 @@
-"""Shared test helpers: real databases, and in-process services on ports the OS picks."""
+"""Shared test helpers: real databases, in-process services on ports the OS picks, and sandboxes
+started directly under a driver."""
 
 from __future__ import annotations
 
@@ -6,24 +7,21 @@ import asyncio
 import functools
 import importlib
 import os
-import re
-import shutil
+import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from corral.bundle import digest_of
-from corral.registry.v1 import registry_pb2
 from services.common.server import ServiceHost
 from services.common.settings import SERVICES, START_ORDER, Settings
+from services.executor.drivers.base import SandboxDriver, SandboxSpec
+from services.executor.sandbox import Sandbox
 from services.launcher.ports import HeldPort
 
 
@@ -129,60 +127,31 @@ def with_tracing(settings: Settings) -> Settings:
     return replace(settings, tracing=True)
 
 
-def test_database_url() -> str | None:
-    return os.environ.get("CORRAL_TEST_DATABASE_URL") or None
+class Server(Protocol):
+    """A server started for the run (embedded PostgreSQL or Redis)."""
+
+    url: str
+
+    def stop(self) -> None: ...
 
 
-def test_redis_url() -> str | None:
-    return os.environ.get("CORRAL_TEST_REDIS_URL") or None
+@contextmanager
+def machine_or_embedded(variable: str, start: Callable[[], Server]) -> Iterator[str]:
+    """The URL of the machine's server when the environment `variable` names one, else of one
+    `start` starts for the run (stopped at its end)."""
+    url = os.environ.get(variable)
+    if url:
+        yield url
+        return
+    server = start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
-
-# -- helpers added for the registry and mesh tests ------------------------------------------
 
 # All five, in the order they start: each one's dependencies are up before it.
 MESH = START_ORDER
-
-
-def write_bundle(root: Path, files: Mapping[str, str | bytes]) -> Path:
-    """Writes `files` (relative path → content) under `root` and returns `root`."""
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return root
-
-
-def agent_files(name: str, code: str, *, toml_extra: str = "") -> dict[str, str]:
-    """A minimal corral agent: agent.toml naming `name`, agent.py holding `code`, a prompt."""
-    toml = (
-        f'name = "{name}"\nentrypoint = "agent:app"\n\n[prompt]\nfile = "prompt.md"\n'
-        + toml_extra
-    )
-    return {"agent.toml": toml, "agent.py": code, "prompt.md": "You help.\n"}
-
-
-def copy_example(example: Path, dest: Path, name: str) -> Path:
-    """A copy of an example bundle renamed to `name`, so tests sharing a database stay apart."""
-    shutil.copytree(example, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    toml = dest / "agent.toml"
-    text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', toml.read_text(), count=1)
-    toml.write_text(text)
-    return dest
-
-
-def publish_requests(
-    data: bytes, *, parent: str = "", digest: str | None = None, chunk: int = 64 * 1024
-) -> list[registry_pb2.PublishVersionRequest]:
-    """The PublishVersion stream for a packed bundle: a header, then chunks."""
-    header = registry_pb2.PublishVersionHeader(
-        parent=parent,
-        size_bytes=len(data),
-        digest=digest_of(data) if digest is None else digest,
-    )
-    messages = [registry_pb2.PublishVersionRequest(header=header)]
-    for i in range(0, len(data), chunk):
-        messages.append(registry_pb2.PublishVersionRequest(chunk=data[i : i + chunk]))
-    return messages
 
 
 async def start_mesh(settings: Settings, *names: str) -> Platform:
@@ -203,16 +172,29 @@ async def stop_mesh(hosts: Mapping[str, ServiceHost], grace: float = 0.5) -> Non
         await host.stop(grace=grace)
 
 
-def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
-    """The ErrorInfo and the BadRequest field names a Corral service attached to a failure."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
-    info, fields = error_details_pb2.ErrorInfo(), []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return info, fields
+class Sandboxes:
+    """Sandboxes started directly under one driver (no executor), each in a work dir of its own
+    under `workdirs`; the fixture that made them stops them all when its test ends."""
+
+    def __init__(self, driver: SandboxDriver, workdirs: Path) -> None:
+        self.driver = driver
+        self.workdirs = workdirs
+        self.started: list[Sandbox] = []
+
+    def spec(self, bundle: Path, entrypoint: str, *, agent: str, version: str) -> SandboxSpec:
+        """What runs `bundle` for a session of its own, with this interpreter."""
+        return SandboxSpec(
+            session=f"sessions/{agent}-{uuid.uuid4().hex[:8]}", version=version,
+            bundle_dir=bundle, workdir=self.workdirs / f"work-{uuid.uuid4().hex[:6]}",
+            entrypoint=entrypoint, prompt_file="", python=sys.executable,
+        )
+
+    async def start(self, spec: SandboxSpec) -> Sandbox:
+        sandbox = Sandbox(spec)
+        self.started.append(sandbox)
+        await sandbox.start(self.driver)
+        return sandbox
+
+    async def stop(self) -> None:
+        for sandbox in self.started:
+            await sandbox.stop()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests import harness
+from tests.bundles import agent_files, write_bundle
 from tests.e2e.conftest import corral
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -63,8 +63,8 @@ class Hooks:
 
 def test_bad_canary_rolls_back_by_itself(platform: dict[str, str], tmp_path: Path) -> None:
     env = platform
-    good = corral(env, "publish", str(harness.write_bundle(tmp_path / "good", harness.agent_files("canary-demo", GOOD))))
-    bad = corral(env, "publish", str(harness.write_bundle(tmp_path / "bad", harness.agent_files("canary-demo", BAD))))
+    good = corral(env, "publish", str(write_bundle(tmp_path / "good", agent_files("canary-demo", GOOD))))
+    bad = corral(env, "publish", str(write_bundle(tmp_path / "bad", agent_files("canary-demo", BAD))))
     corral(env, "endpoint", "set", "canary-demo", "prod", "--version", str(good["number"]))
     hooks = Hooks()
     started = corral(env, "rollout", "start", "canary-demo", "prod", "--to", str(bad["number"]),
@@ -127,7 +127,7 @@ def harness_run(env: dict[str, str], *args: str) -> Any:
 
 def test_score_moves_the_score_metric(platform: dict[str, str], tmp_path: Path) -> None:
     env = platform
-    v = corral(env, "publish", str(harness.write_bundle(tmp_path / "s", harness.agent_files("scored", GOOD))))
+    v = corral(env, "publish", str(write_bundle(tmp_path / "s", agent_files("scored", GOOD))))
     out = corral(env, "invoke", "scored", "--version", str(v["number"]), "--session", "scored-1", "--data", "{}")
     deadline = time.monotonic() + 15
     while True:
@@ -140,7 +140,7 @@ def test_score_moves_the_score_metric(platform: dict[str, str], tmp_path: Path) 
     assert [(x["score_name"], x["value"]) for x in listed] == [("clinical_accuracy", 0.75)]
 
     # Agent code records a score too (corral.sdk ctx.score), and it lands on the same session.
-    selfscored = corral(env, "publish", str(harness.write_bundle(tmp_path / "self", harness.agent_files(
+    selfscored = corral(env, "publish", str(write_bundle(tmp_path / "self", agent_files(
         "scored", GOOD.replace('return "ok"', 'ctx.score("self_check", 0.9, comment="looked fine")\n    return "ok"')))))
     corral(env, "invoke", "scored", "--version", str(selfscored["number"]), "--session", "scored-2", "--data", "{}")
     deadline = time.monotonic() + 15
@@ -157,9 +157,9 @@ def test_score_moves_the_score_metric(platform: dict[str, str], tmp_path: Path) 
 
 def test_experiment_report_and_conclusion(platform: dict[str, str], tmp_path: Path) -> None:
     env = platform
-    a = corral(env, "publish", str(harness.write_bundle(tmp_path / "a", harness.agent_files("ab-demo", GOOD))))
-    b = corral(env, "publish", str(harness.write_bundle(
-        tmp_path / "b", harness.agent_files("ab-demo", GOOD + "\n# variant b\n"))))
+    a = corral(env, "publish", str(write_bundle(tmp_path / "a", agent_files("ab-demo", GOOD))))
+    b = corral(env, "publish", str(write_bundle(
+        tmp_path / "b", agent_files("ab-demo", GOOD + "\n# variant b\n"))))
     corral(env, "endpoint", "set", "ab-demo", "prod", "--version", str(a["number"]))
     bad_split = corral(env, "experiment", "start", "ab-demo", "prod", "--variants",
                        f"{a['number']}=80,{b['number']}=30", check=False)

@@ -16,6 +16,7 @@ import sys
 import tomllib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -25,11 +26,12 @@ import pytest_asyncio
 from corral.router.v1 import router_pb2 as rt
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.settings import Settings
-from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.sandbox import AgentFailed, Done, Sandbox
 from tests import harness
-from tests.integration.test_mesh import Mesh, body, connect, fails
+from tests.bundles import copy_example, write_bundle
+from tests.mesh import Mesh
+from tests.rpc import body, error_details, fails
 
 pytestmark = [
     pytest.mark.integration,
@@ -98,7 +100,7 @@ def _link_tree(source: Path, dest: Path) -> None:
 
 
 def example_bundle(dest: Path, deps: Path, name: str = "agentcore-hello") -> Path:
-    root = harness.copy_example(EXAMPLE, dest, name)
+    root = copy_example(EXAMPLE, dest, name)
     _link_tree(deps, root / "deps")
     return root
 
@@ -113,15 +115,6 @@ def settings(
     if request.param == "gvisor" and shutil.which("runsc") is None:
         pytest.skip("runsc is not installed (scripts/setup-sandbox.sh installs it)")
     return harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER=request.param)
-
-
-@pytest_asyncio.fixture
-async def mesh(
-    services: harness.Platform, tmp_path: Path
-) -> AsyncIterator[Mesh]:
-    hosts = await services.start(*harness.MESH)
-    async for m in connect(services.settings, hosts, tmp_path):
-        yield m
 
 
 async def publish_example(mesh: Mesh, deps: Path) -> str:
@@ -175,7 +168,7 @@ async def test_a_500_from_the_agent_fails_the_invocation_and_the_session_carries
     )
     details = err.details() or ""
     assert "500" in details and "asked to fail" in details, details
-    info, _ = harness.error_details(err)
+    info, _ = error_details(err)
     assert info.reason == "AGENT_ERROR" and info.metadata["error_type"] == "HTTPError"
 
     after = await mesh.invoke(agent, {"prompt": "two"}, session_id=session)
@@ -196,22 +189,14 @@ StartSandbox = Callable[[Path, str], Awaitable[Sandbox]]
 
 @pytest_asyncio.fixture
 async def start(driver: BwrapDriver, tmp_path: Path) -> AsyncIterator[StartSandbox]:
-    started: list[Sandbox] = []
+    sandboxes = harness.Sandboxes(driver, tmp_path)
 
     async def _start(bundle: Path, entrypoint: str) -> Sandbox:
-        spec = SandboxSpec(
-            session=f"sessions/ac-{uuid.uuid4().hex[:8]}", version="agents/ac/versions/1",
-            bundle_dir=bundle, workdir=tmp_path / f"work-{uuid.uuid4().hex[:6]}",
-            entrypoint=entrypoint, prompt_file="", python=sys.executable, protocol="http",
-        )
-        sandbox = Sandbox(spec)
-        started.append(sandbox)
-        await sandbox.start(driver)
-        return sandbox
+        spec = sandboxes.spec(bundle, entrypoint, agent="ac", version="agents/ac/versions/1")
+        return await sandboxes.start(replace(spec, protocol="http"))
 
     yield _start
-    for sandbox in started:
-        await sandbox.stop()
+    await sandboxes.stop()
 
 
 def invocation(payload: object, session: str = "s-1", credentials: str = "") -> pb.Invocation:
@@ -346,7 +331,7 @@ if __name__ == "__main__":
 
 
 def probe_bundle(tmp_path: Path) -> Path:
-    return harness.write_bundle(tmp_path / "probe", {
+    return write_bundle(tmp_path / "probe", {
         "agent.toml": 'name = "probe"\nentrypoint = "server:app"\nprotocol = "http"\n',
         "server.py": PROBE,
         "deps/vendored.py": "",
@@ -416,7 +401,7 @@ async def test_server_sent_events_become_chunks_and_the_sdk_error_event_a_failur
 async def test_an_agent_that_does_not_start_fails_the_sandbox_start_with_its_error(
     start: StartSandbox, tmp_path: Path
 ) -> None:
-    bundle = harness.write_bundle(tmp_path / "broken", {
+    bundle = write_bundle(tmp_path / "broken", {
         "agent.toml": 'name = "broken"\nentrypoint = "server:app"\nprotocol = "http"\n',
         "server.py": "import not_installed_anywhere\n",
     })

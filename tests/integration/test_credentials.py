@@ -5,8 +5,6 @@ its invocation id to match the X-Corral-Invocation header the call carries."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,19 +33,13 @@ from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.http import ExecutorHttp
 from services.executor.keys import KeyRing, jwk_thumbprint
 from services.executor.store import RedisRevocations
+from tests.fakes.common import EpochClock
+from tests.fakes.executor import forge, mint, tamper
 from tests.harness import refused_address
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 TOOL = "search"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def search_tool(jwks_url: str) -> web.Application:
@@ -75,7 +67,7 @@ def search_tool(jwks_url: str) -> web.Application:
 @dataclass
 class Stack:
     keyring: KeyRing
-    keyring_clock: Clock
+    keyring_clock: EpochClock
     issuer: CredentialIssuer
     http: ExecutorHttp
     jwks_url: str
@@ -94,23 +86,9 @@ class Stack:
         return response.status_code, response.json()
 
 
-def mint(issuer: CredentialIssuer, **overrides: object) -> Credential:
-    fields: dict[str, object] = {
-        "version": "agents/x/versions/3",
-        "session": "sessions/s1",
-        "invocation_id": "inv-1",
-        "tenant": "acme",
-        "user": "alice",
-        "audience": [TOOL],
-        "expires_at": time.time() + 120,
-    }
-    fields.update(overrides)
-    return issuer.mint(**fields)  # type: ignore[arg-type]
-
-
 @pytest_asyncio.fixture
 async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    clock = Clock()
+    clock = EpochClock(time.time())
     keyring = KeyRing(
         tmp_path / "keys", rotation_s=3600, retain_s=600, publish_ahead_s=60, clock=clock
     )
@@ -134,19 +112,6 @@ async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     await tool.cleanup()
     await http.close()
     await redis.aclose()
-
-
-def forge(token: str, key: Ed25519PrivateKey, kid: str) -> str:
-    claims = jwt.decode(token, options={"verify_signature": False})
-    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
-
-
-def tamper(token: str, **changes: object) -> str:
-    header, payload, signature = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
-    claims.update(changes)
-    encoded = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    return f"{header}.{encoded}.{signature}"
 
 
 async def test_a_valid_call_succeeds(stack: Stack) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from corral.executor.v1 import executor_pb2
 from tests import harness
-from tests.integration.test_mesh import BEHAVIOUR, connect, fails
+from tests.bundles import BEHAVIOUR
+from tests.mesh import started_mesh
+from tests.rpc import fails
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(120),
@@ -23,18 +24,14 @@ pytestmark = [
 
 async def test_a_session_runs_its_turns_in_gvisor(database_url: str, redis_url: str, tmp_path: Path) -> None:
     settings = harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER="gvisor")
-    platform = await harness.start_mesh(settings)
-    try:
-        async for mesh in connect(platform.settings, platform.hosts, tmp_path):
-            agent = await mesh.publish_agent("gvisor", BEHAVIOUR)
-            session = f"{mesh.prefix}-gvisor"
-            assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 1."
-            listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
-            assert [s.driver for s in listed if s.session == f"sessions/{session}"] == ["gvisor"]
-            err = await fails(grpc.StatusCode.INTERNAL,
-                              mesh.invoke(agent, {"mode": "boom"}, session_id=session))
-            assert "ValueError: boom" in (err.details() or "")
-            # The failed turn committed nothing: the next one is turn 2.
-            assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 2."
-    finally:
-        await platform.stop()
+    async with started_mesh(settings, tmp_path) as mesh:
+        agent = await mesh.publish_agent("gvisor", BEHAVIOUR)
+        session = f"{mesh.prefix}-gvisor"
+        assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 1."
+        listed = await mesh.sandboxes()
+        assert [s.driver for s in listed if s.session == f"sessions/{session}"] == ["gvisor"]
+        err = await fails(grpc.StatusCode.INTERNAL,
+                          mesh.invoke(agent, {"mode": "boom"}, session_id=session))
+        assert "ValueError: boom" in (err.details() or "")
+        # The failed turn committed nothing: the next one is turn 2.
+        assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 2."

@@ -30,7 +30,7 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.verify import InvalidInvocationToken, averify_invocation_token
 from services.common.settings import Settings
 from tests import harness
-from tests.integration.test_mesh import Mesh, connect
+from tests.mesh import Mesh, connect
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(120),
@@ -142,7 +142,7 @@ async def world(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[Mesh,
     try:
         await platform.start(*harness.MESH)
         address = await tool.start()
-        async for mesh in connect(platform.settings, platform.hosts, tmp_path):
+        async with connect(platform.settings, platform.hosts, tmp_path) as mesh:
             stub = tools_pb2_grpc.ToolServiceStub(grpc.aio.insecure_channel(platform.settings.addrs["registry"]))
             await stub.CreateTool(tools_pb2.CreateToolRequest(tool_id="session_data", tool=tools_pb2.Tool(
                 kind=tools_pb2.TOOL_KIND_HTTP, address=address, secret=SECRET)), metadata=mesh.me)

@@ -8,197 +8,29 @@ import asyncio
 import json
 import os
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-import pytest_asyncio
 
-from corral import names
-from corral.bundle import pack
-from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from corral.executor.v1 import executor_pb2
 from corral.registry.v1 import registry_pb2 as reg
-from corral.registry.v1 import registry_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
 from corral.router.v1 import router_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
-from corral.sessions.v1 import sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
-from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common import tracing
-from services.common.server import ServiceHost
 from services.common.settings import Settings
 from tests import harness
+from tests.bundles import BEHAVIOUR, copy_example
 from tests.conftest import StartServices
+from tests.mesh import EXAMPLES, Mesh, connect, version_of
+from tests.rpc import body, error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-Metadata = tuple[tuple[str, str], ...]
-
-# One agent for the failure cases, its behaviour chosen by the payload. It counts turns in its
-# state like the examples, and changes the state before failing, so a failed turn that leaked
-# its state would show.
-BEHAVIOUR = """
-import json, os, time
-from corral.sdk import App
-
-app = App()
-
-
-@app.entrypoint
-def run(payload, ctx):
-    turns = ctx.state.get("turns", 0) + 1
-    ctx.state["turns"] = turns
-    yield f"Turn {turns}."
-    mode = payload.get("mode", "")
-    if mode == "sleep":
-        yield "." * payload.get("bytes", 0)
-        time.sleep(payload.get("seconds", 1.5))
-        yield " Slept."
-    elif mode == "boom":
-        raise ValueError("boom")
-    elif mode == "env":
-        yield json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()})
-    elif mode == "crash":
-        os._exit(3)
-"""
-
-
-def who(tenant: str, user: str = "alice") -> Metadata:
-    return (("x-corral-tenant", tenant), ("x-corral-user", user))
-
-
-def body(payload: object) -> bytes:
-    return json.dumps(payload).encode()
-
-
-@dataclass
-class Mesh:
-    settings: Settings
-    hosts: dict[str, ServiceHost]
-    tmp: Path
-    # A prefix for this test's agents and a tenant of its own: the database is shared by the run.
-    prefix: str
-    tenant: str
-    registry: registry_pb2_grpc.RegistryServiceAsyncStub
-    router: router_pb2_grpc.RouterServiceAsyncStub
-    sessions: sessions_pb2_grpc.SessionsServiceAsyncStub
-    executor: executor_pb2_grpc.ExecutorServiceAsyncStub
-    telemetry: telemetry_pb2_grpc.TelemetryServiceAsyncStub
-
-    @property
-    def me(self) -> Metadata:
-        return who(self.tenant)
-
-    async def publish(self, root: Path) -> reg.Version:
-        requests = harness.publish_requests(pack(root))
-        return await self.registry.PublishVersion(iter(requests), metadata=self.me)  # type: ignore[arg-type]
-
-    async def publish_examples(self) -> str:
-        """Both progress-report examples as versions 1 and 2 of an agent of this test's own."""
-        agent = f"{self.prefix}-pr"
-        for n, example in ((1, "progress-report"), (2, "progress-report-v2")):
-            root = harness.copy_example(EXAMPLES / example, self.tmp / example, agent)
-            assert (await self.publish(root)).number == n
-        return agent
-
-    async def publish_agent(self, suffix: str, code: str, toml_extra: str = "") -> str:
-        agent = f"{self.prefix}-{suffix}"
-        files = harness.agent_files(agent, code, toml_extra=toml_extra)
-        await self.publish(harness.write_bundle(self.tmp / agent, files))
-        return agent
-
-    async def set_split(
-        self, agent: str, endpoint: str, split: list[tuple[int, float]]
-    ) -> reg.Endpoint:
-        updated = await self.registry.UpdateEndpoint(
-            reg.UpdateEndpointRequest(
-                endpoint=reg.Endpoint(
-                    name=f"agents/{agent}/endpoints/{endpoint}",
-                    traffic=[
-                        reg.TrafficTarget(version=f"agents/{agent}/versions/{v}", percent=p)
-                        for v, p in split
-                    ],
-                ),
-                allow_missing=True,
-            ),
-            metadata=self.me,
-        )
-        await self.router_sees(agent, endpoint, updated.revision)
-        return updated
-
-    async def router_sees(self, agent: str, endpoint: str, revision: int) -> None:
-        """Waits until the router's endpoint cache, fed by the registry's watch, has `revision`
-        (the change propagates asynchronously; this keeps the test from racing it)."""
-        cache = self.hosts["router"].service.router.endpoints  # type: ignore[attr-defined]
-        async with asyncio.timeout(5):
-            while True:
-                view = cache.cached(names.EndpointRef(agent, endpoint))
-                if view is not None and view.revision >= revision:
-                    return
-                await asyncio.sleep(0.01)
-
-    async def invoke(
-        self, agent: str, payload: object = None, metadata: Metadata | None = None, **target: str
-    ) -> rt.InvokeResponse:
-        return await self.router.Invoke(
-            rt.InvokeRequest(
-                agent=f"agents/{agent}",
-                payload=body(
-                    payload if payload is not None else {"text": "The client slept better."}
-                ),
-                **target,  # type: ignore[arg-type]
-            ),
-            metadata=metadata or self.me,
-        )
-
-
-async def connect(
-    settings: Settings, hosts: dict[str, ServiceHost], tmp: Path
-) -> AsyncIterator[Mesh]:
-    channels = {svc: grpc.aio.insecure_channel(settings.addrs[svc]) for svc in harness.MESH}
-    try:
-        yield Mesh(
-            settings=settings,
-            hosts=hosts,
-            tmp=tmp,
-            prefix=f"m{uuid.uuid4().hex[:8]}",
-            tenant=f"t-{uuid.uuid4().hex[:8]}",
-            registry=registry_pb2_grpc.RegistryServiceStub(channels["registry"]),
-            router=router_pb2_grpc.RouterServiceStub(channels["router"]),
-            sessions=sessions_pb2_grpc.SessionsServiceStub(channels["sessions"]),
-            executor=executor_pb2_grpc.ExecutorServiceStub(channels["executor"]),
-            telemetry=telemetry_pb2_grpc.TelemetryServiceStub(channels["telemetry"]),
-        )
-    finally:
-        for channel in channels.values():
-            await channel.close()
-
-
-@pytest_asyncio.fixture
-async def mesh(
-    services: harness.Platform, tmp_path: Path
-) -> AsyncIterator[Mesh]:
-    hosts = await services.start(*harness.MESH)
-    async for m in connect(services.settings, hosts, tmp_path):
-        yield m
-
-
-async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
-    return info.value
-
-
-def version_of(response: rt.InvokeResponse) -> int:
-    return int(response.info.version.rsplit("/", 1)[1])
 
 
 # -- versions, splits and pins ----------------------------------------------------------------
@@ -332,14 +164,14 @@ async def test_a_second_call_on_a_busy_session_is_aborted(mesh: Mesh) -> None:
     first = asyncio.create_task(slow())
     await asyncio.sleep(0.3)  # the first call is running in the sandbox
     err = await fails(grpc.StatusCode.ABORTED, slow())
-    info, _ = harness.error_details(err)
+    info, _ = error_details(err)
     assert info.reason == "SESSION_BUSY" and "busy" in (err.details() or "")
     assert (await first).output == b"Turn 2. Slept."
     # Both racing at once: exactly one runs.
     results = await asyncio.gather(slow(), slow(), return_exceptions=True)
     errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(errors) == 1 and errors[0].code() == grpc.StatusCode.ABORTED, results
-    assert harness.error_details(errors[0])[0].reason == "SESSION_BUSY"
+    assert error_details(errors[0])[0].reason == "SESSION_BUSY"
     # The busy refusals did not disturb the session.
     assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 4."
 
@@ -356,7 +188,7 @@ async def test_an_agent_exception_is_reported_and_leaves_the_committed_state(mes
         grpc.StatusCode.INTERNAL, mesh.invoke(agent, {"mode": "boom"}, session_id=session)
     )
     assert "ValueError" in (err.details() or "") and "boom" in (err.details() or "")
-    info, _ = harness.error_details(err)
+    info, _ = error_details(err)
     assert info.reason == "AGENT_ERROR" and info.metadata["error_type"] == "ValueError"
     # Streamed, the chunk sent before the exception arrives, then the same error.
     call = mesh.router.InvokeStream(
@@ -425,7 +257,7 @@ async def test_a_cancelled_crashed_or_timed_out_turn_leaves_the_session_usable(m
     err = await fails(
         grpc.StatusCode.INTERNAL, mesh.invoke(agent, {"mode": "crash"}, session_id=session)
     )
-    assert harness.error_details(err)[0].reason == "SANDBOX_CRASHED" and "crashed" in (
+    assert error_details(err)[0].reason == "SANDBOX_CRASHED" and "crashed" in (
         err.details() or ""
     )
     assert await next_turn() == b"Turn 7."
@@ -435,7 +267,7 @@ async def test_a_cancelled_crashed_or_timed_out_turn_leaves_the_session_usable(m
         grpc.StatusCode.DEADLINE_EXCEEDED,
         mesh.invoke(agent, {"mode": "sleep", "seconds": 3}, session_id=session),
     )
-    assert harness.error_details(err)[0].reason == "INVOCATION_TIMEOUT" and "timeout_s=1" in (
+    assert error_details(err)[0].reason == "INVOCATION_TIMEOUT" and "timeout_s=1" in (
         err.details() or ""
     )
     assert await next_turn() == b"Turn 8."
@@ -455,7 +287,7 @@ async def test_an_agent_that_fails_to_import_is_reported(mesh: Mesh) -> None:
         )
         assert "ModuleNotFoundError" in (err.details() or "")
         assert "corral_no_such_module" in (err.details() or "")
-        assert harness.error_details(err)[0].reason == "AGENT_LOAD_ERROR"
+        assert error_details(err)[0].reason == "AGENT_LOAD_ERROR"
     not_an_app = await mesh.publish_agent("notapp", "app = 42\n")
     err = await fails(grpc.StatusCode.INTERNAL, mesh.invoke(not_an_app, {}))
     assert "TypeError" in (err.details() or "") and "corral.sdk.App" in (err.details() or "")
@@ -482,7 +314,7 @@ async def test_bad_requests_and_unknown_targets(mesh: Mesh) -> None:
     for field, requests in invalid.items():
         for req in requests:
             err = await fails(grpc.StatusCode.INVALID_ARGUMENT, invoke(req, metadata=mesh.me))
-            assert harness.error_details(err)[1] == [field], (field, err.details())
+            assert error_details(err)[1] == [field], (field, err.details())
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, invoke(request(b""), metadata=mesh.me))
     assert "payload" in (err.details() or "")
 
@@ -531,19 +363,19 @@ async def test_sessions_belong_to_their_tenant_and_end_when_stopped(mesh: Mesh) 
         )
     # The intruders changed nothing.
     assert (await mesh.invoke(agent, session_id=session)).output.startswith(b"Turn 2. ")
-    sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    sandboxes = await mesh.sandboxes()
     assert f"sessions/{session}" in {s.session for s in sandboxes}
 
     await mesh.router.StopSession(
         rt.StopSessionRequest(name=f"sessions/{session}"), metadata=mesh.me
     )
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, session_id=session))
-    assert "stopped" in (err.details() or "") and harness.error_details(err)[0].reason
+    assert "stopped" in (err.details() or "") and error_details(err)[0].reason
     stored = await mesh.sessions.GetSession(
         ses.GetSessionRequest(name=f"sessions/{session}"), metadata=mesh.me
     )
     assert stored.status == ses.SESSION_STATUS_STOPPED and stored.turn_count == 2
-    sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    sandboxes = await mesh.sandboxes()
     assert f"sessions/{session}" not in {s.session for s in sandboxes}
     await fails(
         grpc.StatusCode.NOT_FOUND,
@@ -594,7 +426,7 @@ async def test_the_worker_is_its_own_process_without_the_executor_environment(
     assert seen["pid"] != os.getpid()
     assert Path(seen["cwd"]).resolve() != Path.cwd().resolve()
 
-    sandboxes = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    sandboxes = await mesh.sandboxes()
     mine = [s for s in sandboxes if s.session == f"sessions/{session}"]
     assert len(mine) == 1 and not mine[0].busy
     assert mine[0].version == f"agents/{agent}/versions/1"
@@ -628,7 +460,7 @@ async def test_state_survives_restarting_every_service(
     session = f"{mesh.prefix}-restart"
     first = await mesh.invoke(agent, endpoint="DEFAULT", session_id=session)
     assert first.output.startswith(b"Turn 1. ") and version_of(first) == 2
-    pid = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes[0].pid
+    pid = (await mesh.sandboxes())[0].pid
 
     await harness.stop_mesh(mesh.hosts)
     with pytest.raises(ProcessLookupError):
@@ -639,7 +471,7 @@ async def test_state_survives_restarting_every_service(
     assert second.output.startswith(b"Turn 2. ") and second.info.version == first.info.version
     assert not second.info.new_session
     # The registry's data survived too: a third version still becomes DEFAULT's.
-    root = harness.copy_example(EXAMPLES / "progress-report", mesh.tmp / "v3", agent)
+    root = copy_example(EXAMPLES / "progress-report", mesh.tmp / "v3", agent)
     (root / "prompt.md").write_text("Be brief.\n")
     assert (await mesh.publish(root)).number == 3
 
@@ -658,7 +490,7 @@ async def test_an_invocation_is_one_trace_in_telemetry(settings: Settings, tmp_p
     platform = await harness.start_mesh(traced)
     tracing.setup("executor", platform.settings)
     try:
-        async for mesh in connect(platform.settings, platform.hosts, tmp_path):
+        async with connect(platform.settings, platform.hosts, tmp_path) as mesh:
             agent = await mesh.publish_examples()
             await mesh.set_split(agent, "prod", [(1, 100)])
             session = f"{mesh.prefix}-traced"
@@ -712,8 +544,7 @@ async def test_stopping_a_session_mid_invocation_ends_it_with_a_clear_status(mes
     running = asyncio.ensure_future(mesh.invoke(agent, {"mode": "sleep", "seconds": 5}, session_id=session))
     listed: list[executor_pb2.Sandbox] = []
     for _ in range(100):  # wait until the second turn is running in the sandbox
-        listed = [s for s in (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
-                  if s.session == f"sessions/{session}"]
+        listed = [s for s in await mesh.sandboxes() if s.session == f"sessions/{session}"]
         if listed and listed[0].busy:
             break
         await asyncio.sleep(0.05)
@@ -722,7 +553,7 @@ async def test_stopping_a_session_mid_invocation_ends_it_with_a_clear_status(mes
         assert listed[0].memory_bytes > 0, "the sandbox's cgroup reports its memory"
     await mesh.router.StopSession(rt.StopSessionRequest(name=f"sessions/{session}"), metadata=mesh.me)
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, running)
-    assert harness.error_details(err)[0].reason == "SESSION_STOPPED" and "stopped" in (err.details() or "")
+    assert error_details(err)[0].reason == "SESSION_STOPPED" and "stopped" in (err.details() or "")
     later = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
     assert "stopped" in (later.details() or "")
 
@@ -734,13 +565,13 @@ async def test_a_session_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
     )
     session = f"{mesh.prefix}-mortal"
     await mesh.invoke(agent, {}, session_id=session)
-    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    listed = await mesh.sandboxes()
     pid = next(s.pid for s in listed if s.session == f"sessions/{session}")
     deadline = asyncio.get_running_loop().time() + 20
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert asyncio.get_running_loop().time() < deadline, "the sandbox outlived its lifetime"
         await asyncio.sleep(0.5)
-    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    listed = await mesh.sandboxes()
     assert all(s.session != f"sessions/{session}" for s in listed)
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.invoke(agent, {}, session_id=session))
     assert "expired" in (err.details() or "")

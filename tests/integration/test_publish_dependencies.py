@@ -10,7 +10,6 @@ import json
 import tarfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,12 @@ from corral.cli import cli
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
-from corral.router.v1 import router_pb2_grpc
 from services.common.interceptors import ErrorMappingInterceptor
-from services.common.settings import Settings
 from services.registry.servicer import RegistryServicer
-from tests import harness
+from tests.bundles import agent_files, build_wheel, publish_requests, write_bundle
 from tests.conftest import StartServices
-from tests.unit.test_bundle import build_wheel
+from tests.mesh import Mesh
+from tests.rpc import error_details, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -48,80 +46,54 @@ def run(payload, ctx):
 """
 
 
-@dataclass
-class Platform:
-    settings: Settings
-    tmp: Path
-    tenant: str
-    registry: registry_pb2_grpc.RegistryServiceAsyncStub
-    router: router_pb2_grpc.RouterServiceAsyncStub
-
-    @property
-    def me(self) -> tuple[tuple[str, str], ...]:
-        return (("x-corral-tenant", self.tenant), ("x-corral-user", "alice"))
-
-    async def corral(self, *args: str) -> dict[str, Any]:
-        """Runs the corral command; in a thread, since its client blocks and the services
-        serve on this event loop."""
-        env = {"CORRAL_REGISTRY_ADDR": self.settings.addrs["registry"],
-               # pip installs only the local wheel: the test needs no network.
-               "PIP_NO_INDEX": "1"}
-        result = await asyncio.to_thread(
-            CliRunner().invoke, cli, ["--json", "--tenant", self.tenant, *args], env=env
-        )
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-@pytest_asyncio.fixture
-async def platform(
-    services: harness.Platform, tmp_path: Path
-) -> AsyncIterator[Platform]:
-    await services.start(*harness.MESH)
-    async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as registry, \
-            grpc.aio.insecure_channel(services.settings.addrs["router"]) as router:
-        yield Platform(
-            settings=services.settings, tmp=tmp_path, tenant=f"t-{uuid.uuid4().hex[:8]}",
-            registry=registry_pb2_grpc.RegistryServiceStub(registry),
-            router=router_pb2_grpc.RouterServiceStub(router),
-        )
+async def corral(mesh: Mesh, *args: str) -> dict[str, Any]:
+    """Runs the corral command as the mesh's tenant; in a thread, since its client blocks and
+    the services serve on this event loop."""
+    env = {"CORRAL_REGISTRY_ADDR": mesh.settings.addrs["registry"],
+           # pip installs only the local wheel: the test needs no network.
+           "PIP_NO_INDEX": "1"}
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["--json", "--tenant", mesh.tenant, *args], env=env
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def agent_source(tmp: Path, agent: str, wheel: Path) -> Path:
-    files = harness.agent_files(agent, AGENT)
+    files = agent_files(agent, AGENT)
     files["agent.toml"] = f'dependencies = ["tinydep @ {wheel.as_uri()}"]\n' + files["agent.toml"]
-    return harness.write_bundle(tmp / "source", files)
+    return write_bundle(tmp / "source", files)
 
 
-async def downloaded(platform: Platform, version: str) -> list[str]:
-    parts = [m.chunk async for m in platform.registry.DownloadVersion(
-        reg.DownloadVersionRequest(name=version), metadata=platform.me)]
+async def downloaded(mesh: Mesh, version: str) -> list[str]:
+    parts = [m.chunk async for m in mesh.registry.DownloadVersion(
+        reg.DownloadVersionRequest(name=version), metadata=mesh.me)]
     with tarfile.open(fileobj=io.BytesIO(b"".join(parts))) as tar:
         return tar.getnames()
 
 
 async def test_dependencies_travel_in_the_bundle_and_the_agent_imports_them(
-    platform: Platform,
+    mesh: Mesh,
 ) -> None:
     code = 'GREETING = "hello from tinydep"\ndef main(): pass\n'
-    wheel = build_wheel(platform.tmp / "wheel", "tinydep", code)
+    wheel = build_wheel(mesh.tmp / "wheel", "tinydep", code)
     agent = f"dep-{uuid.uuid4().hex[:8]}"
-    source = agent_source(platform.tmp, agent, wheel)
+    source = agent_source(mesh.tmp, agent, wheel)
 
-    first = await platform.corral("publish", str(source))
+    first = await corral(mesh, "publish", str(source))
     assert first["name"] == f"agents/{agent}/versions/1"
-    names = await downloaded(platform, first["name"])
+    names = await downloaded(mesh, first["name"])
     assert "deps/tinydep/__init__.py" in names and "agent.py" in names
     volatile = ("/RECORD", "/INSTALLER", "/direct_url.json")
     assert not any(n.endswith(volatile) or n.startswith("deps/bin") for n in names)
     assert not (source / "deps").exists()  # staged in a copy, never in the user's directory
 
     # Vendored the same way again, the bundle is byte for byte the same: the same version.
-    again = await platform.corral("publish", str(source))
+    again = await corral(mesh, "publish", str(source))
     assert (again["name"], again["digest"]) == (first["name"], first["digest"])
 
-    response = await platform.router.Invoke(
-        rt.InvokeRequest(agent=f"agents/{agent}", payload=b"{}"), metadata=platform.me
+    response = await mesh.router.Invoke(
+        rt.InvokeRequest(agent=f"agents/{agent}", payload=b"{}"), metadata=mesh.me
     )
     output = response.output.decode()
     assert output.startswith("hello from tinydep from ") and "/deps/tinydep/" in output, output
@@ -132,7 +104,7 @@ async def test_dependencies_travel_in_the_bundle_and_the_agent_imports_them(
 
 # The async stub type exists only in the .pyi stubs, hence the string.
 SmallRegistry = tuple["registry_pb2_grpc.RegistryServiceAsyncStub", BundleLimits]
-ALICE = (("x-corral-user", "alice"),)
+ALICE = who(tenant="")  # the default tenant
 
 
 @pytest_asyncio.fixture
@@ -153,7 +125,7 @@ async def small_registry(start_services: StartServices) -> AsyncIterator[SmallRe
 
 def too_large(err: grpc.aio.AioRpcError) -> str:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.code()}: {err.details()}"
-    info, fields = harness.error_details(err)
+    info, fields = error_details(err)
     assert info.reason == "BUNDLE_TOO_LARGE" and fields == ["chunk"]
     return err.details() or ""
 
@@ -185,11 +157,11 @@ async def test_the_registry_refuses_a_bundle_that_unpacks_too_large(
     small_registry: SmallRegistry, tmp_path: Path
 ) -> None:
     stub, limits = small_registry
-    files = harness.agent_files(f"big-{uuid.uuid4().hex[:8]}", "app = None\n")
-    data = pack(harness.write_bundle(tmp_path / "big", {**files, "blob.bin": b"x" * 20_000}))
+    files = agent_files(f"big-{uuid.uuid4().hex[:8]}", "app = None\n")
+    data = pack(write_bundle(tmp_path / "big", {**files, "blob.bin": b"x" * 20_000}))
     assert len(data) < limits.packed_bytes and unpacked_size(data) > limits.unpacked_bytes
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        requests = iter(harness.publish_requests(data))
+        requests = iter(publish_requests(data))
         await stub.PublishVersion(requests, metadata=ALICE)  # type: ignore[arg-type]
     details = too_large(info.value)
     assert f"{unpacked_size(data):,} bytes unpacked" in details

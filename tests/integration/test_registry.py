@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import tarfile
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,25 +16,27 @@ import pytest
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
 
-from corral.bundle import digest_of, pack
+from corral.bundle import digest_of
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from services.common.settings import Settings
 from tests import harness
+from tests.bundles import (
+    SAYS_HI,
+    agent_files,
+    link,
+    packed_agent,
+    publish_requests,
+    tar_of,
+    write_bundle,
+)
+from tests.rpc import Metadata, error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
-Metadata = tuple[tuple[str, str], ...]
-
-
-def who(tenant: str = "acme", user: str = "alice") -> Metadata:
-    return (("x-corral-tenant", tenant), ("x-corral-user", user))
-
-
-ALICE = who()
+ALICE = who("acme")
 
 
 @dataclass
@@ -47,15 +48,11 @@ class Registry:
 
     def bundle(self, name: str = "", prompt: str = "You help.\n", **extra: str | bytes) -> bytes:
         """The packed bytes of a small agent (this test's agent unless `name` is given)."""
-        files: dict[str, str | bytes] = {**harness.agent_files(name or self.agent, CODE)}
-        files["prompt.md"] = prompt
-        files.update(extra)
-        root = self.tmp / uuid.uuid4().hex
-        return pack(harness.write_bundle(root, files))
+        return packed_agent(self.tmp, name or self.agent, prompt=prompt, **extra)
 
     async def publish(self, data: bytes, metadata: Metadata = ALICE, **header: str) -> pb.Version:
         return await self.stub.PublishVersion(
-            iter(harness.publish_requests(data, **header)),
+            iter(publish_requests(data, **header)),
             metadata=metadata,  # type: ignore[arg-type]
         )
 
@@ -96,13 +93,6 @@ async def registry(
         )
 
 
-async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
-    return info.value
-
-
 # -- publishing -------------------------------------------------------------------------------
 
 
@@ -114,7 +104,7 @@ async def test_publish_is_idempotent_and_a_change_makes_the_next_version(
     # Through the synchronous client, as the corral command does (in a thread: the server runs
     # on this event loop).
     client = CorralClient(ClientConfig(addrs=registry.settings.addrs, tenant="acme", user="alice"))
-    root = harness.write_bundle(registry.tmp / "first", harness.agent_files(a, CODE))
+    root = write_bundle(registry.tmp / "first", agent_files(a, SAYS_HI))
     try:
         first = await asyncio.to_thread(client.publish, root)
     finally:
@@ -183,25 +173,6 @@ async def test_get_version_by_number_and_digest_and_download_it(registry: Regist
 # -- bad uploads ------------------------------------------------------------------------------
 
 
-def tar_of(*entries: tarfile.TarInfo | tuple[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for entry in entries:
-            if isinstance(entry, tarfile.TarInfo):
-                tar.addfile(entry)
-            else:
-                info = tarfile.TarInfo(entry[0])
-                info.size = len(entry[1])
-                tar.addfile(info, io.BytesIO(entry[1]))
-    return buf.getvalue()
-
-
-def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, target
-    return info
-
-
 def bad_toml(agent: str) -> dict[str, tuple[bytes, str, str]]:
     """Uploads whose agent.toml is wrong: case → (agent.toml, field, words in the message)."""
     good = f'name = "{agent}"\nentrypoint = "agent:app"\n'
@@ -246,14 +217,14 @@ async def test_bad_uploads_are_refused_clearly_and_store_nothing(registry: Regis
         pb.ListAuditEventsRequest(resource_prefix=f"agents/{a}/")
     )
     good = registry.bundle(prompt="Another prompt.\n")
-    code = CODE.encode()
+    code = SAYS_HI.encode()
 
     # case → (request stream, status, field, words in the message)
     cases: dict[str, tuple[list[pb.PublishVersionRequest], grpc.StatusCode, str, str]] = {}
     for case, (toml, field, words) in bad_toml(a).items():
         data = tar_of(("agent.toml", toml.encode()), ("agent.py", code), ("prompt.md", b"p"))
         cases[case] = (
-            harness.publish_requests(data),
+            publish_requests(data),
             grpc.StatusCode.INVALID_ARGUMENT,
             field,
             words,
@@ -262,22 +233,22 @@ async def test_bad_uploads_are_refused_clearly_and_store_nothing(registry: Regis
     for case, (extra, field, words) in BAD_TARS.items():
         data = tar_of(manifest, ("agent.py", code), *extra)
         cases[case] = (
-            harness.publish_requests(data),
+            publish_requests(data),
             grpc.StatusCode.INVALID_ARGUMENT,
             field,
             words,
         )
     blob = b"this is not a tar archive, just some bytes " * 20
     cases["not a tar"] = (
-        harness.publish_requests(blob),
+        publish_requests(blob),
         grpc.StatusCode.INVALID_ARGUMENT,
         "bundle:(archive)",
         "not a tar",
     )
-    header, *chunks = harness.publish_requests(good)
+    header, *chunks = publish_requests(good)
     cases["empty stream"] = ([], grpc.StatusCode.INVALID_ARGUMENT, "header", "empty")
     cases["header only"] = (
-        [harness.publish_requests(b"")[0]],
+        [publish_requests(b"")[0]],
         grpc.StatusCode.INVALID_ARGUMENT,
         "chunk",
         "no bundle bytes",
@@ -295,12 +266,12 @@ async def test_bad_uploads_are_refused_clearly_and_store_nothing(registry: Regis
         "sent twice",
     )
     cases["digest mismatch"] = (
-        harness.publish_requests(good, digest=digest_of(b"other")),
+        publish_requests(good, digest=digest_of(b"other")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "header.digest",
         "does not match",
     )
-    short = harness.publish_requests(good)
+    short = publish_requests(good)
     short[0].header.size_bytes += 1
     cases["size mismatch"] = (
         short,
@@ -309,15 +280,15 @@ async def test_bad_uploads_are_refused_clearly_and_store_nothing(registry: Regis
         "arrived",
     )
     cases["parent mismatch"] = (
-        harness.publish_requests(good, parent="agents/someone-else"),
+        publish_requests(good, parent="agents/someone-else"),
         grpc.StatusCode.INVALID_ARGUMENT,
         "header.parent",
         "does not match",
     )
 
     for case, (requests, status, field, words) in cases.items():
-        err = await fails(status, registry.stub.PublishVersion(iter(requests), metadata=who()))
-        info, fields = harness.error_details(err)
+        err = await fails(status, registry.stub.PublishVersion(iter(requests), metadata=ALICE))
+        info, fields = error_details(err)
         assert fields == [field], (case, fields, err.details())
         assert words in (err.details() or ""), (case, err.details())
         assert info.domain == "registry" and info.reason, case
@@ -345,7 +316,7 @@ async def test_unknown_things_are_not_found_and_malformed_names_invalid(registry
     a = registry.agent
     version = await registry.publish(registry.bundle())
     stub = registry.stub
-    not_found = [
+    not_found: list[Awaitable[object]] = [
         stub.GetAgent(pb.GetAgentRequest(name=f"agents/{a}-nope")),
         stub.ListVersions(pb.ListVersionsRequest(parent=f"agents/{a}-nope")),
         stub.ListEndpoints(pb.ListEndpointsRequest(parent=f"agents/{a}-nope")),
@@ -374,7 +345,7 @@ async def test_unknown_things_are_not_found_and_malformed_names_invalid(registry
         stub.UpdateEndpoint(pb.UpdateEndpointRequest(endpoint=other, allow_missing=True)),
     )
 
-    invalid = {
+    invalid: dict[str, Awaitable[object]] = {
         "name": stub.GetVersion(pb.GetVersionRequest(name=f"agents/{a}/versions/one")),
         "endpoint.name": stub.UpdateEndpoint(
             pb.UpdateEndpointRequest(endpoint=pb.Endpoint(name=f"agents/{a}/prod"))
@@ -388,9 +359,9 @@ async def test_unknown_things_are_not_found_and_malformed_names_invalid(registry
     }
     for field, call in invalid.items():
         err = await fails(grpc.StatusCode.INVALID_ARGUMENT, call)
-        assert harness.error_details(err)[1] == [field]
+        assert error_details(err)[1] == [field]
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, download("sessions/x"))
-    assert harness.error_details(err)[1] == ["name"]
+    assert error_details(err)[1] == ["name"]
     assert (await stub.GetVersion(pb.GetVersionRequest(name=version.name))) == version
 
 
@@ -407,7 +378,7 @@ async def test_endpoint_updates_are_checked_and_guarded_by_etags(registry: Regis
             endpoint_id="prod",
             endpoint=registry.body("prod", [(2, 10), (1, 90)]),
         ),
-        metadata=who(),
+        metadata=ALICE,
     )
     assert prod.name == f"agents/{a}/endpoints/prod" and not prod.follow_latest
     assert [(t.version, t.percent) for t in prod.traffic] == [
@@ -426,17 +397,19 @@ async def test_endpoint_updates_are_checked_and_guarded_by_etags(registry: Regis
     )
     assert prod.name in (err.details() or "")
 
-    def update(split: list[tuple[int, float]], etag: str = "", endpoint: str = "prod") -> object:
+    def update(
+        split: list[tuple[int, float]], etag: str = "", endpoint: str = "prod"
+    ) -> Awaitable[pb.Endpoint]:
         return stub.UpdateEndpoint(
-            pb.UpdateEndpointRequest(endpoint=registry.body(endpoint, split, etag)), metadata=who()
+            pb.UpdateEndpointRequest(endpoint=registry.body(endpoint, split, etag)), metadata=ALICE
         )
 
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, update([(1, 50), (2, 40)]))
-    assert harness.error_details(err)[1] == ["endpoint.traffic"] and "90%" in (err.details() or "")
+    assert error_details(err)[1] == ["endpoint.traffic"] and "90%" in (err.details() or "")
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, update([(1, 50), (2, float("nan"))]))
-    assert harness.error_details(err)[1] == ["endpoint.traffic[1].percent"]
+    assert error_details(err)[1] == ["endpoint.traffic[1].percent"]
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, update([(1, 50), (7, 50)]))
-    info, _ = harness.error_details(err)
+    info, _ = error_details(err)
     assert info.reason == "VERSION_NOT_FOUND" and "no version 7" in (err.details() or "")
     foreign = registry.body("prod", [(1, 100)])
     foreign.traffic[0].version = "agents/someone-else/versions/1"
@@ -444,9 +417,9 @@ async def test_endpoint_updates_are_checked_and_guarded_by_etags(registry: Regis
         grpc.StatusCode.INVALID_ARGUMENT,
         stub.UpdateEndpoint(pb.UpdateEndpointRequest(endpoint=foreign)),
     )
-    assert harness.error_details(err)[1] == ["endpoint.traffic[0].version"]
+    assert error_details(err)[1] == ["endpoint.traffic[0].version"]
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, update([(1, 100)], endpoint="DEFAULT"))
-    assert harness.error_details(err)[0].reason == "DEFAULT_ENDPOINT_READ_ONLY"
+    assert error_details(err)[0].reason == "DEFAULT_ENDPOINT_READ_ONLY"
     assert "newest version" in (err.details() or "")
     # None of the refused updates changed anything.
     assert await registry.endpoint("prod") == prod
@@ -455,7 +428,7 @@ async def test_endpoint_updates_are_checked_and_guarded_by_etags(registry: Regis
     assert moved.revision == 2 and moved.etag != prod.etag and moved.salt == prod.salt
     assert [t.percent for t in moved.traffic] == [50.0, 25.0, 25.0]
     err = await fails(grpc.StatusCode.ABORTED, update([(3, 100)], etag=prod.etag))
-    info, _ = harness.error_details(err)
+    info, _ = error_details(err)
     assert info.reason == "ETAG_MISMATCH" and "read it again" in (err.details() or "")
     assert await registry.endpoint("prod") == moved
     # Without an etag the last writer wins.
@@ -478,15 +451,17 @@ async def test_an_update_mask_changes_only_the_fields_it_names(registry: Registr
     body = registry.body("prod", [(1, 100)])
     body.description = "the one users reach"
     prod = await stub.UpdateEndpoint(
-        pb.UpdateEndpointRequest(endpoint=body, allow_missing=True), metadata=who()
+        pb.UpdateEndpointRequest(endpoint=body, allow_missing=True), metadata=ALICE
     )
 
-    def update(split: list[tuple[int, float]], description: str, *paths: str) -> object:
+    def update(
+        split: list[tuple[int, float]], description: str, *paths: str
+    ) -> Awaitable[pb.Endpoint]:
         changed = registry.body("prod", split)
         changed.description = description
         mask = field_mask_pb2.FieldMask(paths=list(paths))
         return stub.UpdateEndpoint(
-            pb.UpdateEndpointRequest(endpoint=changed, update_mask=mask), metadata=who()
+            pb.UpdateEndpointRequest(endpoint=changed, update_mask=mask), metadata=ALICE
         )
 
     # Only the description: the traffic in the request is ignored, even a split that is wrong.
@@ -509,7 +484,7 @@ async def test_an_update_mask_changes_only_the_fields_it_names(registry: Registr
 
     for paths in (["salt"], ["traffic", "etag"], ["name"]):
         err = await fails(grpc.StatusCode.INVALID_ARGUMENT, update([(1, 100)], "x", *paths))
-        assert harness.error_details(err)[1] == ["update_mask"], paths
+        assert error_details(err)[1] == ["update_mask"], paths
         assert "cannot be changed" in (err.details() or "")
     # Creating an endpoint needs its traffic.
     missing = registry.body("staging", [(1, 100)])
@@ -520,7 +495,7 @@ async def test_an_update_mask_changes_only_the_fields_it_names(registry: Registr
             update_mask=field_mask_pb2.FieldMask(paths=["description"]),
         )),
     )
-    assert harness.error_details(err)[1] == ["update_mask"]
+    assert error_details(err)[1] == ["update_mask"]
     assert await registry.endpoint("prod") == unmasked
 
 

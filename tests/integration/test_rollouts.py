@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,8 @@ import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from corral.bundle import pack
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
 from corral.registry.v1 import rollouts_pb2 as ro
@@ -37,13 +34,15 @@ from services.common.server import ServiceHost
 from services.common.settings import Settings
 from services.registry.controller import RolloutController
 from tests import harness
+from tests.bundles import packed_agent, publish_requests
 from tests.conftest import StartServices
+from tests.otlp import attributes, export_request, kv
+from tests.rpc import error_details, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 TENANT, USER = "acme", "alice"
-ALICE = (("x-corral-tenant", TENANT), ("x-corral-user", USER))
-CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
+ALICE = who(TENANT, USER)
 ACTIVE = ("PROGRESSING", "PAUSED", "RUNNING", "COMPLETE")
 State = ro.RolloutState
 
@@ -103,14 +102,8 @@ def invocation_span(
         end_time_unix_nano=start + int(latency_ms * 1e6),
         status=Status(code=Status.STATUS_CODE_ERROR if error else Status.STATUS_CODE_OK,
                       message="candidate regression" if error else ""),
-        attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items()],
+        attributes=attributes(attrs),
     )
-
-
-def export_request(spans: Sequence[Span]) -> ExportTraceServiceRequest:
-    resource = [KeyValue(key="service.name", value=AnyValue(string_value="corral-executor"))]
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource={"attributes": resource}, scope_spans=[ScopeSpans(spans=list(spans))])])
 
 
 # -- the world a test runs in ------------------------------------------------------------------
@@ -147,10 +140,8 @@ class World:
     async def publish(self, count: int) -> list[int]:
         """`count` distinct versions of this test's agent."""
         for i in range(count):
-            files: dict[str, str | bytes] = {**harness.agent_files(self.agent, CODE)}
-            files["prompt.md"] = f"You help (variant {i}).\n"
-            data = pack(harness.write_bundle(self.tmp / uuid.uuid4().hex, files))
-            v = await self.registry.PublishVersion(iter(harness.publish_requests(data)), metadata=ALICE)
+            data = packed_agent(self.tmp, self.agent, prompt=f"You help (variant {i}).\n")
+            v = await self.registry.PublishVersion(iter(publish_requests(data)), metadata=ALICE)
             self.versions[v.number] = v
         return sorted(self.versions)
 
@@ -223,16 +214,10 @@ class World:
             for turn in range(1 + i % 3):
                 spans.append(invocation_span(self.agent, version, self.endpoint_id, sid,
                                              error=failed and turn == 0, latency_ms=100 + (i * 7 + turn * 13) % 50))
-        response = await self.otlp.Export(export_request(spans), metadata=ALICE)
+        executor = [kv("service.name", "corral-executor")]
+        response = await self.otlp.Export(export_request(spans, executor), metadata=ALICE)
         assert not response.partial_success.rejected_spans, response.partial_success.error_message
         return ids
-
-
-async def fails(code: grpc.StatusCode, call: Awaitable[Any]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
-    return info.value
 
 
 @pytest_asyncio.fixture
@@ -511,7 +496,7 @@ async def test_bad_input_is_refused_with_its_reason_and_changes_nothing(
     err = await fails(Code.FAILED_PRECONDITION, w.start_rollout(9, ok_steps))
     assert w.version(9) in err.details() and "does not exist" in err.details()
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(2, [weight(50), weight(30), weight(100)]))
-    assert "does not increase" in err.details() and "steps[1]" in str(harness.error_details(err)[1])
+    assert "does not increase" in err.details() and "steps[1]" in str(error_details(err)[1])
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(2, [weight(50), weight(150)]))
     assert "150" in err.details() and "<= 100" in err.details()
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(2, [weight(50), weight(90)]))
@@ -519,11 +504,11 @@ async def test_bad_input_is_refused_with_its_reason_and_changes_nothing(
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(
         2, ok_steps, analysis(20, tel.MetricSpec(name="happiness"))))
     assert "'happiness' is not a metric" in err.details()
-    assert harness.error_details(err)[1] == ["metrics[0].name"]
+    assert error_details(err)[1] == ["metrics[0].name"]
     err = await fails(Code.INVALID_ARGUMENT, w.start_rollout(
         2, ok_steps, analysis(20, tel.MetricSpec(name="session_error_rate", tolerance=-0.1))))
     assert "-0.1" in err.details() and "negative" in err.details()
-    assert harness.error_details(err)[1] == ["metrics[0].tolerance"]
+    assert error_details(err)[1] == ["metrics[0].tolerance"]
     experiment = ro.Experiment(variants=[reg.TrafficTarget(version=w.version(1), percent=80),
                                          reg.TrafficTarget(version=w.version(2), percent=30)])
     err = await fails(Code.INVALID_ARGUMENT, w.rollouts.CreateExperiment(

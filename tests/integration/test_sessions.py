@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.sessions.v1 import sessions_pb2 as pb
 from corral.sessions.v1 import sessions_pb2_grpc
@@ -20,16 +17,12 @@ from services.common import clients
 from services.common.kv import create_redis
 from services.common.settings import Settings
 from tests.harness import Platform
+from tests.rpc import error_details, fails, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 DIGEST = "sha256:" + "0f" * 32
 EIGHT_MIB = 8 * 1024 * 1024
-Metadata = tuple[tuple[str, str], ...]
-
-
-def who(tenant: str, user: str = "alice") -> Metadata:
-    return (("x-corral-tenant", tenant), ("x-corral-user", user))
 
 
 def new_session(agent: str = "demo", n: int = 1, **fields: object) -> pb.Session:
@@ -39,28 +32,6 @@ def new_session(agent: str = "demo", n: int = 1, **fields: object) -> pb.Session
         version_digest=DIGEST,
         **fields,  # type: ignore[arg-type]
     )
-
-
-def details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
-    """The ErrorInfo and the BadRequest field names the server attached."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
-    info, fields = error_details_pb2.ErrorInfo(), []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return info, fields
-
-
-async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, info.value.details()
-    return info.value
 
 
 @pytest_asyncio.fixture
@@ -74,8 +45,7 @@ async def stub(
 
 @pytest.fixture
 def tenant() -> str:
-    # The database is shared by the whole run: a tenant of its own keeps each test's lists clean.
-    return f"t-{uuid.uuid4().hex[:10]}"
+    return new_tenant()
 
 
 async def test_create_get_list_and_tenants_see_only_their_own(
@@ -146,7 +116,7 @@ async def test_duplicate_ids_bad_ids_and_bad_versions_are_refused(
                 pb.CreateSessionRequest(session_id=bad_id, session=new_session()), metadata=me
             ),
         )
-        assert details(err)[1] == ["session_id"], bad_id
+        assert error_details(err)[1] == ["session_id"], bad_id
     bad_versions = {
         "agents/demo/versions/0": "session.version",
         "agents/demo/versions/v1": "session.version",
@@ -161,14 +131,14 @@ async def test_duplicate_ids_bad_ids_and_bad_versions_are_refused(
             grpc.StatusCode.INVALID_ARGUMENT,
             stub.CreateSession(pb.CreateSessionRequest(session=session), metadata=me),
         )
-        assert details(err)[1] == [field], version
+        assert error_details(err)[1] == [field], version
     session = new_session()
     session.agent = ""
     err = await fails(
         grpc.StatusCode.INVALID_ARGUMENT,
         stub.CreateSession(pb.CreateSessionRequest(session=session), metadata=me),
     )
-    assert details(err)[1] == ["session.agent"]
+    assert error_details(err)[1] == ["session.agent"]
     # Nothing was half-written by the refused calls.
     assert len((await stub.ListSessions(pb.ListSessionsRequest(), metadata=me)).sessions) == 1
 
@@ -189,7 +159,7 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
         grpc.StatusCode.ABORTED,
         stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder="exec-2"), metadata=me),
     )
-    assert details(err)[0].reason == "SESSION_BUSY"
+    assert error_details(err)[0].reason == "SESSION_BUSY"
     assert (err.details() or "") == (
         f"session {name} is busy: another invocation is running on it; retry when it finishes"
     )
@@ -202,34 +172,28 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     )
     assert renewed.expire_time.ToDatetime() > lease.expire_time.ToDatetime()
 
-    saved = await stub.CommitTurn(
-        pb.CommitTurnRequest(
-            session=name,
-            lease_id=lease.lease_id,
-            etag=lease.state.etag,
-            state=b'{"step": 1}',
-            invocation_id="inv-1",
-            input=b"hello",
-            output=b"hi",
-        ),
-        metadata=me,
-    )
-    assert saved.turn_count == 1 and saved.etag != lease.state.etag
-
-    err = await fails(
-        grpc.StatusCode.ABORTED,
-        stub.CommitTurn(
+    def commit(
+        etag: str, state: bytes, invocation_id: str = "", input: bytes = b"", output: bytes = b""
+    ) -> Awaitable[pb.SessionState]:
+        """CommitTurn under the lease taken above."""
+        return stub.CommitTurn(
             pb.CommitTurnRequest(
                 session=name,
                 lease_id=lease.lease_id,
-                etag=lease.state.etag,
-                state=b"stale",
-                invocation_id="inv-2",
+                etag=etag,
+                state=state,
+                invocation_id=invocation_id,
+                input=input,
+                output=output,
             ),
             metadata=me,
-        ),
-    )
-    assert details(err)[0].reason == "STATE_CONFLICT" and "re-read" in (err.details() or "")
+        )
+
+    saved = await commit(lease.state.etag, b'{"step": 1}', "inv-1", input=b"hello", output=b"hi")
+    assert saved.turn_count == 1 and saved.etag != lease.state.etag
+
+    err = await fails(grpc.StatusCode.ABORTED, commit(lease.state.etag, b"stale", "inv-2"))
+    assert error_details(err)[0].reason == "STATE_CONFLICT" and "re-read" in (err.details() or "")
     state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
     assert (state.state, state.etag, state.turn_count) == (b'{"step": 1}', saved.etag, 1)
 
@@ -239,21 +203,13 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     await stub.ReleaseLease(
         pb.ReleaseLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me
     )
-    err = await fails(
-        grpc.StatusCode.ABORTED,
-        stub.CommitTurn(
-            pb.CommitTurnRequest(
-                session=name, lease_id=lease.lease_id, etag=saved.etag, state=b"late"
-            ),
-            metadata=me,
-        ),
-    )
-    assert details(err)[0].reason == "LEASE_LOST"
+    err = await fails(grpc.StatusCode.ABORTED, commit(saved.etag, b"late"))
+    assert error_details(err)[0].reason == "LEASE_LOST"
     err = await fails(
         grpc.StatusCode.ABORTED,
         stub.RenewLease(pb.RenewLeaseRequest(session=name, lease_id=lease.lease_id), metadata=me),
     )
-    assert details(err)[0].reason == "LEASE_LOST"
+    assert error_details(err)[0].reason == "LEASE_LOST"
     state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
     assert (state.state, state.turn_count) == (b'{"step": 1}', 1)
 
@@ -414,7 +370,7 @@ async def test_paging_through_more_than_a_page(
         grpc.StatusCode.INVALID_ARGUMENT,
         stub.ListSessions(pb.ListSessionsRequest(page_token="not-a-token"), metadata=me),
     )
-    assert details(err)[1] == ["page_token"]
+    assert error_details(err)[1] == ["page_token"]
 
 
 async def test_state_size_limit(
@@ -431,7 +387,7 @@ async def test_state_size_limit(
             metadata=me,
         ),
     )
-    assert details(err)[1] == ["state"] and str(EIGHT_MIB) in (err.details() or "")
+    assert error_details(err)[1] == ["state"] and str(EIGHT_MIB) in (err.details() or "")
     full = await stub.UpdateSessionState(
         pb.UpdateSessionStateRequest(
             name=created.name, state=b"y" * EIGHT_MIB, etag=created.state_etag

@@ -15,14 +15,11 @@ import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,6 +29,8 @@ from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from services.common.settings import Settings
 from tests import harness
+from tests.otlp import attributes, export_request
+from tests.rpc import error_details, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -62,22 +61,6 @@ async def telemetry(services: harness.Platform) -> AsyncIterator[Telemetry]:
 
 def uid() -> str:
     return uuid.uuid4().hex[:10]
-
-
-def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
-    return (("x-corral-tenant", tenant),)
-
-
-def field_violations(err: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "the error carries no google.rpc.Status"
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 def corral_attributes(
@@ -142,7 +125,7 @@ async def test_sdk_spans_found_by_version_session_endpoint_and_trace(telemetry: 
             trace_ids["second"] = format(root.get_span_context().trace_id, "032x")
 
     await asyncio.to_thread(sdk_export, telemetry.settings, emit)
-    md = as_tenant(tenant)
+    md = who(tenant, user="")
 
     by_version = await telemetry.api.ListSpans(
         pb.ListSpansRequest(filter=pb.SpanFilter(version=f"{agent}/versions/2")), metadata=md
@@ -233,7 +216,7 @@ async def test_tenants_never_see_each_others_spans(telemetry: Telemetry) -> None
     await asyncio.to_thread(sdk_export, telemetry.settings, emit, {"corral.tenant": tenant_a})
     window = pb.SpanFilter(agent=agent)
 
-    for md, expected in ((as_tenant(tenant_a), 1), (as_tenant(tenant_b), 0), ((), 0)):
+    for md, expected in ((who(tenant_a, user=""), 1), (who(tenant_b, user=""), 0), ((), 0)):
         spans = await telemetry.api.ListSpans(pb.ListSpansRequest(filter=window), metadata=md)
         assert len(spans.spans) == expected
         by_id = await telemetry.api.ListSpans(
@@ -248,7 +231,7 @@ async def test_tenants_never_see_each_others_spans(telemetry: Telemetry) -> None
         assert [m.invocations for m in metrics.versions] == ([1] if expected else [])
 
     everything_b = await telemetry.api.ListSpans(
-        pb.ListSpansRequest(page_size=1000), metadata=as_tenant(tenant_b)
+        pb.ListSpansRequest(page_size=1000), metadata=who(tenant_b, user="")
     )
     assert everything_b.spans == []
 
@@ -272,15 +255,7 @@ def otlp_span(
         start_time_unix_nano=start,
         end_time_unix_nano=start + int(duration_ms * MS),
         status=Status(code=Status.STATUS_CODE_ERROR if error else Status.STATUS_CODE_UNSET),
-        attributes=[
-            KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items() if k != "name"
-        ],
-    )
-
-
-def export_request(spans: list[Span]) -> ExportTraceServiceRequest:
-    return ExportTraceServiceRequest(
-        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
+        attributes=attributes({k: v for k, v in attrs.items() if k != "name"}),
     )
 
 
@@ -349,7 +324,7 @@ async def test_version_metrics_by_hand_and_not_double_counted(telemetry: Telemet
         otlp_span(base + 300, 1, 0, 100_000, invocation(agent, 1, "sessions/early", tenant))
     )
     request = export_request(spans)
-    md = as_tenant(tenant)
+    md = who(tenant, user="")
 
     for _ in range(2):  # an exporter retrying the same batch must not double-count
         response = await telemetry.otlp.Export(request)
@@ -405,7 +380,7 @@ async def test_paging_is_newest_first_and_complete(telemetry: Telemetry) -> None
                 )
             )
     await telemetry.otlp.Export(export_request(spans))
-    md, f = as_tenant(tenant), pb.SpanFilter(agent=agent)
+    md, f = who(tenant, user=""), pb.SpanFilter(agent=agent)
 
     seen, token, sizes = [], "", []
     while True:
@@ -443,7 +418,7 @@ async def test_paging_is_newest_first_and_complete(telemetry: Telemetry) -> None
             pb.ListSpansRequest(filter=other, page_token=first.next_page_token), metadata=md
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field_violations(err.value) == ["page_token"]
+    assert error_details(err.value)[1] == ["page_token"]
 
 
 @pytest.mark.parametrize(
@@ -472,7 +447,7 @@ async def test_bad_filters_are_invalid_argument(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert field_violations(err.value) == [field]
+        assert error_details(err.value)[1] == [field]
         assert field in (err.value.details() or "")
 
 
@@ -501,7 +476,7 @@ async def test_bad_page_tokens_sizes_and_metrics_requests(telemetry: Telemetry) 
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
-        assert field_violations(err.value) == [field]
+        assert error_details(err.value)[1] == [field]
 
 
 async def test_export_rejects_malformed_spans_and_keeps_the_rest(telemetry: Telemetry) -> None:
@@ -513,7 +488,7 @@ async def test_export_rejects_malformed_spans_and_keeps_the_rest(telemetry: Tele
     response = await telemetry.otlp.Export(export_request([good, bad]))
     assert response.partial_success.rejected_spans == 1
     assert "trace_id" in response.partial_success.error_message
-    found = await telemetry.api.ListSpans(pb.ListSpansRequest(), metadata=as_tenant(tenant))
+    found = await telemetry.api.ListSpans(pb.ListSpansRequest(), metadata=who(tenant, user=""))
     assert [s.span_id for s in found.spans] == [good.span_id.hex()]
 
 
@@ -549,7 +524,7 @@ async def test_trace_with_nested_invocations_is_summarised_once(telemetry: Telem
         ),
     ]
     await telemetry.otlp.Export(export_request(spans))
-    md = as_tenant(tenant)
+    md = who(tenant, user="")
 
     everything = await telemetry.api.ListTraces(pb.ListTracesRequest(), metadata=md)
     assert [(t.root_span_name, t.span_count, t.duration_ms) for t in everything.traces] == [
@@ -597,7 +572,7 @@ async def test_tokens_and_their_cost_per_version(
         async with grpc.aio.insecure_channel(host.address) as channel:
             await trace_service_pb2_grpc.TraceServiceStub(channel).Export(export_request(spans))
             result = await TelemetryServiceStub(channel).GetVersionMetrics(
-                pb.GetVersionMetricsRequest(agent=agent), metadata=as_tenant(tenant))
+                pb.GetVersionMetricsRequest(agent=agent), metadata=who(tenant, user=""))
     finally:
         await host.stop(grace=0.5)
     [m] = result.versions

@@ -49,17 +49,13 @@ from services.executor.tool_transport import ToolTransport
 from services.executor.tools import TOOL_ATTR, ToolBroker
 from services.registry.secrets import SecretBox, SecretError
 from tests import harness
+from tests.rpc import Metadata, error_details, fails, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 SECRET = "sk-test-" + "7f3a9c" * 4
 TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl"
 KEY = os.urandom(32)
-Metadata = tuple[tuple[str, str], ...]
-
-
-def who(tenant: str, user: str = "alice") -> Metadata:
-    return (("x-corral-tenant", tenant), ("x-corral-user", user))
 
 
 def seconds(value: float) -> duration_pb2.Duration:
@@ -68,19 +64,12 @@ def seconds(value: float) -> duration_pb2.Duration:
     return d
 
 
-async def fails(code: grpc.StatusCode, call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
-    return info.value
-
-
 @dataclass
 class Registry:
     settings: Settings
-    tools: tools_pb2_grpc.ToolServiceStub
-    secrets: tools_pb2_grpc.ToolSecretsServiceStub
-    audit: registry_pb2_grpc.RegistryServiceStub
+    tools: tools_pb2_grpc.ToolServiceAsyncStub
+    secrets: tools_pb2_grpc.ToolSecretsServiceAsyncStub
+    audit: registry_pb2_grpc.RegistryServiceAsyncStub
     tenant: str
     md: Metadata = ()
 
@@ -105,7 +94,7 @@ async def registry(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIt
     platform = await harness.start_mesh(settings, "registry")
     try:
         async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
-            tenant = f"t-{uuid.uuid4().hex[:10]}"
+            tenant = new_tenant()
             yield Registry(
                 platform.settings,
                 tools_pb2_grpc.ToolServiceStub(channel),
@@ -230,7 +219,7 @@ async def test_bad_input_names_the_field(
 ) -> None:
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, registry.tools.CreateTool(
         pb.CreateToolRequest(tool_id=tool_id, tool=tool), metadata=registry.md))
-    info, fields = harness.error_details(err)
+    info, fields = error_details(err)
     assert fields == [field] and info.domain == "registry"
     assert SECRET not in (err.details() or "")
 
@@ -248,15 +237,15 @@ async def test_bad_updates_and_names_name_the_field(registry: Registry) -> None:
     ):
         err = await fails(grpc.StatusCode.INVALID_ARGUMENT,
                           registry.tools.UpdateTool(request, metadata=registry.md))
-        assert harness.error_details(err)[1] == [expected]
+        assert error_details(err)[1] == [expected]
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, registry.tools.GetTool(
         pb.GetToolRequest(name="agents/web"), metadata=registry.md))
-    assert harness.error_details(err)[1] == ["name"]
+    assert error_details(err)[1] == ["name"]
 
 
 async def test_a_tenant_sees_only_its_own_tools(registry: Registry) -> None:
     await registry.create("shared_name", SECRET, address="https://acme.example/t")
-    other = who(f"t-{uuid.uuid4().hex[:10]}")
+    other = who(new_tenant())
     err = await fails(grpc.StatusCode.NOT_FOUND, registry.tools.GetTool(
         pb.GetToolRequest(name="tools/shared_name"), metadata=other))
     assert registry.tenant not in (err.details() or "")
@@ -338,9 +327,9 @@ async def test_without_a_key_only_secretless_tools_can_be_created(
 ) -> None:
     assert not settings.secrets_key
     await services.start("registry")
-    md = who(f"t-{uuid.uuid4().hex[:10]}")
+    md = who(new_tenant())
     async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
-        stub = tools_pb2_grpc.ToolServiceStub(channel)
+        stub: tools_pb2_grpc.ToolServiceAsyncStub = tools_pb2_grpc.ToolServiceStub(channel)
         err = await fails(grpc.StatusCode.FAILED_PRECONDITION, stub.CreateTool(pb.CreateToolRequest(
             tool_id="keyed", tool=pb.Tool(kind=pb.TOOL_KIND_HTTP, address="https://x.example", secret=SECRET),
         ), metadata=md))

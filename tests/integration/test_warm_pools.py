@@ -17,7 +17,8 @@ from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import rollouts_pb2_grpc
 from services.common.settings import Settings
 from tests import harness
-from tests.integration.test_mesh import Mesh, connect, version_of
+from tests.bundles import agent_files, write_bundle
+from tests.mesh import Mesh, started_mesh, version_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -44,17 +45,13 @@ def warm_settings(postgres_server_url: str, redis_url: str, tmp_path: Path) -> I
 
 @pytest_asyncio.fixture
 async def mesh(warm_settings: Settings, tmp_path: Path) -> AsyncIterator[Mesh]:
-    platform = await harness.start_mesh(warm_settings)
-    try:
-        async for m in connect(platform.settings, platform.hosts, tmp_path):
-            yield m
-    finally:
-        await platform.stop()
+    async with started_mesh(warm_settings, tmp_path) as m:
+        yield m
 
 
 async def publish(mesh: Mesh, agent: str, n: int) -> None:
-    files = harness.agent_files(agent, AGENT.replace("{VERSION}", str(n)))
-    version = await mesh.publish(harness.write_bundle(mesh.tmp / f"{agent}-{n}", files))
+    files = agent_files(agent, AGENT.replace("{VERSION}", str(n)))
+    version = await mesh.publish(write_bundle(mesh.tmp / f"{agent}-{n}", files))
     assert version.number == n
 
 

@@ -3,18 +3,19 @@ started through services/executor/sandbox.py from bundles each test writes."""
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from services.executor.drivers.base import SandboxSpec
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.drivers.gvisor import GvisorDriver
 from services.executor.sandbox import Sandbox
+from tests.bundles import write_bundle
+from tests.harness import Sandboxes
 from tests.security.sandboxes import (
     AGENTS,
     PIDS_MAX,
@@ -42,27 +43,19 @@ StartSandbox = Callable[..., Awaitable[Sandbox]]
 async def start(driver: BwrapDriver | GvisorDriver, tmp_path: Path) -> AsyncIterator[StartSandbox]:
     """start(agent="attacker", memory_mb=..., cpu_seconds=...) → a started Sandbox; at the end
     every sandbox is stopped and must leave no process and no cgroup behind."""
-    started: list[Sandbox] = []
+    sandboxes = Sandboxes(driver, tmp_path)
 
     async def _start(agent: str, *, memory_mb: int = 256, cpu_seconds: int = 30) -> Sandbox:
-        bundle = tmp_path / f"{agent}-{uuid.uuid4().hex[:6]}"
-        bundle.mkdir()
-        (bundle / "agent.py").write_text((AGENTS / f"{agent}.py").read_text())
-        (bundle / "agent.toml").write_text(f'name = "{agent}"\nentrypoint = "agent:app"\n')
-        spec = SandboxSpec(
-            session=f"sessions/{agent}-{uuid.uuid4().hex[:8]}", version="agents/test/versions/1",
-            bundle_dir=bundle, workdir=tmp_path / f"work-{uuid.uuid4().hex[:6]}",
-            entrypoint="agent:app", prompt_file="", python=sys.executable,
-            memory_mb=memory_mb, cpu_seconds=cpu_seconds,
-        )
-        sandbox = Sandbox(spec)
-        started.append(sandbox)
-        await sandbox.start(driver)
-        return sandbox
+        bundle = write_bundle(tmp_path / f"{agent}-{uuid.uuid4().hex[:6]}", {
+            "agent.py": (AGENTS / f"{agent}.py").read_text(),
+            "agent.toml": f'name = "{agent}"\nentrypoint = "agent:app"\n',
+        })
+        spec = sandboxes.spec(bundle, "agent:app", agent=agent, version="agents/test/versions/1")
+        return await sandboxes.start(replace(spec, memory_mb=memory_mb, cpu_seconds=cpu_seconds))
 
     yield _start
-    for sandbox in started:
-        await sandbox.stop()
+    await sandboxes.stop()
+    for sandbox in sandboxes.started:
         if sandbox.process is not None:
             assert sandbox.process.returncode is not None
             assert not any(d.exists() for d in worker(sandbox).cgroup.directories()), \

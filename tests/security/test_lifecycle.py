@@ -7,29 +7,20 @@ from __future__ import annotations
 import asyncio
 import tarfile
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-import pytest_asyncio
 
 from corral.bundle import unpack
-from corral.executor.v1 import executor_pb2
-from tests import harness
-from tests.integration.test_mesh import Mesh, connect, fails
+from tests.bundles import link, publish_requests, tar_of
+from tests.mesh import Mesh
+from tests.rpc import fails
 from tests.security.sandboxes import needs_bwrap
-from tests.unit.test_bundle import link, tar_of
 
 pytestmark = [pytest.mark.integration, needs_bwrap, pytest.mark.timeout(90)]
 
-
-@pytest_asyncio.fixture
-async def mesh(services: harness.Platform, tmp_path: Path) -> AsyncIterator[Mesh]:
-    hosts = await services.start(*harness.MESH)
-    async for m in connect(services.settings, hosts, tmp_path):
-        yield m
 
 # Leaves a detached grandchild and a spinning thread behind, then returns as if all were well.
 IMMORTAL = """
@@ -81,7 +72,7 @@ async def test_a_sandbox_does_not_outlive_its_max_lifetime(mesh: Mesh) -> None:
     neighbour = await mesh.publish_agent("neighbour", NEIGHBOUR)
     session = f"{mesh.prefix}-immortal"
     await mesh.invoke(attacker, {}, session_id=session)
-    listed = (await mesh.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes
+    listed = await mesh.sandboxes()
     pid = next(s.pid for s in listed if s.session == f"sessions/{session}")
     assert len(sandbox_processes(pid)) >= 3  # bwrap, the worker, its detached sleep
 
@@ -118,7 +109,7 @@ async def test_a_tar_reaching_outside_is_refused_at_publish_and_never_unpacked(
         ("agent.py", b"from corral.sdk import App\napp = App()\n"), EVIL[case],
     )
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, mesh.registry.PublishVersion(
-        iter(harness.publish_requests(data)), metadata=mesh.me))  # type: ignore[arg-type]
+        iter(publish_requests(data)), metadata=mesh.me))  # type: ignore[arg-type]
     assert "bundle" in (err.details() or "")
     # The executor's own unpacking refuses it too, writing nothing outside its destination.
     dest = tmp_path / "unpacked"

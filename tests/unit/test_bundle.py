@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -30,38 +29,16 @@ from corral.bundle import (
 )
 from corral.cli import cli, publishing
 from corral.manifest import ManifestError
-from tests.harness import agent_files, write_bundle
+from tests.bundles import SAYS_HI, agent_files, build_wheel, link, tar_of, write_bundle
 
-CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
 TOML = b'name = "demo"\nentrypoint = "agent:app"\n'
 
 
 def files() -> dict[str, str]:
-    return {**agent_files("demo", CODE), "lib/util.py": "X = 1\n", "data/a.json": "{}"}
+    return {**agent_files("demo", SAYS_HI), "lib/util.py": "X = 1\n", "data/a.json": "{}"}
 
 
-def tar_of(*entries: tarfile.TarInfo | tuple[str, bytes]) -> bytes:
-    """A hand-made tar: (name, content) for a regular file, or a prepared TarInfo."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in entries:
-            if isinstance(entry, tarfile.TarInfo):
-                tar.addfile(entry)
-            else:
-                info = tarfile.TarInfo(entry[0])
-                info.size = len(entry[1])
-                tar.addfile(info, io.BytesIO(entry[1]))
-    return buf.getvalue()
-
-
-def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
-
-
-BASE = (("agent.toml", TOML), ("agent.py", CODE.encode()))
+BASE = (("agent.toml", TOML), ("agent.py", SAYS_HI.encode()))
 
 
 def refused(data: bytes) -> BundleError:
@@ -134,7 +111,7 @@ def test_links_inside_are_kept_and_links_outside_refused(tmp_path: Path) -> None
 
 def test_packing_needs_an_agent_toml_and_refuses_special_files(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no agent.toml"):
-        pack(write_bundle(tmp_path / "empty", {"agent.py": CODE}))
+        pack(write_bundle(tmp_path / "empty", {"agent.py": SAYS_HI}))
     root = write_bundle(tmp_path / "b", files())
     os.mkfifo(root / "pipe")
     with pytest.raises(BundleError) as info:
@@ -157,7 +134,7 @@ def test_a_tar_made_by_the_tar_command_is_accepted() -> None:
     # `tar -C dir -cf - .` writes "./" before every name.
     dot = tarfile.TarInfo(".")
     dot.type = tarfile.DIRTYPE
-    checked = inspect(tar_of(dot, ("./agent.toml", TOML), ("./agent.py", CODE.encode())))
+    checked = inspect(tar_of(dot, ("./agent.toml", TOML), ("./agent.py", SAYS_HI.encode())))
     assert checked.manifest.entrypoint == "agent:app"
 
 
@@ -216,7 +193,7 @@ def test_the_limits_are_agentcores() -> None:
 
 def test_the_unpacked_size_is_read_from_the_headers() -> None:
     data = tar_of(*BASE, ("big.bin", b"x" * 5000), link("alias", "big.bin"))
-    assert unpacked_size(data) == len(TOML) + len(CODE) + 5000
+    assert unpacked_size(data) == len(TOML) + len(SAYS_HI) + 5000
     with pytest.raises(BundleError, match="not a tar archive"):
         unpacked_size(b"not a tar")
 
@@ -295,26 +272,6 @@ def test_unpack_refuses_an_unsafe_tar_and_writes_nothing_outside(tmp_path: Path)
 
 
 # -- vendored dependencies ------------------------------------------------------------------
-
-
-def build_wheel(workdir: Path, name: str, code: str) -> Path:
-    """A wheel of a one-module project, built locally with `pip wheel` (no index, no network)."""
-    project = write_bundle(workdir / f"{name}-src", {
-        "pyproject.toml": (
-            '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
-            f'[project]\nname = "{name}"\nversion = "1.0"\n'
-            # A console script: pip writes it to bin/ with this machine's interpreter path.
-            f'[project.scripts]\n{name} = "{name}:main"\n'
-        ),
-        f"{name}/__init__.py": code,
-    })
-    wheels = workdir / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
-         "--wheel-dir", str(wheels), str(project)],
-        check=True, capture_output=True,
-    )
-    return next(wheels.glob(f"{name}-1.0-*.whl"))
 
 
 @pytest.fixture(scope="module")

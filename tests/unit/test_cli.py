@@ -1,5 +1,5 @@
-"""The corral command without a platform: a recording client stands in for the services, so
-these tests check what the command sends and prints, and open no socket."""
+"""The corral command without a platform: a recording client (tests/fakes/cli.py) stands in for
+the services, so these tests check what the command sends and prints, and open no socket."""
 
 from __future__ import annotations
 
@@ -14,37 +14,10 @@ from corral.bundle import digest_of, pack, unpack
 from corral.cli import State, cli, publishing
 from corral.cli.output import enum_label
 from corral.client import CorralClient, pages
-from corral.config import ClientConfig
-from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
-from tests.harness import agent_files, write_bundle
-
-CODE = "from corral.sdk import App\napp = App()\n\n@app.entrypoint\ndef run(payload, ctx):\n    return 'hi'\n"
-
-
-class RecordingClient(CorralClient):
-    """Answers the calls these tests make from memory and keeps what they were asked."""
-
-    def __init__(self) -> None:
-        super().__init__(ClientConfig(addrs={}, tenant="t", user="u"))
-        self.uploaded: list[bytes] = []
-        self.asked: list[names.RolloutRef] = []
-        self.promoted: list[tuple[names.RolloutRef, bool]] = []
-
-    def publish_bundle(self, data: bytes) -> reg.Version:
-        self.uploaded.append(data)
-        return reg.Version(name="agents/a/versions/1", number=1, digest=digest_of(data),
-                           size_bytes=len(data))
-
-    def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
-        self.asked.append(rollout)
-        # "-" stands for the newest, which here is rollout 7.
-        return ro.Rollout(name=names.RolloutRef(rollout.endpoint, rollout.id or 7).name)
-
-    def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
-        self.promoted.append((rollout, full))
-        return ro.Rollout(name=rollout.name)
+from tests.bundles import SAYS_HI, agent_files, write_bundle
+from tests.fakes.cli import RecordingClient
 
 
 def run(client: CorralClient, *args: str) -> tuple[int, str]:
@@ -63,7 +36,7 @@ def test_publish_packs_once_and_uploads_what_it_measured(
 
     monkeypatch.setattr(publishing, "pack", counted_pack)
     client = RecordingClient()
-    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", CODE))))
+    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", SAYS_HI))))
     assert code == 0, output
     assert len(packed) == 1 and client.uploaded == packed
     assert json.loads(output)["digest"] == digest_of(packed[0])

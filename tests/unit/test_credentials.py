@@ -26,20 +26,13 @@ from corral.verify import (
 from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.keys import KeyRing, jwk_thumbprint
 from services.executor.store import RedisRevocations
-from tests.fakes import FakeRedis
+from tests.fakes.common import EpochClock
+from tests.fakes.executor import FakeRedis, mint, tamper
 
 pytestmark = pytest.mark.timeout(30)
 
 TOOL = "search"
 JWKS_URL = "http://executor.test/.well-known/jwks.json"
-
-
-class Clock:
-    def __init__(self, now: float = 1_750_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Executor:
@@ -60,7 +53,7 @@ class Executor:
         revoked = f"{self.prefix}revoked:{jti}" in self.redis.ttl
         return httpx.Response(200, json={"jti": jti, "revoked": revoked})
 
-    def verifier(self, clock: Clock | None = None) -> TokenVerifier:
+    def verifier(self, clock: EpochClock | None = None) -> TokenVerifier:
         transport = httpx.MockTransport(self.handle)
         return TokenVerifier(
             JWKS_URL,
@@ -91,18 +84,10 @@ def executor(issuer: CredentialIssuer, redis: FakeRedis) -> Iterator[Executor]:
     yield Executor(issuer, redis, "t:")
 
 
-def mint(issuer: CredentialIssuer, **overrides: object) -> Credential:
-    fields: dict[str, object] = {
-        "version": "agents/x/versions/3",
-        "session": "sessions/s1",
-        "invocation_id": "inv-1",
-        "tenant": "acme",
-        "user": "alice",
-        "audience": [TOOL, "calendar"],
-        "expires_at": time.time() + 60,
-    }
-    fields.update(overrides)
-    return issuer.mint(**fields)  # type: ignore[arg-type]
+@pytest.fixture
+def clock() -> EpochClock:
+    """A verifier's clock (monotonic seconds, as it reads them), moved by the test."""
+    return EpochClock(1000.0)
 
 
 def key_files(directory: Path) -> list[Path]:
@@ -151,7 +136,7 @@ def test_a_file_whose_key_does_not_match_its_name_is_ignored(keys_dir: Path) -> 
 
 
 def test_rotation_publishes_ahead_then_retires_then_deletes(keys_dir: Path) -> None:
-    clock = Clock()
+    clock = EpochClock()
     t0 = clock.now
     ring = KeyRing(keys_dir, rotation_s=100, retain_s=50, publish_ahead_s=10, clock=clock)
     first = ring.signing_key()
@@ -184,7 +169,7 @@ def test_rotation_publishes_ahead_then_retires_then_deletes(keys_dir: Path) -> N
 
 
 def test_rotation_state_survives_a_restart(keys_dir: Path) -> None:
-    clock = Clock()
+    clock = EpochClock()
     t0 = clock.now
     ring = KeyRing(keys_dir, rotation_s=100, retain_s=50, publish_ahead_s=10, clock=clock)
     clock.now = t0 + 95
@@ -197,7 +182,7 @@ def test_rotation_state_survives_a_restart(keys_dir: Path) -> None:
 
 
 def test_an_overdue_key_at_load_signs_until_its_successor_is_published(keys_dir: Path) -> None:
-    clock = Clock()
+    clock = EpochClock()
     t0 = clock.now
     first = KeyRing(keys_dir, rotation_s=100, retain_s=50, publish_ahead_s=10, clock=clock)
     clock.now = t0 + 500  # the executor was down past the rotation
@@ -209,7 +194,7 @@ def test_an_overdue_key_at_load_signs_until_its_successor_is_published(keys_dir:
 
 
 def test_without_publish_ahead_the_new_key_signs_when_made(keys_dir: Path) -> None:
-    clock = Clock()
+    clock = EpochClock()
     ring = KeyRing(keys_dir, rotation_s=100, retain_s=50, publish_ahead_s=0, clock=clock)
     first = ring.signing_key().kid
     clock.now += 100
@@ -292,14 +277,6 @@ def reason(verifier: TokenVerifier, token: str, audience: str = TOOL) -> str:
     return info.value.reason
 
 
-def with_payload(token: str, **changes: object) -> str:
-    header, payload, signature = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
-    claims.update(changes)
-    encoded = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    return f"{header}.{encoded}.{signature}"
-
-
 def test_a_valid_token_verifies(issuer: CredentialIssuer, executor: Executor) -> None:
     cred = mint(issuer)
     claims = executor.verifier().verify(cred.token, audience=TOOL)
@@ -326,9 +303,9 @@ async def test_async_verify_checks_revocation(issuer: CredentialIssuer, executor
 def test_tampered_claims_break_the_signature(issuer: CredentialIssuer, executor: Executor) -> None:
     token = mint(issuer).token
     verifier = executor.verifier()
-    assert reason(verifier, with_payload(token, invocation_id="inv-2")) == "bad signature"
-    assert reason(verifier, with_payload(token, aud=["shell"]), "shell") == "bad signature"
-    assert reason(verifier, with_payload(token, exp=int(time.time()) + 600)) == "bad signature"
+    assert reason(verifier, tamper(token, invocation_id="inv-2")) == "bad signature"
+    assert reason(verifier, tamper(token, aud=["shell"]), "shell") == "bad signature"
+    assert reason(verifier, tamper(token, exp=int(time.time()) + 600)) == "bad signature"
 
 
 def test_refusals_name_their_reason(issuer: CredentialIssuer, executor: Executor) -> None:
@@ -364,9 +341,8 @@ def test_forged_tokens_are_refused(issuer: CredentialIssuer, executor: Executor)
 
 
 def test_jwks_is_cached_and_unknown_kids_refetch_at_most_every_30_s(
-    issuer: CredentialIssuer, executor: Executor
+    issuer: CredentialIssuer, executor: Executor, clock: EpochClock
 ) -> None:
-    clock = Clock(1000.0)
     verifier = executor.verifier(clock)
     token = mint(issuer).token
     verifier.verify(token, audience=TOOL)
@@ -388,7 +364,7 @@ def test_jwks_is_cached_and_unknown_kids_refetch_at_most_every_30_s(
 
 def test_a_key_published_ahead_is_known_before_it_signs(keys_dir: Path) -> None:
     # PyJWT checks iat and exp against the real clock, so the fake one ends at the real now.
-    clock = Clock(time.time() - 100)
+    clock = EpochClock(time.time() - 100)
     ring = KeyRing(keys_dir, rotation_s=100, retain_s=90, publish_ahead_s=40, clock=clock)
     redis = FakeRedis()
     issuer = CredentialIssuer(ring, RedisRevocations(redis, "t:"), "x", clock=clock)  # type: ignore[arg-type]
@@ -405,9 +381,8 @@ def test_a_key_published_ahead_is_known_before_it_signs(keys_dir: Path) -> None:
 
 
 def test_an_unreachable_executor_is_not_a_verdict(
-    issuer: CredentialIssuer, executor: Executor
+    issuer: CredentialIssuer, executor: Executor, clock: EpochClock
 ) -> None:
-    clock = Clock(1000.0)
     verifier = executor.verifier(clock)
     token = mint(issuer).token
     executor.down = True

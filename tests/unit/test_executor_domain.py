@@ -1,7 +1,7 @@
 """The executor's domain against fakes: a turn's state in and out, how a turn that fails ends,
 busy sessions, credentials revoked when their turn ends, agent spans stamped, the brokered model
 call, warm pools fed by the endpoints, and the sandbox listing's pages. Sandboxes are scripted
-stand-ins (tests/fakes.py): no worker process, no socket."""
+stand-ins (tests/fakes/executor.py): no worker process, no socket."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from services.executor.model import (
 from services.executor.pools import EndpointWants, WarmPools
 from services.executor.providers import ScriptedProvider
 from services.executor.sandbox import SandboxCrashed
-from tests.fakes import (
+from tests.fakes.executor import (
     AgentScript,
     FakeBundleRegistry,
     FakeRevocations,

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 
-from corral.bundle import pack
 from corral.names import AgentRef, ToolRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import (
@@ -27,8 +25,14 @@ from services.registry.secrets import SecretBox
 from services.registry.tool_model import ToolChange, ToolDraft
 from services.registry.tool_rules import tool_change, tool_spec
 from services.registry.tools import Tools
-from tests import harness
-from tests.fakes import REGISTRY_TENANT, FakeClock, FakeRegistryStore, RegistryWorld, registry_world
+from tests.bundles import packed_agent
+from tests.fakes.common import FakeClock
+from tests.fakes.registry import (
+    REGISTRY_TENANT,
+    FakeRegistryStore,
+    RegistryWorld,
+    registry_world,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -39,8 +43,7 @@ PROD = AGENT.endpoint("prod")
 
 
 def bundle(tmp: Path, agent: str = AGENT.agent, prompt: str = "You help.\n") -> bytes:
-    files = {**harness.agent_files(agent, CODE), "prompt.md": prompt}
-    return pack(harness.write_bundle(tmp / uuid.uuid4().hex, files))
+    return packed_agent(tmp, agent, CODE, prompt=prompt)
 
 
 def traffic(*split: tuple[int, float]) -> EndpointChange:

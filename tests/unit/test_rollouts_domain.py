@@ -3,13 +3,11 @@ step, analysis verdict, session policy and conclusion, without sockets or a data
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from corral.bundle import pack
 from corral.names import AgentRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import FailedPrecondition, InvalidArgument
@@ -18,8 +16,8 @@ from services.common.metric_spec import Direction
 from services.registry import rollout_model as ro
 from services.registry.experiments import recommend
 from services.registry.model import EndpointChange
-from tests import harness
-from tests.fakes import REGISTRY_TENANT, RegistryWorld, registry_world
+from tests.bundles import packed_agent
+from tests.fakes.registry import REGISTRY_TENANT, RegistryWorld, registry_world
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -33,8 +31,7 @@ async def world(tmp_path: Path) -> RegistryWorld:
     """Three versions of the agent, and prod serving the first alone."""
     w = registry_world()
     for i in range(3):
-        files = {**harness.agent_files(AGENT.agent, "app = None\n"), "prompt.md": f"v{i}\n"}
-        data = pack(harness.write_bundle(tmp_path / uuid.uuid4().hex, files))
+        data = packed_agent(tmp_path, AGENT.agent, "app = None\n", prompt=f"v{i}\n")
         await w.registry.publish(ALICE, None, data, "", "")
     only_v1 = EndpointChange((ro.TrafficTarget(AGENT.version(1), 100),), None)
     await w.registry.set_endpoint(ALICE, PROD, only_v1, allow_missing=True)

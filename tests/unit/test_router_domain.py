@@ -26,7 +26,8 @@ from services.router.model import (
 from services.router.router import Router
 from services.router.routing import bucket, choose
 from services.router.servicer import target_of
-from tests.fakes import FakeEndpoints, FakeExecutor, FakeRegistry, FakeSessions, SequentialIds
+from tests.fakes.common import SequentialIds
+from tests.fakes.router import FakeEndpoints, FakeExecutor, FakeRegistry, FakeSessions
 
 AGENT = AgentRef("demo")
 V1, V2 = AGENT.version(1), AGENT.version(2)

@@ -30,7 +30,8 @@ from services.sessions.rules import (
     lease_ttl,
 )
 from services.sessions.sessions import Sessions
-from tests.fakes import FakeClock, MemoryLeases, MemoryStore, SequentialIds
+from tests.fakes.common import FakeClock, SequentialIds
+from tests.fakes.sessions import MemoryLeases, MemoryStore
 
 DIGEST = "sha256:" + "ab" * 32
 SPEC = NewSession(agent=AgentRef("demo"), pin=PinnedVersion(VersionRef("demo", 1), DIGEST))

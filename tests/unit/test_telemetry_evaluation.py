@@ -26,7 +26,7 @@ from services.telemetry.model import (
     Variant,
     VersionComparison,
 )
-from tests.fakes import FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
 
 ALICE = Caller("acme", "alice")
 NOW = datetime(2025, 6, 1, tzinfo=UTC)

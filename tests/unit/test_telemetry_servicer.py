@@ -8,9 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from corral.names import ResourceNameError
 from corral.telemetry.v1 import telemetry_pb2 as pb
@@ -21,7 +20,8 @@ from services.telemetry.prometheus import LATENCY_WINDOW_S, version_snapshot
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes import FakeFleet, FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSpanStore
+from tests.otlp import export_request
 
 
 class _Metadata:
@@ -137,10 +137,7 @@ async def test_exported_spans_come_back_as_protos_for_the_exporting_tenant_only(
         ),
         Span(trace_id=b"short", span_id=b"\x03" * 8, name="broken"),
     ]
-    export = ExportTraceServiceRequest(
-        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
-    )
-    response = await trace.Export(export, CTX)
+    response = await trace.Export(export_request(spans), CTX)
     assert response.partial_success.rejected_spans == 1
 
     query = pb.ListSpansRequest(filter=pb.SpanFilter(session="sessions/s1"))

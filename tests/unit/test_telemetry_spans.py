@@ -8,10 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as OtlpResource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -27,27 +25,11 @@ from services.telemetry.model import ScoreSource, SpanFilter, SpanRow
 from services.telemetry.otlp import export_batch
 from services.telemetry.servicer import span_filter
 from services.telemetry.spans import Telemetry
-from tests.fakes import FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
+from tests.otlp import export_request, kv
 
 TRACE = bytes(range(16))
 T0 = 1_700_000_000_000_000_000  # nanoseconds since the epoch
-
-
-def kv(key: str, value: AnyValue | str) -> KeyValue:
-    return KeyValue(
-        key=key, value=AnyValue(string_value=value) if isinstance(value, str) else value
-    )
-
-
-def request(spans: list[Span], resource: list[KeyValue] | None = None) -> ExportTraceServiceRequest:
-    return ExportTraceServiceRequest(
-        resource_spans=[
-            ResourceSpans(
-                resource=OtlpResource(attributes=resource or []),
-                scope_spans=[ScopeSpans(spans=spans)],
-            )
-        ]
-    )
 
 
 def span(number: int = 1, **fields: object) -> Span:
@@ -64,7 +46,7 @@ def span(number: int = 1, **fields: object) -> Span:
 
 def test_ids_are_hex_and_durations_in_milliseconds() -> None:
     parent = span(0xABCDEF, parent_span_id=(7).to_bytes(8, "big"), kind=Span.SPAN_KIND_CLIENT)
-    row = export_batch(request([parent]), "default").rows[0]
+    row = export_batch(export_request([parent]), "default").rows[0]
     assert row.trace_id == "000102030405060708090a0b0c0d0e0f"
     assert row.span_id == "0000000000abcdef"
     assert row.parent_span_id == "0000000000000007"
@@ -75,7 +57,7 @@ def test_ids_are_hex_and_durations_in_milliseconds() -> None:
 
 
 def test_root_span_has_no_parent_and_end_before_start_is_zero_length() -> None:
-    row = export_batch(request([span(end_time_unix_nano=T0 - 5)]), "default").rows[0]
+    row = export_batch(export_request([span(end_time_unix_nano=T0 - 5)]), "default").rows[0]
     assert row.parent_span_id == ""
     assert row.duration_ms == 0
     assert row.end_time == row.start_time
@@ -90,7 +72,7 @@ def test_root_span_has_no_parent_and_end_before_start_is_zero_length() -> None:
     ],
 )
 def test_status_codes(code: Status.StatusCode.ValueType, expected: str) -> None:
-    row = export_batch(request([span(status=Status(code=code, message="boom"))]), "t").rows[0]
+    row = export_batch(export_request([span(status=Status(code=code, message="boom"))]), "t").rows[0]
     assert row.status == expected
     assert row.status_message == "boom"
 
@@ -109,7 +91,7 @@ def test_corral_columns_from_span_attributes_falling_back_to_resource() -> None:
         kv("corral.invocation", "inv-1"),
         kv("gen_ai.operation.name", "invoke_agent"),
     ]
-    row = export_batch(request([span(attributes=attributes)], resource), "default").rows[0]
+    row = export_batch(export_request([span(attributes=attributes)], resource), "default").rows[0]
     assert row.service == "corral-executor"
     assert row.agent == "agents/progress-report"  # the span wins over the resource
     assert row.version == "agents/progress-report/versions/2"
@@ -123,7 +105,7 @@ def test_corral_columns_from_span_attributes_falling_back_to_resource() -> None:
 
 def test_span_without_tenant_belongs_to_the_exporting_tenant() -> None:
     row = export_batch(
-        request([span(attributes=[kv("gen_ai.operation.name", "chat")])]), "beta"
+        export_request([span(attributes=[kv("gen_ai.operation.name", "chat")])]), "beta"
     ).rows[0]
     assert row.tenant == "beta"
     assert not row.is_invocation
@@ -147,7 +129,7 @@ def test_attribute_values_of_every_kind_become_json() -> None:
         KeyValue(key="empty", value=AnyValue()),
         kv("nul", "a\x00b"),
     ]
-    row = export_batch(request([span(attributes=attributes, name="x\x00y")]), "t").rows[0]
+    row = export_batch(export_request([span(attributes=attributes, name="x\x00y")]), "t").rows[0]
     assert row.attributes == {
         "i": -(2**40),
         "d": 0.25,
@@ -164,7 +146,7 @@ def test_attribute_values_of_every_kind_become_json() -> None:
 
 def test_spans_with_malformed_ids_are_rejected_and_counted() -> None:
     conversion = export_batch(
-        request([span(1), span(2, trace_id=b"short"), span(3, span_id=b"")]), "t"
+        export_request([span(1), span(2, trace_id=b"short"), span(3, span_id=b"")]), "t"
     )
     assert [r.span_id for r in conversion.rows] == ["0000000000000001"]
     assert conversion.rejected == 2
@@ -195,7 +177,7 @@ def test_scores_travel_as_evaluation_events_and_bad_ones_are_ignored() -> None:
         Span.Event(name="exception"),
     ]
     batch = export_batch(
-        request([span(attributes=attributes, events=events)], [kv("corral.agent", "agents/a")]),
+        export_request([span(attributes=attributes, events=events)], [kv("corral.agent", "agents/a")]),
         "acme",
     )
     [score] = batch.scores
@@ -207,7 +189,7 @@ def test_scores_travel_as_evaluation_events_and_bad_ones_are_ignored() -> None:
     )
     assert (score.agent, score.version, score.tenant) == ("agents/a", "agents/a/versions/2", "acme")
     assert (score.source, score.user, score.trace_id) == (ScoreSource.CODE, "agent", TRACE.hex())
-    no_session = export_batch(request([span(events=events[:1])]), "acme")
+    no_session = export_batch(export_request([span(events=events[:1])]), "acme")
     assert no_session.scores == []
 
 
@@ -216,7 +198,7 @@ async def test_an_export_stores_its_spans_once_and_its_scores() -> None:
     telemetry = Telemetry(spans, scores)
     events = [evaluation("self_check", AnyValue(int_value=1))]
     batch = export_batch(
-        request(
+        export_request(
             [
                 span(1, attributes=[kv("corral.session", "sessions/s1")], events=events),
                 span(2, trace_id=b"short"),
@@ -345,7 +327,7 @@ def telemetry_with_spans(count: int, tenant: str = "acme") -> Telemetry:
     store = FakeSpanStore()
     for i in range(count):
         row = export_batch(
-            request(
+            export_request(
                 [
                     span(
                         1,
@@ -442,7 +424,7 @@ async def test_version_metrics_in_version_order_with_their_cost() -> None:
     ]
     prices = {"gpt-x": (1.0, 4.0)}  # dollars per million tokens
     telemetry = Telemetry(FakeSpanStore(), FakeScoreStore(), prices)
-    await telemetry.export(export_batch(request(spans), "acme"))
+    await telemetry.export(export_batch(export_request(spans), "acme"))
     metrics = await telemetry.version_metrics("acme", AgentRef("a"), None, None)
     assert [m.version for m in metrics] == [
         "agents/a/versions/2",

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 from corral.sdk import App
 
@@ -18,6 +19,15 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 def _errno(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def _attempt(done: str, act: Callable[..., object], *args: object) -> str:
+    """What came of `act(*args)`: `done`, or the errno it met."""
+    try:
+        act(*args)
+    except OSError as exc:
+        return _errno(exc)
+    return done
 
 
 def _read(path: str) -> dict:
@@ -49,40 +59,38 @@ def processes(p: dict) -> dict:
     return {"processes": found}
 
 
+def _append(path: str) -> None:
+    with open(path, "ab") as f:
+        f.write(b"pwned\n")
+
+
 def write(p: dict) -> dict:
-    out = {}
-    for path in p["paths"]:
-        try:
-            with open(path, "ab") as f:
-                f.write(b"pwned\n")
-            out[path] = "written"
-        except OSError as exc:
-            out[path] = _errno(exc)
-    return out
+    return {path: _attempt("written", _append, path) for path in p["paths"]}
+
+
+def _connect(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect((host, port))
+
+
+def _open_socket(family: int, kind: int) -> None:
+    socket.socket(family, kind).close()
 
 
 def connect(p: dict) -> dict:
-    out = {}
-    for host, port in p["targets"]:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect((host, port))
-            out[f"{host}:{port}"] = "connected"
-        except OSError as exc:
-            out[f"{host}:{port}"] = _errno(exc)
+    out = {
+        f"{host}:{port}": _attempt("connected", _connect, host, port)
+        for host, port in p["targets"]
+    }
     for name, family, kind in (
         ("vsock", getattr(socket, "AF_VSOCK", 40), socket.SOCK_STREAM),
         ("netlink", socket.AF_NETLINK, socket.SOCK_RAW),
         ("packet", getattr(socket, "AF_PACKET", 17), socket.SOCK_RAW),
         ("udp", socket.AF_INET, socket.SOCK_DGRAM),
     ):
-        try:
-            socket.socket(family, kind).close()
-            out[name] = "opened"
-        except OSError as exc:
-            out[name] = _errno(exc)
+        out[name] = _attempt("opened", _open_socket, family, kind)
     return out
 
 
@@ -164,11 +172,7 @@ def ptrace(p: dict) -> dict:
         rc = libc.ptrace(PTRACE_ATTACH, pid, None, None)
         out[f"ptrace {name}"] = "attached" if rc == 0 else errno.errorcode[ctypes.get_errno()]
     for name, pid in (("neighbour", p["neighbour_pid"]), ("executor", p["executor_pid"])):
-        try:
-            os.kill(pid, 9)
-            out[f"kill {name}"] = "sent"
-        except OSError as exc:
-            out[f"kill {name}"] = _errno(exc)
+        out[f"kill {name}"] = _attempt("sent", os.kill, pid, 9)
     os.kill(child, 9)
     os.waitpid(child, 0)
     return out
@@ -235,19 +239,17 @@ def outlive(p: dict) -> dict:
     return {"daemon": daemon}
 
 
+def _write_back(path: str) -> None:
+    with open(path) as f:
+        value = f.read()
+    with open(path, "w") as f:
+        f.write(value)
+
+
 def sysctl(p: dict) -> dict:
     """Writes the current value back into global sysctls: harmless if it works; it must not."""
-    out = {}
-    for path in ("/proc/sys/kernel/core_uses_pid", "/proc/sys/vm/overcommit_memory"):
-        try:
-            with open(path) as f:
-                value = f.read()
-            with open(path, "w") as f:
-                f.write(value)
-            out[path] = "written"
-        except OSError as exc:
-            out[path] = _errno(exc)
-    return out
+    paths = ("/proc/sys/kernel/core_uses_pid", "/proc/sys/vm/overcommit_memory")
+    return {path: _attempt("written", _write_back, path) for path in paths}
 
 
 ATTACKS = {f.__name__: f for f in (read, environ, processes, write, connect, resolve, fork_bomb,

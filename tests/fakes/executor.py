@@ -1,0 +1,254 @@
+"""The executor's seams in memory: the revocation store's Redis and deny-list (and credentials to
+put there), the sessions and registry clients, telemetry's span export, and sandboxes whose
+agent is a script (no worker process, no socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common.endpoints import EndpointTraffic, EndpointUpdate
+from services.common.errors import Aborted, NotFound
+from services.common.identity import Caller
+from services.executor.bundles import BundleCache, UnpackedBundle
+from services.executor.credentials import Credential, CredentialIssuer
+from services.executor.drivers.base import Limit, SandboxSpec, Usage
+from services.executor.metrics import ExecutorMetrics
+from services.executor.model import (
+    FinishedTurn,
+    Lease,
+    ModelHandler,
+    PackedBundle,
+    SessionState,
+    ToolHandler,
+    TurnInput,
+    TurnOutput,
+)
+from services.executor.sandbox import Sandbox
+from services.executor.starter import SandboxStarter
+
+
+class FakeRedis:
+    """The two commands the executor's revocation store uses, with the expiry they were given."""
+
+    def __init__(self) -> None:
+        self.ttl: dict[str, int] = {}
+
+    async def set(self, key: str, _value: bytes, ex: int) -> None:
+        self.ttl[key] = ex
+
+    async def exists(self, key: str) -> int:
+        return int(key in self.ttl)
+
+
+def mint(issuer: CredentialIssuer, **claims: object) -> Credential:
+    """A credential from `issuer` for invocation inv-1 of sessions/s1 on agents/x/versions/3, as
+    alice of acme, for the search and calendar tools, expiring in a minute; `claims` change any
+    of these."""
+    fields: dict[str, object] = {
+        "version": "agents/x/versions/3",
+        "session": "sessions/s1",
+        "invocation_id": "inv-1",
+        "tenant": "acme",
+        "user": "alice",
+        "audience": ["search", "calendar"],
+        "expires_at": time.time() + 60,
+    }
+    return issuer.mint(**{**fields, **claims})  # type: ignore[arg-type]
+
+
+def forge(token: str, key: Ed25519PrivateKey, kid: str) -> str:
+    """`token`'s claims signed with `key` under the key id `kid`: a forgery."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
+
+
+def tamper(token: str, **changes: object) -> str:
+    """`token` with `changes` made to its claims and its signature kept: a tampered token."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims.update(changes)
+    encoded = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{encoded}.{signature}"
+
+
+class FakeRevocations:
+    """The credential deny-list (RevocationList) in memory: jti -> the TTL it was given."""
+
+    def __init__(self) -> None:
+        self.ttl: dict[str, int] = {}
+
+    async def add(self, jti: str, ttl_s: int) -> None:
+        self.ttl[jti] = ttl_s
+
+    async def contains(self, jti: str) -> bool:
+        return jti in self.ttl
+
+
+class FakeSessionLeases:
+    """The sessions service as the executor sees it (Sessions), in memory: one state per session, compare-and-set on its
+    etag, and the leases taken and released."""
+
+    def __init__(self) -> None:
+        self.states: dict[SessionRef, SessionState] = {}
+        self.leases: dict[SessionRef, str] = {}
+        self.released: list[str] = []
+        self.commits: list[FinishedTurn] = []
+        self.renewals = 0
+        # Set to make the next commits fail as a concurrent writer would make them.
+        self.conflict = False
+
+    async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
+        lease = self.leases[session] = f"lease-{len(self.leases) + len(self.released) + 1}"
+        return Lease(lease, self.states.get(session, SessionState(b"", "e0", 0)))
+
+    async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
+        if self.leases.get(session) != lease_id:
+            raise Aborted(f"{session} is leased to another holder")
+        self.renewals += 1
+
+    async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
+        if self.leases.get(session) == lease_id:
+            del self.leases[session]
+            self.released.append(lease_id)
+
+    async def commit(
+        self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
+    ) -> SessionState:
+        current = self.states.get(session, SessionState(b"", "e0", 0))
+        if self.conflict or etag != current.etag or self.leases.get(session) != lease_id:
+            raise Aborted(f"{session} changed since etag {etag}", reason="ETAG_MISMATCH")
+        self.commits.append(turn)
+        count = current.turn_count + 1
+        committed = self.states[session] = SessionState(turn.state, f"e{count}", count)
+        return committed
+
+
+class FakeBundleRegistry:
+    """The registry as the executor sees it (Registry): packed bundles and digests by version,
+    and the endpoints it watches, which send one snapshot and then never change."""
+
+    def __init__(
+        self, bundles: Mapping[VersionRef, tuple[str, bytes]],
+        endpoints: tuple[EndpointTraffic, ...] = (),
+    ) -> None:
+        self.bundles = dict(bundles)  # version -> (digest, packed)
+        self.traffic = endpoints
+        self.downloads = 0
+
+    async def download(self, version: VersionRef) -> PackedBundle:
+        self.downloads += 1
+        return PackedBundle(version, self.bundles[version][1])
+
+    async def digest(self, version: VersionRef) -> str:
+        if version not in self.bundles:
+            raise NotFound(f"{version} does not exist")
+        return self.bundles[version][0]
+
+    def endpoints(self) -> FakeBundleRegistry:
+        return self
+
+    async def watch(self) -> AsyncIterator[EndpointUpdate]:
+        yield EndpointUpdate(self.traffic, snapshot=True)
+        await asyncio.Event().wait()  # quiet until the mirror closes
+
+    async def get(self, ref: EndpointRef) -> EndpointTraffic:
+        found = [endpoint for endpoint in self.traffic if endpoint.ref == ref]
+        if not found:
+            raise NotFound(f"{ref} does not exist")
+        return found[0]
+
+
+class FakeSpanExport:
+    """Telemetry's span export (SpanExport): what was forwarded, with its trusted attributes."""
+
+    def __init__(self) -> None:
+        self.forwarded: list[tuple[bytes, dict[str, str]]] = []
+
+    def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
+        self.forwarded.append((encoded, dict(trusted)))
+
+
+class FakeWorker:
+    """A worker process (WorkerProcess) that is not one: it ends when killed or told to."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.limit_hit: Limit | None = None
+        self._ended = asyncio.Event()
+
+    def end(self, code: int, limit: Limit | None = None) -> None:
+        if self.returncode is None:
+            self.returncode, self.limit_hit = code, limit
+            self._ended.set()
+
+    def kill(self) -> None:
+        self.end(-9)
+
+    async def wait(self) -> int:
+        await self._ended.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def usage(self) -> Usage:
+        return Usage(memory_bytes=1 << 20, cpu_seconds=0.5)
+
+
+# An agent as a script: given the turn and its model and tool handlers (and its worker, to end
+# it), it yields output chunks and then the turn's output.
+AgentScript = Callable[
+    [TurnInput, ModelHandler, ToolHandler, FakeWorker], AsyncIterator[bytes | TurnOutput]
+]
+
+
+class ScriptedSandbox(Sandbox):
+    """A sandbox whose agent is a script: no worker process, no socket."""
+
+    def __init__(self, spec: SandboxSpec, script: AgentScript, pid: int) -> None:
+        super().__init__(spec)
+        self.worker = FakeWorker(pid)
+        self.process = self.worker
+        self.script = script
+        self.turns: list[TurnInput] = []
+
+    async def run(
+        self, turn: TurnInput, model: ModelHandler, tools: ToolHandler
+    ) -> AsyncGenerator[bytes | TurnOutput, None]:
+        self.turns.append(turn)
+        async for item in self.script(turn, model, tools, self.worker):
+            yield item
+
+
+class ScriptedStarter(SandboxStarter):
+    """Starts ScriptedSandboxes of the bundles the registry holds; no driver is involved."""
+
+    def __init__(self, bundles: BundleCache, workdirs: Path, script: AgentScript) -> None:
+        super().__init__(NoDriver(), bundles, workdirs, "", ExecutorMetrics())
+        self.script = script
+        self.started: list[ScriptedSandbox] = []
+
+    async def start_bundle(self, bundle: UnpackedBundle) -> Sandbox:
+        sandbox = ScriptedSandbox(self.spec(bundle), self.script, pid=1000 + len(self.started))
+        self.started.append(sandbox)
+        return sandbox
+
+
+class NoDriver:
+    """The sandbox driver of scripted sandboxes: there is nothing to spawn or clean up."""
+
+    name = "scripted"
+
+    async def spawn(self, spec: SandboxSpec, socket_fd: int) -> FakeWorker:
+        raise AssertionError("scripted sandboxes are not spawned")
+
+    def remove_orphans(self) -> int:
+        return 0

@@ -1,0 +1,110 @@
+"""The router's seams in memory: the sessions, registry and executor clients, and the endpoints
+an EndpointMirror reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common.endpoints import EndpointTraffic, EndpointUpdate
+from services.common.errors import NotFound, PermissionDenied
+from services.common.identity import Caller
+from services.router import model as router_model
+
+
+class FakeSessions:
+    """The router's SessionsClient over a dict of pins, refusing other callers as sessions does."""
+
+    def __init__(self) -> None:
+        self.pins: dict[SessionRef, router_model.SessionPin] = {}
+        # The version each session was created on, with its timeouts.
+        self.created_on: dict[SessionRef, router_model.VersionInfo] = {}
+        self.gets = 0
+
+    def _owned(self, caller: Caller, session: SessionRef) -> router_model.SessionPin | None:
+        pin = self.pins.get(session)
+        if pin is not None and pin.owner != caller:
+            raise PermissionDenied(f"{session.name} belongs to another caller")
+        return pin
+
+    async def get(self, caller: Caller, session: SessionRef) -> router_model.SessionPin | None:
+        self.gets += 1
+        return self._owned(caller, session)
+
+    async def create(
+        self, caller: Caller, session: SessionRef, version: router_model.VersionInfo,
+        endpoint: EndpointRef | None,
+    ) -> router_model.SessionPin | None:
+        if session in self.pins:
+            return None
+        pin = router_model.SessionPin(
+            session, caller, None, version.ref.parent, version.ref, version.digest, endpoint
+        )
+        self.pins[session] = pin
+        self.created_on[session] = version
+        return pin
+
+    async def stop(self, caller: Caller, session: SessionRef) -> None:
+        pin = self._owned(caller, session)
+        if pin is None:
+            raise NotFound(f"{session.name} not found")
+        self.pins[session] = dataclasses.replace(pin, ended=router_model.SessionEnd.STOPPED)
+
+
+class FakeRegistry:
+    """The router's RegistryClient over a dict of published versions."""
+
+    def __init__(self, *versions: router_model.VersionInfo) -> None:
+        self.versions = {v.ref: v for v in versions}
+
+    async def version(self, ref: VersionRef) -> router_model.VersionInfo:
+        if ref not in self.versions:
+            raise NotFound(f"{ref.name} does not exist")
+        return self.versions[ref]
+
+
+class FakeExecutor:
+    """The router's ExecutorClient: each execution echoes its payload back in `chunks` pieces and
+    counts the session's turns. `closed` lists the invocations whose streams were closed."""
+
+    def __init__(self, chunks: int = 2) -> None:
+        self.chunks = chunks
+        self.invocations: list[router_model.Invocation] = []
+        self.closed: list[str] = []
+        self.stopped: list[SessionRef] = []
+        self.turns: dict[SessionRef, int] = {}
+
+    async def execute(
+        self, caller: Caller, invocation: router_model.Invocation, trace: router_model.TraceContext
+    ) -> AsyncGenerator[router_model.ExecutionEvent, None]:
+        self.invocations.append(invocation)
+        session = invocation.resolved.pin.session
+        try:
+            yield router_model.Started("trace-" + invocation.invocation_id)
+            size = max(1, -(-len(invocation.payload) // self.chunks))
+            for start in range(0, len(invocation.payload), size):
+                yield router_model.Chunk(invocation.payload[start : start + size])
+            self.turns[session] = self.turns.get(session, 0) + 1
+            yield router_model.Completed(duration_ms=1, turn=self.turns[session])
+        finally:
+            self.closed.append(invocation.invocation_id)
+
+    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
+        self.stopped.append(session)
+
+
+class FakeEndpoints:
+    """The registry's endpoints, as an EndpointMirror reads them: the watch sends one snapshot,
+    `get` reads the dict."""
+
+    def __init__(self, *endpoints: EndpointTraffic) -> None:
+        self.endpoints = {e.ref: e for e in endpoints}
+
+    async def watch(self) -> AsyncIterator[EndpointUpdate]:
+        yield EndpointUpdate(tuple(self.endpoints.values()), snapshot=True)
+
+    async def get(self, ref: EndpointRef) -> EndpointTraffic:
+        if ref not in self.endpoints:
+            raise NotFound(f"{ref.name} does not exist")
+        return self.endpoints[ref]

@@ -1,0 +1,192 @@
+"""Telemetry's seams in memory: its span and score stores, with the filters, order and keyset
+paging of the SQL, and the fleet the executor reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from corral.names import AgentRef, SessionRef
+from services.common.paging import Key
+from services.telemetry.analysis import SessionObservation
+from services.telemetry.model import (
+    INPUT_TOKENS_ATTR,
+    MODEL_ATTR,
+    OUTPUT_TOKENS_ATTR,
+    TOOL_ATTR,
+    FleetVersion,
+    Latency,
+    NewScore,
+    ObservationQuery,
+    Score,
+    ScoreFilter,
+    SpanFilter,
+    SpanRow,
+    SpanStatus,
+    TraceSummary,
+    UsageCounts,
+    VersionMetrics,
+)
+from tests.fakes.common import keyset_page
+
+
+class FakeSpanStore:
+    """telemetry's SpanStore in memory, with the filters, order and keyset paging of the SQL."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], SpanRow] = {}
+
+    async def insert_spans(self, rows: Sequence[SpanRow]) -> int:
+        new = [r for r in rows if (r.trace_id, r.span_id) not in self.rows]
+        self.rows.update({(r.trace_id, r.span_id): r for r in new})
+        return len(new)
+
+    def _matching(self, tenant: str, where: SpanFilter) -> list[SpanRow]:
+        def matches(r: SpanRow) -> bool:
+            names = (
+                (r.agent, where.agent),
+                (r.version, where.version),
+                (r.endpoint, where.endpoint),
+                (r.session, where.session),
+            )
+            return (
+                r.tenant == tenant
+                and all(ref is None or value == ref.name for value, ref in names)
+                and (not where.trace_id or r.trace_id == where.trace_id)
+                and (where.start_time is None or r.start_time >= where.start_time)
+                and (where.end_time is None or r.start_time < where.end_time)
+                and (not where.errors_only or r.status is SpanStatus.ERROR)
+            )
+
+        return [r for r in self.rows.values() if matches(r)]
+
+    async def list_spans(
+        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+    ) -> list[SpanRow]:
+        return keyset_page(
+            self._matching(tenant, where),
+            lambda r: (r.start_time, r.trace_id, r.span_id),
+            after,
+            limit,
+            newest_first=True,
+        )
+
+    async def newest_invocation(self, tenant: str, session: SessionRef) -> SpanRow | None:
+        invocations = [
+            r for r in self._matching(tenant, SpanFilter(session=session)) if r.is_invocation
+        ]
+        return max(invocations, key=lambda r: r.start_time, default=None)
+
+    async def has_trace(self, tenant: str, session: SessionRef, trace_id: str) -> bool:
+        return bool(self._matching(tenant, SpanFilter(session=session, trace_id=trace_id)))
+
+    async def list_traces(
+        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+    ) -> list[TraceSummary]:
+        first: dict[str, SpanRow] = {}
+        for r in sorted(self._matching(tenant, where), key=lambda r: (r.start_time, r.span_id)):
+            if r.is_invocation:
+                first.setdefault(r.trace_id, r)
+        summaries = [
+            TraceSummary(
+                r.trace_id,
+                r.name,
+                r.start_time,
+                r.duration_ms,
+                r.status,
+                r.agent,
+                r.version,
+                r.endpoint,
+                r.session,
+                sum(s.trace_id == r.trace_id and s.tenant == tenant for s in self.rows.values()),
+            )
+            for r in first.values()
+        ]
+        return keyset_page(
+            summaries, lambda t: (t.start_time, t.trace_id), after, limit, newest_first=True
+        )
+
+    async def version_metrics(
+        self, tenant: str, agent: AgentRef, start: datetime | None, end: datetime | None
+    ) -> list[VersionMetrics]:
+        spans = self._matching(tenant, SpanFilter(agent=agent, start_time=start, end_time=end))
+        by_version: dict[str, list[SpanRow]] = {}
+        for r in spans:
+            if r.version:
+                by_version.setdefault(r.version, []).append(r)
+        return [_version_metrics(version, rows) for version, rows in by_version.items()]
+
+
+def _number(value: object) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _version_metrics(version: str, rows: Sequence[SpanRow]) -> VersionMetrics:
+    invocations = [r for r in rows if r.is_invocation]
+    tools = [r for r in rows if TOOL_ATTR in r.attributes]
+    by_model: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        model = r.attributes.get(MODEL_ATTR)
+        if isinstance(model, str):
+            tokens_in, tokens_out = by_model.get(model, (0, 0))
+            by_model[model] = (
+                tokens_in + _number(r.attributes.get(INPUT_TOKENS_ATTR)),
+                tokens_out + _number(r.attributes.get(OUTPUT_TOKENS_ATTR)),
+            )
+    counts = UsageCounts(
+        invocations=len(invocations),
+        errors=sum(r.status is SpanStatus.ERROR for r in invocations),
+        sessions=len({r.session for r in invocations if r.session}),
+        tool_calls=len(tools),
+        tool_failures=sum(r.status is SpanStatus.ERROR for r in tools),
+        input_tokens=sum(_number(r.attributes.get(INPUT_TOKENS_ATTR)) for r in rows),
+        output_tokens=sum(_number(r.attributes.get(OUTPUT_TOKENS_ATTR)) for r in rows),
+    )
+    return VersionMetrics(version, counts, Latency(), tokens_by_model=by_model)
+
+
+class FakeScoreStore:
+    """telemetry's ScoreStore in memory; each version's observations are given as a list."""
+
+    def __init__(self) -> None:
+        self.scores: list[Score] = []
+        self.observed: dict[str, list[SessionObservation]] = {}
+        self.observation_queries: list[ObservationQuery] = []
+        # When scores are recorded: equal times, unless a test moves it, so the id breaks ties.
+        self.now = datetime(2025, 1, 1, tzinfo=UTC)
+
+    async def insert_score(self, score: NewScore) -> Score:
+        stored = Score(**vars(score), id=len(self.scores) + 1, create_time=self.now)
+        self.scores.append(stored)
+        return stored
+
+    async def list_scores(
+        self, tenant: str, where: ScoreFilter, after: Key | None, limit: int
+    ) -> list[Score]:
+        matching = [
+            s
+            for s in self.scores
+            if s.tenant == tenant
+            and (where.session is None or s.session == where.session.name)
+            and (where.version is None or s.version == where.version.name)
+            and (not where.name or s.name == where.name)
+        ]
+        return keyset_page(
+            matching, lambda s: (s.create_time, s.id), after, limit, newest_first=True
+        )
+
+    async def observations(self, query: ObservationQuery) -> list[SessionObservation]:
+        self.observation_queries.append(query)
+        return self.observed.get(query.version.name, [])
+
+
+class FakeFleet:
+    """telemetry's FleetMetrics as a test gives them, keeping the latency windows asked for."""
+
+    def __init__(self, versions: Sequence[FleetVersion]) -> None:
+        self.versions = list(versions)
+        self.windows: list[float] = []
+
+    async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
+        self.windows.append(latency_window_s)
+        return self.versions

@@ -1,0 +1,56 @@
+"""Calling Corral's services as a client does, and reading what they answer: the caller's
+headers, a JSON payload, a call that must fail with a given code, and the details on a failure."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def who(tenant: str, user: str = "alice") -> Metadata:
+    """The headers naming the caller, as the gateway in front of Corral sets them; an empty
+    tenant or user is left out."""
+    headers = (("x-corral-tenant", tenant), ("x-corral-user", user))
+    return tuple((key, value) for key, value in headers if value)
+
+
+def new_tenant() -> str:
+    """A tenant of a test's own: the run shares one database, and this keeps the test's lists
+    to what it made."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def body(payload: object) -> bytes:
+    """`payload` as the JSON bytes an invocation carries."""
+    return json.dumps(payload).encode()
+
+
+async def fails(code: grpc.StatusCode, call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """Awaits `call`, which must fail with `code`; the failure, for a test to look into."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
+    return info.value
+
+
+def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
+    """The ErrorInfo and the BadRequest field names a Corral service attached to a failure."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
+    info, fields = error_details_pb2.ErrorInfo(), []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return info, fields
