@@ -1,6 +1,7 @@
 """The executor's domain values and the seams it is built on: the sessions service (leases, state,
 commits), the registry (bundles, versions, endpoints), telemetry (agent spans) and the
-credential deny-list. Implementations live in clients.py and store.py; tests use tests/fakes.py."""
+credential deny-list. Implementations live in clients.py and store.py; tests use
+tests/fakes/executor.py."""
 
 from __future__ import annotations
 
