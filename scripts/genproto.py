@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from grpc_tools import protoc  # type: ignore[import-untyped]
+from grpc_tools import protoc  # type: ignore[import-untyped]  # grpcio-tools ships no type hints
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"

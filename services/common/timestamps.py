@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -13,9 +14,9 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def optional_time(message: object, field: str) -> datetime | None:
+def optional_time(message: Message, field: str) -> datetime | None:
     """The datetime (UTC) in `message.field`, or None when the field is unset."""
-    if not message.HasField(field):  # type: ignore[attr-defined]
+    if not message.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
     return stamp.ToDatetime(tzinfo=UTC)

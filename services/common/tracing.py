@@ -44,6 +44,7 @@ def server_interceptor() -> grpc.aio.ServerInterceptor:
 
 
 def client_interceptors() -> Sequence[grpc.aio.ClientInterceptor]:
+    # Likewise untyped.
     interceptors: Sequence[grpc.aio.ClientInterceptor] = aio_client_interceptors()  # type: ignore[no-untyped-call]
     return interceptors
 
