@@ -43,11 +43,12 @@ class BundleCache:
         """The bundle of `version`, which must have `digest`: from memory, from disk, or
         downloaded and unpacked (once, however many sessions ask at the same time)."""
         known = self._unpacked.get(digest)
-        if known is not None:
+        if known is not None and known.path.exists():
             return known
         async with self._locks.setdefault(digest, asyncio.Lock()):
             known = self._unpacked.get(digest)
-            if known is None:
+            # Unpacked bundles on disk may be cleared while the executor runs: fetch it again.
+            if known is None or not known.path.exists():
                 dest = self.path(digest)
                 if not dest.exists():
                     await self._download(version, digest, dest)

@@ -60,7 +60,8 @@ class SandboxTable:
         self._reaper = Periodic(
             self._reap, every_s=REAP_INTERVAL_S, first_delay_s=REAP_INTERVAL_S, what="sandbox reaper"
         )
-        renew_every_s = settings.lease_ttl_s / 3
+        # Three renewals per lease lifetime, but never a busy loop on a tiny (misconfigured) one.
+        renew_every_s = max(settings.lease_ttl_s / 3, 1.0)
         self._renewal = Periodic(
             self._renew, every_s=renew_every_s, first_delay_s=renew_every_s, what="lease renewal"
         )
@@ -198,8 +199,10 @@ class SandboxTable:
             try:
                 await self._sessions.renew(bound.owner, session, bound.lease_id, self._settings.lease_ttl_s)
             except Exception as exc:  # noqa: BLE001
-                log.warning("lost the lease of %s (%s); stopping its sandbox", session, exc)
-                if session not in self._busy:
+                # Only the sandbox whose lease this was: the session may have been dropped and
+                # bound again (with a new lease) while the renewal was on its way.
+                if session not in self._busy and self._bound.get(session) is bound:
+                    log.warning("lost the lease of %s (%s); stopping its sandbox", session, exc)
                     await self.drop(session)
 
 

@@ -447,6 +447,31 @@ async def test_manual_rollback_racing_the_controller_leaves_one_consistent_endpo
     assert len(rollbacks) == 6
 
 
+async def test_an_experiment_an_older_release_ended_by_rollback_reads_as_aborted(
+    start_services: StartServices, make_world: Callable[..., World]
+) -> None:
+    """Before experiments had states of their own, an endpoint rollback wrote ROLLED_BACK into
+    the experiment it ended; such rows must still list and read (as ABORTED, which they were)."""
+    await start_services("telemetry", "sessions", "registry")
+    w = await ready(make_world)
+    experiment = ro.Experiment(variants=[reg.TrafficTarget(version=w.version(1), percent=50),
+                                         reg.TrafficTarget(version=w.version(2), percent=50)])
+    made = await w.rollouts.CreateExperiment(
+        ro.CreateExperimentRequest(parent=w.endpoint, experiment=experiment), metadata=ALICE)
+    conn = await asyncpg.connect(w.settings.require_database())
+    try:
+        await conn.execute(
+            "UPDATE registry.rollouts SET state = 'ROLLED_BACK', end_time = now() "
+            "WHERE agent = $1 AND kind = 'experiment'", w.agent)
+    finally:
+        await conn.close()
+    got = await w.rollouts.GetExperiment(ro.GetExperimentRequest(name=made.name), metadata=ALICE)
+    assert got.state == ro.EXPERIMENT_STATE_ABORTED
+    listed = await w.rollouts.ListExperiments(
+        ro.ListExperimentsRequest(parent=w.endpoint), metadata=ALICE)
+    assert [e.name for e in listed.experiments] == [made.name]
+
+
 # -- 6. a manual endpoint change aborts -------------------------------------------------------
 
 

@@ -48,10 +48,19 @@ def _rollout(row: asyncpg.Record) -> RolloutRecord:
     )
 
 
+# Releases before the experiment states were their own wrote ROLLED_BACK into an experiment that
+# an endpoint rollback ended; such an experiment was aborted.
+_LEGACY_EXPERIMENT_STATES = {"ROLLED_BACK": ExperimentState.ABORTED}
+
+
+def _experiment_state(stored: str) -> ExperimentState:
+    return _LEGACY_EXPERIMENT_STATES.get(stored) or ExperimentState(stored)
+
+
 def _experiment(row: asyncpg.Record) -> ExperimentRecord:
     return ExperimentRecord(
         endpoint=EndpointRef(row["agent"], row["endpoint"]), id=row["id"],
-        spec=experiment_spec_from_json(row["spec"]), state=ExperimentState(row["state"]),
+        spec=experiment_spec_from_json(row["spec"]), state=_experiment_state(row["state"]),
         state_reason=row["state_reason"], traffic_start_time=row["traffic_start_time"],
         end_time=row["end_time"], create_time=row["create_time"], update_time=row["update_time"],
         creator=row["creator"], revision=row["revision"],
