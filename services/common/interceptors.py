@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
 
+from services.common.background import TaskSet
 from services.common.status import domain_error, from_rpc_error, to_status
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-_closing: set[asyncio.Task[None]] = set()
+_closing = TaskSet("closing a finished stream")
 
 
 def close_when_done(context: Context, stream: AsyncGenerator[Any, None]) -> None:
@@ -102,9 +102,7 @@ def close_when_done(context: Context, stream: AsyncGenerator[Any, None]) -> None
             pass  # still running: the RPC's cancellation reaches it where it awaits
 
     def on_done(_context: Context) -> None:
-        task = asyncio.ensure_future(close())
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        _closing.spawn(close())
 
     # The stubs declare the callback as a class rather than a callable Protocol.
     context.add_done_callback(on_done)  # type: ignore[arg-type]
