@@ -1,5 +1,6 @@
-"""Spans as an OpenTelemetry exporter sends them to telemetry: attributes, and the
-ExportTraceServiceRequest that carries a batch of spans and their resource."""
+"""Spans as an OpenTelemetry exporter sends them to telemetry: attributes, spans of an agent's
+invocations built by hand, and the ExportTraceServiceRequest that carries a batch of spans and
+their resource."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from collections.abc import Mapping, Sequence
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+# otlp_span places spans by milliseconds after T0.
+T0 = 1_750_000_000_000_000_000  # nanoseconds since the epoch
+MS = 1_000_000
 
 
 def kv(key: str, value: AnyValue | str) -> KeyValue:
@@ -31,3 +36,50 @@ def export_request(
         resource=Resource(attributes=list(resource)), scope_spans=[ScopeSpans(spans=list(spans))]
     )
     return ExportTraceServiceRequest(resource_spans=[batch])
+
+
+def corral_attributes(
+    agent: str, n: int, endpoint: str, session: str, tenant: str
+) -> dict[str, str]:
+    """The corral.* attributes saying where a span ran: version `n` of `agent`, through
+    `endpoint`, in `session`, for `tenant`."""
+    return {
+        "corral.agent": agent,
+        "corral.version": f"{agent}/versions/{n}",
+        "corral.endpoint": f"{agent}/endpoints/{endpoint}",
+        "corral.session": session,
+        "corral.tenant": tenant,
+    }
+
+
+def otlp_span(
+    trace: int,
+    span: int,
+    start_ms: float,
+    duration_ms: float,
+    attrs: dict[str, str],
+    *,
+    error: bool = False,
+    parent: int = 0,
+) -> Span:
+    """Span `span` of trace `trace` (its ids as numbers), starting `start_ms` after T0; a "name"
+    in `attrs` is the span's name, the rest are its attributes."""
+    start = T0 + int(start_ms * MS)
+    return Span(
+        trace_id=trace.to_bytes(16, "big"),
+        span_id=span.to_bytes(8, "big"),
+        parent_span_id=parent.to_bytes(8, "big") if parent else b"",
+        name=attrs.get("name", "invoke_agent progress-report"),
+        start_time_unix_nano=start,
+        end_time_unix_nano=start + int(duration_ms * MS),
+        status=Status(code=Status.STATUS_CODE_ERROR if error else Status.STATUS_CODE_UNSET),
+        attributes=attributes({k: v for k, v in attrs.items() if k != "name"}),
+    )
+
+
+def invocation(agent: str, n: int, session: str, tenant: str) -> dict[str, str]:
+    """The attributes of the `invoke_agent` span of one turn of version `n`, through prod."""
+    return {
+        **corral_attributes(agent, n, "prod", session, tenant),
+        "gen_ai.operation.name": "invoke_agent",
+    }

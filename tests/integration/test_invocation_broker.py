@@ -197,8 +197,8 @@ async def test_undeclared_tools_are_refused_and_secrets_never_enter_the_sandbox(
 async def test_tool_failures_are_the_agents_errors_and_count_for_its_version(world) -> None:
     mesh, _, agent = world
     # The executor's own spans go through OpenTelemetry's global tracer provider, which only one
-    # in-process test may install (test_mesh's); this one exports the tool broker's spans to this
-    # test's telemetry with a provider of its own, as the executor's would.
+    # in-process test may install (test_mesh_invocation's); this one exports the tool broker's
+    # spans to this test's telemetry with a provider of its own, as the executor's would.
     provider = TracerProvider(resource=Resource.create({"service.name": "corral-executor"}))
     provider.add_span_processor(BatchSpanProcessor(
         OTLPSpanExporter(endpoint=mesh.settings.addrs["telemetry"], insecure=True, timeout=3)))
