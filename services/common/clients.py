@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 import grpc
 
 from services.common import tracing
-from services.common.identity import Caller
+from services.common.identity import Caller, metadata_of
 from services.common.server import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 
@@ -30,7 +30,7 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
 
 def call_metadata(caller: Caller | None = None) -> tuple[tuple[str, str], ...]:
     """Metadata for a call made on behalf of `caller`, with the current trace context."""
-    return (*(caller.metadata() if caller else ()), *tracing.inject_metadata())
+    return (*(metadata_of(caller) if caller else ()), *tracing.inject_metadata())
 
 
 Stub = TypeVar("Stub")

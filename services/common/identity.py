@@ -1,32 +1,26 @@
-"""Who is calling. Taken from request metadata until inbound authentication replaces this module."""
+"""Who is calling: the principal the authentication interceptor verified for this call.
+
+Transitional: until the interceptor lands, the principal is read from two request headers."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.common.auth.principal import DEFAULT_TENANT, CredentialKind, Principal, Role
 from services.common.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from services.common.interceptors import Context
 
+# Services read the principal through this name.
+Caller = Principal
+
 TENANT_KEY = "x-corral-tenant"
 USER_KEY = "x-corral-user"
-DEFAULT_TENANT = "default"
 ANONYMOUS = "anonymous"
 _VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
-
-
-@dataclass(frozen=True)
-class Caller:
-    tenant: str
-    user: str
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Metadata that carries this identity on a call to another service."""
-        return ((TENANT_KEY, self.tenant), (USER_KEY, self.user))
 
 
 def caller_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
@@ -38,8 +32,14 @@ def caller_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
             raise InvalidArgument.field(
                 key, f"{value!r} is not a valid identity (letters, digits, . _ @ -, at most 128)"
             )
-    return Caller(tenant=tenant, user=user)
+    return Principal(tenant=tenant, subject=user, roles=frozenset({Role.ADMIN}),
+                     kind=CredentialKind.API_KEY, credential="header")
 
 
 def caller(context: Context) -> Caller:
     return caller_from_metadata(context.invocation_metadata())
+
+
+def metadata_of(principal: Principal) -> tuple[tuple[str, str], ...]:
+    """Metadata that carries `principal` on a call to another service."""
+    return ((TENANT_KEY, principal.tenant), (USER_KEY, principal.subject))

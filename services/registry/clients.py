@@ -27,7 +27,7 @@ from services.registry.rollout_model import (
 )
 
 # The registry calls on its own behalf, not a user's.
-PLATFORM = Caller(tenant="system", user="corral-controller")
+PLATFORM = Caller(tenant="system", subject="corral-controller")
 TIMEOUT_S = 30
 Response = TypeVar("Response")
 

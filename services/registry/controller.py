@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 EXPERIMENT_CHECK_S = 10.0
 SYSTEM = "corral-controller"
-_SYSTEM_CALLER = Caller(tenant="system", user=SYSTEM)
+_SYSTEM_CALLER = Caller(tenant="system", subject=SYSTEM)
 
 # A step's outcome: the rollout after it, the transition to announce, and the rollout whose
 # candidate was rolled back (its session policy runs once the transaction has committed).

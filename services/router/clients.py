@@ -16,7 +16,7 @@ from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
 from services.common.execution import Completed, Started
-from services.common.identity import Caller
+from services.common.identity import Caller, metadata_of
 from services.common.settings import Settings
 from services.common.status import calling
 from services.router.model import (
@@ -144,7 +144,7 @@ class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"
             invocation_id=invocation.invocation_id, payload=invocation.payload,
             content_type=invocation.content_type, tenant=caller.tenant, user=caller.user,
         )
-        call = self._stub.Execute(request, metadata=(*caller.metadata(), *trace))
+        call = self._stub.Execute(request, metadata=(*metadata_of(caller), *trace))
         try:
             with calling("executor"):
                 async for response in call:
