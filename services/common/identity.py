@@ -19,12 +19,15 @@ Caller = Principal
 
 TENANT_KEY = "x-corral-tenant"
 USER_KEY = "x-corral-user"
+SERVICE_KEY = "x-corral-service"
 ANONYMOUS = "anonymous"
 _VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 
 def caller_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
-    values = {k: v for k, v in (metadata or ()) if k in (TENANT_KEY, USER_KEY)}
+    values = {k: v for k, v in (metadata or ()) if k in (TENANT_KEY, USER_KEY, SERVICE_KEY)}
+    if values.get(SERVICE_KEY):
+        return Principal.of_service(str(values[SERVICE_KEY]), str(values.get(TENANT_KEY) or ""))
     tenant = str(values.get(TENANT_KEY) or DEFAULT_TENANT)
     user = str(values.get(USER_KEY) or ANONYMOUS)
     for key, value in ((TENANT_KEY, tenant), (USER_KEY, user)):
@@ -42,4 +45,6 @@ def caller(context: Context) -> Caller:
 
 def metadata_of(principal: Principal) -> tuple[tuple[str, str], ...]:
     """Metadata that carries `principal` on a call to another service."""
+    if principal.is_service:
+        return ((SERVICE_KEY, principal.service), (TENANT_KEY, principal.tenant))
     return ((TENANT_KEY, principal.tenant), (USER_KEY, principal.subject))

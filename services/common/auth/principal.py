@@ -78,8 +78,10 @@ class Principal:
         return self.kind is CredentialKind.SERVICE
 
     @classmethod
-    def of_service(cls, name: str) -> Principal:
-        return cls(tenant="", subject=f"service:{name}", kind=CredentialKind.SERVICE,
+    def of_service(cls, name: str, tenant: str = "") -> Principal:
+        """A service calling as itself: for every tenant (where the method allows it), or acting
+        in the one it names."""
+        return cls(tenant=tenant, subject=f"service:{name}", kind=CredentialKind.SERVICE,
                    credential=name, service=name)
 
     def describe(self) -> str:
