@@ -80,7 +80,7 @@ class RegistryService(App):
             RolloutServicer(rollouts, experiments), server)
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)
         tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(
-            ToolSecretsServicer(tools, self.settings.internal_token), server)
+            ToolSecretsServicer(tools), server)
         return SERVICES
 
     async def drain(self) -> None:
