@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from services.common.auth.oidc import IssuerConfigError, OidcIssuer, parse_issuers
+
 DEFAULT_PORTS = {
     "router": 50051,
     "registry": 50052,
@@ -137,6 +139,8 @@ class Settings:
     # Set by the launcher: the file where the service writes the address it serves on once it is
     # up, so that an address with port 0 becomes the port the OS picked.
     address_file: Path | None = None
+    # Identity providers whose bearer tokens (JWTs) the services accept (CORRAL_OIDC_ISSUERS).
+    oidc_issuers: tuple[OidcIssuer, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -182,6 +186,7 @@ class Settings:
             internal_token=env.get("CORRAL_INTERNAL_TOKEN", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
             address_file=Path(env["CORRAL_ADDRESS_FILE"]) if env.get("CORRAL_ADDRESS_FILE") else None,
+            oidc_issuers=_issuers(env.get("CORRAL_OIDC_ISSUERS", "")),
         )
 
     def with_address(self, service: str, address: str) -> Settings:
@@ -194,6 +199,13 @@ class Settings:
 
     def require_redis(self) -> str:
         return _required(self.redis_url, "CORRAL_REDIS_URL", "Redis")
+
+
+def _issuers(text: str) -> tuple[OidcIssuer, ...]:
+    try:
+        return parse_issuers(text)
+    except IssuerConfigError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _required(url: str | None, variable: str, server: str) -> str:
