@@ -337,7 +337,7 @@ def _decode(
     token: str, key: SigningKey, alg: str, issuer: OidcIssuer, unverified: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The claims once signature, issuer and audience hold (times are checked on our clock)."""
-    if not isinstance(key.key, _KEY_TYPES[alg[:2]]) or key.algorithm not in (None, alg):
+    if not isinstance(key.key, _KEY_TYPES.get(alg[:2], ())) or key.algorithm not in (None, alg):
         raise _refused(
             "BAD_SIGNATURE",
             f"key {key.kid!r} of {issuer.issuer} cannot verify an {alg} signature",
