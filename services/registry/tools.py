@@ -70,7 +70,7 @@ class Tools:
         async with self._store.tx() as tx:
             if request_id:
                 # Keyed by tenant too, so tenants cannot collide or probe each other's ids.
-                earlier = await tx.claim_request(f"{who.tenant}/{request_id}", tool.name)
+                earlier = await tx.claim_request(who.tenant, request_id, tool.name)
                 if earlier is not None:
                     return await self.get(who, ToolRef.parse(earlier, field="request_id"))
             record = await tx.insert_tool(who.tenant, tool, spec, sealed, who.user)
@@ -101,6 +101,7 @@ class Tools:
                 raise _not_found(tool)
             _check_etag(current, etag)
             spec = tool_rules.merged_spec(current.spec, change)
+            tool_rules.check_secret_stays(current.spec, spec, current.has_secret, change)
             sealed = current.secret_ciphertext
             if change.secret is not None:
                 sealed = self._seal(who.tenant, tool, change.secret)
