@@ -160,6 +160,10 @@ class CatalogReads(Protocol):
         self, tenant: str, agent: AgentRef, numbers: Collection[int]
     ) -> set[int]: ...
 
+    async def version_with_digest(self, version: VersionRef) -> VersionRecord | None:
+        """A version of the agent with the reference's digest, in whichever tenant."""
+        ...
+
     async def bundle(self, digest: str) -> bytes | None:
         """Bundles are shared by digest; a version (of one tenant) is the way to one."""
         ...

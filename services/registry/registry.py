@@ -142,7 +142,18 @@ class Registry:
         return await read_page(paging, "ListVersions", agent, (int,), rows, key=lambda v: (v.number,))
 
     async def download(self, caller: Caller, version: VersionRef) -> tuple[VersionRecord, bytes]:
-        record = await self._version(bundle_tenant(caller), version)
+        tenant = bundle_tenant(caller)
+        if tenant is not None:
+            record = await self._version(tenant, version)
+        elif not version.digest:
+            raise InvalidArgument.field(
+                "name", f"{version.name}: acting for every tenant, name the version by its digest "
+                "(agents/{agent}/versions/sha256:…)")
+        else:
+            found = await self._store.version_with_digest(version)
+            if found is None:
+                raise NotFound(f"no tenant has {version.name}")
+            record = found
         data = await self._store.bundle(record.digest)
         if data is None:
             raise NotFound(f"the bundle of {version.name} ({record.digest}) is missing from the store")

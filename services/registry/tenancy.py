@@ -33,15 +33,16 @@ def visible_tenant(principal: Principal) -> str | None:
     return tenant_of(principal)
 
 
-def bundle_tenant(principal: Principal) -> str:
+def bundle_tenant(principal: Principal) -> str | None:
     """The tenant whose bundles `principal` may download: a person's own, or the one an
-    executor names. Other services have no use for agent code."""
+    executor names; None for an executor acting for every tenant, which reads any bundle by
+    its digest. Other services have no use for agent code."""
     if principal.is_service and principal.service not in BUNDLE_READERS:
         raise PermissionDenied(
             f"{principal.describe()} may not download bundles (only their tenant and executors)",
             reason="BUNDLE_DOWNLOAD_DENIED",
         )
-    return tenant_of(principal)
+    return visible_tenant(principal)
 
 
 def acting_for(tenant: str) -> Principal:

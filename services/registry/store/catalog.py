@@ -68,6 +68,13 @@ class CatalogRows(Rows):
         )
         return _version(row) if row else None
 
+    async def version_with_digest(self, version: VersionRef) -> VersionRecord | None:
+        row = await self._db.fetchrow(
+            "SELECT * FROM registry.versions WHERE agent = $1 AND digest = $2 LIMIT 1",
+            version.agent, version.digest,
+        )
+        return _version(row) if row else None
+
     async def insert_version(
         self, tenant: str, agent: AgentRef, digest: str, data: bytes, manifest: Manifest,
         creator: str,
