@@ -12,6 +12,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.common import identity
+
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -20,6 +22,11 @@ def who(tenant: str, user: str = "alice") -> Metadata:
     tenant or user is left out."""
     headers = (("x-corral-tenant", tenant), ("x-corral-user", user))
     return tuple((key, value) for key, value in headers if value)
+
+
+def described(metadata: Metadata) -> str:
+    """How the audit log names the caller these headers name."""
+    return identity.caller_from_metadata(metadata).describe()
 
 
 def new_tenant() -> str:
@@ -54,3 +61,46 @@ def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInf
             detail.Unpack(bad)
             fields += [v.field for v in bad.field_violations]
     return info, fields
+
+
+class _CallsAs:
+    """Adds `metadata` to every call that carries none of its own."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        if details.metadata:
+            return details
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, grpc.aio.Metadata(*self.metadata),
+            details.credentials, details.wait_for_ready,
+        )
+
+
+# grpc.aio files an interceptor under the first kind of call it handles: one class per kind.
+class _UnaryUnaryAs(_CallsAs, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStreamAs(_CallsAs, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnaryAs(_CallsAs, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStreamAs(_CallsAs, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), requests)
+
+
+def channel_as(address: str, metadata: Metadata) -> grpc.aio.Channel:
+    """A channel whose calls name the caller `metadata` names unless a call names its own: the
+    registry keeps each tenant's resources apart, so a test reads as the tenant that wrote."""
+    kinds = (_UnaryUnaryAs, _UnaryStreamAs, _StreamUnaryAs, _StreamStreamAs)
+    return grpc.aio.insecure_channel(address, interceptors=[kind(metadata) for kind in kinds])
