@@ -4,7 +4,6 @@ be read or changed by the other, which is told NOT_FOUND, as for a name nobody h
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_g
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tl
 from services.common.identity import SERVICE_KEY, TENANT_KEY
-from tests import harness
 from tests.bundles import packed_agent, publish_requests
 from tests.rpc import Metadata, described, error_details, fails, new_tenant, who
-from tests.tool_registry import KEY, SECRET
+from tests.tool_registry import SECRET, registry_with_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -62,23 +60,16 @@ class Tenants:
 
 @pytest_asyncio.fixture
 async def tenants(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Tenants]:
-    settings = harness.make_settings(
-        database_url, redis_url, tmp_path, CORRAL_SECRETS_KEY=base64.b64encode(KEY).decode()
-    )
-    platform = await harness.start_mesh(settings, "registry")
-    try:
-        async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
-            yield Tenants(
-                registry_pb2_grpc.RegistryServiceStub(channel),
-                rollouts_pb2_grpc.RolloutServiceStub(channel),
-                tools_pb2_grpc.ToolServiceStub(channel),
-                tmp_path,
-                f"t-{uuid.uuid4().hex[:10]}",
-                who(new_tenant(), "alice"),
-                who(new_tenant(), "bob"),
-            )
-    finally:
-        await platform.stop()
+    async with registry_with_key(database_url, redis_url, tmp_path) as (_settings, channel):
+        yield Tenants(
+            registry_pb2_grpc.RegistryServiceStub(channel),
+            rollouts_pb2_grpc.RolloutServiceStub(channel),
+            tools_pb2_grpc.ToolServiceStub(channel),
+            tmp_path,
+            f"t-{uuid.uuid4().hex[:10]}",
+            who(new_tenant(), "alice"),
+            who(new_tenant(), "bob"),
+        )
 
 
 async def test_the_same_agent_name_in_two_tenants_is_two_agents(tenants: Tenants) -> None:
