@@ -11,7 +11,7 @@ from functools import partial
 from corral.bundle import BundleError, inspect
 from corral.manifest import ManifestError
 from corral.names import AgentRef, EndpointRef, VersionRef
-from services.common.endpoints import TrafficShare
+from services.common.endpoints import EndpointKey, TrafficShare
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -38,8 +38,6 @@ from services.registry.rollouts import Rollouts
 from services.registry.tenancy import bundle_tenant, tenant_of, visible_tenant
 
 log = logging.getLogger(__name__)
-# An endpoint as a change notification names it: its tenant and name.
-EndpointKey = tuple[str, EndpointRef]
 
 
 def _agent_missing(agent: AgentRef) -> NotFound:
@@ -141,19 +139,23 @@ class Registry:
         rows = partial(self._store.list_versions, tenant_of(paging.who), agent)
         return await read_page(paging, "ListVersions", agent, (int,), rows, key=lambda v: (v.number,))
 
-    async def download(self, caller: Caller, version: VersionRef) -> tuple[VersionRecord, bytes]:
+    async def _downloadable(self, caller: Caller, version: VersionRef) -> VersionRecord:
+        """The version whose bundle `caller` may have: one of its tenant, or, for an executor
+        acting for every tenant, one of any tenant with the digest it names."""
         tenant = bundle_tenant(caller)
         if tenant is not None:
-            record = await self._version(tenant, version)
-        elif not version.digest:
+            return await self._version(tenant, version)
+        if not version.digest:
             raise InvalidArgument.field(
                 "name", f"{version.name}: acting for every tenant, name the version by its digest "
                 "(agents/{agent}/versions/sha256:…)")
-        else:
-            found = await self._store.version_with_digest(version)
-            if found is None:
-                raise NotFound(f"no tenant has {version.name}")
-            record = found
+        found = await self._store.version_with_digest(version)
+        if found is None:
+            raise NotFound(f"no tenant has {version.name}")
+        return found
+
+    async def download(self, caller: Caller, version: VersionRef) -> tuple[VersionRecord, bytes]:
+        record = await self._downloadable(caller, version)
         data = await self._store.bundle(record.digest)
         if data is None:
             raise NotFound(f"the bundle of {version.name} ({record.digest}) is missing from the store")
