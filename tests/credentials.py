@@ -122,21 +122,26 @@ def _default_credential(default: Metadata) -> Rewrite:
     return rewrite
 
 
+def principal_of(metadata: Metadata | list[tuple[str, str]]) -> Principal:
+    """The principal a bearer token of the run's issuer proves (read, not verified: the test
+    minted it)."""
+    [header] = [value for key, value in metadata if key == "authorization"]
+    claims = jwt.decode(header.removeprefix("Bearer "), options={"verify_signature": False})
+    return Principal(
+        tenant=claims["tenant"], subject=claims["sub"], roles=roles_from(claims["roles"]),
+        kind=CredentialKind.JWT, credential=claims["iss"],
+    )
+
+
 def _relayed_by(signer: AssertionSigner) -> Rewrite:
     """What a service relaying a user's call sends: the user's bearer token (one the run's
     issuer minted) becomes the assertion of the principal it proves, signed by the service."""
 
     def rewrite(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
         kept = [(k, v) for k, v in metadata if k != "authorization"]
-        bearers = [v for k, v in metadata if k == "authorization"]
-        if not bearers:
+        if len(kept) == len(metadata):
             return kept
-        claims = jwt.decode(bearers[0].removeprefix("Bearer "), options={"verify_signature": False})
-        principal = Principal(
-            tenant=claims["tenant"], subject=claims["sub"], roles=roles_from(claims["roles"]),
-            kind=CredentialKind.JWT, credential=claims["iss"],
-        )
-        return [*kept, (ASSERTION_KEY, signer.sign(principal))]
+        return [*kept, (ASSERTION_KEY, signer.sign(principal_of(metadata)))]
 
     return rewrite
 
@@ -146,9 +151,13 @@ def public_channel(
 ) -> grpc.aio.Channel:
     """A channel to a service's public port whose calls carry `user`'s token in `tenant` unless a
     call brings its own credential (as tests/rpc.py `who` makes)."""
+    return channel_with(address, bearer(tenant, user, role))
+
+
+def channel_with(address: str, default: Metadata) -> grpc.aio.Channel:
+    """A channel to a public port whose calls carry `default` unless they bring a credential."""
     return grpc.aio.insecure_channel(
-        address, interceptors=_rewriting(_default_credential(bearer(tenant, user, role))),
-        options=LARGE,
+        address, interceptors=_rewriting(_default_credential(default)), options=LARGE
     )
 
 

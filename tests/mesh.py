@@ -92,7 +92,7 @@ class Mesh:
         cache = self.hosts["router"].service.router.endpoints  # type: ignore[attr-defined]
         async with asyncio.timeout(5):
             while True:
-                view = cache.cached(names.EndpointRef(agent, endpoint))
+                view = cache.cached(self.tenant, names.EndpointRef(agent, endpoint))
                 if view is not None and view.revision >= revision:
                     return
                 await asyncio.sleep(0.01)

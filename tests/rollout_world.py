@@ -26,9 +26,9 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.settings import Settings
 from tests.bundles import packed_agent, publish_requests
-from tests.credentials import internal_channel, public_channel
+from tests.credentials import internal_channel
 from tests.otlp import attributes, export_request, kv
-from tests.rpc import who
+from tests.rpc import channel_as, who
 
 TENANT, USER = "acme", "alice"
 ALICE = who(TENANT, USER)
@@ -117,7 +117,7 @@ class World:
         self.sessions = sessions_pb2_grpc.SessionsServiceStub(self.channel("sessions"))
 
     def channel(self, service: str, addr: str = "") -> grpc.aio.Channel:
-        ch = public_channel(addr or self.settings.addrs[service])
+        ch = channel_as(addr or self.settings.addrs[service], ALICE)
         self.channels.append(ch)
         return ch
 

@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tests import credentials
 from tests.credentials import DEFAULT_TENANT, DEFAULT_USER, bearer
 
 Metadata = tuple[tuple[str, str], ...]
@@ -21,6 +22,11 @@ def who(tenant: str, user: str = "alice", role: str = "admin") -> Metadata:
     """The credential of `user` with `role` in `tenant` (empty: the default tenant and an unnamed
     user): a token from the run's identity provider, which every test service accepts."""
     return bearer(tenant or DEFAULT_TENANT, user or DEFAULT_USER, role)
+
+
+def described(metadata: Metadata) -> str:
+    """How the audit log names the caller whose credential `metadata` holds."""
+    return credentials.principal_of(metadata).describe()
 
 
 def new_tenant() -> str:
@@ -55,3 +61,10 @@ def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInf
             detail.Unpack(bad)
             fields += [v.field for v in bad.field_violations]
     return info, fields
+
+
+def channel_as(address: str, metadata: Metadata) -> grpc.aio.Channel:
+    """A channel to a public port whose calls carry the credential `metadata` holds unless a call
+    brings its own: the services keep each tenant's resources apart, so a test reads as the
+    tenant that wrote."""
+    return credentials.channel_with(address, metadata)

@@ -4,15 +4,22 @@ tool calls carry."""
 
 from __future__ import annotations
 
+import base64
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2
 
 from corral.registry.v1 import registry_pb2_grpc, tools_pb2_grpc
 from corral.registry.v1 import tools_pb2 as pb
 from services.common.settings import Settings
+from tests import harness
+from tests.credentials import public_channel
 from tests.rpc import Metadata
 
 SECRET = "sk-test-" + "7f3a9c" * 4
@@ -24,6 +31,22 @@ def seconds(value: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(value * 1e9))
     return d
+
+
+@asynccontextmanager
+async def registry_with_key(
+    database_url: str, redis_url: str, tmp: Path
+) -> AsyncIterator[tuple[Settings, grpc.aio.Channel]]:
+    """A real registry that seals tool secrets with KEY, and a channel to it."""
+    settings = harness.make_settings(
+        database_url, redis_url, tmp, CORRAL_SECRETS_KEY=base64.b64encode(KEY).decode()
+    )
+    platform = await harness.start_mesh(settings, "registry")
+    try:
+        async with public_channel(platform.settings.addrs["registry"]) as channel:
+            yield platform.settings, channel
+    finally:
+        await platform.stop()
 
 
 @dataclass

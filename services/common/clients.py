@@ -48,6 +48,13 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
     )
 
 
+def acting_in(tenant: str = "") -> Metadata:
+    """Metadata of a call a service makes as itself: for every tenant (where the method allows
+    it), or acting in `tenant`; with the current trace context. Who the service is, its
+    certificate proves."""
+    return (*(((TENANT_KEY, tenant),) if tenant else ()), *tracing.inject_metadata())
+
+
 def on_behalf_of(settings: Settings, principal: Principal | None) -> Metadata:
     """Metadata that says a call is made for `principal` (None: the calling service itself). A
     user's principal goes as an assertion: the one it arrived with when relaying the call being

@@ -1,5 +1,6 @@
 """The registry's endpoints over gRPC, as domain values: the EndpointSource behind every
-EndpointMirror (routers and executors build theirs on the same channel as their other calls)."""
+EndpointMirror (routers and executors build theirs on the same channel as their other calls).
+The watch is the service's own, for every tenant; reading one endpoint, it acts in its tenant."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from corral.names import EndpointRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.clients import acting_in
 from services.common.endpoints import EndpointTraffic, EndpointUpdate, TrafficShare
 from services.common.status import calling
 
@@ -22,21 +24,27 @@ def endpoint_traffic(endpoint: registry_pb2.Endpoint) -> EndpointTraffic:
             for t in endpoint.traffic
         ),
         rollback_version=VersionRef.parse(rollback).number if rollback else 0,
+        tenant=endpoint.tenant,
     )
 
 
 class RegistryEndpoints:
-    def __init__(self, stub: registry_pb2_grpc.RegistryServiceAsyncStub) -> None:
+    def __init__(self, stub: registry_pb2_grpc.RegistryServiceAsyncStub, service: str) -> None:
         self._stub = stub
+        self._service = service
 
     async def watch(self) -> AsyncIterator[EndpointUpdate]:
+        every_tenant = acting_in()
         with calling("registry"):
-            async for message in self._stub.WatchEndpoints(registry_pb2.WatchEndpointsRequest()):
+            request = registry_pb2.WatchEndpointsRequest()
+            async for message in self._stub.WatchEndpoints(request, metadata=every_tenant):
                 yield EndpointUpdate(
                     tuple(endpoint_traffic(e) for e in message.endpoints), message.snapshot
                 )
 
-    async def get(self, ref: EndpointRef) -> EndpointTraffic:
+    async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:
+        acting = acting_in(tenant)
         with calling("registry"):
-            found = await self._stub.GetEndpoint(registry_pb2.GetEndpointRequest(name=ref.name))
+            found = await self._stub.GetEndpoint(
+                registry_pb2.GetEndpointRequest(name=ref.name), metadata=acting)
         return endpoint_traffic(found)

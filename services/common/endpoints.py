@@ -1,6 +1,7 @@
 """Endpoints as routers and executors see them: the traffic of each, mirrored from the registry's
 watch stream (a snapshot, then every change), opened again with backoff whenever it breaks.
-Routers resolve sessions from the mirror; executors choose from it the versions to keep warm."""
+Routers resolve sessions from the mirror; executors choose from it the versions to keep warm.
+Endpoint names are per tenant: the mirror holds every tenant's, keyed by (tenant, name)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corral.names import EndpointRef, VersionRef
+from services.common.auth.principal import DEFAULT_TENANT
 from services.common.background import Backoff, TaskSet
 from services.common.errors import CorralError
 
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 # A router must see endpoint changes again quickly after the registry comes back.
 RECONNECT = Backoff(first_s=0.1, max_s=5.0)
 BASIS_POINTS = 10_000
+# An endpoint among every tenant's: its tenant and its name.
+EndpointKey = tuple[str, EndpointRef]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class EndpointTraffic:
     shares: tuple[TrafficShare, ...]
     # The version a rollback would return to (0: none).
     rollback_version: int = 0
+    tenant: str = DEFAULT_TENANT
+
+    @property
+    def key(self) -> EndpointKey:
+        return (self.tenant, self.ref)
 
     def routes_to(self, version: int) -> bool:
         return any(s.version == version and s.basis_points > 0 for s in self.shares)
@@ -62,7 +71,9 @@ class EndpointSource(Protocol):
         """The watch stream; it ends or raises a CorralError when the connection is lost."""
         ...
 
-    async def get(self, ref: EndpointRef) -> EndpointTraffic: ...
+    async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:
+        """The tenant's endpoint, read as the service acting in that tenant."""
+        ...
 
 
 class EndpointMirror:
@@ -78,11 +89,11 @@ class EndpointMirror:
         self._source = source
         self._on_change = on_change
         self._backoff = backoff
-        self._endpoints: dict[EndpointRef, EndpointTraffic] = {}
+        self._endpoints: dict[EndpointKey, EndpointTraffic] = {}
         self._tasks = TaskSet("endpoint watch")
         self.synced = asyncio.Event()
         # When each revision was applied (monotonic seconds), for propagation measurements.
-        self.applied_at: dict[tuple[EndpointRef, int], float] = {}
+        self.applied_at: dict[tuple[EndpointKey, int], float] = {}
 
     def start(self) -> None:
         self._tasks.spawn(self._follow_forever())
@@ -90,29 +101,29 @@ class EndpointMirror:
     async def close(self) -> None:
         await self._tasks.close()
 
-    def cached(self, ref: EndpointRef) -> EndpointTraffic | None:
-        return self._endpoints.get(ref)
+    def cached(self, tenant: str, ref: EndpointRef) -> EndpointTraffic | None:
+        return self._endpoints.get((tenant, ref))
 
     def all(self) -> list[EndpointTraffic]:
         return list(self._endpoints.values())
 
-    async def get(self, ref: EndpointRef) -> EndpointTraffic:
-        """The mirrored endpoint; on a miss (one created a moment ago, or the watch still
-        connecting) it is read from the registry."""
-        found = self._endpoints.get(ref)
+    async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:
+        """The tenant's mirrored endpoint; on a miss (one created a moment ago, or the watch
+        still connecting) it is read from the registry."""
+        found = self._endpoints.get((tenant, ref))
         if found is not None:
             return found
-        return self.apply(await self._source.get(ref))
+        return self.apply(await self._source.get(tenant, ref))
 
     def apply(self, endpoint: EndpointTraffic) -> EndpointTraffic:
         """Keeps `endpoint` unless a newer revision is mirrored already; returns the kept one."""
-        current = self._endpoints.get(endpoint.ref)
+        current = self._endpoints.get(endpoint.key)
         if current is not None and endpoint.revision < current.revision:
             return current
-        self._endpoints[endpoint.ref] = endpoint
+        self._endpoints[endpoint.key] = endpoint
         if len(self.applied_at) > 10_000:
             self.applied_at.clear()
-        self.applied_at[(endpoint.ref, endpoint.revision)] = time.monotonic()
+        self.applied_at[(endpoint.key, endpoint.revision)] = time.monotonic()
         return endpoint
 
     async def _follow_forever(self) -> None:
@@ -136,9 +147,9 @@ class EndpointMirror:
 
     async def _take(self, update: EndpointUpdate) -> None:
         if update.snapshot:
-            seen = {self.apply(e).ref for e in update.endpoints}
-            for ref in set(self._endpoints) - seen:
-                del self._endpoints[ref]
+            seen = {self.apply(e).key for e in update.endpoints}
+            for key in set(self._endpoints) - seen:
+                del self._endpoints[key]
         else:
             for endpoint in update.endpoints:
                 self.apply(endpoint)

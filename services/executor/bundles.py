@@ -57,7 +57,7 @@ class BundleCache:
         return known
 
     async def _download(self, version: VersionRef, digest: str, dest: Path) -> None:
-        bundle = await self._registry.download(version)
+        bundle = await self._registry.download(version, digest)
         if digest_of(bundle.data) != digest:
             raise FailedPrecondition(
                 f"{version} downloaded as {digest_of(bundle.data)}, but the session is pinned to {digest}",

@@ -21,7 +21,7 @@ from corral.registry.v1 import tools_pb2 as reg
 from corral.registry.v1 import tools_pb2_grpc as reg_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.background import TaskSet
-from services.common.clients import ServiceClient
+from services.common.clients import ServiceClient, acting_in
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import FailedPrecondition
@@ -38,6 +38,8 @@ from services.executor.model import (
 
 log = logging.getLogger(__name__)
 
+# How the executor names itself to the registry.
+EXECUTOR = "executor"
 _TOOL_KINDS = {reg.TOOL_KIND_HTTP: "http", reg.TOOL_KIND_GRPC: "grpc"}
 
 
@@ -83,22 +85,26 @@ class RegistryClient(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "registry", registry_pb2_grpc.RegistryServiceStub)
 
-    async def download(self, version: VersionRef) -> PackedBundle:
+    async def download(self, version: VersionRef, digest: str) -> PackedBundle:
         parts: list[bytes] = []
+        by_digest = VersionRef(version.agent, digest=digest)
+        every_tenant = acting_in()
         with calling("registry"):
-            request = registry_pb2.DownloadVersionRequest(name=version.name)
-            async for message in self._stub.DownloadVersion(request):
+            request = registry_pb2.DownloadVersionRequest(name=by_digest.name)
+            async for message in self._stub.DownloadVersion(request, metadata=every_tenant):
                 if message.HasField("chunk"):
                     parts.append(message.chunk)
         return PackedBundle(version, b"".join(parts))
 
-    async def digest(self, version: VersionRef) -> str:
+    async def digest(self, tenant: str, version: VersionRef) -> str:
+        acting = acting_in(tenant)
         with calling("registry"):
-            found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=version.name))
+            found = await self._stub.GetVersion(
+                registry_pb2.GetVersionRequest(name=version.name), metadata=acting)
         return found.digest
 
     def endpoints(self) -> EndpointSource:
-        return RegistryEndpoints(self._stub)
+        return RegistryEndpoints(self._stub, EXECUTOR)
 
 
 class RegistryToolResolver(ServiceClient["reg_grpc.ToolSecretsServiceAsyncStub"]):

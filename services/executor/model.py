@@ -249,9 +249,14 @@ class PackedBundle:
 class Registry(Protocol):
     """The registry: versions' bundles and digests, and the endpoints routing to them."""
 
-    async def download(self, version: VersionRef) -> PackedBundle: ...
+    async def download(self, version: VersionRef, digest: str) -> PackedBundle:
+        """The bundle with `digest`, which `version` has: the executor reads every tenant's
+        bundles, by digest (the same bytes, whichever tenant published them)."""
+        ...
 
-    async def digest(self, version: VersionRef) -> str: ...
+    async def digest(self, tenant: str, version: VersionRef) -> str:
+        """The digest of the tenant's version (names are per tenant)."""
+        ...
 
     def endpoints(self) -> EndpointSource: ...
 

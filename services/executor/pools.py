@@ -197,7 +197,8 @@ class EndpointWants:
         self.mirror = EndpointMirror(
             registry.endpoints(), on_change=self._publish, backoff=Backoff(0.5, 10.0),
         )
-        self._digests: dict[VersionRef, str] = {}  # versions are immutable: cached for good
+        # Versions are immutable: cached for good, per tenant (names are per tenant).
+        self._digests: dict[tuple[str, VersionRef], str] = {}
 
     def start(self) -> None:
         self.mirror.start()
@@ -206,24 +207,25 @@ class EndpointWants:
         await self.mirror.close()
 
     async def _publish(self) -> None:
-        reasons: dict[VersionRef, set[str]] = {}
+        reasons: dict[tuple[str, VersionRef], set[str]] = {}
         for ep in self.mirror.all():
             for routed in ep.versions():
-                reasons.setdefault(routed, set()).add("routed")
+                reasons.setdefault((ep.tenant, routed), set()).add("routed")
             if ep.rollback_version:
-                reasons.setdefault(ep.ref.parent.version(ep.rollback_version), set()).add("rollback")
+                rollback = ep.ref.parent.version(ep.rollback_version)
+                reasons.setdefault((ep.tenant, rollback), set()).add("rollback")
         wants: dict[VersionRef, Want] = {}
-        for version, why in reasons.items():
-            digest = await self._digest(version)
+        for (tenant, version), why in reasons.items():
+            digest = await self._digest(tenant, version)
             if digest:
                 wants[version] = Want(digest, why)
         self.pools.set_endpoint_wants(wants)
 
-    async def _digest(self, version: VersionRef) -> str:
-        digest = self._digests.get(version)
+    async def _digest(self, tenant: str, version: VersionRef) -> str:
+        digest = self._digests.get((tenant, version))
         if digest is None:
             try:
-                digest = self._digests[version] = await self.registry.digest(version)
+                digest = self._digests[(tenant, version)] = await self.registry.digest(tenant, version)
             except CorralError as exc:
                 log.warning("cannot keep %s warm: %s", version, exc.message)
                 return ""

@@ -13,7 +13,6 @@ from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.clients import ServiceClient
-from services.common.identity import Caller
 from services.common.metric_protos import metric_pb
 from services.common.settings import Settings
 from services.common.status import calling
@@ -25,9 +24,8 @@ from services.registry.rollout_model import (
     ExperimentAnalysis,
     ExperimentSpec,
 )
+from services.registry.tenancy import acting_for
 
-# The registry calls on its own behalf, not a user's.
-PLATFORM = Caller.of_service("registry", tenant="system")
 TIMEOUT_S = 30
 Response = TypeVar("Response")
 
@@ -45,7 +43,7 @@ class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStu
         super().__init__(settings, "telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
 
     async def compare_versions(
-        self, endpoint: EndpointRef, baseline: int, candidate: int, config: AnalysisConfig,
+        self, tenant: str, endpoint: EndpointRef, baseline: int, candidate: int, config: AnalysisConfig,
         start: datetime, end: datetime,
     ) -> Analysis:
         agent = endpoint.parent
@@ -57,11 +55,12 @@ class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStu
             min_sessions=config.min_sessions, alpha=config.alpha,
             endpoint=endpoint.name, start_time=timestamp(start), end_time=timestamp(end),
         )
-        call = self._stub.CompareVersions(request, metadata=self.metadata(PLATFORM), timeout=TIMEOUT_S)
+        call = self._stub.CompareVersions(request, metadata=self.metadata(acting_for(tenant)),
+                                          timeout=TIMEOUT_S)
         return analysis_from_pb(await _answer(call, "telemetry"))
 
     async def analyze_experiment(
-        self, endpoint: EndpointRef, spec: ExperimentSpec, start: datetime, end: datetime
+        self, tenant: str, endpoint: EndpointRef, spec: ExperimentSpec, start: datetime, end: datetime
     ) -> ExperimentAnalysis:
         agent = endpoint.parent
         request = tel.AnalyzeExperimentRequest(
@@ -71,7 +70,8 @@ class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStu
             metrics=[metric_pb(m) for m in spec.metrics], alpha=spec.alpha,
             endpoint=endpoint.name, start_time=timestamp(start), end_time=timestamp(end),
         )
-        call = self._stub.AnalyzeExperiment(request, metadata=self.metadata(PLATFORM), timeout=TIMEOUT_S)
+        call = self._stub.AnalyzeExperiment(request, metadata=self.metadata(acting_for(tenant)),
+                                            timeout=TIMEOUT_S)
         return experiment_analysis_from_pb(await _answer(call, "telemetry"))
 
 
@@ -82,7 +82,7 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
         super().__init__(settings, "sessions", sessions_pb2_grpc.SessionsServiceStub)
 
     async def retire_version(
-        self, version: VersionRef, endpoint: EndpointRef, migrate_to: VersionRef | None,
+        self, tenant: str, version: VersionRef, endpoint: EndpointRef, migrate_to: VersionRef | None,
         migrate_digest: str,
     ) -> int:
         request = sessions_pb2.RetireVersionRequest(version=version.name, endpoint=endpoint.name)
@@ -92,5 +92,6 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
             request.to_version_digest = migrate_digest
         else:
             request.action = sessions_pb2.RETIRE_ACTION_STOP
-        call = self._stub.RetireVersion(request, metadata=self.metadata(PLATFORM), timeout=TIMEOUT_S)
+        call = self._stub.RetireVersion(request, metadata=self.metadata(acting_for(tenant)),
+                                        timeout=TIMEOUT_S)
         return (await _answer(call, "sessions")).sessions

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 from services.common.background import Periodic
 from services.common.errors import CorralError
-from services.common.identity import Caller
 from services.registry.experiments import Experiments
 from services.registry.model import RegistryStore, RegistryTx, VersionAnalysis
 from services.registry.rollout_model import (
@@ -31,12 +30,12 @@ from services.registry.rollout_model import (
     Verdict,
 )
 from services.registry.rollouts import Rollouts, save
+from services.registry.tenancy import acting_for
 
 log = logging.getLogger(__name__)
 TICK_S = 1.0
 EXPERIMENT_CHECK_S = 10.0
 SYSTEM = "corral-controller"
-_SYSTEM_CALLER = Caller(tenant="system", subject=SYSTEM)
 
 # A step's outcome: the rollout after it, the transition to announce, and the rollout whose
 # candidate was rolled back (its session policy runs once the transaction has committed).
@@ -89,19 +88,19 @@ class RolloutController:
         """Drain policy: the candidate's sessions finished on it; after drain_timeout, stop the rest."""
         for r in await self._store.due_drains():
             async with self._store.tx() as tx:
-                if not await tx.try_lock_run(r.name):
+                if not await tx.try_lock_run(r):
                     continue
-                current = await tx.get_rollout(r.ref, for_update=True)
+                current = await tx.get_rollout(r.tenant, r.ref, for_update=True)
                 if current is None or current.spec.drained:
                     continue
                 await save(tx, replace(current, spec=replace(current.spec, drained=True)))
             await self._rollouts.after_rollback(current, SessionPolicy.STOP)
 
     async def _check_experiment(self, r: ExperimentRecord) -> None:
-        last = self._experiment_checked.get(r.name, 0.0)
+        last = self._experiment_checked.get(f"{r.tenant}/{r.name}", 0.0)
         if time.monotonic() - last < self._experiment_check_s:
             return
-        self._experiment_checked[r.name] = time.monotonic()
+        self._experiment_checked[f"{r.tenant}/{r.name}"] = time.monotonic()
         try:
             sessions = await self._experiments.sessions_seen(r)
             await self._experiments.check_complete(r, sessions)
@@ -114,12 +113,12 @@ class RolloutController:
         transition: Transition | None = None
         rolled_back: RolloutRecord | None = None
         async with self._store.tx() as tx:
-            if not await tx.try_lock_run(seen.name):
+            if not await tx.try_lock_run(seen):
                 return None
             # The endpoint row before the rollout's: the order every endpoint writer takes them
             # in (rollback, manual set), so a step racing them cannot deadlock.
-            await tx.get_endpoint(seen.endpoint, for_update=True)
-            r = await tx.get_rollout(seen.ref, for_update=True)
+            await tx.get_endpoint(seen.tenant, seen.endpoint, for_update=True)
+            r = await tx.get_rollout(seen.tenant, seen.ref, for_update=True)
             if r is None or r.state is not RolloutState.PROGRESSING:
                 return None
             steps = r.spec.steps
@@ -129,7 +128,7 @@ class RolloutController:
             else:
                 updated, transition, rolled_back = await self._step(tx, r, steps[r.current_step])
             if transition is not None:
-                await tx.audit(_SYSTEM_CALLER, f"Rollout:{transition.event}", r.name, {
+                await tx.audit(acting_for(r.tenant), f"Rollout:{transition.event}", r.name, {
                     "step": r.current_step, "weight": updated.current_weight,
                     "reason": updated.state_reason, "evidence": transition.evidence,
                 })
@@ -203,7 +202,7 @@ class RolloutController:
         cannot answer is inconclusive, never a fail."""
         try:
             return await self._analysis.compare_versions(
-                r.endpoint, r.stable_version, r.candidate_version, r.spec.analysis,
+                r.tenant, r.endpoint, r.stable_version, r.candidate_version, r.spec.analysis,
                 r.traffic_start_time or r.create_time, self._clock.now(),
             )
         except CorralError as exc:

@@ -34,11 +34,13 @@ from services.registry.rollout_model import (
 )
 from services.registry.rollouts import (
     RunDomain,
+    endpoint_not_found,
     run_changed,
     run_in_the_way,
     run_not_found,
     started_just_now,
 )
+from services.registry.tenancy import tenant_of
 
 log = logging.getLogger(__name__)
 CONTROLLER = "corral-controller"
@@ -80,7 +82,7 @@ class Experiments(RunDomain):
     async def list_experiments(
         self, endpoint: EndpointRef, paging: Paging
     ) -> Page[ExperimentRecord]:
-        rows = partial(self._store.list_experiments, endpoint)
+        rows = partial(self._store.list_experiments, tenant_of(paging.who), endpoint)
         return await read_page(paging, "ListExperiments", endpoint, (int,), rows, key=lambda e: (e.id,))
 
     async def create(
@@ -88,25 +90,26 @@ class Experiments(RunDomain):
     ) -> ExperimentRecord:
         now = self.clock.now()
         spec, traffic = rollout_rules.experiment_spec(endpoint, request, now)
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
-            current = await tx.get_endpoint(endpoint, for_update=True)
+            current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None:
-                raise NotFound(f"{endpoint.name} does not exist; create it with `corral endpoint set`")
-            await check_versions_exist(tx, endpoint.parent, [v.version for v in spec.variants])
-            running = await tx.active_run(endpoint)
+                raise endpoint_not_found(endpoint)
+            await check_versions_exist(tx, tenant, endpoint.parent, [v.version for v in spec.variants])
+            running = await tx.active_run(tenant, endpoint)
             if running is not None:
                 raise run_in_the_way(running, endpoint)
-            record = await tx.insert_experiment(endpoint, spec, caller.user, now)
+            record = await tx.insert_experiment(tenant, endpoint, spec, caller.user, now)
             if record is None:
                 raise started_just_now(endpoint)
-            await tx.put_endpoint(endpoint, traffic)
+            await tx.put_endpoint(tenant, endpoint, traffic)
             await tx.audit(caller, "CreateExperiment", record.name,
                            {"variants": {str(v.version): v.percent for v in spec.variants}})
         self._notify(Transition(record, "STARTED", caller.user))
         return record
 
-    async def get(self, experiment: ExperimentRef) -> ExperimentRecord:
-        record = await self._store.get_experiment(experiment)
+    async def get(self, caller: Caller, experiment: ExperimentRef) -> ExperimentRecord:
+        record = await self._store.get_experiment(tenant_of(caller), experiment)
         if record is None:
             raise run_not_found(experiment)
         return record
@@ -114,11 +117,11 @@ class Experiments(RunDomain):
     async def analyze(self, r: ExperimentRecord) -> ExperimentAnalysis:
         """Telemetry's analysis of the experiment since its split started."""
         return await self._analyzer.analyze_experiment(
-            r.endpoint, r.spec, r.traffic_start_time or r.create_time, r.end_time or self.clock.now()
+            r.tenant, r.endpoint, r.spec, r.traffic_start_time or r.create_time, r.end_time or self.clock.now()
         )
 
-    async def report(self, experiment: ExperimentRef) -> ExperimentReport:
-        record = await self.get(experiment)
+    async def report(self, caller: Caller, experiment: ExperimentRef) -> ExperimentReport:
+        record = await self.get(caller, experiment)
         analysis = await self.analyze(record)
         winner, summary = recommend(analysis)
         return ExperimentReport(record, analysis, winner, summary)
@@ -129,21 +132,21 @@ class Experiments(RunDomain):
     ) -> ExperimentRecord:
         """Ends the experiment on the winner (or the control), with the analysis as evidence."""
         rollout_rules.check_conclusion(winner, keep_control)
-        seen = await self.get(experiment)
+        seen = await self.get(caller, experiment)
         try:
             evidence = await self.analyze(seen)
         except CorralError:
             evidence = ExperimentAnalysis(error="telemetry unavailable when concluding")
         async with self._store.tx() as tx:
             # The endpoint before the experiment, as everywhere.
-            await tx.get_endpoint(experiment.endpoint, for_update=True)
-            r = await tx.get_experiment(experiment, for_update=True)
+            await tx.get_endpoint(seen.tenant, experiment.endpoint, for_update=True)
+            r = await tx.get_experiment(seen.tenant, experiment, for_update=True)
             if r is None:
                 raise NotFound(f"{experiment.name} does not exist")
             if r.state is ExperimentState.CONCLUDED:
                 raise FailedPrecondition(f"{r.name} was already concluded", reason="EXPERIMENT_ENDED")
             chosen = rollout_rules.chosen_winner(r.spec, r.name, winner)
-            await tx.put_endpoint(r.endpoint, (TrafficShare(chosen, BASIS_POINTS),))
+            await tx.put_endpoint(r.tenant, r.endpoint, (TrafficShare(chosen, BASIS_POINTS),))
             outcome = "kept the control" if keep_control else f"winner v{chosen}"
             updated = await save(tx, replace(
                 r, state=ExperimentState.CONCLUDED, spec=replace(r.spec, winner=chosen),
@@ -168,7 +171,7 @@ class Experiments(RunDomain):
         if not ended and not (r.spec.max_sessions and sessions >= r.spec.max_sessions):
             return None
         async with self._store.tx() as tx:
-            current = await tx.get_experiment(r.ref, for_update=True)
+            current = await tx.get_experiment(r.tenant, r.ref, for_update=True)
             if current is None or current.state is not ExperimentState.RUNNING:
                 return None
             reason = "reached its end time" if ended else f"reached {sessions} sessions"

@@ -75,6 +75,7 @@ def endpoint_pb(r: EndpointRecord) -> pb.Endpoint:
         update_time=timestamp(r.update_time),
         description=r.description,
         rollback_version=agent.version(r.rollback_version).name if r.rollback_version else "",
+        tenant=r.tenant,
     )
 
 

@@ -30,6 +30,7 @@ from services.registry.tool_model import ToolRecord, ToolSpec
 
 @dataclass(frozen=True)
 class AgentRecord:
+    tenant: str
     id: str
     create_time: datetime
     latest_version: int
@@ -41,6 +42,7 @@ class AgentRecord:
 
 @dataclass(frozen=True)
 class VersionRecord:
+    tenant: str
     agent: str
     number: int
     digest: str
@@ -56,6 +58,7 @@ class VersionRecord:
 
 @dataclass(frozen=True)
 class EndpointRecord:
+    tenant: str
     agent: str
     id: str
     follow_latest: bool
@@ -137,42 +140,55 @@ async def read_page(
 class CatalogReads(Protocol):
     """Agents, their versions and the bundles behind them."""
 
-    async def get_agent(self, agent: AgentRef) -> AgentRecord | None: ...
+    async def get_agent(self, tenant: str, agent: AgentRef) -> AgentRecord | None: ...
 
-    async def list_agents(self, after: Key | None, limit: int) -> list[AgentRecord]:
+    async def list_agents(self, tenant: str, after: Key | None, limit: int) -> list[AgentRecord]:
         """In id order."""
         ...
 
-    async def get_version(self, version: VersionRef) -> VersionRecord | None:
+    async def get_version(self, tenant: str, version: VersionRef) -> VersionRecord | None:
         """By number, or by digest when the reference carries one."""
         ...
 
     async def list_versions(
-        self, agent: AgentRef, after: Key | None, limit: int
+        self, tenant: str, agent: AgentRef, after: Key | None, limit: int
     ) -> list[VersionRecord]:
         """In number order."""
         ...
 
-    async def existing_versions(self, agent: AgentRef, numbers: Collection[int]) -> set[int]: ...
+    async def existing_versions(
+        self, tenant: str, agent: AgentRef, numbers: Collection[int]
+    ) -> set[int]: ...
 
-    async def bundle(self, digest: str) -> bytes | None: ...
+    async def version_with_digest(self, version: VersionRef) -> VersionRecord | None:
+        """A version of the agent with the reference's digest, in whichever tenant."""
+        ...
+
+    async def bundle(self, digest: str) -> bytes | None:
+        """Bundles are shared by digest; a version (of one tenant) is the way to one."""
+        ...
 
 
 class EndpointReads(Protocol):
     async def get_endpoint(
-        self, endpoint: EndpointRef, *, for_update: bool = False
+        self, tenant: str, endpoint: EndpointRef, *, for_update: bool = False
     ) -> EndpointRecord | None: ...
 
     async def list_endpoints(
-        self, agent: AgentRef | None, after: Key | None, limit: int | None
+        self, tenant: str, agent: AgentRef | None, after: Key | None, limit: int
     ) -> list[EndpointRecord]:
-        """In (agent, id) order; every agent's when `agent` is None, all of them when `limit` is
-        None."""
+        """In (agent, id) order; every agent's when `agent` is None."""
         ...
 
-    async def webhook_url(self, endpoint: EndpointRef) -> str: ...
+    async def watched_endpoints(
+        self, tenant: str | None, agent: AgentRef | None
+    ) -> list[EndpointRecord]:
+        """Every endpoint of the tenant (of every tenant when None), of `agent` when given."""
+        ...
 
-    async def last_stable(self, endpoint: EndpointRef, not_version: int) -> int | None:
+    async def webhook_url(self, tenant: str, endpoint: EndpointRef) -> str: ...
+
+    async def last_stable(self, tenant: str, endpoint: EndpointRef, not_version: int) -> int | None:
         """The newest version that served the endpoint alone, other than `not_version`."""
         ...
 
@@ -181,29 +197,29 @@ class RunReads(Protocol):
     """Rollouts and experiments ("runs": both change one endpoint over time)."""
 
     async def get_rollout(
-        self, rollout: RolloutRef, *, for_update: bool = False
+        self, tenant: str, rollout: RolloutRef, *, for_update: bool = False
     ) -> RolloutRecord | None:
         """The rollout, or the endpoint's newest when the reference has no id."""
         ...
 
     async def get_experiment(
-        self, experiment: ExperimentRef, *, for_update: bool = False
+        self, tenant: str, experiment: ExperimentRef, *, for_update: bool = False
     ) -> ExperimentRecord | None: ...
 
     async def list_rollouts(
-        self, endpoint: EndpointRef, after: Key | None, limit: int
+        self, tenant: str, endpoint: EndpointRef, after: Key | None, limit: int
     ) -> list[RolloutRecord]:
         """Newest first."""
         ...
 
     async def list_experiments(
-        self, endpoint: EndpointRef, after: Key | None, limit: int
+        self, tenant: str, endpoint: EndpointRef, after: Key | None, limit: int
     ) -> list[ExperimentRecord]:
         """Newest first."""
         ...
 
     async def active_runs(self) -> list[RunRecord]:
-        """Every run not ended yet, oldest first."""
+        """Every run not ended yet, of every tenant, oldest first."""
         ...
 
     async def recent_runs(self, limit: int = 200) -> list[RunRecord]:
@@ -216,18 +232,22 @@ class RunReads(Protocol):
 
 
 class AuditReads(Protocol):
-    async def list_audit(self, prefix: str, after: Key | None, limit: int) -> list[AuditRecord]:
-        """Events whose resource starts with `prefix` (literally), newest first."""
+    async def list_audit(
+        self, tenant: str, prefix: str, after: Key | None, limit: int
+    ) -> list[AuditRecord]:
+        """The tenant's events whose resource starts with `prefix` (literally), newest first."""
         ...
 
 
 class AuditWrites(Protocol):
     async def audit(
         self, who: Caller, method: str, resource: str, details: AuditDetails
-    ) -> None: ...
+    ) -> None:
+        """An event in `who`'s tenant, naming `who` as it describes itself."""
+        ...
 
-    async def claim_request(self, key: str, resource: str) -> str | None:
-        """Records a create's request key; returns the resource an earlier request with the same
+    async def claim_request(self, tenant: str, key: str, resource: str) -> str | None:
+        """Records a create's request key in the tenant; returns the resource an earlier request with the same
         key created, if any."""
         ...
 
@@ -236,41 +256,44 @@ class RegistryTx(CatalogReads, EndpointReads, RunReads, AuditWrites, Protocol):
     """Reads and writes inside one transaction. Reads `for_update` lock the row until it ends;
     endpoint changes reach the watchers when it commits."""
 
-    async def ensure_agent(self, agent: AgentRef, creator: str) -> bool:
+    async def ensure_agent(self, tenant: str, agent: AgentRef, creator: str) -> bool:
         """Creates the agent if missing and locks its row; True if it was created."""
         ...
 
-    async def lock_agent(self, agent: AgentRef) -> bool:
+    async def lock_agent(self, tenant: str, agent: AgentRef) -> bool:
         """Locks the agent's row; False when there is no such agent."""
         ...
 
     async def insert_version(
-        self, agent: AgentRef, digest: str, data: bytes, manifest: Manifest, creator: str
+        self, tenant: str, agent: AgentRef, digest: str, data: bytes, manifest: Manifest,
+        creator: str,
     ) -> VersionRecord:
         """Stores the bundle (once per digest) as the agent's next version."""
         ...
 
     async def put_endpoint(
-        self, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
+        self, tenant: str, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
         follow_latest: bool = False, description: str = "",
     ) -> EndpointRecord:
         """Creates or replaces the endpoint's traffic (a new revision)."""
         ...
 
     async def insert_rollout(
-        self, endpoint: EndpointRef, stable: int, candidate: int, spec: RolloutSpec, creator: str
+        self, tenant: str, endpoint: EndpointRef, stable: int, candidate: int, spec: RolloutSpec,
+        creator: str,
     ) -> RolloutRecord | None:
         """The new PROGRESSING rollout; None when another run started on the endpoint just now."""
         ...
 
     async def insert_experiment(
-        self, endpoint: EndpointRef, spec: ExperimentSpec, creator: str, traffic_start: datetime
+        self, tenant: str, endpoint: EndpointRef, spec: ExperimentSpec, creator: str,
+        traffic_start: datetime,
     ) -> ExperimentRecord | None:
         """The new RUNNING experiment, its split in place since `traffic_start`; None when another
         run started on the endpoint just now."""
         ...
 
-    async def active_run(self, endpoint: EndpointRef) -> RunRecord | None:
+    async def active_run(self, tenant: str, endpoint: EndpointRef) -> RunRecord | None:
         """The endpoint's run that has not ended, locked."""
         ...
 
@@ -283,7 +306,7 @@ class RegistryTx(CatalogReads, EndpointReads, RunReads, AuditWrites, Protocol):
         """As save_rollout, for an experiment."""
         ...
 
-    async def try_lock_run(self, name: str) -> bool:
+    async def try_lock_run(self, run: RunRecord) -> bool:
         """A lock held until the transaction ends, if no one else holds it: exactly one replica
         drives a run."""
         ...
@@ -297,7 +320,7 @@ class RegistryStore(CatalogReads, EndpointReads, RunReads, AuditReads, Protocol)
     async def listen_endpoints(
         self, callback: Callable[[str], None]
     ) -> Callable[[], Awaitable[None]]:
-        """Calls `callback("agent/endpoint/revision")` on every committed endpoint change, from
+        """Calls `callback("tenant/agent/endpoint/revision")` on every committed endpoint change, from
         any replica. Returns the function that stops listening."""
         ...
 
@@ -336,10 +359,11 @@ class ToolStore(Protocol):
 
 
 class VersionAnalysis(Protocol):
-    """Telemetry's comparison of a candidate with the stable version over a window."""
+    """Telemetry's comparison of a candidate with the stable version over a window. Calls out
+    name the tenant of the endpoint: the registry calls as itself acting in that tenant."""
 
     async def compare_versions(
-        self, endpoint: EndpointRef, baseline: int, candidate: int, config: AnalysisConfig,
+        self, tenant: str, endpoint: EndpointRef, baseline: int, candidate: int, config: AnalysisConfig,
         start: datetime, end: datetime,
     ) -> Analysis: ...
 
@@ -348,7 +372,7 @@ class ExperimentAnalyzer(Protocol):
     """Telemetry's per-variant analysis of an experiment over a window."""
 
     async def analyze_experiment(
-        self, endpoint: EndpointRef, spec: ExperimentSpec, start: datetime, end: datetime
+        self, tenant: str, endpoint: EndpointRef, spec: ExperimentSpec, start: datetime, end: datetime
     ) -> ExperimentAnalysis: ...
 
 
@@ -356,7 +380,7 @@ class SessionRetirement(Protocol):
     """The sessions service, moving or stopping the sessions pinned to a version."""
 
     async def retire_version(
-        self, version: VersionRef, endpoint: EndpointRef, migrate_to: VersionRef | None,
+        self, tenant: str, version: VersionRef, endpoint: EndpointRef, migrate_to: VersionRef | None,
         migrate_digest: str,
     ) -> int:
         """Stops the sessions on `version` (or, with `migrate_to`, re-pins them to it); returns

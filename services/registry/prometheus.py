@@ -15,7 +15,7 @@ VERDICT_VALUE = {Verdict.PASS: 1.0, Verdict.INCONCLUSIVE: 0.0, Verdict.FAIL: -1.
 
 def rollout_snapshot(store: RegistryStore) -> Callable[[], Awaitable[Snapshot]]:
     async def refresh() -> Snapshot:
-        labels = ("agent", "endpoint", "kind", "id")
+        labels = ("tenant", "agent", "endpoint", "kind", "id")
         state = Family("corral_rollout_state", "1 for the rollout's current state", (*labels, "state"))
         weight = Family("corral_rollout_weight_percent", "Candidate's share of new sessions", labels)
         verdict = Family("corral_rollout_analysis_verdict",
@@ -23,7 +23,7 @@ def rollout_snapshot(store: RegistryStore) -> Callable[[], Awaitable[Snapshot]]:
         diff = Family("corral_rollout_analysis_difference", "Candidate minus baseline, last analysis",
                       (*labels, "metric"))
         for r in await store.recent_runs():
-            key = (r.agent, r.endpoint.endpoint, r.kind, str(r.id))
+            key = (r.tenant, r.agent, r.endpoint.endpoint, r.kind, str(r.id))
             for s in STATES:
                 state.samples.append(((*key, s), 1.0 if r.state.value == s else 0.0))
             if not isinstance(r, RolloutRecord):

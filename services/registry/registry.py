@@ -11,7 +11,7 @@ from functools import partial
 from corral.bundle import BundleError, inspect
 from corral.manifest import ManifestError
 from corral.names import AgentRef, EndpointRef, VersionRef
-from services.common.endpoints import TrafficShare
+from services.common.endpoints import EndpointKey, TrafficShare
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -35,6 +35,7 @@ from services.registry.model import (
     read_page,
 )
 from services.registry.rollouts import Rollouts
+from services.registry.tenancy import bundle_tenant, tenant_of, visible_tenant
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def _agent_missing(agent: AgentRef) -> NotFound:
     return NotFound(f"{agent.name} does not exist; publish a bundle to create it")
 
 
-async def check_versions_exist(tx: RegistryTx, agent: AgentRef, wanted: list[int]) -> None:
-    missing = sorted(set(wanted) - await tx.existing_versions(agent, wanted))
+async def check_versions_exist(
+    tx: RegistryTx, tenant: str, agent: AgentRef, wanted: list[int]
+) -> None:
+    missing = sorted(set(wanted) - await tx.existing_versions(tenant, agent, wanted))
     if missing:
         raise FailedPrecondition(
             f"{agent.name} has no version {', '.join(map(str, missing))}; "
@@ -57,27 +60,28 @@ class Registry:
     def __init__(self, store: RegistryStore, rollouts: Rollouts) -> None:
         self._store = store
         self._rollouts = rollouts
-        self._watchers: set[asyncio.Queue[str]] = set()
+        self._watchers: set[asyncio.Queue[EndpointKey | None]] = set()
         self._stop_listening: Callable[[], Awaitable[None]] | None = None
 
     # -- agents ----------------------------------------------------------------------------
 
     async def create_agent(self, caller: Caller, agent: AgentRef) -> AgentRecord:
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
-            if not await tx.ensure_agent(agent, caller.user):
+            if not await tx.ensure_agent(tenant, agent, caller.user):
                 raise AlreadyExists(f"{agent.name} already exists")
             await tx.audit(caller, "CreateAgent", agent.name, {})
-        return await self.get_agent(agent)
+        return await self.get_agent(caller, agent)
 
-    async def get_agent(self, agent: AgentRef) -> AgentRecord:
-        record = await self._store.get_agent(agent)
+    async def get_agent(self, caller: Caller, agent: AgentRef) -> AgentRecord:
+        record = await self._store.get_agent(tenant_of(caller), agent)
         if record is None:
             raise _agent_missing(agent)
         return record
 
     async def list_agents(self, paging: Paging) -> Page[AgentRecord]:
-        return await read_page(paging, "ListAgents", None, (str,), self._store.list_agents,
-                               key=lambda a: (a.id,))
+        rows = partial(self._store.list_agents, tenant_of(paging.who))
+        return await read_page(paging, "ListAgents", None, (str,), rows, key=lambda a: (a.id,))
 
     # -- versions --------------------------------------------------------------------------
 
@@ -101,37 +105,57 @@ class Registry:
             )
         rules.check_publish_parent(parent, checked.manifest.name)
         agent = AgentRef(checked.manifest.name)
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
-            await tx.ensure_agent(agent, caller.user)
-            existing = await tx.get_version(VersionRef(agent.agent, digest=checked.digest))
+            await tx.ensure_agent(tenant, agent, caller.user)
+            existing = await tx.get_version(tenant, VersionRef(agent.agent, digest=checked.digest))
             if existing is not None:
                 return existing, False
-            version = await tx.insert_version(agent, checked.digest, data, checked.manifest, caller.user)
+            version = await tx.insert_version(
+                tenant, agent, checked.digest, data, checked.manifest, caller.user)
             # DEFAULT follows the newest version, like AgentCore's DEFAULT endpoint.
             await tx.put_endpoint(
-                agent.endpoint(rules.DEFAULT_ENDPOINT), (TrafficShare(version.number, 10_000),),
+                tenant, agent.endpoint(rules.DEFAULT_ENDPOINT), (TrafficShare(version.number, 10_000),),
                 follow_latest=True, description="always the newest version",
             )
             await tx.audit(
                 caller, "PublishVersion", version.ref.name,
                 {"digest": checked.digest, "size": checked.size, "request_id": request_id},
             )
-        log.info("published %s (%s)", version.ref.name, checked.digest)
+        log.info("published %s (%s) in tenant %s", version.ref.name, checked.digest, tenant)
         return version, True
 
-    async def get_version(self, version: VersionRef) -> VersionRecord:
-        record = await self._store.get_version(version)
+    async def get_version(self, caller: Caller, version: VersionRef) -> VersionRecord:
+        return await self._version(tenant_of(caller), version)
+
+    async def _version(self, tenant: str, version: VersionRef) -> VersionRecord:
+        record = await self._store.get_version(tenant, version)
         if record is None:
             raise NotFound(f"{version.name} does not exist; `corral versions {version.agent}` lists them")
         return record
 
     async def list_versions(self, agent: AgentRef, paging: Paging) -> Page[VersionRecord]:
-        await self.get_agent(agent)
-        rows = partial(self._store.list_versions, agent)
+        await self.get_agent(paging.who, agent)
+        rows = partial(self._store.list_versions, tenant_of(paging.who), agent)
         return await read_page(paging, "ListVersions", agent, (int,), rows, key=lambda v: (v.number,))
 
-    async def download(self, version: VersionRef) -> tuple[VersionRecord, bytes]:
-        record = await self.get_version(version)
+    async def _downloadable(self, caller: Caller, version: VersionRef) -> VersionRecord:
+        """The version whose bundle `caller` may have: one of its tenant, or, for an executor
+        acting for every tenant, one of any tenant with the digest it names."""
+        tenant = bundle_tenant(caller)
+        if tenant is not None:
+            return await self._version(tenant, version)
+        if not version.digest:
+            raise InvalidArgument.field(
+                "name", f"{version.name}: acting for every tenant, name the version by its digest "
+                "(agents/{agent}/versions/sha256:…)")
+        found = await self._store.version_with_digest(version)
+        if found is None:
+            raise NotFound(f"no tenant has {version.name}")
+        return found
+
+    async def download(self, caller: Caller, version: VersionRef) -> tuple[VersionRecord, bytes]:
+        record = await self._downloadable(caller, version)
         data = await self._store.bundle(record.digest)
         if data is None:
             raise NotFound(f"the bundle of {version.name} ({record.digest}) is missing from the store")
@@ -139,10 +163,11 @@ class Registry:
 
     # -- endpoints -------------------------------------------------------------------------
 
-    async def get_endpoint(self, endpoint: EndpointRef) -> EndpointRecord:
-        record = await self._store.get_endpoint(endpoint)
+    async def get_endpoint(self, caller: Caller, endpoint: EndpointRef) -> EndpointRecord:
+        tenant = tenant_of(caller)
+        record = await self._store.get_endpoint(tenant, endpoint)
         if record is None:
-            if await self._store.get_agent(endpoint.parent) is None:
+            if await self._store.get_agent(tenant, endpoint.parent) is None:
                 raise _agent_missing(endpoint.parent)
             raise NotFound(
                 f"{endpoint.name} does not exist; create it with "
@@ -152,8 +177,8 @@ class Registry:
 
     async def list_endpoints(self, agent: AgentRef | None, paging: Paging) -> Page[EndpointRecord]:
         if agent is not None:
-            await self.get_agent(agent)
-        rows = partial(self._store.list_endpoints, agent)
+            await self.get_agent(paging.who, agent)
+        rows = partial(self._store.list_endpoints, tenant_of(paging.who), agent)
         return await read_page(paging, "ListEndpoints", agent, (str, str), rows,
                                key=lambda e: (e.agent, e.id))
 
@@ -174,12 +199,13 @@ class Registry:
             split = rules.version_numbers(endpoint.agent, change.traffic)
         rules.check_settable(endpoint)
         traffic = rules.normalize_split(split) if split is not None else None
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
-            if not await tx.lock_agent(endpoint.parent):
+            if not await tx.lock_agent(tenant, endpoint.parent):
                 raise _agent_missing(endpoint.parent)
             if traffic is not None:
-                await check_versions_exist(tx, endpoint.parent, [s.version for s in traffic])
-            current = await tx.get_endpoint(endpoint, for_update=True)
+                await check_versions_exist(tx, tenant, endpoint.parent, [s.version for s in traffic])
+            current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None and not allow_missing:
                 raise NotFound(f"{endpoint.name} does not exist (set allow_missing to create it)")
             if current is not None and must_create:
@@ -202,7 +228,7 @@ class Registry:
             aborted = None
             if current is not None and change.traffic is not None:
                 aborted = await self._rollouts.abort_for_manual_change(tx, endpoint, caller)
-            record = await tx.put_endpoint(endpoint, traffic, description=description)
+            record = await tx.put_endpoint(tenant, endpoint, traffic, description=description)
             await tx.audit(
                 caller, method, endpoint.name,
                 {
@@ -225,31 +251,36 @@ class Registry:
             await self._stop_listening()
             self._stop_listening = None
         for q in self._watchers:
-            q.put_nowait("")
+            q.put_nowait(None)
 
     def _on_change(self, payload: str) -> None:
+        tenant, agent, endpoint, _revision = payload.split("/")
         for q in self._watchers:
-            q.put_nowait(payload)
+            q.put_nowait((tenant, EndpointRef(agent, endpoint)))
 
     async def watch(
-        self, agent: AgentRef | None
+        self, caller: Caller, agent: AgentRef | None
     ) -> AsyncIterator[tuple[list[EndpointRecord], bool]]:
-        """Yields (every endpoint, True) once, then ([changed endpoint], False) per change."""
+        """Yields (every endpoint the caller sees, True) once, then ([changed endpoint], False)
+        per change: the caller's tenant's, or every tenant's for a service acting for all."""
+        tenant = visible_tenant(caller)
         if agent is not None:
-            await self.get_agent(agent)
-        queue: asyncio.Queue[str] = asyncio.Queue()
+            await self.get_agent(caller, agent)
+        queue: asyncio.Queue[EndpointKey | None] = asyncio.Queue()
         # Subscribe before the snapshot, so a change between the two is not lost.
         self._watchers.add(queue)
         try:
-            yield await self._store.list_endpoints(agent, None, None), True
+            yield await self._store.watched_endpoints(tenant, agent), True
             while True:
-                payload = await queue.get()
-                if not payload:
+                change = await queue.get()
+                if change is None:
                     return
-                changed_agent, endpoint, _rev = payload.rsplit("/", 2)
-                if agent is not None and changed_agent != agent.agent:
+                changed_tenant, endpoint = change
+                if tenant is not None and changed_tenant != tenant:
                     continue
-                record = await self._store.get_endpoint(EndpointRef(changed_agent, endpoint))
+                if agent is not None and endpoint.agent != agent.agent:
+                    continue
+                record = await self._store.get_endpoint(changed_tenant, endpoint)
                 if record is not None:
                     yield [record], False
         finally:
@@ -258,7 +289,7 @@ class Registry:
     # -- audit -----------------------------------------------------------------------------
 
     async def list_audit(self, prefix: str, paging: Paging) -> Page[AuditRecord]:
-        rows = partial(self._store.list_audit, prefix)
+        rows = partial(self._store.list_audit, tenant_of(paging.who), prefix)
         return await read_page(paging, "ListAuditEvents", prefix, (int,), rows, key=lambda e: (e.id,))
 
 

@@ -233,6 +233,7 @@ StateT = TypeVar("StateT", RolloutState, ExperimentState)
 class _Run(Generic[SpecT, StateT]):
     """What rollouts and experiments have in common: each changes one endpoint over time."""
 
+    tenant: str
     endpoint: EndpointRef
     id: int
     spec: SpecT

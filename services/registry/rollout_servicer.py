@@ -170,7 +170,7 @@ class RolloutServicer(rollouts_pb2_grpc.RolloutServiceServicer):
         return pb.ListRolloutsResponse(rollouts=each(page, rollout_pb), next_page_token=page.next_page_token)
 
     async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
-        return rollout_pb(await self.rollouts.get(RolloutRef.parse(request.name)))
+        return rollout_pb(await self.rollouts.get(caller(context), RolloutRef.parse(request.name)))
 
     async def PromoteRollout(self, request: pb.PromoteRolloutRequest, context: Context) -> pb.Rollout:
         record = await self.rollouts.promote(caller(context), RolloutRef.parse(request.name), request.full)
@@ -208,7 +208,7 @@ class RolloutServicer(rollouts_pb2_grpc.RolloutServiceServicer):
 
     async def GetExperiment(self, request: pb.GetExperimentRequest, context: Context) -> pb.Experiment:
         experiment = ExperimentRef.parse(request.name)
-        return experiment_pb(await self.experiments.get(experiment))
+        return experiment_pb(await self.experiments.get(caller(context), experiment))
 
     async def ListExperiments(self, request: pb.ListExperimentsRequest, context: Context) -> pb.ListExperimentsResponse:
         page = await self.experiments.list_experiments(_endpoint(request.parent), paging(request, context))
@@ -218,7 +218,7 @@ class RolloutServicer(rollouts_pb2_grpc.RolloutServiceServicer):
     async def GetExperimentReport(
         self, request: pb.GetExperimentReportRequest, context: Context
     ) -> pb.ExperimentReport:
-        report = await self.experiments.report(ExperimentRef.parse(request.name))
+        report = await self.experiments.report(caller(context), ExperimentRef.parse(request.name))
         return pb.ExperimentReport(
             experiment=experiment_pb(report.experiment),
             analysis=experiment_analysis_pb(report.analysis),

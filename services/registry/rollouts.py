@@ -38,6 +38,7 @@ from services.registry.rollout_model import (
     SetWeight,
     Transition,
 )
+from services.registry.tenancy import tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ def run_not_found(run: RolloutRef | ExperimentRef) -> NotFound:
         f"{run.name} does not exist; `corral {command} list {run.agent} {run.endpoint.endpoint}` "
         "lists them"
     )
+
+
+def endpoint_not_found(endpoint: EndpointRef) -> NotFound:
+    return NotFound(f"{endpoint.name} does not exist; create it with `corral endpoint set`")
 
 
 def run_in_the_way(running: RunRecord, endpoint: EndpointRef) -> FailedPrecondition:
@@ -115,14 +120,14 @@ class Rollouts(RunDomain):
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def get(self, rollout: RolloutRef) -> RolloutRecord:
-        record = await self._store.get_rollout(rollout)
+    async def get(self, caller: Caller, rollout: RolloutRef) -> RolloutRecord:
+        record = await self._store.get_rollout(tenant_of(caller), rollout)
         if record is None:
             raise run_not_found(rollout)
         return record
 
     async def list_rollouts(self, endpoint: EndpointRef, paging: Paging) -> Page[RolloutRecord]:
-        rows = partial(self._store.list_rollouts, endpoint)
+        rows = partial(self._store.list_rollouts, tenant_of(paging.who), endpoint)
         return await read_page(paging, "ListRollouts", endpoint, (int,), rows, key=lambda r: (r.id,))
 
     # -- creating --------------------------------------------------------------------------
@@ -133,14 +138,15 @@ class Rollouts(RunDomain):
         candidate = request.candidate
         rollout_rules.check_candidate(endpoint, candidate)
         spec = rollout_rules.rollout_spec(request)
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
-            current = await tx.get_endpoint(endpoint, for_update=True)
+            current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None:
-                raise NotFound(f"{endpoint.name} does not exist; create it with `corral endpoint set`")
-            if not await tx.existing_versions(endpoint.parent, [candidate.number]):
+                raise endpoint_not_found(endpoint)
+            if not await tx.existing_versions(tenant, endpoint.parent, [candidate.number]):
                 raise FailedPrecondition(f"{candidate.name} does not exist; publish it first",
                                          reason="VERSION_NOT_FOUND")
-            running = await tx.active_run(endpoint)
+            running = await tx.active_run(tenant, endpoint)
             if running is not None:
                 raise run_in_the_way(running, endpoint)
             if len(current.traffic) != 1:
@@ -155,7 +161,8 @@ class Rollouts(RunDomain):
                     f"{candidate.name} is already the stable version of {endpoint.name}",
                     reason="ALREADY_STABLE",
                 )
-            record = await tx.insert_rollout(endpoint, stable, candidate.number, spec, caller.user)
+            record = await tx.insert_rollout(tenant, endpoint, stable, candidate.number, spec,
+                                             caller.user)
             if record is None:
                 raise started_just_now(endpoint)
             await tx.audit(caller, "CreateRollout", record.name,
@@ -169,10 +176,11 @@ class Rollouts(RunDomain):
     async def _act(
         self, caller: Caller, rollout: RolloutRef, method: str, change: Change
     ) -> RolloutRecord:
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
             # The endpoint row before the rollout's, as everywhere.
-            await tx.get_endpoint(rollout.endpoint, for_update=True)
-            record = await tx.get_rollout(rollout, for_update=True)
+            await tx.get_endpoint(tenant, rollout.endpoint, for_update=True)
+            record = await tx.get_rollout(tenant, rollout, for_update=True)
             if record is None:
                 raise NotFound(f"{rollout.name} does not exist")
             if not record.active:
@@ -236,7 +244,8 @@ class Rollouts(RunDomain):
     async def set_weight(
         self, tx: RegistryTx, r: RolloutRecord, weight: float, step: int
     ) -> RolloutRecord:
-        await tx.put_endpoint(r.endpoint, split_for(r.stable_version, r.candidate_version, weight))
+        await tx.put_endpoint(r.tenant, r.endpoint,
+                              split_for(r.stable_version, r.candidate_version, weight))
         t = self.clock.now()
         return await save(tx, replace(
             r, current_weight=weight, current_step=step, step_start_time=t,
@@ -244,7 +253,8 @@ class Rollouts(RunDomain):
         ))
 
     async def finish(self, tx: RegistryTx, r: RolloutRecord, reason: str) -> RolloutRecord:
-        await tx.put_endpoint(r.endpoint, split_for(r.stable_version, r.candidate_version, 100))
+        await tx.put_endpoint(r.tenant, r.endpoint,
+                              split_for(r.stable_version, r.candidate_version, 100))
         return await save(tx, replace(
             r, state=RolloutState.SUCCEEDED, state_reason=reason, current_weight=100.0,
             current_step=len(r.spec.steps), end_time=self.clock.now(),
@@ -254,7 +264,8 @@ class Rollouts(RunDomain):
         self, tx: RegistryTx, r: RolloutRecord, state: RolloutState, reason: str,
         analysis: Analysis | None = None,
     ) -> RolloutRecord:
-        await tx.put_endpoint(r.endpoint, split_for(r.stable_version, r.candidate_version, 0))
+        await tx.put_endpoint(r.tenant, r.endpoint,
+                              split_for(r.stable_version, r.candidate_version, 0))
         return await save(tx, replace(
             r, state=state, state_reason=reason, current_weight=0.0, end_time=self.clock.now(),
             last_analysis=analysis if analysis is not None else r.last_analysis,
@@ -265,7 +276,7 @@ class Rollouts(RunDomain):
     ) -> Transition | None:
         """A manual `endpoint set` during a rollout or experiment aborts it (audited as such).
         Returns the transition to announce once the caller's transaction has committed."""
-        run = await tx.active_run(endpoint)
+        run = await tx.active_run(tenant_of(caller), endpoint)
         if run is None:
             return None
         reason = f"aborted: endpoint set manually by {caller.user}"
@@ -295,21 +306,22 @@ class Rollouts(RunDomain):
     ) -> EndpointRecord:
         """Back to the last stable version (or `version`), applying the session policy to the
         sessions of the versions it leaves."""
+        tenant = tenant_of(caller)
         async with self._store.tx() as tx:
-            current = await tx.get_endpoint(endpoint, for_update=True)
+            current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None:
-                raise NotFound(f"{endpoint.name} does not exist")
-            running = await tx.active_run(endpoint)
+                raise endpoint_not_found(endpoint)
+            running = await tx.active_run(tenant, endpoint)
             if version is not None:
                 target = version.number
-                if not await tx.existing_versions(endpoint.parent, [target]):
+                if not await tx.existing_versions(tenant, endpoint.parent, [target]):
                     raise FailedPrecondition(f"{version.name} does not exist",
                                              reason="VERSION_NOT_FOUND")
             elif running is not None:
                 target = running.stable_version
             else:
                 serving = current.traffic[0].version if len(current.traffic) == 1 else -1
-                found = await tx.last_stable(endpoint, serving)
+                found = await tx.last_stable(tenant, endpoint, serving)
                 if found is None:
                     raise FailedPrecondition(
                         f"{endpoint.name} has no earlier stable version to roll back to; give "
@@ -332,23 +344,24 @@ class Rollouts(RunDomain):
                                {"to": target, "policy": policy.value, "evidence": evidence})
                 transition = Transition(updated, "ROLLED_BACK", caller.user, evidence)
             if target != serving_stable:
-                await tx.put_endpoint(endpoint, (TrafficShare(target, BASIS_POINTS),))
+                await tx.put_endpoint(tenant, endpoint, (TrafficShare(target, BASIS_POINTS),))
             await tx.audit(caller, "RollbackEndpoint", endpoint.name,
                            {"to": target, "policy": policy.value, "evidence": evidence})
         if transition is not None:
             self._notify(transition)
         for share in current.traffic:
             if share.version != target:
-                await self.retire_sessions(endpoint, share.version, policy, target)
-        after = await self._store.get_endpoint(endpoint)
+                await self.retire_sessions(tenant, endpoint, share.version, policy, target)
+        after = await self._store.get_endpoint(tenant, endpoint)
         if after is None:
-            raise NotFound(f"{endpoint.name} does not exist")
+            raise endpoint_not_found(endpoint)
         return after
 
     # -- session policies ------------------------------------------------------------------
 
     async def retire_sessions(
-        self, endpoint: EndpointRef, version: int, policy: SessionPolicy, to_version: int
+        self, tenant: str, endpoint: EndpointRef, version: int, policy: SessionPolicy,
+        to_version: int,
     ) -> int:
         """Applies a session policy to the sessions of `version` on the endpoint: drain (nothing
         now; stopped after the drain timeout), migrate (to `to_version`) or stop. Returns how
@@ -361,10 +374,10 @@ class Rollouts(RunDomain):
         digest = ""
         if policy is SessionPolicy.MIGRATE:
             migrate_to = VersionRef(endpoint.agent, to_version)
-            target = await self._store.get_version(migrate_to)
+            target = await self._store.get_version(tenant, migrate_to)
             digest = target.digest if target else ""
         try:
-            count = await self._sessions.retire_version(leaving, endpoint, migrate_to, digest)
+            count = await self._sessions.retire_version(tenant, leaving, endpoint, migrate_to, digest)
         except CorralError as exc:
             log.error("could not apply the %s policy to %s sessions: %s", policy.value,
                       leaving.name, exc.message)
@@ -375,7 +388,7 @@ class Rollouts(RunDomain):
 
     async def after_rollback(self, r: RolloutRecord, policy: SessionPolicy | None = None) -> None:
         """The session policy (the rollout's own unless given) for a rolled-back candidate."""
-        await self.retire_sessions(r.endpoint, r.candidate_version,
+        await self.retire_sessions(r.tenant, r.endpoint, r.candidate_version,
                                    policy or r.spec.rollback_policy, r.stable_version)
 
 

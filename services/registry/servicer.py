@@ -57,7 +57,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return agent_pb(await self.registry.create_agent(caller(context), agent))
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.Agent:
-        return agent_pb(await self.registry.get_agent(AgentRef.parse(request.name)))
+        return agent_pb(await self.registry.get_agent(caller(context), AgentRef.parse(request.name)))
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Context) -> pb.ListAgentsResponse:
         page = await self.registry.list_agents(paging(request, context))
@@ -82,7 +82,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetVersion(self, request: pb.GetVersionRequest, context: Context) -> pb.Version:
         version = VersionRef.parse(request.name, allow_digest=True)
-        return version_pb(await self.registry.get_version(version))
+        return version_pb(await self.registry.get_version(caller(context), version))
 
     async def ListVersions(self, request: pb.ListVersionsRequest, context: Context) -> pb.ListVersionsResponse:
         page = await self.registry.list_versions(_agent(request.parent), paging(request, context))
@@ -92,7 +92,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DownloadVersionRequest, context: Context
     ) -> AsyncIterator[pb.DownloadVersionResponse]:
         version = VersionRef.parse(request.name, allow_digest=True)
-        record, data = await self.registry.download(version)
+        record, data = await self.registry.download(caller(context), version)
         yield pb.DownloadVersionResponse(version=version_pb(record))
         for i in range(0, len(data), DOWNLOAD_CHUNK):
             yield pb.DownloadVersionResponse(chunk=data[i : i + DOWNLOAD_CHUNK])
@@ -110,7 +110,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return endpoint_pb(record)
 
     async def GetEndpoint(self, request: pb.GetEndpointRequest, context: Context) -> pb.Endpoint:
-        return endpoint_pb(await self.registry.get_endpoint(EndpointRef.parse(request.name)))
+        endpoint = EndpointRef.parse(request.name)
+        return endpoint_pb(await self.registry.get_endpoint(caller(context), endpoint))
 
     async def ListEndpoints(self, request: pb.ListEndpointsRequest, context: Context) -> pb.ListEndpointsResponse:
         page = await self.registry.list_endpoints(_any_agent(request.parent), paging(request, context))
@@ -129,7 +130,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def WatchEndpoints(
         self, request: pb.WatchEndpointsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEndpointsResponse]:
-        async for records, snapshot in self.registry.watch(_any_agent(request.parent)):
+        watched = self.registry.watch(caller(context), _any_agent(request.parent))
+        async for records, snapshot in watched:
             yield pb.WatchEndpointsResponse(endpoints=[endpoint_pb(r) for r in records], snapshot=snapshot)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:

@@ -130,6 +130,19 @@ def merged_spec(spec: ToolSpec, change: ToolChange) -> ToolSpec:
     return merged
 
 
+def check_secret_stays(before: ToolSpec, after: ToolSpec, has_secret: bool,
+                       change: ToolChange) -> None:
+    """A stored secret was given for one address: a tool moved to another must be given its
+    secret again (or "" to drop it), so the secret never follows it somewhere else."""
+    if has_secret and after.address != before.address and change.secret is None:
+        raise InvalidArgument.field(
+            "tool.secret",
+            "required when the address changes: send the secret for the new address (or an empty "
+            "secret named in update_mask, to remove it); the stored one is never sent to a new "
+            "address",
+        )
+
+
 def check_tenant(tenant: str) -> str:
     if not tenant:
         raise InvalidArgument.field("tenant", "required: the tenant whose tool to resolve")

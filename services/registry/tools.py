@@ -15,6 +15,7 @@ from services.common.paging import Page
 from services.registry import tool_rules
 from services.registry.model import Paging, ToolStore, read_page
 from services.registry.secrets import SecretBox, SecretError
+from services.registry.tenancy import tenant_of
 from services.registry.tool_model import ToolChange, ToolRecord, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -66,56 +67,60 @@ class Tools:
     async def create(
         self, who: Caller, tool: ToolRef, spec: ToolSpec, secret: str, request_id: str = ""
     ) -> ToolRecord:
-        sealed = self._seal(who.tenant, tool, secret)
+        tenant = tenant_of(who)
+        sealed = self._seal(tenant, tool, secret)
         async with self._store.tx() as tx:
             if request_id:
                 # Keyed by tenant too, so tenants cannot collide or probe each other's ids.
-                earlier = await tx.claim_request(f"{who.tenant}/{request_id}", tool.name)
+                earlier = await tx.claim_request(tenant, request_id, tool.name)
                 if earlier is not None:
                     return await self.get(who, ToolRef.parse(earlier, field="request_id"))
-            record = await tx.insert_tool(who.tenant, tool, spec, sealed, who.user)
+            record = await tx.insert_tool(tenant, tool, spec, sealed, who.user)
             if record is None:
                 raise AlreadyExists(
                     f"{tool.name} already exists; change it with `corral tools update {tool.tool}`"
                 )
             await tx.audit(who, "CreateTool", tool.name, _audit_details(spec, record.has_secret))
-        log.info("created %s for tenant %s (%s)", tool.name, who.tenant, spec.kind)
+        log.info("created %s for tenant %s (%s)", tool.name, tenant, spec.kind)
         return record
 
     async def get(self, who: Caller, tool: ToolRef) -> ToolRecord:
-        record = await self._store.get_tool(who.tenant, tool)
+        record = await self._store.get_tool(tenant_of(who), tool)
         if record is None:
             raise _not_found(tool)
         return record
 
     async def list_tools(self, paging: Paging) -> Page[ToolRecord]:
-        rows = partial(self._store.list_tools, paging.who.tenant)
+        rows = partial(self._store.list_tools, tenant_of(paging.who))
         return await read_page(paging, "ListTools", None, (str,), rows, key=lambda t: (t.id,))
 
     async def update(
         self, who: Caller, tool: ToolRef, change: ToolChange, etag: str = ""
     ) -> ToolRecord:
+        tenant = tenant_of(who)
         async with self._store.tx() as tx:
-            current = await tx.get_tool(who.tenant, tool, for_update=True)
+            current = await tx.get_tool(tenant, tool, for_update=True)
             if current is None:
                 raise _not_found(tool)
             _check_etag(current, etag)
             spec = tool_rules.merged_spec(current.spec, change)
+            tool_rules.check_secret_stays(current.spec, spec, current.has_secret, change)
             sealed = current.secret_ciphertext
             if change.secret is not None:
-                sealed = self._seal(who.tenant, tool, change.secret)
-            record = await tx.update_tool(who.tenant, tool, spec, sealed)
+                sealed = self._seal(tenant, tool, change.secret)
+            record = await tx.update_tool(tenant, tool, spec, sealed)
             await tx.audit(who, "UpdateTool", tool.name,
                            _audit_details(spec, record.has_secret, change.changed()))
         return record
 
     async def delete(self, who: Caller, tool: ToolRef, etag: str = "") -> None:
+        tenant = tenant_of(who)
         async with self._store.tx() as tx:
-            current = await tx.get_tool(who.tenant, tool, for_update=True)
+            current = await tx.get_tool(tenant, tool, for_update=True)
             if current is None:
                 raise _not_found(tool)
             _check_etag(current, etag)
-            await tx.delete_tool(who.tenant, tool)
+            await tx.delete_tool(tenant, tool)
             await tx.audit(who, "DeleteTool", tool.name, {})
 
     async def resolve(self, tenant: str, tool: ToolRef) -> tuple[ToolRecord, str]:

@@ -20,7 +20,7 @@ ATTEMPTS = 5
 CLOSE_WAIT_S = 2.0
 
 # The webhook an endpoint has configured ("" for none), for runs that name none of their own.
-EndpointWebhook = Callable[[EndpointRef], Awaitable[str]]
+EndpointWebhook = Callable[[str, EndpointRef], Awaitable[str]]
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -34,6 +34,7 @@ def payload(t: Transition) -> JsonObject:
     return {
         "event": t.event,
         "rollout": r.name,
+        "tenant": r.tenant,
         "kind": r.kind,
         "state": r.state.value,
         "reason": r.state_reason,
@@ -63,7 +64,7 @@ class WebhookNotifier:
     async def _deliver(self, t: Transition) -> None:
         url = t.run.spec.webhook_url
         if not url and self._endpoint_webhook is not None:
-            url = await self._endpoint_webhook(t.run.endpoint)
+            url = await self._endpoint_webhook(t.run.tenant, t.run.endpoint)
         if not url:
             return
         body = payload(t)

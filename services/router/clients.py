@@ -11,6 +11,7 @@ from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
+from services.common.auth.principal import Principal
 from services.common.clients import ServiceClient, on_behalf_of
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
@@ -34,6 +35,9 @@ _ENDED = {
     sessions_pb2.SESSION_STATUS_STOPPED: SessionEnd.STOPPED,
     sessions_pb2.SESSION_STATUS_EXPIRED: SessionEnd.EXPIRED,
 }
+
+# How the router names itself to the registry.
+ROUTER = "router"
 
 
 def _pin(session: sessions_pb2.Session) -> SessionPin:
@@ -101,22 +105,24 @@ class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "registry", registry_pb2_grpc.RegistryServiceStub)
-        self._versions: dict[VersionRef, VersionInfo] = {}
+        self._versions: dict[tuple[str, VersionRef], VersionInfo] = {}
 
-    async def version(self, ref: VersionRef) -> VersionInfo:
-        known = self._versions.get(ref)
+    async def version(self, tenant: str, ref: VersionRef) -> VersionInfo:
+        known = self._versions.get((tenant, ref))
         if known is not None:
             return known
+        acting = self.metadata(Principal.of_service(ROUTER, tenant))
         with calling("registry"):
-            found = await self._stub.GetVersion(registry_pb2.GetVersionRequest(name=ref.name))
+            found = await self._stub.GetVersion(
+                registry_pb2.GetVersionRequest(name=ref.name), metadata=acting)
         manifest = found.manifest
         info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s)
-        self._versions[ref] = info
+        self._versions[(tenant, ref)] = info
         return info
 
     def endpoints(self) -> EndpointSource:
         """The registry's endpoint watch, on the same channel, for the endpoint mirror."""
-        return RegistryEndpoints(self._stub)
+        return RegistryEndpoints(self._stub, ROUTER)
 
 
 def _event(response: executor_pb2.ExecuteResponse) -> ExecutionEvent | None:

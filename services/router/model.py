@@ -115,7 +115,9 @@ class SessionsClient(Protocol):
 
 
 class RegistryClient(Protocol):
-    async def version(self, ref: VersionRef) -> VersionInfo: ...
+    async def version(self, tenant: str, ref: VersionRef) -> VersionInfo:
+        """The tenant's version (names are per tenant)."""
+        ...
 
 
 class ExecutorClient(Protocol):

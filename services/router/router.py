@@ -115,9 +115,9 @@ class Router:
             version = target.version
         else:
             endpoint = target.routing_endpoint()
-            view = await self.endpoints.get(endpoint)
+            view = await self.endpoints.get(caller.tenant, endpoint)
             version = target.agent.version(choose(view.shares, bucket(view.salt, session.session)))
-        info = await self._registry.version(version)
+        info = await self._registry.version(caller.tenant, version)
         created = await self._sessions.create(caller, session, info, endpoint)
         if created is None:
             return None
@@ -127,12 +127,15 @@ class Router:
     def _maybe_retired(self, pin: SessionPin) -> bool:
         if pin.endpoint is None:
             return False
-        view = self.endpoints.cached(pin.endpoint)
+        view = self.endpoints.cached(pin.owner.tenant, pin.endpoint)
         return view is not None and not view.routes_to(pin.version.number)
 
-    def cached_endpoint(self, endpoint: EndpointRef) -> tuple[EndpointTraffic | None, bool]:
-        """The endpoint as this router's mirror holds it, and whether the mirror is in sync."""
-        return self.endpoints.cached(endpoint), self.endpoints.synced.is_set()
+    def cached_endpoint(
+        self, tenant: str, endpoint: EndpointRef
+    ) -> tuple[EndpointTraffic | None, bool]:
+        """The tenant's endpoint as this router's mirror holds it, and whether the mirror is in
+        sync."""
+        return self.endpoints.cached(tenant, endpoint), self.endpoints.synced.is_set()
 
     def check_payload(self, payload: bytes) -> None:
         if not payload:

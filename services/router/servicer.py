@@ -149,7 +149,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def GetCachedEndpoint(
         self, request: pb.GetCachedEndpointRequest, context: Context
     ) -> pb.CachedEndpoint:
-        view, synced = self.router.cached_endpoint(EndpointRef.parse(request.name, field="name"))
+        endpoint = EndpointRef.parse(request.name, field="name")
+        view, synced = self.router.cached_endpoint(caller(context).tenant, endpoint)
         out = pb.CachedEndpoint(name=request.name, synced=synced)
         if view is not None:
             out.revision = view.revision

@@ -144,11 +144,11 @@ class FakeBundleRegistry:
         self.traffic = endpoints
         self.downloads = 0
 
-    async def download(self, version: VersionRef) -> PackedBundle:
+    async def download(self, version: VersionRef, digest: str) -> PackedBundle:
         self.downloads += 1
         return PackedBundle(version, self.bundles[version][1])
 
-    async def digest(self, version: VersionRef) -> str:
+    async def digest(self, tenant: str, version: VersionRef) -> str:
         if version not in self.bundles:
             raise NotFound(f"{version} does not exist")
         return self.bundles[version][0]
@@ -160,8 +160,8 @@ class FakeBundleRegistry:
         yield EndpointUpdate(self.traffic, snapshot=True)
         await asyncio.Event().wait()  # quiet until the mirror closes
 
-    async def get(self, ref: EndpointRef) -> EndpointTraffic:
-        found = [endpoint for endpoint in self.traffic if endpoint.ref == ref]
+    async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:
+        found = [endpoint for endpoint in self.traffic if endpoint.key == (tenant, ref)]
         if not found:
             raise NotFound(f"{ref} does not exist")
         return found[0]

@@ -44,15 +44,16 @@ class FakeRegistryStore:
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
-        self.agents: dict[str, datetime] = {}
-        self.versions: dict[tuple[str, int], reg.VersionRecord] = {}
+        # Keyed by tenant first, as the tables are.
+        self.agents: dict[tuple[str, str], datetime] = {}
+        self.versions: dict[tuple[str, str, int], reg.VersionRecord] = {}
         self.bundles: dict[str, bytes] = {}
-        self.endpoints: dict[tuple[str, str], reg.EndpointRecord] = {}
-        self.stable: dict[tuple[str, str], list[int]] = {}
-        self.webhooks: dict[tuple[str, str], str] = {}
+        self.endpoints: dict[tuple[str, str, str], reg.EndpointRecord] = {}
+        self.stable: dict[tuple[str, str, str], list[int]] = {}
+        self.webhooks: dict[tuple[str, str, str], str] = {}
         self.events: list[reg.AuditRecord] = []
-        self.requests: dict[str, str] = {}
-        self.runs: dict[tuple[str, str, str, int], ro.RunRecord] = {}
+        self.requests: dict[tuple[str, str], str] = {}
+        self.runs: dict[tuple[str, str, str, str, int], ro.RunRecord] = {}
         self.tools: dict[tuple[str, str], ToolRecord] = {}
         self.listeners: list[Callable[[str], None]] = []
         self.locked_runs: set[str] = set()
@@ -88,44 +89,54 @@ class FakeRegistryStore:
 
     # -- agents, versions ------------------------------------------------------------------
 
-    def _agent(self, agent: str) -> reg.AgentRecord:
-        numbers = [n for (a, n) in self.versions if a == agent]
-        return reg.AgentRecord(agent, self.agents[agent], max(numbers, default=0))
+    def _agent(self, tenant: str, agent: str) -> reg.AgentRecord:
+        numbers = [n for (t, a, n) in self.versions if (t, a) == (tenant, agent)]
+        return reg.AgentRecord(tenant, agent, self.agents[(tenant, agent)], max(numbers, default=0))
 
-    async def get_agent(self, agent: AgentRef) -> reg.AgentRecord | None:
-        return self._agent(agent.agent) if agent.agent in self.agents else None
+    async def get_agent(self, tenant: str, agent: AgentRef) -> reg.AgentRecord | None:
+        return self._agent(tenant, agent.agent) if (tenant, agent.agent) in self.agents else None
 
-    async def list_agents(self, after: Key | None, limit: int) -> list[reg.AgentRecord]:
-        return keyset_page([self._agent(a) for a in self.agents], lambda a: (a.id,), after, limit)
+    async def list_agents(self, tenant: str, after: Key | None, limit: int) -> list[reg.AgentRecord]:
+        mine = [self._agent(t, a) for (t, a) in self.agents if t == tenant]
+        return keyset_page(mine, lambda a: (a.id,), after, limit)
 
-    async def ensure_agent(self, agent: AgentRef, creator: str) -> bool:
-        created = agent.agent not in self.agents
-        self.agents.setdefault(agent.agent, self.clock.now())
+    async def ensure_agent(self, tenant: str, agent: AgentRef, creator: str) -> bool:
+        created = (tenant, agent.agent) not in self.agents
+        self.agents.setdefault((tenant, agent.agent), self.clock.now())
         return created
 
-    async def lock_agent(self, agent: AgentRef) -> bool:
-        return agent.agent in self.agents
+    async def lock_agent(self, tenant: str, agent: AgentRef) -> bool:
+        return (tenant, agent.agent) in self.agents
 
-    async def get_version(self, version: VersionRef) -> reg.VersionRecord | None:
+    async def get_version(self, tenant: str, version: VersionRef) -> reg.VersionRecord | None:
         for v in self.versions.values():
-            if v.agent == version.agent and (v.number == version.number or v.digest == version.digest):
+            if (v.tenant, v.agent) == (tenant, version.agent) and (
+                v.number == version.number or v.digest == version.digest
+            ):
                 return v
         return None
 
-    async def insert_version(self, agent: AgentRef, digest: str, data: bytes, manifest: Manifest,
-                             creator: str) -> reg.VersionRecord:
-        number = 1 + max((n for (a, n) in self.versions if a == agent.agent), default=0)
+    async def version_with_digest(self, version: VersionRef) -> reg.VersionRecord | None:
+        return next((v for v in self.versions.values()
+                     if v.agent == version.agent and v.digest == version.digest), None)
+
+    async def insert_version(self, tenant: str, agent: AgentRef, digest: str, data: bytes,
+                             manifest: Manifest, creator: str) -> reg.VersionRecord:
+        number = 1 + max((n for (t, a, n) in self.versions if (t, a) == (tenant, agent.agent)),
+                         default=0)
         self.bundles[digest] = data
-        record = reg.VersionRecord(agent.agent, number, digest, len(data), manifest,
+        record = reg.VersionRecord(tenant, agent.agent, number, digest, len(data), manifest,
                                     self.clock.now(), creator)
-        self.versions[(agent.agent, number)] = record
+        self.versions[(tenant, agent.agent, number)] = record
         return record
 
-    async def existing_versions(self, agent: AgentRef, numbers: Collection[int]) -> set[int]:
-        return {n for n in numbers if (agent.agent, n) in self.versions}
+    async def existing_versions(self, tenant: str, agent: AgentRef,
+                                numbers: Collection[int]) -> set[int]:
+        return {n for n in numbers if (tenant, agent.agent, n) in self.versions}
 
-    async def list_versions(self, agent: AgentRef, after: Key | None, limit: int) -> list[reg.VersionRecord]:
-        mine = [v for v in self.versions.values() if v.agent == agent.agent]
+    async def list_versions(self, tenant: str, agent: AgentRef, after: Key | None,
+                            limit: int) -> list[reg.VersionRecord]:
+        mine = [v for v in self.versions.values() if (v.tenant, v.agent) == (tenant, agent.agent)]
         return keyset_page(mine, lambda v: (v.number,), after, limit)
 
     async def bundle(self, digest: str) -> bytes | None:
@@ -133,24 +144,31 @@ class FakeRegistryStore:
 
     # -- endpoints -------------------------------------------------------------------------
 
-    async def get_endpoint(self, endpoint: EndpointRef, *, for_update: bool = False) -> reg.EndpointRecord | None:
-        return self.endpoints.get((endpoint.agent, endpoint.endpoint))
+    async def get_endpoint(self, tenant: str, endpoint: EndpointRef, *,
+                           for_update: bool = False) -> reg.EndpointRecord | None:
+        return self.endpoints.get((tenant, endpoint.agent, endpoint.endpoint))
 
-    async def list_endpoints(self, agent: AgentRef | None, after: Key | None,
-                             limit: int | None) -> list[reg.EndpointRecord]:
-        mine = [e for e in self.endpoints.values() if agent is None or e.agent == agent.agent]
-        return keyset_page(mine, lambda e: (e.agent, e.id), after, limit)
+    async def list_endpoints(self, tenant: str, agent: AgentRef | None, after: Key | None,
+                             limit: int) -> list[reg.EndpointRecord]:
+        return keyset_page(await self.watched_endpoints(tenant, agent), lambda e: (e.agent, e.id),
+                           after, limit)
 
-    async def webhook_url(self, endpoint: EndpointRef) -> str:
-        return self.webhooks.get((endpoint.agent, endpoint.endpoint), "")
+    async def watched_endpoints(self, tenant: str | None,
+                                agent: AgentRef | None) -> list[reg.EndpointRecord]:
+        return [e for e in self.endpoints.values()
+                if tenant in (None, e.tenant) and (agent is None or e.agent == agent.agent)]
 
-    async def last_stable(self, endpoint: EndpointRef, not_version: int) -> int | None:
-        history = self.stable.get((endpoint.agent, endpoint.endpoint), [])
+    async def webhook_url(self, tenant: str, endpoint: EndpointRef) -> str:
+        return self.webhooks.get((tenant, endpoint.agent, endpoint.endpoint), "")
+
+    async def last_stable(self, tenant: str, endpoint: EndpointRef, not_version: int) -> int | None:
+        history = self.stable.get((tenant, endpoint.agent, endpoint.endpoint), [])
         return next((v for v in reversed(history) if v != not_version), None)
 
-    async def put_endpoint(self, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
-                           follow_latest: bool = False, description: str = "") -> reg.EndpointRecord:
-        key = (endpoint.agent, endpoint.endpoint)
+    async def put_endpoint(self, tenant: str, endpoint: EndpointRef,
+                           traffic: tuple[TrafficShare, ...], *, follow_latest: bool = False,
+                           description: str = "") -> reg.EndpointRecord:
+        key = (tenant, endpoint.agent, endpoint.endpoint)
         history = self.stable.setdefault(key, [])
         if len(traffic) == 1 and history[-1:] != [traffic[0].version]:
             history.append(traffic[0].version)
@@ -159,7 +177,7 @@ class FakeRegistryStore:
         current = self.endpoints.get(key)
         now = self.clock.now()
         record = reg.EndpointRecord(
-            agent=endpoint.agent, id=endpoint.endpoint,
+            tenant=tenant, agent=endpoint.agent, id=endpoint.endpoint,
             follow_latest=current.follow_latest if current else follow_latest,
             salt=current.salt if current else f"salt-{len(self.endpoints)}",
             revision=current.revision + 1 if current else 1, description=description,
@@ -168,7 +186,7 @@ class FakeRegistryStore:
         )
         self.endpoints[key] = record
         if self._pending is not None:
-            self._pending.append(f"{endpoint.agent}/{endpoint.endpoint}/{record.revision}")
+            self._pending.append(f"{tenant}/{endpoint.agent}/{endpoint.endpoint}/{record.revision}")
         return record
 
     # -- audit -----------------------------------------------------------------------------
@@ -176,82 +194,95 @@ class FakeRegistryStore:
     async def audit(self, who: Caller, method: str, resource: str, details: reg.AuditDetails) -> None:
         # Kept as written (domain values and all), for tests to look at.
         self.events.append(reg.AuditRecord(len(self.events) + 1, self.clock.now(), who.tenant,
-                                            who.user, method, resource, dict(details)))  # type: ignore[arg-type]  # the fake keeps domain values
+                                            who.describe(), method, resource, dict(details)))  # type: ignore[arg-type]  # the fake keeps domain values
 
-    async def list_audit(self, prefix: str, after: Key | None, limit: int) -> list[reg.AuditRecord]:
-        mine = [e for e in self.events if e.resource.startswith(prefix)]
+    async def list_audit(self, tenant: str, prefix: str, after: Key | None,
+                         limit: int) -> list[reg.AuditRecord]:
+        mine = [e for e in self.events if e.tenant == tenant and e.resource.startswith(prefix)]
         return keyset_page(mine, lambda e: (e.id,), after, limit, newest_first=True)
 
-    async def claim_request(self, key: str, resource: str) -> str | None:
-        earlier = self.requests.get(key)
-        self.requests.setdefault(key, resource)
+    async def claim_request(self, tenant: str, key: str, resource: str) -> str | None:
+        earlier = self.requests.get((tenant, key))
+        self.requests.setdefault((tenant, key), resource)
         return earlier
 
     # -- runs ------------------------------------------------------------------------------
 
-    def _next_run_id(self, endpoint: EndpointRef, kind: str) -> int:
-        ids = [i for (a, e, k, i) in self.runs if (a, e, k) == (endpoint.agent, endpoint.endpoint, kind)]
+    @staticmethod
+    def _key(run: ro.RunRecord) -> tuple[str, str, str, str, int]:
+        return (run.tenant, run.endpoint.agent, run.endpoint.endpoint, run.kind, run.id)
+
+    def _next_run_id(self, tenant: str, endpoint: EndpointRef, kind: str) -> int:
+        ids = [i for (t, a, e, k, i) in self.runs
+               if (t, a, e, k) == (tenant, endpoint.agent, endpoint.endpoint, kind)]
         return 1 + max(ids, default=0)
 
-    async def active_run(self, endpoint: EndpointRef) -> ro.RunRecord | None:
-        return next((r for r in self.runs.values() if r.endpoint == endpoint and r.active), None)
+    async def active_run(self, tenant: str, endpoint: EndpointRef) -> ro.RunRecord | None:
+        return next((r for r in self.runs.values()
+                     if (r.tenant, r.endpoint) == (tenant, endpoint) and r.active), None)
 
-    async def _insert(self, endpoint: EndpointRef, kind: str,
+    async def _insert(self, tenant: str, endpoint: EndpointRef, kind: str,
                       make: Callable[[int, datetime], Run]) -> Run | None:
-        if await self.active_run(endpoint) is not None:
+        if await self.active_run(tenant, endpoint) is not None:
             return None
-        record = make(self._next_run_id(endpoint, kind), self.clock.now())
-        self.runs[(endpoint.agent, endpoint.endpoint, kind, record.id)] = record
+        record = make(self._next_run_id(tenant, endpoint, kind), self.clock.now())
+        self.runs[self._key(record)] = record
         return record
 
-    async def insert_rollout(self, endpoint: EndpointRef, stable: int, candidate: int,
+    async def insert_rollout(self, tenant: str, endpoint: EndpointRef, stable: int, candidate: int,
                              spec: ro.RolloutSpec, creator: str) -> ro.RolloutRecord | None:
-        return await self._insert(endpoint, "rollout", lambda id, now: ro.RolloutRecord(
-            endpoint=endpoint, id=id, spec=spec, state=ro.RolloutState.PROGRESSING,
+        return await self._insert(tenant, endpoint, "rollout", lambda id, now: ro.RolloutRecord(
+            tenant=tenant, endpoint=endpoint, id=id, spec=spec, state=ro.RolloutState.PROGRESSING,
             state_reason="", traffic_start_time=None, end_time=None, create_time=now,
             update_time=now, creator=creator, revision=1, stable_version=stable,
             candidate_version=candidate, current_step=0, current_weight=0.0, last_analysis=None,
             last_check_time=None, step_start_time=now,
         ))
 
-    async def insert_experiment(self, endpoint: EndpointRef, spec: ro.ExperimentSpec, creator: str,
-                                traffic_start: datetime) -> ro.ExperimentRecord | None:
-        return await self._insert(endpoint, "experiment", lambda id, now: ro.ExperimentRecord(
-            endpoint=endpoint, id=id, spec=spec, state=ro.ExperimentState.RUNNING, state_reason="",
-            traffic_start_time=traffic_start, end_time=None, create_time=now, update_time=now,
-            creator=creator, revision=1,
+    async def insert_experiment(self, tenant: str, endpoint: EndpointRef, spec: ro.ExperimentSpec,
+                                creator: str, traffic_start: datetime) -> ro.ExperimentRecord | None:
+        return await self._insert(tenant, endpoint, "experiment", lambda id, now: ro.ExperimentRecord(
+            tenant=tenant, endpoint=endpoint, id=id, spec=spec, state=ro.ExperimentState.RUNNING,
+            state_reason="", traffic_start_time=traffic_start, end_time=None, create_time=now,
+            update_time=now, creator=creator, revision=1,
         ))
 
-    def _run(self, endpoint: EndpointRef, kind: str, id: int | None) -> ro.RunRecord | None:
-        mine = [r for (a, e, k, _), r in self.runs.items()
-                if (a, e, k) == (endpoint.agent, endpoint.endpoint, kind) and id in (None, r.id)]
+    def _run(self, tenant: str, endpoint: EndpointRef, kind: str,
+             id: int | None) -> ro.RunRecord | None:
+        mine = [r for (t, a, e, k, _), r in self.runs.items()
+                if (t, a, e, k) == (tenant, endpoint.agent, endpoint.endpoint, kind)
+                and id in (None, r.id)]
         return max(mine, key=lambda r: r.id, default=None)
 
-    async def get_rollout(self, rollout: RolloutRef, *, for_update: bool = False) -> ro.RolloutRecord | None:
-        found = self._run(rollout.endpoint, "rollout", rollout.id)
+    async def get_rollout(self, tenant: str, rollout: RolloutRef, *,
+                          for_update: bool = False) -> ro.RolloutRecord | None:
+        found = self._run(tenant, rollout.endpoint, "rollout", rollout.id)
         return found if isinstance(found, ro.RolloutRecord) else None
 
-    async def get_experiment(self, experiment: ExperimentRef, *,
+    async def get_experiment(self, tenant: str, experiment: ExperimentRef, *,
                              for_update: bool = False) -> ro.ExperimentRecord | None:
-        found = self._run(experiment.endpoint, "experiment", experiment.id)
+        found = self._run(tenant, experiment.endpoint, "experiment", experiment.id)
         return found if isinstance(found, ro.ExperimentRecord) else None
 
-    async def list_rollouts(self, endpoint: EndpointRef, after: Key | None, limit: int) -> list[ro.RolloutRecord]:
-        mine = [r for r in self.runs.values() if isinstance(r, ro.RolloutRecord) and r.endpoint == endpoint]
+    async def list_rollouts(self, tenant: str, endpoint: EndpointRef, after: Key | None,
+                            limit: int) -> list[ro.RolloutRecord]:
+        mine = [r for r in self.runs.values() if isinstance(r, ro.RolloutRecord)
+                and (r.tenant, r.endpoint) == (tenant, endpoint)]
         return keyset_page(mine, lambda r: (r.id,), after, limit, newest_first=True)
 
-    async def list_experiments(self, endpoint: EndpointRef, after: Key | None,
+    async def list_experiments(self, tenant: str, endpoint: EndpointRef, after: Key | None,
                                limit: int) -> list[ro.ExperimentRecord]:
-        mine = [r for r in self.runs.values() if isinstance(r, ro.ExperimentRecord) and r.endpoint == endpoint]
+        mine = [r for r in self.runs.values() if isinstance(r, ro.ExperimentRecord)
+                and (r.tenant, r.endpoint) == (tenant, endpoint)]
         return keyset_page(mine, lambda r: (r.id,), after, limit, newest_first=True)
 
     async def active_runs(self) -> list[ro.RunRecord]:
         return sorted((r for r in self.runs.values() if r.active), key=lambda r: r.create_time)
 
     async def recent_runs(self, limit: int = 200) -> list[ro.RunRecord]:
-        newest: dict[tuple[str, str, str], ro.RunRecord] = {}
-        for (a, e, k, _), r in sorted(self.runs.items()):
-            newest[(a, e, k)] = r
+        newest: dict[tuple[str, str, str, str], ro.RunRecord] = {}
+        for (t, a, e, k, _), r in sorted(self.runs.items()):
+            newest[(t, a, e, k)] = r
         return list(newest.values())[:limit]
 
     async def due_drains(self) -> list[ro.RolloutRecord]:
@@ -264,7 +295,7 @@ class FakeRegistryStore:
         ]
 
     def _saved(self, run: ro.RunRecord) -> ro.RunRecord | None:
-        key = (run.endpoint.agent, run.endpoint.endpoint, run.kind, run.id)
+        key = self._key(run)
         if self.runs[key].revision != run.revision:
             return None
         self.runs[key] = replace(run, revision=run.revision + 1, update_time=self.clock.now())
@@ -278,8 +309,8 @@ class FakeRegistryStore:
         saved = self._saved(experiment)
         return saved if isinstance(saved, ro.ExperimentRecord) else None
 
-    async def try_lock_run(self, name: str) -> bool:
-        return name not in self.locked_runs
+    async def try_lock_run(self, run: ro.RunRecord) -> bool:
+        return run.name not in self.locked_runs
 
     # -- tools -----------------------------------------------------------------------------
 
@@ -319,16 +350,18 @@ class FakeTelemetry:
         self.experiment = ro.ExperimentAnalysis()
         self.down = False
         self.asked: list[tuple[EndpointRef, int, int, datetime, datetime]] = []
+        self.tenants: list[str] = []
 
-    async def compare_versions(self, endpoint: EndpointRef, baseline: int, candidate: int,
+    async def compare_versions(self, tenant: str, endpoint: EndpointRef, baseline: int, candidate: int,
                                config: ro.AnalysisConfig, start: datetime,
                                end: datetime) -> ro.Analysis:
         if self.down:
             raise Unavailable("telemetry is unavailable (connection refused); retry shortly")
+        self.tenants.append(tenant)
         self.asked.append((endpoint, baseline, candidate, start, end))
         return self.verdicts.pop(0) if self.verdicts else ro.Analysis(ro.Verdict.INCONCLUSIVE)
 
-    async def analyze_experiment(self, endpoint: EndpointRef, spec: ro.ExperimentSpec,
+    async def analyze_experiment(self, tenant: str, endpoint: EndpointRef, spec: ro.ExperimentSpec,
                                  start: datetime, end: datetime) -> ro.ExperimentAnalysis:
         if self.down:
             raise Unavailable("telemetry is unavailable (connection refused); retry shortly")
@@ -342,7 +375,7 @@ class FakeSessionRetirement:
         self.sessions = sessions
         self.retired: list[tuple[VersionRef, EndpointRef, VersionRef | None, str]] = []
 
-    async def retire_version(self, version: VersionRef, endpoint: EndpointRef,
+    async def retire_version(self, tenant: str, version: VersionRef, endpoint: EndpointRef,
                              migrate_to: VersionRef | None, migrate_digest: str) -> int:
         self.retired.append((version, endpoint, migrate_to, migrate_digest))
         return self.sessions

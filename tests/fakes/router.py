@@ -58,7 +58,7 @@ class FakeRegistry:
     def __init__(self, *versions: router_model.VersionInfo) -> None:
         self.versions = {v.ref: v for v in versions}
 
-    async def version(self, ref: VersionRef) -> router_model.VersionInfo:
+    async def version(self, tenant: str, ref: VersionRef) -> router_model.VersionInfo:
         if ref not in self.versions:
             raise NotFound(f"{ref.name} does not exist")
         return self.versions[ref]
@@ -99,12 +99,12 @@ class FakeEndpoints:
     `get` reads the dict."""
 
     def __init__(self, *endpoints: EndpointTraffic) -> None:
-        self.endpoints = {e.ref: e for e in endpoints}
+        self.endpoints = {e.key: e for e in endpoints}
 
     async def watch(self) -> AsyncIterator[EndpointUpdate]:
         yield EndpointUpdate(tuple(self.endpoints.values()), snapshot=True)
 
-    async def get(self, ref: EndpointRef) -> EndpointTraffic:
-        if ref not in self.endpoints:
+    async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:
+        if (tenant, ref) not in self.endpoints:
             raise NotFound(f"{ref.name} does not exist")
-        return self.endpoints[ref]
+        return self.endpoints[(tenant, ref)]

@@ -80,10 +80,10 @@ async def test_publishing_makes_versions_and_default_follows_the_newest(
     assert (again, created) == (v1, False)
     v2, _ = await world.registry.publish(ALICE, None, bundle(tmp_path, prompt="v2\n"), "", "")
     assert v2.number == 2
-    default = await world.registry.get_endpoint(AGENT.endpoint("DEFAULT"))
+    default = await world.registry.get_endpoint(ALICE, AGENT.endpoint("DEFAULT"))
     assert default.traffic == (TrafficShare(2, 10_000),) and default.follow_latest
-    assert (await world.registry.get_agent(AGENT)).latest_version == 2
-    by_digest = await world.registry.get_version(VersionRef(AGENT.agent, digest=v1.digest))
+    assert (await world.registry.get_agent(ALICE, AGENT)).latest_version == 2
+    by_digest = await world.registry.get_version(ALICE, VersionRef(AGENT.agent, digest=v1.digest))
     assert by_digest == v1
     assert [e.method for e in world.store.events] == ["PublishVersion", "PublishVersion"]
 
@@ -96,7 +96,7 @@ async def test_a_bundle_for_another_agent_than_the_parent_is_refused(
     assert [v.field for v in err.value.violations] == ["header.parent"]
     assert not world.store.agents and not world.store.events
     with pytest.raises(NotFound):
-        await world.registry.get_version(AGENT.version(1))
+        await world.registry.get_version(ALICE, AGENT.version(1))
 
 
 # -- endpoints ---------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ async def test_endpoint_changes_are_checked_and_guarded_by_etags(
     with pytest.raises(InvalidArgument) as err:
         await set_endpoint(ALICE, PROD, foreign)
     assert [v.field for v in err.value.violations] == ["endpoint.traffic[0].version"]
-    assert await world.registry.get_endpoint(PROD) == prod
+    assert await world.registry.get_endpoint(ALICE, PROD) == prod
 
     described = await set_endpoint(ALICE, PROD, EndpointChange(None, "canary"), etag=prod.etag)
     assert (described.traffic, described.description) == (prod.traffic, "canary")
@@ -146,9 +146,9 @@ async def test_a_manual_traffic_change_aborts_a_running_rollout_but_a_descriptio
     rollout = await world.rollouts.create(
         ALICE, PROD, RolloutRequest(AGENT.version(2), steps=(SetWeight(50), SetWeight(100))))
     await world.registry.set_endpoint(ALICE, PROD, EndpointChange(None, "still one"))
-    assert (await world.rollouts.get(rollout.ref)).state is RolloutState.PROGRESSING
+    assert (await world.rollouts.get(ALICE, rollout.ref)).state is RolloutState.PROGRESSING
     await world.registry.set_endpoint(ALICE, PROD, traffic((1, 100)))
-    aborted = await world.rollouts.get(rollout.ref)
+    aborted = await world.rollouts.get(ALICE, rollout.ref)
     assert aborted.state is RolloutState.ABORTED and "manually by alice" in aborted.state_reason
     assert world.announced.events == ["STARTED", "ABORTED"]
 
@@ -158,7 +158,7 @@ async def test_the_watch_sends_a_snapshot_then_each_committed_change(
 ) -> None:
     await published(world, tmp_path, 1)
     await world.registry.start_watching()
-    watch = world.registry.watch(AGENT)
+    watch = world.registry.watch(ALICE, AGENT)
     snapshot, is_snapshot = await anext(watch)
     assert is_snapshot and [e.id for e in snapshot] == ["DEFAULT"]
     # Another agent's change is not this watcher's.

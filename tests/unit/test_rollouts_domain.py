@@ -44,7 +44,7 @@ async def start(w: RegistryWorld, *steps: ro.Step, policy: ro.SessionPolicy | No
 
 
 async def serving(w: RegistryWorld) -> tuple[TrafficShare, ...]:
-    return (await w.registry.get_endpoint(PROD)).traffic
+    return (await w.registry.get_endpoint(ALICE, PROD)).traffic
 
 
 def comparison(name: str, verdict: ro.Verdict, explanation: str = "") -> ro.Comparison:
@@ -83,11 +83,11 @@ async def test_passing_analysis_walks_the_rollout_to_the_candidate(world: Regist
     assert await serving(world) == (TrafficShare(1, 9000), TrafficShare(2, 1000))
     world.clock.advance(5)
     await world.controller.tick()
-    gated = await world.rollouts.get(r.ref)
+    gated = await world.rollouts.get(ALICE, r.ref)
     assert gated.current_step == 2 and gated.last_analysis is not None
     assert world.telemetry.asked[0][3] == gated.traffic_start_time  # the window starts at 10%
     await world.controller.tick()
-    done = await world.rollouts.get(r.ref)
+    done = await world.rollouts.get(ALICE, r.ref)
     assert done.state is ro.RolloutState.SUCCEEDED and done.current_weight == 100
     assert await serving(world) == (TrafficShare(2, 10_000),)
     assert world.announced.events == ["STARTED", "WEIGHT_SET", "ANALYSIS_PASSED", "SUCCEEDED"]
@@ -105,7 +105,7 @@ async def test_failing_analysis_rolls_back_and_applies_the_session_policy(
     world.telemetry.verdicts = [ro.Analysis(ro.Verdict.FAIL, (failing,))]
     await world.controller.tick()
     await world.controller.tick()
-    done = await world.rollouts.get(r.ref)
+    done = await world.rollouts.get(ALICE, r.ref)
     assert done.state is ro.RolloutState.ROLLED_BACK
     assert done.state_reason == "analysis failed: session_error_rate 0.33 > 0.01"
     assert done.last_analysis == ro.Analysis(ro.Verdict.FAIL, (failing,))
@@ -113,7 +113,7 @@ async def test_failing_analysis_rolls_back_and_applies_the_session_policy(
     [(version, endpoint, migrate_to, digest)] = world.sessions.retired
     assert (version, endpoint) == (AGENT.version(2), PROD)
     if policy is ro.SessionPolicy.MIGRATE:
-        v1 = await world.registry.get_version(AGENT.version(1))
+        v1 = await world.registry.get_version(ALICE, AGENT.version(1))
         assert (migrate_to, digest) == (AGENT.version(1), v1.digest)
     else:
         assert migrate_to is None
@@ -127,13 +127,13 @@ async def test_an_unreachable_telemetry_is_inconclusive_and_a_gate_waits_for_a_h
     world.telemetry.down = True
     await world.controller.tick()
     await world.controller.tick()
-    waiting = await world.rollouts.get(r.ref)
+    waiting = await world.rollouts.get(ALICE, r.ref)
     assert waiting.state is ro.RolloutState.PROGRESSING and waiting.last_analysis is not None
     assert waiting.last_analysis.verdict is ro.Verdict.INCONCLUSIVE
     assert "telemetry: UNAVAILABLE" in waiting.last_analysis.error
     world.clock.advance(61)
     await world.controller.tick()
-    paused = await world.rollouts.get(r.ref)
+    paused = await world.rollouts.get(ALICE, r.ref)
     assert paused.state is ro.RolloutState.PAUSED and "inconclusive after 61s" in paused.state_reason
     resumed = await world.rollouts.resume(ALICE, r.ref)
     assert resumed.current_step == 2 and resumed.state is ro.RolloutState.PROGRESSING
@@ -146,16 +146,16 @@ async def test_pauses_wait_on_the_clock_and_manual_gates_on_a_human(world: Regis
     r = await start(world, ro.SetWeight(20), ro.Pause(30), ro.ManualGate(), ro.SetWeight(100))
     for _ in range(3):
         await world.controller.tick()
-    assert (await world.rollouts.get(r.ref)).current_step == 1
+    assert (await world.rollouts.get(ALICE, r.ref)).current_step == 1
     world.clock.advance(30)
     await world.controller.tick()
     await world.controller.tick()
-    gate = await world.rollouts.get(r.ref)
+    gate = await world.rollouts.get(ALICE, r.ref)
     assert gate.state is ro.RolloutState.PAUSED and gate.current_step == 2
     promoted = await world.rollouts.promote(ALICE, r.ref, full=False)
     assert promoted.current_step == 3 and "promoted past step 2 by alice" in promoted.state_reason
     await world.controller.tick()
-    assert (await world.rollouts.get(r.ref)).state is ro.RolloutState.SUCCEEDED
+    assert (await world.rollouts.get(ALICE, r.ref)).state is ro.RolloutState.SUCCEEDED
     with pytest.raises(FailedPrecondition) as err:
         await world.rollouts.pause(ALICE, r.ref, "")
     assert err.value.reason == "ROLLOUT_ENDED"
@@ -168,12 +168,12 @@ async def test_a_rollback_drains_the_candidate_and_stops_its_sessions_after_the_
     await world.controller.tick()
     endpoint = await world.rollouts.rollback_endpoint(ALICE, PROD, None, ro.SessionPolicy.DRAIN)
     assert endpoint.traffic == (TrafficShare(1, 10_000),)
-    assert (await world.rollouts.get(r.ref)).state is ro.RolloutState.ROLLED_BACK
+    assert (await world.rollouts.get(ALICE, r.ref)).state is ro.RolloutState.ROLLED_BACK
     assert world.sessions.retired == []  # draining: nothing yet
     world.clock.advance(r.spec.drain_timeout_s + 1)
     await world.controller.tick()
     assert [(v, m) for v, _, m, _ in world.sessions.retired] == [(AGENT.version(2), None)]
-    assert (await world.rollouts.get(r.ref)).spec.drained
+    assert (await world.rollouts.get(ALICE, r.ref)).spec.drained
     await world.controller.tick()
     assert len(world.sessions.retired) == 1
     with pytest.raises(FailedPrecondition) as err:
@@ -199,10 +199,10 @@ async def test_an_experiment_splits_the_endpoint_until_it_is_concluded(world: Re
     assert running.value.reason == "ROLLOUT_RUNNING"
 
     await world.controller.tick()
-    assert (await world.experiments.get(e.ref)).state is ro.ExperimentState.RUNNING
+    assert (await world.experiments.get(ALICE, e.ref)).state is ro.ExperimentState.RUNNING
     world.clock.advance(3600)
     await world.controller.tick()
-    complete = await world.experiments.get(e.ref)
+    complete = await world.experiments.get(ALICE, e.ref)
     assert complete.state is ro.ExperimentState.COMPLETE and complete.state_reason == "reached its end time"
 
     with pytest.raises(InvalidArgument) as both:

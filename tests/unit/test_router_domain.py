@@ -44,7 +44,8 @@ def digest(version: VersionRef) -> str:
 def split(revision: int, *shares: tuple[int, int]) -> EndpointTraffic:
     """prod's traffic at `revision`: (version, basis points) pairs, half and half by default."""
     pairs = shares or ((1, 5000), (2, 5000))
-    return EndpointTraffic(PROD, "salt", revision, tuple(TrafficShare(v, bp) for v, bp in pairs))
+    return EndpointTraffic(PROD, "salt", revision, tuple(TrafficShare(v, bp) for v, bp in pairs),
+                           tenant=ALICE.tenant)
 
 
 @dataclasses.dataclass
@@ -70,6 +71,16 @@ def world() -> World:
     mirror = EndpointMirror(FakeEndpoints(split(1)))
     router = Router(sessions, registry, executor, mirror, MAX_PAYLOAD, SequentialIds())
     return World(router, sessions, registry, executor, mirror)
+
+
+async def test_another_tenants_endpoint_of_the_same_name_is_not_this_ones(world: World) -> None:
+    # Tenant "other" has agents/demo/endpoints/prod too, all on v2; acme's is still half and half.
+    world.mirror.apply(EndpointTraffic(PROD, "salt", 9, (TrafficShare(2, 10_000),), tenant="other"))
+    chosen = {(await world.router.resolve(ALICE, at(f"s{i}"))).pin.version for i in range(40)}
+    assert chosen == {V1, V2}
+    assert world.mirror.cached(ALICE.tenant, PROD) == split(1)
+    other = world.mirror.cached("other", PROD)
+    assert other is not None and other.revision == 9
 
 
 def at(
@@ -101,7 +112,7 @@ async def test_without_an_id_or_endpoint_a_new_session_on_the_default_endpoint(
     world: World,
 ) -> None:
     default = AGENT.endpoint("DEFAULT")
-    world.mirror.apply(EndpointTraffic(default, "s", 1, (TrafficShare(2, 10_000),)))
+    world.mirror.apply(EndpointTraffic(default, "s", 1, (TrafficShare(2, 10_000),), tenant=ALICE.tenant))
     resolved = await world.router.resolve(ALICE, Target(AGENT))
     assert resolved.pin.session == SessionRef("id0001") and resolved.new_session
     assert (resolved.pin.version, resolved.pin.endpoint) == (V2, default)

@@ -25,24 +25,28 @@ class AuditRows(Rows):
         await self._db.execute(
             'INSERT INTO registry.audit_events (tenant, "user", method, resource, details) '
             "VALUES ($1, $2, $3, $4, $5)",
-            who.tenant, who.user, method, resource, dumps(details),
+            who.tenant, who.describe(), method, resource, dumps(details),
         )
 
-    async def list_audit(self, prefix: str, after: Key | None, limit: int) -> list[AuditRecord]:
+    async def list_audit(
+        self, tenant: str, prefix: str, after: Key | None, limit: int
+    ) -> list[AuditRecord]:
         rows = await self._db.fetch(
-            "SELECT * FROM registry.audit_events WHERE resource LIKE $1 || '%' "
-            "AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
-            prefix.replace("%", r"\%").replace("_", r"\_"), key_part(after, 0), limit,
+            "SELECT * FROM registry.audit_events WHERE tenant = $1 AND resource LIKE $2 || '%' "
+            "AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+            tenant, prefix.replace("%", r"\%").replace("_", r"\_"), key_part(after, 0), limit,
         )
         return [_audit(r) for r in rows]
 
-    async def claim_request(self, key: str, resource: str) -> str | None:
+    async def claim_request(self, tenant: str, key: str, resource: str) -> str | None:
         existing = await self._db.fetchval(
-            "SELECT resource FROM registry.requests WHERE request_id = $1", key
+            "SELECT resource FROM registry.requests WHERE tenant = $1 AND request_id = $2",
+            tenant, key,
         )
         if existing is None:
             await self._db.execute(
-                "INSERT INTO registry.requests (request_id, resource) VALUES ($1, $2)", key, resource
+                "INSERT INTO registry.requests (tenant, request_id, resource) VALUES ($1, $2, $3)",
+                tenant, key, resource,
             )
             return None
         return str(existing)

@@ -19,83 +19,101 @@ ENDPOINTS_CHANNEL = "corral_endpoints"
 
 def _endpoint(row: asyncpg.Record) -> EndpointRecord:
     return EndpointRecord(
-        agent=row["agent"], id=row["id"], follow_latest=row["follow_latest"], salt=row["salt"],
+        tenant=row["tenant"], agent=row["agent"], id=row["id"], follow_latest=row["follow_latest"], salt=row["salt"],
         revision=row["revision"], description=row["description"],
         traffic=traffic_from_json(row["traffic"]), create_time=row["create_time"],
         update_time=row["update_time"], rollback_version=row["rollback_version"],
     )
 
 
+def change_payload(record: EndpointRecord) -> str:
+    """What the notification of a change says: tenant/agent/endpoint/revision (none of the
+    names can hold a slash)."""
+    return f"{record.tenant}/{record.agent}/{record.id}/{record.revision}"
+
+
 class EndpointRows(Rows):
     async def get_endpoint(
-        self, endpoint: EndpointRef, *, for_update: bool = False
+        self, tenant: str, endpoint: EndpointRef, *, for_update: bool = False
     ) -> EndpointRecord | None:
         lock = " FOR UPDATE" if for_update else ""
         row = await self._db.fetchrow(
-            "SELECT * FROM registry.endpoints WHERE agent = $1 AND id = $2" + lock,
-            endpoint.agent, endpoint.endpoint,
+            "SELECT * FROM registry.endpoints WHERE tenant = $1 AND agent = $2 AND id = $3" + lock,
+            tenant, endpoint.agent, endpoint.endpoint,
         )
         return _endpoint(row) if row else None
 
     async def list_endpoints(
-        self, agent: AgentRef | None, after: Key | None, limit: int | None
+        self, tenant: str, agent: AgentRef | None, after: Key | None, limit: int
     ) -> list[EndpointRecord]:
         rows = await self._db.fetch(
-            "SELECT * FROM registry.endpoints WHERE ($1::text IS NULL OR agent = $1) "
-            "AND ($2::text IS NULL OR (agent, id) > ($2::text, $3::text)) ORDER BY agent, id LIMIT $4",
-            agent.agent if agent else None, key_part(after, 0), key_part(after, 1), limit,
+            "SELECT * FROM registry.endpoints WHERE tenant = $1 AND ($2::text IS NULL OR agent = $2) "
+            "AND ($3::text IS NULL OR (agent, id) > ($3::text, $4::text)) ORDER BY agent, id LIMIT $5",
+            tenant, agent.agent if agent else None, key_part(after, 0), key_part(after, 1), limit,
         )
         return [_endpoint(r) for r in rows]
 
-    async def webhook_url(self, endpoint: EndpointRef) -> str:
+    async def watched_endpoints(
+        self, tenant: str | None, agent: AgentRef | None
+    ) -> list[EndpointRecord]:
+        rows = await self._db.fetch(
+            "SELECT * FROM registry.endpoints WHERE ($1::text IS NULL OR tenant = $1) "
+            "AND ($2::text IS NULL OR agent = $2) ORDER BY tenant, agent, id",
+            tenant, agent.agent if agent else None,
+        )
+        return [_endpoint(r) for r in rows]
+
+    async def webhook_url(self, tenant: str, endpoint: EndpointRef) -> str:
         url = await self._db.fetchval(
-            "SELECT webhook_url FROM registry.endpoints WHERE agent = $1 AND id = $2",
-            endpoint.agent, endpoint.endpoint,
+            "SELECT webhook_url FROM registry.endpoints WHERE tenant = $1 AND agent = $2 AND id = $3",
+            tenant, endpoint.agent, endpoint.endpoint,
         )
         return str(url or "")
 
-    async def last_stable(self, endpoint: EndpointRef, not_version: int) -> int | None:
+    async def last_stable(self, tenant: str, endpoint: EndpointRef, not_version: int) -> int | None:
         version = await self._db.fetchval(
-            "SELECT version FROM registry.stable_history WHERE agent = $1 AND endpoint = $2 "
-            "AND version <> $3 ORDER BY seq DESC LIMIT 1",
-            endpoint.agent, endpoint.endpoint, not_version,
+            "SELECT version FROM registry.stable_history WHERE tenant = $1 AND agent = $2 "
+            "AND endpoint = $3 AND version <> $4 ORDER BY seq DESC LIMIT 1",
+            tenant, endpoint.agent, endpoint.endpoint, not_version,
         )
         return int(version) if version is not None else None
 
     async def put_endpoint(
-        self, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
+        self, tenant: str, endpoint: EndpointRef, traffic: tuple[TrafficShare, ...], *,
         follow_latest: bool = False, description: str = "",
     ) -> EndpointRecord:
         agent, name = endpoint.agent, endpoint.endpoint
         if len(traffic) == 1:
             # The endpoint now serves one version alone: remember it as a stable version.
             await self._db.execute(
-                """INSERT INTO registry.stable_history (agent, endpoint, version)
-                   SELECT $1, $2, $3 WHERE $3 IS DISTINCT FROM (
-                       SELECT version FROM registry.stable_history WHERE agent = $1 AND endpoint = $2
+                """INSERT INTO registry.stable_history (tenant, agent, endpoint, version)
+                   SELECT $1, $2, $3, $4 WHERE $4 IS DISTINCT FROM (
+                       SELECT version FROM registry.stable_history
+                       WHERE tenant = $1 AND agent = $2 AND endpoint = $3
                        ORDER BY seq DESC LIMIT 1)""",
-                agent, name, traffic[0].version,
+                tenant, agent, name, traffic[0].version,
             )
         rollback = await self._db.fetchval(
             """SELECT version FROM registry.stable_history
-               WHERE agent = $1 AND endpoint = $2 AND NOT (version = ANY($3::bigint[]))
+               WHERE tenant = $1 AND agent = $2 AND endpoint = $3
+                 AND NOT (version = ANY($4::bigint[]))
                ORDER BY seq DESC LIMIT 1""",
-            agent, name, [s.version for s in traffic],
+            tenant, agent, name, [s.version for s in traffic],
         )
         row = await self._db.fetchrow(
             """INSERT INTO registry.endpoints
-                   (agent, id, traffic, follow_latest, salt, description, rollback_version)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)
-               ON CONFLICT (agent, id) DO UPDATE SET traffic = EXCLUDED.traffic,
+                   (tenant, agent, id, traffic, follow_latest, salt, description, rollback_version)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+               ON CONFLICT (tenant, agent, id) DO UPDATE SET traffic = EXCLUDED.traffic,
                    description = EXCLUDED.description, rollback_version = EXCLUDED.rollback_version,
                    revision = registry.endpoints.revision + 1, update_time = now()
                RETURNING *""",
-            agent, name, traffic_json(traffic), follow_latest, secrets.token_hex(8), description,
-            rollback,
+            tenant, agent, name, traffic_json(traffic), follow_latest, secrets.token_hex(8),
+            description, rollback,
         )
         assert row is not None  # an upsert always returns its row
         record = _endpoint(row)
         await self._db.execute(
-            "SELECT pg_notify($1, $2)", ENDPOINTS_CHANNEL, f"{agent}/{name}/{record.revision}"
+            "SELECT pg_notify($1, $2)", ENDPOINTS_CHANNEL, change_payload(record)
         )
         return record

@@ -35,7 +35,7 @@ _EXPERIMENT = "experiment"
 def _rollout(row: asyncpg.Record) -> RolloutRecord:
     analysis = row["last_analysis"]
     return RolloutRecord(
-        endpoint=EndpointRef(row["agent"], row["endpoint"]), id=row["id"],
+        tenant=row["tenant"], endpoint=EndpointRef(row["agent"], row["endpoint"]), id=row["id"],
         stable_version=row["stable_version"], candidate_version=row["candidate_version"],
         spec=rollout_spec_from_json(row["spec"]), state=RolloutState(row["state"]),
         state_reason=row["state_reason"], current_step=row["current_step"],
@@ -59,7 +59,7 @@ def _experiment_state(stored: str) -> ExperimentState:
 
 def _experiment(row: asyncpg.Record) -> ExperimentRecord:
     return ExperimentRecord(
-        endpoint=EndpointRef(row["agent"], row["endpoint"]), id=row["id"],
+        tenant=row["tenant"], endpoint=EndpointRef(row["agent"], row["endpoint"]), id=row["id"],
         spec=experiment_spec_from_json(row["spec"]), state=_experiment_state(row["state"]),
         state_reason=row["state_reason"], traffic_start_time=row["traffic_start_time"],
         end_time=row["end_time"], create_time=row["create_time"], update_time=row["update_time"],
@@ -73,83 +73,88 @@ def _run(row: asyncpg.Record) -> RunRecord:
 
 class RunRows(Rows):
     async def _insert(
-        self, endpoint: EndpointRef, kind: str, stable: int, candidate: int, spec: str,
-        state: str, creator: str, traffic_start: datetime | None,
+        self, tenant: str, endpoint: EndpointRef, kind: str, stable: int, candidate: int,
+        spec: str, state: str, creator: str, traffic_start: datetime | None,
     ) -> asyncpg.Record | None:
         try:
             return await self._db.fetchrow(
-                """INSERT INTO registry.rollouts (agent, endpoint, id, kind, stable_version,
+                """INSERT INTO registry.rollouts (tenant, agent, endpoint, id, kind, stable_version,
                        candidate_version, spec, state, creator, traffic_start_time)
-                   VALUES ($1, $2, (SELECT coalesce(max(id), 0) + 1 FROM registry.rollouts
-                                    WHERE agent = $1 AND endpoint = $2 AND kind = $3),
-                           $3, $4, $5, $6, $7, $8, $9)
+                   VALUES ($1, $2, $3, (SELECT coalesce(max(id), 0) + 1 FROM registry.rollouts
+                                        WHERE tenant = $1 AND agent = $2 AND endpoint = $3
+                                          AND kind = $4),
+                           $4, $5, $6, $7, $8, $9, $10)
                    RETURNING *""",
-                endpoint.agent, endpoint.endpoint, kind, stable, candidate, spec, state, creator,
+                tenant, endpoint.agent, endpoint.endpoint, kind, stable, candidate, spec, state, creator,
                 traffic_start,
             )
         except asyncpg.UniqueViolationError:
             return None  # another run on the endpoint, or the same id, committed first
 
     async def insert_rollout(
-        self, endpoint: EndpointRef, stable: int, candidate: int, spec: RolloutSpec, creator: str
+        self, tenant: str, endpoint: EndpointRef, stable: int, candidate: int, spec: RolloutSpec,
+        creator: str,
     ) -> RolloutRecord | None:
-        row = await self._insert(endpoint, _ROLLOUT, stable, candidate, rollout_spec_json(spec),
+        row = await self._insert(tenant, endpoint, _ROLLOUT, stable, candidate, rollout_spec_json(spec),
                                  RolloutState.PROGRESSING.value, creator, None)
         return _rollout(row) if row else None
 
     async def insert_experiment(
-        self, endpoint: EndpointRef, spec: ExperimentSpec, creator: str, traffic_start: datetime
+        self, tenant: str, endpoint: EndpointRef, spec: ExperimentSpec, creator: str,
+        traffic_start: datetime,
     ) -> ExperimentRecord | None:
         row = await self._insert(
-            endpoint, _EXPERIMENT, spec.control, spec.variants[1].version,
+            tenant, endpoint, _EXPERIMENT, spec.control, spec.variants[1].version,
             experiment_spec_json(spec), ExperimentState.RUNNING.value, creator, traffic_start,
         )
         return _experiment(row) if row else None
 
     async def _get(
-        self, endpoint: EndpointRef, kind: str, id: int | None, for_update: bool
+        self, tenant: str, endpoint: EndpointRef, kind: str, id: int | None, for_update: bool
     ) -> asyncpg.Record | None:
         lock = " FOR UPDATE" if for_update else ""
+        where = "WHERE tenant = $1 AND agent = $2 AND endpoint = $3 AND kind = $4"
         if id is None:
             return await self._db.fetchrow(
-                "SELECT * FROM registry.rollouts WHERE agent = $1 AND endpoint = $2 AND kind = $3 "
-                "ORDER BY id DESC LIMIT 1" + lock, endpoint.agent, endpoint.endpoint, kind,
+                f"SELECT * FROM registry.rollouts {where} ORDER BY id DESC LIMIT 1" + lock,
+                tenant, endpoint.agent, endpoint.endpoint, kind,
             )
         return await self._db.fetchrow(
-            "SELECT * FROM registry.rollouts WHERE agent = $1 AND endpoint = $2 AND kind = $3 "
-            "AND id = $4" + lock, endpoint.agent, endpoint.endpoint, kind, id,
+            f"SELECT * FROM registry.rollouts {where} AND id = $5" + lock,
+            tenant, endpoint.agent, endpoint.endpoint, kind, id,
         )
 
     async def get_rollout(
-        self, rollout: RolloutRef, *, for_update: bool = False
+        self, tenant: str, rollout: RolloutRef, *, for_update: bool = False
     ) -> RolloutRecord | None:
-        row = await self._get(rollout.endpoint, _ROLLOUT, rollout.id, for_update)
+        row = await self._get(tenant, rollout.endpoint, _ROLLOUT, rollout.id, for_update)
         return _rollout(row) if row else None
 
     async def get_experiment(
-        self, experiment: ExperimentRef, *, for_update: bool = False
+        self, tenant: str, experiment: ExperimentRef, *, for_update: bool = False
     ) -> ExperimentRecord | None:
-        row = await self._get(experiment.endpoint, _EXPERIMENT, experiment.id, for_update)
+        row = await self._get(tenant, experiment.endpoint, _EXPERIMENT, experiment.id, for_update)
         return _experiment(row) if row else None
 
     async def _list(
-        self, endpoint: EndpointRef, kind: str, after: Key | None, limit: int
+        self, tenant: str, endpoint: EndpointRef, kind: str, after: Key | None, limit: int
     ) -> list[asyncpg.Record]:
         return await self._db.fetch(
-            "SELECT * FROM registry.rollouts WHERE agent = $1 AND endpoint = $2 AND kind = $3 "
-            "AND ($4::bigint IS NULL OR id < $4) ORDER BY id DESC LIMIT $5",
-            endpoint.agent, endpoint.endpoint, kind, key_part(after, 0), limit,
+            "SELECT * FROM registry.rollouts WHERE tenant = $1 AND agent = $2 AND endpoint = $3 "
+            "AND kind = $4 AND ($5::bigint IS NULL OR id < $5) ORDER BY id DESC LIMIT $6",
+            tenant, endpoint.agent, endpoint.endpoint, kind, key_part(after, 0), limit,
         )
 
     async def list_rollouts(
-        self, endpoint: EndpointRef, after: Key | None, limit: int
+        self, tenant: str, endpoint: EndpointRef, after: Key | None, limit: int
     ) -> list[RolloutRecord]:
-        return [_rollout(r) for r in await self._list(endpoint, _ROLLOUT, after, limit)]
+        return [_rollout(r) for r in await self._list(tenant, endpoint, _ROLLOUT, after, limit)]
 
     async def list_experiments(
-        self, endpoint: EndpointRef, after: Key | None, limit: int
+        self, tenant: str, endpoint: EndpointRef, after: Key | None, limit: int
     ) -> list[ExperimentRecord]:
-        return [_experiment(r) for r in await self._list(endpoint, _EXPERIMENT, after, limit)]
+        rows = await self._list(tenant, endpoint, _EXPERIMENT, after, limit)
+        return [_experiment(r) for r in rows]
 
     async def active_runs(self) -> list[RunRecord]:
         rows = await self._db.fetch(
@@ -160,8 +165,8 @@ class RunRows(Rows):
 
     async def recent_runs(self, limit: int = 200) -> list[RunRecord]:
         rows = await self._db.fetch(
-            """SELECT DISTINCT ON (agent, endpoint, kind) * FROM registry.rollouts
-               ORDER BY agent, endpoint, kind, id DESC LIMIT $1""", limit,
+            """SELECT DISTINCT ON (tenant, agent, endpoint, kind) * FROM registry.rollouts
+               ORDER BY tenant, agent, endpoint, kind, id DESC LIMIT $1""", limit,
         )
         return [_run(r) for r in rows]
 
@@ -174,28 +179,30 @@ class RunRows(Rows):
         )
         return [_rollout(r) for r in rows]
 
-    async def active_run(self, endpoint: EndpointRef) -> RunRecord | None:
+    async def active_run(self, tenant: str, endpoint: EndpointRef) -> RunRecord | None:
         row = await self._db.fetchrow(
-            "SELECT * FROM registry.rollouts WHERE agent = $1 AND endpoint = $2 "
-            "AND state = ANY($3::text[]) FOR UPDATE",
-            endpoint.agent, endpoint.endpoint, list(ACTIVE_STATES),
+            "SELECT * FROM registry.rollouts WHERE tenant = $1 AND agent = $2 AND endpoint = $3 "
+            "AND state = ANY($4::text[]) FOR UPDATE",
+            tenant, endpoint.agent, endpoint.endpoint, list(ACTIVE_STATES),
         )
         return _run(row) if row else None
 
     async def _save(
-        self, endpoint: EndpointRef, kind: str, id: int, revision: int, columns: dict[str, object]
+        self, run: RunRecord, columns: dict[str, object]
     ) -> asyncpg.Record | None:
-        sets = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=6))
+        sets = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=7))
         return await self._db.fetchrow(
             f"""UPDATE registry.rollouts SET {sets}, update_time = now(), revision = revision + 1
-                WHERE agent = $1 AND endpoint = $2 AND kind = $3 AND id = $4 AND revision = $5
+                WHERE tenant = $1 AND agent = $2 AND endpoint = $3 AND kind = $4 AND id = $5
+                  AND revision = $6
                 RETURNING *""",
-            endpoint.agent, endpoint.endpoint, kind, id, revision, *columns.values(),
+            run.tenant, run.endpoint.agent, run.endpoint.endpoint, run.kind, run.id, run.revision,
+            *columns.values(),
         )
 
     async def save_rollout(self, rollout: RolloutRecord) -> RolloutRecord | None:
         analysis = rollout.last_analysis
-        row = await self._save(rollout.endpoint, _ROLLOUT, rollout.id, rollout.revision, {
+        row = await self._save(rollout, {
             "spec": rollout_spec_json(rollout.spec), "state": rollout.state.value,
             "state_reason": rollout.state_reason, "current_step": rollout.current_step,
             "current_weight": rollout.current_weight,
@@ -206,14 +213,15 @@ class RunRows(Rows):
         return _rollout(row) if row else None
 
     async def save_experiment(self, experiment: ExperimentRecord) -> ExperimentRecord | None:
-        row = await self._save(experiment.endpoint, _EXPERIMENT, experiment.id, experiment.revision, {
+        row = await self._save(experiment, {
             "spec": experiment_spec_json(experiment.spec), "state": experiment.state.value,
             "state_reason": experiment.state_reason,
             "traffic_start_time": experiment.traffic_start_time, "end_time": experiment.end_time,
         })
         return _experiment(row) if row else None
 
-    async def try_lock_run(self, name: str) -> bool:
+    async def try_lock_run(self, run: RunRecord) -> bool:
         return bool(await self._db.fetchval(
-            "SELECT pg_try_advisory_xact_lock(hashtext('corral.rollout'), hashtext($1))", name
+            "SELECT pg_try_advisory_xact_lock(hashtext('corral.rollout'), hashtext($1))",
+            f"{run.tenant}/{run.name}",
         ))

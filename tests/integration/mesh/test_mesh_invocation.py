@@ -83,7 +83,7 @@ async def test_turns_see_state_and_sessions_keep_their_version_through_split_cha
     # Everything new to version 1 now; the sessions already on version 2 stay there.
     await mesh.set_split(agent, "prod", [(1, 100)])
     assert (
-        await mesh.registry.GetEndpoint(reg.GetEndpointRequest(name=prod.name))
+        await mesh.registry.GetEndpoint(reg.GetEndpointRequest(name=prod.name), metadata=mesh.me)
     ).revision == prod.revision + 1
     later = await asyncio.gather(*(new_session() for _ in range(20)))
     assert {version_of(r) for r in later} == {1}

@@ -188,7 +188,7 @@ async def test_state_survives_restarting_every_service(
 ) -> None:
     agent = await mesh.publish_examples()
     default = await mesh.registry.GetEndpoint(
-        reg.GetEndpointRequest(name=f"agents/{agent}/endpoints/DEFAULT")
+        reg.GetEndpointRequest(name=f"agents/{agent}/endpoints/DEFAULT"), metadata=mesh.me
     )
     await mesh.router_sees(agent, "DEFAULT", default.revision)
     session = f"{mesh.prefix}-restart"

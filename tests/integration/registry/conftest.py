@@ -11,8 +11,8 @@ import pytest_asyncio
 
 from corral.registry.v1 import registry_pb2_grpc
 from tests import harness
-from tests.credentials import public_channel
-from tests.registry_client import Registry
+from tests.registry_client import ALICE, Registry
+from tests.rpc import channel_as
 
 
 @pytest_asyncio.fixture
@@ -20,7 +20,7 @@ async def registry(
     services: harness.Platform, tmp_path: Path
 ) -> AsyncIterator[Registry]:
     await services.start("registry")
-    async with public_channel(services.settings.addrs["registry"]) as channel:
+    async with channel_as(services.settings.addrs["registry"], ALICE) as channel:
         # The database is shared by the whole run: an agent of its own keeps each test apart.
         yield Registry(
             services.settings,

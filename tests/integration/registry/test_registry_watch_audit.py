@@ -11,9 +11,8 @@ import pytest
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from tests import harness
-from tests.credentials import public_channel
-from tests.registry_client import Registry
-from tests.rpc import fails, who
+from tests.registry_client import ALICE, Registry
+from tests.rpc import channel_as, described, fails, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -31,14 +30,22 @@ async def test_the_audit_log_records_who_changed_what(registry: Registry) -> Non
     )
     await stub.UpdateEndpoint(
         pb.UpdateEndpointRequest(endpoint=registry.body("prod", [(1, 80), (2, 20)])),
-        metadata=who("globex", "carol"),
+        metadata=who("acme", "carol"),
+    )
+    # Another tenant's endpoint of the same name does not exist for it; nor is that recorded.
+    await fails(
+        grpc.StatusCode.NOT_FOUND,
+        stub.UpdateEndpoint(
+            pb.UpdateEndpointRequest(endpoint=registry.body("prod", [(1, 100)])),
+            metadata=who("globex", "carol"),
+        ),
     )
     # A refused change is not recorded.
     await fails(
         grpc.StatusCode.INVALID_ARGUMENT,
         stub.UpdateEndpoint(
             pb.UpdateEndpointRequest(endpoint=registry.body("prod", [(1, 10)])),
-            metadata=who("x", "mallory"),
+            metadata=who("acme", "mallory"),
         ),
     )
     events = (
@@ -48,8 +55,8 @@ async def test_the_audit_log_records_who_changed_what(registry: Registry) -> Non
     ).events
     # Newest first.
     assert [(e.tenant, e.user, e.method) for e in events] == [
-        ("globex", "carol", "UpdateEndpoint"),
-        ("acme", "bob", "UpdateEndpoint"),
+        ("acme", described(who("acme", "carol")), "UpdateEndpoint"),
+        ("acme", described(who("acme", "bob")), "UpdateEndpoint"),
     ]
     latest = events[0]
     assert latest.resource == f"agents/{a}/endpoints/prod"
@@ -62,9 +69,10 @@ async def test_the_audit_log_records_who_changed_what(registry: Registry) -> Non
             pb.ListAuditEventsRequest(resource_prefix=f"agents/{a}/versions/")
         )
     ).events
+    alice = described(who("acme", "alice"))
     assert [(e.resource, e.user, e.method) for e in published] == [
-        (f"agents/{a}/versions/2", "alice", "PublishVersion"),
-        (f"agents/{a}/versions/1", "alice", "PublishVersion"),
+        (f"agents/{a}/versions/2", alice, "PublishVersion"),
+        (f"agents/{a}/versions/1", alice, "PublishVersion"),
     ]
     assert published[1].details["digest"].startswith("sha256:")
     # The prefix is a prefix, not a pattern: "_" and "%" match only themselves.
@@ -116,7 +124,7 @@ async def test_watch_sends_a_snapshot_then_each_change_from_any_replica(
             (f"agents/{a}/endpoints/DEFAULT", [f"agents/{a}/versions/2"])
         ]
 
-        async with public_channel(replica.address) as channel:
+        async with channel_as(replica.address, ALICE) as channel:
             second = registry_pb2_grpc.RegistryServiceStub(channel)
             await registry.publish(registry.bundle(name=f"{a}-other", prompt="v2\n"))
             updated = await second.UpdateEndpoint(

@@ -28,7 +28,7 @@ from tests.rollout_world import (
     state,
     weight,
 )
-from tests.rpc import error_details, fails
+from tests.rpc import described, error_details, fails
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -50,7 +50,7 @@ async def test_manual_endpoint_update_aborts_the_rollout(
     assert state(aborted) == "ABORTED"
     assert "endpoint set manually" in aborted.state_reason and USER in aborted.state_reason, aborted.state_reason
     audited = [e for e in await w.audit(r.name) if e.method == "AbortRollout"]
-    assert len(audited) == 1 and audited[0].user == USER
+    assert len(audited) == 1 and audited[0].user == described(ALICE)
     assert "manually" in json_format.MessageToDict(audited[0].details)["reason"]
     await asyncio.sleep(1.2)  # the controller leaves the manual setting alone
     assert await w.traffic() == [(w.version(3), 100.0)]
