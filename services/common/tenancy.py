@@ -42,12 +42,17 @@ def for_every_tenant(principal: Principal) -> bool:
     return principal.is_service and not principal.tenant
 
 
+def manages_sessions(principal: Principal) -> bool:
+    """Whether the caller changes every session of its tenant, not only its own."""
+    return principal.is_service or principal.can(Role.OPERATOR)
+
+
 def session_verdict(principal: Principal, owner: SessionOwner, access: Access) -> Verdict:
     if for_every_tenant(principal):
         return Verdict.ALLOWED
     if owner.tenant != principal.tenant:
         return Verdict.NOT_FOUND
-    if principal.is_service or principal.can(Role.OPERATOR):
+    if manages_sessions(principal):
         return Verdict.ALLOWED
     if access is Access.READ and principal.can(Role.VIEWER):
         return Verdict.ALLOWED

@@ -26,8 +26,9 @@ from services.registry.rollout_model import (
     ExperimentSpec,
 )
 
-# The registry calls on its own behalf, not a user's.
-PLATFORM = Caller(tenant="system", subject="corral-controller")
+# The registry calls on its own behalf, not a user's: a service acting for every tenant (rollbacks
+# retire sessions, and analyses read spans, wherever the version's sessions are).
+PLATFORM = Caller.of_service("registry")
 TIMEOUT_S = 30
 Response = TypeVar("Response")
 
