@@ -94,12 +94,12 @@ class FakeRevocations:
 
 
 class FakeSessionLeases:
-    """The sessions service as the executor sees it (Sessions), in memory: one state per session, compare-and-set on its
-    etag, and the leases taken and released."""
+    """The sessions service as the executor sees it (Sessions), in memory: one state per session
+    of the caller's tenant, compare-and-set on its etag, and the leases taken and released."""
 
     def __init__(self) -> None:
-        self.states: dict[SessionRef, SessionState] = {}
-        self.leases: dict[SessionRef, str] = {}
+        self.states: dict[tuple[str, SessionRef], SessionState] = {}
+        self.leases: dict[tuple[str, SessionRef], str] = {}
         self.released: list[str] = []
         self.commits: list[FinishedTurn] = []
         self.renewals = 0
@@ -107,28 +107,30 @@ class FakeSessionLeases:
         self.conflict = False
 
     async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
-        lease = self.leases[session] = f"lease-{len(self.leases) + len(self.released) + 1}"
-        return Lease(lease, self.states.get(session, SessionState(b"", "e0", 0)))
+        key = (caller.tenant, session)
+        lease = self.leases[key] = f"lease-{len(self.leases) + len(self.released) + 1}"
+        return Lease(lease, self.states.get(key, SessionState(b"", "e0", 0)))
 
     async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
-        if self.leases.get(session) != lease_id:
+        if self.leases.get((caller.tenant, session)) != lease_id:
             raise Aborted(f"{session} is leased to another holder")
         self.renewals += 1
 
     async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
-        if self.leases.get(session) == lease_id:
-            del self.leases[session]
+        if self.leases.get((caller.tenant, session)) == lease_id:
+            del self.leases[caller.tenant, session]
             self.released.append(lease_id)
 
     async def commit(
         self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
     ) -> SessionState:
-        current = self.states.get(session, SessionState(b"", "e0", 0))
-        if self.conflict or etag != current.etag or self.leases.get(session) != lease_id:
+        key = (caller.tenant, session)
+        current = self.states.get(key, SessionState(b"", "e0", 0))
+        if self.conflict or etag != current.etag or self.leases.get(key) != lease_id:
             raise Aborted(f"{session} changed since etag {etag}", reason="ETAG_MISMATCH")
         self.commits.append(turn)
         count = current.turn_count + 1
-        committed = self.states[session] = SessionState(turn.state, f"e{count}", count)
+        committed = self.states[key] = SessionState(turn.state, f"e{count}", count)
         return committed
 
 
