@@ -8,6 +8,7 @@ import pytest
 
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.router.v1 import router_pb2 as pb
+from services.common.auth.principal import Role
 from services.common.endpoints import EndpointMirror, EndpointTraffic, TrafficShare
 from services.common.errors import (
     FailedPrecondition,
@@ -15,7 +16,6 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
 )
-from services.common.auth.principal import Role
 from services.common.identity import Caller
 from services.common.tenancy import SessionOwner
 from services.router.model import (
