@@ -14,12 +14,10 @@ from datetime import UTC, datetime
 
 from corral.manifest import Manifest
 from corral.names import SessionRef
-from services.common import tenancy
 from services.common.background import Periodic
 from services.common.errors import Aborted
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
-from services.common.tenancy import Access, SessionOwner
 from services.executor.bundles import BundleCache
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model import Invocation, SandboxInfo, SandboxState, Sessions, SessionState
@@ -122,10 +120,13 @@ class SandboxTable:
         key = SandboxKey.of(caller, inv.session)
         current = self._bound.get(key)
         if current is not None and current.sandbox.alive and current.sandbox.version == inv.version.name:
-            # The lease was taken in the name of whoever first ran the session here; another
-            # caller of the tenant continues it only with the rights sessions would ask of it.
-            owner = SessionOwner(key.tenant, current.owner.user)
-            tenancy.check_session(caller, owner, Access.WRITE, inv.session.name)
+            if current.owner.user != caller.user:
+                # Another user of the tenant than the one who bound the sandbox: sessions decides
+                # whether it may continue the session (an operator may, another invoker may not),
+                # renewing the lease in its name.
+                await self._sessions.renew(
+                    caller, inv.session, current.lease_id, self._settings.lease_ttl_s
+                )
             return current
         if current is not None:
             await self.drop(key)

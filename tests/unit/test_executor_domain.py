@@ -165,6 +165,14 @@ async def test_another_callers_session_is_refused_and_a_busy_one_aborted(tmp_pat
     await running
     with pytest.raises(PermissionDenied, match="may not change sessions/s1"):
         await world.run("s1", caller=Caller("acme", "bob", frozenset({Role.INVOKER})))
+    # An operator of the tenant continues it, in the same sandbox.
+    release.clear()
+    continuing = asyncio.ensure_future(
+        world.run("s1", caller=Caller("acme", "olga", frozenset({Role.OPERATOR})))
+    )
+    await until(lambda: len(world.starter.started[0].turns) == 2)
+    release.set()
+    assert isinstance((await continuing)[-1], Completed) and len(world.starter.started) == 1
     await world.executor.close()
 
 
