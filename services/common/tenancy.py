@@ -2,10 +2,9 @@
 
 A session belongs to one tenant and one user. In its tenant a VIEWER reads every session (and so
 does every higher role: roles are ordered), an INVOKER also changes and converses in its own, and
-an OPERATOR (or above) changes every session. A Corral
-service with no tenant acts for every tenant. Another tenant's session does not exist for the
-caller (NOT_FOUND, so that existence does not leak); one of the caller's own tenant that its
-roles do not reach is PERMISSION_DENIED."""
+an OPERATOR (or above) changes every session. A Corral service with no tenant acts for every
+tenant. Another tenant's session does not exist for the caller (NOT_FOUND, so that existence does
+not leak); one of the caller's own tenant that its roles do not reach is PERMISSION_DENIED."""
 
 from __future__ import annotations
 
@@ -48,6 +47,7 @@ def manages_sessions(principal: Principal) -> bool:
 
 
 def session_verdict(principal: Principal, owner: SessionOwner, access: Access) -> Verdict:
+    """Whether `principal` may read or change the session `owner` has."""
     if for_every_tenant(principal):
         return Verdict.ALLOWED
     if owner.tenant != principal.tenant:
