@@ -98,8 +98,11 @@ class Mesh:
                 await asyncio.sleep(0.01)
 
     async def sandboxes(self) -> list[executor_pb2.Sandbox]:
-        """The executor's sandboxes, as ListSandboxes lists them."""
-        return list((await self.executor.ListSandboxes(executor_pb2.ListSandboxesRequest())).sandboxes)
+        """The executor's sandboxes of the test's tenant, as ListSandboxes lists them."""
+        listing = await self.executor.ListSandboxes(
+            executor_pb2.ListSandboxesRequest(), metadata=self.me
+        )
+        return list(listing.sandboxes)
 
     async def invoke(
         self, agent: str, payload: object = None, metadata: Metadata | None = None, **target: str

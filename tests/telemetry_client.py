@@ -19,6 +19,8 @@ class Telemetry:
     api: TelemetryServiceStub
     otlp: trace_service_pb2_grpc.TraceServiceStub
     channel: grpc.aio.Channel
+    # The analyses the registry asks for (internal methods), relaying a call's credential.
+    analysis: TelemetryServiceStub
 
 
 def uid() -> str:

@@ -27,14 +27,21 @@ def setup(service: str, settings: Settings) -> None:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"corral-{service}"}))
     if settings.tracing and service != "telemetry":
-        # To telemetry's internal listener, proving this service's identity.
-        credentials = load_identity(settings.pki_dir, service).channel_credentials()
-        exporter = OTLPSpanExporter(
-            endpoint=settings.internal_addrs["telemetry"], credentials=credentials, timeout=3
+        provider.add_span_processor(
+            BatchSpanProcessor(span_exporter(settings, service), schedule_delay_millis=500)
         )
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
+
+
+def span_exporter(settings: Settings, service: str, timeout_s: float = 3) -> OTLPSpanExporter:
+    """OTLP to telemetry's internal listener, proving `service`'s identity: the platform's spans,
+    which telemetry trusts (a user's exports land in the user's tenant and never count as the
+    platform's invocations)."""
+    credentials = load_identity(settings.pki_dir, service).channel_credentials()
+    return OTLPSpanExporter(
+        endpoint=settings.internal_addrs["telemetry"], credentials=credentials, timeout=timeout_s
+    )
 
 
 def shutdown() -> None:

@@ -14,6 +14,7 @@ from datetime import datetime
 from opentelemetry.context import Context as OtelContext
 
 from corral.names import SessionRef
+from services.common import tenancy
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
@@ -29,7 +30,7 @@ from services.executor.model import (
     SpanExport,
 )
 from services.executor.pools import WarmPools
-from services.executor.sandboxes import SandboxTable
+from services.executor.sandboxes import SandboxKey, SandboxTable
 from services.executor.starter import SandboxStarter
 from services.executor.tools import ToolBroker
 from services.executor.turn import Turns
@@ -82,25 +83,28 @@ class Executor:
                 "payload",
                 f"{len(inv.payload)} bytes is over the {self.settings.max_payload_bytes}-byte limit",
             )
-        with self.sandboxes.claim(inv.session):
+        with self.sandboxes.claim(SandboxKey.of(caller, inv.session)):
             # aclosing: closing this generator must close the turn's too, so that its clean-up
             # (stopping a worker that is mid-turn) runs before the session is free again.
             async with contextlib.aclosing(self._turns.run(caller, inv, parent)) as events:
                 async for event in events:
                     yield event
 
-    async def stop_session(self, session: SessionRef) -> bool:
-        return await self.sandboxes.stop(session)
+    async def stop_session(self, caller: Caller, session: SessionRef) -> bool:
+        """Ends the session's sandbox in the caller's tenant (a service acting for every tenant
+        ends the session's in every tenant)."""
+        return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
 
     def list_sandboxes(self, caller: Caller, page_size: int, page_token: str) -> SandboxListing:
-        """Every sandbox here, across tenants (an operator's view), oldest first; the warm
-        pools with the first page."""
+        """The sandboxes here of the caller's tenant's sessions (of every tenant's for a service
+        acting for all), oldest first, and the warm ones; the warm pools with the first page."""
+        tenant = tenancy.readable_tenant(caller, "sandboxes")
         query = PageQuery.start(
-            "ListSandboxes", owner=caller.tenant, where=None, page_size=page_size,
+            "ListSandboxes", owner=tenant or "", where=None, page_size=page_size,
             token=page_token, key_shape=(datetime, str), default_size=SANDBOXES_PAGE_SIZE,
         )
         after = query.after
-        rows = sorted(self.sandboxes.listing(), key=_listing_order)
+        rows = sorted(self.sandboxes.listing(tenant), key=_listing_order)
         if after is not None:
             rows = [r for r in rows if _listing_order(r) > after]
         page = query.page(rows[: query.fetch_limit], key=_listing_order)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from corral.manifest import Manifest
 from corral.names import SessionRef
 from services.common.background import Periodic
-from services.common.errors import Aborted, PermissionDenied
+from services.common.errors import Aborted
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.bundles import BundleCache
@@ -30,12 +30,28 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 5.0
 
 
+@dataclass(frozen=True)
+class SandboxKey:
+    """Which session a sandbox serves: the same session id in two tenants is two sessions, and
+    never shares a sandbox."""
+
+    tenant: str
+    session: SessionRef
+
+    @classmethod
+    def of(cls, caller: Caller, session: SessionRef) -> SandboxKey:
+        return cls(caller.tenant, session)
+
+    def __str__(self) -> str:
+        return f"{self.session} of tenant {self.tenant!r}"
+
+
 @dataclass(eq=False)
 class SessionSandbox:
     """A sandbox bound to a session, and what the executor keeps for the session between turns:
     its lease and the state it last committed."""
 
-    session: SessionRef
+    key: SandboxKey
     sandbox: Sandbox
     manifest: Manifest
     owner: Caller
@@ -43,6 +59,10 @@ class SessionSandbox:
     committed: SessionState
     # Set when the session was stopped on purpose, so a running invocation can say so.
     stopped: bool = False
+
+    @property
+    def session(self) -> SessionRef:
+        return self.key.session
 
 
 class SandboxTable:
@@ -55,8 +75,8 @@ class SandboxTable:
         self._sessions, self._holder = sessions, holder
         # A new session's sandbox: from a warm pool, else started from its bundle.
         self._bundles, self._starter, self._pools = bundles, starter, pools
-        self._bound: dict[SessionRef, SessionSandbox] = {}
-        self._busy: set[SessionRef] = set()
+        self._bound: dict[SandboxKey, SessionSandbox] = {}
+        self._busy: set[SandboxKey] = set()
         self._reaper = Periodic(
             self._reap, every_s=REAP_INTERVAL_S, first_delay_s=REAP_INTERVAL_S, what="sandbox reaper"
         )
@@ -73,35 +93,43 @@ class SandboxTable:
     async def close(self) -> None:
         await self._reaper.close()
         await self._renewal.close()
-        await asyncio.gather(*(self.stop(s) for s in list(self._bound)), return_exceptions=True)
+        await asyncio.gather(
+            *(self.stop(k.tenant, k.session) for k in list(self._bound)), return_exceptions=True
+        )
 
     @contextlib.contextmanager
-    def claim(self, session: SessionRef) -> Iterator[None]:
-        """Holds `session` for one invocation: Aborted (SESSION_BUSY) while another holds it."""
-        if session in self._busy:
+    def claim(self, key: SandboxKey) -> Iterator[None]:
+        """Holds the session for one invocation: Aborted (SESSION_BUSY) while another holds it."""
+        if key in self._busy:
             raise Aborted(
-                f"session {session} is busy: another invocation is running on it; retry when it "
-                "finishes",
+                f"session {key.session} is busy: another invocation is running on it; retry "
+                "when it finishes",
                 reason="SESSION_BUSY",
             )
-        self._busy.add(session)
+        self._busy.add(key)
         try:
             yield
         finally:
-            self._busy.discard(session)
+            self._busy.discard(key)
 
     # -- binding -------------------------------------------------------------------------
 
     async def sandbox_for(self, caller: Caller, inv: Invocation) -> SessionSandbox:
         """The session's sandbox: the one it has, or a new one (warm if a pool has one) under a
         lease on the session, starting from its committed state."""
-        current = self._bound.get(inv.session)
+        key = SandboxKey.of(caller, inv.session)
+        current = self._bound.get(key)
         if current is not None and current.sandbox.alive and current.sandbox.version == inv.version.name:
-            if (current.owner.tenant, current.owner.user) != (caller.tenant, caller.user):
-                raise PermissionDenied(f"{inv.session} belongs to another caller")
+            if current.owner.user != caller.user:
+                # Another user of the tenant than the one who bound the sandbox: sessions decides
+                # whether it may continue the session (an operator may, another invoker may not),
+                # renewing the lease in its name.
+                await self._sessions.renew(
+                    caller, inv.session, current.lease_id, self._settings.lease_ttl_s
+                )
             return current
         if current is not None:
-            await self.drop(inv.session)
+            await self.drop(key)
         await self._make_room()
         lease = await self._sessions.acquire(caller, inv.session, self._holder, self._settings.lease_ttl_s)
         try:
@@ -114,13 +142,11 @@ class SandboxTable:
             await self._release(caller, inv.session, lease.lease_id)
             raise
         sandbox.bind(inv.session.name, warm=warm)
-        bound = SessionSandbox(
-            inv.session, sandbox, bundle.manifest, caller, lease.lease_id, lease.committed
-        )
-        self._bound[inv.session] = bound
+        bound = SessionSandbox(key, sandbox, bundle.manifest, caller, lease.lease_id, lease.committed)
+        self._bound[key] = bound
         self._metrics.live.set(len(self._bound))
         log.info("sandbox pid %s (%s) serves %s on %s", sandbox.process.pid if sandbox.process else "?",
-                 "warm" if warm else "cold start", inv.session, inv.version)
+                 "warm" if warm else "cold start", key, inv.version)
         return bound
 
     async def _make_room(self) -> None:
@@ -128,24 +154,27 @@ class SandboxTable:
             idle = [b for s, b in self._bound.items() if s not in self._busy]
             if not idle:
                 return
-            await self.drop(min(idle, key=lambda b: b.sandbox.last_used).session)
+            await self.drop(min(idle, key=lambda b: b.sandbox.last_used).key)
 
-    async def drop(self, session: SessionRef) -> bool:
+    async def drop(self, key: SandboxKey) -> bool:
         """Stops the session's sandbox and gives up its lease; False if it had none here."""
-        bound = self._bound.pop(session, None)
+        bound = self._bound.pop(key, None)
         if bound is None:
             return False
         self._metrics.live.set(len(self._bound))
         await bound.sandbox.stop()
-        await self._release(bound.owner, session, bound.lease_id)
+        await self._release(bound.owner, key.session, bound.lease_id)
         return True
 
-    async def stop(self, session: SessionRef) -> bool:
-        bound = self._bound.get(session)
-        if bound is not None:
+    async def stop(self, tenant: str | None, session: SessionRef) -> bool:
+        """Stops the session's sandbox in `tenant` (None: the session's in every tenant);
+        False if there was none."""
+        keys = [k for k in self._bound if k.session == session and tenant in (None, k.tenant)]
+        for key in keys:
             # An invocation still streaming sees its worker go away: it should say why.
-            bound.stopped = True
-        return await self.drop(session)
+            self._bound[key].stopped = True
+        stopped = [await self.drop(key) for key in keys]
+        return any(stopped)
 
     async def _release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
         try:
@@ -155,12 +184,14 @@ class SandboxTable:
 
     # -- what operators see --------------------------------------------------------------
 
-    def listing(self) -> list[SandboxInfo]:
-        """Every sandbox: the sessions' (IDLE or BUSY) and the warm pools' (WARM)."""
+    def listing(self, tenant: str | None) -> list[SandboxInfo]:
+        """The sandboxes of `tenant`'s sessions (None: of every tenant's), IDLE or BUSY, and the
+        warm pools' (WARM, which belong to no session yet)."""
         now_wall, now_mono = time.time(), time.monotonic()
         kinds = [
-            (b.sandbox, SandboxState.BUSY if s in self._busy else SandboxState.IDLE)
-            for s, b in self._bound.items()
+            (b.sandbox, SandboxState.BUSY if k in self._busy else SandboxState.IDLE)
+            for k, b in self._bound.items()
+            if tenant in (None, k.tenant)
         ]
         kinds += [(sb, SandboxState.WARM) for sb in (self._pools.ready() if self._pools else [])]
         return [self._info(sb, state, now_wall, now_mono) for sb, state in kinds]
@@ -180,30 +211,32 @@ class SandboxTable:
 
     async def _reap(self) -> None:
         now = time.monotonic()
-        for session, bound in list(self._bound.items()):
-            if session in self._busy:
+        for key, bound in list(self._bound.items()):
+            if key in self._busy:
                 continue
             sb, manifest = bound.sandbox, bound.manifest
             expired = not sb.alive or time.time() - sb.bound_at > manifest.max_lifetime_s
             if not expired and now - sb.last_used > manifest.idle_timeout_s and await _busy_inside(sb):
                 sb.last_used = now  # AgentCore's contract: a HealthyBusy agent is not idle
                 continue
-            if session in self._busy or self._bound.get(session) is not bound:
+            if key in self._busy or self._bound.get(key) is not bound:
                 continue  # an invocation arrived while the agent was asked
             if expired or now - sb.last_used > manifest.idle_timeout_s:
-                log.info("stopping sandbox of %s (idle, expired or exited)", session)
-                await self.drop(session)
+                log.info("stopping sandbox of %s (idle, expired or exited)", key)
+                await self.drop(key)
 
     async def _renew(self) -> None:
-        for session, bound in list(self._bound.items()):
+        for key, bound in list(self._bound.items()):
             try:
-                await self._sessions.renew(bound.owner, session, bound.lease_id, self._settings.lease_ttl_s)
+                await self._sessions.renew(
+                    bound.owner, key.session, bound.lease_id, self._settings.lease_ttl_s
+                )
             except Exception as exc:  # noqa: BLE001
                 # Only the sandbox whose lease this was: the session may have been dropped and
                 # bound again (with a new lease) while the renewal was on its way.
-                if session not in self._busy and self._bound.get(session) is bound:
-                    log.warning("lost the lease of %s (%s); stopping its sandbox", session, exc)
-                    await self.drop(session)
+                if key not in self._busy and self._bound.get(key) is bound:
+                    log.warning("lost the lease of %s (%s); stopping its sandbox", key, exc)
+                    await self.drop(key)
 
 
 async def _busy_inside(sandbox: Sandbox) -> bool:

@@ -82,7 +82,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: pb.StopSessionRequest, context: Context
     ) -> pb.StopSessionResponse:
         session = SessionRef.parse(request.session, field="session")
-        return pb.StopSessionResponse(stopped=await self.executor.stop_session(session))
+        stopped = await self.executor.stop_session(caller(context), session)
+        return pb.StopSessionResponse(stopped=stopped)
 
     async def ListSandboxes(
         self, request: pb.ListSandboxesRequest, context: Context

@@ -135,7 +135,7 @@ class Turns:
                     async for item in items:
                         yield item
         except TimeoutError:
-            await self._table.drop(bound.session)
+            await self._table.drop(bound.key)
             raise DeadlineExceeded(
                 f"{bound.session}: the agent did not finish within resources.timeout_s="
                 f"{manifest.timeout_s}s", reason="INVOCATION_TIMEOUT",
@@ -149,13 +149,13 @@ class Turns:
             raise await self._crashed(bound, exc) from None
         except BaseException:
             # Cancelled mid-stream (the caller went away), or closed at a yield.
-            await self._table.drop(bound.session)
+            await self._table.drop(bound.key)
             raise
 
     async def _crashed(self, bound: SessionSandbox, exc: SandboxCrashed) -> CorralError:
         """Why the sandbox went away mid-turn, once the driver has said (its limits)."""
         process = bound.sandbox.process
-        await self._table.drop(bound.session)  # waits for the driver's verdict on why it ended
+        await self._table.drop(bound.key)  # waits for the driver's verdict on why it ended
         limit = process.limit_hit if process is not None else None
         session, manifest = bound.session, bound.manifest
         if bound.stopped:
@@ -184,7 +184,7 @@ class Turns:
         except BaseException:
             # Another writer moved the state (or the commit's fate is unknown): the sandbox's
             # idea of it can no longer be trusted.
-            await self._table.drop(inv.session)
+            await self._table.drop(bound.key)
             raise
         bound.committed = committed
         bound.sandbox.last_used = time.monotonic()

@@ -20,6 +20,7 @@ from services.common.execution import Completed, Started
 from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling
+from services.common.tenancy import SessionOwner
 from services.router.model import (
     Chunk,
     ExecutionEvent,
@@ -44,7 +45,7 @@ def _pin(session: sessions_pb2.Session) -> SessionPin:
     try:
         return SessionPin(
             session=SessionRef.parse(session.name),
-            owner=Caller(session.tenant, session.user),
+            owner=SessionOwner(session.tenant, session.user),
             ended=_ENDED[session.status],
             agent=AgentRef.parse(session.agent),
             version=VersionRef.parse(session.version),

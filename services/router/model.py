@@ -11,6 +11,7 @@ from typing import Protocol
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.execution import Completed, Started
 from services.common.identity import Caller
+from services.common.tenancy import SessionOwner
 
 DEFAULT_ENDPOINT = "DEFAULT"
 # Metadata carrying the caller's trace context (traceparent, tracestate) on to the executor.
@@ -70,7 +71,8 @@ class SessionPin:
     serves it."""
 
     session: SessionRef
-    owner: Caller
+    # The session's tenant and the user who started it.
+    owner: SessionOwner
     # None while the session takes invocations.
     ended: SessionEnd | None
     agent: AgentRef

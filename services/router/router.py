@@ -9,15 +9,16 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from corral.names import EndpointRef, SessionRef
+from services.common import tenancy
 from services.common.clock import IdSource, RandomIds
 from services.common.endpoints import EndpointMirror, EndpointTraffic
 from services.common.errors import (
     CorralError,
     FailedPrecondition,
     InvalidArgument,
-    PermissionDenied,
 )
 from services.common.identity import Caller
+from services.common.tenancy import Access
 from services.router.model import (
     ExecutionEvent,
     ExecutorClient,
@@ -63,12 +64,15 @@ class Router:
 
     async def resolve(self, caller: Caller, target: Target) -> Resolved:
         """The session the invocation runs in and its version: the session's pin when it has
-        one, else a new session pinned to the named version or to what the endpoint chooses."""
+        one, else a new session pinned to the named version or to what the endpoint chooses.
+
+        Session ids are per tenant: a caller naming a session of another tenant's finds nothing
+        there (its own tenant has no such session), so it gets a new session of its own under
+        that id. In the caller's tenant, continuing another user's session takes the rights
+        sessions ask for changing it (services/common/tenancy.py): PERMISSION_DENIED without."""
         check_target(target)
         session = target.session or SessionRef(self._ids.new_id())
-        pin = self.pins.get(session) if target.session else None
-        if pin is not None and (pin.owner.tenant, pin.owner.user) != (caller.tenant, caller.user):
-            raise PermissionDenied(f"{session.name} belongs to another caller")
+        pin = self.pins.get(caller.tenant, session) if target.session else None
         if pin is not None and self._maybe_retired(pin):
             # Its version no longer takes new sessions here: a rollback may have migrated or
             # stopped it, so read the session again rather than trust the cached pin.
@@ -92,6 +96,7 @@ class Router:
                     raise FailedPrecondition(
                         f"{session.name} vanished while it was being created; retry"
                     )
+        tenancy.check_session(caller, pin.owner, Access.WRITE, session.name)
         if pin.agent != target.agent:
             raise FailedPrecondition(
                 f"{session.name} belongs to {pin.agent.name}, not {target.agent.name}; "
@@ -99,7 +104,7 @@ class Router:
                 reason="SESSION_AGENT_MISMATCH",
             )
         if pin.ended is not None:
-            self.pins.forget(session)
+            self.pins.forget(caller.tenant, session)
             raise FailedPrecondition(
                 f"{session.name} is {pin.ended.value}; start a new session",
                 reason="SESSION_ENDED",
@@ -169,4 +174,4 @@ class Router:
     async def stop_session(self, caller: Caller, session: SessionRef) -> None:
         await self._sessions.stop(caller, session)
         await self._executor.stop_session(caller, session)
-        self.pins.forget(session)
+        self.pins.forget(caller.tenant, session)

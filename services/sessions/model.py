@@ -9,12 +9,24 @@ from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.paging import Key
+from services.common.tenancy import SessionOwner
 
 
 class SessionStatus(enum.Enum):
     ACTIVE = "ACTIVE"
     STOPPED = "STOPPED"
     EXPIRED = "EXPIRED"
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """How a session is found: the same id in two tenants is two sessions."""
+
+    tenant: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"sessions/{self.id} of tenant {self.tenant!r}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,14 @@ class SessionRecord:
     @property
     def ref(self) -> SessionRef:
         return SessionRef(self.id)
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.tenant, self.id)
+
+    @property
+    def owner(self) -> SessionOwner:
+        return SessionOwner(self.tenant, self.user)
 
     @property
     def name(self) -> str:
@@ -111,72 +131,74 @@ class SessionStore(Protocol):
     """PostgreSQL is the record; implementations may cache, but every write is durable first."""
 
     async def insert(self, record: SessionRecord) -> SessionRecord | None:
-        """The stored record, or None when the id is taken."""
+        """The stored record, or None when its tenant has a session by that id."""
         ...
 
-    async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def get(self, session: SessionKey) -> SessionRecord | None: ...
 
-    async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None: ...
+    async def get_state(self, session: SessionKey) -> tuple[SessionRecord, bytes] | None: ...
 
     async def list(
-        self, tenant: str, where: SessionFilter, after: Key | None, limit: int
+        self, tenant: str | None, where: SessionFilter, after: Key | None, limit: int
     ) -> list[SessionRecord]:
-        """The tenant's sessions matching `where` in (create_time, id) order, after the key
-        (create_time, id) `after` when one is given."""
+        """The tenant's (None: every tenant's) sessions matching `where` in (create_time, id)
+        order, after the key (create_time, id) `after` when one is given."""
         ...
 
     async def set_status(
-        self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
+        self, session: SessionKey, status: SessionStatus, now: datetime, only_from: SessionStatus
     ) -> SessionRecord | None:
         """Changes the status if it is `only_from`; None if it was not or the session is gone."""
         ...
 
     async def retire_version(
-        self, version: VersionRef, endpoint: EndpointRef | None, now: datetime,
-        to: PinnedVersion | None,
+        self, tenant: str | None, version: VersionRef, endpoint: EndpointRef | None,
+        now: datetime, to: PinnedVersion | None,
     ) -> int:
         """Re-pins every active session on `version` (routed through `endpoint`, or any) to `to`,
-        or stops them when there is none; returns how many. Crosses tenants."""
+        or stops them when there is none; returns how many. Of `tenant`, or (None) of every
+        tenant."""
         ...
 
-    async def expire_due(self, tenant: str, now: datetime) -> int:
-        """Marks the tenant's live sessions past their timeouts EXPIRED; returns how many."""
+    async def expire_due(self, tenant: str | None, now: datetime) -> int:
+        """Marks the tenant's (None: every tenant's) live sessions past their timeouts EXPIRED;
+        returns how many."""
         ...
 
-    async def touch(self, session_id: str, now: datetime) -> SessionRecord | None: ...
+    async def touch(self, session: SessionKey, now: datetime) -> SessionRecord | None: ...
 
     async def touch_and_load(
-        self, session_id: str, now: datetime
+        self, session: SessionKey, now: datetime
     ) -> tuple[SessionRecord, bytes] | None:
         """touch(), returning the committed state as well."""
         ...
 
     async def write_state(
-        self, session_id: str, state: bytes, *, expected_etag: str, new_etag: str,
+        self, session: SessionKey, state: bytes, *, expected_etag: str, new_etag: str,
         now: datetime, turn: Turn | None,
     ) -> SessionRecord | None:
         """Compare-and-set in one transaction; with a turn, also counts it and appends its event.
         None (and nothing written) when the etag is not the current one or the session is gone."""
         ...
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def delete(self, session: SessionKey) -> bool: ...
 
 
 class LeaseStore(Protocol):
     """Leases expire on their own; check-and-set operations must be atomic."""
 
-    async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool: ...
+    async def acquire(self, session: SessionKey, lease_id: str, holder: str, ttl_s: float) -> bool: ...
 
-    async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
+    async def renew(self, session: SessionKey, lease_id: str, ttl_s: float) -> str | None:
         """Extends the lease if `lease_id` holds it and returns its holder; None if it does not."""
         ...
 
-    async def release(self, session_id: str, lease_id: str) -> bool:
+    async def release(self, session: SessionKey, lease_id: str) -> bool:
         """Removes the lease if `lease_id` holds it; never removes another holder's."""
         ...
 
-    async def holder(self, session_id: str) -> str | None:
+    async def holder(self, session: SessionKey) -> str | None:
         """The lease id currently holding the session, if any."""
         ...
 
-    async def drop(self, session_id: str) -> None: ...
+    async def drop(self, session: SessionKey) -> None: ...

@@ -8,23 +8,24 @@ import logging
 from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common import tenancy
 from services.common.clock import Clock, IdSource, RandomIds, SystemClock
 from services.common.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
-    PermissionDenied,
 )
 from services.common.identity import Caller
 from services.common.paging import Page, PageQuery
+from services.common.tenancy import Access, SessionOwner
 from services.sessions import rules
 from services.sessions.model import (
     LeaseStore,
     NewSession,
     PinnedVersion,
     SessionFilter,
+    SessionKey,
     SessionLease,
     SessionRecord,
     SessionState,
@@ -42,8 +43,9 @@ REASON_SESSION_STOPPED = "SESSION_STOPPED"
 REASON_SESSION_EXPIRED = "SESSION_EXPIRED"
 
 
-def _not_found(session: SessionRef) -> NotFound:
-    return NotFound(f"{session.name} not found; create it with CreateSession")
+def _key(caller: Caller, session: SessionRef) -> SessionKey:
+    """The session `session` names in the caller's tenant."""
+    return SessionKey(tenancy.acting_tenant(caller), session.session)
 
 
 def _lease_lost(session: SessionRef, lease_id: str) -> Aborted:
@@ -77,6 +79,11 @@ class Sessions:
     ) -> SessionRecord:
         """Creates the session under the caller's tenant and user; with no `session`, an id is
         generated."""
+        tenant = tenancy.acting_tenant(caller)
+        session_id = session.session if session is not None else self._ids.new_id()
+        tenancy.check_session(
+            caller, SessionOwner(tenant, caller.user), Access.WRITE, SessionRef(session_id).name
+        )
         rules.check_pin(spec)
         idle = rules.timeout_seconds(
             spec.idle_timeout_s, "session.idle_timeout", rules.DEFAULT_IDLE_TIMEOUT_S
@@ -86,12 +93,12 @@ class Sessions:
         )
         now = self._clock.now()
         record = SessionRecord(
-            id=session.session if session is not None else self._ids.new_id(),
+            id=session_id,
             agent=spec.agent.name,
             version=spec.pin.version.name,
             version_digest=spec.pin.digest,
             endpoint=spec.endpoint.name if spec.endpoint is not None else "",
-            tenant=caller.tenant,
+            tenant=tenant,
             user=caller.user,
             status=SessionStatus.ACTIVE,
             turn_count=0,
@@ -119,37 +126,39 @@ class Sessions:
         return stored
 
     async def get(self, caller: Caller, session: SessionRef) -> SessionRecord:
-        return await self._owned(caller, session)
+        return await self._owned(caller, session, Access.READ)
 
     async def list(
         self, caller: Caller, where: SessionFilter, page_size: int, page_token: str
     ) -> Page[SessionRecord]:
-        """The caller's tenant's sessions matching `where`, oldest first, a page at a time."""
+        """The caller's tenant's sessions matching `where` (every tenant's for a service acting
+        for all), oldest first, a page at a time."""
+        tenant = tenancy.readable_tenant(caller, "sessions")
         query = PageQuery.start(
-            "ListSessions", owner=caller.tenant, where=where, page_size=page_size,
+            "ListSessions", owner=tenant or "", where=where, page_size=page_size,
             token=page_token, key_shape=(datetime, str),
         )
         # Expiry is computed on read; persisting it first keeps the status filter truthful.
-        await self._store.expire_due(caller.tenant, self._clock.now())
-        rows = await self._store.list(caller.tenant, where, query.after, query.fetch_limit)
+        await self._store.expire_due(tenant, self._clock.now())
+        rows = await self._store.list(tenant, where, query.after, query.fetch_limit)
         return query.page(rows, key=_sort_key)
 
     async def delete(self, caller: Caller, session: SessionRef) -> None:
-        await self._owned(caller, session)
-        if not await self._store.delete(session.session):
-            raise _not_found(session)
-        await self._leases.drop(session.session)
-        log.info("deleted %s", session.name)
+        record = await self._owned(caller, session, Access.WRITE)
+        if not await self._store.delete(record.key):
+            raise tenancy.not_found(session.name)
+        await self._leases.drop(record.key)
+        log.info("deleted %s", record.key)
 
     async def stop(self, caller: Caller, session: SessionRef) -> SessionRecord:
-        record = await self._owned(caller, session)
+        record = await self._owned(caller, session, Access.WRITE)
         if record.status is not SessionStatus.ACTIVE:
             return record  # already ended: stopping again is a no-op, and EXPIRED stays EXPIRED
         now = self._clock.now()
         stopped = await self._store.set_status(
-            session.session, SessionStatus.STOPPED, now, only_from=SessionStatus.ACTIVE
+            record.key, SessionStatus.STOPPED, now, only_from=SessionStatus.ACTIVE
         )
-        return stopped or await self._owned(caller, session)
+        return stopped or await self._owned(caller, session, Access.WRITE)
 
     async def get_state(self, caller: Caller, session: SessionRef) -> SessionState:
         record, state = await self._owned_state(caller, session)
@@ -163,14 +172,15 @@ class Sessions:
             raise InvalidArgument.field(
                 "etag", "is required: read the state with GetSessionState and pass its etag"
             )
-        await self._owned(caller, session)
-        return await self._write(session, state, etag, None)
+        record = await self._owned(caller, session, Access.WRITE)
+        return await self._write(record.key, state, etag, None)
 
     async def acquire_lease(
         self, caller: Caller, session: SessionRef, holder: str, ttl_s: float | None
     ) -> SessionLease:
         ttl = rules.lease_ttl(ttl_s)
-        record = await self._owned(caller, session)
+        record = await self._owned(caller, session, Access.WRITE)
+        key = record.key
         if record.status is not SessionStatus.ACTIVE:
             ended = record.status.value.lower()
             raise FailedPrecondition(
@@ -182,7 +192,7 @@ class Sessions:
             )
         lease_id = self._ids.new_id()
         now = self._clock.now()
-        if not await self._leases.acquire(session.session, lease_id, holder, ttl):
+        if not await self._leases.acquire(key, lease_id, holder, ttl):
             raise Aborted(
                 f"session {record.name} is busy: another invocation is running on it; "
                 "retry when it finishes",
@@ -191,11 +201,11 @@ class Sessions:
             )
         try:
             # Read the state only once the lease is ours, so no other turn can commit under us.
-            loaded = await self._store.touch_and_load(session.session, now)
+            loaded = await self._store.touch_and_load(key, now)
             if loaded is None:
-                raise _not_found(session)
+                raise tenancy.not_found(session.name)
         except BaseException:
-            await self._leases.release(session.session, lease_id)
+            await self._leases.release(key, lease_id)
             raise
         current, state = loaded
         return SessionLease(
@@ -211,20 +221,20 @@ class Sessions:
     ) -> SessionLease:
         rules.require_lease_id(lease_id)
         ttl = rules.lease_ttl(ttl_s)
-        await self._owned(caller, session)
+        key = (await self._owned(caller, session, Access.WRITE)).key
         now = self._clock.now()
-        holder = await self._leases.renew(session.session, lease_id, ttl)
+        holder = await self._leases.renew(key, lease_id, ttl)
         if holder is None:
             raise _lease_lost(session, lease_id)
         # A turn that keeps renewing is activity: the session must not go idle under it.
-        await self._store.touch(session.session, now)
+        await self._store.touch(key, now)
         return SessionLease(session.session, lease_id, holder, now + timedelta(seconds=ttl))
 
     async def release_lease(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
         rules.require_lease_id(lease_id)
-        await self._owned(caller, session)
+        key = (await self._owned(caller, session, Access.WRITE)).key
         # Releasing a lease that is already gone is a success, so callers can retry it freely.
-        if not await self._leases.release(session.session, lease_id):
+        if not await self._leases.release(key, lease_id):
             log.info("lease %s on %s was already gone at release", lease_id, session.name)
 
     async def commit_turn(
@@ -244,14 +254,15 @@ class Sessions:
         rules.check_state_size(state)
         rules.check_turn(turn)
         # Ownership and the lease are independent reads: ask both at once.
+        key = _key(caller, session)
         _, holder = await asyncio.gather(
-            self._owned(caller, session), self._leases.holder(session.session)
+            self._owned(caller, session, Access.WRITE), self._leases.holder(key)
         )
         if holder != lease_id:
             raise _lease_lost(session, lease_id)
         # The etag compare-and-set (not the lease check above) is what keeps a late turn from
         # overwriting a newer one: a lease can expire between the check and the write.
-        return await self._write(session, state, etag, turn)
+        return await self._write(key, state, etag, turn)
 
     async def retire_version(
         self,
@@ -261,9 +272,10 @@ class Sessions:
         to: PinnedVersion | None,
     ) -> int:
         """Migrates (to a version) or stops (to None) the active sessions pinned to `version`,
-        those routed through `endpoint` or all. A platform operation used by rollbacks; it
-        crosses tenants by design."""
-        count = await self._store.retire_version(version, endpoint, self._clock.now(), to)
+        those routed through `endpoint` or all. A platform operation used by rollbacks: a service
+        acting for every tenant retires them in every tenant, anyone else in its own."""
+        tenant = tenancy.tenant_scope(caller)
+        count = await self._store.retire_version(tenant, version, endpoint, self._clock.now(), to)
         action = f"migrated to {to.version.name}" if to is not None else "stopped"
         log.info(
             "%d sessions on %s %s (by %s/%s)",
@@ -276,61 +288,55 @@ class Sessions:
         return count
 
     async def _write(
-        self, session: SessionRef, state: bytes, etag: str, turn: Turn | None
+        self, session: SessionKey, state: bytes, etag: str, turn: Turn | None
     ) -> SessionState:
         new_etag = self._ids.new_id()
         written = await self._store.write_state(
-            session.session, state, expected_etag=etag, new_etag=new_etag,
+            session, state, expected_etag=etag, new_etag=new_etag,
             now=self._clock.now(), turn=turn,
         )
+        name = SessionRef(session.id).name
         if written is None:
-            if await self._store.get(session.session) is None:
-                raise _not_found(session)
+            if await self._store.get(session) is None:
+                raise tenancy.not_found(name)
             raise Aborted(
-                f"the state of {session.name} changed since etag {etag!r} "
+                f"the state of {name} changed since etag {etag!r} "
                 "was read; re-read it with GetSessionState (or a new lease) and retry",
                 reason=REASON_STATE_CONFLICT,
-                metadata={"session": session.name},
+                metadata={"session": name},
             )
-        return SessionState(session.session, state, written.state_etag, written.turn_count)
+        return SessionState(session.id, state, written.state_etag, written.turn_count)
 
-    async def _owned(self, caller: Caller, session: SessionRef) -> SessionRecord:
-        record = await self._store.get(session.session)
+    async def _owned(self, caller: Caller, session: SessionRef, access: Access) -> SessionRecord:
+        """The session in the caller's tenant, if the caller may read or change it (see
+        services/common/tenancy.py): NotFound as if absent when it may not even know of it."""
+        record = await self._store.get(_key(caller, session))
         if record is None:
-            raise _not_found(session)
-        self._check_owner(caller, record)
+            raise tenancy.not_found(session.name)
+        tenancy.check_session(caller, record.owner, access, session.name)
         return await self._settle_expiry(record)
 
     async def _owned_state(
         self, caller: Caller, session: SessionRef
     ) -> tuple[SessionRecord, bytes]:
-        loaded = await self._store.get_state(session.session)
+        loaded = await self._store.get_state(_key(caller, session))
         if loaded is None:
-            raise _not_found(session)
-        self._check_owner(caller, loaded[0])
+            raise tenancy.not_found(session.name)
+        tenancy.check_session(caller, loaded[0].owner, Access.READ, session.name)
         return await self._settle_expiry(loaded[0]), loaded[1]
-
-    @staticmethod
-    def _check_owner(caller: Caller, record: SessionRecord) -> None:
-        if (record.tenant, record.user) != (caller.tenant, caller.user):
-            raise PermissionDenied(
-                f"{record.name} belongs to another caller; use a session created under "
-                "your own tenant and user",
-                metadata={"session": record.name},
-            )
 
     async def _settle_expiry(self, record: SessionRecord) -> SessionRecord:
         now = self._clock.now()
         if not record.is_expired(now):
             return record
         expired = await self._store.set_status(
-            record.id, SessionStatus.EXPIRED, now, only_from=SessionStatus.ACTIVE
+            record.key, SessionStatus.EXPIRED, now, only_from=SessionStatus.ACTIVE
         )
         if expired is not None:
             log.info("%s expired", record.name)
             return expired
         # Someone else changed its status meanwhile; theirs is the one to report.
-        current = await self._store.get(record.id)
+        current = await self._store.get(record.key)
         if current is None:
-            raise _not_found(record.ref)
+            raise tenancy.not_found(record.name)
         return current

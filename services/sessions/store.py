@@ -23,6 +23,7 @@ from services.common.paging import Key
 from services.sessions.model import (
     PinnedVersion,
     SessionFilter,
+    SessionKey,
     SessionRecord,
     SessionStatus,
     Turn,
@@ -37,6 +38,8 @@ _COLUMNS = """id, agent, version, version_digest, endpoint, tenant, user_id, sta
     turn_count, state_etag, create_time, update_time, last_active_time, idle_timeout_s,
     max_lifetime_s, revision"""
 _NEXT_REVISION = "nextval('sessions.revision_seq')"
+# A session is found by its tenant ($1) and its id ($2).
+_KEY = "tenant = $1 AND id = $2"
 # The record's times, which its cached copy holds in ISO 8601.
 _TIMES = ("create_time", "update_time", "last_active_time")
 # A session row: as asyncpg returns it, or its columns picked out of a wider row.
@@ -111,8 +114,9 @@ class _PerSession:
         self._keys = keys
         self._scripts: dict[str, AsyncScript] = {}
 
-    def _key(self, session_id: str) -> str:
-        return self._keys("sessions", self.kind, session_id)
+    def _key(self, session: SessionKey) -> str:
+        # '/' is in neither a tenant nor a session id, so no two sessions share a key.
+        return self._keys("sessions", self.kind, f"{session.tenant}/{session.id}")
 
     def _script(self, source: str) -> AsyncScript:
         script = self._scripts.get(source)
@@ -126,9 +130,9 @@ class RecordCache(_PerSession):
 
     kind = "record"
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(self, session: SessionKey) -> SessionRecord | None:
         try:
-            data = await self._redis.hget(self._key(session_id), "data")
+            data = await self._redis.hget(self._key(session), "data")
         except (redis.RedisError, OSError) as exc:
             log.warning("session cache read failed, reading PostgreSQL: %s", exc)
             return None
@@ -137,25 +141,28 @@ class RecordCache(_PerSession):
         try:
             return _from_json(data)
         except (ValueError, KeyError, TypeError):
-            log.warning("dropping an unreadable cached copy of sessions/%s", session_id)
+            log.warning("dropping an unreadable cached copy of %s", session)
             return None
 
     async def put(self, row: Row) -> None:
-        await self._store(row["id"], row["revision"], _to_json(row), tombstone=False)
+        key = SessionKey(row["tenant"], row["id"])
+        await self._store(key, row["revision"], _to_json(row), tombstone=False)
 
-    async def forget(self, session_id: str, revision: int) -> None:
+    async def forget(self, session: SessionKey, revision: int) -> None:
         # A tombstone at the deleted row's revision: an older copy read before the delete can no
         # longer be cached, while a session re-created under that id (a later revision) can.
-        await self._store(session_id, revision, "", tombstone=True)
+        await self._store(session, revision, "", tombstone=True)
 
-    async def _store(self, session_id: str, revision: int, data: str, *, tombstone: bool) -> None:
+    async def _store(
+        self, session: SessionKey, revision: int, data: str, *, tombstone: bool
+    ) -> None:
         try:
             await self._script(_CACHE_PUT)(
-                keys=[self._key(session_id)],
+                keys=[self._key(session)],
                 args=[revision, data, CACHE_TTL_MS, "1" if tombstone else "0"],
             )
         except (redis.RedisError, OSError) as exc:
-            log.warning("session cache update for sessions/%s failed: %s", session_id, exc)
+            log.warning("session cache update for %s failed: %s", session, exc)
 
 
 class PgSessionStore:
@@ -170,39 +177,42 @@ class PgSessionStore:
         row = await self._pool.fetchrow(
             f"""INSERT INTO sessions.sessions ({", ".join(values)})
                 VALUES ({", ".join(f"${n}" for n in range(1, len(values) + 1))})
-                ON CONFLICT (id) DO NOTHING
+                ON CONFLICT (tenant, id) DO NOTHING
                 RETURNING {_COLUMNS}""",
             *values.values(),
         )
         return await self._cached(row)
 
-    async def get(self, session_id: str) -> SessionRecord | None:
-        hit = await self._cache.get(session_id)
+    async def get(self, session: SessionKey) -> SessionRecord | None:
+        hit = await self._cache.get(session)
         if hit is not None:
             return hit
         row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM sessions.sessions WHERE id = $1", session_id
+            f"SELECT {_COLUMNS} FROM sessions.sessions WHERE {_KEY}", session.tenant, session.id
         )
         return await self._cached(row)
 
-    async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None:
+    async def get_state(self, session: SessionKey) -> tuple[SessionRecord, bytes] | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS}, state FROM sessions.sessions WHERE id = $1", session_id
+            f"SELECT {_COLUMNS}, state FROM sessions.sessions WHERE {_KEY}",
+            session.tenant, session.id,
         )
         if row is None:
             return None
         return _record(row), bytes(row["state"])
 
     async def list(
-        self, tenant: str, where: SessionFilter, after: Key | None, limit: int
+        self, tenant: str | None, where: SessionFilter, after: Key | None, limit: int
     ) -> list[SessionRecord]:
-        conditions = ["tenant = $1"]
-        args: list[Any] = [tenant]
+        conditions: list[str] = []
+        args: list[Any] = []
 
         def arg(value: Any) -> str:
             args.append(value)
             return f"${len(args)}"
 
+        if tenant is not None:
+            conditions.append(f"tenant = {arg(tenant)}")
         if where.agent is not None:
             conditions.append(f"agent = {arg(where.agent.name)}")
         if where.version is not None:
@@ -214,21 +224,23 @@ class PgSessionStore:
                 f"(create_time, id) > ({arg(after[0])}::timestamptz, {arg(after[1])}::text)"
             )
         rows = await self._pool.fetch(
-            f"""SELECT {_COLUMNS} FROM sessions.sessions WHERE {" AND ".join(conditions)}
+            f"""SELECT {_COLUMNS} FROM sessions.sessions
+                WHERE {" AND ".join(conditions) or "true"}
                 ORDER BY create_time, id LIMIT {arg(limit)}""",
             *args,
         )
         return [_record(r) for r in rows]
 
     async def set_status(
-        self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
+        self, session: SessionKey, status: SessionStatus, now: datetime, only_from: SessionStatus
     ) -> SessionRecord | None:
         row = await self._pool.fetchrow(
             f"""UPDATE sessions.sessions
-                SET status = $2, update_time = $3, revision = {_NEXT_REVISION}
-                WHERE id = $1 AND status = $4
+                SET status = $3, update_time = $4, revision = {_NEXT_REVISION}
+                WHERE {_KEY} AND status = $5
                 RETURNING {_COLUMNS}""",
-            session_id,
+            session.tenant,
+            session.id,
             status.value,
             now,
             only_from.value,
@@ -236,34 +248,37 @@ class PgSessionStore:
         return await self._cached(row)
 
     async def retire_version(
-        self, version: VersionRef, endpoint: EndpointRef | None, now: datetime,
-        to: PinnedVersion | None,
+        self, tenant: str | None, version: VersionRef, endpoint: EndpointRef | None,
+        now: datetime, to: PinnedVersion | None,
     ) -> int:
-        """Re-pins (or, with nowhere to go, stops) every active session on `version`."""
+        """Re-pins (or, with nowhere to go, stops) every active session on `version` (of
+        `tenant`, or of every tenant for None)."""
         if to is not None:
-            change, args = "version = $4, version_digest = $5", [to.version.name, to.digest]
+            change, args = "version = $5, version_digest = $6", [to.version.name, to.digest]
         else:
-            change, args = "status = $4", [SessionStatus.STOPPED.value]
+            change, args = "status = $5", [SessionStatus.STOPPED.value]
         rows = await self._pool.fetch(
             f"""UPDATE sessions.sessions
                 SET {change}, update_time = $3, revision = {_NEXT_REVISION}
                 WHERE version = $1 AND ($2 = '' OR endpoint = $2) AND status = 'ACTIVE'
+                  AND ($4::text IS NULL OR tenant = $4)
                 RETURNING {_COLUMNS}""",
             version.name,
             endpoint.name if endpoint is not None else "",
             now,
+            tenant,
             *args,
         )
         for row in rows:
             await self._cache.put(row)
         return len(rows)
 
-    async def expire_due(self, tenant: str, now: datetime) -> int:
+    async def expire_due(self, tenant: str | None, now: datetime) -> int:
         # The same rule as SessionRecord.is_expired, applied to every live session of the tenant.
         rows = await self._pool.fetch(
             f"""UPDATE sessions.sessions
                 SET status = 'EXPIRED', update_time = $2, revision = {_NEXT_REVISION}
-                WHERE tenant = $1 AND status = 'ACTIVE'
+                WHERE ($1::text IS NULL OR tenant = $1) AND status = 'ACTIVE'
                   AND (last_active_time + make_interval(secs => idle_timeout_s) < $2
                        OR create_time + make_interval(secs => max_lifetime_s) < $2)
                 RETURNING {_COLUMNS}""",
@@ -274,27 +289,29 @@ class PgSessionStore:
             await self._cache.put(row)
         return len(rows)
 
-    async def touch(self, session_id: str, now: datetime) -> SessionRecord | None:
+    async def touch(self, session: SessionKey, now: datetime) -> SessionRecord | None:
         row = await self._pool.fetchrow(
             f"""UPDATE sessions.sessions
-                SET last_active_time = GREATEST(last_active_time, $2), revision = {_NEXT_REVISION}
-                WHERE id = $1
+                SET last_active_time = GREATEST(last_active_time, $3), revision = {_NEXT_REVISION}
+                WHERE {_KEY}
                 RETURNING {_COLUMNS}""",
-            session_id,
+            session.tenant,
+            session.id,
             now,
         )
         return await self._cached(row)
 
     async def touch_and_load(
-        self, session_id: str, now: datetime
+        self, session: SessionKey, now: datetime
     ) -> tuple[SessionRecord, bytes] | None:
         """touch(), returning the committed state too: a lease's first read in one statement."""
         row = await self._pool.fetchrow(
             f"""UPDATE sessions.sessions
-                SET last_active_time = GREATEST(last_active_time, $2), revision = {_NEXT_REVISION}
-                WHERE id = $1
+                SET last_active_time = GREATEST(last_active_time, $3), revision = {_NEXT_REVISION}
+                WHERE {_KEY}
                 RETURNING {_COLUMNS}, state""",
-            session_id,
+            session.tenant,
+            session.id,
             now,
         )
         if row is None:
@@ -304,7 +321,7 @@ class PgSessionStore:
         return _record(columns), bytes(row["state"])
 
     async def write_state(
-        self, session_id: str, state: bytes, *, expected_etag: str, new_etag: str,
+        self, session: SessionKey, state: bytes, *, expected_etag: str, new_etag: str,
         now: datetime, turn: Turn | None,
     ) -> SessionRecord | None:
         # One statement, so one round trip: the compare-and-set on the etag and the turn's event
@@ -312,18 +329,19 @@ class PgSessionStore:
         row = await self._pool.fetchrow(
             f"""WITH updated AS (
                     UPDATE sessions.sessions
-                    SET state = $2, state_etag = $3, update_time = $4,
-                        turn_count = turn_count + $5,
-                        last_active_time = CASE WHEN $5 > 0 THEN $4 ELSE last_active_time END,
+                    SET state = $3, state_etag = $4, update_time = $5,
+                        turn_count = turn_count + $6,
+                        last_active_time = CASE WHEN $6 > 0 THEN $5 ELSE last_active_time END,
                         revision = {_NEXT_REVISION}
-                    WHERE id = $1 AND state_etag = $6
+                    WHERE {_KEY} AND state_etag = $7
                     RETURNING *),
                 event AS (
                     INSERT INTO sessions.session_events
-                        (session_id, seq, invocation_id, input, output, create_time)
-                    SELECT id, turn_count, $7, $8, $9, $4 FROM updated WHERE $5 > 0)
+                        (tenant, session_id, seq, invocation_id, input, output, create_time)
+                    SELECT tenant, id, turn_count, $8, $9, $10, $5 FROM updated WHERE $6 > 0)
                 SELECT {_COLUMNS} FROM updated""",
-            session_id,
+            session.tenant,
+            session.id,
             state,
             new_etag,
             now,
@@ -336,13 +354,14 @@ class PgSessionStore:
         # Only after the commit: a cached copy must never show a write that was rolled back.
         return await self._cached(row)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session: SessionKey) -> bool:
         revision = await self._pool.fetchval(
-            "DELETE FROM sessions.sessions WHERE id = $1 RETURNING revision", session_id
+            f"DELETE FROM sessions.sessions WHERE {_KEY} RETURNING revision",
+            session.tenant, session.id,
         )
         if revision is None:
             return False
-        await self._cache.forget(session_id, revision)
+        await self._cache.forget(session, revision)
         return True
 
     async def _cached(self, row: asyncpg.Record | None) -> SessionRecord | None:
@@ -357,39 +376,39 @@ class RedisLeases(_PerSession):
 
     kind = "lease"
 
-    async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool:
+    async def acquire(self, session: SessionKey, lease_id: str, holder: str, ttl_s: float) -> bool:
         async with _redis_required("take the session's lease"):
             taken = await self._redis.set(
-                self._key(session_id), f"{lease_id}\n{holder}", nx=True, px=_ms(ttl_s)
+                self._key(session), f"{lease_id}\n{holder}", nx=True, px=_ms(ttl_s)
             )
         return bool(taken)
 
-    async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
+    async def renew(self, session: SessionKey, lease_id: str, ttl_s: float) -> str | None:
         async with _redis_required("renew the session's lease"):
             value = await self._script(_LEASE_RENEW)(
-                keys=[self._key(session_id)], args=[f"{lease_id}\n", _ms(ttl_s)]
+                keys=[self._key(session)], args=[f"{lease_id}\n", _ms(ttl_s)]
             )
         if not value:
             return None
         return _text(value).split("\n", 1)[1]
 
-    async def release(self, session_id: str, lease_id: str) -> bool:
+    async def release(self, session: SessionKey, lease_id: str) -> bool:
         async with _redis_required("release the session's lease"):
             removed = await self._script(_LEASE_RELEASE)(
-                keys=[self._key(session_id)], args=[f"{lease_id}\n"]
+                keys=[self._key(session)], args=[f"{lease_id}\n"]
             )
         return bool(removed)
 
-    async def holder(self, session_id: str) -> str | None:
+    async def holder(self, session: SessionKey) -> str | None:
         async with _redis_required("check the session's lease"):
-            value = await self._redis.get(self._key(session_id))
+            value = await self._redis.get(self._key(session))
         if value is None:
             return None
         return _text(value).split("\n", 1)[0]
 
-    async def drop(self, session_id: str) -> None:
+    async def drop(self, session: SessionKey) -> None:
         async with _redis_required("remove the session's lease"):
-            await self._redis.delete(self._key(session_id))
+            await self._redis.delete(self._key(session))
 
 
 def _text(value: bytes | str) -> str:

@@ -8,19 +8,24 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from corral.names import VersionRef
+from services.common import tenancy
 from services.common.errors import NotFound
 from services.common.identity import Caller
 from services.common.paging import Page, PageQuery
+from services.common.tenancy import Access, SessionOwner
 from services.telemetry import analysis, rules
 from services.telemetry.model import (
+    USER_ATTR,
     AnalysisScope,
     NewScore,
     ObservationQuery,
     Score,
     ScoreFilter,
     ScoreInput,
+    ScoreSource,
     ScoreStore,
     SpanStore,
+    TenantScope,
     Variant,
     VersionComparison,
 )
@@ -35,18 +40,24 @@ class Evaluation:
 
     async def record_score(self, caller: Caller, score: ScoreInput) -> Score:
         """Stores a score on a session of the caller's tenant that ran (and on one of its traces,
-        when named), pinned to the version the session ran on."""
+        when named), pinned to the version the session ran on. An operator scores any session of
+        the tenant; an invoker only its own, and its score is user feedback (source USER)."""
         rules.check_score(score)
-        session, tenant = score.session, caller.tenant
+        session, tenant = score.session, tenancy.acting_tenant(caller)
         pin = await self._spans.newest_invocation(tenant, session)
         if pin is None:
             raise NotFound(
                 f"{session} has no invocations in tenant {tenant!r}; score a session that ran"
             )
+        # Whose session it is: the user its invocations ran for, as the executor stamped it.
+        user = pin.attributes.get(USER_ATTR)
+        owner = SessionOwner(tenant, user if isinstance(user, str) else "")
+        tenancy.check_session(caller, owner, Access.WRITE, session.name)
+        source = score.source if tenancy.manages_sessions(caller) else ScoreSource.USER
         if score.trace_id and not await self._spans.has_trace(tenant, session, score.trace_id):
             raise NotFound(f"trace {score.trace_id} is not a trace of {session}")
         # The score counts for the version the session ran last, as its spans name it.
-        scored = (score.trace_id, score.name, score.value, score.source, score.comment)
+        scored = (score.trace_id, score.name, score.value, source, score.comment)
         ran_on = (pin.agent, pin.version, pin.endpoint)
         new = NewScore(session.name, *scored, *ran_on, tenant, caller.user)
         return await self._scores.insert_score(new)
@@ -54,36 +65,50 @@ class Evaluation:
     async def list_scores(
         self, caller: Caller, where: ScoreFilter, page_size: int, page_token: str
     ) -> Page[Score]:
+        tenant = tenancy.readable_tenant(caller, "scores")
         query = PageQuery.start(
             "ListScores",
-            owner=caller.tenant,
+            owner=tenant or "",
             where=where,
             page_size=page_size,
             token=page_token,
             key_shape=(datetime, int),
         )
-        rows = await self._scores.list_scores(caller.tenant, where, query.after, query.fetch_limit)
+        rows = await self._scores.list_scores(tenant, where, query.after, query.fetch_limit)
         return query.page(rows, key=lambda s: (s.create_time, s.id))
 
     async def _observed(
-        self, scope: AnalysisScope, version: VersionRef, specs: Sequence[analysis.MetricSpec]
+        self, tenant: TenantScope, scope: AnalysisScope, version: VersionRef,
+        specs: Sequence[analysis.MetricSpec],
     ) -> list[analysis.SessionObservation]:
         start, end = rules.checked_window(scope)
-        query = ObservationQuery(version, start, end, scope.endpoint, rules.score_names(specs))
+        query = ObservationQuery(
+            tenant, version, start, end, scope.endpoint, rules.score_names(specs)
+        )
         return await self._scores.observations(query)
 
-    async def compare(self, comparison: VersionComparison) -> analysis.RolloutAnalysis:
+    async def compare(
+        self, caller: Caller, comparison: VersionComparison
+    ) -> analysis.RolloutAnalysis:
+        """Over the sessions of the caller's tenant (every tenant's for a service acting for
+        all)."""
+        tenant = tenancy.readable_tenant(caller, "comparisons")
         specs, config = rules.comparison_plan(comparison)
-        base = await self._observed(comparison.scope, comparison.baseline, specs)
-        cand = await self._observed(comparison.scope, comparison.candidate, specs)
+        base = await self._observed(tenant, comparison.scope, comparison.baseline, specs)
+        cand = await self._observed(tenant, comparison.scope, comparison.candidate, specs)
         return analysis.analyze_rollout(base, cand, specs, config)
 
     async def analyze_experiment(
-        self, scope: AnalysisScope, variants: Sequence[Variant]
+        self, caller: Caller, scope: AnalysisScope, variants: Sequence[Variant]
     ) -> analysis.ExperimentAnalysis:
-        """The sessions each variant had are the sample-ratio check's observed counts."""
+        """The sessions each variant had are the sample-ratio check's observed counts; those of
+        the caller's tenant, as compare()."""
+        tenant = tenancy.readable_tenant(caller, "experiments")
         specs, config = rules.experiment_plan(scope, variants)
-        observed = {v.version.name: await self._observed(scope, v.version, specs) for v in variants}
+        observed = {
+            v.version.name: await self._observed(tenant, scope, v.version, specs)
+            for v in variants
+        }
         split = {v.version.name: v.percent for v in variants}
         control = variants[0].version.name
         return analysis.analyze_experiment(observed, split, control, specs, config)

@@ -21,6 +21,8 @@ ENDPOINT_ATTR = "corral.endpoint"
 SESSION_ATTR = "corral.session"
 TENANT_ATTR = "corral.tenant"
 INVOCATION_ATTR = "corral.invocation"
+# The user an invocation ran for: whose session it is, for the score rules.
+USER_ATTR = "corral.user"
 # On the executor's execute_tool spans: tool calls and their failures are counted by it.
 TOOL_ATTR = "corral.tool.name"
 MODEL_ATTR = "gen_ai.request.model"
@@ -32,6 +34,8 @@ MetricRequest = MetricSpec
 # What span attributes hold once converted from OTLP: JSON values.
 JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
 Attributes = Mapping[str, JsonValue]
+# Whose data a read covers: one tenant, or every tenant (None) for a service acting for all.
+TenantScope = str | None
 
 
 class SpanStatus(enum.StrEnum):
@@ -262,6 +266,7 @@ class ObservationQuery:
     """The sessions of one version with an invocation in [start, end) (through `endpoint` only,
     when set), with the means of the scores named."""
 
+    tenant: TenantScope
     version: VersionRef
     start: datetime
     end: datetime
@@ -278,15 +283,15 @@ class SpanStore(Protocol):
         ...
 
     async def list_spans(
-        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: SpanFilter, after: Key | None, limit: int
     ) -> list[SpanRow]: ...
 
     async def list_traces(
-        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: SpanFilter, after: Key | None, limit: int
     ) -> list[TraceSummary]: ...
 
     async def version_metrics(
-        self, tenant: str, agent: AgentRef, start: datetime | None, end: datetime | None
+        self, tenant: TenantScope, agent: AgentRef, start: datetime | None, end: datetime | None
     ) -> list[VersionMetrics]:
         """Per version of `agent` (unpriced, in no particular order)."""
         ...
@@ -307,12 +312,12 @@ class ScoreStore(Protocol):
     async def insert_score(self, score: NewScore) -> Score: ...
 
     async def list_scores(
-        self, tenant: str, where: ScoreFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: ScoreFilter, after: Key | None, limit: int
     ) -> list[Score]: ...
 
     async def observations(self, query: ObservationQuery) -> list[SessionObservation]:
-        """One observation per session, in the order the sessions started. Across tenants:
-        comparisons return aggregates only."""
+        """One observation per session of the query's tenant(s), in the order the sessions
+        started."""
         ...
 
 

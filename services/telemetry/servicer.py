@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1 import telemetry_pb2_grpc
+from services.common import tenancy
 from services.common.identity import caller
 from services.common.interceptors import Context
 from services.common.metric_protos import metric_from_pb
@@ -20,6 +21,7 @@ from services.telemetry.model import (
     ScoreInput,
     ScoreSource,
     SpanFilter,
+    TenantScope,
     Variant,
     VersionComparison,
 )
@@ -43,10 +45,10 @@ def span_filter(f: pb.SpanFilter) -> SpanFilter:
 
 def _span_query(
     request: pb.ListSpansRequest | pb.ListTracesRequest, context: Context
-) -> tuple[str, SpanFilter, int, str]:
+) -> tuple[TenantScope, SpanFilter, int, str]:
     """What ListSpans and ListTraces ask the domain: the caller's tenant, the filter, the page."""
     return (
-        caller(context).tenant,
+        tenancy.readable_tenant(caller(context), "spans"),
         span_filter(request.filter),
         request.page_size,
         request.page_token,
@@ -88,7 +90,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self, request: pb.GetVersionMetricsRequest, context: Context
     ) -> pb.GetVersionMetricsResponse:
         metrics = await self._telemetry.version_metrics(
-            caller(context).tenant,
+            tenancy.readable_tenant(caller(context), "metrics"),
             AgentRef.parse(request.agent, field="agent"),
             optional_time(request, "start_time"),
             optional_time(request, "end_time"),
@@ -131,7 +133,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             candidate=VersionRef.parse(request.candidate_version, field="candidate_version"),
             min_sessions=request.min_sessions,
         )
-        result = await self._evaluation.compare(comparison)
+        result = await self._evaluation.compare(caller(context), comparison)
         return messages.comparison_response(result, comparison, datetime.now(UTC))
 
     async def AnalyzeExperiment(
@@ -141,5 +143,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             Variant(VersionRef.parse(v.version, field=f"variants[{i}].version"), v.percent)
             for i, v in enumerate(request.variants)
         ]
-        result = await self._evaluation.analyze_experiment(_scope(request), variants)
+        result = await self._evaluation.analyze_experiment(
+            caller(context), _scope(request), variants
+        )
         return messages.experiment_response(result, variants)

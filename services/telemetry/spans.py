@@ -1,5 +1,6 @@
 """Telemetry's span domain: stores exported spans (and the scores they carry) and answers the
-tenant-scoped queries over them — spans, traces and per-version metrics with their cost."""
+tenant-scoped queries over them — spans, traces and per-version metrics with their cost. A tenant
+of None reads every tenant's (a service acting for all)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from services.telemetry.model import (
     SpanFilter,
     SpanRow,
     SpanStore,
+    TenantScope,
     TraceSummary,
     VersionMetrics,
 )
@@ -42,7 +44,7 @@ def priced(m: VersionMetrics, prices: Prices) -> VersionMetrics:
 
 def _page(
     method: str,
-    tenant: str,
+    tenant: TenantScope,
     where: SpanFilter,
     size: int,
     token: str,
@@ -50,7 +52,7 @@ def _page(
 ) -> PageQuery:
     return PageQuery.start(
         method,
-        owner=tenant,
+        owner=tenant or "",
         where=where,
         page_size=size,
         token=token,
@@ -78,7 +80,7 @@ class Telemetry:
         return ExportResult(len(batch.rows), stored, batch.rejected, batch.reason)
 
     async def list_spans(
-        self, tenant: str, where: SpanFilter, page_size: int, page_token: str
+        self, tenant: TenantScope, where: SpanFilter, page_size: int, page_token: str
     ) -> Page[SpanRow]:
         where = rules.checked_filter(where)
         query = _page("ListSpans", tenant, where, page_size, page_token, (datetime, str, str))
@@ -86,7 +88,7 @@ class Telemetry:
         return query.page(rows, key=lambda r: (r.start_time, r.trace_id, r.span_id))
 
     async def list_traces(
-        self, tenant: str, where: SpanFilter, page_size: int, page_token: str
+        self, tenant: TenantScope, where: SpanFilter, page_size: int, page_token: str
     ) -> Page[TraceSummary]:
         where = rules.checked_filter(where)
         query = _page("ListTraces", tenant, where, page_size, page_token, (datetime, str))
@@ -94,7 +96,7 @@ class Telemetry:
         return query.page(traces, key=lambda t: (t.start_time, t.trace_id))
 
     async def version_metrics(
-        self, tenant: str, agent: AgentRef, start: datetime | None, end: datetime | None
+        self, tenant: TenantScope, agent: AgentRef, start: datetime | None, end: datetime | None
     ) -> list[VersionMetrics]:
         rules.check_window(start, end)
         metrics = await self._spans.version_metrics(tenant, agent, start, end)

@@ -15,9 +15,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
 from services.common.errors import Aborted, NotFound
 from services.common.identity import Caller
+from services.common.tenancy import Access, SessionOwner
 from services.executor.bundles import BundleCache, UnpackedBundle
 from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.drivers.base import Limit, SandboxSpec, Usage
@@ -94,12 +96,14 @@ class FakeRevocations:
 
 
 class FakeSessionLeases:
-    """The sessions service as the executor sees it (Sessions), in memory: one state per session, compare-and-set on its
-    etag, and the leases taken and released."""
+    """The sessions service as the executor sees it (Sessions), in memory: one state per session
+    of the caller's tenant, compare-and-set on its etag, and the leases taken and released; the
+    user who first leased a session owns it, and the tenancy rules of sessions apply."""
 
     def __init__(self) -> None:
-        self.states: dict[SessionRef, SessionState] = {}
-        self.leases: dict[SessionRef, str] = {}
+        self.owners: dict[tuple[str, SessionRef], SessionOwner] = {}
+        self.states: dict[tuple[str, SessionRef], SessionState] = {}
+        self.leases: dict[tuple[str, SessionRef], str] = {}
         self.released: list[str] = []
         self.commits: list[FinishedTurn] = []
         self.renewals = 0
@@ -107,28 +111,36 @@ class FakeSessionLeases:
         self.conflict = False
 
     async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
-        lease = self.leases[session] = f"lease-{len(self.leases) + len(self.released) + 1}"
-        return Lease(lease, self.states.get(session, SessionState(b"", "e0", 0)))
+        key = self._allowed(caller, session)
+        lease = self.leases[key] = f"lease-{len(self.leases) + len(self.released) + 1}"
+        return Lease(lease, self.states.get(key, SessionState(b"", "e0", 0)))
+
+    def _allowed(self, caller: Caller, session: SessionRef) -> tuple[str, SessionRef]:
+        key = (caller.tenant, session)
+        owner = self.owners.setdefault(key, SessionOwner(caller.tenant, caller.user))
+        tenancy.check_session(caller, owner, Access.WRITE, session.name)
+        return key
 
     async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
-        if self.leases.get(session) != lease_id:
+        if self.leases.get(self._allowed(caller, session)) != lease_id:
             raise Aborted(f"{session} is leased to another holder")
         self.renewals += 1
 
     async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
-        if self.leases.get(session) == lease_id:
-            del self.leases[session]
+        if self.leases.get((caller.tenant, session)) == lease_id:
+            del self.leases[caller.tenant, session]
             self.released.append(lease_id)
 
     async def commit(
         self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
     ) -> SessionState:
-        current = self.states.get(session, SessionState(b"", "e0", 0))
-        if self.conflict or etag != current.etag or self.leases.get(session) != lease_id:
+        key = self._allowed(caller, session)
+        current = self.states.get(key, SessionState(b"", "e0", 0))
+        if self.conflict or etag != current.etag or self.leases.get(key) != lease_id:
             raise Aborted(f"{session} changed since etag {etag}", reason="ETAG_MISMATCH")
         self.commits.append(turn)
         count = current.turn_count + 1
-        committed = self.states[session] = SessionState(turn.state, f"e{count}", count)
+        committed = self.states[key] = SessionState(turn.state, f"e{count}", count)
         return committed
 
 

@@ -7,49 +7,57 @@ import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
-from services.common.errors import NotFound, PermissionDenied
+from services.common.errors import NotFound
 from services.common.identity import Caller
+from services.common.tenancy import Access, SessionOwner
 from services.router import model as router_model
 
 
 class FakeSessions:
-    """The router's SessionsClient over a dict of pins, refusing other callers as sessions does."""
+    """The router's SessionsClient over a dict of pins by tenant and session, with the tenancy
+    rules sessions applies."""
 
     def __init__(self) -> None:
-        self.pins: dict[SessionRef, router_model.SessionPin] = {}
+        self.pins: dict[tuple[str, SessionRef], router_model.SessionPin] = {}
         # The version each session was created on, with its timeouts.
         self.created_on: dict[SessionRef, router_model.VersionInfo] = {}
         self.gets = 0
 
-    def _owned(self, caller: Caller, session: SessionRef) -> router_model.SessionPin | None:
-        pin = self.pins.get(session)
-        if pin is not None and pin.owner != caller:
-            raise PermissionDenied(f"{session.name} belongs to another caller")
+    def _owned(
+        self, caller: Caller, session: SessionRef, access: Access
+    ) -> router_model.SessionPin | None:
+        pin = self.pins.get((caller.tenant, session))
+        if pin is not None:
+            tenancy.check_session(caller, pin.owner, access, session.name)
         return pin
 
     async def get(self, caller: Caller, session: SessionRef) -> router_model.SessionPin | None:
         self.gets += 1
-        return self._owned(caller, session)
+        return self._owned(caller, session, Access.READ)
 
     async def create(
         self, caller: Caller, session: SessionRef, version: router_model.VersionInfo,
         endpoint: EndpointRef | None,
     ) -> router_model.SessionPin | None:
-        if session in self.pins:
+        if (caller.tenant, session) in self.pins:
             return None
+        owner = SessionOwner(caller.tenant, caller.user)
         pin = router_model.SessionPin(
-            session, caller, None, version.ref.parent, version.ref, version.digest, endpoint
+            session, owner, None, version.ref.parent, version.ref, version.digest, endpoint
         )
-        self.pins[session] = pin
+        self.pins[caller.tenant, session] = pin
         self.created_on[session] = version
         return pin
 
     async def stop(self, caller: Caller, session: SessionRef) -> None:
-        pin = self._owned(caller, session)
+        pin = self._owned(caller, session, Access.WRITE)
         if pin is None:
             raise NotFound(f"{session.name} not found")
-        self.pins[session] = dataclasses.replace(pin, ended=router_model.SessionEnd.STOPPED)
+        self.pins[caller.tenant, session] = dataclasses.replace(
+            pin, ended=router_model.SessionEnd.STOPPED
+        )
 
 
 class FakeRegistry:

@@ -7,7 +7,14 @@ from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, VersionRef
 from services.common.paging import Key
-from services.sessions.model import PinnedVersion, SessionFilter, SessionRecord, SessionStatus, Turn
+from services.sessions.model import (
+    PinnedVersion,
+    SessionFilter,
+    SessionKey,
+    SessionRecord,
+    SessionStatus,
+    Turn,
+)
 from tests.fakes.common import FakeClock, keyset_page
 
 
@@ -15,31 +22,31 @@ class MemoryStore:
     """The sessions SessionStore in dicts: records, their states and their turns' events."""
 
     def __init__(self) -> None:
-        self.records: dict[str, SessionRecord] = {}
-        self.states: dict[str, bytes] = {}
-        self.events: dict[str, list[tuple[int, Turn]]] = {}
+        self.records: dict[SessionKey, SessionRecord] = {}
+        self.states: dict[SessionKey, bytes] = {}
+        self.events: dict[SessionKey, list[tuple[int, Turn]]] = {}
 
     async def insert(self, record: SessionRecord) -> SessionRecord | None:
-        if record.id in self.records:
+        if record.key in self.records:
             return None
-        self.records[record.id], self.states[record.id] = record, b""
-        self.events[record.id] = []
+        self.records[record.key], self.states[record.key] = record, b""
+        self.events[record.key] = []
         return record
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(self, session_id: SessionKey) -> SessionRecord | None:
         return self.records.get(session_id)
 
-    async def get_state(self, session_id: str) -> tuple[SessionRecord, bytes] | None:
+    async def get_state(self, session_id: SessionKey) -> tuple[SessionRecord, bytes] | None:
         if session_id not in self.records:
             return None
         return self.records[session_id], self.states[session_id]
 
     async def list(
-        self, tenant: str, where: SessionFilter, after: Key | None, limit: int
+        self, tenant: str | None, where: SessionFilter, after: Key | None, limit: int
     ) -> list[SessionRecord]:
         def kept(r: SessionRecord) -> bool:
             return (
-                r.tenant == tenant
+                tenant in (None, r.tenant)
                 and (where.agent is None or r.agent == where.agent.name)
                 and (where.version is None or r.version == where.version.name)
                 and (where.status is None or r.status is where.status)
@@ -51,7 +58,7 @@ class MemoryStore:
         return keyset_page([r for r in self.records.values() if kept(r)], key, after, limit)
 
     async def set_status(
-        self, session_id: str, status: SessionStatus, now: datetime, only_from: SessionStatus
+        self, session_id: SessionKey, status: SessionStatus, now: datetime, only_from: SessionStatus
     ) -> SessionRecord | None:
         record = self.records.get(session_id)
         if record is None or record.status is not only_from:
@@ -59,13 +66,14 @@ class MemoryStore:
         return self._put(dataclasses.replace(record, status=status, update_time=now))
 
     async def retire_version(
-        self, version: VersionRef, endpoint: EndpointRef | None, now: datetime,
-        to: PinnedVersion | None,
+        self, tenant: str | None, version: VersionRef, endpoint: EndpointRef | None,
+        now: datetime, to: PinnedVersion | None,
     ) -> int:
         due = [
             r
             for r in self.records.values()
             if r.version == version.name
+            and tenant in (None, r.tenant)
             and (endpoint is None or r.endpoint == endpoint.name)
             and r.status is SessionStatus.ACTIVE
         ]
@@ -79,26 +87,26 @@ class MemoryStore:
             self._put(change)
         return len(due)
 
-    async def expire_due(self, tenant: str, now: datetime) -> int:
-        due = [r for r in self.records.values() if r.tenant == tenant and r.is_expired(now)]
+    async def expire_due(self, tenant: str | None, now: datetime) -> int:
+        due = [r for r in self.records.values() if tenant in (None, r.tenant) and r.is_expired(now)]
         for r in due:
             self._put(dataclasses.replace(r, status=SessionStatus.EXPIRED, update_time=now))
         return len(due)
 
-    async def touch(self, session_id: str, now: datetime) -> SessionRecord | None:
+    async def touch(self, session_id: SessionKey, now: datetime) -> SessionRecord | None:
         record = self.records.get(session_id)
         return (
             None if record is None else self._put(dataclasses.replace(record, last_active_time=now))
         )
 
     async def touch_and_load(
-        self, session_id: str, now: datetime
+        self, session_id: SessionKey, now: datetime
     ) -> tuple[SessionRecord, bytes] | None:
         record = await self.touch(session_id, now)
         return None if record is None else (record, self.states.get(session_id, b""))
 
     async def write_state(
-        self, session_id: str, state: bytes, expected_etag: str, new_etag: str, now: datetime,
+        self, session_id: SessionKey, state: bytes, expected_etag: str, new_etag: str, now: datetime,
         turn: Turn | None,
     ) -> SessionRecord | None:
         record = self.records.get(session_id)
@@ -116,13 +124,13 @@ class MemoryStore:
             self.events[session_id].append((record.turn_count, turn))
         return self._put(record)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: SessionKey) -> bool:
         self.states.pop(session_id, None)
         self.events.pop(session_id, None)
         return self.records.pop(session_id, None) is not None
 
     def _put(self, record: SessionRecord) -> SessionRecord:
-        self.records[record.id] = record
+        self.records[record.key] = record
         return record
 
 
@@ -131,38 +139,38 @@ class MemoryLeases:
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
-        self.leases: dict[str, tuple[str, str, datetime]] = {}
+        self.leases: dict[SessionKey, tuple[str, str, datetime]] = {}
 
-    def _live(self, session_id: str) -> tuple[str, str, datetime] | None:
+    def _live(self, session_id: SessionKey) -> tuple[str, str, datetime] | None:
         lease = self.leases.get(session_id)
         if lease and lease[2] <= self.clock.now():
             del self.leases[session_id]
             return None
         return lease
 
-    async def acquire(self, session_id: str, lease_id: str, holder: str, ttl_s: float) -> bool:
+    async def acquire(self, session_id: SessionKey, lease_id: str, holder: str, ttl_s: float) -> bool:
         if self._live(session_id):
             return False
         self.leases[session_id] = (lease_id, holder, self.clock.now() + timedelta(seconds=ttl_s))
         return True
 
-    async def renew(self, session_id: str, lease_id: str, ttl_s: float) -> str | None:
+    async def renew(self, session_id: SessionKey, lease_id: str, ttl_s: float) -> str | None:
         lease = self._live(session_id)
         if not lease or lease[0] != lease_id:
             return None
         self.leases[session_id] = (lease_id, lease[1], self.clock.now() + timedelta(seconds=ttl_s))
         return lease[1]
 
-    async def release(self, session_id: str, lease_id: str) -> bool:
+    async def release(self, session_id: SessionKey, lease_id: str) -> bool:
         lease = self._live(session_id)
         if not lease or lease[0] != lease_id:
             return False
         del self.leases[session_id]
         return True
 
-    async def holder(self, session_id: str) -> str | None:
+    async def holder(self, session_id: SessionKey) -> str | None:
         lease = self._live(session_id)
         return lease[0] if lease else None
 
-    async def drop(self, session_id: str) -> None:
+    async def drop(self, session_id: SessionKey) -> None:
         self.leases.pop(session_id, None)

@@ -23,6 +23,7 @@ from services.telemetry.model import (
     SpanFilter,
     SpanRow,
     SpanStatus,
+    TenantScope,
     TraceSummary,
     UsageCounts,
     VersionMetrics,
@@ -34,14 +35,18 @@ class FakeSpanStore:
     """telemetry's SpanStore in memory, with the filters, order and keyset paging of the SQL."""
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], SpanRow] = {}
+        self.rows: dict[tuple[str, str, str], SpanRow] = {}
+
+    def put(self, row: SpanRow) -> None:
+        self.rows[row.tenant, row.trace_id, row.span_id] = row
 
     async def insert_spans(self, rows: Sequence[SpanRow]) -> int:
-        new = [r for r in rows if (r.trace_id, r.span_id) not in self.rows]
-        self.rows.update({(r.trace_id, r.span_id): r for r in new})
+        new = [r for r in rows if (r.tenant, r.trace_id, r.span_id) not in self.rows]
+        for row in new:
+            self.put(row)
         return len(new)
 
-    def _matching(self, tenant: str, where: SpanFilter) -> list[SpanRow]:
+    def _matching(self, tenant: TenantScope, where: SpanFilter) -> list[SpanRow]:
         def matches(r: SpanRow) -> bool:
             names = (
                 (r.agent, where.agent),
@@ -50,7 +55,7 @@ class FakeSpanStore:
                 (r.session, where.session),
             )
             return (
-                r.tenant == tenant
+                tenant in (None, r.tenant)
                 and all(ref is None or value == ref.name for value, ref in names)
                 and (not where.trace_id or r.trace_id == where.trace_id)
                 and (where.start_time is None or r.start_time >= where.start_time)
@@ -61,7 +66,7 @@ class FakeSpanStore:
         return [r for r in self.rows.values() if matches(r)]
 
     async def list_spans(
-        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: SpanFilter, after: Key | None, limit: int
     ) -> list[SpanRow]:
         return keyset_page(
             self._matching(tenant, where),
@@ -81,12 +86,12 @@ class FakeSpanStore:
         return bool(self._matching(tenant, SpanFilter(session=session, trace_id=trace_id)))
 
     async def list_traces(
-        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: SpanFilter, after: Key | None, limit: int
     ) -> list[TraceSummary]:
-        first: dict[str, SpanRow] = {}
+        first: dict[tuple[str, str], SpanRow] = {}
         for r in sorted(self._matching(tenant, where), key=lambda r: (r.start_time, r.span_id)):
             if r.is_invocation:
-                first.setdefault(r.trace_id, r)
+                first.setdefault((r.tenant, r.trace_id), r)
         summaries = [
             TraceSummary(
                 r.trace_id,
@@ -98,7 +103,7 @@ class FakeSpanStore:
                 r.version,
                 r.endpoint,
                 r.session,
-                sum(s.trace_id == r.trace_id and s.tenant == tenant for s in self.rows.values()),
+                sum(s.trace_id == r.trace_id and s.tenant == r.tenant for s in self.rows.values()),
             )
             for r in first.values()
         ]
@@ -107,7 +112,7 @@ class FakeSpanStore:
         )
 
     async def version_metrics(
-        self, tenant: str, agent: AgentRef, start: datetime | None, end: datetime | None
+        self, tenant: TenantScope, agent: AgentRef, start: datetime | None, end: datetime | None
     ) -> list[VersionMetrics]:
         spans = self._matching(tenant, SpanFilter(agent=agent, start_time=start, end_time=end))
         by_version: dict[str, list[SpanRow]] = {}
@@ -161,12 +166,12 @@ class FakeScoreStore:
         return stored
 
     async def list_scores(
-        self, tenant: str, where: ScoreFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: ScoreFilter, after: Key | None, limit: int
     ) -> list[Score]:
         matching = [
             s
             for s in self.scores
-            if s.tenant == tenant
+            if tenant in (None, s.tenant)
             and (where.session is None or s.session == where.session.name)
             and (where.version is None or s.version == where.version.name)
             and (not where.name or s.name == where.name)

@@ -17,7 +17,6 @@ import httpx
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -27,6 +26,7 @@ from corral.registry.v1 import tools_pb2, tools_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.verify import InvalidInvocationToken, averify_invocation_token
+from services.common import tracing
 from services.common.settings import Settings
 from tests import harness
 from tests.credentials import public_channel
@@ -201,7 +201,7 @@ async def test_tool_failures_are_the_agents_errors_and_count_for_its_version(wor
     # spans to this test's telemetry with a provider of its own, as the executor's would.
     provider = TracerProvider(resource=Resource.create({"service.name": "corral-executor"}))
     provider.add_span_processor(BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=mesh.settings.addrs["telemetry"], insecure=True, timeout=3)))
+        tracing.span_exporter(mesh.settings, "executor")))
     executor = mesh.hosts["executor"].service.executor  # type: ignore[attr-defined]
     executor.tools.tracer = provider.get_tracer("test")
     try:

@@ -56,7 +56,7 @@ async def publish(mesh: Mesh, agent: str, n: int) -> None:
 
 
 async def listing(mesh: Mesh) -> ex.ListSandboxesResponse:
-    return await mesh.executor.ListSandboxes(ex.ListSandboxesRequest())
+    return await mesh.executor.ListSandboxes(ex.ListSandboxesRequest(), metadata=mesh.me)
 
 
 async def pools_become(mesh: Mesh, expected: dict[str, tuple[int, list[str]]]) -> ex.ListSandboxesResponse:

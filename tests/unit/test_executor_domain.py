@@ -14,8 +14,9 @@ from opentelemetry.context import Context as OtelContext
 
 from corral.bundle import digest_of, pack
 from corral.names import EndpointRef, SessionRef, VersionRef
+from services.common.auth.principal import Principal, Role
 from services.common.endpoints import EndpointTraffic, TrafficShare
-from services.common.errors import Aborted, CorralError, InvalidArgument, ResourceExhausted
+from services.common.errors import Aborted, InvalidArgument, PermissionDenied, ResourceExhausted
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
@@ -52,7 +53,9 @@ from tests.fakes.executor import (
 
 pytestmark = pytest.mark.timeout(20)
 
-ALICE = Caller("acme", "alice")
+ALICE = Caller("acme", "alice", frozenset({Role.INVOKER}))
+# Another tenant's user of the same name.
+ALICE_OF_BETA = Caller("beta", "alice", frozenset({Role.ADMIN}))
 V1 = VersionRef("echo", 1)
 V2 = VersionRef("echo", 2)
 
@@ -160,9 +163,36 @@ async def test_another_callers_session_is_refused_and_a_busy_one_aborted(tmp_pat
     assert [s.state for s in listing.sandboxes] == [SandboxState.BUSY]
     release.set()
     await running
-    with pytest.raises(CorralError, match="belongs to another caller"):
-        await world.run("s1", caller=Caller("acme", "bob"))
+    with pytest.raises(PermissionDenied, match="may not change sessions/s1"):
+        await world.run("s1", caller=Caller("acme", "bob", frozenset({Role.INVOKER})))
+    # An operator of the tenant continues it, in the same sandbox.
+    release.clear()
+    continuing = asyncio.ensure_future(
+        world.run("s1", caller=Caller("acme", "olga", frozenset({Role.OPERATOR})))
+    )
+    await until(lambda: len(world.starter.started[0].turns) == 2)
+    release.set()
+    assert isinstance((await continuing)[-1], Completed) and len(world.starter.started) == 1
     await world.executor.close()
+
+
+async def test_the_same_session_id_in_two_tenants_gets_two_sandboxes(world: World) -> None:
+    await world.run("s1", b"a")
+    theirs = await world.run("s1", b"b", caller=ALICE_OF_BETA)
+    # b's turn started from its own (empty) state in its own sandbox, not from a's.
+    assert isinstance(theirs[2], Completed) and theirs[2].turn == 1
+    mine, other = world.starter.started
+    assert [t.state for t in other.turns] == [b""] and [t.tenant for t in other.turns] == ["beta"]
+    assert [s.session for s in world.executor.list_sandboxes(ALICE, 0, "").sandboxes] == [
+        "sessions/s1"
+    ]
+    # Each tenant stops only its own; a service acting for every tenant stops both.
+    assert await world.executor.stop_session(ALICE_OF_BETA, SessionRef("s1"))
+    assert other.worker.returncode is not None and mine.worker.returncode is None
+    assert not await world.executor.stop_session(ALICE_OF_BETA, SessionRef("s1"))
+    await world.run("s1", b"c", caller=ALICE_OF_BETA)
+    assert await world.executor.stop_session(Principal.of_service("router"), SessionRef("s1"))
+    assert world.executor.list_sandboxes(Principal.of_service("ops"), 0, "").sandboxes == []
 
 
 async def test_a_sandbox_killed_for_its_memory_ends_the_session_with_a_clear_status(
@@ -285,7 +315,7 @@ async def test_the_listing_pages_oldest_first_with_the_pools_on_the_first_page(
         assert everything.next_page_token == ""
         assert everything.sandboxes[0].memory_bytes == 1 << 20 and everything.sandboxes[0].pid == 1000
         with pytest.raises(InvalidArgument, match="page_token"):
-            world.executor.list_sandboxes(Caller("other", "eve"), 2, first.next_page_token)
+            world.executor.list_sandboxes(ALICE_OF_BETA, 2, first.next_page_token)
     finally:
         await world.executor.close()
 

@@ -8,6 +8,7 @@ import pytest
 
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.router.v1 import router_pb2 as pb
+from services.common.auth.principal import Role
 from services.common.endpoints import EndpointMirror, EndpointTraffic, TrafficShare
 from services.common.errors import (
     FailedPrecondition,
@@ -16,6 +17,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.identity import Caller
+from services.common.tenancy import SessionOwner
 from services.router.model import (
     Chunk,
     Completed,
@@ -32,8 +34,13 @@ from tests.fakes.router import FakeEndpoints, FakeExecutor, FakeRegistry, FakeSe
 AGENT = AgentRef("demo")
 V1, V2 = AGENT.version(1), AGENT.version(2)
 PROD = AGENT.endpoint("prod")
-ALICE = Caller("acme", "alice")
-BOB = Caller("acme", "bob")
+INVOKER = frozenset({Role.INVOKER})
+ALICE = Caller("acme", "alice", INVOKER)
+BOB = Caller("acme", "bob", INVOKER)
+# Another tenant's user of the same name, with every role there.
+ALICE_OF_BETA = Caller("beta", "alice", frozenset({Role.ADMIN}))
+OLGA_OPERATOR = Caller("acme", "olga", frozenset({Role.OPERATOR}))
+ALICES = SessionOwner("acme", "alice")
 MAX_PAYLOAD = 64
 
 
@@ -99,11 +106,11 @@ async def test_a_new_session_is_pinned_by_the_endpoints_split(world: World) -> N
         assert resolved.pin.version == AGENT.version(choose(split(1).shares, chosen_bucket))
         assert resolved.pin.digest == digest(resolved.pin.version)
         chosen[resolved.pin.version] = chosen.get(resolved.pin.version, 0) + 1
-        pin = world.sessions.pins[resolved.pin.session]
-        assert (pin.version, pin.endpoint, pin.owner) == (resolved.pin.version, PROD, ALICE)
+        pin = world.sessions.pins["acme", resolved.pin.session]
+        assert (pin.version, pin.endpoint, pin.owner) == (resolved.pin.version, PROD, ALICES)
     assert set(chosen) == {V1, V2}
     # The session takes its version's timeouts.
-    on_v1 = next(s for s, p in world.sessions.pins.items() if p.version == V1)
+    on_v1 = next(s for (_, s), p in world.sessions.pins.items() if p.version == V1)
     created_on = world.sessions.created_on[on_v1]
     assert (created_on.idle_timeout_s, created_on.max_lifetime_s) == (60, 120)
 
@@ -127,7 +134,7 @@ async def test_a_named_version_pins_directly_whatever_the_endpoint(world: World)
     with pytest.raises(InvalidArgument) as info:
         await world.router.resolve(ALICE, at("x", version=VersionRef("other", 1)))
     assert info.value.violations[0].field == "version"
-    assert SessionRef("nine") not in world.sessions.pins
+    assert ("acme", SessionRef("nine")) not in world.sessions.pins
 
 
 async def test_an_existing_session_follows_its_pin(world: World) -> None:
@@ -149,14 +156,32 @@ async def test_an_existing_session_follows_its_pin(world: World) -> None:
     assert info.value.reason == "SESSION_AGENT_MISMATCH"
 
 
-async def test_another_callers_session_is_refused(world: World) -> None:
+async def test_another_users_session_is_refused_unless_an_operator_continues_it(
+    world: World,
+) -> None:
     await world.router.resolve(ALICE, at("mine"))
     for router in (world.router, world.fresh_router()):  # with the pin cached, and without
-        with pytest.raises(PermissionDenied, match="sessions/mine"):
+        with pytest.raises(PermissionDenied, match="may not change sessions/mine"):
             await router.resolve(BOB, at("mine"))
     with pytest.raises(PermissionDenied):
         await world.router.stop_session(BOB, SessionRef("mine"))
-    assert world.sessions.pins[SessionRef("mine")].ended is None
+    assert world.sessions.pins["acme", SessionRef("mine")].ended is None
+    continued = await world.router.resolve(OLGA_OPERATOR, at("mine"))
+    assert (continued.new_session, continued.pin.owner) == (False, ALICES)
+
+
+async def test_another_tenant_naming_the_same_session_gets_one_of_its_own(world: World) -> None:
+    mine = await world.router.resolve(ALICE, at("shared"))
+    # Beta has an agent of the same name, with its own prod endpoint.
+    world.mirror.apply(EndpointTraffic(PROD, "salt", 1, (TrafficShare(1, 10_000),), tenant="beta"))
+    # With alice's pin cached in this router, and in one that never saw it.
+    for router in (world.router, world.fresh_router()):
+        theirs = await router.resolve(ALICE_OF_BETA, at("shared"))
+        assert theirs.pin.owner == SessionOwner("beta", "alice")
+        assert theirs.new_session is (router is world.router)
+    assert world.sessions.pins["acme", SessionRef("shared")] == mine.pin
+    again = await world.router.resolve(ALICE, at("shared"))
+    assert (again.pin, again.new_session) == (mine.pin, False)
 
 
 async def test_a_stopped_session_is_refused(world: World) -> None:
@@ -176,9 +201,9 @@ async def test_a_pin_whose_version_the_endpoint_left_is_read_again(world: World)
     other = V2 if first.pin.version == V1 else V1
     # A rollback takes the endpoint off the session's version and migrates its sessions.
     world.mirror.apply(split(2, (other.number, 10_000)))
-    session = SessionRef("moved")
-    world.sessions.pins[session] = dataclasses.replace(
-        world.sessions.pins[session], version=other, digest=digest(other)
+    key = ("acme", SessionRef("moved"))
+    world.sessions.pins[key] = dataclasses.replace(
+        world.sessions.pins[key], version=other, digest=digest(other)
     )
     moved = await world.router.resolve(ALICE, at("moved"))
     assert (moved.pin.version, moved.pin.digest, world.sessions.gets) == (other, digest(other), 1)

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2
 
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.sessions.v1 import sessions_pb2 as pb
+from services.common.auth.principal import Principal, Role
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -20,7 +21,14 @@ from services.common.errors import (
 )
 from services.common.identity import Caller
 from services.sessions.messages import new_session, retirement, session_filter
-from services.sessions.model import NewSession, PinnedVersion, SessionFilter, SessionStatus, Turn
+from services.sessions.model import (
+    NewSession,
+    PinnedVersion,
+    SessionFilter,
+    SessionKey,
+    SessionStatus,
+    Turn,
+)
 from services.sessions.rules import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_LIFETIME_S,
@@ -35,13 +43,22 @@ from tests.fakes.sessions import MemoryLeases, MemoryStore
 
 DIGEST = "sha256:" + "ab" * 32
 SPEC = NewSession(agent=AgentRef("demo"), pin=PinnedVersion(VersionRef("demo", 1), DIGEST))
-ALICE = Caller("acme", "alice")
-BOB = Caller("acme", "bob")
-MALLORY = Caller("evil", "alice")
+INVOKER = frozenset({Role.INVOKER})
+ALICE = Caller("acme", "alice", INVOKER)
+BOB = Caller("acme", "bob", INVOKER)
+# Another tenant, with a user of the same name and every role there.
+MALLORY = Caller("evil", "alice", frozenset({Role.ADMIN}))
+CAROL_OPERATOR = Caller("acme", "carol", frozenset({Role.OPERATOR}))
+VERA_VIEWER = Caller("acme", "vera", frozenset({Role.VIEWER}))
+NOBODY = Caller("acme", "nobody")
 
 
 def ref(session_id: str) -> SessionRef:
     return SessionRef(session_id)
+
+
+def key(session_id: str, tenant: str = "acme") -> SessionKey:
+    return SessionKey(tenant, session_id)
 
 
 @pytest.fixture
@@ -215,17 +232,66 @@ async def test_create_applies_defaults_and_binds_the_caller(sessions: Sessions) 
     assert field_of(info.value) == "session.idle_timeout"
 
 
-async def test_other_callers_are_refused_before_anything(sessions: Sessions) -> None:
+async def test_another_tenant_finds_no_such_session(sessions: Sessions) -> None:
     await sessions.create(ALICE, ref("s1"), SPEC)
-    for other in (BOB, MALLORY):
-        with pytest.raises(PermissionDenied, match="sessions/s1 belongs to another caller"):
-            await sessions.get(other, ref("s1"))
-        with pytest.raises(PermissionDenied):
+    for call in (
+        sessions.get(MALLORY, ref("s1")),
+        sessions.get_state(MALLORY, ref("s1")),
+        sessions.acquire_lease(MALLORY, ref("s1"), "x", None),
+        sessions.delete(MALLORY, ref("s1")),
+    ):
+        with pytest.raises(NotFound, match="sessions/s1 not found"):
+            await call
+    assert (await sessions.get(ALICE, ref("s1"))).user == "alice"
+
+
+async def test_same_id_in_two_tenants_is_two_sessions(sessions: Sessions) -> None:
+    mine = await sessions.create(ALICE, ref("s1"), SPEC)
+    theirs = await sessions.create(MALLORY, ref("s1"), SPEC)
+    assert (mine.tenant, theirs.tenant) == ("acme", "evil")
+    await sessions.update_state(MALLORY, ref("s1"), b"theirs", theirs.state_etag)
+    assert (await sessions.get_state(ALICE, ref("s1"))).state == b""
+    await sessions.delete(MALLORY, ref("s1"))
+    assert (await sessions.get(ALICE, ref("s1"))).id == "s1"
+
+
+async def test_in_a_tenant_roles_decide_who_reads_and_changes_a_session(
+    sessions: Sessions,
+) -> None:
+    record = await sessions.create(ALICE, ref("s1"), SPEC)
+    # Another invoker reads (roles are ordered: an invoker is a viewer too) but changes nothing.
+    assert (await sessions.get(BOB, ref("s1"))).id == "s1"
+    assert (await sessions.get(VERA_VIEWER, ref("s1"))).id == "s1"
+    for other in (BOB, VERA_VIEWER):
+        with pytest.raises(PermissionDenied, match="may not change sessions/s1"):
             await sessions.acquire_lease(other, ref("s1"), "x", None)
+        with pytest.raises(PermissionDenied, match="may not change sessions/s1"):
+            await sessions.update_state(other, ref("s1"), b"x", record.state_etag)
         with pytest.raises(PermissionDenied):
             await sessions.delete(other, ref("s1"))
+    with pytest.raises(PermissionDenied, match="needs the viewer role"):
+        await sessions.get(NOBODY, ref("s1"))
+    with pytest.raises(PermissionDenied, match="needs the invoker role"):
+        await sessions.create(VERA_VIEWER, ref("v1"), SPEC)
+    # An operator changes any session of its tenant.
+    state = await sessions.update_state(CAROL_OPERATOR, ref("s1"), b"fixed", record.state_etag)
+    assert (await sessions.get_state(ALICE, ref("s1"))).etag == state.etag
+    await sessions.stop(CAROL_OPERATOR, ref("s1"))
     with pytest.raises(NotFound, match="sessions/nope"):
         await sessions.get(ALICE, ref("nope"))
+
+
+async def test_a_service_acting_for_every_tenant_must_name_one_for_a_session(
+    sessions: Sessions,
+) -> None:
+    await sessions.create(ALICE, ref("s1"), SPEC)
+    with pytest.raises(InvalidArgument, match="acts for no tenant"):
+        await sessions.get(Principal.of_service("executor"), ref("s1"))
+    acting = Principal.of_service("executor", tenant="acme")
+    assert (await sessions.acquire_lease(acting, ref("s1"), "x", None)).session_id == "s1"
+    await sessions.create(MALLORY, ref("t1"), SPEC)
+    listed = await sessions.list(Principal.of_service("ops"), SessionFilter(), 0, "")
+    assert {(r.tenant, r.id) for r in listed.items} == {("acme", "s1"), ("evil", "t1")}
 
 
 async def test_idle_and_lifetime_expiry_is_persisted_and_blocks_leases(
@@ -242,7 +308,7 @@ async def test_idle_and_lifetime_expiry_is_persisted_and_blocks_leases(
     assert (await sessions.get(ALICE, ref("idle"))).status is SessionStatus.ACTIVE
     clock.advance(2)
     assert (await sessions.get(ALICE, ref("idle"))).status is SessionStatus.EXPIRED
-    assert store.records["idle"].status is SessionStatus.EXPIRED
+    assert store.records[key("idle")].status is SessionStatus.EXPIRED
     # Activity keeps "old" from going idle, but not past its max lifetime.
     assert (await sessions.get(ALICE, ref("old"))).status is SessionStatus.ACTIVE
     clock.advance(10)
@@ -301,15 +367,15 @@ async def test_commit_turn_is_compare_and_set(sessions: Sessions, store: MemoryS
             ALICE, ref("s"), lease.lease_id, lease.state.etag, b"stale", Turn("inv2", b"", b"")
         )
     assert info.value.reason == "STATE_CONFLICT"
-    assert store.states["s"] == b'{"n":1}' and store.records["s"].turn_count == 1
-    assert [(seq, t.invocation_id) for seq, t in store.events["s"]] == [(1, "inv1")]
+    assert store.states[key("s")] == b'{"n":1}' and store.records[key("s")].turn_count == 1
+    assert [(seq, t.invocation_id) for seq, t in store.events[key("s")]] == [(1, "inv1")]
     await sessions.release_lease(ALICE, ref("s"), lease.lease_id)
     with pytest.raises(Aborted) as info:
         await sessions.commit_turn(
             ALICE, ref("s"), lease.lease_id, saved.etag, b"x", Turn("i", b"", b"")
         )
     assert info.value.reason == "LEASE_LOST"
-    assert store.states["s"] == b'{"n":1}'
+    assert store.states[key("s")] == b'{"n":1}'
 
 
 async def test_update_state_needs_the_current_etag(sessions: Sessions) -> None:
@@ -386,20 +452,25 @@ async def test_retiring_a_version_migrates_or_stops_its_active_sessions(
     await sessions.create(ALICE, ref("ended"), on_prod)
     await sessions.stop(ALICE, ref("ended"))
     stable = PinnedVersion(VersionRef("demo", 7), "sha256:" + "cd" * 32)
-    assert await sessions.retire_version(ALICE, SPEC.pin.version, prod, stable) == 2
-    assert {store.records[i].version for i in ("a", "b")} == {"agents/demo/versions/7"}
-    assert store.records["a"].version_digest == stable.digest
-    assert store.records["direct"].version == store.records["ended"].version == SPEC.pin.version.name
-    # Without an endpoint, every session on the version; without a target, they stop.
+    # A service acting for every tenant retires across tenants.
+    platform = Principal.of_service("registry")
+    assert await sessions.retire_version(platform, SPEC.pin.version, prod, stable) == 2
+    moved = (store.records[key("a")], store.records[key("b", "evil")])
+    assert {r.version for r in moved} == {"agents/demo/versions/7"}
+    assert store.records[key("a")].version_digest == stable.digest
+    kept = (store.records[key("direct")], store.records[key("ended")])
+    assert {r.version for r in kept} == {SPEC.pin.version.name}
+    # Without an endpoint, every session on the version; without a target, they stop. Anyone
+    # but a service acting for all retires in its own tenant only.
     assert await sessions.retire_version(ALICE, SPEC.pin.version, None, None) == 1
-    assert store.records["direct"].status is SessionStatus.STOPPED
-    assert store.records["a"].status is SessionStatus.ACTIVE
+    assert store.records[key("direct")].status is SessionStatus.STOPPED
+    assert store.records[key("a")].status is SessionStatus.ACTIVE
 
 
 async def test_delete_removes_the_lease_too(sessions: Sessions, leases: MemoryLeases) -> None:
     await sessions.create(ALICE, ref("s"), SPEC)
     await sessions.acquire_lease(ALICE, ref("s"), "h", None)
     await sessions.delete(ALICE, ref("s"))
-    assert "s" not in leases.leases
+    assert key("s") not in leases.leases
     with pytest.raises(NotFound):
         await sessions.get_state(ALICE, ref("s"))

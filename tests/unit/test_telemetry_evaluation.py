@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
-from services.common.errors import InvalidArgument, NotFound
+from services.common.auth.principal import Role
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.identity import Caller
 from services.telemetry.analysis import SessionObservation, Verdict
 from services.telemetry.evaluation import Evaluation
@@ -21,6 +22,7 @@ from services.telemetry.model import (
     ObservationQuery,
     ScoreFilter,
     ScoreInput,
+    ScoreSource,
     SpanRow,
     SpanStatus,
     Variant,
@@ -28,7 +30,9 @@ from services.telemetry.model import (
 )
 from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
 
-ALICE = Caller("acme", "alice")
+# An operator of acme (scores any session of the tenant, with the source it names).
+ALICE = Caller("acme", "alice", frozenset({Role.OPERATOR}))
+BETA = Caller("beta", "bob", frozenset({Role.ADMIN}))
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 START = NOW - timedelta(hours=1)
 AGENT = AgentRef("a")
@@ -36,8 +40,12 @@ V1, V2, V3 = (AGENT.version(n) for n in (1, 2, 3))
 SCOPE = AnalysisScope(AGENT, START, NOW)
 
 
-def ran(spans: FakeSpanStore, tenant: str, session: str, version: VersionRef, trace: str) -> None:
-    """An invocation of `version` in `session`, through the prod endpoint, as trace `trace`."""
+def ran(
+    spans: FakeSpanStore, tenant: str, session: str, version: VersionRef, trace: str,
+    user: str = "carol",
+) -> None:
+    """An invocation of `version` in `session` for `user`, through the prod endpoint, as trace
+    `trace`."""
     row = SpanRow(
         trace_id=trace,
         span_id="01" * 8,
@@ -57,10 +65,10 @@ def ran(spans: FakeSpanStore, tenant: str, session: str, version: VersionRef, tr
         tenant=tenant,
         invocation_id="inv-1",
         is_invocation=True,
-        attributes={},
+        attributes={"corral.user": user},
         resource={},
     )
-    spans.rows[(row.trace_id, row.span_id)] = row
+    spans.put(row)
 
 
 def evaluation() -> tuple[Evaluation, FakeScoreStore]:
@@ -108,12 +116,29 @@ async def test_scores_only_on_sessions_and_traces_that_ran_in_the_tenant() -> No
     domain, _ = evaluation()
     for caller, fields, expected in (
         (ALICE, {"session": SessionRef("never-ran")}, "sessions/never-ran"),
-        (Caller("beta", "bob"), {}, "sessions/s1"),
+        (BETA, {}, "sessions/s1"),
         (ALICE, {"trace_id": "t9"}, "trace t9"),
     ):
         with pytest.raises(NotFound) as err:
             await domain.record_score(caller, score(**fields))
         assert expected in err.value.message
+
+
+async def test_an_invoker_scores_only_its_own_sessions_and_as_user_feedback() -> None:
+    domain, store = evaluation()  # sessions/s1 ran for carol
+    carol = Caller("acme", "carol", frozenset({Role.INVOKER}))
+    stored = await domain.record_score(carol, score(source=ScoreSource.JUDGE))
+    assert (stored.user, stored.source) == ("carol", ScoreSource.USER)
+    for other in (
+        Caller("acme", "dave", frozenset({Role.INVOKER})),
+        Caller("acme", "vera", frozenset({Role.VIEWER})),
+    ):
+        with pytest.raises(PermissionDenied, match="may not change sessions/s1"):
+            await domain.record_score(other, score())
+    # An operator scores anyone's session, with the source it names.
+    judged = await domain.record_score(ALICE, score(source=ScoreSource.JUDGE))
+    assert (judged.user, judged.source) == ("alice", ScoreSource.JUDGE)
+    assert [s.id for s in store.scores] == [stored.id, judged.id]
 
 
 async def test_scores_are_listed_newest_first_in_pages_bound_to_their_filter() -> None:
@@ -129,8 +154,8 @@ async def test_scores_are_listed_newest_first_in_pages_bound_to_their_filter() -
     assert ([s.value for s in rest.items], rest.next_page_token) == ([0.1], "")
     by_name = await domain.list_scores(ALICE, replace(where, name="speed"), 0, "")
     assert [s.value for s in by_name.items] == [0.4]
-    assert (await domain.list_scores(Caller("beta", "bob"), where, 0, "")).items == []
-    for caller, other in ((ALICE, ScoreFilter(version=V2)), (Caller("beta", "bob"), where)):
+    assert (await domain.list_scores(BETA, where, 0, "")).items == []
+    for caller, other in ((ALICE, ScoreFilter(version=V2)), (BETA, where)):
         with pytest.raises(InvalidArgument) as err:
             await domain.list_scores(caller, other, 3, first.next_page_token)
         assert err.value.violations[0].field == "page_token"
@@ -165,7 +190,7 @@ def comparison(**fields: Any) -> VersionComparison:
 async def test_bad_comparisons_name_their_field(request_: VersionComparison, field: str) -> None:
     domain, store = evaluation()
     with pytest.raises(InvalidArgument) as err:
-        await domain.compare(request_)
+        await domain.compare(ALICE, request_)
     assert err.value.violations[0].field == field
     assert store.observation_queries == [], "refused before reading anything"
 
@@ -180,19 +205,19 @@ async def test_a_comparison_reads_both_versions_over_the_window() -> None:
         endpoint=endpoint,
         metrics=[MetricRequest("session_error_rate"), MetricRequest("score:q")],
     )
-    result = await domain.compare(VersionComparison(scope, V1, V2, min_sessions=2))
+    result = await domain.compare(ALICE, VersionComparison(scope, V1, V2, min_sessions=2))
     assert [c.metric for c in result.comparisons] == ["session_error_rate", "score:q"]
     assert result.verdict is not Verdict.FAIL
     assert store.observation_queries == [
-        ObservationQuery(V1, START, NOW, endpoint, ("q",)),
-        ObservationQuery(V2, START, NOW, endpoint, ("q",)),
+        ObservationQuery("acme", V1, START, NOW, endpoint, ("q",)),
+        ObservationQuery("acme", V2, START, NOW, endpoint, ("q",)),
     ]
 
 
 def experiment(
     *variants: Variant, scope: AnalysisScope = SCOPE
 ) -> Callable[[Evaluation], Awaitable[object]]:
-    return lambda domain: domain.analyze_experiment(scope, variants)
+    return lambda domain: domain.analyze_experiment(ALICE, scope, variants)
 
 
 @pytest.mark.parametrize(
@@ -226,7 +251,7 @@ async def test_an_experiment_counts_each_variants_sessions_against_the_first() -
         V3.name: [SessionObservation(invocations=1)] * 4,
     }
     result = await domain.analyze_experiment(
-        SCOPE, [Variant(V3, 40), Variant(V1, 30), Variant(V2, 30)]
+        ALICE, SCOPE, [Variant(V3, 40), Variant(V1, 30), Variant(V2, 30)]
     )
     assert dict(result.sample_ratio.observed) == {V3.name: 4, V1.name: 6, V2.name: 3}
     assert result.control == V3.name

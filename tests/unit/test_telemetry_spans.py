@@ -343,7 +343,7 @@ def telemetry_with_spans(count: int, tenant: str = "acme") -> Telemetry:
             ),
             tenant,
         ).rows[0]
-        store.rows[(row.trace_id, row.span_id)] = row
+        store.put(row)
     return Telemetry(store, FakeScoreStore())
 
 

@@ -17,6 +17,7 @@ from services.telemetry.model import (
     Score,
     ScoreFilter,
     ScoreSource,
+    TenantScope,
 )
 from services.telemetry.store.sql import (
     INPUT_TOKENS,
@@ -68,9 +69,9 @@ class PgScoreStore:
         return _score(row)
 
     async def list_scores(
-        self, tenant: str, where: ScoreFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: ScoreFilter, after: Key | None, limit: int
     ) -> list[Score]:
-        sql = Where("tenant = {}", tenant)
+        sql = Where.of_tenant(tenant)
         sql.equal("session", "" if where.session is None else where.session.name)
         sql.equal("version", "" if where.version is None else where.version.name)
         sql.equal("name", where.name)
@@ -83,17 +84,20 @@ class PgScoreStore:
         return [_score(r) for r in records]
 
     async def observations(self, query: ObservationQuery) -> list[SessionObservation]:
+        # A session is (tenant, session): the same id in two tenants is two sessions.
         records = await self._pool.fetch(
             f"""WITH inv AS (
-                    SELECT session, min(start_time) AS first_time, count(*) AS invocations,
+                    SELECT tenant, session, min(start_time) AS first_time,
+                           count(*) AS invocations,
                            count(*) FILTER (WHERE status = 'ERROR') AS failed_invocations,
                            array_agg(duration_ms ORDER BY start_time) AS latencies_ms
                     FROM telemetry.spans
                     WHERE version = $1 AND is_invocation AND start_time >= $2 AND start_time < $3
                       AND ($4 = '' OR endpoint = $4) AND session <> ''
-                    GROUP BY session),
+                      AND ($6::text IS NULL OR tenant = $6)
+                    GROUP BY tenant, session),
                 other AS (
-                    SELECT session,
+                    SELECT tenant, session,
                            count(*) FILTER (WHERE {IS_TOOL_CALL}) AS tool_calls,
                            count(*) FILTER (WHERE {IS_TOOL_CALL} AND status = 'ERROR')
                                AS tool_failures,
@@ -101,24 +105,27 @@ class PgScoreStore:
                                AS tokens
                     FROM telemetry.spans
                     WHERE version = $1 AND NOT is_invocation AND start_time >= $2
-                      AND start_time < $3 AND session IN (SELECT session FROM inv)
-                    GROUP BY session),
+                      AND start_time < $3
+                      AND (tenant, session) IN (SELECT tenant, session FROM inv)
+                    GROUP BY tenant, session),
                 sc AS (
-                    SELECT session, jsonb_object_agg(name, mean) AS scores FROM (
-                        SELECT session, name, avg(value) AS mean FROM telemetry.scores
+                    SELECT tenant, session, jsonb_object_agg(name, mean) AS scores FROM (
+                        SELECT tenant, session, name, avg(value) AS mean FROM telemetry.scores
                         WHERE version = $1 AND name = ANY($5::text[])
-                          AND session IN (SELECT session FROM inv)
-                        GROUP BY session, name) s
-                    GROUP BY session)
+                          AND (tenant, session) IN (SELECT tenant, session FROM inv)
+                        GROUP BY tenant, session, name) s
+                    GROUP BY tenant, session)
                 SELECT inv.*, coalesce(other.tool_calls, 0) AS tool_calls,
                        coalesce(other.tool_failures, 0) AS tool_failures,
                        coalesce(other.tokens, 0) AS tokens, sc.scores
-                FROM inv LEFT JOIN other USING (session) LEFT JOIN sc USING (session)
+                FROM inv LEFT JOIN other USING (tenant, session)
+                         LEFT JOIN sc USING (tenant, session)
                 ORDER BY inv.first_time""",
             query.version.name,
             query.start,
             query.end,
             "" if query.endpoint is None else query.endpoint.name,
             list(query.score_names),
+            query.tenant,
         )
         return [_observation(r) for r in records]

@@ -16,6 +16,7 @@ from services.telemetry.model import (
     SpanFilter,
     SpanRow,
     SpanStatus,
+    TenantScope,
     TraceSummary,
     VersionMetrics,
 )
@@ -62,7 +63,7 @@ _UNNEST = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(_COLUMNS, st
 _INSERT = (
     f"INSERT INTO telemetry.spans ({_NAMES}) "
     f"SELECT {_SELECTS} FROM unnest({_UNNEST}) AS u({_NAMES}) "
-    "ON CONFLICT (trace_id, span_id) DO NOTHING"
+    "ON CONFLICT (tenant, trace_id, span_id) DO NOTHING"
 )
 
 
@@ -102,8 +103,8 @@ def _row(r: asyncpg.Record) -> SpanRow:
     )
 
 
-def _filtered(tenant: str, where: SpanFilter) -> Where:
-    sql = Where("tenant = {}", tenant)
+def _filtered(tenant: TenantScope, where: SpanFilter) -> Where:
+    sql = Where.of_tenant(tenant)
     for column, ref in (
         ("agent", where.agent),
         ("version", where.version),
@@ -132,7 +133,7 @@ class PgSpanStore:
         return int(status.rsplit(" ", 1)[-1])
 
     async def list_spans(
-        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: SpanFilter, after: Key | None, limit: int
     ) -> list[SpanRow]:
         sql = _filtered(tenant, where)
         sql.page("start_time, trace_id, span_id", after)
@@ -165,7 +166,7 @@ class PgSpanStore:
         return bool(found)
 
     async def list_traces(
-        self, tenant: str, where: SpanFilter, after: Key | None, limit: int
+        self, tenant: TenantScope, where: SpanFilter, after: Key | None, limit: int
     ) -> list[TraceSummary]:
         sql = _filtered(tenant, where)
         sql.conditions.append("is_invocation")
@@ -175,15 +176,15 @@ class PgSpanStore:
         records = await self._pool.fetch(
             f"""
             WITH invocations AS (
-                SELECT DISTINCT ON (trace_id)
-                       trace_id, name, start_time, duration_ms, status, agent, version, endpoint,
+                SELECT DISTINCT ON (tenant, trace_id)
+                       tenant, trace_id, name, start_time, duration_ms, status, agent, version, endpoint,
                        session
                   FROM telemetry.spans
                  WHERE {sql.sql}
-                 ORDER BY trace_id, start_time, span_id)
+                 ORDER BY tenant, trace_id, start_time, span_id)
             SELECT i.*,
                    (SELECT count(*) FROM telemetry.spans s
-                     WHERE s.trace_id = i.trace_id AND s.tenant = $1) AS span_count
+                     WHERE s.trace_id = i.trace_id AND s.tenant = i.tenant) AS span_count
               FROM invocations i
               {f"WHERE {page}" if page else ""}
              ORDER BY start_time DESC, trace_id DESC
@@ -196,9 +197,9 @@ class PgSpanStore:
         ]
 
     async def version_metrics(
-        self, tenant: str, agent: AgentRef, start: datetime | None, end: datetime | None
+        self, tenant: TenantScope, agent: AgentRef, start: datetime | None, end: datetime | None
     ) -> list[VersionMetrics]:
-        sql = Where("tenant = {}", tenant)
+        sql = Where.of_tenant(tenant)
         sql.conditions.append("version <> ''")
         sql.add("agent = {}", agent.name)
         sql.window(start, end)

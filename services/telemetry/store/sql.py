@@ -110,6 +110,11 @@ class Where:
         if condition:
             self.conditions.append(condition)
 
+    @classmethod
+    def of_tenant(cls, tenant: str | None) -> Where:
+        """Rows of `tenant`, or of every tenant for None."""
+        return cls("true") if tenant is None else cls("tenant = {}", tenant)
+
     @property
     def sql(self) -> str:
         return " AND ".join(self.conditions)

@@ -19,11 +19,13 @@ async def telemetry(services: harness.Platform) -> AsyncIterator[Telemetry]:
     channel = public_channel(services.settings.addrs["telemetry"])
     # Spans come from the platform: an executor exports them (trusted, unlike a user's export).
     executor = internal_channel(services.settings, "telemetry", "executor")
+    registry = internal_channel(services.settings, "telemetry", "registry")
     yield Telemetry(
         services.settings,
         TelemetryServiceStub(channel),
         trace_service_pb2_grpc.TraceServiceStub(executor),
         channel,
+        TelemetryServiceStub(registry),
     )
-    await channel.close()
-    await executor.close()
+    for each in (channel, executor, registry):
+        await each.close()

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -16,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
 from corral.telemetry.v1 import telemetry_pb2 as pb
-from services.common.auth.pki import load_identity
+from services.common import tracing
 from services.common.settings import Settings
 from tests.otlp import corral_attributes, export_request, invocation, otlp_span
 from tests.rpc import who
@@ -32,14 +31,8 @@ def sdk_export(settings: Settings, emit: object, resource: dict[str, str] | None
     provider = TracerProvider(
         resource=Resource.create({"service.name": "corral-executor", **(resource or {})})
     )
-    executor = load_identity(settings.pki_dir, "executor")
     provider.add_span_processor(
-        SimpleSpanProcessor(
-            OTLPSpanExporter(
-                endpoint=settings.internal_addrs["telemetry"],
-                credentials=executor.channel_credentials(), timeout=10,
-            )
-        )
+        SimpleSpanProcessor(tracing.span_exporter(settings, "executor", timeout_s=10))
     )
     try:
         emit(provider.get_tracer("corral.executor"))  # type: ignore[operator]
