@@ -7,12 +7,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from corral.client import CorralClient
+from corral.profiles import ConnectionOptions, client_config
+from corral.registry.v1 import registry_pb2 as reg
 from scripts.genenvoy import (
     Edge,
     Issuer,
@@ -36,7 +40,7 @@ class World:
     issuer: LocalJwtIssuer
     plain: grpc.Channel
     tls_port: int
-    ca: bytes
+    ca_file: Path
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with running_envoy(edge, directory) as ports, grpc.insecure_channel(
             f"127.0.0.1:{ports['plain']}"
         ) as plain:
-            yield World(upstreams, issuer, plain, ports["tls"], cert.read_bytes())
+            yield World(upstreams, issuer, plain, ports["tls"], cert)
     finally:
         issuer.close()
         upstreams.stop()
@@ -164,7 +168,7 @@ def test_corral_headers_a_client_sends_never_reach_a_service(world: World) -> No
 
 def test_the_tls_listener_speaks_only_tls(world: World) -> None:
     address = f"localhost:{world.tls_port}"
-    credentials = grpc.ssl_channel_credentials(root_certificates=world.ca)
+    credentials = grpc.ssl_channel_credentials(root_certificates=world.ca_file.read_bytes())
     key = api_key()
     with grpc.secure_channel(address, credentials) as channel:
         call(channel, LIST_AGENTS, key)
@@ -180,3 +184,31 @@ def test_each_credential_has_its_own_rate_limit(world: World) -> None:
     err = refused_with(grpc.StatusCode.RESOURCE_EXHAUSTED, world.plain, LIST_AGENTS, key)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     call(world.plain, LIST_AGENTS, other)
+
+
+def test_the_corral_client_reaches_a_platform_over_tls_with_the_profiles_ca(
+    world: World, tmp_path: Path
+) -> None:
+    (tmp_path / "config.toml").write_text(
+        f'[profiles.edge]\naddress = "localhost:{world.tls_port}"\nca = "{world.ca_file}"\n')
+    options = ConnectionOptions(profile="edge")
+    config = client_config(options, {"CORRAL_CONFIG": str(tmp_path / "config.toml")})
+    assert config.tls and set(config.addrs.values()) == {f"localhost:{world.tls_port}"}
+    key = api_key()
+    client = CorralClient(config)
+    try:
+        client.registry.ListAgents(reg.ListAgentsRequest(), timeout=10,
+                                   metadata=(("authorization", f"Bearer {key}"),))
+        # Without the CA, the edge's certificate is not trusted.
+        untrusted = CorralClient(client_config(
+            ConnectionOptions(address=f"localhost:{world.tls_port}", tls=True),
+            {"CORRAL_CONFIG": str(tmp_path / "none.toml")}))
+        with pytest.raises(grpc.RpcError) as info:
+            untrusted.registry.ListAgents(reg.ListAgentsRequest(), timeout=10,
+                                          metadata=(("authorization", f"Bearer {key}"),))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        untrusted.close()
+    finally:
+        client.close()
+    reached = world.upstreams.reached(LIST_AGENTS)
+    assert [c.metadata["authorization"] for c in reached].count(f"Bearer {key}") == 1
