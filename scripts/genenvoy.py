@@ -48,19 +48,25 @@ class Issuer:
     issuer: str
     audiences: tuple[str, ...]
     jwks_url: str
+    # The claim naming the caller's tenant (as in the services' CORRAL_OIDC_ISSUERS): the
+    # tenant's rate limit is keyed on it.
+    tenant_claim: str = "tenant"
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    """Token buckets: each credential (the whole `authorization` value) gets `burst` requests,
-    refilled by `refill` every `interval_s`; `total_per_second` caps all requests through one
-    Envoy."""
+    """Token buckets, refilled every `interval_s`: each credential (the whole `authorization`
+    value) gets `burst` requests and `refill` more; each tenant named by a verified JWT
+    `tenant_burst` and `tenant_refill`; `total_per_second` caps all requests through one Envoy."""
 
     burst: int = 100
     refill: int = 50
+    tenant_burst: int = 500
+    tenant_refill: int = 250
     interval_s: int = 1
     total_per_second: int = 5000
-    # Distinct credentials with a live bucket; the least recently used are forgotten beyond it.
+    # Distinct credentials (and tenants) with a live bucket; the least recently used are
+    # forgotten beyond it.
     max_credentials: int = 10000
 
 
@@ -189,6 +195,8 @@ def render_jwt_authn(issuers: Sequence[Issuer], methods: Mapping[str, Access]) -
             "forward": True,
             # Read by local_reply_config, which answers every refused token UNAUTHENTICATED.
             "failed_status_in_metadata": "jwt_failure",
+            # Read by the rate limit, which keys the tenant's bucket on a claim.
+            "payload_in_metadata": "jwt_payload",
             "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
             "remote_jwks": {
                 "http_uri": {"uri": iss.jwks_url, "cluster": f"jwks_{i}", "timeout": "5s"},
@@ -232,29 +240,41 @@ def _bucket(max_tokens: int, tokens_per_fill: int, interval_s: int) -> dict[str,
             "fill_interval": f"{interval_s}s"}
 
 
-def render_rate_limit(limit: RateLimit) -> str:
+def render_rate_limit(limit: RateLimit, issuers: Sequence[Issuer]) -> str:
     always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    every = f"every {limit.interval_s}s"
+    descriptors = [{"entries": [{"key": "credential"}],
+                    "token_bucket": _bucket(limit.burst, limit.refill, limit.interval_s)}]
+    actions: list[dict[str, object]] = [{"actions": [{"request_headers": {
+        "header_name": "authorization", "descriptor_key": "credential"}}]}]
+    if issuers:
+        descriptors.append({"entries": [{"key": "tenant"}], "token_bucket": _bucket(
+            limit.tenant_burst, limit.tenant_refill, limit.interval_s)})
+        for claim in sorted({issuer.tenant_claim for issuer in issuers}):
+            path = [{"key": "jwt_payload"}, {"key": claim}]
+            actions.append({"actions": [{"metadata": {
+                "descriptor_key": "tenant", "skip_if_absent": True,
+                "metadata_key": {"key": "envoy.filters.http.jwt_authn", "path": path}}}]})
     lines = [
-        (f"# Each credential: {limit.burst} requests at once, {limit.refill} more every "
-        f"{limit.interval_s}s; all requests"),
-        (f"# through this Envoy: {limit.total_per_second}/s. Over either, RESOURCE_EXHAUSTED. "
-        "Set in deploy/envoy/edge.toml."),
+        f"# Each credential: {limit.burst} requests at once, {limit.refill} more {every}.",
+        (f"# Each tenant of a verified JWT: {limit.tenant_burst}, {limit.tenant_refill} more "
+        f"{every}. Everything: {limit.total_per_second}/s."),
+        "# Over any, RESOURCE_EXHAUSTED. Buckets are per Envoy; set them in deploy/envoy/edge.toml.",
         "- name: envoy.filters.http.local_ratelimit",
         "  typed_config:",
         ('    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3'
-        '.LocalRateLimit'),
+         '.LocalRateLimit'),
         "    stat_prefix: corral_edge_rate_limit",
         "    rate_limited_as_resource_exhausted: true",
         f"    filter_enabled: {flow({'runtime_key': 'corral_rate_limit_enabled', **always})}",
         f"    filter_enforced: {flow({'runtime_key': 'corral_rate_limit_enforced', **always})}",
         f"    token_bucket: {flow(_bucket(limit.total_per_second, limit.total_per_second, 1))}",
         f"    max_dynamic_descriptors: {limit.max_credentials}",
-        "    # No value: one bucket per distinct credential (a dynamic descriptor).",
+        "    # No value: one bucket per distinct credential or tenant (dynamic descriptors).",
         "    descriptors:",
-        f"    - {flow({'entries': [{'key': 'credential'}], 'token_bucket': _bucket(limit.burst, limit.refill, limit.interval_s)})}",
+        *(f"    - {flow(d)}" for d in descriptors),
         "    rate_limits:",
-        "    - " + flow({"actions": [{"request_headers": {
-            "header_name": "authorization", "descriptor_key": "credential"}}]}),
+        *(f"    - {flow(a)}" for a in actions),
     ]
     return _indent(lines, 10)
 
@@ -268,7 +288,7 @@ def render_listener(listener: Listener, edge: Edge, methods: Mapping[str, Access
         transport_socket=render_transport_socket(listener.tls),
         routes=render_routes(methods),
         jwt_authn=render_jwt_authn(edge.issuers, methods),
-        rate_limit=render_rate_limit(edge.rate_limit),
+        rate_limit=render_rate_limit(edge.rate_limit, edge.issuers),
     ).rstrip("\n")
 
 
@@ -377,7 +397,8 @@ def _issuers(table: Mapping[str, object]) -> tuple[Issuer, ...]:
         if not isinstance(audiences, list) or not audiences:
             raise EdgeConfigError("edge.toml: each issuer needs audiences = [\"...\"]")
         issuers.append(Issuer(_str(entry, "issuer"), tuple(str(a) for a in audiences),
-                              _str(entry, "jwks_url")))
+                              _str(entry, "jwks_url"),
+                              _str(entry, "tenant_claim") if "tenant_claim" in entry else "tenant"))
     return tuple(issuers)
 
 

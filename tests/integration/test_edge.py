@@ -32,6 +32,7 @@ from services.common.settings import SERVICES
 from tests.edge import LocalJwtIssuer, Upstreams, running_envoy, self_signed
 
 BURST = 4
+TENANT_BURST = 6
 
 
 @dataclass
@@ -56,7 +57,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                    Listener("tls", 0, TlsFiles(str(cert), str(key)), address="127.0.0.1")),
         upstreams={svc: ("127.0.0.1", port) for svc, port in upstreams.ports.items()},
         issuers=(Issuer(issuer.issuer, (issuer.audience,), issuer.jwks_url),),
-        rate_limit=RateLimit(burst=BURST, refill=1, interval_s=3600, total_per_second=10000),
+        rate_limit=RateLimit(burst=BURST, refill=1, tenant_burst=TENANT_BURST, tenant_refill=1,
+                             interval_s=3600, total_per_second=10000),
         admin_port=0,
     )
     try:
@@ -212,3 +214,13 @@ def test_the_corral_client_reaches_a_platform_over_tls_with_the_profiles_ca(
         client.close()
     reached = world.upstreams.reached(LIST_AGENTS)
     assert [c.metadata["authorization"] for c in reached].count(f"Bearer {key}") == 1
+
+
+def test_each_tenant_of_a_jwt_has_its_own_rate_limit(world: World) -> None:
+    busy, calm = f"busy-{uuid.uuid4().hex[:6]}", f"calm-{uuid.uuid4().hex[:6]}"
+    # Every token is a credential of its own: only the tenant's bucket runs out.
+    for _ in range(TENANT_BURST):
+        call(world.plain, LIST_AGENTS, world.issuer.token(tenant=busy))
+    refused_with(grpc.StatusCode.RESOURCE_EXHAUSTED, world.plain, LIST_AGENTS,
+                 world.issuer.token(tenant=busy))
+    call(world.plain, LIST_AGENTS, world.issuer.token(tenant=calm))
