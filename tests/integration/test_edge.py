@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +41,7 @@ class World:
     upstreams: Upstreams
     issuer: LocalJwtIssuer
     plain: grpc.Channel
+    plain_port: int
     tls_port: int
     ca_file: Path
 
@@ -65,7 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with running_envoy(edge, directory) as ports, grpc.insecure_channel(
             f"127.0.0.1:{ports['plain']}"
         ) as plain:
-            yield World(upstreams, issuer, plain, ports["tls"], cert)
+            yield World(upstreams, issuer, plain, ports["plain"], ports["tls"], cert)
     finally:
         issuer.close()
         upstreams.stop()
@@ -224,3 +226,17 @@ def test_each_tenant_of_a_jwt_has_its_own_rate_limit(world: World) -> None:
     refused_with(grpc.StatusCode.RESOURCE_EXHAUSTED, world.plain, LIST_AGENTS,
                  world.issuer.token(tenant=busy))
     call(world.plain, LIST_AGENTS, world.issuer.token(tenant=calm))
+
+
+def test_browsers_over_grpc_web_meet_the_same_edge(world: World) -> None:
+    frame = b"\x00\x00\x00\x00\x00"  # one empty message
+    headers = {"content-type": "application/grpc-web+proto", "x-grpc-web": "1",
+               "authorization": f"Bearer {api_key()}", "x-corral-tenant": "victim"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{world.plain_port}", timeout=10) as web:
+        internal = web.post("/corral.executor.v1.ExecutorService/Execute", content=frame,
+                            headers=headers)
+        public = web.post(LIST_AGENTS, content=frame, headers=headers)
+    assert internal.headers["grpc-status"] == str(grpc.StatusCode.PERMISSION_DENIED.value[0])
+    assert world.upstreams.reached("/corral.executor.v1.ExecutorService/Execute") == []
+    assert public.status_code == 200 and b"grpc-status:0" in public.content.replace(b" ", b"")
+    assert "x-corral-tenant" not in world.upstreams.reached(LIST_AGENTS)[-1].metadata
