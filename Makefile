@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test unit integration e2e bench proto lint typecheck clean help
+.PHONY: run test unit integration e2e bench proto envoy lint typecheck clean help
 
 help:
 	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set)"
 	@echo "make test   run the unit, integration and end-to-end tests"
 	@echo "make bench  print benchmark figures as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"
+	@echo "make envoy  regenerate deploy/envoy/envoy*.yaml from the method access table and edge.toml"
 	@echo "make lint   buf lint, buf breaking against the previous commit, ruff, import contracts, mypy --strict"
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +27,11 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 proto: .proto.stamp
+
+# The edge's configs: routes from services/common/auth/methods.py, the rest from
+# deploy/envoy/edge.toml (tests/unit/test_deploy.py fails while they are stale).
+envoy: $(VENV)/.installed
+	@$(PY) scripts/genenvoy.py
 
 run: .proto.stamp
 	@$(PY) -m services.launcher

@@ -103,8 +103,13 @@ class CorralClient:
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(
-                self.config.addrs[service], options=_OPTIONS)
+            address = self.config.addrs[service]
+            if self.config.tls:
+                ca = self.config.ca_file.read_bytes() if self.config.ca_file else None
+                credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+                self._channels[service] = grpc.secure_channel(address, credentials, _OPTIONS)
+            else:
+                self._channels[service] = grpc.insecure_channel(address, options=_OPTIONS)
         return self._channels[service]
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import getpass
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_ADDRS = {
     "router": "127.0.0.1:50051",
@@ -21,6 +22,10 @@ class ClientConfig:
     addrs: Mapping[str, str]
     tenant: str
     user: str
+    # TLS to every address (a remote platform's edge), verified against this CA's PEM file, or
+    # the system's roots when None. Set from a profile (corral.profiles).
+    tls: bool = False
+    ca_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> ClientConfig:

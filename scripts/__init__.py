@@ -1,0 +1,1 @@
+"""Build-time generators run by make (protos, the Envoy configs)."""
