@@ -137,6 +137,12 @@ class Settings:
     # Set by the launcher: the file where the service writes the address it serves on once it is
     # up, so that an address with port 0 becomes the port the OS picked.
     address_file: Path | None = None
+    # How long a verified credential (or a refusal) is reused without asking again: the longest a
+    # revoked API key is still honoured after RevokeKey, per service.
+    credential_cache_s: float = 5.0
+    # Registry: keep a valid platform administrator's API key in this file (mode 0600), making
+    # one when the file is missing or its key is not valid. `make run` sets .corral/admin.key.
+    bootstrap_admin_key_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -182,6 +188,8 @@ class Settings:
             internal_token=env.get("CORRAL_INTERNAL_TOKEN", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
             address_file=Path(env["CORRAL_ADDRESS_FILE"]) if env.get("CORRAL_ADDRESS_FILE") else None,
+            credential_cache_s=_float(env, "CORRAL_CREDENTIAL_CACHE_S", 5.0),
+            bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
         )
 
     def with_address(self, service: str, address: str) -> Settings:
@@ -194,6 +202,10 @@ class Settings:
 
     def require_redis(self) -> str:
         return _required(self.redis_url, "CORRAL_REDIS_URL", "Redis")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]).resolve() if env.get(name) else None
 
 
 def _required(url: str | None, variable: str, server: str) -> str:

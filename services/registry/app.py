@@ -9,6 +9,8 @@ from pathlib import Path
 import grpc
 
 from corral.registry.v1 import (
+    keys_pb2,
+    keys_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -20,9 +22,12 @@ from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
 from services.common.server import App
 from services.common.settings import Settings
+from services.registry.bootstrap import ensure_admin_key
 from services.registry.clients import SessionsClient, TelemetryClient
 from services.registry.controller import RolloutController
 from services.registry.experiments import Experiments
+from services.registry.key_servicer import KeyServicer
+from services.registry.keys import Keys
 from services.registry.prometheus import rollout_snapshot
 from services.registry.registry import Registry
 from services.registry.rollout_servicer import RolloutServicer
@@ -41,12 +46,15 @@ SERVICES = [
     rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
     tools_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name,
     tools_pb2.DESCRIPTOR.services_by_name["ToolSecretsService"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
 ]
 
 
 class RegistryService(App):
     # The domain, once started.
     registry: Registry | None = None
+    # API keys, once started: the registry's own API-key verifier.
+    keys: Keys | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         pool = await create_pool(self.settings.require_database())
@@ -74,6 +82,9 @@ class RegistryService(App):
         exporter.start()
         stack.push_async_callback(exporter.stop)
         tools = Tools(store, secret_box(self.settings.secrets_key))
+        self.keys = keys = Keys(store)
+        if self.settings.bootstrap_admin_key_file is not None:
+            await ensure_admin_key(keys, self.settings.bootstrap_admin_key_file)
 
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
@@ -81,6 +92,7 @@ class RegistryService(App):
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)
         tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(
             ToolSecretsServicer(tools, self.settings.internal_token), server)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
         return SERVICES
 
     async def drain(self) -> None:
