@@ -91,6 +91,6 @@ class KeyRows(Rows):
         # Conditional, so replicas verifying the same key together write it once.
         await self._db.execute(
             "UPDATE registry.api_keys SET last_use_time = $2 WHERE id = $1 "
-            "AND (last_use_time IS NULL OR last_use_time <= $2 - $3::interval)",
+            "AND (last_use_time IS NULL OR last_use_time <= $2::timestamptz - $3::interval)",
             key_id, now, interval,
         )
