@@ -1,5 +1,5 @@
-"""What every corral command takes: the State that the root options set (tenant, user, --json)
-with the client built from it, the --json flag each command repeats, and the argument types
+"""What every corral command takes: the State that the root options set (credential, tenant,
+user, --json) with the client built from it, the --json flag each command repeats, and the argument types
 that more than one area uses."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import click
 
 from corral import names
 from corral.client import CorralClient
-from corral.config import ClientConfig
+from corral.config import ClientConfig, ConfigError
 
 
 class State:
@@ -23,12 +23,19 @@ class State:
         self.json = False
         self.tenant: str | None = None
         self.user: str | None = None
+        self.api_key: str | None = None
+        self.token: str | None = None
         self._client = client
 
     @property
     def client(self) -> CorralClient:
         if self._client is None:
-            self._client = CorralClient(ClientConfig.from_env(tenant=self.tenant, user=self.user))
+            try:
+                config = ClientConfig.from_env(tenant=self.tenant, user=self.user,
+                                               api_key=self.api_key, token=self.token)
+            except ConfigError as exc:
+                raise click.UsageError(str(exc)) from None
+            self._client = CorralClient(config)
         return self._client
 
 

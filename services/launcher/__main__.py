@@ -70,6 +70,8 @@ class Launcher:
             env["CORRAL_INTERNAL_TOKEN"] = local_secret(self.settings.data_dir, "internal.token", 24)
         # One machine: tool services under development listen on localhost.
         env.setdefault("CORRAL_TOOLS_ALLOW_LOOPBACK", "true")
+        # The registry keeps a platform administrator's API key here; the corral command finds it.
+        env.setdefault("CORRAL_BOOTSTRAP_ADMIN_KEY_FILE", str(self.settings.data_dir / "admin.key"))
         return env
 
     def start_storage(self) -> None:
@@ -264,6 +266,7 @@ Corral is running.
   Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.executor.http_port}/metrics (sandboxes)
   JWKS       http://127.0.0.1:{settings.executor.http_port}/.well-known/jwks.json (verifies invocation credentials)
   data       {settings.data_dir}
+  admin key  {settings.data_dir / 'admin.key'}   (the corral command uses it on this machine)
 
 In another terminal (the corral command is in .venv/bin):
   source .venv/bin/activate

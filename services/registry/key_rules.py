@@ -15,12 +15,12 @@ from services.registry.key_model import EVERY_TENANT, KeyDraft, KeyRecord, KeySp
 MAX_TTL = timedelta(days=3650)
 # A key's use is written at most this often: verifying is on every call's path.
 USE_RECORD_INTERVAL = timedelta(minutes=1)
-_DISPLAY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_DISPLAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 BOOTSTRAP_NAME = "bootstrap-admin"
 
 
 def check_display_name(name: str, field: str = "key.display_name") -> str:
-    if name and not _DISPLAY_NAME.match(name):
+    if name and not _DISPLAY_NAME.fullmatch(name):
         raise InvalidArgument.field(
             field, f"{name!r} is not a key name: start with a letter or digit; letters, digits, "
             ". _ -; at most 63 characters (or leave it empty for a generated one)")

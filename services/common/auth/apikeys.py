@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 PREFIX = "crl_"
 ID_BYTES = 10  # 16 base32 characters
 SECRET_BYTES = 32  # 52 base32 characters
-_ID = re.compile(r"^[a-z2-7]{16}$")
-_SECRET = re.compile(r"^[a-z2-7]{52}$")
+_ID = re.compile(r"[a-z2-7]{16}")
+_SECRET = re.compile(r"[a-z2-7]{52}")
 
 
 def _b32(raw: bytes) -> str:
@@ -60,14 +60,14 @@ def looks_like_api_key(credential: str) -> bool:
 
 
 def is_key_id(text: str) -> bool:
-    return bool(_ID.match(text))
+    return bool(_ID.fullmatch(text))
 
 
 def parse_key(credential: str) -> ApiKey:
     if not looks_like_api_key(credential):
         raise MalformedKey(f"an API key starts with {PREFIX}")
     key_id, sep, secret = credential.removeprefix(PREFIX).partition("_")
-    if not sep or not _ID.match(key_id) or not _SECRET.match(secret):
+    if not sep or not _ID.fullmatch(key_id) or not _SECRET.fullmatch(secret):
         raise MalformedKey(
             f"malformed API key: expected {PREFIX}<16-character id>_<52-character secret> "
             "(was it cut short when copied?)"
