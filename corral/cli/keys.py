@@ -3,6 +3,7 @@ the platform keeps only a hash of it."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -20,12 +21,14 @@ from corral.cli.output import (
     to_dict,
 )
 from corral.registry.v1 import keys_pb2 as pb
-from corral.strategy import StrategyError, duration, parse_duration
+from corral.strategy import duration
 
 ROLES = {"viewer": pb.KEY_ROLE_VIEWER, "invoker": pb.KEY_ROLE_INVOKER,
          "operator": pb.KEY_ROLE_OPERATOR, "admin": pb.KEY_ROLE_ADMIN}
 _TENANT_HELP = "The keys' tenant (default: the one you act in)."
 ONCE = "Store it now: it cannot be shown again."
+_LIFETIME = re.compile(r"(\d+)\s*([dhm])")
+_UNITS = {"d": 86400, "h": 3600, "m": 60}
 
 
 def _role(key: pb.Key) -> str:
@@ -44,15 +47,15 @@ def _state(key: pb.Key) -> str:
     return "active"
 
 
-def expires_in(text: str) -> float:
-    """Seconds in "90d", "12h", "30m"..., for --expires."""
-    try:
-        seconds = parse_duration(text, "--expires")
-    except StrategyError as exc:
-        raise click.BadParameter(str(exc), param_hint="--expires") from None
-    if seconds <= 0:
-        raise click.BadParameter(f"{text!r} must be more than 0", param_hint="--expires")
-    return seconds
+def expires_in(text: str) -> int:
+    """Seconds in "90d", "12h", "30m", for --expires: a unit is required (a bare 90 could be
+    meant as days as easily as seconds)."""
+    found = _LIFETIME.fullmatch(text.strip())
+    if not found or int(found[1]) == 0:
+        raise click.BadParameter(
+            f"{text!r} is not a lifetime: a whole number above 0 and a unit, d (days), h (hours) "
+            "or m (minutes), e.g. 90d, 12h, 30m", param_hint="--expires")
+    return int(found[1]) * _UNITS[found[2]]
 
 
 @click.group()

@@ -7,6 +7,7 @@ from corral import names
 from corral.bundle import digest_of
 from corral.client import CorralClient
 from corral.config import ClientConfig
+from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
 
@@ -19,6 +20,11 @@ class RecordingClient(CorralClient):
         self.uploaded: list[bytes] = []
         self.asked: list[names.RolloutRef] = []
         self.promoted: list[tuple[names.RolloutRef, bool]] = []
+        # What the keys commands sent: (tenant, key) created, (tenant, show_revoked) listed,
+        # (name or id, tenant) revoked.
+        self.keys_created: list[tuple[str, ks.Key]] = []
+        self.keys_listed: list[tuple[str, bool]] = []
+        self.keys_revoked: list[tuple[str, str]] = []
 
     def publish_bundle(self, data: bytes) -> reg.Version:
         self.uploaded.append(data)
@@ -33,3 +39,27 @@ class RecordingClient(CorralClient):
     def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
         self.promoted.append((rollout, full))
         return ro.Rollout(name=rollout.name)
+
+    def create_key(self, key: ks.Key, tenant: str = "") -> ks.CreateKeyResponse:
+        self.keys_created.append((tenant, key))
+        made = ks.Key(name="keys/abcdefgh234567ab", key_id="abcdefgh234567ab",
+                      tenant=tenant or "t", display_name=key.display_name or "key-abcdefgh234567ab",
+                      role=key.role)
+        made.create_time.GetCurrentTime()
+        return ks.CreateKeyResponse(key=made, api_key=KEY)
+
+    def list_keys(self, tenant: str = "", show_revoked: bool = False) -> list[ks.Key]:
+        self.keys_listed.append((tenant, show_revoked))
+        return [ks.Key(name="keys/abcdefgh234567ab", key_id="abcdefgh234567ab", tenant="t",
+                       display_name="ci", role=ks.KEY_ROLE_OPERATOR)]
+
+    def revoke_key(self, name_or_id: str, tenant: str = "") -> ks.Key:
+        self.keys_revoked.append((name_or_id, tenant))
+        revoked = ks.Key(name="keys/abcdefgh234567ab", key_id="abcdefgh234567ab",
+                         tenant=tenant or "t", display_name=name_or_id)
+        revoked.revoke_time.GetCurrentTime()
+        return revoked
+
+
+# The key create_key answers with.
+KEY = "crl_abcdefgh234567ab_" + "s" * 52
