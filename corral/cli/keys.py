@@ -35,7 +35,7 @@ def _role(key: pb.Key) -> str:
     return enum_label(pb.KeyRole, key.role).lower()
 
 
-def _when(key: pb.Key, field: Literal["create_time", "expire_time", "last_use_time"]) -> str:
+def _when(key: pb.Key, field: Literal["expire_time", "last_use_time"]) -> str:
     return timestamp(getattr(key, field)) if key.HasField(field) else "-"
 
 
@@ -100,13 +100,14 @@ def keys_create(state: State, tenant: str, role: str, name: str, expires: str | 
 @pass_state
 def keys_list(state: State, tenant: str, show_revoked: bool) -> None:
     """List API keys (never their secrets)."""
+    every_tenant = tenant == "-"
     emit_rows(
         state, state.client.list_keys(tenant, show_revoked),
-        ("id", "name", "tenant", "role", "created", "expires", "last used", "state"),
-        lambda k: (k.key_id, k.display_name, k.tenant,
-                   _role(k) + (" (platform admin)" if k.platform_admin else ""),
-                   _when(k, "create_time"), _when(k, "expire_time"), _when(k, "last_use_time"),
-                   _state(k)),
+        ("id", "name", *(("tenant",) if every_tenant else ()), "role", "expires", "last used",
+         "state"),
+        lambda k: (k.key_id, k.display_name, *((k.tenant,) if every_tenant else ()),
+                   _role(k) + (" (platform)" if k.platform_admin else ""),
+                   _when(k, "expire_time"), _when(k, "last_use_time"), _state(k)),
     )
 
 
