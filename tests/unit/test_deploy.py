@@ -22,6 +22,7 @@ EXPECTED_ROUTES = {
     "/corral.router.v1.RouterService/": "router",
     # Internal (executors only): answered by Envoy itself, never routed.
     "/corral.registry.v1.ToolSecretsService/": "direct_response",
+    "/corral.registry.v1.KeyService/VerifyKey": "direct_response",
     "/corral.registry.v1.": "registry",
     "/corral.sessions.v1.": "sessions",
     "/corral.telemetry.v1.": "telemetry",
