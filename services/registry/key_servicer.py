@@ -56,9 +56,8 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         return pb.ListKeysResponse(keys=each(page, key_pb), next_page_token=page.next_page_token)
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.Key:
-        who = caller(context)
-        tenant = key_rules.target_tenant(who, request.tenant)
-        return key_pb(await self.keys.revoke(who, tenant, key_rules.key_lookup(request.name)))
+        lookup = key_rules.key_lookup(request.name)
+        return key_pb(await self.keys.revoke(caller(context), request.tenant, lookup))
 
     async def VerifyKey(
         self, request: pb.VerifyKeyRequest, context: Context

@@ -75,7 +75,13 @@ class Keys:
         return await read_page(paging, "ListKeys", listing, (datetime, str), rows,
                                key=lambda k: (k.create_time, k.id))
 
-    async def revoke(self, who: Principal, tenant: str, lookup: KeyLookup) -> KeyRecord:
+    async def revoke(self, who: Principal, requested_tenant: str, lookup: KeyLookup) -> KeyRecord:
+        """Revokes the key `lookup` names in the tenant requested (the caller's when ""; for a
+        platform administrator naming a key by id, the key's own)."""
+        tenant = key_rules.target_tenant(who, requested_tenant)
+        if who.platform_admin and not requested_tenant and lookup.id:
+            found = await self._store.get_key(lookup.id)
+            tenant = found.tenant if found is not None else tenant
         if not who.platform_admin and tenant != who.tenant:
             raise key_rules.key_not_found(lookup, tenant)
         key_rules.check_manage(who, tenant, "RevokeKey")

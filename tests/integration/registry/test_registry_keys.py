@@ -27,7 +27,7 @@ from corral.registry.v1 import keys_pb2_grpc
 from services.common.auth.apikeys import parse_key
 from services.common.auth.key_client import CachedKeyVerifier, RemoteKeyVerifier
 from services.common.auth.principal import CredentialKind, Principal, Role
-from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.errors import NotFound, PermissionDenied, Unauthenticated
 from services.common.settings import Settings
 from services.registry.bootstrap import ensure_admin_key
 from services.registry.key_model import KeyDraft
@@ -206,7 +206,7 @@ async def test_listing_pages_oldest_first(registry: KeyRegistry) -> None:
     assert not rest.next_page_token
 
 
-async def test_a_key_with_a_ttl_expires(registry: KeyRegistry) -> None:
+async def test_a_ttl_becomes_an_expire_time_that_verify_reports(registry: KeyRegistry) -> None:
     made = await registry.create("brief", ttl=duration_pb2.Duration(seconds=3600))
     expires = made.key.expire_time.ToDatetime(tzinfo=UTC)
     assert timedelta(minutes=59) < expires - datetime.now(UTC) <= timedelta(hours=1)
@@ -269,6 +269,13 @@ async def test_no_one_grants_more_than_they_hold(store: PgStore) -> None:
     record, _ = await keys.create(admin("default", platform=True),
                                   KeyDraft(tenant=other, role=Role.ADMIN, platform_admin=True))
     assert (record.tenant, record.platform_admin) == (other, True)
+    # And revoke another tenant's key by its id alone; a tenant's admin may not.
+    with pytest.raises(NotFound):
+        await keys.revoke(admin(tenant), "", key_lookup(record.id))
+    with pytest.raises(NotFound):
+        await keys.revoke(admin(tenant), other, key_lookup(record.id))
+    revoked = await keys.revoke(admin("default", platform=True), "", key_lookup(record.id))
+    assert revoked.revoke_time is not None
 
 
 async def test_the_bootstrap_key_is_written_private_kept_while_valid_and_remade_when_not(
