@@ -3,6 +3,7 @@ verifier cache in front of the registry, and how a client finds its credential."
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -184,6 +185,25 @@ async def test_the_cache_reuses_answers_and_refusals_for_its_ttl_only() -> None:
     with pytest.raises(Unauthenticated):
         await cached.verify("bad")
     assert inner.calls == ["good", "bad", "good", "bad"]
+
+
+async def test_calls_that_arrive_together_share_one_question_to_the_registry() -> None:
+    inner, release = CountingVerifier(), asyncio.Event()
+    slow = inner.verify
+
+    async def waits(credential: str) -> Principal:
+        await release.wait()
+        return await slow(credential)
+
+    inner.verify = waits  # type: ignore[method-assign]
+    cached = CachedKeyVerifier(inner, ttl_s=5, monotonic=lambda: 0.0)
+    calls = [asyncio.create_task(cached.verify(c)) for c in ("good", "good", "bad", "bad")]
+    await asyncio.sleep(0)
+    release.set()
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert answers[0] == answers[1] and isinstance(answers[0], Principal)
+    assert all(isinstance(a, Unauthenticated) for a in answers[2:])
+    assert sorted(inner.calls) == ["bad", "good"]
 
 
 async def test_the_cache_does_not_remember_an_unreachable_registry() -> None:

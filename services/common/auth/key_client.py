@@ -8,6 +8,7 @@ by a service that verified it just before. A registry that cannot be reached is 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -23,6 +24,8 @@ from services.common.status import calling
 
 TIMEOUT_S = 5
 DEFAULT_MAX_ENTRIES = 10_000
+# What a verifier answers: who the credential proves, or why it is refused.
+Answer = Principal | Unauthenticated
 
 
 def principal_from_pb(answer: keys_pb2.VerifyKeyResponse) -> Principal:
@@ -50,7 +53,8 @@ class RemoteKeyVerifier(ServiceClient["keys_pb2_grpc.KeyServiceAsyncStub"]):
 class CachedKeyVerifier:
     """`inner`'s answers (principals and Unauthenticated refusals) reused for `ttl_s` seconds,
     at most `max_entries` of them (the least recently used go first). Entries are keyed by a hash
-    of the credential, so the cache holds no usable secret."""
+    of the credential, so the cache holds no usable secret. Calls that arrive while the same
+    credential is being verified wait for that answer instead of asking again."""
 
     def __init__(
         self, inner: CredentialVerifier, ttl_s: float, *, max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -60,27 +64,33 @@ class CachedKeyVerifier:
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._monotonic = monotonic
-        self._entries: OrderedDict[bytes, tuple[float, Principal | Unauthenticated]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, Answer]] = OrderedDict()
+        self._asking: dict[bytes, asyncio.Future[Answer]] = {}
 
     async def verify(self, credential: str) -> Principal:
         key = hashlib.sha256(credential.encode()).digest()
-        now = self._monotonic()
         cached = self._entries.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self._monotonic():
             self._entries.move_to_end(key)
             answer = cached[1]
         else:
-            try:
-                answer = await self._inner.verify(credential)
-            except Unauthenticated as exc:
-                answer = exc
-            self._remember(key, now + self._ttl_s, answer)
+            asking = self._asking.get(key)
+            if asking is None:
+                asking = self._asking[key] = asyncio.ensure_future(self._ask(key, credential))
+                asking.add_done_callback(lambda _: self._asking.pop(key, None))
+            # Shielded: one caller going away does not cancel the others' answer.
+            answer = await asyncio.shield(asking)
         if isinstance(answer, Unauthenticated):
             raise Unauthenticated(answer.message, reason=answer.reason, domain=answer.domain)
         return answer
 
-    def _remember(self, key: bytes, until: float, answer: Principal | Unauthenticated) -> None:
-        self._entries[key] = (until, answer)
+    async def _ask(self, key: bytes, credential: str) -> Answer:
+        try:
+            answer: Answer = await self._inner.verify(credential)
+        except Unauthenticated as exc:
+            answer = exc
+        self._entries[key] = (self._monotonic() + self._ttl_s, answer)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
+        return answer
