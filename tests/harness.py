@@ -8,6 +8,7 @@ import functools
 import importlib
 import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,11 +19,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from services.common.auth.pki import ensure_pki
 from services.common.server import ServiceHost
 from services.common.settings import SERVICES, START_ORDER, Settings
 from services.executor.drivers.base import SandboxDriver, SandboxSpec
 from services.executor.sandbox import Sandbox
 from services.launcher.ports import HeldPort
+from tests import credentials
 
 
 @contextmanager
@@ -77,27 +80,40 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_WARM_POOL_SIZE": "0",
         # The tests' tool services listen on 127.0.0.1.
         "CORRAL_TOOLS_ALLOW_LOOPBACK": "true",
-        "CORRAL_INTERNAL_TOKEN": uuid.uuid4().hex,
     }
     for svc in SERVICES:
         values[f"CORRAL_{svc.upper()}_ADDR"] = "127.0.0.1:0"
+        values[f"CORRAL_{svc.upper()}_INTERNAL_ADDR"] = "127.0.0.1:0"
+    values["CORRAL_PKI_DIR"] = str(service_pki())
+    values["CORRAL_OIDC_ISSUERS"] = credentials.issuers_setting()
     values.update(env)
     return Settings.from_env(values)
 
 
-async def start_service(name: str, settings: Settings, listen: str | None = None) -> ServiceHost:
+@functools.cache  # one for the run
+def service_pki() -> Path:
+    """A service CA and every service's certificate, made once for the run."""
+    directory = Path(tempfile.mkdtemp(prefix="corral-test-pki-")) / "pki"
+    ensure_pki(directory, SERVICES)
+    return directory
+
+
+async def start_service(
+    name: str, settings: Settings, listen: str | None = None, internal_listen: str | None = None
+) -> ServiceHost:
     """One service in-process on `listen` (by default where `settings` say: port 0 from
-    make_settings); `host.address` is where it serves."""
+    make_settings); `host.address` is where it serves, `host.internal_address` where the other
+    services reach it."""
     app = importlib.import_module(f"services.{name}.app")
-    host = ServiceHost(name, settings, app.build(settings))
-    await host.start(listen)
+    host = ServiceHost(name, settings, app.build(settings.for_service(name)))
+    await host.start(listen, internal_listen)
     return host
 
 
 async def restart(host: ServiceHost) -> ServiceHost:
     """A new instance of a stopped service where the old one listened: clients' channels to it
     reach the new one."""
-    return await start_service(host.name, host.settings, host.listening)
+    return await start_service(host.name, host.settings, host.listening, host.internal_listening)
 
 
 class Platform:
@@ -114,9 +130,12 @@ class Platform:
         back where it was."""
         for name in sorted(names, key=START_ORDER.index):
             before = self.hosts.get(name)
-            host = await start_service(name, self.settings, before.listening if before else None)
+            host = await start_service(
+                name, self.settings, before.listening if before else None,
+                before.internal_listening if before else None,
+            )
             self.hosts[name] = host
-            self.settings = self.settings.with_address(name, host.address)
+            self.settings = self.settings.with_address(name, host.address, host.internal_address)
         return self.hosts
 
     async def stop(self, grace: float = 0.5) -> None:

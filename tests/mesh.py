@@ -10,8 +10,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from corral import names
 from corral.bundle import pack
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
@@ -25,6 +23,7 @@ from services.common.server import ServiceHost
 from services.common.settings import Settings
 from tests import harness
 from tests.bundles import agent_files, copy_example, publish_requests, write_bundle
+from tests.credentials import public_channel
 from tests.rpc import Metadata, body, new_tenant, who
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -122,7 +121,7 @@ async def connect(
     settings: Settings, hosts: dict[str, ServiceHost], tmp: Path
 ) -> AsyncIterator[Mesh]:
     """A Mesh over the services `settings` say are serving; its channels close at the end."""
-    channels = {svc: grpc.aio.insecure_channel(settings.addrs[svc]) for svc in harness.MESH}
+    channels = {svc: public_channel(settings.addrs[svc]) for svc in harness.MESH}
     try:
         yield Mesh(
             settings=settings,

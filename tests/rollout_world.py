@@ -26,6 +26,7 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.settings import Settings
 from tests.bundles import packed_agent, publish_requests
+from tests.credentials import internal_channel, public_channel
 from tests.otlp import attributes, export_request, kv
 from tests.rpc import who
 
@@ -110,11 +111,18 @@ class World:
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel("registry"))
         self.rollouts = rollouts_pb2_grpc.RolloutServiceStub(self.channel("registry"))
         self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel("telemetry"))
-        self.otlp = trace_service_pb2_grpc.TraceServiceStub(self.channel("telemetry"))
+        # What the platform does: executors export spans, the registry asks for analyses.
+        self.otlp = trace_service_pb2_grpc.TraceServiceStub(self.internal("telemetry", "executor"))
+        self.analysis = telemetry_pb2_grpc.TelemetryServiceStub(self.internal("telemetry", "registry"))
         self.sessions = sessions_pb2_grpc.SessionsServiceStub(self.channel("sessions"))
 
     def channel(self, service: str, addr: str = "") -> grpc.aio.Channel:
-        ch = grpc.aio.insecure_channel(addr or self.settings.addrs[service])
+        ch = public_channel(addr or self.settings.addrs[service])
+        self.channels.append(ch)
+        return ch
+
+    def internal(self, service: str, as_service: str) -> grpc.aio.Channel:
+        ch = internal_channel(self.settings, service, as_service)
         self.channels.append(ch)
         return ch
 

@@ -12,14 +12,15 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tests.credentials import DEFAULT_TENANT, DEFAULT_USER, bearer
+
 Metadata = tuple[tuple[str, str], ...]
 
 
-def who(tenant: str, user: str = "alice") -> Metadata:
-    """The headers naming the caller, as the gateway in front of Corral sets them; an empty
-    tenant or user is left out."""
-    headers = (("x-corral-tenant", tenant), ("x-corral-user", user))
-    return tuple((key, value) for key, value in headers if value)
+def who(tenant: str, user: str = "alice", role: str = "admin") -> Metadata:
+    """The credential of `user` with `role` in `tenant` (empty: the default tenant and an unnamed
+    user): a token from the run's identity provider, which every test service accepts."""
+    return bearer(tenant or DEFAULT_TENANT, user or DEFAULT_USER, role)
 
 
 def new_tenant() -> str:

@@ -1,5 +1,5 @@
-"""Telemetry as its tests talk to it: TelemetryService and the OTLP TraceService over one
-channel, and ids of a test's own (the database is shared by the run)."""
+"""Telemetry as its tests talk to it: TelemetryService as a user, the OTLP TraceService as an
+executor, and ids of a test's own (the database is shared by the run)."""
 
 from __future__ import annotations
 

@@ -35,11 +35,6 @@ class Registry:
     tenant: str
     md: Metadata = ()
 
-    @property
-    def internal(self) -> Metadata:
-        """What an executor presents to ResolveTool."""
-        return (("x-corral-internal-token", self.settings.internal_token),)
-
     async def create(self, tool_id: str, secret: str = "", **fields: Any) -> pb.Tool:
         tool = pb.Tool(secret=secret, **{"kind": pb.TOOL_KIND_HTTP, **fields})
         return await self.tools.CreateTool(

@@ -1,23 +1,43 @@
-"""Channels to other Corral services, with identity and trace context carried along, and the base
-of every clients module's classes: one channel to the service it calls, a typed stub, close()."""
+"""Channels to other Corral services, and the base of every clients module's classes: one channel
+to the service it calls (its internal listener, over mutual TLS with this service's certificate),
+a typed stub, the metadata that says on whose behalf a call is made, close()."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import grpc
 
-from services.common import tracing
-from services.common.identity import Caller, metadata_of
+from services.common import identity, tracing
+from services.common.auth.assertions import ASSERTION_KEY, AssertionSigner
+from services.common.auth.interceptor import TENANT_KEY
+from services.common.auth.pki import ServiceIdentity, load_identity
+from services.common.auth.principal import Principal
 from services.common.server import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def service_identity(settings: Settings) -> ServiceIdentity:
+    """The identity of the service these settings were given to."""
+    if not settings.service:
+        raise RuntimeError("service-to-service calls need settings given to a service (for_service)")
+    return load_identity(settings.pki_dir, settings.service)
+
+
+@functools.cache
+def _signer(identity: ServiceIdentity) -> AssertionSigner:
+    return AssertionSigner(identity)
 
 
 def channel(settings: Settings, service: str) -> grpc.aio.Channel:
     interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
-    return grpc.aio.insecure_channel(
-        settings.addrs[service],
+    return grpc.aio.secure_channel(
+        settings.internal_addrs[service],
+        service_identity(settings).channel_credentials(),
         interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -28,9 +48,18 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
     )
 
 
-def call_metadata(caller: Caller | None = None) -> tuple[tuple[str, str], ...]:
-    """Metadata for a call made on behalf of `caller`, with the current trace context."""
-    return (*(metadata_of(caller) if caller else ()), *tracing.inject_metadata())
+def on_behalf_of(settings: Settings, principal: Principal | None) -> Metadata:
+    """Metadata that says a call is made for `principal` (None: the calling service itself). A
+    user's principal goes as an assertion: the one it arrived with when relaying the call being
+    handled, else one this service signs. A service names the tenant it acts in, if any."""
+    if principal is None:
+        return ()
+    if principal.is_service:
+        return ((TENANT_KEY, principal.tenant),) if principal.tenant else ()
+    current = identity.current()
+    if current is not None and current.assertion and current.principal == principal:
+        return ((ASSERTION_KEY, current.assertion),)
+    return ((ASSERTION_KEY, _signer(service_identity(settings)).sign(principal)),)
 
 
 Stub = TypeVar("Stub")
@@ -43,8 +72,14 @@ class ServiceClient(Generic[Stub]):
     def __init__(
         self, settings: Settings, service: str, stub: Callable[[grpc.aio.Channel], Stub]
     ) -> None:
+        self._settings = settings
         self._channel = channel(settings, service)
         self._stub = stub(self._channel)
+
+    def metadata(self, principal: Principal | None = None) -> Metadata:
+        """What says on whose behalf a call is made (`principal`, or this service itself), and
+        the current trace context."""
+        return (*on_behalf_of(self._settings, principal), *tracing.inject_metadata())
 
     async def close(self) -> None:
         await self._channel.close()

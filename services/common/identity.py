@@ -1,15 +1,14 @@
-"""Who is calling: the principal the authentication interceptor verified for this call.
-
-Transitional: until the interceptor lands, the principal is read from two request headers."""
+"""Who is calling: the principal the authentication interceptor verified for the call being
+handled (services/common/auth/interceptor.py), which servicers read with `caller(context)`."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import contextvars
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.common.auth.principal import DEFAULT_TENANT, CredentialKind, Principal, Role
-from services.common.errors import InvalidArgument
+from services.common.auth.principal import Principal
+from services.common.errors import Unauthenticated
 
 if TYPE_CHECKING:
     from services.common.interceptors import Context
@@ -17,34 +16,36 @@ if TYPE_CHECKING:
 # Services read the principal through this name.
 Caller = Principal
 
-TENANT_KEY = "x-corral-tenant"
-USER_KEY = "x-corral-user"
-SERVICE_KEY = "x-corral-service"
-ANONYMOUS = "anonymous"
-_VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+@dataclass(frozen=True)
+class Verified:
+    principal: Principal
+    # The assertion the principal arrived with on an internal hop, relayed as is on further hops.
+    assertion: str = ""
 
 
-def caller_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
-    values = {k: v for k, v in (metadata or ()) if k in (TENANT_KEY, USER_KEY, SERVICE_KEY)}
-    if values.get(SERVICE_KEY):
-        return Principal.of_service(str(values[SERVICE_KEY]), str(values.get(TENANT_KEY) or ""))
-    tenant = str(values.get(TENANT_KEY) or DEFAULT_TENANT)
-    user = str(values.get(USER_KEY) or ANONYMOUS)
-    for key, value in ((TENANT_KEY, tenant), (USER_KEY, user)):
-        if not _VALID.match(value):
-            raise InvalidArgument.field(
-                key, f"{value!r} is not a valid identity (letters, digits, . _ @ -, at most 128)"
-            )
-    return Principal(tenant=tenant, subject=user, roles=frozenset({Role.ADMIN}),
-                     kind=CredentialKind.API_KEY, credential="header")
+_current: contextvars.ContextVar[Verified | None] = contextvars.ContextVar("corral_principal", default=None)
 
 
-def caller(context: Context) -> Caller:
-    return caller_from_metadata(context.invocation_metadata())
+def caller(context: Context | None = None) -> Caller:
+    """The verified principal of the call being handled. Only the interceptor sets it, so a
+    handler reached without one is refused rather than run as anyone."""
+    verified = _current.get()
+    if verified is None:
+        raise Unauthenticated("no verified credential for this call")
+    return verified.principal
 
 
-def metadata_of(principal: Principal) -> tuple[tuple[str, str], ...]:
-    """Metadata that carries `principal` on a call to another service."""
-    if principal.is_service:
-        return ((SERVICE_KEY, principal.service), (TENANT_KEY, principal.tenant))
-    return ((TENANT_KEY, principal.tenant), (USER_KEY, principal.subject))
+def current() -> Verified | None:
+    return _current.get()
+
+
+def enter(verified: Verified) -> contextvars.Token[Verified | None]:
+    return _current.set(verified)
+
+
+def leave(token: contextvars.Token[Verified | None]) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:
+        pass  # a stream closed from another task: its own task's context ends with it

@@ -11,10 +11,19 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from corral.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.common import tracing
+from services.common.auth.assertions import AssertionVerifier
+from services.common.auth.interceptor import Authenticator, AuthInterceptor
+from services.common.auth.methods import METHODS
+from services.common.auth.oidc import OidcVerifier
+from services.common.auth.pki import load_identity
+from services.common.auth.verify import CredentialVerifier
+from services.common.auth.whoami import WhoAmIServicer
 from services.common.interceptors import ErrorMappingInterceptor
 from services.common.logs import setup_logging
 from services.common.settings import Settings
@@ -39,6 +48,11 @@ class Service(Protocol):
         that subclass Service explicitly inherit this one, which has none to end."""
         return
 
+    def key_verifier(self) -> CredentialVerifier | None:
+        """How this service checks API keys: the registry, which keeps them, checks its own store;
+        the others (None) ask the registry."""
+        return None
+
 
 class App(Service):
     """The base of every service's app.py: the wiring of one service from its settings."""
@@ -47,24 +61,65 @@ class App(Service):
         self.settings = settings
 
 
+IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+
+
+def unlisted_methods(services: list[str]) -> list[str]:
+    """The methods of `services` (full names) that the access table does not cover."""
+    pool = descriptor_pool.Default()
+    return [
+        f"/{name}/{method.name}"
+        for name in services
+        for method in pool.FindServiceByName(name).methods
+        if f"/{name}/{method.name}" not in METHODS
+    ]
+
+
 class ServiceHost:
     """One grpc.aio server: a service's handlers plus health, reflection and the error mapping."""
 
     def __init__(self, name: str, settings: Settings, service: Service) -> None:
         self.name = name
-        self.settings = settings
+        self.settings = settings.for_service(name)
         self.service = service
         self.health = health.aio.HealthServicer()
         # The port bound, and host:port listened on: with port 0, the port the OS picked.
         self.port = 0
         self.listening = ""
+        # The same for the internal listener (mutual TLS, for the other services).
+        self.internal_port = 0
+        self.internal_listening = ""
         self._stack = AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._services: list[str] = []
 
-    async def start(self, listen: str | None = None) -> int:
+    def _key_verifier(self) -> CredentialVerifier:
+        """The service's own (the registry's), else the registry asked over the internal channel,
+        its answers cached for settings.credential_cache_s (how long a revoked key still works)."""
+        own = self.service.key_verifier()
+        if own is not None:
+            return own
+        # Imported here: key_client is built on the clients module, which imports this one.
+        from services.common.auth.key_client import CachedKeyVerifier, RemoteKeyVerifier
+
+        remote = RemoteKeyVerifier(self.settings)
+        self._stack.push_async_callback(remote.close)
+        return CachedKeyVerifier(remote, self.settings.credential_cache_s)
+
+    async def start(self, listen: str | None = None, internal_listen: str | None = None) -> int:
         """Starts serving and returns the bound port (useful with port 0 in tests)."""
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(self.name)]
+        identity = load_identity(self.settings.pki_dir, self.name)
+        issuers = self.settings.oidc_issuers
+        tokens = OidcVerifier(issuers) if issuers else None
+        if tokens is not None:
+            self._stack.push_async_callback(tokens.aclose)
+        authenticator = Authenticator(
+            AssertionVerifier(identity.ca), api_keys=self._key_verifier(), tokens=tokens
+        )
+        # The error mapping wraps the authentication, so that its refusals get their codes.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ErrorMappingInterceptor(self.name), AuthInterceptor(authenticator)
+        ]
         if self.settings.tracing and self.settings.rpc_spans:
             interceptors.insert(0, tracing.server_interceptor())
         server = grpc.aio.server(
@@ -77,7 +132,14 @@ class ServiceHost:
         )
         self._server = server
         try:
-            self._services = await self.service.start(server, self._stack)
+            self._services = [*await self.service.start(server, self._stack), IDENTITY_SERVICE]
+            identity_pb2_grpc.add_IdentityServiceServicer_to_server(WhoAmIServicer(), server)
+            unlisted = unlisted_methods(self._services)
+            if unlisted:
+                raise RuntimeError(
+                    f"{self.name} serves methods the access table (services/common/auth/"
+                    f"methods.py) does not cover, so no one could be allowed or refused: {unlisted}"
+                )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             reflection.enable_server_reflection(
                 [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -87,6 +149,11 @@ class ServiceHost:
             if self.port == 0:
                 raise OSError(f"{self.name} could not listen on {address}")
             self.listening = with_port(address, self.port)
+            internal = internal_listen or self.settings.internal_listen[self.name]
+            self.internal_port = server.add_secure_port(internal, identity.server_credentials())
+            if self.internal_port == 0:
+                raise OSError(f"{self.name} could not listen on {internal} (internal, mutual TLS)")
+            self.internal_listening = with_port(internal, self.internal_port)
             await server.start()
         except BaseException:
             await self._stack.aclose()
@@ -99,6 +166,11 @@ class ServiceHost:
     def address(self) -> str:
         """Where clients reach this server: its address in the settings, on the port it bound."""
         return with_port(self.settings.addrs[self.name], self.port)
+
+    @property
+    def internal_address(self) -> str:
+        """Where the other services reach it, with their certificates."""
+        return with_port(self.settings.internal_addrs[self.name], self.internal_port)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """NOT_SERVING first so balancers move away, then drain, then close resources."""
@@ -119,9 +191,10 @@ async def serve_forever(host: ServiceHost) -> None:
     if not host.settings.supervised:
         loop.add_signal_handler(signal.SIGINT, stop.set)
     port = await host.start()
-    log.info("%s serving on %s (port %d)", host.name, host.listening, port)
+    log.info("%s serving on %s (port %d; internal, mutual TLS: %s)",
+             host.name, host.listening, port, host.internal_listening)
     if host.settings.address_file is not None:
-        report_address(host.settings.address_file, host.address)
+        report_address(host.settings.address_file, host.address, host.internal_address)
     await stop.wait()
     log.info("%s shutting down", host.name)
     await host.stop()
@@ -133,18 +206,19 @@ def with_port(address: str, port: int) -> str:
     return f"{address.rpartition(':')[0]}:{port}"
 
 
-def report_address(path: Path, address: str) -> None:
-    """Tells the launcher where this service serves. Written aside, then renamed into place, so
-    that the launcher, which polls for the file, never reads half an address."""
+def report_address(path: Path, address: str, internal: str) -> None:
+    """Tells the launcher where this service serves: its public address, then its internal one,
+    on one line. Written aside, then renamed into place, so that the launcher, which polls for
+    the file, never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    part.write_text(address + "\n")
+    part.write_text(f"{address} {internal}\n")
     part.replace(path)
 
 
 def main(name: str, build: Callable[[Settings], Service]) -> None:
     """Entry point shared by every service's __main__."""
-    settings = Settings.from_env()
+    settings = Settings.from_env().for_service(name)
     setup_logging(name, settings.log_level)
     tracing.setup(name, settings)
     try:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from services.common.auth.oidc import IssuerConfigError, OidcIssuer, parse_issuers
+
 DEFAULT_PORTS = {
     "router": 50051,
     "registry": 50052,
@@ -17,6 +19,8 @@ DEFAULT_PORTS = {
     "telemetry": 50055,
 }
 SERVICES = tuple(DEFAULT_PORTS)
+# Each service's internal listener (mutual TLS, for the other services) is its port plus this.
+INTERNAL_PORT_OFFSET = 10
 # Each service after those it calls (registry → telemetry, sessions; executor → sessions, registry,
 # telemetry; router → registry, sessions, executor): one listening on port 0 is known only once it
 # has started, so it can be given only to those started after it.
@@ -129,14 +133,21 @@ class Settings:
     # Base64 of the 32-byte key that encrypts tool secrets at rest (registry). Kept out of repr so
     # that logging the settings cannot print it.
     secrets_key: str = field(default="", repr=False)
-    # Shared by registries and executors only: an executor proves with it that it may resolve
-    # tool secrets (ToolSecretsService). Kept out of repr like the key.
-    internal_token: str = field(default="", repr=False)
     # Telemetry's price list: model id -> US dollars per million (input, output) tokens.
     model_prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     # Set by the launcher: the file where the service writes the address it serves on once it is
     # up, so that an address with port 0 becomes the port the OS picked.
     address_file: Path | None = None
+    # Where services reach each other: each one's internal listener, which requires a client
+    # certificate from the service CA (mutual TLS). Defaults to the public port plus 10.
+    internal_addrs: Mapping[str, str] = field(default_factory=dict)
+    internal_listen: Mapping[str, str] = field(default_factory=dict)
+    # The service CA and the services' certificates and keys (see services/common/auth/pki.py).
+    pki_dir: Path = Path(".corral/pki")
+    # The service these settings were given to (set by the host that runs it; "" for a client).
+    service: str = ""
+    # Identity providers whose bearer tokens (JWTs) the services accept (CORRAL_OIDC_ISSUERS).
+    oidc_issuers: tuple[OidcIssuer, ...] = ()
     # How long a verified credential (or a refusal) is reused without asking again: the longest a
     # revoked API key is still honoured after RevokeKey, per service.
     credential_cache_s: float = 5.0
@@ -152,11 +163,25 @@ class Settings:
             for svc, port in DEFAULT_PORTS.items()
         }
         listen = {svc: env.get(f"CORRAL_{svc.upper()}_LISTEN") or addrs[svc] for svc in SERVICES}
-        for svc, addr in {**addrs, **{f"{k} listen": v for k, v in listen.items()}}.items():
+        internal = {
+            svc: env.get(f"CORRAL_{svc.upper()}_INTERNAL_ADDR") or _offset(addrs[svc])
+            for svc in SERVICES
+        }
+        internal_listen = {
+            svc: env.get(f"CORRAL_{svc.upper()}_INTERNAL_LISTEN") or internal[svc] for svc in SERVICES
+        }
+        every = {**addrs, **{f"{k} listen": v for k, v in listen.items()},
+                 **{f"{k} internal": v for k, v in internal.items()},
+                 **{f"{k} internal listen": v for k, v in internal_listen.items()}}
+        for svc, addr in every.items():
             if ":" not in addr:
                 raise SettingsError(f"address for {svc} ({addr!r}) must be host:port")
+        data_dir = Path(env.get("CORRAL_DATA_DIR") or ".corral").resolve()
         return cls(
-            data_dir=Path(env.get("CORRAL_DATA_DIR") or ".corral").resolve(),
+            data_dir=data_dir,
+            internal_addrs=internal,
+            internal_listen=internal_listen,
+            pki_dir=Path(env.get("CORRAL_PKI_DIR") or data_dir / "pki").resolve(),
             database_url=env.get("CORRAL_DATABASE_URL") or None,
             redis_url=env.get("CORRAL_REDIS_URL") or None,
             redis_prefix=env.get("CORRAL_REDIS_PREFIX", "corral:"),
@@ -185,17 +210,22 @@ class Settings:
                 tools_allow_loopback=_bool(env, "CORRAL_TOOLS_ALLOW_LOOPBACK", False),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
-            internal_token=env.get("CORRAL_INTERNAL_TOKEN", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
             address_file=Path(env["CORRAL_ADDRESS_FILE"]) if env.get("CORRAL_ADDRESS_FILE") else None,
+            oidc_issuers=_issuers(env.get("CORRAL_OIDC_ISSUERS", "")),
             credential_cache_s=_float(env, "CORRAL_CREDENTIAL_CACHE_S", 5.0),
             bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
         )
 
-    def with_address(self, service: str, address: str) -> Settings:
-        """These settings with `service` reached at `address`: where it really listens, once a
-        service asked for port 0 has started."""
-        return replace(self, addrs={**self.addrs, service: address})
+    def with_address(self, service: str, address: str, internal: str | None = None) -> Settings:
+        """These settings with `service` reached at `address` (and its internal listener at
+        `internal`): where it really listens, once a service asked for port 0 has started."""
+        internal_addrs = {**self.internal_addrs, service: internal or self.internal_addrs[service]}
+        return replace(self, addrs={**self.addrs, service: address}, internal_addrs=internal_addrs)
+
+    def for_service(self, service: str) -> Settings:
+        """These settings as given to `service`: it calls the others with its own identity."""
+        return replace(self, service=service)
 
     def require_database(self) -> str:
         return _required(self.database_url, "CORRAL_DATABASE_URL", "PostgreSQL")
@@ -204,6 +234,22 @@ class Settings:
         return _required(self.redis_url, "CORRAL_REDIS_URL", "Redis")
 
 
+def _issuers(text: str) -> tuple[OidcIssuer, ...]:
+    try:
+        return parse_issuers(text)
+    except IssuerConfigError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _offset(address: str) -> str:
+    """The internal address beside a public one: the same host, the port plus 10 (port 0 stays 0,
+    for a port the OS picks)."""
+    host, _, port = address.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        return address
+    return f"{host}:{number + INTERNAL_PORT_OFFSET if number else 0}"
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(env[name]).resolve() if env.get(name) else None
 

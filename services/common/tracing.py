@@ -14,6 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from services.common.auth.pki import load_identity
 from services.common.settings import Settings
 
 _provider: TracerProvider | None = None
@@ -26,7 +27,11 @@ def setup(service: str, settings: Settings) -> None:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"corral-{service}"}))
     if settings.tracing and service != "telemetry":
-        exporter = OTLPSpanExporter(endpoint=settings.addrs["telemetry"], insecure=True, timeout=3)
+        # To telemetry's internal listener, proving this service's identity.
+        credentials = load_identity(settings.pki_dir, service).channel_credentials()
+        exporter = OTLPSpanExporter(
+            endpoint=settings.internal_addrs["telemetry"], credentials=credentials, timeout=3
+        )
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider

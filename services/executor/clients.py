@@ -21,7 +21,7 @@ from corral.registry.v1 import tools_pb2 as reg
 from corral.registry.v1 import tools_pb2_grpc as reg_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.background import TaskSet
-from services.common.clients import ServiceClient, call_metadata
+from services.common.clients import ServiceClient
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import FailedPrecondition
@@ -49,19 +49,19 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
         request = sessions_pb2.AcquireLeaseRequest(session=session.name, holder=holder)
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
         with calling("sessions"):
-            lease = await self._stub.AcquireLease(request, metadata=call_metadata(caller))
+            lease = await self._stub.AcquireLease(request, metadata=self.metadata(caller))
         return Lease(lease.lease_id, _state(lease.state))
 
     async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
         request = sessions_pb2.RenewLeaseRequest(session=session.name, lease_id=lease_id)
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
         with calling("sessions"):
-            await self._stub.RenewLease(request, metadata=call_metadata(caller))
+            await self._stub.RenewLease(request, metadata=self.metadata(caller))
 
     async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
         request = sessions_pb2.ReleaseLeaseRequest(session=session.name, lease_id=lease_id)
         with calling("sessions"):
-            await self._stub.ReleaseLease(request, metadata=call_metadata(caller))
+            await self._stub.ReleaseLease(request, metadata=self.metadata(caller))
 
     async def commit(
         self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
@@ -71,7 +71,7 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
             invocation_id=turn.invocation_id, input=turn.input, output=turn.output,
         )
         with calling("sessions"):
-            state = await self._stub.CommitTurn(request, metadata=call_metadata(caller))
+            state = await self._stub.CommitTurn(request, metadata=self.metadata(caller))
         return _state(state)
 
 
@@ -106,12 +106,11 @@ class RegistryToolResolver(ServiceClient["reg_grpc.ToolSecretsServiceAsyncStub"]
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "registry", reg_grpc.ToolSecretsServiceStub)
-        self._metadata = (*call_metadata(), ("x-corral-internal-token", settings.internal_token))
 
     async def resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
         try:
             resolved = await self._stub.ResolveTool(
-                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self._metadata,
+                reg.ResolveToolRequest(tenant=tenant, tool=tool), metadata=self.metadata(),
                 timeout=timeout_s,
             )
         except grpc.aio.AioRpcError as exc:

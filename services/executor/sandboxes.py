@@ -97,7 +97,7 @@ class SandboxTable:
         lease on the session, starting from its committed state."""
         current = self._bound.get(inv.session)
         if current is not None and current.sandbox.alive and current.sandbox.version == inv.version.name:
-            if current.owner != caller:
+            if (current.owner.tenant, current.owner.user) != (caller.tenant, caller.user):
                 raise PermissionDenied(f"{inv.session} belongs to another caller")
             return current
         if current is not None:

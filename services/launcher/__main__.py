@@ -24,8 +24,9 @@ from grpc_health.v1 import health_pb2
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from services.common import embedded
+from services.common.auth.pki import LOCAL_HOSTS, ensure_pki
 from services.common.logs import setup_logging
-from services.common.settings import START_ORDER, Settings, inherited_environment
+from services.common.settings import SERVICES, START_ORDER, Settings, inherited_environment
 from services.launcher.ports import HeldPort
 
 log = logging.getLogger("corral.launcher")
@@ -34,6 +35,8 @@ EXAMPLE = ROOT / "examples" / "progress-report"
 # The HTTP ports, which take "any" for a port the OS picks (0 turns one off, as documented).
 HTTP_PORTS = ("CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT")
 ANY_PORT = "any"
+# Secrets in the environment, and the one service each is given to.
+SERVICE_SECRETS = {"CORRAL_SECRETS_KEY": "registry"}
 T = TypeVar("T")
 HealthCheck: TypeAlias = "grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]"
 
@@ -53,8 +56,9 @@ class Launcher:
         self.redis: embedded.EmbeddedRedis | None = None
         self.stopping = False
 
-    def _env(self) -> dict[str, str]:
-        env = dict(self.environ)
+    def _env(self, svc: str) -> dict[str, str]:
+        """The environment of `svc`: secrets only for the services that use them."""
+        env = {k: v for k, v in self.environ.items() if k not in SERVICE_SECRETS or SERVICE_SECRETS[k] == svc}
         env["CORRAL_DATA_DIR"] = str(self.settings.data_dir)
         # Ctrl-C reaches the whole process group; the services leave stopping to the launcher.
         env["CORRAL_SUPERVISED"] = "true"
@@ -62,12 +66,13 @@ class Launcher:
             env["CORRAL_DATABASE_URL"] = self.pg.url
         if self.redis is not None:
             env["CORRAL_REDIS_URL"] = self.redis.url
-        for svc, addr in self.settings.addrs.items():
-            env[f"CORRAL_{svc.upper()}_ADDR"] = addr
-        if not self.settings.secrets_key:
+        for name, addr in self.settings.addrs.items():
+            env[f"CORRAL_{name.upper()}_ADDR"] = addr
+        for name, addr in self.settings.internal_addrs.items():
+            env[f"CORRAL_{name.upper()}_INTERNAL_ADDR"] = addr
+        env["CORRAL_PKI_DIR"] = str(self.settings.pki_dir)
+        if svc == "registry" and not self.settings.secrets_key:
             env["CORRAL_SECRETS_KEY"] = local_secret(self.settings.data_dir, "secrets.key", 32)
-        if not self.settings.internal_token:
-            env["CORRAL_INTERNAL_TOKEN"] = local_secret(self.settings.data_dir, "internal.token", 24)
         # One machine: tool services under development listen on localhost.
         env.setdefault("CORRAL_TOOLS_ALLOW_LOOPBACK", "true")
         # The registry keeps a platform administrator's API key here; the corral command finds it.
@@ -89,10 +94,18 @@ class Launcher:
             self.redis = embedded.start_redis(data / "redis")
             log.info("Redis: embedded, socket %s", self.redis.socket)
 
+    def ensure_certificates(self) -> None:
+        """The service CA and a certificate per service, made once under the data directory
+        (CORRAL_PKI_DIR to use your own): the services prove who they are to each other with them."""
+        issued = ensure_pki(self.settings.pki_dir, SERVICES)
+        if issued:
+            log.info("issued service certificates for %s in %s", ", ".join(issued), self.settings.pki_dir)
+
     def check_ports(self) -> None:
         """Refuses to start beside another platform: its health checks would answer for ours."""
         busy = []
         wanted = dict(self.settings.listen)
+        wanted.update({f"{svc} internal": addr for svc, addr in self.settings.internal_listen.items()})
         for svc, port in self.settings.metrics_ports.items():
             if port:
                 wanted[f"{svc} /metrics"] = f"0.0.0.0:{port}"
@@ -125,7 +138,7 @@ class Launcher:
         name = name or svc
         report = self.settings.data_dir / "run" / f"{name}.address"
         report.unlink(missing_ok=True)  # an earlier run's
-        env = {**self._env(), "CORRAL_ADDRESS_FILE": str(report)}
+        env = {**self._env(svc), "CORRAL_ADDRESS_FILE": str(report)}
         # A child inherits an ignored SIGINT through exec, so Ctrl-C during its start-up does not
         # kill it half-way; the launcher stops it with SIGTERM in order instead.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -136,15 +149,16 @@ class Launcher:
         finally:
             signal.signal(signal.SIGINT, handler)
         deadline = time.monotonic() + timeout
-        addr = self._wait(name, deadline, f"{name} reported no address within {timeout:.0f}s",
-                          lambda: _reported(report))
+        addr, internal = self._wait(
+            name, deadline, f"{name} reported no address within {timeout:.0f}s",
+            lambda: _reported(report))
         with grpc.insecure_channel(addr) as channel:
             check = _health_check(channel)
             self._wait(name, deadline, f"{name} did not become healthy on {addr} within {timeout:.0f}s",
                        lambda: _serving(check))
         log.info("%-9s serving on %s (pid %d)", name, addr, self.procs[name].pid)
         if name == svc:
-            self.settings = self.settings.with_address(svc, addr)
+            self.settings = self.settings.with_address(svc, addr, internal)
         return addr
 
     def _wait(self, name: str, deadline: float, failure: str, probe: Callable[[], T | None]) -> T:
@@ -168,7 +182,7 @@ class Launcher:
         return env
 
     def publish_example(self) -> None:
-        client = CorralClient(ClientConfig.from_env(self._env(), tenant="default", user="corral-launcher"))
+        client = CorralClient(ClientConfig.from_env(self._env("router"), tenant="default", user="corral-launcher"))
         try:
             version = client.publish(EXAMPLE)
             log.info("example agent published: %s (%s)", version.name, version.digest[:19] + "…")
@@ -220,12 +234,14 @@ def local_secret(data_dir: Path, name: str, size: int) -> str:
     return path.read_text().strip()
 
 
-def _reported(path: Path) -> str | None:
-    """The address a service wrote to `path` once it served (see services.common.server)."""
+def _reported(path: Path) -> tuple[str, str] | None:
+    """The public and internal addresses a service wrote to `path` once it served (see
+    services.common.server)."""
     try:
-        return path.read_text().strip() or None
+        public, _, internal = path.read_text().strip().partition(" ")
     except FileNotFoundError:
         return None
+    return (public, internal) if public and internal else None
 
 
 def _health_check(channel: grpc.Channel) -> HealthCheck:
@@ -292,6 +308,7 @@ def main() -> int:
     code = 0
     try:
         launcher.check_ports()
+        launcher.ensure_certificates()
         launcher.start_storage()
         launcher.start_services()
         launcher.publish_example()
@@ -308,5 +325,19 @@ def main() -> int:
     return code
 
 
+def issue_certificates(args: list[str]) -> int:
+    """`python -m services.launcher pki DIR [HOST...]`: a service CA and a certificate per service
+    in DIR, valid for HOST names and addresses besides localhost (for a deployment without
+    cert-manager). Give each service only ca.crt and its own .crt and .key; keep ca.key apart."""
+    if not args:
+        print("usage: python -m services.launcher pki DIR [HOST...]", file=sys.stderr)
+        return 2
+    issued = ensure_pki(Path(args[0]), SERVICES, hosts=[*LOCAL_HOSTS, *args[1:]])
+    print(f"issued certificates for {', '.join(issued) or 'no service (all current)'} in {args[0]}")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["pki"]:
+        sys.exit(issue_certificates(sys.argv[2:]))
     sys.exit(main())

@@ -18,7 +18,11 @@ from corral.registry.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
+from services.common.auth.key_client import CachedKeyVerifier
+from services.common.auth.principal import Principal
+from services.common.auth.verify import CredentialVerifier
 from services.common.db import create_pool, migrate
+from services.common.errors import Unavailable
 from services.common.prometheus import MetricsExporter
 from services.common.server import App
 from services.common.settings import Settings
@@ -91,13 +95,30 @@ class RegistryService(App):
             RolloutServicer(rollouts, experiments), server)
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)
         tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(
-            ToolSecretsServicer(tools, self.settings.internal_token), server)
+            ToolSecretsServicer(tools), server)
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
         return SERVICES
 
     async def drain(self) -> None:
         if self.registry is not None:
             await self.registry.stop_watching()
+
+    def key_verifier(self) -> CredentialVerifier:
+        """The registry checks API keys against its own store, caching answers as every service
+        does (the host asks for this before start)."""
+        return CachedKeyVerifier(_OwnKeys(self), self.settings.credential_cache_s)
+
+
+class _OwnKeys:
+    """The registry's Keys, once it has started."""
+
+    def __init__(self, app: RegistryService) -> None:
+        self._app = app
+
+    async def verify(self, credential: str) -> Principal:
+        if self._app.keys is None:
+            raise Unavailable("the registry is starting; retry in a moment")
+        return await self._app.keys.verify(credential)
 
 
 def build(settings: Settings) -> RegistryService:

@@ -12,7 +12,7 @@ from corral.names import EndpointRef, VersionRef
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
-from services.common.clients import ServiceClient, call_metadata
+from services.common.clients import ServiceClient
 from services.common.identity import Caller
 from services.common.metric_protos import metric_pb
 from services.common.settings import Settings
@@ -27,7 +27,7 @@ from services.registry.rollout_model import (
 )
 
 # The registry calls on its own behalf, not a user's.
-PLATFORM = Caller(tenant="system", subject="corral-controller")
+PLATFORM = Caller.of_service("registry", tenant="system")
 TIMEOUT_S = 30
 Response = TypeVar("Response")
 
@@ -57,7 +57,7 @@ class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStu
             min_sessions=config.min_sessions, alpha=config.alpha,
             endpoint=endpoint.name, start_time=timestamp(start), end_time=timestamp(end),
         )
-        call = self._stub.CompareVersions(request, metadata=call_metadata(PLATFORM), timeout=TIMEOUT_S)
+        call = self._stub.CompareVersions(request, metadata=self.metadata(PLATFORM), timeout=TIMEOUT_S)
         return analysis_from_pb(await _answer(call, "telemetry"))
 
     async def analyze_experiment(
@@ -71,7 +71,7 @@ class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStu
             metrics=[metric_pb(m) for m in spec.metrics], alpha=spec.alpha,
             endpoint=endpoint.name, start_time=timestamp(start), end_time=timestamp(end),
         )
-        call = self._stub.AnalyzeExperiment(request, metadata=call_metadata(PLATFORM), timeout=TIMEOUT_S)
+        call = self._stub.AnalyzeExperiment(request, metadata=self.metadata(PLATFORM), timeout=TIMEOUT_S)
         return experiment_analysis_from_pb(await _answer(call, "telemetry"))
 
 
@@ -92,5 +92,5 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
             request.to_version_digest = migrate_digest
         else:
             request.action = sessions_pb2.RETIRE_ACTION_STOP
-        call = self._stub.RetireVersion(request, metadata=call_metadata(PLATFORM), timeout=TIMEOUT_S)
+        call = self._stub.RetireVersion(request, metadata=self.metadata(PLATFORM), timeout=TIMEOUT_S)
         return (await _answer(call, "sessions")).sessions

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 import math
 import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.errors import InvalidArgument
 from services.registry.rules import update_paths
 from services.registry.tool_model import ToolChange, ToolDraft, ToolKind, ToolSpec
 
@@ -129,16 +128,6 @@ def merged_spec(spec: ToolSpec, change: ToolChange) -> ToolSpec:
     # A new kind must come with an address of that kind (or keep one that fits it).
     check_address(merged.kind, merged.address, "tool.address")
     return merged
-
-
-def check_internal_token(presented: str, expected: str) -> None:
-    """ResolveTool is for executors, which prove themselves with the deployment's internal token."""
-    if not expected:
-        raise PermissionDenied(
-            "ResolveTool is for executors only, and this registry has no CORRAL_INTERNAL_TOKEN "
-            "to recognise them by; set the same one on registries and executors")
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise PermissionDenied("ResolveTool is for executors only (bad or missing internal token)")
 
 
 def check_tenant(tenant: str) -> str:

@@ -11,12 +11,12 @@ from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
-from services.common.clients import ServiceClient, call_metadata
+from services.common.clients import ServiceClient, on_behalf_of
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
 from services.common.execution import Completed, Started
-from services.common.identity import Caller, metadata_of
+from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling
 from services.router.model import (
@@ -68,7 +68,7 @@ class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"
 
     async def get(self, caller: Caller, session: SessionRef) -> SessionPin | None:
         request = sessions_pb2.GetSessionRequest(name=session.name)
-        found = self._stub.GetSession(request, metadata=call_metadata(caller))
+        found = self._stub.GetSession(request, metadata=self.metadata(caller))
         return await _pin_unless(NotFound, found)
 
     async def create(
@@ -86,13 +86,13 @@ class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"
         if version.max_lifetime_s:
             pinned.max_lifetime.FromSeconds(version.max_lifetime_s)
         request = sessions_pb2.CreateSessionRequest(session_id=session.session, session=pinned)
-        created = self._stub.CreateSession(request, metadata=call_metadata(caller))
+        created = self._stub.CreateSession(request, metadata=self.metadata(caller))
         return await _pin_unless(AlreadyExists, created)
 
     async def stop(self, caller: Caller, session: SessionRef) -> None:
         with calling("sessions"):
             await self._stub.StopSession(
-                sessions_pb2.StopSessionRequest(name=session.name), metadata=call_metadata(caller)
+                sessions_pb2.StopSessionRequest(name=session.name), metadata=self.metadata(caller)
             )
 
 
@@ -144,7 +144,7 @@ class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"
             invocation_id=invocation.invocation_id, payload=invocation.payload,
             content_type=invocation.content_type, tenant=caller.tenant, user=caller.user,
         )
-        call = self._stub.Execute(request, metadata=(*metadata_of(caller), *trace))
+        call = self._stub.Execute(request, metadata=(*on_behalf_of(self._settings, caller), *trace))
         try:
             with calling("executor"):
                 async for response in call:
@@ -160,7 +160,7 @@ class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"
         with calling("executor"):
             await self._stub.StopSession(
                 executor_pb2.StopSessionRequest(session=session.name),
-                metadata=call_metadata(caller),
+                metadata=self.metadata(caller),
             )
 
 

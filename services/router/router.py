@@ -67,7 +67,7 @@ class Router:
         check_target(target)
         session = target.session or SessionRef(self._ids.new_id())
         pin = self.pins.get(session) if target.session else None
-        if pin is not None and pin.owner != caller:
+        if pin is not None and (pin.owner.tenant, pin.owner.user) != (caller.tenant, caller.user):
             raise PermissionDenied(f"{session.name} belongs to another caller")
         if pin is not None and self._maybe_retired(pin):
             # Its version no longer takes new sessions here: a rollback may have migrated or

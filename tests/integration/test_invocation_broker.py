@@ -13,7 +13,6 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 import pytest_asyncio
@@ -30,6 +29,7 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.verify import InvalidInvocationToken, averify_invocation_token
 from services.common.settings import Settings
 from tests import harness
+from tests.credentials import public_channel
 from tests.mesh import Mesh, connect
 
 pytestmark = [
@@ -143,7 +143,7 @@ async def world(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[Mesh,
         await platform.start(*harness.MESH)
         address = await tool.start()
         async with connect(platform.settings, platform.hosts, tmp_path) as mesh:
-            stub = tools_pb2_grpc.ToolServiceStub(grpc.aio.insecure_channel(platform.settings.addrs["registry"]))
+            stub = tools_pb2_grpc.ToolServiceStub(public_channel(platform.settings.addrs["registry"]))
             await stub.CreateTool(tools_pb2.CreateToolRequest(tool_id="session_data", tool=tools_pb2.Tool(
                 kind=tools_pb2.TOOL_KIND_HTTP, address=address, secret=SECRET)), metadata=mesh.me)
             agent = await mesh.publish_agent("broker", AGENT, toml_extra=TOOLS)

@@ -27,6 +27,7 @@ from services.common.interceptors import ErrorMappingInterceptor
 from services.registry.servicer import RegistryServicer
 from tests.bundles import agent_files, build_wheel, publish_requests, write_bundle
 from tests.conftest import StartServices
+from tests.credentials import public_channel
 from tests.mesh import Mesh
 from tests.rpc import error_details, who
 
@@ -118,7 +119,7 @@ async def small_registry(start_services: StartServices) -> AsyncIterator[SmallRe
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with public_channel(f"127.0.0.1:{port}") as channel:
         yield registry_pb2_grpc.RegistryServiceStub(channel), limits
     await server.stop(grace=0.5)
 

@@ -13,9 +13,9 @@ from google.protobuf import duration_pb2
 
 from corral.sessions.v1 import sessions_pb2 as pb
 from corral.sessions.v1 import sessions_pb2_grpc
-from services.common import clients
 from services.common.kv import create_redis
 from services.common.settings import Settings
+from tests.credentials import internal_channel
 from tests.harness import Platform
 from tests.rpc import error_details, fails, new_tenant, who
 
@@ -39,7 +39,7 @@ async def stub(
     services: Platform,
 ) -> AsyncIterator[sessions_pb2_grpc.SessionsServiceAsyncStub]:
     await services.start("sessions")
-    async with clients.channel(services.settings, "sessions") as channel:
+    async with internal_channel(services.settings, "sessions", "executor") as channel:
         yield sessions_pb2_grpc.SessionsServiceStub(channel)
 
 
@@ -235,7 +235,7 @@ async def test_state_survives_a_restart_and_a_redis_flush(
 ) -> None:
     me = who(tenant)
     hosts = await services.start("sessions")
-    async with clients.channel(services.settings, "sessions") as channel:
+    async with internal_channel(services.settings, "sessions", "executor") as channel:
         stub = sessions_pb2_grpc.SessionsServiceStub(channel)
         name = (
             await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)
@@ -273,7 +273,7 @@ async def test_state_survives_a_restart_and_a_redis_flush(
         await redis.aclose()
 
     await services.start("sessions")
-    async with clients.channel(services.settings, "sessions") as channel:
+    async with internal_channel(services.settings, "sessions", "executor") as channel:
         stub = sessions_pb2_grpc.SessionsServiceStub(channel)
         after = await stub.GetSession(pb.GetSessionRequest(name=name), metadata=me)
         assert after == before and after.turn_count == 2 and after.state_etag == etag

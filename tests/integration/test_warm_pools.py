@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import pytest_asyncio
 
@@ -18,6 +17,7 @@ from corral.registry.v1 import rollouts_pb2_grpc
 from services.common.settings import Settings
 from tests import harness
 from tests.bundles import agent_files, write_bundle
+from tests.credentials import public_channel
 from tests.mesh import Mesh, started_mesh, version_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -111,7 +111,7 @@ async def test_routed_and_rollback_versions_are_warm_and_sessions_take_them(mesh
     assert version_of(second) == 2
 
     # A rollback finds v1 warm: the first new session after it starts no sandbox.
-    async with grpc.aio.insecure_channel(mesh.settings.addrs["registry"]) as channel:
+    async with public_channel(mesh.settings.addrs["registry"]) as channel:
         back = await rollouts_pb2_grpc.RolloutServiceStub(channel).RollbackEndpoint(
             ro.RollbackEndpointRequest(name=f"agents/{agent}/endpoints/prod"), metadata=mesh.me)
     await mesh.router_sees(agent, "prod", back.revision)

@@ -4,7 +4,8 @@ Prometheus exposition turns the fleet's figures into metric families."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import cast
 
 import pytest
@@ -13,6 +14,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from corral.names import ResourceNameError
 from corral.telemetry.v1 import telemetry_pb2 as pb
+from services.common import identity
+from services.common.auth.principal import Principal, Role
 from services.common.interceptors import Context
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import FleetVersion, Latency, UsageCounts
@@ -24,18 +27,22 @@ from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSpanStore
 from tests.otlp import export_request
 
 
-class _Metadata:
-    """The part of a grpc.aio.ServicerContext the servicers read: who is calling."""
+@contextmanager
+def acting_in(tenant: str) -> Iterator[None]:
+    """What the authentication interceptor does before a handler runs: the verified principal
+    (here an operator of `tenant`) is the call's caller."""
+    principal = Principal(tenant=tenant, subject="alice", roles=frozenset({Role.OPERATOR}))
+    token = identity.enter(identity.Verified(principal))
+    try:
+        yield
+    finally:
+        identity.leave(token)
 
-    def __init__(self, tenant: str) -> None:
-        self._metadata = (("x-corral-tenant", tenant),)
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
-
-def context(tenant: str = "acme") -> Context:
-    return cast(Context, _Metadata(tenant))
+@pytest.fixture(autouse=True)
+def _acme_operator() -> Iterator[None]:
+    with acting_in("acme"):
+        yield
 
 
 def servicers() -> tuple[TelemetryServicer, TraceServicer]:
@@ -45,7 +52,7 @@ def servicers() -> tuple[TelemetryServicer, TraceServicer]:
 
 
 Call = Callable[[TelemetryServicer], Awaitable[object]]
-CTX = context()
+CTX = cast(Context, object())  # the servicers read the caller from the interceptor's context
 
 
 @pytest.mark.parametrize(
@@ -147,7 +154,8 @@ async def test_exported_spans_come_back_as_protos_for_the_exporting_tenant_only(
     assert span.attributes["tokens"] == 12
     traces = await telemetry.ListTraces(pb.ListTracesRequest(), CTX)
     assert [(t.root_span_name, t.span_count) for t in traces.traces] == [("invoke_agent a", 1)]
-    other = await telemetry.ListSpans(query, context("beta"))
+    with acting_in("beta"):
+        other = await telemetry.ListSpans(query, CTX)
     assert list(other.spans) == []
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from corral.registry.v1 import keys_pb2, keys_pb2_grpc
 from services.common.auth.principal import CredentialKind, Principal, Role
 from services.common.auth.verify import CredentialVerifier
-from services.common.clients import ServiceClient, call_metadata
+from services.common.clients import ServiceClient
 from services.common.errors import Unauthenticated
 from services.common.settings import Settings
 from services.common.status import calling
@@ -38,7 +38,8 @@ def principal_from_pb(answer: keys_pb2.VerifyKeyResponse) -> Principal:
 
 
 class RemoteKeyVerifier(ServiceClient["keys_pb2_grpc.KeyServiceAsyncStub"]):
-    """Asks the registry (KeyService.VerifyKey) who a key proves."""
+    """Asks the registry (KeyService.VerifyKey, on its internal listener, as this service) who a
+    key proves."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "registry", keys_pb2_grpc.KeyServiceStub)
@@ -46,7 +47,7 @@ class RemoteKeyVerifier(ServiceClient["keys_pb2_grpc.KeyServiceAsyncStub"]):
     async def verify(self, credential: str) -> Principal:
         request = keys_pb2.VerifyKeyRequest(api_key=credential)
         with calling("registry"):
-            answer = await self._stub.VerifyKey(request, metadata=call_metadata(), timeout=TIMEOUT_S)
+            answer = await self._stub.VerifyKey(request, metadata=self.metadata(), timeout=TIMEOUT_S)
         return principal_from_pb(answer)
 
 

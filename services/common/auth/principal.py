@@ -15,6 +15,8 @@ from services.common.errors import InvalidArgument
 
 # Tenants and subjects: what API keys, identity providers and assertions may name.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
+# Subjects may also hold what identity providers put in theirs: `auth0|123`, `a+b@example.com`.
+_SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:|+-]{0,127}$")
 DEFAULT_TENANT = "default"
 
 
@@ -96,6 +98,15 @@ def check_name(value: str, what: str) -> str:
     if not _NAME.match(value):
         raise InvalidArgument.field(
             what, f"{value!r} is not a valid {what} (letters, digits, . _ @ : -, at most 128)"
+        )
+    return value
+
+
+def check_subject(value: str, what: str = "subject") -> str:
+    """A subject as a credential carries it: a name, or an identity provider's `sub`."""
+    if not _SUBJECT.match(value):
+        raise InvalidArgument.field(
+            what, f"{value!r} is not a valid {what} (letters, digits, . _ @ : | + -, at most 128)"
         )
     return value
 

@@ -21,6 +21,7 @@ from services.common import tracing
 from services.common.settings import Settings
 from tests import harness
 from tests.bundles import BEHAVIOUR
+from tests.credentials import public_channel
 from tests.mesh import Mesh, connect, version_of
 from tests.rpc import body, who
 
@@ -154,7 +155,7 @@ async def test_a_router_that_has_not_seen_a_session_follows_its_pin(
     # asked through an endpoint that does not exist: the session's pin decides.
     host = await harness.start_service("router", mesh.settings)
     try:
-        async with grpc.aio.insecure_channel(host.address) as channel:
+        async with public_channel(host.address) as channel:
             reply = await router_pb2_grpc.RouterServiceStub(channel).Invoke(
                 rt.InvokeRequest(agent=f"agents/{agent}", endpoint="nowhere", session_id=session,
                                  payload=body({})), metadata=mesh.me)

@@ -7,11 +7,11 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest_asyncio
 
 from corral.registry.v1 import registry_pb2_grpc
 from tests import harness
+from tests.credentials import public_channel
 from tests.registry_client import Registry
 
 
@@ -20,7 +20,7 @@ async def registry(
     services: harness.Platform, tmp_path: Path
 ) -> AsyncIterator[Registry]:
     await services.start("registry")
-    async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
+    async with public_channel(services.settings.addrs["registry"]) as channel:
         # The database is shared by the whole run: an agent of its own keeps each test apart.
         yield Registry(
             services.settings,

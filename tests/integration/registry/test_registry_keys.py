@@ -8,7 +8,7 @@ import asyncio
 import json
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from corral.cli import State, cli
 from corral.client import CorralClient
 from corral.config import DEFAULT_ADDRS, ClientConfig
+from corral.identity.v1 import identity_pb2, identity_pb2_grpc
 from corral.registry.v1 import keys_pb2 as pb
 from corral.registry.v1 import keys_pb2_grpc
 from services.common.auth.apikeys import parse_key
@@ -35,6 +36,7 @@ from services.registry.key_rules import key_lookup
 from services.registry.keys import Keys
 from services.registry.store import PgStore
 from tests import harness
+from tests.credentials import internal_channel, public_channel, token
 from tests.fakes.common import T0, FakeClock
 from tests.rpc import Metadata, error_details, fails, new_tenant, who
 
@@ -44,7 +46,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 @dataclass
 class KeyRegistry:
     settings: Settings
+    # The public port, and the internal listener as the router (VerifyKey is for services only).
     stub: keys_pb2_grpc.KeyServiceAsyncStub
+    internal: keys_pb2_grpc.KeyServiceAsyncStub
+    whoami: identity_pb2_grpc.IdentityServiceAsyncStub
     tenant: str
     md: Metadata
 
@@ -58,19 +63,31 @@ class KeyRegistry:
         return [k.display_name for k in (await self.stub.ListKeys(request, metadata=self.md)).keys]
 
     async def verify(self, api_key: str) -> pb.VerifyKeyResponse:
-        return await self.stub.VerifyKey(pb.VerifyKeyRequest(api_key=api_key))
+        return await self.internal.VerifyKey(pb.VerifyKeyRequest(api_key=api_key))
+
+
+def presenting(api_key: str) -> Metadata:
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+# Short, so that a test sees a revoked key refused without waiting long.
+CACHE_S = 0.3
 
 
 @pytest_asyncio.fixture
 async def registry(settings: Settings) -> AsyncIterator[KeyRegistry]:
-    """A real registry; a tenant of its own (whose admin the transitional headers make the caller)
-    keeps each test apart."""
-    platform = await harness.start_mesh(settings, "registry")
+    """A real registry; a tenant of its own, whose admin (a token from the run's identity
+    provider) the test acts as, keeps each test apart."""
+    platform = await harness.start_mesh(replace(settings, credential_cache_s=CACHE_S), "registry")
     try:
-        async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
+        async with (
+            public_channel(platform.settings.addrs["registry"]) as channel,
+            internal_channel(platform.settings, "registry", "router") as internal,
+        ):
             tenant = new_tenant()
-            yield KeyRegistry(platform.settings, keys_pb2_grpc.KeyServiceStub(channel), tenant,
-                              who(tenant))
+            yield KeyRegistry(platform.settings, keys_pb2_grpc.KeyServiceStub(channel),
+                              keys_pb2_grpc.KeyServiceStub(internal),
+                              identity_pb2_grpc.IdentityServiceStub(channel), tenant, who(tenant))
     finally:
         await platform.stop()
 
@@ -213,6 +230,71 @@ async def test_a_ttl_becomes_an_expire_time_that_verify_reports(registry: KeyReg
     assert (await registry.verify(made.api_key)).expire_time == made.key.expire_time
 
 
+# -- keys as credentials -----------------------------------------------------------------------
+
+
+async def test_a_key_is_a_credential_whose_role_bounds_what_it_may_do(
+    registry: KeyRegistry,
+) -> None:
+    operator = await registry.create("deployer", pb.KEY_ROLE_OPERATOR)
+    me = await registry.whoami.WhoAmI(identity_pb2.WhoAmIRequest(),
+                                      metadata=presenting(operator.api_key))
+    assert (me.tenant, me.subject, list(me.roles), me.credential_kind, me.credential) == (
+        registry.tenant, "key:deployer", ["operator"], "api_key", operator.key.key_id)
+    # Keys are an admin's business: the table refuses an operator's key before the servicer.
+    await fails(grpc.StatusCode.PERMISSION_DENIED, registry.stub.ListKeys(
+        pb.ListKeysRequest(), metadata=presenting(operator.api_key)))
+    admin_key = await registry.create("keeper", pb.KEY_ROLE_ADMIN)
+    listing = await registry.stub.ListKeys(pb.ListKeysRequest(),
+                                           metadata=presenting(admin_key.api_key))
+    assert {k.display_name for k in listing.keys} == {"deployer", "keeper"}
+    # Headers naming another tenant change nothing for a key's caller.
+    forged = (*presenting(admin_key.api_key), ("x-corral-tenant", new_tenant()))
+    made = await registry.stub.CreateKey(pb.CreateKeyRequest(key=pb.Key(role=pb.KEY_ROLE_VIEWER)),
+                                         metadata=forged)
+    assert made.key.tenant == registry.tenant
+
+
+async def test_a_revoked_key_is_refused_on_the_public_port_within_the_cache_time(
+    registry: KeyRegistry,
+) -> None:
+    made = await registry.create("soon-gone", pb.KEY_ROLE_VIEWER)
+    call = identity_pb2.WhoAmIRequest()
+    await registry.whoami.WhoAmI(call, metadata=presenting(made.api_key))
+    await registry.stub.RevokeKey(pb.RevokeKeyRequest(name="soon-gone"), metadata=registry.md)
+    await asyncio.sleep(CACHE_S + 0.1)
+    err = await fails(grpc.StatusCode.UNAUTHENTICATED, registry.whoami.WhoAmI(
+        call, metadata=presenting(made.api_key)))
+    assert "revoked" in (err.details() or "")
+    await fails(grpc.StatusCode.UNAUTHENTICATED, registry.whoami.WhoAmI(
+        call, metadata=presenting(made.api_key[:-1] + "a")))
+
+
+async def test_another_service_accepts_keys_through_the_registry(registry: KeyRegistry) -> None:
+    platform = harness.Platform(registry.settings)
+    await platform.start("router")  # after the registry, so it knows where to ask
+    try:
+        made = await registry.create("at-the-router", pb.KEY_ROLE_INVOKER)
+        async with grpc.aio.insecure_channel(platform.settings.addrs["router"]) as channel:
+            router = identity_pb2_grpc.IdentityServiceStub(channel)
+            me = await router.WhoAmI(identity_pb2.WhoAmIRequest(),
+                                     metadata=presenting(made.api_key))
+            assert (me.tenant, me.subject) == (registry.tenant, "key:at-the-router")
+            await registry.stub.RevokeKey(pb.RevokeKeyRequest(name=made.key.key_id),
+                                          metadata=registry.md)
+            await asyncio.sleep(CACHE_S + 0.1)
+            await fails(grpc.StatusCode.UNAUTHENTICATED, router.WhoAmI(
+                identity_pb2.WhoAmIRequest(), metadata=presenting(made.api_key)))
+    finally:
+        await platform.stop()
+
+
+async def test_verify_key_is_for_services_only(registry: KeyRegistry) -> None:
+    made = await registry.create()
+    await fails(grpc.StatusCode.PERMISSION_DENIED, registry.stub.VerifyKey(
+        pb.VerifyKeyRequest(api_key=made.api_key), metadata=presenting(made.api_key)))
+
+
 # -- the domain on the same store, with a clock the test moves ----------------------------------
 
 
@@ -316,10 +398,23 @@ async def test_a_registry_given_a_bootstrap_file_makes_the_key_at_start(
                                      CORRAL_BOOTSTRAP_ADMIN_KEY_FILE=str(path))
     platform = await harness.start_mesh(settings, "registry")
     try:
+        admin_key = path.read_text().strip()
         async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
-            proved = await keys_pb2_grpc.KeyServiceStub(channel).VerifyKey(
-                pb.VerifyKeyRequest(api_key=path.read_text().strip()))
-        assert proved.platform_admin and proved.subject == "key:bootstrap-admin"
+            stub = keys_pb2_grpc.KeyServiceStub(channel)
+            me = await identity_pb2_grpc.IdentityServiceStub(channel).WhoAmI(
+                identity_pb2.WhoAmIRequest(), metadata=presenting(admin_key))
+            assert (me.tenant, me.subject, me.platform_admin) == (
+                "default", "key:bootstrap-admin", True)
+            # A platform administrator manages every tenant's keys; a tenant's admin only its own.
+            elsewhere = new_tenant()
+            await stub.CreateKey(pb.CreateKeyRequest(tenant=elsewhere, key=pb.Key(
+                display_name="theirs", role=pb.KEY_ROLE_ADMIN)), metadata=presenting(admin_key))
+            every = await stub.ListKeys(pb.ListKeysRequest(tenant="-", page_size=1000),
+                                        metadata=presenting(admin_key))
+            assert {(k.tenant, k.display_name) for k in every.keys} >= {
+                ("default", "bootstrap-admin"), (elsewhere, "theirs")}
+            await fails(grpc.StatusCode.PERMISSION_DENIED, stub.ListKeys(
+                pb.ListKeysRequest(tenant="-"), metadata=who(elsewhere)))
     finally:
         await platform.stop()
 
@@ -331,7 +426,7 @@ async def test_other_services_verify_through_the_registry_and_cache_for_a_bounde
     registry: KeyRegistry,
 ) -> None:
     made = await registry.create("cached", pb.KEY_ROLE_VIEWER)
-    remote = RemoteKeyVerifier(registry.settings)
+    remote = RemoteKeyVerifier(registry.settings.for_service("router"))
     now = [0.0]
     cached = CachedKeyVerifier(remote, ttl_s=5, monotonic=lambda: now[0])
     try:
@@ -356,7 +451,8 @@ async def test_other_services_verify_through_the_registry_and_cache_for_a_bounde
 
 async def test_the_corral_command_creates_lists_and_revokes_keys(registry: KeyRegistry) -> None:
     addrs = {**DEFAULT_ADDRS, "registry": registry.settings.addrs["registry"]}
-    client = CorralClient(ClientConfig(addrs=addrs, tenant=registry.tenant, user="ada"))
+    client = CorralClient(ClientConfig(addrs=addrs, tenant=registry.tenant, user="ada",
+                                       credential=token(registry.tenant)))
 
     def corral(*args: str) -> object:
         result = CliRunner().invoke(cli, ["--json", *args], obj=State(client=client))

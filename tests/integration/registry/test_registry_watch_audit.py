@@ -11,6 +11,7 @@ import pytest
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc
 from tests import harness
+from tests.credentials import public_channel
 from tests.registry_client import Registry
 from tests.rpc import fails, who
 
@@ -115,7 +116,7 @@ async def test_watch_sends_a_snapshot_then_each_change_from_any_replica(
             (f"agents/{a}/endpoints/DEFAULT", [f"agents/{a}/versions/2"])
         ]
 
-        async with grpc.aio.insecure_channel(replica.address) as channel:
+        async with public_channel(replica.address) as channel:
             second = registry_pb2_grpc.RegistryServiceStub(channel)
             await registry.publish(registry.bundle(name=f"{a}-other", prompt="v2\n"))
             updated = await second.UpdateEndpoint(

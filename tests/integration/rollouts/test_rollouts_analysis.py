@@ -98,7 +98,7 @@ async def test_recorded_scores_move_the_score_metric(
     async def compare() -> tel.MetricComparison:
         end = timestamp_pb2.Timestamp()
         end.FromNanoseconds(time.time_ns() + 1_000_000_000)
-        response = await w.telemetry.CompareVersions(tel.CompareVersionsRequest(
+        response = await w.analysis.CompareVersions(tel.CompareVersionsRequest(
             agent=f"agents/{w.agent}", baseline_version=w.version(1), candidate_version=w.version(2),
             start_time=start, end_time=end, metrics=[tel.MetricSpec(name="score:quality")], min_sessions=2,
             endpoint=w.endpoint), metadata=ALICE)

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest_asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from tests import harness
+from tests.credentials import internal_channel, public_channel
 from tests.telemetry_client import Telemetry
 
 
 @pytest_asyncio.fixture
 async def telemetry(services: harness.Platform) -> AsyncIterator[Telemetry]:
     await services.start("telemetry")
-    channel = grpc.aio.insecure_channel(services.settings.addrs["telemetry"])
+    channel = public_channel(services.settings.addrs["telemetry"])
+    # Spans come from the platform: an executor exports them (trusted, unlike a user's export).
+    executor = internal_channel(services.settings, "telemetry", "executor")
     yield Telemetry(
         services.settings,
         TelemetryServiceStub(channel),
-        trace_service_pb2_grpc.TraceServiceStub(channel),
+        trace_service_pb2_grpc.TraceServiceStub(executor),
         channel,
     )
     await channel.close()
+    await executor.close()

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
 from corral.telemetry.v1 import telemetry_pb2 as pb
+from services.common.auth.pki import load_identity
 from services.common.settings import Settings
 from tests.otlp import corral_attributes, export_request, invocation, otlp_span
 from tests.rpc import who
@@ -25,14 +26,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def sdk_export(settings: Settings, emit: object, resource: dict[str, str] | None = None) -> None:
-    """Runs `emit(tracer)` with the real SDK and OTLP exporter. The exporter blocks, so this runs in
-    a thread while the server answers on the test's event loop."""
+    """Runs `emit(tracer)` with the real SDK and OTLP exporter, exporting as an executor does (to
+    telemetry's internal listener, with the executor's certificate). The exporter blocks, so this
+    runs in a thread while the server answers on the test's event loop."""
     provider = TracerProvider(
         resource=Resource.create({"service.name": "corral-executor", **(resource or {})})
     )
+    executor = load_identity(settings.pki_dir, "executor")
     provider.add_span_processor(
         SimpleSpanProcessor(
-            OTLPSpanExporter(endpoint=settings.addrs["telemetry"], insecure=True, timeout=10)
+            OTLPSpanExporter(
+                endpoint=settings.internal_addrs["telemetry"],
+                credentials=executor.channel_credentials(), timeout=10,
+            )
         )
     )
     try:

@@ -8,7 +8,6 @@ import statistics
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
@@ -18,6 +17,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from tests import harness
+from tests.credentials import public_channel
 from tests.otlp import MS, T0, export_request, invocation, otlp_span
 from tests.rpc import who
 from tests.telemetry_client import Telemetry, uid
@@ -146,7 +146,7 @@ async def test_tokens_and_their_cost_per_version(
         chat(4, "gpt-x", "lots", "more"),  # not numbers: ignored, and nothing breaks
     ]
     try:
-        async with grpc.aio.insecure_channel(host.address) as channel:
+        async with public_channel(host.address) as channel:
             await trace_service_pb2_grpc.TraceServiceStub(channel).Export(export_request(spans))
             result = await TelemetryServiceStub(channel).GetVersionMetrics(
                 pb.GetVersionMetricsRequest(agent=agent), metadata=who(tenant, user=""))

@@ -7,11 +7,11 @@ import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest_asyncio
 
 from corral.registry.v1 import registry_pb2_grpc, tools_pb2_grpc
 from tests import harness
+from tests.credentials import internal_channel, public_channel
 from tests.rpc import new_tenant, who
 from tests.tool_registry import KEY, Registry
 
@@ -24,12 +24,15 @@ async def registry(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIt
     )
     platform = await harness.start_mesh(settings, "registry")
     try:
-        async with grpc.aio.insecure_channel(platform.settings.addrs["registry"]) as channel:
+        async with (
+            public_channel(platform.settings.addrs["registry"]) as channel,
+            internal_channel(platform.settings, "registry", "executor") as executor,
+        ):
             tenant = new_tenant()
             yield Registry(
                 platform.settings,
                 tools_pb2_grpc.ToolServiceStub(channel),
-                tools_pb2_grpc.ToolSecretsServiceStub(channel),
+                tools_pb2_grpc.ToolSecretsServiceStub(executor),
                 registry_pb2_grpc.RegistryServiceStub(channel),
                 tenant,
                 who(tenant),

@@ -166,7 +166,7 @@ async def tools(registry: Registry) -> AsyncIterator[Tools]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    resolver = CountingResolver(RegistryToolResolver(registry.settings))
+    resolver = CountingResolver(RegistryToolResolver(registry.settings.for_service("executor")))
     broker = ToolBroker(resolver=resolver, transport=ToolTransport.from_settings(registry.settings),
                         tracer=provider.get_tracer("test"))
     try:

@@ -22,6 +22,7 @@ from corral.registry.v1 import tools_pb2 as pb
 from services.common.settings import Settings
 from services.registry.secrets import SecretBox, SecretError
 from tests import harness
+from tests.credentials import internal_channel, public_channel
 from tests.rpc import fails, new_tenant, who
 from tests.tool_registry import KEY, SECRET, Registry
 
@@ -70,11 +71,11 @@ async def test_the_secret_is_sealed_at_rest_and_never_returned(
     finally:
         await conn.close()
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="decoy"), metadata=registry.internal))
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="decoy")))
     assert "corral tools update decoy" in (err.details() or "")
 
     resolved = await registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"), metadata=registry.internal)
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"))
     assert resolved.secret == SECRET + "-2" and resolved.tool.has_secret and resolved.tool.secret == ""
 
     # "secret" in the mask with no secret removes it.
@@ -83,7 +84,7 @@ async def test_the_secret_is_sealed_at_rest_and_never_returned(
         metadata=registry.md)
     assert not cleared.has_secret
     resolved = await registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"), metadata=registry.internal)
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="vault"))
     assert resolved.secret == ""
     assert not [r for r in caplog.records if SECRET in r.getMessage()]
 
@@ -94,7 +95,7 @@ async def test_without_a_key_only_secretless_tools_can_be_created(
     assert not settings.secrets_key
     await services.start("registry")
     md = who(new_tenant())
-    async with grpc.aio.insecure_channel(services.settings.addrs["registry"]) as channel:
+    async with public_channel(services.settings.addrs["registry"]) as channel:
         stub: tools_pb2_grpc.ToolServiceAsyncStub = tools_pb2_grpc.ToolServiceStub(channel)
         err = await fails(grpc.StatusCode.FAILED_PRECONDITION, stub.CreateTool(pb.CreateToolRequest(
             tool_id="keyed", tool=pb.Tool(kind=pb.TOOL_KIND_HTTP, address="https://x.example", secret=SECRET),
@@ -134,19 +135,26 @@ async def test_the_cli_manages_tools_and_reads_secrets_from_env(
     updated = await asyncio.to_thread(run, "update", "cli_tool", "--secret-file", str(secret_file))
     assert updated["has_secret"] is True
     resolved = await registry.secrets.ResolveTool(
-        pb.ResolveToolRequest(tenant=registry.tenant, tool="cli_tool"), metadata=registry.internal)
+        pb.ResolveToolRequest(tenant=registry.tenant, tool="cli_tool"))
     assert resolved.secret == "from-a-file"
     cleared = await asyncio.to_thread(run, "update", "cli_tool", "--clear-secret")
     assert "has_secret" not in cleared
     assert await asyncio.to_thread(run, "delete", "cli_tool") == {"deleted": "tools/cli_tool"}
 
 
-async def test_resolving_secrets_takes_the_internal_token(registry: Registry) -> None:
+async def test_only_an_executor_resolves_secrets(registry: Registry) -> None:
+    """ResolveTool answers an executor proving itself with its certificate: not a tenant's
+    administrator on the public port, not another Corral service."""
     await registry.create("guarded", address="https://tools.example.com/g", secret="hush-hush-1")
     request = pb.ResolveToolRequest(tenant=registry.tenant, tool="guarded")
-    for metadata in ((), (("x-corral-internal-token", "guess"),)):
-        err = await fails(grpc.StatusCode.PERMISSION_DENIED,
-                          registry.secrets.ResolveTool(request, metadata=metadata))
-        assert "executors only" in (err.details() or "") and "hush-hush-1" not in str(err)
-    resolved = await registry.secrets.ResolveTool(request, metadata=registry.internal)
+    async with (
+        public_channel(registry.settings.addrs["registry"]) as public,
+        internal_channel(registry.settings, "registry", "router") as router,
+    ):
+        for channel, who_calls in ((public, "an administrator"), (router, "the router")):
+            secrets = tools_pb2_grpc.ToolSecretsServiceStub(channel)
+            err = await fails(grpc.StatusCode.PERMISSION_DENIED,
+                              secrets.ResolveTool(request, metadata=registry.md))
+            assert "hush-hush-1" not in str(err), who_calls
+    resolved = await registry.secrets.ResolveTool(request)
     assert resolved.secret == "hush-hush-1"
