@@ -17,6 +17,7 @@ from corral.bundle import digest_of, pack
 from corral.config import ClientConfig
 from corral.executor.v1 import executor_pb2 as ex
 from corral.executor.v1 import executor_pb2_grpc
+from corral.identity.v1 import identity_pb2, identity_pb2_grpc
 from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import keys_pb2_grpc, registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
@@ -93,6 +94,8 @@ class CorralClient:
     tools = _Stub("registry", tools_pb2_grpc.ToolServiceStub)
     # API keys (corral keys ...).
     api_keys = _Stub("registry", keys_pb2_grpc.KeyServiceStub)
+    # Every service answers it; the registry, which keeps the keys, is asked.
+    identity = _Stub("registry", identity_pb2_grpc.IdentityServiceStub)
     router = _Stub("router", router_pb2_grpc.RouterServiceStub)
     sessions = _Stub("sessions", sessions_pb2_grpc.SessionsServiceStub)
     telemetry = _Stub("telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
@@ -279,6 +282,10 @@ class CorralClient:
     def revoke_key(self, name_or_id: str, tenant: str = "") -> ks.Key:
         request = ks.RevokeKeyRequest(name=name_or_id, tenant=tenant)
         return self.api_keys.RevokeKey(request, metadata=self.metadata)
+
+    def whoami(self) -> identity_pb2.WhoAmIResponse:
+        """The principal the platform takes this client's credential to prove."""
+        return self.identity.WhoAmI(identity_pb2.WhoAmIRequest(), metadata=self.metadata)
 
     # -- router -----------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""corral keys: API keys for people, scripts and CI. A key is printed once, when it is created;
-the platform keeps only a hash of it."""
+"""corral keys: API keys for people, scripts and CI (a key is printed once, when it is created;
+the platform keeps only a hash of it), and corral whoami: who the platform takes you to be."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import click
+from rich.table import Table
 
 from corral.cli.options import State, json_option, pass_state
 from corral.cli.output import (
@@ -123,4 +124,25 @@ def keys_revoke(state: State, name_or_id: str, tenant: str) -> None:
         f"revoked {key.display_name} ({key.key_id}) of tenant {key.tenant}"))
 
 
-COMMANDS: tuple[click.Command, ...] = (keys,)
+@click.command()
+@json_option
+@pass_state
+def whoami(state: State) -> None:
+    """Who the platform takes your credential to prove: tenant, subject, roles, credential."""
+    me = state.client.whoami()
+
+    def human() -> None:
+        t = Table.grid(padding=(0, 2))
+        for label, value in (
+            ("tenant", me.tenant or "-"), ("subject", me.subject),
+            ("roles", ", ".join(me.roles) or "-"),
+            ("credential", f"{me.credential_kind} {me.credential}".strip()),
+            ("platform admin", "yes" if me.platform_admin else "no"),
+        ):
+            t.add_row(label, value)
+        out.print(t)
+
+    emit_message(state, me, human)
+
+
+COMMANDS: tuple[click.Command, ...] = (keys, whoami)

@@ -7,6 +7,7 @@ from corral import names
 from corral.bundle import digest_of
 from corral.client import CorralClient
 from corral.config import ClientConfig
+from corral.identity.v1 import identity_pb2
 from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
@@ -59,6 +60,11 @@ class RecordingClient(CorralClient):
                          tenant=tenant or "t", display_name=name_or_id)
         revoked.revoke_time.GetCurrentTime()
         return revoked
+
+    def whoami(self) -> identity_pb2.WhoAmIResponse:
+        return identity_pb2.WhoAmIResponse(
+            tenant="t", subject="key:ci", roles=["operator"], credential_kind="api_key",
+            credential="abcdefgh234567ab")
 
 
 # The key create_key answers with.

@@ -144,3 +144,14 @@ def test_an_api_key_and_a_token_together_are_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["--api-key", KEY, "--token", "a.b.c", "keys", "list"],
                                 obj=State())
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_whoami_prints_the_principal() -> None:
+    code, output = run(RecordingClient(), "whoami")
+    assert code == 0, output
+    me = json.loads(output)
+    assert (me["tenant"], me["subject"], me["roles"], me["credential_kind"]) == (
+        "t", "key:ci", ["operator"], "api_key")
+    human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
+    assert human.exit_code == 0 and "key:ci" in human.output
+    assert "api_key abcdefgh234567ab" in human.output

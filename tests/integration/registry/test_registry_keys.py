@@ -461,6 +461,9 @@ async def test_the_corral_command_creates_lists_and_revokes_keys(registry: KeyRe
 
     try:
         # The command's client is synchronous: it runs beside the server's event loop.
+        me = await asyncio.to_thread(corral, "whoami")
+        assert isinstance(me, dict)
+        assert (me["tenant"], me["credential_kind"], me["roles"]) == (registry.tenant, "jwt", ["admin"])
         made = await asyncio.to_thread(corral, "keys", "create", "--role", "viewer", "--name",
                                        "from-cli", "--expires", "30m")
         assert isinstance(made, dict)
