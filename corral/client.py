@@ -17,8 +17,10 @@ from corral.bundle import digest_of, pack
 from corral.config import ClientConfig
 from corral.executor.v1 import executor_pb2 as ex
 from corral.executor.v1 import executor_pb2_grpc
+from corral.identity.v1 import identity_pb2, identity_pb2_grpc
+from corral.registry.v1 import keys_pb2 as ks
+from corral.registry.v1 import keys_pb2_grpc, registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
-from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc, tools_pb2_grpc
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
 from corral.router.v1 import router_pb2 as rt
@@ -90,6 +92,10 @@ class CorralClient:
     rollouts = _Stub("registry", rollouts_pb2_grpc.RolloutServiceStub)
     # The tenant's tools (corral tools ...).
     tools = _Stub("registry", tools_pb2_grpc.ToolServiceStub)
+    # API keys (corral keys ...).
+    api_keys = _Stub("registry", keys_pb2_grpc.KeyServiceStub)
+    # Every service answers it; the registry, which keeps the keys, is asked.
+    identity = _Stub("registry", identity_pb2_grpc.IdentityServiceStub)
     router = _Stub("router", router_pb2_grpc.RouterServiceStub)
     sessions = _Stub("sessions", sessions_pb2_grpc.SessionsServiceStub)
     telemetry = _Stub("telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
@@ -98,8 +104,10 @@ class CorralClient:
     def __init__(self, config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig.from_env()
         self._channels: dict[str, grpc.Channel] = {}
-        self.metadata = (
-            ("x-corral-tenant", self.config.tenant), ("x-corral-user", self.config.user))
+        # The services take the caller, and its tenant, from the credential alone.
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {self.config.credential}"),) if self.config.credential else ()
+        )
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -260,6 +268,28 @@ class CorralClient:
     def delete_tool(self, tool: names.ToolRef, etag: str = "") -> None:
         request = tls.DeleteToolRequest(name=tool.name, etag=etag)
         self.tools.DeleteTool(request, metadata=self.metadata)
+
+    # -- registry: API keys ------------------------------------------------------------------
+
+    def create_key(self, key: ks.Key, tenant: str = "") -> ks.CreateKeyResponse:
+        """A new key of `tenant` (the caller's when empty); the response holds the key itself."""
+        request = ks.CreateKeyRequest(tenant=tenant, key=key)
+        return self.api_keys.CreateKey(request, metadata=self.metadata)
+
+    def list_keys(self, tenant: str = "", show_revoked: bool = False) -> list[ks.Key]:
+        return list(pages(
+            lambda token: self.api_keys.ListKeys(ks.ListKeysRequest(
+                tenant=tenant, show_revoked=show_revoked, page_size=_PAGE, page_token=token),
+                metadata=self.metadata),
+            lambda page: page.keys))
+
+    def revoke_key(self, name_or_id: str, tenant: str = "") -> ks.Key:
+        request = ks.RevokeKeyRequest(name=name_or_id, tenant=tenant)
+        return self.api_keys.RevokeKey(request, metadata=self.metadata)
+
+    def whoami(self) -> identity_pb2.WhoAmIResponse:
+        """The principal the platform takes this client's credential to prove."""
+        return self.identity.WhoAmI(identity_pb2.WhoAmIRequest(), metadata=self.metadata)
 
     # -- router -----------------------------------------------------------------------------
 

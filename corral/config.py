@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import getpass
+import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ADDRS = {
@@ -15,13 +15,19 @@ DEFAULT_ADDRS = {
     "executor": "127.0.0.1:50054",
     "telemetry": "127.0.0.1:50055",
 }
+# Where `make run` keeps its platform administrator's API key, under the data dir.
+ADMIN_KEY_FILE = "admin.key"
+
+
+class ConfigError(ValueError):
+    """The client's configuration contradicts itself; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     addrs: Mapping[str, str]
-    tenant: str
-    user: str
+    # Sent as `authorization: Bearer <credential>` on every call: an API key (crl_...) or a JWT.
+    credential: str = field(default="", repr=False)
     # TLS to every address (a remote platform's edge), verified against this CA's PEM file, or
     # the system's roots when None. Set from a profile (corral.profiles).
     tls: bool = False
@@ -29,14 +35,44 @@ class ClientConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> ClientConfig:
+        """Overrides (api_key, token) win over the environment. Who calls, in which tenant, is
+        what the credential proves (`corral whoami`). Without a
+        credential, a platform on this machine is called with the administrator's key that
+        `make run` keeps in <CORRAL_DATA_DIR, default .corral>/admin.key."""
         env = os.environ if env is None else env
         addrs = {svc: env.get(f"CORRAL_{svc.upper()}_ADDR") or addr for svc, addr in DEFAULT_ADDRS.items()}
-        try:
-            default_user = getpass.getuser()
-        except (KeyError, OSError):
-            default_user = "anonymous"
         return cls(
             addrs=addrs,
-            tenant=overrides.get("tenant") or env.get("CORRAL_TENANT") or "default",
-            user=overrides.get("user") or env.get("CORRAL_USER") or default_user,
+            credential=_credential(env, overrides) or _local_admin_key(env, addrs),
         )
+
+
+def _credential(env: Mapping[str, str], overrides: Mapping[str, str | None]) -> str:
+    api_key, token = overrides.get("api_key") or "", overrides.get("token") or ""
+    if not api_key and not token:
+        api_key, token = env.get("CORRAL_API_KEY", ""), env.get("CORRAL_TOKEN", "")
+    if api_key and token:
+        raise ConfigError("give either an API key (--api-key, CORRAL_API_KEY) or a token "
+                          "(--token, CORRAL_TOKEN), not both")
+    return (api_key or token).strip()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether host:port names this machine."""
+    host = address.rpartition(":")[0].strip("[]") or address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_admin_key(env: Mapping[str, str], addrs: Mapping[str, str]) -> str:
+    if not all(is_loopback(a) for a in addrs.values()):
+        return ""
+    path = Path(env.get("CORRAL_DATA_DIR") or ".corral") / ADMIN_KEY_FILE
+    try:
+        return path.read_text().strip()
+    except OSError:  # none (no local platform), or not ours to read
+        return ""

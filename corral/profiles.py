@@ -159,8 +159,7 @@ def resolve(options: ConnectionOptions, env: Mapping[str, str]) -> Profile:
 
 
 def client_config(options: ConnectionOptions, env: Mapping[str, str] | None = None,
-                  *, api_key: str | None = None, token: str | None = None,
-                  **identity: str | None) -> ClientConfig:
+                  *, api_key: str | None = None, token: str | None = None) -> ClientConfig:
     """The client's configuration: the environment, under the chosen profile, under the options.
 
     A profile's address replaces every CORRAL_<SVC>_ADDR before the environment is read, so
@@ -171,5 +170,5 @@ def client_config(options: ConnectionOptions, env: Mapping[str, str] | None = No
     token = token or env.get("CORRAL_TOKEN")
     if profile.address:
         env = {**env, **{f"CORRAL_{svc.upper()}_ADDR": profile.address for svc in DEFAULT_ADDRS}}
-    config = ClientConfig.from_env(env, **identity, **profile.credentials(api_key, token))
+    config = ClientConfig.from_env(env, **profile.credentials(api_key, token))
     return replace(config, tls=profile.tls, ca_file=profile.ca)

@@ -211,7 +211,7 @@ class World:
                 spans.append(invocation_span(self.agent, version, self.endpoint_id, sid,
                                              error=failed and turn == 0, latency_ms=100 + (i * 7 + turn * 13) % 50))
         executor = [kv("service.name", "corral-executor")]
-        response = await self.otlp.Export(export_request(spans, executor), metadata=ALICE)
+        response = await self.otlp.Export(export_request(spans, executor))
         assert not response.partial_success.rejected_spans, response.partial_success.error_message
         return ids
 

@@ -16,6 +16,7 @@ from corral.cli import (
     endpoints,
     experiments,
     invoking,
+    keys,
     observability,
     publishing,
     rollouts,
@@ -30,13 +31,16 @@ from corral.profiles import ConnectionOptions
 from corral.strategy import StrategyError
 
 AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, rollouts,
-         experiments, tools)
+         experiments, tools, keys)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--tenant", envvar="CORRAL_TENANT", help="Tenant to act as (default: default).")
-@click.option("--user", envvar="CORRAL_USER", help="User to act as (default: your login).")
+@click.option("--api-key", envvar="CORRAL_API_KEY", metavar="KEY",
+              help="API key (crl_...) to call with; prefer the CORRAL_API_KEY variable, which "
+                   "`ps` does not show. Default: .corral/admin.key for a platform on this machine.")
+@click.option("--token", envvar="CORRAL_TOKEN", metavar="JWT",
+              help="Identity provider token (a JWT) to call with, instead of an API key.")
 @click.option("--profile", envvar="CORRAL_PROFILE", metavar="NAME",
               help="Connection profile from ~/.config/corral/config.toml (CORRAL_CONFIG).")
 @click.option("--address", metavar="HOST:PORT",
@@ -45,12 +49,13 @@ AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, ro
               help="Verify the platform's TLS certificate with this CA (PEM); implies --tls.")
 @click.option("--tls/--no-tls", default=None, help="Use TLS (default: as the profile says, else no).")
 @click.pass_context
-def cli(ctx: click.Context, as_json: bool, tenant: str | None, user: str | None,
+def cli(ctx: click.Context, as_json: bool,
+        api_key: str | None, token: str | None,
         profile: str | None, address: str | None, ca: Path | None, tls: bool | None) -> None:
     """Corral: a self-hosted runtime for AI agents."""
     state = ctx.ensure_object(State)
     state.json = state.json or as_json
-    state.tenant, state.user = tenant, user
+    state.api_key, state.token = api_key, token
     state.connection = ConnectionOptions(profile, address, ca, tls)
 
 

@@ -1,5 +1,6 @@
-"""What every corral command takes: the State that the root options set (tenant, user, --json,
-the connection: profile, address, CA, TLS) with the client built from it, the --json flag each command repeats, and the argument types
+"""What every corral command takes: the State that the root options set (credential,
+--json, the connection: profile, address, CA, TLS) with the client built from it, the --json
+flag each command repeats, and the argument types
 that more than one area uses."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import click
 
 from corral import names
 from corral.client import CorralClient
+from corral.config import ConfigError
 from corral.profiles import ConnectionOptions, ProfileError, client_config
 
 
@@ -21,17 +23,17 @@ class State:
 
     def __init__(self, client: CorralClient | None = None) -> None:
         self.json = False
-        self.tenant: str | None = None
-        self.user: str | None = None
         self.connection = ConnectionOptions()
+        self.api_key: str | None = None
+        self.token: str | None = None
         self._client = client
 
     @property
     def client(self) -> CorralClient:
         if self._client is None:
             try:
-                config = client_config(self.connection, tenant=self.tenant, user=self.user)
-            except ProfileError as exc:
+                config = client_config(self.connection, api_key=self.api_key, token=self.token)
+            except (ProfileError, ConfigError) as exc:
                 raise click.UsageError(str(exc)) from None
             self._client = CorralClient(config)
         return self._client

@@ -93,6 +93,19 @@ class ServiceHost:
         self._server: grpc.aio.Server | None = None
         self._services: list[str] = []
 
+    def _key_verifier(self) -> CredentialVerifier:
+        """The service's own (the registry's), else the registry asked over the internal channel,
+        its answers cached for settings.credential_cache_s (how long a revoked key still works)."""
+        own = self.service.key_verifier()
+        if own is not None:
+            return own
+        # Imported here: key_client is built on the clients module, which imports this one.
+        from services.common.auth.key_client import CachedKeyVerifier, RemoteKeyVerifier
+
+        remote = RemoteKeyVerifier(self.settings)
+        self._stack.push_async_callback(remote.close)
+        return CachedKeyVerifier(remote, self.settings.credential_cache_s)
+
     async def start(self, listen: str | None = None, internal_listen: str | None = None) -> int:
         """Starts serving and returns the bound port (useful with port 0 in tests)."""
         identity = load_identity(self.settings.pki_dir, self.name)
@@ -101,7 +114,7 @@ class ServiceHost:
         if tokens is not None:
             self._stack.push_async_callback(tokens.aclose)
         authenticator = Authenticator(
-            AssertionVerifier(identity.ca), api_keys=self.service.key_verifier(), tokens=tokens
+            AssertionVerifier(identity.ca), api_keys=self._key_verifier(), tokens=tokens
         )
         # The error mapping wraps the authentication, so that its refusals get their codes.
         interceptors: list[grpc.aio.ServerInterceptor] = [

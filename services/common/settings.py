@@ -148,6 +148,12 @@ class Settings:
     service: str = ""
     # Identity providers whose bearer tokens (JWTs) the services accept (CORRAL_OIDC_ISSUERS).
     oidc_issuers: tuple[OidcIssuer, ...] = ()
+    # How long a verified credential (or a refusal) is reused without asking again: the longest a
+    # revoked API key is still honoured after RevokeKey, per service.
+    credential_cache_s: float = 5.0
+    # Registry: keep a valid platform administrator's API key in this file (mode 0600), making
+    # one when the file is missing or its key is not valid. `make run` sets .corral/admin.key.
+    bootstrap_admin_key_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -207,6 +213,8 @@ class Settings:
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
             address_file=Path(env["CORRAL_ADDRESS_FILE"]) if env.get("CORRAL_ADDRESS_FILE") else None,
             oidc_issuers=_issuers(env.get("CORRAL_OIDC_ISSUERS", "")),
+            credential_cache_s=_float(env, "CORRAL_CREDENTIAL_CACHE_S", 5.0),
+            bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
         )
 
     def with_address(self, service: str, address: str, internal: str | None = None) -> Settings:
@@ -242,6 +250,8 @@ def _offset(address: str) -> str:
     except ValueError:
         return address
     return f"{host}:{number + INTERNAL_PORT_OFFSET if number else 0}"
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]).resolve() if env.get(name) else None
 
 
 def _required(url: str | None, variable: str, server: str) -> str:

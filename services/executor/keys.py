@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from services.common.background import Periodic
+from services.common.files import write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class KeyRing:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_private_file(path, pem)
+        write_private_file(path, pem)
         log.info("created credential key %s, signing from %.0f", kid, not_before)
         return SigningKey(kid, not_before, public, private, path)
 
@@ -246,28 +246,8 @@ class KeyRing:
         pem = key.public.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        _write_private_file(key.path, pem)
+        write_private_file(key.path, pem)
         return SigningKey(key.kid, key.not_before, key.public, None, key.path)
-
-
-def _write_private_file(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` atomically, never readable by anyone but the owner."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
 
 
 def rotation(keyring: KeyRing, every_s: float = 60.0) -> Periodic:

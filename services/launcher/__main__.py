@@ -47,8 +47,10 @@ class Launcher:
         "any" is one the OS picks, which the launcher holds (bound, not listening) until it stops,
         so that no one else gets it before its service takes it over."""
         held = {name: HeldPort("0.0.0.0", handover=True) for name in HTTP_PORTS if environ.get(name) == ANY_PORT}
-        self.held = list(held.values())
         self.environ = {**environ, **{name: str(port.port) for name, port in held.items()}}
+        addresses = _held_addresses(Settings.from_env(self.environ))
+        self.held = [*held.values(), *addresses.values()]
+        self.environ.update({name: port.address for name, port in addresses.items()})
         # Updated as services start: an address asking for port 0 becomes the one its service bound.
         self.settings = Settings.from_env(self.environ)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -75,6 +77,8 @@ class Launcher:
             env["CORRAL_SECRETS_KEY"] = local_secret(self.settings.data_dir, "secrets.key", 32)
         # One machine: tool services under development listen on localhost.
         env.setdefault("CORRAL_TOOLS_ALLOW_LOOPBACK", "true")
+        # The registry keeps a platform administrator's API key here; the corral command finds it.
+        env.setdefault("CORRAL_BOOTSTRAP_ADMIN_KEY_FILE", str(self.settings.data_dir / "admin.key"))
         return env
 
     def start_storage(self) -> None:
@@ -180,7 +184,7 @@ class Launcher:
         return env
 
     def publish_example(self) -> None:
-        client = CorralClient(ClientConfig.from_env(self._env("router"), tenant="default", user="corral-launcher"))
+        client = CorralClient(ClientConfig.from_env(self._env("router")))
         try:
             version = client.publish(EXAMPLE)
             log.info("example agent published: %s (%s)", version.name, version.digest[:19] + "…")
@@ -216,6 +220,22 @@ class Launcher:
                     return 1
             time.sleep(0.5)
         return 0
+
+
+def _held_addresses(settings: Settings) -> dict[str, HeldPort]:
+    """A port held now for each service address asking for port 0 (public and internal): every
+    service then knows every other's address from the start, whatever the order they start in
+    (sessions and telemetry verify API keys with the registry, which starts after them)."""
+    held: dict[str, HeldPort] = {}
+    for svc in SERVICES:
+        for variable, address in (
+            (f"CORRAL_{svc.upper()}_ADDR", settings.addrs[svc]),
+            (f"CORRAL_{svc.upper()}_INTERNAL_ADDR", settings.internal_addrs[svc]),
+        ):
+            host, _, port = address.rpartition(":")
+            if port == "0" and host in ("127.0.0.1", "0.0.0.0"):
+                held[variable] = HeldPort(host, handover=True)
+    return held
 
 
 def local_secret(data_dir: Path, name: str, size: int) -> str:
@@ -280,6 +300,7 @@ Corral is running.
   Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.executor.http_port}/metrics (sandboxes)
   JWKS       http://127.0.0.1:{settings.executor.http_port}/.well-known/jwks.json (verifies invocation credentials)
   data       {settings.data_dir}
+  admin key  {settings.data_dir / 'admin.key'}   (the corral command uses it on this machine)
 
 In another terminal (the corral command is in .venv/bin):
   source .venv/bin/activate

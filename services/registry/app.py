@@ -9,6 +9,8 @@ from pathlib import Path
 import grpc
 
 from corral.registry.v1 import (
+    keys_pb2,
+    keys_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -16,13 +18,20 @@ from corral.registry.v1 import (
     tools_pb2,
     tools_pb2_grpc,
 )
+from services.common.auth.key_client import CachedKeyVerifier
+from services.common.auth.principal import Principal
+from services.common.auth.verify import CredentialVerifier
 from services.common.db import create_pool, migrate
+from services.common.errors import Unavailable
 from services.common.prometheus import MetricsExporter
 from services.common.server import App
 from services.common.settings import Settings
+from services.registry.bootstrap import ensure_admin_key
 from services.registry.clients import SessionsClient, TelemetryClient
 from services.registry.controller import RolloutController
 from services.registry.experiments import Experiments
+from services.registry.key_servicer import KeyServicer
+from services.registry.keys import Keys
 from services.registry.prometheus import rollout_snapshot
 from services.registry.registry import Registry
 from services.registry.rollout_servicer import RolloutServicer
@@ -41,12 +50,15 @@ SERVICES = [
     rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
     tools_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name,
     tools_pb2.DESCRIPTOR.services_by_name["ToolSecretsService"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
 ]
 
 
 class RegistryService(App):
     # The domain, once started.
     registry: Registry | None = None
+    # API keys, once started: the registry's own API-key verifier.
+    keys: Keys | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         pool = await create_pool(self.settings.require_database())
@@ -74,6 +86,9 @@ class RegistryService(App):
         exporter.start()
         stack.push_async_callback(exporter.stop)
         tools = Tools(store, secret_box(self.settings.secrets_key))
+        self.keys = keys = Keys(store)
+        if self.settings.bootstrap_admin_key_file is not None:
+            await ensure_admin_key(keys, self.settings.bootstrap_admin_key_file)
 
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
@@ -81,11 +96,29 @@ class RegistryService(App):
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)
         tools_pb2_grpc.add_ToolSecretsServiceServicer_to_server(
             ToolSecretsServicer(tools), server)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
         return SERVICES
 
     async def drain(self) -> None:
         if self.registry is not None:
             await self.registry.stop_watching()
+
+    def key_verifier(self) -> CredentialVerifier:
+        """The registry checks API keys against its own store, caching answers as every service
+        does (the host asks for this before start)."""
+        return CachedKeyVerifier(_OwnKeys(self), self.settings.credential_cache_s)
+
+
+class _OwnKeys:
+    """The registry's Keys, once it has started."""
+
+    def __init__(self, app: RegistryService) -> None:
+        self._app = app
+
+    async def verify(self, credential: str) -> Principal:
+        if self._app.keys is None:
+            raise Unavailable("the registry is starting; retry in a moment")
+        return await self._app.keys.verify(credential)
 
 
 def build(settings: Settings) -> RegistryService:

@@ -47,7 +47,7 @@ class SpanStatus(enum.StrEnum):
 @dataclass(frozen=True)
 class SpanRow:
     """One stored span. Ids are lowercase hex; the Corral columns hold the resource names the
-    exporter sent (not validated: they come from the executor, not from a user)."""
+    exporter sent (the platform's as sent; a tenant's principal's normalised, see otlp.py)."""
 
     trace_id: str
     span_id: str
@@ -69,6 +69,9 @@ class SpanRow:
     is_invocation: bool
     attributes: Attributes
     resource: Attributes
+    # Exported by the platform (a Corral service), not by a tenant's principal: only these count
+    # in metrics and rollout analysis.
+    platform: bool = True
 
 
 @dataclass(frozen=True)

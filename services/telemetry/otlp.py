@@ -1,6 +1,11 @@
 """OTLP → telemetry's domain: an ExportTraceServiceRequest as span rows and the scores its spans
-carry as gen_ai.evaluation.result events. The names in spans are stored as the executor sent them:
-they are not a user's request, so they are not parsed here."""
+carry as gen_ai.evaluation.result events.
+
+Who exported decides what a span may claim. The platform's own spans (a Corral service's, above
+all the executor's invocation spans) keep the tenant, agent and version they name: they are what
+metrics and rollout analysis count. Anyone else's spans belong to the exporter's tenant whatever
+they say, name agent and version in short or full form (normalised here), and never count as the
+platform's invocations. Attribute sizes are bounded for every exporter."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
+from services.common.auth.principal import DEFAULT_TENANT, Principal
 from services.telemetry import rules
 from services.telemetry.model import (
     AGENT_ATTR,
@@ -46,7 +52,34 @@ SCORE_EXPLANATION_ATTR = "gen_ai.evaluation.explanation"
 # Who recorded a score that arrived in an export.
 EXPORTED_BY = "agent"
 
+# Bounds on what one span may carry: longer strings are cut, extra items and attributes dropped.
+MAX_ATTRIBUTES = 128
+MAX_ITEMS = 128
+MAX_KEY_CHARS = 256
+MAX_VALUE_CHARS = 4096
+_CUT = "…"
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """Who sent an export: the platform (trusted) or a tenant's principal."""
+
+    # The tenant of spans that name none and, for an untrusted exporter, of every span.
+    tenant: str
+    # A Corral service: its spans' own tenant, agent and version stand, and invocations count.
+    trusted: bool
+    # Who recorded the scores the spans carry.
+    user: str = EXPORTED_BY
+
+    @classmethod
+    def of(cls, principal: Principal) -> Exporter:
+        """A Corral service (the platform) is trusted; anyone else exports into its own tenant,
+        as itself."""
+        if principal.is_service:
+            return cls(principal.tenant or DEFAULT_TENANT, trusted=True)
+        return cls(principal.tenant, trusted=False, user=principal.subject)
 _STATUS = {
     OtlpStatus.STATUS_CODE_UNSET: SpanStatus.UNSET,
     OtlpStatus.STATUS_CODE_OK: SpanStatus.OK,
@@ -54,9 +87,10 @@ _STATUS = {
 }
 
 
-def _clean(text: str) -> str:
+def _clean(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     # PostgreSQL text and jsonb refuse NUL characters; a span carrying one must not fail the batch.
-    return text.replace("\x00", "")
+    text = text.replace("\x00", "")
+    return text if len(text) <= limit else text[: limit - 1] + _CUT
 
 
 def any_value(value: AnyValue) -> JsonValue:
@@ -72,16 +106,16 @@ def any_value(value: AnyValue) -> JsonValue:
         # JSON has no NaN or Infinity; keep what was sent, as text.
         return value.double_value if math.isfinite(value.double_value) else str(value.double_value)
     if which == "array_value":
-        return [any_value(v) for v in value.array_value.values]
+        return [any_value(v) for v in value.array_value.values[:MAX_ITEMS]]
     if which == "kvlist_value":
         return attributes_dict(value.kvlist_value.values)
     if which == "bytes_value":
-        return base64.b64encode(value.bytes_value).decode("ascii")
+        return _clean(base64.b64encode(value.bytes_value[:MAX_VALUE_CHARS]).decode("ascii"))
     return None
 
 
 def attributes_dict(attributes: Sequence[KeyValue]) -> dict[str, JsonValue]:
-    return {_clean(kv.key): any_value(kv.value) for kv in attributes}
+    return {_clean(kv.key, MAX_KEY_CHARS): any_value(kv.value) for kv in attributes[:MAX_ATTRIBUTES]}
 
 
 def _text(value: JsonValue) -> str:
@@ -121,9 +155,44 @@ def _kind(span: OtlpSpan) -> str:
     return OtlpSpan.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_")
 
 
-def _row(source: _Source, default_tenant: str) -> SpanRow:
-    """A span that names no tenant belongs to the tenant that exported it."""
+@dataclass(frozen=True)
+class _Names:
+    """The tenant and resource names a span is stored under."""
+
+    tenant: str
+    agent: str
+    version: str
+    endpoint: str
+
+
+def _names(source: _Source, exporter: Exporter) -> _Names:
+    agent, version = source.text(AGENT_ATTR), source.text(VERSION_ATTR)
+    endpoint = source.text(ENDPOINT_ATTR)
+    if exporter.trusted:
+        return _Names(source.text(TENANT_ATTR) or exporter.tenant, agent, version, endpoint)
+    agent = normalised_agent(agent)
+    return _Names(
+        exporter.tenant, agent, _child(agent, "versions", version), _child(agent, "endpoints", endpoint)
+    )
+
+
+def normalised_agent(agent: str) -> str:
+    """An agent as a user's span may name it: `canary` or `agents/canary`."""
+    if not agent or agent.startswith("agents/"):
+        return agent
+    return f"agents/{agent}"
+
+
+def _child(agent: str, collection: str, value: str) -> str:
+    """A version or endpoint in short form (`3`, `prod`) under `agent`, else as given."""
+    if not value or value.startswith("agents/") or not agent or "/" in value:
+        return value
+    return f"{agent}/{collection}/{value}"
+
+
+def _row(source: _Source, exporter: Exporter) -> SpanRow:
     span = source.span
+    names = _names(source, exporter)
     end_nanos = max(span.end_time_unix_nano, span.start_time_unix_nano)
     return SpanRow(
         trace_id=span.trace_id.hex(),
@@ -137,20 +206,22 @@ def _row(source: _Source, default_tenant: str) -> SpanRow:
         duration_ms=(end_nanos - span.start_time_unix_nano) / 1_000_000,
         status=_STATUS.get(span.status.code, SpanStatus.UNSET),
         status_message=_clean(span.status.message),
-        agent=source.text(AGENT_ATTR),
-        version=source.text(VERSION_ATTR),
-        endpoint=source.text(ENDPOINT_ATTR),
+        agent=names.agent,
+        version=names.version,
+        endpoint=names.endpoint,
         session=source.text(SESSION_ATTR),
-        tenant=source.text(TENANT_ATTR) or default_tenant,
+        tenant=names.tenant,
         invocation_id=source.text(INVOCATION_ATTR),
         is_invocation=source.attributes.get(OPERATION_ATTR) == INVOKE_AGENT,
+        platform=exporter.trusted,
         attributes=source.attributes,
         resource=source.resource,
     )
 
 
-def _scores(source: _Source, default_tenant: str) -> Iterator[NewScore]:
+def _scores(source: _Source, exporter: Exporter) -> Iterator[NewScore]:
     session = source.text(SESSION_ATTR)
+    names = _names(source, exporter)
     for event in source.span.events:
         if event.name != EVALUATION_EVENT:
             continue
@@ -174,15 +245,15 @@ def _scores(source: _Source, default_tenant: str) -> Iterator[NewScore]:
             value=float(value),
             source=ScoreSource.CODE,
             comment=str(values.get(SCORE_EXPLANATION_ATTR, "")),
-            agent=source.text(AGENT_ATTR),
-            version=source.text(VERSION_ATTR),
-            endpoint=source.text(ENDPOINT_ATTR),
-            tenant=source.text(TENANT_ATTR) or default_tenant,
-            user=EXPORTED_BY,
+            agent=names.agent,
+            version=names.version,
+            endpoint=names.endpoint,
+            tenant=names.tenant,
+            user=exporter.user,
         )
 
 
-def export_batch(request: ExportTraceServiceRequest, default_tenant: str) -> ExportBatch:
+def export_batch(request: ExportTraceServiceRequest, exporter: Exporter) -> ExportBatch:
     """Every span of an export as a row, and the scores its spans carry. Spans whose ids are not
     the sizes OTLP requires (16-byte trace id, 8-byte span id) are rejected and counted, as OTLP's
     partial success expects."""
@@ -190,11 +261,11 @@ def export_batch(request: ExportTraceServiceRequest, default_tenant: str) -> Exp
     scores: list[NewScore] = []
     rejected = 0
     for source in _spans(request):
-        scores.extend(_scores(source, default_tenant))
+        scores.extend(_scores(source, exporter))
         if len(source.span.trace_id) != 16 or len(source.span.span_id) != 8:
             rejected += 1
             continue
-        rows.append(_row(source, default_tenant))
+        rows.append(_row(source, exporter))
     reason = (
         f"{rejected} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes"
         if rejected

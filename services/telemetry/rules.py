@@ -194,3 +194,4 @@ def experiment_plan(
     config = analysis.EXPERIMENT_CONFIG
     config = dataclasses.replace(config, alpha=scope.alpha or config.alpha)
     return _specs(scope), config
+

@@ -23,7 +23,7 @@ class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
     async def Export(
         self, request: ExportTraceServiceRequest, context: Context
     ) -> ExportTraceServiceResponse:
-        batch = otlp.export_batch(request, default_tenant=caller(context).tenant)
+        batch = otlp.export_batch(request, otlp.Exporter.of(caller(context)))
         result = await self._telemetry.export(batch)
         if not result.rejected:
             return ExportTraceServiceResponse()

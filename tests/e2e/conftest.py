@@ -42,8 +42,6 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
         "CORRAL_DATABASE_URL": database_url,
         "CORRAL_REDIS_URL": redis_url,
         "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
-        "CORRAL_TENANT": "e2e",
-        "CORRAL_USER": "tester",
         **dict.fromkeys(HTTP_PORTS, ANY_PORT),
     })
     log = (data / "platform.log").open("wb")

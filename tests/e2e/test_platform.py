@@ -95,7 +95,8 @@ def test_walkthrough(platform: dict[str, str]) -> None:
     assert jwks["keys"] and jwks["keys"][0]["crv"] == "Ed25519"
 
     audit = corral(env, "audit", "--resource", "agents/progress-report/endpoints/prod")
-    assert any(e["method"] == "UpdateEndpoint" and e["user"].startswith("tester (") and e["tenant"] == "e2e" for e in audit)
+    assert any(e["method"] == "UpdateEndpoint" and e["user"].startswith("key:bootstrap-admin (")
+               and e["tenant"] == "default" for e in audit)
 
     bad = subprocess.run([CORRAL, "--json", "endpoint", "set", "progress-report", "prod", "--split", "1=50,2=40"],
                          env=env, capture_output=True, text=True, timeout=60, check=False)

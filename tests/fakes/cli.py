@@ -7,6 +7,8 @@ from corral import names
 from corral.bundle import digest_of
 from corral.client import CorralClient
 from corral.config import ClientConfig
+from corral.identity.v1 import identity_pb2
+from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
 
@@ -15,10 +17,15 @@ class RecordingClient(CorralClient):
     """Answers the calls the CLI's tests make from memory and keeps what they were asked."""
 
     def __init__(self) -> None:
-        super().__init__(ClientConfig(addrs={}, tenant="t", user="u"))
+        super().__init__(ClientConfig(addrs={}))
         self.uploaded: list[bytes] = []
         self.asked: list[names.RolloutRef] = []
         self.promoted: list[tuple[names.RolloutRef, bool]] = []
+        # What the keys commands sent: (tenant, key) created, (tenant, show_revoked) listed,
+        # (name or id, tenant) revoked.
+        self.keys_created: list[tuple[str, ks.Key]] = []
+        self.keys_listed: list[tuple[str, bool]] = []
+        self.keys_revoked: list[tuple[str, str]] = []
 
     def publish_bundle(self, data: bytes) -> reg.Version:
         self.uploaded.append(data)
@@ -33,3 +40,32 @@ class RecordingClient(CorralClient):
     def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
         self.promoted.append((rollout, full))
         return ro.Rollout(name=rollout.name)
+
+    def create_key(self, key: ks.Key, tenant: str = "") -> ks.CreateKeyResponse:
+        self.keys_created.append((tenant, key))
+        made = ks.Key(name="keys/abcdefgh234567ab", key_id="abcdefgh234567ab",
+                      tenant=tenant or "t", display_name=key.display_name or "key-abcdefgh234567ab",
+                      role=key.role)
+        made.create_time.GetCurrentTime()
+        return ks.CreateKeyResponse(key=made, api_key=KEY)
+
+    def list_keys(self, tenant: str = "", show_revoked: bool = False) -> list[ks.Key]:
+        self.keys_listed.append((tenant, show_revoked))
+        return [ks.Key(name="keys/abcdefgh234567ab", key_id="abcdefgh234567ab", tenant="t",
+                       display_name="ci", role=ks.KEY_ROLE_OPERATOR)]
+
+    def revoke_key(self, name_or_id: str, tenant: str = "") -> ks.Key:
+        self.keys_revoked.append((name_or_id, tenant))
+        revoked = ks.Key(name="keys/abcdefgh234567ab", key_id="abcdefgh234567ab",
+                         tenant=tenant or "t", display_name=name_or_id)
+        revoked.revoke_time.GetCurrentTime()
+        return revoked
+
+    def whoami(self) -> identity_pb2.WhoAmIResponse:
+        return identity_pb2.WhoAmIResponse(
+            tenant="t", subject="key:ci", roles=["operator"], credential_kind="api_key",
+            credential="abcdefgh234567ab")
+
+
+# The key create_key answers with.
+KEY = "crl_abcdefgh234567ab_" + "s" * 52

@@ -78,7 +78,8 @@ class FakeSpanStore:
 
     async def newest_invocation(self, tenant: str, session: SessionRef) -> SpanRow | None:
         invocations = [
-            r for r in self._matching(tenant, SpanFilter(session=session)) if r.is_invocation
+            r for r in self._matching(tenant, SpanFilter(session=session))
+            if r.is_invocation and r.platform
         ]
         return max(invocations, key=lambda r: r.start_time, default=None)
 
@@ -127,6 +128,7 @@ def _number(value: object) -> int:
 
 
 def _version_metrics(version: str, rows: Sequence[SpanRow]) -> VersionMetrics:
+    rows = [r for r in rows if r.platform]  # a tenant's own exports never count
     invocations = [r for r in rows if r.is_invocation]
     tools = [r for r in rows if TOOL_ATTR in r.attributes]
     by_model: dict[str, tuple[int, int]] = {}

@@ -27,7 +27,7 @@ from services.common.interceptors import ErrorMappingInterceptor
 from services.registry.servicer import RegistryServicer
 from tests.bundles import agent_files, build_wheel, publish_requests, write_bundle
 from tests.conftest import StartServices
-from tests.credentials import public_channel
+from tests.credentials import public_channel, token
 from tests.mesh import Mesh
 from tests.rpc import error_details, who
 
@@ -51,10 +51,11 @@ async def corral(mesh: Mesh, *args: str) -> dict[str, Any]:
     """Runs the corral command as the mesh's tenant; in a thread, since its client blocks and
     the services serve on this event loop."""
     env = {"CORRAL_REGISTRY_ADDR": mesh.settings.addrs["registry"],
+           "CORRAL_TOKEN": token(mesh.tenant),
            # pip installs only the local wheel: the test needs no network.
            "PIP_NO_INDEX": "1"}
     result = await asyncio.to_thread(
-        CliRunner().invoke, cli, ["--json", "--tenant", mesh.tenant, *args], env=env
+        CliRunner().invoke, cli, ["--json", *args], env=env
     )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)  # type: ignore[no-any-return]

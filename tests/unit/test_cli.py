@@ -14,10 +14,12 @@ from corral.bundle import digest_of, pack, unpack
 from corral.cli import State, cli, publishing
 from corral.cli.output import enum_label
 from corral.client import CorralClient, pages
+from corral.config import ClientConfig
+from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
 from tests.bundles import SAYS_HI, agent_files, write_bundle
-from tests.fakes.cli import RecordingClient
+from tests.fakes.cli import KEY, RecordingClient
 
 
 def run(client: CorralClient, *args: str) -> tuple[int, str]:
@@ -82,3 +84,73 @@ def test_pages_follows_next_page_token_to_the_end() -> None:
 def test_enum_labels_drop_their_enums_prefix() -> None:
     assert enum_label(ro.RolloutState, ro.ROLLOUT_STATE_ROLLED_BACK) == "ROLLED_BACK"
     assert enum_label(tls.ToolKind, tls.TOOL_KIND_GRPC) == "GRPC"
+
+
+# -- API keys and credentials ----------------------------------------------------------------
+
+
+def test_keys_create_prints_the_key_once_and_warns_it_cannot_be_shown_again() -> None:
+    client = RecordingClient()
+    result = CliRunner().invoke(
+        cli, ["keys", "create", "--tenant", "acme", "--role", "operator", "--name", "ci",
+              "--expires", "90d"], obj=State(client=client))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == KEY, "the key alone on stdout, for `$(corral keys create ...)`"
+    assert result.output.count(KEY) == 1 and "cannot be shown again" in result.output
+    (tenant, key), = client.keys_created
+    assert (tenant, key.display_name, key.role) == ("acme", "ci", ks.KEY_ROLE_OPERATOR)
+    assert key.ttl.ToSeconds() == 90 * 86400
+
+
+def test_keys_create_json_has_the_key_in_a_field_named_key() -> None:
+    client = RecordingClient()
+    code, output = run(client, "keys", "create", "--role", "viewer", "--expires", "12h")
+    assert code == 0, output
+    printed = json.loads(output)
+    assert printed["key"] == KEY and printed["key_id"] == "abcdefgh234567ab"
+    assert client.keys_created[0][1].ttl.ToSeconds() == 12 * 3600
+
+
+@pytest.mark.parametrize("bad", ["90", "9x", "-5m", "0m", "1.5d", "soon"])
+def test_a_bad_expiry_is_refused_before_anything_is_sent(bad: str) -> None:
+    client = RecordingClient()
+    code, output = run(client, "keys", "create", "--role", "viewer", "--expires", bad)
+    assert code == 2 and "--expires" in output and not client.keys_created
+
+
+def test_keys_list_and_revoke_send_the_tenant_they_are_given() -> None:
+    client = RecordingClient()
+    code, output = run(client, "keys", "list", "--tenant", "-", "--all")
+    assert code == 0, output
+    assert client.keys_listed == [("-", True)]
+    assert [k["display_name"] for k in json.loads(output)] == ["ci"]
+    assert KEY not in output
+    code, output = run(client, "keys", "revoke", "ci", "--tenant", "acme")
+    assert code == 0, output
+    assert client.keys_revoked == [("ci", "acme")] and json.loads(output)["revoke_time"]
+
+
+def test_every_call_carries_the_credential_as_a_bearer_token() -> None:
+    state = State()
+    state.api_key = KEY
+    # The credential alone says who calls: no header naming a tenant or a user.
+    assert state.client.metadata == (("authorization", f"Bearer {KEY}"),)
+    without = CorralClient(ClientConfig(addrs={}))
+    assert not any(k == "authorization" for k, _ in without.metadata)
+
+
+def test_an_api_key_and_a_token_together_are_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["--api-key", KEY, "--token", "a.b.c", "keys", "list"],
+                                obj=State())
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_whoami_prints_the_principal() -> None:
+    code, output = run(RecordingClient(), "whoami")
+    assert code == 0, output
+    me = json.loads(output)
+    assert (me["tenant"], me["subject"], me["roles"], me["credential_kind"]) == (
+        "t", "key:ci", ["operator"], "api_key")
+    human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
+    assert human.exit_code == 0 and "key:ci" in human.output
+    assert "api_key abcdefgh234567ab" in human.output

@@ -20,9 +20,9 @@ from corral.names import AgentRef, VersionRef
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.common.status import domain_error
-from services.telemetry import rules
+from services.telemetry import otlp, rules
 from services.telemetry.model import ScoreSource, SpanFilter, SpanRow
-from services.telemetry.otlp import export_batch
+from services.telemetry.otlp import Exporter, export_batch
 from services.telemetry.servicer import span_filter
 from services.telemetry.spans import Telemetry
 from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
@@ -30,6 +30,11 @@ from tests.otlp import export_request, kv
 
 TRACE = bytes(range(16))
 T0 = 1_700_000_000_000_000_000  # nanoseconds since the epoch
+
+
+def platform(tenant: str) -> Exporter:
+    """An export by a Corral service (trusted), whose spans name no tenant fall in `tenant`."""
+    return Exporter(tenant, trusted=True)
 
 
 def span(number: int = 1, **fields: object) -> Span:
@@ -46,7 +51,7 @@ def span(number: int = 1, **fields: object) -> Span:
 
 def test_ids_are_hex_and_durations_in_milliseconds() -> None:
     parent = span(0xABCDEF, parent_span_id=(7).to_bytes(8, "big"), kind=Span.SPAN_KIND_CLIENT)
-    row = export_batch(export_request([parent]), "default").rows[0]
+    row = export_batch(export_request([parent]), platform("default")).rows[0]
     assert row.trace_id == "000102030405060708090a0b0c0d0e0f"
     assert row.span_id == "0000000000abcdef"
     assert row.parent_span_id == "0000000000000007"
@@ -57,7 +62,7 @@ def test_ids_are_hex_and_durations_in_milliseconds() -> None:
 
 
 def test_root_span_has_no_parent_and_end_before_start_is_zero_length() -> None:
-    row = export_batch(export_request([span(end_time_unix_nano=T0 - 5)]), "default").rows[0]
+    row = export_batch(export_request([span(end_time_unix_nano=T0 - 5)]), platform("default")).rows[0]
     assert row.parent_span_id == ""
     assert row.duration_ms == 0
     assert row.end_time == row.start_time
@@ -72,7 +77,7 @@ def test_root_span_has_no_parent_and_end_before_start_is_zero_length() -> None:
     ],
 )
 def test_status_codes(code: Status.StatusCode.ValueType, expected: str) -> None:
-    row = export_batch(export_request([span(status=Status(code=code, message="boom"))]), "t").rows[0]
+    row = export_batch(export_request([span(status=Status(code=code, message="boom"))]), platform("t")).rows[0]
     assert row.status == expected
     assert row.status_message == "boom"
 
@@ -91,7 +96,7 @@ def test_corral_columns_from_span_attributes_falling_back_to_resource() -> None:
         kv("corral.invocation", "inv-1"),
         kv("gen_ai.operation.name", "invoke_agent"),
     ]
-    row = export_batch(export_request([span(attributes=attributes)], resource), "default").rows[0]
+    row = export_batch(export_request([span(attributes=attributes)], resource), platform("default")).rows[0]
     assert row.service == "corral-executor"
     assert row.agent == "agents/progress-report"  # the span wins over the resource
     assert row.version == "agents/progress-report/versions/2"
@@ -105,7 +110,7 @@ def test_corral_columns_from_span_attributes_falling_back_to_resource() -> None:
 
 def test_span_without_tenant_belongs_to_the_exporting_tenant() -> None:
     row = export_batch(
-        export_request([span(attributes=[kv("gen_ai.operation.name", "chat")])]), "beta"
+        export_request([span(attributes=[kv("gen_ai.operation.name", "chat")])]), platform("beta")
     ).rows[0]
     assert row.tenant == "beta"
     assert not row.is_invocation
@@ -129,7 +134,7 @@ def test_attribute_values_of_every_kind_become_json() -> None:
         KeyValue(key="empty", value=AnyValue()),
         kv("nul", "a\x00b"),
     ]
-    row = export_batch(export_request([span(attributes=attributes, name="x\x00y")]), "t").rows[0]
+    row = export_batch(export_request([span(attributes=attributes, name="x\x00y")]), platform("t")).rows[0]
     assert row.attributes == {
         "i": -(2**40),
         "d": 0.25,
@@ -146,7 +151,7 @@ def test_attribute_values_of_every_kind_become_json() -> None:
 
 def test_spans_with_malformed_ids_are_rejected_and_counted() -> None:
     conversion = export_batch(
-        export_request([span(1), span(2, trace_id=b"short"), span(3, span_id=b"")]), "t"
+        export_request([span(1), span(2, trace_id=b"short"), span(3, span_id=b"")]), platform("t")
     )
     assert [r.span_id for r in conversion.rows] == ["0000000000000001"]
     assert conversion.rejected == 2
@@ -178,7 +183,7 @@ def test_scores_travel_as_evaluation_events_and_bad_ones_are_ignored() -> None:
     ]
     batch = export_batch(
         export_request([span(attributes=attributes, events=events)], [kv("corral.agent", "agents/a")]),
-        "acme",
+        platform("acme"),
     )
     [score] = batch.scores
     assert (score.session, score.name, score.value, score.comment) == (
@@ -189,8 +194,54 @@ def test_scores_travel_as_evaluation_events_and_bad_ones_are_ignored() -> None:
     )
     assert (score.agent, score.version, score.tenant) == ("agents/a", "agents/a/versions/2", "acme")
     assert (score.source, score.user, score.trace_id) == (ScoreSource.CODE, "agent", TRACE.hex())
-    no_session = export_batch(export_request([span(events=events[:1])]), "acme")
+    no_session = export_batch(export_request([span(events=events[:1])]), platform("acme"))
     assert no_session.scores == []
+
+
+def test_a_users_export_is_its_own_tenants_and_never_the_platforms_invocation() -> None:
+    """The forge that once rolled back another tenant's canary: spans naming a victim's tenant,
+    agent and version, an invocation that failed, a score. From a user they all stay in the
+    user's tenant, under the user's name, and are not the platform's."""
+    forged = [
+        kv("gen_ai.operation.name", "invoke_agent"),
+        kv("corral.tenant", "victim"),
+        kv("corral.agent", "canary"),
+        kv("corral.version", "3"),
+        kv("corral.endpoint", "prod"),
+        kv("corral.session", "sessions/s1"),
+    ]
+    events = [evaluation("quality", AnyValue(double_value=0.0))]
+    batch = export_batch(
+        export_request([span(attributes=forged, events=events, status=Status(code=2))]),
+        Exporter("mallory-co", trusted=False, user="mallory"),
+    )
+    [row], [score] = batch.rows, batch.scores
+    # Listed among the user's traces, never the platform's invocation.
+    assert (row.tenant, row.is_invocation, row.platform) == ("mallory-co", True, False)
+    assert (row.agent, row.version, row.endpoint) == (
+        "agents/canary", "agents/canary/versions/3", "agents/canary/endpoints/prod"
+    )
+    assert (score.tenant, score.user, score.version) == (
+        "mallory-co", "mallory", "agents/canary/versions/3"
+    )
+    # The same span from the platform keeps what it names, and is an invocation.
+    trusted = export_batch(export_request([span(attributes=forged)]), platform("default")).rows[0]
+    assert (trusted.tenant, trusted.is_invocation, trusted.platform) == ("victim", True, True)
+    assert (trusted.agent, trusted.version) == ("canary", "3")
+
+
+def test_attributes_are_bounded() -> None:
+    many = [kv(f"k{i}", "v") for i in range(500)]
+    huge = [kv("big", "x" * 100_000), kv("long-key-" + "k" * 1000, "v"),
+            KeyValue(key="list", value=AnyValue(array_value=ArrayValue(
+                values=[AnyValue(int_value=i) for i in range(10_000)])))]
+    row = export_batch(export_request([span(attributes=huge + many)]), platform("t")).rows[0]
+    assert len(row.attributes) == otlp.MAX_ATTRIBUTES
+    big = row.attributes["big"]
+    assert isinstance(big, str) and len(big) == otlp.MAX_VALUE_CHARS and big.endswith("…")
+    assert all(len(key) <= otlp.MAX_KEY_CHARS for key in row.attributes)
+    listed = row.attributes["list"]
+    assert isinstance(listed, list) and len(listed) == otlp.MAX_ITEMS
 
 
 async def test_an_export_stores_its_spans_once_and_its_scores() -> None:
@@ -203,8 +254,7 @@ async def test_an_export_stores_its_spans_once_and_its_scores() -> None:
                 span(1, attributes=[kv("corral.session", "sessions/s1")], events=events),
                 span(2, trace_id=b"short"),
             ]
-        ),
-        "acme",
+        ), platform("acme"),
     )
     first = await telemetry.export(batch)
     assert (first.accepted, first.stored, first.rejected) == (1, 1, 1)
@@ -236,7 +286,7 @@ def test_spans_from_the_real_sdk_encoder() -> None:
         child.set_status(StatusCode.ERROR, "tool failed")
     provider.shutdown()
     finished = exporter.get_finished_spans()
-    rows = {r.name: r for r in export_batch(encode_spans(finished), "default").rows}
+    rows = {r.name: r for r in export_batch(encode_spans(finished), platform("default")).rows}
     invocation, tool = rows["invoke_agent progress-report"], rows["execute_tool session_data"]
     assert invocation.trace_id == format(root.get_span_context().trace_id, "032x")
     assert invocation.span_id == format(root.get_span_context().span_id, "016x")
@@ -341,7 +391,7 @@ def telemetry_with_spans(count: int, tenant: str = "acme") -> Telemetry:
                     )
                 ]
             ),
-            tenant,
+            platform(tenant),
         ).rows[0]
         store.put(row)
     return Telemetry(store, FakeScoreStore())
@@ -424,7 +474,7 @@ async def test_version_metrics_in_version_order_with_their_cost() -> None:
     ]
     prices = {"gpt-x": (1.0, 4.0)}  # dollars per million tokens
     telemetry = Telemetry(FakeSpanStore(), FakeScoreStore(), prices)
-    await telemetry.export(export_batch(export_request(spans), "acme"))
+    await telemetry.export(export_batch(export_request(spans), platform("acme")))
     metrics = await telemetry.version_metrics("acme", AgentRef("a"), None, None)
     assert [m.version for m in metrics] == [
         "agents/a/versions/2",

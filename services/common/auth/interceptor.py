@@ -111,10 +111,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._authenticator = authenticator
 
     async def _enter(self, context: Context, access: Access, method: str) -> Any:
-        metadata = {
-            key: value for key, value in context.invocation_metadata() or ()
-            if isinstance(value, str)
-        }
+        pairs = [(k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
+        if sum(key == AUTHORIZATION for key, _ in pairs) > 1:
+            # One credential per call: a proxy may join repeated headers into one value, and
+            # which of them was checked would then be anyone's guess.
+            raise Unauthenticated("send one authorization header, not several")
+        metadata = dict(pairs)
         peer = peer_service(context)
         verified = await self._authenticator.verify(metadata, peer)
         authorize(access, verified, peer, method)

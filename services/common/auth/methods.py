@@ -113,6 +113,15 @@ METHODS: Mapping[str, Access] = {
     **_service("corral.registry.v1.ToolSecretsService", {
         "ResolveTool": internal("executor"),
     }),
+    **_service("corral.registry.v1.KeyService", {
+        # Admins of the key's tenant (or platform administrators: the servicer checks which
+        # tenant and which role may be granted).
+        "CreateKey": user(ADMIN),
+        "ListKeys": user(ADMIN),
+        "RevokeKey": user(ADMIN),
+        # Every other service verifies the API keys its callers present here.
+        "VerifyKey": internal("router", "sessions", "executor", "telemetry"),
+    }),
     **_service("corral.sessions.v1.SessionsService", {
         # Sessions hold what users said: invokers see their own, operators the tenant's.
         "CreateSession": user(INVOKER),

@@ -1,5 +1,5 @@
 """The registry's storage in PostgreSQL, the only package that speaks SQL: one module per kind of
-row (catalog, endpoints, runs, tools, audit), read and written through the pool or through one
+row (catalog, endpoints, runs, tools, keys, audit), read and written through the pool or through one
 transaction's connection."""
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import asyncpg
 from services.registry.store.audit import AuditRows
 from services.registry.store.catalog import CatalogRows
 from services.registry.store.endpoints import ENDPOINTS_CHANNEL, EndpointRows
+from services.registry.store.keys import KeyRows
 from services.registry.store.runs import RunRows
 from services.registry.store.tools import ToolRows
 
 
-class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, AuditRows):
+class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
     """Every table's rows over one transaction's connection."""
 
 
-class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, AuditRows):
+class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
     """Every table's rows over the pool, and transactions."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from services.telemetry.model import FleetVersion
-from services.telemetry.store.sql import LATENCY, USAGE, latency, usage_counts
+from services.telemetry.store.sql import INVOCATION, LATENCY, USAGE, latency, usage_counts
 
 
 class PgFleetMetrics:
@@ -20,7 +20,7 @@ class PgFleetMetrics:
         )
         recent = await self._pool.fetch(
             f"""SELECT agent, version, {LATENCY} FROM telemetry.spans
-                 WHERE is_invocation AND version <> ''
+                 WHERE {INVOCATION} AND version <> ''
                    AND start_time > now() - make_interval(secs => $1)
                  GROUP BY agent, version""",
             latency_window_s,

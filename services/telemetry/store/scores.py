@@ -21,6 +21,7 @@ from services.telemetry.model import (
 )
 from services.telemetry.store.sql import (
     INPUT_TOKENS,
+    INVOCATION,
     IS_TOOL_CALL,
     OUTPUT_TOKENS,
     Where,
@@ -92,7 +93,7 @@ class PgScoreStore:
                            count(*) FILTER (WHERE status = 'ERROR') AS failed_invocations,
                            array_agg(duration_ms ORDER BY start_time) AS latencies_ms
                     FROM telemetry.spans
-                    WHERE version = $1 AND is_invocation AND start_time >= $2 AND start_time < $3
+                    WHERE version = $1 AND {INVOCATION} AND start_time >= $2 AND start_time < $3
                       AND ($4 = '' OR endpoint = $4) AND session <> ''
                       AND ($6::text IS NULL OR tenant = $6)
                     GROUP BY tenant, session),
@@ -104,7 +105,7 @@ class PgScoreStore:
                            {tokens(f"coalesce({INPUT_TOKENS}, 0) + coalesce({OUTPUT_TOKENS}, 0)")}
                                AS tokens
                     FROM telemetry.spans
-                    WHERE version = $1 AND NOT is_invocation AND start_time >= $2
+                    WHERE version = $1 AND NOT is_invocation AND platform AND start_time >= $2
                       AND start_time < $3
                       AND (tenant, session) IN (SELECT tenant, session FROM inv)
                     GROUP BY tenant, session),

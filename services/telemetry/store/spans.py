@@ -22,6 +22,7 @@ from services.telemetry.model import (
 )
 from services.telemetry.store.sql import (
     INPUT_TOKENS,
+    INVOCATION,
     LATENCY,
     OUTPUT_TOKENS,
     USAGE,
@@ -52,6 +53,7 @@ _COLUMNS = (
     ("tenant", "text"),
     ("invocation_id", "text"),
     ("is_invocation", "bool"),
+    ("platform", "bool"),
     ("attributes", "text"),
     ("resource", "text"),
 )
@@ -88,6 +90,7 @@ def _values(row: SpanRow) -> tuple[Param, ...]:
         row.tenant,
         row.invocation_id,
         row.is_invocation,
+        row.platform,
         json.dumps(row.attributes),
         json.dumps(row.resource),
     )
@@ -148,7 +151,7 @@ class PgSpanStore:
     async def newest_invocation(self, tenant: str, session: SessionRef) -> SpanRow | None:
         record = await self._pool.fetchrow(
             f"""SELECT {_NAMES} FROM telemetry.spans
-                 WHERE tenant = $1 AND session = $2 AND is_invocation
+                 WHERE tenant = $1 AND session = $2 AND {INVOCATION}
                  ORDER BY start_time DESC LIMIT 1""",
             tenant,
             session.name,
@@ -200,7 +203,7 @@ class PgSpanStore:
         self, tenant: TenantScope, agent: AgentRef, start: datetime | None, end: datetime | None
     ) -> list[VersionMetrics]:
         sql = Where.of_tenant(tenant)
-        sql.conditions.append("version <> ''")
+        sql.conditions.append("version <> '' AND platform")
         sql.add("agent = {}", agent.name)
         sql.window(start, end)
         records = await self._pool.fetch(

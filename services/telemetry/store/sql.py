@@ -31,28 +31,32 @@ def number_attribute(key: str) -> str:
 
 
 def tokens(attribute: str) -> str:
-    """The sum of a numeric attribute over the spans selected, whole, 0 for none."""
-    return f"trunc(coalesce(sum({attribute}), 0))::bigint"
+    """The sum of a numeric attribute over the platform's spans selected, whole, 0 for none."""
+    return f"trunc(coalesce(sum({attribute}) FILTER (WHERE platform), 0))::bigint"
 
 
 INPUT_TOKENS = number_attribute(INPUT_TOKENS_ATTR)
 OUTPUT_TOKENS = number_attribute(OUTPUT_TOKENS_ATTR)
-IS_TOOL_CALL = f"attributes ? '{TOOL_ATTR}'"
+# An invocation the platform ran: a tenant's own exported spans may say `invoke_agent`, and are
+# listed as traces, but never count in metrics or rollout analysis.
+INVOCATION = "(is_invocation AND platform)"
+# A tool call the platform's broker made (a tenant's own exported spans never count).
+IS_TOOL_CALL = f"(platform AND attributes ? '{TOOL_ATTR}')"
 
 # A version's usage over the spans selected (one row per version); read with usage_counts().
 USAGE = f"""
-    count(*) FILTER (WHERE is_invocation) AS invocations,
-    count(*) FILTER (WHERE is_invocation AND status = 'ERROR') AS errors,
-    count(DISTINCT session) FILTER (WHERE is_invocation AND session <> '') AS sessions,
+    count(*) FILTER (WHERE {INVOCATION}) AS invocations,
+    count(*) FILTER (WHERE {INVOCATION} AND status = 'ERROR') AS errors,
+    count(DISTINCT session) FILTER (WHERE {INVOCATION} AND session <> '') AS sessions,
     count(*) FILTER (WHERE {IS_TOOL_CALL}) AS tool_calls,
     count(*) FILTER (WHERE {IS_TOOL_CALL} AND status = 'ERROR') AS tool_failures,
     {tokens(INPUT_TOKENS)} AS input_tokens,
     {tokens(OUTPUT_TOKENS)} AS output_tokens"""
 
 # Invocation latency quantiles; read with latency().
-LATENCY = """
+LATENCY = f"""
     percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms)
-        FILTER (WHERE is_invocation) AS latency"""
+        FILTER (WHERE {INVOCATION}) AS latency"""
 
 
 def usage_counts(r: asyncpg.Record) -> UsageCounts:

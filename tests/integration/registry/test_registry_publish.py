@@ -17,6 +17,7 @@ from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.registry.v1 import registry_pb2 as pb
 from tests.bundles import SAYS_HI, agent_files, link, publish_requests, tar_of, write_bundle
+from tests.credentials import token
 from tests.registry_client import ALICE, Registry
 from tests.rpc import error_details, fails
 
@@ -33,7 +34,8 @@ async def test_publish_is_idempotent_and_a_change_makes_the_next_version(
     data = registry.bundle()
     # Through the synchronous client, as the corral command does (in a thread: the server runs
     # on this event loop).
-    client = CorralClient(ClientConfig(addrs=registry.settings.addrs, tenant="acme", user="alice"))
+    client = CorralClient(ClientConfig(addrs=registry.settings.addrs,
+                                       credential=token("acme", "alice")))
     root = write_bundle(registry.tmp / "first", agent_files(a, SAYS_HI))
     try:
         first = await asyncio.to_thread(client.publish, root)

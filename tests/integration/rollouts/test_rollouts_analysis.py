@@ -11,18 +11,61 @@ from collections.abc import Callable
 
 import pytest
 from google.protobuf import timestamp_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.sessions.v1 import sessions_pb2 as ses
 from corral.telemetry.v1 import telemetry_pb2 as tel
+from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from tests.conftest import StartServices
-from tests.rollout_world import ALICE, World, analysis, gate, ready, state, weight
+from tests.credentials import public_channel
+from tests.otlp import export_request, kv
+from tests.rollout_world import (
+    ALICE,
+    World,
+    analysis,
+    gate,
+    invocation_span,
+    ready,
+    state,
+    weight,
+)
+from tests.rpc import new_tenant
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 # -- 1. the analysis decides -------------------------------------------------------------------
+
+
+async def test_another_tenants_forged_spans_move_no_rollout(
+    start_services: StartServices, make_world: Callable[..., World]
+) -> None:
+    """The forge that once rolled back a tenant's live canary: another tenant's operator exports
+    failing `invoke_agent` spans naming the victim's tenant, agent and candidate version. They
+    land in the forger's own tenant, as no invocation, and the victim's rollout succeeds."""
+    await start_services("telemetry", "registry", "sessions")
+    w = await ready(make_world)
+    r = await w.start_rollout(2, [weight(50), gate(30), weight(100)], analysis(20))
+    await w.wait(r.name, lambda x: x.current_weight == 50, what="at 50%")
+
+    forged = [invocation_span(w.agent, 2, w.endpoint_id, f"forged-{i}", error=True) for i in range(90)]
+    forger = new_tenant()
+    async with public_channel(w.settings.addrs["telemetry"], forger, "mallory", "operator") as ch:
+        await TraceServiceStub(ch).Export(
+            export_request(forged, [kv("service.name", "corral-executor")]))
+        mine = await TelemetryServiceStub(ch).ListSpans(
+            tel.ListSpansRequest(filter=tel.SpanFilter(agent=f"agents/{w.agent}"), page_size=200))
+    assert len(mine.spans) == 90 and {s.tenant for s in mine.spans} == {forger}
+    # Both versions serve the victim the same way (as in test_equal_candidate_is_promoted...).
+    await w.send_sessions(1, 200)
+    await w.send_sessions(2, 200)
+
+    done = await w.wait(r.name, lambda x: state(x) != "PROGRESSING", what="decided")
+    assert state(done) == "SUCCEEDED", done.state_reason
+    assert all(c.candidate.sessions == 200 for c in done.last_analysis.comparisons)
+
 
 
 @pytest.mark.parametrize("policy", ["MIGRATE", "STOP"])

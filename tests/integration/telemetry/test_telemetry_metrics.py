@@ -17,7 +17,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1.telemetry_pb2_grpc import TelemetryServiceStub
 from tests import harness
-from tests.credentials import public_channel
+from tests.credentials import internal_channel, public_channel
 from tests.otlp import MS, T0, export_request, invocation, otlp_span
 from tests.rpc import who
 from tests.telemetry_client import Telemetry, uid
@@ -146,8 +146,12 @@ async def test_tokens_and_their_cost_per_version(
         chat(4, "gpt-x", "lots", "more"),  # not numbers: ignored, and nothing breaks
     ]
     try:
-        async with public_channel(host.address) as channel:
-            await trace_service_pb2_grpc.TraceServiceStub(channel).Export(export_request(spans))
+        settings = settings.with_address("telemetry", host.address, host.internal_address)
+        async with (
+            public_channel(host.address) as channel,
+            internal_channel(settings, "telemetry", "executor") as executor,
+        ):
+            await trace_service_pb2_grpc.TraceServiceStub(executor).Export(export_request(spans))
             result = await TelemetryServiceStub(channel).GetVersionMetrics(
                 pb.GetVersionMetricsRequest(agent=agent), metadata=who(tenant, user=""))
     finally:

@@ -22,7 +22,7 @@ from corral.registry.v1 import tools_pb2 as pb
 from services.common.settings import Settings
 from services.registry.secrets import SecretBox, SecretError
 from tests import harness
-from tests.credentials import internal_channel, public_channel
+from tests.credentials import internal_channel, public_channel, token
 from tests.rpc import fails, new_tenant, who
 from tests.tool_registry import KEY, SECRET, Registry
 
@@ -111,6 +111,8 @@ async def test_the_cli_manages_tools_and_reads_secrets_from_env(
 ) -> None:
     monkeypatch.setenv("CORRAL_REGISTRY_ADDR", registry.settings.addrs["registry"])
     monkeypatch.setenv("MY_TOOL_SECRET", SECRET)
+    # The command calls with a credential from the environment, as a user's shell would give it.
+    monkeypatch.setenv("CORRAL_TOKEN", token(registry.tenant, "bob"))
 
     def run(*args: str) -> Any:
         state = State()
