@@ -150,13 +150,14 @@ class VersionMetrics:
 
 @dataclass(frozen=True)
 class FleetVersion:
-    """One agent version across every tenant, for Prometheus: counts over all time, latency over
-    the recent window only."""
+    """One agent version of one tenant, for Prometheus: counts over all time, latency over the
+    recent window only. The same agent name in two tenants is two agents, so two series."""
 
     agent: str
     version: str
     counts: UsageCounts = UsageCounts()
     latency: Latency | None = None
+    tenant: str = "default"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Per-version RED metrics for Prometheus: invocations and errors (counters over all time),
 sessions, tool calls and failures, model tokens, and latency quantiles over the last five
-minutes, for every agent and version."""
+minutes, for every agent and version of every tenant."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from services.common.prometheus import Family, Snapshot
 from services.telemetry.model import FleetMetrics, FleetVersion
 
 LATENCY_WINDOW_S = 300.0
-_LABELS = ("agent", "version")
+_LABELS = ("agent", "version", "tenant")
 
 
 def snapshot(versions: list[FleetVersion]) -> Snapshot:
@@ -32,7 +32,7 @@ def snapshot(versions: list[FleetVersion]) -> Snapshot:
     tool_failures = family("corral_version_tool_failures", "Tool calls that failed", "counter")
     tokens = family("corral_version_tokens", "Model tokens", "counter", "direction")
     for v in versions:
-        key, c = (v.agent, v.version), v.counts
+        key, c = (v.agent, v.version, v.tenant), v.counts
         for fam, value in (
             (invocations, c.invocations),
             (errors, c.errors),

@@ -73,10 +73,11 @@ def test_walkthrough(platform: dict[str, str]) -> None:
     while 'corral_version_invocations_total{agent="agents/progress-report"' not in (
             text := urllib.request.urlopen(metrics_url, timeout=5).read().decode()) and time.monotonic() < deadline:
         time.sleep(1)
-    assert 'corral_version_invocations_total{agent="agents/progress-report",version="agents/progress-report/versions/1"}' in text
+    assert ('corral_version_invocations_total{agent="agents/progress-report",tenant="default",'
+            'version="agents/progress-report/versions/1"}') in text
     assert 'corral_version_latency_ms{agent="agents/progress-report"' in text
     assert ('corral_version_tokens_total{agent="agents/progress-report",direction="input",'
-            'version="agents/progress-report/versions/1"}') in text
+            'tenant="default",version="agents/progress-report/versions/1"}') in text
 
     # The executor's view: the live sessions' sandboxes, the warm pools kept for prod's versions,
     # and its own Prometheus page counting pool hits and misses.

@@ -159,7 +159,7 @@ async def test_exported_spans_come_back_as_protos_for_the_exporting_tenant_only(
     assert list(other.spans) == []
 
 
-async def test_prometheus_families_for_every_version() -> None:
+async def test_prometheus_families_for_every_version_of_every_tenant() -> None:
     fleet = FakeFleet(
         [
             FleetVersion("agents/a", "agents/a/versions/1", UsageCounts(invocations=4, errors=1)),
@@ -169,20 +169,23 @@ async def test_prometheus_families_for_every_version() -> None:
                 UsageCounts(invocations=2, input_tokens=30),
                 Latency(10.0, 20.0, 30.0),
             ),
+            # Another tenant's agent of the same name is a series of its own.
+            FleetVersion("agents/a", "agents/a/versions/1", UsageCounts(invocations=7), tenant="b"),
         ]
     )
     families = {f.name: f for f in await version_snapshot(fleet)()}
     assert fleet.windows == [LATENCY_WINDOW_S]
     assert families["corral_version_invocations"].samples == [
-        (("agents/a", "agents/a/versions/1"), 4.0),
-        (("agents/a", "agents/a/versions/2"), 2.0),
+        (("agents/a", "agents/a/versions/1", "default"), 4.0),
+        (("agents/a", "agents/a/versions/2", "default"), 2.0),
+        (("agents/a", "agents/a/versions/1", "b"), 7.0),
     ]
     assert families["corral_version_invocations"].kind == "counter"
     assert families["corral_version_latency_ms"].samples == [
-        (("agents/a", "agents/a/versions/2", "0.5"), 10.0),
-        (("agents/a", "agents/a/versions/2", "0.95"), 20.0),
-        (("agents/a", "agents/a/versions/2", "0.99"), 30.0),
+        (("agents/a", "agents/a/versions/2", "default", "0.5"), 10.0),
+        (("agents/a", "agents/a/versions/2", "default", "0.95"), 20.0),
+        (("agents/a", "agents/a/versions/2", "default", "0.99"), 30.0),
     ]
-    assert (("agents/a", "agents/a/versions/2", "input"), 30.0) in families[
+    assert (("agents/a", "agents/a/versions/2", "default", "input"), 30.0) in families[
         "corral_version_tokens"
     ].samples

@@ -15,23 +15,24 @@ class PgFleetMetrics:
 
     async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
         totals = await self._pool.fetch(
-            f"SELECT agent, version, {USAGE} FROM telemetry.spans WHERE version <> '' "
-            "GROUP BY agent, version"
+            f"SELECT tenant, agent, version, {USAGE} FROM telemetry.spans "
+            "WHERE version <> '' AND platform GROUP BY tenant, agent, version"
         )
         recent = await self._pool.fetch(
-            f"""SELECT agent, version, {LATENCY} FROM telemetry.spans
+            f"""SELECT tenant, agent, version, {LATENCY} FROM telemetry.spans
                  WHERE {INVOCATION} AND version <> ''
                    AND start_time > now() - make_interval(secs => $1)
-                 GROUP BY agent, version""",
+                 GROUP BY tenant, agent, version""",
             latency_window_s,
         )
-        latencies = {(r["agent"], r["version"]): latency(r) for r in recent}
+        latencies = {(r["tenant"], r["agent"], r["version"]): latency(r) for r in recent}
         return [
             FleetVersion(
                 agent=r["agent"],
                 version=r["version"],
                 counts=usage_counts(r),
-                latency=latencies.get((r["agent"], r["version"])),
+                latency=latencies.get((r["tenant"], r["agent"], r["version"])),
+                tenant=r["tenant"],
             )
             for r in totals
         ]
