@@ -241,7 +241,7 @@ def _held_addresses(settings: Settings) -> dict[str, HeldPort]:
 def local_secret(data_dir: Path, name: str, size: int) -> str:
     """A random secret made once and kept beside the embedded databases (mode 0600), for what
     the environment does not set: the key that encrypts tool secrets at rest (they must survive
-    a restart) and the registries' and executors' internal token."""
+    a restart)."""
     path = data_dir / name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
