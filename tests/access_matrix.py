@@ -1,0 +1,267 @@
+"""Every method Corral serves, read from the proto descriptors, with a request for each built from
+the descriptors too: string fields that reference a resource name the given tenant's resource of
+that type, resource messages carry its name. The access-matrix test calls each method so, with
+credentials of every kind, and a method added to a contract is covered without a line here."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.api import field_behavior_pb2, resource_pb2
+from google.protobuf import descriptor, message, message_factory
+
+from services.common.auth.methods import METHODS, Access
+
+# Contracts each service serves, by package (identity is served by every service: WhoAmI).
+PACKAGES = {
+    "corral.router.v1": "router",
+    "corral.registry.v1": "registry",
+    "corral.sessions.v1": "sessions",
+    "corral.executor.v1": "executor",
+    "corral.telemetry.v1": "telemetry",
+    "corral.identity.v1": "registry",
+    "opentelemetry.proto.collector.trace.v1": "telemetry",
+}
+_MODULES = ("opentelemetry.proto.collector.trace.v1.trace_service_pb2",)
+
+FieldType = descriptor.FieldDescriptor
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC as the descriptors describe it, and what the access table says it needs."""
+
+    path: str  # /package.Service/Method
+    descriptor: descriptor.MethodDescriptor
+    access: Access
+    service: str  # the Corral service that serves it
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[1]
+
+    @property
+    def id(self) -> str:
+        """A test id: Service.Method."""
+        return self.path.strip("/").rsplit(".", 1)[1].replace("/", ".")
+
+    @property
+    def public(self) -> bool:
+        return self.access.role is not None and not (self.access.open or self.access.any_principal)
+
+    @property
+    def internal(self) -> bool:
+        return self.access.role is None and bool(self.access.services)
+
+    def request_class(self) -> type[message.Message]:
+        return message_factory.GetMessageClass(self.descriptor.input_type)
+
+    def response_class(self) -> type[message.Message]:
+        return message_factory.GetMessageClass(self.descriptor.output_type)
+
+
+def served_methods() -> list[Method]:
+    """Every method of every service in Corral's served packages, sorted by path."""
+    modules = list(_MODULES)
+    for package in PACKAGES:
+        if package.startswith("corral."):
+            root = importlib.import_module(package)
+            modules += [f"{package}.{info.name}" for info in pkgutil.iter_modules(root.__path__)
+                        if info.name.endswith("_pb2")]
+    methods = []
+    for name in modules:
+        pb2 = importlib.import_module(name)
+        for svc in pb2.DESCRIPTOR.services_by_name.values():
+            for rpc in svc.methods:
+                path = f"/{svc.full_name}/{rpc.name}"
+                methods.append(Method(path, rpc, METHODS[path], PACKAGES[svc.file.package]))
+    return sorted(methods, key=lambda m: m.path)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """A tenant's resources as requests name them: a name per resource type
+    ("registry.corral.dev/Agent": "agents/x"), and values for fields no reference annotates."""
+
+    tenant: str
+    names: Mapping[str, str]
+    # Values by field name, for fields the descriptors say nothing about (a session's etag).
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def name_of(self, resource_type: str) -> str:
+        return self.names[resource_type]
+
+    def id_of(self, singular: str) -> str:
+        """The last part of the name of the resource whose type is `singular` ("agent"), or ""."""
+        for resource_type, name in self.names.items():
+            if resource_type.rsplit("/", 1)[1].lower() == singular:
+                return name.rsplit("/", 1)[1]
+        return ""
+
+    def parent_of(self, child_type: str) -> str:
+        """The collection a `child_type` resource lives in: its name less the last two parts."""
+        return self.names[child_type].rsplit("/", 2)[0]
+
+
+def _required(f: descriptor.FieldDescriptor) -> bool:
+    behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    return field_behavior_pb2.REQUIRED in behaviors
+
+
+def _reference(f: descriptor.FieldDescriptor) -> tuple[str, str]:
+    ref = f.GetOptions().Extensions[resource_pb2.resource_reference]
+    return ref.type, ref.child_type
+
+
+def _resource_type(d: descriptor.Descriptor) -> str:
+    return str(d.GetOptions().Extensions[resource_pb2.resource].type)
+
+
+# Required numbers the descriptors cannot give a valid value: a traffic split's or an
+# experiment's percentages add up to 100, so one target takes it all.
+SCALARS: Mapping[str, Any] = {"percent": 100.0}
+
+
+def _scalar(f: descriptor.FieldDescriptor, resources: Resources) -> Any:
+    """A value for a required field nothing annotates: the tenant's value for it if it has one,
+    else the smallest valid-looking one."""
+    if f.name in resources.values:
+        return resources.values[f.name]
+    if f.name in SCALARS:
+        return SCALARS[f.name]
+    if f.type == FieldType.TYPE_STRING:
+        return resources.tenant if f.name == "tenant" else "x"
+    if f.type == FieldType.TYPE_BYTES:
+        return b"{}"
+    if f.type == FieldType.TYPE_BOOL:
+        return True
+    if f.type == FieldType.TYPE_ENUM:
+        return f.enum_type.values[-1].number  # the last: _UNSPECIFIED is always 0
+    if f.type in (FieldType.TYPE_DOUBLE, FieldType.TYPE_FLOAT):
+        return 0.5
+    return 1
+
+
+def fill(msg: message.Message, resources: Resources, depth: int = 0) -> message.Message:
+    """Fills `msg` in place as a client naming `resources` would: every field that references a
+    resource, every required field (recursively), the name of a resource message, and the first
+    member of each top-level oneof nothing else chose. Returns `msg`."""
+    d = msg.DESCRIPTOR
+    own_type = _resource_type(d)
+    if own_type and "name" in d.fields_by_name:
+        msg.name = resources.name_of(own_type)
+    for f in d.fields:
+        ref_type, child_type = _reference(f)
+        if f.type == FieldType.TYPE_STRING and (ref_type or child_type) and ref_type != "*":
+            value = resources.name_of(ref_type) if ref_type else resources.parent_of(child_type)
+            if f.is_repeated:
+                getattr(msg, f.name).append(value)
+            else:
+                setattr(msg, f.name, value)
+        elif f.type == FieldType.TYPE_STRING and f.name.endswith("_id") and (
+                own := resources.id_of(f.name.removesuffix("_id"))):
+            setattr(msg, f.name, own)  # a create naming the id of the tenant's own resource
+        elif _required(f) or f.name in resources.values or _refers(f):
+            _set(msg, f, resources, depth)
+    for oneof in d.oneofs if depth == 0 else ():  # a stream's first message: its header
+        if msg.WhichOneof(oneof.name) is None and oneof.fields:
+            _set(msg, oneof.fields[0], resources, depth)
+    return msg
+
+
+def _refers(f: descriptor.FieldDescriptor) -> bool:
+    """A message field outside any oneof whose own fields reference resources (a filter)."""
+    if f.message_type is None or f.is_repeated or f.containing_oneof is not None:
+        return False
+    return any(any(_reference(inner)) for inner in f.message_type.fields)
+
+
+def _set(msg: message.Message, f: descriptor.FieldDescriptor, resources: Resources, depth: int) -> None:
+    if f.message_type is not None:
+        if f.message_type.GetOptions().map_entry or depth > 4:
+            return
+        target = getattr(msg, f.name).add() if f.is_repeated else getattr(msg, f.name)
+        if f.message_type.full_name.startswith("google.protobuf."):
+            target.SetInParent()  # a Timestamp, Duration or FieldMask left at its zero
+        else:
+            fill(target, resources, depth + 1)
+        return
+    value = _scalar(f, resources)
+    if f.is_repeated:
+        getattr(msg, f.name).append(value)
+    else:
+        setattr(msg, f.name, value)
+
+
+def request_for(method: Method, resources: Resources,
+                overrides: Mapping[str, Any] | None = None) -> message.Message:
+    """The request of `method` naming `resources`, with `overrides` (field → value) on top."""
+    request = fill(method.request_class()(), resources)
+    for name, value in (overrides or {}).items():
+        if isinstance(value, message.Message):
+            getattr(request, name).CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def stream_for(method: Method, resources: Resources,
+               overrides: Mapping[str, Any] | None = None) -> list[message.Message]:
+    """What a client sends `method`: its request; for a client stream whose messages are a oneof
+    (a header, then a body: PublishVersion, Converse), one message per member, in order."""
+    first = request_for(method, resources, overrides)
+    oneofs = first.DESCRIPTOR.oneofs
+    if not method.descriptor.client_streaming or not oneofs:
+        return [first]
+    stream = [first]
+    for member in oneofs[0].fields[1:]:
+        later = method.request_class()()
+        _set(later, member, resources, 1)
+        stream.append(later)
+    return stream
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+async def call(channel: grpc.aio.Channel, method: Method, requests: list[message.Message],
+               metadata: Metadata = (), timeout: float = 10) -> message.Message | None:
+    """Calls `method` with `requests` (the first alone unless the client streams): the response,
+    or the first message of a response stream (None when the stream ends empty)."""
+    request = requests[0]
+    ser = type(request).SerializeToString
+    de = method.response_class().FromString
+    rpc = method.descriptor
+    if rpc.client_streaming and rpc.server_streaming:
+        stream = channel.stream_stream(method.path, ser, de)(
+            iter(requests), metadata=metadata, timeout=timeout)
+    elif rpc.server_streaming:
+        stream = channel.unary_stream(method.path, ser, de)(
+            request, metadata=metadata, timeout=timeout)
+    elif rpc.client_streaming:
+        return await channel.stream_unary(method.path, ser, de)(  # type: ignore[no-any-return]
+            iter(requests), metadata=metadata, timeout=timeout)
+    else:
+        return await channel.unary_unary(method.path, ser, de)(  # type: ignore[no-any-return]
+            request, metadata=metadata, timeout=timeout)
+    try:
+        async for first in stream:
+            return first  # type: ignore[no-any-return]
+        return None
+    finally:
+        stream.cancel()
+
+
+async def outcome(channel: grpc.aio.Channel, method: Method, requests: list[message.Message],
+                  metadata: Metadata = ()) -> tuple[grpc.StatusCode, message.Message | None, str]:
+    """What `call` comes back with: (code, response or None, details)."""
+    try:
+        response = await call(channel, method, requests, metadata)
+    except grpc.aio.AioRpcError as err:
+        return err.code(), None, err.details() or ""
+    return grpc.StatusCode.OK, response, ""
