@@ -122,9 +122,13 @@ def _resource_type(d: descriptor.Descriptor) -> str:
     return str(d.GetOptions().Extensions[resource_pb2.resource].type)
 
 
-# Required numbers the descriptors cannot give a valid value: a traffic split's or an
-# experiment's percentages add up to 100, so one target takes it all.
-SCALARS: Mapping[str, Any] = {"percent": 100.0}
+# Required values the descriptors cannot give a valid one for.
+SCALARS: Mapping[str, Any] = {
+    # A traffic split's or an experiment's percentages add up to 100: one target takes it all.
+    "percent": 100.0,
+    # A tool's address is host:port.
+    "address": "tools.example.com:443",
+}
 
 
 def _scalar(f: descriptor.FieldDescriptor, resources: Resources) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -91,6 +92,16 @@ class World:
     @property
     def settings(self) -> Settings:
         return self.mesh.settings
+
+    @property
+    def existing(self) -> set[str]:
+        """The names of the resources the victim has (rollouts, experiments: none)."""
+        return {name for kind, name in self.victim.names.items() if kind in EXISTING}
+
+
+EXISTING = {"registry.corral.dev/Agent", "registry.corral.dev/Version", "registry.corral.dev/Endpoint",
+            "registry.corral.dev/Tool", "registry.corral.dev/Key", "sessions.corral.dev/Session",
+            "telemetry.corral.dev/Score"}
 
 
 def resource_names(agent: str, session: str, tool: str, key: str, score: str) -> dict[str, str]:
@@ -209,9 +220,11 @@ async def _victim(mesh: Mesh, public: dict[str, grpc.aio.Channel]) -> World:
     await keys.RevokeKey(keys_pb2.RevokeKeyRequest(name=gone.key.name), metadata=md)
     score = await _score(mesh, agent, f"sessions/{session}")
     names = resource_names(agent, session, tool, key.key.name, score.name)
-    victim = Resources(mesh.tenant, names)
     versions = await mesh.registry.ListVersions(
         registry_pb2.ListVersionsRequest(parent=f"agents/{agent}"), metadata=md)
+    # A session names its version's digest: the victim's, so a CreateSession is well formed.
+    digest = {v.name: v.digest for v in versions.versions}[names["registry.corral.dev/Version"]]
+    victim = Resources(mesh.tenant, names, {"version_digest": digest})
     markers = (mesh.tenant, SECRET, made.address, made.etag, key.key.key_id, score.name,
                answer.output.decode()[:40], *(v.digest for v in versions.versions))
     return World(mesh, victim, gone.api_key, key.api_key, markers, await snapshot(mesh, victim),
@@ -255,6 +268,7 @@ async def test_without_a_valid_credential_every_public_method_is_unauthenticated
         "expired JWT": jwt(victim, expires_in=-300),
         "JWT for another audience": jwt(victim, audience="not-corral"),
         "JWT with a bad signature": jwt(victim, key="foreign"),
+        "identity headers alone": forged(world),
     }
     channel = world.public[method.service]
     req = request(method, world.victim)
@@ -318,33 +332,64 @@ async def test_another_tenant_never_reaches_the_victims_resources(
     world: World, method: Method
 ) -> None:
     victim = world.victim
-    # Every `tenant` field names the victim's tenant too.
-    req = request(method, Resources(victim.tenant, victim.names, {"tenant": victim.tenant}))
-    names_tenant = "tenant" in req[0].DESCRIPTOR.fields_by_name
-    # A tenant of its own each time: what one method creates is not there for the next.
-    attacker = who(new_tenant(), "mallory", "admin")
     kind = _kind(method)
-    for extra in ((), forged(world)):
-        code, response, details = await outcome(world.public[method.service], method, req,
-                                                attacker + extra)
-        seen = (kind, "forged headers" if extra else "plain", code.name, details)
-        if code == Code.OK:
-            shown = text_format.MessageToString(response) if response is not None else ""
-            assert not [m for m in world.markers if m and m in shown], (seen, shown[:500])
-            if method.path in OWN_TENANT_ANSWERS:
-                assert response is not None
-                shown_fields = {f.name for f, _ in response.ListFields()}
-                assert shown_fields <= OWN_TENANT_ANSWERS[method.path], (seen, shown[:500])
+    plain = request(method, victim)
+    # A `tenant` field is tried both ways: left empty (the caller's own) and naming the victim's.
+    tenant_named = request(method, dataclasses.replace(
+        victim, values={**victim.values, "tenant": victim.tenant}))
+    requests = [plain] + ([tenant_named] if tenant_named != plain else [])
+    for req in requests:
+        for extra in ((), forged(world)):
+            # A tenant of its own each time: what one call creates is not there for the next,
+            # so a listing must come back without anything at all of the victim's.
+            attacker = who(new_tenant(), "mallory", "admin") + extra
+            code, response, details = await outcome(world.public[method.service], method, req,
+                                                    attacker)
+            seen = (kind, "forged headers" if extra else "plain",
+                    "tenant named" if req is tenant_named else "", code.name, details)
+            if code == Code.OK:
+                _check_own_answer(world, method, kind, req, response, seen)
+            elif code == Code.PERMISSION_DENIED and req is tenant_named:
+                err = await _error(world, method, req, attacker)
+                assert error_details(err)[0].reason == TENANT_NAMED_REFUSAL, seen
             else:
-                assert kind != "named", (seen, shown[:500])
-        elif code == Code.PERMISSION_DENIED and names_tenant:
-            err = await _error(world, method, req, attacker + extra)
-            assert error_details(err)[0].reason == TENANT_NAMED_REFUSAL, seen
-        else:
-            assert code not in (Code.PERMISSION_DENIED, Code.UNAUTHENTICATED, Code.UNKNOWN,
-                                Code.INTERNAL), seen
-            if kind == "named":
-                assert code == Code.NOT_FOUND, seen
+                assert code not in (Code.PERMISSION_DENIED, Code.UNAUTHENTICATED, Code.UNKNOWN,
+                                    Code.INTERNAL), seen
+                if kind == "named":
+                    assert code == Code.NOT_FOUND, seen
+
+
+def _tenants(msg: message.Message) -> list[str]:
+    """Every `tenant` field's value in `msg`, at any depth."""
+    found = []
+    for f, value in msg.ListFields():
+        if f.name == "tenant" and isinstance(value, str):
+            found.append(value)
+        elif f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            for inner in value if f.is_repeated else [value]:
+                found += _tenants(inner)
+    return found
+
+
+def _check_own_answer(world: World, method: Method, kind: str, sent: list[message.Message],
+                      response: message.Message | None, seen: tuple[str, ...]) -> None:
+    """An OK answer to another tenant is about that tenant alone: no `tenant` of the victim's,
+    none of the victim's data it did not send itself, and for a listing not even the names of
+    the victim's resources."""
+    shown = text_format.MessageToString(response) if response is not None else ""
+    asked = "".join(text_format.MessageToString(m) for m in sent)
+    assert world.victim.tenant not in (_tenants(response) if response else []), (seen, shown[:500])
+    secrets = list(world.markers)
+    if kind == "list":
+        secrets += [n for n in world.victim.names.values() if n in world.existing]
+    leaked = [m for m in secrets if m and m in shown and m not in asked]
+    assert not leaked, (seen, leaked, shown[:500])
+    if method.path in OWN_TENANT_ANSWERS:
+        assert response is not None
+        fields = {f.name for f, _ in response.ListFields()}
+        assert fields <= OWN_TENANT_ANSWERS[method.path], (seen, shown[:500])
+    else:
+        assert kind != "named", (seen, shown[:500])
 
 
 async def _error(world: World, method: Method, req: list[message.Message], md: Metadata
