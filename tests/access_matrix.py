@@ -108,6 +108,19 @@ class Resources:
         return self.names[child_type].rsplit("/", 2)[0]
 
 
+def references(msg: message.Message) -> set[str]:
+    """The names `msg` gives in fields that reference one resource (not a collection), at any
+    depth."""
+    found = set()
+    for f, value in msg.ListFields():
+        if f.type == FieldType.TYPE_STRING and _reference(f)[0]:
+            found.update(value if f.is_repeated else [value])
+        elif f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            for inner in value if f.is_repeated else [value]:
+                found |= references(inner)
+    return found
+
+
 def _required(f: descriptor.FieldDescriptor) -> bool:
     behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
     return field_behavior_pb2.REQUIRED in behaviors
