@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.api import field_behavior_pb2, resource_pb2
@@ -111,7 +111,7 @@ class Resources:
 def references(msg: message.Message) -> set[str]:
     """The names `msg` gives in fields that reference one resource (not a collection), at any
     depth."""
-    found = set()
+    found: set[str] = set()
     for f, value in msg.ListFields():
         if f.type == FieldType.TYPE_STRING and _reference(f)[0]:
             found.update(value if f.is_repeated else [value])
@@ -121,18 +121,31 @@ def references(msg: message.Message) -> set[str]:
     return found
 
 
+def _option(options: message.Message, extension: descriptor.FieldDescriptor) -> object | None:
+    """An extension option's value, or None. Matched by name: the googleapis stubs type their
+    extensions as plain FieldDescriptors, which types-protobuf's Extensions[] does not take."""
+    return next((v for f, v in options.ListFields() if f.full_name == extension.full_name), None)
+
+
 def _required(f: descriptor.FieldDescriptor) -> bool:
-    behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
-    return field_behavior_pb2.REQUIRED in behaviors
+    behaviors = _option(f.GetOptions(), field_behavior_pb2.field_behavior)
+    return field_behavior_pb2.REQUIRED in (behaviors if isinstance(behaviors, Iterable) else [])
 
 
 def _reference(f: descriptor.FieldDescriptor) -> tuple[str, str]:
-    ref = f.GetOptions().Extensions[resource_pb2.resource_reference]
-    return ref.type, ref.child_type
+    ref = _option(f.GetOptions(), resource_pb2.resource_reference)
+    if isinstance(ref, resource_pb2.ResourceReference):
+        return ref.type, ref.child_type
+    return "", ""
 
 
 def _resource_type(d: descriptor.Descriptor) -> str:
-    return str(d.GetOptions().Extensions[resource_pb2.resource].type)
+    resource = _option(d.GetOptions(), resource_pb2.resource)
+    return resource.type if isinstance(resource, resource_pb2.ResourceDescriptor) else ""
+
+
+def _descriptor(msg: message.Message) -> descriptor.Descriptor:
+    return cast(descriptor.Descriptor, msg.DESCRIPTOR)
 
 
 # Required values the descriptors cannot give a valid one for.
@@ -157,7 +170,7 @@ def _scalar(f: descriptor.FieldDescriptor, resources: Resources) -> Any:
         return b"{}"
     if f.type == FieldType.TYPE_BOOL:
         return True
-    if f.type == FieldType.TYPE_ENUM:
+    if f.type == FieldType.TYPE_ENUM and f.enum_type is not None:
         return f.enum_type.values[-1].number  # the last: _UNSPECIFIED is always 0
     if f.type in (FieldType.TYPE_DOUBLE, FieldType.TYPE_FLOAT):
         return 0.5
@@ -168,10 +181,11 @@ def fill(msg: message.Message, resources: Resources, depth: int = 0) -> message.
     """Fills `msg` in place as a client naming `resources` would: every field that references a
     resource, every required field (recursively), the name of a resource message, and the first
     member of each top-level oneof nothing else chose. Returns `msg`."""
-    d = msg.DESCRIPTOR
+    d = _descriptor(msg)
     own_type = _resource_type(d)
-    if own_type and "name" in d.fields_by_name:
-        msg.name = resources.name_of(own_type)
+    name_field = d.fields_by_name.get("name")
+    if own_type and name_field is not None:
+        setattr(msg, name_field.name, resources.name_of(own_type))
     for f in d.fields:
         ref_type, child_type = _reference(f)
         if f.type == FieldType.TYPE_STRING and (ref_type or child_type) and ref_type != "*":
@@ -232,7 +246,7 @@ def stream_for(method: Method, resources: Resources,
     """What a client sends `method`: its request; for a client stream whose messages are a oneof
     (a header, then a body: PublishVersion, Converse), one message per member, in order."""
     first = request_for(method, resources, overrides)
-    oneofs = first.DESCRIPTOR.oneofs
+    oneofs = _descriptor(first).oneofs
     if not method.descriptor.client_streaming or not oneofs:
         return [first]
     stream = [first]
@@ -254,6 +268,7 @@ async def call(channel: grpc.aio.Channel, method: Method, requests: list[message
     ser = type(request).SerializeToString
     de = method.response_class().FromString
     rpc = method.descriptor
+    stream: grpc.aio.StreamStreamCall[Any, Any] | grpc.aio.UnaryStreamCall[Any, Any]
     if rpc.client_streaming and rpc.server_streaming:
         stream = channel.stream_stream(method.path, ser, de)(
             iter(requests), metadata=metadata, timeout=timeout)
@@ -261,24 +276,36 @@ async def call(channel: grpc.aio.Channel, method: Method, requests: list[message
         stream = channel.unary_stream(method.path, ser, de)(
             request, metadata=metadata, timeout=timeout)
     elif rpc.client_streaming:
-        return await channel.stream_unary(method.path, ser, de)(  # type: ignore[no-any-return]
+        return await channel.stream_unary(method.path, ser, de)(
             iter(requests), metadata=metadata, timeout=timeout)
     else:
-        return await channel.unary_unary(method.path, ser, de)(  # type: ignore[no-any-return]
+        return await channel.unary_unary(method.path, ser, de)(
             request, metadata=metadata, timeout=timeout)
     try:
         async for first in stream:
-            return first  # type: ignore[no-any-return]
+            return first
         return None
     finally:
         stream.cancel()
 
 
+# What grpcio's asyncio client reports, in place of the server's status, when the server ends a
+# client-streaming call before the client has written all its messages (grpc/grpc#36066): a
+# write that fails after the status arrived overwrites it. The client's doing, so such a call is
+# made again.
+_CLIENT_WRITE_RACE = "Internal error from Core"
+
+
 async def outcome(channel: grpc.aio.Channel, method: Method, requests: list[message.Message],
                   metadata: Metadata = ()) -> tuple[grpc.StatusCode, message.Message | None, str]:
     """What `call` comes back with: (code, response or None, details)."""
-    try:
-        response = await call(channel, method, requests, metadata)
-    except grpc.aio.AioRpcError as err:
-        return err.code(), None, err.details() or ""
-    return grpc.StatusCode.OK, response, ""
+    for _ in range(5):
+        try:
+            response = await call(channel, method, requests, metadata)
+        except grpc.aio.AioRpcError as err:
+            raced = err.code() == grpc.StatusCode.INTERNAL and err.details() == _CLIENT_WRITE_RACE
+            if raced and method.descriptor.client_streaming:
+                continue
+            return err.code(), None, err.details() or ""
+        return grpc.StatusCode.OK, response, ""
+    return grpc.StatusCode.INTERNAL, None, _CLIENT_WRITE_RACE

@@ -240,7 +240,8 @@ async def _score(mesh: Mesh, agent: str, session: str) -> telemetry_pb2.Score:
     span = otlp_span(uuid.uuid4().int >> 1, 1, 0, 10, {
         **invocation(f"agents/{agent}", 2, session, mesh.tenant), "corral.user": "alice"})
     async with internal_channel(mesh.settings, "telemetry", "executor") as channel:
-        await trace_service_pb2_grpc.TraceServiceStub(channel).Export(export_request([span]))
+        otlp = trace_service_pb2_grpc.TraceServiceStub(channel)  # type: ignore[no-untyped-call]
+        await otlp.Export(export_request([span]))
     return await mesh.telemetry.RecordScore(telemetry_pb2.RecordScoreRequest(
         score=telemetry_pb2.Score(session=session, score_name="quality", value=0.8)),
         metadata=mesh.me)
@@ -466,8 +467,8 @@ async def test_a_session_pinned_to_another_tenants_version_runs_nothing(world: W
             session_id="borrowed", session=sessions_pb2.Session(
                 agent=agent, version=victim.name_of("registry.corral.dev/Version"),
                 version_digest=victim.values["version_digest"])), metadata=attacker)
-    except grpc.aio.AioRpcError as err:
-        assert err.code() == Code.NOT_FOUND, err.details()
+    except grpc.aio.AioRpcError as refused:
+        assert refused.code() == Code.NOT_FOUND, refused.details()
         return
     err = await fails(Code.NOT_FOUND, world.mesh.router.Invoke(router_pb2.InvokeRequest(
         agent=agent, session_id="borrowed", payload=b'{"text": "hi"}'), metadata=attacker))
