@@ -24,6 +24,8 @@ from corral.registry.v1 import (
     keys_pb2,
     keys_pb2_grpc,
     registry_pb2,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
     tools_pb2,
     tools_pb2_grpc,
 )
@@ -97,12 +99,12 @@ class World:
 
     @property
     def existing(self) -> set[str]:
-        """The names of the resources the victim has (rollouts, experiments: none)."""
+        """The names of the resources the victim has (experiments: none)."""
         return {name for kind, name in self.victim.names.items() if kind in EXISTING}
 
 
 EXISTING = {"registry.corral.dev/Agent", "registry.corral.dev/Version", "registry.corral.dev/Endpoint",
-            "registry.corral.dev/Tool", "registry.corral.dev/Key", "sessions.corral.dev/Session",
+            "registry.corral.dev/Rollout", "registry.corral.dev/Tool", "registry.corral.dev/Key", "sessions.corral.dev/Session",
             "telemetry.corral.dev/Score"}
 
 
@@ -143,6 +145,9 @@ async def snapshot(world_mesh: Mesh, victim: Resources) -> dict[str, str]:
         "agents": await registry.ListAgents(registry_pb2.ListAgentsRequest(), metadata=md),
         "versions": await registry.ListVersions(
             registry_pb2.ListVersionsRequest(parent=agent), metadata=md),
+        "rollouts": await rollouts_pb2_grpc.RolloutServiceStub(channel).ListRollouts(
+            rollouts_pb2.ListRolloutsRequest(parent=names["registry.corral.dev/Endpoint"]),
+            metadata=md),
         "endpoints": await registry.ListEndpoints(
             registry_pb2.ListEndpointsRequest(parent=agent), metadata=md),
         "session": await mesh.sessions.GetSession(
@@ -221,6 +226,7 @@ async def _victim(mesh: Mesh, public: dict[str, grpc.aio.Channel]) -> World:
         display_name="old", role=keys_pb2.KEY_ROLE_ADMIN)), metadata=md)
     await keys.RevokeKey(keys_pb2.RevokeKeyRequest(name=gone.key.name), metadata=md)
     score = await _score(mesh, agent, f"sessions/{session}")
+    await _rollout(mesh, public["registry"], f"agents/{agent}")
     names = resource_names(agent, session, tool, key.key.name, score.name)
     versions = await mesh.registry.ListVersions(
         registry_pb2.ListVersionsRequest(parent=f"agents/{agent}"), metadata=md)
@@ -231,6 +237,22 @@ async def _victim(mesh: Mesh, public: dict[str, grpc.aio.Channel]) -> World:
                answer.output.decode()[:40], *(v.digest for v in versions.versions))
     return World(mesh, victim, gone.api_key, key.api_key, markers, await snapshot(mesh, victim),
                  public)
+
+
+async def _rollout(mesh: Mesh, channel: grpc.aio.Channel, agent: str) -> None:
+    """A rollout of version 1 on prod, held at a manual gate (so it stays as it is) with 10% of
+    new sessions on the candidate."""
+    rollouts = rollouts_pb2_grpc.RolloutServiceStub(channel)
+    made = await rollouts.CreateRollout(rollouts_pb2.CreateRolloutRequest(
+        parent=f"{agent}/endpoints/prod", rollout=rollouts_pb2.Rollout(
+            candidate_version=f"{agent}/versions/1", steps=[
+                rollouts_pb2.RolloutStep(set_weight=10),
+                rollouts_pb2.RolloutStep(manual=rollouts_pb2.ManualGate()),
+                rollouts_pb2.RolloutStep(set_weight=100)])), metadata=mesh.me)
+    async with asyncio.timeout(15):
+        while (await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(name=made.name),
+                                         metadata=mesh.me)).current_step < 1:
+            await asyncio.sleep(0.05)
 
 
 async def _score(mesh: Mesh, agent: str, session: str) -> telemetry_pb2.Score:
