@@ -103,9 +103,11 @@ class World:
         return {name for kind, name in self.victim.names.items() if kind in EXISTING}
 
 
-EXISTING = {"registry.corral.dev/Agent", "registry.corral.dev/Version", "registry.corral.dev/Endpoint",
-            "registry.corral.dev/Rollout", "registry.corral.dev/Tool", "registry.corral.dev/Key", "sessions.corral.dev/Session",
-            "telemetry.corral.dev/Score"}
+EXISTING = {
+    "registry.corral.dev/Agent", "registry.corral.dev/Version", "registry.corral.dev/Endpoint",
+    "registry.corral.dev/Rollout", "registry.corral.dev/Tool", "registry.corral.dev/Key",
+    "sessions.corral.dev/Session", "telemetry.corral.dev/Score",
+}
 
 
 def resource_names(agent: str, session: str, tool: str, key: str, score: str) -> dict[str, str]:
@@ -378,6 +380,7 @@ async def test_another_tenant_never_reaches_the_victims_resources(
         victim, values={**victim.values, "tenant": victim.tenant}))
     requests = [plain] + ([tenant_named] if tenant_named != plain else [])
     for req in requests:
+        codes = []
         for extra in ((), forged(world)):
             # A tenant of its own each time: what one call creates is not there for the next,
             # so a listing must come back without anything at all of the victim's.
@@ -386,6 +389,7 @@ async def test_another_tenant_never_reaches_the_victims_resources(
                                                     attacker)
             seen = (kind, "forged headers" if extra else "plain",
                     "tenant named" if req is tenant_named else "", code.name, details)
+            codes.append(code)
             # A create may make the caller's own resource, never one that refers to the victim's.
             refers = set().union(*(references(m) for m in req)) & world.existing
             if code == Code.OK:
@@ -399,6 +403,8 @@ async def test_another_tenant_never_reaches_the_victims_resources(
                                     Code.INTERNAL), seen
                 if kind == "named" or (kind == "create" and refers and code != Code.INVALID_ARGUMENT):
                     assert code == Code.NOT_FOUND, seen
+        # Forged identity headers change nothing: the same answer as without them.
+        assert codes[0] == codes[1], codes
 
 
 def _tenants(msg: message.Message) -> list[str]:
