@@ -359,13 +359,7 @@ def forged(world: World) -> Metadata:
 
 
 # Holes this matrix found, for the lead to fix (then the case passes and its xfail must go).
-CROSS_TENANT_HOLES = {
-    "/corral.sessions.v1.SessionsService/CreateSession": (
-        "CreateSession stores a pin to a version of another tenant (session.agent/version/"
-        "version_digest are not checked against the registry in the caller's tenant), and the "
-        "router then runs that tenant's bundle for the caller: see "
-        "test_a_session_pinned_to_another_tenants_version_runs_nothing"),
-}
+CROSS_TENANT_HOLES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("method", _ids(PUBLIC, CROSS_TENANT_HOLES))
@@ -483,8 +477,6 @@ async def test_internal_methods_answer_only_the_services_they_name(
             f"as {service}", code.name, details)
 
 
-@pytest.mark.xfail(strict=True, reason=CROSS_TENANT_HOLES[
-    "/corral.sessions.v1.SessionsService/CreateSession"].split(":")[0])
 async def test_a_session_pinned_to_another_tenants_version_runs_nothing(world: World) -> None:
     """The hole CreateSession's case finds, end to end: another tenant pins a session of its own
     to the victim's version (its name and digest) and invokes it."""
