@@ -22,6 +22,7 @@ from services.executor.model import (
     TIMEOUT,
     UNAVAILABLE,
     CallTokens,
+    Credential,
     Redactions,
     ResolvedTool,
     SpanAttributes,
@@ -132,7 +133,7 @@ class ToolBroker:
             raise ToolFailure(TIMEOUT, f"tool {tool!r} was not called: {why} has passed")
         # This call's own token: a tool that misuses it cannot reach another tool with it, and it
         # is dead once the call is over, whatever the tool does with it later.
-        credential = tokens.mint(tool, self.clock() + limit) if tokens is not None else None
+        credential = _mint(tokens, tool, self.clock() + limit)
         call = ToolCall(
             resolved, credential.token if credential else "",
             str(attributes.get("corral.invocation", "")), payload, content_type, limit,
@@ -171,6 +172,19 @@ class ToolBroker:
         self._cache[key] = (now + CACHE_TTL_S, resolved)
         return resolved
 
+
+
+def _mint(tokens: CallTokens | None, tool: str, expires_at: float) -> Credential | None:
+    if tokens is None:
+        return None
+    try:
+        return tokens.mint(tool, expires_at)
+    except Exception as exc:  # the agent gets a tool error, not a crashed turn
+        log.exception("could not mint the token of a call to tool %s", tool)
+        raise ToolFailure(
+            UNAVAILABLE, f"tool {tool!r} was not called: this executor could not mint its "
+            f"credential ({type(exc).__name__})",
+        ) from None
 
 
 def _record_redaction(span: trace.Span, tenant: str, tool: str, found: Redactions) -> None:

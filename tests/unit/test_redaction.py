@@ -16,7 +16,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.executor.model import TOOL_ERROR, ResolvedTool, ToolCall, ToolFailure, ToolOutcome
+from services.executor.model import (
+    TOOL_ERROR,
+    UNAVAILABLE,
+    Credential,
+    ResolvedTool,
+    ToolCall,
+    ToolFailure,
+    ToolOutcome,
+)
 from services.executor.redaction import REDACTED, Secret, redact
 from services.executor.tools import REDACTED_EVENT, ToolBroker
 from tests.fakes.executor import FixedTokens
@@ -275,3 +283,14 @@ def _lower_percent(text: str) -> str:
     import re
 
     return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), text)
+
+
+async def test_a_token_that_cannot_be_minted_fails_the_call_not_the_turn() -> None:
+    class Broken(FixedTokens):
+        def mint(self, tool: str, expires_at: float) -> Credential:
+            raise ValueError("no signing key")
+
+    transport = Echoes()
+    outcome, _ = await _call(transport, Broken("tok"))
+    assert outcome.error_code == UNAVAILABLE and "could not mint" in outcome.error
+    assert transport.calls == [], "nothing is sent without its token"
