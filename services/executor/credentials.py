@@ -20,6 +20,7 @@ from services.executor.model import Credential, Invocation, RevocationList
 
 __all__ = ["Credential", "CredentialIssuer", "InvocationCredentials", "InvocationTokens", "KeyRing"]
 
+
 class CredentialIssuer:
     """Mints invocation tokens signed by the keyring and keeps the jti deny-list."""
 

@@ -94,7 +94,8 @@ def _base64_forms(data: bytes) -> Iterator[tuple[bytes, str]]:
         yield whole.rstrip(b"="), form
         for skip in range(3):
             # Starting `skip` bytes in, whole 3-byte groups encode to characters that do not
-            # depend on what surrounds the secret.
+            # depend on what surrounds the secret (up to two bytes at either end stay, mixed
+            # into characters shared with the neighbours).
             usable = (len(data) - skip) // 3 * 3
             if usable <= 0:
                 continue

@@ -173,7 +173,6 @@ class ToolBroker:
         return resolved
 
 
-
 def _mint(tokens: CallTokens | None, tool: str, expires_at: float) -> Credential | None:
     if tokens is None:
         return None
