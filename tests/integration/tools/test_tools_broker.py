@@ -36,6 +36,7 @@ from services.executor.model import (
 from services.executor.tool_transport import ToolTransport
 from services.executor.tools import TOOL_ATTR, ToolBroker
 from tests import harness
+from tests.fakes.executor import FixedTokens
 from tests.tool_registry import SECRET, TOKEN, Registry, seconds
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -130,12 +131,13 @@ class Tools:
     exporter: InMemorySpanExporter
     http: Seen
     grpc: Seen
+    tokens: FixedTokens = field(default_factory=lambda: FixedTokens(TOKEN))
 
     async def call(self, tool: str, payload: bytes = b'{"q": 1}', *, allowed: tuple[str, ...] | None = None,
                    timeout_s: float | None = None, deadline_in: float = 30.0) -> ToolOutcome:
         return await self.broker.call(
             tenant=self.registry.tenant, tool=tool, allowed=allowed if allowed is not None else (tool,),
-            token=TOKEN, payload=payload, content_type="application/json", timeout_s=timeout_s,
+            tokens=self.tokens, payload=payload, content_type="application/json", timeout_s=timeout_s,
             deadline=time.time() + deadline_in,
             attributes={"corral.invocation": "inv-123", "corral.version": "agents/a/versions/1"},
             context=None,
@@ -287,7 +289,7 @@ async def test_link_local_and_unallowed_loopback_addresses_are_refused(
             registry.settings.executor, tools_allow_loopback=False))))
     try:
         outcome = await strict.call(
-            tenant=registry.tenant, tool="web", allowed=("web",), token=TOKEN, payload=b"{}",
+            tenant=registry.tenant, tool="web", allowed=("web",), tokens=FixedTokens(TOKEN), payload=b"{}",
             content_type="application/json", timeout_s=None, deadline=time.time() + 10,
             attributes={}, context=None)
     finally:
