@@ -25,6 +25,7 @@ from bench import broker, credentials, platform, propagation, sandboxes
 from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
+from corral.registry.v1 import keys_pb2
 from corral.router.v1 import router_pb2, router_pb2_grpc
 
 HERE = Path(__file__).parent
@@ -32,6 +33,7 @@ SEQUENTIAL = int(os.environ.get("CORRAL_BENCH_SEQUENTIAL", "400"))
 IN_FLIGHT = 32
 CONCURRENT_PER_WORKER = int(os.environ.get("CORRAL_BENCH_CONCURRENT", "25"))
 # CORRAL_BENCH_ONLY=a,b picks some of these; unset, all run.
+INVOKER = keys_pb2.KEY_ROLE_INVOKER
 PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials")
 
 
@@ -77,16 +79,18 @@ async def bench_echo(addr: str) -> dict[str, dict[str, float]]:
         }
 
 
-async def bench_mesh(router_addr: str) -> dict[str, dict[str, float]]:
+async def bench_mesh(router_addr: str, api_key: str) -> dict[str, dict[str, float]]:
+    """Invocations as a caller makes them: an API key on every call, one long-lived channel."""
     async with grpc.aio.insecure_channel(router_addr) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         run = os.getpid()
+        metadata = (("authorization", f"Bearer {api_key}"),)
 
         async def call(w: int) -> None:
             await stub.Invoke(router_pb2.InvokeRequest(
                 agent="agents/bench-echo", endpoint="DEFAULT", session_id=f"bench-{run}-{w}",
                 payload=b'{"text": "hello"}',
-            ))
+            ), metadata=metadata)
 
         return {
             "sequential": await measure(call, 1, SEQUENTIAL),
@@ -100,17 +104,19 @@ def overhead() -> dict[str, object]:
     echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE)
     try:
         print("bench: starting the platform...", file=sys.stderr, flush=True)
-        launcher.start_storage()
+        platform.start_storage(launcher)
         launcher.start_services()
-        client = CorralClient(ClientConfig.from_env(launcher.client_environ()))
+        client = CorralClient(ClientConfig.from_env(platform.client_environ(launcher)))
         version = client.publish(HERE / "agents" / "echo")
+        # The invocations carry an invoker's key, as a tenant's script would.
+        invoker = client.create_key(keys_pb2.Key(display_name="bench-invoker", role=INVOKER)).api_key
         client.close()
         assert echo_proc.stdout is not None
         echo_addr = echo_proc.stdout.readline().decode().strip()  # it prints where it serves
         print("bench: measuring the raw grpc.aio echo...", file=sys.stderr, flush=True)
         raw = asyncio.run(bench_echo(echo_addr))
         print("bench: measuring the mesh...", file=sys.stderr, flush=True)
-        mesh = asyncio.run(bench_mesh(launcher.settings.addrs["router"]))
+        mesh = asyncio.run(bench_mesh(launcher.settings.addrs["router"], invoker))
     finally:
         echo_proc.terminate()
         launcher.stop()
