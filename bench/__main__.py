@@ -3,7 +3,8 @@ against a plain grpc.aio echo round trip, both measured in this run, sequentiall
 calls in flight; the rollout analysis simulated (sessions to roll back a bad canary, A/A false
 rollbacks, sessions to promote); endpoint-change propagation to three routers; warm pools,
 streaming and sandbox memory (bench/sandboxes.py); the model broker's overhead (bench/broker.py);
-invocation credentials (bench/credentials.py). CORRAL_BENCH_ONLY=part,part runs some of them.
+invocation credentials (bench/credentials.py); what identity costs per call: API keys, JWTs,
+principal assertions, mutual TLS (bench/identity.py). CORRAL_BENCH_ONLY=part,part runs some of them.
 Prints one JSON document."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import broker, credentials, platform, propagation, sandboxes
+from bench import broker, credentials, identity, platform, propagation, sandboxes
 from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
@@ -34,7 +35,7 @@ IN_FLIGHT = 32
 CONCURRENT_PER_WORKER = int(os.environ.get("CORRAL_BENCH_CONCURRENT", "25"))
 # CORRAL_BENCH_ONLY=a,b picks some of these; unset, all run.
 INVOKER = keys_pb2.KEY_ROLE_INVOKER
-PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials")
+PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials", "identity")
 
 
 def summarize(latencies: list[float], wall: float) -> dict[str, float]:
@@ -159,6 +160,9 @@ def main() -> int:
     if "credentials" in parts:
         print("bench: invocation credentials...", file=sys.stderr, flush=True)
         report["credentials"] = asyncio.run(credentials.run())
+    if "identity" in parts:
+        print("bench: what identity costs per call...", file=sys.stderr, flush=True)
+        report["identity"] = asyncio.run(identity.run())
     print(json.dumps(report, indent=2))
     return 0
 
