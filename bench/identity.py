@@ -202,7 +202,8 @@ async def _new_connections(address: str, credentials: grpc.ChannelCredentials | 
 
     async def connect_and_call(_i: int) -> None:
         async with _channel(address, credentials) as channel:
-            await channel.unary_unary(HOP)(PAYLOAD)
+            echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(HOP)
+            await echo(PAYLOAD)
 
     samples = []
     for i in range(n):

@@ -26,10 +26,12 @@ def measure() -> dict[str, float]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-prop-"))
     launcher = platform.launcher(os.environ, data, CORRAL_TRACING="false")
     try:
-        launcher.start_storage()
+        platform.start_storage(launcher)
         launcher.start_service("registry")
         addrs = [launcher.start_service("router", f"router-{n}") for n in range(1, ROUTERS + 1)]
-        client = CorralClient(ClientConfig.from_env(launcher.client_environ()))
+        env = platform.client_environ(launcher)
+        client = CorralClient(ClientConfig.from_env(env))
+        md = (("authorization", f"Bearer {env['CORRAL_API_KEY']}"),)
         v1 = client.publish(HERE / "agents" / "echo")
         copy = Path(tempfile.mkdtemp()) / "echo2"
         subprocess.run(["cp", "-r", str(HERE / "agents" / "echo"), str(copy)], check=True)
@@ -42,7 +44,8 @@ def measure() -> dict[str, float]:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    if stub.GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), timeout=1).synced:
+                    if stub.GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), timeout=1,
+                                          metadata=md).synced:
                         break
                 except grpc.RpcError:
                     pass
@@ -58,7 +61,7 @@ def measure() -> dict[str, float]:
             pending = set(range(ROUTERS))
             while pending:
                 for k in list(pending):
-                    got = stubs[k].GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name))
+                    got = stubs[k].GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), metadata=md)
                     if got.revision >= revision:
                         delays.append((time.perf_counter() - committed) * 1000)
                         pending.discard(k)
