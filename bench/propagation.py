@@ -16,10 +16,17 @@ from bench import platform
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.launcher.__main__ import Launcher
 
 ROUTERS = 3
 CHANGES = int(os.environ.get("CORRAL_BENCH_PROPAGATION_CHANGES", "100"))
 HERE = Path(__file__).parent
+
+
+def _own_ports(launcher: Launcher, service: str) -> None:
+    """Makes the next instance of `service` listen on ports the OS picks: the launcher holds one
+    address per service, which a further instance would otherwise try to bind again."""
+    launcher.settings = launcher.settings.with_address(service, "127.0.0.1:0", "127.0.0.1:0")
 
 
 def measure() -> dict[str, float]:
@@ -28,7 +35,10 @@ def measure() -> dict[str, float]:
     try:
         platform.start_storage(launcher)
         launcher.start_service("registry")
-        addrs = [launcher.start_service("router", f"router-{n}") for n in range(1, ROUTERS + 1)]
+        addrs = []
+        for n in range(1, ROUTERS + 1):
+            _own_ports(launcher, "router")
+            addrs.append(launcher.start_service("router", f"router-{n}"))
         env = platform.client_environ(launcher)
         client = CorralClient(ClientConfig.from_env(env))
         md = (("authorization", f"Bearer {env['CORRAL_API_KEY']}"),)
