@@ -162,7 +162,7 @@ def main() -> int:
         report["credentials"] = asyncio.run(credentials.run())
     if "identity" in parts:
         print("bench: what identity costs per call...", file=sys.stderr, flush=True)
-        report["identity"] = asyncio.run(identity.run())
+        report["identity"] = identity.run()
     print(json.dumps(report, indent=2))
     return 0
 
