@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -101,7 +102,8 @@ async def bench_mesh(router_addr: str, api_key: str) -> dict[str, dict[str, floa
 
 def overhead() -> dict[str, object]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    launcher = platform.launcher(os.environ, data)
+    stack = ExitStack()
+    launcher = platform.launcher(os.environ, data, **platform.own_database(os.environ, stack))
     echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE)
     try:
         print("bench: starting the platform...", file=sys.stderr, flush=True)
@@ -121,6 +123,7 @@ def overhead() -> dict[str, object]:
     finally:
         echo_proc.terminate()
         launcher.stop()
+        stack.close()
     seq, conc = "sequential", f"in_flight_{IN_FLIGHT}"
     report: dict[str, object] = {
         "benchmark": "invocation overhead",

@@ -5,11 +5,13 @@ platform administrator's API key under the benchmark's own data directory."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 from corral.config import ADMIN_KEY_FILE
 from services.common.settings import SERVICES
 from services.launcher.__main__ import HTTP_PORTS, Launcher
+from tests.harness import scratch_database
 
 
 def launcher(base: Mapping[str, str], data: Path, **env: str) -> Launcher:
@@ -40,3 +42,13 @@ def admin_key(launcher: Launcher) -> str:
 def client_environ(launcher: Launcher) -> dict[str, str]:
     """What points a client at the started platform, with the administrator's key."""
     return {**launcher.client_environ(), "CORRAL_API_KEY": admin_key(launcher)}
+
+
+def own_database(base: Mapping[str, str], stack: ExitStack) -> dict[str, str]:
+    """When `base` names a PostgreSQL server, a scratch database on it for the benchmark's
+    platform (dropped when `stack` closes): a registry starting with a new data directory makes a
+    new bootstrap administrator key and revokes the one a platform on that database had."""
+    if not base.get("CORRAL_DATABASE_URL"):
+        return {}
+    return {"CORRAL_DATABASE_URL": stack.enter_context(
+        scratch_database(base["CORRAL_DATABASE_URL"], "corral_bench"))}

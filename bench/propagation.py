@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,9 @@ def _own_ports(launcher: Launcher, service: str) -> None:
 
 def measure() -> dict[str, float]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-prop-"))
-    launcher = platform.launcher(os.environ, data, CORRAL_TRACING="false")
+    stack = ExitStack()
+    launcher = platform.launcher(os.environ, data, CORRAL_TRACING="false",
+                                 **platform.own_database(os.environ, stack))
     try:
         platform.start_storage(launcher)
         launcher.start_service("registry")
@@ -80,6 +83,7 @@ def measure() -> dict[str, float]:
         client.close()
     finally:
         launcher.stop()
+        stack.close()
     q = statistics.quantiles(delays, n=100, method="inclusive")
     return {"routers": ROUTERS, "changes": CHANGES, "p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2),
             "max_ms": round(max(delays), 2)}
