@@ -141,6 +141,13 @@ class Launcher:
         report = self.settings.data_dir / "run" / f"{name}.address"
         report.unlink(missing_ok=True)  # an earlier run's
         env = {**self._env(svc), "CORRAL_ADDRESS_FILE": str(report)}
+        if name != svc:
+            # A further instance listens on ports of its own (the OS picks them), not its first
+            # instance's; it reports them like any other.
+            upper = svc.upper()
+            env[f"CORRAL_{upper}_LISTEN"] = f"{self.settings.addrs[svc].rpartition(':')[0]}:0"
+            env[f"CORRAL_{upper}_INTERNAL_LISTEN"] = (
+                f"{self.settings.internal_addrs[svc].rpartition(':')[0]}:0")
         # A child inherits an ignored SIGINT through exec, so Ctrl-C during its start-up does not
         # kill it half-way; the launcher stops it with SIGTERM in order instead.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
