@@ -117,10 +117,30 @@ async def restart(host: ServiceHost) -> ServiceHost:
 
 
 class Platform:
-    """Services started in-process, each on a port the OS picks. `settings` say where the started
-    ones serve; each service is given the settings as they stand when it starts."""
+    """Services started in-process, each on a port the OS picks. A port asked for as 0 is picked
+    and held up front (as the launcher does), so every service knows every other's address
+    whatever the order they start in: sessions and telemetry, which start before the registry,
+    ask it to verify API keys and pins."""
 
     def __init__(self, settings: Settings) -> None:
+        self._held: dict[str, list[HeldPort]] = {}
+        for svc in SERVICES:
+            ports = []
+            addresses = []
+            for address in (settings.addrs[svc], settings.internal_addrs[svc]):
+                host, _, port = address.rpartition(":")
+                if port == "0" and host == "127.0.0.1":
+                    held = HeldPort(host, handover=True)
+                    ports.append(held)
+                    address = held.address
+                addresses.append(address)
+            if ports:
+                self._held[svc] = ports
+                settings = settings.with_address(svc, *addresses)
+                settings = replace(
+                    settings, listen={**settings.listen, svc: addresses[0]},
+                    internal_listen={**settings.internal_listen, svc: addresses[1]},
+                )
         self.settings = settings
         self.hosts: dict[str, ServiceHost] = {}
 
@@ -136,9 +156,20 @@ class Platform:
             )
             self.hosts[name] = host
             self.settings = self.settings.with_address(name, host.address, host.internal_address)
+            for held in self._held.pop(name, ()):
+                held.close()  # the service has the port now
+            # A further replica started on these settings gets ports of its own.
+            self.settings = replace(
+                self.settings, listen={**self.settings.listen, name: "127.0.0.1:0"},
+                internal_listen={**self.settings.internal_listen, name: "127.0.0.1:0"},
+            )
         return self.hosts
 
     async def stop(self, grace: float = 0.5) -> None:
+        for ports in self._held.values():
+            for held in ports:
+                held.close()
+        self._held.clear()
         await stop_mesh(self.hosts, grace)
 
 
