@@ -11,9 +11,10 @@ import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.kv import create_redis
+from services.common.outbound import OutboundPolicy
 from services.common.server import App
 from services.common.settings import Settings
-from services.executor.broker import ModelBroker, providers_from_settings
+from services.executor.broker import ModelBroker, check_provider_urls, providers_from_settings
 from services.executor.bundles import BundleCache
 from services.executor.clients import (
     RegistryClient,
@@ -58,10 +59,13 @@ class ExecutorService(App):
         spans = TelemetrySpans(s)
         stack.push_async_callback(spans.close)
         metrics = ExecutorMetrics()
-        broker = ModelBroker(providers_from_settings({
+        outbound = OutboundPolicy(s.outbound_allow)
+        provider_env = {
             "CORRAL_OPENAI_BASE_URL": s.executor.openai_base_url,
             "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
-        }))
+        }
+        await check_provider_urls(provider_env, outbound)
+        broker = ModelBroker(providers_from_settings(provider_env, outbound))
         stack.push_async_callback(broker.aclose)
         tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s))
         stack.push_async_callback(tools.close)

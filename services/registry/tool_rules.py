@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from services.common.errors import InvalidArgument
+from services.common.outbound import OutboundRefused, Target, parse_grpc, parse_url
 from services.registry.rules import update_paths
 from services.registry.tool_model import ToolChange, ToolDraft, ToolKind, ToolSpec
 
@@ -38,7 +39,17 @@ def check_address(kind: ToolKind, address: str, field: str) -> str:
         _check_url(address, field)
     else:
         _check_host_port(address, field)
+    destination(kind, address, field)
     return address
+
+
+def destination(kind: ToolKind, address: str, field: str) -> Target:
+    """Where a tool's address points, as the outbound policy parses it (forms it does not
+    understand, such as gRPC's `ipv4:` or `unix:` targets, are refused)."""
+    try:
+        return parse_url(address) if kind == "http" else parse_grpc(address)
+    except OutboundRefused as exc:
+        raise InvalidArgument.field(field, str(exc), reason="DESTINATION_NOT_ALLOWED") from None
 
 
 def _check_url(address: str, field: str) -> None:

@@ -1,0 +1,51 @@
+"""The outbound policy for httpx: a transport that checks each request's destination and dials the
+address it checked, keeping the name in the Host header and as the TLS server name (SNI and
+certificate verification). Every request through it is checked, so a redirect hop would be too;
+the platform's clients follow none (see pinned_client)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from services.common.outbound import OutboundPolicy, parse_url
+
+
+class PinnedTransport(httpx.AsyncBaseTransport):
+    """Raises OutboundRefused (before any connection) for a destination the policy refuses."""
+
+    def __init__(self, policy: OutboundPolicy, **transport: Any) -> None:
+        self._policy = policy
+        self._options = transport
+        # One connection pool per host name: a TLS connection verified for one name must never
+        # carry a request for another name that happens to resolve to the same address.
+        self._pools: dict[tuple[str, str, int], httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        destination = await self._policy.check(parse_url(str(request.url)))
+        target = destination.target
+        key = (target.scheme, target.host, target.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = httpx.AsyncHTTPTransport(**self._options)
+        # The Host header was set from the original URL when the request was built.
+        pinned = httpx.Request(
+            request.method, request.url.copy_with(host=str(destination.address)),
+            headers=request.headers, stream=request.stream,
+            extensions={**request.extensions, "sni_hostname": target.host},
+        )
+        return await pool.handle_async_request(pinned)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
+def pinned_client(policy: OutboundPolicy, *, timeout: float | httpx.Timeout = 5.0) -> httpx.AsyncClient:
+    """An AsyncClient for outbound calls: policy-checked and pinned, no redirects (a 3xx is the
+    answer), no proxies from the environment (a proxy would do its own lookup)."""
+    return httpx.AsyncClient(
+        transport=PinnedTransport(policy), follow_redirects=False, trust_env=False, timeout=timeout,
+    )
