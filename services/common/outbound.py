@@ -217,9 +217,11 @@ def category(ip: IPAddress) -> str | None:
         return "shared (carrier-grade NAT)"
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
         return "site-local"
+    if ip.is_reserved:
+        return "reserved"
     if ip.is_private:
         return "private"
-    if ip.is_reserved or not ip.is_global:
+    if not ip.is_global:
         return "reserved"
     return None
 

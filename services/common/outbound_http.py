@@ -5,6 +5,7 @@ the platform's clients follow none (see pinned_client)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,12 +16,17 @@ from services.common.outbound import OutboundPolicy, parse_url
 class PinnedTransport(httpx.AsyncBaseTransport):
     """Raises OutboundRefused (before any connection) for a destination the policy refuses."""
 
-    def __init__(self, policy: OutboundPolicy, **transport: Any) -> None:
+    def __init__(
+        self, policy: OutboundPolicy,
+        pool: Callable[[], httpx.AsyncBaseTransport] | None = None, **transport: Any,
+    ) -> None:
+        # `pool` makes the transport for each name (a test's MockTransport, say); by default an
+        # httpx.AsyncHTTPTransport with `transport` as its options.
         self._policy = policy
-        self._options = transport
+        self._new_pool = pool or (lambda: httpx.AsyncHTTPTransport(**transport))
         # One connection pool per host name: a TLS connection verified for one name must never
         # carry a request for another name that happens to resolve to the same address.
-        self._pools: dict[tuple[str, str, int], httpx.AsyncHTTPTransport] = {}
+        self._pools: dict[tuple[str, str, int], httpx.AsyncBaseTransport] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         destination = await self._policy.check(parse_url(str(request.url)))
@@ -28,7 +34,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         key = (target.scheme, target.host, target.port)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = httpx.AsyncHTTPTransport(**self._options)
+            pool = self._pools[key] = self._new_pool()
         # The Host header was set from the original URL when the request was built.
         pinned = httpx.Request(
             request.method, request.url.copy_with(host=str(destination.address)),
@@ -43,9 +49,13 @@ class PinnedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-def pinned_client(policy: OutboundPolicy, *, timeout: float | httpx.Timeout = 5.0) -> httpx.AsyncClient:
+def pinned_client(
+    policy: OutboundPolicy, *, timeout: float | httpx.Timeout = 5.0,
+    pool: Callable[[], httpx.AsyncBaseTransport] | None = None,
+) -> httpx.AsyncClient:
     """An AsyncClient for outbound calls: policy-checked and pinned, no redirects (a 3xx is the
     answer), no proxies from the environment (a proxy would do its own lookup)."""
     return httpx.AsyncClient(
-        transport=PinnedTransport(policy), follow_redirects=False, trust_env=False, timeout=timeout,
+        transport=PinnedTransport(policy, pool), follow_redirects=False, trust_env=False,
+        timeout=timeout,
     )
