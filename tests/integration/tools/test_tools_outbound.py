@@ -1,14 +1,18 @@
 """The outbound policy where tools meet it: CreateTool and UpdateTool refuse forbidden addresses
-naming the field, a call dials exactly the address it checked (under the tool's own name), a
-refused one is never connected to, and a redirect is an answer, never followed."""
+naming the field, a call dials exactly the address it checked (under the tool's own name, TLS
+verified against that name), a refused one is never connected to, and a redirect is an answer,
+never followed."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -16,7 +20,9 @@ from aiohttp import web
 from corral.registry.v1 import tools_pb2 as pb
 from corral.tools.v1 import tools_pb2 as tool_api
 from corral.tools.v1 import tools_pb2_grpc as tool_api_grpc
+from services.common.auth.pki import ensure_pki
 from services.common.outbound import LOOPBACK, OutboundPolicy
+from services.common.outbound_http import PinnedTransport
 from services.executor.clients import RegistryToolResolver
 from services.executor.model import PERMISSION_DENIED, TOOL_ERROR, ToolOutcome
 from services.executor.tool_transport import ToolTransport
@@ -167,3 +173,38 @@ async def test_a_redirect_is_the_tools_answer_and_is_not_followed(world: World) 
     outcome = await _call(world, "hop", {}, allow=True)
     assert outcome.error_code == TOOL_ERROR and "HTTP 307" in outcome.error, outcome
     assert len(world.redirector.hits) == 1 and world.target.hits == []
+
+
+async def test_tls_is_verified_against_the_name_while_dialling_the_checked_address(
+    tmp_path: Path,
+) -> None:
+    """The server's certificate names tool.test only (no IP address): the pinned call to
+    127.0.0.1 succeeds because SNI and verification use the name; other.test, resolving to the
+    same address, fails verification rather than riding tool.test's pooled connection."""
+    ensure_pki(tmp_path, ["tool"], hosts=("tool.test",))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "tool.crt", tmp_path / "tool.key")
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Host", ""))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.add_routes([web.get("/", handle)])
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls).start()
+    port = runner.addresses[0][1]
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    names = FakeResolver({"tool.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    transport = PinnedTransport(OutboundPolicy(LOOPBACK, resolver=names), verify=client_tls)
+    try:
+        async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+            answer = await client.get(f"https://tool.test:{port}/")
+            assert answer.json() == {"ok": True}
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED|match"):
+                await client.get(f"https://other.test:{port}/")
+    finally:
+        await runner.cleanup()
+    assert seen == [f"tool.test:{port}"]
