@@ -31,8 +31,9 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known NAT64 prefix: I
 _COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible IPv6: IPv4 inside
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
-# What an IPv4 literal in any legacy spelling (decimal, hex, octal, fewer parts) is made of.
-_NUMERIC = re.compile(r"^[0-9a-fx.]+$")
+# A host whose last label is a number is an IPv4 address, in any legacy spelling (decimal, hex,
+# octal, fewer parts), as URL parsers and the C library read it: never a name.
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
 # gRPC target schemes (a resolver each); "dns:///host:port" is the only one we resolve ourselves.
 _GRPC_SCHEMES = frozenset({
     "dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p", "passthrough",
@@ -129,20 +130,19 @@ def parse_host(host: str) -> tuple[str, IPAddress | None]:
         raise OutboundRefused(f"{_quote(host)} is not a host name")
     if ":" in name:
         raise OutboundRefused(f"{_quote(host)}: write an IPv6 address in brackets, [::1]")
-    if _NUMERIC.match(name) and (name[-1].isdigit() or name.startswith("0x")):
+    if _NUMERIC_LABEL.match(name.rsplit(".", 1)[-1]):
         try:
-            packed = socket.inet_aton(name)
+            if not all(_NUMERIC_LABEL.match(part) for part in name.split(".")):
+                raise OSError
+            v4 = ipaddress.IPv4Address(socket.inet_aton(name))
         except OSError:
             raise OutboundRefused(f"{_quote(host)} is not a valid IPv4 address") from None
-        v4 = ipaddress.IPv4Address(packed)
         return str(v4), v4
     if not all(_LABEL.match(label) for label in name.split(".")):
         raise OutboundRefused(
             f"{_quote(host)} is not a host name (letters, digits, '-' and '.'; write an "
             "internationalized name in its xn-- form)"
         )
-    if name.split(".")[-1].isdigit():
-        raise OutboundRefused(f"{_quote(host)} is not a valid IPv4 address")
     return name, None
 
 

@@ -45,6 +45,13 @@ class ExecutorService(App):
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         s = self.settings
+        # The model server is the operator's setting: a forbidden one stops the start, first.
+        outbound = OutboundPolicy(s.outbound_allow)
+        provider_env = {
+            "CORRAL_OPENAI_BASE_URL": s.executor.openai_base_url,
+            "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
+        }
+        await check_provider_urls(provider_env, outbound)
         driver = driver_for(s.executor.sandbox_driver)
         # What a crashed predecessor left behind: its sandboxes' cgroups (their processes died
         # with it: bwrap's --die-with-parent, runsc's --attached) and gVisor's state directories.
@@ -59,12 +66,6 @@ class ExecutorService(App):
         spans = TelemetrySpans(s)
         stack.push_async_callback(spans.close)
         metrics = ExecutorMetrics()
-        outbound = OutboundPolicy(s.outbound_allow)
-        provider_env = {
-            "CORRAL_OPENAI_BASE_URL": s.executor.openai_base_url,
-            "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
-        }
-        await check_provider_urls(provider_env, outbound)
         broker = ModelBroker(providers_from_settings(provider_env, outbound))
         stack.push_async_callback(broker.aclose)
         tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s))

@@ -46,6 +46,7 @@ DNS = {
     "mixed.test": [PUBLIC, "127.0.0.1"],
     "mixed6.test": [PUBLIC6, "fe80::1"],
     "mixed-private.test": [PUBLIC, "10.1.2.3"],
+    "cafe.b2": [PUBLIC],  # hex-looking labels are names unless the last one is a number
     "empty.test": [],
 }
 PRIVATE = parse_allow("10.0.0.0/8")
@@ -125,7 +126,10 @@ URLS = [
     ("http://bücher.example/", (), FORM, "ASCII"),
     ("http://1.2.3.4.5/", (), FORM, "not a valid IPv4"),
     ("http://999.1.1.1/", (), FORM, "not a valid IPv4"),
-    ("http://%31%32%37.0.0.1/", (), FORM, "not a host name"),
+    ("http://tools.internal.0x1/", (), FORM, "not a valid IPv4"),
+    ("http://a.b.c.4/", (), FORM, "not a valid IPv4"),
+    ("http://%31%32%37.0.0.1/", (), FORM, "not a valid IPv4"),
+    ("http://%6c%6fcalhost/", (), FORM, "not a host name"),
     ("http://good.example:0/", (), FORM, "port"),
     ("http://good.example:99999/", (), FORM, "not a valid URL"),
     ("http://[::1/", (), FORM, "not a valid URL"),
@@ -134,6 +138,7 @@ URLS = [
     ("http://empty.test/", (), UNRESOLVED, "no address"),
     # Public destinations, in any case, with or without a trailing dot.
     ("https://api.example.com/v1/chat", (), ALLOWED, PUBLIC),
+    ("http://cafe.b2/", (), ALLOWED, PUBLIC),
     ("HTTPS://API.Example.COM./v1", (), ALLOWED, PUBLIC),
     ("http://six.example:8080/", (), ALLOWED, PUBLIC6),
     (f"http://[{PUBLIC6}]/", (), ALLOWED, PUBLIC6),
