@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import httpx
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.common.outbound import (
     LOOPBACK,
+    Destination,
     IPAddress,
     OutboundPolicy,
     OutboundRefused,
@@ -181,9 +182,9 @@ GRPC = [
 ]
 
 
-async def _outcome(check: asyncio.Future[object] | object) -> tuple[str, str]:
+async def _outcome(check: Awaitable[Destination]) -> tuple[str, str]:
     try:
-        destination = await check  # type: ignore[misc]
+        destination = await check
     except Unresolved as exc:
         return UNRESOLVED, str(exc)
     except OutboundRefused as exc:

@@ -97,14 +97,14 @@ async def test_a_webhook_to_the_metadata_address_is_refused_at_create(
         err = await fails(grpc.StatusCode.INVALID_ARGUMENT,
                           w.rollouts.CreateRollout(_rollout(w, url), metadata=ALICE))
         assert error_details(err)[1] == ["rollout.webhook_url"], (url, err.details())
-        assert err.details().startswith("rollout.webhook_url: ")
+        assert (err.details() or "").startswith("rollout.webhook_url: ")
     experiment = ro.Experiment(
         variants=[reg.TrafficTarget(version=w.version(1), percent=50),
                   reg.TrafficTarget(version=w.version(2), percent=50)],
         webhook_url="http://0.0.0.0:9/")
     err = await fails(grpc.StatusCode.INVALID_ARGUMENT, w.rollouts.CreateExperiment(
         ro.CreateExperimentRequest(parent=w.endpoint, experiment=experiment), metadata=ALICE))
-    assert error_details(err)[1] == ["experiment.webhook_url"] and "unspecified" in err.details()
+    assert error_details(err)[1] == ["experiment.webhook_url"] and "unspecified" in (err.details() or "")
     listed = await w.rollouts.ListRollouts(ro.ListRolloutsRequest(parent=w.endpoint), metadata=ALICE)
     assert list(listed.rollouts) == [] and await w.traffic() == [(w.version(1), 100.0)]
 
