@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from services.common.outbound import OutboundPolicy, parse_url
+from services.common.outbound import IPAddress, OutboundPolicy, parse_url
 
 
 class PinnedTransport(httpx.AsyncBaseTransport):
@@ -35,18 +35,30 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = self._new_pool()
-        # The Host header was set from the original URL when the request was built.
-        pinned = httpx.Request(
-            request.method, request.url.copy_with(host=str(destination.address)),
-            headers=request.headers, stream=request.stream,
-            extensions={**request.extensions, "sni_hostname": target.host},
-        )
-        return await pool.handle_async_request(pinned)
+        # Each checked address in turn while connecting fails (nothing of the request was sent
+        # yet), as a client given the name would; never an address that was not checked.
+        *others, last = destination.addresses
+        for address in others:
+            try:
+                return await pool.handle_async_request(_pinned(request, address, target.host))
+            except httpx.ConnectError:
+                continue
+        return await pool.handle_async_request(_pinned(request, last, target.host))
 
     async def aclose(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             await pool.aclose()
+
+
+def _pinned(request: httpx.Request, address: IPAddress, name: str) -> httpx.Request:
+    """`request` sent to `address`: the Host header was set from the original URL when the
+    request was built; TLS uses `name` for SNI and certificate verification."""
+    return httpx.Request(
+        request.method, request.url.copy_with(host=str(address)),
+        headers=request.headers, stream=request.stream,
+        extensions={**request.extensions, "sni_hostname": name},
+    )
 
 
 def pinned_client(

@@ -291,6 +291,27 @@ async def test_the_transport_dials_the_checked_address_under_the_original_name()
     assert resolver.lookups == ["api.example.com"]  # one lookup: the pool dials an address
 
 
+async def test_the_next_checked_address_is_tried_when_connecting_fails() -> None:
+    """A name with two allowed addresses, the first down: the second is dialled, and nothing
+    else (the fake answers both, and a third address is never asked for)."""
+    dialled: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        dialled.append(request.url.host)
+        if request.url.host == PUBLIC6:
+            raise httpx.ConnectError("network unreachable", request=request)
+        return httpx.Response(200, text="ok")
+
+    names = FakeResolver({"dual.example": [PUBLIC6, PUBLIC]})
+    client = pinned_client(OutboundPolicy(resolver=names), pool=lambda: httpx.MockTransport(handle))
+    async with client:
+        assert (await client.get("http://dual.example/")).status_code == 200
+        names.names["dual.example"] = [ipaddress.ip_address(PUBLIC6)]
+        with pytest.raises(httpx.ConnectError):
+            await client.get("http://dual.example/")
+    assert dialled == [PUBLIC6, PUBLIC, PUBLIC6]
+
+
 async def test_the_transport_refuses_before_connecting() -> None:
     recorder = Recorder()
     client = httpx.AsyncClient(transport=PinnedTransport(
