@@ -3,7 +3,8 @@ against a plain grpc.aio echo round trip, both measured in this run, sequentiall
 calls in flight; the rollout analysis simulated (sessions to roll back a bad canary, A/A false
 rollbacks, sessions to promote); endpoint-change propagation to three routers; warm pools,
 streaming and sandbox memory (bench/sandboxes.py); the model broker's overhead (bench/broker.py);
-invocation credentials (bench/credentials.py). CORRAL_BENCH_ONLY=part,part runs some of them.
+invocation credentials (bench/credentials.py); what identity costs per call: API keys, JWTs,
+principal assertions, mutual TLS (bench/identity.py). CORRAL_BENCH_ONLY=part,part runs some of them.
 Prints one JSON document."""
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 
-from bench import broker, credentials, platform, propagation, sandboxes
+from bench import broker, credentials, identity, platform, propagation, sandboxes
 from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
+from corral.registry.v1 import keys_pb2
 from corral.router.v1 import router_pb2, router_pb2_grpc
 
 HERE = Path(__file__).parent
@@ -32,7 +35,8 @@ SEQUENTIAL = int(os.environ.get("CORRAL_BENCH_SEQUENTIAL", "400"))
 IN_FLIGHT = 32
 CONCURRENT_PER_WORKER = int(os.environ.get("CORRAL_BENCH_CONCURRENT", "25"))
 # CORRAL_BENCH_ONLY=a,b picks some of these; unset, all run.
-PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials")
+INVOKER = keys_pb2.KEY_ROLE_INVOKER
+PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials", "identity")
 
 
 def summarize(latencies: list[float], wall: float) -> dict[str, float]:
@@ -77,16 +81,18 @@ async def bench_echo(addr: str) -> dict[str, dict[str, float]]:
         }
 
 
-async def bench_mesh(router_addr: str) -> dict[str, dict[str, float]]:
+async def bench_mesh(router_addr: str, api_key: str) -> dict[str, dict[str, float]]:
+    """Invocations as a caller makes them: an API key on every call, one long-lived channel."""
     async with grpc.aio.insecure_channel(router_addr) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         run = os.getpid()
+        metadata = (("authorization", f"Bearer {api_key}"),)
 
         async def call(w: int) -> None:
             await stub.Invoke(router_pb2.InvokeRequest(
                 agent="agents/bench-echo", endpoint="DEFAULT", session_id=f"bench-{run}-{w}",
                 payload=b'{"text": "hello"}',
-            ))
+            ), metadata=metadata)
 
         return {
             "sequential": await measure(call, 1, SEQUENTIAL),
@@ -96,24 +102,28 @@ async def bench_mesh(router_addr: str) -> dict[str, dict[str, float]]:
 
 def overhead() -> dict[str, object]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    launcher = platform.launcher(os.environ, data)
+    stack = ExitStack()
+    launcher = platform.launcher(os.environ, data, **platform.own_database(os.environ, stack))
     echo_proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE)
     try:
         print("bench: starting the platform...", file=sys.stderr, flush=True)
-        launcher.start_storage()
+        platform.start_storage(launcher)
         launcher.start_services()
-        client = CorralClient(ClientConfig.from_env(launcher.client_environ()))
+        client = CorralClient(ClientConfig.from_env(platform.client_environ(launcher)))
         version = client.publish(HERE / "agents" / "echo")
+        # The invocations carry an invoker's key, as a tenant's script would.
+        invoker = client.create_key(keys_pb2.Key(display_name="bench-invoker", role=INVOKER)).api_key
         client.close()
         assert echo_proc.stdout is not None
         echo_addr = echo_proc.stdout.readline().decode().strip()  # it prints where it serves
         print("bench: measuring the raw grpc.aio echo...", file=sys.stderr, flush=True)
         raw = asyncio.run(bench_echo(echo_addr))
         print("bench: measuring the mesh...", file=sys.stderr, flush=True)
-        mesh = asyncio.run(bench_mesh(launcher.settings.addrs["router"]))
+        mesh = asyncio.run(bench_mesh(launcher.settings.addrs["router"], invoker))
     finally:
         echo_proc.terminate()
         launcher.stop()
+        stack.close()
     seq, conc = "sequential", f"in_flight_{IN_FLIGHT}"
     report: dict[str, object] = {
         "benchmark": "invocation overhead",
@@ -153,6 +163,9 @@ def main() -> int:
     if "credentials" in parts:
         print("bench: invocation credentials...", file=sys.stderr, flush=True)
         report["credentials"] = asyncio.run(credentials.run())
+    if "identity" in parts:
+        print("bench: what identity costs per call...", file=sys.stderr, flush=True)
+        report["identity"] = identity.run()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -16,20 +17,34 @@ from bench import platform
 from corral.client import CorralClient
 from corral.config import ClientConfig
 from corral.router.v1 import router_pb2, router_pb2_grpc
+from services.launcher.__main__ import Launcher
 
 ROUTERS = 3
 CHANGES = int(os.environ.get("CORRAL_BENCH_PROPAGATION_CHANGES", "100"))
 HERE = Path(__file__).parent
 
 
+def _own_ports(launcher: Launcher, service: str) -> None:
+    """Makes the next instance of `service` listen on ports the OS picks: the launcher holds one
+    address per service, which a further instance would otherwise try to bind again."""
+    launcher.settings = launcher.settings.with_address(service, "127.0.0.1:0", "127.0.0.1:0")
+
+
 def measure() -> dict[str, float]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-prop-"))
-    launcher = platform.launcher(os.environ, data, CORRAL_TRACING="false")
+    stack = ExitStack()
+    launcher = platform.launcher(os.environ, data, CORRAL_TRACING="false",
+                                 **platform.own_database(os.environ, stack))
     try:
-        launcher.start_storage()
+        platform.start_storage(launcher)
         launcher.start_service("registry")
-        addrs = [launcher.start_service("router", f"router-{n}") for n in range(1, ROUTERS + 1)]
-        client = CorralClient(ClientConfig.from_env(launcher.client_environ()))
+        addrs = []
+        for n in range(1, ROUTERS + 1):
+            _own_ports(launcher, "router")
+            addrs.append(launcher.start_service("router", f"router-{n}"))
+        env = platform.client_environ(launcher)
+        client = CorralClient(ClientConfig.from_env(env))
+        md = (("authorization", f"Bearer {env['CORRAL_API_KEY']}"),)
         v1 = client.publish(HERE / "agents" / "echo")
         copy = Path(tempfile.mkdtemp()) / "echo2"
         subprocess.run(["cp", "-r", str(HERE / "agents" / "echo"), str(copy)], check=True)
@@ -42,7 +57,8 @@ def measure() -> dict[str, float]:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    if stub.GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), timeout=1).synced:
+                    if stub.GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), timeout=1,
+                                          metadata=md).synced:
                         break
                 except grpc.RpcError:
                     pass
@@ -58,7 +74,7 @@ def measure() -> dict[str, float]:
             pending = set(range(ROUTERS))
             while pending:
                 for k in list(pending):
-                    got = stubs[k].GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name))
+                    got = stubs[k].GetCachedEndpoint(router_pb2.GetCachedEndpointRequest(name=name), metadata=md)
                     if got.revision >= revision:
                         delays.append((time.perf_counter() - committed) * 1000)
                         pending.discard(k)
@@ -67,6 +83,7 @@ def measure() -> dict[str, float]:
         client.close()
     finally:
         launcher.stop()
+        stack.close()
     q = statistics.quantiles(delays, n=100, method="inclusive")
     return {"routers": ROUTERS, "changes": CHANGES, "p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2),
             "max_ms": round(max(delays), 2)}

@@ -77,9 +77,9 @@ def platform(base: Mapping[str, str], tag: str, pool_size: int) -> Iterator[dict
             stack.callback(_forget_keys, base["CORRAL_REDIS_URL"], env["CORRAL_REDIS_PREFIX"])
         launcher = bench_platform.launcher(base, data, **env)
         stack.callback(launcher.stop)
-        launcher.start_storage()
+        bench_platform.start_storage(launcher)
         launcher.start_services()
-        yield launcher.client_environ()
+        yield bench_platform.client_environ(launcher)
 
 
 def _forget_keys(url: str, prefix: str) -> None:
@@ -114,6 +114,8 @@ class Probe:
         self._executor_channel = grpc.aio.insecure_channel(env["CORRAL_EXECUTOR_ADDR"])
         self.router = router_pb2_grpc.RouterServiceStub(self._router_channel)
         self.executor = executor_pb2_grpc.ExecutorServiceStub(self._executor_channel)
+        # The platform administrator's key: ListSandboxes needs an operator.
+        self.metadata = (("authorization", f"Bearer {env['CORRAL_API_KEY']}"),)
         self.run = uuid.uuid4().hex[:8]
         self._n = 0
 
@@ -131,14 +133,15 @@ class Probe:
 
     async def invoke(self, agent: str, session_id: str) -> tuple[float, router_pb2.InvokeResponse]:
         start = time.perf_counter()
-        response = await self.router.Invoke(self.request(agent, session_id))
+        response = await self.router.Invoke(self.request(agent, session_id), metadata=self.metadata)
         return time.perf_counter() - start, response
 
     async def invoke_stream(self, agent: str, session_id: str) -> tuple[float, float]:
         """Seconds to the first chunk of output, and to the end of the invocation."""
         start = time.perf_counter()
         first = 0.0
-        async for event in self.router.InvokeStream(self.request(agent, session_id)):
+        async for event in self.router.InvokeStream(self.request(agent, session_id),
+                                                   metadata=self.metadata):
             if event.WhichOneof("event") == "chunk" and not first:
                 first = time.perf_counter() - start
         if not first:
@@ -146,10 +149,11 @@ class Probe:
         return first, time.perf_counter() - start
 
     async def stop(self, session_id: str) -> None:
-        await self.router.StopSession(router_pb2.StopSessionRequest(name=f"sessions/{session_id}"))
+        await self.router.StopSession(router_pb2.StopSessionRequest(name=f"sessions/{session_id}"),
+                                     metadata=self.metadata)
 
     async def listing(self) -> ex.ListSandboxesResponse:
-        return await self.executor.ListSandboxes(ex.ListSandboxesRequest())
+        return await self.executor.ListSandboxes(ex.ListSandboxesRequest(), metadata=self.metadata)
 
     async def pools(self) -> dict[str, ex.WarmPool]:
         return {p.version: p for p in (await self.listing()).pools}

@@ -6,7 +6,12 @@ revocation list. Shipped to tool services, so it depends on PyJWT and httpx only
     if claims.invocation_id != request.headers["X-Corral-Invocation"]: refuse
 
 InvalidInvocationToken means refuse the call (401); VerificationUnavailable means the executor
-could not be asked, so neither accept nor refuse: answer 503 and let the caller retry."""
+could not be asked, so neither accept nor refuse: answer 503 and let the caller retry.
+
+`audience` is the tool's own registered name, one string: the executor mints a token per tool
+call with that tool as its only audience, so a token handed to another tool is refused here as
+"wrong audience". Tokens of older executors listed every tool the version declares; they still
+verify for each tool they list."""
 
 from __future__ import annotations
 
@@ -108,6 +113,7 @@ class TokenVerifier:
     def verify(self, token: str, *, audience: str, check_revocation: bool = True,
                leeway_s: float = 5, issuer: str | None = None) -> InvocationClaims:
         """Blocks on HTTP when the JWKS is due or revocation is checked: not for event loops."""
+        _check_audience(audience)
         kid = _unverified_kid(token)
         if self._must_fetch(kid):
             with self._lock:
@@ -122,6 +128,7 @@ class TokenVerifier:
     async def averify(self, token: str, *, audience: str, check_revocation: bool = True,
                       leeway_s: float = 5, issuer: str | None = None) -> InvocationClaims:
         """verify() for event loops: the same checks, over this loop's HTTP client."""
+        _check_audience(audience)
         kid = _unverified_kid(token)
         if self._must_fetch(kid):
             io = self._loop_io()
@@ -264,6 +271,14 @@ async def averify_invocation_token(
 
 
 # -- token checks ------------------------------------------------------------------------------
+
+
+def _check_audience(audience: object) -> None:
+    # PyJWT would take a list as "any of these", so one tool could accept another's token.
+    if not isinstance(audience, str) or not audience:
+        raise ValueError(
+            f"audience must be this tool's own name (one non-empty string), not {audience!r}"
+        )
 
 
 def _unverified_kid(token: str) -> str:

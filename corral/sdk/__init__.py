@@ -99,7 +99,8 @@ class Context:
     user: str = ""
     prompt: str = ""
     # This invocation's credential (a JWT that expires at its deadline and is revoked when it
-    # ends), for agent code that hands it on; tool calls through ctx.tools carry it already.
+    # ends; its audience is the version, so no tool accepts it). Tool calls through ctx.tools
+    # need none: the executor gives each call a token of its own for that one tool.
     credentials: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     tools: Tools | None = None

@@ -40,6 +40,14 @@ def current() -> Verified | None:
     return _current.get()
 
 
+def relayed() -> bool:
+    """Whether the call being handled was relayed by a Corral service on a user's behalf (which
+    vouches for what it sends, e.g. a session pinned to a version it resolved in the tenant),
+    rather than made by the user directly."""
+    verified = _current.get()
+    return verified is not None and bool(verified.assertion)
+
+
 def enter(verified: Verified) -> contextvars.Token[Verified | None]:
     return _current.set(verified)
 

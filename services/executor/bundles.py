@@ -35,6 +35,23 @@ class BundleCache:
         self.root = root
         self._unpacked: dict[str, UnpackedBundle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Versions never change once published: (tenant, version) -> digest, once asked.
+        self._pins: dict[tuple[str, VersionRef], str] = {}
+
+    async def check_pin(self, tenant: str, version: VersionRef, digest: str) -> None:
+        """Refuses to run `version` with `digest` for `tenant` unless the tenant has that version
+        with those bytes. A session's pin is what its creator wrote, and bundles are fetched by
+        digest for every tenant: without this, a tenant could pin a session to another tenant's
+        version (NOT_FOUND, as for a version no one has)."""
+        known = self._pins.get((tenant, version))
+        if known is None:
+            known = await self._registry.digest(tenant, version)
+            self._pins[(tenant, version)] = known
+        if known != digest:
+            raise FailedPrecondition(
+                f"{version} is {known}, but the session is pinned to {digest}",
+                reason="DIGEST_MISMATCH",
+            )
 
     def path(self, digest: str) -> Path:
         return self.root / digest.replace(":", "-")

@@ -14,6 +14,7 @@ from services.common.identity import Caller
 from services.executor.broker import ModelBroker
 from services.executor.model import (
     UNAVAILABLE,
+    CallTokens,
     ChunkSink,
     ModelAnswer,
     ModelRequest,
@@ -30,8 +31,8 @@ class InvocationScope:
 
     caller: Caller
     manifest: Manifest
-    # The invocation's credential ("" when its version declares no tools).
-    token: str
+    # Mints each tool call's token (None when its version declares no tools).
+    tokens: CallTokens | None
     attributes: SpanAttributes
     context: OtelContext
     # Unix seconds (time.time()).
@@ -60,7 +61,7 @@ class AgentCalls:
         scope = self._scope
         return await self._tools.call(
             tenant=scope.caller.tenant, tool=request.tool,
-            allowed=[t.name for t in scope.manifest.tools], token=scope.token,
+            allowed=[t.name for t in scope.manifest.tools], tokens=scope.tokens,
             payload=request.payload, content_type=request.content_type,
             timeout_s=request.timeout_s or None, deadline=scope.deadline,
             attributes=scope.attributes, context=scope.context,

@@ -1,5 +1,7 @@
-"""Per-invocation credentials: short-lived EdDSA JWTs signed by the keyring (keys.py), minted
-when an invocation starts and put on the deny-list the moment it ends."""
+"""Invocation credentials: short-lived EdDSA JWTs signed by the keyring (keys.py). Each tool call
+gets its own, with that tool as its only audience, revoked when the call ends; the agent's own
+(ctx.credentials) names its version as audience, so no tool accepts it; whatever is left is
+revoked the moment the invocation ends."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import jwt
 
@@ -15,16 +16,9 @@ from corral.manifest import Manifest
 from services.common.background import TaskSet
 from services.common.identity import Caller
 from services.executor.keys import Clock, KeyRing
-from services.executor.model import Invocation, RevocationList
+from services.executor.model import Credential, Invocation, RevocationList
 
-__all__ = ["Credential", "CredentialIssuer", "InvocationCredentials", "KeyRing"]
-
-
-@dataclass(frozen=True)
-class Credential:
-    token: str
-    jti: str
-    expires_at: float
+__all__ = ["Credential", "CredentialIssuer", "InvocationCredentials", "InvocationTokens", "KeyRing"]
 
 
 class CredentialIssuer:
@@ -58,7 +52,7 @@ class CredentialIssuer:
         _check_lifetime(now, expires_at, self.keyring.retain_s)
         if isinstance(audience, str) or not audience:
             raise ValueError(
-                f"audience must list the tool names the invocation may call, got {audience!r}; "
+                f"audience must list who may accept the token (a tool's name), got {audience!r}; "
                 "an invocation with no tools needs no credential"
             )
         key = self.keyring.signing_key()
@@ -104,27 +98,23 @@ def _check_lifetime(now: float, expires_at: float, retain_s: float) -> None:
 
 
 class InvocationCredentials:
-    """The executor's side of credentials: one per invocation whose version declares tools (its
-    audience is those tools), revoked in the background when the invocation ends."""
+    """The executor's side of credentials: the tokens of each invocation whose version declares
+    tools (InvocationTokens), revoked in the background when they are done with."""
 
     def __init__(self, issuer: CredentialIssuer | None) -> None:
         self.issuer = issuer
         # Detached: the caller already has its answer, and a cancelled invocation must still
-        # revoke. A failure leaves the token to expire at its invocation's deadline.
-        self._revocations = TaskSet("revoking an invocation credential (it expires at its deadline)")
+        # revoke. A failure leaves the token to expire (at its call's end, or its invocation's).
+        self._revocations = TaskSet("revoking an invocation credential (it expires by itself)")
 
-    def mint(
+    def open(
         self, caller: Caller, inv: Invocation, manifest: Manifest, deadline: float
-    ) -> Credential | None:
-        """The credential of `inv`, valid until `deadline` (Unix seconds) at the latest; None
-        when its version declares no tools or this executor issues none."""
+    ) -> InvocationTokens | None:
+        """The tokens of `inv`, none valid past `deadline` (Unix seconds); None when its version
+        declares no tools or this executor issues none."""
         if self.issuer is None or not manifest.tools:
             return None
-        return self.issuer.mint(
-            version=inv.version.name, session=inv.session.name, invocation_id=inv.invocation_id,
-            tenant=caller.tenant, user=caller.user, audience=[t.name for t in manifest.tools],
-            expires_at=min(deadline, time.time() + self.issuer.keyring.retain_s * 0.9),
-        )
+        return InvocationTokens(self, caller, inv, deadline)
 
     def revoke(self, credential: Credential) -> None:
         assert self.issuer is not None  # only its own credentials come back
@@ -132,3 +122,46 @@ class InvocationCredentials:
 
     async def close(self) -> None:
         await self._revocations.wait(timeout_s=2)
+
+
+class InvocationTokens:
+    """One invocation's tokens (the executor's CallTokens): the agent's own, and one per tool
+    call. `close` revokes every one still alive when the invocation ends."""
+
+    def __init__(
+        self, owner: InvocationCredentials, caller: Caller, inv: Invocation, deadline: float
+    ) -> None:
+        assert owner.issuer is not None
+        self._owner, self._issuer = owner, owner.issuer
+        self._caller, self._inv = caller, inv
+        self._deadline = deadline
+        self._live: dict[str, Credential] = {}
+        # Handed to the sandbox (ctx.credentials): it says which invocation the agent runs in to
+        # whatever it hands the token on to, but its audience is its version, never a tool name
+        # (those have no "/"), so no tool accepts it.
+        self.agent = self._mint(inv.version.name, deadline)
+
+    def mint(self, tool: str, expires_at: float) -> Credential:
+        """A token for one call of `tool`: exp is the call's end rounded up to the second (JWT
+        times are whole seconds), and never past the invocation's deadline or the keys' retention."""
+        # ceil: a call of less than a second must still get a token that is not already expired.
+        return self._mint(tool, min(math.ceil(expires_at), math.ceil(self._deadline)))
+
+    def revoke(self, credential: Credential) -> None:
+        if self._live.pop(credential.jti, None) is not None:
+            self._owner.revoke(credential)
+
+    def close(self) -> None:
+        """The invocation is over: none of its tokens may work a moment longer."""
+        for credential in list(self._live.values()):
+            self.revoke(credential)
+
+    def _mint(self, audience: str, expires_at: float) -> Credential:
+        inv = self._inv
+        credential = self._issuer.mint(
+            version=inv.version.name, session=inv.session.name, invocation_id=inv.invocation_id,
+            tenant=self._caller.tenant, user=self._caller.user, audience=[audience],
+            expires_at=min(expires_at, time.time() + self._issuer.keyring.retain_s * 0.9),
+        )
+        self._live[credential.jti] = credential
+        return credential

@@ -119,13 +119,31 @@ UNAVAILABLE = "UNAVAILABLE"
 TOOL_ERROR = "TOOL_ERROR"
 
 
+@dataclass(frozen=True, slots=True)
+class Redactions:
+    """What was blanked out of a tool's answer (redaction.py): the encodings found ("raw",
+    "json", "base64(json)"...) and whose credential it was ("tool_secret", "call_token"). Never
+    the value itself."""
+
+    forms: frozenset[str] = frozenset()
+    kinds: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.forms)
+
+    def __or__(self, other: Redactions) -> Redactions:
+        return Redactions(self.forms | other.forms, self.kinds | other.kinds)
+
+
 class ToolFailure(Exception):
     """A tool call failed in a way the agent is told about; the message never holds a secret."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, redacted: Redactions = Redactions()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # What had to be blanked out of the message, for the span.
+        self.redacted = redacted
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,13 +186,12 @@ class ToolCall:
     """One call to a resolved tool, as it goes over the wire."""
 
     tool: ResolvedTool
-    token: str
+    # This call's own token: the tool its only audience, dead when the call ends ("" for none).
+    token: str = field(repr=False)
     invocation: str
     payload: bytes
     content_type: str
     limit_s: float
-    # Blanked out of anything the tool answers into an error message.
-    secrets: tuple[str, ...] = field(repr=False)
 
 
 
@@ -310,6 +327,29 @@ class SpanExport(Protocol):
     def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
         """Sends the agent's OTLP-encoded spans on in the background, with `trusted` (agent,
         version, session, tenant...) stamped over whatever the agent's code put there."""
+        ...
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A minted invocation token (an EdDSA JWT) and what revoking it takes."""
+
+    token: str = field(repr=False)
+    jti: str
+    expires_at: float
+
+
+class CallTokens(Protocol):
+    """One invocation's tokens for its tool calls: each call gets its own, with that tool as
+    its only audience, and it is revoked the moment the call ends."""
+
+    def mint(self, tool: str, expires_at: float) -> Credential:
+        """A token for one call of `tool`, valid until `expires_at` (Unix seconds, rounded up to
+        the second) and never past the invocation's deadline."""
+        ...
+
+    def revoke(self, credential: Credential) -> None:
+        """Revokes in the background: the caller's call is over either way."""
         ...
 
 

@@ -133,6 +133,7 @@ class SandboxTable:
         await self._make_room()
         lease = await self._sessions.acquire(caller, inv.session, self._holder, self._settings.lease_ttl_s)
         try:
+            await self._bundles.check_pin(caller.tenant, inv.version, inv.digest)
             bundle = await self._bundles.ensure(inv.version, inv.digest)
             sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
             warm = sandbox is not None

@@ -19,10 +19,12 @@ from services.common.outbound import (
 )
 from services.common.outbound_http import pinned_client
 from services.common.settings import Settings
+from services.executor import redaction
 from services.executor.model import (
     PERMISSION_DENIED,
     TOOL_ERROR,
     UNAVAILABLE,
+    Redactions,
     ToolCall,
     ToolFailure,
     ToolOutcome,
@@ -66,7 +68,7 @@ class ToolTransport:
             raise ToolFailure(PERMISSION_DENIED, f"tool {call.tool.tool!r}: {exc}") from None
 
     async def _http_call(self, call: ToolCall) -> ToolOutcome:
-        t, token, invocation, secrets = call.tool, call.token, call.invocation, call.secrets
+        t, token, invocation = call.tool, call.token, call.invocation
         headers = {"Content-Type": call.content_type or "application/octet-stream"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -89,9 +91,10 @@ class ToolTransport:
                 UNAVAILABLE, f"tool {t.tool!r} could not be reached ({type(exc).__name__})"
             ) from None
         if not 200 <= response.status_code < 300:
+            excerpt, forms = _short(body, call)
             raise ToolFailure(
-                TOOL_ERROR,
-                f"tool {t.tool!r} answered HTTP {response.status_code}: {_short(body, secrets)}",
+                TOOL_ERROR, f"tool {t.tool!r} answered HTTP {response.status_code}: {excerpt}",
+                redacted=forms,
             )
         return ToolOutcome(payload=body, content_type=response.headers.get("content-type", ""))
 
@@ -106,7 +109,7 @@ class ToolTransport:
         return b"".join(parts)
 
     async def _grpc_call(self, call: ToolCall, destination: Destination) -> ToolOutcome:
-        t, token, invocation, secrets = call.tool, call.token, call.invocation, call.secrets
+        t, token, invocation = call.tool, call.token, call.invocation
         metadata: list[tuple[str, str]] = []
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
@@ -127,12 +130,13 @@ class ToolTransport:
             code = exc.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TimeoutError from None
+            excerpt, forms = _short(exc.details() or "", call)
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise ToolFailure(
-                    UNAVAILABLE, f"tool {t.tool!r} is unavailable: {_short(exc.details() or '', secrets)}"
+                    UNAVAILABLE, f"tool {t.tool!r} is unavailable: {excerpt}", redacted=forms
                 ) from None
             raise ToolFailure(
-                TOOL_ERROR, f"tool {t.tool!r} failed with gRPC {code.name}: {_short(exc.details() or '', secrets)}"
+                TOOL_ERROR, f"tool {t.tool!r} failed with gRPC {code.name}: {excerpt}", redacted=forms
             ) from None
         return ToolOutcome(payload=answer.payload, content_type=answer.content_type)
 
@@ -150,11 +154,12 @@ class ToolTransport:
         return self._channels[key]
 
 
-def _short(text: bytes | str, secrets: tuple[str, ...]) -> str:
-    """A one-line excerpt of a tool's error for the agent, with any secret the tool echoed back
-    (its own, or the invocation's token) blanked out."""
-    value = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-    for secret in secrets:
-        value = value.replace(secret, "[redacted]")
-    value = " ".join(value.split())
-    return value if len(value) <= MAX_MESSAGE_CHARS else value[: MAX_MESSAGE_CHARS - 1] + "…"
+def _short(text: bytes | str, call: ToolCall) -> tuple[str, Redactions]:
+    """A one-line excerpt of a tool's error for the agent, with the call's credentials blanked
+    out of the whole text before it is cut (a cut could split an echoed secret), and the forms
+    they were found in."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", errors="replace")
+    redacted = redaction.redact(data, redaction.of_call(call))
+    value = " ".join(redacted.data.decode("utf-8", errors="replace").split())
+    value = value if len(value) <= MAX_MESSAGE_CHARS else value[: MAX_MESSAGE_CHARS - 1] + "…"
+    return value, redacted.found

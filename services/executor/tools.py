@@ -1,6 +1,7 @@
-"""The tool broker: a sandbox's tool calls go to the tenant's registered tools from here, with the
-invocation's token and the tool's secret attached here, so the sandbox needs no network and never
-sees a secret. Each call is an `execute_tool {tool}` span (telemetry counts calls and failures)."""
+"""The tool broker: a sandbox's tool calls go to the tenant's registered tools from here, with a
+token minted for that one call and the tool's secret attached here, so the sandbox needs no
+network and never sees a secret; both are blanked out of what the tool answers (redaction.py).
+Each call is an `execute_tool {tool}` span (telemetry counts calls and failures)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from services.common.errors import CorralError
+from services.executor import redaction
 from services.executor.model import (
     NOT_FOUND,
     PERMISSION_DENIED,
     TIMEOUT,
     UNAVAILABLE,
+    CallTokens,
+    Credential,
+    Redactions,
     ResolvedTool,
     SpanAttributes,
     ToolCall,
@@ -33,6 +38,8 @@ _tracer = trace.get_tracer(__name__)
 
 # The attribute telemetry counts tool calls by (services/telemetry/store/sql.py, IS_TOOL_CALL).
 TOOL_ATTR = "corral.tool.name"
+# The span event of a tool that echoed a credential back, with what was found (never the value).
+REDACTED_EVENT = "corral.tool.secret_redacted"
 # How long a resolved tool (or the fact that it does not exist) is reused: a changed address or
 # secret reaches running agents within this long, and the registry is not asked on every call.
 CACHE_TTL_S = 10.0
@@ -64,7 +71,7 @@ class ToolBroker:
         tenant: str,
         tool: str,
         allowed: Collection[str],
-        token: str,
+        tokens: CallTokens | None,
         payload: bytes,
         content_type: str,
         timeout_s: float | None,
@@ -73,8 +80,9 @@ class ToolBroker:
         context: Context | None,
     ) -> ToolOutcome:
         """Calls `tool` of `tenant` if the version declares it (`allowed`: agent.toml's [[tools]]
-        names). `deadline` is the invocation's, in Unix seconds (time.time()); the call gets the
-        least of the tool's timeout, `timeout_s` and the time left to it."""
+        names), with a token from `tokens` for this call alone (none when None). `deadline` is
+        the invocation's, in Unix seconds (time.time()); the call gets the least of the tool's
+        timeout, `timeout_s` and the time left to it."""
         with self.tracer.start_as_current_span(
             f"execute_tool {tool}", context=context, kind=trace.SpanKind.CLIENT,
             attributes=dict(attributes),
@@ -83,10 +91,13 @@ class ToolBroker:
             span.set_attribute("gen_ai.tool.name", tool)
             span.set_attribute(TOOL_ATTR, tool)
             try:
-                outcome = await self._call(tenant, tool, allowed, token, payload, content_type,
-                                           timeout_s, deadline, attributes)
+                outcome, found = await self._call(tenant, tool, allowed, tokens, payload,
+                                                  content_type, timeout_s, deadline, attributes)
             except ToolFailure as failure:
                 outcome = ToolOutcome(error=failure.message, error_code=failure.code)
+                found = failure.redacted
+            if found:
+                _record_redaction(span, tenant, tool, found)
             if outcome.error_code:
                 span.set_attribute("error.type", outcome.error_code)
                 span.set_status(trace.StatusCode.ERROR, outcome.error)
@@ -94,9 +105,10 @@ class ToolBroker:
             return outcome
 
     async def _call(
-        self, tenant: str, tool: str, allowed: Collection[str], token: str, payload: bytes,
-        content_type: str, timeout_s: float | None, deadline: float, attributes: SpanAttributes,
-    ) -> ToolOutcome:
+        self, tenant: str, tool: str, allowed: Collection[str], tokens: CallTokens | None,
+        payload: bytes, content_type: str, timeout_s: float | None, deadline: float,
+        attributes: SpanAttributes,
+    ) -> tuple[ToolOutcome, Redactions]:
         if tool not in allowed:
             declared = ", ".join(sorted(allowed)) or "none"
             raise ToolFailure(
@@ -119,20 +131,30 @@ class ToolBroker:
         )
         if limit <= 0:
             raise ToolFailure(TIMEOUT, f"tool {tool!r} was not called: {why} has passed")
+        # This call's own token: a tool that misuses it cannot reach another tool with it, and it
+        # is dead once the call is over, whatever the tool does with it later.
+        credential = _mint(tokens, tool, self.clock() + limit)
         call = ToolCall(
-            resolved, token, str(attributes.get("corral.invocation", "")), payload, content_type,
-            limit, secrets=tuple(s for s in (resolved.secret, token) if s),
+            resolved, credential.token if credential else "",
+            str(attributes.get("corral.invocation", "")), payload, content_type, limit,
         )
         try:
             async with asyncio.timeout(limit):
                 outcome = await self._transport.send(call)
         except TimeoutError:
             raise ToolFailure(TIMEOUT, f"tool {tool!r} did not answer within {limit:.3g}s ({why})") from None
-        if resolved.secret and resolved.secret.encode() in outcome.payload:
-            # A tool that echoes its request back would hand its own secret to the sandbox.
-            outcome = replace(outcome, payload=outcome.payload.replace(
-                resolved.secret.encode(), b"[redacted]"))
-        return outcome
+        finally:
+            if tokens is not None and credential is not None:
+                tokens.revoke(credential)
+        # A tool that echoes its request back would hand its secret and token to the sandbox.
+        secrets = redaction.of_call(call)
+        body = redaction.redact(outcome.payload, secrets)
+        kind = redaction.redact(outcome.content_type.encode("utf-8", errors="replace"), secrets)
+        if not (body.found or kind.found):
+            return outcome, Redactions()
+        return replace(
+            outcome, payload=body.data, content_type=kind.data.decode("utf-8", errors="replace")
+        ), body.found | kind.found
 
     async def _resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
         key = (tenant, tool)
@@ -150,3 +172,28 @@ class ToolBroker:
         self._cache[key] = (now + CACHE_TTL_S, resolved)
         return resolved
 
+
+def _mint(tokens: CallTokens | None, tool: str, expires_at: float) -> Credential | None:
+    if tokens is None:
+        return None
+    try:
+        return tokens.mint(tool, expires_at)
+    except Exception as exc:  # the agent gets a tool error, not a crashed turn
+        log.exception("could not mint the token of a call to tool %s", tool)
+        raise ToolFailure(
+            UNAVAILABLE, f"tool {tool!r} was not called: this executor could not mint its "
+            f"credential ({type(exc).__name__})",
+        ) from None
+
+
+def _record_redaction(span: trace.Span, tenant: str, tool: str, found: Redactions) -> None:
+    """Tells operators a tool echoes its credentials: the agent got "[redacted]" in their place,
+    but the tool has to be fixed (redaction cannot catch every encoding)."""
+    forms, kinds = sorted(found.forms), sorted(found.kinds)
+    span.add_event(REDACTED_EVENT, {
+        "corral.tool.redacted_forms": forms, "corral.tool.redacted_credentials": kinds,
+    })
+    log.warning(
+        "tool %s/%s echoed its credentials (%s) in forms %s; blanked out of its answer, but the "
+        "tool must stop sending them back", tenant, tool, ", ".join(kinds), ", ".join(forms),
+    )

@@ -24,7 +24,7 @@ from services.common.execution import Completed, Started
 from services.common.identity import Caller
 from services.executor.broker import ModelBroker
 from services.executor.calls import AgentCalls, InvocationScope
-from services.executor.credentials import Credential, InvocationCredentials
+from services.executor.credentials import InvocationCredentials, InvocationTokens
 from services.executor.drivers.base import Limit
 from services.executor.model import (
     AgentError,
@@ -84,15 +84,15 @@ class Turns:
             attributes=attributes,
         )
         scope_context = trace.set_span_in_context(span, parent)
-        credential: Credential | None = None
+        tokens: InvocationTokens | None = None
         try:
             bound = await self._table.sandbox_for(caller, inv)
             yield Started(format(span.get_span_context().trace_id, "032x"))
             deadline = time.time() + bound.manifest.timeout_s
-            credential = self._credentials.mint(caller, inv, bound.manifest, deadline)
-            token = credential.token if credential else ""
+            tokens = self._credentials.open(caller, inv, bound.manifest, deadline)
+            token = tokens.agent.token if tokens else ""
             calls = AgentCalls(self._models, self._tools, InvocationScope(
-                caller, bound.manifest, token, attributes, scope_context, deadline))
+                caller, bound.manifest, tokens, attributes, scope_context, deadline))
             output: list[bytes] = []
             done: TurnOutput | None = None
             turn = _turn_input(caller, inv, bound, scope_context, token, deadline)
@@ -118,9 +118,9 @@ class Turns:
             raise
         finally:
             span.end()
-            if credential is not None:
-                # The invocation is over: its token must not work a moment longer.
-                self._credentials.revoke(credential)
+            if tokens is not None:
+                # The invocation is over: its tokens must not work a moment longer.
+                tokens.close()
 
     async def _exchange(
         self, bound: SessionSandbox, turn: TurnInput, calls: AgentCalls

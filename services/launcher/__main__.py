@@ -142,6 +142,13 @@ class Launcher:
         report = self.settings.data_dir / "run" / f"{name}.address"
         report.unlink(missing_ok=True)  # an earlier run's
         env = {**self._env(svc), "CORRAL_ADDRESS_FILE": str(report)}
+        if name != svc:
+            # A further instance listens on ports of its own (the OS picks them), not its first
+            # instance's; it reports them like any other.
+            upper = svc.upper()
+            env[f"CORRAL_{upper}_LISTEN"] = f"{self.settings.addrs[svc].rpartition(':')[0]}:0"
+            env[f"CORRAL_{upper}_INTERNAL_LISTEN"] = (
+                f"{self.settings.internal_addrs[svc].rpartition(':')[0]}:0")
         # A child inherits an ignored SIGINT through exec, so Ctrl-C during its start-up does not
         # kill it half-way; the launcher stops it with SIGTERM in order instead.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -242,7 +249,7 @@ def _held_addresses(settings: Settings) -> dict[str, HeldPort]:
 def local_secret(data_dir: Path, name: str, size: int) -> str:
     """A random secret made once and kept beside the embedded databases (mode 0600), for what
     the environment does not set: the key that encrypts tool secrets at rest (they must survive
-    a restart) and the registries' and executors' internal token."""
+    a restart)."""
     path = data_dir / name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ async def ensure_admin_key(keys: Keys, path: Path) -> None:
     if minted is None:
         path.chmod(0o600)
         return
-    # Only its owner may enter the directory (under `make run`, the data dir with the databases).
+    # A directory made here is its owner's alone. One that exists is left as it is: under
+    # `make run` it is the data dir, which the embedded PostgreSQL's own user must traverse; the
+    # key file itself is 0600.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
     write_private_file(path, f"{minted}\n".encode())
     log.info("wrote a new platform administrator's API key to %s (id %s)", path, minted.id)

@@ -202,3 +202,10 @@ class LeaseStore(Protocol):
         ...
 
     async def drop(self, session: SessionKey) -> None: ...
+
+
+class PinCheck(Protocol):
+    """Whether `tenant` has `version` with `digest`: NotFound when it has no such version,
+    InvalidArgument (session.version_digest) when its bytes differ."""
+
+    async def check(self, tenant: str, version: VersionRef, digest: str) -> None: ...

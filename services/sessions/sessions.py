@@ -23,6 +23,7 @@ from services.sessions import rules
 from services.sessions.model import (
     LeaseStore,
     NewSession,
+    PinCheck,
     PinnedVersion,
     SessionFilter,
     SessionKey,
@@ -68,23 +69,30 @@ class Sessions:
         leases: LeaseStore,
         clock: Clock | None = None,
         ids: IdSource | None = None,
+        pins: PinCheck | None = None,
     ) -> None:
         self._store = store
         self._leases = leases
+        # None only where no registry is in play (the domain's unit tests).
+        self._pins = pins
         self._clock = clock or SystemClock()
         self._ids = ids or RandomIds()
 
     async def create(
-        self, caller: Caller, session: SessionRef | None, spec: NewSession
+        self, caller: Caller, session: SessionRef | None, spec: NewSession, *, verify_pin: bool = True
     ) -> SessionRecord:
         """Creates the session under the caller's tenant and user; with no `session`, an id is
-        generated."""
+        generated. With `verify_pin`, the pin must name a version of the caller's tenant."""
         tenant = tenancy.acting_tenant(caller)
         session_id = session.session if session is not None else self._ids.new_id()
         tenancy.check_session(
             caller, SessionOwner(tenant, caller.user), Access.WRITE, SessionRef(session_id).name
         )
         rules.check_pin(spec)
+        if verify_pin and self._pins is not None:
+            # The pin is what the caller wrote: it must name a version of the caller's tenant,
+            # with those bytes, or the executor would run another tenant's code for it.
+            await self._pins.check(tenant, spec.pin.version, spec.pin.digest)
         idle = rules.timeout_seconds(
             spec.idle_timeout_s, "session.idle_timeout", rules.DEFAULT_IDLE_TIMEOUT_S
         )

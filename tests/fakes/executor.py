@@ -95,6 +95,23 @@ class FakeRevocations:
         return jti in self.ttl
 
 
+class FixedTokens:
+    """CallTokens that hand every call the same token, recording what was minted for which tool
+    (and until when) and what was revoked."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.minted: list[tuple[str, float]] = []
+        self.revoked: list[Credential] = []
+
+    def mint(self, tool: str, expires_at: float) -> Credential:
+        self.minted.append((tool, expires_at))
+        return Credential(token=self.token, jti=f"jti-{len(self.minted)}", expires_at=expires_at)
+
+    def revoke(self, credential: Credential) -> None:
+        self.revoked.append(credential)
+
+
 class FakeSessionLeases:
     """The sessions service as the executor sees it (Sessions), in memory: one state per session
     of the caller's tenant, compare-and-set on its etag, and the leases taken and released; the

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from corral.executor.v1 import executor_pb2 as ex
 from corral.registry.v1 import tools_pb2, tools_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
 from corral.telemetry.v1 import telemetry_pb2 as tel
-from corral.verify import InvalidInvocationToken, averify_invocation_token
+from corral.verify import InvalidInvocationToken, InvocationClaims, averify_invocation_token
 from services.common import tracing
 from services.common.settings import Settings
 from tests import harness
@@ -96,6 +97,7 @@ class ToolService:
     def __init__(self, jwks_url: str) -> None:
         self.jwks_url = jwks_url
         self.calls: list[dict[str, str]] = []
+        self.claims: list[InvocationClaims] = []
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -109,7 +111,8 @@ class ToolService:
             return web.json_response({"refused": "token of another invocation"}, status=401)
         body = await request.json()
         self.calls.append({"secret": request.headers.get("X-Corral-Tool-Secret", ""),
-                           "tenant": claims.tenant, "session": claims.session})
+                           "tenant": claims.tenant, "session": claims.session, "token": token})
+        self.claims.append(claims)
         if body.get("fail") == "500":
             return web.json_response({"error": "database down"}, status=500)
         if body.get("fail") == "slow":
@@ -166,13 +169,24 @@ async def test_a_tool_verifies_the_invocation_token_and_gets_the_secret(world) -
     assert result["answer"] == {"client": "c-1", "sessions": 12, "tenant": mesh.tenant}
     assert tool.calls[-1]["secret"] == SECRET and tool.calls[-1]["tenant"] == mesh.tenant
 
-    # The token the agent saw is dead once its invocation ended: replaying it is refused.
+    # The tool got a token of its own: this tool its only audience, alive no longer than the
+    # call (the tool's timeout, 30 s by default), not the agent's.
     token = result["token"]
     assert token.count(".") == 2
-    async with httpx.AsyncClient() as http:
-        replay = await http.post(f"http://127.0.0.1:{tool.port}/session-data", json={"client": "x"},
-                                 headers={"Authorization": f"Bearer {token}"})
-    assert replay.status_code == 401 and replay.json()["refused"] == "revoked"
+    seen, claims = tool.calls[-1]["token"], tool.claims[-1]
+    assert seen != token and claims.audience == ("session_data",)
+    assert claims.expires_at <= time.time() + 30
+
+    async def replay(bearer: str) -> str:
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"http://127.0.0.1:{tool.port}/session-data", json={"client": "x"},
+                                     headers={"Authorization": f"Bearer {bearer}"})
+        assert answer.status_code == 401
+        return str(answer.json()["refused"])
+
+    # The call is over, so is its token; the agent's own was never for a tool.
+    assert await replay(seen) == "revoked"
+    assert await replay(token) == "wrong audience"
 
     # The JWKS over gRPC is the same key set as over HTTP.
     jwks = await mesh.executor.GetJwks(ex.GetJwksRequest())

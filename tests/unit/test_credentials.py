@@ -328,6 +328,33 @@ def test_refusals_name_their_reason(issuer: CredentialIssuer, executor: Executor
     assert reason(verifier, bare) == "malformed"
 
 
+async def test_a_token_for_one_tool_is_refused_by_another(
+    issuer: CredentialIssuer, executor: Executor
+) -> None:
+    verifier = executor.verifier()
+    search = mint(issuer, audience=["search"])
+    assert verifier.verify(search.token, audience="search").audience == ("search",)
+    assert reason(verifier, search.token, audience="calendar") == "wrong audience"
+    with pytest.raises(InvalidInvocationToken, match="wrong audience"):
+        await verifier.averify(search.token, audience="calendar")
+    # The older form, one token listing every declared tool, still verifies for each of them.
+    both = mint(issuer, audience=["search", "calendar"])
+    assert verifier.verify(both.token, audience="calendar").audience == ("search", "calendar")
+    await verifier.aclose()
+
+
+@pytest.mark.parametrize("audience", ["", ["search", "calendar"], ("search",), None])
+async def test_the_audience_is_one_tool_name(
+    issuer: CredentialIssuer, executor: Executor, audience: object
+) -> None:
+    verifier, token = executor.verifier(), mint(issuer, audience=["search"]).token
+    with pytest.raises(ValueError, match="this tool's own name"):
+        verifier.verify(token, audience=audience)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="this tool's own name"):
+        await verifier.averify(token, audience=audience)  # type: ignore[arg-type]
+    assert executor.jwks_fetches == 0, "refused before anything is fetched"
+
+
 def test_forged_tokens_are_refused(issuer: CredentialIssuer, executor: Executor) -> None:
     verifier = executor.verifier()
     claims = jwt.decode(mint(issuer).token, options={"verify_signature": False})

@@ -1,5 +1,6 @@
 """deploy/: the Envoy configs pass the real Envoy's validation and route as documented, and the
-Kubernetes manifests run each service under its own name and point every address at a Service."""
+Kubernetes manifests run each service under its own name, point every address at a Service, and
+give each service its own certificate and only the secrets it uses."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import pytest
 
 from scripts import genenvoy
 from services.common.auth.methods import METHODS
-from services.common.settings import DEFAULT_PORTS, SERVICES
+from services.common.auth.oidc import parse_issuers
+from services.common.auth.pki import ensure_pki, load_identity
+from services.common.settings import DEFAULT_PORTS, INTERNAL_PORT_OFFSET, SERVICES, Settings
 from tests.edge import envoy_validate, routes, self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = ROOT / "deploy" / "envoy"
 K8S_DIR = ROOT / "deploy" / "k8s"
 CONFIGS = ("envoy.yaml", "envoy-local.yaml")
+# Applied by hand, never by the kustomization: credentials templates and optional extras.
+EXAMPLES = ("secret.example.yaml", "pki-cert-manager.example.yaml")
+PKI_DIR = "/etc/corral/pki"
 PRODUCTION_TLS = ("/etc/envoy/tls/tls.crt", "/etc/envoy/tls/tls.key")
 
 
@@ -124,6 +130,11 @@ def manifests() -> list[Path]:
     return sorted(p for p in K8S_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+def deployed() -> list[Path]:
+    """The manifests the kustomization applies."""
+    return [p for p in manifests() if p.name not in EXAMPLES]
+
+
 def documents(path: Path) -> list[str]:
     return [d for d in re.split(r"(?m)^---$", path.read_text()) if re.search(r"(?m)^kind: ", d)]
 
@@ -136,28 +147,51 @@ def kind_and_name(doc: str) -> tuple[str, str]:
 
 
 def k8s_services() -> dict[str, int]:
-    """Service name → its gRPC port, over every manifest."""
+    """gRPC Service name → its public gRPC port, over every manifest."""
+    return {name: ports["grpc"] for name, ports in k8s_service_ports().items() if "grpc" in ports}
+
+
+def k8s_service_ports() -> dict[str, dict[str, int]]:
+    """Service name → {port name: port}, over every manifest; each port targets the container
+    port of its own name."""
     found = {}
     for path in manifests():
         for doc in documents(path):
             kind, name = kind_and_name(doc)
             if kind == "Service":
-                # Its gRPC port where it has one (the executor also serves HTTP), else its port.
-                ports = re.findall(r"name: grpc, port: (\d+),", doc) or re.findall(
-                    r"\bport: (\d+),", doc)
-                assert len(ports) == 1, f"{path.name}: Service {name} should have one gRPC port"
-                found[name] = int(ports[0])
+                ports = re.findall(r"(?m)^  - \{ name: ([\w-]+), port: (\d+), targetPort: ([\w-]+)\b",
+                                   doc)
+                assert ports, f"{path.name}: Service {name} has no ports"
+                for port_name, _, target in ports:
+                    assert target == port_name, f"{path.name}: {name} {port_name} → {target}"
+                found[name] = {port_name: int(port) for port_name, port, _ in ports}
     return found
+
+
+def container_ports(text: str) -> dict[str, int]:
+    return {name: int(port) for name, port in re.findall(
+        r"(?m)^        - \{ name: ([\w-]+), containerPort: (\d+) \}$", text)}
+
+
+def config_map() -> dict[str, str]:
+    """The data of ConfigMap corral-config (every value is one quoted string)."""
+    text = (K8S_DIR / "config.yaml").read_text()
+    return dict(re.findall(r'(?m)^  (CORRAL_\w+): "([^"]*)"$', text))
+
+
+def workload(svc: str) -> str:
+    """The Deployment or StatefulSet running `svc`."""
+    (doc,) = [d for d in documents(K8S_DIR / f"{svc}.yaml")
+              if kind_and_name(d) in {("Deployment", svc), ("StatefulSet", svc)}]
+    return doc
 
 
 def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
     text = (K8S_DIR / "kustomization.yaml").read_text()
     listed = re.findall(r"(?m)^- (\S+)$", text.split("\nresources:\n", 1)[1])
-    on_disk = {p.name for p in K8S_DIR.glob("*.yaml")} - {
-        "kustomization.yaml",
-        "secret.example.yaml",
-    }
+    on_disk = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml", *EXAMPLES}
     assert {x for x in listed if x.endswith(".yaml")} == on_disk
+    assert {p.name for p in K8S_DIR.glob("*.example.yaml")} == set(EXAMPLES)
     # Envoy's config reaches the cluster through ../envoy's own generator (kustomize refuses files
     # outside a kustomization's directory).
     assert "../envoy" in listed
@@ -176,8 +210,12 @@ def test_each_workload_runs_the_service_its_file_is_named_after(svc: str) -> Non
     text = path.read_text()
     assert re.findall(r"services\.(\w+)", text) == [svc]
     port = DEFAULT_PORTS[svc]
+    internal = port + INTERNAL_PORT_OFFSET
     assert f'- {{ name: CORRAL_{svc.upper()}_LISTEN, value: "0.0.0.0:{port}" }}' in text
-    assert f"containerPort: {port} " in text
+    assert f'- {{ name: CORRAL_{svc.upper()}_INTERNAL_LISTEN, value: "0.0.0.0:{internal}" }}' in text
+    ports = container_ports(text)
+    assert (ports["grpc"], ports["internal"]) == (port, internal)
+    assert set(ports) <= {"grpc", "internal", "http"}
     # Startup, readiness and liveness all ask gRPC health on the service's own port.
     assert text.count(f"grpc: {{ port: {port} }}") == 3
     assert "runAsNonRoot: true" in text and "allowPrivilegeEscalation: false" in text
@@ -201,7 +239,7 @@ def test_every_address_points_at_a_service_on_its_port() -> None:
     addrs = {}
     for path in manifests():
         for svc, host, port in re.findall(
-            r'CORRAL_(\w+)_ADDR: "([\w.-]+):(\d+)"', path.read_text()
+            r'CORRAL_([A-Z]+)_ADDR: "([\w.-]+):(\d+)"', path.read_text()
         ):
             addrs[svc.lower()] = (host, int(port))
     assert set(addrs) == set(SERVICES)
@@ -215,6 +253,130 @@ def test_every_address_points_at_a_service_on_its_port() -> None:
         if cluster not in SERVICES:
             continue
         assert services.get(host) == port, f"Envoy cluster {cluster} dials {host}:{port}"
+
+
+def test_every_service_exposes_its_internal_port_on_its_service_and_container() -> None:
+    services = k8s_service_ports()
+    for svc in SERVICES:
+        internal = DEFAULT_PORTS[svc] + INTERNAL_PORT_OFFSET
+        assert services[svc]["grpc"] == DEFAULT_PORTS[svc], svc
+        assert services[svc]["internal"] == internal, svc
+        # The same number on both ends, so that it holds for the headless executor too, whose
+        # clients dial the pods' own ports.
+        assert container_ports(workload(svc))["internal"] == internal, svc
+    assert "clusterIP: None" in (K8S_DIR / "executor.yaml").read_text()
+
+
+def test_every_internal_address_is_a_services_internal_port_as_the_settings_read_it() -> None:
+    config = config_map()
+    services = k8s_service_ports()
+    named = {svc.lower() for svc in re.findall(r"CORRAL_([A-Z]+)_INTERNAL_ADDR", str(config))}
+    assert named == set(SERVICES)
+    settings = Settings.from_env(config)
+    for svc in SERVICES:
+        host, _, port = config[f"CORRAL_{svc.upper()}_INTERNAL_ADDR"].rpartition(":")
+        assert settings.internal_addrs[svc] == f"{host}:{port}"
+        assert host == svc, f"{svc} is dialled as {host}, a name its certificate may not hold"
+        assert int(port) == services[host]["internal"], f"{svc}: {port} is not {host}'s internal port"
+        assert int(port) == services[host]["grpc"] + INTERNAL_PORT_OFFSET
+    # Public addresses are untouched: they are the Services' gRPC ports.
+    assert dict(settings.addrs) == {svc: f"{svc}:{port}" for svc, port in DEFAULT_PORTS.items()}
+
+
+def test_the_commented_identity_provider_example_is_a_valid_configuration() -> None:
+    text = (K8S_DIR / "config.yaml").read_text()
+    block = text.split("  # CORRAL_OIDC_ISSUERS: >-\n", 1)[1]
+    example = " ".join(line.removeprefix("  #").strip() for line in block.splitlines())
+    (issuer,) = parse_issuers(example)
+    assert issuer.issuer == "https://sso.example.com/realms/corral"
+    assert "CORRAL_OIDC_ISSUERS" not in config_map(), "identity providers are the operator's choice"
+
+
+PKI_ITEMS = re.compile(r"(?m)^          - \{ key: ([\w.]+), path: ([\w.]+) \}$")
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_each_workload_mounts_only_its_own_certificate_and_key(svc: str, tmp_path: Path) -> None:
+    doc = workload(svc)
+    assert re.findall(r"secretName: (corral-pki-[\w-]+)", doc) == [f"corral-pki-{svc}"]
+    assert f"- {{ name: pki, mountPath: {PKI_DIR}, readOnly: true }}" in doc
+    assert f"- {{ name: CORRAL_PKI_DIR, value: {PKI_DIR} }}" in doc
+    volume = doc.split("      - name: pki\n", 1)[1]
+    assert "          defaultMode: 0400\n" in volume
+    items = dict(PKI_ITEMS.findall(volume))
+    assert items == {"ca.crt": "ca.crt", "tls.crt": f"{svc}.crt", "tls.key": f"{svc}.key"}
+    # 0400 is widened to 0440 for fsGroup: the service reads its key through its group.
+    assert "runAsUser: 10001" in doc and "runAsGroup: 10001" in doc and "fsGroup: 10001" in doc
+    # What the service reads from that mount is what the launcher issues, under those names.
+    issued = tmp_path / "issued"
+    ensure_pki(issued, [svc])
+    secret = {"ca.crt": issued / "ca.crt", "tls.crt": issued / f"{svc}.crt",
+              "tls.key": issued / f"{svc}.key"}
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for key, path in items.items():
+        (mounted / path).write_bytes(secret[key].read_bytes())
+    assert load_identity(mounted, svc).service == svc
+    # README's `kubectl create secret` writes those keys.
+    readme = (K8S_DIR / "README.md").read_text()
+    for key, path in items.items():
+        source = "ca.crt" if key == "ca.crt" else path.replace(svc, "$svc")
+        assert f"--from-file={key}=" in readme and source in readme
+
+
+def test_no_workload_gets_the_cas_key_or_another_services_certificate() -> None:
+    for path in deployed():
+        text = path.read_text()
+        assert "ca.key" not in text, path.name
+        mounted = set(re.findall(r"secretName: corral-pki-([\w-]+)", text))
+        assert mounted <= {path.stem}, f"{path.name} mounts the certificates of {mounted}"
+    assert "corral-pki-ca" not in "".join(p.read_text() for p in deployed())
+
+
+def test_cert_manager_issues_each_service_an_ec_certificate_named_after_it() -> None:
+    docs = [kind_and_name(d) + (d,) for d in documents(K8S_DIR / "pki-cert-manager.example.yaml")]
+    certificates = {name: doc for kind, name, doc in docs if kind == "Certificate"}
+    assert set(certificates) == {"corral-pki-ca", *(f"corral-pki-{svc}" for svc in SERVICES)}
+    for svc in SERVICES:
+        doc = certificates[f"corral-pki-{svc}"]
+        assert f"  secretName: corral-pki-{svc}\n" in doc
+        assert f"  commonName: {svc}\n" in doc
+        assert re.search(rf'(?m)^  dnsNames: \["{svc}",|^  - {svc}$', doc), svc
+        # pki.py loads EC keys only, and services sign ES256 assertions with them.
+        assert "privateKey: { algorithm: ECDSA, size: 256" in doc
+        assert "server auth, client auth" in doc
+        assert "issuerRef: { name: corral-pki, kind: Issuer }" in doc
+    ca = certificates["corral-pki-ca"]
+    assert "isCA: true" in ca and "algorithm: ECDSA, size: 256" in ca
+    assert ("Issuer", "corral-pki") in {(kind, name) for kind, name, _ in docs}
+
+
+def test_only_the_registry_gets_the_secrets_key() -> None:
+    secrets = {kind_and_name(d)[1]: d for d in documents(K8S_DIR / "secret.example.yaml")}
+    assert set(secrets) == {"corral-storage", "corral-registry-secrets"}
+    assert "CORRAL_SECRETS_KEY" in secrets["corral-registry-secrets"]
+    assert "CORRAL_SECRETS_KEY" not in secrets["corral-storage"]
+    assert re.findall(r"(?m)^  (CORRAL_\w+):", secrets["corral-registry-secrets"]) == [
+        "CORRAL_SECRETS_KEY"]
+    for path in deployed():
+        text = path.read_text()
+        loads = "secretRef: { name: corral-registry-secrets }" in text
+        assert loads == (path.name == "registry.yaml"), path.name
+        if path.name != "secret.example.yaml":
+            assert not re.search(r"(?m)^[^#]*CORRAL_SECRETS_KEY", text), path.name
+
+
+def test_nothing_mentions_the_removed_internal_token() -> None:
+    for path in sorted(K8S_DIR.iterdir()):
+        assert "INTERNAL_TOKEN" not in path.read_text(), path.name
+
+
+def test_the_bootstrap_key_is_not_made_by_every_replica() -> None:
+    # Each registry pod keeps its own file: set on two replicas, each makes a key revoking the
+    # other's (README.md, "The first API key").
+    for path in deployed():
+        assert not re.search(r"(?m)^[^#]*CORRAL_BOOTSTRAP_ADMIN_KEY_FILE", path.read_text())
+    assert "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE=" in (K8S_DIR / "README.md").read_text()
 
 
 def test_kustomize_renders_the_platform() -> None:
@@ -236,4 +398,8 @@ def test_kustomize_renders_the_platform() -> None:
     # the namespace.
     assert out.count(f"name: {generated.group(1)}") == 2
     assert "  namespace: default" not in out
+    # One certificate Secret per service, mounted 0400 (rendered in decimal).
+    assert out.count("defaultMode: 256") == len(SERVICES)
+    assert sorted(re.findall(r"secretName: (corral-pki-\w+)", out)) == sorted(
+        f"corral-pki-{svc}" for svc in SERVICES)
     assert out.count("  namespace: corral") == len(re.findall(r"(?m)^kind: ", out)) - 1

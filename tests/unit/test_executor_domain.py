@@ -16,7 +16,14 @@ from corral.bundle import digest_of, pack
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common.auth.principal import Principal, Role
 from services.common.endpoints import EndpointTraffic, TrafficShare
-from services.common.errors import Aborted, InvalidArgument, PermissionDenied, ResourceExhausted
+from services.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
@@ -324,3 +331,31 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+class _TenantsVersions:
+    """A registry in which only tenant "acme" has agents/a/versions/1, with digest D1."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, VersionRef]] = []
+
+    async def digest(self, tenant: str, version: VersionRef) -> str:
+        self.asked.append((tenant, version))
+        if (tenant, version) != ("acme", VersionRef.parse("agents/a/versions/1")):
+            raise NotFound(f"{version} does not exist")
+        return "sha256:" + "d1" * 32
+
+
+async def test_a_pin_runs_only_a_version_of_the_callers_tenant(tmp_path: Path) -> None:
+    """Bundles are fetched by digest for every tenant, so a session's pin (which its creator
+    wrote) must name a version of its own tenant with those bytes."""
+    registry = _TenantsVersions()
+    bundles = BundleCache(registry, tmp_path)  # type: ignore[arg-type]
+    v1, digest = VersionRef.parse("agents/a/versions/1"), "sha256:" + "d1" * 32
+    await bundles.check_pin("acme", v1, digest)
+    await bundles.check_pin("acme", v1, digest)
+    assert registry.asked == [("acme", v1)]  # versions never change: asked once
+    with pytest.raises(NotFound):
+        await bundles.check_pin("mallory", v1, digest)
+    with pytest.raises(FailedPrecondition, match="pinned to"):
+        await bundles.check_pin("acme", v1, "sha256:" + "ee" * 32)

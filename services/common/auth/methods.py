@@ -76,7 +76,8 @@ METHODS: Mapping[str, Access] = {
         "GetAgent": user(VIEWER),
         "ListAgents": user(VIEWER),
         "PublishVersion": user(OPERATOR),
-        "GetVersion": user(VIEWER, "executor", "router"),
+        # Sessions checks a pin a user chose is a version of the tenant.
+        "GetVersion": user(VIEWER, "executor", "router", "sessions"),
         "ListVersions": user(VIEWER),
         # Bundles: their own tenant, and the executors that run them.
         "DownloadVersion": user(VIEWER, "executor"),

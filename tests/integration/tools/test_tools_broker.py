@@ -38,6 +38,7 @@ from services.executor.tool_transport import ToolTransport
 from services.executor.tools import TOOL_ATTR, ToolBroker
 from tests import harness
 from tests.fakes.common import FakeResolver
+from tests.fakes.executor import FixedTokens
 from tests.tool_registry import SECRET, TOKEN, Registry, seconds
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -133,12 +134,13 @@ class Tools:
     exporter: InMemorySpanExporter
     http: Seen
     grpc: Seen
+    tokens: FixedTokens = field(default_factory=lambda: FixedTokens(TOKEN))
 
     async def call(self, tool: str, payload: bytes = b'{"q": 1}', *, allowed: tuple[str, ...] | None = None,
                    timeout_s: float | None = None, deadline_in: float = 30.0) -> ToolOutcome:
         return await self.broker.call(
             tenant=self.registry.tenant, tool=tool, allowed=allowed if allowed is not None else (tool,),
-            token=TOKEN, payload=payload, content_type="application/json", timeout_s=timeout_s,
+            tokens=self.tokens, payload=payload, content_type="application/json", timeout_s=timeout_s,
             deadline=time.time() + deadline_in,
             attributes={"corral.invocation": "inv-123", "corral.version": "agents/a/versions/1"},
             context=None,
@@ -293,9 +295,9 @@ async def test_link_local_and_unallowed_loopback_addresses_are_refused(
     try:
         for tool in ("web", "rpc"):
             outcome = await strict.call(
-                tenant=registry.tenant, tool=tool, allowed=(tool,), token=TOKEN, payload=b"{}",
-                content_type="application/json", timeout_s=None, deadline=time.time() + 10,
-                attributes={}, context=None)
+                tenant=registry.tenant, tool=tool, allowed=(tool,), tokens=FixedTokens(TOKEN),
+                payload=b"{}", content_type="application/json", timeout_s=None,
+                deadline=time.time() + 10, attributes={}, context=None)
             assert outcome.error_code == PERMISSION_DENIED, outcome
             assert "127.0.0.1, a loopback address" in outcome.error
             assert "CORRAL_OUTBOUND_ALLOW" in outcome.error

@@ -28,6 +28,7 @@ from services.executor.model import PERMISSION_DENIED, TOOL_ERROR, ToolOutcome
 from services.executor.tool_transport import ToolTransport
 from services.executor.tools import ToolBroker
 from tests.fakes.common import FakeResolver
+from tests.fakes.executor import FixedTokens
 from tests.rpc import error_details, fails
 from tests.tool_registry import TOKEN, Registry
 
@@ -134,9 +135,9 @@ async def _call(w: World, tool: str, names: dict[str, list[str]], allow: bool) -
                         transport=ToolTransport(settings.executor.max_payload_bytes, policy))
     try:
         return await broker.call(
-            tenant=w.registry.tenant, tool=tool, allowed=(tool,), token=TOKEN, payload=b"{}",
-            content_type="application/json", timeout_s=None, deadline=time.time() + 10,
-            attributes={}, context=None)
+            tenant=w.registry.tenant, tool=tool, allowed=(tool,), tokens=FixedTokens(TOKEN),
+            payload=b"{}", content_type="application/json", timeout_s=None,
+            deadline=time.time() + 10, attributes={}, context=None)
     finally:
         await broker.close()
 

@@ -1,5 +1,5 @@
 """Tool secrets: sealed at rest in the registry and never returned, refused without a key,
-set from the CLI, and resolved only by executors presenting the internal token."""
+set from the CLI, and resolved only by executors proving themselves with their certificate."""
 
 from __future__ import annotations
 

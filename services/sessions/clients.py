@@ -1,0 +1,32 @@
+"""The registry as the sessions service asks it: whether a tenant has the version a new session
+is pinned to, with those bytes."""
+
+from __future__ import annotations
+
+from corral.names import VersionRef
+from corral.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.clients import ServiceClient, acting_in
+from services.common.errors import InvalidArgument
+from services.common.settings import Settings
+from services.common.status import calling
+
+
+class RegistryPins(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
+    """Implements PinCheck. Versions never change once published: each is asked for once."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "registry", registry_pb2_grpc.RegistryServiceStub)
+        self._digests: dict[tuple[str, VersionRef], str] = {}
+
+    async def check(self, tenant: str, version: VersionRef, digest: str) -> None:
+        known = self._digests.get((tenant, version))
+        if known is None:
+            # Asked in the tenant: another tenant's version is NOT_FOUND, as one no one has.
+            with calling("registry"):
+                found = await self._stub.GetVersion(
+                    registry_pb2.GetVersionRequest(name=version.name), metadata=acting_in(tenant))
+            known = self._digests[(tenant, version)] = found.digest
+        if known != digest:
+            raise InvalidArgument.field(
+                "session.version_digest", f"{version.name} is {known}, not {digest[:80]!r}"
+            )
