@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common.auth.oidc import IssuerConfigError, OidcIssuer, parse_issuers
+from services.common.outbound import Network, allow_list, parse_allow
 
 DEFAULT_PORTS = {
     "router": 50051,
@@ -106,8 +107,6 @@ class ExecutorSettings:
     # An OpenAI-compatible server for manifests pinning provider "openai" (none: refused).
     openai_base_url: str = ""
     openai_api_key: str = field(default="", repr=False)
-    # Let tools live on loopback addresses (a one-machine set-up: `make run` turns it on).
-    tools_allow_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,10 @@ class Settings:
     # Registry: keep a valid platform administrator's API key in this file (mode 0600), making
     # one when the file is missing or its key is not valid. `make run` sets .corral/admin.key.
     bootstrap_admin_key_file: Path | None = None
+    # Non-public networks the platform may connect to on someone's behalf (tools, webhooks, the
+    # model provider): CORRAL_OUTBOUND_ALLOW, plus loopback with CORRAL_TOOLS_ALLOW_LOOPBACK=true
+    # (a one-machine set-up: `make run` turns it on). See services/common/outbound.py.
+    outbound_allow: tuple[Network, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -207,7 +210,6 @@ class Settings:
                 key_rotation_hours=_float(env, "CORRAL_KEY_ROTATION_HOURS", 24.0),
                 openai_base_url=env.get("CORRAL_OPENAI_BASE_URL", "").strip(),
                 openai_api_key=env.get("CORRAL_OPENAI_API_KEY", ""),
-                tools_allow_loopback=_bool(env, "CORRAL_TOOLS_ALLOW_LOOPBACK", False),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
@@ -215,6 +217,7 @@ class Settings:
             oidc_issuers=_issuers(env.get("CORRAL_OIDC_ISSUERS", "")),
             credential_cache_s=_float(env, "CORRAL_CREDENTIAL_CACHE_S", 5.0),
             bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
+            outbound_allow=_outbound_allow(env),
         )
 
     def with_address(self, service: str, address: str, internal: str | None = None) -> Settings:
@@ -232,6 +235,14 @@ class Settings:
 
     def require_redis(self) -> str:
         return _required(self.redis_url, "CORRAL_REDIS_URL", "Redis")
+
+
+def _outbound_allow(env: Mapping[str, str]) -> tuple[Network, ...]:
+    try:
+        networks = parse_allow(env.get("CORRAL_OUTBOUND_ALLOW", ""))
+    except ValueError as exc:
+        raise SettingsError(f"CORRAL_OUTBOUND_ALLOW: {exc}") from None
+    return allow_list(networks, _bool(env, "CORRAL_TOOLS_ALLOW_LOOPBACK", False))
 
 
 def _issuers(text: str) -> tuple[OidcIssuer, ...]:

@@ -11,9 +11,10 @@ import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.kv import create_redis
+from services.common.outbound import OutboundPolicy
 from services.common.server import App
 from services.common.settings import Settings
-from services.executor.broker import ModelBroker, providers_from_settings
+from services.executor.broker import ModelBroker, check_provider_urls, providers_from_settings
 from services.executor.bundles import BundleCache
 from services.executor.clients import (
     RegistryClient,
@@ -44,6 +45,13 @@ class ExecutorService(App):
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         s = self.settings
+        # The model server is the operator's setting: a forbidden one stops the start, first.
+        outbound = OutboundPolicy(s.outbound_allow)
+        provider_env = {
+            "CORRAL_OPENAI_BASE_URL": s.executor.openai_base_url,
+            "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
+        }
+        await check_provider_urls(provider_env, outbound)
         driver = driver_for(s.executor.sandbox_driver)
         # What a crashed predecessor left behind: its sandboxes' cgroups (their processes died
         # with it: bwrap's --die-with-parent, runsc's --attached) and gVisor's state directories.
@@ -58,10 +66,7 @@ class ExecutorService(App):
         spans = TelemetrySpans(s)
         stack.push_async_callback(spans.close)
         metrics = ExecutorMetrics()
-        broker = ModelBroker(providers_from_settings({
-            "CORRAL_OPENAI_BASE_URL": s.executor.openai_base_url,
-            "CORRAL_OPENAI_API_KEY": s.executor.openai_api_key,
-        }))
+        broker = ModelBroker(providers_from_settings(provider_env, outbound))
         stack.push_async_callback(broker.aclose)
         tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s))
         stack.push_async_callback(tools.close)

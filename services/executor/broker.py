@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from services.common.outbound import OutboundPolicy, OutboundRefused, Unresolved
 from services.common.settings import SettingsError
 from services.executor.model import ChunkSink, ModelAnswer, ModelRequest, SpanAttributes
 from services.executor.openai_provider import OpenAIProvider
@@ -28,10 +29,13 @@ log = logging.getLogger(__name__)
 _CONFIGURE_HINTS = {"openai": "set CORRAL_OPENAI_BASE_URL"}
 
 
-def providers_from_settings(env: Mapping[str, str]) -> dict[str, ModelProvider]:
+def providers_from_settings(
+    env: Mapping[str, str], outbound: OutboundPolicy | None = None
+) -> dict[str, ModelProvider]:
     """The scripted provider always; the openai one when CORRAL_OPENAI_BASE_URL names a server.
     There is deliberately no default URL: a manifest pinning `openai` on an executor without one
-    should fail loudly, not reach whatever listens on a local port."""
+    should fail loudly, not reach whatever listens on a local port. With `outbound`, each model
+    call is checked against the policy (check_provider_urls checks the URL once at start)."""
     providers: dict[str, ModelProvider] = {"scripted": ScriptedProvider()}
     base_url = env.get("CORRAL_OPENAI_BASE_URL", "").strip()
     if base_url:
@@ -41,8 +45,27 @@ def providers_from_settings(env: Mapping[str, str]) -> dict[str, ModelProvider]:
                 f"CORRAL_OPENAI_BASE_URL={base_url!r} is not an http(s) URL "
                 "(for example http://127.0.0.1:8000/v1)"
             )
-        providers["openai"] = OpenAIProvider(base_url, env.get("CORRAL_OPENAI_API_KEY") or None)
+        providers["openai"] = OpenAIProvider(
+            base_url, env.get("CORRAL_OPENAI_API_KEY") or None, outbound=outbound
+        )
     return providers
+
+
+async def check_provider_urls(env: Mapping[str, str], outbound: OutboundPolicy) -> None:
+    """Refuses to start with a model provider the outbound policy forbids (a clear SettingsError
+    naming the variable); a name that does not resolve yet is only logged (calls fail closed)."""
+    base_url = env.get("CORRAL_OPENAI_BASE_URL", "").strip()
+    if not base_url:
+        return
+    try:
+        await outbound.check_url(base_url)
+    except Unresolved as exc:
+        log.warning("CORRAL_OPENAI_BASE_URL=%r: %s; model calls fail until it resolves", base_url, exc)
+    except OutboundRefused as exc:
+        raise SettingsError(
+            f"CORRAL_OPENAI_BASE_URL={base_url!r}: {exc} (for a model server on this machine or "
+            "a private network, list its network in CORRAL_OUTBOUND_ALLOW, e.g. 127.0.0.0/8)"
+        ) from None
 
 
 class ProviderNotConfigured(Exception):

@@ -17,6 +17,8 @@ import httpx
 from opentelemetry import trace
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
+from services.common.outbound import OutboundPolicy, OutboundRefused, Unresolved
+from services.common.outbound_http import pinned_client
 from services.executor.model import ChunkSink
 from services.executor.providers import Completion, ProviderError
 
@@ -37,14 +39,18 @@ class OpenAIProvider:
         timeout_s: float = 120.0, max_attempts: int = 4, backoff_s: float = 0.5,
         max_backoff_s: float = 8.0, max_retry_after_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         # `client` lets a caller share a pool or a test mock the transport; `sleep` lets a test
-        # record the waits between attempts instead of serving them.
+        # record the waits between attempts instead of serving them. With `outbound`, every call
+        # is checked against the policy and dials the address it checked.
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key or ""
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient()
+        self._client = client or (
+            pinned_client(outbound) if outbound is not None else httpx.AsyncClient()
+        )
         # Used only when the caller gives no deadline.
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
@@ -137,6 +143,11 @@ class OpenAIProvider:
         except (TimeoutError, httpx.TimeoutException):
             raise ProviderError(
                 self.name, f"no answer within {timeout:.1f}s", error_type="timeout", transient=True
+            ) from None
+        except OutboundRefused as exc:
+            raise ProviderError(
+                self.name, f"{self._where()} is not reachable: {exc}",
+                error_type="destination_refused", transient=isinstance(exc, Unresolved),
             ) from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             reason = self._redact(str(exc)) or type(exc).__name__

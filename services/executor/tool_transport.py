@@ -1,19 +1,23 @@
 """How the executor reaches a tenant's tool: an HTTP POST, or the corral.tools.v1 gRPC Invoke,
-carrying the invocation's token, the tool's secret and the trace context; never to an address a
-tenant may not reach through the executor, and never echoing a secret back into an error."""
+carrying the invocation's token, the tool's secret and the trace context; only to an address the
+outbound policy allows (checked at every call, and the checked address is the one dialled), and
+never echoing a secret back into an error."""
 
 from __future__ import annotations
-
-import asyncio
-import ipaddress
-import socket
-from urllib.parse import urlsplit
 
 import grpc
 import httpx
 from opentelemetry import propagate
 
 from corral.tools.v1 import tools_pb2, tools_pb2_grpc
+from services.common.outbound import (
+    Destination,
+    IPAddress,
+    OutboundPolicy,
+    OutboundRefused,
+    Unresolved,
+)
+from services.common.outbound_http import pinned_client
 from services.common.settings import Settings
 from services.executor import redaction
 from services.executor.model import (
@@ -21,7 +25,6 @@ from services.executor.model import (
     TOOL_ERROR,
     UNAVAILABLE,
     Redactions,
-    ResolvedTool,
     ToolCall,
     ToolFailure,
     ToolOutcome,
@@ -33,17 +36,18 @@ MAX_MESSAGE_CHARS = 200
 class ToolTransport:
     """The executor's ToolSender."""
 
-    def __init__(self, max_payload: int, allow_loopback: bool) -> None:
+    def __init__(self, max_payload: int, policy: OutboundPolicy) -> None:
         self.max_payload = max_payload
-        self.allow_loopback = allow_loopback
+        self.policy = policy
         # No redirects: following one would hand the token and the secret to another host. No
         # proxies from the environment either: tool traffic carries both.
-        self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._http = pinned_client(policy)
+        # A channel per (authority, checked address).
+        self._channels: dict[tuple[str, IPAddress], grpc.aio.Channel] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ToolTransport:
-        return cls(settings.executor.max_payload_bytes, settings.executor.tools_allow_loopback)
+        return cls(settings.executor.max_payload_bytes, OutboundPolicy(settings.outbound_allow))
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -52,34 +56,16 @@ class ToolTransport:
         self._channels.clear()
 
     async def send(self, call: ToolCall) -> ToolOutcome:
-        """The tool's answer; ToolFailure when it refuses or cannot be reached, TimeoutError
-        when it runs out of time."""
-        await self._check_destination(call.tool)
-        if call.tool.kind == "http":
-            return await self._http_call(call)
-        return await self._grpc_call(call)
-
-    async def _check_destination(self, tool: ResolvedTool) -> None:
-        """Refuses addresses a tenant must not reach through the executor: link-local (cloud
-        metadata services), multicast and unspecified ones always, loopback unless the operator
-        allows it (a one-machine set-up). Private networks, where tool services live, are fine."""
-        host = urlsplit(tool.address).hostname if tool.kind == "http" else tool.address.rpartition(":")[0]
-        host = (host or "").strip("[]")
+        """The tool's answer; ToolFailure when it refuses, cannot be reached or lives where the
+        outbound policy forbids (PERMISSION_DENIED) or does not resolve, TimeoutError when it runs out of time."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except OSError:
-            return  # the call itself reports the unreachable host
-        for *_, sockaddr in infos:
-            ip = ipaddress.ip_address(sockaddr[0])
-            if ip.is_link_local or ip.is_multicast or ip.is_unspecified or (
-                ip.is_loopback and not self.allow_loopback
-            ):
-                raise ToolFailure(
-                    PERMISSION_DENIED,
-                    f"tool {tool.tool!r} resolves to {ip}, an address tools may not use "
-                    "(link-local, multicast, unspecified, or loopback without "
-                    "CORRAL_TOOLS_ALLOW_LOOPBACK=true)",
-                )
+            if call.tool.kind == "http":
+                return await self._http_call(call)
+            return await self._grpc_call(call, await self.policy.check_grpc(call.tool.address))
+        except Unresolved as exc:  # the name may resolve again: worth a retry, unlike a refusal
+            raise ToolFailure(UNAVAILABLE, f"tool {call.tool.tool!r}: {exc}") from None
+        except OutboundRefused as exc:
+            raise ToolFailure(PERMISSION_DENIED, f"tool {call.tool.tool!r}: {exc}") from None
 
     async def _http_call(self, call: ToolCall) -> ToolOutcome:
         t, token, invocation = call.tool, call.token, call.invocation
@@ -122,7 +108,7 @@ class ToolTransport:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _grpc_call(self, call: ToolCall) -> ToolOutcome:
+    async def _grpc_call(self, call: ToolCall, destination: Destination) -> ToolOutcome:
         t, token, invocation = call.tool, call.token, call.invocation
         metadata: list[tuple[str, str]] = []
         if token:
@@ -134,7 +120,7 @@ class ToolTransport:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         metadata.extend(carrier.items())
-        stub = tools_pb2_grpc.ToolServiceStub(self._channel(t.address))
+        stub = tools_pb2_grpc.ToolServiceStub(self._channel(destination))
         try:
             answer = await stub.Invoke(
                 tools_pb2.InvokeRequest(payload=call.payload, content_type=call.content_type),
@@ -154,13 +140,18 @@ class ToolTransport:
             ) from None
         return ToolOutcome(payload=answer.payload, content_type=answer.content_type)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=[
+    def _channel(self, destination: Destination) -> grpc.aio.Channel:
+        """A channel dialling exactly the checked address (gRPC resolves nothing itself), with
+        the tool's name as the :authority. Keyed by both, so a name resolving to several
+        addresses keeps one channel per address."""
+        key = (destination.target.authority, destination.address)
+        if key not in self._channels:
+            self._channels[key] = grpc.aio.insecure_channel(destination.grpc_target, options=[
                 ("grpc.max_receive_message_length", self.max_payload),
                 ("grpc.max_send_message_length", self.max_payload),
+                ("grpc.default_authority", destination.target.authority),
             ])
-        return self._channels[address]
+        return self._channels[key]
 
 
 def _short(text: bytes | str, call: ToolCall) -> tuple[str, Redactions]:

@@ -75,7 +75,8 @@ class Launcher:
         env["CORRAL_PKI_DIR"] = str(self.settings.pki_dir)
         if svc == "registry" and not self.settings.secrets_key:
             env["CORRAL_SECRETS_KEY"] = local_secret(self.settings.data_dir, "secrets.key", 32)
-        # One machine: tool services under development listen on localhost.
+        # One machine: tools, webhook receivers and model servers under development listen on
+        # localhost (this adds loopback to CORRAL_OUTBOUND_ALLOW).
         env.setdefault("CORRAL_TOOLS_ALLOW_LOOPBACK", "true")
         # The registry keeps a platform administrator's API key here; the corral command finds it.
         env.setdefault("CORRAL_BOOTSTRAP_ADMIN_KEY_FILE", str(self.settings.data_dir / "admin.key"))

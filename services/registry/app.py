@@ -23,6 +23,7 @@ from services.common.auth.principal import Principal
 from services.common.auth.verify import CredentialVerifier
 from services.common.db import create_pool, migrate
 from services.common.errors import Unavailable
+from services.common.outbound import OutboundPolicy
 from services.common.prometheus import MetricsExporter
 from services.common.server import App
 from services.common.settings import Settings
@@ -65,15 +66,16 @@ class RegistryService(App):
         stack.push_async_callback(pool.close)
         await migrate(pool, "registry", MIGRATIONS)
         store = PgStore(pool)
-        notifier = WebhookNotifier(store.webhook_url)
+        outbound = OutboundPolicy(self.settings.outbound_allow)
+        notifier = WebhookNotifier(outbound, store.webhook_url)
         stack.push_async_callback(notifier.close)
         telemetry = TelemetryClient(self.settings)
         stack.push_async_callback(telemetry.close)
         sessions = SessionsClient(self.settings)
         stack.push_async_callback(sessions.close)
 
-        rollouts = Rollouts(store, notifier, sessions)
-        experiments = Experiments(store, notifier, telemetry)
+        rollouts = Rollouts(store, notifier, sessions, outbound=outbound)
+        experiments = Experiments(store, notifier, telemetry, outbound=outbound)
         registry = Registry(store, rollouts)
         await registry.start_watching()
         stack.push_async_callback(registry.stop_watching)
@@ -85,7 +87,7 @@ class RegistryService(App):
         exporter = MetricsExporter(self.settings.metrics_ports["registry"], rollout_snapshot(store))
         exporter.start()
         stack.push_async_callback(exporter.stop)
-        tools = Tools(store, secret_box(self.settings.secrets_key))
+        tools = Tools(store, secret_box(self.settings.secrets_key), outbound)
         self.keys = keys = Keys(store)
         if self.settings.bootstrap_admin_key_file is not None:
             await ensure_admin_key(keys, self.settings.bootstrap_admin_key_file)

@@ -13,6 +13,7 @@ from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
 from services.common.metric_spec import Direction
+from services.common.outbound import OutboundPolicy
 from services.common.paging import Page
 from services.registry import rollout_rules
 from services.registry.model import (
@@ -75,8 +76,8 @@ async def save(tx: RegistryTx, experiment: ExperimentRecord) -> ExperimentRecord
 
 class Experiments(RunDomain):
     def __init__(self, store: RegistryStore, notify: Notify, analyzer: ExperimentAnalyzer, *,
-                 clock: Clock | None = None) -> None:
-        super().__init__(store, notify, clock)
+                 clock: Clock | None = None, outbound: OutboundPolicy | None = None) -> None:
+        super().__init__(store, notify, clock, outbound)
         self._analyzer = analyzer
 
     async def list_experiments(
@@ -90,6 +91,7 @@ class Experiments(RunDomain):
     ) -> ExperimentRecord:
         now = self.clock.now()
         spec, traffic = rollout_rules.experiment_spec(endpoint, request, now)
+        await self.check_webhook(spec.webhook_url, "experiment.webhook_url")
         tenant = tenant_of(caller)
         async with self._store.tx() as tx:
             current = await tx.get_endpoint(tenant, endpoint, for_update=True)

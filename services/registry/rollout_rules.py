@@ -12,6 +12,7 @@ from corral.names import EndpointRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import InvalidArgument
 from services.common.metric_spec import MetricSpec
+from services.common.outbound import OutboundRefused, Target, parse_url
 from services.registry.rollout_model import (
     AnalysisConfig,
     AnalysisGate,
@@ -36,6 +37,7 @@ DEFAULT_INTERVAL_S = 30
 DEFAULT_MIN_SESSIONS = 100
 DEFAULT_ALPHA = 0.05
 DEFAULT_DRAIN_TIMEOUT_S = 3600
+MAX_WEBHOOK_URL_CHARS = 2048
 STEP_KINDS = "set_weight, pause, analysis, manual"
 
 
@@ -138,7 +140,7 @@ def rollout_spec(request: RolloutRequest) -> RolloutSpec:
         analysis=analysis,
         rollback_policy=request.rollback_policy or SessionPolicy.DRAIN,
         drain_timeout_s=int(request.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S),
-        webhook_url=request.webhook_url,
+        webhook_url=check_webhook_url(request.webhook_url, "rollout.webhook_url"),
     )
 
 
@@ -171,9 +173,25 @@ def experiment_spec(
         end_time=request.end_time,
         max_sessions=request.max_sessions,
         alpha=request.alpha or DEFAULT_ALPHA,
-        webhook_url=request.webhook_url,
+        webhook_url=check_webhook_url(request.webhook_url, "experiment.webhook_url"),
     )
     return spec, traffic
+
+
+def webhook_target(url: str, field: str) -> Target:
+    """Where a webhook URL points, as the outbound policy parses it."""
+    try:
+        return parse_url(url)
+    except OutboundRefused as exc:
+        raise InvalidArgument.field(field, str(exc), reason="DESTINATION_NOT_ALLOWED") from None
+
+
+def check_webhook_url(url: str, field: str) -> str:
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise InvalidArgument.field(field, f"must be at most {MAX_WEBHOOK_URL_CHARS} characters")
+    if url:
+        webhook_target(url, field)
+    return url
 
 
 def check_conclusion(winner: VersionRef | None, keep_control: bool) -> None:

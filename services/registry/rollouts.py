@@ -13,8 +13,10 @@ from services.common.clock import Clock, SystemClock
 from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
+from services.common.outbound import OutboundPolicy
 from services.common.paging import Page
 from services.registry import rollout_rules
+from services.registry.destinations import check_destination
 from services.registry.model import (
     EndpointRecord,
     Paging,
@@ -100,10 +102,17 @@ class RunDomain:
     """What the rollouts and experiments domains share: the store their runs live in, how a
     transition is announced once its transaction has committed, and the clock."""
 
-    def __init__(self, store: RegistryStore, notify: Notify, clock: Clock | None) -> None:
+    def __init__(self, store: RegistryStore, notify: Notify, clock: Clock | None,
+                 outbound: OutboundPolicy | None = None) -> None:
         self._store = store
         self._notify = notify
         self.clock = clock or SystemClock()
+        self._outbound = outbound or OutboundPolicy()
+
+    async def check_webhook(self, url: str, field: str) -> None:
+        """Refuses a webhook the outbound policy would never deliver to (INVALID_ARGUMENT)."""
+        if url:
+            await check_destination(self._outbound, rollout_rules.webhook_target(url, field), field)
 
     def announce(self, transition: Transition) -> None:
         """Announces a transition whose transaction has committed."""
@@ -112,8 +121,8 @@ class RunDomain:
 
 class Rollouts(RunDomain):
     def __init__(self, store: RegistryStore, notify: Notify, sessions: SessionRetirement,
-                 clock: Clock | None = None) -> None:
-        super().__init__(store, notify, clock)
+                 clock: Clock | None = None, *, outbound: OutboundPolicy | None = None) -> None:
+        super().__init__(store, notify, clock, outbound)
         self._sessions = sessions
         # Runs the controller's next tick now; the app points it at the controller.
         self.kick: Callable[[], None] = lambda: None
@@ -138,6 +147,7 @@ class Rollouts(RunDomain):
         candidate = request.candidate
         rollout_rules.check_candidate(endpoint, candidate)
         spec = rollout_rules.rollout_spec(request)
+        await self.check_webhook(spec.webhook_url, "rollout.webhook_url")
         tenant = tenant_of(caller)
         async with self._store.tx() as tx:
             current = await tx.get_endpoint(tenant, endpoint, for_update=True)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from services.common.errors import InvalidArgument
+from services.common.outbound import OutboundRefused, Target, parse_grpc, parse_url
 from services.registry.rules import update_paths
 from services.registry.tool_model import ToolChange, ToolDraft, ToolKind, ToolSpec
 
@@ -36,9 +37,17 @@ def check_address(kind: ToolKind, address: str, field: str) -> str:
         raise InvalidArgument.field(field, f"must be at most {MAX_ADDRESS_CHARS} characters, no spaces")
     if kind == "http":
         _check_url(address, field)
-    else:
-        _check_host_port(address, field)
+    destination(kind, address, field)  # a gRPC address: host:port, [IPv6]:port, dns:///host:port
     return address
+
+
+def destination(kind: ToolKind, address: str, field: str) -> Target:
+    """Where a tool's address points, as the outbound policy parses it (forms it does not
+    understand, such as gRPC's `ipv4:` or `unix:` targets, are refused)."""
+    try:
+        return parse_url(address) if kind == "http" else parse_grpc(address)
+    except OutboundRefused as exc:
+        raise InvalidArgument.field(field, str(exc), reason="DESTINATION_NOT_ALLOWED") from None
 
 
 def _check_url(address: str, field: str) -> None:
@@ -52,14 +61,6 @@ def _check_url(address: str, field: str) -> None:
     if url.username is not None or url.password is not None:
         # Credentials in a URL end up in logs and audit details; the secret field is encrypted.
         raise InvalidArgument.field(field, "must not carry user:password@; set the tool's secret instead")
-
-
-def _check_host_port(address: str, field: str) -> None:
-    if "://" in address:
-        raise InvalidArgument.field(field, f"{address!r}: a GRPC tool's address is host:port, not a URL")
-    host, sep, port = address.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument.field(field, f"{address!r} must be host:port with a port from 1 to 65535")
 
 
 def check_timeout(timeout_ns: int | None, field: str) -> int:

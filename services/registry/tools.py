@@ -11,8 +11,10 @@ from urllib.parse import urlsplit
 from corral.names import ToolRef
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from services.common.identity import Caller
+from services.common.outbound import OutboundPolicy
 from services.common.paging import Page
 from services.registry import tool_rules
+from services.registry.destinations import check_destination
 from services.registry.model import Paging, ToolStore, read_page
 from services.registry.secrets import SecretBox, SecretError
 from services.registry.tenancy import tenant_of
@@ -53,9 +55,16 @@ def _check_etag(current: ToolRecord, etag: str) -> None:
 
 
 class Tools:
-    def __init__(self, store: ToolStore, box: SecretBox | None) -> None:
+    def __init__(
+        self, store: ToolStore, box: SecretBox | None, outbound: OutboundPolicy | None = None
+    ) -> None:
         self._store = store
         self._box = box
+        self._outbound = outbound or OutboundPolicy()
+
+    async def _check_address(self, spec: ToolSpec) -> None:
+        target = tool_rules.destination(spec.kind, spec.address, "tool.address")
+        await check_destination(self._outbound, target, "tool.address")
 
     def _seal(self, tenant: str, tool: ToolRef, secret: str) -> bytes | None:
         if not secret:
@@ -69,6 +78,7 @@ class Tools:
     ) -> ToolRecord:
         tenant = tenant_of(who)
         sealed = self._seal(tenant, tool, secret)
+        await self._check_address(spec)
         async with self._store.tx() as tx:
             if request_id:
                 # Keyed by tenant too, so tenants cannot collide or probe each other's ids.
@@ -105,6 +115,8 @@ class Tools:
             _check_etag(current, etag)
             spec = tool_rules.merged_spec(current.spec, change)
             tool_rules.check_secret_stays(current.spec, spec, current.has_secret, change)
+            if (spec.kind, spec.address) != (current.spec.kind, current.spec.address):
+                await self._check_address(spec)
             sealed = current.secret_ciphertext
             if change.secret is not None:
                 sealed = self._seal(tenant, tool, change.secret)

@@ -1,5 +1,6 @@
 """Webhooks: a JSON POST per rollout or experiment transition, retried with tenacity, never
-blocking the controller (delivery runs in its own task)."""
+blocking the controller (delivery runs in its own task). Deliveries go only where the outbound
+policy allows, to the address it checked; redirects are not followed (a 3xx is a failed delivery)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from corral.names import EndpointRef
 from services.common.background import TaskSet
+from services.common.outbound import OutboundPolicy, OutboundRefused, Unresolved
+from services.common.outbound_http import pinned_client
 from services.registry.rollout_model import ExperimentRecord, Transition
 from services.registry.store.json_forms import JsonObject, evidence_json
 
@@ -26,7 +29,8 @@ EndpointWebhook = Callable[[str, EndpointRef], Awaitable[str]]
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code >= 500 or exc.response.status_code == 429
-    return isinstance(exc, httpx.TransportError)
+    # A name that does not resolve may resolve again; a refused address will not change.
+    return isinstance(exc, httpx.TransportError | Unresolved)
 
 
 def payload(t: Transition) -> JsonObject:
@@ -49,10 +53,10 @@ def payload(t: Transition) -> JsonObject:
 
 class WebhookNotifier:
     def __init__(
-        self, endpoint_webhook: EndpointWebhook | None = None, timeout_s: float = 5.0,
-        wait_max_s: float = 10.0,
+        self, outbound: OutboundPolicy, endpoint_webhook: EndpointWebhook | None = None,
+        timeout_s: float = 5.0, wait_max_s: float = 10.0,
     ) -> None:
-        self._client = httpx.AsyncClient(timeout=timeout_s)
+        self._client = pinned_client(outbound, timeout=timeout_s)
         self._deliveries = TaskSet("webhook delivery")
         self._wait_max_s = wait_max_s
         self._endpoint_webhook = endpoint_webhook
@@ -77,6 +81,8 @@ class WebhookNotifier:
                     response = await self._client.post(url, json=body)
                     response.raise_for_status()
             self.delivered += 1
+        except OutboundRefused as exc:
+            log.warning("webhook for %s (%s) not delivered: %s", t.run.name, t.event, exc)
         except Exception as exc:  # noqa: BLE001 - a failed page is logged, never fatal
             log.warning("webhook %s for %s (%s) failed: %s", url, t.run.name, t.event, exc)
 

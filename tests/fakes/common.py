@@ -1,12 +1,15 @@
 """What several services' fakes share: a clock that moves only when a test moves it, ids a test
-can predict, and keyset paging as the stores' SQL reads it."""
+can predict, keyset paging as the stores' SQL reads it, and DNS answers a test chooses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import ipaddress
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from services.common.outbound import IPAddress, Resolver
 from services.common.paging import Key
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -59,3 +62,23 @@ def keyset_page(
         bound = tuple(after)
         ordered = [r for r in ordered if (key(r) < bound if newest_first else key(r) > bound)]
     return ordered[:limit] if limit is not None else ordered
+
+
+class FakeResolver:
+    """DNS as a test wants it: names map to the addresses given (a name rebound to the metadata
+    server, a name with one good and one bad address); other names do not resolve, unless
+    `fallback` (the system's resolver, say) answers them. Counts the lookups it answers."""
+
+    def __init__(self, names: Mapping[str, Sequence[str]],
+                 fallback: Resolver | None = None) -> None:
+        self.names = {name: [ipaddress.ip_address(a) for a in addrs] for name, addrs in names.items()}
+        self.fallback = fallback
+        self.lookups: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> Sequence[IPAddress]:
+        self.lookups.append(host)
+        if host in self.names:
+            return self.names[host]
+        if self.fallback is not None:
+            return await self.fallback.resolve(host, port)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")

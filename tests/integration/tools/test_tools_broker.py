@@ -23,6 +23,7 @@ from opentelemetry.trace import StatusCode
 from corral.registry.v1 import tools_pb2 as pb
 from corral.tools.v1 import tools_pb2 as tool_api
 from corral.tools.v1 import tools_pb2_grpc as tool_api_grpc
+from services.common.outbound import OutboundPolicy, SystemResolver
 from services.executor.clients import RegistryToolResolver
 from services.executor.model import (
     NOT_FOUND,
@@ -36,10 +37,12 @@ from services.executor.model import (
 from services.executor.tool_transport import ToolTransport
 from services.executor.tools import TOOL_ATTR, ToolBroker
 from tests import harness
+from tests.fakes.common import FakeResolver
 from tests.fakes.executor import FixedTokens
 from tests.tool_registry import SECRET, TOKEN, Registry, seconds
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+REBOUND = {"metadata.test": ["169.254.169.254"]}
 
 
 # -- the broker against real tools -------------------------------------------------------------
@@ -161,7 +164,9 @@ async def tools(registry: Registry) -> AsyncIterator[Tools]:
     await registry.create("impatient", address=f"{base}/slow", timeout=seconds(0.2))
     await registry.create("broken", SECRET, address=f"{base}/broken")
     await registry.create("echo", SECRET, address=f"{base}/echo")
-    await registry.create("metadata", address="http://169.254.169.254/latest/meta-data")
+    # Not resolvable when it is registered; by the time it is called, it resolves to the cloud
+    # metadata address (as a rebinding DNS server would answer).
+    await registry.create("metadata", address="http://metadata.test/latest/meta-data")
     await registry.create("refused", address=f"http://{harness.refused_address()}/x")
     await registry.create("rpc", SECRET, kind=pb.TOOL_KIND_GRPC, address=f"127.0.0.1:{grpc_port}")
     await registry.create("rpc_refused", kind=pb.TOOL_KIND_GRPC, address=harness.refused_address())
@@ -169,8 +174,9 @@ async def tools(registry: Registry) -> AsyncIterator[Tools]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     resolver = CountingResolver(RegistryToolResolver(registry.settings.for_service("executor")))
-    broker = ToolBroker(resolver=resolver, transport=ToolTransport.from_settings(registry.settings),
-                        tracer=provider.get_tracer("test"))
+    transport = ToolTransport(registry.settings.executor.max_payload_bytes, OutboundPolicy(
+        registry.settings.outbound_allow, resolver=FakeResolver(REBOUND, fallback=SystemResolver())))
+    broker = ToolBroker(resolver=resolver, transport=transport, tracer=provider.get_tracer("test"))
     try:
         yield Tools(registry, broker, resolver, exporter, http_seen, grpc_seen)
     finally:
@@ -285,14 +291,17 @@ async def test_link_local_and_unallowed_loopback_addresses_are_refused(
     outcome = await tools.call("metadata")
     assert outcome.error_code == PERMISSION_DENIED and "169.254.169.254" in outcome.error
     strict = ToolBroker(resolver=tools.resolver, transport=ToolTransport.from_settings(
-        dataclasses.replace(registry.settings, executor=dataclasses.replace(
-            registry.settings.executor, tools_allow_loopback=False))))
+        dataclasses.replace(registry.settings, outbound_allow=())))
     try:
-        outcome = await strict.call(
-            tenant=registry.tenant, tool="web", allowed=("web",), tokens=FixedTokens(TOKEN), payload=b"{}",
-            content_type="application/json", timeout_s=None, deadline=time.time() + 10,
-            attributes={}, context=None)
+        for tool in ("web", "rpc"):
+            outcome = await strict.call(
+                tenant=registry.tenant, tool=tool, allowed=(tool,), tokens=FixedTokens(TOKEN),
+                payload=b"{}", content_type="application/json", timeout_s=None,
+                deadline=time.time() + 10, attributes={}, context=None)
+            assert outcome.error_code == PERMISSION_DENIED, outcome
+            assert "127.0.0.1, a loopback address" in outcome.error
+            assert "CORRAL_OUTBOUND_ALLOW" in outcome.error
     finally:
         await strict.close()
-    assert outcome.error_code == PERMISSION_DENIED and "CORRAL_TOOLS_ALLOW_LOOPBACK" in outcome.error
-    assert tools.http.requests == []
+    # The loopback listeners were never connected to: nothing reached either tool.
+    assert tools.http.requests == [] and tools.grpc.requests == []
