@@ -18,12 +18,49 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
+Wrap: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrapped(handler: Handler, unary: Wrap, streaming: Wrap) -> Handler:
+    """`handler` with its behaviour wrapped: by `unary` when it answers once, by `streaming`
+    when it streams its answers."""
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, unary),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, streaming),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, streaming),
+    )
+    for behavior, method_handler, wrap in kinds:
+        if behavior:
+            return method_handler(
+                wrap(behavior), handler.request_deserializer, handler.response_serializer
+            )
+    return handler
+
+
+class WrappedHandlers:
+    """An interceptor's wrapped handler per method, made on the method's first call: the
+    server's handlers do not change, and wrapping them on every call costs each call."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[Handler, Handler]] = {}
+
+    def get(self, method: str, handler: Handler, wrap: Callable[[], Handler]) -> Handler:
+        known = self._by_method.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = wrap()
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors to status codes, forwards downstream gRPC errors, and turns anything
     unexpected into INTERNAL (logged with its traceback) instead of UNKNOWN."""
 
     def __init__(self, domain: str) -> None:
         self._domain = domain
+        self._wrapped = WrappedHandlers()
 
     async def _fail(self, exc: Exception, context: Context, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
@@ -49,6 +86,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        return self._wrapped.get(method, handler, lambda: self._wrap(handler, method))
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         fail = self._fail
 
         # Cancellation is a BaseException and passes through; everything else is mapped here,
@@ -72,18 +112,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return run
 
-        kinds = (
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, unary),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, streaming),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, streaming),
-        )
-        for behavior, method_handler, wrap in kinds:
-            if behavior:
-                return method_handler(
-                    wrap(behavior), handler.request_deserializer, handler.response_serializer
-                )
-        return handler
+        return rewrapped(handler, unary, streaming)
 
 
 _closing = TaskSet("closing a finished stream")

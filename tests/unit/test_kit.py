@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 import grpc
 import pytest
 
 from corral import names
 from services.common.errors import Aborted, CorralError, InvalidArgument, NotFound
+from services.common.interceptors import Handler, WrappedHandlers
 from services.common.paging import PageQuery
 from services.common.status import STATUS_CODES, domain_error, status_code
 
@@ -114,3 +117,23 @@ def test_page_sizes() -> None:
 def test_not_a_domain_error() -> None:
     assert domain_error(ValueError("x")) is None
     assert isinstance(domain_error(NotFound("gone")), NotFound)
+
+
+def test_an_interceptor_wraps_each_methods_handler_once() -> None:
+    """Wrapping a handler on every call would cost every call: the wrapped handler is kept per
+    method, and made again only if the server hands out another handler for it."""
+    wrapped = WrappedHandlers()
+    made: list[str] = []
+
+    def wrap(name: str) -> Callable[[], Handler]:
+        def make() -> Handler:
+            made.append(name)
+            return cast(Handler, object())
+
+        return make
+
+    first, second = cast(Handler, object()), cast(Handler, object())
+    a = wrapped.get("/s/M", first, wrap("first"))
+    assert wrapped.get("/s/M", first, wrap("again")) is a
+    assert wrapped.get("/s/M", second, wrap("second")) is not a
+    assert made == ["first", "second"]

@@ -21,7 +21,7 @@ from services.common.auth.oidc import looks_like_jwt
 from services.common.auth.principal import Principal, check_name
 from services.common.auth.verify import CredentialVerifier
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from services.common.interceptors import Context, Handler
+from services.common.interceptors import Context, Handler, WrappedHandlers, rewrapped
 from services.common.settings import SERVICES
 
 AUTHORIZATION = "authorization"
@@ -109,6 +109,7 @@ def authorize(access: Access, verified: identity.Verified, peer: str | None, met
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._authenticator = authenticator
+        self._wrapped = WrappedHandlers()
 
     async def _enter(self, context: Context, access: Access, method: str) -> Any:
         pairs = [(k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
@@ -131,6 +132,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        return self._wrapped.get(method, handler, lambda: self._wrap(handler, method))
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         # A method missing from the table (the host refuses to start with one) is no one's.
         access = access_for(method) or Access()
         if access.open:
@@ -158,15 +162,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return run
 
-        kinds = (
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, unary),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, streaming),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, streaming),
-        )
-        for behavior, method_handler, wrap in kinds:
-            if behavior:
-                return method_handler(
-                    wrap(behavior), handler.request_deserializer, handler.response_serializer
-                )
-        return handler
+        return rewrapped(handler, unary, streaming)
