@@ -31,6 +31,8 @@ def normalize_split(shares: Iterable[tuple[int, float]]) -> tuple[TrafficShare, 
             raise InvalidArgument.field(f"{field}.version", f"version {version} appears twice")
         if not math.isfinite(percent):
             raise InvalidArgument.field(f"{field}.percent", f"{percent} is not a number between 0 and 100")
+        if abs(percent) > BASIS_POINTS:  # far out of range: percent * 100 could be infinite
+            raise InvalidArgument.field(f"{field}.percent", f"{percent:g} must be > 0 and <= 100")
         bp = round(percent * 100)
         if abs(bp - percent * 100) > 1e-6:
             raise InvalidArgument.field(f"{field}.percent", f"{percent} has more than two decimals")

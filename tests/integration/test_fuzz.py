@@ -1,0 +1,178 @@
+"""Every method of every service, sent hostile input generated from the proto descriptors
+(tests/fuzz.py): each must answer with a status a client can act on — never UNKNOWN or INTERNAL —
+with a message short enough to read, and a refused call must store nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf.descriptor import MethodDescriptor
+
+from services.common.auth.methods import access_for
+from services.common.server import ServiceHost
+from tests.credentials import internal_channel, public_channel
+from tests.fuzz import Case, cases_for, method_path, methods_of
+from tests.mesh import Mesh
+
+pytestmark = pytest.mark.timeout(600)
+
+log = logging.getLogger(__name__)
+
+ACCEPTABLE = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ABORTED,
+}
+# An error message a client can read: the ~200 bytes of input it may quote, and its own words.
+MAX_MESSAGE_BYTES = 320
+CONCURRENCY = 8
+
+# A unary call must answer; a response stream (a watch) may still be open when the test stops
+# reading, which is fine.
+UNARY_DEADLINE_S = 30.0
+STREAM_READ_S = 3.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    method: str
+    case: str
+    code: grpc.StatusCode
+    details: str
+
+
+def _target(mesh: Mesh, host: ServiceHost, path: str) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """The channel and metadata a caller allowed to call `path` uses: an admin of the test's
+    tenant on the public port, or, for an internal method, a service allowed to call it."""
+    access = access_for(path)
+    assert access is not None, path
+    if access.role is not None or access.open or access.any_principal:
+        return public_channel(host.address, mesh.tenant, "fuzzer", "admin"), ()
+    as_service = min(access.services)
+    channel = internal_channel(mesh.settings, host.name, as_service)
+    return channel, (("x-corral-tenant", mesh.tenant),)
+
+
+async def _send(
+    channel: grpc.aio.Channel, method: MethodDescriptor, case: Case, metadata: tuple[tuple[str, str], ...]
+) -> tuple[grpc.StatusCode, str]:
+    """Sends `case`'s bytes as they are (identity serializers) and returns the final status."""
+    path = method_path(method)
+    # Bytes as they are: the multicallables without serializers send and return bytes.
+    raw: Any = channel
+    try:
+        if not method.client_streaming and not method.server_streaming:
+            await raw.unary_unary(path)(
+                case.messages[0], metadata=metadata, timeout=UNARY_DEADLINE_S
+            )
+        elif method.client_streaming and not method.server_streaming:
+            await raw.stream_unary(path)(
+                iter(case.messages), metadata=metadata, timeout=UNARY_DEADLINE_S
+            )
+        else:
+            if method.client_streaming:
+                call = raw.stream_stream(path)(iter(case.messages), metadata=metadata)
+            else:
+                call = raw.unary_stream(path)(case.messages[0], metadata=metadata)
+            try:
+                async with asyncio.timeout(STREAM_READ_S):
+                    async for _ in call:
+                        pass
+            except TimeoutError:
+                call.cancel()
+                return grpc.StatusCode.OK, "still streaming"
+        return grpc.StatusCode.OK, ""
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+
+
+async def _row_counts(database_url: str) -> dict[str, int]:
+    """Rows in every table of every schema the services made."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_type = 'BASE TABLE' "
+            "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+        )
+        if not tables:
+            return {}
+        query = " UNION ALL ".join(
+            f"SELECT '{t['table_schema']}.{t['table_name']}' AS t, count(*) AS n "
+            f'FROM "{t["table_schema"]}"."{t["table_name"]}"'
+            for t in tables
+        )
+        return {r["t"]: r["n"] for r in await conn.fetch(query)}
+    finally:
+        await conn.close()
+
+
+def _methods(mesh: Mesh) -> list[tuple[ServiceHost, MethodDescriptor]]:
+    return [
+        (host, method)
+        for host in mesh.hosts.values()
+        for method in methods_of(host._services)
+    ]
+
+
+async def _fuzz_method(
+    mesh: Mesh, host: ServiceHost, method: MethodDescriptor, limit: asyncio.Semaphore
+) -> list[Answer]:
+    path = method_path(method)
+    channel, metadata = _target(mesh, host, path)
+
+    async def one(case: Case) -> Answer:
+        async with limit:
+            code, details = await _send(channel, method, case, metadata)
+        return Answer(path, case.what, code, details)
+
+    try:
+        return list(await asyncio.gather(*(one(c) for c in cases_for(method))))
+    finally:
+        await channel.close()
+
+
+async def test_every_method_answers_hostile_input_with_a_status_a_client_can_act_on(
+    mesh: Mesh,
+) -> None:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    wrong: list[str] = []
+    unread: list[str] = []
+    stored: list[str] = []
+    calls = 0
+    database_url = mesh.settings.database_url
+    assert database_url is not None
+    for host, method in _methods(mesh):
+        before = await _row_counts(database_url)
+        answers = await _fuzz_method(mesh, host, method, limit)
+        after = await _row_counts(database_url)
+        calls += len(answers)
+        for a in answers:
+            if a.code not in ACCEPTABLE:
+                wrong.append(f"{a.method} [{a.case}] -> {a.code.name}: {a.details[:200]}")
+            if len(a.details.encode()) > MAX_MESSAGE_BYTES:
+                unread.append(f"{a.method} [{a.case}] -> {len(a.details.encode())} bytes: {a.details[:100]}")
+        accepted = [a.case for a in answers if a.code == grpc.StatusCode.OK]
+        changed = {t: (before.get(t, 0), n) for t, n in after.items() if before.get(t, 0) != n}
+        if changed and not accepted:
+            stored.append(f"{method_path(method)}: every call refused, yet rows changed {changed}")
+    log.info("sent %d hostile calls", calls)
+    assert calls > 1000
+    assert not wrong, f"{len(wrong)} calls ended UNKNOWN/INTERNAL/other:\n" + "\n".join(wrong[:80])
+    assert not unread, f"{len(unread)} error messages too long:\n" + "\n".join(unread[:40])
+    assert not stored, "\n".join(stored)
+
+
