@@ -35,6 +35,15 @@ from services.router.routing import bucket, choose
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTENT_TYPE = "application/json"
+# The executor's reasons for a version that could not start at all: a session created for the
+# turn that met one of them has nothing in it and is deleted rather than left ACTIVE.
+START_FAILURES = frozenset({
+    "AGENT_LOAD_ERROR",
+    "SANDBOX_START_FAILED",
+    "SANDBOX_START_TIMEOUT",
+    "SANDBOX_PROTOCOL",
+    "DIGEST_MISMATCH",
+})
 
 
 def check_target(target: Target) -> None:
@@ -167,9 +176,23 @@ class Router:
         )
         # Closing this generator (the caller went away) closes the execution's, which ends the
         # execution too, rather than letting it run on and commit its turn.
-        async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
-            async for event in events:
-                yield invocation, event
+        try:
+            async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
+                async for event in events:
+                    yield invocation, event
+        except CorralError as exc:
+            if resolved.new_session and exc.reason in START_FAILURES:
+                await self._abandon(caller, resolved.pin.session)
+            raise
+
+    async def _abandon(self, caller: Caller, session: SessionRef) -> None:
+        """Deletes a session created for a turn whose version could not start. The turn's own
+        error is what the caller needs, so a failure here is only logged."""
+        self.pins.forget(caller.tenant, session)
+        try:
+            await self._sessions.delete(caller, session)
+        except CorralError as exc:
+            log.warning("could not delete %s after its version failed to start: %s", session.name, exc)
 
     async def stop_session(self, caller: Caller, session: SessionRef) -> None:
         await self._sessions.stop(caller, session)

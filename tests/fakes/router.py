@@ -59,6 +59,11 @@ class FakeSessions:
             pin, ended=router_model.SessionEnd.STOPPED
         )
 
+    async def delete(self, caller: Caller, session: SessionRef) -> None:
+        if self._owned(caller, session, Access.WRITE) is None:
+            raise NotFound(f"{session.name} not found")
+        del self.pins[caller.tenant, session]
+
 
 class FakeRegistry:
     """The router's RegistryClient over a dict of published versions."""
