@@ -146,16 +146,55 @@ def _message(descriptor: Descriptor) -> Message:
     return message
 
 
+# Fields whose plausible value is not empty, by message and field name (or field name alone);
+# `seed` adds the digests of what a test published.
+_PLAUSIBLE: dict[str, object] = {
+    "MetricSpec.name": "latency_p95",
+    "TrafficTarget.percent": 100.0,
+    "payload": b"{}",
+    "content_type": "application/json",
+    "score_name": "accuracy",
+    "value": 0.5,
+    "role": "viewer",
+    "display_name": "fuzz",
+    "address": "https://tools.example.com/fz",
+    "trace_id": "0af7651916cd43dd8448eb211c80319c",
+    "span_id": "b7ad6b7169203331",
+    "RevokeKeyRequest.name": "fuzz",
+}
+
+
+def seed(parts: dict[str, str], values: dict[str, object]) -> None:
+    """Makes plausible messages name what a test made (an agent, its endpoint, a session, a
+    tool), so that one hostile field meets the code behind the names, not a NOT_FOUND."""
+    _PARTS.update(parts)
+    _PLAUSIBLE.update(values)
+    _resource_patterns.cache_clear()
+
+
 def _fill(message: Message, depth: int) -> None:
     for field in message.DESCRIPTOR.fields:
-        if field.is_repeated or field.containing_oneof is not None:
+        if field.containing_oneof is not None and not field.containing_oneof.name.startswith("_"):
+            continue  # one member of a real oneof is set below, if any
+        known = _PLAUSIBLE.get(f"{message.DESCRIPTOR.name}.{field.name}", _PLAUSIBLE.get(field.name))
+        if field.is_repeated:
+            if field.message_type is not None and depth > 0 and not field.message_type.GetOptions().map_entry and field.message_type.full_name.startswith("corral."):
+                _fill(getattr(message, field.name).add(), depth - 1)
             continue
         if field.type == FieldDescriptor.TYPE_STRING:
             example = _example_name(field)
-            if example is not None:
+            if isinstance(known, str):
+                setattr(message, field.name, known)
+            elif example is not None:
                 setattr(message, field.name, example)
+            elif isinstance(known, str):
+                setattr(message, field.name, known)
             elif field.name.endswith("_id"):
                 setattr(message, field.name, "fz1")
+        elif known is not None and type(known) is type(getattr(message, field.name)):
+            setattr(message, field.name, known)
+        elif field.type == FieldDescriptor.TYPE_ENUM and len(field.enum_type.values) > 1:
+            setattr(message, field.name, field.enum_type.values[1].number)
         elif field.message_type is not None and depth > 0 and field.message_type.full_name.startswith("corral."):
             _fill(getattr(message, field.name), depth - 1)
 

@@ -1,6 +1,7 @@
 """The server interceptor that judges a request's bytes before any handler sees them: bytes that
-do not parse as the method's message, and strings no store can keep (NUL characters), are the
-caller's error, INVALID_ARGUMENT, on every method and every message of a request stream."""
+do not parse as the method's message, strings no store can keep (NUL characters) and numbers
+that are no value of their enum are the caller's error, INVALID_ARGUMENT naming the field, on
+every method and every message of a request stream."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common.errors import InvalidArgument
@@ -23,38 +25,46 @@ class _Undecodable:
         self.error = error
 
 
-def nul_field(message: Message, prefix: str = "") -> str | None:
-    """The path of the first string in `message` (at any depth, map keys included) that holds a
-    NUL character, which neither PostgreSQL text nor JSON columns can store; None if there is
-    none."""
+def refused_field(message: Message, prefix: str = "") -> tuple[str, str] | None:
+    """The first field of `message` (at any depth, map keys included) that no request may carry,
+    as (path, what is wrong): a string with a NUL character, which neither PostgreSQL text nor
+    JSON columns can store, or a number that is none of the values of a Corral enum (proto3 keeps
+    unknown numbers, and code that maps them would fail). None if there is none."""
     for field, value in message.ListFields():
         path = f"{prefix}{field.name}"
         entry = field.message_type
         if entry is not None and entry.GetOptions().map_entry:
-            nested = entry.fields_by_name["value"].message_type is not None
+            value_field = entry.fields_by_name["value"]
             for key, item in value.items():
                 if isinstance(key, str) and "\0" in key:
-                    return f"{path} (a key)"
-                found = _nul_in(item, f"{path}[{key!r}]", nested)
+                    return f"{path} (a key)", _NUL
+                found = _refused_value(value_field, item, f"{path}[{key!r}]")
                 if found:
                     return found
         elif field.is_repeated:
             for i, item in enumerate(value):
-                found = _nul_in(item, f"{path}[{i}]", entry is not None)
+                found = _refused_value(field, item, f"{path}[{i}]")
                 if found:
                     return found
         else:
-            found = _nul_in(value, path, entry is not None)
+            found = _refused_value(field, value, path)
             if found:
                 return found
     return None
 
 
-def _nul_in(value: Any, path: str, is_message: bool) -> str | None:
-    if is_message:
-        return nul_field(value, f"{path}.")
-    if isinstance(value, str) and "\0" in value:
-        return path
+_NUL = "contains a NUL character (U+0000), which no field accepts"
+
+
+def _refused_value(field: FieldDescriptor, value: Any, path: str) -> tuple[str, str] | None:
+    if field.message_type is not None:
+        return refused_field(value, f"{path}.")
+    if isinstance(value, str):
+        return (path, _NUL) if "\0" in value else None
+    enum = field.enum_type
+    if enum is not None and enum.full_name.startswith("corral.") and value not in enum.values_by_number:
+        known = ", ".join(v.name for v in enum.values if v.number)
+        return path, f"{value} is not a {enum.name}; use one of {known}"
     return None
 
 
@@ -78,11 +88,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
                     reason="MALFORMED_REQUEST",
                 )
             )
-        field = nul_field(message) if isinstance(message, Message) else None
-        if field is not None:
-            return _Undecodable(
-                InvalidArgument.field(field, "contains a NUL character (U+0000), which no field accepts")
-            )
+        refused = refused_field(message) if isinstance(message, Message) else None
+        if refused is not None:
+            return _Undecodable(InvalidArgument.field(*refused))
         return message
 
     return decode
@@ -93,8 +101,9 @@ def _refuse(undecodable: _Undecodable) -> InvalidArgument:
 
 
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses request bytes that do not parse as the method's message, or that carry a NUL in a
-    string, with INVALID_ARGUMENT: for unary requests and for every message of a request stream.
+    """Refuses request bytes that do not parse as the method's message, or that carry a field
+    refused_field names, with INVALID_ARGUMENT: for unary requests and for every message of a
+    request stream.
     Installed after the authentication, so an anonymous caller learns nothing but that it must
     authenticate."""
 

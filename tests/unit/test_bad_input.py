@@ -7,10 +7,12 @@ from datetime import timedelta
 
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from corral import names
 from corral.registry.v1 import keys_pb2, registry_pb2
-from services.common.decoding import nul_field
+from corral.telemetry.v1 import telemetry_pb2
+from services.common.decoding import refused_field
 from services.common.errors import MAX_MESSAGE, InvalidArgument, bounded, quoted
 from services.common.status import to_status
 from services.common.timestamps import checked_duration, optional_time
@@ -97,6 +99,11 @@ def test_a_good_duration_is_a_timedelta() -> None:
     assert checked_duration(keys_pb2.Key(), "ttl") is None
 
 
+def nul_field(message: Message) -> str | None:
+    refused = refused_field(message)
+    return refused[0] if refused is not None else None
+
+
 def test_nul_characters_are_found_at_any_depth() -> None:
     assert nul_field(registry_pb2.CreateAgentRequest(agent_id="ok")) is None
     assert nul_field(registry_pb2.CreateAgentRequest(agent_id="a\0b")) == "agent_id"
@@ -113,3 +120,18 @@ def test_nul_characters_are_found_at_any_depth() -> None:
     keyed = struct_pb2.Struct()
     keyed.update({"k\0": 1})
     assert nul_field(keyed) == "fields (a key)"
+
+
+def test_a_number_that_is_no_value_of_its_enum_is_refused_naming_the_field() -> None:
+    request = telemetry_pb2.CompareVersionsRequest(
+        metrics=[telemetry_pb2.MetricSpec(
+            name="latency_p95", direction=telemetry_pb2.METRIC_DIRECTION_HIGHER_IS_BETTER
+        )]
+    )
+    assert refused_field(request) is None
+    request.metrics[0].direction = 999  # type: ignore[assignment]
+    refused = refused_field(request)
+    assert refused is not None
+    field, description = refused
+    assert field == "metrics[0].direction"
+    assert "999 is not a MetricDirection" in description and "HIGHER_IS_BETTER" in description
