@@ -22,6 +22,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 MB = 1024 * 1024
 BIG_STRING = "a" * MB
+MEDIUM_STRING = "b" * 64 * 1024
 BIG_BYTES = b"\x00" * (5 * MB)
 # Values of a page token: garbage, numbers a JSON parser reads as huge or infinite, the wrong
 # types, and a well-formed token of another query.
@@ -193,7 +194,7 @@ def _fill(message: Message, depth: int) -> None:
                 setattr(message, field.name, "fz1")
         elif known is not None and type(known) is type(getattr(message, field.name)):
             setattr(message, field.name, known)
-        elif field.type == FieldDescriptor.TYPE_ENUM and len(field.enum_type.values) > 1:
+        elif field.enum_type is not None and len(field.enum_type.values) > 1:
             setattr(message, field.name, field.enum_type.values[1].number)
         elif field.message_type is not None and depth > 0 and field.message_type.full_name.startswith("corral."):
             _fill(getattr(message, field.name), depth - 1)
@@ -208,6 +209,7 @@ def _hostile_values(field: FieldDescriptor, budget: bool) -> Iterator[tuple[str,
         if name in ("name", "parent") or name.endswith(("_name", "version", "agent", "session")):
             yield from ((f"name {n[:30]!r}", n) for n in RESOURCE_NAMES)
         yield from ((f"string {s[:10]!r}", s) for s in STRINGS)
+        yield "64 KiB string", MEDIUM_STRING
         if budget:
             yield "1 MB string", BIG_STRING
     elif field.type == FieldDescriptor.TYPE_BYTES:
@@ -366,4 +368,32 @@ def cases_for(method: MethodDescriptor) -> list[Case]:
     cases.append(Case("a message then garbage bytes", (first, b"\xff\xff\xff")))
     for what, raw in singles[: len(singles) // 2]:
         cases.append(Case(f"twice: {what}", (raw, raw)))
+    # The kinds of message a stream takes (the members of its oneof), in the wrong orders: the
+    # second kind first, the first kind twice, the first kind after the second.
+    kinds = _oneof_members(descriptor)
+    if len(kinds) >= 2:
+        (a_name, a), (b_name, b) = kinds[:2]
+        cases += [
+            Case(f"{b_name} before any {a_name}", (b, b)),
+            Case(f"{a_name} twice", (a, a, b)),
+            Case(f"{a_name}, {b_name}, then {a_name} again", (a, b, a)),
+            Case(f"{a_name}, then an empty message", (a, b"")),
+        ]
     return cases
+
+
+def _oneof_members(descriptor: Descriptor) -> list[tuple[str, bytes]]:
+    """A plausible message of `descriptor` with each member of its first oneof set in turn."""
+    oneofs = [o for o in descriptor.oneofs if not o.name.startswith("_")]
+    if not oneofs:
+        return []
+    members = []
+    for field in oneofs[0].fields:
+        message = _message(descriptor)
+        if field.message_type is not None:
+            _fill(getattr(message, field.name), depth=1)
+            getattr(message, field.name).SetInParent()
+        elif field.type == FieldDescriptor.TYPE_BYTES:
+            setattr(message, field.name, b"chunk")
+        members.append((field.name, message.SerializeToString()))
+    return members

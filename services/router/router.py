@@ -35,6 +35,7 @@ from services.router.routing import bucket, choose
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTENT_TYPE = "application/json"
+MAX_CONTENT_TYPE_CHARS = 255
 # The executor's reasons for a version that could not start at all: a session created for the
 # turn that met one of them has nothing in it and is deleted rather than left ACTIVE.
 START_FAILURES = frozenset({
@@ -170,6 +171,11 @@ class Router:
         """Runs one turn: resolves its session, then streams the execution's events, each with
         the invocation it belongs to."""
         self.check_payload(payload)
+        if len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            raise InvalidArgument.field(
+                "content_type", f"{len(content_type)} characters is over the limit of "
+                f"{MAX_CONTENT_TYPE_CHARS}; send a media type such as application/json",
+            )
         resolved = await self.resolve(caller, target)
         invocation = Invocation(
             resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE

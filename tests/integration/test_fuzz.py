@@ -18,7 +18,6 @@ from google.protobuf.descriptor import MethodDescriptor
 from corral.registry.v1 import registry_pb2 as reg
 from services.common.auth.methods import access_for
 from services.common.server import ServiceHost
-from tests.bundles import BEHAVIOUR
 from tests.credentials import internal_channel, public_channel
 from tests.fuzz import Case, cases_for, method_path, methods_of, seed
 from tests.mesh import Mesh
@@ -47,6 +46,20 @@ CONCURRENCY = 8
 # reading, which is fine.
 UNARY_DEADLINE_S = 30.0
 STREAM_READ_S = 3.0
+
+
+# The agent the plausible messages name: whatever payload it gets, it answers, so that an
+# INTERNAL from an invocation is the platform's failure, not the agent's own exception.
+ANSWERS_ANYTHING = """
+from corral.sdk import App
+
+app = App()
+
+
+@app.entrypoint
+def run(payload, ctx):
+    yield "ok"
+"""
 
 
 @dataclass(frozen=True)
@@ -151,13 +164,13 @@ async def _fuzz_method(
 async def _seed(mesh: Mesh) -> None:
     """An agent with a version, an endpoint routing to it and a session, for the plausible
     messages to name: a hostile field then meets the code behind the names."""
-    agent = await mesh.publish_agent("fz", BEHAVIOUR)
-    await mesh.publish_agent("fz", BEHAVIOUR + "\n# version 2\n")
+    agent = await mesh.publish_agent("fz", ANSWERS_ANYTHING)
+    await mesh.publish_agent("fz", ANSWERS_ANYTHING + "\n# version 2\n")
     version = await mesh.registry.GetVersion(
         reg.GetVersionRequest(name=f"agents/{agent}/versions/1"), metadata=mesh.me
     )
     await mesh.set_split(agent, "prod", [(1, 100.0)])
-    await mesh.invoke(agent, {"mode": "echo"}, session_id="fz-session")
+    await mesh.invoke(agent, {}, session_id="fz-session")
     digest = version.digest
     seed(
         {"agent": agent, "session": "fz-session", "endpoint": "prod"},
