@@ -216,3 +216,43 @@ async def test_every_method_answers_hostile_input_with_a_status_a_client_can_act
     assert not stored, "\n".join(stored)
 
 
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("authorization", "Bearer " + "x" * 7000),
+        ("authorization", "Bearer crl_" + "y" * 7000),
+        ("authorization", "Bearer eyJ" + "a" * 3000 + "." + "b" * 3000 + ".c"),
+        ("authorization", "Basic " + "z" * 7000),
+    ],
+)
+async def test_a_huge_credential_is_refused_with_a_short_message(
+    mesh: Mesh, header: str, value: str
+) -> None:
+    host = mesh.hosts["registry"]
+    channel = public_channel(host.address, mesh.tenant)
+    try:
+        call: Any = channel.unary_unary("/corral.registry.v1.RegistryService/ListAgents")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(b"", metadata=((header, value),), timeout=10)
+    finally:
+        await channel.close()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len((info.value.details() or "").encode()) <= MAX_MESSAGE_BYTES
+
+
+async def test_a_huge_tenant_header_from_a_service_is_refused_with_a_short_message(
+    mesh: Mesh,
+) -> None:
+    host = mesh.hosts["sessions"]
+    channel = internal_channel(mesh.settings, "sessions", "executor")
+    try:
+        call: Any = channel.unary_unary("/corral.sessions.v1.SessionsService/AcquireLease")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(b"", metadata=(("x-corral-tenant", "t" * 7000),), timeout=10)
+    finally:
+        await channel.close()
+    assert host.name == "sessions"
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len((info.value.details() or "").encode()) <= MAX_MESSAGE_BYTES
