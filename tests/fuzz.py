@@ -323,10 +323,10 @@ def _field_cases(
 
 def message_cases(descriptor: Descriptor) -> list[tuple[str, bytes]]:
     """The hostile messages of one type: empty, plausible, and plausible but for one field at a
-    time (two levels deep)."""
+    time (three levels deep)."""
     cases = [("empty message", b""), ("plausible message", _message(descriptor).SerializeToString())]
     for what, message in _field_cases(
-        descriptor, descriptor, (), 2, {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES}
+        descriptor, descriptor, (), 3, {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES}
     ):
         cases.append((what, message.SerializeToString()))
     return cases
