@@ -14,6 +14,7 @@ from services.registry.rollout_model import TrafficTarget
 
 DEFAULT_ENDPOINT = "DEFAULT"
 ENDPOINT_FIELDS = ("traffic", "description")
+MAX_ENDPOINT_DESCRIPTION_CHARS = 1024
 
 
 # -- traffic -----------------------------------------------------------------------------------
@@ -166,3 +167,13 @@ class BundleUpload:
             pass  # not a tar: the registry's own checks report that, with the rest
         return header, data
 
+
+
+def endpoint_description(text: str) -> str:
+    """An endpoint's description, refused when it is longer than people read."""
+    if len(text) > MAX_ENDPOINT_DESCRIPTION_CHARS:
+        raise InvalidArgument.field(
+            "endpoint.description",
+            f"{len(text)} characters is over the limit of {MAX_ENDPOINT_DESCRIPTION_CHARS}",
+        )
+    return text
