@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,13 +15,18 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from corral.registry.v1 import registry_pb2 as reg
+from corral.telemetry.v1 import telemetry_pb2 as tel
+from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.auth.methods import access_for
 from services.common.server import ServiceHost
+from services.telemetry import otlp
 from tests.credentials import internal_channel, public_channel
-from tests.fuzz import Case, cases_for, method_path, methods_of, seed
+from tests.fuzz import MB, Case, cases_for, method_path, methods_of, seed
 from tests.mesh import Mesh
+from tests.otlp import export_request, otlp_span
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -269,3 +275,27 @@ async def test_a_huge_tenant_header_from_a_service_is_refused_with_a_short_messa
     assert host.name == "sessions"
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert len((info.value.details() or "").encode()) <= MAX_MESSAGE_BYTES
+
+
+async def test_an_exported_span_keeps_only_bounded_attributes(mesh: Mesh) -> None:
+    """OTLP Export once stored a 5 MB attribute: what a span carries is cut to the bounds."""
+    host = mesh.hosts["telemetry"]
+    channel = public_channel(host.address, mesh.tenant, "fuzzer", "admin")
+    trace = int.from_bytes(os.urandom(16), "big")
+    huge = {"name": "n" * MB, "big": "x" * (5 * MB), "k" * 10_000: "v"}
+    many = {f"a{i}": "v" for i in range(1000)}
+    try:
+        await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            export_request([otlp_span(trace, 1, 0, 5, {**huge, **many})]), timeout=30
+        )
+        listed = await telemetry_pb2_grpc.TelemetryServiceStub(channel).ListSpans(
+            tel.ListSpansRequest(filter=tel.SpanFilter(trace_id=f"{trace:032x}")), timeout=30
+        )
+    finally:
+        await channel.close()
+    [span] = listed.spans
+    assert len(span.name) <= otlp.MAX_VALUE_CHARS
+    stored = dict(span.attributes)
+    assert len(stored) <= otlp.MAX_ATTRIBUTES
+    assert all(len(key) <= otlp.MAX_KEY_CHARS for key in stored)
+    assert len(stored["big"]) <= otlp.MAX_VALUE_CHARS
