@@ -96,16 +96,11 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return decode
 
 
-def _refuse(undecodable: _Undecodable) -> InvalidArgument:
-    return undecodable.error
-
-
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     """Refuses request bytes that do not parse as the method's message, or that carry a field
     refused_field names, with INVALID_ARGUMENT: for unary requests and for every message of a
-    request stream.
-    Installed after the authentication, so an anonymous caller learns nothing but that it must
-    authenticate."""
+    request stream. Installed after the authentication, so an anonymous caller learns nothing but
+    that it must authenticate."""
 
     async def intercept_service(
         self,
@@ -119,7 +114,7 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
                 if isinstance(request, _Undecodable):
-                    raise _refuse(request)
+                    raise request.error
                 yield request
 
         # Each kind keeps its shape (coroutine or async generator): grpc.aio runs a plain
@@ -127,7 +122,7 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         def unary_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             async def run(request: Any, context: Context) -> Any:
                 if isinstance(request, _Undecodable):
-                    raise _refuse(request)
+                    raise request.error
                 return await behavior(request, context)
 
             return run
@@ -135,7 +130,7 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         def unary_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
             async def run(request: Any, context: Context) -> AsyncIterator[Any]:
                 if isinstance(request, _Undecodable):
-                    raise _refuse(request)
+                    raise request.error
                 async for item in behavior(request, context):
                     yield item
 
