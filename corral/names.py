@@ -43,7 +43,9 @@ class ResourceNameError(ValueError):
 def _fail(field: str, value: str, shape: str) -> ResourceNameError:
     if not value:
         return ResourceNameError(field, f"is required ({shape})")
-    return ResourceNameError(field, f"{value!r} is not {shape}")
+    # An error repeats at most the start of what the caller sent, however long it was.
+    shown = repr(value) if len(value) <= 120 else f"{value[:120]!r}... ({len(value)} characters)"
+    return ResourceNameError(field, f"{shown} is not {shape}")
 
 
 # -- ids ---------------------------------------------------------------------------------------

@@ -8,6 +8,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+# How much of a caller's value an error message repeats, and how long a message may be in all: a
+# client must be able to read its error even when the request carried a megabyte.
+MAX_QUOTED = 120
+MAX_MESSAGE = 300
+
+
+def quoted(value: object, limit: int = MAX_QUOTED) -> str:
+    """`value` as an error message shows it: its repr, cut to `limit` characters with a note of
+    how long the whole was."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str | bytes) else len(text)
+    return f"{text[:limit]}... ({size} characters in all)"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """A message cut to about `limit` bytes (UTF-8), keeping its end, which says what to do."""
+    if len(message.encode()) <= limit:
+        return message
+    tail = message[-(limit // 3) :]
+    head = message[: limit - len(tail) - 10]
+    while len(f"{head} [...] {tail}".encode()) > limit and head:
+        head = head[: len(head) // 2] if len(head) > limit else head[:-8]
+    return f"{head} [...] {tail}"
+
 
 @dataclass(frozen=True)
 class FieldViolation:

@@ -135,3 +135,4 @@ def close_when_done(context: Context, stream: AsyncGenerator[Any, None]) -> None
 
     # The stubs declare the callback as a class rather than a callable Protocol.
     context.add_done_callback(on_done)  # type: ignore[arg-type]
+

@@ -24,6 +24,7 @@ from services.common.auth.oidc import OidcVerifier
 from services.common.auth.pki import load_identity
 from services.common.auth.verify import CredentialVerifier
 from services.common.auth.whoami import WhoAmIServicer
+from services.common.decoding import RequestDecodingInterceptor
 from services.common.interceptors import ErrorMappingInterceptor
 from services.common.logs import setup_logging
 from services.common.settings import Settings
@@ -116,9 +117,12 @@ class ServiceHost:
         authenticator = Authenticator(
             AssertionVerifier(identity.ca), api_keys=self._key_verifier(), tokens=tokens
         )
-        # The error mapping wraps the authentication, so that its refusals get their codes.
+        # The error mapping wraps the authentication, so that its refusals get their codes; the
+        # request bytes are judged only for a caller who may call.
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            ErrorMappingInterceptor(self.name), AuthInterceptor(authenticator)
+            ErrorMappingInterceptor(self.name),
+            AuthInterceptor(authenticator),
+            RequestDecodingInterceptor(),
         ]
         if self.settings.tracing and self.settings.rpc_spans:
             interceptors.insert(0, tracing.server_interceptor())

@@ -31,6 +31,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    bounded,
 )
 
 STATUS_CODES: Mapping[type[CorralError], grpc.StatusCode] = {
@@ -73,12 +74,15 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
 
 
 def to_status(error: CorralError, domain: str) -> grpc.Status:
-    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error."""
+    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error. Its
+    texts are bounded: a message built around a huge input still reaches the caller readable."""
     code = status_code(error)
     details = [
         _pack(
             error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=error.domain or domain, metadata=error.metadata
+                reason=error.reason,
+                domain=error.domain or domain,
+                metadata={k: bounded(v) for k, v in error.metadata.items()},
             )
         )
     ]
@@ -88,7 +92,7 @@ def to_status(error: CorralError, domain: str) -> grpc.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=bounded(v.field), description=bounded(v.description)
                         )
                         for v in error.violations
                     ]
@@ -96,7 +100,7 @@ def to_status(error: CorralError, domain: str) -> grpc.Status:
             )
         )
     status = status_pb2.Status(
-        code=code_pb2.Code.Value(code.name), message=error.message, details=details
+        code=code_pb2.Code.Value(code.name), message=bounded(error.message), details=details
     )
     return rpc_status.to_status(status)
 

@@ -3,13 +3,11 @@ drafts and lookups, one call into keys.py, records back to messages. Only conver
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from corral.registry.v1 import keys_pb2 as pb
 from corral.registry.v1 import keys_pb2_grpc
 from services.common.identity import caller
 from services.common.interceptors import Context
-from services.common.timestamps import optional_time, timestamp
+from services.common.timestamps import checked_duration, optional_time, timestamp
 from services.registry import key_rules
 from services.registry.key_model import KeyDraft, KeyListing, KeyRecord
 from services.registry.keys import Keys
@@ -30,12 +28,10 @@ def key_pb(r: KeyRecord) -> pb.Key:
 
 
 def key_draft(tenant: str, key: pb.Key) -> KeyDraft:
-    ttl = None
-    if key.HasField("ttl"):
-        ttl = timedelta(seconds=key.ttl.seconds, microseconds=key.ttl.nanos // 1000)
+    ttl = checked_duration(key, "ttl", "key.ttl")
     return KeyDraft(
         tenant=tenant, display_name=key.display_name, role=key.role,
-        platform_admin=key.platform_admin, expire_time=optional_time(key, "expire_time"), ttl=ttl,
+        platform_admin=key.platform_admin, expire_time=optional_time(key, "expire_time", "key.expire_time"), ttl=ttl,
     )
 
 

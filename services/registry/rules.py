@@ -14,6 +14,7 @@ from services.registry.rollout_model import TrafficTarget
 
 DEFAULT_ENDPOINT = "DEFAULT"
 ENDPOINT_FIELDS = ("traffic", "description")
+MAX_ENDPOINT_DESCRIPTION_CHARS = 1024
 
 
 # -- traffic -----------------------------------------------------------------------------------
@@ -31,6 +32,8 @@ def normalize_split(shares: Iterable[tuple[int, float]]) -> tuple[TrafficShare, 
             raise InvalidArgument.field(f"{field}.version", f"version {version} appears twice")
         if not math.isfinite(percent):
             raise InvalidArgument.field(f"{field}.percent", f"{percent} is not a number between 0 and 100")
+        if abs(percent) > BASIS_POINTS:  # far out of range: percent * 100 could be infinite
+            raise InvalidArgument.field(f"{field}.percent", f"{percent:g} must be > 0 and <= 100")
         bp = round(percent * 100)
         if abs(bp - percent * 100) > 1e-6:
             raise InvalidArgument.field(f"{field}.percent", f"{percent} has more than two decimals")
@@ -164,3 +167,13 @@ class BundleUpload:
             pass  # not a tar: the registry's own checks report that, with the rest
         return header, data
 
+
+
+def endpoint_description(text: str) -> str:
+    """An endpoint's description, refused when it is longer than people read."""
+    if len(text) > MAX_ENDPOINT_DESCRIPTION_CHARS:
+        raise InvalidArgument.field(
+            "endpoint.description",
+            f"{len(text)} characters is over the limit of {MAX_ENDPOINT_DESCRIPTION_CHARS}",
+        )
+    return text

@@ -43,7 +43,7 @@ def endpoint_change(request: pb.UpdateEndpointRequest) -> EndpointChange:
     endpoint = request.endpoint
     return EndpointChange(
         traffic=traffic_targets(endpoint.traffic) if "traffic" in paths else None,
-        description=endpoint.description if "description" in paths else None,
+        description=rules.endpoint_description(endpoint.description) if "description" in paths else None,
     )
 
 
@@ -102,7 +102,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> pb.Endpoint:
         agent = AgentRef.parse(request.parent, field="parent")
         endpoint = agent.endpoint(names.ENDPOINT_IDS.check(request.endpoint_id, field="endpoint_id"))
-        change = EndpointChange(traffic_targets(request.endpoint.traffic), request.endpoint.description)
+        change = EndpointChange(
+            traffic_targets(request.endpoint.traffic),
+            rules.endpoint_description(request.endpoint.description),
+        )
         record = await self.registry.set_endpoint(
             caller(context), endpoint, change, allow_missing=True, must_create=True,
             method="CreateEndpoint",

@@ -100,6 +100,12 @@ class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"
                 sessions_pb2.StopSessionRequest(name=session.name), metadata=self.metadata(caller)
             )
 
+    async def delete(self, caller: Caller, session: SessionRef) -> None:
+        with calling("sessions"):
+            await self._stub.DeleteSession(
+                sessions_pb2.DeleteSessionRequest(name=session.name), metadata=self.metadata(caller)
+            )
+
 
 class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
     """Versions never change once published: each is asked for once."""

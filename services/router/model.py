@@ -115,6 +115,10 @@ class SessionsClient(Protocol):
 
     async def stop(self, caller: Caller, session: SessionRef) -> None: ...
 
+    async def delete(self, caller: Caller, session: SessionRef) -> None:
+        """Deletes the session (NotFound when there is none)."""
+        ...
+
 
 class RegistryClient(Protocol):
     async def version(self, tenant: str, ref: VersionRef) -> VersionInfo:

@@ -35,6 +35,16 @@ from services.router.routing import bucket, choose
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTENT_TYPE = "application/json"
+MAX_CONTENT_TYPE_CHARS = 255
+# The executor's reasons for a version that could not start at all: a session created for the
+# turn that met one of them has nothing in it and is deleted rather than left ACTIVE.
+START_FAILURES = frozenset({
+    "AGENT_LOAD_ERROR",
+    "SANDBOX_START_FAILED",
+    "SANDBOX_START_TIMEOUT",
+    "SANDBOX_PROTOCOL",
+    "DIGEST_MISMATCH",
+})
 
 
 def check_target(target: Target) -> None:
@@ -161,15 +171,34 @@ class Router:
         """Runs one turn: resolves its session, then streams the execution's events, each with
         the invocation it belongs to."""
         self.check_payload(payload)
+        if len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            raise InvalidArgument.field(
+                "content_type", f"{len(content_type)} characters is over the limit of "
+                f"{MAX_CONTENT_TYPE_CHARS}; send a media type such as application/json",
+            )
         resolved = await self.resolve(caller, target)
         invocation = Invocation(
             resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE
         )
         # Closing this generator (the caller went away) closes the execution's, which ends the
         # execution too, rather than letting it run on and commit its turn.
-        async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
-            async for event in events:
-                yield invocation, event
+        try:
+            async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
+                async for event in events:
+                    yield invocation, event
+        except CorralError as exc:
+            if resolved.new_session and exc.reason in START_FAILURES:
+                await self._abandon(caller, resolved.pin.session)
+            raise
+
+    async def _abandon(self, caller: Caller, session: SessionRef) -> None:
+        """Deletes a session created for a turn whose version could not start. The turn's own
+        error is what the caller needs, so a failure here is only logged."""
+        self.pins.forget(caller.tenant, session)
+        try:
+            await self._sessions.delete(caller, session)
+        except CorralError as exc:
+            log.warning("could not delete %s after its version failed to start: %s", session.name, exc)
 
     async def stop_session(self, caller: Caller, session: SessionRef) -> None:
         await self._sessions.stop(caller, session)

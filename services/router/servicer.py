@@ -4,7 +4,7 @@ a session, and the endpoint cache. Converts requests to refs and domain calls, e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TypeVar
 
 from corral import names
@@ -35,9 +35,33 @@ def _trace_context(context: Context) -> TraceContext:
     )
 
 
+# Bounds on an invocation's attributes (not read yet, so held small until they are).
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_KEY_CHARS = 128
+MAX_ATTRIBUTE_VALUE_CHARS = 1024
+
+
+def check_attributes(attributes: Mapping[str, str]) -> None:
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidArgument.field(
+            "attributes", f"{len(attributes)} entries is over the limit of {MAX_ATTRIBUTES}"
+        )
+    for key, value in attributes.items():
+        if not key or len(key) > MAX_ATTRIBUTE_KEY_CHARS:
+            raise InvalidArgument.field(
+                "attributes", f"a key must be 1-{MAX_ATTRIBUTE_KEY_CHARS} characters, not {len(key)}"
+            )
+        if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
+            raise InvalidArgument.field(
+                f"attributes[{key!r}]",
+                f"{len(value)} characters is over the limit of {MAX_ATTRIBUTE_VALUE_CHARS}",
+            )
+
+
 def target_of(request: pb.InvokeRequest | pb.ConverseStart) -> Target:
     """The agent, endpoint, version and session an invocation names. A version may be given as
     its number alone."""
+    check_attributes(request.attributes)
     agent = AgentRef.parse(request.agent, field="agent")
     version = None
     if request.version:

@@ -9,11 +9,12 @@ from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common import tenancy
+from services.common.errors import InvalidArgument
 from services.common.identity import caller
 from services.common.interceptors import Context
 from services.common.metric_protos import metric_from_pb
 from services.common.timestamps import optional_time
-from services.telemetry import messages
+from services.telemetry import messages, rules
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import (
     AnalysisScope,
@@ -37,8 +38,8 @@ def span_filter(f: pb.SpanFilter) -> SpanFilter:
         endpoint=EndpointRef.parse(f.endpoint, field=prefix + "endpoint") if f.endpoint else None,
         session=SessionRef.parse(f.session, field=prefix + "session") if f.session else None,
         trace_id=f.trace_id,
-        start_time=optional_time(f, "start_time"),
-        end_time=optional_time(f, "end_time"),
+        start_time=optional_time(f, "start_time", prefix + "start_time"),
+        end_time=optional_time(f, "end_time", prefix + "end_time"),
         errors_only=f.errors_only,
     )
 
@@ -116,6 +117,10 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     ) -> pb.ListScoresResponse:
         # Scores are found by the session or version they were recorded on.
         f = span_filter(request.filter)
+        if request.score_name and not rules.valid_score_name(request.score_name):
+            raise InvalidArgument.field(
+                "score_name", "a score name is 1-63 lowercase letters, digits, _ . - (e.g. accuracy)"
+            )
         where = ScoreFilter(session=f.session, version=f.version, name=request.score_name)
         page = await self._evaluation.list_scores(
             caller(context), where, request.page_size, request.page_token

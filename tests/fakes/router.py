@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
-from services.common.errors import NotFound
+from services.common.errors import CorralError, NotFound
 from services.common.identity import Caller
 from services.common.tenancy import Access, SessionOwner
 from services.router import model as router_model
@@ -59,6 +59,11 @@ class FakeSessions:
             pin, ended=router_model.SessionEnd.STOPPED
         )
 
+    async def delete(self, caller: Caller, session: SessionRef) -> None:
+        if self._owned(caller, session, Access.WRITE) is None:
+            raise NotFound(f"{session.name} not found")
+        del self.pins[caller.tenant, session]
+
 
 class FakeRegistry:
     """The router's RegistryClient over a dict of published versions."""
@@ -82,12 +87,16 @@ class FakeExecutor:
         self.closed: list[str] = []
         self.stopped: list[SessionRef] = []
         self.turns: dict[SessionRef, int] = {}
+        # Set: every execution fails with it before starting (a version that cannot start).
+        self.fails_with: CorralError | None = None
 
     async def execute(
         self, caller: Caller, invocation: router_model.Invocation, trace: router_model.TraceContext
     ) -> AsyncGenerator[router_model.ExecutionEvent, None]:
         self.invocations.append(invocation)
         session = invocation.resolved.pin.session
+        if self.fails_with is not None:
+            raise self.fails_with
         try:
             yield router_model.Started("trace-" + invocation.invocation_id)
             size = max(1, -(-len(invocation.payload) // self.chunks))

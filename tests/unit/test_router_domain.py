@@ -12,6 +12,7 @@ from services.common.auth.principal import Role
 from services.common.endpoints import EndpointMirror, EndpointTraffic, TrafficShare
 from services.common.errors import (
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -238,6 +239,43 @@ async def test_invoke_streams_the_execution_and_closing_it_ends_the_execution(
     await stream.aclose()
     assert world.executor.closed[-1] == world.executor.invocations[-1].invocation_id
     assert world.executor.turns[SessionRef("talk")] == 1
+
+
+async def test_a_new_session_whose_version_cannot_start_is_deleted(world: World) -> None:
+    world.executor.fails_with = Internal("the agent failed to load", reason="AGENT_LOAD_ERROR")
+    with pytest.raises(Internal):
+        await anext(world.router.invoke(ALICE, at("broken"), b"{}", "", ()))
+    assert not world.sessions.pins, "the session made for the turn is gone"
+    # A session that existed before the failing turn stays: it has turns of its own.
+    world.executor.fails_with = None
+    [_ async for _ in world.router.invoke(ALICE, at("kept"), b"{}", "", ())]
+    world.executor.fails_with = Internal("the agent failed to load", reason="AGENT_LOAD_ERROR")
+    with pytest.raises(Internal):
+        await anext(world.router.invoke(ALICE, at("kept"), b"{}", "", ()))
+    assert list(world.sessions.pins) == [("acme", SessionRef("kept"))]
+    # Nor is a new session deleted for the agent's own failure on its first turn.
+    world.executor.fails_with = Internal("the agent raised", reason="AGENT_ERROR")
+    with pytest.raises(Internal):
+        await anext(world.router.invoke(ALICE, at("raised"), b"{}", "", ()))
+    assert ("acme", SessionRef("raised")) in world.sessions.pins
+
+
+async def test_content_type_and_attributes_are_bounded(world: World) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        await anext(world.router.invoke(ALICE, at("ct"), b"{}", "x" * 256, ()))
+    assert info.value.violations[0].field == "content_type"
+    assert not world.sessions.pins
+    bad = [
+        {f"k{i}": "v" for i in range(65)},
+        {"k" * 129: "v"},
+        {"": "v"},
+        {"k": "v" * 1025},
+    ]
+    for attributes in bad:
+        with pytest.raises(InvalidArgument):
+            target_of(pb.InvokeRequest(agent="agents/demo", attributes=attributes))
+    fine = {f"k{i}": "v" * 1024 for i in range(64)}
+    assert target_of(pb.InvokeRequest(agent="agents/demo", attributes=fine)) == Target(AGENT)
 
 
 def test_the_servicer_parses_what_an_invocation_names() -> None:

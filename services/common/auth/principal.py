@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quoted
 
 # Tenants and subjects: what API keys, identity providers and assertions may name.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
@@ -35,7 +35,7 @@ class Role(enum.IntEnum):
         except KeyError:
             names = ", ".join(r.name.lower() for r in cls)
             raise InvalidArgument.field(
-                field_name, f"{value!r} is not a role (one of {names})"
+                field_name, f"{quoted(value)} is not a role (one of {names})"
             ) from None
 
     @property
@@ -97,7 +97,7 @@ def check_name(value: str, what: str) -> str:
     """A tenant or subject as a credential carries it; refused when it could not be one."""
     if not _NAME.match(value):
         raise InvalidArgument.field(
-            what, f"{value!r} is not a valid {what} (letters, digits, . _ @ : -, at most 128)"
+            what, f"{quoted(value)} is not a valid {what} (letters, digits, . _ @ : -, at most 128)"
         )
     return value
 
@@ -106,7 +106,7 @@ def check_subject(value: str, what: str = "subject") -> str:
     """A subject as a credential carries it: a name, or an identity provider's `sub`."""
     if not _SUBJECT.match(value):
         raise InvalidArgument.field(
-            what, f"{value!r} is not a valid {what} (letters, digits, . _ @ : | + -, at most 128)"
+            what, f"{quoted(value)} is not a valid {what} (letters, digits, . _ @ : | + -, at most 128)"
         )
     return value
 

@@ -39,14 +39,18 @@ class AuditRows(Rows):
         return [_audit(r) for r in rows]
 
     async def claim_request(self, tenant: str, key: str, resource: str) -> str | None:
+        """None when this call claimed the request id; else the resource an earlier call with
+        it made. Two calls with the same id at once: the second waits for the first to commit
+        (ON CONFLICT), then reads what it claimed, instead of failing on the unique key."""
+        claimed = await self._db.fetchval(
+            "INSERT INTO registry.requests (tenant, request_id, resource) VALUES ($1, $2, $3) "
+            "ON CONFLICT (tenant, request_id) DO NOTHING RETURNING request_id",
+            tenant, key, resource,
+        )
+        if claimed is not None:
+            return None
         existing = await self._db.fetchval(
             "SELECT resource FROM registry.requests WHERE tenant = $1 AND request_id = $2",
             tenant, key,
         )
-        if existing is None:
-            await self._db.execute(
-                "INSERT INTO registry.requests (tenant, request_id, resource) VALUES ($1, $2, $3)",
-                tenant, key, resource,
-            )
-            return None
-        return str(existing)
+        return str(existing) if existing is not None else None

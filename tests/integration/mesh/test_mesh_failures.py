@@ -162,6 +162,19 @@ async def test_an_agent_that_fails_to_import_is_reported(mesh: Mesh) -> None:
     assert "TypeError" in (err.details() or "") and "corral.sdk.App" in (err.details() or "")
 
 
+async def test_a_session_whose_version_cannot_start_is_not_left_behind(mesh: Mesh) -> None:
+    agent = await mesh.publish_agent("noload", "raise RuntimeError('no start')\n")
+    named = f"{mesh.prefix}-noload"
+    await fails(grpc.StatusCode.INTERNAL, mesh.invoke(agent, {}, session_id=named))
+    await fails(grpc.StatusCode.INTERNAL, mesh.invoke(agent, {}))
+    await fails(
+        grpc.StatusCode.NOT_FOUND,
+        mesh.sessions.GetSession(ses.GetSessionRequest(name=f"sessions/{named}"), metadata=mesh.me),
+    )
+    listing = await mesh.sessions.ListSessions(ses.ListSessionsRequest(), metadata=mesh.me)
+    assert [s.name for s in listing.sessions] == []
+
+
 async def test_bad_requests_and_unknown_targets(mesh: Mesh) -> None:
     agent = await mesh.publish_examples()
     invoke = mesh.router.Invoke
