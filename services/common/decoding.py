@@ -13,7 +13,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common.errors import InvalidArgument
-from services.common.interceptors import Context, Handler
+from services.common.interceptors import Context, Handler, WrappedHandlers
 
 
 class _Undecodable:
@@ -88,7 +88,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
                     reason="MALFORMED_REQUEST",
                 )
             )
-        refused = refused_field(message) if isinstance(message, Message) else None
+        # Corral's own messages only: OTLP exports keep what their spans carry (NULs are
+        # stripped where spans are stored, services/telemetry/otlp.py), so that one odd
+        # attribute does not lose a whole batch of spans.
+        refused = (
+            refused_field(message)
+            if isinstance(message, Message) and message_type.startswith("corral.")
+            else None
+        )
         if refused is not None:
             return _Undecodable(InvalidArgument.field(*refused))
         return message
@@ -102,6 +109,9 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     request stream. Installed after the authentication, so an anonymous caller learns nothing but
     that it must authenticate."""
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -110,56 +120,61 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        return self._wrapped.get(handler_call_details.method, handler, lambda: _wrap(handler))
 
-        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for request in requests:
-                if isinstance(request, _Undecodable):
-                    raise request.error
-                yield request
 
-        # Each kind keeps its shape (coroutine or async generator): grpc.aio runs a plain
-        # function in a thread.
-        def unary_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: Context) -> Any:
-                if isinstance(request, _Undecodable):
-                    raise request.error
-                return await behavior(request, context)
+def _wrap(handler: Handler) -> Handler:
+    """`handler` taking its requests through the tolerant decoder, raising its refusals."""
 
-            return run
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                raise request.error
+            yield request
 
-        def unary_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: Context) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    raise request.error
-                async for item in behavior(request, context):
-                    yield item
+    # Each kind keeps its shape (coroutine or async generator): grpc.aio runs a plain
+    # function in a thread.
+    def unary_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(request: Any, context: Context) -> Any:
+            if isinstance(request, _Undecodable):
+                raise request.error
+            return await behavior(request, context)
 
-            return run
+        return run
 
-        def stream_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(requests: AsyncIterator[Any], context: Context) -> Any:
-                return await behavior(checked(requests), context)
+    def unary_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(request: Any, context: Context) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                raise request.error
+            async for item in behavior(request, context):
+                yield item
 
-            return run
+        return run
 
-        def stream_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-                async for item in behavior(checked(requests), context):
-                    yield item
+    def stream_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(requests: AsyncIterator[Any], context: Context) -> Any:
+            return await behavior(checked(requests), context)
 
-            return run
+        return run
 
-        kinds = (
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary_unary),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, stream_unary),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, unary_stream),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, stream_stream),
-        )
-        for behavior, method_handler, wrap in kinds:
-            if behavior:
-                return method_handler(
-                    wrap(behavior),
-                    _tolerant(handler.request_deserializer),
-                    handler.response_serializer,
-                )
-        return handler
+    def stream_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for item in behavior(checked(requests), context):
+                yield item
+
+        return run
+
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary_unary),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, stream_unary),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, unary_stream),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, stream_stream),
+    )
+    for behavior, method_handler, wrap in kinds:
+        if behavior:
+            return method_handler(
+                wrap(behavior),
+                _tolerant(handler.request_deserializer),
+                handler.response_serializer,
+            )
+    return handler

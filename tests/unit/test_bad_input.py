@@ -8,11 +8,13 @@ from datetime import timedelta
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from corral import names
 from corral.registry.v1 import keys_pb2, registry_pb2
 from corral.telemetry.v1 import telemetry_pb2
-from services.common.decoding import refused_field
+from services.common.decoding import _tolerant, _Undecodable, refused_field
 from services.common.errors import MAX_MESSAGE, InvalidArgument, bounded, quoted
 from services.common.status import to_status
 from services.common.timestamps import checked_duration, optional_time
@@ -135,3 +137,19 @@ def test_a_number_that_is_no_value_of_its_enum_is_refused_naming_the_field() -> 
     field, description = refused
     assert field == "metrics[0].direction"
     assert "999 is not a MetricDirection" in description and "HIGHER_IS_BETTER" in description
+
+
+def test_a_nul_refuses_a_corral_request_but_not_an_otlp_export() -> None:
+    """OTLP exporters send what their spans carry: one attribute with a NUL must not lose a whole
+    batch (telemetry strips NULs where it stores spans). Corral's own requests are refused."""
+    span = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="a\x00b")
+    export = ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])]
+    )
+    decode = _tolerant(ExportTraceServiceRequest.FromString)
+    assert decode is not None and decode(export.SerializeToString()) == export
+    corral = _tolerant(registry_pb2.GetAgentRequest.FromString)
+    assert corral is not None
+    refused = corral(registry_pb2.GetAgentRequest(name="agents/a\x00").SerializeToString())
+    assert isinstance(refused, _Undecodable)
+    assert [v.field for v in refused.error.violations] == ["name"]
