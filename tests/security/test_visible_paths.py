@@ -1,0 +1,121 @@
+"""What a sandbox sees of the host, with each driver (bwrap, gvisor): an agent lists every path
+visible from inside (walking / without following symlinks, not into /proc, /sys, /dev or the
+trees bound whole) and the lists are compared with an allow-list. Nothing of the platform's
+checkout, its virtualenv, its data directory or /root may be visible."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from services.executor.drivers.base import SandboxDriver
+from services.executor.sandbox import Sandbox
+from tests.security.sandboxes import invoke
+
+pytestmark = pytest.mark.timeout(90)
+
+StartSandbox = Callable[..., Awaitable[Sandbox]]
+CHECKOUT = Path(__file__).resolve().parents[2]
+DEPTH = 7
+LIMIT = 50_000
+# Trees a sandbox sees whole: the system's /usr, its own kernel's files, its scratch and its
+# bundle. Listed themselves, not walked (/usr alone is tens of thousands of entries).
+WHOLE = ("/usr", "/proc", "/sys", "/dev")
+ALLOWED = ("/usr", "/proc", "/sys", "/dev", "/tmp", "/bundle")
+# Gaps documented until the sandbox has a runtime of its own (issue 12).
+SEES_THE_PLATFORMS_INTERPRETER = pytest.mark.xfail(
+    strict=True,
+    reason="issue 12: sandboxes bind the host interpreter's prefix (under /root with pyenv), the "
+    "platform's virtualenv and its corral/ source folder at their host paths",
+)
+
+
+def allowed(path: str) -> bool:
+    """Inside an allowed tree; or one of the host's /bin-style symlinks into /usr."""
+    if any(path == root or path.startswith(root + "/") for root in ALLOWED):
+        return True
+    return os.path.dirname(path) == "/" and os.path.islink(path) and \
+        os.path.realpath(path).startswith("/usr/")
+
+
+def forbidden() -> dict[str, str]:
+    """The host paths nothing of which may be visible inside, by what they are."""
+    return {
+        "the platform's checkout": str(CHECKOUT),
+        "its virtualenv": os.path.realpath(sys.prefix),
+        "its data directory": str(CHECKOUT / ".corral"),
+        "root's home": "/root",
+    }
+
+
+async def visible(start: StartSandbox) -> list[str]:
+    """Every path the sandboxed agent can see, as it lists them."""
+    sandbox = await start("attacker")
+    turn = await invoke(sandbox, {"attack": "paths", "prune": list(WHOLE), "depth": DEPTH,
+                                  "limit": LIMIT})
+    report = turn.json()
+    assert not report["truncated"], f"more than {LIMIT} paths visible"
+    paths: list[str] = report["paths"]
+    return paths
+
+
+async def test_the_walk_sees_what_is_bound(start: StartSandbox) -> None:
+    """The listing itself works: it finds the agent's bundle and the system's /usr, so an empty
+    list cannot pass the tests below."""
+    paths = await visible(start)
+    assert {"/usr", "/tmp", "/bundle/agent.py", "/bundle/agent.toml"} <= set(paths), paths[:50]
+
+
+@SEES_THE_PLATFORMS_INTERPRETER
+async def test_every_visible_path_is_on_the_allow_list(
+    start: StartSandbox, driver: SandboxDriver
+) -> None:
+    outside = [p for p in await visible(start) if not allowed(p)]
+    assert not outside, f"{driver.name} sandbox sees {len(outside)} paths off the allow-list: " \
+        f"{outside[:20]}"
+
+
+@SEES_THE_PLATFORMS_INTERPRETER
+async def test_nothing_of_the_platform_is_visible(
+    start: StartSandbox, driver: SandboxDriver
+) -> None:
+    paths = await visible(start)
+    seen = {
+        what: [p for p in paths if p == host or p.startswith(host + "/")][:5]
+        for what, host in forbidden().items()
+    }
+    assert not any(seen.values()), f"{driver.name} sandbox sees {seen}"
+
+
+async def test_a_root_only_file_in_a_bound_path_is_unreadable(
+    start: StartSandbox, driver: SandboxDriver, request: pytest.FixtureRequest
+) -> None:
+    """The sandbox's processes are no host root: a file only root may read, inside a path the
+    sandbox sees (its own bundle here), stays unreadable."""
+    if driver.name == "bwrap" and os.geteuid() == 0:
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="issue 12: bwrap started by root maps the sandbox's uid to host "
+            "uid 0 (without capabilities), which still owns root's files"))
+    sandbox = await start("attacker")
+    secret = sandbox.spec.bundle_dir / "root-only"
+    secret.write_text("only root reads this\n")
+    secret.chmod(0o600)
+    turn = await invoke(sandbox, {"attack": "read", "paths": ["/bundle/root-only"]})
+    assert turn.json() == {"/bundle/root-only": {"error": "EACCES"}}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: the sandbox's interpreter is the platform's, "
+                   "whose virtualenv has numpy (and everything else the platform installs)")
+async def test_an_agent_imports_only_the_standard_library_and_the_sdk(
+    start: StartSandbox,
+) -> None:
+    sandbox = await start("attacker")
+    turn = await invoke(sandbox, {"attack": "imports",
+                                  "modules": ["json", "corral.sdk", "numpy", "grpc", "asyncpg"]})
+    assert turn.json() == {"json": "imported", "corral.sdk": "imported",
+                           "numpy": "ModuleNotFoundError", "grpc": "ModuleNotFoundError",
+                           "asyncpg": "ModuleNotFoundError"}
