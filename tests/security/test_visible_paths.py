@@ -22,21 +22,26 @@ StartSandbox = Callable[..., Awaitable[Sandbox]]
 CHECKOUT = Path(__file__).resolve().parents[2]
 DEPTH = 7
 LIMIT = 50_000
-# Trees a sandbox sees whole: the system's /usr, its own kernel's files, its scratch and its
-# bundle. Listed themselves, not walked (/usr alone is tens of thousands of entries).
+# Trees a sandbox sees whole: the system's /usr, its own kernel's files and the agents' runtime
+# (services/executor/runtime.py). Listed themselves, not walked (/usr alone is tens of thousands
+# of entries).
 WHOLE = ("/usr", "/proc", "/sys", "/dev")
-ALLOWED = ("/usr", "/proc", "/sys", "/dev", "/tmp", "/bundle")
-# Gaps documented until the sandbox has a runtime of its own (issue 12).
-SEES_THE_PLATFORMS_INTERPRETER = pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: sandboxes bind the host interpreter's prefix (under /root with pyenv), the "
-    "platform's virtualenv and its corral/ source folder at their host paths",
-)
+# What else it may see: its scratch and its bundle.
+ALLOWED = (*WHOLE, "/tmp", "/bundle")
 
 
-def allowed(path: str) -> bool:
-    """Inside an allowed tree; or one of the host's /bin-style symlinks into /usr."""
-    if any(path == root or path.startswith(root + "/") for root in ALLOWED):
+def runtime_prefix(driver: SandboxDriver) -> str:
+    """The prefix of the interpreter the driver runs agents with (<prefix>/bin/python3.X)."""
+    python: str = driver.python  # type: ignore[attr-defined]
+    return str(Path(python).parent.parent)
+
+
+def allowed(path: str, runtime: str) -> bool:
+    """Inside an allowed tree or the runtime, or a directory on the way to the runtime; or one
+    of the host's /bin-style symlinks into /usr."""
+    if any(path == root or path.startswith(root + "/") for root in (*ALLOWED, runtime)):
+        return True
+    if runtime.startswith(path + "/"):
         return True
     return os.path.dirname(path) == "/" and os.path.islink(path) and \
         os.path.realpath(path).startswith("/usr/")
@@ -52,10 +57,11 @@ def forbidden() -> dict[str, str]:
     }
 
 
-async def visible(start: StartSandbox) -> list[str]:
+async def visible(start: StartSandbox, driver: SandboxDriver) -> list[str]:
     """Every path the sandboxed agent can see, as it lists them."""
     sandbox = await start("attacker")
-    turn = await invoke(sandbox, {"attack": "paths", "prune": list(WHOLE), "depth": DEPTH,
+    prune = [*WHOLE, runtime_prefix(driver)]
+    turn = await invoke(sandbox, {"attack": "paths", "prune": prune, "depth": DEPTH,
                                   "limit": LIMIT})
     report = turn.json()
     assert not report["truncated"], f"more than {LIMIT} paths visible"
@@ -63,27 +69,27 @@ async def visible(start: StartSandbox) -> list[str]:
     return paths
 
 
-async def test_the_walk_sees_what_is_bound(start: StartSandbox) -> None:
-    """The listing itself works: it finds the agent's bundle and the system's /usr, so an empty
-    list cannot pass the tests below."""
-    paths = await visible(start)
-    assert {"/usr", "/tmp", "/bundle/agent.py", "/bundle/agent.toml"} <= set(paths), paths[:50]
+async def test_the_walk_sees_what_is_bound(start: StartSandbox, driver: SandboxDriver) -> None:
+    """The listing itself works: it finds the agent's bundle, the system's /usr and the runtime,
+    so an empty list cannot pass the tests below."""
+    paths = await visible(start, driver)
+    expected = {"/usr", "/tmp", "/bundle/agent.py", "/bundle/agent.toml", runtime_prefix(driver)}
+    assert expected <= set(paths), paths[:50]
 
 
-@SEES_THE_PLATFORMS_INTERPRETER
 async def test_every_visible_path_is_on_the_allow_list(
     start: StartSandbox, driver: SandboxDriver
 ) -> None:
-    outside = [p for p in await visible(start) if not allowed(p)]
+    runtime = runtime_prefix(driver)
+    outside = [p for p in await visible(start, driver) if not allowed(p, runtime)]
     assert not outside, f"{driver.name} sandbox sees {len(outside)} paths off the allow-list: " \
         f"{outside[:20]}"
 
 
-@SEES_THE_PLATFORMS_INTERPRETER
 async def test_nothing_of_the_platform_is_visible(
     start: StartSandbox, driver: SandboxDriver
 ) -> None:
-    paths = await visible(start)
+    paths = await visible(start, driver)
     seen = {
         what: [p for p in paths if p == host or p.startswith(host + "/")][:5]
         for what, host in forbidden().items()
@@ -108,8 +114,6 @@ async def test_a_root_only_file_in_a_bound_path_is_unreadable(
     assert turn.json() == {"/bundle/root-only": {"error": "EACCES"}}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the sandbox's interpreter is the platform's, "
-                   "whose virtualenv has numpy (and everything else the platform installs)")
 async def test_an_agent_imports_only_the_standard_library_and_the_sdk(
     start: StartSandbox,
 ) -> None:

@@ -21,11 +21,11 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from services.executor import runtime
 from services.executor.drivers import seccomp
 from services.executor.drivers.base import Limit, SandboxSpec, Usage, worker_module
 from services.executor.drivers.cgroups import (
@@ -87,7 +87,9 @@ def _outermost(paths: list[str]) -> tuple[str, ...]:
 async def probe_layout(python: str) -> Layout:
     """Asks the interpreter itself where it lives: what a sandbox must see of the host to run it."""
     proc = await asyncio.create_subprocess_exec(
-        python, "-c", _PROBE, env={"PATH": "/usr/bin:/bin"},
+        # Isolated (-I) and from /: the current directory (a checkout holding corral/) must not
+        # be what it finds.
+        python, "-I", "-c", _PROBE, env={"PATH": "/usr/bin:/bin"}, cwd="/",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -225,6 +227,8 @@ class GatedDriver:
     # Where the sandboxes' cgroups go; None: the host's (detected once the binary is found).
     hierarchy: Hierarchy | None = None
     cgroups: Hierarchy = field(init=False)
+    # The interpreter sandboxes run unless a spec names one: the agents' runtime (runtime.py).
+    python: str = ""
     _layouts: dict[str, Layout] = field(default_factory=dict, init=False, repr=False)
 
     @staticmethod
@@ -246,6 +250,19 @@ class GatedDriver:
                 f"{unwritable}: {fix}"
             )
         return cgroups
+
+    def _runtime(self) -> str:
+        """The agents' runtime's interpreter; SandboxUnavailable saying how to install it."""
+        if self.python:
+            return self.python
+        found = runtime.installed()
+        if found is None:
+            raise SandboxUnavailable(
+                f"the {self.name} driver runs agents with the agents' runtime, which is not "
+                f"installed under {runtime.ROOT}: run `make` (or, as root, "
+                "`.venv/bin/python scripts/setup_runtime.py`)"
+            )
+        return str(found)
 
     async def layout(self, python: str) -> Layout:
         """Asks the interpreter itself where it lives (once per interpreter)."""
@@ -280,6 +297,7 @@ class BwrapDriver(GatedDriver):
         self.cgroups = self._writable_cgroups(
             "run the executor as root, or in a cgroup delegated to its user"
         )
+        self.python = self._runtime()
         seccomp.filter_bpf()  # fail now, not at the first session, if pyseccomp is missing
         if os.geteuid() == 0:
             # bwrap started by root maps the sandbox's uid 65534 to host uid 0 (without any
@@ -340,7 +358,7 @@ class BwrapDriver(GatedDriver):
         cgroup.add(pid)
 
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> BwrapWorker:
-        layout = await self.layout(spec.python or sys.executable)
+        layout = await self.layout(spec.python or self.python)
         cgroup = await asyncio.to_thread(
             SandboxCgroup.create, self.cgroups, Limits(spec.memory_mb, self.pids_max, self.cpus)
         )
