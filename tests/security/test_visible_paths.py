@@ -14,7 +14,7 @@ import pytest
 
 from services.executor.drivers.base import SandboxDriver
 from services.executor.sandbox import Sandbox
-from tests.security.sandboxes import invoke
+from tests.security.sandboxes import invoke, worker
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,14 +98,10 @@ async def test_nothing_of_the_platform_is_visible(
 
 
 async def test_a_root_only_file_in_a_bound_path_is_unreadable(
-    start: StartSandbox, driver: SandboxDriver, request: pytest.FixtureRequest
+    start: StartSandbox,
 ) -> None:
     """The sandbox's processes are no host root: a file only root may read, inside a path the
     sandbox sees (its own bundle here), stays unreadable."""
-    if driver.name == "bwrap" and os.geteuid() == 0:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="issue 12: bwrap started by root maps the sandbox's uid to host "
-            "uid 0 (without capabilities), which still owns root's files"))
     sandbox = await start("attacker")
     secret = sandbox.spec.bundle_dir / "root-only"
     secret.write_text("only root reads this\n")
@@ -123,3 +119,30 @@ async def test_an_agent_imports_only_the_standard_library_and_the_sdk(
     assert turn.json() == {"json": "imported", "corral.sdk": "imported",
                            "numpy": "ModuleNotFoundError", "grpc": "ModuleNotFoundError",
                            "asyncpg": "ModuleNotFoundError"}
+
+
+async def test_the_agent_runs_as_an_unprivileged_uid_without_capabilities(
+    start: StartSandbox, driver: SandboxDriver
+) -> None:
+    sandbox = await start("attacker")
+    report = (await invoke(sandbox, {"attack": "whoami"})).json()
+    assert report["uid"] == [65534, 65534, 65534] and report["gid"] == [65534, 65534, 65534]
+    assert set(report["groups"]) <= {65534}, report
+    assert set(report["caps"].values()) == {"0000000000000000"}, report["caps"]
+    assert {"CapEff", "CapBnd"} <= set(report["caps"]), report["caps"]
+    if driver.name == "bwrap":
+        # And on the host: every process of the sandbox but bwrap's own (the outer one and its
+        # init, pid 1 inside) is host uid 65534, not root.
+        outer = worker(sandbox).pid
+        agents = [pid for pid in worker(sandbox).cgroup.pids()
+                  if pid != outer and _host_ids(pid)["PPid"] != str(outer)]
+        assert agents, "no process of the sandbox found on the host"
+        for pid in agents:
+            ids = _host_ids(pid)
+            assert ids["Uid"].split() == ["65534"] * 4, ids
+            assert ids["Gid"].split() == ["65534"] * 4, ids
+
+
+def _host_ids(pid: int) -> dict[str, str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in status.splitlines())}

@@ -291,9 +291,19 @@ def imports(p: dict) -> dict:
     return found
 
 
+def whoami(p: dict) -> dict:
+    """The worker's ids and capabilities, as its kernel reports them."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    return {"uid": os.getresuid(), "gid": os.getresgid(), "groups": os.getgroups(),
+            "caps": {k: status[k].strip() for k in ("CapPrm", "CapEff", "CapBnd", "CapAmb")
+                     if k in status},
+            "pid": os.getpid()}
+
+
 ATTACKS = {f.__name__: f for f in (read, environ, processes, write, connect, resolve, fork_bomb,
                                     memory_bomb, cpu_spin, fill_disk, shout, ptrace, mount, setuid,
-                                    outlive, sysctl, paths, imports)}
+                                    outlive, sysctl, paths, imports, whoami)}
 
 
 @app.entrypoint
