@@ -73,9 +73,10 @@ def _distributions() -> dict[str, importlib.metadata.Distribution]:
 
 def runtime_id() -> str:
     """The name of the runtime this checkout and interpreter install: the interpreter's version
-    and a digest of everything copied into it."""
+    and a digest of everything copied into it and of this installer."""
     digest = hashlib.sha256(sys.version.encode())
     digest.update(os.path.realpath(sys.base_prefix).encode())
+    digest.update(Path(__file__).read_bytes())  # how it is installed
     for path in _sdk_files():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -146,14 +147,25 @@ def _copy_interpreter(prefix: Path) -> None:
     (prefix / "bin" / "python3").symlink_to(_python_name())
     libdir = Path(sysconfig.get_config_var("LIBDIR") or base / "lib")
     ldlibrary = sysconfig.get_config_var("LDLIBRARY") or ""
+    (prefix / "lib").mkdir(exist_ok=True)
     if sysconfig.get_config_var("Py_ENABLE_SHARED") and ldlibrary:
-        for lib in libdir.glob(f"{ldlibrary}*"):
-            _copy(Path(os.path.realpath(lib)), prefix / "lib" / lib.name)
+        for lib in sorted(libdir.glob(f"{ldlibrary}*")):
+            target = Path(os.path.realpath(lib))
+            if lib.is_symlink() and target.parent == libdir:  # libpython3.X.so → ….so.1.0
+                (prefix / "lib" / lib.name).symlink_to(target.name)
+            else:
+                _copy(target, prefix / "lib" / lib.name)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     shutil.copytree(
         stdlib, prefix / "lib" / _python_name(), symlinks=True,
-        ignore=lambda d, names: [n for n in names if Path(d) == stdlib and n in _STDLIB_SKIP],
+        ignore=lambda d, names: [n for n in names if Path(d) == stdlib and _skipped(n)],
     )
+
+
+def _skipped(name: str) -> bool:
+    """Not copied from the standard library's top level: see _STDLIB_SKIP; and config-3.X-*,
+    the static libpython and Makefile for building extensions."""
+    return name in _STDLIB_SKIP or name.startswith("config-")
 
 
 def _relocate(binary: Path, libdir: str) -> None:
