@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test unit integration e2e bench proto envoy lint typecheck clean help
+.PHONY: run runtime test unit integration e2e bench proto envoy lint typecheck clean help
 
 help:
 	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set)"
@@ -28,15 +28,20 @@ $(VENV)/.installed: pyproject.toml
 
 proto: .proto.stamp
 
+# The agents' runtime (/opt/corral-runtime/<id>: interpreter, standard library, corral.sdk), which
+# the bwrap and gvisor sandboxes run. Checked on every run: a second run only finds it there.
+runtime: .proto.stamp
+	@$(PY) scripts/setup_runtime.py
+
 # The edge's configs: routes from services/common/auth/methods.py, the rest from
 # deploy/envoy/edge.toml (tests/unit/test_deploy.py fails while they are stale).
 envoy: $(VENV)/.installed
 	@$(PY) scripts/genenvoy.py
 
-run: .proto.stamp
+run: .proto.stamp runtime
 	@$(PY) -m services.launcher
 
-test: .proto.stamp
+test: .proto.stamp runtime
 	$(PY) -m pytest -q tests
 
 unit: .proto.stamp

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import importlib
 import os
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -236,7 +235,7 @@ class Sandboxes:
         return SandboxSpec(
             session=f"sessions/{agent}-{uuid.uuid4().hex[:8]}", version=version,
             bundle_dir=bundle, workdir=self.workdirs / f"work-{uuid.uuid4().hex[:6]}",
-            entrypoint=entrypoint, prompt_file="", python=sys.executable,
+            entrypoint=entrypoint, prompt_file="", python="",
         )
 
     async def start(self, spec: SandboxSpec) -> Sandbox:

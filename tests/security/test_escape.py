@@ -34,9 +34,9 @@ from tests.security.sandboxes import (
 pytestmark = pytest.mark.timeout(60)
 
 StartSandbox = Callable[..., Awaitable[Sandbox]]
-# gVisor's uid 65534 is nobody to its own kernel, which checks file modes before the read-only
-# mount (EACCES); under bwrap it maps to host root without capabilities, so only EROFS stops it.
-GVISOR_WRITE_ERRORS = {"EROFS", "EACCES"}
+# The sandbox's uid 65534 is nobody (to gVisor's own kernel, and on the host under bwrap): a file
+# it does not own is refused by its mode (EACCES) before the read-only mount is (EROFS).
+WRITE_ERRORS = {"EROFS", "EACCES"}
 
 
 async def pair(start: StartSandbox, **limits: int) -> tuple[Sandbox, Sandbox]:
@@ -92,6 +92,9 @@ async def test_reading_the_executors_environment_finds_nothing(
         names = {v.split("=")[0] for v in report["visible"]["1"]["content"].split("\0") if v}
         assert names == {"PATH", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE",
                          "PYTHONUNBUFFERED", "LANG"}, report["visible"]["1"]
+    elif driver.as_root:  # type: ignore[attr-defined]
+        # bwrap's init is pid 1 in there, root's, so unreadable by the sandbox's nobody.
+        assert report["visible"]["1"] == {"error": "EACCES"}, report["visible"]["1"]
     else:
         # bwrap's init is pid 1 in there; it was started with nothing but PATH.
         assert report["visible"]["1"]["content"].split("\0")[0] == "PATH=/usr/bin:/bin"
@@ -107,8 +110,8 @@ async def test_proc_lists_only_the_sandbox_itself(
     # bwrap's init and the worker (under gVisor the worker alone); none of the host's processes
     # (this test runner included).
     programs = sorted(cmd.split()[0] for cmd in processes.values())
-    expected = [sys.executable] if driver.name == "gvisor" else [str(shutil.which("bwrap")),
-                                                                 sys.executable]
+    python = driver.python  # type: ignore[attr-defined]  # the agents' runtime
+    expected = [python] if driver.name == "gvisor" else [str(shutil.which("bwrap")), python]
     assert programs == sorted(expected), processes
     assert str(os.getpid()) not in processes
 
@@ -118,13 +121,13 @@ async def test_its_bundle_and_the_interpreter_are_read_only(
 ) -> None:
     attacker, neighbour = await pair(start)
     before = (attacker.spec.bundle_dir / "agent.py").read_bytes()
-    paths = ["/bundle/agent.py", "/bundle/evil.py", f"{sys.prefix}/pyvenv.cfg",
-             f"{Path(os.__file__).parent}/os.py", "/usr/bin/evil", "/evil", "/dev/evil"]
+    # The agents' runtime: its interpreter, standard library and corral.sdk.
+    runtime = Path(driver.python).parent.parent  # type: ignore[attr-defined]
+    stdlib = runtime / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    paths = ["/bundle/agent.py", "/bundle/evil.py", f"{runtime}/bin/evil", f"{stdlib}/os.py", f"{stdlib}/site-packages/corral/sdk/__init__.py",
+             "/usr/bin/evil", "/evil", "/dev/evil"]
     report = await beside(attacker, neighbour, {"attack": "write", "paths": paths})
-    if driver.name == "gvisor":
-        assert set(report.values()) <= GVISOR_WRITE_ERRORS, report
-    else:
-        assert set(report.values()) == {"EROFS"}, report
+    assert set(report.values()) <= WRITE_ERRORS, report
     assert (attacker.spec.bundle_dir / "agent.py").read_bytes() == before
     assert not (attacker.spec.bundle_dir / "evil.py").exists()
 
@@ -336,7 +339,7 @@ async def main():
     bundle = Path(sys.argv[1])
     sandbox = Sandbox(SandboxSpec(session="s", version="v", bundle_dir=bundle,
         workdir=bundle.parent / "work", entrypoint="agent:app", prompt_file="",
-        python=sys.executable))
+        python=""))
     await sandbox.start(GvisorDriver() if sys.argv[2] == "gvisor" else BwrapDriver())
     await invoke(sandbox, {"attack": "outlive"})
     group = sandbox.process.cgroup

@@ -115,5 +115,7 @@ def test_bwrap_runs_the_bridge_for_http_agents(tmp_path: Path) -> None:
     driver = BwrapDriver()
     for protocol, module in (("corral", "corral.sdk._runtime"), ("http", "corral.sdk._http_runtime")):
         command = driver.command(_spec(protocol, tmp_path), layout, socket_fd=5)
+        if driver.as_root:  # setpriv ... -- first (test_bwrap_arguments.py)
+            command = command[command.index("--") + 1:]
         assert command[:3] == [sys.executable, "-m", module]
         assert command[3:6] == ["5", "/bundle", "app:app"]

@@ -1,7 +1,8 @@
-"""The `bwrap` driver: the worker runs under bubblewrap in its own user, pid, network, ipc, uts,
-mount and cgroup namespaces, as uid/gid 65534 with no capabilities and no_new_privs, seeing only
-read-only binds of /usr, the interpreter, the virtualenv, the corral package and its bundle, plus
-a private size-limited tmpfs; with a seccomp filter, rlimits and a cgroup of its own.
+"""The `bwrap` driver: the worker runs under bubblewrap in its own pid, network, ipc, uts, mount
+and cgroup namespaces, as host uid/gid 65534 with no capabilities and no_new_privs (see
+BwrapDriver.as_root for how, as root and not), seeing only read-only binds of /usr, the agents'
+runtime (services/executor/runtime.py) and its bundle, plus a private size-limited tmpfs; with a
+seccomp filter, rlimits and a cgroup of its own.
 
 Start-up is gated so that no sandboxed instruction runs outside its cgroup or without its rlimits:
 the driver starts `/bin/sh` blocked on a pipe, sets the rlimits on it (prlimit(2) from here, no
@@ -21,11 +22,12 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import ClassVar
 
+from services.executor import runtime
 from services.executor.drivers import seccomp
 from services.executor.drivers.base import Limit, SandboxSpec, Usage, worker_module
 from services.executor.drivers.cgroups import (
@@ -87,7 +89,9 @@ def _outermost(paths: list[str]) -> tuple[str, ...]:
 async def probe_layout(python: str) -> Layout:
     """Asks the interpreter itself where it lives: what a sandbox must see of the host to run it."""
     proc = await asyncio.create_subprocess_exec(
-        python, "-c", _PROBE, env={"PATH": "/usr/bin:/bin"},
+        # Isolated (-I) and from /: the current directory (a checkout holding corral/) must not
+        # be what it finds.
+        python, "-I", "-c", _PROBE, env={"PATH": "/usr/bin:/bin"}, cwd="/",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -225,6 +229,8 @@ class GatedDriver:
     # Where the sandboxes' cgroups go; None: the host's (detected once the binary is found).
     hierarchy: Hierarchy | None = None
     cgroups: Hierarchy = field(init=False)
+    # The interpreter sandboxes run unless a spec names one: the agents' runtime (runtime.py).
+    python: str = ""
     _layouts: dict[str, Layout] = field(default_factory=dict, init=False, repr=False)
 
     @staticmethod
@@ -247,6 +253,19 @@ class GatedDriver:
             )
         return cgroups
 
+    def _runtime(self) -> str:
+        """The agents' runtime's interpreter; SandboxUnavailable saying how to install it."""
+        if self.python:
+            return self.python
+        found = runtime.installed()
+        if found is None:
+            raise SandboxUnavailable(
+                f"the {self.name} driver runs agents with the agents' runtime, which is not "
+                f"installed under {runtime.ROOT}: run `make` (or, as root, "
+                "`.venv/bin/python scripts/setup_runtime.py`)"
+            )
+        return str(found)
+
     async def layout(self, python: str) -> Layout:
         """Asks the interpreter itself where it lives (once per interpreter)."""
         layout = self._layouts.get(python)
@@ -264,6 +283,14 @@ class GatedDriver:
 class BwrapDriver(GatedDriver):
     name = "bwrap"
     binary: str = "bwrap"
+    # Started by root, bwrap's user namespace would map the sandbox's uid to host uid 0 (without
+    # capabilities, but still the owner of root's files). So root's bwrap makes no user
+    # namespace: the sandbox starts as root with only CAP_SETUID, CAP_SETGID and CAP_SETPCAP,
+    # under the seccomp filter already, and setpriv drops it to host uid/gid NOBODY, no
+    # supplementary groups, an empty bounding set and no_new_privs before it execs the worker.
+    # Not root, bwrap's user namespace maps NOBODY to the executor's own unprivileged uid.
+    as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    setpriv: str = field(default="setpriv", init=False)
 
     def __post_init__(self) -> None:
         self.binary = self._installed(
@@ -280,34 +307,57 @@ class BwrapDriver(GatedDriver):
         self.cgroups = self._writable_cgroups(
             "run the executor as root, or in a cgroup delegated to its user"
         )
+        self.python = self._runtime()
         seccomp.filter_bpf()  # fail now, not at the first session, if pyseccomp is missing
-        if os.geteuid() == 0:
-            # bwrap started by root maps the sandbox's uid 65534 to host uid 0 (without any
-            # capability); the /proc, / and /dev remounts below close what that would open.
-            log.info("bwrap sandboxes run as uid 65534 mapped to host root without capabilities")
+        if self.as_root:
+            self.setpriv = self._installed(
+                "setpriv", "the bwrap driver, run as root, drops each sandbox to host uid "
+                f"{NOBODY} with setpriv: install util-linux (Debian: apt-get install util-linux)",
+            )
+            if not self.setpriv.startswith(("/usr/", "/bin/")):
+                raise SandboxUnavailable(f"setpriv at {self.setpriv} is not under /usr: a sandbox "
+                                         "would not see it")
 
     def arguments(self, spec: SandboxSpec, layout: Layout, seccomp_fd: int) -> list[str]:
         """bwrap's options, before the `--` and the command."""
-        args = [
-            "--unshare-all", "--unshare-user", "--disable-userns",
+        if self.as_root:
+            # No user namespace (see as_root); the seccomp filter refuses to make one inside.
+            args = [
+                "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                "--unshare-cgroup", "--cap-drop", "ALL",
+                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
+            ]
+        else:
+            args = [
+                "--unshare-all", "--unshare-user", "--disable-userns",
+                "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
+            ]
+        args += [
             "--die-with-parent", "--new-session", "--hostname", "corral-sandbox",
-            "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr",
             # The scratch tmpfs first: an interpreter or virtualenv that lives under /tmp is then
             # bound on top of it instead of being hidden by it.
-            "--size", str(self.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH,
+            # Sticky and world-writable: the sandbox's uid does not own it when bwrap runs as root.
+            "--perms", "1777", "--size", str(self.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH,
         ]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 args += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 args += ["--ro-bind", top, top]
+        # The directories on the way to each bind, which bwrap would make 0700 (root's, so
+        # closed to the sandbox's uid when bwrap runs as root).
+        made: set[str] = {"/", SCRATCH}
         for path in layout.binds:
+            parents = [str(p) for p in reversed(PurePosixPath(path).parents)]
+            for parent in parents:
+                if parent not in made:
+                    made.add(parent)
+                    args += ["--perms", "0755", "--dir", parent]
             args += ["--ro-bind", path, path]
         args += [
             "--ro-bind", str(spec.bundle_dir), BUNDLE_MOUNT,
-            # The sandbox's uid is host root when the executor is: a writable /proc would let
-            # it change global sysctls (kernel.core_pattern...), so /proc is read-only.
+            # Read-only /proc: no global sysctl (kernel.core_pattern...) whatever the uid.
             "--proc", "/proc", "--remount-ro", "/proc",
             "--dev", "/dev", "--remount-ro", "/dev",
             "--remount-ro", "/",
@@ -324,8 +374,12 @@ class BwrapDriver(GatedDriver):
         return args
 
     def command(self, spec: SandboxSpec, layout: Layout, socket_fd: int) -> list[str]:
-        """What runs inside: the worker for the agent's protocol."""
-        return [
+        """What runs inside: the worker for the agent's protocol (through setpriv, as root)."""
+        drop = [
+            self.setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+        ] if self.as_root else []
+        return [*drop,
             layout.python, "-m", worker_module(spec.protocol),
             str(socket_fd), BUNDLE_MOUNT, spec.entrypoint, spec.prompt_file,
             json.dumps(spec.resource),
@@ -340,7 +394,7 @@ class BwrapDriver(GatedDriver):
         cgroup.add(pid)
 
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> BwrapWorker:
-        layout = await self.layout(spec.python or sys.executable)
+        layout = await self.layout(spec.python or self.python)
         cgroup = await asyncio.to_thread(
             SandboxCgroup.create, self.cgroups, Limits(spec.memory_mb, self.pids_max, self.cpus)
         )

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ import re
 import resource
 import shutil
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -132,6 +132,7 @@ class GvisorDriver(GatedDriver):
         self.cgroups = self._writable_cgroups("run the executor as root")
         if os.geteuid() != 0:
             raise SandboxUnavailable("the gvisor driver runs runsc, which needs root")
+        self.python = self._runtime()
         self.host_pids_max = 4 * self.pids_max + GVISOR_THREADS
         self.home = self.state_root / str(os.getpid())
         self.rootfs = self.state_root / "rootfs"
@@ -139,13 +140,22 @@ class GvisorDriver(GatedDriver):
     async def _prepare(self, layout: Layout) -> None:
         await asyncio.to_thread(self._prepare_rootfs, layout)
 
+    def root_of(self, layout: Layout) -> Path:
+        """The read-only root of sandboxes running `layout`'s interpreter: one per layout, so
+        that it holds the mount points of that layout's binds and no other's (an empty /root
+        left by another interpreter's layout would still show)."""
+        digest = hashlib.sha256("\0".join(layout.binds).encode()).hexdigest()[:12]
+        return self.rootfs / digest
+
     def _prepare_rootfs(self, layout: Layout) -> None:
         """The container's read-only root: empty mount points and the host's /lib-style
-        symlinks into /usr. Shared by every sandbox; creating it again is harmless."""
+        symlinks into /usr. Shared by every sandbox of the layout; creating it again is
+        harmless."""
+        rootfs = self.root_of(layout)
         for path in ("usr", "tmp", "proc", "dev", "sys", BUNDLE_MOUNT, *layout.binds):
-            (self.rootfs / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            (rootfs / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
         for top in self._tops():
-            target = self.rootfs / top.lstrip("/")
+            target = rootfs / top.lstrip("/")
             if os.path.islink(top) and not target.is_symlink():
                 target.symlink_to(os.readlink(top))
             elif not os.path.islink(top):
@@ -172,7 +182,7 @@ class GvisorDriver(GatedDriver):
         return {
             "ociVersion": "1.0.0",
             "hostname": "corral-sandbox",
-            "root": {"path": str(self.rootfs), "readonly": True},
+            "root": {"path": str(self.root_of(layout)), "readonly": True},
             "mounts": mounts,
             "process": {
                 "terminal": False,
@@ -230,7 +240,7 @@ class GvisorDriver(GatedDriver):
         cgroup.add(pid)
 
     async def spawn(self, spec: SandboxSpec, socket_fd: int) -> GvisorWorker:
-        layout = await self.layout(spec.python or sys.executable)
+        layout = await self.layout(spec.python or self.python)
         container_id = f"{CONTAINER_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         bundle = await asyncio.to_thread(
             self._write_bundle, container_id, self.config(spec, layout)

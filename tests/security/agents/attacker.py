@@ -4,6 +4,7 @@ Attacks that end the process (memory bomb, CPU spin) report nothing."""
 
 import ctypes
 import errno
+import importlib
 import json
 import os
 import socket
@@ -252,9 +253,57 @@ def sysctl(p: dict) -> dict:
     return {path: _attempt("written", _write_back, path) for path in paths}
 
 
+def paths(p: dict) -> dict:
+    """Every path visible from in here, walking / without following symlinks: not below the
+    trees in `prune` (listed themselves), at most `depth` levels down and `limit` entries."""
+    prune, depth, limit = set(p["prune"]), p["depth"], p["limit"]
+    found: list[str] = []
+    truncated = False
+
+    def walk(path: str, level: int) -> None:
+        nonlocal truncated
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if len(found) >= limit:
+                truncated = True
+                return
+            found.append(entry.path)
+            if (entry.path not in prune and level < depth
+                    and entry.is_dir(follow_symlinks=False)):
+                walk(entry.path, level + 1)
+
+    walk("/", 1)
+    return {"paths": found, "truncated": truncated}
+
+
+def imports(p: dict) -> dict:
+    """Which of the modules named can be imported in here."""
+    found = {}
+    for name in p["modules"]:
+        try:
+            importlib.import_module(name)
+            found[name] = "imported"
+        except ImportError as exc:
+            found[name] = type(exc).__name__
+    return found
+
+
+def whoami(p: dict) -> dict:
+    """The worker's ids and capabilities, as its kernel reports them."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    return {"uid": os.getresuid(), "gid": os.getresgid(), "groups": os.getgroups(),
+            "caps": {k: status[k].strip() for k in ("CapPrm", "CapEff", "CapBnd", "CapAmb")
+                     if k in status},
+            "pid": os.getpid()}
+
+
 ATTACKS = {f.__name__: f for f in (read, environ, processes, write, connect, resolve, fork_bomb,
                                     memory_bomb, cpu_spin, fill_disk, shout, ptrace, mount, setuid,
-                                    outlive, sysctl)}
+                                    outlive, sysctl, paths, imports, whoami)}
 
 
 @app.entrypoint
