@@ -47,10 +47,10 @@ test: .proto.stamp runtime
 unit: .proto.stamp
 	$(PY) -m pytest -q tests/unit
 
-integration: .proto.stamp
+integration: .proto.stamp runtime
 	$(PY) -m pytest -q tests/integration
 
-e2e: .proto.stamp
+e2e: .proto.stamp runtime
 	$(PY) -m pytest -q tests/e2e
 
 bench: .proto.stamp
