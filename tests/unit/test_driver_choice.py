@@ -52,3 +52,17 @@ def test_gvisor_is_never_the_default() -> None:
                     reason="runsc is not installed (scripts/setup-sandbox.sh installs it)")
 def test_gvisor_by_name_where_runsc_is_installed() -> None:
     assert drivers.driver_for("gvisor").name == "gvisor"
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+def test_a_missing_runtime_refuses_to_start_rather_than_giving_up_isolation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bwrap is there, the agents' runtime is not: the default choice does not fall back to the
+    process driver, it says to install the runtime."""
+    from services.executor import runtime
+    from services.executor.drivers.bwrap import RuntimeMissing
+
+    monkeypatch.setattr(runtime, "installed", lambda: None)
+    with pytest.raises(RuntimeMissing, match="run `make`"):
+        drivers.driver_for("")

@@ -20,12 +20,14 @@ def driver_for(name: str) -> SandboxDriver:
     name: it fails here, saying how to install runsc, rather than falling back."""
     chosen = name or ("bwrap" if sys.platform == "linux" and shutil.which("bwrap") else "process")
     if chosen == "bwrap":
-        from services.executor.drivers.bwrap import BwrapDriver, SandboxUnavailable
+        from services.executor.drivers.bwrap import BwrapDriver, RuntimeMissing, SandboxUnavailable
 
         try:
             return BwrapDriver()
         except SandboxUnavailable as exc:
-            if name:  # asked for by name: refuse to start, saying how to fix it
+            # Asked for by name, or only the agents' runtime missing (a set-up step to run, not a
+            # reason to give up isolation): refuse to start, saying how to fix it.
+            if name or isinstance(exc, RuntimeMissing):
                 raise
             log.warning("the bwrap sandbox driver is not usable here: %s", exc)
             chosen = "process"

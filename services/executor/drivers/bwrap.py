@@ -61,6 +61,11 @@ class SandboxUnavailable(RuntimeError):
     """bubblewrap (or what it needs) is not usable on this host; the message says how to fix it."""
 
 
+class RuntimeMissing(SandboxUnavailable):
+    """The sandbox tool is there but the agents' runtime is not installed: a set-up step to run,
+    never a reason to run agents without isolation."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """What of the host one interpreter needs to see, bound read-only at the same paths."""
@@ -259,7 +264,7 @@ class GatedDriver:
             return self.python
         found = runtime.installed()
         if found is None:
-            raise SandboxUnavailable(
+            raise RuntimeMissing(
                 f"the {self.name} driver runs agents with the agents' runtime, which is not "
                 f"installed under {runtime.ROOT}: run `make` (or, as root, "
                 "`.venv/bin/python scripts/setup_runtime.py`)"
