@@ -6,6 +6,7 @@ revoked the moment the invocation ends."""
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,6 +21,9 @@ from services.executor.model import Credential, Invocation, RevocationList
 
 __all__ = ["Credential", "CredentialIssuer", "InvocationCredentials", "InvocationTokens", "KeyRing"]
 
+
+# The token id every invocation credential carries (`jti`): uuid4 hex.
+JTI = re.compile(r"^[0-9a-f]{32}$")
 
 class CredentialIssuer:
     """Mints invocation tokens signed by the keyring and keeps the jti deny-list."""

@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.common.errors import Unavailable
-from services.executor.credentials import CredentialIssuer
+from services.executor.credentials import JTI, CredentialIssuer
 
 log = logging.getLogger(__name__)
 
 # Verifiers cache the JWKS this long; keys are published well before they sign (KeyRing), so a
 # cached copy is never missing a key that is signing.
 JWKS_MAX_AGE_S = 300
-_JTI = re.compile(r"^[0-9a-f]{32}$")
 
 
 class ExecutorHttp:
@@ -71,7 +69,7 @@ class ExecutorHttp:
 
     async def _revocation(self, request: web.Request) -> web.Response:
         jti = request.match_info["jti"]
-        if not _JTI.match(jti):
+        if not JTI.match(jti):
             return _error(400, f"jti {jti!r} is not a token id (32 lowercase hex digits)")
         try:
             revoked = await self._issuer.is_revoked(jti)

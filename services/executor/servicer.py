@@ -15,6 +15,7 @@ from services.common.identity import caller
 from services.common.interceptors import Context, close_when_done
 from services.common.timestamps import timestamp
 from services.common.tracing import extract_metadata
+from services.executor.credentials import JTI
 from services.executor.executor import Executor
 from services.executor.model import (
     Invocation,
@@ -103,4 +104,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     ) -> pb.CheckRevocationResponse:
         if not request.jti:
             raise InvalidArgument.field("jti", "is required: the credential's jti claim")
+        if not JTI.match(request.jti):
+            raise InvalidArgument.field("jti", "is not a token id (32 lowercase hex digits)")
         return pb.CheckRevocationResponse(revoked=await self.executor.is_revoked(request.jti))

@@ -169,6 +169,19 @@ class BundleUpload:
 
 
 
+MAX_RESOURCE_PREFIX_CHARS = 512
+
+
+def audit_prefix(prefix: str) -> str:
+    """A ListAuditEvents resource prefix: no resource name is longer."""
+    if len(prefix) > MAX_RESOURCE_PREFIX_CHARS:
+        raise InvalidArgument.field(
+            "resource_prefix",
+            f"{len(prefix)} characters is over the limit of {MAX_RESOURCE_PREFIX_CHARS}",
+        )
+    return prefix
+
+
 def endpoint_description(text: str) -> str:
     """An endpoint's description, refused when it is longer than people read."""
     if len(text) > MAX_ENDPOINT_DESCRIPTION_CHARS:

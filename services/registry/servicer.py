@@ -138,5 +138,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             yield pb.WatchEndpointsResponse(endpoints=[endpoint_pb(r) for r in records], snapshot=snapshot)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
-        page = await self.registry.list_audit(request.resource_prefix, paging(request, context))
+        prefix = rules.audit_prefix(request.resource_prefix)
+        page = await self.registry.list_audit(prefix, paging(request, context))
         return pb.ListAuditEventsResponse(events=each(page, audit_pb), next_page_token=page.next_page_token)

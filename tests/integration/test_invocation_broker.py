@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import pytest_asyncio
@@ -32,6 +33,7 @@ from services.common.settings import Settings
 from tests import harness
 from tests.credentials import public_channel
 from tests.mesh import Mesh, connect
+from tests.rpc import error_details, fails
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(120),
@@ -195,6 +197,9 @@ async def test_a_tool_verifies_the_invocation_token_and_gets_the_secret(world) -
     assert {k.kid for k in jwks.keys} == {k["kid"] for k in served["keys"]} and jwks.keys
     claims_jti = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["jti"]
     assert (await mesh.executor.CheckRevocation(ex.CheckRevocationRequest(jti=claims_jti))).revoked
+    err = await fails(grpc.StatusCode.INVALID_ARGUMENT,
+                      mesh.executor.CheckRevocation(ex.CheckRevocationRequest(jti="x" * 100_000)))
+    assert error_details(err)[1] == ["jti"] and len(err.details() or "") < 300
 
 
 async def test_undeclared_tools_are_refused_and_secrets_never_enter_the_sandbox(world) -> None:

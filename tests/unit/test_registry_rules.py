@@ -16,7 +16,7 @@ from services.common.errors import InvalidArgument
 from services.common.metric_spec import Direction
 from services.registry import rollout_model as ro
 from services.registry.rollout_rules import rollout_spec, validate_steps
-from services.registry.rules import BundleUpload, UploadHeader, update_paths
+from services.registry.rules import BundleUpload, UploadHeader, audit_prefix, update_paths
 from services.registry.store import json_forms
 
 CANDIDATE = VersionRef("support", 2)
@@ -184,3 +184,11 @@ def test_experiment_evidence_leaves_out_what_is_unset() -> None:
         "error": "telemetry unavailable"}
     assert json_forms.evidence_json(ro.ExperimentAnalysis(sessions=(10, 12))) == {"sessions": ["10", "12"]}
     assert json_forms.evidence_json(None) is None
+
+
+def test_an_audit_prefix_is_no_longer_than_a_resource_name() -> None:
+    assert audit_prefix("agents/a/endpoints/") == "agents/a/endpoints/"
+    with pytest.raises(InvalidArgument) as info:
+        audit_prefix("a" * 1_000_000)
+    assert [v.field for v in info.value.violations] == ["resource_prefix"]
+    assert len(str(info.value)) < 200
