@@ -1,17 +1,20 @@
 """The server interceptor that judges a request's bytes before any handler sees them: bytes that
-do not parse as the method's message, strings no store can keep (NUL characters) and numbers
-that are no value of their enum are the caller's error, INVALID_ARGUMENT naming the field, on
+do not parse as the method's message, strings no store can keep (NUL characters), numbers that
+are no value of their enum and fields over the limits their proto states (the
+corral.options.v1.limits option) are the caller's error, INVALID_ARGUMENT naming the field, on
 every method and every message of a request stream."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import cache
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from corral.options.v1 import limits_pb2
 from services.common.errors import InvalidArgument
 from services.common.interceptors import Context, Handler, WrappedHandlers
 
@@ -27,38 +30,78 @@ class _Undecodable:
 
 def refused_field(message: Message, prefix: str = "") -> tuple[str, str] | None:
     """The first field of `message` (at any depth, map keys included) that no request may carry,
-    as (path, what is wrong): a string with a NUL character, which neither PostgreSQL text nor
-    JSON columns can store, or a number that is none of the values of a Corral enum (proto3 keeps
-    unknown numbers, and code that maps them would fail). None if there is none."""
+    as (path, what is wrong): a field over the limits its proto states, a string with a NUL
+    character, which neither PostgreSQL text nor JSON columns can store, or a number that is none
+    of the values of a Corral enum (proto3 keeps unknown numbers, and code that maps them would
+    fail). None if there is none."""
     for field, value in message.ListFields():
         path = f"{prefix}{field.name}"
+        limits = limits_of(field)
         entry = field.message_type
         if entry is not None and entry.GetOptions().map_entry:
             value_field = entry.fields_by_name["value"]
+            found = _over_count(limits, len(value), path)
+            if found:
+                return found
             for key, item in value.items():
                 if isinstance(key, str) and "\0" in key:
                     return f"{path} (a key)", _NUL
-                found = _refused_value(value_field, item, f"{path}[{key!r}]")
+                if limits is not None and limits.max_key_length and isinstance(key, str):
+                    found = _over_length(limits.max_key_length, key, f"{path} (a key)")
+                    if found:
+                        return found
+                found = _refused_value(value_field, limits, item, f"{path}[{key!r}]")
                 if found:
                     return found
         elif field.is_repeated:
+            found = _over_count(limits, len(value), path)
+            if found:
+                return found
             for i, item in enumerate(value):
-                found = _refused_value(field, item, f"{path}[{i}]")
+                found = _refused_value(field, limits, item, f"{path}[{i}]")
                 if found:
                     return found
         else:
-            found = _refused_value(field, value, path)
+            found = _refused_value(field, limits, value, path)
             if found:
                 return found
     return None
 
 
+@cache
+def limits_of(field: FieldDescriptor) -> limits_pb2.FieldLimits | None:
+    """The limits `field`'s proto states, None if it states none."""
+    options = field.GetOptions()
+    return options.Extensions[limits_pb2.limits] if options.HasExtension(limits_pb2.limits) else None
+
+
+def _over_count(limits: limits_pb2.FieldLimits | None, count: int, path: str) -> tuple[str, str] | None:
+    if limits is not None and limits.max_items and count > limits.max_items:
+        return path, f"has {count} entries, over the limit of {limits.max_items}"
+    return None
+
+
+def _over_length(limit: int, value: str | bytes, path: str) -> tuple[str, str] | None:
+    if len(value) <= limit:
+        return None
+    unit = "characters" if isinstance(value, str) else "bytes"
+    return path, f"is {len(value)} {unit} long, over the limit of {limit} {unit}"
+
+
 _NUL = "contains a NUL character (U+0000), which no field accepts"
 
 
-def _refused_value(field: FieldDescriptor, value: Any, path: str) -> tuple[str, str] | None:
+def _refused_value(
+    field: FieldDescriptor, limits: limits_pb2.FieldLimits | None, value: Any, path: str
+) -> tuple[str, str] | None:
     if field.message_type is not None:
+        if limits is not None and limits.max_size and value.ByteSize() > limits.max_size:
+            return path, f"is {value.ByteSize()} bytes serialized, over the limit of {limits.max_size}"
         return refused_field(value, f"{path}.")
+    if isinstance(value, str | bytes) and limits is not None and limits.max_length:
+        found = _over_length(limits.max_length, value, path)
+        if found:
+            return found
     if isinstance(value, str):
         return (path, _NUL) if "\0" in value else None
     enum = field.enum_type

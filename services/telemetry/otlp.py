@@ -57,7 +57,14 @@ MAX_ATTRIBUTES = 128
 MAX_ITEMS = 128
 MAX_KEY_CHARS = 256
 MAX_VALUE_CHARS = 4096
+# A span's (or a resource's) attributes in all, keys and values (a number or bool counts 8), and
+# how deep arrays and key-value lists may nest: what is past either is left out.
+MAX_ATTRIBUTE_CHARS = 64 * 1024
+MAX_DEPTH = 4
+# How many of a span's attributes were left out by the bounds above, when any were.
+DROPPED_ATTR = "corral.attributes_dropped"
 _CUT = "…"
+_SCALAR_CHARS = 8
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -93,11 +100,36 @@ def _clean(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + _CUT
 
 
-def any_value(value: AnyValue) -> JsonValue:
-    """An OTLP AnyValue as a JSON value."""
+class _Budget:
+    """What is left of MAX_ATTRIBUTE_CHARS for one span's attributes."""
+
+    def __init__(self) -> None:
+        self.left = MAX_ATTRIBUTE_CHARS
+
+    def text(self, text: str, limit: int = MAX_VALUE_CHARS) -> str:
+        kept = _clean(text, max(1, min(limit, self.left)))
+        self.left -= len(kept)
+        return kept
+
+
+def _any_value(value: AnyValue, budget: _Budget, depth: int) -> JsonValue:
     which = value.WhichOneof("value")
     if which == "string_value":
-        return _clean(value.string_value)
+        return budget.text(value.string_value)
+    if which == "bytes_value":
+        return budget.text(base64.b64encode(value.bytes_value[:MAX_VALUE_CHARS]).decode("ascii"))
+    if which in ("array_value", "kvlist_value") and depth >= MAX_DEPTH:
+        return budget.text(_CUT)
+    if which == "array_value":
+        items: list[JsonValue] = []
+        for item in value.array_value.values[:MAX_ITEMS]:
+            if budget.left <= 0:
+                break
+            items.append(_any_value(item, budget, depth + 1))
+        return items
+    if which == "kvlist_value":
+        return _attributes(value.kvlist_value.values, budget, depth + 1)[0]
+    budget.left -= _SCALAR_CHARS
     if which == "bool_value":
         return value.bool_value
     if which == "int_value":
@@ -105,17 +137,31 @@ def any_value(value: AnyValue) -> JsonValue:
     if which == "double_value":
         # JSON has no NaN or Infinity; keep what was sent, as text.
         return value.double_value if math.isfinite(value.double_value) else str(value.double_value)
-    if which == "array_value":
-        return [any_value(v) for v in value.array_value.values[:MAX_ITEMS]]
-    if which == "kvlist_value":
-        return attributes_dict(value.kvlist_value.values)
-    if which == "bytes_value":
-        return _clean(base64.b64encode(value.bytes_value[:MAX_VALUE_CHARS]).decode("ascii"))
     return None
 
 
+def _attributes(
+    attributes: Sequence[KeyValue], budget: _Budget, depth: int
+) -> tuple[dict[str, JsonValue], int]:
+    """The attributes that fit `budget`, and how many of them did not."""
+    kept: dict[str, JsonValue] = {}
+    taken = 0
+    for kv in attributes[:MAX_ATTRIBUTES]:
+        if budget.left <= 0:
+            break
+        key = budget.text(kv.key, MAX_KEY_CHARS)
+        kept[key] = _any_value(kv.value, budget, depth)
+        taken += 1
+    return kept, len(attributes) - taken
+
+
 def attributes_dict(attributes: Sequence[KeyValue]) -> dict[str, JsonValue]:
-    return {_clean(kv.key, MAX_KEY_CHARS): any_value(kv.value) for kv in attributes[:MAX_ATTRIBUTES]}
+    """OTLP attributes as a JSON object within the bounds above (strings cut, the rest left
+    out), with DROPPED_ATTR saying how many were left out."""
+    kept, dropped = _attributes(attributes, _Budget(), 0)
+    if dropped:
+        kept[DROPPED_ATTR] = dropped
+    return kept
 
 
 def _text(value: JsonValue) -> str:

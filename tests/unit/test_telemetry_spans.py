@@ -236,12 +236,37 @@ def test_attributes_are_bounded() -> None:
             KeyValue(key="list", value=AnyValue(array_value=ArrayValue(
                 values=[AnyValue(int_value=i) for i in range(10_000)])))]
     row = export_batch(export_request([span(attributes=huge + many)]), platform("t")).rows[0]
-    assert len(row.attributes) == otlp.MAX_ATTRIBUTES
+    assert len(row.attributes) == otlp.MAX_ATTRIBUTES + 1
+    assert row.attributes[otlp.DROPPED_ATTR] == len(huge + many) - otlp.MAX_ATTRIBUTES
     big = row.attributes["big"]
     assert isinstance(big, str) and len(big) == otlp.MAX_VALUE_CHARS and big.endswith("…")
     assert all(len(key) <= otlp.MAX_KEY_CHARS for key in row.attributes)
     listed = row.attributes["list"]
     assert isinstance(listed, list) and len(listed) == otlp.MAX_ITEMS
+
+
+def test_a_spans_attributes_are_bounded_in_all() -> None:
+    """128 attributes of 4096 characters each would be half a megabyte a span: the whole is
+    bounded, and what is left out is counted."""
+    wide = [kv(f"k{i:03}", "x" * 10_000) for i in range(100)]
+    row = export_batch(export_request([span(attributes=wide)]), platform("t")).rows[0]
+    size = sum(len(k) + len(str(v)) for k, v in row.attributes.items())
+    assert size <= otlp.MAX_ATTRIBUTE_CHARS + 64
+    kept = len(row.attributes) - 1
+    assert row.attributes[otlp.DROPPED_ATTR] == 100 - kept
+    assert kept == otlp.MAX_ATTRIBUTE_CHARS // (otlp.MAX_VALUE_CHARS + 4) + 1
+
+
+def test_nesting_is_bounded() -> None:
+    value = AnyValue(string_value="leaf")
+    for _ in range(20):
+        value = AnyValue(array_value=ArrayValue(values=[value]))
+    row = export_batch(export_request([span(attributes=[KeyValue(key="deep", value=value)])]),
+                       platform("t")).rows[0]
+    depth, node = 0, row.attributes["deep"]
+    while isinstance(node, list):
+        depth, node = depth + 1, node[0]
+    assert depth == otlp.MAX_DEPTH and node == "…"
 
 
 async def test_an_export_stores_its_spans_once_and_its_scores() -> None:
