@@ -260,10 +260,12 @@ class Rollouts(RunDomain):
         ))
 
     async def abort_for_manual_change(
-        self, tx: RegistryTx, endpoint: EndpointRef, caller: Caller
+        self, tx: RegistryTx, endpoint: EndpointRef, caller: Caller,
+        traffic: tuple[TrafficShare, ...],
     ) -> Transition | None:
-        """A manual `endpoint set` during a rollout or experiment aborts it (audited as such).
-        Returns the transition to announce once the caller's transaction has committed."""
+        """A manual `endpoint set` (to `traffic`) during a rollout or experiment aborts it
+        (audited as such). Returns the transition to announce once the caller's transaction has
+        committed."""
         run = await tx.active_run(tenant_of(caller), endpoint)
         if run is None:
             return None
@@ -272,8 +274,11 @@ class Rollouts(RunDomain):
         if isinstance(run, ExperimentRecord):
             ended = await self._end_experiment(tx, run, reason)
         else:
+            # The rollout shows the candidate's share of what was set, not its last step's.
+            candidate = sum(s.percent for s in traffic if s.version == run.candidate_version)
             ended = await save(tx, replace(
-                run, state=RolloutState.ABORTED, state_reason=reason, end_time=self.clock.now()))
+                run, state=RolloutState.ABORTED, state_reason=reason, current_weight=candidate,
+                end_time=self.clock.now()))
         await tx.audit(caller, "AbortRollout", run.name, {"reason": reason})
         return Transition(ended, "ABORTED", caller.user)
 
