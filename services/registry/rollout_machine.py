@@ -40,7 +40,7 @@ def resumed(r: RolloutRecord, actor: str, now: datetime) -> RolloutRecord:
     the candidate first got traffic)."""
     if r.state is not RolloutState.PAUSED:
         raise FailedPrecondition(
-            f"{r.name} is not paused ({r.state.value.lower()}); `corral rollout pause` holds it",
+            f"{r.name} is {r.state.value.lower()}, not paused: there is nothing to resume",
             reason="NOT_PAUSED",
         )
     return replace(r, state=RolloutState.PROGRESSING, state_reason=f"resumed by {actor}",

@@ -71,7 +71,7 @@ def test_pause_holds_the_step_and_weight() -> None:
 def test_a_progressing_rollout_is_not_resumed() -> None:
     with pytest.raises(FailedPrecondition) as err:
         rollout_machine.resumed(held_at(ro.AnalysisGate(600), ro.RolloutState.PROGRESSING), "alice", NOW)
-    assert err.value.reason == "NOT_PAUSED" and "is not paused (progressing)" in err.value.message
+    assert err.value.reason == "NOT_PAUSED" and "is progressing, not paused: there is nothing to resume" in err.value.message
 
 
 @pytest.mark.parametrize("state", list(ro.RolloutState))
