@@ -177,21 +177,28 @@ def _on_one_rollout(name: str, *options: Decorator) -> Callable[[RolloutAction],
     return decorate
 
 
-@_on_one_rollout("promote", click.option("--full", is_flag=True, help="Straight to 100%."))
+@_on_one_rollout("promote", click.option(
+    "--full", is_flag=True, help="Straight to 100%: the rollout succeeds at once."))
 def rollout_promote(state: State, target: names.RolloutRef, full: bool) -> None:
-    """Skip the current gate (--full: straight to 100%)."""
+    """Skip the current gate or pause, without waiting for the analysis: the next weight is set
+    at once (also when paused). The only way past an analysis gate that has not passed.
+    --full: the candidate gets 100% and the rollout succeeds."""
     _show(state, state.client.promote_rollout(target, full=full))
 
 
 @_on_one_rollout("pause", _REASON)
 def rollout_pause(state: State, target: names.RolloutRef, reason: str) -> None:
-    """Hold the rollout where it is."""
+    """Hold the rollout at its current step and weight: nothing moves and no gate passes until
+    `resume` or `promote`. Sessions keep going to the candidate at that weight."""
     _show(state, state.client.pause_rollout(target, reason=reason))
 
 
 @_on_one_rollout("resume")
 def rollout_resume(state: State, target: names.RolloutRef) -> None:
-    """Continue a paused rollout (past a manual or timed-out gate)."""
+    """Continue a paused rollout at the step it was held at, whose time starts over. A pending
+    analysis gate is evaluated again and must pass before the weight moves (an inconclusive one
+    pauses again after its maximum duration); a manual gate is passed. To skip an analysis gate,
+    use `promote`."""
     _show(state, state.client.resume_rollout(target))
 
 

@@ -227,7 +227,7 @@ class Registry:
                 description = current.description if current is not None else ""
             aborted = None
             if current is not None and change.traffic is not None:
-                aborted = await self._rollouts.abort_for_manual_change(tx, endpoint, caller)
+                aborted = await self._rollouts.abort_for_manual_change(tx, endpoint, caller, traffic)
             record = await tx.put_endpoint(tenant, endpoint, traffic, description=description)
             await tx.audit(
                 caller, method, endpoint.name,

@@ -15,7 +15,7 @@ from services.common.errors import CorralError, FailedPrecondition, NotFound
 from services.common.identity import Caller
 from services.common.outbound import OutboundPolicy
 from services.common.paging import Page
-from services.registry import rollout_rules
+from services.registry import rollout_machine, rollout_rules
 from services.registry.destinations import check_destination
 from services.registry.model import (
     EndpointRecord,
@@ -27,17 +27,14 @@ from services.registry.model import (
 )
 from services.registry.rollout_model import (
     Analysis,
-    AnalysisGate,
     ExperimentRecord,
     ExperimentState,
-    ManualGate,
     Notify,
     RolloutRecord,
     RolloutRequest,
     RolloutState,
     RunRecord,
     SessionPolicy,
-    SetWeight,
     Transition,
 )
 from services.registry.tenancy import tenant_of
@@ -193,12 +190,7 @@ class Rollouts(RunDomain):
             record = await tx.get_rollout(tenant, rollout, for_update=True)
             if record is None:
                 raise NotFound(f"{rollout.name} does not exist")
-            if not record.active:
-                raise FailedPrecondition(
-                    f"{record.name} has already ended ({record.state.value.lower()}); start a new "
-                    "rollout",
-                    reason="ROLLOUT_ENDED",
-                )
+            rollout_machine.check_active(record)
             updated, event = await change(tx, record)
             await tx.audit(caller, method, record.name, {
                 "state": updated.state.value, "weight": updated.current_weight,
@@ -212,33 +204,19 @@ class Rollouts(RunDomain):
         async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
             if full:
                 return await self.finish(tx, r, f"promoted to 100% by {caller.user}"), "PROMOTED"
-            promoted = replace(
-                r, state=RolloutState.PROGRESSING,
-                state_reason=f"promoted past step {r.current_step} by {caller.user}",
-                current_step=_next_gate_end(r), step_start_time=self.clock.now(),
-            )
+            promoted = rollout_machine.promoted(r, caller.user, self.clock.now())
             return await save(tx, promoted), "PROMOTED"
         return await self._act(caller, rollout, "PromoteRollout", change)
 
     async def pause(self, caller: Caller, rollout: RolloutRef, reason: str) -> RolloutRecord:
         async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
-            paused = replace(r, state=RolloutState.PAUSED,
-                             state_reason=reason or f"paused by {caller.user}")
+            paused = rollout_machine.paused(r, reason or f"paused by {caller.user}")
             return await save(tx, paused), "PAUSED"
         return await self._act(caller, rollout, "PauseRollout", change)
 
     async def resume(self, caller: Caller, rollout: RolloutRef) -> RolloutRecord:
         async def change(tx: RegistryTx, r: RolloutRecord) -> tuple[RolloutRecord, str]:
-            if r.state is not RolloutState.PAUSED:
-                raise FailedPrecondition(f"{r.name} is not paused", reason="NOT_PAUSED")
-            step = r.current_step
-            steps = r.spec.steps
-            # Resuming a manual gate, or a gate that timed out, moves past it.
-            if step < len(steps) and isinstance(steps[step], ManualGate | AnalysisGate):
-                step += 1
-            resumed = replace(r, state=RolloutState.PROGRESSING,
-                              state_reason=f"resumed by {caller.user}", current_step=step,
-                              step_start_time=self.clock.now())
+            resumed = rollout_machine.resumed(r, caller.user, self.clock.now())
             return await save(tx, resumed), "RESUMED"
         return await self._act(caller, rollout, "ResumeRollout", change)
 
@@ -282,10 +260,12 @@ class Rollouts(RunDomain):
         ))
 
     async def abort_for_manual_change(
-        self, tx: RegistryTx, endpoint: EndpointRef, caller: Caller
+        self, tx: RegistryTx, endpoint: EndpointRef, caller: Caller,
+        traffic: tuple[TrafficShare, ...],
     ) -> Transition | None:
-        """A manual `endpoint set` during a rollout or experiment aborts it (audited as such).
-        Returns the transition to announce once the caller's transaction has committed."""
+        """A manual `endpoint set` (to `traffic`) during a rollout or experiment aborts it
+        (audited as such). Returns the transition to announce once the caller's transaction has
+        committed."""
         run = await tx.active_run(tenant_of(caller), endpoint)
         if run is None:
             return None
@@ -294,8 +274,11 @@ class Rollouts(RunDomain):
         if isinstance(run, ExperimentRecord):
             ended = await self._end_experiment(tx, run, reason)
         else:
+            # The rollout shows the candidate's share of what was set, not its last step's.
+            candidate = sum(s.percent for s in traffic if s.version == run.candidate_version)
             ended = await save(tx, replace(
-                run, state=RolloutState.ABORTED, state_reason=reason, end_time=self.clock.now()))
+                run, state=RolloutState.ABORTED, state_reason=reason, current_weight=candidate,
+                end_time=self.clock.now()))
         await tx.audit(caller, "AbortRollout", run.name, {"reason": reason})
         return Transition(ended, "ABORTED", caller.user)
 
@@ -401,11 +384,3 @@ class Rollouts(RunDomain):
         await self.retire_sessions(r.tenant, r.endpoint, r.candidate_version,
                                    policy or r.spec.rollback_policy, r.stable_version)
 
-
-def _next_gate_end(r: RolloutRecord) -> int:
-    """The step after the current gate (or the current step when it is not a gate)."""
-    steps = r.spec.steps
-    step = r.current_step
-    if step < len(steps) and not isinstance(steps[step], SetWeight):
-        return step + 1
-    return step

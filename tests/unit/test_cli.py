@@ -62,6 +62,20 @@ def test_a_rollout_action_resolves_the_rollout_then_acts_on_it(
     assert json.loads(output)["name"] == acted_on.name
 
 
+def test_pause_resume_and_promote_help_say_that_only_promote_skips_an_analysis_gate() -> None:
+    def help_of(command: str) -> str:
+        result = CliRunner().invoke(cli, ["rollout", command, "--help"])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert "current step and weight: nothing moves and no gate passes until" in help_of("pause")
+    resume = help_of("resume")
+    assert "at the step it was held at" in resume
+    assert "analysis gate is evaluated again and must pass before the weight moves" in resume
+    assert "To skip an analysis gate, use `promote`" in resume
+    assert "The only way past an analysis gate that has not passed" in help_of("promote")
+
+
 @pytest.mark.parametrize("bad", ["abc", "0", "07", "1.5"])
 def test_a_rollout_id_is_a_number_or_a_dash(bad: str) -> None:
     client = RecordingClient()

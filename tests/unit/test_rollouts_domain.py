@@ -135,11 +135,24 @@ async def test_an_unreachable_telemetry_is_inconclusive_and_a_gate_waits_for_a_h
     await world.controller.tick()
     paused = await world.rollouts.get(ALICE, r.ref)
     assert paused.state is ro.RolloutState.PAUSED and "inconclusive after 61s" in paused.state_reason
+    # Resuming continues at the gate, which still has to pass: the weight stays until it does.
     resumed = await world.rollouts.resume(ALICE, r.ref)
-    assert resumed.current_step == 2 and resumed.state is ro.RolloutState.PROGRESSING
+    assert resumed.current_step == 1 and resumed.state is ro.RolloutState.PROGRESSING
     with pytest.raises(FailedPrecondition) as err:
         await world.rollouts.resume(ALICE, r.ref)
     assert err.value.reason == "NOT_PAUSED"
+    world.telemetry.down = False
+    world.clock.advance(30)
+    await world.controller.tick()
+    held = await world.rollouts.get(ALICE, r.ref)
+    assert (held.state, held.current_step, held.current_weight) == (ro.RolloutState.PROGRESSING, 1, 50)
+    assert await serving(world) == (TrafficShare(1, 5000), TrafficShare(2, 5000))
+    world.telemetry.verdicts = [ro.Analysis(ro.Verdict.PASS)]
+    world.clock.advance(30)
+    await world.controller.tick()
+    await world.controller.tick()
+    assert (await world.rollouts.get(ALICE, r.ref)).state is ro.RolloutState.SUCCEEDED
+    assert world.announced.events[-3:] == ["RESUMED", "ANALYSIS_PASSED", "SUCCEEDED"]
 
 
 async def test_pauses_wait_on_the_clock_and_manual_gates_on_a_human(world: RegistryWorld) -> None:

@@ -1,6 +1,6 @@
 """Rollouts with real registry and telemetry servers on real PostgreSQL, moving through their
-steps: promotion through every step, an inconclusive pause, and a registry restarted or
-replicated mid-rollout applying each step once."""
+steps: promotion through every step, an inconclusive pause that a resume does not pass, and a
+registry restarted or replicated mid-rollout applying each step once."""
 
 from __future__ import annotations
 
@@ -86,11 +86,18 @@ async def test_no_traffic_pauses_as_inconclusive_and_never_promotes(
     assert [m for m, _ in events].count("Rollout:PAUSED") == 1
     assert "Rollout:ANALYSIS_PASSED" not in [m for m, _ in events]
 
+    # Resumed, it is back at the gate, which has to pass: still no traffic, so it pauses again.
     resumed = await w.rollouts.ResumeRollout(ro.ResumeRolloutRequest(name=r.name), metadata=ALICE)
-    assert state(resumed) == "PROGRESSING" and resumed.current_step == 2
+    assert state(resumed) == "PROGRESSING" and resumed.current_step == 1
+    again = await w.wait(r.name, lambda x: state(x) != "PROGRESSING", what="paused again")
+    assert state(again) == "PAUSED" and "inconclusive" in again.state_reason, again.state_reason
+    assert again.current_weight == 10 and sorted(await w.traffic()) == [(w.version(1), 90.0), (w.version(2), 10.0)]
+    # Only a human's promote takes it past the gate.
+    await w.rollouts.PromoteRollout(ro.PromoteRolloutRequest(name=r.name), metadata=ALICE)
     done = await w.wait(r.name, lambda x: state(x) != "PROGRESSING", what="finished")
     assert state(done) == "SUCCEEDED" and await w.traffic() == [(w.version(2), 100.0)]
-    assert [m for m, _ in await w.rollout_events(r.name)][-2:] == ["ResumeRollout", "Rollout:SUCCEEDED"]
+    assert [m for m, _ in await w.rollout_events(r.name)][-4:] == [
+        "ResumeRollout", "Rollout:PAUSED", "PromoteRollout", "Rollout:SUCCEEDED"]
 
 
 # -- 3. a registry restarted mid-rollout -------------------------------------------------------
