@@ -3,6 +3,7 @@ the services, so these tests check what the command sends and prints, and open n
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -25,6 +26,12 @@ from tests.fakes.cli import KEY, RecordingClient
 def run(client: CorralClient, *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["--json", *args], obj=State(client=client))
     return result.exit_code, result.output
+
+
+def test_version_prints_the_installed_package_version_without_calling_the_platform() -> None:
+    result = CliRunner().invoke(cli, ["--version"], obj=State(client=RecordingClient()))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"corral {importlib.metadata.version('corral')}\n"
 
 
 def test_publish_packs_once_and_uploads_what_it_measured(
