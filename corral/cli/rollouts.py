@@ -15,7 +15,18 @@ from rich.text import Text
 
 from corral import names
 from corral.cli.options import NEWEST_OR_NUMBER, State, endpoint_command
-from corral.cli.output import emit_message, emit_rows, enum_label, out, traffic_text, version_label
+from corral.cli.output import (
+    emit_message,
+    emit_rows,
+    enum_label,
+    figure,
+    metric_label,
+    out,
+    relative_notes,
+    traffic_text,
+    version_label,
+    with_interval,
+)
 from corral.registry.v1 import rollouts_pb2 as pb
 from corral.strategy import (
     POLICIES,
@@ -132,17 +143,18 @@ def render(r: pb.Rollout) -> Group:
     )
     if not r.last_analysis.comparisons:
         return Group(head)
-    table = Table("metric", "baseline", "candidate", "difference [interval]", "tolerance",
+    table = Table("metric", "baseline", "candidate", "difference \\[interval]", "tolerance",
                   "verdict", "sessions b/c")
     for c in r.last_analysis.comparisons:
         verdict = enum_label(tel.Verdict, c.verdict)
         table.add_row(
-            c.metric.name, f"{c.baseline.estimate:.4g}", f"{c.candidate.estimate:.4g}",
-            f"{c.difference:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}]", f"{c.tolerance:.4g}",
+            metric_label(c.metric.name), figure(c.baseline.estimate), figure(c.candidate.estimate),
+            with_interval(c.difference, c.ci_low, c.ci_high, signed=True), figure(c.tolerance),
             Text(verdict, style={"PASS": "green", "FAIL": "red"}.get(verdict, "yellow")),
             f"{c.baseline.sessions}/{c.candidate.sessions}",
         )
-    return Group(head, table)
+    notes = relative_notes(c.metric.name for c in r.last_analysis.comparisons)
+    return Group(head, table, *(Text(note, style="dim") for note in notes))
 
 
 def _show(state: State, r: pb.Rollout) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ from corral.cli.output import enum_label
 from corral.client import CorralClient, pages
 from corral.config import ClientConfig
 from corral.registry.v1 import keys_pb2 as ks
+from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
+from corral.telemetry.v1 import telemetry_pb2 as tel
 from tests.bundles import SAYS_HI, agent_files, write_bundle
 from tests.fakes.cli import KEY, RecordingClient
 
@@ -86,6 +89,57 @@ def test_pages_follows_next_page_token_to_the_end() -> None:
 
     listed = [t.name for t in pages(fetch, lambda page: page.tools)]
     assert listed == ["tools/a", "tools/b", "tools/c"]
+
+
+def shown(client: CorralClient, *args: str) -> str:
+    """What a person sees (no --json), on a terminal wide enough for whole table rows."""
+    result = CliRunner().invoke(cli, list(args), obj=State(client=client),
+                                env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_rollout_status_says_no_data_for_an_empty_window_and_labels_relative_metrics() -> None:
+    client = RecordingClient()
+    nan = math.nan
+    client.last_analysis = tel.CompareVersionsResponse(comparisons=[
+        tel.MetricComparison(
+            metric=tel.MetricSpec(name="session_error_rate"),
+            baseline=tel.ArmStats(sessions=40, estimate=0.025), candidate=tel.ArmStats(estimate=nan),
+            difference=nan, ci_low=nan, ci_high=nan, tolerance=0.03),
+        tel.MetricComparison(
+            metric=tel.MetricSpec(name="latency_p95"),
+            baseline=tel.ArmStats(sessions=40, estimate=0.05), candidate=tel.ArmStats(sessions=3, estimate=0.08),
+            difference=0.03, ci_low=-0.2, ci_high=0.26, tolerance=0.05),
+    ])
+    output = shown(client, "rollout", "status", "a", "prod")
+    assert "nan" not in output and "difference [interval]" in output
+    rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 2}
+    assert "no data" in rows["session_error_rate"] and "0.025" in rows["session_error_rate"]
+    assert "+0.03 [-0.2, +0.26]" in rows["latency_p95 (relative)"]
+    assert "latency_p95 (relative): share of invocations slower than the baseline's p95" in output
+
+
+def test_an_experiment_variant_without_data_reads_no_data_not_nan() -> None:
+    client = RecordingClient()
+    nan = math.nan
+    client.report = ro.ExperimentReport(
+        experiment=ro.Experiment(name="agents/a/endpoints/prod/experiments/1", variants=[
+            reg.TrafficTarget(version="agents/a/versions/1", percent=50),
+            reg.TrafficTarget(version="agents/a/versions/2", percent=50)]),
+        analysis=tel.AnalyzeExperimentResponse(sessions=[30, 0], metrics=[tel.ExperimentMetricResult(
+            metric=tel.MetricSpec(name="latency_p95"), unit="share of invocations slower than the baseline's p95",
+            variants=[
+                tel.VariantMetric(version="agents/a/versions/1", sessions=30, estimate=0.05,
+                                  ci_low=0.01, ci_high=0.09, control=True),
+                tel.VariantMetric(version="agents/a/versions/2", estimate=nan, ci_low=-math.inf,
+                                  ci_high=math.inf, effect=nan, effect_low=nan, effect_high=nan),
+            ])]))
+    output = shown(client, "experiment", "status", "a", "prod")
+    assert "nan" not in output and "mean [interval]" in output
+    assert "latency_p95 (relative): share of invocations slower" in output
+    v2 = next(line for line in output.splitlines() if line.lstrip("│ ").startswith("v2") and "no data" in line)
+    assert v2.count("no data") == 2 and "control" not in v2
 
 
 def test_enum_labels_drop_their_enums_prefix() -> None:

@@ -3,6 +3,7 @@ rules CompareVersions and AnalyzeExperiment apply before any statistics run."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.auth.principal import Role
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.identity import Caller
+from services.telemetry import messages
 from services.telemetry.analysis import SessionObservation, Verdict
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import (
@@ -255,3 +257,15 @@ async def test_an_experiment_counts_each_variants_sessions_against_the_first() -
     )
     assert dict(result.sample_ratio.observed) == {V3.name: 4, V1.name: 6, V2.name: 3}
     assert result.control == V3.name
+
+
+async def test_a_variant_without_sessions_reports_no_effect_and_is_not_the_control() -> None:
+    domain, store = evaluation()
+    store.observed = {V1.name: [SessionObservation(invocations=1)] * 6, V2.name: []}
+    variants = [Variant(V1, 50), Variant(V2, 50)]
+    response = messages.experiment_response(
+        await domain.analyze_experiment(ALICE, SCOPE, variants), variants)
+    for metric in response.metrics:
+        control, empty = metric.variants
+        assert control.control and not empty.control, metric.metric.name
+        assert math.isnan(empty.estimate) and math.isnan(empty.effect), metric.metric.name
