@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -215,7 +216,9 @@ def rollout_abort(state: State, target: names.RolloutRef, reason: str) -> None:
 
 @endpoint_command(rollout.command("status"))
 @_ID
-@click.option("--watch", is_flag=True, help="Redraw live until the rollout ends.")
+@click.option("--watch", is_flag=True,
+              help="Follow the rollout until it ends: redrawn on a terminal, else a line per "
+                   "change.")
 def rollout_status(state: State, target: names.EndpointRef, rollout_id: int | None,
                    watch: bool) -> None:
     """The state of the newest rollout of ENDPOINT: step, weight, and each metric's evidence."""
@@ -223,13 +226,43 @@ def rollout_status(state: State, target: names.EndpointRef, rollout_id: int | No
     if state.json or not watch:
         _show(state, r)
         return
+    # Watched by its own id: a newer rollout started meanwhile is not this one.
+    watched = names.RolloutRef.parse(r.name)
+    if not out.is_terminal:
+        # Piped or redirected: no redrawing (Live would print only when the rollout ends), but a
+        # plain line, flushed, each time the rollout changes.
+        _watch_lines(state, watched, r)
+        return
     with Live(render(r), console=out, refresh_per_second=2) as live:
-        # Watched by its own id: a newer rollout started meanwhile is not this one.
-        watched = names.RolloutRef.parse(r.name)
         while r.state not in ENDED:
             time.sleep(1)
             r = state.client.get_rollout(watched)
             live.update(render(r))
+
+
+def progress_line(r: pb.Rollout) -> str:
+    """A rollout's progress on one line: state, weight, step and each metric's verdict."""
+    step = (f"step {r.current_step + 1}/{len(r.steps)} {_step_text(r.steps[r.current_step])}"
+            if r.current_step < len(r.steps) else "steps done")
+    parts = [r.name, enum_label(pb.RolloutState, r.state), f"weight {r.current_weight:g}%", step]
+    parts += [f"{metric_label(c.metric.name)} {enum_label(tel.Verdict, c.verdict)}"
+              for c in r.last_analysis.comparisons]
+    if r.state_reason:
+        parts.append(r.state_reason)
+    return " | ".join(parts)
+
+
+def _watch_lines(state: State, watched: names.RolloutRef, r: pb.Rollout) -> None:
+    shown = ""
+    while True:
+        line = progress_line(r)
+        if line != shown:
+            click.echo(f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}")  # flushes
+            shown = line
+        if r.state in ENDED:
+            return
+        time.sleep(1)
+        r = state.client.get_rollout(watched)
 
 
 @endpoint_command(rollout.command("list"))
