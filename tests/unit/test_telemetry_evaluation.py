@@ -22,6 +22,7 @@ from services.telemetry.model import (
     AnalysisScope,
     MetricRequest,
     ObservationQuery,
+    RecordedSession,
     ScoreFilter,
     ScoreInput,
     ScoreSource,
@@ -30,7 +31,7 @@ from services.telemetry.model import (
     Variant,
     VersionComparison,
 )
-from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeScoreStore, FakeSessionDirectory, FakeSpanStore
 
 # An operator of acme (scores any session of the tenant, with the source it names).
 ALICE = Caller("acme", "alice", frozenset({Role.OPERATOR}))
@@ -73,11 +74,11 @@ def ran(
     spans.put(row)
 
 
-def evaluation() -> tuple[Evaluation, FakeScoreStore]:
+def evaluation(sessions: FakeSessionDirectory | None = None) -> tuple[Evaluation, FakeScoreStore]:
     scores, spans = FakeScoreStore(), FakeSpanStore()
     ran(spans, "acme", "sessions/s1", V1, "t0")
     ran(spans, "acme", "sessions/s1", V2, "t1")  # the newer: the session now runs V2
-    return Evaluation(scores, spans), scores
+    return Evaluation(scores, spans, sessions or FakeSessionDirectory()), scores
 
 
 def score(**fields: Any) -> ScoreInput:
@@ -124,6 +125,25 @@ async def test_scores_only_on_sessions_and_traces_that_ran_in_the_tenant() -> No
         with pytest.raises(NotFound) as err:
             await domain.record_score(caller, score(**fields))
         assert expected in err.value.message
+
+
+async def test_a_session_without_spans_yet_is_scored_on_the_pin_sessions_recorded() -> None:
+    directory = FakeSessionDirectory()
+    directory.record(RecordedSession("acme", "carol", AGENT.name, V3.name, "agents/a/endpoints/prod"),
+                     "fresh")
+    domain, store = evaluation(directory)
+    fresh = SessionRef("fresh")
+    stored = await domain.record_score(ALICE, score(session=fresh))
+    assert (stored.session, stored.version, stored.endpoint) == (
+        "sessions/fresh", V3.name, "agents/a/endpoints/prod")
+    # Its owner, the same rules as for a session with spans: their own, as user feedback.
+    carol = Caller("acme", "carol", frozenset({Role.INVOKER}))
+    assert (await domain.record_score(carol, score(session=fresh))).source is ScoreSource.USER
+    with pytest.raises(PermissionDenied):
+        await domain.record_score(Caller("acme", "dave", frozenset({Role.INVOKER})), score(session=fresh))
+    with pytest.raises(NotFound, match="sessions/fresh"):
+        await domain.record_score(BETA, score(session=fresh))
+    assert len(store.scores) == 2
 
 
 async def test_an_invoker_scores_only_its_own_sessions_and_as_user_feedback() -> None:
