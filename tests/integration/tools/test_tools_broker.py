@@ -15,6 +15,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from google.protobuf import field_mask_pb2
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -305,3 +306,43 @@ async def test_link_local_and_unallowed_loopback_addresses_are_refused(
         await strict.close()
     # The loopback listeners were never connected to: nothing reached either tool.
     assert tools.http.requests == [] and tools.grpc.requests == []
+
+
+async def _moved(tools: Tools, tool: str, address: str) -> None:
+    """`tool` moved to `address` (with its secret: a secret never follows a tool elsewhere)."""
+    await tools.registry.tools.UpdateTool(pb.UpdateToolRequest(
+        tool=pb.Tool(name=f"tools/{tool}", address=address, secret=SECRET),
+        update_mask=field_mask_pb2.FieldMask(paths=["address", "secret"]),
+    ), metadata=tools.registry.md)
+
+
+async def test_a_moved_tool_is_called_at_its_new_address_within_the_cache_bound(
+    registry: Registry,
+) -> None:
+    seen = Seen()
+    runner, port = await _http_tool(seen)
+    await registry.create("moving", SECRET, address=f"http://127.0.0.1:{port}/ok")
+    later = [0.0]  # how far the broker's clock is ahead of the wall clock
+    resolver = CountingResolver(RegistryToolResolver(registry.settings.for_service("executor")))
+    broker = ToolBroker(
+        resolver=resolver, transport=ToolTransport.from_settings(registry.settings),
+        clock=lambda: time.time() + later[0], cache_ttl_s=registry.settings.credential_cache_s,
+    )
+    tools = Tools(registry, broker, resolver, InMemorySpanExporter(), seen, Seen())
+    try:
+        assert json.loads((await tools.call("moving")).payload) == {"answer": 42}
+        await _moved(tools, "moving", f"http://127.0.0.1:{port}/echo")
+        later[0] = registry.settings.credential_cache_s  # the documented bound: 5 s by default
+        moved = await tools.call("moving")
+        assert moved.error_code == "" and "headers" in json.loads(moved.payload)
+
+        # Moved away from an address that no longer answers: the call that finds it gone makes
+        # the next one ask the registry again, however fresh the cached address was.
+        await _moved(tools, "moving", f"http://{harness.refused_address()}/gone")
+        later[0] += registry.settings.credential_cache_s
+        assert (await tools.call("moving")).error_code == UNAVAILABLE
+        await _moved(tools, "moving", f"http://127.0.0.1:{port}/ok")
+        assert json.loads((await tools.call("moving")).payload) == {"answer": 42}
+    finally:
+        await broker.close()
+        await runner.cleanup()
