@@ -7,9 +7,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -346,3 +348,23 @@ async def test_a_moved_tool_is_called_at_its_new_address_within_the_cache_bound(
     finally:
         await broker.close()
         await runner.cleanup()
+
+
+def documented_headers() -> list[str]:
+    """The headers README.md's tool contract says every HTTP tool receives."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    contract = readme.split("#### The tool contract", 1)[1].split("\n####", 1)[0]
+    return re.findall(r"^  \| `([A-Za-z-]+)` \|", contract, re.MULTILINE)
+
+
+async def test_a_tool_receives_what_the_readme_documents(tools: Tools) -> None:
+    documented = documented_headers()
+    assert documented == ["Content-Type", "Authorization", "X-Corral-Tool-Secret",
+                          "X-Corral-Invocation", "traceparent"]
+    await tools.call("web")
+    await tools.call("rpc", b"ping")
+    [(headers, _)] = tools.http.requests
+    [(metadata, _)] = tools.grpc.requests
+    assert [h for h in documented if h not in headers] == []
+    # gRPC carries the same values as metadata, but for Content-Type (a field of the request).
+    assert [h.lower() for h in documented[1:] if h.lower() not in metadata] == []
