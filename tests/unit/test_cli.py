@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import re
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -215,3 +217,40 @@ def test_whoami_prints_the_principal() -> None:
     human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
     assert human.exit_code == 0 and "key:ci" in human.output
     assert "api_key abcdefgh234567ab" in human.output
+
+
+# -- the commands the documentation shows ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTED = ("README.md", "examples/agentcore-hello/README.md", "deploy/k8s/README.md",
+              "deploy/envoy/README.md", "docs/edge-and-profiles.md", "docs/oidc.md")
+
+
+def documented_commands(text: str) -> list[str]:
+    """The `corral ...` command lines of a Markdown file's code blocks (where a block prompts
+    with `$ `, only those lines), continuation lines joined, comments and pipes cut off."""
+    found: list[str] = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+        lines = block.replace("\\\n", " ").splitlines()
+        if any(line.startswith("$ ") for line in lines):
+            lines = [line.removeprefix("$ ") for line in lines if line.startswith("$ ")]
+        found += [re.split(r" #| \| ", line)[0] for line in lines if line.startswith("corral ")]
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCUMENTED)
+def test_every_command_the_documentation_shows_exists_with_its_options(doc: str) -> None:
+    """A removed command or flag (--tenant/--user to invoke, say) fails here, not for a reader."""
+    commands = documented_commands((ROOT / doc).read_text())
+    wrong = []
+    for command in commands:
+        # --ca must name an existing file; the documents' placeholders do not exist here.
+        args = re.sub(r"--ca \S+", "", command).split()[1:]
+        try:
+            # --help after the command: its options are parsed (an unknown one is an error),
+            # then help is printed instead of running it.
+            cli.main([*args, "--help"], prog_name="corral", standalone_mode=False)
+        except click.UsageError as exc:
+            wrong.append(f"{command}: {exc.format_message()}")
+    assert wrong == []
+    assert commands or doc.startswith("docs/oidc"), f"no corral commands found in {doc}"
