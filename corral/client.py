@@ -312,11 +312,20 @@ class CorralClient:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def list_sessions(
-        self, agent: str = "", version: str = "", limit: int = 50
-    ) -> list[ses.Session]:
-        request = ses.ListSessionsRequest(agent=agent, version=version, page_size=limit)
-        return list(self.sessions.ListSessions(request, metadata=self.metadata).sessions)
+    def list_sessions_page(
+        self, agent: str = "", version: str = "", limit: int = 50, page_token: str = ""
+    ) -> ses.ListSessionsResponse:
+        """One page of the tenant's sessions, newest first; its next_page_token continues it."""
+        request = ses.ListSessionsRequest(
+            agent=agent, version=version, page_size=limit, page_token=page_token)
+        return self.sessions.ListSessions(request, metadata=self.metadata)
+
+    def list_sessions(self, agent: str = "", version: str = "") -> list[ses.Session]:
+        """Every session of the tenant (of `agent`, pinned to `version`, where given), newest
+        first."""
+        return list(pages(
+            lambda token: self.list_sessions_page(agent, version, _PAGE, token),
+            lambda page: page.sessions))
 
     def get_session(self, session: str) -> ses.Session:
         request = ses.GetSessionRequest(name=names.session_name(session))

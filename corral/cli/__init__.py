@@ -35,6 +35,9 @@ AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, ro
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="corral", prog_name="corral",
+                      message="%(prog)s %(version)s",
+                      help="Print the installed corral package's version and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--api-key", envvar="CORRAL_API_KEY", metavar="KEY",
               help="API key (crl_...) to call with; prefer the CORRAL_API_KEY variable, which "

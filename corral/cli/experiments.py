@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -10,7 +11,16 @@ from rich.text import Text
 
 from corral import names
 from corral.cli.options import NEWEST_OR_NUMBER, State, endpoint_command
-from corral.cli.output import emit_message, emit_rows, enum_label, out, traffic_text, version_label
+from corral.cli.output import (
+    emit_message,
+    emit_rows,
+    enum_label,
+    metric_label,
+    out,
+    traffic_text,
+    version_label,
+    with_interval,
+)
 from corral.client import parse_split
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as pb
@@ -55,7 +65,10 @@ def experiment_start(state: State, target: names.EndpointRef, variants: str, unt
 
 
 def forest(lo: float, mid: float, hi: float, scale: float) -> Text:
-    """One row of a forest plot: the interval as a bar on a symmetric axis around 0."""
+    """One row of a forest plot: the interval as a bar on a symmetric axis around 0 (nothing
+    for an effect with no data or no interval yet)."""
+    if not all(math.isfinite(x) for x in (lo, mid, hi)):
+        return Text("")
     def col(x: float) -> int:
         return max(0, min(PLOT_WIDTH - 1, round((x / scale + 1) / 2 * (PLOT_WIDTH - 1))))
     cells = [" "] * PLOT_WIDTH
@@ -80,17 +93,17 @@ def render_report(r: pb.ExperimentReport) -> None:
     out.print(Text(srm, style="bold red" if a.sample_ratio_mismatch else "green"))
     for m in a.metrics:
         scale = max([abs(x) for v in m.variants if not v.control
-                     for x in (v.effect_low, v.effect_high)] + [1e-9])
-        plot = Table(title=f"{m.metric.name} ({m.unit})", title_justify="left")
-        for column in ("variant", "sessions", "mean [interval]", "effect vs control"):
+                     for x in (v.effect_low, v.effect_high) if math.isfinite(x)] + [1e-9])
+        plot = Table(title=f"{metric_label(m.metric.name)}: {m.unit}", title_justify="left")
+        for column in ("variant", "sessions", "mean \\[interval]", "effect vs control"):
             plot.add_column(column)
         plot.add_column(f"−{scale:.2g} … 0 … +{scale:.2g}", no_wrap=True, min_width=PLOT_WIDTH)
         for v in m.variants:
             plot.add_row(
                 version_label(v.version), str(v.sessions),
-                f"{v.estimate:.4g} [{v.ci_low:.4g}, {v.ci_high:.4g}]",
+                with_interval(v.estimate, v.ci_low, v.ci_high),
                 "control" if v.control
-                else f"{v.effect:+.4g} [{v.effect_low:+.4g}, {v.effect_high:+.4g}]",
+                else with_interval(v.effect, v.effect_low, v.effect_high, signed=True),
                 "" if v.control else forest(v.effect_low, v.effect, v.effect_high, scale))
         out.print(plot)
     out.print(Text(r.summary, style="bold"))

@@ -4,6 +4,7 @@ resource names for narrow tables, and one way to report a failure and exit with 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -92,6 +93,42 @@ def version_label(version: str) -> str:
 def traffic_text(traffic: Iterable[reg.TrafficTarget]) -> str:
     """v1=90%, v2=10%."""
     return ", ".join(f"{version_label(t.version)}={t.percent:g}%" for t in traffic)
+
+
+# Metrics whose values are not in their own unit but relative to the baseline: the share of
+# invocations slower than the baseline's percentile (telemetry's analysis/metrics.py), so their
+# differences are differences of shares, not times.
+RELATIVE_METRICS = {"latency_p95": "p95", "latency_p99": "p99"}
+NO_DATA = "no data"
+
+
+def metric_label(metric: str) -> str:
+    """latency_p95 → latency_p95 (relative); any other metric as it is."""
+    return f"{metric} (relative)" if metric in RELATIVE_METRICS else metric
+
+
+def relative_notes(metrics: Iterable[str]) -> list[str]:
+    """What a "(relative)" label means, once for each such metric among `metrics`."""
+    return [f"{metric_label(m)}: share of invocations slower than the baseline's "
+            f"{RELATIVE_METRICS[m]} (a difference of shares, not of times)"
+            for m in dict.fromkeys(metrics) if m in RELATIVE_METRICS]
+
+
+def figure(value: float, signed: bool = False) -> str:
+    """A measured value to 4 significant digits, or "no data" where the window held none (NaN)."""
+    if math.isnan(value):
+        return NO_DATA
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def with_interval(value: float, low: float, high: float, signed: bool = False) -> str:
+    """"value [low, high]"; "no data" for a value from an empty window, and no interval where
+    there is not yet evidence enough to bound it."""
+    if math.isnan(value):
+        return NO_DATA
+    if math.isnan(low) or math.isnan(high):
+        return f"{figure(value, signed)} (no interval yet)"
+    return f"{figure(value, signed)} [{figure(low, signed)}, {figure(high, signed)}]"
 
 
 def session_id(session: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -15,7 +16,18 @@ from rich.text import Text
 
 from corral import names
 from corral.cli.options import NEWEST_OR_NUMBER, State, endpoint_command
-from corral.cli.output import emit_message, emit_rows, enum_label, out, traffic_text, version_label
+from corral.cli.output import (
+    emit_message,
+    emit_rows,
+    enum_label,
+    figure,
+    metric_label,
+    out,
+    relative_notes,
+    traffic_text,
+    version_label,
+    with_interval,
+)
 from corral.registry.v1 import rollouts_pb2 as pb
 from corral.strategy import (
     POLICIES,
@@ -132,17 +144,18 @@ def render(r: pb.Rollout) -> Group:
     )
     if not r.last_analysis.comparisons:
         return Group(head)
-    table = Table("metric", "baseline", "candidate", "difference [interval]", "tolerance",
+    table = Table("metric", "baseline", "candidate", "difference \\[interval]", "tolerance",
                   "verdict", "sessions b/c")
     for c in r.last_analysis.comparisons:
         verdict = enum_label(tel.Verdict, c.verdict)
         table.add_row(
-            c.metric.name, f"{c.baseline.estimate:.4g}", f"{c.candidate.estimate:.4g}",
-            f"{c.difference:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}]", f"{c.tolerance:.4g}",
+            metric_label(c.metric.name), figure(c.baseline.estimate), figure(c.candidate.estimate),
+            with_interval(c.difference, c.ci_low, c.ci_high, signed=True), figure(c.tolerance),
             Text(verdict, style={"PASS": "green", "FAIL": "red"}.get(verdict, "yellow")),
             f"{c.baseline.sessions}/{c.candidate.sessions}",
         )
-    return Group(head, table)
+    notes = relative_notes(c.metric.name for c in r.last_analysis.comparisons)
+    return Group(head, table, *(Text(note, style="dim") for note in notes))
 
 
 def _show(state: State, r: pb.Rollout) -> None:
@@ -210,7 +223,9 @@ def rollout_abort(state: State, target: names.RolloutRef, reason: str) -> None:
 
 @endpoint_command(rollout.command("status"))
 @_ID
-@click.option("--watch", is_flag=True, help="Redraw live until the rollout ends.")
+@click.option("--watch", is_flag=True,
+              help="Follow the rollout until it ends: redrawn on a terminal, else a line per "
+                   "change.")
 def rollout_status(state: State, target: names.EndpointRef, rollout_id: int | None,
                    watch: bool) -> None:
     """The state of the newest rollout of ENDPOINT: step, weight, and each metric's evidence."""
@@ -218,13 +233,43 @@ def rollout_status(state: State, target: names.EndpointRef, rollout_id: int | No
     if state.json or not watch:
         _show(state, r)
         return
+    # Watched by its own id: a newer rollout started meanwhile is not this one.
+    watched = names.RolloutRef.parse(r.name)
+    if not out.is_terminal:
+        # Piped or redirected: no redrawing (Live would print only when the rollout ends), but a
+        # plain line, flushed, each time the rollout changes.
+        _watch_lines(state, watched, r)
+        return
     with Live(render(r), console=out, refresh_per_second=2) as live:
-        # Watched by its own id: a newer rollout started meanwhile is not this one.
-        watched = names.RolloutRef.parse(r.name)
         while r.state not in ENDED:
             time.sleep(1)
             r = state.client.get_rollout(watched)
             live.update(render(r))
+
+
+def progress_line(r: pb.Rollout) -> str:
+    """A rollout's progress on one line: state, weight, step and each metric's verdict."""
+    step = (f"step {r.current_step + 1}/{len(r.steps)} {_step_text(r.steps[r.current_step])}"
+            if r.current_step < len(r.steps) else "steps done")
+    parts = [r.name, enum_label(pb.RolloutState, r.state), f"weight {r.current_weight:g}%", step]
+    parts += [f"{metric_label(c.metric.name)} {enum_label(tel.Verdict, c.verdict)}"
+              for c in r.last_analysis.comparisons]
+    if r.state_reason:
+        parts.append(r.state_reason)
+    return " | ".join(parts)
+
+
+def _watch_lines(state: State, watched: names.RolloutRef, r: pb.Rollout) -> None:
+    shown = ""
+    while True:
+        line = progress_line(r)
+        if line != shown:
+            click.echo(f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}")  # flushes
+            shown = line
+        if r.state in ENDED:
+            return
+        time.sleep(1)
+        r = state.client.get_rollout(watched)
 
 
 @endpoint_command(rollout.command("list"))

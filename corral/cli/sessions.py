@@ -12,6 +12,7 @@ from corral.cli.output import (
     emit,
     emit_rows,
     enum_label,
+    err,
     out,
     session_id,
     short_version,
@@ -30,16 +31,30 @@ def sessions() -> None:
 @click.option("--agent", default="", help="Only sessions of this agent.")
 @click.option("--version", "version", default="",
               help="Only sessions pinned to this version number.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000),
+              help="Sessions per page.")
+@click.option("--page-token", default="", metavar="TOKEN",
+              help="Continue a listing where its previous page ended (the token it printed).")
+@click.option("--all", "every", is_flag=True, help="Every session, all pages at once.")
 @json_option
 @pass_state
-def sessions_list(state: State, agent: str, version: str, limit: int) -> None:
-    """List your tenant's sessions, newest first."""
+def sessions_list(state: State, agent: str, version: str, limit: int, page_token: str,
+                  every: bool) -> None:
+    """List your tenant's sessions, newest first, a page at a time."""
     agent_name = names.agent_name(agent) if agent else ""
     version_name = (names.version_name(agent, int(version)) if agent and version.isdigit()
                     else version)
+    if every:
+        rows = state.client.list_sessions(agent_name, version_name)
+    else:
+        page = state.client.list_sessions_page(agent_name, version_name, limit, page_token)
+        rows = list(page.sessions)
+        if page.next_page_token:
+            # On stderr, so that --json's output stays a list.
+            err.print(f"more sessions: add --page-token {page.next_page_token} for the next "
+                      f"page, or --all for every one", soft_wrap=True)
     emit_rows(
-        state, state.client.list_sessions(agent_name, version_name, limit),
+        state, rows,
         ("session", "version", "status", "turns", "user", "last active"),
         lambda s: (session_id(s.name), short_version(s.version),
                    enum_label(ses.SessionStatus, s.status).lower(),

@@ -24,7 +24,9 @@ SERVICES = tuple(DEFAULT_PORTS)
 INTERNAL_PORT_OFFSET = 10
 # Each service after those it calls (registry → telemetry, sessions; executor → sessions, registry,
 # telemetry; router → registry, sessions, executor): one listening on port 0 is known only once it
-# has started, so it can be given only to those started after it.
+# has started, so it can be given only to those started after it. The calls back (every service
+# verifying API keys with the registry, telemetry asking sessions about a session it has no spans
+# of) work because the launcher and the tests pick and hold every port 0 up front.
 START_ORDER = ("telemetry", "sessions", "registry", "executor", "router")
 
 

@@ -68,7 +68,8 @@ class ExecutorService(App):
         metrics = ExecutorMetrics()
         broker = ModelBroker(providers_from_settings(provider_env, outbound))
         stack.push_async_callback(broker.aclose)
-        tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s))
+        tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s),
+                           cache_ttl_s=s.credential_cache_s)
         stack.push_async_callback(tools.close)
         redis = create_redis(s.require_redis())
         stack.push_async_callback(redis.aclose)

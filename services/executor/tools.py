@@ -40,9 +40,11 @@ _tracer = trace.get_tracer(__name__)
 TOOL_ATTR = "corral.tool.name"
 # The span event of a tool that echoed a credential back, with what was found (never the value).
 REDACTED_EVENT = "corral.tool.secret_redacted"
-# How long a resolved tool (or the fact that it does not exist) is reused: a changed address or
-# secret reaches running agents within this long, and the registry is not asked on every call.
-CACHE_TTL_S = 10.0
+# How long a resolved tool (or the fact that it does not exist) is reused by default: a changed
+# address, secret or timeout, or a deleted tool, reaches running agents within this long, and the
+# registry is not asked on every call. The executor passes settings.credential_cache_s (5 s), the
+# bound on every registry change it caches (a revoked API key is honoured as long).
+DEFAULT_CACHE_TTL_S = 5.0
 RESOLVE_TIMEOUT_S = 5.0
 
 
@@ -54,11 +56,14 @@ class ToolBroker:
         transport: ToolSender,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.time,
+        cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
     ) -> None:
         self.resolver = resolver
         self.tracer = tracer or _tracer
         self.clock = clock
+        self.cache_ttl_s = cache_ttl_s
         self._transport = transport
+        # (tenant, tool) → (until when, per self.clock; the tool, or None for "not registered")
         self._cache: dict[tuple[str, str], tuple[float, ResolvedTool | None]] = {}
 
     async def close(self) -> None:
@@ -143,6 +148,12 @@ class ToolBroker:
                 outcome = await self._transport.send(call)
         except TimeoutError:
             raise ToolFailure(TIMEOUT, f"tool {tool!r} did not answer within {limit:.3g}s ({why})") from None
+        except ToolFailure as failure:
+            if failure.code == UNAVAILABLE:
+                # Perhaps it moved: the next call asks the registry again instead of dialling
+                # the cached address until the entry expires.
+                self._cache.pop((tenant, tool), None)
+            raise
         finally:
             if tokens is not None and credential is not None:
                 tokens.revoke(credential)
@@ -159,7 +170,7 @@ class ToolBroker:
     async def _resolve(self, tenant: str, tool: str, timeout_s: float) -> ResolvedTool | None:
         key = (tenant, tool)
         cached = self._cache.get(key)
-        now = time.monotonic()
+        now = self.clock()
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
@@ -169,7 +180,7 @@ class ToolBroker:
             raise ToolFailure(
                 UNAVAILABLE, f"tool {tool!r} could not be resolved: {exc.reason}: {exc.message}"
             ) from None
-        self._cache[key] = (now + CACHE_TTL_S, resolved)
+        self._cache[key] = (now + self.cache_ttl_s, resolved)
         return resolved
 
 

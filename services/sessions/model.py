@@ -141,8 +141,8 @@ class SessionStore(Protocol):
     async def list(
         self, tenant: str | None, where: SessionFilter, after: Key | None, limit: int
     ) -> list[SessionRecord]:
-        """The tenant's (None: every tenant's) sessions matching `where` in (create_time, id)
-        order, after the key (create_time, id) `after` when one is given."""
+        """The tenant's (None: every tenant's) sessions matching `where`, newest first (descending
+        (create_time, id)), after the key (create_time, id) `after` when one is given."""
         ...
 
     async def set_status(

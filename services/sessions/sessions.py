@@ -140,10 +140,12 @@ class Sessions:
         self, caller: Caller, where: SessionFilter, page_size: int, page_token: str
     ) -> Page[SessionRecord]:
         """The caller's tenant's sessions matching `where` (every tenant's for a service acting
-        for all), oldest first, a page at a time."""
+        for all), newest first, a page at a time."""
         tenant = tenancy.readable_tenant(caller, "sessions")
         query = PageQuery.start(
-            "ListSessions", owner=tenant or "", where=where, page_size=page_size,
+            # Named for the order: a token from when the listing was oldest first is refused
+            # (INVALID_ARGUMENT), not read as a position in the other direction.
+            "ListSessions/newest-first", owner=tenant or "", where=where, page_size=page_size,
             token=page_token, key_shape=(datetime, str),
         )
         # Expiry is computed on read; persisting it first keeps the status filter truthful.

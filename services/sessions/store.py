@@ -221,12 +221,12 @@ class PgSessionStore:
             conditions.append(f"status = {arg(where.status.value)}")
         if after is not None:
             conditions.append(
-                f"(create_time, id) > ({arg(after[0])}::timestamptz, {arg(after[1])}::text)"
+                f"(create_time, id) < ({arg(after[0])}::timestamptz, {arg(after[1])}::text)"
             )
         rows = await self._pool.fetch(
             f"""SELECT {_COLUMNS} FROM sessions.sessions
                 WHERE {" AND ".join(conditions) or "true"}
-                ORDER BY create_time, id LIMIT {arg(limit)}""",
+                ORDER BY create_time DESC, id DESC LIMIT {arg(limit)}""",
             *args,
         )
         return [_record(r) for r in rows]

@@ -15,6 +15,7 @@ from services.common.db import create_pool, migrate
 from services.common.prometheus import MetricsExporter
 from services.common.server import App
 from services.common.settings import Settings
+from services.telemetry.clients import SessionsClient
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.prometheus import version_snapshot
 from services.telemetry.servicer import TelemetryServicer
@@ -36,10 +37,12 @@ class TelemetryApp(App):
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         spans, scores = PgSpanStore(pool), PgScoreStore(pool)
+        sessions = SessionsClient(self.settings)
+        stack.push_async_callback(sessions.close)
         telemetry = Telemetry(spans, scores, self.settings.model_prices)
         _add_trace_servicer(TraceServicer(telemetry), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            TelemetryServicer(telemetry, Evaluation(scores, spans)), server
+            TelemetryServicer(telemetry, Evaluation(scores, spans, sessions)), server
         )
         exporter = MetricsExporter(
             self.settings.metrics_ports["telemetry"], version_snapshot(PgFleetMetrics(pool))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from corral.names import VersionRef
+from corral.names import SessionRef, VersionRef
 from services.common import tenancy
 from services.common.errors import NotFound
 from services.common.identity import Caller
@@ -24,6 +24,7 @@ from services.telemetry.model import (
     ScoreInput,
     ScoreSource,
     ScoreStore,
+    SessionDirectory,
     SpanStore,
     TenantScope,
     Variant,
@@ -34,33 +35,43 @@ from services.telemetry.model import (
 class Evaluation:
     """Scores recorded by callers, and the analyses over the sessions' spans and scores."""
 
-    def __init__(self, scores: ScoreStore, spans: SpanStore) -> None:
+    def __init__(self, scores: ScoreStore, spans: SpanStore, sessions: SessionDirectory) -> None:
         self._scores = scores
         self._spans = spans
+        self._sessions = sessions
 
     async def record_score(self, caller: Caller, score: ScoreInput) -> Score:
-        """Stores a score on a session of the caller's tenant that ran (and on one of its traces,
-        when named), pinned to the version the session ran on. An operator scores any session of
-        the tenant; an invoker only its own, and its score is user feedback (source USER)."""
+        """Stores a score on a session of the caller's tenant (and on one of its traces, when
+        named), pinned to the version the session ran on. An operator scores any session of the
+        tenant; an invoker only its own, and its score is user feedback (source USER)."""
         rules.check_score(score)
         session, tenant = score.session, tenancy.acting_tenant(caller)
-        pin = await self._spans.newest_invocation(tenant, session)
-        if pin is None:
-            raise NotFound(
-                f"{session} has no invocations in tenant {tenant!r}; score a session that ran"
-            )
-        # Whose session it is: the user its invocations ran for, as the executor stamped it.
-        user = pin.attributes.get(USER_ATTR)
-        owner = SessionOwner(tenant, user if isinstance(user, str) else "")
+        owner, ran_on = await self._scored_session(tenant, session)
         tenancy.check_session(caller, owner, Access.WRITE, session.name)
         source = score.source if tenancy.manages_sessions(caller) else ScoreSource.USER
         if score.trace_id and not await self._spans.has_trace(tenant, session, score.trace_id):
             raise NotFound(f"trace {score.trace_id} is not a trace of {session}")
-        # The score counts for the version the session ran last, as its spans name it.
         scored = (score.trace_id, score.name, score.value, source, score.comment)
-        ran_on = (pin.agent, pin.version, pin.endpoint)
         new = NewScore(session.name, *scored, *ran_on, tenant, caller.user)
         return await self._scores.insert_score(new)
+
+    async def _scored_session(
+        self, tenant: str, session: SessionRef
+    ) -> tuple[SessionOwner, tuple[str, str, str]]:
+        """Whose the session is, and the (agent, version, endpoint) a score on it counts for."""
+        pin = await self._spans.newest_invocation(tenant, session)
+        if pin is not None:
+            # The version the session ran last, as its spans name it, for the user they ran for.
+            user = pin.attributes.get(USER_ATTR)
+            owner = SessionOwner(tenant, user if isinstance(user, str) else "")
+            return owner, (pin.agent, pin.version, pin.endpoint)
+        # Spans arrive in batches (exporters flush every 500 ms): a session scored right after
+        # it ran may have none here yet. The sessions service knows whether it exists.
+        recorded = await self._sessions.find_session(tenant, session)
+        if recorded is None:
+            raise tenancy.not_found(session.name)
+        owner = SessionOwner(recorded.tenant, recorded.user)
+        return owner, (recorded.agent, recorded.version, recorded.endpoint)
 
     async def list_scores(
         self, caller: Caller, where: ScoreFilter, page_size: int, page_token: str

@@ -4,6 +4,7 @@ conversions servicer.py answers with."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -183,10 +184,13 @@ def experiment_response(
                 estimate=v.estimate,
                 ci_low=v.lower,
                 ci_high=v.upper,
-                control=v.effect is None,
+                control=v.variant == result.control,
             )
-            if v.effect is not None:
-                variant.effect = v.effect
-                variant.effect_low = v.effect_lower or 0.0
-                variant.effect_high = v.effect_upper or 0.0
+            if not variant.control:
+                # A variant without data yet (or a control without any) has no effect: NaN, as
+                # an empty window's estimate is, so it reads as "no data" and never as 0.
+                variant.effect, variant.effect_low, variant.effect_high = (
+                    (v.effect, v.effect_lower or 0.0, v.effect_upper or 0.0)
+                    if v.effect is not None else (math.nan, math.nan, math.nan)
+                )
     return out

@@ -325,6 +325,25 @@ class ScoreStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RecordedSession:
+    """A session as the sessions service records it: its owner and what it is pinned to."""
+
+    tenant: str
+    user: str
+    agent: str
+    version: str
+    endpoint: str
+
+
+class SessionDirectory(Protocol):
+    """The sessions service, asked about a session telemetry has no spans of (yet)."""
+
+    async def find_session(self, tenant: str, session: SessionRef) -> RecordedSession | None:
+        """`tenant`'s session of that name, or None when the tenant has none."""
+        ...
+
+
 class FleetMetrics(Protocol):
     async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
         """Every agent version of every tenant, its latency over the last `latency_window_s`."""

@@ -11,6 +11,7 @@ from corral.identity.v1 import identity_pb2
 from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
+from corral.telemetry.v1 import telemetry_pb2 as tel
 
 
 class RecordingClient(CorralClient):
@@ -26,6 +27,9 @@ class RecordingClient(CorralClient):
         self.keys_created: list[tuple[str, ks.Key]] = []
         self.keys_listed: list[tuple[str, bool]] = []
         self.keys_revoked: list[tuple[str, str]] = []
+        # What rollouts carry as their last analysis, and what experiment reports hold.
+        self.last_analysis = tel.CompareVersionsResponse()
+        self.report = ro.ExperimentReport()
 
     def publish_bundle(self, data: bytes) -> reg.Version:
         self.uploaded.append(data)
@@ -35,7 +39,11 @@ class RecordingClient(CorralClient):
     def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
         self.asked.append(rollout)
         # "-" stands for the newest, which here is rollout 7.
-        return ro.Rollout(name=names.RolloutRef(rollout.endpoint, rollout.id or 7).name)
+        return ro.Rollout(name=names.RolloutRef(rollout.endpoint, rollout.id or 7).name,
+                          last_analysis=self.last_analysis)
+
+    def experiment_report(self, experiment: names.ExperimentRef) -> ro.ExperimentReport:
+        return self.report
 
     def promote_rollout(self, rollout: names.RolloutRef, *, full: bool = False) -> ro.Rollout:
         self.promoted.append((rollout, full))

@@ -55,7 +55,8 @@ class MemoryStore:
         def key(r: SessionRecord) -> tuple[datetime, str]:
             return r.create_time, r.id
 
-        return keyset_page([r for r in self.records.values() if kept(r)], key, after, limit)
+        return keyset_page([r for r in self.records.values() if kept(r)], key, after, limit,
+                           newest_first=True)
 
     async def set_status(
         self, session_id: SessionKey, status: SessionStatus, now: datetime, only_from: SessionStatus

@@ -18,6 +18,7 @@ from services.telemetry.model import (
     Latency,
     NewScore,
     ObservationQuery,
+    RecordedSession,
     Score,
     ScoreFilter,
     SpanFilter,
@@ -197,3 +198,16 @@ class FakeFleet:
     async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
         self.windows.append(latency_window_s)
         return self.versions
+
+
+class FakeSessionDirectory:
+    """The sessions service as telemetry asks it: the sessions a test recorded, per tenant."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[str, str], RecordedSession] = {}
+
+    def record(self, session: RecordedSession, session_id: str) -> None:
+        self.sessions[session.tenant, session_id] = session
+
+    async def find_session(self, tenant: str, session: SessionRef) -> RecordedSession | None:
+        return self.sessions.get((tenant, session.session))

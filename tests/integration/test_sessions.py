@@ -353,9 +353,9 @@ async def test_paging_through_more_than_a_page(
         token = page.next_page_token
         if not token:
             break
-    assert seen == created and pages == 3
+    assert seen == created[::-1] and pages == 3  # newest first
     others = await stub.ListSessions(pb.ListSessionsRequest(agent="agents/other"), metadata=me)
-    assert [s.name for s in others.sessions] == created[::4]
+    assert [s.name for s in others.sessions] == created[::4][::-1]
     by_version = await stub.ListSessions(
         pb.ListSessionsRequest(version="agents/demo/versions/1"), metadata=me
     )

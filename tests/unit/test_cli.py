@@ -3,9 +3,13 @@ the services, so these tests check what the command sends and prints, and open n
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import math
+import re
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -16,8 +20,10 @@ from corral.cli.output import enum_label
 from corral.client import CorralClient, pages
 from corral.config import ClientConfig
 from corral.registry.v1 import keys_pb2 as ks
+from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
+from corral.telemetry.v1 import telemetry_pb2 as tel
 from tests.bundles import SAYS_HI, agent_files, write_bundle
 from tests.fakes.cli import KEY, RecordingClient
 
@@ -25,6 +31,12 @@ from tests.fakes.cli import KEY, RecordingClient
 def run(client: CorralClient, *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["--json", *args], obj=State(client=client))
     return result.exit_code, result.output
+
+
+def test_version_prints_the_installed_package_version_without_calling_the_platform() -> None:
+    result = CliRunner().invoke(cli, ["--version"], obj=State(client=RecordingClient()))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"corral {importlib.metadata.version('corral')}\n"
 
 
 def test_publish_packs_once_and_uploads_what_it_measured(
@@ -93,6 +105,57 @@ def test_pages_follows_next_page_token_to_the_end() -> None:
 
     listed = [t.name for t in pages(fetch, lambda page: page.tools)]
     assert listed == ["tools/a", "tools/b", "tools/c"]
+
+
+def shown(client: CorralClient, *args: str) -> str:
+    """What a person sees (no --json), on a terminal wide enough for whole table rows."""
+    result = CliRunner().invoke(cli, list(args), obj=State(client=client),
+                                env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_rollout_status_says_no_data_for_an_empty_window_and_labels_relative_metrics() -> None:
+    client = RecordingClient()
+    nan = math.nan
+    client.last_analysis = tel.CompareVersionsResponse(comparisons=[
+        tel.MetricComparison(
+            metric=tel.MetricSpec(name="session_error_rate"),
+            baseline=tel.ArmStats(sessions=40, estimate=0.025), candidate=tel.ArmStats(estimate=nan),
+            difference=nan, ci_low=nan, ci_high=nan, tolerance=0.03),
+        tel.MetricComparison(
+            metric=tel.MetricSpec(name="latency_p95"),
+            baseline=tel.ArmStats(sessions=40, estimate=0.05), candidate=tel.ArmStats(sessions=3, estimate=0.08),
+            difference=0.03, ci_low=-0.2, ci_high=0.26, tolerance=0.05),
+    ])
+    output = shown(client, "rollout", "status", "a", "prod")
+    assert "nan" not in output and "difference [interval]" in output
+    rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 2}
+    assert "no data" in rows["session_error_rate"] and "0.025" in rows["session_error_rate"]
+    assert "+0.03 [-0.2, +0.26]" in rows["latency_p95 (relative)"]
+    assert "latency_p95 (relative): share of invocations slower than the baseline's p95" in output
+
+
+def test_an_experiment_variant_without_data_reads_no_data_not_nan() -> None:
+    client = RecordingClient()
+    nan = math.nan
+    client.report = ro.ExperimentReport(
+        experiment=ro.Experiment(name="agents/a/endpoints/prod/experiments/1", variants=[
+            reg.TrafficTarget(version="agents/a/versions/1", percent=50),
+            reg.TrafficTarget(version="agents/a/versions/2", percent=50)]),
+        analysis=tel.AnalyzeExperimentResponse(sessions=[30, 0], metrics=[tel.ExperimentMetricResult(
+            metric=tel.MetricSpec(name="latency_p95"), unit="share of invocations slower than the baseline's p95",
+            variants=[
+                tel.VariantMetric(version="agents/a/versions/1", sessions=30, estimate=0.05,
+                                  ci_low=0.01, ci_high=0.09, control=True),
+                tel.VariantMetric(version="agents/a/versions/2", estimate=nan, ci_low=-math.inf,
+                                  ci_high=math.inf, effect=nan, effect_low=nan, effect_high=nan),
+            ])]))
+    output = shown(client, "experiment", "status", "a", "prod")
+    assert "nan" not in output and "mean [interval]" in output
+    assert "latency_p95 (relative): share of invocations slower" in output
+    v2 = next(line for line in output.splitlines() if line.lstrip("│ ").startswith("v2") and "no data" in line)
+    assert v2.count("no data") == 2 and "control" not in v2
 
 
 def test_enum_labels_drop_their_enums_prefix() -> None:
@@ -168,3 +231,40 @@ def test_whoami_prints_the_principal() -> None:
     human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
     assert human.exit_code == 0 and "key:ci" in human.output
     assert "api_key abcdefgh234567ab" in human.output
+
+
+# -- the commands the documentation shows ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTED = ("README.md", "examples/agentcore-hello/README.md", "deploy/k8s/README.md",
+              "deploy/envoy/README.md", "docs/edge-and-profiles.md", "docs/oidc.md")
+
+
+def documented_commands(text: str) -> list[str]:
+    """The `corral ...` command lines of a Markdown file's code blocks (where a block prompts
+    with `$ `, only those lines), continuation lines joined, comments and pipes cut off."""
+    found: list[str] = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+        lines = block.replace("\\\n", " ").splitlines()
+        if any(line.startswith("$ ") for line in lines):
+            lines = [line.removeprefix("$ ") for line in lines if line.startswith("$ ")]
+        found += [re.split(r" #| \| ", line)[0] for line in lines if line.startswith("corral ")]
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCUMENTED)
+def test_every_command_the_documentation_shows_exists_with_its_options(doc: str) -> None:
+    """A removed command or flag (--tenant/--user to invoke, say) fails here, not for a reader."""
+    commands = documented_commands((ROOT / doc).read_text())
+    wrong = []
+    for command in commands:
+        # --ca must name an existing file; the documents' placeholders do not exist here.
+        args = re.sub(r"--ca \S+", "", command).split()[1:]
+        try:
+            # --help after the command: its options are parsed (an unknown one is an error),
+            # then help is printed instead of running it.
+            cli.main([*args, "--help"], prog_name="corral", standalone_mode=False)
+        except click.UsageError as exc:
+            wrong.append(f"{command}: {exc.format_message()}")
+    assert wrong == []
+    assert commands or doc.startswith("docs/oidc"), f"no corral commands found in {doc}"

@@ -371,6 +371,15 @@ def test_nothing_mentions_the_removed_internal_token() -> None:
         assert "INTERNAL_TOKEN" not in path.read_text(), path.name
 
 
+def test_the_readme_gives_each_service_the_ports_the_settings_use() -> None:
+    readme = (K8S_DIR / "README.md").read_text()
+    rows = {
+        svc: (int(public), int(internal))
+        for svc, public, internal in re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \|$", readme, re.MULTILINE)
+    }
+    assert rows == {svc: (port, port + INTERNAL_PORT_OFFSET) for svc, port in DEFAULT_PORTS.items()}
+
+
 def test_the_bootstrap_key_is_not_made_by_every_replica() -> None:
     # Each registry pod keeps its own file: set on two replicas, each makes a key revoking the
     # other's (README.md, "The first API key").

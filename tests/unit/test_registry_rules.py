@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from services.registry import rollout_model as ro
 from services.registry.rollout_rules import rollout_spec, validate_steps
 from services.registry.rules import BundleUpload, UploadHeader, audit_prefix, update_paths
 from services.registry.store import json_forms
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CANDIDATE = VersionRef("support", 2)
 
@@ -78,6 +81,12 @@ def test_a_rollout_spec_fills_in_the_defaults() -> None:
     assert (spec.rollback_policy, spec.drain_timeout_s) == (ro.SessionPolicy.DRAIN, 3600)
     explicit = rollout_spec(ro.RolloutRequest(CANDIDATE, steps=(ro.SetWeight(5), ro.AnalysisGate(0), ro.SetWeight(100))))
     assert explicit.steps[1] == ro.AnalysisGate(3600)
+
+
+def test_the_readme_states_the_default_minimum_sessions_a_rollout_applies() -> None:
+    applied = rollout_spec(ro.RolloutRequest(CANDIDATE)).analysis.min_sessions
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"at least `--min-sessions` per version (default {applied})" in readme
 
 
 @pytest.mark.parametrize(

@@ -313,7 +313,7 @@ async def test_idle_and_lifetime_expiry_is_persisted_and_blocks_leases(
     assert (await sessions.get(ALICE, ref("old"))).status is SessionStatus.ACTIVE
     clock.advance(10)
     page = await sessions.list(ALICE, SessionFilter(status=SessionStatus.EXPIRED), 0, "")
-    assert [r.id for r in page.items] == ["idle", "old"]
+    assert [r.id for r in page.items] == ["old", "idle"]  # created together: by id, descending
     with pytest.raises(FailedPrecondition, match="expired") as info:
         await sessions.acquire_lease(ALICE, ref("old"), "h", None)
     assert info.value.reason == "SESSION_EXPIRED"
@@ -404,7 +404,7 @@ async def test_list_pages_within_the_tenant(sessions: Sessions, clock: FakeClock
         token = page.next_page_token
         if not token:
             break
-    assert seen == [f"s{i}" for i in range(7)]
+    assert seen == [f"s{i}" for i in reversed(range(7))]  # newest first
     assert (await sessions.list(MALLORY, SessionFilter(), 0, "")).items[0].id == "theirs"
 
 
@@ -416,7 +416,7 @@ async def test_page_tokens_continue_only_their_own_listing(sessions: Sessions) -
     assert token
     assert [r.id for r in (await sessions.list(ALICE, SessionFilter(), 5, token)).items] == [
         "s1",
-        "s2",
+        "s0",
     ]
     # Another tenant, another filter, or a token that is not one: page_token is wrong.
     for caller, where, bad in (

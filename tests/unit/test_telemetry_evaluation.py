@@ -3,6 +3,7 @@ rules CompareVersions and AnalyzeExperiment apply before any statistics run."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -14,12 +15,14 @@ from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.auth.principal import Role
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.identity import Caller
+from services.telemetry import messages
 from services.telemetry.analysis import SessionObservation, Verdict
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import (
     AnalysisScope,
     MetricRequest,
     ObservationQuery,
+    RecordedSession,
     ScoreFilter,
     ScoreInput,
     ScoreSource,
@@ -28,7 +31,7 @@ from services.telemetry.model import (
     Variant,
     VersionComparison,
 )
-from tests.fakes.telemetry import FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeScoreStore, FakeSessionDirectory, FakeSpanStore
 
 # An operator of acme (scores any session of the tenant, with the source it names).
 ALICE = Caller("acme", "alice", frozenset({Role.OPERATOR}))
@@ -71,11 +74,11 @@ def ran(
     spans.put(row)
 
 
-def evaluation() -> tuple[Evaluation, FakeScoreStore]:
+def evaluation(sessions: FakeSessionDirectory | None = None) -> tuple[Evaluation, FakeScoreStore]:
     scores, spans = FakeScoreStore(), FakeSpanStore()
     ran(spans, "acme", "sessions/s1", V1, "t0")
     ran(spans, "acme", "sessions/s1", V2, "t1")  # the newer: the session now runs V2
-    return Evaluation(scores, spans), scores
+    return Evaluation(scores, spans, sessions or FakeSessionDirectory()), scores
 
 
 def score(**fields: Any) -> ScoreInput:
@@ -122,6 +125,25 @@ async def test_scores_only_on_sessions_and_traces_that_ran_in_the_tenant() -> No
         with pytest.raises(NotFound) as err:
             await domain.record_score(caller, score(**fields))
         assert expected in err.value.message
+
+
+async def test_a_session_without_spans_yet_is_scored_on_the_pin_sessions_recorded() -> None:
+    directory = FakeSessionDirectory()
+    directory.record(RecordedSession("acme", "carol", AGENT.name, V3.name, "agents/a/endpoints/prod"),
+                     "fresh")
+    domain, store = evaluation(directory)
+    fresh = SessionRef("fresh")
+    stored = await domain.record_score(ALICE, score(session=fresh))
+    assert (stored.session, stored.version, stored.endpoint) == (
+        "sessions/fresh", V3.name, "agents/a/endpoints/prod")
+    # Its owner, the same rules as for a session with spans: their own, as user feedback.
+    carol = Caller("acme", "carol", frozenset({Role.INVOKER}))
+    assert (await domain.record_score(carol, score(session=fresh))).source is ScoreSource.USER
+    with pytest.raises(PermissionDenied):
+        await domain.record_score(Caller("acme", "dave", frozenset({Role.INVOKER})), score(session=fresh))
+    with pytest.raises(NotFound, match="sessions/fresh"):
+        await domain.record_score(BETA, score(session=fresh))
+    assert len(store.scores) == 2
 
 
 async def test_an_invoker_scores_only_its_own_sessions_and_as_user_feedback() -> None:
@@ -255,3 +277,15 @@ async def test_an_experiment_counts_each_variants_sessions_against_the_first() -
     )
     assert dict(result.sample_ratio.observed) == {V3.name: 4, V1.name: 6, V2.name: 3}
     assert result.control == V3.name
+
+
+async def test_a_variant_without_sessions_reports_no_effect_and_is_not_the_control() -> None:
+    domain, store = evaluation()
+    store.observed = {V1.name: [SessionObservation(invocations=1)] * 6, V2.name: []}
+    variants = [Variant(V1, 50), Variant(V2, 50)]
+    response = messages.experiment_response(
+        await domain.analyze_experiment(ALICE, SCOPE, variants), variants)
+    for metric in response.metrics:
+        control, empty = metric.variants
+        assert control.control and not empty.control, metric.metric.name
+        assert math.isnan(empty.estimate) and math.isnan(empty.effect), metric.metric.name

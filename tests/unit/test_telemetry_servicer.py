@@ -23,7 +23,7 @@ from services.telemetry.prometheus import LATENCY_WINDOW_S, version_snapshot
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSessionDirectory, FakeSpanStore
 from tests.otlp import export_request
 
 
@@ -48,7 +48,8 @@ def _acme_operator() -> Iterator[None]:
 def servicers() -> tuple[TelemetryServicer, TraceServicer]:
     spans, scores = FakeSpanStore(), FakeScoreStore()
     telemetry = Telemetry(spans, scores)
-    return TelemetryServicer(telemetry, Evaluation(scores, spans)), TraceServicer(telemetry)
+    evaluation = Evaluation(scores, spans, FakeSessionDirectory())
+    return TelemetryServicer(telemetry, evaluation), TraceServicer(telemetry)
 
 
 Call = Callable[[TelemetryServicer], Awaitable[object]]

@@ -126,7 +126,8 @@ METHODS: Mapping[str, Access] = {
     **_service("corral.sessions.v1.SessionsService", {
         # Sessions hold what users said: invokers see their own, operators the tenant's.
         "CreateSession": user(INVOKER),
-        "GetSession": user(INVOKER),
+        # Telemetry asks whether a session it has no spans of yet exists (RecordScore).
+        "GetSession": user(INVOKER, "telemetry"),
         "ListSessions": user(INVOKER),
         "DeleteSession": user(INVOKER),
         "StopSession": user(INVOKER),

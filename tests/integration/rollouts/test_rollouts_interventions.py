@@ -143,7 +143,7 @@ async def test_an_experiment_an_older_release_ended_by_rollback_reads_as_aborted
 async def test_bad_input_is_refused_with_its_reason_and_changes_nothing(
     start_services: StartServices, make_world: Callable[..., World]
 ) -> None:
-    await start_services("telemetry", "registry")
+    await start_services("telemetry", "sessions", "registry")
     w = await ready(make_world)
     ok_steps = [weight(50), weight(100)]
 

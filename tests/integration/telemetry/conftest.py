@@ -1,4 +1,5 @@
-"""The `telemetry` fixture: a real telemetry server on the run's PostgreSQL, and a client to it."""
+"""The `telemetry` fixture: a real telemetry server on the run's PostgreSQL, and a client to it;
+with the sessions service, which telemetry asks about sessions it has no spans of."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.telemetry_client import Telemetry
 
 @pytest_asyncio.fixture
 async def telemetry(services: harness.Platform) -> AsyncIterator[Telemetry]:
-    await services.start("telemetry")
+    await services.start("telemetry", "sessions")
     channel = public_channel(services.settings.addrs["telemetry"])
     # Spans come from the platform: an executor exports them (trusted, unlike a user's export).
     executor = internal_channel(services.settings, "telemetry", "executor")

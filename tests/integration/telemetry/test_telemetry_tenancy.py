@@ -14,13 +14,16 @@ import pytest_asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from corral.names import SessionRef
+from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common import db
 from services.common.auth.principal import Principal, Role
 from services.common.errors import NotFound, PermissionDenied
+from services.telemetry.clients import SessionsClient
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import ScoreInput, ScoreSource
 from services.telemetry.store import PgScoreStore, PgSpanStore
+from tests.credentials import internal_channel
 from tests.otlp import MS, T0, export_request, invocation, otlp_span
 from tests.rpc import fails, who
 from tests.telemetry_client import Telemetry, uid
@@ -121,9 +124,11 @@ async def evaluation(telemetry: Telemetry) -> AsyncIterator[Evaluation]:
     """The evaluation domain on the server's PostgreSQL (migrated by the server), for callers
     with roles of the test's choosing."""
     pool = await db.create_pool(telemetry.settings.require_database())
+    sessions = SessionsClient(telemetry.settings.for_service("telemetry"))
     try:
-        yield Evaluation(PgScoreStore(pool), PgSpanStore(pool))
+        yield Evaluation(PgScoreStore(pool), PgSpanStore(pool), sessions)
     finally:
+        await sessions.close()
         await pool.close()
 
 
@@ -156,3 +161,36 @@ async def test_invokers_score_their_own_sessions_as_user_feedback(
         ("carol", pb.SCORE_SOURCE_USER),
         ("olga", pb.SCORE_SOURCE_JUDGE),
     ]
+
+
+async def test_a_session_is_scored_before_its_spans_arrive_but_only_in_its_tenant(
+    telemetry: Telemetry,
+) -> None:
+    """A score right after an invocation: the session exists (sessions has it) while its spans
+    are still on their way (exporters flush every 500 ms)."""
+    tenant, agent = f"f-{uid()}", f"s-{uid()}"
+    async with internal_channel(telemetry.settings, "sessions", "router") as channel:
+        await sessions_pb2_grpc.SessionsServiceStub(channel).CreateSession(
+            sessions_pb2.CreateSessionRequest(session_id="fresh", session=sessions_pb2.Session(
+                agent=f"agents/{agent}", version=f"agents/{agent}/versions/2",
+                version_digest="sha256:" + "0f" * 32, endpoint=f"agents/{agent}/endpoints/prod",
+            )), metadata=who(tenant, "carol", "invoker"))
+
+    def score(session: str) -> pb.RecordScoreRequest:
+        return pb.RecordScoreRequest(score=pb.Score(session=session, score_name="quality", value=0.7))
+
+    scored = await telemetry.api.RecordScore(score("sessions/fresh"), metadata=who(tenant))
+    assert (scored.session, scored.version, scored.value) == (
+        "sessions/fresh", f"agents/{agent}/versions/2", 0.7)
+    listed = await telemetry.api.ListScores(
+        pb.ListScoresRequest(filter=pb.SpanFilter(session="sessions/fresh")), metadata=who(tenant))
+    assert [s.name for s in listed.scores] == [scored.name]
+    # The session's owner scores it too, as user feedback; another invoker of the tenant may not.
+    own = await telemetry.api.RecordScore(score("sessions/fresh"), metadata=who(tenant, "carol", "invoker"))
+    assert own.source == pb.SCORE_SOURCE_USER
+    await fails(grpc.StatusCode.PERMISSION_DENIED, telemetry.api.RecordScore(
+        score("sessions/fresh"), metadata=who(tenant, "dave", "invoker")))
+    # Another tenant has no session of that name; nobody has one that never was.
+    for session, md in (("sessions/fresh", who(f"o-{uid()}")), ("sessions/never-was", who(tenant))):
+        err = await fails(grpc.StatusCode.NOT_FOUND, telemetry.api.RecordScore(score(session), metadata=md))
+        assert f"{session} not found" in (err.details() or "")

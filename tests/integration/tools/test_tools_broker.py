@@ -7,14 +7,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from google.protobuf import field_mask_pb2
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -305,3 +308,63 @@ async def test_link_local_and_unallowed_loopback_addresses_are_refused(
         await strict.close()
     # The loopback listeners were never connected to: nothing reached either tool.
     assert tools.http.requests == [] and tools.grpc.requests == []
+
+
+async def _moved(tools: Tools, tool: str, address: str) -> None:
+    """`tool` moved to `address` (with its secret: a secret never follows a tool elsewhere)."""
+    await tools.registry.tools.UpdateTool(pb.UpdateToolRequest(
+        tool=pb.Tool(name=f"tools/{tool}", address=address, secret=SECRET),
+        update_mask=field_mask_pb2.FieldMask(paths=["address", "secret"]),
+    ), metadata=tools.registry.md)
+
+
+async def test_a_moved_tool_is_called_at_its_new_address_within_the_cache_bound(
+    registry: Registry,
+) -> None:
+    seen = Seen()
+    runner, port = await _http_tool(seen)
+    await registry.create("moving", SECRET, address=f"http://127.0.0.1:{port}/ok")
+    later = [0.0]  # how far the broker's clock is ahead of the wall clock
+    resolver = CountingResolver(RegistryToolResolver(registry.settings.for_service("executor")))
+    broker = ToolBroker(
+        resolver=resolver, transport=ToolTransport.from_settings(registry.settings),
+        clock=lambda: time.time() + later[0], cache_ttl_s=registry.settings.credential_cache_s,
+    )
+    tools = Tools(registry, broker, resolver, InMemorySpanExporter(), seen, Seen())
+    try:
+        assert json.loads((await tools.call("moving")).payload) == {"answer": 42}
+        await _moved(tools, "moving", f"http://127.0.0.1:{port}/echo")
+        later[0] = registry.settings.credential_cache_s  # the documented bound: 5 s by default
+        moved = await tools.call("moving")
+        assert moved.error_code == "" and "headers" in json.loads(moved.payload)
+
+        # Moved away from an address that no longer answers: the call that finds it gone makes
+        # the next one ask the registry again, however fresh the cached address was.
+        await _moved(tools, "moving", f"http://{harness.refused_address()}/gone")
+        later[0] += registry.settings.credential_cache_s
+        assert (await tools.call("moving")).error_code == UNAVAILABLE
+        await _moved(tools, "moving", f"http://127.0.0.1:{port}/ok")
+        assert json.loads((await tools.call("moving")).payload) == {"answer": 42}
+    finally:
+        await broker.close()
+        await runner.cleanup()
+
+
+def documented_headers() -> list[str]:
+    """The headers README.md's tool contract says every HTTP tool receives."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    contract = readme.split("#### The tool contract", 1)[1].split("\n####", 1)[0]
+    return re.findall(r"^  \| `([A-Za-z-]+)` \|", contract, re.MULTILINE)
+
+
+async def test_a_tool_receives_what_the_readme_documents(tools: Tools) -> None:
+    documented = documented_headers()
+    assert documented == ["Content-Type", "Authorization", "X-Corral-Tool-Secret",
+                          "X-Corral-Invocation", "traceparent"]
+    await tools.call("web")
+    await tools.call("rpc", b"ping")
+    [(headers, _)] = tools.http.requests
+    [(metadata, _)] = tools.grpc.requests
+    assert [h for h in documented if h not in headers] == []
+    # gRPC carries the same values as metadata, but for Content-Type (a field of the request).
+    assert [h.lower() for h in documented[1:] if h.lower() not in metadata] == []
