@@ -318,10 +318,22 @@ class RegistryStore(CatalogReads, EndpointReads, RunReads, AuditReads, Protocol)
         ...
 
     async def listen_endpoints(
-        self, callback: Callable[[str], None]
-    ) -> Callable[[], Awaitable[None]]:
+        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> EndpointListener:
         """Calls `callback("tenant/agent/endpoint/revision")` on every committed endpoint change, from
-        any replica. Returns the function that stops listening."""
+        any replica, and `on_lost()` when the connection that carries them closes."""
+        ...
+
+
+class EndpointListener(Protocol):
+    """A connection listening for endpoint changes."""
+
+    async def alive(self) -> bool:
+        """Whether the connection still answers (within a couple of seconds)."""
+        ...
+
+    async def close(self) -> None:
+        """Stops listening and gives the connection back; never raises."""
         ...
 
 

@@ -3,15 +3,14 @@ endpoint changes, the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from functools import partial
 
 from corral.bundle import BundleError, inspect
 from corral.manifest import ManifestError
 from corral.names import AgentRef, EndpointRef, VersionRef
-from services.common.endpoints import EndpointKey, TrafficShare
+from services.common.endpoints import TrafficShare
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -23,6 +22,7 @@ from services.common.errors import (
 from services.common.identity import Caller
 from services.common.paging import Page
 from services.registry import rules
+from services.registry.endpoint_feed import EndpointFeed
 from services.registry.model import (
     AgentRecord,
     AuditRecord,
@@ -60,8 +60,7 @@ class Registry:
     def __init__(self, store: RegistryStore, rollouts: Rollouts) -> None:
         self._store = store
         self._rollouts = rollouts
-        self._watchers: set[asyncio.Queue[EndpointKey | None]] = set()
-        self._stop_listening: Callable[[], Awaitable[None]] | None = None
+        self._feed = EndpointFeed(store)
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -244,19 +243,10 @@ class Registry:
     # -- watch -----------------------------------------------------------------------------
 
     async def start_watching(self) -> None:
-        self._stop_listening = await self._store.listen_endpoints(self._on_change)
+        await self._feed.start()
 
     async def stop_watching(self) -> None:
-        if self._stop_listening is not None:
-            await self._stop_listening()
-            self._stop_listening = None
-        for q in self._watchers:
-            q.put_nowait(None)
-
-    def _on_change(self, payload: str) -> None:
-        tenant, agent, endpoint, _revision = payload.split("/")
-        for q in self._watchers:
-            q.put_nowait((tenant, EndpointRef(agent, endpoint)))
+        await self._feed.stop()
 
     async def watch(
         self, caller: Caller, agent: AgentRef | None
@@ -266,13 +256,11 @@ class Registry:
         tenant = visible_tenant(caller)
         if agent is not None:
             await self.get_agent(caller, agent)
-        queue: asyncio.Queue[EndpointKey | None] = asyncio.Queue()
         # Subscribe before the snapshot, so a change between the two is not lost.
-        self._watchers.add(queue)
-        try:
+        async with self._feed.subscription() as changes:
             yield await self._store.watched_endpoints(tenant, agent), True
             while True:
-                change = await queue.get()
+                change = await changes.next()
                 if change is None:
                     return
                 changed_tenant, endpoint = change
@@ -283,8 +271,6 @@ class Registry:
                 record = await self._store.get_endpoint(changed_tenant, endpoint)
                 if record is not None:
                     yield [record], False
-        finally:
-            self._watchers.discard(queue)
 
     # -- audit -----------------------------------------------------------------------------
 

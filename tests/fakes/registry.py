@@ -4,7 +4,7 @@ transitions it announces), and its domains wired to them as app.py wires the rea
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -56,6 +56,9 @@ class FakeRegistryStore:
         self.runs: dict[tuple[str, str, str, str, int], ro.RunRecord] = {}
         self.tools: dict[tuple[str, str], ToolRecord] = {}
         self.listeners: list[Callable[[str], None]] = []
+        self.connections: list[FakeListener] = []
+        # How many of the next listen_endpoints calls fail.
+        self.listen_failures = 0
         self.locked_runs: set[str] = set()
         self._pending: list[str] | None = None
 
@@ -79,13 +82,26 @@ class FakeRegistryStore:
             for listener in list(self.listeners):
                 listener(payload)
 
-    async def listen_endpoints(self, callback: Callable[[str], None]) -> Callable[[], Awaitable[None]]:
+    async def listen_endpoints(
+        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        if self.listen_failures:
+            self.listen_failures -= 1
+            raise ConnectionRefusedError("PostgreSQL is restarting")
+        listener = FakeListener(self, callback, on_lost)
         self.listeners.append(callback)
+        self.connections.append(listener)
+        return listener
 
-        async def stop() -> None:
-            self.listeners.remove(callback)
-
-        return stop
+    def lose_listening_connection(self, *, silently: bool = False) -> None:
+        """The LISTEN connection drops: closed (on_lost is called) or, `silently`, no longer
+        answering."""
+        for listener in self.connections:
+            listener.closed = True
+            self.listeners.remove(listener.callback)
+            if not silently:
+                listener.on_lost()
+        self.connections.clear()
 
     # -- agents, versions ------------------------------------------------------------------
 
@@ -419,3 +435,23 @@ def registry_world() -> RegistryWorld:
     controller = RolloutController(store, rollouts, experiments, telemetry, experiment_check_s=0)
     return RegistryWorld(clock, store, telemetry, sessions, announced, rollouts, experiments,
                          Registry(store, rollouts), controller)
+
+
+@dataclass
+class FakeListener:
+    store: FakeRegistryStore
+    callback: Callable[[str], None]
+    on_lost: Callable[[], None]
+    closed: bool = False
+
+    def __deepcopy__(self, memo: object) -> FakeListener:
+        return self  # a connection is not part of the rows a transaction rolls back
+
+    async def alive(self) -> bool:
+        return not self.closed
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.store.listeners.remove(self.callback)
+            self.store.connections.remove(self)

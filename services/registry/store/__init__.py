@@ -4,7 +4,8 @@ transaction's connection."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -15,6 +16,11 @@ from services.registry.store.endpoints import ENDPOINTS_CHANNEL, EndpointRows
 from services.registry.store.keys import KeyRows
 from services.registry.store.runs import RunRows
 from services.registry.store.tools import ToolRows
+
+# How long a liveness probe or a release of the listening connection may take.
+PROBE_TIMEOUT_S = 2.0
+# The application_name of the connection that listens for endpoint changes.
+WATCH_APPLICATION = "corral-registry-watch"
 
 
 class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
@@ -34,22 +40,56 @@ class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
             yield Tx(conn)
 
     async def listen_endpoints(
-        self, callback: Callable[[str], None]
-    ) -> Callable[[], Awaitable[None]]:
+        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> PgListener:
         conn = await self._pool.acquire()
+        listener = PgListener(self._pool, conn, callback)
+        try:
+            # Named, so an operator sees it in pg_stat_activity (a release resets the name).
+            await conn.execute(f"SET application_name = '{WATCH_APPLICATION}'")
+            await conn.add_listener(ENDPOINTS_CHANNEL, listener.on_notify)
+        except BaseException:
+            await listener.close()
+            raise
+        conn.add_termination_listener(lambda _conn: on_lost())
+        return listener
 
-        def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            callback(str(payload))
 
-        await conn.add_listener(ENDPOINTS_CHANNEL, on_notify)
+class PgListener:
+    """One pooled connection held for LISTEN."""
 
-        async def close() -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy, callback: Callable[[str], None]
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._callback = callback
+
+    def on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._callback(str(payload))
+
+    async def alive(self) -> bool:
+        if self._conn.is_closed():
+            return False
+        try:
+            await asyncio.wait_for(self._conn.fetchval("SELECT 1"), PROBE_TIMEOUT_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        try:
+            if not self._conn.is_closed():
+                await asyncio.wait_for(
+                    self._conn.remove_listener(ENDPOINTS_CHANNEL, self.on_notify), PROBE_TIMEOUT_S
+                )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+        finally:
             try:
-                await conn.remove_listener(ENDPOINTS_CHANNEL, on_notify)
-            finally:
-                await self._pool.release(conn)
-
-        return close
+                await self._pool.release(self._conn, timeout=PROBE_TIMEOUT_S)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._conn.terminate()
 
 
-__all__ = ["PgStore", "Tx"]
+__all__ = ["PgListener", "PgStore", "Tx"]

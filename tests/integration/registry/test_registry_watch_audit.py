@@ -151,3 +151,42 @@ async def test_watch_sends_a_snapshot_then_each_change_from_any_replica(
         grpc.StatusCode.NOT_FOUND,
         next_message(stub.WatchEndpoints(pb.WatchEndpointsRequest(parent=f"agents/{a}-nope"))),
     )
+
+
+async def test_a_lost_listen_connection_ends_watches_and_the_next_watch_sees_later_changes(
+    registry: Registry,
+) -> None:
+    """PostgreSQL restarting (here: its backend for the registry's LISTEN terminated) once left
+    the registry deaf to endpoint changes while routers believed they were current."""
+    import asyncpg
+
+    from services.registry.store import WATCH_APPLICATION
+
+    stub = registry.stub
+    await registry.publish(registry.bundle())
+    watch = stub.WatchEndpoints(pb.WatchEndpointsRequest(parent=f"agents/{registry.agent}"))
+    assert (await next_message(watch)).snapshot
+    conn = await asyncpg.connect(registry.settings.database_url)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = current_database()",
+            WATCH_APPLICATION,
+        )
+    finally:
+        await conn.close()
+    assert killed >= 1
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(watch.read(), 10)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "endpoint changes" in (ended.value.details() or "")
+    again = stub.WatchEndpoints(pb.WatchEndpointsRequest(parent=f"agents/{registry.agent}"))
+    try:
+        assert (await next_message(again, 10)).snapshot
+        await stub.UpdateEndpoint(
+            pb.UpdateEndpointRequest(endpoint=registry.body("prod", [(1, 100)]), allow_missing=True)
+        )
+        change = await next_message(again)
+        assert [e.name for e in change.endpoints] == [f"agents/{registry.agent}/endpoints/prod"]
+    finally:
+        again.cancel()
