@@ -22,7 +22,7 @@ def _target(python_version: str | None, platforms: tuple[str, ...]) -> Target:
     return Target(python_version or current.python_version, platforms or current.platforms)
 
 
-def _bundle(directory: Path, target: Target) -> bytes:
+def bundle_directory(directory: Path, target: Target) -> bytes:
     """The bundle's bytes, packed once: what is measured is what is uploaded."""
     with tempfile.TemporaryDirectory(prefix="corral-publish-") as work:
         root = stage(directory, Path(work), target, lambda line: err.print(line, markup=False))
@@ -49,7 +49,7 @@ def publish(
     returns the existing version."""
     target = _target(python_version, platforms)
     try:
-        data = _bundle(directory, target)
+        data = bundle_directory(directory, target)
     except (BundleError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     v = state.client.publish_bundle(data)
