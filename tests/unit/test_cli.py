@@ -154,3 +154,15 @@ def test_whoami_prints_the_principal() -> None:
     human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
     assert human.exit_code == 0 and "key:ci" in human.output
     assert "api_key abcdefgh234567ab" in human.output
+
+
+@pytest.mark.parametrize(("endpoint", "message"), [
+    ("DEFAULT", "DEFAULT always serves the newest version"),
+    ("not/one", "must start with a letter"),
+])
+def test_corral_dev_refuses_an_endpoint_it_cannot_set(
+    tmp_path: Path, endpoint: str, message: str
+) -> None:
+    root = write_bundle(tmp_path / "agent", agent_files("a", SAYS_HI))
+    code, output = run(RecordingClient(), "dev", str(root), "--endpoint", endpoint)
+    assert code == 2 and message in output, output
