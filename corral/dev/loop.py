@@ -94,6 +94,8 @@ Report = Callable[[DevEvent], None]
 
 @dataclass(frozen=True)
 class Served:
+    """The version the endpoint was last sent to, and the digest of its bytes."""
+
     version: names.VersionRef
     digest: str
 
@@ -121,14 +123,14 @@ class DevLoop:
         since = scan(self.directory)
         async with asyncio.TaskGroup() as group:
             self._report(Watching(self.directory, self.endpoint))
-            await self.republish(group)
+            await self._republish(group)
             async for paths in self._watch(self.directory, since):
                 self._report(Changed(paths))
-                await self.republish(group)
+                await self._republish(group)
             if self._tailing is not None:
                 self._tailing.cancel()
 
-    async def republish(self, group: asyncio.TaskGroup) -> None:
+    async def _republish(self, group: asyncio.TaskGroup) -> None:
         serving = self.served.version if self.served else None
         try:
             served = await self._publish()
