@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -18,7 +17,7 @@ from corral import names
 from corral.bundle import BundleError, Target, inspect
 from corral.cli.options import State, json_option, pass_state
 from corral.cli.output import out, rpc_error, session_id
-from corral.cli.publishing import bundle_directory
+from corral.cli.publishing import bundle_directory, target_options
 from corral.client import CorralClient
 from corral.dev.loop import (
     Build,
@@ -42,6 +41,7 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 P = ParamSpec("P")
 R = TypeVar("R")
 TRACE_POLL_SECONDS = 1.0
+TRACES_PER_POLL = 20
 # What a `changed:` line lists before it says how many more.
 _SHOWN_PATHS = 3
 
@@ -54,9 +54,11 @@ class ClientPlatform:
         self._client = client
         self._directory = directory
         self._target = target
+        # This interpreter can only judge the syntax of the Python it is.
+        self._check_syntax = target.python_version == Target.current().python_version
 
     def _build(self) -> Build:
-        broken = syntax_error(self._directory, scan(self._directory))
+        broken = syntax_error(self._directory, scan(self._directory)) if self._check_syntax else None
         if broken is not None:
             raise DevFailure(broken)
         try:
@@ -87,24 +89,25 @@ async def _call(method: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
 
 
 def trace_tail(client: CorralClient, show: Callable[[tel.TraceSummary], None]) -> Tail:
-    """Shows each invocation of the served version once its trace reaches telemetry (those
-    started before the version was served are not shown)."""
+    """Shows each invocation of the served version once its trace reaches telemetry. Those
+    already there when the version is served (it served before) are not shown: the first poll,
+    made at once, only takes note of them."""
+
+    async def recent(span_filter: tel.SpanFilter) -> list[tel.TraceSummary]:
+        try:
+            return await _call(client.traces, span_filter, TRACES_PER_POLL)
+        except DevFailure:
+            return []  # telemetry restarting: asked again at the next poll
 
     async def tail(version: names.VersionRef) -> None:
-        since = datetime.now(UTC)
         span_filter = tel.SpanFilter(agent=version.parent.name, version=version.name)
-        shown: set[str] = set()
+        shown = {trace.trace_id for trace in await recent(span_filter)}
         while True:
-            try:
-                recent = await _call(client.traces, span_filter, 20)
-            except DevFailure:
-                recent = []  # telemetry restarting: asked again at the next poll
-            for trace in reversed(recent):  # oldest first
-                started = trace.start_time.ToDatetime(UTC)
-                if trace.trace_id not in shown and started >= since:
+            await asyncio.sleep(TRACE_POLL_SECONDS)
+            for trace in reversed(await recent(span_filter)):  # oldest first
+                if trace.trace_id not in shown:
                     shown.add(trace.trace_id)
                     show(trace)
-            await asyncio.sleep(TRACE_POLL_SECONDS)
 
     return tail
 
@@ -199,15 +202,18 @@ def _endpoint_id(_ctx: click.Context, _param: click.Parameter, value: str) -> st
               help="The endpoint sent to each new version (created if missing).")
 @click.option("--traces/--no-traces", default=True, show_default=True,
               help="Show each invocation the served version answers.")
+@target_options
 @json_option
 @pass_state
-def dev(state: State, directory: Path, agent: str | None, endpoint: str, traces: bool) -> None:
-    """Publish DIRECTORY, point ENDPOINT at the new version, and do it again each time a file in
-    it changes, until Ctrl-C. Unchanged bytes publish nothing; a publish that fails (a bad
+def dev(
+    state: State, directory: Path, agent: str | None, endpoint: str, traces: bool, target: Target
+) -> None:
+    """Publish DIRECTORY, point the endpoint at the new version, and do it again each time a
+    file in it changes, until Ctrl-C. Unchanged bytes publish nothing; a publish that fails (a bad
     agent.toml, a syntax error) leaves the endpoint on the last good version. Under --json, one
     JSON object per line and event."""
     client = state.client
-    loop = DevLoop(directory, endpoint, ClientPlatform(client, directory, Target.current()),
+    loop = DevLoop(directory, endpoint, ClientPlatform(client, directory, target),
                    _reporter(state), agent=agent,
                    tail=trace_tail(client, _trace_shower(state)) if traces else no_tail)
     try:

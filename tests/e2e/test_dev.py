@@ -142,3 +142,21 @@ def test_corral_dev_republishes_each_change_and_moves_the_dev_endpoint(
     finally:
         dev.stop()
 
+
+
+def test_corral_dev_under_json_and_started_again_on_the_same_directory(
+    platform: dict[str, str], tmp_path: Path
+) -> None:
+    agent = copy_example(ROOT / "examples" / "progress-report", tmp_path / "agent", "dev-json")
+    for _ in range(2):  # the second time, the same bytes: the same version, routed again
+        dev = DevProcess(platform, "--json", str(agent), "--endpoint", "try-out", "--no-traces")
+        try:
+            routed = json.loads(dev.expect(r'"event": "(routed|error)"'))
+            assert routed == {"event": "routed", "endpoint": "agents/dev-json/endpoints/try-out",
+                                 "version": "agents/dev-json/versions/1"}, dev.output
+            dev.proc.send_signal(signal.SIGINT)
+            assert dev.exit_status() == 0, dev.output
+            assert json.loads(dev.lines[-1]) == {"event": "stopped"}
+        finally:
+            dev.stop()
+    assert [v["number"] for v in corral(platform, "versions", "dev-json")] == ["1"]
