@@ -23,8 +23,9 @@ from corral.manifest import REQUIREMENTS_FILE, Manifest, declared_dependencies, 
 MANIFEST = "agent.toml"
 MAX_PACKED_BYTES = 250 * 1024 * 1024
 MAX_UNPACKED_BYTES = 750 * 1024 * 1024
-_SKIP_DIRS = {"__pycache__", ".git", ".venv", ".mypy_cache", ".pytest_cache"}
-_SKIP_SUFFIXES = (".pyc", ".pyo")
+# What a bundle leaves out of its directory: caches and tools' folders, compiled Python.
+SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".venv", ".mypy_cache", ".pytest_cache"})
+SKIPPED_SUFFIXES = (".pyc", ".pyo")
 
 
 class BundleError(ValueError):
@@ -97,12 +98,12 @@ def digest_of(data: bytes) -> str:
 def _entries(root: Path) -> list[Path]:
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
         base = Path(dirpath)
         for d in dirnames:
             out.append(base / d)
         for f in sorted(filenames):
-            if not f.endswith(_SKIP_SUFFIXES):
+            if not f.endswith(SKIPPED_SUFFIXES):
                 out.append(base / f)
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
@@ -326,7 +327,7 @@ def stage(source: Path, workdir: Path, target: Target, progress: Callable[[str],
         )
     staged = workdir / "bundle"
     shutil.copytree(source, staged, symlinks=True,
-                    ignore=shutil.ignore_patterns(*_SKIP_DIRS, *(f"*{s}" for s in _SKIP_SUFFIXES)))
+                    ignore=shutil.ignore_patterns(*SKIPPED_DIRS, *(f"*{s}" for s in SKIPPED_SUFFIXES)))
     count = f"{len(requirements)} dependenc{'y' if len(requirements) == 1 else 'ies'}"
     progress(f"installing {count} for {target.describe()}...")
     install_dependencies(requirements, staged / DEPS_DIR, target)

@@ -13,6 +13,7 @@ import grpc
 
 from corral.bundle import BundleError
 from corral.cli import (
+    dev,
     endpoints,
     experiments,
     invoking,
@@ -30,7 +31,7 @@ from corral.manifest import ManifestError
 from corral.profiles import ConnectionOptions
 from corral.strategy import StrategyError
 
-AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, rollouts,
+AREAS = (publishing, dev, endpoints, invoking, sessions, observability, sandboxes, rollouts,
          experiments, tools, keys)
 
 

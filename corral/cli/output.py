@@ -142,14 +142,20 @@ def session_id(session: str) -> str:
 # -- failures ----------------------------------------------------------------------------------
 
 
-def rpc_failure(exc: grpc.RpcError) -> NoReturn:
-    """A call the platform refused: its status code and message, as JSON under --json."""
+def rpc_error(exc: grpc.RpcError) -> tuple[str, str]:
+    """A refused call's status code name and message, with a hint where the code needs one."""
     try:
         code, details = exc.code().name, exc.details() or ""
     except AttributeError:  # a bare RpcError: the calls' errors carry a status, it has none
         code, details = "UNKNOWN", str(exc)
     if code == "UNAVAILABLE":
         details += " (is the platform running? start it with `make run`)"
+    return code, details
+
+
+def rpc_failure(exc: grpc.RpcError) -> NoReturn:
+    """A call the platform refused: its status code and message, as JSON under --json."""
+    code, details = rpc_error(exc)
     # Raised out of the command, past its State: the command line says whether --json was given.
     if "--json" in sys.argv:
         click.echo(json.dumps({"error": {"code": code, "message": details}}))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -22,7 +24,25 @@ def _target(python_version: str | None, platforms: tuple[str, ...]) -> Target:
     return Target(python_version or current.python_version, platforms or current.platforms)
 
 
-def _bundle(directory: Path, target: Target) -> bytes:
+def target_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--python-version and --platform, for a command that packs a directory: the decorated
+    function takes the Target they make as `target`."""
+
+    @functools.wraps(command)
+    def with_target(
+        *args: object, python_version: str | None, platforms: tuple[str, ...], **values: object
+    ) -> None:
+        command(*args, target=_target(python_version, platforms), **values)
+
+    made = click.option(
+        "--platform", "platforms", multiple=True,
+        help="The executor's pip platform tag, e.g. manylinux2014_x86_64; repeatable "
+             "(default: this machine's).")(with_target)
+    return click.option(
+        "--python-version", help="The executor's Python, e.g. 3.11 (default: this one).")(made)
+
+
+def bundle_directory(directory: Path, target: Target) -> bytes:
     """The bundle's bytes, packed once: what is measured is what is uploaded."""
     with tempfile.TemporaryDirectory(prefix="corral-publish-") as work:
         root = stage(directory, Path(work), target, lambda line: err.print(line, markup=False))
@@ -34,22 +54,16 @@ def _bundle(directory: Path, target: Target) -> bytes:
 
 @click.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--python-version", help="The executor's Python, e.g. 3.11 (default: this one).")
-@click.option("--platform", "platforms", multiple=True,
-              help="The executor's pip platform tag, e.g. manylinux2014_x86_64; repeatable "
-                   "(default: this machine's).")
+@target_options
 @json_option
 @pass_state
-def publish(
-    state: State, directory: Path, python_version: str | None, platforms: tuple[str, ...]
-) -> None:
+def publish(state: State, directory: Path, target: Target) -> None:
     """Pack DIRECTORY (with its agent.toml) and publish it as a new version.
     Dependencies it declares (agent.toml `dependencies` or requirements.txt) are installed into
     the bundle's deps/ first, so a sandbox needs no network. Publishing the same bytes again
     returns the existing version."""
-    target = _target(python_version, platforms)
     try:
-        data = _bundle(directory, target)
+        data = bundle_directory(directory, target)
     except (BundleError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     v = state.client.publish_bundle(data)

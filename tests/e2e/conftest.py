@@ -42,6 +42,9 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
         "CORRAL_DATABASE_URL": database_url,
         "CORRAL_REDIS_URL": redis_url,
         "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
+        # This checkout's code, for the corral command too: the virtualenv's console script may
+        # be an editable install of another checkout.
+        "PYTHONPATH": str(ROOT),
         **dict.fromkeys(HTTP_PORTS, ANY_PORT),
     })
     log = (data / "platform.log").open("wb")

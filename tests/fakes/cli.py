@@ -7,6 +7,7 @@ from corral import names
 from corral.bundle import digest_of
 from corral.client import CorralClient
 from corral.config import ClientConfig
+from corral.dev.loop import Build, DevFailure
 from corral.identity.v1 import identity_pb2
 from corral.registry.v1 import keys_pb2 as ks
 from corral.registry.v1 import registry_pb2 as reg
@@ -77,3 +78,30 @@ class RecordingClient(CorralClient):
 
 # The key create_key answers with.
 KEY = "crl_abcdefgh234567ab_" + "s" * 52
+
+
+class ScriptedDevPlatform:
+    """corral dev's platform without one: `builds` answers each build in turn (a Build, or a
+    DevFailure to raise); a publish numbers each new digest as the registry does, and routes are
+    recorded."""
+
+    def __init__(self, *builds: Build | DevFailure) -> None:
+        self.builds = list(builds)
+        self.published: list[str] = []  # digests, in the order they became versions
+        self.uploads = 0
+        self.routes: list[tuple[names.EndpointRef, names.VersionRef]] = []
+
+    async def build(self) -> Build:
+        answer = self.builds.pop(0)
+        if isinstance(answer, DevFailure):
+            raise answer
+        return answer
+
+    async def publish(self, build: Build) -> names.VersionRef:
+        self.uploads += 1
+        if build.digest not in self.published:
+            self.published.append(build.digest)
+        return names.VersionRef(build.agent, self.published.index(build.digest) + 1)
+
+    async def route(self, endpoint: names.EndpointRef, version: names.VersionRef) -> None:
+        self.routes.append((endpoint, version))

@@ -233,6 +233,18 @@ def test_whoami_prints_the_principal() -> None:
     assert "api_key abcdefgh234567ab" in human.output
 
 
+@pytest.mark.parametrize(("endpoint", "message"), [
+    ("DEFAULT", "DEFAULT always serves the newest version"),
+    ("not/one", "must start with a letter"),
+])
+def test_corral_dev_refuses_an_endpoint_it_cannot_set(
+    tmp_path: Path, endpoint: str, message: str
+) -> None:
+    root = write_bundle(tmp_path / "agent", agent_files("a", SAYS_HI))
+    code, output = run(RecordingClient(), "dev", str(root), "--endpoint", endpoint)
+    assert code == 2 and message in output, output
+
+
 # -- the commands the documentation shows ------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
