@@ -124,7 +124,8 @@ class Settings:
     # Record a span per internal RPC, not only per invocation.
     rpc_spans: bool
     log_level: str
-    # Prometheus /metrics ports (0: off): per-version metrics in telemetry, rollouts in registry.
+    # Prometheus /metrics ports (0: off), per service: RPC metrics in each, rollouts in registry's,
+    # span intake in telemetry's. The executor's are on its HTTP port (ExecutorSettings.http_port).
     metrics_ports: Mapping[str, int] = field(default_factory=dict)
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
@@ -197,6 +198,8 @@ class Settings:
             metrics_ports={
                 "telemetry": _int(env, "CORRAL_TELEMETRY_METRICS_PORT", 9464),
                 "registry": _int(env, "CORRAL_REGISTRY_METRICS_PORT", 9465),
+                "router": _int(env, "CORRAL_ROUTER_METRICS_PORT", 9467),
+                "sessions": _int(env, "CORRAL_SESSIONS_METRICS_PORT", 9468),
             },
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),

@@ -33,7 +33,10 @@ log = logging.getLogger("corral.launcher")
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "progress-report"
 # The HTTP ports, which take "any" for a port the OS picks (0 turns one off, as documented).
-HTTP_PORTS = ("CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT")
+HTTP_PORTS = (
+    "CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_ROUTER_METRICS_PORT",
+    "CORRAL_SESSIONS_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT",
+)
 ANY_PORT = "any"
 # Secrets in the environment, and the one service each is given to.
 SERVICE_SECRETS = {"CORRAL_SECRETS_KEY": "registry"}
@@ -305,7 +308,7 @@ Corral is running.
   sessions   {a['sessions']}
   executor   {a['executor']}
   telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out)
-  Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.executor.http_port}/metrics (sandboxes)
+  Prometheus http://127.0.0.1:{settings.executor.http_port}/metrics (invocations, tools, tokens, sandboxes), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.metrics_ports['telemetry']}/metrics (span intake), :{settings.metrics_ports['router']}, :{settings.metrics_ports['sessions']} (RPCs); deploy/prometheus, deploy/grafana
   JWKS       http://127.0.0.1:{settings.executor.http_port}/.well-known/jwks.json (verifies invocation credentials)
   data       {settings.data_dir}
   admin key  {settings.data_dir / 'admin.key'}   (the corral command uses it on this machine)

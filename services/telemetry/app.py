@@ -1,5 +1,5 @@
-"""Wires telemetry: pool and migrations → stores → domains → the two servicers on one server, and
-the Prometheus exporter over the fleet's figures."""
+"""Wires telemetry: pool and migrations → stores → domains → the OTLP receiver and the two
+servicers on one server, the receiver's metrics in the service's registry."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.db import create_pool, migrate
-from services.common.prometheus import MetricsExporter
 from services.common.server import App
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
-from services.telemetry.prometheus import version_snapshot
+from services.telemetry.metrics import TelemetryMetrics
+from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
-from services.telemetry.store import PgFleetMetrics, PgScoreStore, PgSpanStore
+from services.telemetry.store import PgScoreStore, PgSpanStore
 from services.telemetry.trace_servicer import TraceServicer
 
 # opentelemetry-proto ships its *_pb2_grpc modules without annotations: typed here, once.
@@ -37,15 +37,11 @@ class TelemetryApp(App):
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         spans, scores = PgSpanStore(pool), PgScoreStore(pool)
         telemetry = Telemetry(spans, scores, self.settings.model_prices)
-        _add_trace_servicer(TraceServicer(telemetry), server)
+        metrics = TelemetryMetrics(self.metrics)
+        _add_trace_servicer(TraceServicer(SpanReceiver(telemetry, metrics)), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, Evaluation(scores, spans)), server
         )
-        exporter = MetricsExporter(
-            self.settings.metrics_ports["telemetry"], version_snapshot(PgFleetMetrics(pool))
-        )
-        exporter.start()
-        stack.push_async_callback(exporter.stop)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
 
 

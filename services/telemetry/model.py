@@ -149,18 +149,6 @@ class VersionMetrics:
 
 
 @dataclass(frozen=True)
-class FleetVersion:
-    """One agent version of one tenant, for Prometheus: counts over all time, latency over the
-    recent window only. The same agent name in two tenants is two agents, so two series."""
-
-    agent: str
-    version: str
-    counts: UsageCounts = UsageCounts()
-    latency: Latency | None = None
-    tenant: str = "default"
-
-
-@dataclass(frozen=True)
 class ExportBatch:
     """An OTLP export as the domain stores it: its well-formed spans, the scores its spans carried
     as events, and how many spans were rejected (and why)."""
@@ -322,10 +310,4 @@ class ScoreStore(Protocol):
     async def observations(self, query: ObservationQuery) -> list[SessionObservation]:
         """One observation per session of the query's tenant(s), in the order the sessions
         started."""
-        ...
-
-
-class FleetMetrics(Protocol):
-    async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
-        """Every agent version of every tenant, its latency over the last `latency_window_s`."""
         ...

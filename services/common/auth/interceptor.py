@@ -9,10 +9,8 @@ are ignored unless the peer is a service."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
-
-import grpc
 
 from services.common import identity
 from services.common.auth.assertions import ASSERTION_KEY, AssertionVerifier
@@ -21,7 +19,7 @@ from services.common.auth.oidc import looks_like_jwt
 from services.common.auth.principal import Principal, check_name
 from services.common.auth.verify import CredentialVerifier
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from services.common.interceptors import Context, Handler, WrappedHandlers, rewrapped
+from services.common.interceptors import Context, Handler, WrappingInterceptor, rewrapped
 from services.common.settings import SERVICES
 
 AUTHORIZATION = "authorization"
@@ -106,10 +104,10 @@ def authorize(access: Access, verified: identity.Verified, peer: str | None, met
     )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self._authenticator = authenticator
-        self._wrapped = WrappedHandlers()
 
     async def _enter(self, context: Context, access: Access, method: str) -> Any:
         pairs = [(k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
@@ -122,17 +120,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         verified = await self._authenticator.verify(metadata, peer)
         authorize(access, verified, peer, method)
         return identity.enter(verified)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return self._wrapped.get(method, handler, lambda: self._wrap(handler, method))
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         # A method missing from the table (the host refuses to start with one) is no one's.
