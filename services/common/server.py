@@ -57,6 +57,11 @@ class Service(Protocol):
         the others (None) ask the registry."""
         return None
 
+    def authenticated_by(self, authenticator: Authenticator) -> None:
+        """Told before start how the host checks credentials, for a service that also takes
+        calls that are not gRPC (telemetry's OTLP over HTTP): they must be checked the same way."""
+        return
+
     def metrics_registry(self) -> CollectorRegistry | None:
         """Where the service's Prometheus metrics are; the host adds its RPC metrics and serves
         it on the service's metrics port (None: a registry of RPC metrics alone)."""
@@ -129,6 +134,7 @@ class ServiceHost:
         authenticator = Authenticator(
             AssertionVerifier(identity.ca), api_keys=self._key_verifier(), tokens=tokens
         )
+        self.service.authenticated_by(authenticator)
         # The error mapping wraps the authentication, so that its refusals get their codes; the
         # request bytes are judged only for a caller who may call.
         # The metrics outermost: the code they count is the one the caller gets.

@@ -127,6 +127,8 @@ class Settings:
     # Prometheus /metrics ports (0: off), per service: RPC metrics in each, rollouts in registry's,
     # span intake in telemetry's. The executor's are on its HTTP port (ExecutorSettings.http_port).
     metrics_ports: Mapping[str, int] = field(default_factory=dict)
+    # Telemetry's OTLP/HTTP receiver (POST /v1/traces; 0: off). 4318 is OTLP/HTTP's usual port.
+    otlp_http_port: int = 0
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -201,6 +203,7 @@ class Settings:
                 "router": _int(env, "CORRAL_ROUTER_METRICS_PORT", 9467),
                 "sessions": _int(env, "CORRAL_SESSIONS_METRICS_PORT", 9468),
             },
+            otlp_http_port=_int(env, "CORRAL_OTLP_HTTP_PORT", 4318),
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),

@@ -35,7 +35,7 @@ EXAMPLE = ROOT / "examples" / "progress-report"
 # The HTTP ports, which take "any" for a port the OS picks (0 turns one off, as documented).
 HTTP_PORTS = (
     "CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_ROUTER_METRICS_PORT",
-    "CORRAL_SESSIONS_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT",
+    "CORRAL_SESSIONS_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT", "CORRAL_OTLP_HTTP_PORT",
 )
 ANY_PORT = "any"
 # Secrets in the environment, and the one service each is given to.
@@ -117,6 +117,8 @@ class Launcher:
                 wanted[f"{svc} /metrics"] = f"0.0.0.0:{port}"
         if self.settings.executor.http_port:
             wanted["executor http"] = f"0.0.0.0:{self.settings.executor.http_port}"
+        if self.settings.otlp_http_port:
+            wanted["telemetry OTLP/HTTP"] = f"0.0.0.0:{self.settings.otlp_http_port}"
         held = {h.port for h in self.held}
         for svc, listen in wanted.items():
             host, _, number = listen.rpartition(":")
@@ -307,7 +309,7 @@ Corral is running.
   registry   {a['registry']}   (publish, endpoints, audit)
   sessions   {a['sessions']}
   executor   {a['executor']}
-  telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out)
+  telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out; OTLP/HTTP http://127.0.0.1:{settings.otlp_http_port}/v1/traces)
   Prometheus http://127.0.0.1:{settings.executor.http_port}/metrics (invocations, tools, tokens, sandboxes), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.metrics_ports['telemetry']}/metrics (span intake), :{settings.metrics_ports['router']}, :{settings.metrics_ports['sessions']} (RPCs); deploy/prometheus, deploy/grafana
   JWKS       http://127.0.0.1:{settings.executor.http_port}/.well-known/jwks.json (verifies invocation credentials)
   data       {settings.data_dir}

@@ -1,5 +1,6 @@
-"""Wires telemetry: pool and migrations → stores → domains → the OTLP receiver and the two
-servicers on one server, the receiver's metrics in the service's registry."""
+"""Wires telemetry: pool and migrations → stores → domains → the OTLP receiver, the two servicers
+on one server and OTLP over HTTP on a port of its own; the receiver's metrics in the service's
+registry."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.auth.interceptor import Authenticator
 from services.common.db import create_pool, migrate
 from services.common.server import App
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.metrics import TelemetryMetrics
+from services.telemetry.otlp_http import OtlpHttp, traces
 from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
@@ -31,17 +34,30 @@ TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"
 
 
 class TelemetryApp(App):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._authenticator: Authenticator | None = None
+
+    def authenticated_by(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         pool = await create_pool(self.settings.require_database())
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         spans, scores = PgSpanStore(pool), PgScoreStore(pool)
         telemetry = Telemetry(spans, scores, self.settings.model_prices)
-        metrics = TelemetryMetrics(self.metrics)
-        _add_trace_servicer(TraceServicer(SpanReceiver(telemetry, metrics)), server)
+        receiver = SpanReceiver(telemetry, TelemetryMetrics(self.metrics))
+        _add_trace_servicer(TraceServicer(receiver), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, Evaluation(scores, spans)), server
         )
+        if self.settings.otlp_http_port:
+            if self._authenticator is None:
+                raise RuntimeError("OTLP/HTTP needs the host's authenticator (authenticated_by)")
+            http = OtlpHttp([traces(receiver)], self._authenticator, "0.0.0.0", self.settings.otlp_http_port)
+            await http.start()
+            stack.push_async_callback(http.close)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
 
 

@@ -86,6 +86,17 @@ class Authenticator:
             return await self._tokens.verify(credential)
         raise Unauthenticated("the credential is neither a Corral API key (crl_...) nor a JWT")
 
+    async def admit(
+        self, metadata: Mapping[str, str], peer: str | None, method: str, access: Access | None = None
+    ) -> identity.Verified:
+        """The verified caller of `method` (a full gRPC method name), if the access table lets it
+        call: what the interceptor does for every gRPC call, and what another transport into the
+        same method (telemetry's OTLP over HTTP) does too."""
+        verified = await self.verify(metadata, peer)
+        # A method missing from the table (the host refuses to start with one) is no one's.
+        authorize(access or access_for(method) or Access(), verified, peer, method)
+        return verified
+
 
 def authorize(access: Access, verified: identity.Verified, peer: str | None, method: str) -> None:
     """Raises PermissionDenied unless the principal (or the service relaying it) may call."""
@@ -115,10 +126,7 @@ class AuthInterceptor(WrappingInterceptor):
             # One credential per call: a proxy may join repeated headers into one value, and
             # which of them was checked would then be anyone's guess.
             raise Unauthenticated("send one authorization header, not several")
-        metadata = dict(pairs)
-        peer = peer_service(context)
-        verified = await self._authenticator.verify(metadata, peer)
-        authorize(access, verified, peer, method)
+        verified = await self._authenticator.admit(dict(pairs), peer_service(context), method, access)
         return identity.enter(verified)
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
