@@ -39,7 +39,7 @@ HTTP_PORTS = (
 )
 ANY_PORT = "any"
 # Secrets in the environment, and the one service each is given to.
-SERVICE_SECRETS = {"CORRAL_SECRETS_KEY": "registry"}
+SERVICE_SECRETS = {"CORRAL_SECRETS_KEY": "registry", "CORRAL_OTLP_FORWARD_HEADERS": "telemetry"}
 T = TypeVar("T")
 HealthCheck: TypeAlias = "grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]"
 

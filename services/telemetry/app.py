@@ -4,19 +4,24 @@ registry."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.auth.interceptor import Authenticator
 from services.common.db import create_pool, migrate
+from services.common.outbound import OutboundPolicy
 from services.common.server import App
 from services.common.settings import Settings
 from services.telemetry.evaluation import Evaluation
+from services.telemetry.forward_sink import checked_sink
+from services.telemetry.forwarding import Forwarder
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.otlp_http import OtlpHttp, traces
 from services.telemetry.receiver import SpanReceiver
@@ -24,6 +29,8 @@ from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.store import PgScoreStore, PgSpanStore
 from services.telemetry.trace_servicer import TraceServicer
+
+log = logging.getLogger(__name__)
 
 # opentelemetry-proto ships its *_pb2_grpc modules without annotations: typed here, once.
 _add_trace_servicer: Callable[[TraceServicer, grpc.aio.Server], None] = (
@@ -47,7 +54,8 @@ class TelemetryApp(App):
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         spans, scores = PgSpanStore(pool), PgScoreStore(pool)
         telemetry = Telemetry(spans, scores, self.settings.model_prices)
-        receiver = SpanReceiver(telemetry, TelemetryMetrics(self.metrics))
+        metrics = TelemetryMetrics(self.metrics)
+        receiver = SpanReceiver(telemetry, metrics, await self._forwarder(metrics, stack))
         _add_trace_servicer(TraceServicer(receiver), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, Evaluation(scores, spans)), server
@@ -59,6 +67,22 @@ class TelemetryApp(App):
             await http.start()
             stack.push_async_callback(http.close)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
+
+
+    async def _forwarder(
+        self, metrics: TelemetryMetrics, stack: AsyncExitStack
+    ) -> Callable[[ExportTraceServiceRequest], None] | None:
+        """With CORRAL_OTLP_FORWARD, what the receiver offers every export to; its address checked
+        by the outbound policy first (refused: telemetry does not start)."""
+        forward = self.settings.otlp_forward
+        if not forward.endpoint:
+            return None
+        sink = await checked_sink(forward, OutboundPolicy(self.settings.outbound_allow))
+        forwarder = Forwarder(sink, metrics, forward.queue)
+        forwarder.start()
+        stack.push_async_callback(forwarder.close)
+        log.info("forwarding every export to %s", sink.target)
+        return forwarder.offer
 
 
 def build(settings: Settings) -> TelemetryApp:
