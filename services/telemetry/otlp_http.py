@@ -92,10 +92,9 @@ def decode(request: type[RequestT], body: bytes, content_type: str) -> RequestT:
         if not isinstance(document, dict):
             raise InvalidArgument(f"the body must be a JSON object ({request.DESCRIPTOR.name})",
                                   reason="MALFORMED_REQUEST")
+        # A bad hex id raises InvalidArgument naming its field, which passes through.
         json_format.ParseDict(_hex_ids_as_base64(document, ""), message, ignore_unknown_fields=True)
     except (ValueError, RecursionError, json_format.ParseError) as exc:
-        if isinstance(exc, InvalidArgument):
-            raise
         raise InvalidArgument(
             f"the body is not OTLP/JSON ({request.DESCRIPTOR.name}): {str(exc)[:200]}",
             reason="MALFORMED_REQUEST") from None
