@@ -74,6 +74,9 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_TRACING": "false",
         "CORRAL_TELEMETRY_METRICS_PORT": "0",
         "CORRAL_REGISTRY_METRICS_PORT": "0",
+        "CORRAL_ROUTER_METRICS_PORT": "0",
+        "CORRAL_SESSIONS_METRICS_PORT": "0",
+        "CORRAL_OTLP_HTTP_PORT": "0",
         "CORRAL_EXECUTOR_HTTP_PORT": "0",
         # The run shares one database: a warm pool would warm every test's routed versions.
         "CORRAL_WARM_POOL_SIZE": "0",

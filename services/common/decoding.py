@@ -6,7 +6,7 @@ every method and every message of a request stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from typing import Any
 
@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from corral.options.v1 import limits_pb2
 from services.common.errors import InvalidArgument
-from services.common.interceptors import Context, Handler, WrappedHandlers
+from services.common.interceptors import Context, Handler, WrappingInterceptor
 
 
 class _Undecodable:
@@ -146,24 +146,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return decode
 
 
-class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
+class RequestDecodingInterceptor(WrappingInterceptor):
     """Refuses request bytes that do not parse as the method's message, or that carry a field
     refused_field names, with INVALID_ARGUMENT: for unary requests and for every message of a
     request stream. Installed after the authentication, so an anonymous caller learns nothing but
     that it must authenticate."""
 
-    def __init__(self) -> None:
-        self._wrapped = WrappedHandlers()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._wrapped.get(handler_call_details.method, handler, lambda: _wrap(handler))
+    def _wrap(self, handler: Handler, method: str) -> Handler:
+        return _wrap(handler)
 
 
 def _wrap(handler: Handler) -> Handler:

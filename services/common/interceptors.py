@@ -54,13 +54,34 @@ class WrappedHandlers:
         return wrapped
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once (`_wrap`), on its first call."""
+
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return self._wrapped.get(method, handler, lambda: self._wrap(handler, method))
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
+        raise NotImplementedError
+
+
+class ErrorMappingInterceptor(WrappingInterceptor):
     """Maps domain errors to status codes, forwards downstream gRPC errors, and turns anything
     unexpected into INTERNAL (logged with its traceback) instead of UNKNOWN."""
 
     def __init__(self, domain: str) -> None:
+        super().__init__()
         self._domain = domain
-        self._wrapped = WrappedHandlers()
 
     async def _fail(self, exc: Exception, context: Context, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
@@ -76,17 +97,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             grpc.StatusCode.INTERNAL,
             f"internal error in {self._domain} ({type(exc).__name__}); see the service log",
         )
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        return self._wrapped.get(method, handler, lambda: self._wrap(handler, method))
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         fail = self._fail

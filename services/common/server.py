@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from corral.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.common import tracing
@@ -27,6 +28,8 @@ from services.common.auth.whoami import WhoAmIServicer
 from services.common.decoding import RequestDecodingInterceptor
 from services.common.interceptors import ErrorMappingInterceptor
 from services.common.logs import setup_logging
+from services.common.prometheus import MetricsExporter
+from services.common.rpc_metrics import RpcMetricsInterceptor
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,12 +57,26 @@ class Service(Protocol):
         the others (None) ask the registry."""
         return None
 
+    def authenticated_by(self, authenticator: Authenticator) -> None:
+        """Told before start how the host checks credentials, for a service that also takes
+        calls that are not gRPC (telemetry's OTLP over HTTP): they must be checked the same way."""
+        return
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """Where the service's Prometheus metrics are; the host adds its RPC metrics and serves
+        it on the service's metrics port (None: a registry of RPC metrics alone)."""
+        return None
+
 
 class App(Service):
     """The base of every service's app.py: the wiring of one service from its settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = CollectorRegistry()
+
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics
 
 
 IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
@@ -117,15 +134,19 @@ class ServiceHost:
         authenticator = Authenticator(
             AssertionVerifier(identity.ca), api_keys=self._key_verifier(), tokens=tokens
         )
+        self.service.authenticated_by(authenticator)
         # The error mapping wraps the authentication, so that its refusals get their codes; the
         # request bytes are judged only for a caller who may call.
+        # The metrics outermost: the code they count is the one the caller gets.
+        metrics = self.service.metrics_registry() or CollectorRegistry()
         interceptors: list[grpc.aio.ServerInterceptor] = [
+            RpcMetricsInterceptor(metrics),
             ErrorMappingInterceptor(self.name),
             AuthInterceptor(authenticator),
             RequestDecodingInterceptor(),
         ]
         if self.settings.tracing and self.settings.rpc_spans:
-            interceptors.insert(0, tracing.server_interceptor())
+            interceptors.insert(1, tracing.server_interceptor())
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -159,6 +180,9 @@ class ServiceHost:
                 raise OSError(f"{self.name} could not listen on {internal} (internal, mutual TLS)")
             self.internal_listening = with_port(internal, self.internal_port)
             await server.start()
+            exporter = MetricsExporter(self.settings.metrics_ports.get(self.name, 0), metrics)
+            exporter.start()
+            self._stack.push_async_callback(exporter.stop)
         except BaseException:
             await self._stack.aclose()
             raise

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import unquote
 
 from services.common.auth.oidc import IssuerConfigError, OidcIssuer, parse_issuers
 from services.common.outbound import Network, allow_list, parse_allow
@@ -112,6 +114,18 @@ class ExecutorSettings:
 
 
 @dataclass(frozen=True)
+class OtlpForward:
+    """Telemetry's forwarding of every export it accepts to another OTLP backend (Jaeger, Tempo, a
+    vendor): CORRAL_OTLP_FORWARD, its headers and the exports it may hold while the backend lags."""
+
+    # host:port (plain gRPC), http://host:port (plain) or https://host:port (TLS); "" is off.
+    endpoint: str = ""
+    # Sent with each export, e.g. the vendor's API key: kept out of repr.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    queue: int = 1000
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     database_url: str | None
@@ -126,8 +140,12 @@ class Settings:
     # Record a span per internal RPC, not only per invocation.
     rpc_spans: bool
     log_level: str
-    # Prometheus /metrics ports (0: off): per-version metrics in telemetry, rollouts in registry.
+    # Prometheus /metrics ports (0: off), per service: RPC metrics in each, rollouts in registry's,
+    # span intake in telemetry's. The executor's are on its HTTP port (ExecutorSettings.http_port).
     metrics_ports: Mapping[str, int] = field(default_factory=dict)
+    # Telemetry's OTLP/HTTP receiver (POST /v1/traces; 0: off). 4318 is OTLP/HTTP's usual port.
+    otlp_http_port: int = 0
+    otlp_forward: OtlpForward = field(default_factory=OtlpForward)
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -199,7 +217,15 @@ class Settings:
             metrics_ports={
                 "telemetry": _int(env, "CORRAL_TELEMETRY_METRICS_PORT", 9464),
                 "registry": _int(env, "CORRAL_REGISTRY_METRICS_PORT", 9465),
+                "router": _int(env, "CORRAL_ROUTER_METRICS_PORT", 9467),
+                "sessions": _int(env, "CORRAL_SESSIONS_METRICS_PORT", 9468),
             },
+            otlp_http_port=_int(env, "CORRAL_OTLP_HTTP_PORT", 4318),
+            otlp_forward=OtlpForward(
+                endpoint=env.get("CORRAL_OTLP_FORWARD", "").strip(),
+                headers=_headers(env, "CORRAL_OTLP_FORWARD_HEADERS"),
+                queue=_int(env, "CORRAL_OTLP_FORWARD_QUEUE", 1000),
+            ),
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),
@@ -245,6 +271,26 @@ def _outbound_allow(env: Mapping[str, str]) -> tuple[Network, ...]:
     except ValueError as exc:
         raise SettingsError(f"CORRAL_OUTBOUND_ALLOW: {exc}") from None
     return allow_list(networks, _bool(env, "CORRAL_TOOLS_ALLOW_LOOPBACK", False))
+
+
+_HEADER_NAME = re.compile(r"^[a-z0-9_.-]+$")
+
+
+def _headers(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """`key=value,key2=value2` (values URL-encoded), as OTEL_EXPORTER_OTLP_HEADERS has them."""
+    pairs = []
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or not _HEADER_NAME.match(key):
+            raise SettingsError(
+                f"{name} must be key=value pairs separated by commas (lower-case keys of letters, "
+                "digits, '-', '_', '.'), e.g. x-api-key=SECRET"
+            )
+        pairs.append((key, unquote(value.strip())))
+    return tuple(pairs)
 
 
 def _issuers(text: str) -> tuple[OidcIssuer, ...]:

@@ -76,6 +76,11 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
 def to_status(error: CorralError, domain: str) -> grpc.Status:
     """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error. Its
     texts are bounded: a message built around a huge input still reaches the caller readable."""
+    return rpc_status.to_status(google_status(error, domain))
+
+
+def google_status(error: CorralError, domain: str) -> status_pb2.Status:
+    """The google.rpc.Status of to_status, for a transport that sends it as it is (HTTP)."""
     code = status_code(error)
     details = [
         _pack(
@@ -99,10 +104,9 @@ def to_status(error: CorralError, domain: str) -> grpc.Status:
                 )
             )
         )
-    status = status_pb2.Status(
+    return status_pb2.Status(
         code=code_pb2.Code.Value(code.name), message=bounded(error.message), details=details
     )
-    return rpc_status.to_status(status)
 
 
 _DETAILS_KEY = "grpc-status-details-bin"

@@ -65,11 +65,13 @@ class ExecutorService(App):
         stack.push_async_callback(registry.close)
         spans = TelemetrySpans(s)
         stack.push_async_callback(spans.close)
-        metrics = ExecutorMetrics()
-        broker = ModelBroker(providers_from_settings(provider_env, outbound))
+        metrics = ExecutorMetrics(s.model_prices, self.metrics)
+        broker = ModelBroker(providers_from_settings(provider_env, outbound), metrics=metrics)
         stack.push_async_callback(broker.aclose)
-        tools = ToolBroker(resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s),
-                           cache_ttl_s=s.credential_cache_s)
+        tools = ToolBroker(
+            resolver=RegistryToolResolver(s), transport=ToolTransport.from_settings(s),
+            cache_ttl_s=s.credential_cache_s, metrics=metrics,
+        )
         stack.push_async_callback(tools.close)
         redis = create_redis(s.require_redis())
         stack.push_async_callback(redis.aclose)

@@ -13,7 +13,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from services.common.outbound import OutboundPolicy, OutboundRefused, Unresolved
+from services.common.prometheus import OK, Series
 from services.common.settings import SettingsError
+from services.executor.metrics import ExecutorMetrics
 from services.executor.model import ChunkSink, ModelAnswer, ModelRequest, SpanAttributes
 from services.executor.openai_provider import OpenAIProvider
 from services.executor.providers import (
@@ -85,10 +87,13 @@ class _SinkFailed(Exception):
 
 class ModelBroker:
     def __init__(
-        self, providers: Mapping[str, ModelProvider], *, tracer: trace.Tracer | None = None
+        self, providers: Mapping[str, ModelProvider], *, tracer: trace.Tracer | None = None,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.providers = dict(providers)
         self._tracer = tracer or trace.get_tracer(__name__)
+        # Where calls, tokens and their cost are counted (none: not counted).
+        self._metrics = metrics
 
     async def aclose(self) -> None:
         """Closes the providers' connection pools."""
@@ -99,10 +104,12 @@ class ModelBroker:
         self, provider: str, model_id: str, params: Mapping[str, Any], call: ModelRequest,
         attributes: SpanAttributes, context: Context | None = None, *,
         deadline: float | None = None, on_chunk: ChunkSink | None = None,
+        series: Series | None = None,
     ) -> ModelAnswer:
         """Calls the model; with call.stream and on_chunk, each text delta goes to on_chunk first.
         `deadline` is an absolute time.monotonic() value. Model failures come back as
-        ModelAnswer.error; an exception from on_chunk propagates."""
+        ModelAnswer.error; an exception from on_chunk propagates. The call and its tokens are
+        counted under `series`."""
         with self._tracer.start_as_current_span(
             f"chat {model_id}", context=context, attributes=dict(attributes)
         ) as span:
@@ -122,16 +129,26 @@ class ModelBroker:
                     error_type, message = type(exc).__qualname__, f"{provider} model call failed: {exc}"
                 span.set_attribute("error.type", error_type)
                 span.set_status(trace.StatusCode.ERROR, str(exc))
+                self._count(series, model_id, error_type)
                 return ModelAnswer(call_id=call.call_id, error=message)
             span.set_attribute("gen_ai.response.model", result.response_model or model_id)
             if result.input_tokens is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", result.input_tokens)
             if result.output_tokens is not None:
                 span.set_attribute("gen_ai.usage.output_tokens", result.output_tokens)
-            return ModelAnswer(
+            answer = ModelAnswer(
                 call_id=call.call_id, text=result.text,
                 input_tokens=result.input_tokens or 0, output_tokens=result.output_tokens or 0,
             )
+            self._count(series, model_id, OK, answer.input_tokens, answer.output_tokens)
+            return answer
+
+    def _count(
+        self, series: Series | None, model_id: str, code: str, input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> None:
+        if self._metrics is not None and series is not None:
+            self._metrics.model_call(series, model_id, code, input_tokens, output_tokens)
 
     async def _complete(
         self, provider: str, model_id: str, params: Mapping[str, Any], call: ModelRequest,

@@ -11,6 +11,7 @@ from opentelemetry.context import Context as OtelContext
 
 from corral.manifest import Manifest
 from services.common.identity import Caller
+from services.common.prometheus import Series
 from services.executor.broker import ModelBroker
 from services.executor.model import (
     UNAVAILABLE,
@@ -37,6 +38,8 @@ class InvocationScope:
     context: OtelContext
     # Unix seconds (time.time()).
     deadline: float
+    # The version the calls are counted under (metrics.py).
+    series: Series
 
 
 class AgentCalls:
@@ -53,6 +56,7 @@ class AgentCalls:
             manifest.model_provider, manifest.model_id, manifest.model_params, request,
             scope.attributes, scope.context,
             deadline=time.monotonic() + (scope.deadline - time.time()), on_chunk=on_chunk,
+            series=scope.series,
         )
 
     async def tool(self, request: ToolRequest) -> ToolOutcome:
@@ -64,5 +68,5 @@ class AgentCalls:
             allowed=[t.name for t in scope.manifest.tools], tokens=scope.tokens,
             payload=request.payload, content_type=request.content_type,
             timeout_s=request.timeout_s or None, deadline=scope.deadline,
-            attributes=scope.attributes, context=scope.context,
+            attributes=scope.attributes, context=scope.context, series=scope.series,
         )

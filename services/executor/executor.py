@@ -61,7 +61,9 @@ class Executor:
             settings, sessions, starter.bundles, starter, self.pools, metrics, holder
         )
         self._credentials = InvocationCredentials(credentials)
-        self._turns = Turns(self.sandboxes, sessions, spans, broker, tools, self._credentials)
+        self._turns = Turns(
+            self.sandboxes, sessions, spans, broker, tools, self._credentials, metrics
+        )
 
     def start(self) -> None:
         self._starter.remove_leftovers()

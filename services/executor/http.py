@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.common.errors import Unavailable
+from services.common.http_server import HttpSite
 from services.executor.credentials import JTI, CredentialIssuer
 
 log = logging.getLogger(__name__)
@@ -20,46 +21,17 @@ log = logging.getLogger(__name__)
 JWKS_MAX_AGE_S = 300
 
 
-class ExecutorHttp:
+class ExecutorHttp(HttpSite):
     def __init__(
         self, issuer: CredentialIssuer, registry: CollectorRegistry, host: str, port: int
     ) -> None:
         self._issuer = issuer
         self._registry = registry
-        self._host = host
-        self._requested_port = port
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when constructed with port 0)."""
-        if self._port is None:
-            raise RuntimeError("ExecutorHttp is not started")
-        return self._port
-
-    async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/.well-known/jwks.json", self._jwks)
         app.router.add_get("/v1/revocations/{jti}", self._revocation)
         app.router.add_get("/metrics", self._metrics)
-        # No access log: the revocation route is hit once per tool call.
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested_port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        log.info("executor HTTP on %s:%d", self._host, self._port)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        super().__init__(app, host, port, "executor HTTP")
 
     async def _jwks(self, _request: web.Request) -> web.Response:
         return web.json_response(

@@ -59,6 +59,8 @@ class WarmPools:
         self.hits: Counter[VersionRef] = Counter()
         self.misses: Counter[VersionRef] = Counter()
         self._failed_at: dict[VersionRef, float] = {}
+        # The versions the pool gauges have series for.
+        self._exported: set[VersionRef] = set()
         self._filler = Periodic(self._fill_once, every_s=REFILL_EVERY_S, what="warm pool refill")
         self._stopping = TaskSet("stopping a warm sandbox")
 
@@ -112,7 +114,7 @@ class WarmPools:
         counter, metric = (self.hits, self.metrics.pool_hits) if found is not None else (
             self.misses, self.metrics.pool_misses)
         counter[version] += 1
-        metric.labels(version.name).inc()
+        metric.labels(*_labels(version)).inc()
         self._filler.wake()
         return found
 
@@ -180,11 +182,23 @@ class WarmPools:
         self._export()
 
     def _export(self) -> None:
-        for pool in self.report():
-            self.metrics.pool_ready.labels(pool.version).set(pool.ready)
+        targets = self._targets()
+        versions = set(targets) | set(self._ready)
+        for gone in self._exported - versions:  # no series left behind for a forgotten version
+            self.metrics.pool_ready.remove(*_labels(gone))
+            self.metrics.pool_target.remove(*_labels(gone))
+        for version in versions:
+            self.metrics.pool_ready.labels(*_labels(version)).set(len(self._ready.get(version, ())))
+            self.metrics.pool_target.labels(*_labels(version)).set(targets.get(version, 0))
+        self._exported = versions
 
     def _discard(self, sandbox: Sandbox) -> None:
         self._stopping.spawn(sandbox.stop())
+
+
+def _labels(version: VersionRef) -> tuple[str, str]:
+    """A pool's labels: agent and version, as services/common/prometheus.py names them."""
+    return version.agent, str(version.number or version.digest)
 
 
 class EndpointWants:

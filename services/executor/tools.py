@@ -15,7 +15,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from services.common.errors import CorralError
+from services.common.prometheus import Series
 from services.executor import redaction
+from services.executor.metrics import ExecutorMetrics
 from services.executor.model import (
     NOT_FOUND,
     PERMISSION_DENIED,
@@ -57,8 +59,11 @@ class ToolBroker:
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.time,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.resolver = resolver
+        # Where calls are counted by outcome (none: not counted).
+        self.metrics = metrics
         self.tracer = tracer or _tracer
         self.clock = clock
         self.cache_ttl_s = cache_ttl_s
@@ -83,11 +88,12 @@ class ToolBroker:
         deadline: float,
         attributes: SpanAttributes,
         context: Context | None,
+        series: Series | None = None,
     ) -> ToolOutcome:
         """Calls `tool` of `tenant` if the version declares it (`allowed`: agent.toml's [[tools]]
         names), with a token from `tokens` for this call alone (none when None). `deadline` is
         the invocation's, in Unix seconds (time.time()); the call gets the least of the tool's
-        timeout, `timeout_s` and the time left to it."""
+        timeout, `timeout_s` and the time left to it. The call is counted under `series`."""
         with self.tracer.start_as_current_span(
             f"execute_tool {tool}", context=context, kind=trace.SpanKind.CLIENT,
             attributes=dict(attributes),
@@ -107,6 +113,8 @@ class ToolBroker:
                 span.set_attribute("error.type", outcome.error_code)
                 span.set_status(trace.StatusCode.ERROR, outcome.error)
                 log.info("tool call %s/%s failed: %s %s", tenant, tool, outcome.error_code, outcome.error)
+            if self.metrics is not None and series is not None:
+                self.metrics.tool_call(series, tool, outcome.error_code)
             return outcome
 
     async def _call(

@@ -22,10 +22,12 @@ from services.common.errors import (
 )
 from services.common.execution import Completed, Started
 from services.common.identity import Caller
+from services.common.prometheus import OK, Series
 from services.executor.broker import ModelBroker
 from services.executor.calls import AgentCalls, InvocationScope
 from services.executor.credentials import InvocationCredentials, InvocationTokens
 from services.executor.drivers.base import Limit
+from services.executor.metrics import ExecutorMetrics
 from services.executor.model import (
     AgentError,
     Event,
@@ -65,9 +67,10 @@ def invocation_attributes(caller: Caller, inv: Invocation) -> dict[str, str | in
 class Turns:
     def __init__(
         self, table: SandboxTable, sessions: Sessions, spans: SpanExport, models: ModelBroker,
-        tools: ToolBroker | None, credentials: InvocationCredentials,
+        tools: ToolBroker | None, credentials: InvocationCredentials, metrics: ExecutorMetrics,
     ) -> None:
         self._table, self._sessions, self._spans = table, sessions, spans
+        self._metrics = metrics
         # What answers the agent's calls, and what authenticates them to tools.
         self._models, self._tools, self._credentials = models, tools, credentials
 
@@ -77,6 +80,8 @@ class Turns:
         """Started, the agent's output chunks, then Completed; or a domain error."""
         started = time.monotonic()
         attributes = invocation_attributes(caller, inv)
+        series = Series.of(caller.tenant, inv.version, inv.endpoint)
+        code = ""  # how it ended, once it has
         # An explicit span and context rather than "current span": this generator is suspended at
         # every yield, and the ambient context must not leak into the caller's.
         span = tracer.start_span(
@@ -92,7 +97,7 @@ class Turns:
             tokens = self._credentials.open(caller, inv, bound.manifest, deadline)
             token = tokens.agent.token if tokens else ""
             calls = AgentCalls(self._models, self._tools, InvocationScope(
-                caller, bound.manifest, tokens, attributes, scope_context, deadline))
+                caller, bound.manifest, tokens, attributes, scope_context, deadline, series))
             output: list[bytes] = []
             done: TurnOutput | None = None
             turn = _turn_input(caller, inv, bound, scope_context, token, deadline)
@@ -108,13 +113,18 @@ class Turns:
             committed = await self._commit(caller, inv, bound, done, b"".join(output))
             span.set_attribute("corral.turn", committed.turn_count)
             span.set_status(trace.StatusCode.OK)
+            code = OK
+            self._metrics.invocation(series, code, time.monotonic() - started)
             yield Completed(int((time.monotonic() - started) * 1000), committed.turn_count)
         except BaseException as exc:
+            if code:  # closed once Completed was out: nothing failed
+                raise
+            code = "CANCELLED"
             if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                code = exc.reason if isinstance(exc, CorralError) else type(exc).__name__
                 span.set_status(trace.StatusCode.ERROR, str(exc)[:500])
-                span.set_attribute(
-                    "error.type", exc.reason if isinstance(exc, CorralError) else type(exc).__name__
-                )
+                span.set_attribute("error.type", code)
+            self._metrics.invocation(series, code, time.monotonic() - started)
             raise
         finally:
             span.end()

@@ -33,10 +33,13 @@ log = logging.getLogger("corral.launcher")
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "progress-report"
 # The HTTP ports, which take "any" for a port the OS picks (0 turns one off, as documented).
-HTTP_PORTS = ("CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT")
+HTTP_PORTS = (
+    "CORRAL_TELEMETRY_METRICS_PORT", "CORRAL_REGISTRY_METRICS_PORT", "CORRAL_ROUTER_METRICS_PORT",
+    "CORRAL_SESSIONS_METRICS_PORT", "CORRAL_EXECUTOR_HTTP_PORT", "CORRAL_OTLP_HTTP_PORT",
+)
 ANY_PORT = "any"
 # Secrets in the environment, and the one service each is given to.
-SERVICE_SECRETS = {"CORRAL_SECRETS_KEY": "registry"}
+SERVICE_SECRETS = {"CORRAL_SECRETS_KEY": "registry", "CORRAL_OTLP_FORWARD_HEADERS": "telemetry"}
 T = TypeVar("T")
 HealthCheck: TypeAlias = "grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]"
 
@@ -114,6 +117,8 @@ class Launcher:
                 wanted[f"{svc} /metrics"] = f"0.0.0.0:{port}"
         if self.settings.executor.http_port:
             wanted["executor http"] = f"0.0.0.0:{self.settings.executor.http_port}"
+        if self.settings.otlp_http_port:
+            wanted["telemetry OTLP/HTTP"] = f"0.0.0.0:{self.settings.otlp_http_port}"
         held = {h.port for h in self.held}
         for svc, listen in wanted.items():
             host, _, number = listen.rpartition(":")
@@ -304,8 +309,8 @@ Corral is running.
   registry   {a['registry']}   (publish, endpoints, audit)
   sessions   {a['sessions']}
   executor   {a['executor']}
-  telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out)
-  Prometheus http://127.0.0.1:{settings.metrics_ports['telemetry']}/metrics (versions), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.executor.http_port}/metrics (sandboxes)
+  telemetry  {a['telemetry']}   (OTLP traces in, traces and metrics out; OTLP/HTTP http://127.0.0.1:{settings.otlp_http_port}/v1/traces)
+  Prometheus http://127.0.0.1:{settings.executor.http_port}/metrics (invocations, tools, tokens, sandboxes), :{settings.metrics_ports['registry']}/metrics (rollouts), :{settings.metrics_ports['telemetry']}/metrics (span intake), :{settings.metrics_ports['router']}, :{settings.metrics_ports['sessions']} (RPCs); deploy/prometheus, deploy/grafana
   JWKS       http://127.0.0.1:{settings.executor.http_port}/.well-known/jwks.json (verifies invocation credentials)
   data       {settings.data_dir}
   admin key  {settings.data_dir / 'admin.key'}   (the corral command uses it on this machine)

@@ -1,5 +1,5 @@
 """Wires the registry: pool, migrations, store, the calls out, the domains and their servicers, the
-rollout controller, the endpoint-change listener, the metrics exporter."""
+rollout controller, the endpoint-change listener, the rollout metrics."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from services.common.auth.verify import CredentialVerifier
 from services.common.db import create_pool, migrate
 from services.common.errors import Unavailable
 from services.common.outbound import OutboundPolicy
-from services.common.prometheus import MetricsExporter
+from services.common.prometheus import RefreshedSnapshot
 from services.common.server import App
 from services.common.settings import Settings
 from services.registry.bootstrap import ensure_admin_key
@@ -84,9 +84,11 @@ class RegistryService(App):
         rollouts.kick = controller.wake
         controller.start()
         stack.push_async_callback(controller.stop)
-        exporter = MetricsExporter(self.settings.metrics_ports["registry"], rollout_snapshot(store))
-        exporter.start()
-        stack.push_async_callback(exporter.stop)
+        if self.settings.metrics_ports.get("registry"):
+            rollout_metrics = RefreshedSnapshot(rollout_snapshot(store))
+            self.metrics.register(rollout_metrics)
+            rollout_metrics.start()
+            stack.push_async_callback(rollout_metrics.close)
         tools = Tools(store, secret_box(self.settings.secrets_key), outbound)
         self.keys = keys = Keys(store)
         if self.settings.bootstrap_admin_key_file is not None:

@@ -1,27 +1,37 @@
-"""Wires telemetry: pool and migrations → stores → domains → the two servicers on one server, and
-the Prometheus exporter over the fleet's figures."""
+"""Wires telemetry: pool and migrations → stores → domains → the OTLP receiver, the two servicers
+on one server and OTLP over HTTP on a port of its own; the receiver's metrics in the service's
+registry."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.auth.interceptor import Authenticator
 from services.common.db import create_pool, migrate
-from services.common.prometheus import MetricsExporter
+from services.common.outbound import OutboundPolicy
 from services.common.server import App
 from services.common.settings import Settings
 from services.telemetry.clients import SessionsClient
 from services.telemetry.evaluation import Evaluation
-from services.telemetry.prometheus import version_snapshot
+from services.telemetry.forward_sink import checked_sink
+from services.telemetry.forwarding import Forwarder
+from services.telemetry.metrics import TelemetryMetrics
+from services.telemetry.otlp_http import OtlpHttp, traces
+from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
-from services.telemetry.store import PgFleetMetrics, PgScoreStore, PgSpanStore
+from services.telemetry.store import PgScoreStore, PgSpanStore
 from services.telemetry.trace_servicer import TraceServicer
+
+log = logging.getLogger(__name__)
 
 # opentelemetry-proto ships its *_pb2_grpc modules without annotations: typed here, once.
 _add_trace_servicer: Callable[[TraceServicer, grpc.aio.Server], None] = (
@@ -32,6 +42,13 @@ TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"
 
 
 class TelemetryApp(App):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._authenticator: Authenticator | None = None
+
+    def authenticated_by(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         pool = await create_pool(self.settings.require_database())
         stack.push_async_callback(pool.close)
@@ -40,16 +57,35 @@ class TelemetryApp(App):
         sessions = SessionsClient(self.settings)
         stack.push_async_callback(sessions.close)
         telemetry = Telemetry(spans, scores, self.settings.model_prices)
-        _add_trace_servicer(TraceServicer(telemetry), server)
+        metrics = TelemetryMetrics(self.metrics)
+        receiver = SpanReceiver(telemetry, metrics, await self._forwarder(metrics, stack))
+        _add_trace_servicer(TraceServicer(receiver), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, Evaluation(scores, spans, sessions)), server
         )
-        exporter = MetricsExporter(
-            self.settings.metrics_ports["telemetry"], version_snapshot(PgFleetMetrics(pool))
-        )
-        exporter.start()
-        stack.push_async_callback(exporter.stop)
+        if self.settings.otlp_http_port:
+            if self._authenticator is None:
+                raise RuntimeError("OTLP/HTTP needs the host's authenticator (authenticated_by)")
+            http = OtlpHttp([traces(receiver)], self._authenticator, "0.0.0.0", self.settings.otlp_http_port)
+            await http.start()
+            stack.push_async_callback(http.close)
         return [TELEMETRY_SERVICE, TRACE_SERVICE]
+
+
+    async def _forwarder(
+        self, metrics: TelemetryMetrics, stack: AsyncExitStack
+    ) -> Callable[[ExportTraceServiceRequest], None] | None:
+        """With CORRAL_OTLP_FORWARD, what the receiver offers every export to; its address checked
+        by the outbound policy first (refused: telemetry does not start)."""
+        forward = self.settings.otlp_forward
+        if not forward.endpoint:
+            return None
+        sink = await checked_sink(forward, OutboundPolicy(self.settings.outbound_allow))
+        forwarder = Forwarder(sink, metrics, forward.queue)
+        forwarder.start()
+        stack.push_async_callback(forwarder.close)
+        log.info("forwarding every export to %s", sink.target)
+        return forwarder.offer
 
 
 def build(settings: Settings) -> TelemetryApp:

@@ -149,18 +149,6 @@ class VersionMetrics:
 
 
 @dataclass(frozen=True)
-class FleetVersion:
-    """One agent version of one tenant, for Prometheus: counts over all time, latency over the
-    recent window only. The same agent name in two tenants is two agents, so two series."""
-
-    agent: str
-    version: str
-    counts: UsageCounts = UsageCounts()
-    latency: Latency | None = None
-    tenant: str = "default"
-
-
-@dataclass(frozen=True)
 class ExportBatch:
     """An OTLP export as the domain stores it: its well-formed spans, the scores its spans carried
     as events, and how many spans were rejected (and why)."""
@@ -343,8 +331,3 @@ class SessionDirectory(Protocol):
         """`tenant`'s session of that name, or None when the tenant has none."""
         ...
 
-
-class FleetMetrics(Protocol):
-    async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
-        """Every agent version of every tenant, its latency over the last `latency_window_s`."""
-        ...

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
@@ -318,3 +319,26 @@ def export_batch(request: ExportTraceServiceRequest, exporter: Exporter) -> Expo
         else ""
     )
     return ExportBatch(rows=rows, scores=scores, rejected=rejected, reason=reason)
+
+
+def as_forwarded(request: ExportTraceServiceRequest, exporter: Exporter) -> ExportTraceServiceRequest:
+    """`request` as another backend should get it (CORRAL_OTLP_FORWARD): the platform's as sent;
+    a user's saying the tenant its spans were stored under, not one they claimed."""
+    if exporter.trusted:
+        return request
+    forwarded = ExportTraceServiceRequest()
+    forwarded.CopyFrom(request)
+    for resource_spans in forwarded.resource_spans:
+        _without(resource_spans.resource.attributes, TENANT_ATTR)
+        resource_spans.resource.attributes.add(key=TENANT_ATTR).value.string_value = exporter.tenant
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                _without(span.attributes, TENANT_ATTR)
+    return forwarded
+
+
+def _without(attributes: RepeatedCompositeFieldContainer[KeyValue], key: str) -> None:
+    kept = [kv for kv in attributes if kv.key != key]
+    if len(kept) != len(attributes):
+        del attributes[:]
+        attributes.extend(kept)

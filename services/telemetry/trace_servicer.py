@@ -1,34 +1,24 @@
 """OpenTelemetry's OTLP/gRPC trace receiver (TraceService/Export), so any OTel SDK or Collector
-can send spans here: the export becomes rows and scores (otlp.py) that the span domain stores."""
+can send spans here: the export goes to the receiver every OTLP transport shares."""
 
 from __future__ import annotations
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTracePartialSuccess,
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
 from services.common.identity import caller
 from services.common.interceptors import Context
-from services.telemetry import otlp
-from services.telemetry.spans import Telemetry
+from services.telemetry.receiver import SpanReceiver
 
 
 class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, telemetry: Telemetry) -> None:
-        self._telemetry = telemetry
+    def __init__(self, receiver: SpanReceiver) -> None:
+        self._receiver = receiver
 
     async def Export(
         self, request: ExportTraceServiceRequest, context: Context
     ) -> ExportTraceServiceResponse:
-        batch = otlp.export_batch(request, otlp.Exporter.of(caller(context)))
-        result = await self._telemetry.export(batch)
-        if not result.rejected:
-            return ExportTraceServiceResponse()
-        return ExportTraceServiceResponse(
-            partial_success=ExportTracePartialSuccess(
-                rejected_spans=result.rejected, error_message=result.reason
-            )
-        )
+        return await self._receiver.export(request, caller(context), "grpc")

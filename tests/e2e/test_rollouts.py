@@ -108,7 +108,7 @@ def test_bad_canary_rolls_back_by_itself(platform: dict[str, str], tmp_path: Pat
     assert any(e["method"] == "Rollout:ROLLED_BACK" for e in audit)
     deadline = time.monotonic() + 20
     url = f"http://127.0.0.1:{env['CORRAL_REGISTRY_METRICS_PORT']}/metrics"
-    wanted = 'corral_rollout_state{agent="canary-demo",endpoint="prod",id="1",kind="rollout",state="ROLLED_BACK",tenant="default"} 1.0'
+    wanted = 'corral_rollout_state{agent="canary-demo",endpoint="prod",kind="rollout",rollout="1",state="ROLLED_BACK",tenant="default"} 1.0'
     while wanted not in (text := urllib.request.urlopen(url, timeout=5).read().decode()) and time.monotonic() < deadline:
         time.sleep(1)
     assert wanted in text

@@ -14,7 +14,6 @@ from services.telemetry.model import (
     MODEL_ATTR,
     OUTPUT_TOKENS_ATTR,
     TOOL_ATTR,
-    FleetVersion,
     Latency,
     NewScore,
     ObservationQuery,
@@ -186,18 +185,6 @@ class FakeScoreStore:
     async def observations(self, query: ObservationQuery) -> list[SessionObservation]:
         self.observation_queries.append(query)
         return self.observed.get(query.version.name, [])
-
-
-class FakeFleet:
-    """telemetry's FleetMetrics as a test gives them, keeping the latency windows asked for."""
-
-    def __init__(self, versions: Sequence[FleetVersion]) -> None:
-        self.versions = list(versions)
-        self.windows: list[float] = []
-
-    async def fleet_versions(self, latency_window_s: float) -> list[FleetVersion]:
-        self.windows.append(latency_window_s)
-        return self.versions
 
 
 class FakeSessionDirectory:

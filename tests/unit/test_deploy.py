@@ -215,7 +215,11 @@ def test_each_workload_runs_the_service_its_file_is_named_after(svc: str) -> Non
     assert f'- {{ name: CORRAL_{svc.upper()}_INTERNAL_LISTEN, value: "0.0.0.0:{internal}" }}' in text
     ports = container_ports(text)
     assert (ports["grpc"], ports["internal"]) == (port, internal)
-    assert set(ports) <= {"grpc", "internal", "http"}
+    assert set(ports) <= {"grpc", "internal", "http", "metrics", "otlp-http"}
+    # Prometheus finds each service's /metrics by the port's name (deploy/prometheus).
+    defaults = Settings.from_env({})
+    metrics = defaults.metrics_ports.get(svc, defaults.executor.http_port)
+    assert ports["metrics" if svc != "executor" else "http"] == metrics
     # Startup, readiness and liveness all ask gRPC health on the service's own port.
     assert text.count(f"grpc: {{ port: {port} }}") == 3
     assert "runAsNonRoot: true" in text and "allowPrivilegeEscalation: false" in text

@@ -24,12 +24,13 @@ from services.common.outbound import (
     parse_url,
 )
 from services.common.outbound_http import PinnedTransport, pinned_client
-from services.common.settings import Settings, SettingsError
+from services.common.settings import OtlpForward, Settings, SettingsError
 from services.executor.broker import check_provider_urls
 from services.executor.openai_provider import OpenAIProvider
 from services.executor.providers import ProviderError
 from services.registry import rollout_rules, tool_rules
 from services.registry.destinations import check_destination
+from services.telemetry.forward_sink import checked_sink
 from tests.fakes.common import FakeResolver
 
 pytestmark = pytest.mark.timeout(10)
@@ -399,3 +400,30 @@ async def test_destinations_are_refused_when_given_unless_they_do_not_resolve_ye
     await check_destination(strict, parse_url("http://nowhere.test/hook"), "rollout.webhook_url")
     with pytest.raises(InvalidArgument, match="experiment.webhook_url"):
         rollout_rules.check_webhook_url("ftp://x.example/", "experiment.webhook_url")
+
+
+async def test_the_otlp_forward_target_is_checked_at_start() -> None:
+    def forward(endpoint: str) -> OtlpForward:
+        return OtlpForward(endpoint=endpoint)
+
+    with pytest.raises(SettingsError, match=r"CORRAL_OTLP_FORWARD=.*link-local.*CORRAL_OUTBOUND_ALLOW"):
+        await checked_sink(forward("http://metadata.test:4317"), policy())
+    with pytest.raises(SettingsError, match="loopback"):
+        await checked_sink(forward("localhost:4317"), policy())
+    with pytest.raises(SettingsError, match="name the port"):
+        await checked_sink(forward("https://api.example.com"), policy())
+    for allowed in ("https://api.example.com:4317", "nowhere.test:4317"):  # the second is logged
+        sink = await checked_sink(forward(allowed), policy())
+        await sink.close()
+    local = await checked_sink(forward("localhost:4317"), policy(LOOPBACK))
+    assert local.target == "localhost:4317"
+    await local.close()
+
+
+def test_forwarding_headers_are_read_once_and_kept_out_of_logs() -> None:
+    settings = Settings.from_env({"CORRAL_OTLP_FORWARD": "collector:4317",
+                                  "CORRAL_OTLP_FORWARD_HEADERS": "X-Api-Key=s3cr%3Dt, x-team=obs"})
+    assert settings.otlp_forward.headers == (("x-api-key", "s3cr=t"), ("x-team", "obs"))
+    assert "s3cr" not in repr(settings)
+    with pytest.raises(SettingsError, match="CORRAL_OTLP_FORWARD_HEADERS must be key=value"):
+        Settings.from_env({"CORRAL_OTLP_FORWARD_HEADERS": "Authorization: Bearer x"})

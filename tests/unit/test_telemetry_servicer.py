@@ -1,6 +1,5 @@
 """Telemetry's edges without a socket: the servicers parse the names a request carries once, at
-the boundary, refusing a bad one by its request field, and convert answers back to protos; the
-Prometheus exposition turns the fleet's figures into metric families."""
+the boundary, refusing a bad one by its request field, and convert answers back to protos."""
 
 from __future__ import annotations
 
@@ -18,12 +17,12 @@ from services.common import identity
 from services.common.auth.principal import Principal, Role
 from services.common.interceptors import Context
 from services.telemetry.evaluation import Evaluation
-from services.telemetry.model import FleetVersion, Latency, UsageCounts
-from services.telemetry.prometheus import LATENCY_WINDOW_S, version_snapshot
+from services.telemetry.metrics import TelemetryMetrics
+from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSessionDirectory, FakeSpanStore
+from tests.fakes.telemetry import FakeScoreStore, FakeSessionDirectory, FakeSpanStore
 from tests.otlp import export_request
 
 
@@ -49,7 +48,9 @@ def servicers() -> tuple[TelemetryServicer, TraceServicer]:
     spans, scores = FakeSpanStore(), FakeScoreStore()
     telemetry = Telemetry(spans, scores)
     evaluation = Evaluation(scores, spans, FakeSessionDirectory())
-    return TelemetryServicer(telemetry, evaluation), TraceServicer(telemetry)
+    return TelemetryServicer(telemetry, evaluation), TraceServicer(
+        SpanReceiver(telemetry, TelemetryMetrics())
+    )
 
 
 Call = Callable[[TelemetryServicer], Awaitable[object]]
@@ -158,35 +159,3 @@ async def test_exported_spans_come_back_as_protos_for_the_exporting_tenant_only(
     with acting_in("beta"):
         other = await telemetry.ListSpans(query, CTX)
     assert list(other.spans) == []
-
-
-async def test_prometheus_families_for_every_version_of_every_tenant() -> None:
-    fleet = FakeFleet(
-        [
-            FleetVersion("agents/a", "agents/a/versions/1", UsageCounts(invocations=4, errors=1)),
-            FleetVersion(
-                "agents/a",
-                "agents/a/versions/2",
-                UsageCounts(invocations=2, input_tokens=30),
-                Latency(10.0, 20.0, 30.0),
-            ),
-            # Another tenant's agent of the same name is a series of its own.
-            FleetVersion("agents/a", "agents/a/versions/1", UsageCounts(invocations=7), tenant="b"),
-        ]
-    )
-    families = {f.name: f for f in await version_snapshot(fleet)()}
-    assert fleet.windows == [LATENCY_WINDOW_S]
-    assert families["corral_version_invocations"].samples == [
-        (("agents/a", "agents/a/versions/1", "default"), 4.0),
-        (("agents/a", "agents/a/versions/2", "default"), 2.0),
-        (("agents/a", "agents/a/versions/1", "b"), 7.0),
-    ]
-    assert families["corral_version_invocations"].kind == "counter"
-    assert families["corral_version_latency_ms"].samples == [
-        (("agents/a", "agents/a/versions/2", "default", "0.5"), 10.0),
-        (("agents/a", "agents/a/versions/2", "default", "0.95"), 20.0),
-        (("agents/a", "agents/a/versions/2", "default", "0.99"), 30.0),
-    ]
-    assert (("agents/a", "agents/a/versions/2", "default", "input"), 30.0) in families[
-        "corral_version_tokens"
-    ].samples

@@ -9,10 +9,8 @@ are ignored unless the peer is a service."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
-
-import grpc
 
 from services.common import identity
 from services.common.auth.assertions import ASSERTION_KEY, AssertionVerifier
@@ -21,7 +19,7 @@ from services.common.auth.oidc import looks_like_jwt
 from services.common.auth.principal import Principal, check_name
 from services.common.auth.verify import CredentialVerifier
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from services.common.interceptors import Context, Handler, WrappedHandlers, rewrapped
+from services.common.interceptors import Context, Handler, WrappingInterceptor, rewrapped
 from services.common.settings import SERVICES
 
 AUTHORIZATION = "authorization"
@@ -88,6 +86,17 @@ class Authenticator:
             return await self._tokens.verify(credential)
         raise Unauthenticated("the credential is neither a Corral API key (crl_...) nor a JWT")
 
+    async def admit(
+        self, metadata: Mapping[str, str], peer: str | None, method: str, access: Access | None = None
+    ) -> identity.Verified:
+        """The verified caller of `method` (a full gRPC method name), if the access table lets it
+        call: what the interceptor does for every gRPC call, and what another transport into the
+        same method (telemetry's OTLP over HTTP) does too."""
+        verified = await self.verify(metadata, peer)
+        # A method missing from the table (the host refuses to start with one) is no one's.
+        authorize(access or access_for(method) or Access(), verified, peer, method)
+        return verified
+
 
 def authorize(access: Access, verified: identity.Verified, peer: str | None, method: str) -> None:
     """Raises PermissionDenied unless the principal (or the service relaying it) may call."""
@@ -106,10 +115,10 @@ def authorize(access: Access, verified: identity.Verified, peer: str | None, met
     )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self._authenticator = authenticator
-        self._wrapped = WrappedHandlers()
 
     async def _enter(self, context: Context, access: Access, method: str) -> Any:
         pairs = [(k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str)]
@@ -117,22 +126,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # One credential per call: a proxy may join repeated headers into one value, and
             # which of them was checked would then be anyone's guess.
             raise Unauthenticated("send one authorization header, not several")
-        metadata = dict(pairs)
-        peer = peer_service(context)
-        verified = await self._authenticator.verify(metadata, peer)
-        authorize(access, verified, peer, method)
+        verified = await self._authenticator.admit(dict(pairs), peer_service(context), method, access)
         return identity.enter(verified)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return self._wrapped.get(method, handler, lambda: self._wrap(handler, method))
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         # A method missing from the table (the host refuses to start with one) is no one's.
