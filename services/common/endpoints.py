@@ -58,10 +58,13 @@ class EndpointTraffic:
 
 @dataclass(frozen=True)
 class EndpointUpdate:
-    """One message of the watch: every endpoint (snapshot) or the ones that changed."""
+    """One message of the watch: every endpoint (snapshot) or the ones that changed, those
+    deleted, and the digests whose bundles no version has any more."""
 
     endpoints: tuple[EndpointTraffic, ...]
     snapshot: bool
+    removed: tuple[EndpointKey, ...] = ()
+    removed_bundles: tuple[str, ...] = ()
 
 
 class EndpointSource(Protocol):
@@ -84,10 +87,12 @@ class EndpointMirror:
         source: EndpointSource,
         *,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        on_bundles_removed: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
         backoff: Backoff = RECONNECT,
     ) -> None:
         self._source = source
         self._on_change = on_change
+        self._on_bundles_removed = on_bundles_removed
         self._backoff = backoff
         self._endpoints: dict[EndpointKey, EndpointTraffic] = {}
         self._tasks = TaskSet("endpoint watch")
@@ -153,6 +158,10 @@ class EndpointMirror:
         else:
             for endpoint in update.endpoints:
                 self.apply(endpoint)
+            for key in update.removed:
+                self._endpoints.pop(key, None)
+        if update.removed_bundles and self._on_bundles_removed is not None:
+            await self._on_bundles_removed(update.removed_bundles)
         if self._on_change is not None:
             await self._on_change()
         if update.snapshot:

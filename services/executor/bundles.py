@@ -73,6 +73,17 @@ class BundleCache:
                 known = self._unpacked[digest] = UnpackedBundle(version, digest, dest, manifest)
         return known
 
+    async def forget(self, digest: str) -> None:
+        """Drops the unpacked copy of a bundle no version has any more (the registry collected
+        it): from memory, the pins naming it, and the disk."""
+        self._unpacked.pop(digest, None)
+        for pin in [p for p, known in self._pins.items() if known == digest]:
+            del self._pins[pin]
+        path = self.path(digest)
+        if path.exists():
+            await asyncio.to_thread(shutil.rmtree, path, True)
+            log.info("removed the unpacked bundle %s: no version has it any more", digest)
+
     async def _download(self, version: VersionRef, digest: str, dest: Path) -> None:
         bundle = await self._registry.download(version, digest)
         if digest_of(bundle.data) != digest:

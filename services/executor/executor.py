@@ -5,6 +5,7 @@ pools per version (pools.py), one turn per invocation (turn.py), per-invocation 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import uuid
@@ -34,6 +35,8 @@ from services.executor.sandboxes import SandboxKey, SandboxTable
 from services.executor.starter import SandboxStarter
 from services.executor.tools import ToolBroker
 from services.executor.turn import Turns
+
+log = logging.getLogger(__name__)
 
 # One executor's sandboxes are few (max_live_sandboxes, 64 by default, and the warm pools, at
 # most warm_pool_max_total): a caller that does not page sees all of them, as before
@@ -94,6 +97,16 @@ class Executor:
         """Ends the session's sandbox in the caller's tenant (a service acting for every tenant
         ends the session's in every tenant)."""
         return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
+
+    async def drop_bundles(self, digests: tuple[str, ...]) -> None:
+        """Deletes the unpacked copies of bundles no version has any more, except one a sandbox
+        here still runs (a session of a version deleted meanwhile: it goes when it ends)."""
+        running = self.sandboxes.running_digests()
+        for digest in digests:
+            if digest in running:
+                log.info("keeping the bundle %s: a sandbox here still runs it", digest)
+                continue
+            await self._starter.bundles.forget(digest)
 
     def list_sandboxes(self, caller: Caller, page_size: int, page_token: str) -> SandboxListing:
         """The sandboxes here of the caller's tenant's sessions (of every tenant's for a service

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from corral.names import VersionRef
@@ -189,13 +189,19 @@ class WarmPools:
 
 class EndpointWants:
     """Tells the pools which versions the endpoints want warm: those an endpoint routes to, and
-    each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes."""
+    each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes. The
+    same watch says which bundles the registry collected: `on_bundles_removed` hears of them
+    (with or without pools)."""
 
-    def __init__(self, registry: Registry, pools: WarmPools) -> None:
+    def __init__(
+        self, registry: Registry, pools: WarmPools | None,
+        on_bundles_removed: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+    ) -> None:
         self.registry = registry
         self.pools = pools
         self.mirror = EndpointMirror(
-            registry.endpoints(), on_change=self._publish, backoff=Backoff(0.5, 10.0),
+            registry.endpoints(), on_change=self._publish, on_bundles_removed=on_bundles_removed,
+            backoff=Backoff(0.5, 10.0),
         )
         # Versions are immutable: cached for good, per tenant (names are per tenant).
         self._digests: dict[tuple[str, VersionRef], str] = {}
@@ -207,6 +213,8 @@ class EndpointWants:
         await self.mirror.close()
 
     async def _publish(self) -> None:
+        if self.pools is None:
+            return
         reasons: dict[tuple[str, VersionRef], set[str]] = {}
         for ep in self.mirror.all():
             for routed in ep.versions():

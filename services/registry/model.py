@@ -11,7 +11,7 @@ from typing import Protocol, TypeAlias, TypeVar
 
 from corral.manifest import Manifest
 from corral.names import AgentRef, EndpointRef, ExperimentRef, RolloutRef, ToolRef, VersionRef
-from services.common.endpoints import TrafficShare
+from services.common.endpoints import EndpointKey, TrafficShare
 from services.common.identity import Caller
 from services.common.paging import Key, KeyPart, Page, PageQuery
 from services.registry.rollout_model import (
@@ -78,6 +78,17 @@ class EndpointRecord:
     @property
     def etag(self) -> str:
         return f'W/"{self.revision}"'
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One message of the endpoint watch: every endpoint (snapshot) or those that changed, the
+    endpoints deleted, and the digests whose bundles were collected."""
+
+    endpoints: tuple[EndpointRecord, ...] = ()
+    snapshot: bool = False
+    removed: tuple[EndpointKey, ...] = ()
+    removed_bundles: tuple[str, ...] = ()
 
 
 JsonValue: TypeAlias = (
@@ -321,6 +332,13 @@ class RegistryStore(CatalogReads, EndpointReads, RunReads, AuditReads, Protocol)
         self, callback: Callable[[str], None]
     ) -> Callable[[], Awaitable[None]]:
         """Calls `callback("tenant/agent/endpoint/revision")` on every committed endpoint change, from
+        any replica. Returns the function that stops listening."""
+        ...
+
+    async def listen_bundles(
+        self, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Calls `callback(digest)` for every bundle collected (no version has it any more), from
         any replica. Returns the function that stops listening."""
         ...
 

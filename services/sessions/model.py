@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -121,6 +122,16 @@ class SessionFilter:
 
 
 @dataclass(frozen=True)
+class PinnedSessions:
+    """The sessions pinned to one version: how many still take invocations, and when any of
+    them was last active."""
+
+    version: str
+    active: int
+    last_active_time: datetime | None
+
+
+@dataclass(frozen=True)
 class Turn:
     invocation_id: str
     input: bytes
@@ -182,6 +193,11 @@ class SessionStore(Protocol):
         ...
 
     async def delete(self, session: SessionKey) -> bool: ...
+
+    async def pinned(self, tenant: str, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
+        """For each of the tenant's `versions` that has sessions: its active ones and their
+        latest activity."""
+        ...
 
 
 class LeaseStore(Protocol):

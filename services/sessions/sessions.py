@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, SessionRef, VersionRef
@@ -24,6 +25,7 @@ from services.sessions.model import (
     LeaseStore,
     NewSession,
     PinCheck,
+    PinnedSessions,
     PinnedVersion,
     SessionFilter,
     SessionKey,
@@ -294,6 +296,15 @@ class Sessions:
             caller.user,
         )
         return count
+
+    async def count_pinned(self, caller: Caller, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
+        """The caller's tenant's sessions on each of `versions` (the registry asks before it
+        deletes one). Expiry is settled first, so a session past its timeouts is not counted as
+        active."""
+        rules.check_pinned_query(versions)
+        tenant = tenancy.acting_tenant(caller)
+        await self._store.expire_due(tenant, self._clock.now())
+        return await self._store.pinned(tenant, versions)
 
     async def _write(
         self, session: SessionKey, state: bytes, etag: str, turn: Turn | None

@@ -87,6 +87,14 @@ class FakeRegistryStore:
 
         return stop
 
+    async def listen_bundles(self, callback: Callable[[str], None]) -> Callable[[], Awaitable[None]]:
+        """No bundle is ever collected here."""
+
+        async def stop() -> None:
+            pass
+
+        return stop
+
     # -- agents, versions ------------------------------------------------------------------
 
     def _agent(self, tenant: str, agent: str) -> reg.AgentRecord:

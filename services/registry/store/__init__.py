@@ -13,15 +13,16 @@ from services.registry.store.audit import AuditRows
 from services.registry.store.catalog import CatalogRows
 from services.registry.store.endpoints import ENDPOINTS_CHANNEL, EndpointRows
 from services.registry.store.keys import KeyRows
+from services.registry.store.lifecycle import BUNDLES_CHANNEL, LifecycleRows
 from services.registry.store.runs import RunRows
 from services.registry.store.tools import ToolRows
 
 
-class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
+class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows, LifecycleRows):
     """Every table's rows over one transaction's connection."""
 
 
-class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
+class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows, LifecycleRows):
     """Every table's rows over the pool, and transactions."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -36,16 +37,26 @@ class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
     async def listen_endpoints(
         self, callback: Callable[[str], None]
     ) -> Callable[[], Awaitable[None]]:
+        return await self._listen(ENDPOINTS_CHANNEL, callback)
+
+    async def listen_bundles(
+        self, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        return await self._listen(BUNDLES_CHANNEL, callback)
+
+    async def _listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
         conn = await self._pool.acquire()
 
         def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             callback(str(payload))
 
-        await conn.add_listener(ENDPOINTS_CHANNEL, on_notify)
+        await conn.add_listener(channel, on_notify)
 
         async def close() -> None:
             try:
-                await conn.remove_listener(ENDPOINTS_CHANNEL, on_notify)
+                await conn.remove_listener(channel, on_notify)
             finally:
                 await self._pool.release(conn)
 
