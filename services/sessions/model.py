@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from services.common.identity import Caller
 from services.common.paging import Key
 from services.common.tenancy import SessionOwner
 
@@ -225,3 +226,9 @@ class PinCheck(Protocol):
     InvalidArgument (session.version_digest) when its bytes differ."""
 
     async def check(self, tenant: str, version: VersionRef, digest: str) -> None: ...
+
+
+class SandboxStop(Protocol):
+    """The executor, ending the sandbox of a session that is being deleted."""
+
+    async def stop_sandbox(self, caller: Caller, session: SessionRef) -> None: ...

@@ -1,0 +1,51 @@
+"""Deleting, as the rest of the mesh sees it: a deleted live session's sandbox ends, and a
+deleted agent's endpoints leave the router while its bundle leaves the executor's disk."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from corral.registry.v1 import registry_pb2 as reg
+from corral.sessions.v1 import sessions_pb2 as ses
+from tests.mesh import Mesh
+from tests.rpc import fails
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+async def sandbox_sessions(mesh: Mesh) -> set[str]:
+    return {s.session for s in await mesh.sandboxes()}
+
+
+async def test_deleting_a_live_session_ends_its_sandbox(mesh: Mesh) -> None:
+    agent = await mesh.publish_examples()
+    session = f"sessions/{mesh.prefix}-gone"
+    await mesh.invoke(agent, session_id=session.removeprefix("sessions/"))
+    assert session in await sandbox_sessions(mesh)
+
+    await mesh.sessions.DeleteSession(ses.DeleteSessionRequest(name=session), metadata=mesh.me)
+    assert session not in await sandbox_sessions(mesh)
+    await fails(grpc.StatusCode.NOT_FOUND, mesh.sessions.GetSession(
+        ses.GetSessionRequest(name=session), metadata=mesh.me))
+
+
+async def test_a_deleted_agent_leaves_the_router_and_its_bundle_the_executor(mesh: Mesh) -> None:
+    agent = await mesh.publish_examples()
+    session = f"sessions/{mesh.prefix}-last"
+    answer = await mesh.invoke(agent, session_id=session.removeprefix("sessions/"))
+    version = await mesh.registry.GetVersion(
+        reg.GetVersionRequest(name=answer.info.version), metadata=mesh.me)
+    unpacked = Path(mesh.hosts["executor"].settings.data_dir) / "bundles" / version.digest.replace(":", "-")
+    assert unpacked.is_dir()
+
+    await mesh.sessions.DeleteSession(ses.DeleteSessionRequest(name=session), metadata=mesh.me)
+    await mesh.registry.DeleteAgent(
+        reg.DeleteAgentRequest(name=f"agents/{agent}", force=True), metadata=mesh.me)
+    async with asyncio.timeout(10):
+        while unpacked.exists():
+            await asyncio.sleep(0.05)
+    await fails(grpc.StatusCode.NOT_FOUND, mesh.invoke(agent))
