@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class BundleCache:
         self._locks: dict[str, asyncio.Lock] = {}
         # Versions never change once published: (tenant, version) -> digest, once asked.
         self._pins: dict[tuple[str, VersionRef], str] = {}
+        # Bundles the registry collected whose copies are still here (a sandbox ran them).
+        self._collected: set[str] = set()
 
     async def check_pin(self, tenant: str, version: VersionRef, digest: str) -> None:
         """Refuses to run `version` with `digest` for `tenant` unless the tenant has that version
@@ -69,20 +72,29 @@ class BundleCache:
                 dest = self.path(digest)
                 if not dest.exists():
                     await self._download(version, digest, dest)
+                    # Published again since it was collected: a version has it once more.
+                    self._collected.discard(digest)
                 manifest = parse_manifest((dest / "agent.toml").read_text())
                 known = self._unpacked[digest] = UnpackedBundle(version, digest, dest, manifest)
         return known
 
-    async def forget(self, digest: str) -> None:
-        """Drops the unpacked copy of a bundle no version has any more (the registry collected
-        it): from memory, the pins naming it, and the disk."""
-        self._unpacked.pop(digest, None)
-        for pin in [p for p, known in self._pins.items() if known == digest]:
-            del self._pins[pin]
-        path = self.path(digest)
-        if path.exists():
-            await asyncio.to_thread(shutil.rmtree, path, True)
-            log.info("removed the unpacked bundle %s: no version has it any more", digest)
+    def collected(self, digests: Iterable[str]) -> None:
+        """Marks bundles the registry collected (no version has them any more): `sweep` deletes
+        their unpacked copies once no sandbox runs them."""
+        self._collected.update(digests)
+
+    async def sweep(self, running: set[str]) -> None:
+        """Deletes the unpacked copies of collected bundles that no sandbox in `running` runs:
+        from memory, the pins naming them, and the disk."""
+        for digest in sorted(self._collected - running):
+            self._collected.discard(digest)
+            self._unpacked.pop(digest, None)
+            for pin in [p for p, known in self._pins.items() if known == digest]:
+                del self._pins[pin]
+            path = self.path(digest)
+            if path.exists():
+                await asyncio.to_thread(shutil.rmtree, path, True)
+                log.info("removed the unpacked bundle %s: no version has it any more", digest)
 
     async def _download(self, version: VersionRef, digest: str, dest: Path) -> None:
         bundle = await self._registry.download(version, digest)

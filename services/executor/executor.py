@@ -5,7 +5,6 @@ pools per version (pools.py), one turn per invocation (turn.py), per-invocation 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import uuid
@@ -16,6 +15,7 @@ from opentelemetry.context import Context as OtelContext
 
 from corral.names import SessionRef
 from services.common import tenancy
+from services.common.background import Periodic
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
@@ -36,12 +36,12 @@ from services.executor.starter import SandboxStarter
 from services.executor.tools import ToolBroker
 from services.executor.turn import Turns
 
-log = logging.getLogger(__name__)
-
 # One executor's sandboxes are few (max_live_sandboxes, 64 by default, and the warm pools, at
 # most warm_pool_max_total): a caller that does not page sees all of them, as before
 # ListSandboxes paged.
 SANDBOXES_PAGE_SIZE = MAX_PAGE_SIZE
+# How often the unpacked copies of collected bundles still run by a sandbox are looked at again.
+BUNDLE_SWEEP_S = 30.0
 
 
 def _listing_order(info: SandboxInfo) -> tuple[datetime, str]:
@@ -65,14 +65,18 @@ class Executor:
         )
         self._credentials = InvocationCredentials(credentials)
         self._turns = Turns(self.sandboxes, sessions, spans, broker, tools, self._credentials)
+        self._bundle_sweeper = Periodic(
+            self._sweep_bundles, every_s=BUNDLE_SWEEP_S, what="collected bundles sweep")
 
     def start(self) -> None:
         self._starter.remove_leftovers()
         self.sandboxes.start()
+        self._bundle_sweeper.start()
         if self.pools is not None:
             self.pools.start()
 
     async def close(self) -> None:
+        await self._bundle_sweeper.close()
         if self.pools is not None:
             await self.pools.close()
         await self.sandboxes.close()
@@ -99,14 +103,14 @@ class Executor:
         return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
 
     async def drop_bundles(self, digests: tuple[str, ...]) -> None:
-        """Deletes the unpacked copies of bundles no version has any more, except one a sandbox
-        here still runs (a session of a version deleted meanwhile: it goes when it ends)."""
-        running = self.sandboxes.running_digests()
-        for digest in digests:
-            if digest in running:
-                log.info("keeping the bundle %s: a sandbox here still runs it", digest)
-                continue
-            await self._starter.bundles.forget(digest)
+        """Deletes the unpacked copies of bundles no version has any more; one a sandbox here
+        still runs (a session of a version deleted meanwhile) goes at a later sweep, once it
+        stopped."""
+        self._starter.bundles.collected(digests)
+        await self._sweep_bundles()
+
+    async def _sweep_bundles(self) -> None:
+        await self._starter.bundles.sweep(self.sandboxes.running_digests())
 
     def list_sandboxes(self, caller: Caller, page_size: int, page_token: str) -> SandboxListing:
         """The sandboxes here of the caller's tenant's sessions (of every tenant's for a service
