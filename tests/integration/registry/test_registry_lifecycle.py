@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from corral.registry.v1 import registry_pb2 as pb
-from corral.registry.v1 import registry_pb2_grpc
+from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
+from corral.registry.v1 import rollouts_pb2 as ro
 from corral.sessions.v1 import sessions_pb2 as ses
 from corral.sessions.v1 import sessions_pb2_grpc
 from services.registry.clients import SessionsClient
@@ -42,6 +43,7 @@ class World:
 
     platform: harness.Platform
     registry: registry_pb2_grpc.RegistryServiceAsyncStub
+    rollouts: rollouts_pb2_grpc.RolloutServiceAsyncStub
     sessions: sessions_pb2_grpc.SessionsServiceAsyncStub
     tmp: Path
     agent: str
@@ -95,13 +97,14 @@ class World:
 
 @pytest_asyncio.fixture
 async def world(services: harness.Platform, tmp_path: Path) -> AsyncIterator[World]:
-    await services.start("sessions", "registry")
+    # Telemetry: the registry's controller analyses the experiments a test starts.
+    await services.start("telemetry", "sessions", "registry")
     registry = public_channel(services.settings.addrs["registry"])
     sessions = public_channel(services.settings.addrs["sessions"])
     try:
         yield World(
             services, registry_pb2_grpc.RegistryServiceStub(registry),
-            sessions_pb2_grpc.SessionsServiceStub(sessions), tmp_path,
+            rollouts_pb2_grpc.RolloutServiceStub(registry), sessions_pb2_grpc.SessionsServiceStub(sessions), tmp_path,
             f"a-{uuid.uuid4().hex[:10]}", who(new_tenant()),
         )
     finally:
@@ -146,6 +149,29 @@ async def test_deleting_a_version_is_refused_while_anything_uses_it_naming_what(
         pb.DeleteVersionRequest(name=f"agents/{world.agent}/versions/{versions[0].digest}"),
         metadata=world.me))
     assert error_details(err)[1] == ["name"]
+
+
+async def test_a_running_experiment_keeps_its_versions_and_endpoint(world: World) -> None:
+    await world.publish_n(4)
+    await world.route("prod", 1)
+    experiment = await world.rollouts.CreateExperiment(ro.CreateExperimentRequest(
+        parent=world.endpoint_name("prod"), experiment=ro.Experiment(variants=[
+            pb.TrafficTarget(version=world.version(1), percent=50),
+            pb.TrafficTarget(version=world.version(2), percent=50)])), metadata=world.me)
+    err = await fails(FAILED_PRECONDITION, world.delete_version(2))
+    info, _ = error_details(err)
+    assert info.reason == "VERSION_IN_USE" and experiment.name in info.metadata["runs"]
+    assert experiment.name in (err.details() or "")
+    for call in (
+        world.registry.DeleteEndpoint(
+            pb.DeleteEndpointRequest(name=world.endpoint_name("prod")), metadata=world.me),
+        world.registry.DeleteAgent(
+            pb.DeleteAgentRequest(name=f"agents/{world.agent}", force=True), metadata=world.me),
+    ):
+        err = await fails(FAILED_PRECONDITION, call)
+        info, _ = error_details(err)
+        assert (info.reason, info.metadata["runs"]) == ("ROLLOUT_RUNNING", experiment.name)
+    assert await world.versions() == [1, 2, 3, 4]
 
 
 async def test_a_deleted_versions_bundle_goes_unless_another_version_shares_it(world: World) -> None:
