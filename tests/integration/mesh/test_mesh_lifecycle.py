@@ -23,14 +23,21 @@ async def sandbox_sessions(mesh: Mesh) -> set[str]:
 
 async def test_deleting_a_live_session_ends_its_sandbox(mesh: Mesh) -> None:
     agent = await mesh.publish_examples()
-    session = f"sessions/{mesh.prefix}-gone"
-    await mesh.invoke(agent, session_id=session.removeprefix("sessions/"))
+    session_id = f"{mesh.prefix}-gone"
+    session = f"sessions/{session_id}"
+    await mesh.invoke(agent, session_id=session_id)
     assert session in await sandbox_sessions(mesh)
 
     await mesh.sessions.DeleteSession(ses.DeleteSessionRequest(name=session), metadata=mesh.me)
     assert session not in await sandbox_sessions(mesh)
     await fails(grpc.StatusCode.NOT_FOUND, mesh.sessions.GetSession(
         ses.GetSessionRequest(name=session), metadata=mesh.me))
+    # The router still had its pin: the next turn under the id hears the session is gone, and
+    # the one after starts a new session there.
+    err = await fails(grpc.StatusCode.NOT_FOUND, mesh.invoke(agent, session_id=session_id))
+    assert session in (err.details() or "")
+    again = await mesh.invoke(agent, session_id=session_id)
+    assert again.output.startswith(b"Turn 1. ")
 
 
 async def test_a_deleted_agent_leaves_the_router_and_its_bundle_the_executor(mesh: Mesh) -> None:
