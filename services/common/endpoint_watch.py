@@ -42,6 +42,8 @@ class RegistryEndpoints:
                     tuple(endpoint_traffic(e) for e in message.endpoints), message.snapshot,
                     removed=tuple((e.tenant, EndpointRef.parse(e.name))
                                   for e in message.removed_endpoints),
+                    removed_versions=tuple((v.tenant, VersionRef.parse(v.name))
+                                           for v in message.removed_versions),
                     removed_bundles=tuple(message.removed_bundles),
                 )
 

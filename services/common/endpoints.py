@@ -23,6 +23,8 @@ RECONNECT = Backoff(first_s=0.1, max_s=5.0)
 BASIS_POINTS = 10_000
 # An endpoint among every tenant's: its tenant and its name.
 EndpointKey = tuple[str, EndpointRef]
+# A version among every tenant's: its tenant and its name.
+VersionKey = tuple[str, VersionRef]
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,18 @@ class EndpointTraffic:
 
 @dataclass(frozen=True)
 class EndpointUpdate:
-    """One message of the watch: every endpoint (snapshot) or the ones that changed, those
-    deleted, and the digests whose bundles no version has any more."""
+    """One message of the watch: every endpoint (snapshot) or the ones that changed, the
+    endpoints and versions deleted, and the digests whose bundles no version has any more."""
 
     endpoints: tuple[EndpointTraffic, ...]
     snapshot: bool
     removed: tuple[EndpointKey, ...] = ()
+    removed_versions: tuple[VersionKey, ...] = ()
     removed_bundles: tuple[str, ...] = ()
+
+    @property
+    def removes_versions(self) -> bool:
+        return bool(self.removed_versions or self.removed_bundles)
 
 
 class EndpointSource(Protocol):
@@ -87,12 +94,13 @@ class EndpointMirror:
         source: EndpointSource,
         *,
         on_change: Callable[[], Awaitable[None]] | None = None,
-        on_bundles_removed: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+        on_versions_removed: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
         backoff: Backoff = RECONNECT,
     ) -> None:
         self._source = source
         self._on_change = on_change
-        self._on_bundles_removed = on_bundles_removed
+        # Hears of deleted versions and collected bundles, to drop what is cached of them.
+        self._on_versions_removed = on_versions_removed
         self._backoff = backoff
         self._endpoints: dict[EndpointKey, EndpointTraffic] = {}
         self._tasks = TaskSet("endpoint watch")
@@ -160,8 +168,8 @@ class EndpointMirror:
                 self.apply(endpoint)
             for key in update.removed:
                 self._endpoints.pop(key, None)
-        if update.removed_bundles and self._on_bundles_removed is not None:
-            await self._on_bundles_removed(update.removed_bundles)
+        if update.removes_versions and self._on_versions_removed is not None:
+            await self._on_versions_removed(update)
         if self._on_change is not None:
             await self._on_change()
         if update.snapshot:

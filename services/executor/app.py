@@ -92,7 +92,7 @@ class ExecutorService(App):
         executor.start()
         stack.push_async_callback(executor.close)
         self.executor = executor
-        watch = EndpointWants(registry, executor.pools, on_bundles_removed=executor.drop_bundles)
+        watch = EndpointWants(registry, executor.pools, on_versions_removed=executor.forget_removed)
         watch.start()
         stack.push_async_callback(watch.close)
         if s.executor.http_port:

@@ -14,6 +14,7 @@ from pathlib import Path
 from corral.bundle import digest_of, unpack
 from corral.manifest import Manifest, parse_manifest
 from corral.names import VersionRef
+from services.common.endpoints import VersionKey
 from services.common.errors import FailedPrecondition
 from services.executor.model import Registry
 
@@ -36,7 +37,8 @@ class BundleCache:
         self.root = root
         self._unpacked: dict[str, UnpackedBundle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # Versions never change once published: (tenant, version) -> digest, once asked.
+        # Versions never change once published: (tenant, version) -> digest, once asked (and
+        # forgotten when the version is deleted).
         self._pins: dict[tuple[str, VersionRef], str] = {}
         # Bundles the registry collected whose copies are still here (a sandbox ran them).
         self._collected: set[str] = set()
@@ -77,6 +79,12 @@ class BundleCache:
                 manifest = parse_manifest((dest / "agent.toml").read_text())
                 known = self._unpacked[digest] = UnpackedBundle(version, digest, dest, manifest)
         return known
+
+    def forget_versions(self, versions: Iterable[VersionKey]) -> None:
+        """Forgets the digests of deleted versions: a pin naming one is asked about again (and
+        refused)."""
+        for key in versions:
+            self._pins.pop(key, None)
 
     def collected(self, digests: Iterable[str]) -> None:
         """Marks bundles the registry collected (no version has them any more): `sweep` deletes

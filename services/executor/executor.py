@@ -16,6 +16,7 @@ from opentelemetry.context import Context as OtelContext
 from corral.names import SessionRef
 from services.common import tenancy
 from services.common.background import Periodic
+from services.common.endpoints import EndpointUpdate
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
@@ -102,11 +103,13 @@ class Executor:
         ends the session's in every tenant)."""
         return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
 
-    async def drop_bundles(self, digests: tuple[str, ...]) -> None:
-        """Deletes the unpacked copies of bundles no version has any more; one a sandbox here
-        still runs (a session of a version deleted meanwhile) goes at a later sweep, once it
-        stopped."""
-        self._starter.bundles.collected(digests)
+    async def forget_removed(self, update: EndpointUpdate) -> None:
+        """Forgets the pins of deleted versions (a session pinned to one is refused from then
+        on) and deletes the unpacked copies of bundles no version has any more; one a sandbox
+        here still runs (a session of a version deleted meanwhile) goes at a later sweep, once
+        it stopped."""
+        self._starter.bundles.forget_versions(update.removed_versions)
+        self._starter.bundles.collected(update.removed_bundles)
         await self._sweep_bundles()
 
     async def _sweep_bundles(self) -> None:

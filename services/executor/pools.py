@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from corral.names import VersionRef
 from services.common.background import Backoff, Periodic, TaskSet
-from services.common.endpoints import EndpointMirror
+from services.common.endpoints import EndpointMirror, EndpointUpdate
 from services.common.errors import CorralError
 from services.common.settings import ExecutorSettings
 from services.executor.model import PoolReport, Registry
@@ -190,17 +190,17 @@ class WarmPools:
 class EndpointWants:
     """Tells the pools which versions the endpoints want warm: those an endpoint routes to, and
     each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes. The
-    same watch says which bundles the registry collected: `on_bundles_removed` hears of them
-    (with or without pools)."""
+    same watch says which versions were deleted and which bundles collected:
+    `on_versions_removed` hears of them (with or without pools)."""
 
     def __init__(
         self, registry: Registry, pools: WarmPools | None,
-        on_bundles_removed: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+        on_versions_removed: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.pools = pools
         self.mirror = EndpointMirror(
-            registry.endpoints(), on_change=self._publish, on_bundles_removed=on_bundles_removed,
+            registry.endpoints(), on_change=self._publish, on_versions_removed=on_versions_removed,
             backoff=Backoff(0.5, 10.0),
         )
         # Versions are immutable: cached for good, per tenant (names are per tenant).

@@ -91,6 +91,8 @@ def watch_event_pb(event: WatchEvent) -> pb.WatchEndpointsResponse:
         endpoints=[endpoint_pb(r) for r in event.endpoints],
         snapshot=event.snapshot,
         removed_endpoints=[pb.Endpoint(name=ref.name, tenant=tenant) for tenant, ref in event.removed],
+        removed_versions=[pb.RemovedVersion(tenant=tenant, name=ref.name)
+                          for tenant, ref in event.removed_versions],
         removed_bundles=event.removed_bundles,
     )
 

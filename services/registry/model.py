@@ -11,7 +11,7 @@ from typing import Protocol, TypeAlias, TypeVar
 
 from corral.manifest import Manifest
 from corral.names import AgentRef, EndpointRef, ExperimentRef, RolloutRef, ToolRef, VersionRef
-from services.common.endpoints import EndpointKey, TrafficShare
+from services.common.endpoints import EndpointKey, TrafficShare, VersionKey
 from services.common.identity import Caller
 from services.common.paging import Key, KeyPart, Page, PageQuery
 from services.registry.rollout_model import (
@@ -83,11 +83,12 @@ class EndpointRecord:
 @dataclass(frozen=True)
 class WatchEvent:
     """One message of the endpoint watch: every endpoint (snapshot) or those that changed, the
-    endpoints deleted, and the digests whose bundles were collected."""
+    endpoints and versions deleted, and the digests whose bundles were collected."""
 
     endpoints: tuple[EndpointRecord, ...] = ()
     snapshot: bool = False
     removed: tuple[EndpointKey, ...] = ()
+    removed_versions: tuple[VersionKey, ...] = ()
     removed_bundles: tuple[str, ...] = ()
 
 
@@ -335,11 +336,12 @@ class RegistryStore(CatalogReads, EndpointReads, RunReads, AuditReads, Protocol)
         any replica. Returns the function that stops listening."""
         ...
 
-    async def listen_bundles(
+    async def listen_deletions(
         self, callback: Callable[[str], None]
     ) -> Callable[[], Awaitable[None]]:
-        """Calls `callback(digest)` for every bundle collected (no version has it any more), from
-        any replica. Returns the function that stops listening."""
+        """Calls `callback("version/tenant/agent/number")` for every version deleted and
+        `callback("bundle/digest")` for every bundle collected (no version has it any more),
+        once committed, from any replica. Returns the function that stops listening."""
         ...
 
 

@@ -11,7 +11,7 @@ from functools import partial
 from corral.bundle import BundleError, inspect
 from corral.manifest import ManifestError
 from corral.names import AgentRef, EndpointRef, VersionRef
-from services.common.endpoints import EndpointKey, TrafficShare
+from services.common.endpoints import EndpointKey, TrafficShare, VersionKey
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -71,9 +71,9 @@ class Registry:
     def __init__(self, store: RegistryStore, rollouts: Rollouts) -> None:
         self._store = store
         self._rollouts = rollouts
-        # Each watcher's queue: an endpoint that changed, a digest whose bundle was collected,
-        # or None when the registry stops.
-        self._watchers: set[asyncio.Queue[EndpointKey | str | None]] = set()
+        # Each watcher's queue: an endpoint that changed, a version deleted, a digest whose
+        # bundle was collected, or None when the registry stops.
+        self._watchers: set[asyncio.Queue[EndpointKey | VersionKey | str | None]] = set()
         self._stop_listening: list[Callable[[], Awaitable[None]]] = []
 
     # -- agents ----------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class Registry:
     async def start_watching(self) -> None:
         self._stop_listening = [
             await self._store.listen_endpoints(self._on_change),
-            await self._store.listen_bundles(self._on_bundle_removed),
+            await self._store.listen_deletions(self._on_deletion),
         ]
 
     async def stop_watching(self) -> None:
@@ -270,9 +270,16 @@ class Registry:
         for q in self._watchers:
             q.put_nowait((tenant, EndpointRef(agent, endpoint)))
 
-    def _on_bundle_removed(self, digest: str) -> None:
+    def _on_deletion(self, payload: str) -> None:
+        kind, _, what = payload.partition("/")
+        change: VersionKey | str
+        if kind == "version":
+            tenant, agent, number = what.split("/")
+            change = (tenant, VersionRef(agent, int(number)))
+        else:
+            change = what  # a bundle's digest
         for q in self._watchers:
-            q.put_nowait(digest)
+            q.put_nowait(change)
 
     async def watch(self, caller: Caller, agent: AgentRef | None) -> AsyncIterator[WatchEvent]:
         """Yields every endpoint the caller sees (a snapshot) once, then each change: the
@@ -281,7 +288,7 @@ class Registry:
         tenant = visible_tenant(caller)
         if agent is not None:
             await self.get_agent(caller, agent)
-        queue: asyncio.Queue[EndpointKey | str | None] = asyncio.Queue()
+        queue: asyncio.Queue[EndpointKey | VersionKey | str | None] = asyncio.Queue()
         # Subscribe before the snapshot, so a change between the two is not lost.
         self._watchers.add(queue)
         try:
@@ -294,16 +301,19 @@ class Registry:
                     if tenant is None:
                         yield WatchEvent(removed_bundles=(change,))
                     continue
-                changed_tenant, endpoint = change
+                changed_tenant, ref = change
                 if tenant is not None and changed_tenant != tenant:
                     continue
-                if agent is not None and endpoint.agent != agent.agent:
+                if agent is not None and ref.agent != agent.agent:
                     continue
-                record = await self._store.get_endpoint(changed_tenant, endpoint)
+                if isinstance(ref, VersionRef):
+                    yield WatchEvent(removed_versions=((changed_tenant, ref),))
+                    continue
+                record = await self._store.get_endpoint(changed_tenant, ref)
                 if record is not None:
                     yield WatchEvent((record,))
                 else:
-                    yield WatchEvent(removed=(change,))
+                    yield WatchEvent(removed=((changed_tenant, ref),))
         finally:
             self._watchers.discard(queue)
 

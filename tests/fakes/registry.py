@@ -87,8 +87,8 @@ class FakeRegistryStore:
 
         return stop
 
-    async def listen_bundles(self, callback: Callable[[str], None]) -> Callable[[], Awaitable[None]]:
-        """No bundle is ever collected here."""
+    async def listen_deletions(self, callback: Callable[[str], None]) -> Callable[[], Awaitable[None]]:
+        """Nothing is ever deleted here."""
 
         async def stop() -> None:
             pass

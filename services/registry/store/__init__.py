@@ -13,7 +13,7 @@ from services.registry.store.audit import AuditRows
 from services.registry.store.catalog import CatalogRows
 from services.registry.store.endpoints import ENDPOINTS_CHANNEL, EndpointRows
 from services.registry.store.keys import KeyRows
-from services.registry.store.lifecycle import BUNDLES_CHANNEL, LifecycleRows
+from services.registry.store.lifecycle import DELETIONS_CHANNEL, LifecycleRows
 from services.registry.store.runs import RunRows
 from services.registry.store.tools import ToolRows
 
@@ -39,10 +39,10 @@ class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows, 
     ) -> Callable[[], Awaitable[None]]:
         return await self._listen(ENDPOINTS_CHANNEL, callback)
 
-    async def listen_bundles(
+    async def listen_deletions(
         self, callback: Callable[[str], None]
     ) -> Callable[[], Awaitable[None]]:
-        return await self._listen(BUNDLES_CHANNEL, callback)
+        return await self._listen(DELETIONS_CHANNEL, callback)
 
     async def _listen(
         self, channel: str, callback: Callable[[str], None]

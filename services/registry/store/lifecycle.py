@@ -14,7 +14,9 @@ from services.registry.store.endpoints import ENDPOINTS_CHANNEL
 from services.registry.store.rows import Rows
 from services.registry.store.runs import run_from_row
 
-BUNDLES_CHANNEL = "corral_bundles"
+# What was deleted, for every replica's watchers: "version/<tenant>/<agent>/<number>" or
+# "bundle/<digest>" (none of the names can hold a slash).
+DELETIONS_CHANNEL = "corral_deletions"
 
 
 class LifecycleRows(Rows):
@@ -53,9 +55,12 @@ class LifecycleRows(Rows):
         )
         rows = await self._db.fetch(
             "DELETE FROM registry.versions WHERE tenant = $1 AND agent = $2 "
-            "AND number = ANY($3::bigint[]) RETURNING digest",
+            "AND number = ANY($3::bigint[]) RETURNING number, digest",
             tenant, agent.agent, list(numbers),
         )
+        for row in rows:
+            await self._db.execute("SELECT pg_notify($1, $2)", DELETIONS_CHANNEL,
+                                   f"version/{tenant}/{agent.agent}/{row['number']}")
         return sorted({r["digest"] for r in rows})
 
     async def collect_bundles(self, digests: Collection[str]) -> list[str]:
@@ -74,7 +79,7 @@ class LifecycleRows(Rows):
         )
         removed = sorted(r["digest"] for r in rows)
         for digest in removed:
-            await self._db.execute("SELECT pg_notify($1, $2)", BUNDLES_CHANNEL, digest)
+            await self._db.execute("SELECT pg_notify($1, $2)", DELETIONS_CHANNEL, f"bundle/{digest}")
         return removed
 
     async def delete_endpoint(self, tenant: str, endpoint: EndpointRef, revision: int) -> None:
