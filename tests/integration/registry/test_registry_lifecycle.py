@@ -5,6 +5,7 @@ delete, and retention (with a clock the test controls) deletes only unused versi
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from corral.bundle import digest_of, inspect
+from corral.names import AgentRef
 from corral.registry.v1 import registry_pb2 as pb
 from corral.registry.v1 import registry_pb2_grpc, rollouts_pb2_grpc
 from corral.registry.v1 import rollouts_pb2 as ro
@@ -192,6 +195,47 @@ async def test_a_deleted_versions_bundle_goes_unless_another_version_shares_it(w
     await world.registry.DeleteAgent(
         pb.DeleteAgentRequest(name=f"agents/{world.agent}", force=True), metadata=other)
     assert not await world.bundle_stored(mine.digest)
+
+
+async def test_collecting_a_bundle_and_publishing_it_again_at_once_keeps_it(world: World) -> None:
+    """The bundle row is the lock: a publish of the same digest either waits for a collection
+    and stores the bundle again, or (holding it first) makes the collection keep it."""
+    pool = await asyncpg.create_pool(world.platform.settings.database_url, min_size=2, max_size=4)
+    store, agent = PgStore(pool), AgentRef(world.agent)
+    old, new = new_tenant(), new_tenant()
+
+    async def publish(tenant: str, data: bytes) -> None:
+        async with store.tx() as tx:
+            await tx.ensure_agent(tenant, agent, "u")
+            await tx.insert_version(tenant, agent, digest_of(data), data, inspect(data).manifest, "u")
+
+    async def collect(number: int) -> list[str]:
+        async with store.tx() as tx:
+            return await tx.collect_bundles(await tx.delete_versions(old, agent, [number]))
+
+    try:
+        # Numbers are never given twice: round n publishes version n in the old tenant.
+        for n, collect_first in ((1, True), (2, False)):
+            data = world.bundle(n)
+            await publish(old, data)
+            async with store.tx() as first:
+                if collect_first:
+                    assert await first.collect_bundles(
+                        await first.delete_versions(old, agent, [n])) == [digest_of(data)]
+                    second = asyncio.create_task(publish(new, data))
+                else:
+                    await first.ensure_agent(new, agent, "u")
+                    await first.insert_version(
+                        new, agent, digest_of(data), data, inspect(data).manifest, "u")
+                    second = asyncio.create_task(collect(n))
+                await asyncio.sleep(0.3)
+                assert not second.done()  # waits for the bundle's row
+            result = await second
+            if not collect_first:
+                assert result == []  # the new version has it: kept
+            assert await store.bundle(digest_of(data)) == data
+    finally:
+        await pool.close()
 
 
 async def test_deleting_an_endpoint(world: World) -> None:
