@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, VersionRef
-from services.registry.model import EndpointReads, RegistryTx, VersionRecord
+from services.registry.model import RegistryTx, VersionRecord
 from services.registry.rollout_model import RunRecord
 
 
@@ -76,7 +76,7 @@ class LifecycleTx(RegistryTx, Protocol):
         ...
 
 
-class LifecycleStore(EndpointReads, Protocol):
+class LifecycleStore(Protocol):
     def tx(self) -> AbstractAsyncContextManager[LifecycleTx]: ...
 
     async def retention_candidates(self, unused_since: datetime) -> list[RetentionCandidate]:

@@ -72,7 +72,7 @@ def in_use(subject: str, found: Blockers) -> FailedPrecondition:
         f"{subject} is in use by {'; '.join(parts)}: {', '.join(todo)} first",
         reason=REASON_VERSION_IN_USE,
         metadata={
-            "version": subject,
+            "resource": subject,
             "endpoints": ",".join(found.endpoints),
             "runs": ",".join(found.runs),
             "sessions": str(found.sessions),

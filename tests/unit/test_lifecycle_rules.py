@@ -47,7 +47,7 @@ def test_a_refusal_names_endpoints_runs_and_sessions() -> None:
     error = rules.in_use("agents/a/versions/3", found)
     assert error.reason == "VERSION_IN_USE"
     assert error.metadata == {
-        "version": "agents/a/versions/3",
+        "resource": "agents/a/versions/3",
         "endpoints": "agents/a/endpoints/prod (rollback_version)",
         "runs": "agents/a/endpoints/prod/experiments/1",
         "sessions": "2",
