@@ -177,6 +177,18 @@ class CorralClient:
         request = reg.UpdateEndpointRequest(endpoint=body, allow_missing=True)
         return self.registry.UpdateEndpoint(request, metadata=self.metadata)
 
+    def delete_agent(self, agent: str, *, force: bool = False) -> None:
+        request = reg.DeleteAgentRequest(name=names.agent_name(agent), force=force)
+        self.registry.DeleteAgent(request, metadata=self.metadata)
+
+    def delete_version(self, agent: str, number: int) -> None:
+        request = reg.DeleteVersionRequest(name=names.version_name(agent, number))
+        self.registry.DeleteVersion(request, metadata=self.metadata)
+
+    def delete_endpoint(self, agent: str, endpoint: str, etag: str = "") -> None:
+        request = reg.DeleteEndpointRequest(name=names.endpoint_name(agent, endpoint), etag=etag)
+        self.registry.DeleteEndpoint(request, metadata=self.metadata)
+
     def audit(self, prefix: str = "", limit: int = 50) -> list[reg.AuditEvent]:
         request = reg.ListAuditEventsRequest(resource_prefix=prefix, page_size=limit)
         return list(self.registry.ListAuditEvents(request, metadata=self.metadata).events)
@@ -330,6 +342,10 @@ class CorralClient:
     def get_session(self, session: str) -> ses.Session:
         request = ses.GetSessionRequest(name=names.session_name(session))
         return self.sessions.GetSession(request, metadata=self.metadata)
+
+    def delete_session(self, session: str) -> None:
+        request = ses.DeleteSessionRequest(name=names.session_name(session))
+        self.sessions.DeleteSession(request, metadata=self.metadata)
 
     def session_state(self, session: str) -> ses.SessionState:
         request = ses.GetSessionStateRequest(name=names.session_name(session))

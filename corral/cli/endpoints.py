@@ -1,12 +1,12 @@
-"""corral endpoints, endpoint get / set: where an agent's new sessions are routed."""
+"""corral endpoints, endpoint get / set / delete: where an agent's new sessions are routed."""
 
 from __future__ import annotations
 
 import click
 
 from corral import names
-from corral.cli.options import State, json_option, pass_state
-from corral.cli.output import emit_message, emit_rows, out, timestamp, traffic_text
+from corral.cli.options import State, confirm_deletion, json_option, pass_state, yes_option
+from corral.cli.output import emit, emit_message, emit_rows, out, timestamp, traffic_text
 from corral.client import parse_split
 
 
@@ -62,6 +62,21 @@ def endpoint_get(state: State, agent: str, name: str) -> None:
     e = state.client.get_endpoint(agent, name)
     emit_message(state, e, lambda: out.print(
         f"{e.name}: {traffic_text(e.traffic)} (revision {e.revision}, etag {e.etag})"))
+
+
+@endpoint.command("delete")
+@click.argument("agent")
+@click.argument("name")
+@click.option("--etag", default="", help="Only delete if the endpoint is still at this etag.")
+@yes_option
+@json_option
+@pass_state
+def endpoint_delete(state: State, agent: str, name: str, etag: str, yes: bool) -> None:
+    """Delete endpoint NAME of AGENT (not DEFAULT). Sessions it routed keep their version."""
+    endpoint = names.endpoint_name(agent, name)
+    confirm_deletion(endpoint, yes)
+    state.client.delete_endpoint(agent, name, etag)
+    emit(state, {"deleted": endpoint}, lambda: out.print(f"deleted {endpoint}"))
 
 
 COMMANDS: tuple[click.Command, ...] = (endpoints, endpoint)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable
 
 import click
@@ -98,3 +99,34 @@ def endpoint_command(make: CommandMaker) -> CommandMaker:
         return json_option(made)
 
     return decorate
+
+
+# Deleting commands ask first when a person is at the terminal; --yes (or a script's stdin) skips.
+yes_option = click.option(
+    "--yes", "-y", "yes", is_flag=True, help="Do not ask for confirmation.",
+)
+
+
+def at_terminal() -> bool:
+    """Whether a person types this command's input (stdin is a terminal)."""
+    return sys.stdin.isatty()
+
+
+def confirm_deletion(what: str, yes: bool) -> None:
+    """Asks whether to delete `what` when stdin is a terminal and --yes was not given; aborts
+    (exit 1, nothing deleted) on no."""
+    if not yes and at_terminal():
+        click.confirm(f"Delete {what}?", abort=True)
+
+
+class ListingGroup(click.Group):
+    """A group whose bare use, or use with arguments that name no subcommand, runs its listing
+    command (`corral agents`, `corral versions AGENT`) while `delete` and the like are
+    subcommands."""
+
+    listing = "list"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.listing, *args]
+        return super().parse_args(ctx, args)

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import click
 
+from corral import names
 from corral.bundle import LIMITS, BundleError, Target, check_size, pack, stage, unpacked_size
-from corral.cli.options import State, json_option, pass_state
+from corral.cli.options import (
+    ListingGroup,
+    State,
+    confirm_deletion,
+    json_option,
+    pass_state,
+    yes_option,
+)
 from corral.cli.output import emit, emit_rows, err, out, timestamp
 from corral.manifest import ManifestError
 
@@ -72,20 +80,45 @@ def publish(state: State, directory: Path, target: Target) -> None:
          lambda: out.print(f"{v.name}  {v.digest}"))
 
 
-@click.command()
+@click.group(cls=ListingGroup)
+def agents() -> None:
+    """List agents (`corral agents`), or delete one."""
+
+
+@agents.command("list")
 @json_option
 @pass_state
-def agents(state: State) -> None:
+def agents_list(state: State) -> None:
     """List agents."""
     emit_rows(state, state.client.agents(), ("agent", "latest version", "created"),
               lambda a: (a.name, a.latest_version or "-", timestamp(a.create_time)))
 
 
-@click.command()
+@agents.command("delete")
+@click.argument("agent")
+@click.option("--force", is_flag=True,
+              help="Also delete its versions and endpoints (refused while sessions are live).")
+@yes_option
+@json_option
+@pass_state
+def agents_delete(state: State, agent: str, force: bool, yes: bool) -> None:
+    """Delete AGENT. Without --force an agent that has versions is refused."""
+    name = names.agent_name(agent)
+    confirm_deletion(f"{name}{' with its versions and endpoints' if force else ''}", yes)
+    state.client.delete_agent(agent, force=force)
+    emit(state, {"deleted": name}, lambda: out.print(f"deleted {name}"))
+
+
+@click.group(cls=ListingGroup)
+def versions() -> None:
+    """List the versions of an agent (`corral versions AGENT`), or delete one."""
+
+
+@versions.command("list")
 @click.argument("agent")
 @json_option
 @pass_state
-def versions(state: State, agent: str) -> None:
+def versions_list(state: State, agent: str) -> None:
     """List the versions of AGENT."""
     emit_rows(
         state, state.client.versions(agent),
@@ -94,6 +127,21 @@ def versions(state: State, agent: str) -> None:
                    f"{v.manifest.model_provider}/{v.manifest.model_id}", f"{v.size_bytes:,}",
                    timestamp(v.create_time), v.creator),
     )
+
+
+@versions.command("delete")
+@click.argument("agent")
+@click.argument("number", type=click.IntRange(min=1))
+@yes_option
+@json_option
+@pass_state
+def versions_delete(state: State, agent: str, number: int, yes: bool) -> None:
+    """Delete version NUMBER of AGENT. Refused while an endpoint routes to it or keeps it for
+    rollback, a rollout or experiment uses it, or live sessions are pinned to it."""
+    name = names.version_name(agent, number)
+    confirm_deletion(name, yes)
+    state.client.delete_version(agent, number)
+    emit(state, {"deleted": name}, lambda: out.print(f"deleted {name}"))
 
 
 COMMANDS: tuple[click.Command, ...] = (publish, agents, versions)

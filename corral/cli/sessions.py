@@ -1,4 +1,5 @@
-"""corral sessions list / get / stop: conversations and the version each is pinned to."""
+"""corral sessions list / get / stop / delete: conversations and the version each is pinned
+to."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import click
 
 from corral import names
-from corral.cli.options import State, json_option, pass_state
+from corral.cli.options import State, confirm_deletion, json_option, pass_state, yes_option
 from corral.cli.output import (
     emit,
     emit_rows,
@@ -24,7 +25,7 @@ from corral.sessions.v1 import sessions_pb2 as ses
 
 @click.group()
 def sessions() -> None:
-    """List, show and stop sessions."""
+    """List, show, stop and delete sessions."""
 
 
 @sessions.command("list")
@@ -83,6 +84,19 @@ def sessions_stop(state: State, session: str) -> None:
     state.client.stop_session(session)
     name = names.SessionRef(session).name
     emit(state, {"stopped": name}, lambda: out.print(f"stopped {name}"))
+
+
+@sessions.command("delete")
+@click.argument("session")
+@yes_option
+@json_option
+@pass_state
+def sessions_delete(state: State, session: str, yes: bool) -> None:
+    """Delete SESSION with its state and turns; a live one is stopped and its sandbox ended."""
+    name = names.SessionRef(session).name
+    confirm_deletion(name, yes)
+    state.client.delete_session(session)
+    emit(state, {"deleted": name}, lambda: out.print(f"deleted {name}"))
 
 
 COMMANDS: tuple[click.Command, ...] = (sessions,)

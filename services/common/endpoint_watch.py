@@ -39,7 +39,12 @@ class RegistryEndpoints:
             request = registry_pb2.WatchEndpointsRequest()
             async for message in self._stub.WatchEndpoints(request, metadata=every_tenant):
                 yield EndpointUpdate(
-                    tuple(endpoint_traffic(e) for e in message.endpoints), message.snapshot
+                    tuple(endpoint_traffic(e) for e in message.endpoints), message.snapshot,
+                    removed=tuple((e.tenant, EndpointRef.parse(e.name))
+                                  for e in message.removed_endpoints),
+                    removed_versions=tuple((v.tenant, VersionRef.parse(v.name))
+                                           for v in message.removed_versions),
+                    removed_bundles=tuple(message.removed_bundles),
                 )
 
     async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:

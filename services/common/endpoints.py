@@ -23,6 +23,8 @@ RECONNECT = Backoff(first_s=0.1, max_s=5.0)
 BASIS_POINTS = 10_000
 # An endpoint among every tenant's: its tenant and its name.
 EndpointKey = tuple[str, EndpointRef]
+# A version among every tenant's: its tenant and its name.
+VersionKey = tuple[str, VersionRef]
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,18 @@ class EndpointTraffic:
 
 @dataclass(frozen=True)
 class EndpointUpdate:
-    """One message of the watch: every endpoint (snapshot) or the ones that changed."""
+    """One message of the watch: every endpoint (snapshot) or the ones that changed, the
+    endpoints and versions deleted, and the digests whose bundles no version has any more."""
 
     endpoints: tuple[EndpointTraffic, ...]
     snapshot: bool
+    removed: tuple[EndpointKey, ...] = ()
+    removed_versions: tuple[VersionKey, ...] = ()
+    removed_bundles: tuple[str, ...] = ()
+
+    @property
+    def removes_versions(self) -> bool:
+        return bool(self.removed_versions or self.removed_bundles)
 
 
 class EndpointSource(Protocol):
@@ -84,10 +94,13 @@ class EndpointMirror:
         source: EndpointSource,
         *,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        on_versions_removed: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
         backoff: Backoff = RECONNECT,
     ) -> None:
         self._source = source
         self._on_change = on_change
+        # Hears of deleted versions and collected bundles, to drop what is cached of them.
+        self._on_versions_removed = on_versions_removed
         self._backoff = backoff
         self._endpoints: dict[EndpointKey, EndpointTraffic] = {}
         self._tasks = TaskSet("endpoint watch")
@@ -153,6 +166,10 @@ class EndpointMirror:
         else:
             for endpoint in update.endpoints:
                 self.apply(endpoint)
+            for key in update.removed:
+                self._endpoints.pop(key, None)
+        if update.removes_versions and self._on_versions_removed is not None:
+            await self._on_versions_removed(update)
         if self._on_change is not None:
             await self._on_change()
         if update.snapshot:

@@ -46,6 +46,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name}={raw!r} is not an integer") from None
 
 
+def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise SettingsError(f"{name}={value} must be 0 (off) or a number of days")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -177,6 +184,10 @@ class Settings:
     # model provider): CORRAL_OUTBOUND_ALLOW, plus loopback with CORRAL_TOOLS_ALLOW_LOOPBACK=true
     # (a one-machine set-up: `make run` turns it on). See services/common/outbound.py.
     outbound_allow: tuple[Network, ...] = ()
+    # Registry: versions unused this many days are deleted, unless something keeps them (an
+    # endpoint, a running rollout or experiment, an active session; never an agent's newest).
+    # 0 turns retention off.
+    version_retention_days: int = 45
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -246,6 +257,7 @@ class Settings:
             credential_cache_s=_float(env, "CORRAL_CREDENTIAL_CACHE_S", 5.0),
             bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
             outbound_allow=_outbound_allow(env),
+            version_retention_days=_non_negative(env, "CORRAL_VERSION_RETENTION_DAYS", 45),
         )
 
     def with_address(self, service: str, address: str, internal: str | None = None) -> Settings:

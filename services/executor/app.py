@@ -95,10 +95,9 @@ class ExecutorService(App):
         executor.start()
         stack.push_async_callback(executor.close)
         self.executor = executor
-        if executor.pools is not None:
-            watch = EndpointWants(registry, executor.pools)
-            watch.start()
-            stack.push_async_callback(watch.close)
+        watch = EndpointWants(registry, executor.pools, on_versions_removed=executor.forget_removed)
+        watch.start()
+        stack.push_async_callback(watch.close)
         if s.executor.http_port:
             http = ExecutorHttp(issuer, metrics.registry, "0.0.0.0", s.executor.http_port)
             await http.start()

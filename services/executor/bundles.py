@@ -7,12 +7,14 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.bundle import digest_of, unpack
 from corral.manifest import Manifest, parse_manifest
 from corral.names import VersionRef
+from services.common.endpoints import VersionKey
 from services.common.errors import FailedPrecondition
 from services.executor.model import Registry
 
@@ -35,8 +37,11 @@ class BundleCache:
         self.root = root
         self._unpacked: dict[str, UnpackedBundle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # Versions never change once published: (tenant, version) -> digest, once asked.
+        # Versions never change once published: (tenant, version) -> digest, once asked (and
+        # forgotten when the version is deleted).
         self._pins: dict[tuple[str, VersionRef], str] = {}
+        # Bundles the registry collected whose copies are still here (a sandbox ran them).
+        self._collected: set[str] = set()
 
     async def check_pin(self, tenant: str, version: VersionRef, digest: str) -> None:
         """Refuses to run `version` with `digest` for `tenant` unless the tenant has that version
@@ -69,9 +74,35 @@ class BundleCache:
                 dest = self.path(digest)
                 if not dest.exists():
                     await self._download(version, digest, dest)
+                    # Published again since it was collected: a version has it once more.
+                    self._collected.discard(digest)
                 manifest = parse_manifest((dest / "agent.toml").read_text())
                 known = self._unpacked[digest] = UnpackedBundle(version, digest, dest, manifest)
         return known
+
+    def forget_versions(self, versions: Iterable[VersionKey]) -> None:
+        """Forgets the digests of deleted versions: a pin naming one is asked about again (and
+        refused)."""
+        for key in versions:
+            self._pins.pop(key, None)
+
+    def collected(self, digests: Iterable[str]) -> None:
+        """Marks bundles the registry collected (no version has them any more): `sweep` deletes
+        their unpacked copies once no sandbox runs them."""
+        self._collected.update(digests)
+
+    async def sweep(self, running: set[str]) -> None:
+        """Deletes the unpacked copies of collected bundles that no sandbox in `running` runs:
+        from memory, the pins naming them, and the disk."""
+        for digest in sorted(self._collected - running):
+            self._collected.discard(digest)
+            self._unpacked.pop(digest, None)
+            for pin in [p for p, known in self._pins.items() if known == digest]:
+                del self._pins[pin]
+            path = self.path(digest)
+            if path.exists():
+                await asyncio.to_thread(shutil.rmtree, path, True)
+                log.info("removed the unpacked bundle %s: no version has it any more", digest)
 
     async def _download(self, version: VersionRef, digest: str, dest: Path) -> None:
         bundle = await self._registry.download(version, digest)

@@ -15,6 +15,8 @@ from opentelemetry.context import Context as OtelContext
 
 from corral.names import SessionRef
 from services.common import tenancy
+from services.common.background import Periodic
+from services.common.endpoints import EndpointUpdate
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
@@ -39,6 +41,8 @@ from services.executor.turn import Turns
 # most warm_pool_max_total): a caller that does not page sees all of them, as before
 # ListSandboxes paged.
 SANDBOXES_PAGE_SIZE = MAX_PAGE_SIZE
+# How often the unpacked copies of collected bundles still run by a sandbox are looked at again.
+BUNDLE_SWEEP_S = 30.0
 
 
 def _listing_order(info: SandboxInfo) -> tuple[datetime, str]:
@@ -64,14 +68,18 @@ class Executor:
         self._turns = Turns(
             self.sandboxes, sessions, spans, broker, tools, self._credentials, metrics
         )
+        self._bundle_sweeper = Periodic(
+            self._sweep_bundles, every_s=BUNDLE_SWEEP_S, what="collected bundles sweep")
 
     def start(self) -> None:
         self._starter.remove_leftovers()
         self.sandboxes.start()
+        self._bundle_sweeper.start()
         if self.pools is not None:
             self.pools.start()
 
     async def close(self) -> None:
+        await self._bundle_sweeper.close()
         if self.pools is not None:
             await self.pools.close()
         await self.sandboxes.close()
@@ -96,6 +104,18 @@ class Executor:
         """Ends the session's sandbox in the caller's tenant (a service acting for every tenant
         ends the session's in every tenant)."""
         return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
+
+    async def forget_removed(self, update: EndpointUpdate) -> None:
+        """Forgets the pins of deleted versions (a session pinned to one is refused from then
+        on) and deletes the unpacked copies of bundles no version has any more; one a sandbox
+        here still runs (a session of a version deleted meanwhile) goes at a later sweep, once
+        it stopped."""
+        self._starter.bundles.forget_versions(update.removed_versions)
+        self._starter.bundles.collected(update.removed_bundles)
+        await self._sweep_bundles()
+
+    async def _sweep_bundles(self) -> None:
+        await self._starter.bundles.sweep(self.sandboxes.running_digests())
 
     def list_sandboxes(self, caller: Caller, page_size: int, page_token: str) -> SandboxListing:
         """The sandboxes here of the caller's tenant's sessions (of every tenant's for a service

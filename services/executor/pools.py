@@ -14,12 +14,12 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from corral.names import VersionRef
 from services.common.background import Backoff, Periodic, TaskSet
-from services.common.endpoints import EndpointMirror
+from services.common.endpoints import EndpointMirror, EndpointUpdate
 from services.common.errors import CorralError
 from services.common.settings import ExecutorSettings
 from services.executor.model import PoolReport, Registry
@@ -203,13 +203,19 @@ def _labels(version: VersionRef) -> tuple[str, str]:
 
 class EndpointWants:
     """Tells the pools which versions the endpoints want warm: those an endpoint routes to, and
-    each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes."""
+    each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes. The
+    same watch says which versions were deleted and which bundles collected:
+    `on_versions_removed` hears of them (with or without pools)."""
 
-    def __init__(self, registry: Registry, pools: WarmPools) -> None:
+    def __init__(
+        self, registry: Registry, pools: WarmPools | None,
+        on_versions_removed: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
+    ) -> None:
         self.registry = registry
         self.pools = pools
         self.mirror = EndpointMirror(
-            registry.endpoints(), on_change=self._publish, backoff=Backoff(0.5, 10.0),
+            registry.endpoints(), on_change=self._publish, on_versions_removed=on_versions_removed,
+            backoff=Backoff(0.5, 10.0),
         )
         # Versions are immutable: cached for good, per tenant (names are per tenant).
         self._digests: dict[tuple[str, VersionRef], str] = {}
@@ -221,6 +227,8 @@ class EndpointWants:
         await self.mirror.close()
 
     async def _publish(self) -> None:
+        if self.pools is None:
+            return
         reasons: dict[tuple[str, VersionRef], set[str]] = {}
         for ep in self.mirror.all():
             for routed in ep.versions():

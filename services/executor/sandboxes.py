@@ -183,6 +183,11 @@ class SandboxTable:
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself
             log.warning("could not release the lease of %s: %s", session, exc)
 
+    def running_digests(self) -> set[str]:
+        """The bundles the sandboxes here run: bound to a session, or warm."""
+        warm = self._pools.ready() if self._pools else []
+        return {b.sandbox.digest for b in self._bound.values()} | {sb.digest for sb in warm}
+
     # -- what operators see --------------------------------------------------------------
 
     def listing(self, tenant: str | None) -> list[SandboxInfo]:

@@ -21,6 +21,7 @@ from corral.registry.v1 import (
 from services.common.auth.key_client import CachedKeyVerifier
 from services.common.auth.principal import Principal
 from services.common.auth.verify import CredentialVerifier
+from services.common.background import Periodic
 from services.common.db import create_pool, migrate
 from services.common.errors import Unavailable
 from services.common.outbound import OutboundPolicy
@@ -33,6 +34,7 @@ from services.registry.controller import RolloutController
 from services.registry.experiments import Experiments
 from services.registry.key_servicer import KeyServicer
 from services.registry.keys import Keys
+from services.registry.lifecycle import Lifecycle
 from services.registry.prometheus import rollout_snapshot
 from services.registry.registry import Registry
 from services.registry.rollout_servicer import RolloutServicer
@@ -46,6 +48,9 @@ from services.registry.tools import Tools
 from services.registry.webhooks import WebhookNotifier
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Retention looks for versions to delete hourly, the first time a minute after start.
+RETENTION_EVERY_S = 3600.0
+RETENTION_FIRST_S = 60.0
 SERVICES = [
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
@@ -58,6 +63,8 @@ SERVICES = [
 class RegistryService(App):
     # The domain, once started.
     registry: Registry | None = None
+    # Deleting and retention, once started.
+    lifecycle: Lifecycle | None = None
     # API keys, once started: the registry's own API-key verifier.
     keys: Keys | None = None
 
@@ -77,6 +84,11 @@ class RegistryService(App):
         rollouts = Rollouts(store, notifier, sessions, outbound=outbound)
         experiments = Experiments(store, notifier, telemetry, outbound=outbound)
         registry = Registry(store, rollouts)
+        self.lifecycle = lifecycle = Lifecycle(store, sessions, retention_days=self.settings.version_retention_days)
+        retention = Periodic(lifecycle.retention_step, every_s=RETENTION_EVERY_S,
+                             what="version retention", first_delay_s=RETENTION_FIRST_S)
+        retention.start()
+        stack.push_async_callback(retention.close)
         await registry.start_watching()
         stack.push_async_callback(registry.stop_watching)
         self.registry = registry
@@ -94,7 +106,7 @@ class RegistryService(App):
         if self.settings.bootstrap_admin_key_file is not None:
             await ensure_admin_key(keys, self.settings.bootstrap_admin_key_file)
 
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry, lifecycle), server)
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
             RolloutServicer(rollouts, experiments), server)
         tools_pb2_grpc.add_ToolServiceServicer_to_server(ToolServicer(tools), server)

@@ -4,7 +4,7 @@ raises the domain error tree."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -16,8 +16,9 @@ from services.common.clients import ServiceClient
 from services.common.metric_protos import metric_pb
 from services.common.settings import Settings
 from services.common.status import calling
-from services.common.timestamps import timestamp
+from services.common.timestamps import optional_time, timestamp
 from services.registry.analysis_protos import analysis_from_pb, experiment_analysis_from_pb
+from services.registry.lifecycle_model import VersionSessions
 from services.registry.rollout_model import (
     Analysis,
     AnalysisConfig,
@@ -27,6 +28,8 @@ from services.registry.rollout_model import (
 from services.registry.tenancy import acting_for
 
 TIMEOUT_S = 30
+# The most versions one CountPinnedSessions names (its request's limit).
+PINNED_PER_CALL = 1000
 Response = TypeVar("Response")
 
 
@@ -76,7 +79,7 @@ class TelemetryClient(ServiceClient["telemetry_pb2_grpc.TelemetryServiceAsyncStu
 
 
 class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]):
-    """Implements SessionRetirement."""
+    """Implements SessionRetirement and PinnedSessions."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "sessions", sessions_pb2_grpc.SessionsServiceStub)
@@ -95,3 +98,17 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
         call = self._stub.RetireVersion(request, metadata=self.metadata(acting_for(tenant)),
                                         timeout=TIMEOUT_S)
         return (await _answer(call, "sessions")).sessions
+
+    async def pinned_sessions(
+        self, tenant: str, versions: Sequence[VersionRef]
+    ) -> Mapping[VersionRef, VersionSessions]:
+        found: dict[VersionRef, VersionSessions] = {}
+        for start in range(0, len(versions), PINNED_PER_CALL):
+            request = sessions_pb2.CountPinnedSessionsRequest(
+                versions=[v.name for v in versions[start : start + PINNED_PER_CALL]])
+            call = self._stub.CountPinnedSessions(
+                request, metadata=self.metadata(acting_for(tenant)), timeout=TIMEOUT_S)
+            for pins in (await _answer(call, "sessions")).pins:
+                found[VersionRef.parse(pins.version)] = VersionSessions(
+                    pins.active_sessions, optional_time(pins, "last_active_time"))
+        return found

@@ -1,4 +1,4 @@
-"""Committed endpoint changes, from PostgreSQL's notifications to every watch stream, kept alive
+"""Committed endpoint changes and deletions, from PostgreSQL's notifications to every watch stream, kept alive
 across connection losses.
 
 Notifications travel on one connection that LISTENs. When that connection is lost (PostgreSQL
@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from corral.names import EndpointRef
+from corral.names import EndpointRef, VersionRef
 from services.common.background import Backoff, TaskSet
-from services.common.endpoints import EndpointKey
+from services.common.endpoints import EndpointKey, VersionKey
 from services.common.errors import Unavailable
 from services.registry.model import EndpointListener
 
@@ -30,7 +30,10 @@ RELISTEN = Backoff(first_s=0.1, max_s=1.0)
 
 class ListensForEndpoints(Protocol):
     async def listen_endpoints(
-        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+        self,
+        on_change: Callable[[str], None],
+        on_deletion: Callable[[str], None],
+        on_lost: Callable[[], None],
     ) -> EndpointListener: ...
 
 
@@ -40,7 +43,9 @@ class _Lost:
 
 _STOP = None
 _LOST = _Lost()
-Item = EndpointKey | _Lost | None
+# What changed: an endpoint, a deleted version, or the digest of a collected bundle.
+Change = EndpointKey | VersionKey | str
+Item = Change | _Lost | None
 
 
 class Changes:
@@ -52,8 +57,8 @@ class Changes:
     def put(self, item: Item) -> None:
         self._queue.put_nowait(item)
 
-    async def next(self) -> EndpointKey | None:
-        """The next changed endpoint; None when the registry is stopping. Raises Unavailable when
+    async def next(self) -> Change | None:
+        """The next change; None when the registry is stopping. Raises Unavailable when
         changes may have been missed."""
         item = await self._queue.get()
         if isinstance(item, _Lost):
@@ -115,9 +120,20 @@ class EndpointFeed:
         for stream in self._streams:
             stream.put((tenant, EndpointRef(agent, endpoint)))
 
+    def _on_deletion(self, payload: str) -> None:
+        kind, _, what = payload.partition("/")
+        change: VersionKey | str
+        if kind == "version":
+            tenant, agent, number = what.split("/")
+            change = (tenant, VersionRef(agent, int(number)))
+        else:
+            change = what  # a bundle's digest
+        for stream in self._streams:
+            stream.put(change)
+
     async def _listen(self) -> EndpointListener:
         self._lost = asyncio.Event()
-        return await self._store.listen_endpoints(self._on_change, self._lost.set)
+        return await self._store.listen_endpoints(self._on_change, self._on_deletion, self._lost.set)
 
     async def _keep_listening(self) -> None:
         while True:

@@ -14,7 +14,14 @@ from services.common.identity import caller
 from services.common.interceptors import Context
 from services.common.paging import Page
 from services.common.timestamps import timestamp
-from services.registry.model import AgentRecord, AuditRecord, EndpointRecord, Paging, VersionRecord
+from services.registry.model import (
+    AgentRecord,
+    AuditRecord,
+    EndpointRecord,
+    Paging,
+    VersionRecord,
+    WatchEvent,
+)
 from services.registry.rollout_model import TrafficTarget
 
 Row = TypeVar("Row")
@@ -76,6 +83,17 @@ def endpoint_pb(r: EndpointRecord) -> pb.Endpoint:
         description=r.description,
         rollback_version=agent.version(r.rollback_version).name if r.rollback_version else "",
         tenant=r.tenant,
+    )
+
+
+def watch_event_pb(event: WatchEvent) -> pb.WatchEndpointsResponse:
+    return pb.WatchEndpointsResponse(
+        endpoints=[endpoint_pb(r) for r in event.endpoints],
+        snapshot=event.snapshot,
+        removed_endpoints=[pb.Endpoint(name=ref.name, tenant=tenant) for tenant, ref in event.removed],
+        removed_versions=[pb.RemovedVersion(tenant=tenant, name=ref.name)
+                          for tenant, ref in event.removed_versions],
+        removed_bundles=event.removed_bundles,
     )
 
 

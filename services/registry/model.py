@@ -11,7 +11,7 @@ from typing import Protocol, TypeAlias, TypeVar
 
 from corral.manifest import Manifest
 from corral.names import AgentRef, EndpointRef, ExperimentRef, RolloutRef, ToolRef, VersionRef
-from services.common.endpoints import TrafficShare
+from services.common.endpoints import EndpointKey, TrafficShare, VersionKey
 from services.common.identity import Caller
 from services.common.paging import Key, KeyPart, Page, PageQuery
 from services.registry.rollout_model import (
@@ -78,6 +78,18 @@ class EndpointRecord:
     @property
     def etag(self) -> str:
         return f'W/"{self.revision}"'
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One message of the endpoint watch: every endpoint (snapshot) or those that changed, the
+    endpoints and versions deleted, and the digests whose bundles were collected."""
+
+    endpoints: tuple[EndpointRecord, ...] = ()
+    snapshot: bool = False
+    removed: tuple[EndpointKey, ...] = ()
+    removed_versions: tuple[VersionKey, ...] = ()
+    removed_bundles: tuple[str, ...] = ()
 
 
 JsonValue: TypeAlias = (
@@ -318,15 +330,21 @@ class RegistryStore(CatalogReads, EndpointReads, RunReads, AuditReads, Protocol)
         ...
 
     async def listen_endpoints(
-        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+        self,
+        on_change: Callable[[str], None],
+        on_deletion: Callable[[str], None],
+        on_lost: Callable[[], None],
     ) -> EndpointListener:
-        """Calls `callback("tenant/agent/endpoint/revision")` on every committed endpoint change, from
-        any replica, and `on_lost()` when the connection that carries them closes."""
+        """On one connection, from any replica, once committed: calls
+        `on_change("tenant/agent/endpoint/revision")` on every endpoint change,
+        `on_deletion("version/tenant/agent/number")` for every version deleted and
+        `on_deletion("bundle/digest")` for every bundle collected (no version has it any more);
+        and `on_lost()` when the connection that carries them closes."""
         ...
 
 
 class EndpointListener(Protocol):
-    """A connection listening for endpoint changes."""
+    """A connection listening for endpoint changes and deletions."""
 
     async def alive(self) -> bool:
         """Whether the connection still answers (within a couple of seconds)."""

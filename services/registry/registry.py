@@ -32,6 +32,7 @@ from services.registry.model import (
     RegistryStore,
     RegistryTx,
     VersionRecord,
+    WatchEvent,
     read_page,
 )
 from services.registry.rollouts import Rollouts
@@ -40,8 +41,18 @@ from services.registry.tenancy import bundle_tenant, tenant_of, visible_tenant
 log = logging.getLogger(__name__)
 
 
-def _agent_missing(agent: AgentRef) -> NotFound:
+def agent_missing(agent: AgentRef) -> NotFound:
     return NotFound(f"{agent.name} does not exist; publish a bundle to create it")
+
+
+def check_etag(current: EndpointRecord, etag: str) -> None:
+    """ABORTED when the caller read the endpoint at an etag that is no longer current."""
+    if etag and etag != current.etag:
+        raise Aborted(
+            f"{current.ref.name} changed since it was read (etag {etag}, now {current.etag}); "
+            "read it again and retry",
+            reason="ETAG_MISMATCH",
+        )
 
 
 async def check_versions_exist(
@@ -75,7 +86,7 @@ class Registry:
     async def get_agent(self, caller: Caller, agent: AgentRef) -> AgentRecord:
         record = await self._store.get_agent(tenant_of(caller), agent)
         if record is None:
-            raise _agent_missing(agent)
+            raise agent_missing(agent)
         return record
 
     async def list_agents(self, paging: Paging) -> Page[AgentRecord]:
@@ -167,7 +178,7 @@ class Registry:
         record = await self._store.get_endpoint(tenant, endpoint)
         if record is None:
             if await self._store.get_agent(tenant, endpoint.parent) is None:
-                raise _agent_missing(endpoint.parent)
+                raise agent_missing(endpoint.parent)
             raise NotFound(
                 f"{endpoint.name} does not exist; create it with "
                 f"`corral endpoint set {endpoint.agent} {endpoint.endpoint} --version N`"
@@ -201,7 +212,7 @@ class Registry:
         tenant = tenant_of(caller)
         async with self._store.tx() as tx:
             if not await tx.lock_agent(tenant, endpoint.parent):
-                raise _agent_missing(endpoint.parent)
+                raise agent_missing(endpoint.parent)
             if traffic is not None:
                 await check_versions_exist(tx, tenant, endpoint.parent, [s.version for s in traffic])
             current = await tx.get_endpoint(tenant, endpoint, for_update=True)
@@ -209,12 +220,8 @@ class Registry:
                 raise NotFound(f"{endpoint.name} does not exist (set allow_missing to create it)")
             if current is not None and must_create:
                 raise AlreadyExists(f"{endpoint.name} already exists")
-            if current is not None and etag and etag != current.etag:
-                raise Aborted(
-                    f"{endpoint.name} changed since it was read (etag {etag}, now {current.etag}); "
-                    "read it again and retry",
-                    reason="ETAG_MISMATCH",
-                )
+            if current is not None:
+                check_etag(current, etag)
             if traffic is None:
                 if current is None:
                     raise InvalidArgument.field(
@@ -248,29 +255,37 @@ class Registry:
     async def stop_watching(self) -> None:
         await self._feed.stop()
 
-    async def watch(
-        self, caller: Caller, agent: AgentRef | None
-    ) -> AsyncIterator[tuple[list[EndpointRecord], bool]]:
-        """Yields (every endpoint the caller sees, True) once, then ([changed endpoint], False)
-        per change: the caller's tenant's, or every tenant's for a service acting for all."""
+    async def watch(self, caller: Caller, agent: AgentRef | None) -> AsyncIterator[WatchEvent]:
+        """Yields every endpoint the caller sees (a snapshot) once, then each change: the
+        caller's tenant's, or every tenant's for a service acting for all, which also hears of
+        the bundles collected."""
         tenant = visible_tenant(caller)
         if agent is not None:
             await self.get_agent(caller, agent)
         # Subscribe before the snapshot, so a change between the two is not lost.
         async with self._feed.subscription() as changes:
-            yield await self._store.watched_endpoints(tenant, agent), True
+            yield WatchEvent(tuple(await self._store.watched_endpoints(tenant, agent)), snapshot=True)
             while True:
                 change = await changes.next()
                 if change is None:
                     return
-                changed_tenant, endpoint = change
+                if isinstance(change, str):
+                    if tenant is None:
+                        yield WatchEvent(removed_bundles=(change,))
+                    continue
+                changed_tenant, ref = change
                 if tenant is not None and changed_tenant != tenant:
                     continue
-                if agent is not None and endpoint.agent != agent.agent:
+                if agent is not None and ref.agent != agent.agent:
                     continue
-                record = await self._store.get_endpoint(changed_tenant, endpoint)
+                if isinstance(ref, VersionRef):
+                    yield WatchEvent(removed_versions=((changed_tenant, ref),))
+                    continue
+                record = await self._store.get_endpoint(changed_tenant, ref)
                 if record is not None:
-                    yield [record], False
+                    yield WatchEvent((record,))
+                else:
+                    yield WatchEvent(removed=((changed_tenant, ref),))
 
     # -- audit -----------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from google.protobuf import empty_pb2
+
 from corral import names
 from corral.bundle import LIMITS, BundleLimits
 from corral.names import AgentRef, EndpointRef, VersionRef
@@ -13,6 +15,7 @@ from corral.registry.v1 import registry_pb2_grpc
 from services.common.identity import caller
 from services.common.interceptors import Context
 from services.registry import rules
+from services.registry.lifecycle import Lifecycle
 from services.registry.messages import (
     agent_pb,
     audit_pb,
@@ -21,6 +24,7 @@ from services.registry.messages import (
     paging,
     traffic_targets,
     version_pb,
+    watch_event_pb,
 )
 from services.registry.model import EndpointChange
 from services.registry.registry import Registry
@@ -48,8 +52,11 @@ def endpoint_change(request: pb.UpdateEndpointRequest) -> EndpointChange:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry, limits: BundleLimits = LIMITS) -> None:
+    def __init__(
+        self, registry: Registry, lifecycle: Lifecycle, limits: BundleLimits = LIMITS
+    ) -> None:
         self.registry = registry
+        self.lifecycle = lifecycle
         self.limits = limits
 
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: Context) -> pb.Agent:
@@ -62,6 +69,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Context) -> pb.ListAgentsResponse:
         page = await self.registry.list_agents(paging(request, context))
         return pb.ListAgentsResponse(agents=each(page, agent_pb), next_page_token=page.next_page_token)
+
+    async def DeleteAgent(self, request: pb.DeleteAgentRequest, context: Context) -> empty_pb2.Empty:
+        agent = AgentRef.parse(request.name)
+        await self.lifecycle.delete_agent(caller(context), agent, force=request.force)
+        return empty_pb2.Empty()
 
     async def PublishVersion(
         self, request_iterator: AsyncIterator[pb.PublishVersionRequest], context: Context
@@ -97,6 +109,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         for i in range(0, len(data), DOWNLOAD_CHUNK):
             yield pb.DownloadVersionResponse(chunk=data[i : i + DOWNLOAD_CHUNK])
 
+    async def DeleteVersion(
+        self, request: pb.DeleteVersionRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.lifecycle.delete_version(caller(context), VersionRef.parse(request.name))
+        return empty_pb2.Empty()
+
     async def CreateEndpoint(
         self, request: pb.CreateEndpointRequest, context: Context
     ) -> pb.Endpoint:
@@ -130,12 +148,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return endpoint_pb(record)
 
+    async def DeleteEndpoint(
+        self, request: pb.DeleteEndpointRequest, context: Context
+    ) -> empty_pb2.Empty:
+        endpoint = EndpointRef.parse(request.name)
+        await self.lifecycle.delete_endpoint(caller(context), endpoint, etag=request.etag)
+        return empty_pb2.Empty()
+
     async def WatchEndpoints(
         self, request: pb.WatchEndpointsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEndpointsResponse]:
         watched = self.registry.watch(caller(context), _any_agent(request.parent))
-        async for records, snapshot in watched:
-            yield pb.WatchEndpointsResponse(endpoints=[endpoint_pb(r) for r in records], snapshot=snapshot)
+        async for event in watched:
+            yield watch_event_pb(event)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
         prefix = rules.audit_prefix(request.resource_prefix)

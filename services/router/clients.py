@@ -14,7 +14,7 @@ from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.auth.principal import Principal
 from services.common.clients import ServiceClient, on_behalf_of
 from services.common.endpoint_watch import RegistryEndpoints
-from services.common.endpoints import EndpointSource
+from services.common.endpoints import EndpointSource, EndpointUpdate
 from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
 from services.common.execution import Completed, Started
 from services.common.identity import Caller
@@ -126,6 +126,11 @@ class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub
         info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s)
         self._versions[(tenant, ref)] = info
         return info
+
+    async def forget_removed(self, update: EndpointUpdate) -> None:
+        """Forgets deleted versions: a later session naming one asks again (and is refused)."""
+        for key in update.removed_versions:
+            self._versions.pop(key, None)
 
     def endpoints(self) -> EndpointSource:
         """The registry's endpoint watch, on the same channel, for the endpoint mirror."""

@@ -16,6 +16,7 @@ from services.common.errors import (
     CorralError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
 )
 from services.common.identity import Caller
 from services.common.tenancy import Access
@@ -189,6 +190,10 @@ class Router:
         except CorralError as exc:
             if resolved.new_session and exc.reason in START_FAILURES:
                 await self._abandon(caller, resolved.pin.session)
+            elif isinstance(exc, NotFound):
+                # The session was deleted since its pin was cached here: the next turn under
+                # its id starts a new session rather than meet the old pin again.
+                self.pins.forget(caller.tenant, resolved.pin.session)
             raise
 
     async def _abandon(self, caller: Caller, session: SessionRef) -> None:

@@ -12,7 +12,7 @@ from services.common import db
 from services.common.kv import KeySpace, create_redis
 from services.common.server import App
 from services.common.settings import Settings
-from services.sessions.clients import RegistryPins
+from services.sessions.clients import ExecutorSandboxes, RegistryPins
 from services.sessions.servicer import SessionsServicer
 from services.sessions.sessions import Sessions
 from services.sessions.store import PgSessionStore, RecordCache, RedisLeases
@@ -32,8 +32,11 @@ class SessionsApp(App):
         keys = KeySpace(self.settings.redis_prefix)
         pins = RegistryPins(self.settings)
         stack.push_async_callback(pins.close)
+        executor = ExecutorSandboxes(self.settings)
+        stack.push_async_callback(executor.close)
         sessions = Sessions(
-            PgSessionStore(pool, RecordCache(client, keys)), RedisLeases(client, keys), pins=pins
+            PgSessionStore(pool, RecordCache(client, keys)), RedisLeases(client, keys), pins=pins,
+            sandboxes=executor,
         )
         sessions_pb2_grpc.add_SessionsServiceServicer_to_server(SessionsServicer(sessions), server)
         return [SERVICE_NAME]

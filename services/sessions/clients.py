@@ -1,14 +1,19 @@
-"""The registry as the sessions service asks it: whether a tenant has the version a new session
-is pinned to, with those bytes."""
+"""The services the sessions service calls: the registry, whether a tenant has the version a new
+session is pinned to with those bytes; the executor, to end the sandbox of a deleted session."""
 
 from __future__ import annotations
 
-from corral.names import VersionRef
+from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from corral.names import SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.clients import ServiceClient, acting_in
 from services.common.errors import InvalidArgument
+from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling
+
+# Deleting a session waits this long for its sandbox to stop.
+STOP_TIMEOUT_S = 10
 
 
 class RegistryPins(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
@@ -29,4 +34,18 @@ class RegistryPins(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
         if known != digest:
             raise InvalidArgument.field(
                 "session.version_digest", f"{version.name} is {known}, not {digest[:80]!r}"
+            )
+
+
+class ExecutorSandboxes(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"]):
+    """Implements SandboxStop."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
+
+    async def stop_sandbox(self, caller: Caller, session: SessionRef) -> None:
+        with calling("executor"):
+            await self._stub.StopSession(
+                executor_pb2.StopSessionRequest(session=session.name),
+                metadata=self.metadata(caller), timeout=STOP_TIMEOUT_S,
             )

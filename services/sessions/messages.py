@@ -101,6 +101,17 @@ def retirement(
     return version, endpoint, to
 
 
+def pinned_versions(request: pb.CountPinnedSessionsRequest) -> list[VersionRef]:
+    return [VersionRef.parse(v, field=f"versions[{i}]") for i, v in enumerate(request.versions)]
+
+
+def pinned_pb(pins: model.PinnedSessions) -> pb.PinnedSessions:
+    message = pb.PinnedSessions(version=pins.version, active_sessions=pins.active)
+    if pins.last_active_time is not None:
+        message.last_active_time.CopyFrom(timestamp(pins.last_active_time))
+    return message
+
+
 def session_pb(record: model.SessionRecord) -> pb.Session:
     return pb.Session(
         name=record.name,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
+from services.common.identity import Caller
 from services.common.paging import Key
 from services.common.tenancy import SessionOwner
 
@@ -121,6 +123,16 @@ class SessionFilter:
 
 
 @dataclass(frozen=True)
+class PinnedSessions:
+    """The sessions pinned to one version: how many still take invocations, and when any of
+    them was last active."""
+
+    version: str
+    active: int
+    last_active_time: datetime | None
+
+
+@dataclass(frozen=True)
 class Turn:
     invocation_id: str
     input: bytes
@@ -183,6 +195,11 @@ class SessionStore(Protocol):
 
     async def delete(self, session: SessionKey) -> bool: ...
 
+    async def pinned(self, tenant: str, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
+        """For each of the tenant's `versions` that has sessions: its active ones and their
+        latest activity."""
+        ...
+
 
 class LeaseStore(Protocol):
     """Leases expire on their own; check-and-set operations must be atomic."""
@@ -209,3 +226,9 @@ class PinCheck(Protocol):
     InvalidArgument (session.version_digest) when its bytes differ."""
 
     async def check(self, tenant: str, version: VersionRef, digest: str) -> None: ...
+
+
+class SandboxStop(Protocol):
+    """The executor, ending the sandbox of a session that is being deleted."""
+
+    async def stop_sandbox(self, caller: Caller, session: SessionRef) -> None: ...

@@ -4,7 +4,9 @@ those): pure functions."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+from corral.names import VersionRef
 from services.common.errors import InvalidArgument
 from services.sessions.model import NewSession, Turn
 
@@ -80,3 +82,9 @@ def check_pin(spec: NewSession) -> None:
             "session.endpoint",
             f"{spec.endpoint.name!r} is an endpoint of another agent than {spec.agent.name!r}",
         )
+
+
+def check_pinned_query(versions: Sequence[VersionRef]) -> None:
+    """CountPinnedSessions asks about at least one version."""
+    if not versions:
+        raise InvalidArgument.field("versions", "name at least one version")

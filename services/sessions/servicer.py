@@ -89,3 +89,9 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
         version, endpoint, to = messages.retirement(request)
         count = await self._sessions.retire_version(caller(context), version, endpoint, to)
         return pb.RetireVersionResponse(sessions=count)
+
+    async def CountPinnedSessions(
+        self, request: pb.CountPinnedSessionsRequest, context: Context
+    ) -> pb.CountPinnedSessionsResponse:
+        pins = await self._sessions.count_pinned(caller(context), messages.pinned_versions(request))
+        return pb.CountPinnedSessionsResponse(pins=[messages.pinned_pb(p) for p in pins])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, SessionRef, VersionRef
@@ -13,6 +14,7 @@ from services.common.clock import Clock, IdSource, RandomIds, SystemClock
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    CorralError,
     FailedPrecondition,
     InvalidArgument,
 )
@@ -24,7 +26,9 @@ from services.sessions.model import (
     LeaseStore,
     NewSession,
     PinCheck,
+    PinnedSessions,
     PinnedVersion,
+    SandboxStop,
     SessionFilter,
     SessionKey,
     SessionLease,
@@ -70,11 +74,13 @@ class Sessions:
         clock: Clock | None = None,
         ids: IdSource | None = None,
         pins: PinCheck | None = None,
+        sandboxes: SandboxStop | None = None,
     ) -> None:
         self._store = store
         self._leases = leases
-        # None only where no registry is in play (the domain's unit tests).
+        # None only where no registry or executor is in play (the domain's unit tests).
         self._pins = pins
+        self._sandboxes = sandboxes
         self._clock = clock or SystemClock()
         self._ids = ids or RandomIds()
 
@@ -154,11 +160,27 @@ class Sessions:
         return query.page(rows, key=_sort_key)
 
     async def delete(self, caller: Caller, session: SessionRef) -> None:
+        """Deletes the session with its state, turns and lease. A live one is stopped first and
+        its sandbox ended, so nothing of it runs on (an executor that cannot be reached reaps
+        the sandbox by itself at its idle timeout)."""
         record = await self._owned(caller, session, Access.WRITE)
+        if record.status is SessionStatus.ACTIVE:
+            await self._store.set_status(
+                record.key, SessionStatus.STOPPED, self._clock.now(), only_from=SessionStatus.ACTIVE
+            )
+            await self._stop_sandbox(caller, record)
         if not await self._store.delete(record.key):
             raise tenancy.not_found(session.name)
         await self._leases.drop(record.key)
         log.info("deleted %s", record.key)
+
+    async def _stop_sandbox(self, caller: Caller, record: SessionRecord) -> None:
+        if self._sandboxes is None:
+            return
+        try:
+            await self._sandboxes.stop_sandbox(caller, record.ref)
+        except CorralError as exc:
+            log.warning("could not end the sandbox of %s: %s", record.key, exc.message)
 
     async def stop(self, caller: Caller, session: SessionRef) -> SessionRecord:
         record = await self._owned(caller, session, Access.WRITE)
@@ -296,6 +318,15 @@ class Sessions:
             caller.user,
         )
         return count
+
+    async def count_pinned(self, caller: Caller, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
+        """The caller's tenant's sessions on each of `versions` (the registry asks before it
+        deletes one). Expiry is settled first, so a session past its timeouts is not counted as
+        active."""
+        rules.check_pinned_query(versions)
+        tenant = tenancy.acting_tenant(caller)
+        await self._store.expire_due(tenant, self._clock.now())
+        return await self._store.pinned(tenant, versions)
 
     async def _write(
         self, session: SessionKey, state: bytes, etag: str, turn: Turn | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, ClassVar
@@ -21,6 +21,7 @@ from services.common.errors import Unavailable
 from services.common.kv import KeySpace
 from services.common.paging import Key
 from services.sessions.model import (
+    PinnedSessions,
     PinnedVersion,
     SessionFilter,
     SessionKey,
@@ -363,6 +364,16 @@ class PgSessionStore:
             return False
         await self._cache.forget(session, revision)
         return True
+
+    async def pinned(self, tenant: str, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
+        rows = await self._pool.fetch(
+            """SELECT version, count(*) FILTER (WHERE status = 'ACTIVE') AS active,
+                      max(last_active_time) AS last_active
+               FROM sessions.sessions WHERE tenant = $1 AND version = ANY($2::text[])
+               GROUP BY version""",
+            tenant, [v.name for v in versions],
+        )
+        return [PinnedSessions(r["version"], r["active"], r["last_active"]) for r in rows]
 
     async def _cached(self, row: asyncpg.Record | None) -> SessionRecord | None:
         if row is None:

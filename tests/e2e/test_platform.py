@@ -103,6 +103,17 @@ def test_walkthrough(platform: dict[str, str]) -> None:
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["error"]["code"] == "INVALID_ARGUMENT" and "100" in bad.stdout
 
+    # Deleting (stdin is no terminal here, so nothing is asked): a session, an endpoint; a
+    # version still in use is refused, naming what uses it.
+    corral(env, "sessions", "delete", "e2e-chat")
+    sessions = {s["name"] for s in corral(env, "sessions", "list", "--agent", "progress-report")}
+    assert "sessions/e2e-chat" not in sessions and "sessions/e2e-a" in sessions
+    corral(env, "endpoint", "delete", "progress-report", "prod")
+    assert "prod" not in {e["name"].rsplit("/", 1)[1] for e in corral(env, "endpoints", "progress-report")}
+    refused = corral(env, "versions", "delete", "progress-report", "1", check=False)
+    assert refused["error"]["code"] == "FAILED_PRECONDITION"
+    assert "agents/progress-report/endpoints/DEFAULT (rollback_version)" in refused["error"]["message"]
+
 
 def test_ctrl_c_stops_everything(platform: dict[str, str]) -> None:
     launcher = psutil.Process(int(platform["_PID"]))

@@ -31,6 +31,27 @@ class RecordingClient(CorralClient):
         # What rollouts carry as their last analysis, and what experiment reports hold.
         self.last_analysis = tel.CompareVersionsResponse()
         self.report = ro.ExperimentReport()
+        # What the delete commands deleted: (kind, name, force or etag).
+        self.deleted: list[tuple[str, str, object]] = []
+
+    def agents(self) -> list[reg.Agent]:
+        return [reg.Agent(name="agents/a", latest_version="agents/a/versions/2")]
+
+    def versions(self, agent: str) -> list[reg.Version]:
+        return [reg.Version(name=names.version_name(agent, n), number=n, digest="sha256:" + "0" * 64)
+                for n in (1, 2)]
+
+    def delete_agent(self, agent: str, *, force: bool = False) -> None:
+        self.deleted.append(("agent", agent, force))
+
+    def delete_version(self, agent: str, number: int) -> None:
+        self.deleted.append(("version", names.version_name(agent, number), None))
+
+    def delete_endpoint(self, agent: str, endpoint: str, etag: str = "") -> None:
+        self.deleted.append(("endpoint", names.endpoint_name(agent, endpoint), etag))
+
+    def delete_session(self, session: str) -> None:
+        self.deleted.append(("session", names.session_name(session), None))
 
     def publish_bundle(self, data: bytes) -> reg.Version:
         self.uploaded.append(data)

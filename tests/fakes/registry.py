@@ -83,7 +83,10 @@ class FakeRegistryStore:
                 listener(payload)
 
     async def listen_endpoints(
-        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+        self,
+        callback: Callable[[str], None],
+        on_deletion: Callable[[str], None],  # nothing is ever deleted here
+        on_lost: Callable[[], None],
     ) -> FakeListener:
         if self.listen_failures:
             self.listen_failures -= 1

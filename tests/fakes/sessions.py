@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from corral.names import EndpointRef, VersionRef
 from services.common.paging import Key
 from services.sessions.model import (
+    PinnedSessions,
     PinnedVersion,
     SessionFilter,
     SessionKey,
@@ -129,6 +130,18 @@ class MemoryStore:
         self.states.pop(session_id, None)
         self.events.pop(session_id, None)
         return self.records.pop(session_id, None) is not None
+
+    async def pinned(self, tenant: str, versions: list[VersionRef]) -> list[PinnedSessions]:
+        names = {v.name for v in versions}
+        mine = [r for r in self.records.values() if r.tenant == tenant and r.version in names]
+        return [
+            PinnedSessions(
+                name,
+                sum(r.status is SessionStatus.ACTIVE for r in mine if r.version == name),
+                max(r.last_active_time for r in mine if r.version == name),
+            )
+            for name in sorted({r.version for r in mine})
+        ]
 
     def _put(self, record: SessionRecord) -> SessionRecord:
         self.records[record.key] = record

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from corral import names
 from corral.bundle import digest_of, pack, unpack
-from corral.cli import State, cli, publishing
+from corral.cli import State, cli, options, publishing
 from corral.cli.output import enum_label
 from corral.client import CorralClient, pages
 from corral.config import ClientConfig
@@ -231,6 +231,39 @@ def test_whoami_prints_the_principal() -> None:
     human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
     assert human.exit_code == 0 and "key:ci" in human.output
     assert "api_key abcdefgh234567ab" in human.output
+
+
+def test_delete_commands_send_what_they_name() -> None:
+    client = RecordingClient()
+    for args in (("agents", "delete", "a", "--force"), ("versions", "delete", "a", "3"),
+                 ("endpoint", "delete", "a", "prod", "--etag", 'W/"4"'),
+                 ("sessions", "delete", "s1")):
+        code, output = run(client, *args)
+        assert code == 0, output
+    assert client.deleted == [
+        ("agent", "a", True), ("version", "agents/a/versions/3", None),
+        ("endpoint", "agents/a/endpoints/prod", 'W/"4"'), ("session", "sessions/s1", None),
+    ]
+    assert json.loads(output) == {"deleted": "sessions/s1"}
+    # The listings are where they were: `corral agents`, `corral versions AGENT`.
+    code, output = run(client, "agents")
+    assert code == 0 and [a["name"] for a in json.loads(output)] == ["agents/a"]
+    code, output = run(client, "versions", "a")
+    assert code == 0 and [v["number"] for v in json.loads(output)] == ["1", "2"]
+
+
+@pytest.mark.parametrize(("answer", "yes", "deleted"), [("n\n", False, False), ("y\n", False, True),
+                                                        ("", True, True)])
+def test_deleting_at_a_terminal_asks_first_unless_yes(
+    monkeypatch: pytest.MonkeyPatch, answer: str, yes: bool, deleted: bool
+) -> None:
+    monkeypatch.setattr(options, "at_terminal", lambda: True)
+    client = RecordingClient()
+    args = ["versions", "delete", "a", "2", *(["--yes"] if yes else [])]
+    result = CliRunner().invoke(cli, args, obj=State(client=client), input=answer)
+    assert (result.exit_code == 0) == deleted, result.output
+    assert bool(client.deleted) == deleted
+    assert ("Delete agents/a/versions/2?" in result.output) != yes
 
 
 @pytest.mark.parametrize(("endpoint", "message"), [

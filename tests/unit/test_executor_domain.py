@@ -359,3 +359,19 @@ async def test_a_pin_runs_only_a_version_of_the_callers_tenant(tmp_path: Path) -
         await bundles.check_pin("mallory", v1, digest)
     with pytest.raises(FailedPrecondition, match="pinned to"):
         await bundles.check_pin("acme", v1, "sha256:" + "ee" * 32)
+
+
+async def test_a_collected_bundle_leaves_the_disk_once_no_sandbox_runs_it(tmp_path: Path) -> None:
+    digest, packed = bundle(tmp_path, "v1")
+    registry = FakeBundleRegistry({V1: (digest, packed)})
+    bundles = BundleCache(registry, tmp_path / "bundles")
+    unpacked = (await bundles.ensure(V1, digest)).path
+    bundles.collected([digest])
+    await bundles.sweep(running={digest})  # a sandbox still runs it: kept
+    assert unpacked.is_dir()
+    await bundles.sweep(running=set())
+    assert not unpacked.exists()
+    # Published again later, it is fetched again and no longer counts as collected.
+    await bundles.ensure(V1, digest)
+    await bundles.sweep(running=set())
+    assert unpacked.is_dir() and registry.downloads == 2

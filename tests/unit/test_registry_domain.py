@@ -159,13 +159,14 @@ async def test_the_watch_sends_a_snapshot_then_each_committed_change(
     await published(world, tmp_path, 1)
     await world.registry.start_watching()
     watch = world.registry.watch(ALICE, AGENT)
-    snapshot, is_snapshot = await anext(watch)
-    assert is_snapshot and [e.id for e in snapshot] == ["DEFAULT"]
+    snapshot = await anext(watch)
+    assert snapshot.snapshot and [e.id for e in snapshot.endpoints] == ["DEFAULT"]
     # Another agent's change is not this watcher's.
     await world.registry.publish(ALICE, None, bundle(tmp_path, agent="other"), "", "")
     await published(world, tmp_path, 2)
-    changed, is_snapshot = await asyncio.wait_for(anext(watch), 1)
-    assert not is_snapshot and [(e.id, e.traffic[0].version) for e in changed] == [("DEFAULT", 2)]
+    changed = await asyncio.wait_for(anext(watch), 1)
+    assert not changed.snapshot
+    assert [(e.id, e.traffic[0].version) for e in changed.endpoints] == [("DEFAULT", 2)]
     await world.registry.stop_watching()
     with pytest.raises(StopAsyncIteration):
         await anext(watch)

@@ -18,6 +18,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from services.common.identity import Caller
 from services.sessions.messages import new_session, retirement, session_filter
@@ -465,6 +466,35 @@ async def test_retiring_a_version_migrates_or_stops_its_active_sessions(
     assert await sessions.retire_version(ALICE, SPEC.pin.version, None, None) == 1
     assert store.records[key("direct")].status is SessionStatus.STOPPED
     assert store.records[key("a")].status is SessionStatus.ACTIVE
+
+
+class RecordingSandboxes:
+    """The executor as DeleteSession asks it to end a sandbox; `fail` makes it unreachable."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.stopped: list[tuple[str, SessionRef]] = []
+        self.fail = fail
+
+    async def stop_sandbox(self, caller: Caller, session: SessionRef) -> None:
+        if self.fail:
+            raise Unavailable("executor is unavailable; retry shortly")
+        self.stopped.append((caller.user, session))
+
+
+@pytest.mark.parametrize("unreachable", [False, True])
+async def test_deleting_a_live_session_ends_its_sandbox_first(
+    store: MemoryStore, leases: MemoryLeases, clock: FakeClock, unreachable: bool
+) -> None:
+    sandboxes = RecordingSandboxes(fail=unreachable)
+    sessions = Sessions(store, leases, clock, SequentialIds(), sandboxes=sandboxes)
+    await sessions.create(ALICE, ref("live"), SPEC)
+    await sessions.create(ALICE, ref("ended"), SPEC)
+    await sessions.stop(ALICE, ref("ended"))
+    await sessions.delete(ALICE, ref("live"))
+    await sessions.delete(ALICE, ref("ended"))
+    # Only the live one had a sandbox to end; an executor out of reach does not stop the delete.
+    assert sandboxes.stopped == ([] if unreachable else [("alice", ref("live"))])
+    assert not store.records
 
 
 async def test_delete_removes_the_lease_too(sessions: Sessions, leases: MemoryLeases) -> None:

@@ -75,16 +75,19 @@ METHODS: Mapping[str, Access] = {
         "CreateAgent": user(OPERATOR),
         "GetAgent": user(VIEWER),
         "ListAgents": user(VIEWER),
+        "DeleteAgent": user(OPERATOR),
         "PublishVersion": user(OPERATOR),
         # Sessions checks a pin a user chose is a version of the tenant.
         "GetVersion": user(VIEWER, "executor", "router", "sessions"),
         "ListVersions": user(VIEWER),
         # Bundles: their own tenant, and the executors that run them.
         "DownloadVersion": user(VIEWER, "executor"),
+        "DeleteVersion": user(OPERATOR),
         "CreateEndpoint": user(OPERATOR),
         "GetEndpoint": user(VIEWER, "router", "executor"),
         "ListEndpoints": user(VIEWER, "router", "executor"),
         "UpdateEndpoint": user(OPERATOR),
+        "DeleteEndpoint": user(OPERATOR),
         # The router and the executors mirror every tenant's endpoints.
         "WatchEndpoints": user(VIEWER, "router", "executor"),
         "ListAuditEvents": user(OPERATOR),
@@ -138,6 +141,8 @@ METHODS: Mapping[str, Access] = {
         "ReleaseLease": internal("executor"),
         "CommitTurn": internal("executor"),
         "RetireVersion": internal("registry"),
+        # Deleting a version, and retention, ask which live sessions are pinned to it.
+        "CountPinnedSessions": internal("registry"),
     }),
     **_service("corral.executor.v1.ExecutorService", {
         "Execute": internal("router"),

@@ -5,7 +5,7 @@ transaction's connection."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -14,6 +14,7 @@ from services.registry.store.audit import AuditRows
 from services.registry.store.catalog import CatalogRows
 from services.registry.store.endpoints import ENDPOINTS_CHANNEL, EndpointRows
 from services.registry.store.keys import KeyRows
+from services.registry.store.lifecycle import DELETIONS_CHANNEL, LifecycleRows
 from services.registry.store.runs import RunRows
 from services.registry.store.tools import ToolRows
 
@@ -23,11 +24,11 @@ PROBE_TIMEOUT_S = 2.0
 WATCH_APPLICATION = "corral-registry-watch"
 
 
-class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
+class Tx(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows, LifecycleRows):
     """Every table's rows over one transaction's connection."""
 
 
-class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
+class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows, LifecycleRows):
     """Every table's rows over the pool, and transactions."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -40,14 +41,18 @@ class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
             yield Tx(conn)
 
     async def listen_endpoints(
-        self, callback: Callable[[str], None], on_lost: Callable[[], None]
+        self,
+        on_change: Callable[[str], None],
+        on_deletion: Callable[[str], None],
+        on_lost: Callable[[], None],
     ) -> PgListener:
         conn = await self._pool.acquire()
-        listener = PgListener(self._pool, conn, callback)
+        listener = PgListener(self._pool, conn, {ENDPOINTS_CHANNEL: on_change, DELETIONS_CHANNEL: on_deletion})
         try:
             # Named, so an operator sees it in pg_stat_activity (a release resets the name).
             await conn.execute(f"SET application_name = '{WATCH_APPLICATION}'")
-            await conn.add_listener(ENDPOINTS_CHANNEL, listener.on_notify)
+            for channel in listener.channels:
+                await conn.add_listener(channel, listener.on_notify)
         except BaseException:
             await listener.close()
             raise
@@ -56,17 +61,21 @@ class PgStore(CatalogRows, EndpointRows, RunRows, ToolRows, KeyRows, AuditRows):
 
 
 class PgListener:
-    """One pooled connection held for LISTEN."""
+    """One pooled connection held for LISTEN on some channels."""
 
     def __init__(
-        self, pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy, callback: Callable[[str], None]
+        self,
+        pool: asyncpg.Pool,
+        conn: asyncpg.pool.PoolConnectionProxy,
+        callbacks: Mapping[str, Callable[[str], None]],
     ) -> None:
         self._pool = pool
         self._conn = conn
-        self._callback = callback
+        self._callbacks = dict(callbacks)
+        self.channels = tuple(callbacks)
 
-    def on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        self._callback(str(payload))
+    def on_notify(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        self._callbacks[channel](str(payload))
 
     async def alive(self) -> bool:
         if self._conn.is_closed():
@@ -79,10 +88,11 @@ class PgListener:
 
     async def close(self) -> None:
         try:
-            if not self._conn.is_closed():
-                await asyncio.wait_for(
-                    self._conn.remove_listener(ENDPOINTS_CHANNEL, self.on_notify), PROBE_TIMEOUT_S
-                )
+            for channel in self.channels:
+                if not self._conn.is_closed():
+                    await asyncio.wait_for(
+                        self._conn.remove_listener(channel, self.on_notify), PROBE_TIMEOUT_S
+                    )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             pass
         finally:

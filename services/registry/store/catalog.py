@@ -23,7 +23,7 @@ def _agent(row: asyncpg.Record) -> AgentRecord:
     return AgentRecord(row["tenant"], row["id"], row["create_time"], row["latest"] or 0)
 
 
-def _version(row: asyncpg.Record) -> VersionRecord:
+def version_from_row(row: asyncpg.Record) -> VersionRecord:
     return VersionRecord(
         row["tenant"], row["agent"], row["number"], row["digest"], row["size"], manifest_from_json(row["manifest"]),
         row["create_time"], row["creator"],
@@ -66,34 +66,40 @@ class CatalogRows(Rows):
             f"SELECT * FROM registry.versions WHERE tenant = $1 AND agent = $2 AND {by} = $3",
             tenant, version.agent, value,
         )
-        return _version(row) if row else None
+        return version_from_row(row) if row else None
 
     async def version_with_digest(self, version: VersionRef) -> VersionRecord | None:
         row = await self._db.fetchrow(
             "SELECT * FROM registry.versions WHERE agent = $1 AND digest = $2 LIMIT 1",
             version.agent, version.digest,
         )
-        return _version(row) if row else None
+        return version_from_row(row) if row else None
 
     async def insert_version(
         self, tenant: str, agent: AgentRef, digest: str, data: bytes, manifest: Manifest,
         creator: str,
     ) -> VersionRecord:
+        # DO UPDATE (not DO NOTHING) locks a bundle already stored until this transaction ends,
+        # so collecting unused bundles (store/lifecycle.py) cannot delete it under this version.
         await self._db.execute(
             "INSERT INTO registry.bundles (digest, size, data) VALUES ($1, $2, $3) "
-            "ON CONFLICT (digest) DO NOTHING",
+            "ON CONFLICT (digest) DO UPDATE SET size = EXCLUDED.size",
             digest, len(data), data,
         )
+        # Numbers of deleted versions are never given again (registry.version_numbers).
         row = await self._db.fetchrow(
             """INSERT INTO registry.versions (tenant, agent, number, digest, size, manifest, creator)
-               VALUES ($1, $2, (SELECT coalesce(max(number), 0) + 1 FROM registry.versions
-                                WHERE tenant = $1 AND agent = $2),
+               VALUES ($1, $2, greatest(
+                           (SELECT coalesce(max(number), 0) FROM registry.versions
+                            WHERE tenant = $1 AND agent = $2),
+                           (SELECT coalesce(max(highest), 0) FROM registry.version_numbers
+                            WHERE tenant = $1 AND agent = $2)) + 1,
                        $3, $4, $5, $6)
                RETURNING *""",
             tenant, agent.agent, digest, len(data), manifest_json(manifest), creator,
         )
         assert row is not None  # RETURNING of an INSERT without ON CONFLICT
-        return _version(row)
+        return version_from_row(row)
 
     async def existing_versions(
         self, tenant: str, agent: AgentRef, numbers: Collection[int]
@@ -113,7 +119,7 @@ class CatalogRows(Rows):
             "AND ($3::bigint IS NULL OR number > $3) ORDER BY number LIMIT $4",
             tenant, agent.agent, key_part(after, 0), limit,
         )
-        return [_version(r) for r in rows]
+        return [version_from_row(r) for r in rows]
 
     async def bundle(self, digest: str) -> bytes | None:
         data = await self._db.fetchval("SELECT data FROM registry.bundles WHERE digest = $1", digest)

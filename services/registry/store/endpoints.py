@@ -83,6 +83,15 @@ class EndpointRows(Rows):
         follow_latest: bool = False, description: str = "",
     ) -> EndpointRecord:
         agent, name = endpoint.agent, endpoint.endpoint
+        # The versions it routed to until now were in use until now (what retention goes by).
+        await self._db.execute(
+            """UPDATE registry.versions v SET last_routed_time = now()
+               FROM registry.endpoints e
+               WHERE e.tenant = $1 AND e.agent = $2 AND e.id = $3
+                 AND v.tenant = e.tenant AND v.agent = e.agent
+                 AND v.number IN (SELECT (jsonb_array_elements(e.traffic) ->> 0)::bigint)""",
+            tenant, agent, name,
+        )
         if len(traffic) == 1:
             # The endpoint now serves one version alone: remember it as a stable version.
             await self._db.execute(

@@ -67,7 +67,7 @@ def _experiment(row: asyncpg.Record) -> ExperimentRecord:
     )
 
 
-def _run(row: asyncpg.Record) -> RunRecord:
+def run_from_row(row: asyncpg.Record) -> RunRecord:
     return _rollout(row) if row["kind"] == _ROLLOUT else _experiment(row)
 
 
@@ -161,14 +161,14 @@ class RunRows(Rows):
             "SELECT * FROM registry.rollouts WHERE state = ANY($1::text[]) ORDER BY create_time",
             list(ACTIVE_STATES),
         )
-        return [_run(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     async def recent_runs(self, limit: int = 200) -> list[RunRecord]:
         rows = await self._db.fetch(
             """SELECT DISTINCT ON (tenant, agent, endpoint, kind) * FROM registry.rollouts
                ORDER BY tenant, agent, endpoint, kind, id DESC LIMIT $1""", limit,
         )
-        return [_run(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     async def due_drains(self) -> list[RolloutRecord]:
         rows = await self._db.fetch(
@@ -185,7 +185,7 @@ class RunRows(Rows):
             "AND state = ANY($4::text[]) FOR UPDATE",
             tenant, endpoint.agent, endpoint.endpoint, list(ACTIVE_STATES),
         )
-        return _run(row) if row else None
+        return run_from_row(row) if row else None
 
     async def _save(
         self, run: RunRecord, columns: dict[str, object]
