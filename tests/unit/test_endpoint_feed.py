@@ -37,12 +37,12 @@ async def test_a_closed_connection_ends_open_streams_and_a_new_stream_sees_later
     assert lost.value.reason == "WATCH_INTERRUPTED"
     # A new stream is held until the registry listens again, then starts with a snapshot.
     again = world.registry.watch(ALICE, AGENT)
-    snapshot, is_snapshot = await asyncio.wait_for(anext(again), 5)
-    assert is_snapshot and [e.id for e in snapshot] == ["DEFAULT"]
+    snapshot = await asyncio.wait_for(anext(again), 5)
+    assert snapshot.snapshot and [e.id for e in snapshot.endpoints] == ["DEFAULT"]
     assert store.listen_failures == 0 and len(store.connections) == 1
     await world.registry.publish(ALICE, None, bundle(tmp_path, prompt="second\n"), "", "")
-    changed, is_snapshot = await asyncio.wait_for(anext(again), 1)
-    assert not is_snapshot and changed[0].traffic[0].version == 2
+    changed = await asyncio.wait_for(anext(again), 1)
+    assert not changed.snapshot and changed.endpoints[0].traffic[0].version == 2
     await world.registry.stop_watching()
 
 
