@@ -79,6 +79,8 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_WARM_POOL_SIZE": "0",
         # The tests' tool services listen on 127.0.0.1.
         "CORRAL_TOOLS_ALLOW_LOOPBACK": "true",
+        # A test that starts no executor still publishes (unchecked); with one, the check runs.
+        "CORRAL_START_CHECK": "if_reachable",
     }
     for svc in SERVICES:
         values[f"CORRAL_{svc.upper()}_ADDR"] = "127.0.0.1:0"

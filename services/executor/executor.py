@@ -13,13 +13,14 @@ from datetime import datetime
 
 from opentelemetry.context import Context as OtelContext
 
-from corral.names import SessionRef
+from corral.names import SessionRef, VersionRef
 from services.common import tenancy
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
+from services.executor.checks import StartChecks
 from services.executor.credentials import CredentialIssuer, InvocationCredentials
 from services.executor.model import (
     Event,
@@ -28,6 +29,7 @@ from services.executor.model import (
     SandboxListing,
     Sessions,
     SpanExport,
+    StartCheckResult,
 )
 from services.executor.pools import WarmPools
 from services.executor.sandboxes import SandboxKey, SandboxTable
@@ -62,6 +64,7 @@ class Executor:
         )
         self._credentials = InvocationCredentials(credentials)
         self._turns = Turns(self.sandboxes, sessions, spans, broker, tools, self._credentials)
+        self._checks = StartChecks(starter, settings.start_check_timeout_s)
 
     def start(self) -> None:
         self._starter.remove_leftovers()
@@ -94,6 +97,11 @@ class Executor:
         """Ends the session's sandbox in the caller's tenant (a service acting for every tenant
         ends the session's in every tenant)."""
         return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
+
+    async def check_version(self, version: VersionRef, digest: str) -> StartCheckResult:
+        """Starts `version` once in a sandbox of its own and stops it (the start check at
+        publish); the registry alone may ask, for a version it has just stored."""
+        return await self._checks.check(version, digest)
 
     def list_sandboxes(self, caller: Caller, page_size: int, page_token: str) -> SandboxListing:
         """The sandboxes here of the caller's tenant's sessions (of every tenant's for a service

@@ -1,6 +1,7 @@
 """The registry's calls out, the only place it makes them: telemetry analyses rollouts and
-experiments, sessions applies rollback policies to live sessions. Each returns domain values and
-raises the domain error tree."""
+experiments, sessions applies rollback policies to live sessions, an executor starts a new
+version once before DEFAULT moves to it. Each returns domain values and raises the domain error
+tree."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import TypeVar
 
+from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import EndpointRef, VersionRef
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.clients import ServiceClient
+from services.common.execution import StartFailure
 from services.common.metric_protos import metric_pb
 from services.common.settings import Settings
 from services.common.status import calling
@@ -27,6 +30,8 @@ from services.registry.rollout_model import (
 from services.registry.tenancy import acting_for
 
 TIMEOUT_S = 30
+# Downloading and unpacking the bundle, then the executor's own start limit (30 s by default).
+START_CHECK_TIMEOUT_S = 120
 Response = TypeVar("Response")
 
 
@@ -95,3 +100,20 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
         call = self._stub.RetireVersion(request, metadata=self.metadata(acting_for(tenant)),
                                         timeout=TIMEOUT_S)
         return (await _answer(call, "sessions")).sessions
+
+
+class ExecutorClient(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"]):
+    """Implements VersionStarts."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
+
+    async def check_start(self, tenant: str, version: VersionRef, digest: str) -> StartFailure | None:
+        request = executor_pb2.CheckVersionRequest(version=version.name, digest=digest)
+        call = self._stub.CheckVersion(request, metadata=self.metadata(acting_for(tenant)),
+                                       timeout=START_CHECK_TIMEOUT_S)
+        answer = await _answer(call, "executor")
+        if not answer.HasField("failure"):
+            return None
+        f = answer.failure
+        return StartFailure(f.error_type, f.message, f.traceback)

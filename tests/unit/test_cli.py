@@ -38,10 +38,15 @@ def test_publish_packs_once_and_uploads_what_it_measured(
 
     monkeypatch.setattr(publishing, "pack", counted_pack)
     client = RecordingClient()
-    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", SAYS_HI))))
-    assert code == 0, output
+    source = write_bundle(tmp_path / "b", agent_files("a", SAYS_HI))
+    result = CliRunner().invoke(cli, ["--json", "publish", str(source)], obj=State(client=client))
+    assert result.exit_code == 0, result.output
     assert len(packed) == 1 and client.uploaded == packed
-    assert json.loads(output)["digest"] == digest_of(packed[0])
+    published = json.loads(result.stdout)
+    assert published["digest"] == digest_of(packed[0])
+    assert published["default"] == ["agents/a/versions/1"]
+    # Progress goes to stderr, as plain lines when it is not a terminal.
+    assert result.stderr.splitlines() == [f"uploading {len(packed[0]) / 1e6:.1f} MB..."]
     unpack(packed[0], tmp_path / "out")
     assert (tmp_path / "out" / "agent.toml").exists()
 
