@@ -60,7 +60,7 @@ class PublishLines:
         self.tty = console.is_terminal
 
     def say(self, line: str) -> None:
-        self.console.print(line, markup=False, highlight=False)
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def uploading(self, total: int) -> None:
         if not self.tty:
@@ -96,9 +96,9 @@ def _cannot_start(state: State, exc: grpc.RpcError) -> NoReturn:
             "version": to_dict(version)}}, indent=2))
     else:
         err.print(f"[red]error:[/red] version {version.number} ({version.name}) cannot start; "
-                  "it is kept as FAILED and DEFAULT stays where it was:")
+                  "it is kept as FAILED and DEFAULT stays where it was:", soft_wrap=True)
         err.print(failure.traceback.rstrip() or f"{failure.error_type}: {failure.message}",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     sys.exit(1)
 
 
@@ -138,7 +138,7 @@ def publish(
          {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes,
           "state": enum_label(reg.Version.State, v.state), "default": [t.version for t in default.traffic]},
          lambda: out.print(f"published version {v.number} of {ref.agent} ({v.digest}), "
-                           f"DEFAULT -> {serving}"))
+                           f"DEFAULT -> {serving}", soft_wrap=True))
 
 
 @click.command()

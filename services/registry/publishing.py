@@ -118,10 +118,12 @@ class Publishing:
             failure = None if skipped else await self._start(version)
         except Unavailable as exc:
             if self._start_check is StartCheck.REQUIRED:
+                log.warning("start check of %s: no executor answered: %s", version.ref.name,
+                            exc.message)
                 raise Unavailable(
                     f"no executor could be reached to start {version.ref.name} once before "
-                    f"DEFAULT moves to it ({exc.message}); it is stored but not routable until "
-                    "then: publish the same bundle again to finish",
+                    "DEFAULT moves to it; it is stored but not routable until then: publish the "
+                    "same bundle again shortly to finish",
                     reason="START_CHECK_UNAVAILABLE",
                 ) from None
             log.warning("start check of %s skipped, no executor answered: %s",
