@@ -390,6 +390,22 @@ class FakeSessionRetirement:
         return self.sessions
 
 
+class FakeVersionStarts:
+    """An executor's start check, as a test scripts it: versions whose digest is in `failing`
+    cannot start; `down` makes every call Unavailable."""
+
+    def __init__(self) -> None:
+        self.failing: dict[str, StartFailure] = {}
+        self.down = False
+        self.started: list[VersionRef] = []
+
+    async def check_start(self, tenant: str, version: VersionRef, digest: str) -> StartFailure | None:
+        if self.down:
+            raise Unavailable("executor is unavailable (connection refused); retry shortly")
+        self.started.append(version)
+        return self.failing.get(digest)
+
+
 class Announcements:
     """A Notify that keeps the transitions it is given."""
 
