@@ -64,13 +64,13 @@ class PublishLines:
 
     def uploading(self, total: int) -> None:
         if not self.tty:
-            self.say(f"uploading {_megabytes(total)}...")
+            self.say(f"uploading {_size(total)}...")
 
     def uploaded(self, sent: int, total: int) -> None:
         if self.tty:
             end = "\n" if sent >= total else ""
             self.console.file.write(
-                f"\ruploading {_megabytes(total)}... {sent * 100 // max(total, 1)}% "
+                f"\ruploading {_size(total)}... {sent * 100 // max(total, 1)}% "
                 f"({sent:,} bytes){end}")
             self.console.file.flush()
 
@@ -78,8 +78,8 @@ class PublishLines:
         self.say(f"starting version {_number(version)} once to check it...")
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1_000_000:.1f} MB"
+def _size(n: int) -> str:
+    return f"{n / 1_000_000:.1f} MB" if n >= 1_000_000 else f"{n / 1000:.1f} kB"
 
 
 def _number(version: str) -> str:

@@ -151,7 +151,7 @@ async def test_corral_publish_says_what_it_does_and_shows_the_traceback(checked:
     good = write_bundle(mesh.tmp / "good", agent_files(agent, SAYS_HI))
     result = await corral(mesh, "publish", str(good))
     assert result.exit_code == 0, result.output
-    size = f"{len(pack(good)) / 1e6:.1f} MB"
+    size = f"{len(pack(good)) / 1e3:.1f} kB"  # a small agent
     assert result.stderr.splitlines() == [
         f"uploading {size}...", "starting version 1 once to check it..."]
     assert result.stdout.startswith(f"published version 1 of {agent} (sha256:")

@@ -46,7 +46,7 @@ def test_publish_packs_once_and_uploads_what_it_measured(
     assert published["digest"] == digest_of(packed[0])
     assert published["default"] == ["agents/a/versions/1"]
     # Progress goes to stderr, as plain lines when it is not a terminal.
-    assert result.stderr.splitlines() == [f"uploading {len(packed[0]) / 1e6:.1f} MB..."]
+    assert result.stderr.splitlines() == [f"uploading {len(packed[0]) / 1e3:.1f} kB..."]
     unpack(packed[0], tmp_path / "out")
     assert (tmp_path / "out" / "agent.toml").exists()
 
