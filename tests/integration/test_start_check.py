@@ -123,7 +123,11 @@ async def test_a_version_that_cannot_import_is_refused_kept_failed_and_never_rou
     assert (await version(mesh, agent, 3)).failure.error_type == "SyntaxError"
     assert await default_versions(mesh, agent) == [f"agents/{agent}/versions/1"]
 
-    # Nothing routes to a FAILED version: not an endpoint, not a rollout.
+    # Nothing routes to a FAILED version: not an invocation naming it, not an endpoint, not a
+    # rollout.
+    err = await fails(grpc.StatusCode.FAILED_PRECONDITION,
+                      mesh.invoke(agent, {}, version=f"agents/{agent}/versions/2"))
+    assert error_details(err)[0].reason == "VERSION_NOT_READY", err.details()
     await mesh.set_split(agent, "prod", [(1, 100)])
     err = await fails(grpc.StatusCode.FAILED_PRECONDITION, mesh.set_split(agent, "prod", [(2, 100)]))
     assert error_details(err)[0].reason == "VERSION_NOT_READY"
