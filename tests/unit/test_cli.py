@@ -3,11 +3,13 @@ the services, so these tests check what the command sends and prints, and open n
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from corral import names
 from corral.bundle import digest_of, pack, unpack
@@ -159,3 +161,20 @@ def test_whoami_prints_the_principal() -> None:
     human = CliRunner().invoke(cli, ["whoami"], obj=State(client=RecordingClient()))
     assert human.exit_code == 0 and "key:ci" in human.output
     assert "api_key abcdefgh234567ab" in human.output
+
+
+def test_publish_progress_is_rewritten_in_place_on_a_terminal_and_plain_lines_when_piped() -> None:
+    def lines(terminal: bool) -> str:
+        buf = io.StringIO()
+        progress = publishing.PublishLines(Console(file=buf, force_terminal=terminal, width=40))
+        progress.uploading(3_200_000)
+        for sent in (1_048_576, 2_097_152, 3_145_728, 3_200_000):
+            progress.uploaded(sent, 3_200_000)
+        progress.checking("agents/a/versions/3")
+        return buf.getvalue()
+
+    on_terminal = lines(True)
+    assert on_terminal.startswith("\ruploading 3.2 MB... 32% (1,048,576 bytes)\ruploading 3.2 MB... 65%")
+    assert "\ruploading 3.2 MB... 100% (3,200,000 bytes)\n" in on_terminal
+    assert on_terminal.endswith("starting version 3 once to check it...\n")
+    assert lines(False) == "uploading 3.2 MB...\nstarting version 3 once to check it...\n"
