@@ -131,14 +131,13 @@ def reason_metadata(exc: grpc.RpcError) -> dict[str, str]:
     return dict(info.metadata) if info is not None else {}
 
 
-
 def rpc_failure(exc: grpc.RpcError) -> NoReturn:
     """A call the platform refused: its status code and message, as JSON under --json."""
     try:
         code, details = exc.code().name, exc.details() or ""
     except AttributeError:  # a bare RpcError: the calls' errors carry a status, it has none
         code, details = "UNKNOWN", str(exc)
-    if code == "UNAVAILABLE":
+    if code == "UNAVAILABLE" and not error_reason(exc):  # not a service's answer: none reached
         details += " (is the platform running? start it with `make run`)"
     # Raised out of the command, past its State: the command line says whether --json was given.
     if "--json" in sys.argv:

@@ -136,7 +136,8 @@ def publish(
     serving = ", ".join(_number(t.version) for t in default.traffic) or "-"
     emit(state,
          {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes,
-          "state": enum_label(reg.Version.State, v.state), "default": [t.version for t in default.traffic]},
+          "state": enum_label(reg.Version.State, v.state),
+          "default": [t.version for t in default.traffic]},
          lambda: out.print(f"published version {v.number} of {ref.agent} ({v.digest}), "
                            f"DEFAULT -> {serving}", soft_wrap=True))
 
