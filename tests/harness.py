@@ -21,6 +21,7 @@ import asyncpg
 from services.common.auth.pki import ensure_pki
 from services.common.server import ServiceHost
 from services.common.settings import SERVICES, START_ORDER, Settings
+from services.executor.drivers import cgroups
 from services.executor.drivers.base import SandboxDriver, SandboxSpec
 from services.executor.sandbox import Sandbox
 from services.launcher.ports import HeldPort
@@ -249,3 +250,13 @@ class Sandboxes:
     async def stop(self) -> None:
         for sandbox in self.started:
             await sandbox.stop()
+
+
+def writable_cgroups() -> cgroups.Hierarchy | None:
+    """This machine's cgroup hierarchy when sandboxes' limits can be enforced here (memory, pids
+    and cpu controllers writable: root), else None."""
+    try:
+        h = cgroups.detect()
+    except (cgroups.CgroupsUnavailable, OSError):
+        return None
+    return h if all(os.access(d, os.W_OK) for d in h.directories()) else None

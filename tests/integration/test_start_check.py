@@ -109,6 +109,9 @@ async def test_a_version_that_cannot_import_is_refused_kept_failed_and_never_rou
     assert 'agent.py", line 1' in failed.failure.traceback
     assert "import corral_no_such_module" in failed.failure.traceback
     assert await default_versions(mesh, agent) == [f"agents/{agent}/versions/1"]
+    # Another tenant sees no such version, failed or not.
+    await fails(grpc.StatusCode.NOT_FOUND, mesh.registry.GetVersion(
+        reg.GetVersionRequest(name=f"agents/{agent}/versions/2"), metadata=who(new_tenant())))
 
     # The same bytes again: the same version, the same answer, nothing new stored.
     again = await cannot_start(mesh, agent, NO_SUCH_MODULE)
@@ -240,3 +243,17 @@ async def test_with_no_executor_publish_is_unavailable_until_published_again(
             assert [t.version for t in default.traffic] == [f"agents/{agent}/versions/1"]
     finally:
         await platform.stop()
+
+
+@pytest.mark.skipif(harness.writable_cgroups() is None,
+                    reason="needs writable memory, pids and cpu cgroups (root) to limit memory")
+async def test_a_version_over_its_memory_limit_while_importing_is_refused(checked: Mesh) -> None:
+    agent = f"{checked.prefix}-big"
+    code = "hoard = bytearray(512 * 1024 * 1024)\n" + SAYS_HI
+    root = write_bundle(checked.tmp / agent,
+                        agent_files(agent, code, toml_extra="\n[resources]\nmemory_mb = 64\n"))
+    err = await fails(grpc.StatusCode.FAILED_PRECONDITION, checked.publish(root))
+    assert error_details(err)[0].reason == "VERSION_CANNOT_START", err.details()
+    failed = await version(checked, agent, 1)
+    assert failed.failure.error_type == "MemoryLimit", failed.failure
+    assert "resources.memory_mb=64" in failed.failure.message
