@@ -329,7 +329,8 @@ def stage(source: Path, workdir: Path, target: Target, progress: Callable[[str],
     shutil.copytree(source, staged, symlinks=True,
                     ignore=shutil.ignore_patterns(*SKIPPED_DIRS, *(f"*{s}" for s in SKIPPED_SUFFIXES)))
     count = f"{len(requirements)} dependenc{'y' if len(requirements) == 1 else 'ies'}"
-    progress(f"installing {count} for {target.describe()}...")
+    origin = REQUIREMENTS_FILE if (source / REQUIREMENTS_FILE).is_file() else MANIFEST
+    progress(f"vendoring {count} from {origin} for {target.describe()}...")
     install_dependencies(requirements, staged / DEPS_DIR, target)
     return staged
 

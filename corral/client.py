@@ -31,6 +31,9 @@ from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 
 CHUNK = 1024 * 1024
+# PublishVersion's initial metadata while the registry starts the new version (registry.proto).
+VERSION_HEADER = "corral-version"
+START_CHECK_HEADER = "corral-start-check"
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)]
 # Listings that a command shows whole are read in pages this large.
@@ -42,6 +45,14 @@ class Page(Protocol):
 
     @property
     def next_page_token(self) -> str: ...
+
+
+class PublishProgress(Protocol):
+    """Told how a publish goes: bytes uploaded so far, then the version the registry starts."""
+
+    def uploaded(self, sent: int, total: int) -> None: ...
+
+    def checking(self, version: str) -> None: ...
 
 
 P = TypeVar("P", bound=Page)
@@ -130,16 +141,30 @@ class CorralClient:
         """Packs `directory` as it is (dependencies already in deps/) and publishes it."""
         return self.publish_bundle(pack(directory))
 
-    def publish_bundle(self, data: bytes) -> reg.Version:
-        """Publishes a packed bundle; the same bytes again return the existing version."""
+    def publish_bundle(self, data: bytes, progress: PublishProgress | None = None) -> reg.Version:
+        """Publishes a packed bundle; the same bytes again return the existing version. The
+        registry starts a new version once before DEFAULT moves to it: a version that cannot
+        start fails FAILED_PRECONDITION (reason VERSION_CANNOT_START)."""
 
         def messages() -> Iterator[reg.PublishVersionRequest]:
             yield reg.PublishVersionRequest(header=reg.PublishVersionHeader(
                 size_bytes=len(data), digest=digest_of(data), request_id=uuid.uuid4().hex))
             for i in range(0, len(data), CHUNK):
-                yield reg.PublishVersionRequest(chunk=data[i : i + CHUNK])
+                chunk = data[i : i + CHUNK]
+                yield reg.PublishVersionRequest(chunk=chunk)
+                if progress is not None:
+                    progress.uploaded(i + len(chunk), len(data))
 
-        return self.registry.PublishVersion(messages(), metadata=self.metadata, timeout=120)
+        call = self.registry.PublishVersion.future(messages(), metadata=self.metadata, timeout=180)
+        if progress is not None:
+            # Sent once the version is stored and being started; with the response otherwise.
+            headers = dict(call.initial_metadata() or ())
+            if headers.get(START_CHECK_HEADER) == "running":
+                progress.checking(str(headers.get(VERSION_HEADER, "")))
+        return call.result()
+
+    def get_version(self, name: str) -> reg.Version:
+        return self.registry.GetVersion(reg.GetVersionRequest(name=name), metadata=self.metadata)
 
     def versions(self, agent: str) -> list[reg.Version]:
         parent = names.agent_name(agent)

@@ -21,6 +21,7 @@ import asyncpg
 from services.common.auth.pki import ensure_pki
 from services.common.server import ServiceHost
 from services.common.settings import SERVICES, START_ORDER, Settings
+from services.executor.drivers import cgroups
 from services.executor.drivers.base import SandboxDriver, SandboxSpec
 from services.executor.sandbox import Sandbox
 from services.launcher.ports import HeldPort
@@ -82,6 +83,8 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **env: str)
         "CORRAL_WARM_POOL_SIZE": "0",
         # The tests' tool services listen on 127.0.0.1.
         "CORRAL_TOOLS_ALLOW_LOOPBACK": "true",
+        # A test that starts no executor still publishes (unchecked); with one, the check runs.
+        "CORRAL_START_CHECK": "if_reachable",
     }
     for svc in SERVICES:
         values[f"CORRAL_{svc.upper()}_ADDR"] = "127.0.0.1:0"
@@ -250,3 +253,13 @@ class Sandboxes:
     async def stop(self) -> None:
         for sandbox in self.started:
             await sandbox.stop()
+
+
+def writable_cgroups() -> cgroups.Hierarchy | None:
+    """This machine's cgroup hierarchy when sandboxes' limits can be enforced here (memory, pids
+    and cpu controllers writable: root), else None."""
+    try:
+        h = cgroups.detect()
+    except (cgroups.CgroupsUnavailable, OSError):
+        return None
+    return h if all(os.access(d, os.W_OK) for d in h.directories()) else None

@@ -14,6 +14,8 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
 
@@ -142,13 +144,37 @@ def session_id(session: str) -> str:
 # -- failures ----------------------------------------------------------------------------------
 
 
+def _error_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The google.rpc.ErrorInfo a Corral service attached to a failed call, if any."""
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, ValueError):  # not a call, or one whose status does not match
+        return None
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details if status is not None else ():
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def error_reason(exc: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call (VERSION_CANNOT_START, ...); "" without one."""
+    info = _error_info(exc)
+    return info.reason if info is not None else ""
+
+
+def reason_metadata(exc: grpc.RpcError) -> dict[str, str]:
+    info = _error_info(exc)
+    return dict(info.metadata) if info is not None else {}
+
+
 def rpc_error(exc: grpc.RpcError) -> tuple[str, str]:
     """A refused call's status code name and message, with a hint where the code needs one."""
     try:
         code, details = exc.code().name, exc.details() or ""
     except AttributeError:  # a bare RpcError: the calls' errors carry a status, it has none
         code, details = "UNKNOWN", str(exc)
-    if code == "UNAVAILABLE":
+    if code == "UNAVAILABLE" and not error_reason(exc):  # not a service's answer: none reached
         details += " (is the platform running? start it with `make run`)"
     return code, details
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import click
+import grpc
+from rich.console import Console
 
 from corral import names
 from corral.bundle import LIMITS, BundleError, Target, check_size, pack, stage, unpacked_size
@@ -20,8 +25,21 @@ from corral.cli.options import (
     pass_state,
     yes_option,
 )
-from corral.cli.output import emit, emit_rows, err, out, timestamp
+from corral.cli.output import (
+    emit,
+    emit_rows,
+    enum_label,
+    err,
+    error_reason,
+    out,
+    reason_metadata,
+    timestamp,
+    to_dict,
+)
 from corral.manifest import ManifestError
+from corral.registry.v1 import registry_pb2 as reg
+
+DEFAULT_ENDPOINT = "DEFAULT"
 
 
 def _target(python_version: str | None, platforms: tuple[str, ...]) -> Target:
@@ -60,6 +78,57 @@ def bundle_directory(directory: Path, target: Target) -> bytes:
     return data
 
 
+class PublishLines:
+    """What `corral publish` says while it works, on stderr (stdout stays the result): a line per
+    phase; on a terminal the upload's progress is rewritten in place, piped it is one line."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.tty = console.is_terminal
+
+    def say(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def uploading(self, total: int) -> None:
+        if not self.tty:
+            self.say(f"uploading {_size(total)}...")
+
+    def uploaded(self, sent: int, total: int) -> None:
+        if self.tty:
+            end = "\n" if sent >= total else ""
+            self.console.file.write(
+                f"\ruploading {_size(total)}... {sent * 100 // max(total, 1)}% "
+                f"({sent:,} bytes){end}")
+            self.console.file.flush()
+
+    def checking(self, version: str) -> None:
+        self.say(f"starting version {_number(version)} once to check it...")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1_000_000:.1f} MB" if n >= 1_000_000 else f"{n / 1000:.1f} kB"
+
+
+def _number(version: str) -> str:
+    return version.rsplit("/", 1)[-1]
+
+
+def _cannot_start(state: State, exc: grpc.RpcError) -> NoReturn:
+    """A version the registry started once and that failed: its traceback, from the version."""
+    version = state.client.get_version(reason_metadata(exc)["version"])
+    failure = version.failure
+    if state.json:
+        click.echo(json.dumps({"error": {
+            "code": "FAILED_PRECONDITION", "reason": "VERSION_CANNOT_START", "message": exc.details(),
+            "version": to_dict(version)}}, indent=2))
+    else:
+        err.print(f"[red]error:[/red] version {version.number} ({version.name}) cannot start; "
+                  "it is kept as FAILED and DEFAULT stays where it was:", soft_wrap=True)
+        err.print(failure.traceback.rstrip() or f"{failure.error_type}: {failure.message}",
+                  markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
 @click.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @target_options
@@ -68,16 +137,30 @@ def bundle_directory(directory: Path, target: Target) -> bytes:
 def publish(state: State, directory: Path, target: Target) -> None:
     """Pack DIRECTORY (with its agent.toml) and publish it as a new version.
     Dependencies it declares (agent.toml `dependencies` or requirements.txt) are installed into
-    the bundle's deps/ first, so a sandbox needs no network. Publishing the same bytes again
-    returns the existing version."""
+    the bundle's deps/ first, so a sandbox needs no network. The registry then starts the new
+    version once, and DEFAULT moves to it only if it starts; one that cannot is kept as FAILED
+    and its traceback shown. Publishing the same bytes again returns the existing version."""
     try:
         data = bundle_directory(directory, target)
     except (BundleError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
-    v = state.client.publish_bundle(data)
+    lines = PublishLines(err)
+    lines.uploading(len(data))
+    try:
+        v = state.client.publish_bundle(data, lines)
+    except grpc.RpcError as exc:
+        if error_reason(exc) == "VERSION_CANNOT_START":
+            _cannot_start(state, exc)
+        raise
+    ref = names.VersionRef.parse(v.name)
+    default = state.client.get_endpoint(ref.agent, DEFAULT_ENDPOINT)
+    serving = ", ".join(_number(t.version) for t in default.traffic) or "-"
     emit(state,
-         {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes},
-         lambda: out.print(f"{v.name}  {v.digest}"))
+         {"name": v.name, "number": v.number, "digest": v.digest, "size_bytes": v.size_bytes,
+          "state": enum_label(reg.Version.State, v.state),
+          "default": [t.version for t in default.traffic]},
+         lambda: out.print(f"published version {v.number} of {ref.agent} ({v.digest}), "
+                           f"DEFAULT -> {serving}", soft_wrap=True))
 
 
 @click.group(cls=ListingGroup)
@@ -122,8 +205,8 @@ def versions_list(state: State, agent: str) -> None:
     """List the versions of AGENT."""
     emit_rows(
         state, state.client.versions(agent),
-        ("version", "digest", "model", "size", "created", "by"),
-        lambda v: (str(v.number), v.digest[:19] + "…",
+        ("version", "state", "digest", "model", "size", "created", "by"),
+        lambda v: (str(v.number), enum_label(reg.Version.State, v.state), v.digest[:19] + "…",
                    f"{v.manifest.model_provider}/{v.manifest.model_id}", f"{v.size_bytes:,}",
                    timestamp(v.create_time), v.creator),
     )

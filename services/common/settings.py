@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -28,8 +29,20 @@ INTERNAL_PORT_OFFSET = 10
 # telemetry; router → registry, sessions, executor): one listening on port 0 is known only once it
 # has started, so it can be given only to those started after it. The calls back (every service
 # verifying API keys with the registry, telemetry asking sessions about a session it has no spans
-# of) work because the launcher and the tests pick and hold every port 0 up front.
+# of) work because the launcher and the tests pick and hold every port 0 up front. The registry's
+# call to the executor (CheckVersion, at publish) is made only once both serve.
 START_ORDER = ("telemetry", "sessions", "registry", "executor", "router")
+
+
+class StartCheck(enum.StrEnum):
+    """What the registry does at publish before DEFAULT moves (CORRAL_START_CHECK)."""
+
+    # An executor starts the version once; when none answers, publish fails UNAVAILABLE.
+    REQUIRED = "required"
+    # As REQUIRED, but when no executor answers the version is published unchecked.
+    IF_REACHABLE = "if_reachable"
+    # Versions are published without being started.
+    OFF = "off"
 
 
 class SettingsError(ValueError):
@@ -118,6 +131,8 @@ class ExecutorSettings:
     # An OpenAI-compatible server for manifests pinning provider "openai" (none: refused).
     openai_base_url: str = ""
     openai_api_key: str = field(default="", repr=False)
+    # Seconds the start check at publish (CheckVersion) gives a version to start.
+    start_check_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,8 @@ class Settings:
     # endpoint, a running rollout or experiment, an active session; never an agent's newest).
     # 0 turns retention off.
     version_retention_days: int = 45
+    # Registry: whether a version is started once before DEFAULT moves to it (CORRAL_START_CHECK).
+    start_check: StartCheck = StartCheck.REQUIRED
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -249,6 +266,7 @@ class Settings:
                 key_rotation_hours=_float(env, "CORRAL_KEY_ROTATION_HOURS", 24.0),
                 openai_base_url=env.get("CORRAL_OPENAI_BASE_URL", "").strip(),
                 openai_api_key=env.get("CORRAL_OPENAI_API_KEY", ""),
+                start_check_timeout_s=_float(env, "CORRAL_START_CHECK_TIMEOUT_S", 30.0),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),
@@ -258,6 +276,7 @@ class Settings:
             bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
             outbound_allow=_outbound_allow(env),
             version_retention_days=_non_negative(env, "CORRAL_VERSION_RETENTION_DAYS", 45),
+            start_check=_start_check(env.get("CORRAL_START_CHECK", "required")),
         )
 
     def with_address(self, service: str, address: str, internal: str | None = None) -> Settings:
@@ -275,6 +294,15 @@ class Settings:
 
     def require_redis(self) -> str:
         return _required(self.redis_url, "CORRAL_REDIS_URL", "Redis")
+
+
+def _start_check(raw: str) -> StartCheck:
+    try:
+        return StartCheck(raw.strip().lower())
+    except ValueError:
+        raise SettingsError(
+            f"CORRAL_START_CHECK={raw!r} is not one of {', '.join(StartCheck)}"
+        ) from None
 
 
 def _outbound_allow(env: Mapping[str, str]) -> tuple[Network, ...]:

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from opentelemetry.context import Context as OtelContext
 
-from corral.names import SessionRef
+from corral.names import SessionRef, VersionRef
 from services.common import tenancy
 from services.common.background import Periodic
 from services.common.endpoints import EndpointUpdate
@@ -22,6 +22,7 @@ from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
 from services.common.settings import ExecutorSettings
 from services.executor.broker import ModelBroker
+from services.executor.checks import StartChecks
 from services.executor.credentials import CredentialIssuer, InvocationCredentials
 from services.executor.model import (
     Event,
@@ -30,6 +31,7 @@ from services.executor.model import (
     SandboxListing,
     Sessions,
     SpanExport,
+    StartCheckResult,
 )
 from services.executor.pools import WarmPools
 from services.executor.sandboxes import SandboxKey, SandboxTable
@@ -70,6 +72,7 @@ class Executor:
         )
         self._bundle_sweeper = Periodic(
             self._sweep_bundles, every_s=BUNDLE_SWEEP_S, what="collected bundles sweep")
+        self._checks = StartChecks(starter, settings.start_check_timeout_s)
 
     def start(self) -> None:
         self._starter.remove_leftovers()
@@ -116,6 +119,11 @@ class Executor:
 
     async def _sweep_bundles(self) -> None:
         await self._starter.bundles.sweep(self.sandboxes.running_digests())
+
+    async def check_version(self, version: VersionRef, digest: str) -> StartCheckResult:
+        """Starts `version` once in a sandbox of its own and stops it (the start check at
+        publish); the registry alone may ask, for a version it has just stored."""
+        return await self._checks.check(version, digest)
 
     def list_sandboxes(self, caller: Caller, page_size: int, page_token: str) -> SandboxListing:
         """The sandboxes here of the caller's tenant's sessions (of every tenant's for a service

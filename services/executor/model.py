@@ -14,7 +14,7 @@ from typing import Protocol
 from corral.names import SessionRef, VersionRef
 from services.common.endpoints import EndpointSource
 from services.common.errors import Internal
-from services.common.execution import Completed, Started
+from services.common.execution import Completed, Started, StartFailure
 from services.common.identity import Caller
 
 # Attributes of the executor's own spans (the invocation's, its model and tool calls).
@@ -253,6 +253,14 @@ class Sessions(Protocol):
 
 
 # -- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartCheckResult:
+    """What starting a version once found: `failure` is None when it started."""
+
+    failure: StartFailure | None
+    duration_s: float
 
 
 @dataclass(frozen=True, slots=True)

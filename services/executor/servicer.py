@@ -10,7 +10,7 @@ from corral.executor.v1 import executor_pb2 as pb
 from corral.executor.v1 import executor_pb2_grpc
 from corral.names import SessionRef, VersionRef
 from services.common.errors import InvalidArgument
-from services.common.execution import Completed, Started
+from services.common.execution import Completed, Started, StartFailure
 from services.common.identity import caller
 from services.common.interceptors import Context, close_when_done
 from services.common.timestamps import timestamp
@@ -46,6 +46,12 @@ def pool_pb(pool: PoolReport) -> pb.WarmPool:
     return pb.WarmPool(
         version=pool.version, ready=pool.ready, target=pool.target, hits=pool.hits,
         misses=pool.misses, reasons=pool.reasons,
+    )
+
+
+def start_failure_pb(failure: StartFailure) -> pb.StartFailure:
+    return pb.StartFailure(
+        error_type=failure.error_type, message=failure.message, traceback=failure.traceback
     )
 
 
@@ -107,3 +113,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         if not JTI.match(request.jti):
             raise InvalidArgument.field("jti", "is not a token id (32 lowercase hex digits)")
         return pb.CheckRevocationResponse(revoked=await self.executor.is_revoked(request.jti))
+
+    async def CheckVersion(
+        self, request: pb.CheckVersionRequest, context: Context
+    ) -> pb.CheckVersionResponse:
+        version = VersionRef.parse(request.version, field="version")
+        digest = names.DIGESTS.check(request.digest, field="digest")
+        result = await self.executor.check_version(version, digest)
+        response = pb.CheckVersionResponse()
+        response.start_duration.FromTimedelta(timedelta(seconds=result.duration_s))
+        if result.failure is not None:
+            response.failure.CopyFrom(start_failure_pb(result.failure))
+        return response

@@ -48,11 +48,12 @@ class SandboxStarter:
         self.metrics.sandbox_start.labels(self.driver.name).observe(time.monotonic() - began)
         return sandbox
 
-    def spec(self, bundle: UnpackedBundle) -> SandboxSpec:
-        """What the driver runs for a sandbox of `bundle`, bound to no session yet."""
+    def spec(self, bundle: UnpackedBundle, purpose: str = "warm") -> SandboxSpec:
+        """What the driver runs for a sandbox of `bundle`, bound to no session yet; `purpose`
+        names it in logs until it has a session."""
         manifest, version = bundle.manifest, bundle.version
         return SandboxSpec(
-            session=f"(warm) {version}", version=version.name, digest=bundle.digest,
+            session=f"({purpose}) {version}", version=version.name, digest=bundle.digest,
             bundle_dir=bundle.path, workdir=self.workdirs / uuid.uuid4().hex,
             entrypoint=manifest.entrypoint, prompt_file=manifest.prompt_file, python=self.python,
             # Per version only: the session, endpoint and tenant of each invocation are set on

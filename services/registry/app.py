@@ -1,5 +1,6 @@
-"""Wires the registry: pool, migrations, store, the calls out, the domains and their servicers, the
-rollout controller, the endpoint-change listener, the rollout metrics."""
+"""Wires the registry: pool, migrations, store, the calls out (telemetry, sessions, the executor's
+start check), the domains and their servicers, the rollout controller, the endpoint-change
+listener, the metrics exporter."""
 
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ from services.common.prometheus import RefreshedSnapshot
 from services.common.server import App
 from services.common.settings import Settings
 from services.registry.bootstrap import ensure_admin_key
-from services.registry.clients import SessionsClient, TelemetryClient
+from services.registry.clients import ExecutorClient, SessionsClient, TelemetryClient
 from services.registry.controller import RolloutController
 from services.registry.experiments import Experiments
 from services.registry.key_servicer import KeyServicer
 from services.registry.keys import Keys
 from services.registry.lifecycle import Lifecycle
 from services.registry.prometheus import rollout_snapshot
+from services.registry.publishing import Publishing
 from services.registry.registry import Registry
 from services.registry.rollout_servicer import RolloutServicer
 from services.registry.rollouts import Rollouts
@@ -80,10 +82,13 @@ class RegistryService(App):
         stack.push_async_callback(telemetry.close)
         sessions = SessionsClient(self.settings)
         stack.push_async_callback(sessions.close)
+        executor = ExecutorClient(self.settings)
+        stack.push_async_callback(executor.close)
 
         rollouts = Rollouts(store, notifier, sessions, outbound=outbound)
         experiments = Experiments(store, notifier, telemetry, outbound=outbound)
-        registry = Registry(store, rollouts)
+        publishing = Publishing(store, executor, self.settings.start_check)
+        registry = Registry(store, rollouts, publishing)
         self.lifecycle = lifecycle = Lifecycle(store, sessions, retention_days=self.settings.version_retention_days)
         retention = Periodic(lifecycle.retention_step, every_s=RETENTION_EVERY_S,
                              what="version retention", first_delay_s=RETENTION_FIRST_S)

@@ -1,6 +1,7 @@
 """The registry's calls out, the only place it makes them: telemetry analyses rollouts and
-experiments, sessions applies rollback policies to live sessions. Each returns domain values and
-raises the domain error tree."""
+experiments, sessions applies rollback policies to live sessions, an executor starts a new
+version once before DEFAULT moves to it. Each returns domain values and raises the domain error
+tree."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
+from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import EndpointRef, VersionRef
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 from services.common.clients import ServiceClient
+from services.common.execution import StartFailure
 from services.common.metric_protos import metric_pb
 from services.common.settings import Settings
 from services.common.status import calling
@@ -30,6 +33,8 @@ from services.registry.tenancy import acting_for
 TIMEOUT_S = 30
 # The most versions one CountPinnedSessions names (its request's limit).
 PINNED_PER_CALL = 1000
+# Downloading and unpacking the bundle, then the executor's own start limit (30 s by default).
+START_CHECK_TIMEOUT_S = 120
 Response = TypeVar("Response")
 
 
@@ -112,3 +117,19 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
                 found[VersionRef.parse(pins.version)] = VersionSessions(
                     pins.active_sessions, optional_time(pins, "last_active_time"))
         return found
+
+class ExecutorClient(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"]):
+    """Implements VersionStarts."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
+
+    async def check_start(self, tenant: str, version: VersionRef, digest: str) -> StartFailure | None:
+        request = executor_pb2.CheckVersionRequest(version=version.name, digest=digest)
+        call = self._stub.CheckVersion(request, metadata=self.metadata(acting_for(tenant)),
+                                       timeout=START_CHECK_TIMEOUT_S)
+        answer = await _answer(call, "executor")
+        if not answer.HasField("failure"):
+            return None
+        f = answer.failure
+        return StartFailure(f.error_type, f.message, f.traceback)

@@ -23,7 +23,7 @@ from services.registry.model import (
     RegistryTx,
     read_page,
 )
-from services.registry.registry import check_versions_exist
+from services.registry.publishing import check_routable
 from services.registry.rollout_model import (
     ExperimentAnalysis,
     ExperimentRecord,
@@ -97,7 +97,7 @@ class Experiments(RunDomain):
             current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None:
                 raise endpoint_not_found(endpoint)
-            await check_versions_exist(tx, tenant, endpoint.parent, [v.version for v in spec.variants])
+            await check_routable(tx, tenant, endpoint.parent, [v.version for v in spec.variants])
             running = await tx.active_run(tenant, endpoint)
             if running is not None:
                 raise run_in_the_way(running, endpoint)

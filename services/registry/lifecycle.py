@@ -157,7 +157,7 @@ class Lifecycle:
             if not await tx.lock_agent(tenant, agent):
                 return 0
             # Another replica's retention may have deleted some meanwhile.
-            left = await tx.existing_versions(tenant, agent, [c.version.number for c in candidates])
+            left = set(await tx.version_states(tenant, agent, [c.version.number for c in candidates]))
             doomed = rules.expired(
                 [c for c in candidates if c.version.number in left],
                 await tx.watched_endpoints(tenant, agent),

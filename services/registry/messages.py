@@ -8,6 +8,7 @@ from typing import Protocol, TypeVar
 
 from google.protobuf import struct_pb2
 
+from corral.client import START_CHECK_HEADER, VERSION_HEADER
 from corral.names import VersionRef
 from corral.registry.v1 import registry_pb2 as pb
 from services.common.identity import caller
@@ -20,6 +21,7 @@ from services.registry.model import (
     EndpointRecord,
     Paging,
     VersionRecord,
+    VersionState,
     WatchEvent,
 )
 from services.registry.rollout_model import TrafficTarget
@@ -27,6 +29,11 @@ from services.registry.rollout_model import TrafficTarget
 Row = TypeVar("Row")
 Message = TypeVar("Message")
 _PROTOCOLS = {"corral": pb.AGENT_PROTOCOL_CORRAL, "http": pb.AGENT_PROTOCOL_HTTP}
+_STATES = {
+    VersionState.CHECKING: pb.Version.STATE_CHECKING,
+    VersionState.READY: pb.Version.STATE_READY,
+    VersionState.FAILED: pb.Version.STATE_FAILED,
+}
 
 
 def agent_pb(r: AgentRecord) -> pb.Agent:
@@ -63,7 +70,16 @@ def version_pb(r: VersionRecord) -> pb.Version:
             idle_timeout_s=m.idle_timeout_s,
             max_lifetime_s=m.max_lifetime_s,
         ),
+        state=_STATES[r.state],
+        failure=pb.VersionFailure(
+            error_type=r.failure.error_type, message=r.failure.message,
+            traceback=r.failure.traceback,
+        ) if r.failure is not None else None,
     )
+
+
+def checking_metadata(r: VersionRecord) -> tuple[tuple[str, str], ...]:
+    return ((VERSION_HEADER, r.ref.name), (START_CHECK_HEADER, "running"))
 
 
 def endpoint_pb(r: EndpointRecord) -> pb.Endpoint:

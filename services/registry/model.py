@@ -3,6 +3,7 @@ built on: storage, the clock, and the calls out to telemetry and sessions. No gR
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Protocol, TypeAlias, TypeVar
 from corral.manifest import Manifest
 from corral.names import AgentRef, EndpointRef, ExperimentRef, RolloutRef, ToolRef, VersionRef
 from services.common.endpoints import EndpointKey, TrafficShare, VersionKey
+from services.common.execution import StartFailure
 from services.common.identity import Caller
 from services.common.paging import Key, KeyPart, Page, PageQuery
 from services.registry.rollout_model import (
@@ -40,6 +42,16 @@ class AgentRecord:
         return AgentRef(self.id)
 
 
+class VersionState(enum.StrEnum):
+    """Whether a version can serve, as the start check at publish found it."""
+
+    # Stored; an executor has not yet started it once (or none could be reached to).
+    CHECKING = "CHECKING"
+    READY = "READY"
+    # It could not start: kept with its failure, never routed to.
+    FAILED = "FAILED"
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     tenant: str
@@ -50,6 +62,9 @@ class VersionRecord:
     manifest: Manifest
     create_time: datetime
     creator: str
+    state: VersionState = VersionState.READY
+    # Why it could not start: set when FAILED.
+    failure: StartFailure | None = None
 
     @property
     def ref(self) -> VersionRef:
@@ -168,9 +183,11 @@ class CatalogReads(Protocol):
         """In number order."""
         ...
 
-    async def existing_versions(
+    async def version_states(
         self, tenant: str, agent: AgentRef, numbers: Collection[int]
-    ) -> set[int]: ...
+    ) -> dict[int, VersionState]:
+        """The state of each of `numbers` that exists."""
+        ...
 
     async def version_with_digest(self, version: VersionRef) -> VersionRecord | None:
         """A version of the agent with the reference's digest, in whichever tenant."""
@@ -278,9 +295,15 @@ class RegistryTx(CatalogReads, EndpointReads, RunReads, AuditWrites, Protocol):
 
     async def insert_version(
         self, tenant: str, agent: AgentRef, digest: str, data: bytes, manifest: Manifest,
-        creator: str,
+        creator: str, state: VersionState,
     ) -> VersionRecord:
         """Stores the bundle (once per digest) as the agent's next version."""
+        ...
+
+    async def settle_version(
+        self, tenant: str, version: VersionRef, state: VersionState, failure: StartFailure | None,
+    ) -> VersionRecord:
+        """Sets the state (and failure) the start check found for a stored version."""
         ...
 
     async def put_endpoint(
@@ -415,4 +438,13 @@ class SessionRetirement(Protocol):
     ) -> int:
         """Stops the sessions on `version` (or, with `migrate_to`, re-pins them to it); returns
         how many."""
+        ...
+
+
+class VersionStarts(Protocol):
+    """An executor, starting a version once before DEFAULT moves to it (the start check)."""
+
+    async def check_start(self, tenant: str, version: VersionRef, digest: str) -> StartFailure | None:
+        """Why `version` could not start, or None when it started. Raises Unavailable when no
+        executor answers."""
         ...

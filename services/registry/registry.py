@@ -3,21 +3,16 @@ endpoint changes, the audit log."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from functools import partial
 
-from corral.bundle import BundleError, inspect
-from corral.manifest import ManifestError
 from corral.names import AgentRef, EndpointRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import (
     Aborted,
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
 )
 from services.common.identity import Caller
 from services.common.paging import Page
@@ -30,15 +25,13 @@ from services.registry.model import (
     EndpointRecord,
     Paging,
     RegistryStore,
-    RegistryTx,
     VersionRecord,
     WatchEvent,
     read_page,
 )
+from services.registry.publishing import OnChecking, Publishing, check_routable
 from services.registry.rollouts import Rollouts
 from services.registry.tenancy import bundle_tenant, tenant_of, visible_tenant
-
-log = logging.getLogger(__name__)
 
 
 def agent_missing(agent: AgentRef) -> NotFound:
@@ -55,22 +48,13 @@ def check_etag(current: EndpointRecord, etag: str) -> None:
         )
 
 
-async def check_versions_exist(
-    tx: RegistryTx, tenant: str, agent: AgentRef, wanted: list[int]
-) -> None:
-    missing = sorted(set(wanted) - await tx.existing_versions(tenant, agent, wanted))
-    if missing:
-        raise FailedPrecondition(
-            f"{agent.name} has no version {', '.join(map(str, missing))}; "
-            f"`corral versions {agent.agent}` lists what exists",
-            reason="VERSION_NOT_FOUND",
-        )
-
-
 class Registry:
-    def __init__(self, store: RegistryStore, rollouts: Rollouts) -> None:
+    def __init__(
+        self, store: RegistryStore, rollouts: Rollouts, publishing: Publishing | None = None
+    ) -> None:
         self._store = store
         self._rollouts = rollouts
+        self._publishing = publishing or Publishing(store)
         self._feed = EndpointFeed(store)
 
     # -- agents ----------------------------------------------------------------------------
@@ -97,43 +81,11 @@ class Registry:
 
     async def publish(
         self, caller: Caller, parent: AgentRef | None, data: bytes, expected_digest: str,
-        request_id: str,
+        request_id: str, on_checking: OnChecking | None = None,
     ) -> tuple[VersionRecord, bool]:
-        """Stores a bundle as the next version, or returns the version that already has its
-        digest. Returns (version, created)."""
-        try:
-            checked = inspect(data)
-        except ManifestError as exc:
-            raise InvalidArgument.field(f"agent.toml:{exc.field}", exc.description) from None
-        except BundleError as exc:
-            if "limit is" in exc.description or "more than" in exc.description:
-                raise ResourceExhausted(str(exc), reason="BUNDLE_TOO_LARGE") from None
-            raise InvalidArgument.field(f"bundle:{exc.path or '(archive)'}", exc.description) from None
-        if expected_digest and expected_digest != checked.digest:
-            raise InvalidArgument.field(
-                "header.digest", f"{expected_digest} does not match the uploaded bytes ({checked.digest})"
-            )
-        rules.check_publish_parent(parent, checked.manifest.name)
-        agent = AgentRef(checked.manifest.name)
-        tenant = tenant_of(caller)
-        async with self._store.tx() as tx:
-            await tx.ensure_agent(tenant, agent, caller.user)
-            existing = await tx.get_version(tenant, VersionRef(agent.agent, digest=checked.digest))
-            if existing is not None:
-                return existing, False
-            version = await tx.insert_version(
-                tenant, agent, checked.digest, data, checked.manifest, caller.user)
-            # DEFAULT follows the newest version, like AgentCore's DEFAULT endpoint.
-            await tx.put_endpoint(
-                tenant, agent.endpoint(rules.DEFAULT_ENDPOINT), (TrafficShare(version.number, 10_000),),
-                follow_latest=True, description="always the newest version",
-            )
-            await tx.audit(
-                caller, "PublishVersion", version.ref.name,
-                {"digest": checked.digest, "size": checked.size, "request_id": request_id},
-            )
-        log.info("published %s (%s) in tenant %s", version.ref.name, checked.digest, tenant)
-        return version, True
+        """See Publishing.publish."""
+        return await self._publishing.publish(
+            caller, parent, data, expected_digest, request_id, on_checking)
 
     async def get_version(self, caller: Caller, version: VersionRef) -> VersionRecord:
         return await self._version(tenant_of(caller), version)
@@ -214,7 +166,7 @@ class Registry:
             if not await tx.lock_agent(tenant, endpoint.parent):
                 raise agent_missing(endpoint.parent)
             if traffic is not None:
-                await check_versions_exist(tx, tenant, endpoint.parent, [s.version for s in traffic])
+                await check_routable(tx, tenant, endpoint.parent, [s.version for s in traffic])
             current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None and not allow_missing:
                 raise NotFound(f"{endpoint.name} does not exist (set allow_missing to create it)")

@@ -25,6 +25,7 @@ from services.registry.model import (
     SessionRetirement,
     read_page,
 )
+from services.registry.publishing import check_routable
 from services.registry.rollout_model import (
     Analysis,
     ExperimentRecord,
@@ -150,9 +151,7 @@ class Rollouts(RunDomain):
             current = await tx.get_endpoint(tenant, endpoint, for_update=True)
             if current is None:
                 raise endpoint_not_found(endpoint)
-            if not await tx.existing_versions(tenant, endpoint.parent, [candidate.number]):
-                raise FailedPrecondition(f"{candidate.name} does not exist; publish it first",
-                                         reason="VERSION_NOT_FOUND")
+            await check_routable(tx, tenant, endpoint.parent, [candidate.number])
             running = await tx.active_run(tenant, endpoint)
             if running is not None:
                 raise run_in_the_way(running, endpoint)
@@ -307,9 +306,7 @@ class Rollouts(RunDomain):
             running = await tx.active_run(tenant, endpoint)
             if version is not None:
                 target = version.number
-                if not await tx.existing_versions(tenant, endpoint.parent, [target]):
-                    raise FailedPrecondition(f"{version.name} does not exist",
-                                             reason="VERSION_NOT_FOUND")
+                await check_routable(tx, tenant, endpoint.parent, [target])
             elif running is not None:
                 target = running.stable_version
             else:

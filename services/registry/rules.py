@@ -1,15 +1,17 @@
-"""The registry's input rules and limits, pure: traffic splits, update masks, bundle uploads."""
+"""The registry's input rules and limits, pure: traffic splits, update masks, bundle uploads, and
+which versions may be routed to."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.bundle import BundleError, BundleLimits, BundleTooLarge, check_size, unpacked_size
 from corral.names import AgentRef, EndpointRef
 from services.common.endpoints import BASIS_POINTS, TrafficShare
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from services.registry.model import EndpointRecord, VersionRecord, VersionState
 from services.registry.rollout_model import TrafficTarget
 
 DEFAULT_ENDPOINT = "DEFAULT"
@@ -60,6 +62,51 @@ def version_numbers(agent: str, targets: Sequence[TrafficTarget]) -> list[tuple[
             )
         out.append((target.version.number, target.percent))
     return out
+
+
+# -- versions and the start check --------------------------------------------------------------
+
+
+def check_routable(agent: AgentRef, wanted: Iterable[int], states: Mapping[int, VersionState]) -> None:
+    """Refuses a route to a version that does not exist, or that is not READY (`states`: those
+    of `wanted` that exist)."""
+    missing = sorted(set(wanted) - set(states))
+    if missing:
+        raise FailedPrecondition(
+            f"{agent.name} has no version {', '.join(map(str, missing))} "
+            f"({', '.join(agent.version(n).name for n in missing)} does not exist); "
+            f"`corral versions {agent.agent}` lists what exists",
+            reason="VERSION_NOT_FOUND",
+        )
+    unready = sorted((n, s) for n, s in states.items() if s is not VersionState.READY)
+    if unready:
+        which = ", ".join(f"{n} ({s.value})" for n, s in unready)
+        raise FailedPrecondition(
+            f"{agent.name} version {which} cannot be routed to: only a version that started at "
+            f"publish can (FAILED could not; CHECKING is still being started, or publishing it "
+            f"again finishes its check); `corral versions {agent.agent}` shows each state",
+            reason="VERSION_NOT_READY",
+        )
+
+
+def default_moves_to(default: EndpointRecord | None, version: int) -> bool:
+    """Whether DEFAULT moves to a version that has just become READY: unless a newer one has
+    become DEFAULT while it was being checked."""
+    return default is None or all(share.version < version for share in default.traffic)
+
+
+def cannot_start(version: VersionRecord) -> FailedPrecondition:
+    """The answer to publishing a version that could not start, the first time and every time
+    after: the bounded message keeps its start (which version) and its end (what was raised)."""
+    failure = version.failure
+    error_type = failure.error_type if failure is not None else "unknown"
+    words = failure.last_words() if failure is not None else "no failure was recorded"
+    return FailedPrecondition(
+        f"{version.ref.name} cannot start, so DEFAULT did not move (it is kept as FAILED; "
+        f"`corral versions {version.agent}` lists it): {words}",
+        reason="VERSION_CANNOT_START",
+        metadata={"version": version.ref.name, "error_type": error_type},
+    )
 
 
 def check_settable(endpoint: EndpointRef) -> None:

@@ -19,6 +19,7 @@ from services.registry.lifecycle import Lifecycle
 from services.registry.messages import (
     agent_pb,
     audit_pb,
+    checking_metadata,
     each,
     endpoint_pb,
     paging,
@@ -26,7 +27,7 @@ from services.registry.messages import (
     version_pb,
     watch_event_pb,
 )
-from services.registry.model import EndpointChange
+from services.registry.model import EndpointChange, VersionRecord
 from services.registry.registry import Registry
 
 DOWNLOAD_CHUNK = 1024 * 1024
@@ -86,9 +87,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             else:
                 upload.chunk(message.chunk)
         header, data = upload.finish()
+
+        async def checking(version: VersionRecord) -> None:
+            await context.send_initial_metadata(checking_metadata(version))
+
         version, _created = await self.registry.publish(
             caller(context), _any_agent(header.parent, "header.parent"), data, header.digest,
-            header.request_id,
+            header.request_id, checking,
         )
         return version_pb(version)
 

@@ -108,7 +108,8 @@ class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"
 
 
 class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
-    """Versions never change once published: each is asked for once."""
+    """Versions never change once published and checked: each is asked for once (again while
+    its start check runs)."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "registry", registry_pb2_grpc.RegistryServiceStub)
@@ -123,8 +124,11 @@ class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub
             found = await self._stub.GetVersion(
                 registry_pb2.GetVersionRequest(name=ref.name), metadata=acting)
         manifest = found.manifest
-        info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s)
-        self._versions[(tenant, ref)] = info
+        # UNSPECIFIED: a registry from before the start check, whose versions all serve.
+        ready = found.state in (registry_pb2.Version.STATE_READY, registry_pb2.Version.STATE_UNSPECIFIED)
+        info = VersionInfo(ref, found.digest, manifest.idle_timeout_s, manifest.max_lifetime_s, ready)
+        if found.state != registry_pb2.Version.STATE_CHECKING:  # its state is final
+            self._versions[(tenant, ref)] = info
         return info
 
     async def forget_removed(self, update: EndpointUpdate) -> None:

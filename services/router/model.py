@@ -98,6 +98,9 @@ class VersionInfo:
     digest: str
     idle_timeout_s: int = 0
     max_lifetime_s: int = 0
+    # Started once at publish (the registry's start check); a version that could not start, or
+    # is still being started, takes no sessions.
+    ready: bool = True
 
 
 class SessionsClient(Protocol):

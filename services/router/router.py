@@ -134,6 +134,12 @@ class Router:
             view = await self.endpoints.get(caller.tenant, endpoint)
             version = target.agent.version(choose(view.shares, bucket(view.salt, session.session)))
         info = await self._registry.version(caller.tenant, version)
+        if not info.ready:
+            raise FailedPrecondition(
+                f"{version.name} did not start when it was published (or is still being "
+                f"started), so it takes no sessions; `corral versions {version.agent}` shows why",
+                reason="VERSION_NOT_READY",
+            )
         created = await self._sessions.create(caller, session, info, endpoint)
         if created is None:
             return None

@@ -28,7 +28,7 @@ def publish(platform: dict[str, str]) -> dict:
     if result.returncode != 0 and "Could not find a version" in result.stderr + result.stdout:
         pytest.skip(f"PyPI is not reachable to vendor bedrock-agentcore: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "installing 1 dependency" in result.stderr
+    assert "vendoring 1 dependency from agent.toml" in result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 

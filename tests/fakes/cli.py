@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from corral import names
 from corral.bundle import digest_of
-from corral.client import CorralClient
+from corral.client import CorralClient, PublishProgress
 from corral.config import ClientConfig
 from corral.dev.loop import Build, DevFailure
 from corral.identity.v1 import identity_pb2
@@ -53,10 +53,15 @@ class RecordingClient(CorralClient):
     def delete_session(self, session: str) -> None:
         self.deleted.append(("session", names.session_name(session), None))
 
-    def publish_bundle(self, data: bytes) -> reg.Version:
+    def publish_bundle(self, data: bytes, progress: PublishProgress | None = None) -> reg.Version:
         self.uploaded.append(data)
         return reg.Version(name="agents/a/versions/1", number=1, digest=digest_of(data),
                            size_bytes=len(data))
+
+    def get_endpoint(self, agent: str, endpoint: str) -> reg.Endpoint:
+        # Every agent's DEFAULT serves the version publish_bundle answers.
+        return reg.Endpoint(name=names.endpoint_name(agent, endpoint), traffic=[
+            reg.TrafficTarget(version=f"agents/{agent}/versions/1", percent=100)])
 
     def get_rollout(self, rollout: names.RolloutRef) -> ro.Rollout:
         self.asked.append(rollout)

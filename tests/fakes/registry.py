@@ -21,6 +21,7 @@ from corral.names import (
 )
 from services.common.endpoints import TrafficShare
 from services.common.errors import Unavailable
+from services.common.execution import StartFailure
 from services.common.identity import Caller
 from services.common.paging import Key
 from services.registry import model as reg
@@ -140,18 +141,26 @@ class FakeRegistryStore:
                      if v.agent == version.agent and v.digest == version.digest), None)
 
     async def insert_version(self, tenant: str, agent: AgentRef, digest: str, data: bytes,
-                             manifest: Manifest, creator: str) -> reg.VersionRecord:
+                             manifest: Manifest, creator: str,
+                             state: reg.VersionState) -> reg.VersionRecord:
         number = 1 + max((n for (t, a, n) in self.versions if (t, a) == (tenant, agent.agent)),
                          default=0)
         self.bundles[digest] = data
         record = reg.VersionRecord(tenant, agent.agent, number, digest, len(data), manifest,
-                                    self.clock.now(), creator)
+                                    self.clock.now(), creator, state)
         self.versions[(tenant, agent.agent, number)] = record
         return record
 
-    async def existing_versions(self, tenant: str, agent: AgentRef,
-                                numbers: Collection[int]) -> set[int]:
-        return {n for n in numbers if (tenant, agent.agent, n) in self.versions}
+    async def settle_version(self, tenant: str, version: VersionRef, state: reg.VersionState,
+                             failure: StartFailure | None) -> reg.VersionRecord:
+        key = (tenant, version.agent, version.number)
+        record = self.versions[key] = replace(self.versions[key], state=state, failure=failure)
+        return record
+
+    async def version_states(self, tenant: str, agent: AgentRef,
+                             numbers: Collection[int]) -> dict[int, reg.VersionState]:
+        return {n: self.versions[(tenant, agent.agent, n)].state for n in numbers
+                if (tenant, agent.agent, n) in self.versions}
 
     async def list_versions(self, tenant: str, agent: AgentRef, after: Key | None,
                             limit: int) -> list[reg.VersionRecord]:
@@ -398,6 +407,22 @@ class FakeSessionRetirement:
                              migrate_to: VersionRef | None, migrate_digest: str) -> int:
         self.retired.append((version, endpoint, migrate_to, migrate_digest))
         return self.sessions
+
+
+class FakeVersionStarts:
+    """An executor's start check, as a test scripts it: versions whose digest is in `failing`
+    cannot start; `down` makes every call Unavailable."""
+
+    def __init__(self) -> None:
+        self.failing: dict[str, StartFailure] = {}
+        self.down = False
+        self.started: list[VersionRef] = []
+
+    async def check_start(self, tenant: str, version: VersionRef, digest: str) -> StartFailure | None:
+        if self.down:
+            raise Unavailable("executor is unavailable (connection refused); retry shortly")
+        self.started.append(version)
+        return self.failing.get(digest)
 
 
 class Announcements:

@@ -13,6 +13,7 @@ import pytest
 
 from services.executor.drivers import cgroups
 from services.executor.drivers.cgroups import CgroupsUnavailable, Hierarchy, Limits, SandboxCgroup
+from tests.harness import writable_cgroups
 
 HYBRID_MOUNTS = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
@@ -89,19 +90,11 @@ def test_orphans_are_the_cgroups_of_executors_that_are_gone(tmp_path: Path) -> N
     zombie.wait()
 
 
-def _real_hierarchy() -> Hierarchy | None:
-    try:
-        h = cgroups.detect()
-    except (CgroupsUnavailable, OSError):
-        return None
-    return h if all(os.access(d, os.W_OK) for d in h.directories()) else None
-
-
 @pytest.mark.skipif(
-    _real_hierarchy() is None, reason="needs writable memory, pids and cpu cgroups (root)"
+    writable_cgroups() is None, reason="needs writable memory, pids and cpu cgroups (root)"
 )
 def test_a_crashed_executors_sandbox_is_killed_and_removed() -> None:
-    hierarchy = _real_hierarchy()
+    hierarchy = writable_cgroups()
     assert hierarchy is not None
     crashed = subprocess.Popen([sys.executable, "-c", ""])
     crashed.wait()

@@ -308,7 +308,8 @@ def test_declared_dependencies_are_installed_into_deps_of_a_copy(
     assert root != source
     assert (root / "deps" / "tinydep" / "__init__.py").read_text().startswith('GREETING = "hi"')
     assert sorted(p.relative_to(source) for p in source.rglob("*")) == before  # source untouched
-    assert lines == [f"installing 1 dependency for {Target.current().describe()}..."]
+    assert lines == [
+        f"vendoring 1 dependency from agent.toml for {Target.current().describe()}..."]
     with tarfile.open(fileobj=io.BytesIO(pack(root))) as tar:
         names = tar.getnames()
     assert "deps/tinydep/__init__.py" in names and "agent.py" in names

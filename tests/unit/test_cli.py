@@ -4,6 +4,7 @@ the services, so these tests check what the command sends and prints, and open n
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import math
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from corral import names
 from corral.bundle import digest_of, pack, unpack
@@ -50,10 +52,15 @@ def test_publish_packs_once_and_uploads_what_it_measured(
 
     monkeypatch.setattr(publishing, "pack", counted_pack)
     client = RecordingClient()
-    code, output = run(client, "publish", str(write_bundle(tmp_path / "b", agent_files("a", SAYS_HI))))
-    assert code == 0, output
+    source = write_bundle(tmp_path / "b", agent_files("a", SAYS_HI))
+    result = CliRunner().invoke(cli, ["--json", "publish", str(source)], obj=State(client=client))
+    assert result.exit_code == 0, result.output
     assert len(packed) == 1 and client.uploaded == packed
-    assert json.loads(output)["digest"] == digest_of(packed[0])
+    published = json.loads(result.stdout)
+    assert published["digest"] == digest_of(packed[0])
+    assert published["default"] == ["agents/a/versions/1"]
+    # Progress goes to stderr, as plain lines when it is not a terminal.
+    assert result.stderr.splitlines() == [f"uploading {len(packed[0]) / 1e3:.1f} kB..."]
     unpack(packed[0], tmp_path / "out")
     assert (tmp_path / "out" / "agent.toml").exists()
 
@@ -313,3 +320,20 @@ def test_every_command_the_documentation_shows_exists_with_its_options(doc: str)
             wrong.append(f"{command}: {exc.format_message()}")
     assert wrong == []
     assert commands or doc.startswith("docs/oidc"), f"no corral commands found in {doc}"
+
+
+def test_publish_progress_is_rewritten_in_place_on_a_terminal_and_plain_lines_when_piped() -> None:
+    def lines(terminal: bool) -> str:
+        buf = io.StringIO()
+        progress = publishing.PublishLines(Console(file=buf, force_terminal=terminal, width=40))
+        progress.uploading(3_200_000)
+        for sent in (1_048_576, 2_097_152, 3_145_728, 3_200_000):
+            progress.uploaded(sent, 3_200_000)
+        progress.checking("agents/a/versions/3")
+        return buf.getvalue()
+
+    on_terminal = lines(True)
+    assert on_terminal.startswith("\ruploading 3.2 MB... 32% (1,048,576 bytes)\ruploading 3.2 MB... 65%")
+    assert "\ruploading 3.2 MB... 100% (3,200,000 bytes)\n" in on_terminal
+    assert on_terminal.endswith("starting version 3 once to check it...\n")
+    assert lines(False) == "uploading 3.2 MB...\nstarting version 3 once to check it...\n"

@@ -241,6 +241,15 @@ async def test_invoke_streams_the_execution_and_closing_it_ends_the_execution(
     assert world.executor.turns[SessionRef("talk")] == 1
 
 
+async def test_a_version_that_did_not_start_at_publish_takes_no_new_session(world: World) -> None:
+    v3 = AGENT.version(3)
+    world.registry.versions[v3] = VersionInfo(v3, digest(v3), ready=False)
+    with pytest.raises(FailedPrecondition) as refused:
+        await world.router.resolve(ALICE, at("on-v3", endpoint=None, version=v3))
+    assert refused.value.reason == "VERSION_NOT_READY" and v3.name in refused.value.message
+    assert not world.sessions.pins and not world.executor.invocations
+
+
 async def test_a_new_session_whose_version_cannot_start_is_deleted(world: World) -> None:
     world.executor.fails_with = Internal("the agent failed to load", reason="AGENT_LOAD_ERROR")
     with pytest.raises(Internal):

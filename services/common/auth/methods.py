@@ -152,6 +152,8 @@ METHODS: Mapping[str, Access] = {
         # Tool services verify invocation tokens with these, holding no Corral credential.
         "GetJwks": OPEN,
         "CheckRevocation": OPEN,
+        # The start check at publish.
+        "CheckVersion": internal("registry"),
     }),
     **_service("corral.telemetry.v1.TelemetryService", {
         "ListSpans": user(VIEWER),

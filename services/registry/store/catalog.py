@@ -8,9 +8,15 @@ import asyncpg
 
 from corral.manifest import Manifest
 from corral.names import AgentRef, VersionRef
+from services.common.execution import StartFailure
 from services.common.paging import Key
-from services.registry.model import AgentRecord, VersionRecord
-from services.registry.store.json_forms import manifest_from_json, manifest_json
+from services.registry.model import AgentRecord, VersionRecord, VersionState
+from services.registry.store.json_forms import (
+    failure_from_json,
+    failure_json,
+    manifest_from_json,
+    manifest_json,
+)
 from services.registry.store.rows import Rows, key_part
 
 _AGENT_SELECT = """SELECT a.tenant, a.id, a.create_time,
@@ -26,7 +32,8 @@ def _agent(row: asyncpg.Record) -> AgentRecord:
 def version_from_row(row: asyncpg.Record) -> VersionRecord:
     return VersionRecord(
         row["tenant"], row["agent"], row["number"], row["digest"], row["size"], manifest_from_json(row["manifest"]),
-        row["create_time"], row["creator"],
+        row["create_time"], row["creator"], VersionState(row["state"]),
+        failure_from_json(row["failure"]),
     )
 
 
@@ -77,7 +84,7 @@ class CatalogRows(Rows):
 
     async def insert_version(
         self, tenant: str, agent: AgentRef, digest: str, data: bytes, manifest: Manifest,
-        creator: str,
+        creator: str, state: VersionState,
     ) -> VersionRecord:
         # DO UPDATE (not DO NOTHING) locks a bundle already stored until this transaction ends,
         # so collecting unused bundles (store/lifecycle.py) cannot delete it under this version.
@@ -88,28 +95,40 @@ class CatalogRows(Rows):
         )
         # Numbers of deleted versions are never given again (registry.version_numbers).
         row = await self._db.fetchrow(
-            """INSERT INTO registry.versions (tenant, agent, number, digest, size, manifest, creator)
+            """INSERT INTO registry.versions
+                   (tenant, agent, number, digest, size, manifest, creator, state)
                VALUES ($1, $2, greatest(
                            (SELECT coalesce(max(number), 0) FROM registry.versions
                             WHERE tenant = $1 AND agent = $2),
                            (SELECT coalesce(max(highest), 0) FROM registry.version_numbers
                             WHERE tenant = $1 AND agent = $2)) + 1,
-                       $3, $4, $5, $6)
+                       $3, $4, $5, $6, $7)
                RETURNING *""",
-            tenant, agent.agent, digest, len(data), manifest_json(manifest), creator,
+            tenant, agent.agent, digest, len(data), manifest_json(manifest), creator, state.value,
         )
         assert row is not None  # RETURNING of an INSERT without ON CONFLICT
         return version_from_row(row)
 
-    async def existing_versions(
+    async def settle_version(
+        self, tenant: str, version: VersionRef, state: VersionState, failure: StartFailure | None,
+    ) -> VersionRecord:
+        row = await self._db.fetchrow(
+            "UPDATE registry.versions SET state = $4, failure = $5 "
+            "WHERE tenant = $1 AND agent = $2 AND number = $3 RETURNING *",
+            tenant, version.agent, version.number, state.value, failure_json(failure),
+        )
+        assert row is not None, f"{version} was settled before it was stored"
+        return version_from_row(row)
+
+    async def version_states(
         self, tenant: str, agent: AgentRef, numbers: Collection[int]
-    ) -> set[int]:
+    ) -> dict[int, VersionState]:
         rows = await self._db.fetch(
-            "SELECT number FROM registry.versions WHERE tenant = $1 AND agent = $2 "
+            "SELECT number, state FROM registry.versions WHERE tenant = $1 AND agent = $2 "
             "AND number = ANY($3::bigint[])",
             tenant, agent.agent, list(numbers),
         )
-        return {r["number"] for r in rows}
+        return {r["number"]: VersionState(r["state"]) for r in rows}
 
     async def list_versions(
         self, tenant: str, agent: AgentRef, after: Key | None, limit: int

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from corral.manifest import Manifest, Tool
 from services.common.endpoints import TrafficShare
+from services.common.execution import StartFailure
 from services.common.metric_spec import Direction, MetricSpec
 from services.registry.model import JsonValue
 from services.registry.rollout_model import (
@@ -87,6 +88,17 @@ def manifest_from_json(text: str) -> Manifest:
     fields["tools"] = tuple(Tool(t["name"], t.get("schema", "")) for t in doc.get("tools", ()))
     fields["dependencies"] = tuple(doc.get("dependencies", ()))
     return Manifest(**fields)
+
+
+def failure_json(failure: StartFailure | None) -> str | None:
+    return json.dumps(dataclasses.asdict(failure)) if failure is not None else None
+
+
+def failure_from_json(text: str | None) -> StartFailure | None:
+    if text is None:
+        return None
+    doc: dict[str, str] = json.loads(text)
+    return StartFailure(doc["error_type"], doc["message"], doc.get("traceback", ""))
 
 
 # -- metrics -----------------------------------------------------------------------------------

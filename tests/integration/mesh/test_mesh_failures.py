@@ -1,22 +1,36 @@
 """All five services in-process, driven through the router: failures and the statuses they
 come back with (a busy session, an agent that raises, crashes, times out or does not import,
-bad requests and unknown targets), each leaving the session usable."""
+bad requests and unknown targets), each leaving the session usable. (Publishing refuses a version
+that does not import, tests/integration/test_start_check.py; a version published with the start
+check off, or before there was one, still reaches invocations.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from corral.router.v1 import router_pb2 as rt
 from corral.sessions.v1 import sessions_pb2 as ses
+from services.common.settings import Settings, StartCheck
 from tests.bundles import BEHAVIOUR
-from tests.mesh import Mesh
+from tests.mesh import Mesh, started_mesh
 from tests.rpc import body, error_details, fails
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+@pytest_asyncio.fixture
+async def unchecked(settings: Settings, tmp_path: Path) -> AsyncIterator[Mesh]:
+    """The mesh with the start check at publish off: a version that cannot start is published."""
+    async with started_mesh(replace(settings, start_check=StartCheck.OFF), tmp_path) as mesh:
+        yield mesh
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -146,7 +160,8 @@ async def test_a_cancelled_crashed_or_timed_out_turn_leaves_the_session_usable(m
     assert json.loads(state.state) == {"turns": 8} and state.turn_count == 8
 
 
-async def test_an_agent_that_fails_to_import_is_reported(mesh: Mesh) -> None:
+async def test_an_agent_that_fails_to_import_is_reported(unchecked: Mesh) -> None:
+    mesh = unchecked
     agent = await mesh.publish_agent(
         "broken", "import corral_no_such_module\nfrom corral.sdk import App\napp = App()\n"
     )
@@ -162,7 +177,8 @@ async def test_an_agent_that_fails_to_import_is_reported(mesh: Mesh) -> None:
     assert "TypeError" in (err.details() or "") and "corral.sdk.App" in (err.details() or "")
 
 
-async def test_a_session_whose_version_cannot_start_is_not_left_behind(mesh: Mesh) -> None:
+async def test_a_session_whose_version_cannot_start_is_not_left_behind(unchecked: Mesh) -> None:
+    mesh = unchecked
     agent = await mesh.publish_agent("noload", "raise RuntimeError('no start')\n")
     named = f"{mesh.prefix}-noload"
     await fails(grpc.StatusCode.INTERNAL, mesh.invoke(agent, {}, session_id=named))
