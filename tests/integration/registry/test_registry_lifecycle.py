@@ -26,6 +26,7 @@ from corral.sessions.v1 import sessions_pb2 as ses
 from corral.sessions.v1 import sessions_pb2_grpc
 from services.registry.clients import SessionsClient
 from services.registry.lifecycle import Lifecycle
+from services.registry.model import VersionState
 from services.registry.store import PgStore
 from services.registry.tenancy import acting_for
 from tests import harness
@@ -207,7 +208,9 @@ async def test_collecting_a_bundle_and_publishing_it_again_at_once_keeps_it(worl
     async def publish(tenant: str, data: bytes) -> None:
         async with store.tx() as tx:
             await tx.ensure_agent(tenant, agent, "u")
-            await tx.insert_version(tenant, agent, digest_of(data), data, inspect(data).manifest, "u")
+            await tx.insert_version(
+                tenant, agent, digest_of(data), data, inspect(data).manifest, "u", VersionState.READY
+            )
 
     async def collect(number: int) -> list[str]:
         async with store.tx() as tx:
