@@ -229,7 +229,7 @@ async def test_collecting_a_bundle_and_publishing_it_again_at_once_keeps_it(worl
                 else:
                     await first.ensure_agent(new, agent, "u")
                     await first.insert_version(
-                        new, agent, digest_of(data), data, inspect(data).manifest, "u")
+                        new, agent, digest_of(data), data, inspect(data).manifest, "u", VersionState.READY)
                     second = asyncio.create_task(collect(n))
                 await asyncio.sleep(0.3)
                 assert not second.done()  # waits for the bundle's row
