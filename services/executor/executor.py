@@ -24,6 +24,7 @@ from services.executor.credentials import CredentialIssuer, InvocationCredential
 from services.executor.model import (
     Event,
     Invocation,
+    LogExport,
     SandboxInfo,
     SandboxListing,
     Sessions,
@@ -50,6 +51,7 @@ class Executor:
         self, settings: ExecutorSettings, starter: SandboxStarter, sessions: Sessions,
         spans: SpanExport, broker: ModelBroker, holder: str, *,
         credentials: CredentialIssuer | None = None, tools: ToolBroker | None = None,
+        logs: LogExport | None = None,
     ) -> None:
         self.settings = settings
         self.credentials = credentials
@@ -61,7 +63,9 @@ class Executor:
             settings, sessions, starter.bundles, starter, self.pools, metrics, holder
         )
         self._credentials = InvocationCredentials(credentials)
-        self._turns = Turns(self.sandboxes, sessions, spans, broker, tools, self._credentials)
+        self._turns = Turns(
+            self.sandboxes, sessions, spans, broker, tools, self._credentials, logs
+        )
 
     def start(self) -> None:
         self._starter.remove_leftovers()

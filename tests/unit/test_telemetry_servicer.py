@@ -18,12 +18,13 @@ from services.common import identity
 from services.common.auth.principal import Principal, Role
 from services.common.interceptors import Context
 from services.telemetry.evaluation import Evaluation
+from services.telemetry.logs import AgentLogs
 from services.telemetry.model import FleetVersion, Latency, UsageCounts
 from services.telemetry.prometheus import LATENCY_WINDOW_S, version_snapshot
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes.telemetry import FakeFleet, FakeScoreStore, FakeSpanStore
+from tests.fakes.telemetry import FakeFleet, FakeLogStore, FakeScoreStore, FakeSpanStore
 from tests.otlp import export_request
 
 
@@ -48,7 +49,8 @@ def _acme_operator() -> Iterator[None]:
 def servicers() -> tuple[TelemetryServicer, TraceServicer]:
     spans, scores = FakeSpanStore(), FakeScoreStore()
     telemetry = Telemetry(spans, scores)
-    return TelemetryServicer(telemetry, Evaluation(scores, spans)), TraceServicer(telemetry)
+    servicer = TelemetryServicer(telemetry, Evaluation(scores, spans), AgentLogs(FakeLogStore()))
+    return servicer, TraceServicer(telemetry)
 
 
 Call = Callable[[TelemetryServicer], Awaitable[object]]
