@@ -17,6 +17,7 @@ from corral.cli import (
     experiments,
     invoking,
     keys,
+    logs,
     observability,
     publishing,
     rollouts,
@@ -30,7 +31,7 @@ from corral.manifest import ManifestError
 from corral.profiles import ConnectionOptions
 from corral.strategy import StrategyError
 
-AREAS = (publishing, endpoints, invoking, sessions, observability, sandboxes, rollouts,
+AREAS = (publishing, endpoints, invoking, sessions, observability, logs, sandboxes, rollouts,
          experiments, tools, keys)
 
 

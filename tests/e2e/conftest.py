@@ -42,6 +42,8 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
         "CORRAL_DATABASE_URL": database_url,
         "CORRAL_REDIS_URL": redis_url,
         "CORRAL_REDIS_PREFIX": f"e2e-{os.getpid()}:",
+        # The corral command of this checkout, whichever checkout the virtualenv was installed from.
+        "PYTHONPATH": str(ROOT),
         **dict.fromkeys(HTTP_PORTS, ANY_PORT),
     })
     log = (data / "platform.log").open("wb")

@@ -12,39 +12,17 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from corral.telemetry.v1 import telemetry_pb2 as tel
-from tests.bundles import agent_files, write_bundle
+from tests.bundles import DEBUGGED_LINE, debugged_agent, write_bundle
 from tests.mesh import Mesh
 from tests.rpc import error_details, fails, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
-AGENT = """
-import logging
-import sys
-
-from corral.sdk import App
-from helpers import ratio
-
-app = App()
-log = logging.getLogger("debugged")
-
-
-@app.entrypoint
-def run(payload, ctx):
-    print("starting", payload.get("n"))
-    log.info("dividing by %s", payload.get("n"))
-    print("a note on stderr", file=sys.stderr)
-    for i in range(payload.get("flood", 0)):
-        print(f"{i:06d} " + "x" * 1000)
-    yield ratio(1, payload.get("n", 0))
-"""
-HELPERS = "def ratio(a, b):\n    return str(a / b)\n"
 
 
 async def _publish(mesh: Mesh) -> str:
     agent = f"{mesh.prefix}-debugged"
-    files = {**agent_files(agent, AGENT), "helpers.py": HELPERS}
-    await mesh.publish(write_bundle(mesh.tmp / agent, files))
+    await mesh.publish(write_bundle(mesh.tmp / agent, debugged_agent(agent)))
     return agent
 
 
@@ -88,7 +66,7 @@ async def test_an_agents_output_and_traceback_reach_its_author(mesh: Mesh) -> No
     stack = _stack(err)
     # The agent's frames, named as in its bundle, and none of the runtime's.
     assert stack[0] == "Traceback (most recent call last):"
-    assert '  File "agent.py", line 19, in run' in stack
+    assert f'  File "agent.py", line {DEBUGGED_LINE}, in run' in stack
     assert '  File "helpers.py", line 2, in ratio' in stack
     assert "    return str(a / b)" in stack
     assert stack[-1] == "ZeroDivisionError: division by zero"
