@@ -158,10 +158,13 @@ class BrokeredTools:
         return result.payload
 
 
-def agent_traceback(exc: BaseException, bundle: Path) -> str:
-    """`exc` as Python prints it, but with only the frames of the bundle's own files (named
-    relative to the bundle): the agent's author can act on those; the runtime's are noise."""
-    root = bundle.resolve()
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def _bundle_frames(exc: BaseException, root: Path) -> list[str]:
+    """`exc` as Python prints it, with only the frames of files under `root` (named relative to
+    it)."""
     lines = ["Traceback (most recent call last):\n"]
     for frame in traceback.extract_tb(exc.__traceback__):
         try:
@@ -172,7 +175,29 @@ def agent_traceback(exc: BaseException, bundle: Path) -> str:
         if frame.line:
             lines.append(f"    {frame.line.strip()}\n")
     lines.extend(traceback.format_exception_only(type(exc), exc))
-    return "".join(lines)
+    return lines
+
+
+def agent_traceback(exc: BaseException, bundle: Path) -> str:
+    """`exc` and the exceptions it was raised from, as Python prints them, but with only the
+    frames of the bundle's own files: the agent's author can act on those; the runtime's are
+    noise."""
+    root = bundle.resolve()
+    chain: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain[:0] = _bundle_frames(current, root)
+        if current.__cause__ is not None:
+            chain[:0] = [_CAUSE]
+            current = current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            chain[:0] = [_CONTEXT]
+            current = current.__context__
+        else:
+            current = None
+    return "".join(chain)
 
 
 def _failed(exc: BaseException, bundle: Path, message: str) -> pb.WorkerFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from services.executor.model import AgentLogLine
 
@@ -28,6 +29,10 @@ class InvocationOutput:
         """A LogSink: lines the sandbox sent, and bytes the worker already left out."""
         self.dropped_bytes += max(0, dropped_bytes)
         for line in lines:
+            if line.source == PLATFORM_SOURCE:
+                # Only the platform's notes have this source: an agent's logger named so is
+                # told apart from them.
+                line = replace(line, source=f"agent.{PLATFORM_SOURCE}")
             size = len(line.body.encode(errors="replace"))
             if self._size + size > self._limit:
                 self.dropped_bytes += size
