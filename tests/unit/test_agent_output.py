@@ -13,10 +13,6 @@ import click
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from corral.cli.logs import since_time
 from corral.names import AgentRef
@@ -32,7 +28,7 @@ from services.telemetry.log_model import LogFilter
 from services.telemetry.logs import AgentLogs
 from services.telemetry.otlp_logs import log_batch
 from tests.fakes.telemetry import FakeLogStore
-from tests.otlp import attributes, kv
+from tests.otlp import logs_request
 
 # -- inside the sandbox ------------------------------------------------------------------------
 
@@ -144,24 +140,12 @@ def test_an_errors_stack_travels_as_debug_info_bounded_to_its_last_lines() -> No
 # -- telemetry ---------------------------------------------------------------------------------
 
 
-def _export(tenant: str, invocation: str, *bodies: str) -> ExportLogsServiceRequest:
-    resource = Resource(attributes=attributes({
-        "corral.tenant": tenant, "corral.agent": "agents/a", "corral.version": "agents/a/versions/1",
-        "corral.session": "sessions/s", "corral.invocation": invocation}))
-    records = [LogRecord(time_unix_nano=1_750_000_000_000_000_000 + i,
-                         body=AnyValue(string_value=b), severity_text="INFO",
-                         attributes=[kv("corral.log.source", "stdout")])
-               for i, b in enumerate(bodies)]
-    return ExportLogsServiceRequest(resource_logs=[
-        ResourceLogs(resource=resource, scope_logs=[ScopeLogs(log_records=records)])])
-
-
 def test_a_tenants_own_export_lands_in_its_tenant_whatever_it_claims() -> None:
-    platform = log_batch(_export("acme", "i1", "hello"), otlp.Exporter("default", trusted=True))
+    platform = log_batch(logs_request("acme", "agents/a", "i1", "hello"), otlp.Exporter("default", trusted=True))
     assert [(r.tenant, r.agent, r.invocation_id, r.source, r.platform) for r in platform.rows] == [
         ("acme", "agents/a", "i1", "stdout", True)]
     user = otlp.Exporter("mallory", trusted=False, user="m")
-    forged = log_batch(_export("acme", "i1", "hello"), user)
+    forged = log_batch(logs_request("acme", "agents/a", "i1", "hello"), user)
     assert [(r.tenant, r.platform) for r in forged.rows] == [("mallory", False)]
 
 
@@ -170,8 +154,8 @@ async def test_an_invocation_keeps_its_budget_over_every_export_and_tenants_stay
     trusted = otlp.Exporter("default", trusted=True)
     line = "z" * 1024
     for _ in range(3):  # 3 exports of 30 KiB for one invocation
-        await logs.export(log_batch(_export("acme", "i1", *[line] * 30), trusted))
-    await logs.export(log_batch(_export("other", "i1", "another tenant's"), trusted))
+        await logs.export(log_batch(logs_request("acme", "agents/a", "i1", *[line] * 30), trusted))
+    await logs.export(log_batch(logs_request("other", "agents/a", "i1", "another tenant's"), trusted))
     page = await logs.list_logs("acme", LogFilter(AgentRef("a")), 1000, "")
     bodies = [r.body for r in page.items]
     assert bodies.count(line) == 64 and bodies[-1].startswith("[output truncated")
@@ -180,7 +164,7 @@ async def test_an_invocation_keeps_its_budget_over_every_export_and_tenants_stay
     assert [r.body for r in (await logs.list_logs("other", LogFilter(AgentRef("a")), 0, "")).items] \
         == ["another tenant's"]
     # The follow token continues after the last record, even on the last page.
-    await logs.export(log_batch(_export("acme", "i2", "later"), trusted))
+    await logs.export(log_batch(logs_request("acme", "agents/a", "i2", "later"), trusted))
     later = await logs.list_logs("acme", LogFilter(AgentRef("a")), 1000, page.follow_token)
     assert [r.body for r in later.items] == ["later"]
 
