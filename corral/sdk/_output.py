@@ -14,7 +14,8 @@ from typing import TextIO
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 
-# Bytes of one invocation's output sent to the executor; what is past it is only counted.
+# Bytes of one invocation's output sent to the executor (each line with its newline); what is past
+# it is only counted.
 MAX_INVOCATION_BYTES = 64 * 1024
 # How long output may wait in the worker before it is sent, while the agent keeps writing.
 FLUSH_EVERY_S = 0.5
@@ -98,7 +99,8 @@ class OutputCapture:
             self._maybe_flush()
 
     def _add(self, source: str, number: int, severity: str, body: str) -> None:
-        size = len(body.encode(errors="replace"))
+        # A line with its newline: empty lines count too, so their number is bounded as well.
+        size = len(body.encode(errors="replace")) + 1
         if self._size + size > MAX_INVOCATION_BYTES:
             self._dropped += size
             return

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 from services.executor.model import AgentLogLine
 
-# Bytes of log bodies kept per invocation; past it lines are dropped and one note says how many.
+# Bytes of log lines (each with its newline) kept per invocation; past it lines are dropped and
+# one note says how many.
 MAX_INVOCATION_LOG_BYTES = 64 * 1024
 # The source of the executor's own note that output was left out.
 PLATFORM_SOURCE = "corral"
@@ -33,7 +34,7 @@ class InvocationOutput:
                 # Only the platform's notes have this source: an agent's logger named so is
                 # told apart from them.
                 line = replace(line, source=f"agent.{PLATFORM_SOURCE}")
-            size = len(line.body.encode(errors="replace"))
+            size = len(line.body.encode(errors="replace")) + 1  # as the worker counts a line
             if self._size + size > self._limit:
                 self.dropped_bytes += size
                 continue

@@ -35,8 +35,9 @@ class LogRow:
 
     @property
     def size(self) -> int:
-        """What the record counts against its invocation's bound: its body's UTF-8 bytes."""
-        return len(self.body.encode(errors="replace"))
+        """What the record counts against its invocation's bound: its body's UTF-8 bytes and a
+        newline (so that empty records are bounded in number too)."""
+        return len(self.body.encode(errors="replace")) + 1
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,8 @@ def test_an_invocations_output_past_its_bound_is_counted_not_kept() -> None:
     logs = capture.take()
     assert logs is not None
     assert sum(len(r.body) for r in logs.records) <= MAX_INVOCATION_BYTES
-    assert len(logs.records) == MAX_INVOCATION_BYTES // 1023
-    assert logs.dropped_bytes == (100 - len(logs.records)) * 1023
+    assert len(logs.records) == MAX_INVOCATION_BYTES // 1024  # a line and its newline
+    assert logs.dropped_bytes == (100 - len(logs.records)) * 1024
     capture.begin()  # the next invocation starts afresh
     capture.write("stdout", "again\n")
     capture.end()
@@ -114,11 +114,11 @@ def _line(body: str, source: str = "stdout") -> AgentLogLine:
 
 
 def test_the_executor_bounds_what_the_worker_sends_and_says_what_it_dropped() -> None:
-    output = InvocationOutput(limit=10)
+    output = InvocationOutput(limit=12)
     output.take([_line("12345"), _line("67890"), _line("overflow")], dropped_bytes=100)
     lines = output.lines()
     assert [line.body for line in lines[:2]] == ["12345", "67890"]
-    assert lines[2].source == "corral" and "108 more bytes were dropped" in lines[2].body
+    assert lines[2].source == "corral" and "109 more bytes were dropped" in lines[2].body
     # An agent's logger named like the platform's notes is told apart from them.
     forged = InvocationOutput()
     forged.take([_line("I am the platform", source="corral")], 0)
@@ -152,7 +152,7 @@ def test_a_tenants_own_export_lands_in_its_tenant_whatever_it_claims() -> None:
 async def test_an_invocation_keeps_its_budget_over_every_export_and_tenants_stay_apart() -> None:
     logs = AgentLogs(FakeLogStore())
     trusted = otlp.Exporter("default", trusted=True)
-    line = "z" * 1024
+    line = "z" * 1023  # 1 KiB with its newline
     for _ in range(3):  # 3 exports of 30 KiB for one invocation
         await logs.export(log_batch(logs_request("acme", "agents/a", "i1", *[line] * 30), trusted))
     await logs.export(log_batch(logs_request("other", "agents/a", "i1", "another tenant's"), trusted))

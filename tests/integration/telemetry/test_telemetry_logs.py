@@ -28,7 +28,7 @@ async def _bodies(telemetry: Telemetry, tenant: str, agent: str) -> list[str]:
 
 
 async def test_an_invocations_logs_are_bounded_over_its_exports(telemetry: Telemetry) -> None:
-    tenant, agent, line = f"t-{uid()}", f"agents/l-{uid()}", "q" * 1024
+    tenant, agent, line = f"t-{uid()}", f"agents/l-{uid()}", "q" * 1023
     async with internal_channel(telemetry.settings, "telemetry", "executor") as channel:
         executor = _logs_service(channel)
         for _ in range(3):
