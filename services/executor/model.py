@@ -113,6 +113,7 @@ class LogOrigin:
     """Whose log lines they are: stamped by the executor, whatever the agent's code says."""
 
     attributes: Mapping[str, str]
+    # The invocation's span, in hex ("" when it has none: tracing off).
     trace_id: str
     span_id: str
 

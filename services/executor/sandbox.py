@@ -174,11 +174,11 @@ class Sandbox:
             traceparent=turn.traceparent, endpoint=turn.endpoint, tenant=turn.tenant,
             user=turn.user, credentials=turn.credentials, deadline_unix_ms=turn.deadline_unix_ms,
         )
-        # aclosing: closing this generator (a caller that went away) must end the exchange too.
         def log_frames(frame: pb.Logs) -> None:
             if logs is not None:
                 logs([_log_line(r) for r in frame.records], frame.dropped_bytes)
 
+        # aclosing: closing this generator (a caller that went away) must end the exchange too.
         async with contextlib.aclosing(
             self.invoke(invocation, model_frames, tool_frames, log_frames)
         ) as items:

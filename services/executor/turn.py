@@ -138,9 +138,11 @@ class Turns:
         if self._logs is None or not lines:
             return
         context = span.get_span_context()
+        valid = context.is_valid  # not without a tracer provider (tracing off, in-process tests)
         self._logs.forward(lines, LogOrigin(
             {k: str(attributes[k]) for k in TRUSTED_SPAN_KEYS},
-            format(context.trace_id, "032x"), format(context.span_id, "016x"),
+            format(context.trace_id, "032x") if valid else "",
+            format(context.span_id, "016x") if valid else "",
         ))
 
     async def _exchange(

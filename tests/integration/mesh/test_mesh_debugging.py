@@ -88,8 +88,9 @@ async def test_an_agents_output_and_traceback_reach_its_author(mesh: Mesh) -> No
     assert failed.invocation_id not in ("", first.invocation_id)
     for r in records:
         assert r.agent == f"agents/{agent}" and r.version == f"agents/{agent}/versions/1"
-        assert r.session == f"sessions/{session}" and len(r.trace_id) == 32
-    assert first.trace_id == ok.info.trace_id
+        assert r.session == f"sessions/{session}"
+    # (Their trace and span are the invocation span's: tracing is off in-process, so the e2e test
+    # tests/e2e/test_debugging.py checks those.)
 
     # One invocation's lines alone, and the filters' mistakes named.
     only = await _logs(mesh, tel.ListLogsRequest(
