@@ -386,6 +386,10 @@ class CorralClient:
         request = tel.ListSpansRequest(filter=span_filter, page_size=limit)
         return list(self.telemetry.ListSpans(request, metadata=self.metadata).spans)
 
+    def logs(self, request: tel.ListLogsRequest) -> tel.ListLogsResponse:
+        """One page of an agent's log records (what it printed and logged), oldest first."""
+        return self.telemetry.ListLogs(request, metadata=self.metadata)
+
     def metrics(self, agent: str) -> list[tel.VersionMetrics]:
         request = tel.GetVersionMetricsRequest(agent=names.agent_name(agent))
         return list(self.telemetry.GetVersionMetrics(request, metadata=self.metadata).versions)

@@ -26,8 +26,12 @@ PACKAGES = {
     "corral.telemetry.v1": "telemetry",
     "corral.identity.v1": "registry",
     "opentelemetry.proto.collector.trace.v1": "telemetry",
+    "opentelemetry.proto.collector.logs.v1": "telemetry",
 }
-_MODULES = ("opentelemetry.proto.collector.trace.v1.trace_service_pb2",)
+_MODULES = (
+    "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+    "opentelemetry.proto.collector.logs.v1.logs_service_pb2",
+)
 
 FieldType = descriptor.FieldDescriptor
 

@@ -70,6 +70,38 @@ def agent_files(name: str, code: str, *, toml_extra: str = "") -> dict[str, str]
     return {"agent.toml": toml, "agent.py": code, "prompt.md": "You help.\n"}
 
 
+# Prints, logs, writes to stderr, floods its output with `flood` lines of 1 KB, and divides by
+# payload "n" in a second file of its bundle (ZeroDivisionError for 0).
+DEBUGGED = """
+import logging
+import sys
+
+from corral.sdk import App
+from helpers import ratio
+
+app = App()
+log = logging.getLogger("debugged")
+
+
+@app.entrypoint
+def run(payload, ctx):
+    print("starting", payload.get("n"))
+    log.info("dividing by %s", payload.get("n"))
+    print("a note on stderr", file=sys.stderr)
+    for i in range(payload.get("flood", 0)):
+        print(f"{i:06d} " + "x" * 1000)
+    yield ratio(1, payload.get("n", 0))
+"""
+DEBUGGED_HELPERS = "def ratio(a, b):\n    return str(a / b)\n"
+# The line of agent.py that calls into helpers.py.
+DEBUGGED_LINE = 19
+
+
+def debugged_agent(name: str) -> dict[str, str]:
+    """The DEBUGGED agent's files, named `name`."""
+    return {**agent_files(name, DEBUGGED), "helpers.py": DEBUGGED_HELPERS}
+
+
 def packed_agent(
     tmp: Path, name: str, code: str = SAYS_HI, *, prompt: str = "You help.\n", **extra: str | bytes
 ) -> bytes:

@@ -1,13 +1,15 @@
-"""Spans as an OpenTelemetry exporter sends them to telemetry: attributes, spans of an agent's
-invocations built by hand, and the ExportTraceServiceRequest that carries a batch of spans and
-their resource."""
+"""Spans and log records as an OpenTelemetry exporter sends them to telemetry: attributes, spans of
+an agent's invocations built by hand, the ExportTraceServiceRequest that carries a batch of spans
+and their resource, and an ExportLogsServiceRequest of an invocation's lines."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
@@ -83,3 +85,16 @@ def invocation(agent: str, n: int, session: str, tenant: str) -> dict[str, str]:
         **corral_attributes(agent, n, "prod", session, tenant),
         "gen_ai.operation.name": "invoke_agent",
     }
+
+
+def logs_request(tenant: str, agent: str, invocation_id: str, *bodies: str) -> ExportLogsServiceRequest:
+    """One batch of stdout lines `bodies` of an invocation of version 1 of `agent` (its name in
+    full) in session `sessions/s`, its resource naming `tenant`, as the executor exports them."""
+    resource = Resource(attributes=attributes({
+        "corral.tenant": tenant, "corral.agent": agent, "corral.version": f"{agent}/versions/1",
+        "corral.session": "sessions/s", "corral.invocation": invocation_id}))
+    records = [LogRecord(time_unix_nano=T0 + i, body=AnyValue(string_value=body),
+                         severity_text="INFO", attributes=[kv("corral.log.source", "stdout")])
+               for i, body in enumerate(bodies)]
+    return ExportLogsServiceRequest(resource_logs=[
+        ResourceLogs(resource=resource, scope_logs=[ScopeLogs(log_records=records)])])

@@ -18,6 +18,7 @@ from corral.cli import (
     experiments,
     invoking,
     keys,
+    logs,
     observability,
     publishing,
     rollouts,
@@ -31,7 +32,7 @@ from corral.manifest import ManifestError
 from corral.profiles import ConnectionOptions
 from corral.strategy import StrategyError
 
-AREAS = (publishing, dev, endpoints, invoking, sessions, observability, sandboxes, rollouts,
+AREAS = (publishing, dev, endpoints, invoking, sessions, observability, logs, sandboxes, rollouts,
          experiments, tools, keys)
 
 

@@ -80,11 +80,30 @@ def spans(state: State, trace_id: str) -> None:
     rows = state.client.spans(tel.SpanFilter(trace_id=trace_id), 1000)
     # Tables read in start order; the JSON keeps the service's order.
     by_start = sorted(rows, key=lambda r: r.start_time.ToNanoseconds())
-    emit(state, [to_dict(r) for r in rows], lambda: print_table(
-        by_start, ("span", "service", "ms", "status", "parent"),
-        lambda r: (r.name, r.service, f"{r.duration_ms:.2f}", _span_status(r.status),
-                   r.parent_span_id or "-"),
-    ))
+
+    def table() -> None:
+        print_table(
+            by_start, ("span", "service", "ms", "status", "parent"),
+            lambda r: (r.name, r.service, f"{r.duration_ms:.2f}", _span_status(r.status),
+                       r.parent_span_id or "-"),
+        )
+        for span in by_start:
+            _print_exceptions(span)
+
+    emit(state, [to_dict(r) for r in rows], table)
+
+
+def _print_exceptions(span: tel.Span) -> None:
+    """A span's `exception` events: the type and message, then the traceback it carries."""
+    for event in span.events:
+        if event.name != "exception":
+            continue
+        fields = event.attributes.fields
+        kind = fields["exception.type"].string_value if "exception.type" in fields else "?"
+        message = fields["exception.message"].string_value if "exception.message" in fields else ""
+        out.print(f"\n[red]exception[/red] in {span.name} ({span.span_id}): {kind}: {message}")
+        if "exception.stacktrace" in fields:
+            out.print(fields["exception.stacktrace"].string_value.rstrip("\n"), markup=False)
 
 
 @click.command()

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
@@ -179,14 +179,36 @@ def rpc_error(exc: grpc.RpcError) -> tuple[str, str]:
     return code, details
 
 
+def stack_trace(exc: grpc.RpcError) -> list[str]:
+    """The stack trace a failed call carries (google.rpc.DebugInfo): an agent's traceback, its
+    frames from the agent's bundle only."""
+    # The calls' errors are also grpc.Call objects, which carry the trailers; the type says not.
+    trailing: Callable[[], Iterable[tuple[str, str | bytes]] | None] | None = getattr(
+        exc, "trailing_metadata", None)
+    for key, value in (trailing() if trailing is not None else None) or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                debug = error_details_pb2.DebugInfo()
+                if detail.Unpack(debug):
+                    return list(debug.stack_entries)
+    return []
+
+
 def rpc_failure(exc: grpc.RpcError) -> NoReturn:
-    """A call the platform refused: its status code and message, as JSON under --json."""
+    """A call the platform refused: its status code and message, then the agent's traceback when
+    it carries one; as JSON under --json."""
     code, details = rpc_error(exc)
+    stack = stack_trace(exc)
     # Raised out of the command, past its State: the command line says whether --json was given.
     if "--json" in sys.argv:
-        click.echo(json.dumps({"error": {"code": code, "message": details}}))
+        error: dict[str, object] = {"code": code, "message": details}
+        if stack:
+            error["traceback"] = stack
+        click.echo(json.dumps({"error": error}))
     else:
         err.print(f"[red]error:[/red] {code}: {details}")
+        for line in stack:
+            err.print(line, markup=False)
     sys.exit(1)
 
 

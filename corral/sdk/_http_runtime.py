@@ -68,18 +68,6 @@ class AgentServerError(RuntimeError):
     """The agent's server did not start, or went away."""
 
 
-class LockedChannel(Channel):
-    """Invocations stream from their own thread while the main thread answers pings."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self._lock = threading.Lock()
-
-    def send(self, frame: pb.WorkerFrame) -> None:
-        with self._lock:
-            super().send(frame)
-
-
 @dataclass
 class AgentServer:
     """The agent's HTTP server process and the last of what it wrote to stderr."""
@@ -240,7 +228,7 @@ def _timeout(inv: pb.Invocation) -> float | None:
 
 
 class Bridge:
-    def __init__(self, channel: LockedChannel) -> None:
+    def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.invocations: queue.Queue[pb.Invocation] = queue.Queue()
         self.in_flight = threading.Event()
@@ -335,7 +323,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="corral: %(message)s")
     _die_with_parent()
     fd, bundle_dir, entrypoint = int(argv[1]), Path(argv[2]), argv[3]
-    channel = LockedChannel(socket.socket(fileno=fd))
+    channel = Channel(socket.socket(fileno=fd))
     server: AgentServer | None = None
     try:
         server = start_server(bundle_dir, entrypoint)

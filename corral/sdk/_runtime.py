@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from corral import names
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from corral.sdk import App, Context, ModelError, ToolError
+from corral.sdk._output import OutputCapture, install
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context as OtelContext
@@ -32,14 +34,29 @@ MAX_FRAME = 64 * 1024 * 1024
 
 
 class Channel:
-    """Blocking framed I/O on the socket to the executor."""
+    """Blocking framed I/O on the socket to the executor. Frames may be sent from the agent's
+    threads (its output, `capture`), so writes hold a lock, and output waiting to be sent goes
+    first: the executor reads an invocation's output in the order it was written."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.lock = threading.RLock()
+        self.capture = OutputCapture(self._send_logs, self.lock)
 
-    def send(self, frame: pb.WorkerFrame) -> None:
+    def _write(self, frame: pb.WorkerFrame) -> None:
         data = frame.SerializeToString()
         self.sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def _send_logs(self, logs: pb.Logs) -> None:
+        with self.lock:
+            self._write(pb.WorkerFrame(logs=logs))
+
+    def send(self, frame: pb.WorkerFrame) -> None:
+        with self.lock:
+            logs = self.capture.take()
+            if logs is not None:
+                self._write(pb.WorkerFrame(logs=logs))
+            self._write(frame)
 
     def _read(self, n: int) -> bytes:
         buf = bytearray()
@@ -141,6 +158,53 @@ class BrokeredTools:
         return result.payload
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def _bundle_frames(exc: BaseException, root: Path) -> list[str]:
+    """`exc` as Python prints it, with only the frames of files under `root` (named relative to
+    it)."""
+    lines = ["Traceback (most recent call last):\n"]
+    for frame in traceback.extract_tb(exc.__traceback__):
+        try:
+            path = Path(frame.filename).resolve().relative_to(root)
+        except (ValueError, OSError):
+            continue
+        lines.append(f'  File "{path}", line {frame.lineno}, in {frame.name}\n')
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}\n")
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return lines
+
+
+def agent_traceback(exc: BaseException, bundle: Path) -> str:
+    """`exc` and the exceptions it was raised from, as Python prints them, but with only the
+    frames of the bundle's own files: the agent's author can act on those; the runtime's are
+    noise."""
+    root = bundle.resolve()
+    chain: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain[:0] = _bundle_frames(current, root)
+        if current.__cause__ is not None:
+            chain[:0] = [_CAUSE]
+            current = current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            chain[:0] = [_CONTEXT]
+            current = current.__context__
+        else:
+            current = None
+    return "".join(chain)
+
+
+def _failed(exc: BaseException, bundle: Path, message: str) -> pb.WorkerFrame:
+    return pb.WorkerFrame(failed=pb.Failed(
+        error_type=type(exc).__name__, message=message, traceback=agent_traceback(exc, bundle)))
+
+
 def _encode(item: object) -> bytes:
     if isinstance(item, bytes):
         return item
@@ -206,8 +270,11 @@ class _Tracing:
 
 
 class Worker:
-    def __init__(self, app: App, channel: Channel, prompt: str, resource: dict[str, str]) -> None:
+    def __init__(
+        self, app: App, channel: Channel, prompt: str, resource: dict[str, str], bundle: Path
+    ) -> None:
         self.app = app
+        self.bundle = bundle
         self.channel = channel
         self.prompt = prompt
         self.model = BrokeredModel(channel)
@@ -258,16 +325,17 @@ class Worker:
             token = otel_context.attach(self.tracing.context(inv.traceparent))
         except ImportError:
             token = None
+        self.channel.capture.begin()
         try:
             for item in self._outputs(self.app.handler(payload, ctx)):
                 self.channel.send(pb.WorkerFrame(chunk=pb.Chunk(data=_encode(item))))
         except Exception as exc:  # noqa: BLE001 - the agent's failure is reported, not fatal
-            self.channel.send(pb.WorkerFrame(failed=pb.Failed(
-                error_type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc(limit=20),
-            )))
+            self.channel.capture.end()
+            self.channel.send(_failed(exc, self.bundle, str(exc)))
             self.tracing.drain()
             return
         finally:
+            self.channel.capture.end()
             if token is not None:
                 otel_context.detach(token)
         try:
@@ -338,16 +406,14 @@ def main(argv: list[str]) -> int:
         os.dup2(null, 0)
         os.close(null)
     channel = Channel(socket.socket(fileno=fd))
+    install(channel.capture)
     try:
         app = load_app(bundle_dir, entrypoint)
         prompt = (bundle_dir / prompt_file).read_text() if prompt_file else ""
     except Exception as exc:  # noqa: BLE001 - reported to the executor as a start failure
-        channel.send(pb.WorkerFrame(failed=pb.Failed(
-            error_type=type(exc).__name__, message=f"loading {entrypoint}: {exc}",
-            traceback=traceback.format_exc(limit=20),
-        )))
+        channel.send(_failed(exc, bundle_dir, f"loading {entrypoint}: {exc}"))
         return 1
-    Worker(app, channel, prompt, resource).serve()
+    Worker(app, channel, prompt, resource, bundle_dir).serve()
     return 0
 
 

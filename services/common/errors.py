@@ -47,7 +47,8 @@ class CorralError(Exception):
     `reason` is an UPPER_SNAKE word for programs (ErrorInfo.reason; by default the kind's name,
     NotFound → NOT_FOUND), `violations` name the bad request fields, `metadata` carries figures
     (ErrorInfo.metadata). `domain` is the service the error came from when it was passed on from
-    another service, else empty (the reporting service's own)."""
+    another service, else empty (the reporting service's own). `stack` is a stack trace the caller
+    may read (google.rpc.DebugInfo): an agent's own, never the platform's."""
 
     default_reason: ClassVar[str] = "INTERNAL"
 
@@ -63,6 +64,7 @@ class CorralError(Exception):
         violations: Sequence[FieldViolation] = (),
         metadata: Mapping[str, str] | None = None,
         domain: str = "",
+        stack: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -70,6 +72,7 @@ class CorralError(Exception):
         self.violations = tuple(violations)
         self.metadata = dict(metadata or {})
         self.domain = domain
+        self.stack = stack
 
 
 class InvalidArgument(CorralError):

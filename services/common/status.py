@@ -67,7 +67,32 @@ def domain_error(exc: Exception) -> CorralError | None:
     return None
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+# How much of a stack trace an error carries (UTF-8 bytes): it travels in the call's trailers,
+# which gRPC bounds (8 KiB by default) together with everything else they hold.
+MAX_STACK = 3000
+
+
+def stack_entries(stack: str, limit: int = MAX_STACK) -> list[str]:
+    """A stack trace's lines within `limit` bytes, keeping the last ones (where it raised) and
+    saying how many earlier lines were left out."""
+    lines = stack.rstrip("\n").splitlines()
+    kept: list[str] = []
+    size = 0
+    for line in reversed(lines):
+        line = bounded(line, 500)
+        size += len(line.encode()) + 1
+        if size > limit:
+            break
+        kept.append(line)
+    kept.reverse()
+    if len(kept) < len(lines):
+        kept.insert(0, f"... ({len(lines) - len(kept)} earlier lines left out)")
+    return kept
+
+
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.DebugInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -104,13 +129,17 @@ def google_status(error: CorralError, domain: str) -> status_pb2.Status:
                 )
             )
         )
+    if error.stack:
+        details.append(_pack(error_details_pb2.DebugInfo(stack_entries=stack_entries(error.stack))))
     return status_pb2.Status(
         code=code_pb2.Code.Value(code.name), message=bounded(error.message), details=details
     )
 
 
 _DETAILS_KEY = "grpc-status-details-bin"
-_Detail = TypeVar("_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
+_Detail = TypeVar(
+    "_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.DebugInfo
+)
 
 
 def _google_status(err: grpc.aio.AioRpcError) -> status_pb2.Status | None:
@@ -144,10 +173,12 @@ def field_violations(err: grpc.aio.AioRpcError) -> list[FieldViolation]:
 
 def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
     """The domain error a failed call to `service` stands for, keeping its reason, field
-    violations and metadata. A service that cannot be reached is Unavailable, naming it."""
+    violations, metadata and stack trace. A service that cannot be reached is Unavailable,
+    naming it."""
     code = err.code()
     message = err.details() or code.name
     info = error_info(err)
+    debug = _detail(_google_status(err), error_details_pb2.DebugInfo())
     if info is None and code == grpc.StatusCode.UNAVAILABLE:
         # Not an answer from the service but a failure to reach it.
         message = f"{service} is unavailable ({message}); retry shortly"
@@ -157,6 +188,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
         violations=field_violations(err),
         metadata=dict(info.metadata) if info is not None else {},
         domain=info.domain if info is not None and info.domain else service,
+        stack="\n".join(debug.stack_entries) if debug is not None else "",
     )
 
 

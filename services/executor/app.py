@@ -20,6 +20,7 @@ from services.executor.clients import (
     RegistryClient,
     RegistryToolResolver,
     SessionsClient,
+    TelemetryLogs,
     TelemetrySpans,
 )
 from services.executor.credentials import CredentialIssuer
@@ -65,6 +66,8 @@ class ExecutorService(App):
         stack.push_async_callback(registry.close)
         spans = TelemetrySpans(s)
         stack.push_async_callback(spans.close)
+        logs = TelemetryLogs(s)
+        stack.push_async_callback(logs.close)
         metrics = ExecutorMetrics(s.model_prices, self.metrics)
         broker = ModelBroker(providers_from_settings(provider_env, outbound), metrics=metrics)
         stack.push_async_callback(broker.aclose)
@@ -90,7 +93,8 @@ class ExecutorService(App):
             s.executor.python, metrics,
         )
         executor = Executor(
-            s.executor, starter, sessions, spans, broker, holder, credentials=issuer, tools=tools
+            s.executor, starter, sessions, spans, broker, holder, credentials=issuer, tools=tools,
+            logs=logs,
         )
         executor.start()
         stack.push_async_callback(executor.close)

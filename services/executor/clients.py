@@ -5,15 +5,18 @@ domain values and raises the domain error tree."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Protocol
 
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.logs.v1 import logs_pb2
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from corral.names import SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -29,8 +32,10 @@ from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling, from_rpc_error
 from services.executor.model import (
+    AgentLogLine,
     FinishedTurn,
     Lease,
+    LogOrigin,
     PackedBundle,
     ResolvedTool,
     SessionState,
@@ -184,6 +189,67 @@ class TelemetrySpans(ServiceClient[TraceExport]):
     async def close(self) -> None:
         await self._sending.wait(timeout_s=2)
         await super().close()
+
+
+class LogsExport(Protocol):
+    """The call of OTLP's LogsService that forwarding an agent's output makes."""
+
+    def Export(
+        self, request: logs_service_pb2.ExportLogsServiceRequest, *, timeout: float
+    ) -> Awaitable[logs_service_pb2.ExportLogsServiceResponse]: ...
+
+
+_logs_stub: Callable[[grpc.aio.Channel], LogsExport] = logs_service_pb2_grpc.LogsServiceStub
+# The OpenTelemetry source attribute of a line: stdout, stderr or the Python logger's name.
+LOG_SOURCE_ATTR = "corral.log.source"
+
+
+class TelemetryLogs(ServiceClient[LogsExport]):
+    """Sends what an agent printed and logged to telemetry's LogsService as the executor, which
+    telemetry trusts with the tenant, agent, version, session and invocation it stamps."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "telemetry", _logs_stub)
+        self._sending = TaskSet("forwarding agent output")
+
+    def forward(self, lines: Sequence[AgentLogLine], origin: LogOrigin) -> None:
+        if lines:
+            self._sending.spawn(self._send(logs_request(lines, origin)))
+
+    async def _send(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
+        try:
+            await self._stub.Export(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not forward agent output to telemetry: %s", exc.details())
+
+    async def close(self) -> None:
+        await self._sending.wait(timeout_s=2)
+        await super().close()
+
+
+def logs_request(
+    lines: Sequence[AgentLogLine], origin: LogOrigin
+) -> logs_service_pb2.ExportLogsServiceRequest:
+    """An invocation's lines as OTLP log records, its names on their resource, each record in
+    the invocation's span."""
+    resource = Resource()
+    _replace(resource.attributes, {"service.name": "corral-agent", **origin.attributes})
+    trace_id, span_id = bytes.fromhex(origin.trace_id), bytes.fromhex(origin.span_id)
+    records = [
+        logs_pb2.LogRecord(
+            time_unix_nano=line.time_unix_nano, observed_time_unix_nano=line.time_unix_nano,
+            severity_number=line.severity_number,  # type: ignore[arg-type]
+            severity_text=line.severity_text, body=AnyValue(string_value=line.body),
+            attributes=[KeyValue(key=LOG_SOURCE_ATTR, value=AnyValue(string_value=line.source))],
+            trace_id=trace_id, span_id=span_id,
+        )
+        for line in lines
+    ]
+    return logs_service_pb2.ExportLogsServiceRequest(resource_logs=[logs_pb2.ResourceLogs(
+        resource=resource,
+        scope_logs=[logs_pb2.ScopeLogs(scope=InstrumentationScope(name="corral.agent"),
+                                       log_records=records)],
+    )])
 
 
 def _counted_by_telemetry(key: str) -> bool:

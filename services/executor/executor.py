@@ -27,6 +27,7 @@ from services.executor.credentials import CredentialIssuer, InvocationCredential
 from services.executor.model import (
     Event,
     Invocation,
+    LogExport,
     SandboxInfo,
     SandboxListing,
     Sessions,
@@ -56,6 +57,7 @@ class Executor:
         self, settings: ExecutorSettings, starter: SandboxStarter, sessions: Sessions,
         spans: SpanExport, broker: ModelBroker, holder: str, *,
         credentials: CredentialIssuer | None = None, tools: ToolBroker | None = None,
+        logs: LogExport | None = None,
     ) -> None:
         self.settings = settings
         self.credentials = credentials
@@ -68,7 +70,7 @@ class Executor:
         )
         self._credentials = InvocationCredentials(credentials)
         self._turns = Turns(
-            self.sandboxes, sessions, spans, broker, tools, self._credentials, metrics
+            self.sandboxes, sessions, spans, broker, tools, self._credentials, metrics, logs
         )
         self._bundle_sweeper = Periodic(
             self._sweep_bundles, every_s=BUNDLE_SWEEP_S, what="collected bundles sweep")

@@ -6,7 +6,7 @@ tests/fakes/executor.py."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -22,7 +22,20 @@ SpanAttributes = Mapping[str, str | int]
 
 
 class AgentError(Internal):
-    """The agent's code raised; the message carries its exception type and message."""
+    """The agent's code raised; the message carries its exception type and message, `stack` its
+    traceback (the bundle's frames only)."""
+
+    def __init__(
+        self, message: str, *, reason: str, agent_exception: str, agent_message: str, stack: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata, stack=stack)
+        self.agent_exception, self.agent_message = agent_exception, agent_message
+
+    def exception_attributes(self) -> dict[str, str]:
+        """The agent's exception as OpenTelemetry's `exception` span event names it."""
+        return {"exception.type": self.agent_exception, "exception.message": self.agent_message,
+                "exception.stacktrace": self.stack}
 
 
 # -- one invocation ----------------------------------------------------------------------------
@@ -72,6 +85,37 @@ class TurnOutput:
 
     state: bytes
     otlp_spans: bytes = b""
+
+
+# -- what the agent printed and logged --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLogLine:
+    """A line the agent wrote to stdout or stderr, or a record it logged, during an invocation."""
+
+    time_unix_nano: int
+    # "stdout", "stderr", a Python logger's name; "corral" for the executor's own notes.
+    source: str
+    # OpenTelemetry's severity number and text.
+    severity_number: int
+    severity_text: str
+    body: str
+
+
+# What the sandbox hands over as an invocation runs: its log lines, and how many bytes of output
+# the worker already left out.
+LogSink = Callable[[Sequence[AgentLogLine], int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LogOrigin:
+    """Whose log lines they are: stamped by the executor, whatever the agent's code says."""
+
+    attributes: Mapping[str, str]
+    # The invocation's span, in hex ("" when it has none: tracing off).
+    trace_id: str
+    span_id: str
 
 
 # -- the agent's calls out of its sandbox ------------------------------------------------------
@@ -329,6 +373,12 @@ class SandboxListing:
 
 
 # -- telemetry and credentials -------------------------------------------------------------------
+
+
+class LogExport(Protocol):
+    def forward(self, lines: Sequence[AgentLogLine], origin: LogOrigin) -> None:
+        """Sends one invocation's log lines on in the background, stamped with `origin`."""
+        ...
 
 
 class SpanExport(Protocol):

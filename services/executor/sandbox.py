@@ -17,7 +17,9 @@ from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.errors import Internal
 from services.executor.drivers.base import SandboxDriver, SandboxSpec, Usage, WorkerProcess
 from services.executor.model import (
+    AgentLogLine,
     ChunkSink,
+    LogSink,
     ModelHandler,
     ModelRequest,
     ToolHandler,
@@ -59,6 +61,11 @@ async def _tool_result(call: pb.ToolCall, tools: ToolFrames | None) -> pb.ToolRe
     result = await tools(call)
     result.call_id = call.call_id
     return result
+
+
+def _log_line(record: pb.LogRecord) -> AgentLogLine:
+    return AgentLogLine(record.time_unix_nano, record.source, record.severity_number,
+                        record.severity_text, record.body)
 
 
 class Sandbox:
@@ -135,10 +142,10 @@ class Sandbox:
             raise SandboxCrashed("the sandbox closed its socket") from exc
 
     async def run(
-        self, turn: TurnInput, model: ModelHandler, tools: ToolHandler
+        self, turn: TurnInput, model: ModelHandler, tools: ToolHandler, logs: LogSink | None = None
     ) -> AsyncGenerator[bytes | Done, None]:
-        """`invoke` in the domain's terms: the turn's input, and handlers for the agent's model
-        and tool calls."""
+        """`invoke` in the domain's terms: the turn's input, handlers for the agent's model and
+        tool calls, and where its output (print, stderr, logging) goes as it arrives."""
 
         async def model_frames(call: pb.ModelCall) -> pb.ModelResult:
             async def chunk(text: str) -> None:
@@ -167,17 +174,25 @@ class Sandbox:
             traceparent=turn.traceparent, endpoint=turn.endpoint, tenant=turn.tenant,
             user=turn.user, credentials=turn.credentials, deadline_unix_ms=turn.deadline_unix_ms,
         )
+        def log_frames(frame: pb.Logs) -> None:
+            if logs is not None:
+                logs([_log_line(r) for r in frame.records], frame.dropped_bytes)
+
         # aclosing: closing this generator (a caller that went away) must end the exchange too.
-        async with contextlib.aclosing(self.invoke(invocation, model_frames, tool_frames)) as items:
+        async with contextlib.aclosing(
+            self.invoke(invocation, model_frames, tool_frames, log_frames)
+        ) as items:
             async for item in items:
                 yield item
 
     async def invoke(
-        self, invocation: pb.Invocation, broker: ModelFrames, tools: ToolFrames | None = None
+        self, invocation: pb.Invocation, broker: ModelFrames, tools: ToolFrames | None = None,
+        logs: Callable[[pb.Logs], None] | None = None,
     ) -> AsyncGenerator[bytes | Done, None]:
         """Runs one invocation; yields output chunks, then a Done. Raises AgentFailed or
         SandboxCrashed. `broker` answers model calls (it may send ModelChunk frames itself
-        through `send` for a streamed call); `tools` answers tool calls."""
+        through `send` for a streamed call); `tools` answers tool calls; `logs` takes the
+        agent's output as it arrives."""
         async with self._exchange:
             await self.send(pb.HostFrame(invoke=invocation))
             while True:
@@ -195,6 +210,9 @@ class Sandbox:
                     return
                 elif kind == "failed":
                     raise AgentFailed(frame.failed.error_type, frame.failed.message, frame.failed.traceback)
+                elif kind == "logs":
+                    if logs is not None:
+                        logs(frame.logs)
                 elif kind == "pong":
                     continue  # the answer to a ping that gave up waiting
                 else:

@@ -44,6 +44,7 @@ class SandboxStarter:
         except AgentFailed as exc:
             raise AgentError(
                 f"the agent failed to load: {exc.error_type}: {exc.message}", reason="AGENT_LOAD_ERROR",
+                stack=exc.traceback, agent_exception=exc.error_type, agent_message=exc.message,
             ) from None
         self.metrics.sandbox_start.labels(self.driver.name).observe(time.monotonic() - began)
         return sandbox

@@ -33,12 +33,15 @@ from services.executor.model import (
     Event,
     FinishedTurn,
     Invocation,
+    LogExport,
+    LogOrigin,
     Sessions,
     SessionState,
     SpanExport,
     TurnInput,
     TurnOutput,
 )
+from services.executor.output import InvocationOutput
 from services.executor.sandbox import AgentFailed, SandboxCrashed
 from services.executor.sandboxes import SandboxTable, SessionSandbox
 from services.executor.tools import ToolBroker
@@ -68,8 +71,9 @@ class Turns:
     def __init__(
         self, table: SandboxTable, sessions: Sessions, spans: SpanExport, models: ModelBroker,
         tools: ToolBroker | None, credentials: InvocationCredentials, metrics: ExecutorMetrics,
+        logs: LogExport | None = None,
     ) -> None:
-        self._table, self._sessions, self._spans = table, sessions, spans
+        self._table, self._sessions, self._spans, self._logs = table, sessions, spans, logs
         self._metrics = metrics
         # What answers the agent's calls, and what authenticates them to tools.
         self._models, self._tools, self._credentials = models, tools, credentials
@@ -90,6 +94,7 @@ class Turns:
         )
         scope_context = trace.set_span_in_context(span, parent)
         tokens: InvocationTokens | None = None
+        output_log = InvocationOutput()
         try:
             bound = await self._table.sandbox_for(caller, inv)
             yield Started(format(span.get_span_context().trace_id, "032x"))
@@ -101,7 +106,8 @@ class Turns:
             output: list[bytes] = []
             done: TurnOutput | None = None
             turn = _turn_input(caller, inv, bound, scope_context, token, deadline)
-            async with contextlib.aclosing(self._exchange(bound, turn, calls)) as items:
+            exchange = self._exchange(bound, turn, calls, output_log)
+            async with contextlib.aclosing(exchange) as items:
                 async for item in items:
                     if isinstance(item, TurnOutput):
                         done = item
@@ -120,6 +126,8 @@ class Turns:
             if code:  # closed once Completed was out: nothing failed
                 raise
             code = "CANCELLED"
+            if isinstance(exc, AgentError):
+                span.add_event("exception", exc.exception_attributes())
             if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
                 code = exc.reason if isinstance(exc, CorralError) else type(exc).__name__
                 span.set_status(trace.StatusCode.ERROR, str(exc)[:500])
@@ -128,12 +136,28 @@ class Turns:
             raise
         finally:
             span.end()
+            self._forward_output(output_log, attributes, span)
             if tokens is not None:
                 # The invocation is over: its tokens must not work a moment longer.
                 tokens.close()
 
+    def _forward_output(
+        self, output: InvocationOutput, attributes: dict[str, str | int], span: trace.Span
+    ) -> None:
+        """The agent's output, stamped with the invocation's names and span, to telemetry."""
+        lines = output.lines()
+        if self._logs is None or not lines:
+            return
+        context = span.get_span_context()
+        valid = context.is_valid  # not without a tracer provider (tracing off, in-process tests)
+        self._logs.forward(lines, LogOrigin(
+            {k: str(attributes[k]) for k in TRUSTED_SPAN_KEYS},
+            format(context.trace_id, "032x") if valid else "",
+            format(context.span_id, "016x") if valid else "",
+        ))
+
     async def _exchange(
-        self, bound: SessionSandbox, turn: TurnInput, calls: AgentCalls
+        self, bound: SessionSandbox, turn: TurnInput, calls: AgentCalls, output: InvocationOutput
     ) -> AsyncGenerator[bytes | TurnOutput, None]:
         """The turn inside the sandbox, its failures as the caller should see them. Whatever
         interrupts a turn but the agent's own exception ends the sandbox: its worker may still be
@@ -141,7 +165,8 @@ class Turns:
         manifest = bound.manifest
         try:
             async with asyncio.timeout(manifest.timeout_s):
-                async with contextlib.aclosing(bound.sandbox.run(turn, calls.model, calls.tool)) as items:
+                run = bound.sandbox.run(turn, calls.model, calls.tool, output.take)
+                async with contextlib.aclosing(run) as items:
                     async for item in items:
                         yield item
         except TimeoutError:
@@ -153,7 +178,8 @@ class Turns:
         except AgentFailed as exc:
             raise AgentError(
                 f"the agent raised {exc.error_type}: {exc.message}", reason="AGENT_ERROR",
-                metadata={"error_type": exc.error_type},
+                metadata={"error_type": exc.error_type}, stack=exc.traceback,
+                agent_exception=exc.error_type, agent_message=exc.message,
             ) from None
         except SandboxCrashed as exc:
             raise await self._crashed(bound, exc) from None

@@ -1,6 +1,6 @@
-"""Wires telemetry: pool and migrations → stores → domains → the OTLP receiver, the two servicers
-on one server and OTLP over HTTP on a port of its own; the receiver's metrics in the service's
-registry."""
+"""Wires telemetry: pool and migrations → stores → domains → the OTLP receivers, the three
+servicers on one server and OTLP over HTTP on a port of its own; the receiver's metrics in the
+service's registry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -23,12 +24,14 @@ from services.telemetry.clients import SessionsClient
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.forward_sink import checked_sink
 from services.telemetry.forwarding import Forwarder
+from services.telemetry.logs import AgentLogs
+from services.telemetry.logs_servicer import LogsServicer
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.otlp_http import OtlpHttp, traces
 from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
-from services.telemetry.store import PgScoreStore, PgSpanStore
+from services.telemetry.store import PgLogStore, PgScoreStore, PgSpanStore
 from services.telemetry.trace_servicer import TraceServicer
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 _add_trace_servicer: Callable[[TraceServicer, grpc.aio.Server], None] = (
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server
 )
+_add_logs_servicer: Callable[[LogsServicer, grpc.aio.Server], None] = (
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server
+)
+LOGS_SERVICE = logs_service_pb2.DESCRIPTOR.services_by_name["LogsService"].full_name
 TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
 
@@ -60,8 +67,10 @@ class TelemetryApp(App):
         metrics = TelemetryMetrics(self.metrics)
         receiver = SpanReceiver(telemetry, metrics, await self._forwarder(metrics, stack))
         _add_trace_servicer(TraceServicer(receiver), server)
+        logs = AgentLogs(PgLogStore(pool))
+        _add_logs_servicer(LogsServicer(logs), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            TelemetryServicer(telemetry, Evaluation(scores, spans, sessions)), server
+            TelemetryServicer(telemetry, Evaluation(scores, spans, sessions), logs), server
         )
         if self.settings.otlp_http_port:
             if self._authenticator is None:
@@ -69,7 +78,7 @@ class TelemetryApp(App):
             http = OtlpHttp([traces(receiver)], self._authenticator, "0.0.0.0", self.settings.otlp_http_port)
             await http.start()
             stack.push_async_callback(http.close)
-        return [TELEMETRY_SERVICE, TRACE_SERVICE]
+        return [TELEMETRY_SERVICE, TRACE_SERVICE, LOGS_SERVICE]
 
 
     async def _forwarder(

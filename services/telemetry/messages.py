@@ -16,7 +16,9 @@ from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common.paging import Page
 from services.common.timestamps import timestamp
 from services.telemetry import analysis
+from services.telemetry.log_model import LogPage
 from services.telemetry.model import (
+    Attributes,
     Score,
     ScoreSource,
     SpanRow,
@@ -67,16 +69,32 @@ def _message(cls: type[M], value: DataclassInstance, **converted: Any) -> M:
     return cls(**same, **converted)
 
 
+def _struct(values: Attributes) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def logs_response(page: LogPage) -> pb.ListLogsResponse:
+    return pb.ListLogsResponse(
+        records=[_message(pb.LogRecord, r, time=timestamp(r.time)) for r in page.items],
+        next_page_token=page.next_page_token,
+        follow_token=page.follow_token,
+    )
+
+
 def span_pb(row: SpanRow) -> pb.Span:
-    attributes = struct_pb2.Struct()
-    attributes.update(row.attributes)
     return _message(
         pb.Span,
         row,
         start_time=timestamp(row.start_time),
         end_time=timestamp(row.end_time),
         status=_STATUS[row.status],
-        attributes=attributes,
+        attributes=_struct(row.attributes),
+        events=[
+            pb.SpanEvent(name=e.name, time=timestamp(e.time), attributes=_struct(e.attributes))
+            for e in row.events
+        ],
     )
 
 

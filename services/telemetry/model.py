@@ -45,6 +45,16 @@ class SpanStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class SpanEvent:
+    """Something that happened during a span: an exception (OpenTelemetry's `exception` event,
+    with exception.type, .message and .stacktrace), a score, a redaction."""
+
+    name: str
+    time: datetime
+    attributes: Attributes
+
+
+@dataclass(frozen=True)
 class SpanRow:
     """One stored span. Ids are lowercase hex; the Corral columns hold the resource names the
     exporter sent (the platform's as sent; a tenant's principal's normalised, see otlp.py)."""
@@ -72,6 +82,7 @@ class SpanRow:
     # Exported by the platform (a Corral service), not by a tenant's principal: only these count
     # in metrics and rollout analysis.
     platform: bool = True
+    events: tuple[SpanEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,9 @@ class ExportBatch:
 @dataclass(frozen=True)
 class ExportResult:
     accepted: int
-    stored: int  # fewer than accepted when some spans were already stored
+    # Fewer than accepted when some spans were already stored, or log records went over their
+    # invocation's bound.
+    stored: int
     rejected: int
     reason: str
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -36,6 +36,7 @@ from services.telemetry.model import (
     JsonValue,
     NewScore,
     ScoreSource,
+    SpanEvent,
     SpanRow,
     SpanStatus,
 )
@@ -62,6 +63,8 @@ MAX_VALUE_CHARS = 4096
 # how deep arrays and key-value lists may nest: what is past either is left out.
 MAX_ATTRIBUTE_CHARS = 64 * 1024
 MAX_DEPTH = 4
+# How many of a span's events are kept (the first ones): each is bounded as a span's attributes.
+MAX_EVENTS = 32
 # How many of a span's attributes were left out by the bounds above, when any were.
 DROPPED_ATTR = "corral.attributes_dropped"
 _CUT = "…"
@@ -95,7 +98,7 @@ _STATUS = {
 }
 
 
-def _clean(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+def clean_text(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     # PostgreSQL text and jsonb refuse NUL characters; a span carrying one must not fail the batch.
     text = text.replace("\x00", "")
     return text if len(text) <= limit else text[: limit - 1] + _CUT
@@ -108,7 +111,7 @@ class _Budget:
         self.left = MAX_ATTRIBUTE_CHARS
 
     def text(self, text: str, limit: int = MAX_VALUE_CHARS) -> str:
-        kept = _clean(text, max(1, min(limit, self.left)))
+        kept = clean_text(text, max(1, min(limit, self.left)))
         self.left -= len(kept)
         return kept
 
@@ -169,15 +172,15 @@ def _text(value: JsonValue) -> str:
     return "" if value is None else str(value)
 
 
-def _nanos_to_datetime(nanos: int) -> datetime:
+def nanos_to_datetime(nanos: int) -> datetime:
     return _EPOCH + timedelta(microseconds=nanos // 1000)
 
 
 @dataclass(frozen=True)
-class _Source:
-    """One span with its resource: Corral's attributes come from the span, else the resource."""
+class Attributed:
+    """A span's or a log record's attributes with its resource's: Corral's attributes come from
+    the item, else the resource."""
 
-    span: OtlpSpan
     attributes: Attributes
     resource: Attributes
 
@@ -188,12 +191,19 @@ class _Source:
         return _text(value)
 
 
+@dataclass(frozen=True)
+class _Source(Attributed):
+    """One span with its resource."""
+
+    span: OtlpSpan
+
+
 def _spans(request: ExportTraceServiceRequest) -> Iterator[_Source]:
     for resource_spans in request.resource_spans:
         resource = attributes_dict(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                yield _Source(span, attributes_dict(span.attributes), resource)
+                yield _Source(attributes_dict(span.attributes), resource, span)
 
 
 def _kind(span: OtlpSpan) -> str:
@@ -203,7 +213,7 @@ def _kind(span: OtlpSpan) -> str:
 
 
 @dataclass(frozen=True)
-class _Names:
+class Names:
     """The tenant and resource names a span is stored under."""
 
     tenant: str
@@ -212,14 +222,18 @@ class _Names:
     endpoint: str
 
 
-def _names(source: _Source, exporter: Exporter) -> _Names:
-    agent, version = source.text(AGENT_ATTR), source.text(VERSION_ATTR)
-    endpoint = source.text(ENDPOINT_ATTR)
+def names_of(text: Callable[[str], str], exporter: Exporter) -> Names:
+    """The tenant and names a span or log record (its attribute `text`s) is filed under: as the
+    platform says, or in the exporter's tenant with short names normalised."""
+    agent, version, endpoint = text(AGENT_ATTR), text(VERSION_ATTR), text(ENDPOINT_ATTR)
     if exporter.trusted:
-        return _Names(source.text(TENANT_ATTR) or exporter.tenant, agent, version, endpoint)
+        return Names(text(TENANT_ATTR) or exporter.tenant, agent, version, endpoint)
     agent = normalised_agent(agent)
-    return _Names(
-        exporter.tenant, agent, _child(agent, "versions", version), _child(agent, "endpoints", endpoint)
+    return Names(
+        exporter.tenant,
+        agent,
+        _child(agent, "versions", version),
+        _child(agent, "endpoints", endpoint),
     )
 
 
@@ -237,22 +251,36 @@ def _child(agent: str, collection: str, value: str) -> str:
     return f"{agent}/{collection}/{value}"
 
 
+def _events(span: OtlpSpan) -> tuple[SpanEvent, ...]:
+    """The span's first MAX_EVENTS events, their attributes within one MAX_ATTRIBUTE_CHARS for
+    them all."""
+    budget = _Budget()
+    return tuple(
+        SpanEvent(
+            budget.text(e.name, MAX_KEY_CHARS),
+            nanos_to_datetime(e.time_unix_nano),
+            _attributes(e.attributes, budget, 0)[0],
+        )
+        for e in span.events[:MAX_EVENTS]
+    )
+
+
 def _row(source: _Source, exporter: Exporter) -> SpanRow:
     span = source.span
-    names = _names(source, exporter)
+    names = names_of(source.text, exporter)
     end_nanos = max(span.end_time_unix_nano, span.start_time_unix_nano)
     return SpanRow(
         trace_id=span.trace_id.hex(),
         span_id=span.span_id.hex(),
         parent_span_id=span.parent_span_id.hex(),
-        name=_clean(span.name),
+        name=clean_text(span.name),
         service=_text(source.resource.get(SERVICE_NAME_ATTR)),
         kind=_kind(span),
-        start_time=_nanos_to_datetime(span.start_time_unix_nano),
-        end_time=_nanos_to_datetime(end_nanos),
+        start_time=nanos_to_datetime(span.start_time_unix_nano),
+        end_time=nanos_to_datetime(end_nanos),
         duration_ms=(end_nanos - span.start_time_unix_nano) / 1_000_000,
         status=_STATUS.get(span.status.code, SpanStatus.UNSET),
-        status_message=_clean(span.status.message),
+        status_message=clean_text(span.status.message),
         agent=names.agent,
         version=names.version,
         endpoint=names.endpoint,
@@ -263,12 +291,13 @@ def _row(source: _Source, exporter: Exporter) -> SpanRow:
         platform=exporter.trusted,
         attributes=source.attributes,
         resource=source.resource,
+        events=_events(span),
     )
 
 
 def _scores(source: _Source, exporter: Exporter) -> Iterator[NewScore]:
     session = source.text(SESSION_ATTR)
-    names = _names(source, exporter)
+    names = names_of(source.text, exporter)
     for event in source.span.events:
         if event.name != EVALUATION_EVENT:
             continue

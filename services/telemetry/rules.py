@@ -14,6 +14,7 @@ from datetime import datetime
 from corral.names import AgentRef, ResourceNameError, VersionRef
 from services.common.errors import InvalidArgument
 from services.telemetry import analysis
+from services.telemetry.log_model import LogFilter, LogRow
 from services.telemetry.model import (
     AnalysisScope,
     MetricRequest,
@@ -63,6 +64,68 @@ def version_order(version: str) -> tuple[int, int, str]:
         return (0, VersionRef.parse(version).number, "")
     except ResourceNameError:
         return (1, 0, version)
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+# Bytes of log bodies kept per invocation, over every export of it.
+MAX_INVOCATION_LOG_BYTES = 64 * 1024
+LOG_PAGE_SIZE = 100
+# The source of the platform's own records (a note that output was dropped).
+PLATFORM_SOURCE = "corral"
+_INVOCATION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def budget_scope(row: LogRow) -> str:
+    """What a record counts against: its invocation, else its trace; "" (no bound but each
+    record's own) when it names neither."""
+    if row.invocation_id:
+        return row.invocation_id
+    return f"trace:{row.trace_id}" if row.trace_id else ""
+
+
+def within_budget(
+    rows: Sequence[LogRow], used: int, limit: int
+) -> tuple[list[LogRow], int, LogRow | None]:
+    """The rows of one scope that fit in what is left of `limit` after `used` bytes, the bytes
+    used then, and, when some did not fit, a note to store in their place (once per scope: the
+    caller keeps whether it already has)."""
+    kept: list[LogRow] = []
+    first_dropped: LogRow | None = None
+    for row in rows:
+        if row.platform and row.source == PLATFORM_SOURCE:
+            kept.append(row)  # the executor's own note of what it dropped: not the agent's output
+            continue
+        if used + row.size > limit:
+            first_dropped = first_dropped or row
+            continue
+        used += row.size
+        kept.append(row)
+    if first_dropped is None:
+        return kept, used, None
+    note = replace(
+        first_dropped, source=PLATFORM_SOURCE, severity_number=13, severity_text="WARN",
+        body=f"[output truncated: this invocation's logs reached {limit // 1024} KiB; later "
+             "records were dropped]",
+    )
+    return kept, used, note
+
+
+def checked_log_filter(where: LogFilter) -> LogFilter:
+    """`where`, or InvalidArgument naming the field at fault."""
+    if where.version is not None and where.version.parent != where.agent:
+        raise InvalidArgument.field(
+            "version",
+            f"{where.version.name!r} does not belong to agent {where.agent.name!r}; drop one of "
+            "them",
+        )
+    if where.invocation_id and not _INVOCATION_ID.match(where.invocation_id):
+        raise InvalidArgument.field(
+            "invocation_id",
+            f"{where.invocation_id!r} is not an invocation id (letters, digits, _ . : -, as "
+            "InvocationInfo.invocation_id)",
+        )
+    return where
 
 
 # -- scores --------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from services.common.metric_protos import metric_from_pb
 from services.common.timestamps import optional_time
 from services.telemetry import messages, rules
 from services.telemetry.evaluation import Evaluation
+from services.telemetry.log_model import LogFilter
+from services.telemetry.logs import AgentLogs
 from services.telemetry.model import (
     AnalysisScope,
     ScoreFilter,
@@ -71,9 +73,10 @@ def _scope(
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, telemetry: Telemetry, evaluation: Evaluation) -> None:
+    def __init__(self, telemetry: Telemetry, evaluation: Evaluation, logs: AgentLogs) -> None:
         self._telemetry = telemetry
         self._evaluation = evaluation
+        self._logs = logs
 
     async def ListSpans(
         self, request: pb.ListSpansRequest, context: Context
@@ -86,6 +89,20 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     ) -> pb.ListTracesResponse:
         page = await self._telemetry.list_traces(*_span_query(request, context))
         return messages.traces_response(page)
+
+    async def ListLogs(self, request: pb.ListLogsRequest, context: Context) -> pb.ListLogsResponse:
+        where = LogFilter(
+            agent=AgentRef.parse(request.agent, field="agent"),
+            version=VersionRef.parse(request.version, field="version") if request.version else None,
+            session=SessionRef.parse(request.session, field="session") if request.session else None,
+            invocation_id=request.invocation_id,
+            start_time=optional_time(request, "start_time"),
+        )
+        page = await self._logs.list_logs(
+            tenancy.readable_tenant(caller(context), "logs"), where, request.page_size,
+            request.page_token,
+        )
+        return messages.logs_response(page)
 
     async def GetVersionMetrics(
         self, request: pb.GetVersionMetricsRequest, context: Context

@@ -27,6 +27,7 @@ from services.executor.metrics import ExecutorMetrics
 from services.executor.model import (
     FinishedTurn,
     Lease,
+    LogSink,
     ModelHandler,
     PackedBundle,
     SessionState,
@@ -250,7 +251,7 @@ class ScriptedSandbox(Sandbox):
         self.turns: list[TurnInput] = []
 
     async def run(
-        self, turn: TurnInput, model: ModelHandler, tools: ToolHandler
+        self, turn: TurnInput, model: ModelHandler, tools: ToolHandler, logs: LogSink | None = None
     ) -> AsyncGenerator[bytes | TurnOutput, None]:
         self.turns.append(turn)
         async for item in self.script(turn, model, tools, self.worker):

@@ -1,14 +1,18 @@
-"""Telemetry's seams in memory: its span and score stores, with the filters, order and keyset
-paging of the SQL, and the fleet the executor reports."""
+"""Telemetry's seams in memory: its span, score and log stores, with the filters, order and
+keyset paging of the SQL, and the fleet the executor reports."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from corral.names import AgentRef, SessionRef
 from services.common.paging import Key
+from services.telemetry import rules
 from services.telemetry.analysis import SessionObservation
+from services.telemetry.log_model import LogFilter, LogRow
 from services.telemetry.model import (
     INPUT_TOKENS_ATTR,
     MODEL_ATTR,
@@ -198,3 +202,42 @@ class FakeSessionDirectory:
 
     async def find_session(self, tenant: str, session: SessionRef) -> RecordedSession | None:
         return self.sessions.get((tenant, session.session))
+
+
+class FakeLogStore:
+    """telemetry's LogStore in memory: the budgets per (tenant, invocation) and the arrival
+    order of the SQL."""
+
+    def __init__(self) -> None:
+        self.rows: list[LogRow] = []
+        self.budgets: dict[tuple[str, str], tuple[int, bool]] = defaultdict(lambda: (0, False))
+
+    async def insert_logs(self, rows: Sequence[LogRow], budget_bytes: int) -> int:
+        scopes: dict[tuple[str, str], list[LogRow]] = defaultdict(list)
+        for row in rows:
+            scopes[(row.tenant, rules.budget_scope(row))].append(row)
+        stored = 0
+        for scope, group in scopes.items():
+            kept = group
+            if scope[1]:
+                used, truncated = self.budgets[scope]
+                kept, used, note = rules.within_budget(group, used, budget_bytes)
+                self.budgets[scope] = (used, truncated or note is not None)
+                stored -= 0 if note is None or truncated else 1
+                kept = kept if note is None or truncated else [*kept, note]
+            stored += len(kept)
+            self.rows += [replace(r, id=len(self.rows) + i + 1) for i, r in enumerate(kept)]
+        return stored
+
+    async def list_logs(
+        self, tenant: TenantScope, where: LogFilter, after: Key | None, limit: int
+    ) -> list[LogRow]:
+        matching = [
+            r for r in self.rows
+            if tenant in (None, r.tenant) and r.agent == where.agent.name
+            and (where.version is None or r.version == where.version.name)
+            and (where.session is None or r.session == where.session.name)
+            and (not where.invocation_id or r.invocation_id == where.invocation_id)
+            and (where.start_time is None or r.time >= where.start_time)
+        ]
+        return keyset_page(matching, lambda r: (r.id,), after, limit)

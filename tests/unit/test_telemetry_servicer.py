@@ -17,12 +17,13 @@ from services.common import identity
 from services.common.auth.principal import Principal, Role
 from services.common.interceptors import Context
 from services.telemetry.evaluation import Evaluation
+from services.telemetry.logs import AgentLogs
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes.telemetry import FakeScoreStore, FakeSessionDirectory, FakeSpanStore
+from tests.fakes.telemetry import FakeLogStore, FakeScoreStore, FakeSessionDirectory, FakeSpanStore
 from tests.otlp import export_request
 
 
@@ -48,7 +49,7 @@ def servicers() -> tuple[TelemetryServicer, TraceServicer]:
     spans, scores = FakeSpanStore(), FakeScoreStore()
     telemetry = Telemetry(spans, scores)
     evaluation = Evaluation(scores, spans, FakeSessionDirectory())
-    return TelemetryServicer(telemetry, evaluation), TraceServicer(
+    return TelemetryServicer(telemetry, evaluation, AgentLogs(FakeLogStore())), TraceServicer(
         SpanReceiver(telemetry, TelemetryMetrics())
     )
 

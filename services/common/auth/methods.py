@@ -161,11 +161,16 @@ METHODS: Mapping[str, Access] = {
         "GetVersionMetrics": user(VIEWER),
         "RecordScore": user(INVOKER),
         "ListScores": user(VIEWER),
+        "ListLogs": user(VIEWER),
         "CompareVersions": internal("registry"),
         "AnalyzeExperiment": internal("registry"),
     }),
     # Spans: every service exports its own; users' exports land in their tenant, untrusted.
     **_service("opentelemetry.proto.collector.trace.v1.TraceService", {
+        "Export": user(OPERATOR, *ALL_SERVICES),
+    }),
+    # What agents print and log: the executor exports it; users' exports land in their tenant.
+    **_service("opentelemetry.proto.collector.logs.v1.LogsService", {
         "Export": user(OPERATOR, *ALL_SERVICES),
     }),
     **_service("corral.identity.v1.IdentityService", {

@@ -13,6 +13,7 @@ from services.common.db import from_row
 from services.common.paging import Key
 from services.telemetry.model import (
     MODEL_ATTR,
+    SpanEvent,
     SpanFilter,
     SpanRow,
     SpanStatus,
@@ -56,8 +57,9 @@ _COLUMNS = (
     ("platform", "bool"),
     ("attributes", "text"),
     ("resource", "text"),
+    ("events", "text"),
 )
-_JSON = ("attributes", "resource")
+_JSON = ("attributes", "resource", "events")
 _NAMES = ", ".join(name for name, _ in _COLUMNS)
 _SELECTS = ", ".join(f"u.{name}::jsonb" if name in _JSON else f"u.{name}" for name, _ in _COLUMNS)
 _UNNEST = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(_COLUMNS, start=1))
@@ -93,6 +95,10 @@ def _values(row: SpanRow) -> tuple[Param, ...]:
         row.platform,
         json.dumps(row.attributes),
         json.dumps(row.resource),
+        json.dumps([
+            {"name": e.name, "time": e.time.isoformat(), "attributes": e.attributes}
+            for e in row.events
+        ]),
     )
 
 
@@ -103,6 +109,10 @@ def _row(r: asyncpg.Record) -> SpanRow:
         status=SpanStatus(r["status"]),
         attributes=json.loads(r["attributes"]),
         resource=json.loads(r["resource"]),
+        events=tuple(
+            SpanEvent(e["name"], datetime.fromisoformat(e["time"]), e["attributes"])
+            for e in json.loads(r["events"])
+        ),
     )
 
 
