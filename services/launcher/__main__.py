@@ -28,7 +28,8 @@ from services.common import embedded
 from services.common.auth.pki import LOCAL_HOSTS, ensure_pki
 from services.common.logs import setup_logging
 from services.common.settings import SERVICES, START_ORDER, Settings, inherited_environment
-from services.launcher.output import OutputTail, file_tail
+from services.launcher.children import EmbeddedPostgresChild, EmbeddedRedisChild, ServiceChild
+from services.launcher.output import OutputTail
 from services.launcher.ports import HeldPort
 from services.launcher.restarts import describe_exit
 from services.launcher.supervisor import Child, Interrupted, Supervisor
@@ -197,7 +198,7 @@ class Launcher:
             if self.stopping:
                 raise Interrupted
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode} while starting (see its log above)")
+                raise RuntimeError(f"{name} exited ({describe_exit(proc.returncode)}) while starting (see its log above)")
             if (found := probe()) is not None:
                 return found
             if time.monotonic() > deadline:
@@ -243,10 +244,10 @@ class Launcher:
         started again in its place, with back-off (services/launcher/supervisor.py)."""
         children: list[Child] = []
         if self.pg is not None:
-            children.append(_Postgres(self))
+            children.append(EmbeddedPostgresChild(self.pg))
         if self.redis is not None:
-            children.append(_Redis(self))
-        children.extend(_Service(self, name) for name in self.procs)
+            children.append(EmbeddedRedisChild(self))
+        children.extend(ServiceChild(self, name) for name in self.procs)
         supervisor = Supervisor(children, self.started_at)
         try:
             while not self.stopping:
@@ -254,72 +255,6 @@ class Launcher:
                 time.sleep(0.2)
         except Interrupted:
             pass
-
-
-class _Service:
-    """One of the launcher's service processes, restarted on the address it had."""
-
-    def __init__(self, launcher: Launcher, name: str) -> None:
-        self.launcher = launcher
-        self.name = name
-
-    def exit_status(self) -> str | None:
-        code = self.launcher.procs[self.name].poll()
-        return None if code is None else describe_exit(code)
-
-    def start(self) -> str:
-        try:
-            address = self.launcher.start_service(self.name)
-        except Exception:
-            embedded.stop_process(self.launcher.procs[self.name], grace_s=5)  # one that never became healthy
-            raise
-        return f"serving on {address} (pid {self.launcher.procs[self.name].pid})"
-
-    def last_lines(self) -> list[str]:
-        return self.launcher.outputs[self.name].last_lines()
-
-
-class _Redis:
-    """The embedded Redis, restarted on the same socket (empty: it keeps nothing on disk)."""
-
-    name = "redis"
-
-    def __init__(self, launcher: Launcher) -> None:
-        self.launcher = launcher
-        assert launcher.redis is not None
-        self.redis = launcher.redis
-
-    def exit_status(self) -> str | None:
-        code = self.redis.process.poll()
-        return None if code is None else describe_exit(code)
-
-    def start(self) -> str:
-        self.redis = self.launcher.redis = embedded.start_redis(self.redis.socket.parent)
-        return f"socket {self.redis.socket} (pid {self.redis.process.pid})"
-
-    def last_lines(self) -> list[str]:
-        return file_tail(self.redis.socket.parent / "redis.log")
-
-
-class _Postgres:
-    """The embedded PostgreSQL, restarted on the same data directory and socket."""
-
-    name = "postgres"
-
-    def __init__(self, launcher: Launcher) -> None:
-        assert launcher.pg is not None
-        self.pg = launcher.pg
-
-    def exit_status(self) -> str | None:
-        # pg_ctl started it, so its exit code is not the launcher's to read.
-        return None if self.pg.running() else "exit status unknown"
-
-    def start(self) -> str:
-        self.pg.restart()
-        return f"data in {self.pg.pgdata} (pid {self.pg.pid})"
-
-    def last_lines(self) -> list[str]:
-        return file_tail(self.pg.pgdata / "log")
 
 
 def _held_addresses(settings: Settings) -> dict[str, HeldPort]:
