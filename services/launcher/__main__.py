@@ -1,5 +1,6 @@
 """Starts embedded PostgreSQL and Redis (unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set),
-the five services as separate processes, publishes the example agent, and stops it all on Ctrl-C."""
+the five services as separate processes, publishes the example agent, restarts whatever of these
+dies, and stops it all on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ from services.common import embedded
 from services.common.auth.pki import LOCAL_HOSTS, ensure_pki
 from services.common.logs import setup_logging
 from services.common.settings import SERVICES, START_ORDER, Settings, inherited_environment
+from services.launcher.children import EmbeddedPostgresChild, EmbeddedRedisChild, ServiceChild
+from services.launcher.output import OutputTail
 from services.launcher.ports import HeldPort
+from services.launcher.restarts import describe_exit
+from services.launcher.supervisor import Child, Interrupted, Supervisor
 
 log = logging.getLogger("corral.launcher")
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +62,9 @@ class Launcher:
         # Updated as services start: an address asking for port 0 becomes the one its service bound.
         self.settings = Settings.from_env(self.environ)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.outputs: dict[str, OutputTail] = {}
+        # When each process (a service, "postgres", "redis") was started, on time.monotonic().
+        self.started_at: dict[str, float] = {}
         self.pg: embedded.EmbeddedPostgres | None = None
         self.redis: embedded.EmbeddedRedis | None = None
         self.stopping = False
@@ -93,11 +101,13 @@ class Launcher:
         else:
             t = time.monotonic()
             self.pg = embedded.start_postgres(data / "pg")
+            self.started_at["postgres"] = time.monotonic()
             log.info("PostgreSQL: embedded, data in %s (%.1fs)", data / "pg", time.monotonic() - t)
         if self.settings.redis_url:
             log.info("Redis: %s (from CORRAL_REDIS_URL)", _redact(self.settings.redis_url))
         else:
             self.redis = embedded.start_redis(data / "redis")
+            self.started_at["redis"] = time.monotonic()
             log.info("Redis: embedded, socket %s", self.redis.socket)
 
     def ensure_certificates(self) -> None:
@@ -158,11 +168,16 @@ class Launcher:
         # kill it half-way; the launcher stops it with SIGTERM in order instead.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{svc}"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL
+            proc = self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{svc}"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
         finally:
             signal.signal(signal.SIGINT, handler)
+        self.started_at[name] = time.monotonic()
+        # Its output goes on to the launcher's, the last lines kept for when it dies.
+        assert proc.stdout is not None
+        self.outputs[name] = OutputTail(name, proc.stdout, sys.stderr.buffer)
         deadline = time.monotonic() + timeout
         addr, internal = self._wait(
             name, deadline, f"{name} reported no address within {timeout:.0f}s",
@@ -181,9 +196,9 @@ class Launcher:
         proc = self.procs[name]
         while True:
             if self.stopping:
-                raise RuntimeError("interrupted")
+                raise Interrupted
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode} while starting (see its log above)")
+                raise RuntimeError(f"{name} exited ({describe_exit(proc.returncode)}) while starting (see its log above)")
             if (found := probe()) is not None:
                 return found
             if time.monotonic() > deadline:
@@ -224,15 +239,22 @@ class Launcher:
             self.pg.stop()
         log.info("stopped")
 
-    def supervise(self) -> int:
-        """Waits for Ctrl-C; if a service dies on its own, stops the rest."""
-        while not self.stopping:
-            for svc, proc in self.procs.items():
-                if proc.poll() is not None:
-                    log.error("%s exited unexpectedly (code %s); stopping the platform", svc, proc.returncode)
-                    return 1
-            time.sleep(0.5)
-        return 0
+    def supervise(self) -> None:
+        """Until Ctrl-C or SIGTERM: whatever dies (a service, the embedded PostgreSQL or Redis) is
+        started again in its place, with back-off (services/launcher/supervisor.py)."""
+        children: list[Child] = []
+        if self.pg is not None:
+            children.append(EmbeddedPostgresChild(self.pg))
+        if self.redis is not None:
+            children.append(EmbeddedRedisChild(self))
+        children.extend(ServiceChild(self, name) for name in self.procs)
+        supervisor = Supervisor(children, self.started_at)
+        try:
+            while not self.stopping:
+                supervisor.check()
+                time.sleep(0.2)
+        except Interrupted:
+            pass
 
 
 def _held_addresses(settings: Settings) -> dict[str, HeldPort]:
@@ -323,7 +345,7 @@ In another terminal (the corral command is in .venv/bin):
   corral chat progress-report --endpoint prod
   corral traces --agent progress-report --version 1
   corral metrics progress-report
-Press Ctrl-C to stop everything.
+A process that dies is started again (said here). Press Ctrl-C to stop everything.
 """
 
 
@@ -346,7 +368,7 @@ def main() -> int:
         # For whoever started the launcher with port 0 somewhere (the end-to-end tests).
         (launcher.settings.data_dir / "addresses.json").write_text(json.dumps(launcher.client_environ()))
         print(banner(launcher.settings), flush=True)
-        code = launcher.supervise()
+        launcher.supervise()
     except Exception as exc:  # noqa: BLE001 - one clear line, then a clean stop
         if not launcher.stopping:
             log.error("could not start the platform: %s", exc)
