@@ -25,9 +25,9 @@ from services.telemetry.evaluation import Evaluation
 from services.telemetry.forward_sink import checked_sink
 from services.telemetry.forwarding import Forwarder
 from services.telemetry.logs import AgentLogs
-from services.telemetry.logs_servicer import LogsServicer
+from services.telemetry.logs_servicer import LogReceiver, LogsServicer
 from services.telemetry.metrics import TelemetryMetrics
-from services.telemetry.otlp_http import OtlpHttp, traces
+from services.telemetry.otlp_http import OtlpHttp, logs, traces
 from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
@@ -67,15 +67,16 @@ class TelemetryApp(App):
         metrics = TelemetryMetrics(self.metrics)
         receiver = SpanReceiver(telemetry, metrics, await self._forwarder(metrics, stack))
         _add_trace_servicer(TraceServicer(receiver), server)
-        logs = AgentLogs(PgLogStore(pool))
-        _add_logs_servicer(LogsServicer(logs), server)
+        agent_logs = AgentLogs(PgLogStore(pool))
+        log_receiver = LogReceiver(agent_logs)
+        _add_logs_servicer(LogsServicer(log_receiver), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            TelemetryServicer(telemetry, Evaluation(scores, spans, sessions), logs), server
+            TelemetryServicer(telemetry, Evaluation(scores, spans, sessions), agent_logs), server
         )
         if self.settings.otlp_http_port:
             if self._authenticator is None:
                 raise RuntimeError("OTLP/HTTP needs the host's authenticator (authenticated_by)")
-            http = OtlpHttp([traces(receiver)], self._authenticator, "0.0.0.0", self.settings.otlp_http_port)
+            http = OtlpHttp([traces(receiver), logs(log_receiver)], self._authenticator, "0.0.0.0", self.settings.otlp_http_port)
             await http.start()
             stack.push_async_callback(http.close)
         return [TELEMETRY_SERVICE, TRACE_SERVICE, LOGS_SERVICE]

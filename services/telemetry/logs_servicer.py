@@ -1,5 +1,6 @@
 """OpenTelemetry's OTLP/gRPC logs receiver (LogsService/Export), beside the trace receiver: the
-executor exports what agents print and log here, and any OTel SDK or Collector may too."""
+executor exports what agents print and log here, and any OTel SDK or Collector may too. OTLP/HTTP's
+`POST /v1/logs` (otlp_http.py) takes exports in through the same LogReceiver."""
 
 from __future__ import annotations
 
@@ -10,21 +11,27 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceResponse,
 )
 
+from services.common.auth.principal import Principal
 from services.common.identity import caller
 from services.common.interceptors import Context
 from services.telemetry import otlp
 from services.telemetry.logs import AgentLogs
 from services.telemetry.otlp_logs import ingest_logs
 
+GRPC = "grpc"
 
-class LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
+
+class LogReceiver:
+    """The one way in for OTLP log exports, whatever the transport: the exporter's trust decided
+    by otlp.Exporter.of, as for spans."""
+
     def __init__(self, logs: AgentLogs) -> None:
         self._logs = logs
 
-    async def Export(
-        self, request: ExportLogsServiceRequest, context: Context
+    async def export(
+        self, request: ExportLogsServiceRequest, exporter: Principal, transport: str
     ) -> ExportLogsServiceResponse:
-        result = await ingest_logs(request, otlp.Exporter.of(caller(context)), self._logs)
+        result = await ingest_logs(request, otlp.Exporter.of(exporter), self._logs)
         if not result.rejected:
             return ExportLogsServiceResponse()
         return ExportLogsServiceResponse(
@@ -32,3 +39,13 @@ class LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
                 rejected_log_records=result.rejected, error_message=result.reason
             )
         )
+
+
+class LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, receiver: LogReceiver) -> None:
+        self._receiver = receiver
+
+    async def Export(
+        self, request: ExportLogsServiceRequest, context: Context
+    ) -> ExportLogsServiceResponse:
+        return await self._receiver.export(request, caller(context), GRPC)

@@ -1,8 +1,8 @@
 """OTLP over HTTP (the OTLP/HTTP transport of the OTLP specification): POST /v1/traces with an
-ExportTraceServiceRequest in binary protobuf or JSON, optionally gzip-compressed, into the very
-receiver gRPC exports reach, the caller checked as TraceService/Export checks it (a user's export
-lands in its own tenant and never counts as the platform's). Another signal (/v1/logs) is one
-more `Signal` in the list OtlpHttp serves."""
+ExportTraceServiceRequest and POST /v1/logs with an ExportLogsServiceRequest, in binary protobuf or
+JSON, optionally gzip-compressed, into the very receivers gRPC exports reach, the caller checked as
+the gRPC Export checks it (a user's export lands in its own tenant and never counts as the
+platform's). Each signal is one `Signal` in the list OtlpHttp serves."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from services.common.auth.interceptor import AUTHORIZATION, Authenticator
@@ -26,6 +27,7 @@ from services.common.auth.principal import Principal
 from services.common.errors import CorralError, InvalidArgument, ResourceExhausted, Unauthenticated
 from services.common.http_server import HttpSite
 from services.common.status import google_status, status_code
+from services.telemetry.logs_servicer import LogReceiver
 from services.telemetry.receiver import SpanReceiver
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ JSON = "application/json"
 # Bodies beyond this (after decompression) are refused with 413.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 EXPORT_TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+EXPORT_LOGS = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 # OTLP/JSON writes trace and span ids as hex, where proto3's JSON mapping has base64.
 _HEX_IDS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
@@ -66,6 +69,10 @@ class Signal(Generic[RequestT]):
 
 def traces(receiver: SpanReceiver) -> Signal[ExportTraceServiceRequest]:
     return Signal("/v1/traces", EXPORT_TRACES, ExportTraceServiceRequest, receiver.export)
+
+
+def logs(receiver: LogReceiver) -> Signal[ExportLogsServiceRequest]:
+    return Signal("/v1/logs", EXPORT_LOGS, ExportLogsServiceRequest, receiver.export)
 
 
 class Refused(Exception):

@@ -1,4 +1,4 @@
-"""OTLP over HTTP against a real telemetry server and PostgreSQL: POST /v1/traces in binary
+"""OTLP over HTTP against a real telemetry server and PostgreSQL: POST /v1/traces (and /v1/logs) in binary
 protobuf, JSON (hex ids) and gzip, with the trust rules of the gRPC export (a user's spans land in
 its own tenant and never count), and the HTTP status an exporter acts on for each refusal."""
 
@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import json_format
 from google.rpc import status_pb2
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -28,7 +29,7 @@ from services.common.settings import Settings
 from services.telemetry.otlp_http import MAX_BODY_BYTES
 from tests import harness
 from tests.credentials import public_channel
-from tests.otlp import export_request, invocation, otlp_span
+from tests.otlp import export_request, invocation, logs_request, otlp_span
 from tests.rpc import who
 from tests.telemetry_client import uid
 
@@ -175,3 +176,31 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read(receiver: Receiver
 
 async def test_only_post_is_served(receiver: Receiver) -> None:
     assert (await receiver.http.get(receiver.url)).status_code == 405
+
+
+async def test_logs_over_http_land_in_the_exporters_own_tenant(receiver: Receiver) -> None:
+    """POST /v1/logs takes OTLP/JSON and protobuf logs in as LogsService/Export does: a user's
+    records are its own tenant's whatever their resource claims."""
+    mallory, agent = f"h-{uid()}", f"agents/l-{uid()}"
+    url = receiver.url.replace("/v1/traces", "/v1/logs")
+    forged = logs_request("someone-else", agent, "inv1", "printed by the agent")
+    document = json_format.MessageToDict(forged)
+    credential = dict(who(mallory, user="", role="operator"))
+    response = await receiver.http.post(url, content=json.dumps(document).encode(),
+                                        headers={"Content-Type": JSON, **credential})
+    assert response.status_code == 200, response.text
+    response = await receiver.http.post(
+        url, content=logs_request("x", agent, "inv2", "and again").SerializeToString(),
+        headers={"Content-Type": PROTOBUF, **credential})
+    assert response.status_code == 200 and not ExportLogsServiceResponse.FromString(
+        response.content).HasField("partial_success")
+
+    async def bodies(tenant: str) -> list[str]:
+        listed = await receiver.api.ListLogs(pb.ListLogsRequest(agent=agent, page_size=100),
+                                             metadata=who(tenant, user=""))
+        return [r.body for r in listed.records]
+
+    assert await bodies(mallory) == ["printed by the agent", "and again"]
+    assert await bodies("someone-else") == []
+    anonymous = await receiver.http.post(url, content=b"{}", headers={"Content-Type": JSON})
+    assert anonymous.status_code == 401
