@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -15,8 +16,9 @@ from rich.text import Text
 
 from corral import names
 from corral.bundle import BundleError, Target, inspect
+from corral.cli.logs import log_line
 from corral.cli.options import State, json_option, pass_state
-from corral.cli.output import out, rpc_error, session_id
+from corral.cli.output import out, rpc_error, session_id, to_dict
 from corral.cli.publishing import bundle_directory, target_options
 from corral.client import CorralClient
 from corral.dev.loop import (
@@ -42,6 +44,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 TRACE_POLL_SECONDS = 1.0
 TRACES_PER_POLL = 20
+LOG_POLL_SECONDS = 1.0
+LOGS_PER_POLL = 500
 # What a `changed:` line lists before it says how many more.
 _SHOWN_PATHS = 3
 
@@ -112,6 +116,38 @@ def trace_tail(client: CorralClient, show: Callable[[tel.TraceSummary], None]) -
     return tail
 
 
+def log_tail(client: CorralClient, show: Callable[[tel.LogRecord], None]) -> Tail:
+    """Shows what the served version prints and logs from the moment it is served, as `corral
+    logs --follow` would."""
+
+    async def tail(version: names.VersionRef) -> None:
+        request = tel.ListLogsRequest(agent=version.parent.name, version=version.name,
+                                      page_size=LOGS_PER_POLL)
+        request.start_time.FromDatetime(datetime.now(UTC))
+        while True:
+            try:
+                page = await _call(client.logs, request)
+            except DevFailure:  # telemetry restarting: asked again at the next poll
+                await asyncio.sleep(LOG_POLL_SECONDS)
+                continue
+            for record in page.records:
+                show(record)
+            request.page_token = page.next_page_token or page.follow_token
+            if not page.next_page_token:
+                await asyncio.sleep(LOG_POLL_SECONDS)
+
+    return tail
+
+
+def both(*tails: Tail) -> Tail:
+    """The tails side by side."""
+
+    async def tail(version: names.VersionRef) -> None:
+        await asyncio.gather(*(each(version) for each in tails))
+
+    return tail
+
+
 # -- one line per event ----------------------------------------------------------------------
 
 
@@ -178,6 +214,16 @@ def _trace_shower(state: State) -> Callable[[tel.TraceSummary], None]:
     return show
 
 
+def _log_shower(state: State) -> Callable[[tel.LogRecord], None]:
+    def show(record: tel.LogRecord) -> None:
+        if state.json:
+            click.echo(json.dumps({"event": "log", **to_dict(record)}))
+        else:
+            out.print(Text("  " + log_line(record)), soft_wrap=True)
+
+    return show
+
+
 def _agent_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is not None and not names.valid_agent_id(value):
         raise click.BadParameter(f"{value!r} {names.AGENT_IDS.rule}")
@@ -202,20 +248,24 @@ def _endpoint_id(_ctx: click.Context, _param: click.Parameter, value: str) -> st
               help="The endpoint sent to each new version (created if missing).")
 @click.option("--traces/--no-traces", default=True, show_default=True,
               help="Show each invocation the served version answers.")
+@click.option("--logs/--no-logs", default=True, show_default=True,
+              help="Show what the served version prints and logs (as `corral logs --follow`).")
 @target_options
 @json_option
 @pass_state
 def dev(
-    state: State, directory: Path, agent: str | None, endpoint: str, traces: bool, target: Target
+    state: State, directory: Path, agent: str | None, endpoint: str, traces: bool, logs: bool,
+    target: Target,
 ) -> None:
     """Publish DIRECTORY, point the endpoint at the new version, and do it again each time a
     file in it changes, until Ctrl-C. Unchanged bytes publish nothing; a publish that fails (a bad
     agent.toml, a syntax error) leaves the endpoint on the last good version. Under --json, one
     JSON object per line and event."""
     client = state.client
+    tails = [*([log_tail(client, _log_shower(state))] if logs else []),
+             *([trace_tail(client, _trace_shower(state))] if traces else [])]
     loop = DevLoop(directory, endpoint, ClientPlatform(client, directory, target),
-                   _reporter(state), agent=agent,
-                   tail=trace_tail(client, _trace_shower(state)) if traces else no_tail)
+                   _reporter(state), agent=agent, tail=both(*tails) if tails else no_tail)
     try:
         asyncio.run(loop.run())
     except KeyboardInterrupt:

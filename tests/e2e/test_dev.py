@@ -99,7 +99,8 @@ def test_corral_dev_republishes_each_change_and_moves_the_dev_endpoint(
         assert (version, output[:8]) == (f"agents/{AGENT}/versions/1", "Turn 1. ")
 
         # An edit: a new version, and the endpoint follows it.
-        code.write_text(code.read_text().replace('yield f"Turn {turns}. "', 'yield f"Round {turns}. "'))
+        code.write_text(code.read_text().replace(
+            'yield f"Turn {turns}. "', 'print(f"dev sees round {turns}"); yield f"Round {turns}. "'))
         dev.expect(r"^changed: agent\.py$")
         dev.expect(rf"^published version 2 of {AGENT} ")
         dev.expect(r"^dev -> version 2$")
@@ -107,6 +108,8 @@ def test_corral_dev_republishes_each_change_and_moves_the_dev_endpoint(
         assert (version, output[:9]) == (f"agents/{AGENT}/versions/2", "Round 1. ")
         # The served version's invocations show up in the loop's output.
         dev.expect(r"^  invocation · dev-2 · \d+ ms · ok · trace [0-9a-f]{32}$")
+        # And what it printed, stamped with its version and session.
+        dev.expect(r"^  \S+ v2 dev-2 [0-9a-f]{8} .* stdout: dev sees round 1$")
 
         # A save that changes no byte: nothing is published.
         os.utime(code)
