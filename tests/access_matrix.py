@@ -5,6 +5,7 @@ credentials of every kind, and a method added to a contract is covered without a
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import pkgutil
 from collections.abc import Iterable, Mapping
@@ -298,17 +299,21 @@ async def call(channel: grpc.aio.Channel, method: Method, requests: list[message
 # write that fails after the status arrived overwrites it. The client's doing, so such a call is
 # made again.
 _CLIENT_WRITE_RACE = "Internal error from Core"
+CLIENT_WRITE_RACE_TRIES = 20
 
 
 async def outcome(channel: grpc.aio.Channel, method: Method, requests: list[message.Message],
                   metadata: Metadata = ()) -> tuple[grpc.StatusCode, message.Message | None, str]:
     """What `call` comes back with: (code, response or None, details)."""
-    for _ in range(5):
+    # On a loaded machine the race can win several times in a row: a short pause between tries
+    # lets the next one be independent.
+    for _ in range(CLIENT_WRITE_RACE_TRIES):
         try:
             response = await call(channel, method, requests, metadata)
         except grpc.aio.AioRpcError as err:
             raced = err.code() == grpc.StatusCode.INTERNAL and err.details() == _CLIENT_WRITE_RACE
             if raced and method.descriptor.client_streaming:
+                await asyncio.sleep(0.05)
                 continue
             return err.code(), None, err.details() or ""
         return grpc.StatusCode.OK, response, ""

@@ -251,9 +251,14 @@ async def _rollout(mesh: Mesh, channel: grpc.aio.Channel, agent: str) -> None:
                 rollouts_pb2.RolloutStep(set_weight=10),
                 rollouts_pb2.RolloutStep(manual=rollouts_pb2.ManualGate()),
                 rollouts_pb2.RolloutStep(set_weight=100)])), metadata=mesh.me)
-    async with asyncio.timeout(15):
-        while (await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(name=made.name),
-                                         metadata=mesh.me)).current_step < 1:
+    # Held: past the weight step and paused at the gate (the controller writes both, in two
+    # ticks); before that, the "before" snapshot could miss the second write.
+    async with asyncio.timeout(30):
+        while True:
+            held = await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(name=made.name),
+                                             metadata=mesh.me)
+            if held.current_step >= 1 and held.state == rollouts_pb2.ROLLOUT_STATE_PAUSED:
+                break
             await asyncio.sleep(0.05)
 
 
