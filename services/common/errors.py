@@ -47,7 +47,8 @@ class CorralError(Exception):
     `reason` is an UPPER_SNAKE word for programs (ErrorInfo.reason; by default the kind's name,
     NotFound → NOT_FOUND), `violations` name the bad request fields, `metadata` carries figures
     (ErrorInfo.metadata). `domain` is the service the error came from when it was passed on from
-    another service, else empty (the reporting service's own)."""
+    another service, else empty (the reporting service's own). `retry_delay_s`, when set, is how
+    long the caller should wait before retrying (google.rpc.RetryInfo)."""
 
     default_reason: ClassVar[str] = "INTERNAL"
 
@@ -63,6 +64,7 @@ class CorralError(Exception):
         violations: Sequence[FieldViolation] = (),
         metadata: Mapping[str, str] | None = None,
         domain: str = "",
+        retry_delay_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -70,6 +72,7 @@ class CorralError(Exception):
         self.violations = tuple(violations)
         self.metadata = dict(metadata or {})
         self.domain = domain
+        self.retry_delay_s = retry_delay_s
 
 
 class InvalidArgument(CorralError):

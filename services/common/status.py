@@ -1,7 +1,7 @@
 """The one table between the domain error tree and gRPC status codes.
 
 Servers: `to_status` turns a domain error into a grpc.Status carrying google.rpc.ErrorInfo (and
-BadRequest for bad input). Clients: `from_rpc_error` turns a failed call back into the domain
+BadRequest for bad input, RetryInfo when the error says how long to wait). Clients: `from_rpc_error` turns a failed call back into the domain
 error it stands for, so a service's clients module raises the same tree its domain catches."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -67,14 +67,17 @@ def domain_error(exc: Exception) -> CorralError | None:
     return None
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
 
 
 def to_status(error: CorralError, domain: str) -> grpc.Status:
-    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error. Its
+    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest; RetryInfo when the error
+    has a retry delay) for a domain error. Its
     texts are bounded: a message built around a huge input still reaches the caller readable."""
     return rpc_status.to_status(google_status(error, domain))
 
@@ -104,13 +107,19 @@ def google_status(error: CorralError, domain: str) -> status_pb2.Status:
                 )
             )
         )
+    if error.retry_delay_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(error.retry_delay_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status_pb2.Status(
         code=code_pb2.Code.Value(code.name), message=bounded(error.message), details=details
     )
 
 
 _DETAILS_KEY = "grpc-status-details-bin"
-_Detail = TypeVar("_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
+_Detail = TypeVar(
+    "_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo
+)
 
 
 def _google_status(err: grpc.aio.AioRpcError) -> status_pb2.Status | None:
@@ -134,6 +143,12 @@ def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     return _detail(_google_status(err), error_details_pb2.ErrorInfo())
 
 
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
+    """How long the service asked the caller to wait before retrying (RetryInfo), if it did."""
+    info = _detail(_google_status(err), error_details_pb2.RetryInfo())
+    return info.retry_delay.ToMilliseconds() / 1000 if info is not None else None
+
+
 def field_violations(err: grpc.aio.AioRpcError) -> list[FieldViolation]:
     """The BadRequest field violations a Corral service attached to a failed call."""
     bad = _detail(_google_status(err), error_details_pb2.BadRequest())
@@ -144,7 +159,8 @@ def field_violations(err: grpc.aio.AioRpcError) -> list[FieldViolation]:
 
 def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
     """The domain error a failed call to `service` stands for, keeping its reason, field
-    violations and metadata. A service that cannot be reached is Unavailable, naming it."""
+    violations, metadata and retry delay. A service that cannot be reached is Unavailable, naming
+    it."""
     code = err.code()
     message = err.details() or code.name
     info = error_info(err)
@@ -157,6 +173,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
         violations=field_violations(err),
         metadata=dict(info.metadata) if info is not None else {},
         domain=info.domain if info is not None and info.domain else service,
+        retry_delay_s=retry_delay_s(err),
     )
 
 
