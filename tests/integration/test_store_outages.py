@@ -34,7 +34,7 @@ from services.common.settings import StorePools
 from services.common.store_errors import store_error
 from tests import harness
 from tests.bundles import BEHAVIOUR, agent_files, write_bundle
-from tests.mesh import Mesh, connect
+from tests.mesh import Mesh, started_mesh
 from tests.rpc import body, error_details, fails
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -118,12 +118,8 @@ async def mesh(stores: OwnStores) -> AsyncIterator[Mesh]:
         stores.postgres_url, stores.redis.url, tmp,
         CORRAL_STORE_WAIT_S=str(WAIT_S), CORRAL_DB_POOL_MAX=str(POOL_MAX),
     )
-    platform = await harness.start_mesh(settings)
-    try:
-        async with connect(platform.settings, platform.hosts, tmp) as m:
-            yield m
-    finally:
-        await platform.stop()
+    async with started_mesh(settings, tmp) as m:
+        yield m
 
 
 @pytest_asyncio.fixture(scope="module")
