@@ -32,6 +32,7 @@ from services.common import embedded
 from services.common.kv import RedisPoolExhausted, create_redis
 from services.common.settings import StorePools
 from services.common.store_errors import store_error
+from services.launcher.ports import HeldPort
 from tests import harness
 from tests.bundles import BEHAVIOUR, agent_files, write_bundle
 from tests.mesh import Mesh, started_mesh
@@ -110,13 +111,22 @@ def stores() -> Iterator[OwnStores]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def otlp_port() -> Iterator[HeldPort]:
+    """Telemetry's OTLP/HTTP port: its exports need PostgreSQL too."""
+    port = harness.held_port()
+    yield port
+    port.close()
+
+
 @pytest_asyncio.fixture(scope="module")
-async def mesh(stores: OwnStores) -> AsyncIterator[Mesh]:
+async def mesh(stores: OwnStores, otlp_port: HeldPort) -> AsyncIterator[Mesh]:
     tmp = stores.root / "mesh"
     tmp.mkdir()
     settings = harness.make_settings(
         stores.postgres_url, stores.redis.url, tmp,
         CORRAL_STORE_WAIT_S=str(WAIT_S), CORRAL_DB_POOL_MAX=str(POOL_MAX),
+        CORRAL_OTLP_HTTP_PORT=str(otlp_port.port),
     )
     async with started_mesh(settings, tmp) as m:
         yield m
