@@ -24,6 +24,7 @@ import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from corral.registry.v1 import keys_pb2, keys_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
 from corral.router.v1 import router_pb2 as rt
 from corral.sessions.v1 import sessions_pb2 as ses
@@ -35,6 +36,7 @@ from services.common.store_errors import store_error
 from services.launcher.ports import HeldPort
 from tests import harness
 from tests.bundles import BEHAVIOUR, agent_files, write_bundle
+from tests.credentials import public_channel
 from tests.mesh import Mesh, started_mesh
 from tests.rpc import body, error_details, fails
 
@@ -201,6 +203,36 @@ async def test_a_postgresql_outage_is_unavailable_and_every_service_recovers_by_
         stores.start_postgres()
     for call in calls.values():
         await _answered(call)
+
+
+async def test_an_api_key_caller_hears_the_outage_not_that_its_key_is_bad(
+    stores: OwnStores, mesh: Mesh, version: reg.Version
+) -> None:
+    """API keys are checked against the registry's PostgreSQL, by the registry itself and, through
+    it, by every other service: while it is down a valid key is not refused, the call is
+    UNAVAILABLE; once it is back, the same call passes."""
+    channel = public_channel(mesh.settings.addrs["registry"])
+    try:
+        made = await keys_pb2_grpc.KeyServiceStub(channel).CreateKey(
+            keys_pb2.CreateKeyRequest(key=keys_pb2.Key(role=keys_pb2.KEY_ROLE_VIEWER)),
+            metadata=mesh.me)
+    finally:
+        await channel.close()
+    key = (("authorization", f"Bearer {made.api_key}"),)
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "registry": lambda: mesh.registry.GetAgent(
+            reg.GetAgentRequest(name=f"agents/{_agent(version)}"), metadata=key),
+        "telemetry": lambda: mesh.telemetry.ListSpans(tel.ListSpansRequest(), metadata=key),
+    }
+    # Not used before the outage: no service has the key's answer cached.
+    stores.stop_postgres()
+    try:
+        for service, call in calls.items():
+            await _unavailable(call(), "DATABASE_UNAVAILABLE", {"registry", service})
+    finally:
+        stores.start_postgres()
+    for call in calls.values():
+        await call()
 
 
 async def _answered(call: Callable[[], Awaitable[object]]) -> None:
