@@ -14,17 +14,20 @@ from services.common.errors import CorralError, ResourceExhausted, Unavailable
 UNAVAILABLE_RETRY_S = 2.0
 EXHAUSTED_RETRY_S = 1.0
 # How much of the driver's own words the message repeats.
-_CAUSE_CHARS = 120
+_CAUSE_CHARS = 80
 
-# asyncpg's exceptions that say the connection, not the statement, failed: it was lost, refused,
-# or the server is shutting down or starting up.
-_DATABASE_GONE: tuple[type[Exception], ...] = (
+# asyncpg's exceptions that say no connection could be made (refused, or the server is shutting
+# down or starting up): the call did nothing.
+_DATABASE_NOT_REACHED: tuple[type[Exception], ...] = (
     DatabaseUnreachable,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.ConnectionFailureError,
     asyncpg.ClientCannotConnectError,
     asyncpg.ConnectionRejectionError,
     asyncpg.CannotConnectNowError,
+)
+# And those that say the connection was lost during the call: a change may have been saved.
+_DATABASE_LOST: tuple[type[Exception], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.ConnectionFailureError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
 )
@@ -38,10 +41,13 @@ def _cause(exc: BaseException) -> str:
     return text if len(text) <= _CAUSE_CHARS else text[:_CAUSE_CHARS] + "..."
 
 
-def _unavailable(store: str, reason: str, exc: BaseException) -> Unavailable:
+def _unavailable(store: str, reason: str, exc: BaseException, *, reached: bool) -> Unavailable:
+    aftermath = (
+        "the connection was lost during the call, so a change may already be saved (a create "
+        "retried with its id finds it: ALREADY_EXISTS)" if reached else "retrying is safe"
+    )
     return Unavailable(
-        f"{store} is unavailable ({_cause(exc)}); retry the call after a backoff: retrying is "
-        "safe",
+        f"{store} is unavailable ({_cause(exc)}); retry the call after a backoff: {aftermath}",
         reason=reason,
         metadata={"store": store},
         retry_delay_s=UNAVAILABLE_RETRY_S,
@@ -68,13 +74,17 @@ def store_error(exc: Exception) -> CorralError | None:
         return _exhausted(
             "PostgreSQL", "DATABASE_CONNECTIONS_EXHAUSTED", "PostgreSQL's max_connections", exc
         )
-    if isinstance(exc, _DATABASE_GONE) or (
+    if isinstance(exc, _DATABASE_NOT_REACHED):
+        return _unavailable("PostgreSQL", "DATABASE_UNAVAILABLE", exc, reached=False)
+    if isinstance(exc, _DATABASE_LOST) or (
         isinstance(exc, asyncpg.InterfaceError) and str(exc) in _CLOSED_MESSAGES
     ):
-        return _unavailable("PostgreSQL", "DATABASE_UNAVAILABLE", exc)
+        return _unavailable("PostgreSQL", "DATABASE_UNAVAILABLE", exc, reached=True)
     # RedisPoolExhausted (services/common/kv.py) is one.
     if isinstance(exc, redis.exceptions.MaxConnectionsError):
         return _exhausted("Redis", "REDIS_POOL_EXHAUSTED", "CORRAL_REDIS_MAX_CONNECTIONS", exc)
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return _unavailable("Redis", "REDIS_UNAVAILABLE", exc)
+        # Redis's commands here are single writes or scripts: a retry is safe (a lease taken by
+        # the lost call is refused to its retry as SESSION_BUSY, and expires).
+        return _unavailable("Redis", "REDIS_UNAVAILABLE", exc, reached=False)
     return None

@@ -13,7 +13,7 @@ import redis.exceptions
 from google.rpc import error_details_pb2, status_pb2
 
 from services.common.db import DatabasePoolExhausted, DatabaseUnreachable
-from services.common.errors import ResourceExhausted
+from services.common.errors import MAX_MESSAGE, ResourceExhausted
 from services.common.interceptors import Context, ErrorMappingInterceptor
 from services.common.kv import RedisPoolExhausted
 from services.common.settings import Settings, SettingsError, StorePools
@@ -63,12 +63,18 @@ def test_a_store_failure_says_which_store_and_when_to_retry(
     assert error.retry_delay_s is not None and error.retry_delay_s > 0
 
 
-def test_an_outage_message_says_a_retry_is_safe_and_exhaustion_names_the_setting() -> None:
-    down = store_error(asyncpg.ConnectionDoesNotExistError("connection was closed"))
+def test_an_outage_message_says_whether_a_retry_is_safe_and_exhaustion_names_the_setting() -> None:
+    refused = store_error(DatabaseUnreachable("ConnectionRefusedError: [Errno 111]"))
+    lost = store_error(asyncpg.ConnectionDoesNotExistError(
+        "connection was closed in the middle of operation"))
     busy = store_error(DatabasePoolExhausted(10, 5.0))
     redis_busy = store_error(RedisPoolExhausted(50, 5.0))
-    assert down is not None and busy is not None and redis_busy is not None
-    assert "safe" in down.message
+    assert refused is not None and lost is not None
+    assert busy is not None and redis_busy is not None
+    assert refused.message.endswith("retrying is safe")
+    # The connection went during the call: a commit may have happened before it did.
+    assert "may already be saved" in lost.message and "ALREADY_EXISTS" in lost.message
+    assert len(lost.message.encode()) <= MAX_MESSAGE
     assert "all 10 connections" in busy.message and "CORRAL_DB_POOL_MAX" in busy.message
     assert "CORRAL_REDIS_MAX_CONNECTIONS" in redis_busy.message
 
