@@ -16,7 +16,7 @@ import jwt
 from services.common.auth.assertions import ASSERTION_KEY, AssertionSigner
 from services.common.auth.pki import load_identity
 from services.common.auth.principal import CredentialKind, Principal, roles_from
-from services.common.server import MAX_MESSAGE_BYTES
+from services.common.clients import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 from tests.issuer import LocalIssuer
 

@@ -15,10 +15,12 @@ from services.common.auth.assertions import ASSERTION_KEY, AssertionSigner
 from services.common.auth.interceptor import TENANT_KEY
 from services.common.auth.pki import ServiceIdentity, load_identity
 from services.common.auth.principal import Principal
-from services.common.server import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 
 Metadata = tuple[tuple[str, str], ...]
+# The largest message a service takes or sends, on its own server (services/common/server.py)
+# and on its channels to the others.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def service_identity(settings: Settings) -> ServiceIdentity:

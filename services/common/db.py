@@ -1,5 +1,5 @@
-"""PostgreSQL through asyncpg: the pool, ordered SQL migrations applied at start, and domain
-values read from rows."""
+"""PostgreSQL through asyncpg: the pool (sized from settings, every acquire bounded in time),
+ordered SQL migrations applied at start, and domain values read from rows."""
 
 from __future__ import annotations
 
@@ -12,11 +12,62 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from services.common.settings import StorePools
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 log = logging.getLogger(__name__)
 D = TypeVar("D", bound="DataclassInstance")
+
+
+class DatabaseUnreachable(ConnectionError):
+    """A connection to PostgreSQL could not be made (refused, reset, timed out)."""
+
+
+class DatabasePoolExhausted(TimeoutError):
+    """Every connection of the pool stayed busy for as long as a call may wait for one."""
+
+    def __init__(self, max_size: int, waited_s: float) -> None:
+        super().__init__(f"all {max_size} connections of the pool stayed busy for {waited_s:g} s")
+        self.max_size = max_size
+        self.waited_s = waited_s
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose acquire waits at most `wait_s` (asyncpg's waits for ever) and says why
+    it failed: every connection busy (DatabasePoolExhausted), or PostgreSQL not answering
+    (DatabaseUnreachable). A connection found closed is replaced on the next acquire, so the pool
+    recovers by itself once PostgreSQL is back."""
+
+    def __init__(self, url: str, *, pools: StorePools) -> None:
+        super().__init__(
+            url,
+            min_size=pools.db_min,
+            max_size=pools.db_max,
+            # How long connecting may take.
+            timeout=pools.wait_s,
+            # asyncpg.create_pool's defaults.
+            max_queries=50000,
+            max_inactive_connection_lifetime=300.0,
+            loop=None,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
+        )
+        self._wait_s = pools.wait_s
+
+    async def _acquire(self, timeout: float | None) -> asyncpg.pool.PoolConnectionProxy:
+        wait_s = self._wait_s if timeout is None else timeout
+        try:
+            # Private in asyncpg and its stubs; Pool.acquire and every Pool.fetch* go through it.
+            proxy: asyncpg.pool.PoolConnectionProxy = await super()._acquire(wait_s)  # type: ignore[misc]
+            return proxy
+        except TimeoutError as exc:
+            if self.get_idle_size() == 0 and self.get_size() >= self.get_max_size():
+                raise DatabasePoolExhausted(self.get_max_size(), wait_s) from exc
+            raise DatabaseUnreachable(f"no connection within {wait_s:g} s") from exc
+        except OSError as exc:
+            raise DatabaseUnreachable(f"{type(exc).__name__}: {exc}") from exc
 
 
 @retry(
@@ -25,10 +76,14 @@ D = TypeVar("D", bound="DataclassInstance")
     stop=stop_after_delay(30),
     reraise=True,
 )
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(url: str, pools: StorePools | None = None) -> asyncpg.Pool:
     # Connecting never reached the other side when it fails, so retrying is safe.
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
-    assert pool is not None
+    pool = BoundedPool(url, pools=pools or StorePools())
+    try:
+        await pool
+    except BaseException:
+        pool.terminate()
+        raise
     return pool
 
 

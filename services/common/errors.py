@@ -48,7 +48,8 @@ class CorralError(Exception):
     NotFound → NOT_FOUND), `violations` name the bad request fields, `metadata` carries figures
     (ErrorInfo.metadata). `domain` is the service the error came from when it was passed on from
     another service, else empty (the reporting service's own). `stack` is a stack trace the caller
-    may read (google.rpc.DebugInfo): an agent's own, never the platform's."""
+    may read (google.rpc.DebugInfo): an agent's own, never the platform's. `retry_delay_s`, when set, is
+    how long the caller should wait before retrying (google.rpc.RetryInfo)."""
 
     default_reason: ClassVar[str] = "INTERNAL"
 
@@ -65,6 +66,7 @@ class CorralError(Exception):
         metadata: Mapping[str, str] | None = None,
         domain: str = "",
         stack: str = "",
+        retry_delay_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -73,6 +75,7 @@ class CorralError(Exception):
         self.metadata = dict(metadata or {})
         self.domain = domain
         self.stack = stack
+        self.retry_delay_s = retry_delay_s
 
 
 class InvalidArgument(CorralError):

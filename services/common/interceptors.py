@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from services.common.background import TaskSet
+from services.common.errors import CorralError
 from services.common.status import domain_error, from_rpc_error, to_status
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,14 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 Wrap: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
+# What an exception that is no domain error stands for, if anything (the host passes
+# services/common/store_errors.py's, kept out of this module so that servicers, which import it,
+# import no database driver).
+Translate: TypeAlias = Callable[[Exception], CorralError | None]
+
+
+def _untranslated(_exc: Exception) -> CorralError | None:
+    return None
 
 
 def rewrapped(handler: Handler, unary: Wrap, streaming: Wrap) -> Handler:
@@ -76,17 +85,23 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ErrorMappingInterceptor(WrappingInterceptor):
-    """Maps domain errors to status codes, forwards downstream gRPC errors, and turns anything
-    unexpected into INTERNAL (logged with its traceback) instead of UNKNOWN."""
+    """Maps domain errors (and what `translate` turns into one: a store's failure) to status
+    codes, forwards downstream gRPC errors, and turns anything unexpected into INTERNAL (logged
+    with its traceback) instead of UNKNOWN."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, translate: Translate = _untranslated) -> None:
         super().__init__()
         self._domain = domain
+        self._translate = translate
 
     async def _fail(self, exc: Exception, context: Context, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc  # the handler aborted with a status of its own choosing
         error = domain_error(exc)
+        if error is None:
+            error = self._translate(exc)
+            if error is not None:  # a store outage: the operator's to see, not only the caller's
+                log.warning("%s failed: %s", method, error.message)
         if error is None and isinstance(exc, grpc.aio.AioRpcError):
             # A call to another service failed outside a clients module: pass its status on.
             error = from_rpc_error(exc, "a service it depends on")

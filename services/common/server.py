@@ -25,18 +25,19 @@ from services.common.auth.oidc import OidcVerifier
 from services.common.auth.pki import load_identity
 from services.common.auth.verify import CredentialVerifier
 from services.common.auth.whoami import WhoAmIServicer
+from services.common.clients import MAX_MESSAGE_BYTES
 from services.common.decoding import RequestDecodingInterceptor
 from services.common.interceptors import ErrorMappingInterceptor
 from services.common.logs import setup_logging
 from services.common.prometheus import MetricsExporter
 from services.common.rpc_metrics import RpcMetricsInterceptor
 from services.common.settings import Settings
+from services.common.store_errors import store_error
 
 log = logging.getLogger(__name__)
 
 # Long enough for a streaming invocation to finish its current chunk; Ctrl-C should stay snappy.
 SHUTDOWN_GRACE_S = 5.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class Service(Protocol):
@@ -141,7 +142,7 @@ class ServiceHost:
         metrics = self.service.metrics_registry() or CollectorRegistry()
         interceptors: list[grpc.aio.ServerInterceptor] = [
             RpcMetricsInterceptor(metrics),
-            ErrorMappingInterceptor(self.name),
+            ErrorMappingInterceptor(self.name, store_error),
             AuthInterceptor(authenticator),
             RequestDecodingInterceptor(),
         ]

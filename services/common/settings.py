@@ -148,6 +148,34 @@ class OtlpForward:
 
 
 @dataclass(frozen=True)
+class StorePools:
+    """How many connections a service keeps to PostgreSQL and Redis, and how long a call waits for
+    one (a free one, or a new one to connect) before it is answered RESOURCE_EXHAUSTED (every one
+    busy) or UNAVAILABLE (the store does not answer)."""
+
+    db_min: int = 1
+    db_max: int = 10
+    redis_max: int = 50
+    wait_s: float = 5.0
+
+
+def _pools(env: Mapping[str, str]) -> StorePools:
+    pools = StorePools(
+        db_min=_int(env, "CORRAL_DB_POOL_MIN", StorePools.db_min),
+        db_max=_int(env, "CORRAL_DB_POOL_MAX", StorePools.db_max),
+        redis_max=_int(env, "CORRAL_REDIS_MAX_CONNECTIONS", StorePools.redis_max),
+        wait_s=_float(env, "CORRAL_STORE_WAIT_S", StorePools.wait_s),
+    )
+    if pools.db_max < 1 or pools.redis_max < 1:
+        raise SettingsError("CORRAL_DB_POOL_MAX and CORRAL_REDIS_MAX_CONNECTIONS must be at least 1")
+    if not 0 <= pools.db_min <= pools.db_max:
+        raise SettingsError(
+            f"CORRAL_DB_POOL_MIN={pools.db_min} must be between 0 and CORRAL_DB_POOL_MAX={pools.db_max}"
+        )
+    return pools
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     database_url: str | None
@@ -168,6 +196,9 @@ class Settings:
     # Telemetry's OTLP/HTTP receiver (POST /v1/traces; 0: off). 4318 is OTLP/HTTP's usual port.
     otlp_http_port: int = 0
     otlp_forward: OtlpForward = field(default_factory=OtlpForward)
+    # Each service's connection pools to PostgreSQL and Redis (CORRAL_DB_POOL_MIN/MAX,
+    # CORRAL_REDIS_MAX_CONNECTIONS, CORRAL_STORE_WAIT_S).
+    pools: StorePools = field(default_factory=StorePools)
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -236,6 +267,7 @@ class Settings:
             database_url=env.get("CORRAL_DATABASE_URL") or None,
             redis_url=env.get("CORRAL_REDIS_URL") or None,
             redis_prefix=env.get("CORRAL_REDIS_PREFIX", "corral:"),
+            pools=_pools(env),
             addrs=addrs,
             listen=listen,
             tracing=_bool(env, "CORRAL_TRACING", True),

@@ -1,7 +1,7 @@
 """The one table between the domain error tree and gRPC status codes.
 
 Servers: `to_status` turns a domain error into a grpc.Status carrying google.rpc.ErrorInfo (and
-BadRequest for bad input). Clients: `from_rpc_error` turns a failed call back into the domain
+BadRequest for bad input, RetryInfo when the error says how long to wait). Clients: `from_rpc_error` turns a failed call back into the domain
 error it stands for, so a service's clients module raises the same tree its domain catches."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -91,7 +91,8 @@ def stack_entries(stack: str, limit: int = MAX_STACK) -> list[str]:
 
 
 def _pack(
-    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.DebugInfo,
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.DebugInfo
+    | error_details_pb2.RetryInfo,
 ) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
@@ -99,7 +100,8 @@ def _pack(
 
 
 def to_status(error: CorralError, domain: str) -> grpc.Status:
-    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest) for a domain error. Its
+    """The grpc.Status (with ErrorInfo and, for bad input, BadRequest; RetryInfo when the error
+    has a retry delay) for a domain error. Its
     texts are bounded: a message built around a huge input still reaches the caller readable."""
     return rpc_status.to_status(google_status(error, domain))
 
@@ -131,6 +133,10 @@ def google_status(error: CorralError, domain: str) -> status_pb2.Status:
         )
     if error.stack:
         details.append(_pack(error_details_pb2.DebugInfo(stack_entries=stack_entries(error.stack))))
+    if error.retry_delay_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(error.retry_delay_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status_pb2.Status(
         code=code_pb2.Code.Value(code.name), message=bounded(error.message), details=details
     )
@@ -138,7 +144,8 @@ def google_status(error: CorralError, domain: str) -> status_pb2.Status:
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _Detail = TypeVar(
-    "_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.DebugInfo
+    "_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.DebugInfo,
+    error_details_pb2.RetryInfo,
 )
 
 
@@ -163,6 +170,12 @@ def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     return _detail(_google_status(err), error_details_pb2.ErrorInfo())
 
 
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
+    """How long the service asked the caller to wait before retrying (RetryInfo), if it did."""
+    info = _detail(_google_status(err), error_details_pb2.RetryInfo())
+    return info.retry_delay.ToMilliseconds() / 1000 if info is not None else None
+
+
 def field_violations(err: grpc.aio.AioRpcError) -> list[FieldViolation]:
     """The BadRequest field violations a Corral service attached to a failed call."""
     bad = _detail(_google_status(err), error_details_pb2.BadRequest())
@@ -173,8 +186,8 @@ def field_violations(err: grpc.aio.AioRpcError) -> list[FieldViolation]:
 
 def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
     """The domain error a failed call to `service` stands for, keeping its reason, field
-    violations, metadata and stack trace. A service that cannot be reached is Unavailable,
-    naming it."""
+    violations, metadata, stack trace and retry delay. A service that cannot be reached is
+    Unavailable, naming it."""
     code = err.code()
     message = err.details() or code.name
     info = error_info(err)
@@ -189,6 +202,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
         metadata=dict(info.metadata) if info is not None else {},
         domain=info.domain if info is not None and info.domain else service,
         stack="\n".join(debug.stack_entries) if debug is not None else "",
+        retry_delay_s=retry_delay_s(err),
     )
 
 

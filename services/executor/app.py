@@ -76,7 +76,7 @@ class ExecutorService(App):
             cache_ttl_s=s.credential_cache_s, metrics=metrics,
         )
         stack.push_async_callback(tools.close)
-        redis = create_redis(s.require_redis())
+        redis = create_redis(s.require_redis(), s.pools)
         stack.push_async_callback(redis.aclose)
         rotation_s = s.executor.key_rotation_hours * 3600
         # Retired public keys stay published for two days: longer than any token they signed.

@@ -71,7 +71,7 @@ class RegistryService(App):
     keys: Keys | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
-        pool = await create_pool(self.settings.require_database())
+        pool = await create_pool(self.settings.require_database(), self.settings.pools)
         stack.push_async_callback(pool.close)
         await migrate(pool, "registry", MIGRATIONS)
         store = PgStore(pool)

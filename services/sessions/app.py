@@ -24,10 +24,10 @@ class SessionsApp(App):
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         database_url = self.settings.require_database()
         redis_url = self.settings.require_redis()
-        pool = await db.create_pool(database_url)
+        pool = await db.create_pool(database_url, self.settings.pools)
         stack.push_async_callback(pool.close)
         await db.migrate(pool, "sessions", Path(__file__).parent / "migrations")
-        client = create_redis(redis_url)
+        client = create_redis(redis_url, self.settings.pools)
         stack.push_async_callback(client.aclose)
         keys = KeySpace(self.settings.redis_prefix)
         pins = RegistryPins(self.settings)

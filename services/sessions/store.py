@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -17,7 +16,6 @@ from redis.commands.core import AsyncScript
 
 from corral.names import EndpointRef, VersionRef
 from services.common.db import from_row
-from services.common.errors import Unavailable
 from services.common.kv import KeySpace
 from services.common.paging import Key
 from services.sessions.model import (
@@ -383,43 +381,41 @@ class PgSessionStore:
 
 
 class RedisLeases(_PerSession):
-    """One lease per session: a key set with NX and a TTL, changed only by its holder's lease id."""
+    """One lease per session: a key set with NX and a TTL, changed only by its holder's lease id.
+    Leases exist only in Redis, so without it no invocation can safely start: its failures reach
+    the caller (UNAVAILABLE, or RESOURCE_EXHAUSTED for a busy pool; services/common/
+    store_errors.py), who retries."""
 
     kind = "lease"
 
     async def acquire(self, session: SessionKey, lease_id: str, holder: str, ttl_s: float) -> bool:
-        async with _redis_required("take the session's lease"):
-            taken = await self._redis.set(
-                self._key(session), f"{lease_id}\n{holder}", nx=True, px=_ms(ttl_s)
-            )
+        taken = await self._redis.set(
+            self._key(session), f"{lease_id}\n{holder}", nx=True, px=_ms(ttl_s)
+        )
         return bool(taken)
 
     async def renew(self, session: SessionKey, lease_id: str, ttl_s: float) -> str | None:
-        async with _redis_required("renew the session's lease"):
-            value = await self._script(_LEASE_RENEW)(
-                keys=[self._key(session)], args=[f"{lease_id}\n", _ms(ttl_s)]
-            )
+        value = await self._script(_LEASE_RENEW)(
+            keys=[self._key(session)], args=[f"{lease_id}\n", _ms(ttl_s)]
+        )
         if not value:
             return None
         return _text(value).split("\n", 1)[1]
 
     async def release(self, session: SessionKey, lease_id: str) -> bool:
-        async with _redis_required("release the session's lease"):
-            removed = await self._script(_LEASE_RELEASE)(
-                keys=[self._key(session)], args=[f"{lease_id}\n"]
-            )
+        removed = await self._script(_LEASE_RELEASE)(
+            keys=[self._key(session)], args=[f"{lease_id}\n"]
+        )
         return bool(removed)
 
     async def holder(self, session: SessionKey) -> str | None:
-        async with _redis_required("check the session's lease"):
-            value = await self._redis.get(self._key(session))
+        value = await self._redis.get(self._key(session))
         if value is None:
             return None
         return _text(value).split("\n", 1)[0]
 
     async def drop(self, session: SessionKey) -> None:
-        async with _redis_required("remove the session's lease"):
-            await self._redis.delete(self._key(session))
+        await self._redis.delete(self._key(session))
 
 
 def _text(value: bytes | str) -> str:
@@ -429,13 +425,3 @@ def _text(value: bytes | str) -> str:
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
-
-@asynccontextmanager
-async def _redis_required(action: str) -> AsyncIterator[None]:
-    # Leases exist only in Redis, so without it no invocation can safely start: the caller retries.
-    try:
-        yield
-    except (redis.RedisError, OSError) as exc:
-        raise Unavailable(
-            f"sessions could not {action}: Redis is unavailable ({exc}); retry shortly"
-        ) from exc

@@ -57,7 +57,7 @@ class TelemetryApp(App):
         self._authenticator = authenticator
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
-        pool = await create_pool(self.settings.require_database())
+        pool = await create_pool(self.settings.require_database(), self.settings.pools)
         stack.push_async_callback(pool.close)
         await migrate(pool, "telemetry", Path(__file__).parent / "migrations")
         spans, scores = PgSpanStore(pool), PgScoreStore(pool)

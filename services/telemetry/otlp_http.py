@@ -27,6 +27,7 @@ from services.common.auth.principal import Principal
 from services.common.errors import CorralError, InvalidArgument, ResourceExhausted, Unauthenticated
 from services.common.http_server import HttpSite
 from services.common.status import google_status, status_code
+from services.common.store_errors import store_error
 from services.telemetry.logs_servicer import LogReceiver
 from services.telemetry.receiver import SpanReceiver
 
@@ -173,9 +174,13 @@ class OtlpHttp(HttpSite):
                 answer = await self._export(signal, request)
             except Refused as refused:
                 return _response(refused.http_status, google_status(refused.error, "telemetry"), content_type)
-            except CorralError as error:
-                status = _HTTP_STATUS.get(status_code(error), 500)
-                return _response(status, google_status(error, "telemetry"), content_type)
+            except Exception as exc:
+                # A domain error, or a store that is down or busy (503, 429: as gRPC answers).
+                failure = exc if isinstance(exc, CorralError) else store_error(exc)
+                if failure is None:
+                    raise
+                status = _HTTP_STATUS.get(status_code(failure), 500)
+                return _response(status, google_status(failure, "telemetry"), content_type)
             return _response(200, answer, content_type)
 
         return handle
