@@ -23,6 +23,10 @@ from corral.cli import cli
 from corral.registry.v1 import registry_pb2 as reg
 from corral.registry.v1 import registry_pb2_grpc
 from corral.router.v1 import router_pb2 as rt
+from services.common.auth.assertions import AssertionVerifier
+from services.common.auth.interceptor import Authenticator, AuthInterceptor
+from services.common.auth.oidc import OidcVerifier
+from services.common.auth.pki import load_identity
 from services.common.interceptors import ErrorMappingInterceptor
 from services.registry.servicer import RegistryServicer
 from tests.bundles import agent_files, build_wheel, publish_requests, write_bundle
@@ -114,15 +118,23 @@ async def small_registry(start_services: StartServices) -> AsyncIterator[SmallRe
     """The real registry domain (on PostgreSQL) behind a servicer given small limits."""
     hosts = await start_services("registry")
     limits = BundleLimits(packed_bytes=64 * 1024, unpacked_bytes=16 * 1024)
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor("registry")])
+    # Authenticated as the registry's own host authenticates (the tests' JWT issuer).
+    settings = hosts["registry"].settings
+    tokens = OidcVerifier(settings.oidc_issuers)
+    authenticator = Authenticator(
+        AssertionVerifier(load_identity(settings.pki_dir, "registry").ca), tokens=tokens)
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor("registry"), AuthInterceptor(authenticator)])
     registry = hosts["registry"].service.registry  # type: ignore[attr-defined]
-    servicer = RegistryServicer(registry, limits)
+    lifecycle = hosts["registry"].service.lifecycle  # type: ignore[attr-defined]
+    servicer = RegistryServicer(registry, lifecycle, limits)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with public_channel(f"127.0.0.1:{port}") as channel:
         yield registry_pb2_grpc.RegistryServiceStub(channel), limits
     await server.stop(grace=0.5)
+    await tokens.aclose()
 
 
 def too_large(err: grpc.aio.AioRpcError) -> str:
