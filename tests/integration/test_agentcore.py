@@ -25,6 +25,7 @@ import pytest_asyncio
 
 from corral.router.v1 import router_pb2 as rt
 from corral.sandbox.v1 import sandbox_pb2 as pb
+from corral.telemetry.v1 import telemetry_pb2 as tel
 from services.common.settings import Settings
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.sandbox import AgentFailed, Done, Sandbox
@@ -154,6 +155,30 @@ async def test_the_example_answers_streams_and_remembers_each_session(
     # Another session starts with no memory.
     other = await mesh.invoke(agent, {"prompt": "hey"}, session_id=f"{mesh.prefix}-s2")
     assert json.loads(other.output)["result"] == "Hello! You said: hey."
+
+
+async def test_what_the_agents_server_prints_and_logs_is_the_invocations_log(
+    mesh: Mesh, agentcore_deps: Path
+) -> None:
+    agent = await publish_example(mesh, agentcore_deps)
+    session = f"{mesh.prefix}-logs"
+    await mesh.invoke(agent, {"prompt": "quiet"}, session_id=session)
+    noted = await mesh.invoke(agent, {"prompt": "hi", "note": "careful"}, session_id=session)
+
+    # The SDK's own request log (JSON lines on stderr) is the agent's output too.
+    mine = [("stdout", "INFO", f"note for session {session}"), ("stderr", "WARN", "the note: careful")]
+    request = tel.ListLogsRequest(agent=f"agents/{agent}", session=f"sessions/{session}")
+    async with asyncio.timeout(10):
+        while True:
+            records = list((await mesh.telemetry.ListLogs(request, metadata=mesh.me)).records)
+            if set(mine) <= {(r.source, r.severity_text, r.body) for r in records}:
+                break
+            await asyncio.sleep(0.1)
+    said = [(r.source, r.severity_text, r.body) for r in records
+            if r.invocation_id == noted.info.invocation_id]
+    assert [line for line in said if line in mine] == mine
+    assert {r.session for r in records} == {f"sessions/{session}"}
+    assert len({r.invocation_id for r in records}) == 2  # the quiet one logged its request too
 
 
 async def test_a_500_from_the_agent_fails_the_invocation_and_the_session_carries_on(
