@@ -34,11 +34,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from corral.sdk._output import STDERR, STDOUT, OutputCapture
 from corral.sdk._runtime import Channel, _die_with_parent
+from corral.sdk._server_traceback import server_traceback
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -53,6 +54,8 @@ STDERR_TAIL = 4096  # bytes of the agent's stderr kept for a start failure
 # just before the response ends is still the invocation's), and for at most how long in all.
 SETTLE_QUIET_S = 0.05
 SETTLE_MAX_S = 1.0
+# Lines of the server's stderr kept per invocation to find a failure's traceback in.
+STDERR_LINES = 400
 HEALTHY, BUSY = "Healthy", "HealthyBusy"
 # The event bedrock-agentcore streams (with status 200) when the agent's generator raised.
 _SDK_STREAM_ERROR = "An error occurred during streaming"
@@ -89,6 +92,9 @@ class ServerOutput:
         self.tail = tail
         self._lock = threading.Lock()  # held while a read is delivered, so `settle` can wait
         self._open: dict[int, str] = {}
+        # The in-flight invocation's stderr, as lines, for its traceback if it fails.
+        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self._stderr_partial = ""
 
     def read(self, fd: int, source: str) -> None:
         """Reads `fd` until end of file; runs on a thread of its own."""
@@ -108,9 +114,18 @@ class ServerOutput:
             self.tail.append(data)
         if self.capture.active:
             self.capture.write(source, text)
+            if source == STDERR:
+                *lines, self._stderr_partial = (self._stderr_partial + text).split("\n")
+                self.stderr_lines.extend(lines)
         else:
             sys.stderr.buffer.write(data)
             sys.stderr.flush()
+
+    def begin(self) -> None:
+        with self._lock:
+            self.stderr_lines.clear()
+            self._stderr_partial = ""
+            self.capture.begin()
 
     def settle(self) -> None:
         """Returns once the pipes hold nothing unread and no read is being delivered (or after
@@ -281,9 +296,10 @@ def _timeout(inv: pb.Invocation) -> float | None:
 
 
 class Bridge:
-    def __init__(self, channel: Channel, output: ServerOutput) -> None:
+    def __init__(self, channel: Channel, output: ServerOutput, bundle: Path) -> None:
         self.channel = channel
         self.output = output
+        self.bundle = PurePosixPath(os.path.abspath(bundle))  # as the server names its files
         self.invocations: queue.Queue[pb.Invocation] = queue.Queue()
         self.in_flight = threading.Event()
 
@@ -334,11 +350,14 @@ class Bridge:
         while True:
             inv = self.invocations.get()
             self.in_flight.set()
-            self.channel.capture.begin()
+            self.output.begin()
             try:
                 end = self._post(inv)
-            finally:
                 self.output.settle()
+                if end.HasField("failed") and not end.failed.traceback:
+                    end.failed.traceback = server_traceback(
+                        list(self.output.stderr_lines), self.bundle)
+            finally:
                 self.channel.capture.end()
                 self.in_flight.clear()
             self.channel.send(end)
@@ -394,7 +413,7 @@ def main(argv: list[str]) -> int:
         return 1
     threading.Thread(target=_exit_with_server, args=(server,), daemon=True).start()
     try:
-        Bridge(channel, server.output).serve()
+        Bridge(channel, server.output, bundle_dir).serve()
     finally:
         server.stop()
     return 0

@@ -32,7 +32,7 @@ from services.executor.sandbox import AgentFailed, Done, Sandbox
 from tests import harness
 from tests.bundles import copy_example, write_bundle
 from tests.mesh import Mesh
-from tests.rpc import body, error_details, fails
+from tests.rpc import body, debug_stack, error_details, fails
 
 pytestmark = [
     pytest.mark.integration,
@@ -118,6 +118,12 @@ def settings(
     return harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER=request.param)
 
 
+def _line_of(text: str) -> int:
+    """The number of the example's line that contains `text`."""
+    lines = (EXAMPLE / "app.py").read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if text in line)
+
+
 async def publish_example(mesh: Mesh, deps: Path) -> str:
     agent = f"{mesh.prefix}-agentcore"
     await mesh.publish(example_bundle(mesh.tmp / "agentcore-hello", deps, agent))
@@ -195,6 +201,13 @@ async def test_a_500_from_the_agent_fails_the_invocation_and_the_session_carries
     assert "500" in details and "asked to fail" in details, details
     info, _ = error_details(err)
     assert info.reason == "AGENT_ERROR" and info.metadata["error_type"] == "HTTPError"
+    # The traceback the server logged, with the bundle's frames only.
+    stack = debug_stack(err)
+    assert stack[0] == "Traceback (most recent call last):", stack
+    assert [line for line in stack if line.startswith("  File ")] == [
+        f'  File "app.py", line {_line_of("asked to fail")}, in invoke'
+    ]
+    assert stack[-1] == "RuntimeError: asked to fail"
 
     after = await mesh.invoke(agent, {"prompt": "two"}, session_id=session)
     assert json.loads(after.output)["result"] == "Hello again! You said: two. Before that: one."
