@@ -245,13 +245,21 @@ def invocation(payload: object, session: str = "s-1", credentials: str = "") -> 
     )
 
 
+async def receive(sandbox: Sandbox) -> pb.WorkerFrame:
+    """The next frame other than the agent's output (Logs frames; the executor's turn reads
+    those, and the tests of output are elsewhere)."""
+    while (frame := await sandbox._receive()).WhichOneof("frame") == "logs":
+        pass
+    return frame
+
+
 async def ping(sandbox: Sandbox) -> tuple[str, list[bytes]]:
     """Sends a Ping frame and reads up to its Pong, with the chunks of a running invocation
     that arrive before it. (Sandbox has no ping() yet: this is the one it needs.)"""
     await sandbox._send(pb.HostFrame(ping=pb.Ping()))
     chunks: list[bytes] = []
     while True:
-        frame = await sandbox._receive()
+        frame = await receive(sandbox)
         kind = frame.WhichOneof("frame")
         if kind == "pong":
             return frame.pong.status, chunks
@@ -262,7 +270,7 @@ async def ping(sandbox: Sandbox) -> tuple[str, list[bytes]]:
 async def _finish(sandbox: Sandbox) -> tuple[list[bytes], pb.WorkerFrame]:
     chunks: list[bytes] = []
     while True:
-        frame = await sandbox._receive()
+        frame = await receive(sandbox)
         if frame.WhichOneof("frame") != "chunk":
             return chunks, frame
         chunks.append(frame.chunk.data)
@@ -285,7 +293,7 @@ async def test_a_ping_while_an_invocation_runs_reports_healthy_busy(
     # 200 words at 10 ms each: the stream runs for about two seconds.
     prompt = " ".join(f"w{i}" for i in range(200))
     await sandbox._send(pb.HostFrame(invoke=invocation({"prompt": prompt, "stream": True})))
-    first = await sandbox._receive()
+    first = await receive(sandbox)
     assert first.WhichOneof("frame") == "chunk"
     status, before = await ping(sandbox)
     assert status == "HealthyBusy"
