@@ -96,9 +96,12 @@ class ServerOutput:
         self.stderr_lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._stderr_partial = ""
 
-    def read(self, fd: int, source: str) -> None:
-        """Reads `fd` until end of file; runs on a thread of its own."""
+    def watch(self, fd: int, source: str) -> None:
+        """Reads `fd` on a thread of its own until end of file."""
         self._open[fd] = source
+        threading.Thread(target=self._read, args=(fd, source), daemon=True).start()
+
+    def _read(self, fd: int, source: str) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             select.select([fd], [], [])
@@ -189,7 +192,7 @@ def start_server(bundle: Path, entrypoint: str, capture: OutputCapture) -> Agent
     tail: collections.deque[bytes] = collections.deque(maxlen=64)
     output = ServerOutput(capture, tail)
     for stream, source in ((process.stdout, STDOUT), (process.stderr, STDERR)):
-        threading.Thread(target=output.read, args=(stream.fileno(), source), daemon=True).start()
+        output.watch(stream.fileno(), source)
     return AgentServer(process, tail, output)
 
 

@@ -192,7 +192,7 @@ def _server_output() -> tuple[ServerOutput, list[pb.Logs], int]:
     capture, sent = _capture()
     output = ServerOutput(capture, collections.deque(maxlen=8))
     read_end, write_end = os.pipe()
-    threading.Thread(target=output.read, args=(read_end, "stderr"), daemon=True).start()
+    output.watch(read_end, "stderr")
     return output, sent, write_end
 
 
