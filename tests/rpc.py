@@ -63,6 +63,18 @@ def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInf
     return info, fields
 
 
+def debug_stack(err: grpc.aio.AioRpcError) -> list[str]:
+    """The stack entries of the DebugInfo a Corral service attached to a failure (an agent's
+    traceback), or none."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
+    for detail in status.details:
+        debug = error_details_pb2.DebugInfo()
+        if detail.Unpack(debug):
+            return list(debug.stack_entries)
+    return []
+
+
 def channel_as(address: str, metadata: Metadata) -> grpc.aio.Channel:
     """A channel to a public port whose calls carry the credential `metadata` holds unless a call
     brings its own: the services keep each tenant's resources apart, so a test reads as the

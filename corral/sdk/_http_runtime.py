@@ -9,16 +9,24 @@ entrypoint module run as `__main__` (so `if __name__ == "__main__": app.run()` s
 then only the bundle, the standard library and `<bundle>/deps` (with that directory's .pth
 files): none of Corral's or the virtualenv's packages, so the agent's pinned versions are the
 only ones it can import. The bridge itself speaks HTTP with the standard library only.
+
+The server's stdout and stderr are pipes the bridge reads: what arrives while an invocation is in
+flight (one at a time per sandbox) is that invocation's output, sent as Logs frames before its
+final frame and bounded as corral/sdk/_output.py bounds it; what arrives between invocations
+(start-up, idle, background work) goes to the sandbox's stderr, as a corral agent's does, which
+the executor's log keeps.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import http.client
 import json
 import logging
 import os
 import queue
+import select
 import socket
 import subprocess
 import sys
@@ -26,11 +34,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
+from pathlib import Path, PurePosixPath
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
+from corral.sdk._output import STDERR, STDOUT, OutputCapture
 from corral.sdk._runtime import Channel, _die_with_parent
+from corral.sdk._server_traceback import server_traceback
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -41,6 +50,12 @@ START_TIMEOUT_S = 25.0  # below the executor's 30 s, so a slow start fails with 
 PING_TIMEOUT_S = 2.0
 ERROR_BODY_LIMIT = 4096  # bytes of a failed response's body kept in the failure message
 STDERR_TAIL = 4096  # bytes of the agent's stderr kept for a start failure
+# After a response, how long the bridge waits for the server's pipes to go quiet (output written
+# just before the response ends is still the invocation's), and for at most how long in all.
+SETTLE_QUIET_S = 0.05
+SETTLE_MAX_S = 1.0
+# Lines of the server's stderr kept per invocation to find a failure's traceback in.
+STDERR_LINES = 400
 HEALTHY, BUSY = "Healthy", "HealthyBusy"
 # The event bedrock-agentcore streams (with status 200) when the agent's generator raised.
 _SDK_STREAM_ERROR = "An error occurred during streaming"
@@ -68,12 +83,74 @@ class AgentServerError(RuntimeError):
     """The agent's server did not start, or went away."""
 
 
+class ServerOutput:
+    """The server's stdout and stderr, read as they arrive: into `capture` while it is active
+    (an invocation is in flight), else copied to the sandbox's stderr."""
+
+    def __init__(self, capture: OutputCapture, tail: collections.deque[bytes]) -> None:
+        self.capture = capture
+        self.tail = tail
+        self._lock = threading.Lock()  # held while a read is delivered, so `settle` can wait
+        self._open: dict[int, str] = {}
+        # The in-flight invocation's stderr, as lines, for its traceback if it fails.
+        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self._stderr_partial = ""
+
+    def watch(self, fd: int, source: str) -> None:
+        """Reads `fd` on a thread of its own until end of file."""
+        self._open[fd] = source
+        threading.Thread(target=self._read, args=(fd, source), daemon=True).start()
+
+    def _read(self, fd: int, source: str) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            select.select([fd], [], [])
+            with self._lock:
+                data = os.read(fd, 65536)
+                if not data:
+                    self._open.pop(fd, None)
+                    return
+                self.deliver(source, data, decoder.decode(data))
+
+    def deliver(self, source: str, data: bytes, text: str) -> None:
+        if source == STDERR:
+            self.tail.append(data)
+        if self.capture.active:
+            self.capture.write(source, text)
+            if source == STDERR:
+                *lines, self._stderr_partial = (self._stderr_partial + text).split("\n")
+                self.stderr_lines.extend(lines)
+        else:
+            sys.stderr.buffer.write(data)
+            sys.stderr.flush()
+
+    def begin(self) -> None:
+        with self._lock:
+            self.stderr_lines.clear()
+            self._stderr_partial = ""
+            self.capture.begin()
+
+    def settle(self) -> None:
+        """Returns once the pipes hold nothing unread and no read is being delivered (or after
+        SETTLE_MAX_S): what the server wrote before it answered is then in the capture."""
+        deadline = time.monotonic() + SETTLE_MAX_S
+        while time.monotonic() < deadline:
+            fds = list(self._open)
+            readable = select.select(fds, [], [], SETTLE_QUIET_S)[0] if fds else []
+            if not readable:
+                break
+            time.sleep(0.005)
+        with self._lock:
+            return
+
+
 @dataclass
 class AgentServer:
-    """The agent's HTTP server process and the last of what it wrote to stderr."""
+    """The agent's HTTP server process, its output and the last of what it wrote to stderr."""
 
     process: subprocess.Popen[bytes]
     stderr_tail: collections.deque[bytes]
+    output: ServerOutput
     stopping: bool = False
 
     def tail(self) -> str:
@@ -89,14 +166,6 @@ class AgentServer:
                 self.process.kill()
 
 
-def _forward_stderr(stream: IO[bytes], tail: collections.deque[bytes]) -> None:
-    """Copies the agent's stderr to ours (the driver logs it) and keeps its end for errors."""
-    for line in iter(stream.readline, b""):
-        tail.append(line)
-        sys.stderr.buffer.write(line)
-        sys.stderr.flush()
-
-
 def _port_answers() -> bool:
     try:
         socket.create_connection((HOST, PORT), timeout=0.5).close()
@@ -105,7 +174,7 @@ def _port_answers() -> bool:
         return False
 
 
-def start_server(bundle: Path, entrypoint: str) -> AgentServer:
+def start_server(bundle: Path, entrypoint: str, capture: OutputCapture) -> AgentServer:
     # Something else on the port would get the session's payloads: only possible without a
     # network namespace of our own (the process driver), and refused there.
     if _port_answers():
@@ -117,12 +186,14 @@ def start_server(bundle: Path, entrypoint: str) -> AgentServer:
         # -I: no PYTHON* variables, no user site; -S: no site-packages; -B: the bundle is
         # read-only (and must stay unchanged where it is not); -u: its output arrives as written.
         [sys.executable, "-I", "-S", "-B", "-u", "-c", _BOOT, str(bundle), entrypoint, str(PORT)],
-        cwd=bundle, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    assert process.stderr is not None
+    assert process.stdout is not None and process.stderr is not None
     tail: collections.deque[bytes] = collections.deque(maxlen=64)
-    threading.Thread(target=_forward_stderr, args=(process.stderr, tail), daemon=True).start()
-    return AgentServer(process, tail)
+    output = ServerOutput(capture, tail)
+    for stream, source in ((process.stdout, STDOUT), (process.stderr, STDERR)):
+        output.watch(stream.fileno(), source)
+    return AgentServer(process, tail, output)
 
 
 def _get_ping(timeout: float) -> str:
@@ -228,8 +299,10 @@ def _timeout(inv: pb.Invocation) -> float | None:
 
 
 class Bridge:
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, output: ServerOutput, bundle: Path) -> None:
         self.channel = channel
+        self.output = output
+        self.bundle = PurePosixPath(os.path.abspath(bundle))  # as the server names its files
         self.invocations: queue.Queue[pb.Invocation] = queue.Queue()
         self.in_flight = threading.Event()
 
@@ -280,9 +353,15 @@ class Bridge:
         while True:
             inv = self.invocations.get()
             self.in_flight.set()
+            self.output.begin()
             try:
                 end = self._post(inv)
+                self.output.settle()
+                if end.HasField("failed") and not end.failed.traceback:
+                    end.failed.traceback = server_traceback(
+                        list(self.output.stderr_lines), self.bundle)
             finally:
+                self.channel.capture.end()
                 self.in_flight.clear()
             self.channel.send(end)
 
@@ -326,7 +405,7 @@ def main(argv: list[str]) -> int:
     channel = Channel(socket.socket(fileno=fd))
     server: AgentServer | None = None
     try:
-        server = start_server(bundle_dir, entrypoint)
+        server = start_server(bundle_dir, entrypoint, channel.capture)
         wait_until_serving(server)
     except Exception as exc:  # noqa: BLE001 - reported to the executor as a start failure
         channel.send(pb.WorkerFrame(failed=pb.Failed(
@@ -337,7 +416,7 @@ def main(argv: list[str]) -> int:
         return 1
     threading.Thread(target=_exit_with_server, args=(server,), daemon=True).start()
     try:
-        Bridge(channel).serve()
+        Bridge(channel, server.output, bundle_dir).serve()
     finally:
         server.stop()
     return 0

@@ -4,10 +4,12 @@ the session, so every reply is deterministic.
 
 Payload: {"prompt": "..."} for one JSON reply; add "stream": true for the reply as server-sent
 events, word by word; {"background_s": n} starts background work that /ping reports as
-HealthyBusy for n seconds; {"fail": true} raises (a 500).
+HealthyBusy for n seconds; {"fail": true} raises (a 500); {"note": "..."} also prints a line and
+logs a warning (which `corral logs` shows under the invocation).
 """
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +52,9 @@ def invoke(
 ) -> dict[str, Any] | AsyncIterator[str]:
     if payload.get("fail"):
         raise RuntimeError("asked to fail")
+    if payload.get("note"):
+        print(f"note for session {context.session_id}")
+        logging.getLogger("agentcore-hello").warning("the note: %s", payload["note"])
     if payload.get("background_s"):
         # While this task runs, /ping answers HealthyBusy and the session is not idle.
         task_id = app.add_async_task("background_work")

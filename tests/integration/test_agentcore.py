@@ -25,13 +25,14 @@ import pytest_asyncio
 
 from corral.router.v1 import router_pb2 as rt
 from corral.sandbox.v1 import sandbox_pb2 as pb
+from corral.telemetry.v1 import telemetry_pb2 as tel
 from services.common.settings import Settings
 from services.executor.drivers.bwrap import BwrapDriver
 from services.executor.sandbox import AgentFailed, Done, Sandbox
 from tests import harness
 from tests.bundles import copy_example, write_bundle
 from tests.mesh import Mesh
-from tests.rpc import body, error_details, fails
+from tests.rpc import body, debug_stack, error_details, fails
 
 pytestmark = [
     pytest.mark.integration,
@@ -117,6 +118,12 @@ def settings(
     return harness.make_settings(database_url, redis_url, tmp_path, CORRAL_SANDBOX_DRIVER=request.param)
 
 
+def _line_of(text: str) -> int:
+    """The number of the example's line that contains `text`."""
+    lines = (EXAMPLE / "app.py").read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if text in line)
+
+
 async def publish_example(mesh: Mesh, deps: Path) -> str:
     agent = f"{mesh.prefix}-agentcore"
     await mesh.publish(example_bundle(mesh.tmp / "agentcore-hello", deps, agent))
@@ -156,6 +163,30 @@ async def test_the_example_answers_streams_and_remembers_each_session(
     assert json.loads(other.output)["result"] == "Hello! You said: hey."
 
 
+async def test_what_the_agents_server_prints_and_logs_is_the_invocations_log(
+    mesh: Mesh, agentcore_deps: Path
+) -> None:
+    agent = await publish_example(mesh, agentcore_deps)
+    session = f"{mesh.prefix}-logs"
+    await mesh.invoke(agent, {"prompt": "quiet"}, session_id=session)
+    noted = await mesh.invoke(agent, {"prompt": "hi", "note": "careful"}, session_id=session)
+
+    # The SDK's own request log (JSON lines on stderr) is the agent's output too.
+    mine = [("stdout", "INFO", f"note for session {session}"), ("stderr", "WARN", "the note: careful")]
+    request = tel.ListLogsRequest(agent=f"agents/{agent}", session=f"sessions/{session}")
+    async with asyncio.timeout(10):
+        while True:
+            records = list((await mesh.telemetry.ListLogs(request, metadata=mesh.me)).records)
+            if set(mine) <= {(r.source, r.severity_text, r.body) for r in records}:
+                break
+            await asyncio.sleep(0.1)
+    said = [(r.source, r.severity_text, r.body) for r in records
+            if r.invocation_id == noted.info.invocation_id]
+    assert [line for line in said if line in mine] == mine
+    assert {r.session for r in records} == {f"sessions/{session}"}
+    assert len({r.invocation_id for r in records}) == 2  # the quiet one logged its request too
+
+
 async def test_a_500_from_the_agent_fails_the_invocation_and_the_session_carries_on(
     mesh: Mesh, agentcore_deps: Path
 ) -> None:
@@ -170,6 +201,13 @@ async def test_a_500_from_the_agent_fails_the_invocation_and_the_session_carries
     assert "500" in details and "asked to fail" in details, details
     info, _ = error_details(err)
     assert info.reason == "AGENT_ERROR" and info.metadata["error_type"] == "HTTPError"
+    # The traceback the server logged, with the bundle's frames only.
+    stack = debug_stack(err)
+    assert stack[0] == "Traceback (most recent call last):", stack
+    assert [line for line in stack if line.startswith("  File ")] == [
+        f'  File "app.py", line {_line_of("asked to fail")}, in invoke'
+    ]
+    assert stack[-1] == "RuntimeError: asked to fail"
 
     after = await mesh.invoke(agent, {"prompt": "two"}, session_id=session)
     assert json.loads(after.output)["result"] == "Hello again! You said: two. Before that: one."
@@ -207,13 +245,21 @@ def invocation(payload: object, session: str = "s-1", credentials: str = "") -> 
     )
 
 
+async def receive(sandbox: Sandbox) -> pb.WorkerFrame:
+    """The next frame other than the agent's output (Logs frames; the executor's turn reads
+    those, and the tests of output are elsewhere)."""
+    while (frame := await sandbox._receive()).WhichOneof("frame") == "logs":
+        pass
+    return frame
+
+
 async def ping(sandbox: Sandbox) -> tuple[str, list[bytes]]:
     """Sends a Ping frame and reads up to its Pong, with the chunks of a running invocation
     that arrive before it. (Sandbox has no ping() yet: this is the one it needs.)"""
     await sandbox._send(pb.HostFrame(ping=pb.Ping()))
     chunks: list[bytes] = []
     while True:
-        frame = await sandbox._receive()
+        frame = await receive(sandbox)
         kind = frame.WhichOneof("frame")
         if kind == "pong":
             return frame.pong.status, chunks
@@ -224,7 +270,7 @@ async def ping(sandbox: Sandbox) -> tuple[str, list[bytes]]:
 async def _finish(sandbox: Sandbox) -> tuple[list[bytes], pb.WorkerFrame]:
     chunks: list[bytes] = []
     while True:
-        frame = await sandbox._receive()
+        frame = await receive(sandbox)
         if frame.WhichOneof("frame") != "chunk":
             return chunks, frame
         chunks.append(frame.chunk.data)
@@ -247,7 +293,7 @@ async def test_a_ping_while_an_invocation_runs_reports_healthy_busy(
     # 200 words at 10 ms each: the stream runs for about two seconds.
     prompt = " ".join(f"w{i}" for i in range(200))
     await sandbox._send(pb.HostFrame(invoke=invocation({"prompt": prompt, "stream": True})))
-    first = await sandbox._receive()
+    first = await receive(sandbox)
     assert first.WhichOneof("frame") == "chunk"
     status, before = await ping(sandbox)
     assert status == "HealthyBusy"

@@ -4,10 +4,14 @@ store), and `corral logs --since`."""
 
 from __future__ import annotations
 
+import collections
 import importlib.util
+import json
+import os
 import threading
+import traceback
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import click
 import grpc
@@ -17,8 +21,10 @@ from google.rpc import error_details_pb2, status_pb2
 from corral.cli.logs import since_time
 from corral.names import AgentRef
 from corral.sandbox.v1 import sandbox_pb2 as pb
+from corral.sdk._http_runtime import ServerOutput
 from corral.sdk._output import MAX_INVOCATION_BYTES, OutputCapture
 from corral.sdk._runtime import agent_traceback
+from corral.sdk._server_traceback import server_traceback
 from services.common.errors import Internal
 from services.common.status import MAX_STACK, to_status
 from services.executor.model import AgentLogLine
@@ -175,3 +181,100 @@ def test_since_is_a_duration_back_from_now() -> None:
     assert since_time("2h", now) == now - timedelta(hours=2)
     with pytest.raises(click.BadParameter, match="30s, 10m, 2h or 1d"):
         since_time("yesterday", now)
+
+
+# -- an http agent's server, read by the bridge -------------------------------------------------
+
+
+def _server_output() -> tuple[ServerOutput, list[pb.Logs], int]:
+    """A ServerOutput reading a pipe's read end (on a thread, as the bridge does); the write
+    end is returned for the test to write as the server would."""
+    capture, sent = _capture()
+    output = ServerOutput(capture, collections.deque(maxlen=8))
+    read_end, write_end = os.pipe()
+    output.watch(read_end, "stderr")
+    return output, sent, write_end
+
+
+def test_server_lines_written_during_an_invocation_are_its_and_idle_lines_are_not(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    output, _, pipe = _server_output()
+    os.write(pipe, b"starting up\n")
+    output.settle()
+    output.begin()
+    os.write(pipe, b"handling\nhalf a li")
+    os.write(pipe, b"ne\nno newline")
+    output.settle()  # the bridge's wait after the response: what was written is read by now
+    output.capture.end()
+    os.write(pipe, b"idle\n")
+    output.settle()
+    logs = output.capture.take()
+    assert logs is not None
+    assert [r.body for r in logs.records] == ["handling", "half a line", "no newline"]
+    assert capfd.readouterr().err == "starting up\nidle\n"
+
+
+def test_a_servers_output_past_the_invocations_bound_is_counted() -> None:
+    output, _, pipe = _server_output()
+    output.begin()
+    line = b"x" * 1023 + b"\n"
+    for _ in range(MAX_INVOCATION_BYTES // len(line) + 3):
+        os.write(pipe, line)
+    output.settle()
+    output.capture.end()
+    kept, dropped = 0, 0
+    while (logs := output.capture.take()) is not None:
+        kept += sum(len(r.body) + 1 for r in logs.records)
+        dropped += logs.dropped_bytes
+    assert kept == MAX_INVOCATION_BYTES and dropped == 3 * len(line)
+
+
+def _raise_from_the_bundle() -> list[str]:
+    def invoke() -> None:
+        raise RuntimeError("asked to fail")
+
+    try:
+        try:
+            invoke()
+        except RuntimeError as exc:
+            raise ValueError("wrapped") from exc
+    except ValueError as exc:
+        return traceback.format_exception(exc)
+    raise AssertionError("unreachable")
+
+
+def test_a_servers_printed_traceback_keeps_the_bundles_frames_only() -> None:
+    here = PurePosixPath(__file__).parent
+    printed = "".join(_raise_from_the_bundle()).splitlines()
+    stderr = ["INFO: request", *printed, "INFO: 500 Internal Server Error"]
+    text = server_traceback(stderr, here)
+    assert text.splitlines()[0] == "Traceback (most recent call last):"
+    assert '  File "test_agent_output.py"' in text and "in invoke" in text
+    assert "The above exception was the direct cause" in text
+    assert text.rstrip().endswith("ValueError: wrapped")
+
+    # The bundle's deps/ and the interpreter's files are not the author's code; carets go too.
+    printed = """Traceback (most recent call last):
+  File "/bundle/deps/bedrock_agentcore/runtime/app.py", line 600, in _handle
+    result = handler(payload)
+  File "/bundle/app.py", line 51, in invoke
+    raise RuntimeError("asked to fail")
+    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/usr/lib/python3.11/threading.py", line 9, in run
+    self.go()
+RuntimeError: asked to fail"""
+    assert server_traceback(printed.splitlines(), PurePosixPath("/bundle")) == """\
+Traceback (most recent call last):
+  File "app.py", line 51, in invoke
+    raise RuntimeError("asked to fail")
+RuntimeError: asked to fail
+"""
+
+
+def test_a_json_log_lines_stack_trace_is_the_traceback_and_no_traceback_is_empty() -> None:
+    here = PurePosixPath(__file__).parent
+    entry = json.dumps({"level": "ERROR", "stackTrace": _raise_from_the_bundle()})
+    text = server_traceback(['{"level": "INFO"}', entry], here)
+    assert text.rstrip().endswith("ValueError: wrapped") and '"test_agent_output.py"' in text
+    assert server_traceback(["just a line", "{not json"], here) == ""

@@ -8,13 +8,11 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from tests.bundles import DEBUGGED_LINE, debugged_agent, write_bundle
 from tests.mesh import Mesh
-from tests.rpc import error_details, fails, new_tenant, who
+from tests.rpc import debug_stack, error_details, fails, new_tenant, who
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -45,16 +43,6 @@ async def _logs(mesh: Mesh, request: tel.ListLogsRequest, at_least: int) -> list
             await asyncio.sleep(0.1)
 
 
-def _stack(err: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        debug = error_details_pb2.DebugInfo()
-        if detail.Unpack(debug):
-            return list(debug.stack_entries)
-    return []
-
-
 async def test_an_agents_output_and_traceback_reach_its_author(mesh: Mesh) -> None:
     agent = await _publish(mesh)
     session = f"{mesh.prefix}-debug"
@@ -63,7 +51,7 @@ async def test_an_agents_output_and_traceback_reach_its_author(mesh: Mesh) -> No
 
     err = await fails(grpc.StatusCode.INTERNAL, mesh.invoke(agent, {"n": 0}, session_id=session))
     assert error_details(err)[0].reason == "AGENT_ERROR"
-    stack = _stack(err)
+    stack = debug_stack(err)
     # The agent's frames, named as in its bundle, and none of the runtime's.
     assert stack[0] == "Traceback (most recent call last):"
     assert f'  File "agent.py", line {DEBUGGED_LINE}, in run' in stack
