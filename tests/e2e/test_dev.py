@@ -55,6 +55,22 @@ class DevProcess:
                 return line
         raise AssertionError(f"no line matching {pattern!r}; corral dev printed:\n" + self.output)
 
+    def expect_all(self, *patterns: str) -> None:
+        """Lines matching each of `patterns`, in any order (the log and trace tails are
+        independent streams, so which of their lines comes first is not fixed)."""
+        waiting = list(patterns)
+        deadline = time.monotonic() + WAIT_S
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._new.get(timeout=left)
+            except queue.Empty:
+                break
+            self.lines.append(line)
+            waiting = [p for p in waiting if not re.search(p, line)]
+        if waiting:
+            raise AssertionError(f"no lines matching {waiting!r}; corral dev printed:\n"
+                                 + self.output)
+
     def exit_status(self) -> int:
         """Its exit status once it ends, with the rest of its output read."""
         status = self.proc.wait(timeout=30)
@@ -106,10 +122,10 @@ def test_corral_dev_republishes_each_change_and_moves_the_dev_endpoint(
         dev.expect(r"^dev -> version 2$")
         version, output = served_by(platform, "Fewer panic attacks.", session="dev-2")
         assert (version, output[:9]) == (f"agents/{AGENT}/versions/2", "Round 1. ")
-        # The served version's invocations show up in the loop's output.
-        dev.expect(r"^  invocation · dev-2 · \d+ ms · ok · trace [0-9a-f]{32}$")
-        # And what it printed, stamped with its version and session.
-        dev.expect(r"^  \S+ v2 dev-2 [0-9a-f]{8} .* stdout: dev sees round 1$")
+        # The served version's invocation shows up in the loop's output, and so does what it
+        # printed, stamped with its version and session.
+        dev.expect_all(r"^  invocation · dev-2 · \d+ ms · ok · trace [0-9a-f]{32}$",
+                       r"^  \S+ v2 dev-2 [0-9a-f]{8} .* stdout: dev sees round 1$")
 
         # A save that changes no byte: nothing is published.
         os.utime(code)
