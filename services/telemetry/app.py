@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.auth.interceptor import Authenticator
@@ -23,7 +22,7 @@ from services.common.settings import Settings
 from services.telemetry.clients import SessionsClient
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.forward_sink import checked_sink
-from services.telemetry.forwarding import Forwarder
+from services.telemetry.forwarding import Export, Forwarder
 from services.telemetry.logs import AgentLogs
 from services.telemetry.logs_servicer import LogReceiver, LogsServicer
 from services.telemetry.metrics import TelemetryMetrics
@@ -65,10 +64,11 @@ class TelemetryApp(App):
         stack.push_async_callback(sessions.close)
         telemetry = Telemetry(spans, scores, self.settings.model_prices)
         metrics = TelemetryMetrics(self.metrics)
-        receiver = SpanReceiver(telemetry, metrics, await self._forwarder(metrics, stack))
+        forward = await self._forwarder(metrics, stack)
+        receiver = SpanReceiver(telemetry, metrics, forward)
         _add_trace_servicer(TraceServicer(receiver), server)
         agent_logs = AgentLogs(PgLogStore(pool))
-        log_receiver = LogReceiver(agent_logs)
+        log_receiver = LogReceiver(agent_logs, forward)
         _add_logs_servicer(LogsServicer(log_receiver), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, Evaluation(scores, spans, sessions), agent_logs), server
@@ -84,7 +84,7 @@ class TelemetryApp(App):
 
     async def _forwarder(
         self, metrics: TelemetryMetrics, stack: AsyncExitStack
-    ) -> Callable[[ExportTraceServiceRequest], None] | None:
+    ) -> Callable[[Export], None] | None:
         """With CORRAL_OTLP_FORWARD, what the receiver offers every export to; its address checked
         by the outbound policy first (refused: telemetry does not start)."""
         forward = self.settings.otlp_forward

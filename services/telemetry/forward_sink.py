@@ -11,6 +11,11 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -26,6 +31,7 @@ from services.common.outbound import (
     parse_url,
 )
 from services.common.settings import OtlpForward, SettingsError
+from services.telemetry.forwarding import Export
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +82,16 @@ class _TraceExport(Protocol):
     ) -> Awaitable[ExportTraceServiceResponse]: ...
 
 
+class _LogsExport(Protocol):
+    def Export(
+        self, request: ExportLogsServiceRequest, *, metadata: Sequence[tuple[str, str]],
+        timeout: float,
+    ) -> Awaitable[ExportLogsServiceResponse]: ...
+
+
 # opentelemetry-proto ships its *_pb2_grpc modules without annotations: typed here, once.
 _trace_stub: Callable[[grpc.aio.Channel], _TraceExport] = trace_service_pb2_grpc.TraceServiceStub
+_logs_stub: Callable[[grpc.aio.Channel], _LogsExport] = logs_service_pb2_grpc.LogsServiceStub
 
 
 class GrpcOtlpSink:
@@ -87,11 +101,15 @@ class GrpcOtlpSink:
             grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials())
             if forward.tls else grpc.aio.insecure_channel(self.target)
         )
-        self._stub = _trace_stub(self._channel)
+        self._traces = _trace_stub(self._channel)
+        self._logs = _logs_stub(self._channel)
         self._headers = headers
 
-    async def send(self, request: ExportTraceServiceRequest) -> None:
-        await self._stub.Export(request, metadata=self._headers, timeout=SEND_TIMEOUT_S)
+    async def send(self, request: Export) -> None:
+        if isinstance(request, ExportTraceServiceRequest):
+            await self._traces.Export(request, metadata=self._headers, timeout=SEND_TIMEOUT_S)
+        else:
+            await self._logs.Export(request, metadata=self._headers, timeout=SEND_TIMEOUT_S)
 
     async def close(self) -> None:
         await self._channel.close()

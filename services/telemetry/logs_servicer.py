@@ -4,6 +4,8 @@ executor exports what agents print and log here, and any OTel SDK or Collector m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsPartialSuccess,
@@ -15,23 +17,29 @@ from services.common.auth.principal import Principal
 from services.common.identity import caller
 from services.common.interceptors import Context
 from services.telemetry import otlp
+from services.telemetry.forwarding import Export
 from services.telemetry.logs import AgentLogs
-from services.telemetry.otlp_logs import ingest_logs
+from services.telemetry.otlp_logs import ingest_logs, logs_as_forwarded
 
 GRPC = "grpc"
 
 
 class LogReceiver:
     """The one way in for OTLP log exports, whatever the transport: the exporter's trust decided
-    by otlp.Exporter.of, as for spans."""
+    by otlp.Exporter.of, as for spans, and with CORRAL_OTLP_FORWARD offered to the forwarder."""
 
-    def __init__(self, logs: AgentLogs) -> None:
+    def __init__(self, logs: AgentLogs, forward: Callable[[Export], None] | None = None) -> None:
         self._logs = logs
+        # Takes what was stored to send on (forwarding.py: Forwarder.offer); must never block.
+        self._forward = forward
 
     async def export(
         self, request: ExportLogsServiceRequest, exporter: Principal, transport: str
     ) -> ExportLogsServiceResponse:
-        result = await ingest_logs(request, otlp.Exporter.of(exporter), self._logs)
+        trust = otlp.Exporter.of(exporter)
+        result = await ingest_logs(request, trust, self._logs)
+        if self._forward is not None:
+            self._forward(logs_as_forwarded(request, trust))
         if not result.rejected:
             return ExportLogsServiceResponse()
         return ExportLogsServiceResponse(

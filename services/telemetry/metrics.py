@@ -27,6 +27,13 @@ class TelemetryMetrics:
             "corral_otlp_forward_dropped_spans",
             "Spans not forwarded: queue_full (the backend lags) or send_failed.",
             ["reason"], registry=self.registry)
+        self.log_records_forwarded = Counter(
+            "corral_otlp_forwarded_log_records",
+            "Log records sent on to the CORRAL_OTLP_FORWARD backend.", registry=self.registry)
+        self.log_records_dropped = Counter(
+            "corral_otlp_forward_dropped_log_records",
+            "Log records not forwarded: queue_full (the backend lags) or send_failed.",
+            ["reason"], registry=self.registry)
         self.forward_queue = Gauge(
             "corral_otlp_forward_queue", "Exports waiting to be forwarded.", registry=self.registry)
 

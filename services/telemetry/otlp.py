@@ -358,12 +358,21 @@ def as_forwarded(request: ExportTraceServiceRequest, exporter: Exporter) -> Expo
     forwarded = ExportTraceServiceRequest()
     forwarded.CopyFrom(request)
     for resource_spans in forwarded.resource_spans:
-        _without(resource_spans.resource.attributes, TENANT_ATTR)
-        resource_spans.resource.attributes.add(key=TENANT_ATTR).value.string_value = exporter.tenant
+        restamp_tenant(resource_spans.resource.attributes, exporter.tenant)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 _without(span.attributes, TENANT_ATTR)
     return forwarded
+
+
+def restamp_tenant(attributes: RepeatedCompositeFieldContainer[KeyValue], tenant: str) -> None:
+    """A resource's attributes saying `tenant` (and no other) as the tenant its items belong to."""
+    _without(attributes, TENANT_ATTR)
+    attributes.add(key=TENANT_ATTR).value.string_value = tenant
+
+
+def without_tenant(attributes: RepeatedCompositeFieldContainer[KeyValue]) -> None:
+    _without(attributes, TENANT_ATTR)
 
 
 def _without(attributes: RepeatedCompositeFieldContainer[KeyValue], key: str) -> None:

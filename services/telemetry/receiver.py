@@ -14,6 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from services.common.auth.principal import Principal
 from services.telemetry import otlp
+from services.telemetry.forwarding import Export
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.spans import Telemetry
 
@@ -21,7 +22,7 @@ from services.telemetry.spans import Telemetry
 class SpanReceiver:
     def __init__(
         self, telemetry: Telemetry, metrics: TelemetryMetrics,
-        forward: Callable[[ExportTraceServiceRequest], None] | None = None,
+        forward: Callable[[Export], None] | None = None,
     ) -> None:
         self._telemetry = telemetry
         self._metrics = metrics

@@ -1,6 +1,7 @@
 """CORRAL_OTLP_FORWARD against a real telemetry server and a real second OTLP receiver (a gRPC
-TraceService in the test): everything telemetry accepts goes on, with the forwarding headers; a
-user's spans say the tenant they were stored under; a backend that lags or is down costs
+TraceService and LogsService in the test): everything telemetry accepts, spans and log records,
+goes on, with the forwarding headers; a user's spans and records say the tenant they were stored
+under; a backend that lags or is down costs
 dropped, counted spans and never the exporter's call; the outbound policy checks the target at
 start."""
 
@@ -15,6 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -25,11 +31,20 @@ from services.common.server import ServiceHost
 from services.common.settings import Settings, SettingsError
 from tests import harness
 from tests.credentials import internal_channel, public_channel
-from tests.otlp import export_request, invocation, otlp_span
+from tests.otlp import export_request, invocation, logs_request, otlp_span
 from tests.rpc import who
 from tests.telemetry_client import uid
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    async def Export(self, request: ExportLogsServiceRequest, context: object) -> ExportLogsServiceResponse:
+        self._backend.logs.append(request)
+        return ExportLogsServiceResponse()
 
 
 @dataclass
@@ -37,6 +52,7 @@ class Backend(trace_service_pb2_grpc.TraceServiceServicer):
     """Another OTLP receiver (a team's Collector or Jaeger), holding what it received."""
 
     received: list[tuple[ExportTraceServiceRequest, dict[str, str]]] = field(default_factory=list)
+    logs: list[ExportLogsServiceRequest] = field(default_factory=list)
     # Cleared: every Export waits until it is set again (a backend that lags).
     answering: asyncio.Event = field(default_factory=asyncio.Event)
     address: str = ""
@@ -51,6 +67,7 @@ class Backend(trace_service_pb2_grpc.TraceServiceServicer):
         self.answering.set()
         self.server = grpc.aio.server()
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Logs(self), self.server)  # type: ignore[no-untyped-call]
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         await self.server.start()
 
@@ -92,6 +109,17 @@ class Forwarding:
         channel = internal_channel(self.settings, "telemetry", "executor")
         try:
             await trace_service_pb2_grpc.TraceServiceStub(channel).Export(request, timeout=5)  # type: ignore[no-untyped-call]
+        finally:
+            await channel.close()
+
+    async def export_logs(self, request: ExportLogsServiceRequest, tenant: str = "") -> None:
+        """As the executor, or as a user of `tenant` when one is named."""
+        channel = (public_channel(self.settings.addrs["telemetry"]) if tenant
+                   else internal_channel(self.settings, "telemetry", "executor"))
+        try:
+            stub = logs_service_pb2_grpc.LogsServiceStub(channel)  # type: ignore[no-untyped-call]
+            metadata = who(tenant, user="", role="operator") if tenant else ()
+            await stub.Export(request, metadata=metadata, timeout=5)
         finally:
             await channel.close()
 
@@ -151,6 +179,31 @@ async def test_every_export_goes_on_with_the_headers_and_the_tenant_it_was_store
     assert {k: v for k, v in backend.received[0][1].items() if k.startswith("x-")} == {
         "x-api-key": "s3cr=t", "x-team": "obs"}
     assert telemetry.count("corral_otlp_forwarded_spans_total") == 2
+
+
+async def test_log_records_go_on_too_a_users_saying_the_tenant_they_were_stored_under(
+    settings: Settings, tmp_path: Path, backend: Backend, started: list[harness.Platform],
+) -> None:
+    platform, telemetry = await telemetry_forwarding(
+        settings, tmp_path, CORRAL_OTLP_FORWARD=backend.address)
+    started.append(platform)
+    platform_tenant, user_tenant = f"p-{uid()}", f"u-{uid()}"
+    await telemetry.export_logs(
+        logs_request(platform_tenant, f"agents/fw-{uid()}", uid(), "from the agent", "and more"))
+    await telemetry.export_logs(
+        logs_request("someone-else", f"agents/fw-{uid()}", uid(), "a user's line"), user_tenant)
+
+    async with asyncio.timeout(10):
+        while telemetry.count("corral_otlp_forwarded_log_records_total") < 3:
+            await asyncio.sleep(0.02)
+    forwarded = {
+        record.body.string_value: {kv.key: kv.value.string_value for kv in rl.resource.attributes}
+        for request in backend.logs for rl in request.resource_logs
+        for scope in rl.scope_logs for record in scope.log_records
+    }
+    assert set(forwarded) == {"from the agent", "and more", "a user's line"}
+    assert forwarded["from the agent"]["corral.tenant"] == platform_tenant
+    assert forwarded["a user's line"]["corral.tenant"] == user_tenant
 
 
 async def test_a_lagging_backend_costs_dropped_spans_never_the_exporters_call(
