@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from corral.names import EndpointRef, VersionRef
+from corral.names import EndpointRef, ToolRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.clients import acting_in
 from services.common.endpoints import EndpointTraffic, EndpointUpdate, TrafficShare
@@ -45,6 +45,8 @@ class RegistryEndpoints:
                     removed_versions=tuple((v.tenant, VersionRef.parse(v.name))
                                            for v in message.removed_versions),
                     removed_bundles=tuple(message.removed_bundles),
+                    changed_tools=tuple((t.tenant, ToolRef.parse(t.name))
+                                        for t in message.changed_tools),
                 )
 
     async def get(self, tenant: str, ref: EndpointRef) -> EndpointTraffic:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from corral.names import EndpointRef, VersionRef
+from corral.names import EndpointRef, ToolRef, VersionRef
 from services.common.auth.principal import DEFAULT_TENANT
 from services.common.background import Backoff, TaskSet
 from services.common.errors import CorralError
@@ -25,6 +25,8 @@ BASIS_POINTS = 10_000
 EndpointKey = tuple[str, EndpointRef]
 # A version among every tenant's: its tenant and its name.
 VersionKey = tuple[str, VersionRef]
+# A tool among every tenant's: its tenant and its name.
+ToolKey = tuple[str, ToolRef]
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,15 @@ class EndpointUpdate:
     removed: tuple[EndpointKey, ...] = ()
     removed_versions: tuple[VersionKey, ...] = ()
     removed_bundles: tuple[str, ...] = ()
+    # Tools changed or deleted: what was cached of them is stale.
+    changed_tools: tuple[ToolKey, ...] = ()
 
     @property
-    def removes_versions(self) -> bool:
-        return bool(self.removed_versions or self.removed_bundles)
+    def invalidates(self) -> bool:
+        """Whether a cache of versions, bundles or tools has something to forget: a snapshot
+        (the watch was re-established, and what changed meanwhile is not known) or a change."""
+        return self.snapshot or bool(
+            self.removed_versions or self.removed_bundles or self.changed_tools)
 
 
 class EndpointSource(Protocol):
@@ -94,13 +101,14 @@ class EndpointMirror:
         source: EndpointSource,
         *,
         on_change: Callable[[], Awaitable[None]] | None = None,
-        on_versions_removed: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
+        on_invalidated: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
         backoff: Backoff = RECONNECT,
     ) -> None:
         self._source = source
         self._on_change = on_change
-        # Hears of deleted versions and collected bundles, to drop what is cached of them.
-        self._on_versions_removed = on_versions_removed
+        # Hears of deleted versions, collected bundles and changed tools, to drop what is cached
+        # of them; and of every snapshot, after which nothing cached can be trusted to be current.
+        self._on_invalidated = on_invalidated
         self._backoff = backoff
         self._endpoints: dict[EndpointKey, EndpointTraffic] = {}
         self._tasks = TaskSet("endpoint watch")
@@ -168,8 +176,8 @@ class EndpointMirror:
                 self.apply(endpoint)
             for key in update.removed:
                 self._endpoints.pop(key, None)
-        if update.removes_versions and self._on_versions_removed is not None:
-            await self._on_versions_removed(update)
+        if update.invalidates and self._on_invalidated is not None:
+            await self._on_invalidated(update)
         if self._on_change is not None:
             await self._on_change()
         if update.snapshot:

@@ -99,7 +99,7 @@ class ExecutorService(App):
         executor.start()
         stack.push_async_callback(executor.close)
         self.executor = executor
-        watch = EndpointWants(registry, executor.pools, on_versions_removed=executor.forget_removed)
+        watch = EndpointWants(registry, executor.pools, on_invalidated=executor.forget_stale)
         watch.start()
         stack.push_async_callback(watch.close)
         if s.executor.http_port:

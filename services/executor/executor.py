@@ -110,11 +110,17 @@ class Executor:
         ends the session's in every tenant)."""
         return await self.sandboxes.stop(tenancy.tenant_scope(caller), session)
 
-    async def forget_removed(self, update: EndpointUpdate) -> None:
+    async def forget_stale(self, update: EndpointUpdate) -> None:
         """Forgets the pins of deleted versions (a session pinned to one is refused from then
-        on) and deletes the unpacked copies of bundles no version has any more; one a sandbox
-        here still runs (a session of a version deleted meanwhile) goes at a later sweep, once
-        it stopped."""
+        on) and what is cached of changed tools (all of them after a snapshot: changes made
+        while the watch was away are not known), and deletes the unpacked copies of bundles no
+        version has any more; one a sandbox here still runs (a session of a version deleted
+        meanwhile) goes at a later sweep, once it stopped."""
+        if self.tools is not None:
+            if update.snapshot:
+                self.tools.forget_all()
+            else:
+                self.tools.forget(update.changed_tools)
         self._starter.bundles.forget_versions(update.removed_versions)
         self._starter.bundles.collected(update.removed_bundles)
         await self._sweep_bundles()

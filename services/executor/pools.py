@@ -204,17 +204,17 @@ def _labels(version: VersionRef) -> tuple[str, str]:
 class EndpointWants:
     """Tells the pools which versions the endpoints want warm: those an endpoint routes to, and
     each endpoint's rollback version. Runs whenever the executor's endpoint mirror changes. The
-    same watch says which versions were deleted and which bundles collected:
-    `on_versions_removed` hears of them (with or without pools)."""
+    same watch says which versions were deleted, which bundles collected and which tools changed:
+    `on_invalidated` hears of them (with or without pools)."""
 
     def __init__(
         self, registry: Registry, pools: WarmPools | None,
-        on_versions_removed: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
+        on_invalidated: Callable[[EndpointUpdate], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.pools = pools
         self.mirror = EndpointMirror(
-            registry.endpoints(), on_change=self._publish, on_versions_removed=on_versions_removed,
+            registry.endpoints(), on_change=self._publish, on_invalidated=on_invalidated,
             backoff=Backoff(0.5, 10.0),
         )
         # Versions are immutable: cached for good, per tenant (names are per tenant).

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from corral.names import ToolRef
 from services.common.errors import CorralError
 from services.common.prometheus import Series
 from services.executor import redaction
@@ -42,9 +43,10 @@ _tracer = trace.get_tracer(__name__)
 TOOL_ATTR = "corral.tool.name"
 # The span event of a tool that echoed a credential back, with what was found (never the value).
 REDACTED_EVENT = "corral.tool.secret_redacted"
-# How long a resolved tool (or the fact that it does not exist) is reused by default: a changed
-# address, secret or timeout, or a deleted tool, reaches running agents within this long, and the
-# registry is not asked on every call. The executor passes settings.credential_cache_s (5 s), the
+# How long a resolved tool (or the fact that it does not exist) is reused by default, so the
+# registry is not asked on every call. A changed address, secret or timeout, or a deleted tool,
+# is pushed to the executor by the endpoint watch (`forget`) and applies at the next call; this
+# is the bound when that news is lost. The executor passes settings.credential_cache_s (5 s), the
 # bound on every registry change it caches (a revoked API key is honoured as long).
 DEFAULT_CACHE_TTL_S = 5.0
 RESOLVE_TIMEOUT_S = 5.0
@@ -74,6 +76,15 @@ class ToolBroker:
     async def close(self) -> None:
         await self._transport.close()
         await self.resolver.close()
+
+    def forget(self, tools: Iterable[tuple[str, ToolRef]]) -> None:
+        """Drops what is cached of these tools (changed or deleted): their next call resolves
+        them again."""
+        for tenant, tool in tools:
+            self._cache.pop((tenant, tool.tool), None)
+
+    def forget_all(self) -> None:
+        self._cache.clear()
 
     async def call(
         self,

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from corral.names import EndpointRef, VersionRef
+from corral.names import EndpointRef, ToolRef, VersionRef
 from services.common.background import Backoff, TaskSet
-from services.common.endpoints import EndpointKey, VersionKey
+from services.common.endpoints import EndpointKey, ToolKey, VersionKey
 from services.common.errors import Unavailable
 from services.registry.model import EndpointListener
 
@@ -43,8 +43,9 @@ class _Lost:
 
 _STOP = None
 _LOST = _Lost()
-# What changed: an endpoint, a deleted version, or the digest of a collected bundle.
-Change = EndpointKey | VersionKey | str
+# What changed: an endpoint, a deleted version, a changed or deleted tool, or the digest of a
+# collected bundle.
+Change = EndpointKey | VersionKey | ToolKey | str
 Item = Change | _Lost | None
 
 
@@ -122,10 +123,13 @@ class EndpointFeed:
 
     def _on_deletion(self, payload: str) -> None:
         kind, _, what = payload.partition("/")
-        change: VersionKey | str
+        change: VersionKey | ToolKey | str
         if kind == "version":
             tenant, agent, number = what.split("/")
             change = (tenant, VersionRef(agent, int(number)))
+        elif kind == "tool":
+            tenant, tool = what.split("/")
+            change = (tenant, ToolRef(tool))
         else:
             change = what  # a bundle's digest
         for stream in self._streams:

@@ -110,6 +110,8 @@ def watch_event_pb(event: WatchEvent) -> pb.WatchEndpointsResponse:
         removed_versions=[pb.RemovedVersion(tenant=tenant, name=ref.name)
                           for tenant, ref in event.removed_versions],
         removed_bundles=event.removed_bundles,
+        changed_tools=[pb.ChangedTool(tenant=tenant, name=ref.name)
+                       for tenant, ref in event.changed_tools],
     )
 
 

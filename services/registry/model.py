@@ -12,7 +12,7 @@ from typing import Protocol, TypeAlias, TypeVar
 
 from corral.manifest import Manifest
 from corral.names import AgentRef, EndpointRef, ExperimentRef, RolloutRef, ToolRef, VersionRef
-from services.common.endpoints import EndpointKey, TrafficShare, VersionKey
+from services.common.endpoints import EndpointKey, ToolKey, TrafficShare, VersionKey
 from services.common.execution import StartFailure
 from services.common.identity import Caller
 from services.common.paging import Key, KeyPart, Page, PageQuery
@@ -105,6 +105,7 @@ class WatchEvent:
     removed: tuple[EndpointKey, ...] = ()
     removed_versions: tuple[VersionKey, ...] = ()
     removed_bundles: tuple[str, ...] = ()
+    changed_tools: tuple[ToolKey, ...] = ()
 
 
 JsonValue: TypeAlias = (

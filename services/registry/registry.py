@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from functools import partial
 
-from corral.names import AgentRef, EndpointRef, VersionRef
+from corral.names import AgentRef, EndpointRef, ToolRef, VersionRef
 from services.common.endpoints import TrafficShare
 from services.common.errors import (
     Aborted,
@@ -227,6 +227,9 @@ class Registry:
                     continue
                 changed_tenant, ref = change
                 if tenant is not None and changed_tenant != tenant:
+                    continue
+                if isinstance(ref, ToolRef):
+                    yield WatchEvent(changed_tools=((changed_tenant, ref),))
                     continue
                 if agent is not None and ref.agent != agent.agent:
                     continue

@@ -24,7 +24,7 @@ class RouterService(App):
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         clients = RouterClients.open(self.settings, stack)
         endpoints = EndpointMirror(
-            clients.registry.endpoints(), on_versions_removed=clients.registry.forget_removed)
+            clients.registry.endpoints(), on_invalidated=clients.registry.forget_removed)
         endpoints.start()
         stack.push_async_callback(endpoints.close)
         self.router = Router(

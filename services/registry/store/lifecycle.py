@@ -14,8 +14,9 @@ from services.registry.store.endpoints import ENDPOINTS_CHANNEL
 from services.registry.store.rows import Rows
 from services.registry.store.runs import run_from_row
 
-# What was deleted, for every replica's watchers: "version/<tenant>/<agent>/<number>" or
-# "bundle/<digest>" (none of the names can hold a slash).
+# What was deleted (or, for tools, changed), for every replica's watchers:
+# "version/<tenant>/<agent>/<number>", "bundle/<digest>" or "tool/<tenant>/<tool>" (none of the
+# names can hold a slash).
 DELETIONS_CHANNEL = "corral_deletions"
 
 

@@ -6,6 +6,7 @@ import asyncpg
 
 from corral.names import ToolRef
 from services.common.paging import Key
+from services.registry.store.lifecycle import DELETIONS_CHANNEL
 from services.registry.store.rows import Rows, key_part
 from services.registry.tool_model import ToolRecord, ToolSpec
 
@@ -67,9 +68,18 @@ class ToolRows(Rows):
             ciphertext,
         )
         assert row is not None  # the caller holds the row's lock
+        await self._tool_changed(tenant, tool)
         return _tool(row)
 
     async def delete_tool(self, tenant: str, tool: ToolRef) -> None:
         await self._db.execute(
             "DELETE FROM registry.tools WHERE tenant = $1 AND name = $2", tenant, tool.tool
+        )
+        await self._tool_changed(tenant, tool)
+
+    async def _tool_changed(self, tenant: str, tool: ToolRef) -> None:
+        """Tells the endpoint watch's listeners, once this transaction commits, that executors'
+        cached copies of the tool are stale."""
+        await self._db.execute(
+            "SELECT pg_notify($1, $2)", DELETIONS_CHANNEL, f"tool/{tenant}/{tool.tool}"
         )

@@ -23,11 +23,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from corral.names import ToolRef
 from corral.registry.v1 import tools_pb2 as pb
 from corral.tools.v1 import tools_pb2 as tool_api
 from corral.tools.v1 import tools_pb2_grpc as tool_api_grpc
+from services.common.endpoints import EndpointMirror, EndpointUpdate
 from services.common.outbound import OutboundPolicy, SystemResolver
-from services.executor.clients import RegistryToolResolver
+from services.executor.clients import RegistryClient, RegistryToolResolver
 from services.executor.model import (
     NOT_FOUND,
     PERMISSION_DENIED,
@@ -346,6 +348,45 @@ async def test_a_moved_tool_is_called_at_its_new_address_within_the_cache_bound(
         await _moved(tools, "moving", f"http://127.0.0.1:{port}/ok")
         assert json.loads((await tools.call("moving")).payload) == {"answer": 42}
     finally:
+        await broker.close()
+        await runner.cleanup()
+
+
+async def test_a_moved_tool_is_called_at_its_new_address_at_the_next_call(
+    registry: Registry,
+) -> None:
+    """The registry's endpoint watch tells the executor of a changed tool: its next call, however
+    fresh the cached address, goes to the new one (the cache bound only covers lost news)."""
+    seen = Seen()
+    runner, port = await _http_tool(seen)
+    await registry.create("pushed", SECRET, address=f"http://127.0.0.1:{port}/ok")
+    resolver = CountingResolver(RegistryToolResolver(registry.settings.for_service("executor")))
+    broker = ToolBroker(resolver=resolver, transport=ToolTransport.from_settings(registry.settings),
+                        cache_ttl_s=3600.0)
+    heard: asyncio.Queue[EndpointUpdate] = asyncio.Queue()
+
+    async def invalidated(update: EndpointUpdate) -> None:
+        broker.forget_all() if update.snapshot else broker.forget(update.changed_tools)
+        await heard.put(update)
+
+    watcher = RegistryClient(registry.settings.for_service("executor"))
+    mirror = EndpointMirror(watcher.endpoints(), on_invalidated=invalidated)
+    mirror.start()
+    tools = Tools(registry, broker, resolver, InMemorySpanExporter(), seen, Seen())
+    try:
+        async with asyncio.timeout(10):
+            assert (await heard.get()).snapshot
+        assert json.loads((await tools.call("pushed")).payload) == {"answer": 42}
+        await _moved(tools, "pushed", f"http://127.0.0.1:{port}/echo")
+        async with asyncio.timeout(10):
+            while (registry.tenant, ToolRef("pushed")) not in (await heard.get()).changed_tools:
+                pass
+        moved = await tools.call("pushed")
+        assert moved.error_code == "" and "headers" in json.loads(moved.payload)
+        assert resolver.calls == 2
+    finally:
+        await mirror.close()
+        await watcher.close()
         await broker.close()
         await runner.cleanup()
 
