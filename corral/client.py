@@ -34,8 +34,20 @@ CHUNK = 1024 * 1024
 # PublishVersion's initial metadata while the registry starts the new version (registry.proto).
 VERSION_HEADER = "corral-version"
 START_CHECK_HEADER = "corral-start-check"
-_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+_OPTIONS: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+
+
+def _target(address: str) -> tuple[str, list[tuple[str, str | int]]]:
+    """The gRPC target for an address setting: one host:port, or replicas as a comma-separated
+    list of ip:port, called round-robin (those that stop answering are left out)."""
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return address, list(_OPTIONS)
+    family = "ipv6" if parts[0].startswith("[") else "ipv4"
+    return f"{family}:{','.join(parts)}", [*_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+
+
 # Listings that a command shows whole are read in pages this large.
 _PAGE = 500
 
@@ -122,13 +134,13 @@ class CorralClient:
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            address = self.config.addrs[service]
+            address, options = _target(self.config.addrs[service])
             if self.config.tls:
                 ca = self.config.ca_file.read_bytes() if self.config.ca_file else None
                 credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-                self._channels[service] = grpc.secure_channel(address, credentials, _OPTIONS)
+                self._channels[service] = grpc.secure_channel(address, credentials, options)
             else:
-                self._channels[service] = grpc.insecure_channel(address, options=_OPTIONS)
+                self._channels[service] = grpc.insecure_channel(address, options=options)
         return self._channels[service]
 
     def close(self) -> None:

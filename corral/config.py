@@ -58,7 +58,10 @@ def _credential(env: Mapping[str, str], overrides: Mapping[str, str | None]) -> 
 
 
 def is_loopback(address: str) -> bool:
-    """Whether host:port names this machine."""
+    """Whether host:port (or each of a comma-separated list of replicas) names this machine."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if len(parts) > 1:
+        return all(is_loopback(part) for part in parts)
     host = address.rpartition(":")[0].strip("[]") or address
     if host == "localhost":
         return True

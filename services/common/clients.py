@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from services.common import identity, tracing
+from services.common import addresses, identity, tracing
 from services.common.auth.assertions import ASSERTION_KEY, AssertionSigner
 from services.common.auth.interceptor import TENANT_KEY
 from services.common.auth.pki import ServiceIdentity, load_identity
@@ -36,9 +36,12 @@ def _signer(identity: ServiceIdentity) -> AssertionSigner:
 
 
 def channel(settings: Settings, service: str) -> grpc.aio.Channel:
+    """A channel to `service`'s internal listener, or to each of its replicas in turn
+    (services/common/addresses.py)."""
     interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
+    target, balancing = addresses.grpc_target(settings.internal_addrs[service], service)
     return grpc.aio.secure_channel(
-        settings.internal_addrs[service],
+        target,
         service_identity(settings).channel_credentials(),
         interceptors=interceptors or None,
         options=[
@@ -46,6 +49,7 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.enable_retries", 1),
+            *balancing,
         ],
     )
 

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from corral.identity.v1 import identity_pb2, identity_pb2_grpc
-from services.common import tracing
+from services.common import addresses, tracing
 from services.common.auth.assertions import AssertionVerifier
 from services.common.auth.interceptor import Authenticator, AuthInterceptor
 from services.common.auth.methods import METHODS
@@ -193,13 +193,17 @@ class ServiceHost:
 
     @property
     def address(self) -> str:
-        """Where clients reach this server: its address in the settings, on the port it bound."""
-        return with_port(self.settings.addrs[self.name], self.port)
+        """Where clients reach this server: its address in the settings (its listen address when
+        the settings list replicas), on the port it bound."""
+        return with_port(_own(self.settings.addrs[self.name], self.settings.listen[self.name]), self.port)
 
     @property
     def internal_address(self) -> str:
         """Where the other services reach it, with their certificates."""
-        return with_port(self.settings.internal_addrs[self.name], self.internal_port)
+        return with_port(
+            _own(self.settings.internal_addrs[self.name], self.settings.internal_listen[self.name]),
+            self.internal_port,
+        )
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """NOT_SERVING first so balancers move away, then drain, then close resources."""
@@ -257,3 +261,6 @@ def main(name: str, build: Callable[[Settings], Service]) -> None:
         raise SystemExit(1) from None
 
 
+def _own(address: str, listen: str) -> str:
+    """This replica's address: `address`, unless it lists several replicas (then `listen`)."""
+    return address if len(addresses.replicas(address)) == 1 else listen

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote
 
+from services.common import addresses
 from services.common.auth.oidc import IssuerConfigError, OidcIssuer, parse_issuers
 from services.common.outbound import Network, allow_list, parse_allow
 
@@ -244,20 +245,30 @@ class Settings:
             svc: env.get(f"CORRAL_{svc.upper()}_ADDR") or f"127.0.0.1:{port}"
             for svc, port in DEFAULT_PORTS.items()
         }
-        listen = {svc: env.get(f"CORRAL_{svc.upper()}_LISTEN") or addrs[svc] for svc in SERVICES}
         internal = {
             svc: env.get(f"CORRAL_{svc.upper()}_INTERNAL_ADDR") or _offset(addrs[svc])
             for svc in SERVICES
         }
-        internal_listen = {
-            svc: env.get(f"CORRAL_{svc.upper()}_INTERNAL_LISTEN") or internal[svc] for svc in SERVICES
-        }
-        every = {**addrs, **{f"{k} listen": v for k, v in listen.items()},
-                 **{f"{k} internal": v for k, v in internal.items()},
-                 **{f"{k} internal listen": v for k, v in internal_listen.items()}}
-        for svc, addr in every.items():
-            if ":" not in addr:
-                raise SettingsError(f"address for {svc} ({addr!r}) must be host:port")
+        try:
+            for svc in SERVICES:
+                addresses.check(addrs[svc], f"CORRAL_{svc.upper()}_ADDR")
+                addresses.check(internal[svc], f"CORRAL_{svc.upper()}_INTERNAL_ADDR")
+            # A list of replicas is where a service is reached; each replica listens on its own.
+            listen = {
+                svc: env.get(f"CORRAL_{svc.upper()}_LISTEN")
+                or addresses.listen_address(addrs[svc], f"CORRAL_{svc.upper()}_LISTEN")
+                for svc in SERVICES
+            }
+            internal_listen = {
+                svc: env.get(f"CORRAL_{svc.upper()}_INTERNAL_LISTEN")
+                or addresses.listen_address(internal[svc], f"CORRAL_{svc.upper()}_INTERNAL_LISTEN")
+                for svc in SERVICES
+            }
+            for svc in SERVICES:
+                addresses.check(listen[svc], f"CORRAL_{svc.upper()}_LISTEN")
+                addresses.check(internal_listen[svc], f"CORRAL_{svc.upper()}_INTERNAL_LISTEN")
+        except addresses.AddressError as exc:
+            raise SettingsError(str(exc)) from None
         data_dir = Path(env.get("CORRAL_DATA_DIR") or ".corral").resolve()
         return cls(
             data_dir=data_dir,
@@ -373,8 +384,12 @@ def _issuers(text: str) -> tuple[OidcIssuer, ...]:
 
 
 def _offset(address: str) -> str:
-    """The internal address beside a public one: the same host, the port plus 10 (port 0 stays 0,
-    for a port the OS picks)."""
+    """The internal address beside a public one (each replica's, for a list): the same host, the
+    port plus 10 (port 0 stays 0, for a port the OS picks)."""
+    return ",".join(_offset_one(part) for part in addresses.replicas(address))
+
+
+def _offset_one(address: str) -> str:
     host, _, port = address.rpartition(":")
     try:
         number = int(port)

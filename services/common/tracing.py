@@ -14,6 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from services.common import addresses
 from services.common.auth.pki import load_identity
 from services.common.settings import Settings
 
@@ -39,8 +40,10 @@ def span_exporter(settings: Settings, service: str, timeout_s: float = 3) -> OTL
     which telemetry trusts (a user's exports land in the user's tenant and never count as the
     platform's invocations)."""
     credentials = load_identity(settings.pki_dir, service).channel_credentials()
+    target, balancing = addresses.grpc_target(settings.internal_addrs["telemetry"], "telemetry")
     return OTLPSpanExporter(
-        endpoint=settings.internal_addrs["telemetry"], credentials=credentials, timeout=timeout_s
+        endpoint=target, credentials=credentials, timeout=timeout_s,
+        channel_options=tuple(balancing) or None,  # type: ignore[arg-type]  # typed too narrowly
     )
 
 

@@ -24,10 +24,11 @@ from grpc_health.v1 import health_pb2
 
 from corral.client import CorralClient
 from corral.config import ClientConfig
-from services.common import embedded
+from services.common import addresses, embedded
 from services.common.auth.pki import LOCAL_HOSTS, ensure_pki
 from services.common.logs import setup_logging
 from services.common.settings import SERVICES, START_ORDER, Settings, inherited_environment
+from services.launcher import replicas
 from services.launcher.children import EmbeddedPostgresChild, EmbeddedRedisChild, ServiceChild
 from services.launcher.output import OutputTail
 from services.launcher.ports import HeldPort
@@ -56,18 +57,45 @@ class Launcher:
         so that no one else gets it before its service takes it over."""
         held = {name: HeldPort("0.0.0.0", handover=True) for name in HTTP_PORTS if environ.get(name) == ANY_PORT}
         self.environ = {**environ, **{name: str(port.port) for name, port in held.items()}}
-        addresses = _held_addresses(Settings.from_env(self.environ))
-        self.held = [*held.values(), *addresses.values()]
-        self.environ.update({name: port.address for name, port in addresses.items()})
+        addrs = _held_addresses(Settings.from_env(self.environ))
+        self.held = [*held.values(), *addrs.values()]
+        self.environ.update({name: port.address for name, port in addrs.items()})
+        # CORRAL_REPLICAS: each further replica's (public, internal) listen addresses.
+        self.replicas: dict[str, tuple[str, str]] = self._hold_replicas(
+            replicas.parse(self.environ.get(replicas.VARIABLE, "")))
         # Updated as services start: an address asking for port 0 becomes the one its service bound.
         self.settings = Settings.from_env(self.environ)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # The service each process (by its name: "router", "router-2", ...) runs.
+        self.service_of: dict[str, str] = {}
         self.outputs: dict[str, OutputTail] = {}
         # When each process (a service, "postgres", "redis") was started, on time.monotonic().
         self.started_at: dict[str, float] = {}
         self.pg: embedded.EmbeddedPostgres | None = None
         self.redis: embedded.EmbeddedRedis | None = None
         self.stopping = False
+
+    def _hold_replicas(self, counts: dict[str, int]) -> dict[str, tuple[str, str]]:
+        """Holds two ports (public, internal) for every further replica, and makes each service's
+        address settings list all its replicas; its first keeps the addresses it had."""
+        settings = Settings.from_env(self.environ)
+        found: dict[str, tuple[str, str]] = {}
+        for svc, count in counts.items():
+            if count == 1:
+                continue
+            first = (settings.addrs[svc], settings.internal_addrs[svc])
+            every = [first]
+            for name in replicas.names(svc, count)[1:]:
+                ports = (HeldPort(handover=True), HeldPort(handover=True))
+                self.held.extend(ports)
+                found[name] = (ports[0].address, ports[1].address)
+                every.append(found[name])
+            upper = svc.upper()
+            self.environ.setdefault(f"CORRAL_{upper}_LISTEN", settings.listen[svc])
+            self.environ.setdefault(f"CORRAL_{upper}_INTERNAL_LISTEN", settings.internal_listen[svc])
+            self.environ[f"CORRAL_{upper}_ADDR"] = ",".join(public for public, _ in every)
+            self.environ[f"CORRAL_{upper}_INTERNAL_ADDR"] = ",".join(internal for _, internal in every)
+        return found
 
     def _env(self, svc: str) -> dict[str, str]:
         """The environment of `svc`: secrets only for the services that use them."""
@@ -148,19 +176,27 @@ class Launcher:
     def start_services(self) -> None:
         for svc in START_ORDER:
             self.start_service(svc)
+            for name in sorted(n for n in self.replicas if n.rpartition("-")[0] == svc):
+                self.start_service(svc, name)
 
     def start_service(self, svc: str, name: str = "", timeout: float = 60) -> str:
         """Starts `svc` as a process (called `name` when it is a further instance) and waits until
         it serves; returns the address it reported. The services started after a service's first
         instance are given that address."""
         name = name or svc
+        self.service_of[name] = svc
         report = self.settings.data_dir / "run" / f"{name}.address"
         report.unlink(missing_ok=True)  # an earlier run's
         env = {**self._env(svc), "CORRAL_ADDRESS_FILE": str(report)}
-        if name != svc:
+        upper = svc.upper()
+        if name in self.replicas:
+            # A replica of CORRAL_REPLICAS: on the ports held for it, its HTTP ports off (its first
+            # replica's serve the metrics of one; Kubernetes scrapes every pod).
+            env[f"CORRAL_{upper}_LISTEN"], env[f"CORRAL_{upper}_INTERNAL_LISTEN"] = self.replicas[name]
+            env.update({port: "0" for port in HTTP_PORTS})
+        elif name != svc:
             # A further instance listens on ports of its own (the OS picks them), not its first
             # instance's; it reports them like any other.
-            upper = svc.upper()
             env[f"CORRAL_{upper}_LISTEN"] = f"{self.settings.addrs[svc].rpartition(':')[0]}:0"
             env[f"CORRAL_{upper}_INTERNAL_LISTEN"] = (
                 f"{self.settings.internal_addrs[svc].rpartition(':')[0]}:0")
@@ -187,7 +223,7 @@ class Launcher:
             self._wait(name, deadline, f"{name} did not become healthy on {addr} within {timeout:.0f}s",
                        lambda: _serving(check))
         log.info("%-9s serving on %s (pid %d)", name, addr, self.procs[name].pid)
-        if name == svc:
+        if name == svc and len(addresses.replicas(self.settings.addrs[svc])) == 1:
             self.settings = self.settings.with_address(svc, addr, internal)
         return addr
 

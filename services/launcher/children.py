@@ -26,7 +26,7 @@ class ServiceChild:
 
     def start(self) -> str:
         try:
-            address = self.launcher.start_service(self.name)
+            address = self.launcher.start_service(self.launcher.service_of[self.name], self.name)
         except Exception:
             embedded.stop_process(self.launcher.procs[self.name], grace_s=5)  # one that never became healthy
             raise

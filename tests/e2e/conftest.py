@@ -40,9 +40,11 @@ def platform(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPat
 
 
 @contextmanager
-def launched(database_url: str | None, redis_url: str | None, data: Path) -> Iterator[dict[str, str]]:
+def launched(
+    database_url: str | None, redis_url: str | None, data: Path, **settings: str
+) -> Iterator[dict[str, str]]:
     """`python -m services.launcher` on `database_url` and `redis_url`, or (None) a PostgreSQL or
-    Redis it embeds, with its data in `data`; yields its environment and where its services serve, and `_PID` and
+    Redis it embeds, with its data in `data` and further `settings` (CORRAL_* variables); yields its environment and where its services serve, and `_PID` and
     `_LOG` (its process and its output). Killed, with whatever it started, afterwards."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update({f"CORRAL_{svc.upper()}_ADDR": "127.0.0.1:0" for svc in SERVICES})
@@ -53,6 +55,7 @@ def launched(database_url: str | None, redis_url: str | None, data: Path) -> Ite
         # be an editable install of another checkout.
         "PYTHONPATH": str(ROOT),
         **dict.fromkeys(HTTP_PORTS, ANY_PORT),
+        **settings,
     })
     if database_url is not None:
         env["CORRAL_DATABASE_URL"] = database_url
