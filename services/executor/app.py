@@ -26,13 +26,14 @@ from services.executor.clients import (
 from services.executor.credentials import CredentialIssuer
 from services.executor.drivers import driver_for
 from services.executor.executor import Executor, default_holder
+from services.executor.fleet_keys import FleetKeys
 from services.executor.http import ExecutorHttp
 from services.executor.keys import KeyRing, rotation
 from services.executor.metrics import ExecutorMetrics
 from services.executor.pools import EndpointWants
 from services.executor.servicer import ExecutorServicer
 from services.executor.starter import SandboxStarter
-from services.executor.store import RedisRevocations
+from services.executor.store import RedisJwks, RedisRevocations
 from services.executor.tool_transport import ToolTransport
 from services.executor.tools import ToolBroker
 
@@ -81,12 +82,15 @@ class ExecutorService(App):
         rotation_s = s.executor.key_rotation_hours * 3600
         # Retired public keys stay published for two days: longer than any token they signed.
         keyring = KeyRing(s.data_dir / "keys", rotation_s, retain_s=max(rotation_s, 2 * 86_400))
-        rotating = rotation(keyring)
+        fleet_keys = FleetKeys(keyring, RedisJwks(redis, s.redis_prefix))
+        await fleet_keys.publish()  # before any token it signs can reach a tool
+        rotating = rotation(keyring, publish=fleet_keys.publish)
         rotating.start()
         stack.push_async_callback(rotating.close)
         holder = default_holder(s.listen["executor"])
         issuer = CredentialIssuer(
-            keyring, RedisRevocations(redis, s.redis_prefix), issuer=holder.split("#")[0]
+            keyring, RedisRevocations(redis, s.redis_prefix), issuer=holder.split("#")[0],
+            fleet=fleet_keys,
         )
         starter = SandboxStarter(
             driver, BundleCache(registry, s.data_dir / "bundles"), s.data_dir / "sandboxes",

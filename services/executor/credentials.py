@@ -16,6 +16,7 @@ import jwt
 from corral.manifest import Manifest
 from services.common.background import TaskSet
 from services.common.identity import Caller
+from services.executor.fleet_keys import FleetKeys
 from services.executor.keys import Clock, KeyRing
 from services.executor.model import Credential, Invocation, RevocationList
 
@@ -34,11 +35,14 @@ class CredentialIssuer:
         revocations: RevocationList,
         issuer: str,
         *,
+        fleet: FleetKeys | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.keyring = keyring
         self.revocations = revocations
         self.issuer = issuer
+        # The fleet's keys (fleet_keys.py); none: this executor's alone.
+        self.fleet = fleet
         self._clock = clock
 
     def mint(
@@ -86,8 +90,9 @@ class CredentialIssuer:
     async def is_revoked(self, jti: str) -> bool:
         return await self.revocations.contains(jti)
 
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        return self.keyring.jwks()
+    async def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The keys a verifier needs: every executor's of the fleet."""
+        return await self.fleet.jwks() if self.fleet is not None else self.keyring.jwks()
 
 
 def _check_lifetime(now: float, expires_at: float, retain_s: float) -> None:

@@ -149,8 +149,8 @@ class Executor:
         pools = self.pools.report() if self.pools is not None and after is None else []
         return SandboxListing(page.items, pools, page.next_page_token)
 
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        return self.credentials.jwks() if self.credentials is not None else {"keys": []}
+    async def jwks(self) -> dict[str, list[dict[str, str]]]:
+        return await self.credentials.jwks() if self.credentials is not None else {"keys": []}
 
     async def is_revoked(self, jti: str) -> bool:
         return await self.credentials.is_revoked(jti) if self.credentials is not None else False

@@ -35,7 +35,7 @@ class ExecutorHttp(HttpSite):
 
     async def _jwks(self, _request: web.Request) -> web.Response:
         return web.json_response(
-            self._issuer.jwks(),
+            await self._issuer.jwks(),
             headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE_S}"},
         )
 

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,10 +250,15 @@ class KeyRing:
         return SigningKey(key.kid, key.not_before, key.public, None, key.path)
 
 
-def rotation(keyring: KeyRing, every_s: float = 60.0) -> Periodic:
-    """The executor's background rotation: creates, retires and prunes keys now and then."""
+def rotation(
+    keyring: KeyRing, every_s: float = 60.0, *, publish: Callable[[], Awaitable[None]] | None = None
+) -> Periodic:
+    """The executor's background rotation: creates, retires and prunes keys now and then, and
+    each time `publish`es them (to the fleet: fleet_keys.py)."""
 
     async def rotate() -> None:
         await asyncio.to_thread(keyring.maybe_rotate)
+        if publish is not None:
+            await publish()
 
     return Periodic(rotate, every_s=every_s, first_delay_s=every_s, what="credential key rotation")

@@ -103,7 +103,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         )
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: Context) -> pb.Jwks:
-        return pb.Jwks(keys=[pb.Jwk(**key) for key in self.executor.jwks()["keys"]])
+        return pb.Jwks(keys=[pb.Jwk(**key) for key in (await self.executor.jwks())["keys"]])
 
     async def CheckRevocation(
         self, request: pb.CheckRevocationRequest, context: Context

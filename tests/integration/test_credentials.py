@@ -30,9 +30,10 @@ from corral.verify import (
 )
 from services.common.kv import create_redis
 from services.executor.credentials import Credential, CredentialIssuer
+from services.executor.fleet_keys import FleetKeys
 from services.executor.http import ExecutorHttp
 from services.executor.keys import KeyRing, jwk_thumbprint
-from services.executor.store import RedisRevocations
+from services.executor.store import RedisJwks, RedisRevocations
 from tests.fakes.common import EpochClock
 from tests.fakes.executor import forge, mint, tamper
 from tests.harness import refused_address
@@ -203,7 +204,7 @@ async def test_the_executor_http_routes(stack: Stack) -> None:
     base = f"http://127.0.0.1:{stack.http.port}"
     jwks = await stack.client.get(f"{base}/.well-known/jwks.json")
     assert jwks.headers["Cache-Control"] == "public, max-age=300"
-    assert jwks.json() == stack.issuer.jwks()
+    assert jwks.json() == await stack.issuer.jwks()
     cred = stack.mint()
     revocation = await stack.client.get(f"{base}/v1/revocations/{cred.jti}")
     assert revocation.json() == {"jti": cred.jti, "revoked": False}
@@ -227,3 +228,43 @@ async def test_without_redis_the_revocation_check_fails_closed(stack: Stack) -> 
     finally:
         await http.close()
         await dead.aclose()
+
+
+async def test_any_executor_of_the_fleet_serves_every_executors_keys(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Two executors behind one JWKS URL: a tool verifying against either's JWKS accepts the
+    tokens both sign; an executor gone for good leaves its keys as long as they may be needed."""
+    redis = create_redis(redis_url)
+    prefix = f"corral-test-{uuid.uuid4().hex[:8]}:"
+    clock = EpochClock(time.time())
+    stacks = []
+    for name in ("a", "b"):
+        keyring = KeyRing(tmp_path / name, rotation_s=3600, retain_s=600, publish_ahead_s=60, clock=clock)
+        fleet = FleetKeys(keyring, RedisJwks(redis, prefix), clock=clock)
+        await fleet.publish()
+        issuer = CredentialIssuer(keyring, RedisRevocations(redis, prefix), "executor", fleet=fleet)
+        http = ExecutorHttp(issuer, CollectorRegistry(), "127.0.0.1", 0)
+        await http.start()
+        stacks.append((issuer, http))
+    (a, _), (b, b_http) = stacks
+    try:
+        assert {k["kid"] for k in (await a.jwks())["keys"]} == {k["kid"] for k in (await b.jwks())["keys"]}
+        # Signed by a, verified against b's JWKS (a tool whose URL's balancer picked b).
+        token = mint(a, invocation_id="inv-a").token
+        b_url = f"http://127.0.0.1:{b_http.port}/.well-known/jwks.json"
+        claims = await averify_invocation_token(token, audience=TOOL, jwks_url=b_url)
+        assert claims.invocation_id == "inv-a"
+        # a stops publishing (gone); its keys stay while its tokens may live, then leave.
+        a_kid = a.keyring.signing_key().kid
+        clock.now += 590
+        assert b.fleet is not None
+        await b.fleet.publish()
+        assert a_kid in {k["kid"] for k in (await b.jwks())["keys"]}
+        clock.now += 20
+        assert a_kid not in {k["kid"] for k in (await b.jwks())["keys"]}
+    finally:
+        await verifier_for(f"http://127.0.0.1:{b_http.port}/.well-known/jwks.json").aclose()
+        for _, http in stacks:
+            await http.close()
+        await redis.aclose()

@@ -48,7 +48,7 @@ class Executor:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/.well-known/jwks.json":
             self.jwks_fetches += 1
-            return httpx.Response(200, json=self.issuer.jwks())
+            return httpx.Response(200, json=self.issuer.keyring.jwks())
         jti = request.url.path.rsplit("/", 1)[-1]
         revoked = f"{self.prefix}revoked:{jti}" in self.redis.ttl
         return httpx.Response(200, json={"jti": jti, "revoked": revoked})
@@ -232,13 +232,14 @@ def test_claims_and_header(issuer: CredentialIssuer) -> None:
     assert cred.expires_at == int(expires_at)
 
 
-def test_jwks_lists_public_keys_only(issuer: CredentialIssuer) -> None:
-    [jwk] = issuer.jwks()["keys"]
+async def test_jwks_lists_public_keys_only(issuer: CredentialIssuer) -> None:
+    jwks = await issuer.jwks()
+    [jwk] = jwks["keys"]
     assert set(jwk) == {"kty", "crv", "x", "kid", "alg", "use"}
     assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("OKP", "Ed25519", "EdDSA", "sig")
     assert jwk["kid"] == issuer.keyring.signing_key().kid
     assert len(base64.urlsafe_b64decode(jwk["x"] + "=")) == 32
-    json.dumps(issuer.jwks())  # serialisable as is
+    json.dumps(jwks)  # serialisable as is
 
 
 @pytest.mark.parametrize(
