@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run runtime test unit integration e2e bench proto envoy lint typecheck clean help
+.PHONY: run runtime test unit integration e2e bench chaos proto envoy lint typecheck clean help
 
 help:
 	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set), restarting any that dies"
 	@echo "make test   run the unit, integration and end-to-end tests"
 	@echo "make bench  print benchmark figures as JSON"
+	@echo "make chaos  kill each service, PostgreSQL and Redis under load, then overload; print what callers saw as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"
 	@echo "make envoy  regenerate deploy/envoy/envoy*.yaml from the method access table and edge.toml"
 	@echo "make lint   buf lint, buf breaking against the previous commit, ruff, import contracts, mypy --strict"
@@ -55,6 +56,11 @@ e2e: .proto.stamp runtime
 
 bench: .proto.stamp
 	@$(PY) -m bench
+
+# Faults under load (bench/chaos.py): each service, PostgreSQL and Redis killed in turn while
+# multi-turn sessions run, then an overload; prints JSON. A short version runs in `make test`.
+chaos: .proto.stamp runtime
+	@$(PY) -m bench.chaos
 
 # buf breaking compares protos/ with the previous commit, which buf builds from git: whatever an
 # import needs must be committed (hence the vendored protos/third_party). Both sides are built to
