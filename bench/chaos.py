@@ -197,10 +197,21 @@ def _channel(routers: list[str]) -> Iterator[grpc.aio.Channel]:
     yield channel
 
 
+async def _settle(sessions: list[Session], limit_s: float = 90.0) -> float | None:
+    """Runs turns until every session has just succeeded (the previous fault is over), at most
+    `limit_s`; how long that took, None if some session never did."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        step = time.monotonic()
+        await asyncio.gather(*(s.turn(Tally(), step + 10) for s in sessions))
+        if all(s.last_success >= step for s in sessions):
+            return round(time.monotonic() - start, 2)
+    return None
+
+
 async def _fault(platform: Platform, sessions: list[Session], target: str, window_s: float) -> dict[str, object]:
     tally = Tally()
-    warm_until = time.monotonic() + 2
-    await asyncio.gather(*(s.run(Tally(), warm_until) for s in sessions))
+    settled = await _settle(sessions)
     before = len(platform.log())
     until = time.monotonic() + window_s
     runs = [asyncio.create_task(s.run(tally, until)) for s in sessions]
@@ -220,6 +231,7 @@ async def _fault(platform: Platform, sessions: list[Session], target: str, windo
     recovery = (max(ok) - killed) if len(ok) == len(sessions) else None
     stuck = sum(1 for s in sessions if time.monotonic() - s.last_success > min(5.0, window_s / 2))
     return {
+        "settled_before_s": settled,
         "restart_s": round(restarted - killed, 2) if restarted else None,
         "turns_succeed_again_after_kill_s": round(recovery, 2) if recovery is not None else None,
         "turns_succeed_again_after_restart_s": (
