@@ -6,6 +6,7 @@ went: the sandbox's own stdout and stderr, which the executor's log keeps."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -27,6 +28,22 @@ STDOUT, STDERR = "stdout", "stderr"
 _SEVERITY = {STDOUT: (9, "INFO"), STDERR: (13, "WARN")}
 _LEVELS = ((logging.CRITICAL, 21, "FATAL"), (logging.ERROR, 17, "ERROR"),
            (logging.WARNING, 13, "WARN"), (logging.INFO, 9, "INFO"), (logging.DEBUG, 5, "DEBUG"))
+
+
+# A line that starts with a logging level, as Python's logging.basicConfig writes it
+# ("WARNING:root:..."), uvicorn ("INFO:     ...") and most loggers do: what an HTTP agent's server,
+# a subprocess whose logging reaches the sandbox only as text, says of its lines.
+_LEVEL_PREFIX = re.compile(r"^(DEBUG|INFO|WARN|WARNING|ERROR|CRITICAL|FATAL)(?=[:\s\]])")
+_PREFIX_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+                  "WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL,
+                  "FATAL": logging.CRITICAL}
+
+
+def line_severity(source: str, line: str) -> tuple[int, str]:
+    """The severity of a line written to stdout or stderr: the level it starts with, if any,
+    else the stream's (INFO for stdout, WARN for stderr)."""
+    found = _LEVEL_PREFIX.match(line)
+    return severity_of(_PREFIX_LEVELS[found.group(1)]) if found else _SEVERITY[source]
 
 
 def severity_of(level: int) -> tuple[int, str]:
@@ -64,7 +81,7 @@ class OutputCapture:
         """Stops capturing; partial lines become records, sent before the next frame."""
         with self.lock:
             for source, text in list(self._partial.items()):
-                self._add(source, *_SEVERITY[source], text)
+                self._add(source, *line_severity(source, text), text)
             self._partial.clear()
             self.active = False
 
@@ -90,7 +107,7 @@ class OutputCapture:
             if rest:
                 self._partial[source] = rest
             for line in lines:
-                self._add(source, *_SEVERITY[source], line)
+                self._add(source, *line_severity(source, line), line)
             self._maybe_flush()
 
     def log(self, source: str, level: int, text: str) -> None:

@@ -44,6 +44,20 @@ def _capture() -> tuple[OutputCapture, list[pb.Logs]]:
     return OutputCapture(sent.append, threading.RLock()), sent
 
 
+def test_a_line_that_starts_with_a_logging_level_has_that_severity() -> None:
+    """An HTTP agent's server logs through its own process: only its text reaches the sandbox."""
+    capture, _ = _capture()
+    capture.begin()
+    capture.write("stderr", "INFO:root:started\nERROR:app:failed\nINFO:     127.0.0.1 - GET /ping 200\n")
+    capture.write("stderr", "WARNING [app] slow\nInformation only\nplain stderr\n")
+    capture.write("stdout", "DEBUG: details\nplain stdout\n")
+    capture.end()
+    logs = capture.take()
+    assert logs is not None
+    assert [r.severity_text for r in logs.records] == [
+        "INFO", "ERROR", "INFO", "WARN", "WARN", "WARN", "DEBUG", "INFO"]
+
+
 def test_output_becomes_one_record_a_line_with_partial_lines_kept_to_the_end() -> None:
     capture, _ = _capture()
     capture.begin()
