@@ -2,9 +2,9 @@
 # Builds the Corral image without a container daemon (`make image`): the same image as
 # deploy/docker/Dockerfile, from the same Debian packages (packages.txt) and the same locked
 # Python dependencies (pyproject.toml's pins). mmdebstrap makes the root file system, umoci packs
-# it into an OCI image layout; then the image is unpacked again and checked: the services import,
-# bubblewrap and runsc run, and both sandbox drivers accept the image (bwrap, runsc, the agents'
-# runtime, writable cgroups).
+# it into an OCI image layout; then the image is unpacked again and checked: bubblewrap, runsc and
+# tini run, the services import, and each sandbox driver starts a real sandbox in it whose worker
+# answers Ready (image_check.py).
 #
 # Usage: build-image.sh OUT_DIR PYTHON TAG
 #   OUT_DIR  where the image goes: OUT_DIR/oci (an OCI image layout, reference oci:TAG) and
@@ -109,21 +109,15 @@ rootfs=$work/check/rootfs
 # host's /sys so that the drivers find writable cgroups as in a privileged pod.
 in_image() {
     bwrap --bind "$rootfs" / --proc /proc --dev /dev --bind /sys /sys --tmpfs /tmp \
+        --ro-bind "$here/image_check.py" /tmp/image_check.py \
         --unshare-pid --unshare-ipc --die-with-parent --chdir /app --clearenv \
         --setenv PATH "$venv/bin:/usr/sbin:/usr/bin:/sbin:/bin" --setenv HOME /root -- "$@"
 }
 in_image bwrap --version >&2
 in_image runsc --version | head -1 >&2
 in_image tini --version >&2
-in_image python -c '
-import importlib
-for svc in ("router", "registry", "sessions", "executor", "telemetry"):
-    importlib.import_module(f"services.{svc}.app")
-from services.executor import runtime
-from services.executor.drivers import driver_for
-print("services import; agents runtime:", runtime.installed())
-print("sandbox drivers:", driver_for("bwrap").name, driver_for("gvisor").name)
-' >&2
+# Every service imports, the agents' runtime is there, and each driver starts a real sandbox.
+in_image python /tmp/image_check.py >&2
 in_image corral --help >/dev/null
 [ "$(stat -c %u:%g "$rootfs/var/lib/corral")" = 10001:10001 ] || fail "/var/lib/corral is not the service user's"
 

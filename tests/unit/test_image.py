@@ -79,6 +79,12 @@ def test_both_give_the_image_the_same_configuration() -> None:
     assert {k: v for k, v in docker_env.items() if k not in pip_only} == script_env
 
 
+def test_the_build_checks_the_image_by_starting_a_sandbox_with_each_driver() -> None:
+    assert 'in_image python /tmp/image_check.py' in SCRIPT
+    check = (DOCKER / "image_check.py").read_text()
+    assert 'for name in ("bwrap", "gvisor")' in check and "await sandbox.start(" in check
+
+
 def test_the_build_script_parses_and_make_image_runs_it_outside_make_test() -> None:
     result = subprocess.run(["sh", "-n", str(DOCKER / "build-image.sh")], capture_output=True,
                             text=True, check=False)
