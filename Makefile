@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run runtime test unit integration e2e bench chaos proto envoy lint typecheck clean help
+.PHONY: run runtime test unit integration e2e bench chaos proto envoy image lint typecheck clean help
 
 help:
 	@echo "make run    start the five services (embedded PostgreSQL and Redis unless CORRAL_DATABASE_URL / CORRAL_REDIS_URL are set), restarting any that dies"
@@ -13,6 +13,7 @@ help:
 	@echo "make chaos  kill each service, PostgreSQL and Redis under load, then overload; print what callers saw as JSON"
 	@echo "make proto  regenerate Python code and type stubs from protos/"
 	@echo "make envoy  regenerate deploy/envoy/envoy*.yaml from the method access table and edge.toml"
+	@echo "make image  build the container image without Docker (mmdebstrap, umoci): build/image/oci, as root"
 	@echo "make lint   buf lint, buf breaking against the previous commit, ruff, import contracts, mypy --strict"
 
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +39,12 @@ runtime: .proto.stamp
 # deploy/envoy/edge.toml (tests/unit/test_deploy.py fails while they are stale).
 envoy: $(VENV)/.installed
 	@$(PY) scripts/genenvoy.py
+
+# The container image (deploy/docker/README.md): the Dockerfile's image, built without a container
+# daemon into an OCI image layout under build/image, then unpacked and checked. Not part of `test`.
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+image: .proto.stamp
+	@sh deploy/docker/build-image.sh build/image $(PY) $(IMAGE_TAG)
 
 run: .proto.stamp runtime
 	@$(PY) -m services.launcher

@@ -252,7 +252,33 @@ def unpack(data: bytes, dest: Path, limits: BundleLimits = LIMITS) -> None:
     inspect(data, limits)
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        tar.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:
+            _extract_as_data(tar, dest)
+
+
+def _extract_as_data(tar: tarfile.TarFile, dest: Path) -> None:
+    """What tarfile's 'data' filter (PEP 706) does, for a Python without it: Debian 12's 3.11.2,
+    the container image's, predates it. On a tar `inspect` has passed (relative paths without
+    '..', links that stay inside, only files, directories and symlinks), each member is written
+    with no owner taken from the tar and no setuid, setgid, sticky or group/other write bit."""
+    for member in tar.getmembers():
+        target = dest / _check_path(member.name)
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            target.chmod(member.mode & 0o755 | 0o700)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if member.issym():
+            target.symlink_to(member.linkname)
+            continue
+        source = tar.extractfile(member)
+        assert source is not None
+        # "x": never written through a file or link already there.
+        with source, open(target, "xb") as out:
+            shutil.copyfileobj(source, out)
+        target.chmod(member.mode & 0o755 | 0o600)
 
 
 # -- vendored dependencies ------------------------------------------------------------------

@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -35,7 +36,7 @@ _SDK_GLOBS = (
     "corral/sandbox/__init__.py", "corral/sandbox/v1/__init__.py", "corral/sandbox/v1/sandbox_pb2.py",
 )
 # Parts of the standard library no agent needs (tests, GUI, the tools that install packages).
-_STDLIB_SKIP = {"site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
                 "lib2to3", "__phello__"}
 _DONE = ".complete"
 
@@ -110,8 +111,8 @@ def install(root: Path = ROOT, say: Callable[[str], None] = print) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".installing-", dir=root))
     try:
         _copy_interpreter(work)
-        site = work / "lib" / _python_name() / "site-packages"
-        site.mkdir()
+        site = site_packages(work)
+        site.mkdir(parents=True)
         base = Path(_sdk_files()[0]).parent.parent
         for path in _sdk_files():
             _copy(path, site / path.relative_to(base))
@@ -131,6 +132,23 @@ def install(root: Path = ROOT, say: Callable[[str], None] = print) -> Path:
         raise
     say(f"runtime: installed {prefix}")
     return interpreter(prefix)
+
+
+def site_packages(prefix: Path) -> Path:
+    """Where the interpreter copied into `prefix` looks for packages, asked of it: CPython as
+    built (pyenv, python.org) reads lib/python3.X/site-packages, Debian's reads
+    lib/python3/dist-packages (and local/..., lib/python3.X/dist-packages) instead."""
+    ask = "import site; print(*site.getsitepackages(), sep='\\n')"
+    found = subprocess.run([str(interpreter(prefix)), "-I", "-c", ask],
+                           capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    home = Path(os.path.realpath(prefix))
+    inside = [Path(os.path.realpath(p)) for p in found]
+    inside = [p for p in inside if p.is_relative_to(home) and p.relative_to(home).parts[0] == "lib"]
+    if not inside:
+        raise RuntimeError(f"the interpreter in {prefix} looks for packages nowhere under "
+                           f"{prefix}/lib: {found}")
+    standard = home / "lib" / _python_name() / "site-packages"
+    return prefix / (standard if standard in inside else inside[0]).relative_to(home)
 
 
 def _copy(source: Path, target: Path) -> None:

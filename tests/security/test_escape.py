@@ -21,6 +21,7 @@ import pytest
 from services.executor.drivers import cgroups
 from services.executor.drivers.base import SandboxDriver
 from services.executor.drivers.bwrap import OUTPUT_LOG_LIMIT
+from services.executor.runtime import site_packages
 from services.executor.sandbox import Sandbox, SandboxCrashed
 from tests.security.sandboxes import (
     AGENTS,
@@ -124,7 +125,9 @@ async def test_its_bundle_and_the_interpreter_are_read_only(
     # The agents' runtime: its interpreter, standard library and corral.sdk.
     runtime = Path(driver.python).parent.parent  # type: ignore[attr-defined]
     stdlib = runtime / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    paths = ["/bundle/agent.py", "/bundle/evil.py", f"{runtime}/bin/evil", f"{stdlib}/os.py", f"{stdlib}/site-packages/corral/sdk/__init__.py",
+    # corral.sdk where the runtime's interpreter reads it (Debian's: lib/python3/dist-packages).
+    sdk = site_packages(runtime) / "corral" / "sdk" / "__init__.py"
+    paths = ["/bundle/agent.py", "/bundle/evil.py", f"{runtime}/bin/evil", f"{stdlib}/os.py", str(sdk),
              "/usr/bin/evil", "/evil", "/dev/evil"]
     report = await beside(attacker, neighbour, {"attack": "write", "paths": paths})
     assert set(report.values()) <= WRITE_ERRORS, report

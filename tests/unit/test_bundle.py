@@ -246,6 +246,15 @@ def test_publish_refuses_a_bundle_too_large_before_uploading(
 # -- unpacking --------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["data filter", "without it"])
+def tar_filter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacking with tarfile's 'data' filter, and on a Python that lacks it (Debian 12's 3.11.2,
+    the container image's), where unpack applies the same rules itself."""
+    if request.param == "without it":
+        monkeypatch.delattr(tarfile, "data_filter")
+
+
+@pytest.mark.usefixtures("tar_filter")
 def test_unpack_restores_the_directory(tmp_path: Path) -> None:
     root = write_bundle(tmp_path / "src", files())
     (root / "lib" / "alias.py").symlink_to("util.py")
@@ -261,6 +270,19 @@ def test_unpack_restores_the_directory(tmp_path: Path) -> None:
     assert pack(dest) == pack(root)
 
 
+@pytest.mark.usefixtures("tar_filter")
+def test_unpack_gives_no_setuid_or_group_writable_file_and_no_owner_from_the_tar(
+    tmp_path: Path,
+) -> None:
+    tool = tarfile.TarInfo("tool.sh")  # empty
+    tool.mode, tool.uid, tool.gid = 0o6777, 4242, 4242
+    unpack(tar_of(*BASE, tool), tmp_path / "dest")
+    written = (tmp_path / "dest" / "tool.sh").stat()
+    assert written.st_mode & 0o7777 == 0o755
+    assert (written.st_uid, written.st_gid) == (os.getuid(), os.getgid())
+
+
+@pytest.mark.usefixtures("tar_filter")
 def test_unpack_refuses_an_unsafe_tar_and_writes_nothing_outside(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     with pytest.raises(BundleError):

@@ -43,6 +43,20 @@ def test_gvisor_without_runsc_refuses_to_start_saying_how_to_install_it(
         drivers.driver_for("gvisor")
 
 
+@pytest.mark.parametrize(("name", "says"), [("bwrap", "needs bubblewrap"), ("gvisor", "runsc")])
+def test_a_driver_named_but_not_installed_refuses_to_start_instead_of_falling_back(
+    name: str, says: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CORRAL_SANDBOX_DRIVER=bwrap (what deploy/k8s sets) on a host without bubblewrap: the
+    executor fails its start saying what to install, and never runs agents unisolated."""
+    from services.executor.drivers.bwrap import SandboxUnavailable
+
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    with pytest.raises(SandboxUnavailable, match=says):
+        drivers.driver_for(name)
+    assert "DOES NOT ISOLATE" not in caplog.text
+
+
 def test_gvisor_is_never_the_default() -> None:
     assert "gvisor" in drivers.DRIVERS
     assert drivers.driver_for("").name != "gvisor"
