@@ -1,4 +1,6 @@
-"""OpenTelemetry set-up: spans exported over OTLP gRPC to the telemetry service."""
+"""OpenTelemetry set-up: spans exported over OTLP gRPC to the telemetry service (or, once a
+service routes them elsewhere with `export_spans_through`, through its own exporter: the
+executor's buffer, services/executor/delivery.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from services.common.auth.pki import load_identity
 from services.common.settings import Settings
@@ -20,16 +22,36 @@ from services.common.settings import Settings
 _provider: TracerProvider | None = None
 
 
+class _Relay(SpanExporter):
+    """The batch processor's exporter: OTLP to telemetry unless a service routes spans through
+    an exporter of its own."""
+
+    def __init__(self, default: SpanExporter) -> None:
+        self.default = default
+        self.target: SpanExporter | None = None
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return (self.target or self.default).export(spans)
+
+    def shutdown(self) -> None:
+        self.default.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return (self.target or self.default).force_flush(timeout_millis)
+
+
+_relay: _Relay | None = None
+
+
 def setup(service: str, settings: Settings) -> None:
     """Installs the global tracer provider. Telemetry does not export to itself."""
-    global _provider
+    global _provider, _relay
     if _provider is not None:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"corral-{service}"}))
     if settings.tracing and service != "telemetry":
-        provider.add_span_processor(
-            BatchSpanProcessor(span_exporter(settings, service), schedule_delay_millis=500)
-        )
+        _relay = _Relay(span_exporter(settings, service))
+        provider.add_span_processor(BatchSpanProcessor(_relay, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
 
@@ -42,6 +64,12 @@ def span_exporter(settings: Settings, service: str, timeout_s: float = 3) -> OTL
     return OTLPSpanExporter(
         endpoint=settings.internal_addrs["telemetry"], credentials=credentials, timeout=timeout_s
     )
+
+
+def export_spans_through(exporter: SpanExporter | None) -> None:
+    """This process's spans go to `exporter` from now on (None: OTLP to telemetry again)."""
+    if _relay is not None:
+        _relay.target = exporter
 
 
 def shutdown() -> None:

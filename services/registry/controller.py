@@ -191,9 +191,11 @@ class RolloutController:
                 state_reason=reason,
             ))
             return updated, Transition(updated, "PAUSED", SYSTEM, analysis), None
+        waiting = (f"missing data: {analysis.missing_data}" if analysis.missing_data
+                   else "waiting for more sessions")
         updated = await save(tx, replace(
             r, last_analysis=analysis, last_check_time=now,
-            state_reason="analysis inconclusive; waiting for more sessions",
+            state_reason=f"analysis inconclusive; {waiting}",
         ))
         return updated, None, None
 
