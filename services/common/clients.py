@@ -35,8 +35,16 @@ def _signer(identity: ServiceIdentity) -> AssertionSigner:
     return AssertionSigner(identity)
 
 
-def channel(settings: Settings, service: str) -> grpc.aio.Channel:
+def channel(
+    settings: Settings, service: str, max_reconnect_backoff_s: float | None = None
+) -> grpc.aio.Channel:
+    """`max_reconnect_backoff_s`: the longest wait between attempts to reconnect to a service
+    that went away (gRPC's default is 120 s)."""
     interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
+    reconnect = (
+        [("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000))]
+        if max_reconnect_backoff_s is not None else []
+    )
     return grpc.aio.secure_channel(
         settings.internal_addrs[service],
         service_identity(settings).channel_credentials(),
@@ -46,6 +54,7 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.enable_retries", 1),
+            *reconnect,
         ],
     )
 

@@ -31,8 +31,8 @@ class Signal(StrEnum):
 
 @dataclass(frozen=True)
 class BufferLimits:
-    """CORRAL_TELEMETRY_BUFFER_MEMORY_BYTES (16 MiB) and CORRAL_TELEMETRY_BUFFER_DISK_BYTES
-    (256 MiB; 0 keeps nothing on disk)."""
+    """CORRAL_TELEMETRY_BUFFER_MEMORY_BYTES (16 MiB; one batch is always held, whatever its
+    size) and CORRAL_TELEMETRY_BUFFER_DISK_BYTES (256 MiB; 0 keeps nothing on disk)."""
 
     memory_bytes: int = 16 * 1024 * 1024
     disk_bytes: int = 256 * 1024 * 1024
@@ -90,7 +90,7 @@ def _ignore_drop(signal: Signal, count: int, reason: str) -> None:
 
 class ExportBuffer:
     """Batches are taken in the order they were put. A batch goes to memory while memory has
-    room and nothing is on disk (so every batch in memory is older than every batch on disk),
+    room (or is empty) and nothing is on disk (so every batch in memory is older than every batch on disk),
     else to disk; when neither has room it is dropped."""
 
     def __init__(
@@ -118,7 +118,10 @@ class ExportBuffer:
         with self._lock:
             batch = replace(batch, seq=self._next_seq)
             self._next_seq += 1
-            if not self._disk and self._memory_bytes + size <= self._limits.memory_bytes:
+            # Memory holds at least one batch, whatever its size: a bound below one export's
+            # size still lets exports through while telemetry takes them.
+            fits = not self._memory or self._memory_bytes + size <= self._limits.memory_bytes
+            if not self._disk and fits:
                 self._memory.append(batch)
                 self._memory_bytes += size
                 return True

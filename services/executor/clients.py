@@ -34,7 +34,13 @@ from services.common.export_buffer import Signal
 from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling, from_rpc_error
-from services.executor.delivery import DeliveryState, Refused, TelemetryDelivery, Unreachable
+from services.executor.delivery import (
+    MAX_RETRY_WAIT_S,
+    DeliveryState,
+    Refused,
+    TelemetryDelivery,
+    Unreachable,
+)
 from services.executor.model import (
     AgentLogLine,
     FinishedTurn,
@@ -229,7 +235,8 @@ class TelemetryDeliverySink:
     one request: serialized messages concatenate) and ReportDelivery."""
 
     def __init__(self, settings: Settings, timeout_s: float = 10) -> None:
-        self._channel = channel(settings, "telemetry")
+        # Back within seconds of telemetry's return, not gRPC's default two minutes.
+        self._channel = channel(settings, "telemetry", max_reconnect_backoff_s=MAX_RETRY_WAIT_S)
         self._traces = _trace_stub(self._channel)
         self._logs = _logs_stub(self._channel)
         report: Callable[[grpc.aio.Channel], _Report] = telemetry_pb2_grpc.TelemetryServiceStub

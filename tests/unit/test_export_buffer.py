@@ -92,6 +92,7 @@ def test_beyond_both_bounds_batches_are_dropped_counted_and_remembered(tmp_path:
 
 def test_drops_given_back_after_a_failed_report_are_reported_next(tmp_path: Path) -> None:
     buffer = ExportBuffer(BufferLimits(memory_bytes=0, disk_bytes=0), tmp_path)
+    assert buffer.put(batch(0))  # memory holds one batch, whatever its bound
     buffer.put(batch(1))
     taken = buffer.take_drops()
     buffer.put(batch(30))
@@ -101,6 +102,7 @@ def test_drops_given_back_after_a_failed_report_are_reported_next(tmp_path: Path
 
 def test_drop_intervals_are_bounded(tmp_path: Path) -> None:
     buffer = ExportBuffer(BufferLimits(memory_bytes=0, disk_bytes=0), None)
+    buffer.put(batch(-1))  # held
     for n in range(0, 10 * MAX_DROP_INTERVALS, 5):  # 5 s apart: an interval each, at first
         buffer.put(batch(n))
     drops = buffer.take_drops()
@@ -146,7 +148,9 @@ def test_a_restarted_buffer_sends_what_was_spilled_first(tmp_path: Path) -> None
 
 def test_unreported_drops_survive_a_restart(tmp_path: Path) -> None:
     limits = BufferLimits(memory_bytes=0, disk_bytes=0)
-    ExportBuffer(limits, tmp_path).put(batch(2, items=3))
+    first = ExportBuffer(limits, tmp_path)
+    first.put(batch(1))  # held (and lost with the process: it was in memory)
+    first.put(batch(2, items=3))
     assert ExportBuffer(limits, tmp_path).take_drops() == [
         DropInterval(Signal.TRACES, 2 * S, 2 * S, 3)
     ]

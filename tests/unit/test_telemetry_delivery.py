@@ -141,6 +141,7 @@ async def test_drops_are_counted_and_reported_as_intervals(tmp_path: Path) -> No
     sender = delivery(telemetry, tmp_path, BufferLimits(memory_bytes=0, disk_bytes=0), drops)
     sender.start()
     try:
+        sender.offer_spans(spans(1))  # held: memory takes one batch whatever its bound
         sender.offer_spans(spans(5, 6))
         sender.offer_logs(records(6))
         await until(lambda: telemetry.turned_away > 0)
@@ -150,6 +151,8 @@ async def test_drops_are_counted_and_reported_as_intervals(tmp_path: Path) -> No
         assert telemetry.reports[0].drops == (
             DropInterval(Signal.TRACES, 5 * S, 6 * S, 2), DropInterval(Signal.LOGS, 6 * S, 6 * S, 1)
         )
+        assert telemetry.reports[0].undelivered_since_ns == 1 * S
+        await until(lambda: telemetry.spans == ["s1"])
     finally:
         await sender.close()
 
