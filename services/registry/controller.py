@@ -186,6 +186,8 @@ class RolloutController:
             return updated, Transition(updated, "ANALYSIS_PASSED", SYSTEM, analysis), None
         if elapsed >= max_duration_s:
             reason = f"analysis inconclusive after {elapsed:.0f}s (step maximum); waiting for a human"
+            if analysis.missing_data:
+                reason += f"; missing data: {analysis.missing_data}"
             updated = await save(tx, replace(
                 r, last_analysis=analysis, last_check_time=now, state=RolloutState.PAUSED,
                 state_reason=reason,
