@@ -30,6 +30,7 @@ from services.executor.credentials import CredentialIssuer
 from services.executor.delivery import (
     BufferedSpanExporter,
     DropLog,
+    SpillDir,
     TelemetryDelivery,
     exporter_name,
 )
@@ -122,7 +123,9 @@ class ExecutorService(App):
     ) -> TelemetryDelivery:
         """Spans (the executor's own, through the tracer's relay, and the agents') and log records
         to telemetry through a buffer spilling under CORRAL_DATA_DIR/telemetry-buffer."""
-        spill_dir = self.settings.data_dir / "telemetry-buffer"
+        spill = SpillDir(self.settings.data_dir / "telemetry-buffer", holder)
+        stack.callback(spill.release)
+        spill_dir = spill.path
         buffer = ExportBuffer(self.settings.executor.telemetry_buffer, spill_dir,
                               DropLog(metrics.count_telemetry_dropped))
         metrics.telemetry_held.set_function(lambda: len(buffer))

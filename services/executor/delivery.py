@@ -8,7 +8,10 @@ treats the window as missing data (services/telemetry/gaps.py)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +59,37 @@ class DeliverySink(Protocol):
     async def export(self, signal: Signal, payloads: Sequence[bytes]) -> None: ...
 
     async def report(self, state: DeliveryState) -> None: ...
+
+
+class SpillDir:
+    """The directory an executor spills to, held with an exclusive lock for its lifetime: a second
+    executor on the same CORRAL_DATA_DIR gets one of its own (named after its holder) rather than
+    sending, and deleting, the first one's files."""
+
+    def __init__(self, base: Path, holder: str) -> None:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = self._claim(base)
+        self.path = base
+        if self._lock is None:
+            self.path = base.with_name(f"{base.name}-{re.sub(r'[^A-Za-z0-9._-]', '_', holder)}")
+            log.warning("%s is another executor's; spilling to %s", base, self.path)
+            self._lock = self._claim(self.path)
+
+    @staticmethod
+    def _claim(path: Path) -> int | None:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def exporter_name(holder: str, spill_dir: Path) -> str:

@@ -18,6 +18,7 @@ from services.common.export_buffer import BufferLimits, DropInterval, ExportBuff
 from services.executor.delivery import (
     DeliveryState,
     Refused,
+    SpillDir,
     TelemetryDelivery,
     Unreachable,
     exporter_name,
@@ -199,3 +200,20 @@ def test_the_exporter_name_is_kept_with_the_spilled_data(tmp_path: Path) -> None
     assert exporter_name("executor@h/a:1#1-abc", tmp_path) == "executor@h/a:1#1-abc"
     # The next process on the same directory answers for what is there.
     assert exporter_name("executor@h/a:1#2-def", tmp_path) == "executor@h/a:1#1-abc"
+
+
+def test_a_second_executor_on_the_same_data_dir_spills_to_a_directory_of_its_own(
+    tmp_path: Path,
+) -> None:
+    first = SpillDir(tmp_path / "telemetry-buffer", "executor@h/a:1#1-abc")
+    second = SpillDir(tmp_path / "telemetry-buffer", "executor@h/a:1#2-def")
+    try:
+        assert first.path == tmp_path / "telemetry-buffer"
+        assert second.path == tmp_path / "telemetry-buffer-executor_h_a_1_2-def"
+    finally:
+        first.release()
+        second.release()
+    # Released: the next executor takes the shared directory again.
+    third = SpillDir(tmp_path / "telemetry-buffer", "executor@h/a:1#3-ghi")
+    assert third.path == tmp_path / "telemetry-buffer"
+    third.release()
