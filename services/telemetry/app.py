@@ -16,6 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.auth.interceptor import Authenticator
+from services.common.clock import SystemClock
 from services.common.db import create_pool, migrate
 from services.common.outbound import OutboundPolicy
 from services.common.server import App
@@ -71,7 +72,7 @@ class TelemetryApp(App):
         agent_logs = AgentLogs(PgLogStore(pool))
         log_receiver = LogReceiver(agent_logs)
         _add_logs_servicer(LogsServicer(log_receiver), server)
-        deliveries = Deliveries(PgDeliveryStore(pool))
+        deliveries = Deliveries(PgDeliveryStore(pool), SystemClock())
         evaluation = Evaluation(scores, spans, sessions, deliveries)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(telemetry, evaluation, agent_logs, deliveries), server

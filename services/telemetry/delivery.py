@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
+from services.common.clock import Clock
 from services.common.errors import InvalidArgument
 from services.telemetry.gaps import Backlog, DeliveryReport, DroppedSpans, missing_data
 
@@ -24,8 +25,9 @@ class DeliveryStore(Protocol):
 
 
 class Deliveries:
-    def __init__(self, store: DeliveryStore) -> None:
+    def __init__(self, store: DeliveryStore, clock: Clock) -> None:
         self._store = store
+        self._clock = clock
 
     async def report(self, report: DeliveryReport) -> None:
         check_report(report)
@@ -35,7 +37,7 @@ class Deliveries:
         """Why spans of [start, end) may be missing; "" when no exporter says so."""
         backlogs = await self._store.backlogs_before(end)
         drops = await self._store.drops_meeting(start, end)
-        return missing_data(start, end, backlogs, drops)
+        return missing_data(start, end, backlogs, drops, self._clock.now())
 
 
 def check_report(report: DeliveryReport) -> None:

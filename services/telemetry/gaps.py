@@ -5,20 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.telemetry.analysis import ExperimentAnalysis, RolloutAnalysis, Verdict
 
 # Names listed in one reason at most; the rest are counted.
 _MAX_NAMED = 3
+# A backlog its exporter has not reported on for this long is forgotten: an executor that is behind
+# reports at every attempt once it reaches telemetry, so this one is gone (or cut off for long),
+# and its spans with it; it must not hold every analysis for ever.
+BACKLOG_EXPIRY = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
 class Backlog:
-    """An exporter's latest report: the oldest span it still held undelivered."""
+    """An exporter's latest report (made at `report_time`): the oldest span it still held
+    undelivered."""
 
     exporter: str
     undelivered_since: datetime
+    report_time: datetime
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ class DeliveryReport:
 
 
 def missing_data(
-    start: datetime, end: datetime, backlogs: Sequence[Backlog], drops: Sequence[DroppedSpans]
+    start: datetime, end: datetime, backlogs: Sequence[Backlog], drops: Sequence[DroppedSpans],
+    now: datetime,
 ) -> str:
     """Why spans of [start, end) may be missing, for a human; "" when nothing says so. A drop
     counts when its interval meets the window; a backlog when it starts before the window ends
-    (its spans, or later ones, may fall in the window)."""
+    (its spans, or later ones, may fall in the window) and was reported within BACKLOG_EXPIRY."""
     parts: list[str] = []
     dropped = [d for d in drops if d.start < end and d.end >= start]
     if dropped:
@@ -53,7 +60,8 @@ def missing_data(
             f"{total} spans dropped by {_names({d.exporter for d in dropped})} "
             f"(started {_at(first)} to {_at(last)})"
         )
-    waiting = [b for b in backlogs if b.undelivered_since < end]
+    waiting = [b for b in backlogs
+               if b.undelivered_since < end and now - b.report_time <= BACKLOG_EXPIRY]
     if waiting:
         since = min(b.undelivered_since for b in waiting)
         parts.append(

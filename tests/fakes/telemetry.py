@@ -248,16 +248,18 @@ class FakeDeliveryStore:
     """Exporters' delivery reports in memory (PgDeliveryStore's behaviour)."""
 
     def __init__(self) -> None:
-        self.backlogs: dict[str, datetime | None] = {}
+        self.backlogs: dict[str, Backlog] = {}
         self.drops: list[DroppedSpans] = []
 
     async def record_delivery(self, report: DeliveryReport) -> None:
-        self.backlogs[report.exporter] = report.undelivered_since
+        self.backlogs.pop(report.exporter, None)
+        if report.undelivered_since is not None:
+            self.backlogs[report.exporter] = Backlog(
+                report.exporter, report.undelivered_since, datetime.now(UTC))
         self.drops.extend(report.drops)
 
     async def backlogs_before(self, end: datetime) -> list[Backlog]:
-        return [Backlog(e, since) for e, since in self.backlogs.items()
-                if since is not None and since < end]
+        return [b for b in self.backlogs.values() if b.undelivered_since < end]
 
     async def drops_meeting(self, start: datetime, end: datetime) -> list[DroppedSpans]:
         return [d for d in self.drops if d.start < end and d.end >= start]

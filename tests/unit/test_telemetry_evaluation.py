@@ -13,6 +13,7 @@ import pytest
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.auth.principal import Role
+from services.common.clock import SystemClock
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.identity import Caller
 from services.telemetry import messages
@@ -84,7 +85,7 @@ def evaluation(sessions: FakeSessionDirectory | None = None) -> tuple[Evaluation
     scores, spans = FakeScoreStore(), FakeSpanStore()
     ran(spans, "acme", "sessions/s1", V1, "t0")
     ran(spans, "acme", "sessions/s1", V2, "t1")  # the newer: the session now runs V2
-    deliveries = Deliveries(FakeDeliveryStore())
+    deliveries = Deliveries(FakeDeliveryStore(), SystemClock())
     return Evaluation(scores, spans, sessions or FakeSessionDirectory(), deliveries), scores
 
 

@@ -11,6 +11,7 @@ from services.telemetry.gaps import Backlog, DroppedSpans
 
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 END = T0 + timedelta(minutes=10)
+NOW = END + timedelta(seconds=5)
 
 
 def at(minutes: float) -> datetime:
@@ -18,11 +19,11 @@ def at(minutes: float) -> datetime:
 
 
 def test_nothing_reported_means_nothing_missing() -> None:
-    assert gaps.missing_data(T0, END, [], []) == ""
+    assert gaps.missing_data(T0, END, [], [], NOW) == ""
 
 
 def test_a_drop_inside_the_window_is_missing_data_naming_the_executor_and_count() -> None:
-    reason = gaps.missing_data(T0, END, [], [DroppedSpans("executor-a", at(2), at(3), 40)])
+    reason = gaps.missing_data(T0, END, [], [DroppedSpans("executor-a", at(2), at(3), 40)], NOW)
     assert "40 spans dropped by executor-a" in reason
     assert at(2).isoformat(timespec="milliseconds") in reason
 
@@ -31,22 +32,30 @@ def test_drops_outside_the_window_do_not_count_those_meeting_it_do() -> None:
     before = DroppedSpans("a", at(-5), at(-1), 1)
     after = DroppedSpans("a", END, at(12), 1)
     straddling = DroppedSpans("b", at(-1), at(1), 3)
-    assert gaps.missing_data(T0, END, [], [before, after]) == ""
-    assert "3 spans dropped by b" in gaps.missing_data(T0, END, [], [before, straddling])
+    assert gaps.missing_data(T0, END, [], [before, after], NOW) == ""
+    assert "3 spans dropped by b" in gaps.missing_data(T0, END, [], [before, straddling], NOW)
 
 
 def test_a_backlog_starting_before_the_end_is_missing_data() -> None:
-    reason = gaps.missing_data(T0, END, [Backlog("executor-b", at(9))], [])
+    reason = gaps.missing_data(T0, END, [Backlog("executor-b", at(9), NOW)], [], NOW)
     assert "not yet delivered by executor-b" in reason
     # Held spans all started after the window: nothing of it is missing.
-    assert gaps.missing_data(T0, END, [Backlog("executor-b", END)], []) == ""
+    assert gaps.missing_data(T0, END, [Backlog("executor-b", END, NOW)], [], NOW) == ""
     # Started before the window: later ones may be in it.
-    assert gaps.missing_data(T0, END, [Backlog("executor-b", at(-30))], []) != ""
+    assert gaps.missing_data(T0, END, [Backlog("executor-b", at(-30), NOW)], [], NOW) != ""
+
+
+def test_a_backlog_not_reported_on_for_long_is_forgotten() -> None:
+    """Its executor is gone: it must not hold every analysis for ever."""
+    later = NOW + gaps.BACKLOG_EXPIRY
+    backlog = Backlog("executor-b", at(9), NOW)
+    assert gaps.missing_data(T0, END, [backlog], [], later) != ""
+    assert gaps.missing_data(T0, END, [backlog], [], later + timedelta(seconds=1)) == ""
 
 
 def test_many_exporters_are_named_up_to_three() -> None:
     drops = [DroppedSpans(f"e{i}", at(1), at(2), 1) for i in range(5)]
-    assert "5 spans dropped by e0, e1, e2 and 2 more" in gaps.missing_data(T0, END, [], drops)
+    assert "5 spans dropped by e0, e1, e2 and 2 more" in gaps.missing_data(T0, END, [], drops, NOW)
 
 
 def rollout(verdict: Verdict) -> RolloutAnalysis:

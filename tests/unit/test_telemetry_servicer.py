@@ -15,6 +15,7 @@ from corral.names import ResourceNameError
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common import identity
 from services.common.auth.principal import Principal, Role
+from services.common.clock import SystemClock
 from services.common.interceptors import Context
 from services.telemetry.delivery import Deliveries
 from services.telemetry.evaluation import Evaluation
@@ -55,7 +56,7 @@ def _acme_operator() -> Iterator[None]:
 def servicers() -> tuple[TelemetryServicer, TraceServicer]:
     spans, scores = FakeSpanStore(), FakeScoreStore()
     telemetry = Telemetry(spans, scores)
-    deliveries = Deliveries(FakeDeliveryStore())
+    deliveries = Deliveries(FakeDeliveryStore(), SystemClock())
     evaluation = Evaluation(scores, spans, FakeSessionDirectory(), deliveries)
     servicer = TelemetryServicer(telemetry, evaluation, AgentLogs(FakeLogStore()), deliveries)
     return servicer, TraceServicer(

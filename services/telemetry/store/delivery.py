@@ -33,11 +33,11 @@ class PgDeliveryStore:
 
     async def backlogs_before(self, end: datetime) -> list[Backlog]:
         rows = await self._pool.fetch(
-            """SELECT exporter, undelivered_since FROM telemetry.exporter_delivery
+            """SELECT exporter, undelivered_since, report_time FROM telemetry.exporter_delivery
                WHERE undelivered_since < $1 ORDER BY undelivered_since""",
             end,
         )
-        return [Backlog(r["exporter"], r["undelivered_since"]) for r in rows]
+        return [Backlog(r["exporter"], r["undelivered_since"], r["report_time"]) for r in rows]
 
     async def drops_meeting(self, start: datetime, end: datetime) -> list[DroppedSpans]:
         rows = await self._pool.fetch(

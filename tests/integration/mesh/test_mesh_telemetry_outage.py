@@ -58,10 +58,28 @@ async def forget_reports(settings: Settings, exporter: str) -> None:
         await conn.close()
 
 
+async def delivered_everything(settings: Settings, exporter: str) -> None:
+    """Waits for the executor's report that it holds nothing (made once it is through a backlog:
+    an executor that was never behind has no row)."""
+    conn = await asyncpg.connect(settings.require_database())
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                row = await conn.fetchrow(
+                    "SELECT undelivered_since FROM telemetry.exporter_delivery WHERE exporter = $1",
+                    exporter)
+                if row is not None and row["undelivered_since"] is None:
+                    return
+                await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
 async def test_turns_made_while_telemetry_is_down_reach_it_once_it_is_back(
     settings: Settings, tmp_path: Path
 ) -> None:
     platform = await harness.start_mesh(harness.with_tracing(settings))
+    exporter = exporter_of(platform.settings)
     try:
         async with connect(platform.settings, platform.hosts, tmp_path) as mesh:
             agent = await mesh.publish_examples()
@@ -77,8 +95,39 @@ async def test_turns_made_while_telemetry_is_down_reach_it_once_it_is_back(
 
             spans = await draft_spans(mesh, session, 4)
             assert sorted(s.attributes["progress_report.turn"] for s in spans) == [1, 2, 3, 4]
+            await delivered_everything(platform.settings, exporter)
     finally:
         await platform.stop()
+        await forget_reports(platform.settings, exporter)
+
+
+async def test_a_restarted_executor_sends_what_it_held_when_it_stopped(
+    settings: Settings, tmp_path: Path
+) -> None:
+    platform = await harness.start_mesh(harness.with_tracing(settings))
+    exporter = exporter_of(platform.settings)
+    spill_dir = platform.settings.data_dir / "telemetry-buffer"
+    try:
+        async with connect(platform.settings, platform.hosts, tmp_path) as mesh:
+            agent = await mesh.publish_examples()
+            await mesh.set_split(agent, "prod", [(1, 100)])
+            session = f"{mesh.prefix}-restarted"
+            await turns(mesh, agent, session, 1)
+            await draft_spans(mesh, session, 1)
+
+            await platform.hosts["telemetry"].stop(grace=0.5)
+            await turns(mesh, agent, session, 2)
+            await platform.hosts["executor"].stop(grace=0.5)
+            assert list(spill_dir.glob("*.otlp")), "the executor wrote what it held to disk"
+            await platform.start("telemetry", "executor")
+
+            spans = await draft_spans(mesh, session, 3)
+            assert sorted(s.attributes["progress_report.turn"] for s in spans) == [1, 2, 3]
+            await delivered_everything(platform.settings, exporter)
+            assert list(spill_dir.glob("*.otlp")) == []
+    finally:
+        await platform.stop()
+        await forget_reports(platform.settings, exporter)
 
 
 async def test_spans_dropped_in_an_outage_make_the_analysis_of_their_window_inconclusive(

@@ -18,6 +18,7 @@ from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common import db
 from services.common.auth.principal import Principal, Role
+from services.common.clock import SystemClock
 from services.common.errors import NotFound, PermissionDenied
 from services.telemetry.clients import SessionsClient
 from services.telemetry.delivery import Deliveries
@@ -127,7 +128,7 @@ async def evaluation(telemetry: Telemetry) -> AsyncIterator[Evaluation]:
     pool = await db.create_pool(telemetry.settings.require_database())
     sessions = SessionsClient(telemetry.settings.for_service("telemetry"))
     try:
-        deliveries = Deliveries(PgDeliveryStore(pool))
+        deliveries = Deliveries(PgDeliveryStore(pool), SystemClock())
         yield Evaluation(PgScoreStore(pool), PgSpanStore(pool), sessions, deliveries)
     finally:
         await sessions.close()
