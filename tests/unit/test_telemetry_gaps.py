@@ -6,7 +6,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from services.telemetry import gaps
-from services.telemetry.analysis import RolloutAnalysis, Verdict
+from services.telemetry.analysis import (
+    ExperimentAnalysis,
+    RolloutAnalysis,
+    SampleRatioCheck,
+    Verdict,
+)
 from services.telemetry.gaps import Backlog, DroppedSpans
 
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -78,3 +83,12 @@ def test_a_fail_stays_a_fail_and_an_inconclusive_stays_with_the_reason_added() -
 
 def test_no_missing_data_leaves_the_verdict_alone() -> None:
     assert gaps.hold_rollout(rollout(Verdict.PASS), "") == rollout(Verdict.PASS)
+
+
+def test_an_experiment_with_missing_data_names_no_winner_and_says_why() -> None:
+    balanced = SampleRatioCheck({"v1": 100, "v2": 100}, {"v1": 0.5, "v2": 0.5}, 0.0, 1.0, False)
+    result = ExperimentAnalysis("v1", balanced, (), 0.05)
+    assert result.winner_allowed and result.warning == ""
+    held = gaps.hold_experiment(result, "3 spans dropped by a")
+    assert not held.winner_allowed
+    assert held.warning == "missing data: 3 spans dropped by a; no winner can be named until it arrives"
