@@ -22,36 +22,36 @@ from services.common.settings import Settings
 _provider: TracerProvider | None = None
 
 
+# Where this process's spans go instead of OTLP to telemetry (export_spans_through).
+_target: SpanExporter | None = None
+
+
 class _Relay(SpanExporter):
     """The batch processor's exporter: OTLP to telemetry unless a service routes spans through
     an exporter of its own."""
 
     def __init__(self, default: SpanExporter) -> None:
         self.default = default
-        self.target: SpanExporter | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return (self.target or self.default).export(spans)
+        return (_target or self.default).export(spans)
 
     def shutdown(self) -> None:
         self.default.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return (self.target or self.default).force_flush(timeout_millis)
-
-
-_relay: _Relay | None = None
+        return (_target or self.default).force_flush(timeout_millis)
 
 
 def setup(service: str, settings: Settings) -> None:
     """Installs the global tracer provider. Telemetry does not export to itself."""
-    global _provider, _relay
+    global _provider
     if _provider is not None:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"corral-{service}"}))
     if settings.tracing and service != "telemetry":
-        _relay = _Relay(span_exporter(settings, service))
-        provider.add_span_processor(BatchSpanProcessor(_relay, schedule_delay_millis=500))
+        relay = _Relay(span_exporter(settings, service))
+        provider.add_span_processor(BatchSpanProcessor(relay, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
 
@@ -67,9 +67,10 @@ def span_exporter(settings: Settings, service: str, timeout_s: float = 3) -> OTL
 
 
 def export_spans_through(exporter: SpanExporter | None) -> None:
-    """This process's spans go to `exporter` from now on (None: OTLP to telemetry again)."""
-    if _relay is not None:
-        _relay.target = exporter
+    """This process's spans go to `exporter` from now on (None: OTLP to telemetry again), whether
+    the tracer provider is set up already or later."""
+    global _target
+    _target = exporter
 
 
 def shutdown() -> None:

@@ -13,9 +13,14 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.common import tracing
 from services.common.export_buffer import BufferLimits, DropInterval, ExportBuffer, Signal
 from services.executor.delivery import (
+    BufferedSpanExporter,
     DeliveryState,
     Refused,
     SpillDir,
@@ -217,3 +222,29 @@ def test_a_second_executor_on_the_same_data_dir_spills_to_a_directory_of_its_own
     third = SpillDir(tmp_path / "telemetry-buffer", "executor@h/a:1#3-ghi")
     assert third.path == tmp_path / "telemetry-buffer"
     third.release()
+
+
+async def test_the_executors_own_spans_go_through_the_buffer_whenever_tracing_was_set_up(
+    tmp_path: Path,
+) -> None:
+    """OpenTelemetry's batch processor exports to tracing's relay; once the executor routes its
+    spans through the delivery, they are encoded and held like the agents'."""
+    telemetry = FakeTelemetry()
+    sender = delivery(telemetry, tmp_path)
+    provider = TracerProvider()
+    direct = InMemorySpanExporter()
+    relay = tracing._Relay(direct)  # what tracing.setup installs
+    provider.add_span_processor(SimpleSpanProcessor(relay))
+    sender.start()
+    tracing.export_spans_through(BufferedSpanExporter(sender))
+    try:
+        with provider.get_tracer("t").start_as_current_span("invoke_agent a"):
+            pass
+        await until(lambda: telemetry.spans == ["invoke_agent a"])
+        tracing.export_spans_through(None)
+        with provider.get_tracer("t").start_as_current_span("after"):
+            pass
+        assert [s.name for s in direct.get_finished_spans()] == ["after"]
+    finally:
+        tracing.export_spans_through(None)
+        await sender.close()
