@@ -36,6 +36,8 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_RETRY_WAIT_S = 2.0
 # A line about drops at most this often (each says how many since the previous).
 DROP_LOG_INTERVAL_S = 10.0
+# While it works through a backlog, the sender tells telemetry how far it got this often.
+REPORT_INTERVAL_S = 2.0
 
 
 class Unreachable(Exception):
@@ -184,8 +186,12 @@ class TelemetryDelivery:
         """Everything held, oldest first; while behind, the state before and after."""
         if self._behind or self._buffer.has_drops():
             await self._report()
+        reported = time.monotonic()
         while batches := self._buffer.peek(MAX_REQUEST_BYTES):
             await self._send(batches)
+            if self._behind and time.monotonic() - reported >= REPORT_INTERVAL_S:
+                await self._report()  # how far it got: analyses of older windows need not wait
+                reported = time.monotonic()
         if self._behind:
             await self._report()
         if self._unreachable_since is not None:
