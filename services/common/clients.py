@@ -35,11 +35,20 @@ def _signer(identity: ServiceIdentity) -> AssertionSigner:
     return AssertionSigner(identity)
 
 
-def channel(settings: Settings, service: str) -> grpc.aio.Channel:
+# How long a channel waits at most between attempts to reconnect to a service that went away
+# (gRPC's default is 120 s): a restarted service is called again within about this long.
+MAX_RECONNECT_BACKOFF_S = 1.0
+
+
+def channel(
+    settings: Settings, service: str, max_reconnect_backoff_s: float = MAX_RECONNECT_BACKOFF_S
+) -> grpc.aio.Channel:
     """A channel to `service`'s internal listener, or to each of its replicas in turn
-    (services/common/addresses.py)."""
+    (services/common/addresses.py). `max_reconnect_backoff_s`: the longest wait between attempts
+    to reconnect to a service that went away."""
     interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
     target, balancing = addresses.grpc_target(settings.internal_addrs[service], service)
+    reconnect = [("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000))]
     return grpc.aio.secure_channel(
         target,
         service_identity(settings).channel_credentials(),
@@ -50,6 +59,7 @@ def channel(settings: Settings, service: str) -> grpc.aio.Channel:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.enable_retries", 1),
             *balancing,
+            *reconnect,
         ],
     )
 

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from services.common import addresses
 from services.common.auth.oidc import IssuerConfigError, OidcIssuer, parse_issuers
+from services.common.export_buffer import BufferLimits
 from services.common.outbound import Network, allow_list, parse_allow
 
 DEFAULT_PORTS = {
@@ -64,6 +65,13 @@ def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 0:
         raise SettingsError(f"{name}={value} must be 0 (off) or a number of days")
+    return value
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise SettingsError(f"{name}={value} must be a number of bytes (0: none)")
     return value
 
 
@@ -134,6 +142,8 @@ class ExecutorSettings:
     openai_api_key: str = field(default="", repr=False)
     # Seconds the start check at publish (CheckVersion) gives a version to start.
     start_check_timeout_s: float = 30.0
+    # Spans and log records held while telemetry cannot take them (memory, then disk).
+    telemetry_buffer: BufferLimits = field(default_factory=BufferLimits)
 
 
 @dataclass(frozen=True)
@@ -310,6 +320,12 @@ class Settings:
                 openai_base_url=env.get("CORRAL_OPENAI_BASE_URL", "").strip(),
                 openai_api_key=env.get("CORRAL_OPENAI_API_KEY", ""),
                 start_check_timeout_s=_float(env, "CORRAL_START_CHECK_TIMEOUT_S", 30.0),
+                telemetry_buffer=BufferLimits(
+                    memory_bytes=_bytes(
+                        env, "CORRAL_TELEMETRY_BUFFER_MEMORY_BYTES", BufferLimits.memory_bytes),
+                    disk_bytes=_bytes(
+                        env, "CORRAL_TELEMETRY_BUFFER_DISK_BYTES", BufferLimits.disk_bytes),
+                ),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),

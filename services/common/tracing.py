@@ -1,4 +1,6 @@
-"""OpenTelemetry set-up: spans exported over OTLP gRPC to the telemetry service."""
+"""OpenTelemetry set-up: spans exported over OTLP gRPC to the telemetry service (or, once a
+service routes them elsewhere with `export_spans_through`, through its own exporter: the
+executor's buffer, services/executor/delivery.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,35 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from services.common import addresses
 from services.common.auth.pki import load_identity
 from services.common.settings import Settings
 
 _provider: TracerProvider | None = None
+
+
+# Where this process's spans go instead of OTLP to telemetry (export_spans_through).
+_target: SpanExporter | None = None
+
+
+class _Relay(SpanExporter):
+    """The batch processor's exporter: OTLP to telemetry unless a service routes spans through
+    an exporter of its own."""
+
+    def __init__(self, default: SpanExporter) -> None:
+        self.default = default
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return (_target or self.default).export(spans)
+
+    def shutdown(self) -> None:
+        self.default.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return (_target or self.default).force_flush(timeout_millis)
 
 
 def setup(service: str, settings: Settings) -> None:
@@ -28,9 +51,8 @@ def setup(service: str, settings: Settings) -> None:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"corral-{service}"}))
     if settings.tracing and service != "telemetry":
-        provider.add_span_processor(
-            BatchSpanProcessor(span_exporter(settings, service), schedule_delay_millis=500)
-        )
+        relay = _Relay(span_exporter(settings, service))
+        provider.add_span_processor(BatchSpanProcessor(relay, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _provider = provider
 
@@ -45,6 +67,13 @@ def span_exporter(settings: Settings, service: str, timeout_s: float = 3) -> OTL
         endpoint=target, credentials=credentials, timeout=timeout_s,
         channel_options=tuple(balancing) or None,  # type: ignore[arg-type]  # typed too narrowly
     )
+
+
+def export_spans_through(exporter: SpanExporter | None) -> None:
+    """This process's spans go to `exporter` from now on (None: OTLP to telemetry again), whether
+    the tracer provider is set up already or later."""
+    global _target
+    _target = exporter
 
 
 def shutdown() -> None:

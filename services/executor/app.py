@@ -10,6 +10,8 @@ from contextlib import AsyncExitStack
 import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
+from services.common import tracing
+from services.common.export_buffer import ExportBuffer
 from services.common.kv import create_redis
 from services.common.outbound import OutboundPolicy
 from services.common.server import App
@@ -20,10 +22,18 @@ from services.executor.clients import (
     RegistryClient,
     RegistryToolResolver,
     SessionsClient,
+    TelemetryDeliverySink,
     TelemetryLogs,
     TelemetrySpans,
 )
 from services.executor.credentials import CredentialIssuer
+from services.executor.delivery import (
+    BufferedSpanExporter,
+    DropLog,
+    SpillDir,
+    TelemetryDelivery,
+    exporter_name,
+)
 from services.executor.drivers import driver_for
 from services.executor.executor import Executor, default_holder
 from services.executor.fleet_keys import FleetKeys
@@ -65,11 +75,11 @@ class ExecutorService(App):
         stack.push_async_callback(sessions.close)
         registry = RegistryClient(s)
         stack.push_async_callback(registry.close)
-        spans = TelemetrySpans(s)
-        stack.push_async_callback(spans.close)
-        logs = TelemetryLogs(s)
-        stack.push_async_callback(logs.close)
         metrics = ExecutorMetrics(s.model_prices, self.metrics)
+        holder = default_holder(s.listen["executor"])
+        delivery = await self._delivery(holder, metrics, stack)
+        spans = TelemetrySpans(delivery, enabled=s.tracing)
+        logs = TelemetryLogs(delivery)
         broker = ModelBroker(providers_from_settings(provider_env, outbound), metrics=metrics)
         stack.push_async_callback(broker.aclose)
         tools = ToolBroker(
@@ -87,7 +97,6 @@ class ExecutorService(App):
         rotating = rotation(keyring, publish=fleet_keys.publish)
         rotating.start()
         stack.push_async_callback(rotating.close)
-        holder = default_holder(s.listen["executor"])
         issuer = CredentialIssuer(
             keyring, RedisRevocations(redis, s.redis_prefix), issuer=holder.split("#")[0],
             fleet=fleet_keys,
@@ -112,6 +121,26 @@ class ExecutorService(App):
             stack.push_async_callback(http.close)
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
         return [SERVICE_NAME]
+
+    async def _delivery(
+        self, holder: str, metrics: ExecutorMetrics, stack: AsyncExitStack
+    ) -> TelemetryDelivery:
+        """Spans (the executor's own, through the tracer's relay, and the agents') and log records
+        to telemetry through a buffer spilling under CORRAL_DATA_DIR/telemetry-buffer."""
+        spill = SpillDir(self.settings.data_dir / "telemetry-buffer", holder)
+        stack.callback(spill.release)
+        spill_dir = spill.path
+        buffer = ExportBuffer(self.settings.executor.telemetry_buffer, spill_dir,
+                              DropLog(metrics.count_telemetry_dropped))
+        metrics.telemetry_held.set_function(lambda: len(buffer))
+        sink = TelemetryDeliverySink(self.settings)
+        stack.push_async_callback(sink.close)
+        delivery = TelemetryDelivery(buffer, sink, exporter_name(holder, spill_dir))
+        delivery.start()
+        stack.push_async_callback(delivery.close)
+        tracing.export_spans_through(BufferedSpanExporter(delivery))
+        stack.callback(tracing.export_spans_through, None)
+        return delivery
 
 
 def build(settings: Settings) -> ExecutorService:

@@ -1,11 +1,13 @@
 """The executor's calls to other Corral services: sessions (leases, state, commits), the registry
-(bundles, versions, endpoints, tool secrets) and telemetry (the agent's spans). Each returns
+(bundles, versions, endpoints, tool secrets) and telemetry (spans, log records and delivery
+reports, through services/executor/delivery.py). Each returns
 domain values and raises the domain error tree."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Protocol
 
@@ -23,14 +25,22 @@ from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.registry.v1 import tools_pb2 as reg
 from corral.registry.v1 import tools_pb2_grpc as reg_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
-from services.common.background import TaskSet
-from services.common.clients import ServiceClient, acting_in
+from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.clients import ServiceClient, acting_in, channel
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource
 from services.common.errors import FailedPrecondition
+from services.common.export_buffer import Signal
 from services.common.identity import Caller
 from services.common.settings import Settings
 from services.common.status import calling, from_rpc_error
+from services.executor.delivery import (
+    MAX_RETRY_WAIT_S,
+    DeliveryState,
+    Refused,
+    TelemetryDelivery,
+    Unreachable,
+)
 from services.executor.model import (
     AgentLogLine,
     FinishedTurn,
@@ -151,22 +161,20 @@ class TraceExport(Protocol):
 _trace_stub: Callable[[grpc.aio.Channel], TraceExport] = trace_service_pb2_grpc.TraceServiceStub
 
 
-class TelemetrySpans(ServiceClient[TraceExport]):
-    """Sends the agent's own spans (already OTLP-encoded inside the sandbox) to telemetry."""
+class TelemetrySpans:
+    """The agent's own spans (already OTLP-encoded inside the sandbox), on their way to telemetry
+    through the executor's delivery buffer."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "telemetry", _trace_stub)
-        self.enabled = settings.tracing
-        self._sending = TaskSet("forwarding agent spans")
+    def __init__(self, delivery: TelemetryDelivery, enabled: bool) -> None:
+        self._delivery = delivery
+        self.enabled = enabled
 
     def forward(self, encoded: bytes, trusted: Mapping[str, str]) -> None:
         """Sends the spans of one invocation, with `trusted` (agent, version, session, tenant...)
         stamped on their resource and removed from their own attributes: the spans come from
         untrusted code, which must not file them under another tenant or session."""
-        if encoded and self.enabled:
-            self._sending.spawn(self._send(encoded, dict(trusted)))
-
-    async def _send(self, encoded: bytes, trusted: dict[str, str]) -> None:
+        if not (encoded and self.enabled):
+            return
         request = trace_service_pb2.ExportTraceServiceRequest()
         try:
             request.ParseFromString(encoded)
@@ -181,14 +189,7 @@ class TelemetrySpans(ServiceClient[TraceExport]):
                             if kv.key not in trusted and not _counted_by_telemetry(kv.key)]
                     del span.attributes[:]
                     span.attributes.extend(kept)
-        try:
-            await self._stub.Export(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("could not forward agent spans to telemetry: %s", exc.details())
-
-    async def close(self) -> None:
-        await self._sending.wait(timeout_s=2)
-        await super().close()
+        self._delivery.offer_spans(request)
 
 
 class LogsExport(Protocol):
@@ -204,27 +205,80 @@ _logs_stub: Callable[[grpc.aio.Channel], LogsExport] = logs_service_pb2_grpc.Log
 LOG_SOURCE_ATTR = "corral.log.source"
 
 
-class TelemetryLogs(ServiceClient[LogsExport]):
-    """Sends what an agent printed and logged to telemetry's LogsService as the executor, which
-    telemetry trusts with the tenant, agent, version, session and invocation it stamps."""
+class TelemetryLogs:
+    """What an agent printed and logged, on its way to telemetry's LogsService through the
+    executor's delivery buffer, as the executor, which telemetry trusts with the tenant, agent,
+    version, session and invocation it stamps."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "telemetry", _logs_stub)
-        self._sending = TaskSet("forwarding agent output")
+    def __init__(self, delivery: TelemetryDelivery) -> None:
+        self._delivery = delivery
 
     def forward(self, lines: Sequence[AgentLogLine], origin: LogOrigin) -> None:
         if lines:
-            self._sending.spawn(self._send(logs_request(lines, origin)))
+            self._delivery.offer_logs(logs_request(lines, origin))
 
-    async def _send(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
-        try:
-            await self._stub.Export(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("could not forward agent output to telemetry: %s", exc.details())
+
+class _Report(Protocol):
+    def ReportDelivery(
+        self, request: telemetry_pb2.ReportDeliveryRequest, *, timeout: float
+    ) -> Awaitable[telemetry_pb2.ReportDeliveryResponse]: ...
+
+
+# What telemetry refuses for good: sending the same again cannot succeed. Anything else (down,
+# overloaded, a credential it does not take yet) is tried again.
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
+
+
+class TelemetryDeliverySink:
+    """The delivery's calls to telemetry: OTLP exports (several batches of one signal merged into
+    one request: serialized messages concatenate) and ReportDelivery."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 10) -> None:
+        # Back within seconds of telemetry's return, not gRPC's default two minutes.
+        self._channel = channel(settings, "telemetry", max_reconnect_backoff_s=MAX_RETRY_WAIT_S)
+        self._traces = _trace_stub(self._channel)
+        self._logs = _logs_stub(self._channel)
+        report: Callable[[grpc.aio.Channel], _Report] = telemetry_pb2_grpc.TelemetryServiceStub
+        self._report = report(self._channel)
+        self._timeout_s = timeout_s
+
+    async def export(self, signal: Signal, payloads: Sequence[bytes]) -> None:
+        merged = b"".join(payloads)
+        with _delivering():
+            if signal is Signal.TRACES:
+                spans = trace_service_pb2.ExportTraceServiceRequest.FromString(merged)
+                await self._traces.Export(spans, timeout=self._timeout_s)
+            else:
+                logs = logs_service_pb2.ExportLogsServiceRequest.FromString(merged)
+                await self._logs.Export(logs, timeout=self._timeout_s)
+
+    async def report(self, state: DeliveryState) -> None:
+        request = telemetry_pb2.ReportDeliveryRequest(exporter=state.exporter)
+        if state.undelivered_since_ns is not None:
+            request.undelivered_since.FromNanoseconds(state.undelivered_since_ns)
+        for d in state.drops:
+            if d.signal is Signal.TRACES:
+                dropped = request.drops.add(count=d.count)
+                dropped.start_time.FromNanoseconds(d.first_ns)
+                dropped.end_time.FromNanoseconds(d.last_ns)
+        with _delivering():
+            await self._report.ReportDelivery(request, timeout=self._timeout_s)
 
     async def close(self) -> None:
-        await self._sending.wait(timeout_s=2)
-        await super().close()
+        await self._channel.close()
+
+
+@contextmanager
+def _delivering() -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in _REFUSED:
+            raise Refused(f"{exc.code().name}: {exc.details()}") from None
+        raise Unreachable(f"{exc.code().name}: {exc.details()}") from None
+    except DecodeError as exc:
+        raise Refused(f"not OTLP: {exc}") from None
 
 
 def logs_request(

@@ -52,6 +52,14 @@ class ExecutorMetrics:
         self.pool_target = Gauge(
             "corral_warm_pool_target", "Warm sandboxes wanted, per version.",
             ["agent", "version"], registry=self.registry)
+        self.telemetry_dropped = Counter(
+            "corral_telemetry_dropped", "Spans and log records never delivered to telemetry: the "
+            "buffer was full (buffer_full), telemetry refused them (refused), or they did not fit "
+            "on disk at shutdown (shutdown).",
+            ["signal", "reason"], registry=self.registry)
+        self.telemetry_held = Gauge(
+            "corral_telemetry_held_batches", "Export batches waiting for telemetry (memory and disk).",
+            registry=self.registry)
         self.live = Gauge(
             "corral_sandboxes_live", "Sandboxes bound to a session.",
             registry=self.registry)
@@ -78,3 +86,6 @@ class ExecutorMetrics:
         price_in, price_out = self.prices.get(model, (0.0, 0.0))
         self.model_cost.labels(*series.labels, model).inc(
             (input_tokens * price_in + output_tokens * price_out) / 1_000_000)
+
+    def count_telemetry_dropped(self, signal: str, reason: str, items: int) -> None:
+        self.telemetry_dropped.labels(signal, reason).inc(items)

@@ -194,6 +194,9 @@ class Launcher:
             # replica's serve the metrics of one; Kubernetes scrapes every pod).
             env[f"CORRAL_{upper}_LISTEN"], env[f"CORRAL_{upper}_INTERNAL_LISTEN"] = self.replicas[name]
             env.update({port: "0" for port in HTTP_PORTS})
+            if svc == "executor":
+                # Bundles, sandboxes, signing keys and the executor's name are one executor's own.
+                env["CORRAL_DATA_DIR"] = str(self.settings.data_dir / name)
         elif name != svc:
             # A further instance listens on ports of its own (the OS picks them), not its first
             # instance's; it reports them like any other.

@@ -52,11 +52,15 @@ def analysis_from_pb(response: tel.CompareVersionsResponse) -> Analysis:
             for c in response.comparisons
         ),
         evaluate_time=optional_time(response, "evaluate_time"),
+        reason=response.reason,
+        missing_data=response.missing_data,
     )
 
 
 def analysis_pb(a: Analysis) -> tel.CompareVersionsResponse:
-    out = tel.CompareVersionsResponse(verdict=_VERDICT_TO_PB[a.verdict])
+    out = tel.CompareVersionsResponse(
+        verdict=_VERDICT_TO_PB[a.verdict], reason=a.reason, missing_data=a.missing_data
+    )
     for c in a.comparisons:
         comparison = out.comparisons.add(
             metric=metric_pb(c.metric), difference=c.difference, ci_low=c.ci_low,
@@ -90,6 +94,7 @@ def experiment_analysis_from_pb(response: tel.AnalyzeExperimentResponse) -> Expe
         sample_ratio_p_value=response.sample_ratio_p_value,
         sample_ratio_mismatch=response.sample_ratio_mismatch,
         warning=response.warning,
+        missing_data=response.missing_data,
     )
 
 
@@ -108,4 +113,5 @@ def experiment_analysis_pb(a: ExperimentAnalysis) -> tel.AnalyzeExperimentRespon
         sample_ratio_p_value=a.sample_ratio_p_value,
         sample_ratio_mismatch=a.sample_ratio_mismatch,
         warning=a.warning,
+        missing_data=a.missing_data,
     )

@@ -186,14 +186,18 @@ class RolloutController:
             return updated, Transition(updated, "ANALYSIS_PASSED", SYSTEM, analysis), None
         if elapsed >= max_duration_s:
             reason = f"analysis inconclusive after {elapsed:.0f}s (step maximum); waiting for a human"
+            if analysis.missing_data:
+                reason += f"; missing data: {analysis.missing_data}"
             updated = await save(tx, replace(
                 r, last_analysis=analysis, last_check_time=now, state=RolloutState.PAUSED,
                 state_reason=reason,
             ))
             return updated, Transition(updated, "PAUSED", SYSTEM, analysis), None
+        waiting = (f"missing data: {analysis.missing_data}" if analysis.missing_data
+                   else "waiting for more sessions")
         updated = await save(tx, replace(
             r, last_analysis=analysis, last_check_time=now,
-            state_reason="analysis inconclusive; waiting for more sessions",
+            state_reason=f"analysis inconclusive; {waiting}",
         ))
         return updated, None, None
 

@@ -49,7 +49,9 @@ CONTROLLER = "corral-controller"
 
 def recommend(report: ExperimentAnalysis) -> tuple[str, str]:
     """(winner, summary): a variant whose effect is on the better side of zero on every metric,
-    never when the sample ratio is off."""
+    never when the sample ratio is off or spans of the window are missing."""
+    if report.missing_data:
+        return "", f"missing data: {report.missing_data}; no winner can be named until it arrives"
     if report.sample_ratio_mismatch:
         return "", (f"sample ratio mismatch (p = {report.sample_ratio_p_value:.2g}): the split is "
                     "not what was configured; no winner can be named")

@@ -151,6 +151,9 @@ class Analysis:
     evaluate_time: datetime | None = None
     # Why there is no verdict from telemetry (it could not be asked), when that is the case.
     error: str = ""
+    # Telemetry's why, and the spans of the window it knows are missing (never a PASS then).
+    reason: str = ""
+    missing_data: str = ""
 
     def failing(self) -> str:
         """What failed, for a human: each failing metric and telemetry's explanation."""
@@ -192,6 +195,8 @@ class ExperimentAnalysis:
     warning: str = ""
     # Why there is no analysis (telemetry could not be asked), when that is the case.
     error: str = ""
+    # Spans of the window telemetry knows are missing: no winner while set.
+    missing_data: str = ""
 
 
 class Verdict(enum.Enum):

@@ -15,11 +15,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from corral.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.auth.interceptor import Authenticator
+from services.common.clock import SystemClock
 from services.common.db import create_pool, migrate
 from services.common.outbound import OutboundPolicy
 from services.common.server import App
 from services.common.settings import Settings
 from services.telemetry.clients import SessionsClient
+from services.telemetry.delivery import Deliveries
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.forward_sink import checked_sink
 from services.telemetry.forwarding import Export, Forwarder
@@ -30,7 +32,7 @@ from services.telemetry.otlp_http import OtlpHttp, logs, traces
 from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
-from services.telemetry.store import PgLogStore, PgScoreStore, PgSpanStore
+from services.telemetry.store import PgDeliveryStore, PgLogStore, PgScoreStore, PgSpanStore
 from services.telemetry.trace_servicer import TraceServicer
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,10 @@ class TelemetryApp(App):
         agent_logs = AgentLogs(PgLogStore(pool))
         log_receiver = LogReceiver(agent_logs, forward)
         _add_logs_servicer(LogsServicer(log_receiver), server)
+        deliveries = Deliveries(PgDeliveryStore(pool), SystemClock())
+        evaluation = Evaluation(scores, spans, sessions, deliveries)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
-            TelemetryServicer(telemetry, Evaluation(scores, spans, sessions), agent_logs), server
+            TelemetryServicer(telemetry, evaluation, agent_logs, deliveries), server
         )
         if self.settings.otlp_http_port:
             if self._authenticator is None:

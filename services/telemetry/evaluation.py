@@ -1,6 +1,7 @@
 """Quality scores, and the analyses over a window: CompareVersions (the candidate against the
 baseline, per metric, with the session as the unit and an always-valid interval) and
-AnalyzeExperiment (every variant against the control). The statistics are in analysis/."""
+AnalyzeExperiment (every variant against the control). The statistics are in analysis/; a window
+exporters say spans of are missing is never a pass (gaps.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from services.common.errors import NotFound
 from services.common.identity import Caller
 from services.common.paging import Page, PageQuery
 from services.common.tenancy import Access, SessionOwner
-from services.telemetry import analysis, rules
+from services.telemetry import analysis, gaps, rules
+from services.telemetry.delivery import Deliveries
 from services.telemetry.model import (
     USER_ATTR,
     AnalysisScope,
@@ -35,10 +37,14 @@ from services.telemetry.model import (
 class Evaluation:
     """Scores recorded by callers, and the analyses over the sessions' spans and scores."""
 
-    def __init__(self, scores: ScoreStore, spans: SpanStore, sessions: SessionDirectory) -> None:
+    def __init__(
+        self, scores: ScoreStore, spans: SpanStore, sessions: SessionDirectory,
+        deliveries: Deliveries,
+    ) -> None:
         self._scores = scores
         self._spans = spans
         self._sessions = sessions
+        self._deliveries = deliveries
 
     async def record_score(self, caller: Caller, score: ScoreInput) -> Score:
         """Stores a score on a session of the caller's tenant (and on one of its traces, when
@@ -107,7 +113,11 @@ class Evaluation:
         specs, config = rules.comparison_plan(comparison)
         base = await self._observed(tenant, comparison.scope, comparison.baseline, specs)
         cand = await self._observed(tenant, comparison.scope, comparison.candidate, specs)
-        return analysis.analyze_rollout(base, cand, specs, config)
+        result = analysis.analyze_rollout(base, cand, specs, config)
+        return gaps.hold_rollout(result, await self._missing(comparison.scope))
+
+    async def _missing(self, scope: AnalysisScope) -> str:
+        return await self._deliveries.missing(*rules.checked_window(scope))
 
     async def analyze_experiment(
         self, caller: Caller, scope: AnalysisScope, variants: Sequence[Variant]
@@ -122,4 +132,5 @@ class Evaluation:
         }
         split = {v.version.name: v.percent for v in variants}
         control = variants[0].version.name
-        return analysis.analyze_experiment(observed, split, control, specs, config)
+        result = analysis.analyze_experiment(observed, split, control, specs, config)
+        return gaps.hold_experiment(result, await self._missing(scope))

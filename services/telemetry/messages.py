@@ -13,9 +13,11 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from corral.telemetry.v1 import telemetry_pb2 as pb
+from services.common.errors import InvalidArgument
 from services.common.paging import Page
-from services.common.timestamps import timestamp
+from services.common.timestamps import optional_time, timestamp
 from services.telemetry import analysis
+from services.telemetry.gaps import DeliveryReport, DroppedSpans
 from services.telemetry.log_model import LogPage
 from services.telemetry.model import (
     Attributes,
@@ -179,6 +181,8 @@ def comparison_response(
         comparisons=comparisons,
         verdict=_VERDICT[result.verdict],
         evaluate_time=timestamp(evaluate_time),
+        reason=result.reason,
+        missing_data=result.missing_data,
     )
 
 
@@ -191,6 +195,7 @@ def experiment_response(
         sample_ratio_p_value=result.sample_ratio.p_value,
         sample_ratio_mismatch=result.sample_ratio.mismatch,
         warning=result.warning,
+        missing_data=result.missing_data,
     )
     for m in result.metrics:
         metric = pb.MetricSpec(name=m.spec.name, direction=DIRECTION_TO_PB[m.spec.direction])
@@ -212,3 +217,19 @@ def experiment_response(
                     if v.effect is not None else (math.nan, math.nan, math.nan)
                 )
     return out
+
+
+def delivery_report(request: pb.ReportDeliveryRequest) -> DeliveryReport:
+    return DeliveryReport(
+        exporter=request.exporter,
+        undelivered_since=optional_time(request, "undelivered_since"),
+        drops=tuple(_dropped(request.exporter, d, i) for i, d in enumerate(request.drops)),
+    )
+
+
+def _dropped(exporter: str, d: pb.DroppedSpans, i: int) -> DroppedSpans:
+    start = optional_time(d, "start_time", f"drops[{i}].start_time")
+    end = optional_time(d, "end_time", f"drops[{i}].end_time")
+    if start is None or end is None:
+        raise InvalidArgument.field(f"drops[{i}]", "give the dropped spans' start_time and end_time")
+    return DroppedSpans(exporter, start, end, d.count)

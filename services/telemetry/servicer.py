@@ -15,6 +15,7 @@ from services.common.interceptors import Context
 from services.common.metric_protos import metric_from_pb
 from services.common.timestamps import optional_time
 from services.telemetry import messages, rules
+from services.telemetry.delivery import Deliveries
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.log_model import LogFilter
 from services.telemetry.logs import AgentLogs
@@ -73,10 +74,14 @@ def _scope(
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, telemetry: Telemetry, evaluation: Evaluation, logs: AgentLogs) -> None:
+    def __init__(
+        self, telemetry: Telemetry, evaluation: Evaluation, logs: AgentLogs,
+        deliveries: Deliveries,
+    ) -> None:
         self._telemetry = telemetry
         self._evaluation = evaluation
         self._logs = logs
+        self._deliveries = deliveries
 
     async def ListSpans(
         self, request: pb.ListSpansRequest, context: Context
@@ -169,3 +174,9 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             caller(context), _scope(request), variants
         )
         return messages.experiment_response(result, variants)
+
+    async def ReportDelivery(
+        self, request: pb.ReportDeliveryRequest, context: Context
+    ) -> pb.ReportDeliveryResponse:
+        await self._deliveries.report(messages.delivery_report(request))
+        return pb.ReportDeliveryResponse()

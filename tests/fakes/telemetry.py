@@ -12,6 +12,7 @@ from corral.names import AgentRef, SessionRef
 from services.common.paging import Key
 from services.telemetry import rules
 from services.telemetry.analysis import SessionObservation
+from services.telemetry.gaps import Backlog, DeliveryReport, DroppedSpans
 from services.telemetry.log_model import LogFilter, LogRow
 from services.telemetry.model import (
     INPUT_TOKENS_ATTR,
@@ -241,3 +242,24 @@ class FakeLogStore:
             and (where.start_time is None or r.time >= where.start_time)
         ]
         return keyset_page(matching, lambda r: (r.id,), after, limit)
+
+
+class FakeDeliveryStore:
+    """Exporters' delivery reports in memory (PgDeliveryStore's behaviour)."""
+
+    def __init__(self) -> None:
+        self.backlogs: dict[str, Backlog] = {}
+        self.drops: list[DroppedSpans] = []
+
+    async def record_delivery(self, report: DeliveryReport) -> None:
+        self.backlogs.pop(report.exporter, None)
+        if report.undelivered_since is not None:
+            self.backlogs[report.exporter] = Backlog(
+                report.exporter, report.undelivered_since, datetime.now(UTC))
+        self.drops.extend(report.drops)
+
+    async def backlogs_before(self, end: datetime) -> list[Backlog]:
+        return [b for b in self.backlogs.values() if b.undelivered_since < end]
+
+    async def drops_meeting(self, start: datetime, end: datetime) -> list[DroppedSpans]:
+        return [d for d in self.drops if d.start < end and d.end >= start]

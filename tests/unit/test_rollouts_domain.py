@@ -268,3 +268,6 @@ def test_a_winner_is_recommended_only_when_it_beats_the_control_on_every_metric(
     skewed = ro.ExperimentAnalysis(metrics=better.metrics, sample_ratio_mismatch=True,
                                 sample_ratio_p_value=0.001)
     assert recommend(skewed)[0] == "" and "sample ratio mismatch" in recommend(skewed)[1]
+    gappy = ro.ExperimentAnalysis(metrics=better.metrics, missing_data="3 spans dropped by e1")
+    assert recommend(gappy) == (
+        "", "missing data: 3 spans dropped by e1; no winner can be named until it arrives")

@@ -13,10 +13,12 @@ import pytest
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.auth.principal import Role
+from services.common.clock import SystemClock
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.identity import Caller
 from services.telemetry import messages
 from services.telemetry.analysis import SessionObservation, Verdict
+from services.telemetry.delivery import Deliveries
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import (
     AnalysisScope,
@@ -31,7 +33,12 @@ from services.telemetry.model import (
     Variant,
     VersionComparison,
 )
-from tests.fakes.telemetry import FakeScoreStore, FakeSessionDirectory, FakeSpanStore
+from tests.fakes.telemetry import (
+    FakeDeliveryStore,
+    FakeScoreStore,
+    FakeSessionDirectory,
+    FakeSpanStore,
+)
 
 # An operator of acme (scores any session of the tenant, with the source it names).
 ALICE = Caller("acme", "alice", frozenset({Role.OPERATOR}))
@@ -78,7 +85,8 @@ def evaluation(sessions: FakeSessionDirectory | None = None) -> tuple[Evaluation
     scores, spans = FakeScoreStore(), FakeSpanStore()
     ran(spans, "acme", "sessions/s1", V1, "t0")
     ran(spans, "acme", "sessions/s1", V2, "t1")  # the newer: the session now runs V2
-    return Evaluation(scores, spans, sessions or FakeSessionDirectory()), scores
+    deliveries = Deliveries(FakeDeliveryStore(), SystemClock())
+    return Evaluation(scores, spans, sessions or FakeSessionDirectory(), deliveries), scores
 
 
 def score(**fields: Any) -> ScoreInput:

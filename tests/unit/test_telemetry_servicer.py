@@ -15,7 +15,9 @@ from corral.names import ResourceNameError
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common import identity
 from services.common.auth.principal import Principal, Role
+from services.common.clock import SystemClock
 from services.common.interceptors import Context
+from services.telemetry.delivery import Deliveries
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.logs import AgentLogs
 from services.telemetry.metrics import TelemetryMetrics
@@ -23,7 +25,13 @@ from services.telemetry.receiver import SpanReceiver
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.spans import Telemetry
 from services.telemetry.trace_servicer import TraceServicer
-from tests.fakes.telemetry import FakeLogStore, FakeScoreStore, FakeSessionDirectory, FakeSpanStore
+from tests.fakes.telemetry import (
+    FakeDeliveryStore,
+    FakeLogStore,
+    FakeScoreStore,
+    FakeSessionDirectory,
+    FakeSpanStore,
+)
 from tests.otlp import export_request
 
 
@@ -48,8 +56,10 @@ def _acme_operator() -> Iterator[None]:
 def servicers() -> tuple[TelemetryServicer, TraceServicer]:
     spans, scores = FakeSpanStore(), FakeScoreStore()
     telemetry = Telemetry(spans, scores)
-    evaluation = Evaluation(scores, spans, FakeSessionDirectory())
-    return TelemetryServicer(telemetry, evaluation, AgentLogs(FakeLogStore())), TraceServicer(
+    deliveries = Deliveries(FakeDeliveryStore(), SystemClock())
+    evaluation = Evaluation(scores, spans, FakeSessionDirectory(), deliveries)
+    servicer = TelemetryServicer(telemetry, evaluation, AgentLogs(FakeLogStore()), deliveries)
+    return servicer, TraceServicer(
         SpanReceiver(telemetry, TelemetryMetrics())
     )
 

@@ -164,6 +164,8 @@ METHODS: Mapping[str, Access] = {
         "ListLogs": user(VIEWER),
         "CompareVersions": internal("registry"),
         "AnalyzeExperiment": internal("registry"),
+        # What an executor holds undelivered and had to drop (services/telemetry/gaps.py).
+        "ReportDelivery": internal("executor"),
     }),
     # Spans: every service exports its own; users' exports land in their tenant, untrusted.
     **_service("opentelemetry.proto.collector.trace.v1.TraceService", {

@@ -289,6 +289,7 @@ def analysis_json(a: Analysis) -> JsonObject:
         out["evaluate_time"] = a.evaluate_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
     if a.error:
         out["error"] = a.error
+    out.update(_non_default({"reason": a.reason, "missing_data": a.missing_data}))
     return out
 
 
@@ -313,6 +314,8 @@ def analysis_from_json(text: str) -> Analysis:
         ),
         evaluate_time=datetime.fromisoformat(stamp) if stamp else None,
         error=str(doc.get("error", "")),
+        reason=str(doc.get("reason", "")),
+        missing_data=str(doc.get("missing_data", "")),
     )
 
 
@@ -341,4 +344,5 @@ def experiment_analysis_json(a: ExperimentAnalysis) -> JsonObject:
         "metrics": metrics, "sessions": [str(n) for n in a.sessions],
         "sample_ratio_p_value": _number(a.sample_ratio_p_value),
         "sample_ratio_mismatch": a.sample_ratio_mismatch, "warning": a.warning, "error": a.error,
+        "missing_data": a.missing_data,
     })

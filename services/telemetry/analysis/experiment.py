@@ -49,13 +49,17 @@ class ExperimentAnalysis:
     sample_ratio: SampleRatioCheck
     metrics: tuple[ExperimentMetric, ...]
     alpha: float
+    # Spans of the window known to be missing (services/telemetry/gaps.py), for a human.
+    missing_data: str = ""
 
     @property
     def winner_allowed(self) -> bool:
-        return not self.sample_ratio.mismatch
+        return not self.sample_ratio.mismatch and not self.missing_data
 
     @property
     def warning(self) -> str:
+        if self.missing_data:
+            return f"missing data: {self.missing_data}; no winner can be named until it arrives"
         if self.winner_allowed:
             return ""
         return (

@@ -83,6 +83,8 @@ class RolloutAnalysis:
     reason: str
     comparisons: tuple[MetricComparison, ...]
     alpha: float
+    # Spans of the window known to be missing (services/telemetry/gaps.py), for a human.
+    missing_data: str = ""
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,11 +18,13 @@ from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as pb
 from services.common import db
 from services.common.auth.principal import Principal, Role
+from services.common.clock import SystemClock
 from services.common.errors import NotFound, PermissionDenied
 from services.telemetry.clients import SessionsClient
+from services.telemetry.delivery import Deliveries
 from services.telemetry.evaluation import Evaluation
 from services.telemetry.model import ScoreInput, ScoreSource
-from services.telemetry.store import PgScoreStore, PgSpanStore
+from services.telemetry.store import PgDeliveryStore, PgScoreStore, PgSpanStore
 from tests.credentials import internal_channel
 from tests.otlp import MS, T0, export_request, invocation, otlp_span
 from tests.rpc import fails, who
@@ -126,7 +128,8 @@ async def evaluation(telemetry: Telemetry) -> AsyncIterator[Evaluation]:
     pool = await db.create_pool(telemetry.settings.require_database())
     sessions = SessionsClient(telemetry.settings.for_service("telemetry"))
     try:
-        yield Evaluation(PgScoreStore(pool), PgSpanStore(pool), sessions)
+        deliveries = Deliveries(PgDeliveryStore(pool), SystemClock())
+        yield Evaluation(PgScoreStore(pool), PgSpanStore(pool), sessions, deliveries)
     finally:
         await sessions.close()
         await pool.close()
