@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # One export request carries at most this much (telemetry takes up to 16 MiB).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # The longest wait between two attempts while telemetry cannot be reached.
-MAX_RETRY_WAIT_S = 2.0
+MAX_RETRY_WAIT_S = 1.0
 # A line about drops at most this often (each says how many since the previous).
 DROP_LOG_INTERVAL_S = 10.0
 # While it works through a backlog, the sender tells telemetry how far it got this often.
