@@ -196,7 +196,8 @@ def test_every_workload_is_replicated_spread_and_has_a_disruption_budget(svc: st
     labels = workload["spec"]["selector"]["matchLabels"]
     (budget,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     assert budget["spec"]["selector"]["matchLabels"] == labels
-    assert budget["spec"].get("minAvailable", 1) >= 1 or budget["spec"]["maxUnavailable"] == 1
+    # One pod at a time may go, at most.
+    assert budget["spec"].get("minAvailable", 0) >= 1 or budget["spec"].get("maxUnavailable") == 1
     (spread,) = pod_spec(workload)["topologySpreadConstraints"]
     assert spread["labelSelector"]["matchLabels"] == labels
 
