@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from corral import names
+from corral import names, retries
 from corral.cli.options import State, json_option, pass_state
 from corral.cli.output import err
 from corral.router.v1 import router_pb2 as rt
@@ -48,6 +48,11 @@ class _Turn:
         """Takes one event of the turn; True when it was the one that ends it."""
         kind = event.WhichOneof("event")
         if kind == "started":
+            if self.chunks and self.echo:
+                # A retried stream starts over: what was shown came from a failed attempt.
+                sys.stdout.write("\n")
+                err.print("[yellow]connection lost; retried with the same request id[/yellow]")
+            self.chunks = []
             self.info = event.started
         elif kind == "chunk":
             self.chunks.append(event.chunk.data)
@@ -70,7 +75,8 @@ class _Turn:
             err.print(
                 f"[dim]served by {self.info.version} · {self.info.session} · turn "
                 f"{self.completed.turn} · {self.completed.duration_ms} ms · trace "
-                f"{self.info.trace_id}[/dim]"
+                f"{self.info.trace_id}{' · replayed (it had already run)' if self.info.replayed else ''}"
+                "[/dim]"
             )
 
 
@@ -83,17 +89,23 @@ class _Turn:
               help="Session id; a new session is created when omitted.")
 @click.option("--data", "-d", help="Request body (JSON), @file, or stdin when omitted.")
 @click.option("--raw", is_flag=True, help="Send --data as plain text, not JSON.")
+@click.option("--request-id", default="",
+              help="Request id (AIP-155), e.g. a UUID; a new one when omitted. Sending the same "
+                   "request again under it returns its committed result instead of running it "
+                   "twice.")
 @json_option
 @pass_state
 def invoke(
     state: State, agent: str, endpoint: str, version: str, session: str, data: str | None,
-    raw: bool,
+    raw: bool, request_id: str,
 ) -> None:
-    """Invoke AGENT; output streams to the terminal as it is produced."""
+    """Invoke AGENT; output streams to the terminal as it is produced. A call that fails with
+    UNAVAILABLE (or a back-off request) is retried under the same request id, so it runs once."""
     payload, content_type = _payload(data, raw)
     turn = _Turn(echo=not state.json)
     for event in state.client.invoke_stream(agent, payload, endpoint=endpoint, version=version,
-                                            session=session, content_type=content_type):
+                                            session=session, content_type=content_type,
+                                            request_id=request_id or retries.new_request_id()):
         turn.take(event)
     if state.json:
         info, completed = turn.info, turn.completed
@@ -102,7 +114,7 @@ def invoke(
             "trace_id": info.trace_id, "endpoint": info.endpoint,
             "new_session": info.new_session, "turn": completed.turn,
             "duration_ms": completed.duration_ms, "output": turn.output,
-            "chunks": len(turn.chunks), "version": info.version,
+            "chunks": len(turn.chunks), "version": info.version, "replayed": info.replayed,
         }, indent=2))
     else:
         turn.finish()
@@ -139,7 +151,7 @@ def chat(state: State, agent: str, endpoint: str, version: str, session: str) ->
                 break
             turns.put(rt.ConverseRequest(turn=rt.Turn(
                 payload=json.dumps({"text": line.strip()}).encode(),
-                content_type="application/json")))
+                content_type="application/json", request_id=retries.new_request_id())))
             if interactive:
                 err.print("[bold]agent>[/bold] ", end="")
             turn = _Turn(echo=not state.json)
