@@ -46,7 +46,9 @@ class RetryPolicy:
         )
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        backoff = tenacity.wait_exponential_jitter(initial=self.first_s, max=self.max_s)(state)
+        backoff = tenacity.wait_exponential_jitter(
+            multiplier=self.first_s, max=self.max_s, jitter=self.first_s
+        )(state)
         failure = state.outcome.exception() if state.outcome is not None else None
         asked = retry_delay(failure) if isinstance(failure, grpc.RpcError) else None
         return max(backoff, asked or 0.0)
