@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import queue
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -13,6 +11,7 @@ import click
 from corral import names, retries
 from corral.cli.options import State, json_option, pass_state
 from corral.cli.output import err
+from corral.conversation import Conversation
 from corral.router.v1 import router_pb2 as rt
 
 _endpoint_option = click.option("--endpoint", "-e", default="",
@@ -130,16 +129,12 @@ def invoke(
 def chat(state: State, agent: str, endpoint: str, version: str, session: str) -> None:
     """An interactive conversation with AGENT: every turn over one bidirectional stream.
     Each line you type is sent as {"text": line}; an empty line or Ctrl-D ends it."""
-    turns: queue.Queue[rt.ConverseRequest | None] = queue.Queue()
-    start = rt.ConverseStart(agent=names.agent_name(agent), endpoint=endpoint, version=version,
-                             session_id=session)
-
-    def requests() -> Iterator[rt.ConverseRequest]:
-        yield rt.ConverseRequest(start=start)
-        while (item := turns.get()) is not None:
-            yield item
-
-    responses = state.client.converse(requests())
+    conversation = Conversation(
+        state.client.converse,
+        rt.ConverseStart(agent=names.agent_name(agent), endpoint=endpoint, version=version,
+                         session_id=session),
+        state.client.retry_policy,
+    )
     interactive = sys.stdin.isatty() and not state.json
     transcript: list[dict[str, object]] = []
     try:
@@ -149,20 +144,16 @@ def chat(state: State, agent: str, endpoint: str, version: str, session: str) ->
             line = sys.stdin.readline()
             if not line.strip():
                 break
-            turns.put(rt.ConverseRequest(turn=rt.Turn(
-                payload=json.dumps({"text": line.strip()}).encode(),
-                content_type="application/json", request_id=retries.new_request_id())))
             if interactive:
                 err.print("[bold]agent>[/bold] ", end="")
             turn = _Turn(echo=not state.json)
-            for event in responses:
+            for event in conversation.send(json.dumps({"text": line.strip()}).encode()):
                 if turn.take(event):
                     turn.finish()
                     transcript.append({"session": turn.info.session, "version": turn.info.version,
                                        "turn": turn.completed.turn, "output": turn.output})
-                    break
     finally:
-        turns.put(None)
+        conversation.close()
     if state.json:
         click.echo(json.dumps(transcript, indent=2))
 

@@ -45,6 +45,9 @@ class ScriptedRouter(router_pb2_grpc.RouterServiceServicer):
         self.failures: list[str] = []
         self.request_ids: list[str] = []
         self.cut = False
+        # Converse: the session id of each stream's start, and the turns answered.
+        self.starts: list[str] = []
+        self.turns = 0
 
     async def InvokeStream(
         self, request: rt.InvokeRequest, context: grpc.aio.ServicerContext[object, object]
@@ -68,6 +71,25 @@ class ScriptedRouter(router_pb2_grpc.RouterServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
         yield rt.InvokeStreamResponse(completed=rt.InvocationCompleted(turn=1, duration_ms=3))
 
+    async def Converse(
+        self, request_iterator: AsyncIterator[rt.ConverseRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[rt.ConverseResponse]:
+        async for message in request_iterator:
+            if message.HasField("start"):
+                self.starts.append(message.start.session_id)
+                continue
+            self.request_ids.append(message.turn.request_id)
+            failure = self.failures.pop(0) if self.failures else ""
+            if failure == "unavailable":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is restarting")
+            self.turns += 1
+            yield rt.ConverseResponse(started=rt.InvocationInfo(session="sessions/s1"))
+            if failure == "cut":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+            yield rt.ConverseResponse(chunk=rt.OutputChunk(data=f"Turn {self.turns}.".encode()))
+            yield rt.ConverseResponse(completed=rt.InvocationCompleted(turn=self.turns))
+
 
 @pytest_asyncio.fixture
 async def router() -> AsyncIterator[tuple[ScriptedRouter, str]]:
@@ -82,14 +104,14 @@ async def router() -> AsyncIterator[tuple[ScriptedRouter, str]]:
         await server.stop(0)
 
 
-async def corral_invoke(address: str, *args: str) -> Result:
-    """`corral invoke agent-a -d {} --json <args>` against the router at `address`."""
+async def corral_at(address: str, *args: str, stdin: str | None = None) -> Result:
+    """`corral <args> --json` against the router at `address`."""
 
     def run() -> Result:
         state = State()
         try:
             return CliRunner().invoke(
-                cli, ["invoke", "agent-a", "-d", "{}", "--json", *args], obj=state, env={
+                cli, [*args, "--json"], obj=state, input=stdin, env={
                     "CORRAL_ROUTER_ADDR": address, "CORRAL_TOKEN": token(new_tenant()),
                     "CORRAL_API_KEY": None, "CORRAL_PROFILE": None,
                 })
@@ -97,6 +119,11 @@ async def corral_invoke(address: str, *args: str) -> Result:
             state.client.close()
 
     return await asyncio.to_thread(run)
+
+
+async def corral_invoke(address: str, *args: str) -> Result:
+    """`corral invoke agent-a -d {} --json <args>` against the router at `address`."""
+    return await corral_at(address, "invoke", "agent-a", "-d", "{}", *args)
 
 
 def printed(result: Result) -> dict[str, object]:
@@ -146,3 +173,22 @@ async def test_what_is_not_worth_retrying_fails_at_once(router: tuple[ScriptedRo
     assert isinstance(result.exception, grpc.RpcError)
     assert result.exception.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(servicer.request_ids) == 1
+
+
+@pytest.mark.parametrize(("failure", "second_start"), [("unavailable", ""), ("cut", "s1")])
+async def test_a_conversation_whose_stream_broke_goes_on_in_a_new_one(
+    router: tuple[ScriptedRouter, str], failure: str, second_start: str,
+) -> None:
+    servicer, address = router
+    servicer.failures = [failure]
+    result = await corral_at(address, "chat", "agent-a", stdin="hello\nagain\n")
+    assert result.exit_code == 0, (result.output, result.exception)
+    transcript = json.loads(result.stdout)
+    # Each turn shown once: the retried one's output, not the broken attempt's beside it.
+    last = servicer.turns
+    assert [t["output"] for t in transcript] == [f"Turn {last - 1}.", f"Turn {last}."]
+    first, retried, second = servicer.request_ids
+    # The broken turn went again under its request id, on a stream that continues the session
+    # once the first one had said which it is; the next turn has an id of its own.
+    assert first == retried and second != first
+    assert servicer.starts == ["", second_start]
