@@ -280,7 +280,7 @@ class FinishedTurn:
     input: bytes
     output: bytes
     state: bytes
-    # The request id the turn ran under, recorded with its result for a retry ("": none).
+    # The request id the turn ran under, recorded with its result for a retry (None: none).
     request: TurnRequest | None = None
 
 
