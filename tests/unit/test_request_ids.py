@@ -18,14 +18,19 @@ from opentelemetry.context import Context as OtelContext
 
 from corral import retries
 from corral.names import SessionRef, valid_session_id
-from services.common.errors import Aborted, FailedPrecondition
+from services.common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from services.common.execution import Completed, Started
 from services.common.requests import REQUEST_IDS, request_digest, session_for_request
 from services.executor.model import Invocation, ModelHandler, ToolHandler, TurnInput, TurnOutput
 from services.router.model import Target
-from services.sessions.model import TurnResult
-from services.sessions.requests import replayable
+from services.sessions.model import SessionKey, TurnResult
+from services.sessions.model import Turn as SessionTurn
+from services.sessions.model import TurnRequest as SessionTurnRequest
+from services.sessions.requests import TurnResults, replayable
+from services.sessions.sessions import Sessions
+from tests.fakes.common import FakeClock, SequentialIds
 from tests.fakes.executor import FakeWorker
+from tests.fakes.sessions import MemoryLeases, MemoryStore, MemoryTurnResults
 from tests.unit.test_executor_domain import ALICE as EXECUTOR_ALICE
 from tests.unit.test_executor_domain import World as ExecutorWorld
 from tests.unit.test_router_domain import (
@@ -37,6 +42,9 @@ from tests.unit.test_router_domain import (
     world,  # noqa: F401 - the router's fixture
 )
 from tests.unit.test_router_domain import World as RouterWorld
+from tests.unit.test_sessions_domain import ALICE as SESSIONS_ALICE
+from tests.unit.test_sessions_domain import BOB as SESSIONS_BOB
+from tests.unit.test_sessions_domain import SPEC
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -291,3 +299,37 @@ def test_a_stream_that_fails_is_opened_again_and_starts_over() -> None:
 
     policy = retries.RetryPolicy(attempts=3, first_s=0.001, max_s=0.001)
     assert list(retries.stream(policy, attempt)) == ["started", "started", "completed"]
+
+
+# -- sessions: recorded with the commit, found by the session's writers, forgotten in time -----
+
+
+async def test_sessions_record_a_request_ids_turn_once_and_answer_only_its_writers() -> None:
+    store, clock = MemoryStore(), FakeClock()
+    sessions = Sessions(store, MemoryLeases(clock), clock, SequentialIds())
+    results = TurnResults(MemoryTurnResults(store), store, retention_s=3600, clock=clock)
+    await sessions.create(SESSIONS_ALICE, SessionRef("s"), SPEC)
+    lease = await sessions.acquire_lease(SESSIONS_ALICE, SessionRef("s"), "h", None)
+    assert lease.state is not None
+    digest = request_digest(b"hi", "text/plain")
+    request = SessionTurnRequest("r-1", digest, "text/plain", "t1")
+    saved = await sessions.commit_turn(SESSIONS_ALICE, SessionRef("s"), lease.lease_id,
+                                       lease.state.etag, b"1", SessionTurn("inv1", b"hi", b"yo", request))
+    found = await results.lookup(SESSIONS_ALICE, SessionRef("s"), "r-1", digest)
+    assert found is not None and (found.turn, found.output, found.invocation_id) == (1, b"yo", "inv1")
+    # A second commit under the id changes nothing.
+    with pytest.raises(Aborted) as twice:
+        await sessions.commit_turn(SESSIONS_ALICE, SessionRef("s"), lease.lease_id, saved.etag,
+                                   b"2", SessionTurn("inv2", b"hi", b"again", request))
+    assert twice.value.reason == "REQUEST_ALREADY_COMMITTED"
+    assert store.records[SessionKey("acme", "s")].turn_count == 1
+    # Another invoker of the tenant may not continue alice's session, so may not read its turns.
+    with pytest.raises(PermissionDenied):
+        await results.lookup(SESSIONS_BOB, SessionRef("s"), "r-1", digest)
+    with pytest.raises(NotFound):
+        await results.lookup(SESSIONS_ALICE, SessionRef("nope"), "r-1", digest)
+    # Past the retention time a retry finds nothing, and the sweep deletes the result.
+    clock.advance(3601)
+    assert await results.lookup(SESSIONS_ALICE, SessionRef("s"), "r-1", digest) is None
+    await results.sweep()
+    assert store.results == {}
