@@ -12,7 +12,7 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 from google.protobuf import field_mask_pb2
 
-from corral import names
+from corral import names, retries
 from corral.bundle import digest_of, pack
 from corral.config import ClientConfig
 from corral.executor.v1 import executor_pb2 as ex
@@ -110,6 +110,18 @@ class _Stub(Generic[S]):
         return self.stub(client.channel(self.service))
 
 
+def _invoke_request(
+    agent: str, payload: bytes, endpoint: str, version: str, session: str, content_type: str,
+    request_id: str,
+) -> rt.InvokeRequest:
+    """One turn's request, under `request_id` or a new one: every attempt sends the same."""
+    return rt.InvokeRequest(
+        agent=names.agent_name(agent), endpoint=endpoint, version=version, session_id=session,
+        payload=payload, content_type=content_type,
+        request_id=request_id or retries.new_request_id(),
+    )
+
+
 class CorralClient:
     registry = _Stub("registry", registry_pb2_grpc.RegistryServiceStub)
     rollouts = _Stub("registry", rollouts_pb2_grpc.RolloutServiceStub)
@@ -124,8 +136,12 @@ class CorralClient:
     telemetry = _Stub("telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
     executor = _Stub("executor", executor_pb2_grpc.ExecutorServiceStub)
 
-    def __init__(self, config: ClientConfig | None = None) -> None:
+    def __init__(
+        self, config: ClientConfig | None = None, retry_policy: retries.RetryPolicy | None = None
+    ) -> None:
         self.config = config or ClientConfig.from_env()
+        # How turns (which carry request ids, so are safe to send again) are retried.
+        self.retry_policy = retry_policy or retries.RetryPolicy()
         self._channels: dict[str, grpc.Channel] = {}
         # The services take the caller, and its tenant, from the credential alone.
         self.metadata: tuple[tuple[str, str], ...] = (
@@ -342,15 +358,28 @@ class CorralClient:
 
     # -- router -----------------------------------------------------------------------------
 
+    def invoke(
+        self, agent: str, payload: bytes, *, endpoint: str = "", version: str = "",
+        session: str = "", content_type: str = "application/json", request_id: str = "",
+    ) -> rt.InvokeResponse:
+        """One turn, its whole output in the response. It carries a request id (a new one unless
+        given) and is retried under it as `retry_policy` says, so a retry never runs the turn
+        twice: a turn that committed comes back with `info.replayed`."""
+        request = _invoke_request(agent, payload, endpoint, version, session, content_type, request_id)
+        return retries.call(
+            self.retry_policy, lambda: self.router.Invoke(request, metadata=self.metadata)
+        )
+
     def invoke_stream(
         self, agent: str, payload: bytes, *, endpoint: str = "", version: str = "",
-        session: str = "", content_type: str = "application/json",
+        session: str = "", content_type: str = "application/json", request_id: str = "",
     ) -> Iterator[rt.InvokeStreamResponse]:
-        request = rt.InvokeRequest(
-            agent=names.agent_name(agent), endpoint=endpoint, version=version, session_id=session,
-            payload=payload, content_type=content_type,
+        """As invoke, the output streamed. A stream that fails and is retried starts over: its
+        events begin again with `started`."""
+        request = _invoke_request(agent, payload, endpoint, version, session, content_type, request_id)
+        return retries.stream(
+            self.retry_policy, lambda: self.router.InvokeStream(request, metadata=self.metadata)
         )
-        return self.router.InvokeStream(request, metadata=self.metadata)
 
     def converse(self, requests: Iterator[rt.ConverseRequest]) -> Iterator[rt.ConverseResponse]:
         return self.router.Converse(requests, metadata=self.metadata)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import queue
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from corral import names
+from corral import names, retries
 from corral.cli.options import State, json_option, pass_state
 from corral.cli.output import err
+from corral.conversation import Conversation
 from corral.router.v1 import router_pb2 as rt
 
 _endpoint_option = click.option("--endpoint", "-e", default="",
@@ -48,6 +47,11 @@ class _Turn:
         """Takes one event of the turn; True when it was the one that ends it."""
         kind = event.WhichOneof("event")
         if kind == "started":
+            if self.chunks and self.echo:
+                # A retried stream starts over: what was shown came from a failed attempt.
+                sys.stdout.write("\n")
+                err.print("[yellow]connection lost; retried with the same request id[/yellow]")
+            self.chunks = []
             self.info = event.started
         elif kind == "chunk":
             self.chunks.append(event.chunk.data)
@@ -70,7 +74,8 @@ class _Turn:
             err.print(
                 f"[dim]served by {self.info.version} · {self.info.session} · turn "
                 f"{self.completed.turn} · {self.completed.duration_ms} ms · trace "
-                f"{self.info.trace_id}[/dim]"
+                f"{self.info.trace_id}{' · replayed (it had already run)' if self.info.replayed else ''}"
+                "[/dim]"
             )
 
 
@@ -83,17 +88,23 @@ class _Turn:
               help="Session id; a new session is created when omitted.")
 @click.option("--data", "-d", help="Request body (JSON), @file, or stdin when omitted.")
 @click.option("--raw", is_flag=True, help="Send --data as plain text, not JSON.")
+@click.option("--request-id", default="",
+              help="Request id (AIP-155), e.g. a UUID; a new one when omitted. Sending the same "
+                   "request again under it returns its committed result instead of running it "
+                   "twice.")
 @json_option
 @pass_state
 def invoke(
     state: State, agent: str, endpoint: str, version: str, session: str, data: str | None,
-    raw: bool,
+    raw: bool, request_id: str,
 ) -> None:
-    """Invoke AGENT; output streams to the terminal as it is produced."""
+    """Invoke AGENT; output streams to the terminal as it is produced. A call that fails with
+    UNAVAILABLE (or a back-off request) is retried under the same request id, so it runs once."""
     payload, content_type = _payload(data, raw)
     turn = _Turn(echo=not state.json)
     for event in state.client.invoke_stream(agent, payload, endpoint=endpoint, version=version,
-                                            session=session, content_type=content_type):
+                                            session=session, content_type=content_type,
+                                            request_id=request_id or retries.new_request_id()):
         turn.take(event)
     if state.json:
         info, completed = turn.info, turn.completed
@@ -102,7 +113,7 @@ def invoke(
             "trace_id": info.trace_id, "endpoint": info.endpoint,
             "new_session": info.new_session, "turn": completed.turn,
             "duration_ms": completed.duration_ms, "output": turn.output,
-            "chunks": len(turn.chunks), "version": info.version,
+            "chunks": len(turn.chunks), "version": info.version, "replayed": info.replayed,
         }, indent=2))
     else:
         turn.finish()
@@ -118,16 +129,12 @@ def invoke(
 def chat(state: State, agent: str, endpoint: str, version: str, session: str) -> None:
     """An interactive conversation with AGENT: every turn over one bidirectional stream.
     Each line you type is sent as {"text": line}; an empty line or Ctrl-D ends it."""
-    turns: queue.Queue[rt.ConverseRequest | None] = queue.Queue()
-    start = rt.ConverseStart(agent=names.agent_name(agent), endpoint=endpoint, version=version,
-                             session_id=session)
-
-    def requests() -> Iterator[rt.ConverseRequest]:
-        yield rt.ConverseRequest(start=start)
-        while (item := turns.get()) is not None:
-            yield item
-
-    responses = state.client.converse(requests())
+    conversation = Conversation(
+        state.client.converse,
+        rt.ConverseStart(agent=names.agent_name(agent), endpoint=endpoint, version=version,
+                         session_id=session),
+        state.client.retry_policy,
+    )
     interactive = sys.stdin.isatty() and not state.json
     transcript: list[dict[str, object]] = []
     try:
@@ -137,20 +144,16 @@ def chat(state: State, agent: str, endpoint: str, version: str, session: str) ->
             line = sys.stdin.readline()
             if not line.strip():
                 break
-            turns.put(rt.ConverseRequest(turn=rt.Turn(
-                payload=json.dumps({"text": line.strip()}).encode(),
-                content_type="application/json")))
             if interactive:
                 err.print("[bold]agent>[/bold] ", end="")
             turn = _Turn(echo=not state.json)
-            for event in responses:
+            for event in conversation.send(json.dumps({"text": line.strip()}).encode()):
                 if turn.take(event):
                     turn.finish()
                     transcript.append({"session": turn.info.session, "version": turn.info.version,
                                        "turn": turn.completed.turn, "output": turn.output})
-                    break
     finally:
-        turns.put(None)
+        conversation.close()
     if state.json:
         click.echo(json.dumps(transcript, indent=2))
 

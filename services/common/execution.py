@@ -14,6 +14,10 @@ class Started:
     invocation's spans go to."""
 
     trace_id: str
+    # A retried request whose turn had already committed: the output that follows is the
+    # recorded one, and trace_id and invocation_id (else the router's) are the first run's.
+    replayed: bool = False
+    invocation_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

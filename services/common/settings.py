@@ -75,6 +75,13 @@ def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise SettingsError(f"{name}={value} must be a positive number of seconds")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -247,6 +254,9 @@ class Settings:
     version_retention_days: int = 45
     # Registry: whether a version is started once before DEFAULT moves to it (CORRAL_START_CHECK).
     start_check: StartCheck = StartCheck.REQUIRED
+    # Sessions: how long a turn committed under a request id answers a retry with its result
+    # (CORRAL_REQUEST_RETENTION_S); older results are deleted.
+    request_retention_s: int = 24 * 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -335,6 +345,7 @@ class Settings:
             bootstrap_admin_key_file=_path(env, "CORRAL_BOOTSTRAP_ADMIN_KEY_FILE"),
             outbound_allow=_outbound_allow(env),
             version_retention_days=_non_negative(env, "CORRAL_VERSION_RETENTION_DAYS", 45),
+            request_retention_s=_positive(env, "CORRAL_REQUEST_RETENTION_S", 24 * 3600),
             start_check=_start_check(env.get("CORRAL_START_CHECK", "required")),
         )
 

@@ -47,6 +47,7 @@ from services.executor.model import (
     Lease,
     LogOrigin,
     PackedBundle,
+    RecordedTurn,
     ResolvedTool,
     SessionState,
 )
@@ -87,9 +88,30 @@ class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]
             session=session.name, lease_id=lease_id, etag=etag, state=turn.state,
             invocation_id=turn.invocation_id, input=turn.input, output=turn.output,
         )
+        if turn.request is not None:
+            request.request_id = turn.request.request_id
+            request.request_digest = turn.request.digest
+            request.content_type = turn.request.content_type
+            request.trace_id = turn.request.trace_id
         with calling("sessions"):
             state = await self._stub.CommitTurn(request, metadata=self.metadata(caller))
         return _state(state)
+
+    async def lookup(
+        self, caller: Caller, session: SessionRef, request_id: str, digest: str
+    ) -> RecordedTurn | None:
+        request = sessions_pb2.LookupTurnResultRequest(
+            session=session.name, request_id=request_id, request_digest=digest
+        )
+        with calling("sessions"):
+            found = await self._stub.LookupTurnResult(request, metadata=self.metadata(caller))
+        if not found.HasField("result"):
+            return None
+        result = found.result
+        return RecordedTurn(
+            turn=result.turn, output=result.output, invocation_id=result.invocation_id,
+            trace_id=result.trace_id,
+        )
 
 
 def _state(state: sessions_pb2.SessionState) -> SessionState:

@@ -98,7 +98,7 @@ class Executor:
                 "payload",
                 f"{len(inv.payload)} bytes is over the {self.settings.max_payload_bytes}-byte limit",
             )
-        with self.sandboxes.claim(SandboxKey.of(caller, inv.session)):
+        with self.sandboxes.claim(SandboxKey.of(caller, inv.session), inv.request_id):
             # aclosing: closing this generator must close the turn's too, so that its clean-up
             # (stopping a worker that is mid-turn) runs before the session is free again.
             async with contextlib.aclosing(self._turns.run(caller, inv, parent)) as events:

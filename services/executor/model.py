@@ -53,6 +53,8 @@ class Invocation:
     invocation_id: str
     payload: bytes
     content_type: str
+    # The caller's request id (AIP-155); "" when it gave none.
+    request_id: str = ""
 
 
 # What an execution yields, in order: Started, the agent's output as it comes, Completed.
@@ -278,6 +280,28 @@ class FinishedTurn:
     input: bytes
     output: bytes
     state: bytes
+    # The request id the turn ran under, recorded with its result for a retry (None: none).
+    request: TurnRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """What a turn committed under a request id records for a retry beside its output."""
+
+    request_id: str
+    digest: str
+    content_type: str
+    trace_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedTurn:
+    """A turn the session committed under a request id, as its caller received it."""
+
+    turn: int
+    output: bytes
+    invocation_id: str
+    trace_id: str
 
 
 class Sessions(Protocol):
@@ -293,6 +317,13 @@ class Sessions(Protocol):
         self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn
     ) -> SessionState:
         """Compare-and-set on `etag`: Aborted when another turn committed since."""
+        ...
+
+    async def lookup(
+        self, caller: Caller, session: SessionRef, request_id: str, digest: str
+    ) -> RecordedTurn | None:
+        """The turn the session committed under `request_id`, if any (FailedPrecondition
+        REQUEST_ID_REUSED when it had another request digest)."""
         ...
 
 

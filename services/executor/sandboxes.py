@@ -17,6 +17,7 @@ from corral.names import SessionRef
 from services.common.background import Periodic
 from services.common.errors import Aborted
 from services.common.identity import Caller
+from services.common.requests import REASON_REQUEST_IN_PROGRESS
 from services.common.settings import ExecutorSettings
 from services.executor.bundles import BundleCache
 from services.executor.metrics import ExecutorMetrics
@@ -77,6 +78,8 @@ class SandboxTable:
         self._bundles, self._starter, self._pools = bundles, starter, pools
         self._bound: dict[SandboxKey, SessionSandbox] = {}
         self._busy: set[SandboxKey] = set()
+        # The request id of the invocation holding each busy session, when it has one.
+        self._requests: dict[SandboxKey, str] = {}
         self._reaper = Periodic(
             self._reap, every_s=REAP_INTERVAL_S, first_delay_s=REAP_INTERVAL_S, what="sandbox reaper"
         )
@@ -98,19 +101,25 @@ class SandboxTable:
         )
 
     @contextlib.contextmanager
-    def claim(self, key: SandboxKey) -> Iterator[None]:
-        """Holds the session for one invocation: Aborted (SESSION_BUSY) while another holds it."""
+    def claim(self, key: SandboxKey, request_id: str = "") -> Iterator[None]:
+        """Holds the session for one invocation: Aborted (SESSION_BUSY) while another holds it,
+        or (REQUEST_IN_PROGRESS) while an attempt under the same request id does."""
         if key in self._busy:
+            if request_id and self._requests.get(key) == request_id:
+                raise in_progress(key, request_id)
             raise Aborted(
                 f"session {key.session} is busy: another invocation is running on it; retry "
                 "when it finishes",
                 reason="SESSION_BUSY",
             )
         self._busy.add(key)
+        if request_id:
+            self._requests[key] = request_id
         try:
             yield
         finally:
             self._busy.discard(key)
+            self._requests.pop(key, None)
 
     # -- binding -------------------------------------------------------------------------
 
@@ -243,6 +252,14 @@ class SandboxTable:
                 if key not in self._busy and self._bound.get(key) is bound:
                     log.warning("lost the lease of %s (%s); stopping its sandbox", key, exc)
                     await self.drop(key)
+
+
+def in_progress(key: SandboxKey, request_id: str) -> Aborted:
+    return Aborted(
+        f"session {key.session} is still running the first attempt of request_id "
+        f"{request_id!r}; retry with the same request id once it ends to get its result",
+        reason=REASON_REQUEST_IN_PROGRESS, metadata={"request_id": request_id},
+    )
 
 
 async def _busy_inside(sandbox: Sandbox) -> bool:

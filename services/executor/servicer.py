@@ -13,6 +13,7 @@ from services.common.errors import InvalidArgument
 from services.common.execution import Completed, Started, StartFailure
 from services.common.identity import caller
 from services.common.interceptors import Context, close_when_done
+from services.common.requests import REQUEST_IDS
 from services.common.timestamps import timestamp
 from services.common.tracing import extract_metadata
 from services.executor.credentials import JTI
@@ -68,6 +69,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             digest=names.DIGESTS.check(request.digest, field="digest"),
             endpoint=request.endpoint, invocation_id=request.invocation_id, payload=request.payload,
             content_type=request.content_type,
+            request_id=(
+                REQUEST_IDS.check(request.request_id, field="request_id") if request.request_id else ""
+            ),
         )
         # (key, value) pairs, whether the stubs call them grpc.aio.Metadata or a tuple.
         parent = extract_metadata(tuple(context.invocation_metadata() or ()))
@@ -77,9 +81,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             if isinstance(event, bytes):
                 yield pb.ExecuteResponse(chunk=pb.ExecuteChunk(data=event))
             elif isinstance(event, Started):
-                yield pb.ExecuteResponse(
-                    started=pb.ExecuteStarted(invocation_id=inv.invocation_id, trace_id=event.trace_id)
-                )
+                yield pb.ExecuteResponse(started=pb.ExecuteStarted(
+                    invocation_id=event.invocation_id or inv.invocation_id, trace_id=event.trace_id,
+                    replayed=event.replayed,
+                ))
             elif isinstance(event, Completed):
                 yield pb.ExecuteResponse(
                     completed=pb.ExecuteCompleted(duration_ms=event.duration_ms, turn=event.turn)

@@ -23,6 +23,7 @@ from services.common.errors import (
 from services.common.execution import Completed, Started
 from services.common.identity import Caller
 from services.common.prometheus import OK, Series
+from services.executor import replays
 from services.executor.broker import ModelBroker
 from services.executor.calls import AgentCalls, InvocationScope
 from services.executor.credentials import InvocationCredentials, InvocationTokens
@@ -97,7 +98,16 @@ class Turns:
         output_log = InvocationOutput()
         try:
             bound = await self._table.sandbox_for(caller, inv)
-            yield Started(format(span.get_span_context().trace_id, "032x"))
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            # Under the session's lease now: a turn committed under the request id is final.
+            replay = await replays.recorded(self._sessions, caller, inv)
+            if replay is not None:
+                code = OK  # not an invocation of the agent: no metrics, no invoke_agent span
+                _mark_replay(span, inv, replay.turn)
+                for event in replays.events(replay, int((time.monotonic() - started) * 1000)):
+                    yield event
+                return
+            yield Started(trace_id)
             deadline = time.time() + bound.manifest.timeout_s
             tokens = self._credentials.open(caller, inv, bound.manifest, deadline)
             token = tokens.agent.token if tokens else ""
@@ -116,7 +126,7 @@ class Turns:
                         yield item
             assert done is not None
             self._spans.forward(done.otlp_spans, {k: str(attributes[k]) for k in TRUSTED_SPAN_KEYS})
-            committed = await self._commit(caller, inv, bound, done, b"".join(output))
+            committed = await self._commit(caller, inv, bound, done, b"".join(output), trace_id)
             span.set_attribute("corral.turn", committed.turn_count)
             span.set_status(trace.StatusCode.OK)
             code = OK
@@ -208,10 +218,12 @@ class Turns:
         return Internal(f"{session}: the sandbox crashed: {exc}", reason="SANDBOX_CRASHED")
 
     async def _commit(
-        self, caller: Caller, inv: Invocation, bound: SessionSandbox, done: TurnOutput, output: bytes
+        self, caller: Caller, inv: Invocation, bound: SessionSandbox, done: TurnOutput, output: bytes,
+        trace_id: str,
     ) -> SessionState:
         turn = FinishedTurn(
-            invocation_id=inv.invocation_id, input=inv.payload, output=output, state=done.state
+            invocation_id=inv.invocation_id, input=inv.payload, output=output, state=done.state,
+            request=replays.turn_request(inv, trace_id),
         )
         try:
             committed = await self._sessions.commit(
@@ -225,6 +237,15 @@ class Turns:
         bound.committed = committed
         bound.sandbox.last_used = time.monotonic()
         return committed
+
+
+def _mark_replay(span: trace.Span, inv: Invocation, turn: int) -> None:
+    """Names the span for what happened: a recorded turn sent again, not the agent invoked."""
+    span.update_name(f"{replays.REPLAY_OPERATION} {inv.version.agent}")
+    span.set_attribute("gen_ai.operation.name", replays.REPLAY_OPERATION)
+    span.set_attribute("corral.replayed", True)
+    span.set_attribute("corral.turn", turn)
+    span.set_status(trace.StatusCode.OK)
 
 
 def _turn_input(

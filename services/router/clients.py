@@ -144,7 +144,10 @@ class RegistryVersions(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub
 def _event(response: executor_pb2.ExecuteResponse) -> ExecutionEvent | None:
     kind = response.WhichOneof("event")
     if kind == "started":
-        return Started(response.started.trace_id)
+        started = response.started
+        if started.replayed:
+            return Started(started.trace_id, replayed=True, invocation_id=started.invocation_id)
+        return Started(started.trace_id)
     if kind == "chunk":
         return Chunk(response.chunk.data)
     if kind == "completed":
@@ -165,6 +168,7 @@ class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"
             endpoint=pin.endpoint.name if pin.endpoint is not None else "",
             invocation_id=invocation.invocation_id, payload=invocation.payload,
             content_type=invocation.content_type, tenant=caller.tenant, user=caller.user,
+            request_id=invocation.request_id,
         )
         call = self._stub.Execute(request, metadata=(*on_behalf_of(self._settings, caller), *trace))
         try:

@@ -52,6 +52,8 @@ class Invocation:
     invocation_id: str
     payload: bytes
     content_type: str
+    # The caller's request id (AIP-155): a retry under it returns the committed turn's result.
+    request_id: str = ""
 
 
 @dataclass(frozen=True)

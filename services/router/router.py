@@ -19,6 +19,7 @@ from services.common.errors import (
     NotFound,
 )
 from services.common.identity import Caller
+from services.common.requests import session_for_request
 from services.common.tenancy import Access
 from services.router.model import (
     ExecutionEvent,
@@ -73,17 +74,22 @@ class Router:
         self.max_payload_bytes = max_payload_bytes
         self._ids = ids or RandomIds()
 
-    async def resolve(self, caller: Caller, target: Target) -> Resolved:
+    async def resolve(self, caller: Caller, target: Target, request_id: str = "") -> Resolved:
         """The session the invocation runs in and its version: the session's pin when it has
         one, else a new session pinned to the named version or to what the endpoint chooses.
 
         Session ids are per tenant: a caller naming a session of another tenant's finds nothing
         there (its own tenant has no such session), so it gets a new session of its own under
         that id. In the caller's tenant, continuing another user's session takes the rights
-        sessions ask for changing it (services/common/tenancy.py): PERMISSION_DENIED without."""
+        sessions ask for changing it (services/common/tenancy.py): PERMISSION_DENIED without.
+
+        A new session for a request with a request id is named after it, so that the request's
+        retry finds the session its first attempt created (and in it, the committed turn)."""
         check_target(target)
-        session = target.session or SessionRef(self._ids.new_id())
-        pin = self.pins.get(caller.tenant, session) if target.session else None
+        session = target.session or self._new_session(caller, request_id)
+        # A session the caller named, or a retried request's, may exist already.
+        known = target.session is not None or bool(request_id)
+        pin = self.pins.get(caller.tenant, session) if known else None
         if pin is not None and self._maybe_retired(pin):
             # Its version no longer takes new sessions here: a rollback may have migrated or
             # stopped it, so read the session again rather than trust the cached pin.
@@ -97,7 +103,7 @@ class Router:
             except CorralError:
                 # Nothing to create it from (an endpoint or version that is not there): a session
                 # that exists needs neither, so its pin decides.
-                if not target.session or (pin := await self._sessions.get(caller, session)) is None:
+                if not known or (pin := await self._sessions.get(caller, session)) is None:
                     raise
             else:
                 if created is not None:
@@ -122,6 +128,11 @@ class Router:
             )
         self.pins.put(pin)
         return Resolved(pin, new_session=False)
+
+    def _new_session(self, caller: Caller, request_id: str) -> SessionRef:
+        if request_id:
+            return SessionRef(session_for_request(caller.tenant, request_id))
+        return SessionRef(self._ids.new_id())
 
     async def _create(self, caller: Caller, session: SessionRef, target: Target) -> Resolved | None:
         """Creates the session, pinned to the target's version or to what its endpoint chooses
@@ -174,18 +185,20 @@ class Router:
         payload: bytes,
         content_type: str,
         trace: TraceContext,
+        request_id: str = "",
     ) -> AsyncGenerator[tuple[Invocation, ExecutionEvent], None]:
         """Runs one turn: resolves its session, then streams the execution's events, each with
-        the invocation it belongs to."""
+        the invocation it belongs to. With a request id, a turn it already committed is not run
+        again: the executor sends its recorded result (Started.replayed)."""
         self.check_payload(payload)
         if len(content_type) > MAX_CONTENT_TYPE_CHARS:
             raise InvalidArgument.field(
                 "content_type", f"{len(content_type)} characters is over the limit of "
                 f"{MAX_CONTENT_TYPE_CHARS}; send a media type such as application/json",
             )
-        resolved = await self.resolve(caller, target)
+        resolved = await self.resolve(caller, target, request_id)
         invocation = Invocation(
-            resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE
+            resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE, request_id
         )
         # Closing this generator (the caller went away) closes the execution's, which ends the
         # execution too, rather than letting it run on and commit its turn.

@@ -15,6 +15,7 @@ from services.common.errors import InvalidArgument
 from services.common.execution import Completed, Started
 from services.common.identity import Caller, caller
 from services.common.interceptors import Context, close_when_done
+from services.common.requests import REQUEST_IDS
 from services.router.model import (
     Chunk,
     ExecutionEvent,
@@ -83,9 +84,10 @@ def _info(invocation: Invocation, started: Started) -> pb.InvocationInfo:
         session=pin.session.name,
         version=pin.version.name,
         endpoint=pin.endpoint.name if pin.endpoint is not None else "",
-        invocation_id=invocation.invocation_id,
+        invocation_id=started.invocation_id or invocation.invocation_id,
         trace_id=started.trace_id,
         new_session=invocation.resolved.new_session,
+        replayed=started.replayed,
     )
 
 
@@ -110,8 +112,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def _invoke(
         self, context: Context, who: Caller, target: Target, turn: pb.InvokeRequest | pb.Turn
     ) -> AsyncGenerator[tuple[Invocation, ExecutionEvent], None]:
+        request_id = REQUEST_IDS.check(turn.request_id, field="request_id") if turn.request_id else ""
         stream = self.router.invoke(
-            who, target, turn.payload, turn.content_type, _trace_context(context)
+            who, target, turn.payload, turn.content_type, _trace_context(context), request_id
         )
         close_when_done(context, stream)
         return stream

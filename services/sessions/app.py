@@ -9,10 +9,13 @@ import grpc
 
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common import db
+from services.common.background import Periodic
 from services.common.kv import KeySpace, create_redis
 from services.common.server import App
 from services.common.settings import Settings
 from services.sessions.clients import ExecutorSandboxes, RegistryPins
+from services.sessions.requests import SWEEP_EVERY_S, TurnResults
+from services.sessions.requests_store import PgTurnResults
 from services.sessions.servicer import SessionsServicer
 from services.sessions.sessions import Sessions
 from services.sessions.store import PgSessionStore, RecordCache, RedisLeases
@@ -34,11 +37,15 @@ class SessionsApp(App):
         stack.push_async_callback(pins.close)
         executor = ExecutorSandboxes(self.settings)
         stack.push_async_callback(executor.close)
-        sessions = Sessions(
-            PgSessionStore(pool, RecordCache(client, keys)), RedisLeases(client, keys), pins=pins,
-            sandboxes=executor,
+        store = PgSessionStore(pool, RecordCache(client, keys))
+        sessions = Sessions(store, RedisLeases(client, keys), pins=pins, sandboxes=executor)
+        results = TurnResults(PgTurnResults(pool), store, self.settings.request_retention_s)
+        sweep = Periodic(results.sweep, every_s=SWEEP_EVERY_S, what="turn results sweep")
+        sweep.start()
+        stack.push_async_callback(sweep.close)
+        sessions_pb2_grpc.add_SessionsServiceServicer_to_server(
+            SessionsServicer(sessions, results), server
         )
-        sessions_pb2_grpc.add_SessionsServiceServicer_to_server(SessionsServicer(sessions), server)
         return [SERVICE_NAME]
 
 

@@ -12,6 +12,7 @@ from corral import names
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.sessions.v1 import sessions_pb2 as pb
 from services.common.errors import InvalidArgument
+from services.common.requests import REQUEST_DIGESTS, REQUEST_IDS
 from services.common.timestamps import timestamp
 from services.sessions import model
 
@@ -154,4 +155,36 @@ def lease_pb(lease: model.SessionLease) -> pb.Lease:
 
 
 def turn(request: pb.CommitTurnRequest) -> model.Turn:
-    return model.Turn(invocation_id=request.invocation_id, input=request.input, output=request.output)
+    return model.Turn(
+        invocation_id=request.invocation_id, input=request.input, output=request.output,
+        request=turn_request(request),
+    )
+
+
+def turn_request(request: pb.CommitTurnRequest) -> model.TurnRequest | None:
+    """The request id a turn ran under, with the digest a retry must match; None without one."""
+    if not request.request_id:
+        return None
+    return model.TurnRequest(
+        request_id=REQUEST_IDS.check(request.request_id, field="request_id"),
+        digest=REQUEST_DIGESTS.check(request.request_digest, field="request_digest"),
+        content_type=request.content_type, trace_id=request.trace_id,
+    )
+
+
+def result_lookup(request: pb.LookupTurnResultRequest) -> tuple[SessionRef, str, str]:
+    return (
+        on_session(request),
+        REQUEST_IDS.check(request.request_id, field="request_id"),
+        REQUEST_DIGESTS.check(request.request_digest, field="request_digest"),
+    )
+
+
+def result_pb(result: model.TurnResult | None) -> pb.LookupTurnResultResponse:
+    if result is None:
+        return pb.LookupTurnResultResponse()
+    return pb.LookupTurnResultResponse(result=pb.TurnResult(
+        turn=result.turn, output=result.output, content_type=result.content_type,
+        version=result.version, invocation_id=result.invocation_id, trace_id=result.trace_id,
+        commit_time=timestamp(result.commit_time),
+    ))

@@ -133,10 +133,42 @@ class PinnedSessions:
 
 
 @dataclass(frozen=True)
+class TurnRequest:
+    """The caller's request id a turn ran under, recorded with its result (AIP-155)."""
+
+    request_id: str
+    # sha256:... of the request's content type and payload (services/common/requests.py).
+    digest: str
+    content_type: str
+    trace_id: str
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """A turn committed under a request id, as its caller received it."""
+
+    turn: int
+    output: bytes
+    content_type: str
+    version: str
+    invocation_id: str
+    trace_id: str
+    commit_time: datetime
+    digest: str
+
+
+@dataclass(frozen=True)
 class Turn:
     invocation_id: str
     input: bytes
     output: bytes
+    # None: the caller gave no request id, so nothing is recorded for a retry.
+    request: TurnRequest | None = None
+
+
+class RequestAlreadyRecorded(Exception):
+    """A turn's commit met a result already recorded for the session under its request id: the
+    commit did not happen."""
 
 
 class SessionStore(Protocol):

@@ -9,12 +9,14 @@ from services.common import identity
 from services.common.identity import caller
 from services.common.interceptors import Context
 from services.sessions import messages
+from services.sessions.requests import TurnResults
 from services.sessions.sessions import Sessions
 
 
 class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
-    def __init__(self, sessions: Sessions) -> None:
+    def __init__(self, sessions: Sessions, results: TurnResults) -> None:
         self._sessions = sessions
+        self._results = results
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
         session, spec = messages.new_session(request)
@@ -82,6 +84,14 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             caller(context), session, request.lease_id, request.etag, request.state, messages.turn(request)
         )
         return messages.state_pb(state)
+
+    async def LookupTurnResult(
+        self, request: pb.LookupTurnResultRequest, context: Context
+    ) -> pb.LookupTurnResultResponse:
+        session, request_id, digest = messages.result_lookup(request)
+        return messages.result_pb(
+            await self._results.lookup(caller(context), session, request_id, digest)
+        )
 
     async def RetireVersion(
         self, request: pb.RetireVersionRequest, context: Context

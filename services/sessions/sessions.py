@@ -20,6 +20,7 @@ from services.common.errors import (
 )
 from services.common.identity import Caller
 from services.common.paging import Page, PageQuery
+from services.common.requests import REASON_REQUEST_ALREADY_COMMITTED
 from services.common.tenancy import Access, SessionOwner
 from services.sessions import rules
 from services.sessions.model import (
@@ -28,6 +29,7 @@ from services.sessions.model import (
     PinCheck,
     PinnedSessions,
     PinnedVersion,
+    RequestAlreadyRecorded,
     SandboxStop,
     SessionFilter,
     SessionKey,
@@ -332,11 +334,20 @@ class Sessions:
         self, session: SessionKey, state: bytes, etag: str, turn: Turn | None
     ) -> SessionState:
         new_etag = self._ids.new_id()
-        written = await self._store.write_state(
-            session, state, expected_etag=etag, new_etag=new_etag,
-            now=self._clock.now(), turn=turn,
-        )
         name = SessionRef(session.id).name
+        try:
+            written = await self._store.write_state(
+                session, state, expected_etag=etag, new_etag=new_etag,
+                now=self._clock.now(), turn=turn,
+            )
+        except RequestAlreadyRecorded:
+            request_id = turn.request.request_id if turn and turn.request else ""
+            raise Aborted(
+                f"{name} already committed a turn under request_id {request_id!r}; this one "
+                "was not committed: look that turn up (LookupTurnResult) rather than run it again",
+                reason=REASON_REQUEST_ALREADY_COMMITTED,
+                metadata={"session": name, "request_id": request_id},
+            ) from None
         if written is None:
             if await self._store.get(session) is None:
                 raise tenancy.not_found(name)

@@ -21,11 +21,13 @@ from services.common.paging import Key
 from services.sessions.model import (
     PinnedSessions,
     PinnedVersion,
+    RequestAlreadyRecorded,
     SessionFilter,
     SessionKey,
     SessionRecord,
     SessionStatus,
     Turn,
+    TurnRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -323,9 +325,23 @@ class PgSessionStore:
         self, session: SessionKey, state: bytes, *, expected_etag: str, new_etag: str,
         now: datetime, turn: Turn | None,
     ) -> SessionRecord | None:
-        # One statement, so one round trip: the compare-and-set on the etag and the turn's event
-        # commit together or not at all.
-        row = await self._pool.fetchrow(
+        # One statement, so one round trip: the compare-and-set on the etag, the turn's event and
+        # its request id's result commit together or not at all.
+        request = turn.request if turn else None
+        try:
+            row = await self._write_state(session, state, expected_etag, new_etag, now, turn, request)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.table_name != "turn_requests":
+                raise
+            raise RequestAlreadyRecorded() from None
+        # Only after the commit: a cached copy must never show a write that was rolled back.
+        return await self._cached(row)
+
+    async def _write_state(
+        self, session: SessionKey, state: bytes, expected_etag: str, new_etag: str, now: datetime,
+        turn: Turn | None, request: TurnRequest | None,
+    ) -> asyncpg.Record | None:
+        return await self._pool.fetchrow(
             f"""WITH updated AS (
                     UPDATE sessions.sessions
                     SET state = $3, state_etag = $4, update_time = $5,
@@ -337,7 +353,13 @@ class PgSessionStore:
                 event AS (
                     INSERT INTO sessions.session_events
                         (tenant, session_id, seq, invocation_id, input, output, create_time)
-                    SELECT tenant, id, turn_count, $8, $9, $10, $5 FROM updated WHERE $6 > 0)
+                    SELECT tenant, id, turn_count, $8, $9, $10, $5 FROM updated WHERE $6 > 0),
+                result AS (
+                    INSERT INTO sessions.turn_requests
+                        (tenant, session_id, request_id, request_digest, turn, version,
+                         invocation_id, trace_id, content_type, output, commit_time)
+                    SELECT tenant, id, $11, $12, turn_count, version, $8, $13, $14, $10, $5
+                    FROM updated WHERE $11 <> '')
                 SELECT {_COLUMNS} FROM updated""",
             session.tenant,
             session.id,
@@ -349,9 +371,11 @@ class PgSessionStore:
             turn.invocation_id if turn else "",
             turn.input if turn else b"",
             turn.output if turn else b"",
+            request.request_id if request else "",
+            request.digest if request else "",
+            request.trace_id if request else "",
+            request.content_type if request else "",
         )
-        # Only after the commit: a cached copy must never show a write that was rolled back.
-        return await self._cached(row)
 
     async def delete(self, session: SessionKey) -> bool:
         revision = await self._pool.fetchval(

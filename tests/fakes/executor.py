@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
-from services.common.errors import Aborted, NotFound
+from services.common.errors import Aborted, FailedPrecondition, NotFound
 from services.common.identity import Caller
+from services.common.requests import REASON_REQUEST_ID_REUSED
 from services.common.tenancy import Access, SessionOwner
 from services.executor.bundles import BundleCache, UnpackedBundle
 from services.executor.credentials import Credential, CredentialIssuer
@@ -30,6 +31,7 @@ from services.executor.model import (
     LogSink,
     ModelHandler,
     PackedBundle,
+    RecordedTurn,
     SessionState,
     ToolHandler,
     TurnInput,
@@ -124,6 +126,8 @@ class FakeSessionLeases:
         self.leases: dict[tuple[str, SessionRef], str] = {}
         self.released: list[str] = []
         self.commits: list[FinishedTurn] = []
+        # (tenant, session, request id) -> (request digest, the turn committed under it).
+        self.results: dict[tuple[str, SessionRef, str], tuple[str, RecordedTurn]] = {}
         self.renewals = 0
         # Set to make the next commits fail as a concurrent writer would make them.
         self.conflict = False
@@ -159,7 +163,22 @@ class FakeSessionLeases:
         self.commits.append(turn)
         count = current.turn_count + 1
         committed = self.states[key] = SessionState(turn.state, f"e{count}", count)
+        if turn.request is not None:
+            self.results[(*key, turn.request.request_id)] = (turn.request.digest, RecordedTurn(
+                turn=count, output=turn.output, invocation_id=turn.invocation_id,
+                trace_id=turn.request.trace_id,
+            ))
         return committed
+
+    async def lookup(
+        self, caller: Caller, session: SessionRef, request_id: str, digest: str
+    ) -> RecordedTurn | None:
+        found = self.results.get((*self._allowed(caller, session), request_id))
+        if found is None:
+            return None
+        if found[0] != digest:
+            raise FailedPrecondition("another request", reason=REASON_REQUEST_ID_REUSED)
+        return found[1]
 
 
 class FakeBundleRegistry:

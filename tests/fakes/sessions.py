@@ -1,4 +1,4 @@
-"""The sessions service's seams in memory: its SessionStore and LeaseStore."""
+"""The sessions service's seams in memory: its SessionStore, LeaseStore and TurnResultStore."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from services.common.paging import Key
 from services.sessions.model import (
     PinnedSessions,
     PinnedVersion,
+    RequestAlreadyRecorded,
     SessionFilter,
     SessionKey,
     SessionRecord,
     SessionStatus,
     Turn,
+    TurnResult,
 )
 from tests.fakes.common import FakeClock, keyset_page
 
@@ -26,6 +28,8 @@ class MemoryStore:
         self.records: dict[SessionKey, SessionRecord] = {}
         self.states: dict[SessionKey, bytes] = {}
         self.events: dict[SessionKey, list[tuple[int, Turn]]] = {}
+        # The results of turns committed under request ids, as the commit records them.
+        self.results: dict[tuple[SessionKey, str], TurnResult] = {}
 
     async def insert(self, record: SessionRecord) -> SessionRecord | None:
         if record.key in self.records:
@@ -114,6 +118,9 @@ class MemoryStore:
         record = self.records.get(session_id)
         if record is None or record.state_etag != expected_etag:
             return None
+        request = turn.request if turn else None
+        if request is not None and (session_id, request.request_id) in self.results:
+            raise RequestAlreadyRecorded()
         record = dataclasses.replace(
             record,
             state_etag=new_etag,
@@ -124,6 +131,12 @@ class MemoryStore:
         self.states[session_id] = state
         if turn:
             self.events[session_id].append((record.turn_count, turn))
+        if turn and request:
+            self.results[session_id, request.request_id] = TurnResult(
+                turn=record.turn_count, output=turn.output, content_type=request.content_type,
+                version=record.version, invocation_id=turn.invocation_id,
+                trace_id=request.trace_id, commit_time=now, digest=request.digest,
+            )
         return self._put(record)
 
     async def delete(self, session_id: SessionKey) -> bool:
@@ -188,3 +201,20 @@ class MemoryLeases:
 
     async def drop(self, session_id: SessionKey) -> None:
         self.leases.pop(session_id, None)
+
+
+class MemoryTurnResults:
+    """The TurnResultStore over a MemoryStore's recorded results."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    async def get(self, session: SessionKey, request_id: str, since: datetime) -> TurnResult | None:
+        found = self._store.results.get((session, request_id))
+        return found if found is not None and found.commit_time >= since else None
+
+    async def delete_before(self, cutoff: datetime) -> int:
+        old = [k for k, r in self._store.results.items() if r.commit_time < cutoff]
+        for k in old:
+            del self._store.results[k]
+        return len(old)

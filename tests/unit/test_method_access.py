@@ -55,6 +55,7 @@ INTERNAL = {
     "/corral.sessions.v1.SessionsService/RenewLease",
     "/corral.sessions.v1.SessionsService/ReleaseLease",
     "/corral.sessions.v1.SessionsService/CommitTurn",
+    "/corral.sessions.v1.SessionsService/LookupTurnResult",
     "/corral.sessions.v1.SessionsService/RetireVersion",
     "/corral.registry.v1.ToolSecretsService/ResolveTool",
     "/corral.telemetry.v1.TelemetryService/CompareVersions",

@@ -140,6 +140,8 @@ METHODS: Mapping[str, Access] = {
         "RenewLease": internal("executor"),
         "ReleaseLease": internal("executor"),
         "CommitTurn": internal("executor"),
+        # A retried request's committed result, asked under the session's lease.
+        "LookupTurnResult": internal("executor"),
         "RetireVersion": internal("registry"),
         # Deleting a version, and retention, ask which live sessions are pinned to it.
         "CountPinnedSessions": internal("registry"),
