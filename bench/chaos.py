@@ -151,7 +151,7 @@ class Session:
         request = router_pb2.InvokeRequest(agent=f"agents/{AGENT}", endpoint=ENDPOINT, session_id=self.name,
                                            payload=b"{}")
         if self.request_ids:
-            request.request_id = uuid.uuid4().hex  # type: ignore[attr-defined]
+            request.request_id = uuid.uuid4().hex
         delay = 0.05
         while time.monotonic() < until:
             started = time.monotonic()
