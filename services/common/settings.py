@@ -59,10 +59,10 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name}={raw!r} is not an integer") from None
 
 
-def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+def _non_negative(env: Mapping[str, str], name: str, default: int, unit: str = "days") -> int:
     value = _int(env, name, default)
     if value < 0:
-        raise SettingsError(f"{name}={value} must be 0 (off) or a number of days")
+        raise SettingsError(f"{name}={value} must be 0 (off) or a number of {unit}")
     return value
 
 
@@ -112,8 +112,14 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class ExecutorSettings:
-    # Live sandboxes beyond this are stopped, least recently used first (their state is persisted).
+    # The hard cap on sandbox processes: bound to sessions, warm, starting, stopping, start checks.
+    # At the cap a new session stops the least recently used sandbox idle for evict_idle_s (its
+    # state is persisted) or, with none, is refused at once (RESOURCE_EXHAUSTED EXECUTOR_AT_CAPACITY).
     max_live_sandboxes: int = 64
+    evict_idle_s: float = 2.0
+    # Invocations that may wait for their session's running one, and how long each may wait.
+    session_queue: int = 4
+    session_queue_wait_s: float = 5.0
     # Seconds a session lease lives without renewal.
     lease_ttl_s: int = 30
     # Largest payload accepted by an invocation, in bytes.
@@ -288,6 +294,9 @@ class Settings:
             ),
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
+                evict_idle_s=_float(env, "CORRAL_EXECUTOR_EVICT_IDLE_S", 2.0),
+                session_queue=_non_negative(env, "CORRAL_SESSION_QUEUE", 4, "invocations"),
+                session_queue_wait_s=_float(env, "CORRAL_SESSION_QUEUE_WAIT_S", 5.0),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),
                 max_payload_bytes=_int(env, "CORRAL_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024),
                 python=env.get("CORRAL_SANDBOX_PYTHON", ""),

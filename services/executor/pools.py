@@ -6,7 +6,9 @@ Which versions are warm, and why:
 - "rollback": an endpoint's previous stable version, so a rollback starts no sandbox;
 - "active": a session of it started on this executor lately (sessions of a version come in runs).
 A warm sandbox serves exactly one session and is never returned to a pool: nothing of one session
-can reach the next."""
+can reach the next. Warm sandboxes count against the executor's cap like any other: the pools
+fill only from free slots, and a new session at the cap stops a warm one before an idle
+session's (`evict_one`)."""
 
 from __future__ import annotations
 
@@ -118,6 +120,23 @@ class WarmPools:
         self._filler.wake()
         return found
 
+    def has_ready(self, version: VersionRef, digest: str) -> bool:
+        """Whether `take` would find a warm sandbox of `version` now."""
+        return any(sb.alive and sb.digest == digest for sb in self._ready.get(version, ()))
+
+    async def evict_one(self) -> bool:
+        """Stops the warm sandbox that has waited longest, to free its slot for a session;
+        False when there is none. Its pool refills once a slot is free again."""
+        ready = self.ready()
+        if not ready:
+            return False
+        oldest = min(ready, key=lambda sb: sb.started)
+        for pool in self._ready.values():
+            if oldest in pool:
+                pool.remove(oldest)
+        await oldest.stop()
+        return True
+
     def ready(self) -> list[Sandbox]:
         """Every warm sandbox, waiting for a session."""
         return [sb for pool in self._ready.values() for sb in pool]
@@ -167,8 +186,12 @@ class WarmPools:
             if now - self._failed_at.get(version, -RETRY_AFTER_S) < RETRY_AFTER_S:
                 continue
             while len(self._ready.get(version, ())) < target and version in self._targets():
+                slot = self._starter.slots.try_take()
+                if slot is None:  # at the cap: sessions come first
+                    self._export()
+                    return
                 try:
-                    sandbox = await self._starter.start(version, wanted[version].digest)
+                    sandbox = await self._starter.start(version, wanted[version].digest, slot)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - one version's failure must not stop others

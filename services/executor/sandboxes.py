@@ -1,6 +1,8 @@
 """The sandbox table: which session has which sandbox, under which lease, and which are busy.
 A sandbox lives across its session's turns; a background reaper stops the idle, the expired and
-the exited ones, and another loop renews the leases of the rest."""
+the exited ones, and another loop renews the leases of the rest. A new session's sandbox is
+admitted under the executor's cap (admission.py): a free slot, else one freed by stopping a warm
+sandbox or the least recently used session sandbox idle for `evict_idle_s`, else a refusal."""
 
 from __future__ import annotations
 
@@ -8,16 +10,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from corral.manifest import Manifest
 from corral.names import SessionRef
 from services.common.background import Periodic
-from services.common.errors import Aborted
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
+from services.executor.admission import SessionQueues, Slot
 from services.executor.bundles import BundleCache
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model import Invocation, SandboxInfo, SandboxState, Sessions, SessionState
@@ -28,6 +30,8 @@ from services.executor.starter import SandboxStarter
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 5.0
+# How long a new session waits for sandboxes being stopped to give their slots back.
+STOPPING_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class SandboxTable:
         self._bundles, self._starter, self._pools = bundles, starter, pools
         self._bound: dict[SandboxKey, SessionSandbox] = {}
         self._busy: set[SandboxKey] = set()
+        self._slots = starter.slots
+        self._queues = SessionQueues(settings.session_queue, settings.session_queue_wait_s)
         self._reaper = Periodic(
             self._reap, every_s=REAP_INTERVAL_S, first_delay_s=REAP_INTERVAL_S, what="sandbox reaper"
         )
@@ -97,20 +103,16 @@ class SandboxTable:
             *(self.stop(k.tenant, k.session) for k in list(self._bound)), return_exceptions=True
         )
 
-    @contextlib.contextmanager
-    def claim(self, key: SandboxKey) -> Iterator[None]:
-        """Holds the session for one invocation: Aborted (SESSION_BUSY) while another holds it."""
-        if key in self._busy:
-            raise Aborted(
-                f"session {key.session} is busy: another invocation is running on it; retry "
-                "when it finishes",
-                reason="SESSION_BUSY",
-            )
-        self._busy.add(key)
-        try:
-            yield
-        finally:
-            self._busy.discard(key)
+    @contextlib.asynccontextmanager
+    async def claim(self, key: SandboxKey) -> AsyncIterator[None]:
+        """Holds the session for one invocation, after the ones before it (a bounded queue:
+        SESSION_QUEUE_FULL beyond it, SESSION_BUSY after waiting its time)."""
+        async with self._queues.claim(key, str(key.session)):
+            self._busy.add(key)
+            try:
+                yield
+            finally:
+                self._busy.discard(key)
 
     # -- binding -------------------------------------------------------------------------
 
@@ -130,16 +132,29 @@ class SandboxTable:
             return current
         if current is not None:
             await self.drop(key)
-        await self._make_room()
-        lease = await self._sessions.acquire(caller, inv.session, self._holder, self._settings.lease_ttl_s)
+        # Admitted before the lease is asked for, so that a refusal costs nothing elsewhere.
+        warm_ready = self._pools is not None and self._pools.has_ready(inv.version, inv.digest)
+        slot = None if warm_ready else await self.admit()
+        try:
+            lease = await self._sessions.acquire(
+                caller, inv.session, self._holder, self._settings.lease_ttl_s)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         try:
             await self._bundles.check_pin(caller.tenant, inv.version, inv.digest)
             bundle = await self._bundles.ensure(inv.version, inv.digest)
             sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
             warm = sandbox is not None
             if sandbox is None:
-                sandbox = await self._starter.start_bundle(bundle)
+                slot = slot or await self.admit()  # the warm one went meanwhile
+                sandbox = await self._starter.start_bundle(bundle, slot)
+            elif slot is not None:
+                slot.release()
         except BaseException:
+            if slot is not None:
+                slot.release()  # no-op once the sandbox that held it was stopped
             await self._release(caller, inv.session, lease.lease_id)
             raise
         sandbox.bind(inv.session.name, warm=warm)
@@ -150,12 +165,34 @@ class SandboxTable:
                  "warm" if warm else "cold start", key, inv.version)
         return bound
 
-    async def _make_room(self) -> None:
-        while len(self._bound) >= self._settings.max_live_sandboxes:
-            idle = [b for s, b in self._bound.items() if s not in self._busy]
-            if not idle:
-                return
-            await self.drop(min(idle, key=lambda b: b.sandbox.last_used).key)
+    async def admit(self) -> Slot:
+        """A slot for a new sandbox: a free one, else one freed by stopping a warm sandbox or the
+        least recently used idle one (idle at least `evict_idle_s`); with neither, Resource-
+        Exhausted EXECUTOR_AT_CAPACITY at once. Sandboxes already stopping are waited for
+        briefly: their slots are about to come free."""
+        while True:
+            slot = self._slots.try_take()
+            if slot is not None:
+                return slot
+            if self._pools is not None and await self._pools.evict_one():
+                continue
+            if await self._evict_idle():
+                continue
+            if not self._slots.stopping or not await self._slots.wait_returned(STOPPING_WAIT_S):
+                raise self._slots.at_capacity()
+
+    async def _evict_idle(self) -> bool:
+        now = time.monotonic()
+        idle = [
+            b for k, b in self._bound.items()
+            if k not in self._busy and now - b.sandbox.last_used >= self._settings.evict_idle_s
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda b: b.sandbox.last_used)
+        log.info("stopping the sandbox of %s, idle for %.1fs, to make room", victim.key,
+                 now - victim.sandbox.last_used)
+        return await self.drop(victim.key)
 
     async def drop(self, key: SandboxKey) -> bool:
         """Stops the session's sandbox and gives up its lease; False if it had none here."""

@@ -20,6 +20,7 @@ from services.common.endpoints import EndpointTraffic, EndpointUpdate
 from services.common.errors import Aborted, NotFound
 from services.common.identity import Caller
 from services.common.tenancy import Access, SessionOwner
+from services.executor.admission import Slot
 from services.executor.bundles import BundleCache, UnpackedBundle
 from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.drivers.base import Limit, SandboxSpec, Usage
@@ -261,13 +262,16 @@ class ScriptedSandbox(Sandbox):
 class ScriptedStarter(SandboxStarter):
     """Starts ScriptedSandboxes of the bundles the registry holds; no driver is involved."""
 
-    def __init__(self, bundles: BundleCache, workdirs: Path, script: AgentScript) -> None:
-        super().__init__(NoDriver(), bundles, workdirs, "", ExecutorMetrics())
+    def __init__(
+        self, bundles: BundleCache, workdirs: Path, script: AgentScript, max_sandboxes: int = 8
+    ) -> None:
+        super().__init__(NoDriver(), bundles, workdirs, "", ExecutorMetrics(), max_sandboxes)
         self.script = script
         self.started: list[ScriptedSandbox] = []
 
-    async def start_bundle(self, bundle: UnpackedBundle) -> Sandbox:
+    async def start_bundle(self, bundle: UnpackedBundle, slot: Slot) -> Sandbox:
         sandbox = ScriptedSandbox(self.spec(bundle), self.script, pid=1000 + len(self.started))
+        sandbox.slot = slot
         self.started.append(sandbox)
         return sandbox
 
