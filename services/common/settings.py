@@ -66,6 +66,13 @@ def _non_negative(env: Mapping[str, str], name: str, default: int, unit: str = "
     return value
 
 
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise SettingsError(f"{name}={value} must be at least 1")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -117,6 +124,8 @@ class ExecutorSettings:
     # state is persisted) or, with none, is refused at once (RESOURCE_EXHAUSTED EXECUTOR_AT_CAPACITY).
     max_live_sandboxes: int = 64
     evict_idle_s: float = 2.0
+    # Sandboxes starting at once (importing the agent is CPU-bound): more are refused, as above.
+    max_starting: int = 4
     # Invocations that may wait for their session's running one, and how long each may wait.
     session_queue: int = 4
     session_queue_wait_s: float = 5.0
@@ -205,6 +214,9 @@ class Settings:
     # Each service's connection pools to PostgreSQL and Redis (CORRAL_DB_POOL_MIN/MAX,
     # CORRAL_REDIS_MAX_CONNECTIONS, CORRAL_STORE_WAIT_S).
     pools: StorePools = field(default_factory=StorePools)
+    # Calls one service handles at once (a stream counts until it ends); more are refused at once
+    # (RESOURCE_EXHAUSTED SERVER_BUSY, with a retry delay). Health checks are never refused.
+    max_concurrent_rpcs: int = 1000
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -274,6 +286,7 @@ class Settings:
             redis_url=env.get("CORRAL_REDIS_URL") or None,
             redis_prefix=env.get("CORRAL_REDIS_PREFIX", "corral:"),
             pools=_pools(env),
+            max_concurrent_rpcs=_positive_int(env, "CORRAL_MAX_CONCURRENT_RPCS", 1000),
             addrs=addrs,
             listen=listen,
             tracing=_bool(env, "CORRAL_TRACING", True),
@@ -295,6 +308,7 @@ class Settings:
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
                 evict_idle_s=_float(env, "CORRAL_EXECUTOR_EVICT_IDLE_S", 2.0),
+                max_starting=_int(env, "CORRAL_EXECUTOR_MAX_STARTING", 4),
                 session_queue=_non_negative(env, "CORRAL_SESSION_QUEUE", 4, "invocations"),
                 session_queue_wait_s=_float(env, "CORRAL_SESSION_QUEUE_WAIT_S", 5.0),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),

@@ -2,9 +2,12 @@
 
 Every sandbox process holds a `Slot` from before its worker is spawned until the worker has been
 reaped: a session's, a warm pool's, one starting, one stopping, the start check's. So the number
-of slots taken is never below the number of sandbox processes, and never above the cap. A call
-that finds no slot (and nothing idle to evict, which is the sandbox table's to decide) is refused
-at once with RESOURCE_EXHAUSTED EXECUTOR_AT_CAPACITY and a retry delay: it never queues."""
+of slots taken is never below the number of sandbox processes, and never above the cap. Starting
+a sandbox (importing the agent) is the costly part, so at most `max_starting` start at once: more
+would only share the CPU and make every start, and every live session's turn, slower. A call
+that finds no slot (and nothing idle to evict, which is the sandbox table's to decide), or finds
+`max_starting` sandboxes starting, is refused at once with RESOURCE_EXHAUSTED
+EXECUTOR_AT_CAPACITY and a retry delay: it never queues."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ REFUSALS = frozenset({REASON_AT_CAPACITY, REASON_QUEUE_FULL, REASON_SESSION_BUSY
 # What a refused caller is told to wait (google.rpc.RetryInfo): about one short turn.
 AT_CAPACITY_RETRY_S = 1.0
 QUEUE_FULL_RETRY_S = 0.5
+# About one sandbox start.
+STARTING_RETRY_S = 0.5
 
 
 class Slot:
@@ -32,8 +37,19 @@ class Slot:
 
     def __init__(self, slots: SandboxSlots) -> None:
         self._slots = slots
+        self.starting = False
         self.stopping = False
         self.released = False
+
+    def start_begins(self) -> None:
+        if not self.starting and not self.released:
+            self.starting = True
+            self._slots.starting += 1
+
+    def start_ends(self) -> None:
+        if self.starting:
+            self.starting = False
+            self._slots.starting -= 1
 
     def stop_begins(self) -> None:
         """The process is being stopped: its slot comes free once it has been reaped."""
@@ -44,6 +60,7 @@ class Slot:
     def release(self) -> None:
         if self.released:
             return
+        self.start_ends()
         self.released = True
         if self.stopping:
             self._slots.stopping -= 1
@@ -51,12 +68,17 @@ class Slot:
 
 
 class SandboxSlots:
-    """The executor's `cap` sandbox processes (ExecutorSettings.max_live_sandboxes), counted.
-    `on_change(taken)` hears every change (the metrics gauge)."""
+    """The executor's `cap` sandbox processes (ExecutorSettings.max_live_sandboxes), of which at
+    most `max_starting` start at once, counted. `on_change(taken)` hears every change (the
+    metrics gauge)."""
 
-    def __init__(self, cap: int, on_change: Callable[[int], None] | None = None) -> None:
-        self.cap = cap
+    def __init__(
+        self, cap: int, on_change: Callable[[int], None] | None = None, max_starting: int = 4
+    ) -> None:
+        self.cap, self.max_starting = cap, max_starting
         self.taken = 0
+        # Of those taken, the ones whose sandbox is starting.
+        self.starting = 0
         # Of those taken, the ones whose process is being stopped (free soon).
         self.stopping = 0
         # The most taken at once since start: what the cap really bounded.
@@ -90,6 +112,19 @@ class SandboxSlots:
                 await self._returned.wait()
                 return True
         return False
+
+    def can_start(self) -> bool:
+        return self.starting < self.max_starting
+
+    def too_many_starting(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"this executor is starting {self.starting} sandboxes, the most it starts at once "
+            f"(CORRAL_EXECUTOR_MAX_STARTING={self.max_starting}); retry after the delay given (or "
+            "on another executor)",
+            reason=REASON_AT_CAPACITY,
+            metadata={"starting": str(self.starting), "max_starting": str(self.max_starting)},
+            retry_delay_s=STARTING_RETRY_S,
+        )
 
     def at_capacity(self) -> ResourceExhausted:
         return ResourceExhausted(

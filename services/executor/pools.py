@@ -24,6 +24,7 @@ from services.common.background import Backoff, Periodic, TaskSet
 from services.common.endpoints import EndpointMirror, EndpointUpdate
 from services.common.errors import CorralError
 from services.common.settings import ExecutorSettings
+from services.executor.admission import Slot
 from services.executor.model import PoolReport, Registry
 from services.executor.sandbox import Sandbox
 from services.executor.starter import SandboxStarter
@@ -186,8 +187,8 @@ class WarmPools:
             if now - self._failed_at.get(version, -RETRY_AFTER_S) < RETRY_AFTER_S:
                 continue
             while len(self._ready.get(version, ())) < target and version in self._targets():
-                slot = self._starter.slots.try_take()
-                if slot is None:  # at the cap: sessions come first
+                slot = self._spare_slot()
+                if slot is None:  # near the cap, or starts enough under way: sessions first
                     self._export()
                     return
                 try:
@@ -203,6 +204,17 @@ class WarmPools:
                     break
                 self._ready.setdefault(version, deque()).append(sandbox)
         self._export()
+
+    def _spare_slot(self) -> Slot | None:
+        """A slot to start a warm sandbox in, only while sessions have room beside it: more than
+        an eighth of the cap free, and a start to spare."""
+        slots = self._starter.slots
+        if slots.free <= max(1, slots.cap // 8) or slots.starting >= max(1, slots.max_starting - 1):
+            return None
+        slot = slots.try_take()
+        if slot is not None:
+            slot.start_begins()
+        return slot
 
     def _export(self) -> None:
         targets = self._targets()

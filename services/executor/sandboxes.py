@@ -166,20 +166,28 @@ class SandboxTable:
         return bound
 
     async def admit(self) -> Slot:
-        """A slot for a new sandbox: a free one, else one freed by stopping a warm sandbox or the
-        least recently used idle one (idle at least `evict_idle_s`); with neither, Resource-
-        Exhausted EXECUTOR_AT_CAPACITY at once. Sandboxes already stopping are waited for
-        briefly: their slots are about to come free."""
+        """A slot for a new sandbox to start in: a free one, else one freed by stopping a warm
+        sandbox or the least recently used idle one (idle at least `evict_idle_s`); with
+        neither, or with `max_starting` sandboxes starting already, ResourceExhausted
+        EXECUTOR_AT_CAPACITY at once. Sandboxes already stopping are waited for briefly: their
+        slots are about to come free."""
+        if not self._slots.can_start():
+            raise self._slots.too_many_starting()
         while True:
             slot = self._slots.try_take()
             if slot is not None:
-                return slot
+                break
             if self._pools is not None and await self._pools.evict_one():
                 continue
             if await self._evict_idle():
                 continue
             if not self._slots.stopping or not await self._slots.wait_returned(STOPPING_WAIT_S):
                 raise self._slots.at_capacity()
+        if not self._slots.can_start():  # others began starting while room was made
+            slot.release()
+            raise self._slots.too_many_starting()
+        slot.start_begins()
+        return slot
 
     async def _evict_idle(self) -> bool:
         now = time.monotonic()

@@ -23,11 +23,11 @@ from services.executor.sandbox import AgentFailed, Sandbox
 class SandboxStarter:
     def __init__(
         self, driver: SandboxDriver, bundles: BundleCache, workdirs: Path, python: str,
-        metrics: ExecutorMetrics, max_sandboxes: int = 64,
+        metrics: ExecutorMetrics, max_sandboxes: int = 64, max_starting: int = 4,
     ) -> None:
         self.driver, self.bundles, self.metrics = driver, bundles, metrics
         # The cap on this executor's sandbox processes, whoever starts them.
-        self.slots = SandboxSlots(max_sandboxes, metrics.sandbox_processes.set)
+        self.slots = SandboxSlots(max_sandboxes, metrics.sandbox_processes.set, max_starting)
         metrics.sandbox_cap.set(max_sandboxes)
         # Each sandbox's private directory goes under `workdirs`; `python` runs its worker.
         self.workdirs, self.python = workdirs, python
@@ -52,6 +52,7 @@ class SandboxStarter:
         slot given back) before the error is raised."""
         sandbox = self.prepared(bundle, slot)
         began = time.monotonic()
+        slot.start_begins()
         try:
             await sandbox.start(self.driver)
         except AgentFailed as exc:
@@ -63,6 +64,8 @@ class SandboxStarter:
         except BaseException:
             await asyncio.shield(sandbox.stop())
             raise
+        finally:
+            slot.start_ends()
         self.metrics.sandbox_start.labels(self.driver.name).observe(time.monotonic() - began)
         return sandbox
 

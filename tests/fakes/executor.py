@@ -263,15 +263,18 @@ class ScriptedStarter(SandboxStarter):
     """Starts ScriptedSandboxes of the bundles the registry holds; no driver is involved."""
 
     def __init__(
-        self, bundles: BundleCache, workdirs: Path, script: AgentScript, max_sandboxes: int = 8
+        self, bundles: BundleCache, workdirs: Path, script: AgentScript, max_sandboxes: int = 8,
+        max_starting: int = 4,
     ) -> None:
-        super().__init__(NoDriver(), bundles, workdirs, "", ExecutorMetrics(), max_sandboxes)
+        super().__init__(
+            NoDriver(), bundles, workdirs, "", ExecutorMetrics(), max_sandboxes, max_starting)
         self.script = script
         self.started: list[ScriptedSandbox] = []
 
     async def start_bundle(self, bundle: UnpackedBundle, slot: Slot) -> Sandbox:
         sandbox = ScriptedSandbox(self.spec(bundle), self.script, pid=1000 + len(self.started))
         sandbox.slot = slot
+        slot.start_ends()
         self.started.append(sandbox)
         return sandbox
 

@@ -148,3 +148,20 @@ async def test_a_turn_waits_for_its_session_only_so_long_and_not_at_all_without_
             assert busy.value.reason == "SESSION_BUSY"
         async with queues.claim("s1", "sessions/s1"):  # free again
             pass
+
+
+async def test_beyond_the_starts_at_once_a_new_session_is_refused_at_once(tmp_path: Path) -> None:
+    world = World(tmp_path, settings=ExecutorSettings(
+        warm_pool_size=0, max_live_sandboxes=8, max_starting=1))
+    slots = world.starter.slots
+    starting = slots.try_take()
+    assert starting is not None
+    starting.start_begins()  # a sandbox is starting (as the start check's would)
+    with pytest.raises(ResourceExhausted, match="CORRAL_EXECUTOR_MAX_STARTING=1") as refused:
+        await world.run("s1")
+    assert refused.value.reason == "EXECUTOR_AT_CAPACITY" and refused.value.retry_delay_s
+    starting.release()
+    assert slots.starting == 0
+    await world.run("s1")
+    await world.executor.close()
+    assert slots.taken == 0

@@ -103,7 +103,7 @@ class World:
             warm_pool_size=warm_pool_size, max_live_sandboxes=8, session_queue=0)
         self.starter = ScriptedStarter(
             BundleCache(self.registry, tmp / "bundles"), tmp / "sandboxes", script,
-            max_sandboxes=settings.max_live_sandboxes,
+            max_sandboxes=settings.max_live_sandboxes, max_starting=settings.max_starting,
         )
         self.executor = Executor(
             settings, self.starter, self.sessions, self.spans,
