@@ -131,6 +131,8 @@ class ExecutorSettings:
     session_queue_wait_s: float = 5.0
     # Seconds a session lease lives without renewal.
     lease_ttl_s: int = 30
+    # Seconds the executor waits for the sessions service to acquire, renew or release a lease.
+    lease_call_timeout_s: float = 10.0
     # Largest payload accepted by an invocation, in bytes.
     max_payload_bytes: int = 4 * 1024 * 1024
     python: str = ""
@@ -312,6 +314,7 @@ class Settings:
                 session_queue=_non_negative(env, "CORRAL_SESSION_QUEUE", 4, "invocations"),
                 session_queue_wait_s=_float(env, "CORRAL_SESSION_QUEUE_WAIT_S", 5.0),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),
+                lease_call_timeout_s=_float(env, "CORRAL_EXECUTOR_LEASE_CALL_TIMEOUT_S", 10.0),
                 max_payload_bytes=_int(env, "CORRAL_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024),
                 python=env.get("CORRAL_SANDBOX_PYTHON", ""),
                 sandbox_driver=env.get("CORRAL_SANDBOX_DRIVER", ""),

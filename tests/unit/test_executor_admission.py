@@ -72,6 +72,12 @@ async def test_at_the_cap_with_every_sandbox_busy_a_new_session_is_refused_at_on
         assert len(world.starter.started) == 2  # nothing was started for s3
         assert world.starter.slots.peak == 2
         assert ("acme", SessionRef("s3")) not in world.sessions.leases  # no lease was asked for
+        metrics = world.starter.metrics.registry
+        labels = {"tenant": "acme", "agent": "echo", "version": "1", "endpoint": "prod"}
+        assert metrics.get_sample_value(
+            "corral_admission_refusals_total", {**labels, "code": "EXECUTOR_AT_CAPACITY"}) == 1
+        assert metrics.get_sample_value("corral_sandbox_processes") == 2
+        assert metrics.get_sample_value("corral_sandbox_cap") == 2
         gate.open.set()
         await asyncio.gather(*busy)
     finally:
