@@ -103,8 +103,10 @@ class WarmPools:
     # -- taking ---------------------------------------------------------------------------
 
     def take(self, version: VersionRef, digest: str) -> Sandbox | None:
-        """A warm sandbox of `version` for a new session, or None (a miss). Either way the
-        version counts as active here, so its pool fills for the next session."""
+        """A warm sandbox of `version` for a new session, or None. Either way the version
+        counts as active here, so its pool fills for the next session. The caller says whether
+        the session got a warm sandbox (`record`) once it has the session's lease, and gives one
+        it could not use back (`give_back`)."""
         self._active[version] = (digest, time.monotonic())
         pool = self._ready.get(version)
         found: Sandbox | None = None
@@ -114,16 +116,22 @@ class WarmPools:
                 found = sandbox
             else:
                 self._discard(sandbox)
-        counter, metric = (self.hits, self.metrics.pool_hits) if found is not None else (
-            self.misses, self.metrics.pool_misses)
-        counter[version] += 1
-        metric.labels(*_labels(version)).inc()
         self._filler.wake()
         return found
 
-    def has_ready(self, version: VersionRef, digest: str) -> bool:
-        """Whether `take` would find a warm sandbox of `version` now."""
-        return any(sb.alive and sb.digest == digest for sb in self._ready.get(version, ()))
+    def give_back(self, version: VersionRef, sandbox: Sandbox) -> None:
+        """A sandbox `take` gave that served no session after all (the lease was refused)."""
+        if sandbox.alive:
+            self._ready.setdefault(version, deque()).appendleft(sandbox)
+        else:
+            self._discard(sandbox)
+
+    def record(self, version: VersionRef, *, hit: bool) -> None:
+        """A new session of `version` took a warm sandbox (a hit) or started one (a miss)."""
+        counter, metric = (self.hits, self.metrics.pool_hits) if hit else (
+            self.misses, self.metrics.pool_misses)
+        counter[version] += 1
+        metric.labels(*_labels(version)).inc()
 
     async def evict_one(self) -> bool:
         """Stops the warm sandbox that has waited longest, to free its slot for a session;

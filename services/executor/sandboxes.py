@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from corral.manifest import Manifest
-from corral.names import SessionRef
+from corral.names import SessionRef, VersionRef
 from services.common.background import Periodic
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
@@ -132,29 +132,27 @@ class SandboxTable:
             return current
         if current is not None:
             await self.drop(key)
-        # Admitted before the lease is asked for, so that a refusal costs nothing elsewhere.
-        warm_ready = self._pools is not None and self._pools.has_ready(inv.version, inv.digest)
-        slot = None if warm_ready else await self.admit()
+        # A warm sandbox, or a slot to start one in, before the lease is asked for: a refusal
+        # costs nothing elsewhere.
+        sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
+        warm = sandbox is not None
+        slot = None if warm else await self.admit()
         try:
             lease = await self._sessions.acquire(
                 caller, inv.session, self._holder, self._settings.lease_ttl_s)
         except BaseException:
-            if slot is not None:
-                slot.release()
+            self._unused(inv.version, sandbox, slot)
             raise
         try:
             await self._bundles.check_pin(caller.tenant, inv.version, inv.digest)
             bundle = await self._bundles.ensure(inv.version, inv.digest)
-            sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
-            warm = sandbox is not None
+            if self._pools is not None:
+                self._pools.record(inv.version, hit=warm)
             if sandbox is None:
-                slot = slot or await self.admit()  # the warm one went meanwhile
+                assert slot is not None
                 sandbox = await self._starter.start_bundle(bundle, slot)
-            elif slot is not None:
-                slot.release()
         except BaseException:
-            if slot is not None:
-                slot.release()  # no-op once the sandbox that held it was stopped
+            self._unused(inv.version, sandbox if warm else None, slot)
             await self._release(caller, inv.session, lease.lease_id)
             raise
         sandbox.bind(inv.session.name, warm=warm)
@@ -164,6 +162,14 @@ class SandboxTable:
         log.info("sandbox pid %s (%s) serves %s on %s", sandbox.process.pid if sandbox.process else "?",
                  "warm" if warm else "cold start", key, inv.version)
         return bound
+
+    def _unused(self, version: VersionRef, warm: Sandbox | None, slot: Slot | None) -> None:
+        """What a session that could not bind its sandbox took: the warm sandbox goes back to
+        its pool, the slot comes free (a no-op once a sandbox that held it was stopped)."""
+        if warm is not None and self._pools is not None:
+            self._pools.give_back(version, warm)
+        if slot is not None:
+            slot.release()
 
     async def admit(self) -> Slot:
         """A slot for a new sandbox to start in: a free one, else one freed by stopping a warm

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from corral.names import SessionRef
-from services.common.errors import Aborted, ResourceExhausted
+from services.common.auth.principal import Role
+from services.common.errors import Aborted, PermissionDenied, ResourceExhausted
+from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.admission import SandboxSlots, SessionQueues
 from services.executor.model import ModelHandler, ToolHandler, TurnInput, TurnOutput
 from tests.fakes.executor import FakeWorker
-from tests.unit.test_executor_domain import World, until
+from tests.unit.test_executor_domain import ALICE, World, until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -171,3 +173,15 @@ async def test_beyond_the_starts_at_once_a_new_session_is_refused_at_once(tmp_pa
     await world.run("s1")
     await world.executor.close()
     assert slots.taken == 0
+
+
+async def test_a_session_refused_its_lease_gives_its_slot_back(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    await world.run("s1")
+    await world.executor.stop_session(ALICE, SessionRef("s1"))
+    assert world.starter.slots.taken == 0
+    bob = Caller("acme", "bob", frozenset({Role.INVOKER}))
+    with pytest.raises(PermissionDenied):
+        await world.run("s1", caller=bob)  # alice's session: sessions refuses bob the lease
+    assert world.starter.slots.taken == 0 and len(world.starter.started) == 1
+    await world.executor.close()
