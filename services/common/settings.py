@@ -124,8 +124,10 @@ class ExecutorSettings:
     # state is persisted) or, with none, is refused at once (RESOURCE_EXHAUSTED EXECUTOR_AT_CAPACITY).
     max_live_sandboxes: int = 64
     evict_idle_s: float = 2.0
-    # Sandboxes starting at once (importing the agent is CPU-bound): more are refused, as above.
+    # Sandboxes starting at once (importing the agent is CPU-bound), and new sessions that may
+    # wait (a few seconds at most) for their turn to start one: more are refused, as above.
     max_starting: int = 4
+    start_queue: int = 16
     # Invocations that may wait for their session's running one, and how long each may wait.
     session_queue: int = 4
     session_queue_wait_s: float = 5.0
@@ -310,7 +312,8 @@ class Settings:
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
                 evict_idle_s=_float(env, "CORRAL_EXECUTOR_EVICT_IDLE_S", 2.0),
-                max_starting=_int(env, "CORRAL_EXECUTOR_MAX_STARTING", 4),
+                max_starting=_positive_int(env, "CORRAL_EXECUTOR_MAX_STARTING", 4),
+                start_queue=_non_negative(env, "CORRAL_EXECUTOR_START_QUEUE", 16, "sessions"),
                 session_queue=_non_negative(env, "CORRAL_SESSION_QUEUE", 4, "invocations"),
                 session_queue_wait_s=_float(env, "CORRAL_SESSION_QUEUE_WAIT_S", 5.0),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),

@@ -4,10 +4,11 @@ Every sandbox process holds a `Slot` from before its worker is spawned until the
 reaped: a session's, a warm pool's, one starting, one stopping, the start check's. So the number
 of slots taken is never below the number of sandbox processes, and never above the cap. Starting
 a sandbox (importing the agent) is the costly part, so at most `max_starting` start at once: more
-would only share the CPU and make every start, and every live session's turn, slower. A call
-that finds no slot (and nothing idle to evict, which is the sandbox table's to decide), or finds
-`max_starting` sandboxes starting, is refused at once with RESOURCE_EXHAUSTED
-EXECUTOR_AT_CAPACITY and a retry delay: it never queues."""
+would only share the CPU and make every start, and every live session's turn, slower; up to
+`start_queue` more wait for their turn to start, each at most START_WAIT_S (a start takes well
+under a second). A call that finds no slot (and nothing idle to evict, which is the sandbox
+table's to decide), or finds the starts and their queue full, is refused at once with
+RESOURCE_EXHAUSTED EXECUTOR_AT_CAPACITY and a retry delay."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ AT_CAPACITY_RETRY_S = 1.0
 QUEUE_FULL_RETRY_S = 0.5
 # About one sandbox start.
 STARTING_RETRY_S = 0.5
+# How long a new session waits for its turn to start a sandbox.
+START_WAIT_S = 5.0
 
 
 class Slot:
@@ -49,7 +52,7 @@ class Slot:
     def start_ends(self) -> None:
         if self.starting:
             self.starting = False
-            self._slots.starting -= 1
+            self._slots.start_ended()
 
     def stop_begins(self) -> None:
         """The process is being stopped: its slot comes free once it has been reaped."""
@@ -73,12 +76,15 @@ class SandboxSlots:
     metrics gauge)."""
 
     def __init__(
-        self, cap: int, on_change: Callable[[int], None] | None = None, max_starting: int = 4
+        self, cap: int, on_change: Callable[[int], None] | None = None, max_starting: int = 4,
+        start_queue: int = 16,
     ) -> None:
-        self.cap, self.max_starting = cap, max_starting
+        self.cap, self.max_starting, self.start_queue = cap, max_starting, start_queue
         self.taken = 0
-        # Of those taken, the ones whose sandbox is starting.
+        # Of those taken, the ones whose sandbox is starting, and those waiting to start.
         self.starting = 0
+        self.waiting_to_start = 0
+        self._start_ended = asyncio.Event()
         # Of those taken, the ones whose process is being stopped (free soon).
         self.stopping = 0
         # The most taken at once since start: what the cap really bounded.
@@ -116,11 +122,37 @@ class SandboxSlots:
     def can_start(self) -> bool:
         return self.starting < self.max_starting
 
+    def can_queue_start(self) -> bool:
+        return self.can_start() or self.waiting_to_start < self.start_queue
+
+    def start_ended(self) -> None:
+        self.starting -= 1
+        self._start_ended.set()
+        self._start_ended = asyncio.Event()
+
+    async def start_turn(self, slot: Slot) -> None:
+        """Marks `slot` starting once fewer than `max_starting` are: at once, or after waiting
+        (at most START_WAIT_S, behind at most `start_queue` others); else EXECUTOR_AT_CAPACITY."""
+        if not self.can_start():
+            if self.waiting_to_start >= self.start_queue:
+                raise self.too_many_starting()
+            self.waiting_to_start += 1
+            try:
+                async with asyncio.timeout(START_WAIT_S):
+                    while not self.can_start():
+                        await self._start_ended.wait()
+            except TimeoutError:
+                raise self.too_many_starting() from None
+            finally:
+                self.waiting_to_start -= 1
+        slot.start_begins()
+
     def too_many_starting(self) -> ResourceExhausted:
         return ResourceExhausted(
             f"this executor is starting {self.starting} sandboxes, the most it starts at once "
-            f"(CORRAL_EXECUTOR_MAX_STARTING={self.max_starting}); retry after the delay given (or "
-            "on another executor)",
+            f"(CORRAL_EXECUTOR_MAX_STARTING={self.max_starting}), and {self.waiting_to_start} "
+            f"more wait to start (CORRAL_EXECUTOR_START_QUEUE={self.start_queue}); retry after "
+            "the delay given (or on another executor)",
             reason=REASON_AT_CAPACITY,
             metadata={"starting": str(self.starting), "max_starting": str(self.max_starting)},
             retry_delay_s=STARTING_RETRY_S,

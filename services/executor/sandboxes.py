@@ -173,11 +173,11 @@ class SandboxTable:
 
     async def admit(self) -> Slot:
         """A slot for a new sandbox to start in: a free one, else one freed by stopping a warm
-        sandbox or the least recently used idle one (idle at least `evict_idle_s`); with
-        neither, or with `max_starting` sandboxes starting already, ResourceExhausted
-        EXECUTOR_AT_CAPACITY at once. Sandboxes already stopping are waited for briefly: their
-        slots are about to come free."""
-        if not self._slots.can_start():
+        sandbox or the least recently used idle one (idle at least `evict_idle_s`); then its
+        turn to start (`SandboxSlots.start_turn`: a bounded wait). With no slot, or the starts
+        and their queue full, ResourceExhausted EXECUTOR_AT_CAPACITY at once. Sandboxes already
+        stopping are waited for briefly: their slots are about to come free."""
+        if not self._slots.can_queue_start():
             raise self._slots.too_many_starting()
         while True:
             slot = self._slots.try_take()
@@ -189,10 +189,11 @@ class SandboxTable:
                 continue
             if not self._slots.stopping or not await self._slots.wait_returned(STOPPING_WAIT_S):
                 raise self._slots.at_capacity()
-        if not self._slots.can_start():  # others began starting while room was made
+        try:
+            await self._slots.start_turn(slot)
+        except BaseException:
             slot.release()
-            raise self._slots.too_many_starting()
-        slot.start_begins()
+            raise
         return slot
 
     async def _evict_idle(self) -> bool:

@@ -24,10 +24,12 @@ class SandboxStarter:
     def __init__(
         self, driver: SandboxDriver, bundles: BundleCache, workdirs: Path, python: str,
         metrics: ExecutorMetrics, max_sandboxes: int = 64, max_starting: int = 4,
+        start_queue: int = 16,
     ) -> None:
         self.driver, self.bundles, self.metrics = driver, bundles, metrics
         # The cap on this executor's sandbox processes, whoever starts them.
-        self.slots = SandboxSlots(max_sandboxes, metrics.sandbox_processes.set, max_starting)
+        self.slots = SandboxSlots(
+            max_sandboxes, metrics.sandbox_processes.set, max_starting, start_queue)
         metrics.sandbox_cap.set(max_sandboxes)
         # Each sandbox's private directory goes under `workdirs`; `python` runs its worker.
         self.workdirs, self.python = workdirs, python

@@ -264,10 +264,11 @@ class ScriptedStarter(SandboxStarter):
 
     def __init__(
         self, bundles: BundleCache, workdirs: Path, script: AgentScript, max_sandboxes: int = 8,
-        max_starting: int = 4,
+        max_starting: int = 4, start_queue: int = 16,
     ) -> None:
         super().__init__(
-            NoDriver(), bundles, workdirs, "", ExecutorMetrics(), max_sandboxes, max_starting)
+            NoDriver(), bundles, workdirs, "", ExecutorMetrics(), max_sandboxes, max_starting,
+            start_queue)
         self.script = script
         self.started: list[ScriptedSandbox] = []
 

@@ -16,7 +16,7 @@ from services.common.errors import Aborted, PermissionDenied, ResourceExhausted
 from services.common.identity import Caller
 from services.common.settings import ExecutorSettings
 from services.executor.admission import SandboxSlots, SessionQueues
-from services.executor.model import ModelHandler, ToolHandler, TurnInput, TurnOutput
+from services.executor.model import Completed, ModelHandler, ToolHandler, TurnInput, TurnOutput
 from tests.fakes.executor import FakeWorker
 from tests.unit.test_executor_domain import ALICE, World, until
 
@@ -158,19 +158,23 @@ async def test_a_turn_waits_for_its_session_only_so_long_and_not_at_all_without_
             pass
 
 
-async def test_beyond_the_starts_at_once_a_new_session_is_refused_at_once(tmp_path: Path) -> None:
+async def test_a_new_session_waits_its_turn_to_start_and_beyond_the_queue_is_refused(
+    tmp_path: Path,
+) -> None:
     world = World(tmp_path, settings=ExecutorSettings(
-        warm_pool_size=0, max_live_sandboxes=8, max_starting=1))
+        warm_pool_size=0, max_live_sandboxes=8, max_starting=1, start_queue=1))
     slots = world.starter.slots
     starting = slots.try_take()
     assert starting is not None
     starting.start_begins()  # a sandbox is starting (as the start check's would)
+    waiting = asyncio.ensure_future(world.run("s1"))
+    await until(lambda: slots.waiting_to_start == 1)
     with pytest.raises(ResourceExhausted, match="CORRAL_EXECUTOR_MAX_STARTING=1") as refused:
-        await world.run("s1")
+        await world.run("s2")
     assert refused.value.reason == "EXECUTOR_AT_CAPACITY" and refused.value.retry_delay_s
-    starting.release()
-    assert slots.starting == 0
-    await world.run("s1")
+    starting.release()  # its start is over: s1 starts
+    assert any(isinstance(e, Completed) for e in await waiting)
+    assert slots.starting == 0 and slots.taken == 1
     await world.executor.close()
     assert slots.taken == 0
 

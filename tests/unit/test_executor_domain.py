@@ -104,6 +104,7 @@ class World:
         self.starter = ScriptedStarter(
             BundleCache(self.registry, tmp / "bundles"), tmp / "sandboxes", script,
             max_sandboxes=settings.max_live_sandboxes, max_starting=settings.max_starting,
+            start_queue=settings.start_queue,
         )
         self.executor = Executor(
             settings, self.starter, self.sessions, self.spans,
