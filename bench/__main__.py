@@ -4,7 +4,8 @@ calls in flight; the rollout analysis simulated (sessions to roll back a bad can
 rollbacks, sessions to promote); endpoint-change propagation to three routers; warm pools,
 streaming and sandbox memory (bench/sandboxes.py); the model broker's overhead (bench/broker.py);
 invocation credentials (bench/credentials.py); what identity costs per call: API keys, JWTs,
-principal assertions, mutual TLS (bench/identity.py). CORRAL_BENCH_ONLY=part,part runs some of them.
+principal assertions, mutual TLS (bench/identity.py); admission control under 200 concurrent
+sessions against 16 (bench/overload.py). CORRAL_BENCH_ONLY=part,part runs some of them.
 Prints one JSON document."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import broker, credentials, identity, platform, propagation, sandboxes
+from bench import broker, credentials, identity, overload, platform, propagation, sandboxes
 from bench.rollouts_sim import simulate
 from corral.client import CorralClient
 from corral.config import ClientConfig
@@ -36,7 +37,8 @@ IN_FLIGHT = 32
 CONCURRENT_PER_WORKER = int(os.environ.get("CORRAL_BENCH_CONCURRENT", "25"))
 # CORRAL_BENCH_ONLY=a,b picks some of these; unset, all run.
 INVOKER = keys_pb2.KEY_ROLE_INVOKER
-PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials", "identity")
+PARTS = ("overhead", "rollouts", "propagation", "sandboxes", "broker", "credentials", "identity",
+         "overload")
 
 
 def summarize(latencies: list[float], wall: float) -> dict[str, float]:
@@ -166,6 +168,9 @@ def main() -> int:
     if "identity" in parts:
         print("bench: what identity costs per call...", file=sys.stderr, flush=True)
         report["identity"] = identity.run()
+    if "overload" in parts:
+        print("bench: admission control, 200 sessions against 16...", file=sys.stderr, flush=True)
+        report["overload"] = overload.measure(dict(os.environ))
     print(json.dumps(report, indent=2))
     return 0
 

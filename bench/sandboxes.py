@@ -59,16 +59,19 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def platform(base: Mapping[str, str], tag: str, pool_size: int) -> Iterator[dict[str, str]]:
+def platform(
+    base: Mapping[str, str], tag: str, pool_size: int, **extra: str
+) -> Iterator[dict[str, str]]:
     """Starts the five services on ports the OS picks, with a data dir and (when base names a
-    PostgreSQL server) a scratch database of their own; yields the environment that reaches
-    them; stops and cleans up."""
+    PostgreSQL server) a scratch database of their own, and `extra` settings; yields the
+    environment that reaches them; stops and cleans up."""
     data = Path(tempfile.mkdtemp(prefix=f"corral-bench-{tag}-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, data, ignore_errors=True)
         env = {
             "CORRAL_WARM_POOL_SIZE": str(pool_size),
             "CORRAL_REDIS_PREFIX": f"corral-bench-{tag}-{uuid.uuid4().hex[:8]}:",
+            **extra,
         }
         if base.get("CORRAL_DATABASE_URL"):
             env["CORRAL_DATABASE_URL"] = stack.enter_context(

@@ -63,6 +63,16 @@ def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInf
     return info, fields
 
 
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
+    """The google.rpc.RetryInfo delay a failure asked the caller to wait, if any."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToMilliseconds() / 1000
+    return None
+
+
 def debug_stack(err: grpc.aio.AioRpcError) -> list[str]:
     """The stack entries of the DebugInfo a Corral service attached to a failure (an agent's
     traceback), or none."""

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from corral.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.common import addresses, tracing
+from services.common.admission import ConcurrencyLimitInterceptor
 from services.common.auth.assertions import AssertionVerifier
 from services.common.auth.interceptor import Authenticator, AuthInterceptor
 from services.common.auth.methods import METHODS
@@ -143,6 +144,7 @@ class ServiceHost:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             RpcMetricsInterceptor(metrics),
             ErrorMappingInterceptor(self.name, store_error),
+            ConcurrencyLimitInterceptor(self.name, self.settings.max_concurrent_rpcs),
             AuthInterceptor(authenticator),
             RequestDecodingInterceptor(),
         ]

@@ -61,10 +61,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name}={raw!r} is not an integer") from None
 
 
-def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+def _non_negative(env: Mapping[str, str], name: str, default: int, unit: str = "days") -> int:
     value = _int(env, name, default)
     if value < 0:
-        raise SettingsError(f"{name}={value} must be 0 (off) or a number of days")
+        raise SettingsError(f"{name}={value} must be 0 (off) or a number of {unit}")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise SettingsError(f"{name}={value} must be at least 1")
     return value
 
 
@@ -128,10 +135,22 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class ExecutorSettings:
-    # Live sandboxes beyond this are stopped, least recently used first (their state is persisted).
+    # The hard cap on sandbox processes: bound to sessions, warm, starting, stopping, start checks.
+    # At the cap a new session stops the least recently used sandbox idle for evict_idle_s (its
+    # state is persisted) or, with none, is refused at once (RESOURCE_EXHAUSTED EXECUTOR_AT_CAPACITY).
     max_live_sandboxes: int = 64
+    evict_idle_s: float = 2.0
+    # Sandboxes starting at once (importing the agent is CPU-bound), and new sessions that may
+    # wait (a few seconds at most) for their turn to start one: more are refused, as above.
+    max_starting: int = 4
+    start_queue: int = 16
+    # Invocations that may wait for their session's running one, and how long each may wait.
+    session_queue: int = 4
+    session_queue_wait_s: float = 5.0
     # Seconds a session lease lives without renewal.
     lease_ttl_s: int = 30
+    # Seconds the executor waits for the sessions service to acquire, renew or release a lease.
+    lease_call_timeout_s: float = 10.0
     # Largest payload accepted by an invocation, in bytes.
     max_payload_bytes: int = 4 * 1024 * 1024
     python: str = ""
@@ -217,6 +236,9 @@ class Settings:
     # Each service's connection pools to PostgreSQL and Redis (CORRAL_DB_POOL_MIN/MAX,
     # CORRAL_REDIS_MAX_CONNECTIONS, CORRAL_STORE_WAIT_S).
     pools: StorePools = field(default_factory=StorePools)
+    # Calls one service handles at once (a stream counts until it ends); more are refused at once
+    # (RESOURCE_EXHAUSTED SERVER_BUSY, with a retry delay). Health checks are never refused.
+    max_concurrent_rpcs: int = 1000
     # Started by the launcher: SIGINT is ignored and SIGTERM (sent in dependency order) stops it.
     supervised: bool = False
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -299,6 +321,7 @@ class Settings:
             redis_url=env.get("CORRAL_REDIS_URL") or None,
             redis_prefix=env.get("CORRAL_REDIS_PREFIX", "corral:"),
             pools=_pools(env),
+            max_concurrent_rpcs=_positive_int(env, "CORRAL_MAX_CONCURRENT_RPCS", 1000),
             addrs=addrs,
             listen=listen,
             tracing=_bool(env, "CORRAL_TRACING", True),
@@ -319,7 +342,13 @@ class Settings:
             ),
             executor=ExecutorSettings(
                 max_live_sandboxes=_int(env, "CORRAL_EXECUTOR_MAX_SANDBOXES", 64),
+                evict_idle_s=_float(env, "CORRAL_EXECUTOR_EVICT_IDLE_S", 2.0),
+                max_starting=_positive_int(env, "CORRAL_EXECUTOR_MAX_STARTING", 4),
+                start_queue=_non_negative(env, "CORRAL_EXECUTOR_START_QUEUE", 16, "sessions"),
+                session_queue=_non_negative(env, "CORRAL_SESSION_QUEUE", 4, "invocations"),
+                session_queue_wait_s=_float(env, "CORRAL_SESSION_QUEUE_WAIT_S", 5.0),
                 lease_ttl_s=_int(env, "CORRAL_EXECUTOR_LEASE_TTL_S", 30),
+                lease_call_timeout_s=_float(env, "CORRAL_EXECUTOR_LEASE_CALL_TIMEOUT_S", 10.0),
                 max_payload_bytes=_int(env, "CORRAL_MAX_PAYLOAD_BYTES", 4 * 1024 * 1024),
                 python=env.get("CORRAL_SANDBOX_PYTHON", ""),
                 sandbox_driver=env.get("CORRAL_SANDBOX_DRIVER", ""),

@@ -195,6 +195,9 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> CorralError:
     if info is None and code == grpc.StatusCode.UNAVAILABLE:
         # Not an answer from the service but a failure to reach it.
         message = f"{service} is unavailable ({message}); retry shortly"
+    elif info is None and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # The caller's own deadline on the call ran out: the service did not answer in time.
+        message = f"{service} did not answer in time ({message}); retry shortly"
     return _ERRORS.get(code, Internal)(
         message,
         reason=info.reason if info is not None and info.reason else None,

@@ -103,7 +103,8 @@ class ExecutorService(App):
         )
         starter = SandboxStarter(
             driver, BundleCache(registry, s.data_dir / "bundles"), s.data_dir / "sandboxes",
-            s.executor.python, metrics,
+            s.executor.python, metrics, max_sandboxes=s.executor.max_live_sandboxes,
+            max_starting=s.executor.max_starting, start_queue=s.executor.start_queue,
         )
         executor = Executor(
             s.executor, starter, sessions, spans, broker, holder, credentials=issuer, tools=tools,

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from corral.names import VersionRef
 from services.common.errors import Internal
 from services.common.execution import StartFailure
+from services.executor.admission import Slot
 from services.executor.bundles import UnpackedBundle
 from services.executor.drivers.base import Limit
 from services.executor.model import StartCheckResult
@@ -39,14 +41,18 @@ def _over_limit(bundle: UnpackedBundle, limit: Limit) -> StartFailure:
 
 
 class StartChecks:
-    def __init__(self, starter: SandboxStarter, timeout_s: float) -> None:
+    def __init__(
+        self, starter: SandboxStarter, timeout_s: float, admit: Callable[[], Awaitable[Slot]]
+    ) -> None:
         self._starter = starter
         self._timeout_s = timeout_s
+        # A slot under the executor's cap, as a new session gets one (or its refusal).
+        self._admit = admit
 
     async def check(self, version: VersionRef, digest: str) -> StartCheckResult:
         """Starts `version` (which must have `digest`) once and stops it."""
         bundle = await self._starter.bundles.ensure(version, digest)
-        sandbox = Sandbox(self._starter.spec(bundle, purpose="start check"))
+        sandbox = self._starter.prepared(bundle, await self._admit(), purpose="start check")
         began = time.monotonic()
         try:
             failure = await self._start(sandbox, bundle)

@@ -62,24 +62,29 @@ _TOOL_KINDS = {reg.TOOL_KIND_HTTP: "http", reg.TOOL_KIND_GRPC: "grpc"}
 class SessionsClient(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"]):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "sessions", sessions_pb2_grpc.SessionsServiceStub)
+        # Lease calls wait this long at most (a turn waits on acquire before it runs).
+        self._lease_timeout_s = settings.executor.lease_call_timeout_s
 
     async def acquire(self, caller: Caller, session: SessionRef, holder: str, ttl_s: int) -> Lease:
         request = sessions_pb2.AcquireLeaseRequest(session=session.name, holder=holder)
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
         with calling("sessions"):
-            lease = await self._stub.AcquireLease(request, metadata=self.metadata(caller))
+            lease = await self._stub.AcquireLease(
+                request, metadata=self.metadata(caller), timeout=self._lease_timeout_s)
         return Lease(lease.lease_id, _state(lease.state))
 
     async def renew(self, caller: Caller, session: SessionRef, lease_id: str, ttl_s: int) -> None:
         request = sessions_pb2.RenewLeaseRequest(session=session.name, lease_id=lease_id)
         request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
         with calling("sessions"):
-            await self._stub.RenewLease(request, metadata=self.metadata(caller))
+            await self._stub.RenewLease(
+                request, metadata=self.metadata(caller), timeout=self._lease_timeout_s)
 
     async def release(self, caller: Caller, session: SessionRef, lease_id: str) -> None:
         request = sessions_pb2.ReleaseLeaseRequest(session=session.name, lease_id=lease_id)
         with calling("sessions"):
-            await self._stub.ReleaseLease(request, metadata=self.metadata(caller))
+            await self._stub.ReleaseLease(
+                request, metadata=self.metadata(caller), timeout=self._lease_timeout_s)
 
     async def commit(
         self, caller: Caller, session: SessionRef, lease_id: str, etag: str, turn: FinishedTurn

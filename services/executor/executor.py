@@ -17,10 +17,12 @@ from corral.names import SessionRef, VersionRef
 from services.common import tenancy
 from services.common.background import Periodic
 from services.common.endpoints import EndpointUpdate
-from services.common.errors import InvalidArgument
+from services.common.errors import CorralError, InvalidArgument
 from services.common.identity import Caller
 from services.common.paging import MAX_PAGE_SIZE, PageQuery
+from services.common.prometheus import Series
 from services.common.settings import ExecutorSettings
+from services.executor.admission import REFUSALS
 from services.executor.broker import ModelBroker
 from services.executor.checks import StartChecks
 from services.executor.credentials import CredentialIssuer, InvocationCredentials
@@ -74,7 +76,8 @@ class Executor:
         )
         self._bundle_sweeper = Periodic(
             self._sweep_bundles, every_s=BUNDLE_SWEEP_S, what="collected bundles sweep")
-        self._checks = StartChecks(starter, settings.start_check_timeout_s)
+        self._checks = StartChecks(starter, settings.start_check_timeout_s, self.sandboxes.admit)
+        self._metrics = metrics
 
     def start(self) -> None:
         self._starter.remove_leftovers()
@@ -98,12 +101,20 @@ class Executor:
                 "payload",
                 f"{len(inv.payload)} bytes is over the {self.settings.max_payload_bytes}-byte limit",
             )
-        with self.sandboxes.claim(SandboxKey.of(caller, inv.session), inv.request_id):
+        try:
             # aclosing: closing this generator must close the turn's too, so that its clean-up
             # (stopping a worker that is mid-turn) runs before the session is free again.
-            async with contextlib.aclosing(self._turns.run(caller, inv, parent)) as events:
+            async with (
+                self.sandboxes.claim(SandboxKey.of(caller, inv.session), inv.request_id),
+                contextlib.aclosing(self._turns.run(caller, inv, parent)) as events,
+            ):
                 async for event in events:
                     yield event
+        except CorralError as exc:
+            if exc.reason in REFUSALS and not exc.domain:
+                series = Series.of(caller.tenant, inv.version, inv.endpoint)
+                self._metrics.refusals.labels(*series.labels, exc.reason).inc()
+            raise
 
     async def stop_session(self, caller: Caller, session: SessionRef) -> bool:
         """Ends the session's sandbox in the caller's tenant (a service acting for every tenant

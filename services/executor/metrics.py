@@ -63,6 +63,17 @@ class ExecutorMetrics:
         self.live = Gauge(
             "corral_sandboxes_live", "Sandboxes bound to a session.",
             registry=self.registry)
+        self.sandbox_processes = Gauge(
+            "corral_sandbox_processes",
+            "Sandbox processes under the cap: bound to a session, warm, starting, stopping, and "
+            "the start check's.", registry=self.registry)
+        self.sandbox_cap = Gauge(
+            "corral_sandbox_cap", "The cap on sandbox processes (CORRAL_EXECUTOR_MAX_SANDBOXES).",
+            registry=self.registry)
+        self.refusals = Counter(
+            "corral_admission_refusals",
+            "Invocations refused before they ran, by reason (code EXECUTOR_AT_CAPACITY, "
+            "SESSION_QUEUE_FULL, SESSION_BUSY).", [*series, "code"], registry=self.registry)
         self.sandbox_start = Histogram(
             "corral_sandbox_start_duration_seconds", "Time to start a sandbox (bundle imported).",
             ["driver"], registry=self.registry,

@@ -6,7 +6,9 @@ Which versions are warm, and why:
 - "rollback": an endpoint's previous stable version, so a rollback starts no sandbox;
 - "active": a session of it started on this executor lately (sessions of a version come in runs).
 A warm sandbox serves exactly one session and is never returned to a pool: nothing of one session
-can reach the next."""
+can reach the next. Warm sandboxes count against the executor's cap like any other: the pools
+fill only from free slots, and a new session at the cap stops a warm one before an idle
+session's (`evict_one`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from services.common.background import Backoff, Periodic, TaskSet
 from services.common.endpoints import EndpointMirror, EndpointUpdate
 from services.common.errors import CorralError
 from services.common.settings import ExecutorSettings
+from services.executor.admission import Slot
 from services.executor.model import PoolReport, Registry
 from services.executor.sandbox import Sandbox
 from services.executor.starter import SandboxStarter
@@ -100,8 +103,10 @@ class WarmPools:
     # -- taking ---------------------------------------------------------------------------
 
     def take(self, version: VersionRef, digest: str) -> Sandbox | None:
-        """A warm sandbox of `version` for a new session, or None (a miss). Either way the
-        version counts as active here, so its pool fills for the next session."""
+        """A warm sandbox of `version` for a new session, or None. Either way the version
+        counts as active here, so its pool fills for the next session. The caller says whether
+        the session got a warm sandbox (`record`) once it has the session's lease, and gives one
+        it could not use back (`give_back`)."""
         self._active[version] = (digest, time.monotonic())
         pool = self._ready.get(version)
         found: Sandbox | None = None
@@ -111,12 +116,35 @@ class WarmPools:
                 found = sandbox
             else:
                 self._discard(sandbox)
-        counter, metric = (self.hits, self.metrics.pool_hits) if found is not None else (
+        self._filler.wake()
+        return found
+
+    def give_back(self, version: VersionRef, sandbox: Sandbox) -> None:
+        """A sandbox `take` gave that served no session after all (the lease was refused)."""
+        if sandbox.alive:
+            self._ready.setdefault(version, deque()).appendleft(sandbox)
+        else:
+            self._discard(sandbox)
+
+    def record(self, version: VersionRef, *, hit: bool) -> None:
+        """A new session of `version` took a warm sandbox (a hit) or started one (a miss)."""
+        counter, metric = (self.hits, self.metrics.pool_hits) if hit else (
             self.misses, self.metrics.pool_misses)
         counter[version] += 1
         metric.labels(*_labels(version)).inc()
-        self._filler.wake()
-        return found
+
+    async def evict_one(self) -> bool:
+        """Stops the warm sandbox that has waited longest, to free its slot for a session;
+        False when there is none. Its pool refills once a slot is free again."""
+        ready = self.ready()
+        if not ready:
+            return False
+        oldest = min(ready, key=lambda sb: sb.started)
+        for pool in self._ready.values():
+            if oldest in pool:
+                pool.remove(oldest)
+        await oldest.stop()
+        return True
 
     def ready(self) -> list[Sandbox]:
         """Every warm sandbox, waiting for a session."""
@@ -167,8 +195,12 @@ class WarmPools:
             if now - self._failed_at.get(version, -RETRY_AFTER_S) < RETRY_AFTER_S:
                 continue
             while len(self._ready.get(version, ())) < target and version in self._targets():
+                slot = self._spare_slot()
+                if slot is None:  # near the cap, or starts enough under way: sessions first
+                    self._export()
+                    return
                 try:
-                    sandbox = await self._starter.start(version, wanted[version].digest)
+                    sandbox = await self._starter.start(version, wanted[version].digest, slot)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - one version's failure must not stop others
@@ -180,6 +212,17 @@ class WarmPools:
                     break
                 self._ready.setdefault(version, deque()).append(sandbox)
         self._export()
+
+    def _spare_slot(self) -> Slot | None:
+        """A slot to start a warm sandbox in, only while sessions have room beside it: more than
+        an eighth of the cap free, and a start to spare."""
+        slots = self._starter.slots
+        if slots.free <= max(1, slots.cap // 8) or slots.starting >= max(1, slots.max_starting - 1):
+            return None
+        slot = slots.try_take()
+        if slot is not None:
+            slot.start_begins()
+        return slot
 
     def _export(self) -> None:
         targets = self._targets()

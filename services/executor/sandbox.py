@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from corral.sandbox.v1 import sandbox_pb2 as pb
 from services.common.errors import Internal
+from services.executor.admission import Slot
 from services.executor.drivers.base import SandboxDriver, SandboxSpec, Usage, WorkerProcess
 from services.executor.model import (
     AgentLogLine,
@@ -84,6 +85,8 @@ class Sandbox:
         self.warm = False
         # One exchange on the socket at a time: an invocation, or a ping between invocations.
         self._exchange = asyncio.Lock()
+        # Its place under the executor's cap, given back once its worker has been reaped.
+        self.slot: Slot | None = None
 
     @property
     def version(self) -> str:
@@ -256,8 +259,15 @@ class Sandbox:
             self.writer.close()
 
     async def stop(self) -> None:
-        """Ends the worker and wipes its private disk: nothing of a session outlives its sandbox."""
-        self.kill()
-        if self.process is not None:
-            await self.process.wait()
+        """Ends the worker and wipes its private disk: nothing of a session outlives its sandbox.
+        Its slot comes free once the worker has been reaped."""
+        if self.slot is not None:
+            self.slot.stop_begins()
+        try:
+            self.kill()
+            if self.process is not None:
+                await self.process.wait()
+        finally:
+            if self.slot is not None:
+                self.slot.release()
         await asyncio.to_thread(shutil.rmtree, self.spec.workdir, ignore_errors=True)

@@ -1,6 +1,8 @@
 """The sandbox table: which session has which sandbox, under which lease, and which are busy.
 A sandbox lives across its session's turns; a background reaper stops the idle, the expired and
-the exited ones, and another loop renews the leases of the rest."""
+the exited ones, and another loop renews the leases of the rest. A new session's sandbox is
+admitted under the executor's cap (admission.py): a free slot, else one freed by stopping a warm
+sandbox or the least recently used session sandbox idle for `evict_idle_s`, else a refusal."""
 
 from __future__ import annotations
 
@@ -8,17 +10,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from corral.manifest import Manifest
-from corral.names import SessionRef
+from corral.names import SessionRef, VersionRef
 from services.common.background import Periodic
 from services.common.errors import Aborted
 from services.common.identity import Caller
 from services.common.requests import REASON_REQUEST_IN_PROGRESS
 from services.common.settings import ExecutorSettings
+from services.executor.admission import SessionQueues, Slot
 from services.executor.bundles import BundleCache
 from services.executor.metrics import ExecutorMetrics
 from services.executor.model import Invocation, SandboxInfo, SandboxState, Sessions, SessionState
@@ -29,6 +32,8 @@ from services.executor.starter import SandboxStarter
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 5.0
+# How long a new session waits for sandboxes being stopped to give their slots back.
+STOPPING_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class SandboxTable:
         self._busy: set[SandboxKey] = set()
         # The request id of the invocation holding each busy session, when it has one.
         self._requests: dict[SandboxKey, str] = {}
+        self._slots = starter.slots
+        self._queues = SessionQueues(settings.session_queue, settings.session_queue_wait_s)
         self._reaper = Periodic(
             self._reap, every_s=REAP_INTERVAL_S, first_delay_s=REAP_INTERVAL_S, what="sandbox reaper"
         )
@@ -100,26 +107,22 @@ class SandboxTable:
             *(self.stop(k.tenant, k.session) for k in list(self._bound)), return_exceptions=True
         )
 
-    @contextlib.contextmanager
-    def claim(self, key: SandboxKey, request_id: str = "") -> Iterator[None]:
-        """Holds the session for one invocation: Aborted (SESSION_BUSY) while another holds it,
-        or (REQUEST_IN_PROGRESS) while an attempt under the same request id does."""
-        if key in self._busy:
-            if request_id and self._requests.get(key) == request_id:
-                raise in_progress(key, request_id)
-            raise Aborted(
-                f"session {key.session} is busy: another invocation is running on it; retry "
-                "when it finishes",
-                reason="SESSION_BUSY",
-            )
-        self._busy.add(key)
-        if request_id:
-            self._requests[key] = request_id
-        try:
-            yield
-        finally:
-            self._busy.discard(key)
-            self._requests.pop(key, None)
+    @contextlib.asynccontextmanager
+    async def claim(self, key: SandboxKey, request_id: str = "") -> AsyncIterator[None]:
+        """Holds the session for one invocation, after the ones before it (a bounded queue:
+        SESSION_QUEUE_FULL beyond it, SESSION_BUSY after waiting its time); at once
+        REQUEST_IN_PROGRESS while an attempt under the same request id runs."""
+        if request_id and key in self._busy and self._requests.get(key) == request_id:
+            raise in_progress(key, request_id)
+        async with self._queues.claim(key, str(key.session)):
+            self._busy.add(key)
+            if request_id:
+                self._requests[key] = request_id
+            try:
+                yield
+            finally:
+                self._busy.discard(key)
+                self._requests.pop(key, None)
 
     # -- binding -------------------------------------------------------------------------
 
@@ -139,16 +142,27 @@ class SandboxTable:
             return current
         if current is not None:
             await self.drop(key)
-        await self._make_room()
-        lease = await self._sessions.acquire(caller, inv.session, self._holder, self._settings.lease_ttl_s)
+        # A warm sandbox, or a slot to start one in, before the lease is asked for: a refusal
+        # costs nothing elsewhere.
+        sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
+        warm = sandbox is not None
+        slot = None if warm else await self.admit()
+        try:
+            lease = await self._sessions.acquire(
+                caller, inv.session, self._holder, self._settings.lease_ttl_s)
+        except BaseException:
+            self._unused(inv.version, sandbox, slot)
+            raise
         try:
             await self._bundles.check_pin(caller.tenant, inv.version, inv.digest)
             bundle = await self._bundles.ensure(inv.version, inv.digest)
-            sandbox = self._pools.take(inv.version, inv.digest) if self._pools else None
-            warm = sandbox is not None
+            if self._pools is not None:
+                self._pools.record(inv.version, hit=warm)
             if sandbox is None:
-                sandbox = await self._starter.start_bundle(bundle)
+                assert slot is not None
+                sandbox = await self._starter.start_bundle(bundle, slot)
         except BaseException:
+            self._unused(inv.version, sandbox if warm else None, slot)
             await self._release(caller, inv.session, lease.lease_id)
             raise
         sandbox.bind(inv.session.name, warm=warm)
@@ -159,12 +173,51 @@ class SandboxTable:
                  "warm" if warm else "cold start", key, inv.version)
         return bound
 
-    async def _make_room(self) -> None:
-        while len(self._bound) >= self._settings.max_live_sandboxes:
-            idle = [b for s, b in self._bound.items() if s not in self._busy]
-            if not idle:
-                return
-            await self.drop(min(idle, key=lambda b: b.sandbox.last_used).key)
+    def _unused(self, version: VersionRef, warm: Sandbox | None, slot: Slot | None) -> None:
+        """What a session that could not bind its sandbox took: the warm sandbox goes back to
+        its pool, the slot comes free (a no-op once a sandbox that held it was stopped)."""
+        if warm is not None and self._pools is not None:
+            self._pools.give_back(version, warm)
+        if slot is not None:
+            slot.release()
+
+    async def admit(self) -> Slot:
+        """A slot for a new sandbox to start in: a free one, else one freed by stopping a warm
+        sandbox or the least recently used idle one (idle at least `evict_idle_s`); then its
+        turn to start (`SandboxSlots.start_turn`: a bounded wait). With no slot, or the starts
+        and their queue full, ResourceExhausted EXECUTOR_AT_CAPACITY at once. Sandboxes already
+        stopping are waited for briefly: their slots are about to come free."""
+        if not self._slots.can_queue_start():
+            raise self._slots.too_many_starting()
+        while True:
+            slot = self._slots.try_take()
+            if slot is not None:
+                break
+            if self._pools is not None and await self._pools.evict_one():
+                continue
+            if await self._evict_idle():
+                continue
+            if not self._slots.stopping or not await self._slots.wait_returned(STOPPING_WAIT_S):
+                raise self._slots.at_capacity()
+        try:
+            await self._slots.start_turn(slot)
+        except BaseException:
+            slot.release()
+            raise
+        return slot
+
+    async def _evict_idle(self) -> bool:
+        now = time.monotonic()
+        idle = [
+            b for k, b in self._bound.items()
+            if k not in self._busy and now - b.sandbox.last_used >= self._settings.evict_idle_s
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda b: b.sandbox.last_used)
+        log.info("stopping the sandbox of %s, idle for %.1fs, to make room", victim.key,
+                 now - victim.sandbox.last_used)
+        return await self.drop(victim.key)
 
     async def drop(self, key: SandboxKey) -> bool:
         """Stops the session's sandbox and gives up its lease; False if it had none here."""

@@ -21,6 +21,7 @@ from services.common.errors import Aborted, FailedPrecondition, NotFound
 from services.common.identity import Caller
 from services.common.requests import REASON_REQUEST_ID_REUSED
 from services.common.tenancy import Access, SessionOwner
+from services.executor.admission import Slot
 from services.executor.bundles import BundleCache, UnpackedBundle
 from services.executor.credentials import Credential, CredentialIssuer
 from services.executor.drivers.base import Limit, SandboxSpec, Usage
@@ -280,13 +281,20 @@ class ScriptedSandbox(Sandbox):
 class ScriptedStarter(SandboxStarter):
     """Starts ScriptedSandboxes of the bundles the registry holds; no driver is involved."""
 
-    def __init__(self, bundles: BundleCache, workdirs: Path, script: AgentScript) -> None:
-        super().__init__(NoDriver(), bundles, workdirs, "", ExecutorMetrics())
+    def __init__(
+        self, bundles: BundleCache, workdirs: Path, script: AgentScript, max_sandboxes: int = 8,
+        max_starting: int = 4, start_queue: int = 16,
+    ) -> None:
+        super().__init__(
+            NoDriver(), bundles, workdirs, "", ExecutorMetrics(), max_sandboxes, max_starting,
+            start_queue)
         self.script = script
         self.started: list[ScriptedSandbox] = []
 
-    async def start_bundle(self, bundle: UnpackedBundle) -> Sandbox:
+    async def start_bundle(self, bundle: UnpackedBundle, slot: Slot) -> Sandbox:
         sandbox = ScriptedSandbox(self.spec(bundle), self.script, pid=1000 + len(self.started))
+        sandbox.slot = slot
+        slot.start_ends()
         self.started.append(sandbox)
         return sandbox
 

@@ -21,8 +21,6 @@ import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.registry.v1 import keys_pb2, keys_pb2_grpc
 from corral.registry.v1 import registry_pb2 as reg
@@ -38,7 +36,7 @@ from tests import harness
 from tests.bundles import BEHAVIOUR, agent_files, write_bundle
 from tests.credentials import public_channel
 from tests.mesh import Mesh, started_mesh
-from tests.rpc import body, error_details, fails
+from tests.rpc import body, error_details, fails, retry_delay_s
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -145,15 +143,6 @@ def _agent(version: reg.Version) -> str:
     return version.name.split("/")[1]
 
 
-def _retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            return info.retry_delay.ToMilliseconds() / 1000
-    return None
-
-
 async def _unavailable(call: Awaitable[object], reason: str, domains: set[str]) -> None:
     err = await fails(grpc.StatusCode.UNAVAILABLE, call)
     info, _ = error_details(err)
@@ -161,7 +150,7 @@ async def _unavailable(call: Awaitable[object], reason: str, domains: set[str]) 
     assert info.domain in domains, (info.domain, err.details())
     store = "PostgreSQL" if reason.startswith("DATABASE") else "Redis"
     assert store in (err.details() or "") and "retry" in (err.details() or "")
-    assert _retry_delay_s(err)
+    assert retry_delay_s(err)
 
 
 def _calls(mesh: Mesh, version: reg.Version) -> dict[str, Callable[[], Awaitable[object]]]:
@@ -284,7 +273,7 @@ async def test_a_busy_database_pool_is_resource_exhausted_with_a_retry_delay(
             info, _ = error_details(err)
             assert (info.reason, info.domain) == ("DATABASE_POOL_EXHAUSTED", "sessions")
             assert "CORRAL_DB_POOL_MAX" in (err.details() or "")
-            assert _retry_delay_s(err)
+            assert retry_delay_s(err)
         for waited in await asyncio.gather(*waiting, return_exceptions=True):
             assert isinstance(waited, grpc.aio.AioRpcError)
             assert waited.code() == grpc.StatusCode.NOT_FOUND, waited.details()

@@ -91,16 +91,21 @@ class World:
         self, tmp: Path, script: AgentScript = echo, *, toml_extra: str = "",
         warm_pool_size: int = 0, credentials: CredentialIssuer | None = None,
         endpoints: tuple[EndpointTraffic, ...] = (),
+        settings: ExecutorSettings | None = None,
     ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.bundles = {V1: bundle(tmp, "v1", toml_extra), V2: bundle(tmp, "v2", toml_extra)}
         self.registry = FakeBundleRegistry(self.bundles, endpoints)
         self.sessions = FakeSessionLeases()
         self.spans = FakeSpanExport()
+        # No session queue unless asked: a second turn on a busy session is refused at once.
+        settings = settings or ExecutorSettings(
+            warm_pool_size=warm_pool_size, max_live_sandboxes=8, session_queue=0)
         self.starter = ScriptedStarter(
-            BundleCache(self.registry, tmp / "bundles"), tmp / "sandboxes", script
+            BundleCache(self.registry, tmp / "bundles"), tmp / "sandboxes", script,
+            max_sandboxes=settings.max_live_sandboxes, max_starting=settings.max_starting,
+            start_queue=settings.start_queue,
         )
-        settings = ExecutorSettings(warm_pool_size=warm_pool_size, max_live_sandboxes=8)
         self.executor = Executor(
             settings, self.starter, self.sessions, self.spans,
             ModelBroker({"scripted": ScriptedProvider()}), "executor@test",

@@ -13,7 +13,7 @@ import redis.exceptions
 from google.rpc import error_details_pb2, status_pb2
 
 from services.common.db import DatabasePoolExhausted, DatabaseUnreachable
-from services.common.errors import MAX_MESSAGE, ResourceExhausted
+from services.common.errors import MAX_MESSAGE, DeadlineExceeded, ResourceExhausted
 from services.common.interceptors import Context, ErrorMappingInterceptor
 from services.common.kv import RedisPoolExhausted
 from services.common.settings import Settings, SettingsError, StorePools
@@ -117,6 +117,15 @@ def test_the_retry_delay_reaches_the_caller_and_survives_a_hop() -> None:
     assert isinstance(passed_on, ResourceExhausted)
     assert (passed_on.reason, passed_on.domain, passed_on.retry_delay_s) == (
         "REDIS_POOL_EXHAUSTED", "sessions", 1.5)
+
+
+def test_a_call_whose_deadline_ran_out_names_the_service_that_did_not_answer() -> None:
+    err = grpc.aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        "Deadline Exceeded")
+    timed_out = from_rpc_error(err, "sessions")
+    assert isinstance(timed_out, DeadlineExceeded) and timed_out.domain == "sessions"
+    assert timed_out.message == "sessions did not answer in time (Deadline Exceeded); retry shortly"
 
 
 class _AbortingContext:

@@ -21,7 +21,7 @@ from corral.sessions.v1 import sessions_pb2 as ses
 from services.common.settings import Settings, StartCheck
 from tests.bundles import BEHAVIOUR
 from tests.mesh import Mesh, started_mesh
-from tests.rpc import body, error_details, fails
+from tests.rpc import body, error_details, fails, retry_delay_s
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -36,27 +36,28 @@ async def unchecked(settings: Settings, tmp_path: Path) -> AsyncIterator[Mesh]:
 # -- failures ---------------------------------------------------------------------------------
 
 
-async def test_a_second_call_on_a_busy_session_is_aborted(mesh: Mesh) -> None:
+async def test_calls_on_a_busy_session_queue_behind_it_and_beyond_the_queue_are_refused(
+    mesh: Mesh,
+) -> None:
     agent = await mesh.publish_agent("sleepy", BEHAVIOUR)
     session = f"{mesh.prefix}-busy"
     assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 1."
-
-    async def slow() -> rt.InvokeResponse:
-        return await mesh.invoke(agent, {"mode": "sleep", "seconds": 1.5}, session_id=session)
-
-    first = asyncio.create_task(slow())
+    first = asyncio.create_task(
+        mesh.invoke(agent, {"mode": "sleep", "seconds": 2}, session_id=session))
     await asyncio.sleep(0.3)  # the first call is running in the sandbox
-    err = await fails(grpc.StatusCode.ABORTED, slow())
-    info, _ = error_details(err)
-    assert info.reason == "SESSION_BUSY" and "busy" in (err.details() or "")
+    # CORRAL_SESSION_QUEUE (4) wait their turn; the fifth is told at once to come back later.
+    results = await asyncio.gather(
+        *(mesh.invoke(agent, {}, session_id=session) for _ in range(5)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 1 and refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, results
+    info, _ = error_details(refused[0])
+    assert (info.reason, info.domain) == ("SESSION_QUEUE_FULL", "executor")
+    assert retry_delay_s(refused[0])
     assert (await first).output == b"Turn 2. Slept."
-    # Both racing at once: exactly one runs.
-    results = await asyncio.gather(slow(), slow(), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert len(errors) == 1 and errors[0].code() == grpc.StatusCode.ABORTED, results
-    assert error_details(errors[0])[0].reason == "SESSION_BUSY"
-    # The busy refusals did not disturb the session.
-    assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 4."
+    answered = sorted(r.output for r in results if isinstance(r, rt.InvokeResponse))
+    assert answered == [f"Turn {n}.".encode() for n in range(3, 7)]
+    # The refusal did not disturb the session.
+    assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 7."
 
 
 async def test_an_agent_exception_is_reported_and_leaves_the_committed_state(mesh: Mesh) -> None:
