@@ -36,9 +36,15 @@ def _signer(identity: ServiceIdentity) -> AssertionSigner:
 
 
 def channel(settings: Settings, service: str) -> grpc.aio.Channel:
+    return channel_to(settings, settings.internal_addrs[service])
+
+
+def channel_to(settings: Settings, address: str) -> grpc.aio.Channel:
+    """A channel to a service's internal listener at `address` (a member of the executor fleet,
+    found by its heartbeat rather than in the settings)."""
     interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
     return grpc.aio.secure_channel(
-        settings.internal_addrs[service],
+        address,
         service_identity(settings).channel_credentials(),
         interceptors=interceptors or None,
         options=[
@@ -92,3 +98,32 @@ class ServiceClient(Generic[Stub]):
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class ChannelPool(Generic[Stub]):
+    """A channel and stub per address, for services reached at addresses that come and go (the
+    executor fleet): `forget` closes one whose member left, `close` all."""
+
+    def __init__(self, settings: Settings, stub: Callable[[grpc.aio.Channel], Stub]) -> None:
+        self._settings = settings
+        self._make_stub = stub
+        self._open: dict[str, tuple[grpc.aio.Channel, Stub]] = {}
+
+    def stub(self, address: str) -> Stub:
+        found = self._open.get(address)
+        if found is None:
+            opened = channel_to(self._settings, address)
+            found = self._open[address] = (opened, self._make_stub(opened))
+        return found[1]
+
+    def addresses(self) -> set[str]:
+        return set(self._open)
+
+    async def forget(self, address: str) -> None:
+        found = self._open.pop(address, None)
+        if found is not None:
+            await found[0].close()
+
+    async def close(self) -> None:
+        for address in list(self._open):
+            await self.forget(address)

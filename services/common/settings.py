@@ -133,6 +133,13 @@ class ExecutorSettings:
     openai_api_key: str = field(default="", repr=False)
     # Seconds the start check at publish (CheckVersion) gives a version to start.
     start_check_timeout_s: float = 30.0
+    # Its name in the fleet (CORRAL_EXECUTOR_NAME; "": generated once, kept in the data dir).
+    name: str = ""
+    # host:port where the other services reach it (CORRAL_EXECUTOR_ADVERTISE; "": its internal
+    # listener as bound).
+    advertise: str = ""
+    # How many executors of the fleet keep each version's warm pool (CORRAL_WARM_POOL_REPLICAS).
+    warm_pool_replicas: int = 2
 
 
 @dataclass(frozen=True)
@@ -299,6 +306,9 @@ class Settings:
                 openai_base_url=env.get("CORRAL_OPENAI_BASE_URL", "").strip(),
                 openai_api_key=env.get("CORRAL_OPENAI_API_KEY", ""),
                 start_check_timeout_s=_float(env, "CORRAL_START_CHECK_TIMEOUT_S", 30.0),
+                name=env.get("CORRAL_EXECUTOR_NAME", "").strip(),
+                advertise=env.get("CORRAL_EXECUTOR_ADVERTISE", "").strip(),
+                warm_pool_replicas=_int(env, "CORRAL_WARM_POOL_REPLICAS", 2),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),

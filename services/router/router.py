@@ -18,6 +18,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from services.common.fleet import FleetMember
 from services.common.identity import Caller
 from services.common.tenancy import Access
 from services.router.model import (
@@ -32,6 +33,7 @@ from services.router.model import (
     TraceContext,
 )
 from services.router.pins import PinCache
+from services.router.placing import Placement
 from services.router.routing import bucket, choose
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ START_FAILURES = frozenset({
     "SANDBOX_PROTOCOL",
     "DIGEST_MISMATCH",
 })
+# The lease of a session is still held by the executor it was on before it moved: this router's
+# pin is older than the session's placement. Read again and sent where it is now, once.
+HELD_ELSEWHERE = "SESSION_HELD_ELSEWHERE"
 
 
 def check_target(target: Target) -> None:
@@ -63,11 +68,13 @@ class Router:
         executor: ExecutorClient,
         endpoints: EndpointMirror,
         max_payload_bytes: int,
+        placement: Placement,
         ids: IdSource | None = None,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
         self._executor = executor
+        self.placement = placement
         self.endpoints = endpoints
         self.pins = PinCache()
         self.max_payload_bytes = max_payload_bytes
@@ -140,7 +147,9 @@ class Router:
                 f"started), so it takes no sessions; `corral versions {version.agent}` shows why",
                 reason="VERSION_NOT_READY",
             )
-        created = await self._sessions.create(caller, session, info, endpoint)
+        # Placed before it exists: the placement is recorded with the session.
+        executor = await self.placement.for_new(session.session, version.name)
+        created = await self._sessions.create(caller, session, info, endpoint, executor.name)
         if created is None:
             return None
         self.pins.put(created)
@@ -184,15 +193,43 @@ class Router:
                 f"{MAX_CONTENT_TYPE_CHARS}; send a media type such as application/json",
             )
         resolved = await self.resolve(caller, target)
-        invocation = Invocation(
-            resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE
-        )
+        invocation_id = self._ids.new_id()
+        for attempt in range(2):
+            pin, executor = await self.placement.executor_for(resolved.pin)
+            if pin != resolved.pin:
+                self.pins.put(pin)
+                resolved = Resolved(pin, resolved.new_session)
+            invocation = Invocation(
+                resolved, invocation_id, payload, content_type or DEFAULT_CONTENT_TYPE
+            )
+            started = False
+            try:
+                async with aclosing(self._execute(caller, invocation, trace, executor)) as events:
+                    async for event in events:
+                        started = True
+                        yield invocation, event
+                return
+            except FailedPrecondition as exc:
+                if exc.reason != HELD_ELSEWHERE or started or attempt:
+                    raise
+                fresh = await self._sessions.get(caller, resolved.pin.session)
+                if fresh is None:
+                    raise
+                self.pins.put(fresh)
+                resolved = Resolved(fresh, resolved.new_session)
+
+    async def _execute(
+        self, caller: Caller, invocation: Invocation, trace: TraceContext, executor: FleetMember
+    ) -> AsyncGenerator[ExecutionEvent, None]:
+        resolved = invocation.resolved
         # Closing this generator (the caller went away) closes the execution's, which ends the
         # execution too, rather than letting it run on and commit its turn.
         try:
-            async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
+            async with aclosing(
+                self._executor.execute(caller, invocation, trace, executor)
+            ) as events:
                 async for event in events:
-                    yield invocation, event
+                    yield event
         except CorralError as exc:
             if resolved.new_session and exc.reason in START_FAILURES:
                 await self._abandon(caller, resolved.pin.session)
@@ -213,5 +250,8 @@ class Router:
 
     async def stop_session(self, caller: Caller, session: SessionRef) -> None:
         await self._sessions.stop(caller, session)
-        await self._executor.stop_session(caller, session)
+        pin = self.pins.get(caller.tenant, session) or await self._sessions.get(caller, session)
+        executor = self.placement.fleet.get(pin.executor) if pin is not None and pin.executor else None
+        if executor is not None:
+            await self._executor.stop_session(caller, session, executor)
         self.pins.forget(caller.tenant, session)

@@ -7,17 +7,21 @@ from pathlib import Path
 
 import grpc
 
-from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
+from corral.sessions.v1 import fleet_pb2, fleet_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from services.common import db
 from services.common.kv import KeySpace, create_redis
 from services.common.server import App
 from services.common.settings import Settings
 from services.sessions.clients import ExecutorSandboxes, RegistryPins
+from services.sessions.fleet import Fleet
+from services.sessions.fleet_servicer import FleetServicer
+from services.sessions.fleet_store import RedisFleet
 from services.sessions.servicer import SessionsServicer
 from services.sessions.sessions import Sessions
 from services.sessions.store import PgSessionStore, RecordCache, RedisLeases
 
 SERVICE_NAME = sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name
+FLEET_SERVICE_NAME = fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name
 
 
 class SessionsApp(App):
@@ -34,12 +38,14 @@ class SessionsApp(App):
         stack.push_async_callback(pins.close)
         executor = ExecutorSandboxes(self.settings)
         stack.push_async_callback(executor.close)
+        fleet = RedisFleet(client, keys)
         sessions = Sessions(
             PgSessionStore(pool, RecordCache(client, keys)), RedisLeases(client, keys), pins=pins,
-            sandboxes=executor,
+            sandboxes=executor, fleet=fleet, fleet_sandboxes=executor,
         )
         sessions_pb2_grpc.add_SessionsServiceServicer_to_server(SessionsServicer(sessions), server)
-        return [SERVICE_NAME]
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(Fleet(fleet)), server)
+        return [SERVICE_NAME, FLEET_SERVICE_NAME]
 
 
 def build(settings: Settings) -> SessionsApp:

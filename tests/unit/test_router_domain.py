@@ -26,11 +26,18 @@ from services.router.model import (
     Target,
     VersionInfo,
 )
+from services.router.placing import Placement
 from services.router.router import Router
 from services.router.routing import bucket, choose
 from services.router.servicer import target_of
 from tests.fakes.common import SequentialIds
-from tests.fakes.router import FakeEndpoints, FakeExecutor, FakeRegistry, FakeSessions
+from tests.fakes.router import (
+    FakeEndpoints,
+    FakeExecutor,
+    FakeFleet,
+    FakeRegistry,
+    FakeSessions,
+)
 
 AGENT = AgentRef("demo")
 V1, V2 = AGENT.version(1), AGENT.version(2)
@@ -63,22 +70,29 @@ class World:
     registry: FakeRegistry
     executor: FakeExecutor
     mirror: EndpointMirror
+    fleet: FakeFleet
 
     def fresh_router(self) -> Router:
         """Another router (a replica, or this one restarted) on the same services: no pins."""
-        return Router(self.sessions, self.registry, self.executor, self.mirror, MAX_PAYLOAD)
+        return Router(
+            self.sessions, self.registry, self.executor, self.mirror, MAX_PAYLOAD,
+            Placement(self.fleet.view(), self.sessions),
+        )
 
 
 @pytest.fixture
 def world() -> World:
-    sessions, executor = FakeSessions(), FakeExecutor()
+    sessions, executor, fleet = FakeSessions(), FakeExecutor(), FakeFleet("exec-a", "exec-b")
     registry = FakeRegistry(
         VersionInfo(V1, digest(V1), idle_timeout_s=60, max_lifetime_s=120),
         VersionInfo(V2, digest(V2)),
     )
     mirror = EndpointMirror(FakeEndpoints(split(1)))
-    router = Router(sessions, registry, executor, mirror, MAX_PAYLOAD, SequentialIds())
-    return World(router, sessions, registry, executor, mirror)
+    router = Router(
+        sessions, registry, executor, mirror, MAX_PAYLOAD, Placement(fleet.view(), sessions),
+        SequentialIds(),
+    )
+    return World(router, sessions, registry, executor, mirror, fleet)
 
 
 async def test_another_tenants_endpoint_of_the_same_name_is_not_this_ones(world: World) -> None:
