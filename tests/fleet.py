@@ -1,10 +1,16 @@
-"""Helpers for tests of the executor fleet: heartbeats as an executor sends them."""
+"""Helpers for tests of the executor fleet: heartbeats as an executor sends them, and a platform
+administrator's credential (who alone may list and drain the fleet)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from corral.sessions.v1 import fleet_pb2
+from services.common.auth.assertions import ASSERTION_KEY, AssertionSigner
+from services.common.auth.pki import load_identity
+from services.common.auth.principal import CredentialKind, Principal, Role
+from services.common.settings import Settings
+from tests.rpc import Metadata
 
 
 def beat(
@@ -17,3 +23,13 @@ def beat(
     )
     executor.start_time.FromDatetime(datetime.now(UTC))
     return fleet_pb2.HeartbeatRequest(executor=executor)
+
+
+def platform_admin(settings: Settings) -> Metadata:
+    """A platform administrator's call, as a service relays it (use an internal channel)."""
+    admin = Principal(
+        "ops", "root", frozenset({Role.ADMIN}), kind=CredentialKind.API_KEY, credential="k",
+        platform_admin=True,
+    )
+    signer = AssertionSigner(load_identity(settings.pki_dir, "router"))
+    return ((ASSERTION_KEY, signer.sign(admin)),)

@@ -170,6 +170,19 @@ class Platform:
             )
         return self.hosts
 
+    async def start_executor(self, name: str) -> ServiceHost:
+        """Another executor of the fleet, named `name`, with a data dir of its own, on ports the
+        OS picks; it joins the fleet with its first heartbeat. `hosts[f"executor {name}"]`."""
+        executor = replace(self.settings.executor, name=name)
+        settings = replace(
+            self.settings, executor=executor, data_dir=self.settings.data_dir / f"executor-{name}",
+            listen={**self.settings.listen, "executor": "127.0.0.1:0"},
+            internal_listen={**self.settings.internal_listen, "executor": "127.0.0.1:0"},
+        )
+        host = await start_service("executor", settings)
+        self.hosts[f"executor {name}"] = host
+        return host
+
     async def stop(self, grace: float = 0.5) -> None:
         for ports in self._held.values():
             for held in ports:

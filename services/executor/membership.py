@@ -38,10 +38,11 @@ def keeps_warm(
     me: str, version: VersionRef, members: Sequence[FleetMember], replicas: int
 ) -> bool:
     """Whether `me` is among the `replicas` executors the version's ranking prefers. With no
-    fleet known (or `me` not in it yet) every executor keeps its pools, as a single one does."""
-    names = [m.name for m in members if not m.draining]
-    if me not in names:
+    fleet known (or `me` not in it yet) every executor keeps its pools, as a single one does; a
+    drained one keeps none."""
+    if me not in {m.name for m in members}:
         return True
+    names = [m.name for m in members if not m.draining]
     return me in rendezvous.top(version.name, names, replicas)
 
 

@@ -16,6 +16,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from services.common.identity import Caller
 from services.common.tenancy import SessionOwner
@@ -37,6 +38,7 @@ from tests.fakes.router import (
     FakeFleet,
     FakeRegistry,
     FakeSessions,
+    member,
 )
 
 AGENT = AgentRef("demo")
@@ -71,6 +73,10 @@ class World:
     executor: FakeExecutor
     mirror: EndpointMirror
     fleet: FakeFleet
+
+    def fresh_router_in(self, world: World, router: Router | None = None) -> World:
+        """This world seen through `router` (another replica)."""
+        return dataclasses.replace(world, router=router or self.fresh_router())
 
     def fresh_router(self) -> Router:
         """Another router (a replica, or this one restarted) on the same services: no pins."""
@@ -319,3 +325,54 @@ def test_the_servicer_parses_what_an_invocation_names() -> None:
             with pytest.raises(ResourceNameError) as info:
                 target_of(bad)
             assert info.value.field == field, change
+
+
+async def turn(world: World, session: str) -> str:
+    """Runs one turn of `session`; the executor it went to."""
+    async for _ in world.router.invoke(ALICE, at(session), b"{}", "", ()):
+        pass
+    return world.executor.sent_to[-1]
+
+
+async def test_a_session_is_placed_once_and_every_router_sends_its_turns_there(world: World) -> None:
+    first = await turn(world, "placed")
+    assert world.sessions.pins["acme", SessionRef("placed")].executor == first
+    assert await turn(world, "placed") == first
+    assert await turn(world.fresh_router_in(world), "placed") == first
+
+
+async def test_a_session_moves_when_its_executor_leaves_or_is_drained(world: World) -> None:
+    first = await turn(world, "moving")
+    other = ({"exec-a", "exec-b"} - {first}).pop()
+    world.fleet.members = [m for m in world.fleet.members if m.name != first]
+    await world.router.placement.fleet.refresh()
+    assert await turn(world, "moving") == other
+    assert world.sessions.pins["acme", SessionRef("moving")].executor == other
+    # Back and undrained, it takes new sessions again; drained, its sessions move at their turn.
+    world.fleet.members = [member(first), member(other, draining=True)]
+    await world.router.placement.fleet.refresh()
+    assert await turn(world, "moving") == first
+    assert world.sessions.pins["acme", SessionRef("moving")].executor == first
+
+
+async def test_two_routers_moving_one_session_agree_on_one_executor(world: World) -> None:
+    await turn(world, "raced")
+    other_router = world.fresh_router()
+    await turn(world.fresh_router_in(world, other_router), "raced")
+    # Both routers hold the pin; the session's executor leaves; one router moves it.
+    gone = world.sessions.pins["acme", SessionRef("raced")].executor
+    world.fleet.members = [m for m in world.fleet.members if m.name != gone] + [member("exec-c")]
+    for router in (world.router, other_router):
+        await router.placement.fleet.refresh()
+    moved_to = await turn(world, "raced")
+    # The other router's pin still names the executor that left: its CAS fails, it follows.
+    assert await turn(world.fresh_router_in(world, other_router), "raced") == moved_to
+
+
+async def test_with_no_executor_a_turn_is_unavailable_and_says_so(world: World) -> None:
+    world.fleet.members = []
+    with pytest.raises(Unavailable) as refused:
+        await turn(world, "nowhere")
+    assert refused.value.reason == "NO_EXECUTORS" and refused.value.retry_delay_s
+    # Nothing was created for it.
+    assert ("acme", SessionRef("nowhere")) not in world.sessions.pins
