@@ -27,6 +27,7 @@ from services.common.settings import Settings
 from services.common.status import calling, error_info, from_rpc_error
 from services.common.tenancy import SessionOwner
 from services.router.model import (
+    REASON_EXECUTOR_UNAVAILABLE,
     Chunk,
     ExecutionEvent,
     Invocation,
@@ -44,7 +45,6 @@ _ENDED = {
 
 # How the router names itself to the registry.
 ROUTER = "router"
-REASON_EXECUTOR_UNAVAILABLE = "EXECUTOR_UNAVAILABLE"
 
 
 def _pin(session: sessions_pb2.Session) -> SessionPin:

@@ -15,6 +15,8 @@ from services.common.identity import Caller
 from services.common.tenancy import SessionOwner
 
 DEFAULT_ENDPOINT = "DEFAULT"
+# An executor could not be reached, or went away mid-turn.
+REASON_EXECUTOR_UNAVAILABLE = "EXECUTOR_UNAVAILABLE"
 # Metadata carrying the caller's trace context (traceparent, tracestate) on to the executor.
 TraceContext = tuple[tuple[str, str], ...]
 

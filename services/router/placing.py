@@ -27,23 +27,29 @@ class Placement:
         self.fleet = fleet
         self._sessions = sessions
 
-    async def for_new(self, session_id: str, version: str) -> FleetMember:
-        chosen = placement.place(session_id, version, self.fleet.members())
+    async def for_new(self, session_id: str, version: str, avoid: str = "") -> FleetMember:
+        chosen = placement.place(session_id, version, self._members(avoid))
         if chosen is None:
             await self.fleet.refresh_if_older(LOOK_AGAIN_S)
-            chosen = placement.place(session_id, version, self.fleet.members())
+            chosen = placement.place(session_id, version, self._members(avoid))
         if chosen is None:
             raise self._no_executors()
         return chosen
 
-    async def executor_for(self, pin: SessionPin) -> tuple[SessionPin, FleetMember]:
-        """The executor `pin`'s turn goes to, and the pin as it is after any move."""
+    def _members(self, avoid: str) -> list[FleetMember]:
+        return [m for m in self.fleet.members() if m.name != avoid]
+
+    async def executor_for(
+        self, pin: SessionPin, avoid: str = ""
+    ) -> tuple[SessionPin, FleetMember]:
+        """The executor `pin`'s turn goes to, and the pin as it is after any move; never
+        `avoid` (an executor that just could not be reached, though the fleet still lists it)."""
         if pin.executor and self.fleet.get(pin.executor) is None:
             await self.fleet.refresh_if_older(LOOK_AGAIN_S)  # it may have just come back
         current = self.fleet.get(pin.executor) if pin.executor else None
-        if current is not None and placement.serves(current):
+        if current is not None and placement.serves(current) and current.name != avoid:
             return pin, current
-        chosen = await self.for_new(pin.session.session, pin.version.name)
+        chosen = await self.for_new(pin.session.session, pin.version.name, avoid)
         try:
             moved = await self._sessions.place(
                 pin.owner.tenant, pin.session, chosen.name, pin.executor)
@@ -53,7 +59,7 @@ class Placement:
             # Another router moved it first: its choice stands, if that executor serves.
             moved_by = exc.metadata.get("executor", "").removeprefix("executors/")
             theirs = self.fleet.get(moved_by)
-            if theirs is None or not placement.serves(theirs):
+            if theirs is None or not placement.serves(theirs) or theirs.name == avoid:
                 raise
             return _placed(pin, theirs.name), theirs
         log.info("%s moved from executors/%s to executors/%s", pin.session.name,

@@ -22,6 +22,7 @@ from services.common.fleet import FleetMember
 from services.common.identity import Caller
 from services.common.tenancy import Access
 from services.router.model import (
+    REASON_EXECUTOR_UNAVAILABLE,
     ExecutionEvent,
     ExecutorClient,
     Invocation,
@@ -48,9 +49,11 @@ START_FAILURES = frozenset({
     "SANDBOX_PROTOCOL",
     "DIGEST_MISMATCH",
 })
-# The lease of a session is still held by the executor it was on before it moved: this router's
-# pin is older than the session's placement. Read again and sent where it is now, once.
+# The lease of a session is still held by the executor it was on before it moved (this router's
+# pin is older than the session's placement), or its executor cannot be reached: a turn that
+# has not started is sent again, once, where the session is now or elsewhere.
 HELD_ELSEWHERE = "SESSION_HELD_ELSEWHERE"
+RETRIED_ELSEWHERE = frozenset({HELD_ELSEWHERE, REASON_EXECUTOR_UNAVAILABLE})
 
 
 def check_target(target: Target) -> None:
@@ -194,8 +197,9 @@ class Router:
             )
         resolved = await self.resolve(caller, target)
         invocation_id = self._ids.new_id()
+        avoid = ""
         for attempt in range(2):
-            pin, executor = await self.placement.executor_for(resolved.pin)
+            pin, executor = await self.placement.executor_for(resolved.pin, avoid)
             if pin != resolved.pin:
                 self.pins.put(pin)
                 resolved = Resolved(pin, resolved.new_session)
@@ -209,9 +213,15 @@ class Router:
                         started = True
                         yield invocation, event
                 return
-            except FailedPrecondition as exc:
-                if exc.reason != HELD_ELSEWHERE or started or attempt:
+            except CorralError as exc:
+                # Nothing ran yet, so the turn can go elsewhere once: to where the session is
+                # now (its lease is still with the executor it left), or away from an executor
+                # that cannot be reached though the fleet still lists it (killed, not yet out).
+                if started or attempt or exc.reason not in RETRIED_ELSEWHERE:
                     raise
+                if exc.reason == REASON_EXECUTOR_UNAVAILABLE:
+                    avoid = executor.name
+                    continue
                 fresh = await self._sessions.get(caller, resolved.pin.session)
                 if fresh is None:
                     raise

@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
-from services.common.errors import Aborted, CorralError, NotFound
+from services.common.errors import Aborted, CorralError, NotFound, Unavailable
 from services.common.fleet import FleetMember, FleetView
 from services.common.identity import Caller
 from services.common.tenancy import Access, SessionOwner
@@ -105,6 +105,9 @@ class FakeExecutor:
         self.turns: dict[SessionRef, int] = {}
         # Set: every execution fails with it before starting (a version that cannot start).
         self.fails_with: CorralError | None = None
+        # Executors that cannot be reached; or that die after Started (mid-turn).
+        self.unreachable: set[str] = set()
+        self.dies_mid_turn: set[str] = set()
 
     async def execute(
         self, caller: Caller, invocation: router_model.Invocation, trace: router_model.TraceContext,
@@ -115,8 +118,14 @@ class FakeExecutor:
         session = invocation.resolved.pin.session
         if self.fails_with is not None:
             raise self.fails_with
+        gone = Unavailable(f"{executor.name} is gone",
+                           reason=router_model.REASON_EXECUTOR_UNAVAILABLE)
+        if executor.name in self.unreachable:
+            raise gone
         try:
             yield router_model.Started("trace-" + invocation.invocation_id)
+            if executor.name in self.dies_mid_turn:
+                raise gone
             size = max(1, -(-len(invocation.payload) // self.chunks))
             for start in range(0, len(invocation.payload), size):
                 yield router_model.Chunk(invocation.payload[start : start + size])

@@ -376,3 +376,21 @@ async def test_with_no_executor_a_turn_is_unavailable_and_says_so(world: World) 
     assert refused.value.reason == "NO_EXECUTORS" and refused.value.retry_delay_s
     # Nothing was created for it.
     assert ("acme", SessionRef("nowhere")) not in world.sessions.pins
+
+
+async def test_an_executor_that_cannot_be_reached_is_passed_over_but_one_that_died_mid_turn_fails_the_turn(
+    world: World,
+) -> None:
+    first = await turn(world, "fragile")
+    other = ({"exec-a", "exec-b"} - {first}).pop()
+    # Killed, still listed: the turn had not started, so it goes to the other executor.
+    world.executor.unreachable.add(first)
+    assert await turn(world, "fragile") == other
+    assert world.sessions.pins["acme", SessionRef("fragile")].executor == other
+    # Dying after the turn started: the turn may have run, so it is not sent again.
+    world.executor.dies_mid_turn.add(other)
+    sent = len(world.executor.sent_to)
+    with pytest.raises(Unavailable) as failed:
+        await turn(world, "fragile")
+    assert failed.value.reason == "EXECUTOR_UNAVAILABLE"
+    assert world.executor.sent_to[sent:] == [other]
