@@ -42,7 +42,8 @@ def check_manager(principal: Principal, action: str) -> None:
     if not (principal.is_service or principal.platform_admin):
         raise PermissionDenied(
             f"{principal.describe()} may not {action}: the executor fleet is managed by a "
-            "platform administrator (the key `make run` keeps in .corral/admin.key)"
+            "platform administrator (the key `make run` keeps in .corral/admin.key)",
+            reason="PLATFORM_ADMIN_REQUIRED",
         )
 
 
