@@ -25,8 +25,9 @@ from corral.registry.v1 import rollouts_pb2 as ro
 from corral.registry.v1 import tools_pb2 as tls
 from corral.router.v1 import router_pb2 as rt
 from corral.router.v1 import router_pb2_grpc
+from corral.sessions.v1 import fleet_pb2 as flt
+from corral.sessions.v1 import fleet_pb2_grpc, sessions_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as ses
-from corral.sessions.v1 import sessions_pb2_grpc
 from corral.telemetry.v1 import telemetry_pb2 as tel
 from corral.telemetry.v1 import telemetry_pb2_grpc
 
@@ -133,6 +134,8 @@ class CorralClient:
     identity = _Stub("registry", identity_pb2_grpc.IdentityServiceStub)
     router = _Stub("router", router_pb2_grpc.RouterServiceStub)
     sessions = _Stub("sessions", sessions_pb2_grpc.SessionsServiceStub)
+    # The executor fleet (corral executors ...), which the sessions service keeps.
+    fleet = _Stub("sessions", fleet_pb2_grpc.FleetServiceStub)
     telemetry = _Stub("telemetry", telemetry_pb2_grpc.TelemetryServiceStub)
     executor = _Stub("executor", executor_pb2_grpc.ExecutorServiceStub)
 
@@ -444,6 +447,23 @@ class CorralClient:
         request = tel.ListScoresRequest(
             filter=tel.SpanFilter(session=session), score_name=score_name, page_size=limit)
         return list(self.telemetry.ListScores(request, metadata=self.metadata).scores)
+
+    # -- executor fleet ---------------------------------------------------------------------
+
+    def executors(self) -> list[flt.Executor]:
+        """The live executors (platform administrators only)."""
+        def fetch(token: str) -> flt.ListExecutorsResponse:
+            request = flt.ListExecutorsRequest(page_size=_PAGE, page_token=token)
+            return self.fleet.ListExecutors(request, metadata=self.metadata)
+
+        return list(pages(fetch, lambda page: page.executors))
+
+    def drain_executor(self, name: str, drained: bool = True) -> flt.Executor:
+        """Drains (no new sessions; live ones move at their next turn) or undrains `name`."""
+        full = name if name.startswith("executors/") else f"executors/{name}"
+        if drained:
+            return self.fleet.DrainExecutor(flt.DrainExecutorRequest(name=full), metadata=self.metadata)
+        return self.fleet.UndrainExecutor(flt.UndrainExecutorRequest(name=full), metadata=self.metadata)
 
     # -- executor ---------------------------------------------------------------------------
 

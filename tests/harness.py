@@ -168,7 +168,35 @@ class Platform:
                 self.settings, listen={**self.settings.listen, name: "127.0.0.1:0"},
                 internal_listen={**self.settings.internal_listen, name: "127.0.0.1:0"},
             )
+        await self.fleet_seen()
         return self.hosts
+
+    async def fleet_seen(self) -> None:
+        """Waits (bounded) until the router's fleet view has every executor started here: their
+        first heartbeats are on their way when they start."""
+        router = self.hosts.get("router")
+        executors = sum(1 for key in self.hosts if key.startswith("executor"))
+        if router is None or not executors or router.service.router is None:  # type: ignore[attr-defined]
+            return
+        view = router.service.router.placement.fleet  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):
+            while len(view.members()) < executors:
+                await view.refresh()
+                await asyncio.sleep(0.05)
+
+    async def start_executor(self, name: str) -> ServiceHost:
+        """Another executor of the fleet, named `name`, with a data dir of its own, on ports the
+        OS picks; it joins the fleet with its first heartbeat. `hosts[f"executor {name}"]`."""
+        executor = replace(self.settings.executor, name=name)
+        settings = replace(
+            self.settings, executor=executor, data_dir=self.settings.data_dir / f"executor-{name}",
+            listen={**self.settings.listen, "executor": "127.0.0.1:0"},
+            internal_listen={**self.settings.internal_listen, "executor": "127.0.0.1:0"},
+        )
+        host = await start_service("executor", settings)
+        self.hosts[f"executor {name}"] = host
+        await self.fleet_seen()
+        return host
 
     async def stop(self, grace: float = 0.5) -> None:
         for ports in self._held.values():

@@ -15,6 +15,7 @@ from corral.bundle import BundleError
 from corral.cli import (
     dev,
     endpoints,
+    executors,
     experiments,
     invoking,
     keys,
@@ -32,8 +33,8 @@ from corral.manifest import ManifestError
 from corral.profiles import ConnectionOptions
 from corral.strategy import StrategyError
 
-AREAS = (publishing, dev, endpoints, invoking, sessions, observability, logs, sandboxes, rollouts,
-         experiments, tools, keys)
+AREAS = (publishing, dev, endpoints, invoking, sessions, observability, logs, sandboxes, executors,
+         rollouts, experiments, tools, keys)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

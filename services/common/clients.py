@@ -46,8 +46,17 @@ def channel(
     """A channel to `service`'s internal listener, or to each of its replicas in turn
     (services/common/addresses.py). `max_reconnect_backoff_s`: the longest wait between attempts
     to reconnect to a service that went away."""
+    return channel_to(settings, settings.internal_addrs[service], service, max_reconnect_backoff_s)
+
+
+def channel_to(
+    settings: Settings, address: str, service: str,
+    max_reconnect_backoff_s: float = MAX_RECONNECT_BACKOFF_S,
+) -> grpc.aio.Channel:
+    """A channel to `service`'s internal listener at `address` (also a member of the executor
+    fleet, found by its heartbeat rather than in the settings)."""
     interceptors = list(tracing.client_interceptors()) if settings.tracing and settings.rpc_spans else []
-    target, balancing = addresses.grpc_target(settings.internal_addrs[service], service)
+    target, balancing = addresses.grpc_target(address, service)
     reconnect = [("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000))]
     return grpc.aio.secure_channel(
         target,
@@ -106,3 +115,35 @@ class ServiceClient(Generic[Stub]):
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class ChannelPool(Generic[Stub]):
+    """A channel and stub per address, for services reached at addresses that come and go (the
+    executor fleet): `forget` closes one whose member left, `close` all."""
+
+    def __init__(
+        self, settings: Settings, service: str, stub: Callable[[grpc.aio.Channel], Stub]
+    ) -> None:
+        self._settings = settings
+        self._service = service
+        self._make_stub = stub
+        self._open: dict[str, tuple[grpc.aio.Channel, Stub]] = {}
+
+    def stub(self, address: str) -> Stub:
+        found = self._open.get(address)
+        if found is None:
+            opened = channel_to(self._settings, address, self._service)
+            found = self._open[address] = (opened, self._make_stub(opened))
+        return found[1]
+
+    def addresses(self) -> set[str]:
+        return set(self._open)
+
+    async def forget(self, address: str) -> None:
+        found = self._open.pop(address, None)
+        if found is not None:
+            await found[0].close()
+
+    async def close(self) -> None:
+        for address in list(self._open):
+            await self.forget(address)

@@ -64,6 +64,11 @@ class Service(Protocol):
         calls that are not gRPC (telemetry's OTLP over HTTP): they must be checked the same way."""
         return
 
+    def serving(self, address: str, internal_address: str) -> None:
+        """Told once the server listens, where (with port 0, the ports the OS picked): the
+        executor heartbeats its address into the fleet from then on."""
+        return
+
     def metrics_registry(self) -> CollectorRegistry | None:
         """Where the service's Prometheus metrics are; the host adds its RPC metrics and serves
         it on the service's metrics port (None: a registry of RPC metrics alone)."""
@@ -183,6 +188,7 @@ class ServiceHost:
                 raise OSError(f"{self.name} could not listen on {internal} (internal, mutual TLS)")
             self.internal_listening = with_port(internal, self.internal_port)
             await server.start()
+            self.service.serving(self.address, self.internal_address)
             exporter = MetricsExporter(self.settings.metrics_ports.get(self.name, 0), metrics)
             exporter.start()
             self._stack.push_async_callback(exporter.stop)

@@ -170,6 +170,13 @@ class ExecutorSettings:
     start_check_timeout_s: float = 30.0
     # Spans and log records held while telemetry cannot take them (memory, then disk).
     telemetry_buffer: BufferLimits = field(default_factory=BufferLimits)
+    # Its name in the fleet (CORRAL_EXECUTOR_NAME; "": generated once, kept in the data dir).
+    name: str = ""
+    # host:port where the other services reach it (CORRAL_EXECUTOR_ADVERTISE; "": its internal
+    # listener as bound).
+    advertise: str = ""
+    # How many executors of the fleet keep each version's warm pool (CORRAL_WARM_POOL_REPLICAS).
+    warm_pool_replicas: int = 2
 
 
 @dataclass(frozen=True)
@@ -365,6 +372,9 @@ class Settings:
                     disk_bytes=_bytes(
                         env, "CORRAL_TELEMETRY_BUFFER_DISK_BYTES", BufferLimits.disk_bytes),
                 ),
+                name=env.get("CORRAL_EXECUTOR_NAME", "").strip(),
+                advertise=env.get("CORRAL_EXECUTOR_ADVERTISE", "").strip(),
+                warm_pool_replicas=_int(env, "CORRAL_WARM_POOL_REPLICAS", 2),
             ),
             secrets_key=env.get("CORRAL_SECRETS_KEY", ""),
             model_prices=_prices(env, "CORRAL_MODEL_PRICES"),

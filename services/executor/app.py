@@ -12,10 +12,12 @@ import grpc
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common import tracing
 from services.common.export_buffer import ExportBuffer
+from services.common.fleet import EXECUTOR_NAME, FleetView
+from services.common.fleet_client import FleetClient
 from services.common.kv import create_redis
 from services.common.outbound import OutboundPolicy
 from services.common.server import App
-from services.common.settings import Settings
+from services.common.settings import Settings, SettingsError
 from services.executor.broker import ModelBroker, check_provider_urls, providers_from_settings
 from services.executor.bundles import BundleCache
 from services.executor.clients import (
@@ -35,10 +37,12 @@ from services.executor.delivery import (
     exporter_name,
 )
 from services.executor.drivers import driver_for
-from services.executor.executor import Executor, default_holder
+from services.executor.executor import Executor
 from services.executor.fleet_keys import FleetKeys
 from services.executor.http import ExecutorHttp
+from services.executor.identity import executor_name, instance_id
 from services.executor.keys import KeyRing, rotation
+from services.executor.membership import Membership, WarmShare
 from services.executor.metrics import ExecutorMetrics
 from services.executor.pools import EndpointWants
 from services.executor.servicer import ExecutorServicer
@@ -54,6 +58,7 @@ SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_
 class ExecutorService(App):
     # The domain, once started.
     executor: Executor | None = None
+    membership: Membership | None = None
 
     async def start(self, server: grpc.aio.Server, stack: AsyncExitStack) -> list[str]:
         s = self.settings
@@ -76,7 +81,13 @@ class ExecutorService(App):
         registry = RegistryClient(s)
         stack.push_async_callback(registry.close)
         metrics = ExecutorMetrics(s.model_prices, self.metrics)
-        holder = default_holder(s.listen["executor"])
+        # Its leases are held in its fleet name: a restarted executor is the same holder.
+        holder = executor_name(s.executor.name, s.data_dir)
+        if not EXECUTOR_NAME.match(holder):
+            raise SettingsError(
+                f"CORRAL_EXECUTOR_NAME={holder!r} is not an executor name: lower-case letters, "
+                "digits, '-' and '.', at most 100"
+            )
         delivery = await self._delivery(holder, metrics, stack)
         spans = TelemetrySpans(delivery, enabled=s.tracing)
         logs = TelemetryLogs(delivery)
@@ -98,7 +109,7 @@ class ExecutorService(App):
         rotating.start()
         stack.push_async_callback(rotating.close)
         issuer = CredentialIssuer(
-            keyring, RedisRevocations(redis, s.redis_prefix), issuer=holder.split("#")[0],
+            keyring, RedisRevocations(redis, s.redis_prefix), issuer=f"executor@{holder}",
             fleet=fleet_keys,
         )
         starter = SandboxStarter(
@@ -113,6 +124,19 @@ class ExecutorService(App):
         executor.start()
         stack.push_async_callback(executor.close)
         self.executor = executor
+        fleet = FleetClient(s)
+        stack.push_async_callback(fleet.close)
+        self.membership = Membership(
+            fleet, name=holder, instance_id=instance_id(), driver=driver.name,
+            capacity=s.executor.max_live_sandboxes, load=executor,
+        )
+        stack.push_async_callback(self.membership.close)
+        if executor.pools is not None:
+            share = WarmShare(holder, s.executor.warm_pool_replicas, executor.pools.wake)
+            executor.pools.keeps = share.keeps
+            view = FleetView(fleet.members, on_change=share.fleet_changed)
+            view.start()
+            stack.push_async_callback(view.close)
         watch = EndpointWants(registry, executor.pools, on_invalidated=executor.forget_stale)
         watch.start()
         stack.push_async_callback(watch.close)
@@ -142,6 +166,11 @@ class ExecutorService(App):
         tracing.export_spans_through(BufferedSpanExporter(delivery))
         stack.callback(tracing.export_spans_through, None)
         return delivery
+
+
+    def serving(self, address: str, internal_address: str) -> None:
+        if self.membership is not None:
+            self.membership.serving(self.settings.executor.advertise or internal_address)
 
 
 def build(settings: Settings) -> ExecutorService:

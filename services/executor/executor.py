@@ -5,9 +5,6 @@ pools per version (pools.py), one turn per invocation (turn.py), per-invocation 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import uuid
 from collections.abc import AsyncGenerator
 from datetime import datetime
 
@@ -160,14 +157,16 @@ class Executor:
         pools = self.pools.report() if self.pools is not None and after is None else []
         return SandboxListing(page.items, pools, page.next_page_token)
 
+    def in_use(self) -> int:
+        """Sandboxes bound to sessions now (what the fleet balances on)."""
+        return self.sandboxes.in_use()
+
+    def warm_versions(self) -> list[str]:
+        return self.pools.warm_versions() if self.pools is not None else []
+
     async def jwks(self) -> dict[str, list[dict[str, str]]]:
         return await self.credentials.jwks() if self.credentials is not None else {"keys": []}
 
     async def is_revoked(self, jti: str) -> bool:
         return await self.credentials.is_revoked(jti) if self.credentials is not None else False
 
-
-def default_holder(listen: str) -> str:
-    """Names this executor as a lease holder. The part after '#' tells apart executors that
-    share a host and address (several in one test process, all listening on port 0)."""
-    return f"executor@{socket.gethostname()}/{listen}#{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -64,6 +64,9 @@ class WarmPools:
         self._failed_at: dict[VersionRef, float] = {}
         # The versions the pool gauges have series for.
         self._exported: set[VersionRef] = set()
+        # Whether this executor keeps `version` warm for the fleet (membership.WarmShare); every
+        # version when it is alone.
+        self.keeps: Callable[[VersionRef], bool] = lambda version: True
         self._filler = Periodic(self._fill_once, every_s=REFILL_EVERY_S, what="warm pool refill")
         self._stopping = TaskSet("stopping a warm sandbox")
 
@@ -73,10 +76,18 @@ class WarmPools:
         self._endpoint_wants = dict(wants)
         self._filler.wake()
 
+    def wake(self) -> None:
+        """Looks at what is wanted again now (the fleet changed)."""
+        self._filler.wake()
+
     def wanted(self) -> dict[VersionRef, Want]:
-        """Every version to keep warm, with its digest and why."""
+        """Every version to keep warm, with its digest and why: the endpoints' versions this
+        executor keeps for the fleet, and those active here."""
         now = time.monotonic()
-        out = {v: Want(w.digest, set(w.reasons)) for v, w in self._endpoint_wants.items()}
+        out = {
+            v: Want(w.digest, set(w.reasons))
+            for v, w in self._endpoint_wants.items() if self.keeps(v)
+        }
         for version, (digest, at) in list(self._active.items()):
             if now - at > ACTIVE_FOR_S:
                 del self._active[version]
@@ -145,6 +156,10 @@ class WarmPools:
                 pool.remove(oldest)
         await oldest.stop()
         return True
+
+    def warm_versions(self) -> list[str]:
+        """The versions with a warm sandbox waiting."""
+        return sorted(v.name for v, pool in self._ready.items() if pool)
 
     def ready(self) -> list[Sandbox]:
         """Every warm sandbox, waiting for a session."""

@@ -245,6 +245,9 @@ class SandboxTable:
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself
             log.warning("could not release the lease of %s: %s", session, exc)
 
+    def in_use(self) -> int:
+        return len(self._bound)
+
     def running_digests(self) -> set[str]:
         """The bundles the sandboxes here run: bound to a session, or warm."""
         warm = self._pools.ready() if self._pools else []

@@ -1,27 +1,33 @@
-"""The router's calls out, over gRPC, as the Protocols of model.py: sessions (pins), the registry
-(versions) and executors. They return domain values and raise the domain error tree."""
+"""The router's calls out, over gRPC, as the Protocols of model.py: sessions (pins, placements),
+the registry (versions), the fleet (its members) and the executors (each at its address). They return domain values and raise the domain error tree."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
+
+import grpc
 
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import AgentRef, EndpointRef, ResourceNameError, SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
 from corral.sessions.v1 import sessions_pb2, sessions_pb2_grpc
+from services.common import tracing
 from services.common.auth.principal import Principal
-from services.common.clients import ServiceClient, on_behalf_of
+from services.common.clients import ChannelPool, ServiceClient, on_behalf_of
 from services.common.endpoint_watch import RegistryEndpoints
 from services.common.endpoints import EndpointSource, EndpointUpdate
-from services.common.errors import AlreadyExists, CorralError, Internal, NotFound
+from services.common.errors import AlreadyExists, CorralError, Internal, NotFound, Unavailable
 from services.common.execution import Completed, Started
+from services.common.fleet import EXECUTOR_PREFIX, FleetMember
+from services.common.fleet_client import FleetClient
 from services.common.identity import Caller
 from services.common.settings import Settings
-from services.common.status import calling
+from services.common.status import calling, error_info, from_rpc_error
 from services.common.tenancy import SessionOwner
 from services.router.model import (
+    REASON_EXECUTOR_UNAVAILABLE,
     Chunk,
     ExecutionEvent,
     Invocation,
@@ -51,6 +57,7 @@ def _pin(session: sessions_pb2.Session) -> SessionPin:
             version=VersionRef.parse(session.version),
             digest=session.version_digest,
             endpoint=EndpointRef.parse(session.endpoint) if session.endpoint else None,
+            executor=session.executor.removeprefix(EXECUTOR_PREFIX),
         )
     except (ResourceNameError, KeyError) as exc:
         raise Internal(f"sessions answered with a session the router cannot read ({exc})") from None
@@ -78,13 +85,14 @@ class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"
 
     async def create(
         self, caller: Caller, session: SessionRef, version: VersionInfo,
-        endpoint: EndpointRef | None,
+        endpoint: EndpointRef | None, executor: str,
     ) -> SessionPin | None:
         pinned = sessions_pb2.Session(
             agent=version.ref.parent.name,
             version=version.ref.name,
             version_digest=version.digest,
             endpoint=endpoint.name if endpoint is not None else "",
+            executor=f"{EXECUTOR_PREFIX}{executor}",
         )
         if version.idle_timeout_s:
             pinned.idle_timeout.FromSeconds(version.idle_timeout_s)
@@ -93,6 +101,18 @@ class SessionsService(ServiceClient["sessions_pb2_grpc.SessionsServiceAsyncStub"
         request = sessions_pb2.CreateSessionRequest(session_id=session.session, session=pinned)
         created = self._stub.CreateSession(request, metadata=self.metadata(caller))
         return await _pin_unless(AlreadyExists, created)
+
+    async def place(
+        self, tenant: str, session: SessionRef, executor: str, expected: str
+    ) -> SessionPin:
+        # As the router itself, in the session's tenant: moving a session is no user's act.
+        request = sessions_pb2.PlaceSessionRequest(
+            name=session.name, executor=f"{EXECUTOR_PREFIX}{executor}",
+            expected_executor=f"{EXECUTOR_PREFIX}{expected}" if expected else "",
+        )
+        acting = self.metadata(Principal.of_service(ROUTER, tenant))
+        with calling("sessions"):
+            return _pin(await self._stub.PlaceSession(request, metadata=acting))
 
     async def stop(self, caller: Caller, session: SessionRef) -> None:
         with calling("sessions"):
@@ -155,12 +175,44 @@ def _event(response: executor_pb2.ExecuteResponse) -> ExecutionEvent | None:
     return None
 
 
-class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"]):
+# A call to an executor that ends with one of these and no ErrorInfo never got an answer from it:
+# the executor could not be reached or died mid-turn.
+_TRANSPORT_FAILURES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+})
+
+
+def executor_unavailable(err: grpc.aio.AioRpcError, executor: FleetMember) -> Unavailable:
+    return Unavailable(
+        f"{executor.resource} ({executor.address}) could not be reached or went away during the "
+        f"turn ({err.code().name}: {(err.details() or '')[:120]}); retry: the session's next turn "
+        "goes to a live executor, from its last committed state",
+        reason=REASON_EXECUTOR_UNAVAILABLE, metadata={"executor": executor.resource},
+        retry_delay_s=1.0,
+    )
+
+
+@contextmanager
+def calling_executor(executor: FleetMember) -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in _TRANSPORT_FAILURES and error_info(exc) is None:
+            raise executor_unavailable(exc, executor) from None
+        raise from_rpc_error(exc, "executor") from None
+
+
+class ExecutorFleet:
+    """The executors, each on a channel of its own to its advertised address, closed when it
+    leaves the fleet."""
+
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
+        self._settings = settings
+        self._channels = ChannelPool(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
 
     async def execute(
-        self, caller: Caller, invocation: Invocation, trace: TraceContext
+        self, caller: Caller, invocation: Invocation, trace: TraceContext, executor: FleetMember
     ) -> AsyncGenerator[ExecutionEvent, None]:
         pin = invocation.resolved.pin
         request = executor_pb2.ExecuteRequest(
@@ -170,9 +222,10 @@ class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"
             content_type=invocation.content_type, tenant=caller.tenant, user=caller.user,
             request_id=invocation.request_id,
         )
-        call = self._stub.Execute(request, metadata=(*on_behalf_of(self._settings, caller), *trace))
+        stub = self._channels.stub(executor.address)
+        call = stub.Execute(request, metadata=(*on_behalf_of(self._settings, caller), *trace))
         try:
-            with calling("executor"):
+            with calling_executor(executor):
                 async for response in call:
                     event = _event(response)
                     if event is not None:
@@ -182,24 +235,37 @@ class ExecutorService(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"
             # commit its turn) until the call object is garbage-collected.
             call.cancel()
 
-    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
-        with calling("executor"):
-            await self._stub.StopSession(
-                executor_pb2.StopSessionRequest(session=session.name),
-                metadata=self.metadata(caller),
+    async def stop_session(self, caller: Caller, session: SessionRef, executor: FleetMember) -> None:
+        metadata = (*on_behalf_of(self._settings, caller), *tracing.inject_metadata())
+        with calling_executor(executor):
+            await self._channels.stub(executor.address).StopSession(
+                executor_pb2.StopSessionRequest(session=session.name), metadata=metadata,
             )
+
+    async def fleet_changed(self, members: Sequence[FleetMember]) -> None:
+        """Closes the channels of executors that left."""
+        live = {m.address for m in members}
+        for address in self._channels.addresses() - live:
+            await self._channels.forget(address)
+
+    async def close(self) -> None:
+        await self._channels.close()
 
 
 @dataclass(frozen=True)
 class RouterClients:
     sessions: SessionsService
     registry: RegistryVersions
-    executor: ExecutorService
+    executors: ExecutorFleet
+    fleet: FleetClient
 
     @classmethod
     def open(cls, settings: Settings, stack: AsyncExitStack) -> RouterClients:
-        """Clients on one channel per service, closed when `stack` closes."""
-        clients = cls(SessionsService(settings), RegistryVersions(settings), ExecutorService(settings))
-        for client in (clients.sessions, clients.registry, clients.executor):
+        """Clients on one channel per service (per executor), closed when `stack` closes."""
+        clients = cls(
+            SessionsService(settings), RegistryVersions(settings), ExecutorFleet(settings),
+            FleetClient(settings),
+        )
+        for client in (clients.sessions, clients.registry, clients.executors, clients.fleet):
             stack.push_async_callback(client.close)
         return clients

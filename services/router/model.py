@@ -10,10 +10,13 @@ from typing import Protocol
 
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from services.common.execution import Completed, Started
+from services.common.fleet import FleetMember
 from services.common.identity import Caller
 from services.common.tenancy import SessionOwner
 
 DEFAULT_ENDPOINT = "DEFAULT"
+# An executor could not be reached, or went away mid-turn.
+REASON_EXECUTOR_UNAVAILABLE = "EXECUTOR_UNAVAILABLE"
 # Metadata carrying the caller's trace context (traceparent, tracestate) on to the executor.
 TraceContext = tuple[tuple[str, str], ...]
 
@@ -82,6 +85,8 @@ class SessionPin:
     digest: str
     # The endpoint that chose the version; None when the caller named the version.
     endpoint: EndpointRef | None
+    # The executor its turns go to (bare name; "" when never placed).
+    executor: str = ""
 
 
 class SessionEnd(enum.Enum):
@@ -112,10 +117,17 @@ class SessionsClient(Protocol):
 
     async def create(
         self, caller: Caller, session: SessionRef, version: VersionInfo,
-        endpoint: EndpointRef | None,
+        endpoint: EndpointRef | None, executor: str,
     ) -> SessionPin | None:
-        """Creates the session pinned to `version` with its timeouts; None when a session by
-        that name exists already (a race, or one this router has not seen)."""
+        """Creates the session pinned to `version` with its timeouts, placed on `executor`; None
+        when a session by that name exists already (a race, or one this router has not seen)."""
+        ...
+
+    async def place(
+        self, tenant: str, session: SessionRef, executor: str, expected: str
+    ) -> SessionPin:
+        """Records `executor` as the session's if it is still `expected` (Aborted,
+        PLACEMENT_CONFLICT, when it is not)."""
         ...
 
     async def stop(self, caller: Caller, session: SessionRef) -> None: ...
@@ -132,14 +144,17 @@ class RegistryClient(Protocol):
 
 
 class ExecutorClient(Protocol):
+    """The executors of the fleet, each reached at its address."""
+
     def execute(
-        self, caller: Caller, invocation: Invocation, trace: TraceContext
+        self, caller: Caller, invocation: Invocation, trace: TraceContext, executor: FleetMember
     ) -> AsyncGenerator[ExecutionEvent, None]:
-        """Runs the invocation; closing the generator early cancels it."""
+        """Runs the invocation on `executor`; closing the generator early cancels it. An
+        executor that cannot be reached, or dies mid-turn, is Unavailable (EXECUTOR_UNAVAILABLE)."""
         ...
 
-    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
-        """Ends the session's sandbox, and with it any invocation running there."""
+    async def stop_session(self, caller: Caller, session: SessionRef, executor: FleetMember) -> None:
+        """Ends the session's sandbox there, and with it any invocation running there."""
         ...
 
 

@@ -18,10 +18,12 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from services.common.fleet import FleetMember
 from services.common.identity import Caller
 from services.common.requests import session_for_request
 from services.common.tenancy import Access
 from services.router.model import (
+    REASON_EXECUTOR_UNAVAILABLE,
     ExecutionEvent,
     ExecutorClient,
     Invocation,
@@ -33,6 +35,7 @@ from services.router.model import (
     TraceContext,
 )
 from services.router.pins import PinCache
+from services.router.placing import Placement
 from services.router.routing import bucket, choose
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,11 @@ START_FAILURES = frozenset({
     "SANDBOX_PROTOCOL",
     "DIGEST_MISMATCH",
 })
+# The lease of a session is still held by the executor it was on before it moved (this router's
+# pin is older than the session's placement), or its executor cannot be reached: a turn that
+# has not started is sent again, once, where the session is now or elsewhere.
+HELD_ELSEWHERE = "SESSION_HELD_ELSEWHERE"
+RETRIED_ELSEWHERE = frozenset({HELD_ELSEWHERE, REASON_EXECUTOR_UNAVAILABLE})
 
 
 def check_target(target: Target) -> None:
@@ -64,11 +72,13 @@ class Router:
         executor: ExecutorClient,
         endpoints: EndpointMirror,
         max_payload_bytes: int,
+        placement: Placement,
         ids: IdSource | None = None,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
         self._executor = executor
+        self.placement = placement
         self.endpoints = endpoints
         self.pins = PinCache()
         self.max_payload_bytes = max_payload_bytes
@@ -151,7 +161,9 @@ class Router:
                 f"started), so it takes no sessions; `corral versions {version.agent}` shows why",
                 reason="VERSION_NOT_READY",
             )
-        created = await self._sessions.create(caller, session, info, endpoint)
+        # Placed before it exists: the placement is recorded with the session.
+        executor = await self.placement.for_new(session.session, version.name)
+        created = await self._sessions.create(caller, session, info, endpoint, executor.name)
         if created is None:
             return None
         self.pins.put(created)
@@ -197,15 +209,50 @@ class Router:
                 f"{MAX_CONTENT_TYPE_CHARS}; send a media type such as application/json",
             )
         resolved = await self.resolve(caller, target, request_id)
-        invocation = Invocation(
-            resolved, self._ids.new_id(), payload, content_type or DEFAULT_CONTENT_TYPE, request_id
-        )
+        invocation_id = self._ids.new_id()
+        avoid = ""
+        for attempt in range(2):
+            pin, executor = await self.placement.executor_for(resolved.pin, avoid)
+            if pin != resolved.pin:
+                self.pins.put(pin)
+                resolved = Resolved(pin, resolved.new_session)
+            invocation = Invocation(
+                resolved, invocation_id, payload, content_type or DEFAULT_CONTENT_TYPE, request_id
+            )
+            started = False
+            try:
+                async with aclosing(self._execute(caller, invocation, trace, executor)) as events:
+                    async for event in events:
+                        started = True
+                        yield invocation, event
+                return
+            except CorralError as exc:
+                # Nothing ran yet, so the turn can go elsewhere once: to where the session is
+                # now (its lease is still with the executor it left), or away from an executor
+                # that cannot be reached though the fleet still lists it (killed, not yet out).
+                if started or attempt or exc.reason not in RETRIED_ELSEWHERE:
+                    raise
+                if exc.reason == REASON_EXECUTOR_UNAVAILABLE:
+                    avoid = executor.name
+                    continue
+                fresh = await self._sessions.get(caller, resolved.pin.session)
+                if fresh is None:
+                    raise
+                self.pins.put(fresh)
+                resolved = Resolved(fresh, resolved.new_session)
+
+    async def _execute(
+        self, caller: Caller, invocation: Invocation, trace: TraceContext, executor: FleetMember
+    ) -> AsyncGenerator[ExecutionEvent, None]:
+        resolved = invocation.resolved
         # Closing this generator (the caller went away) closes the execution's, which ends the
         # execution too, rather than letting it run on and commit its turn.
         try:
-            async with aclosing(self._executor.execute(caller, invocation, trace)) as events:
+            async with aclosing(
+                self._executor.execute(caller, invocation, trace, executor)
+            ) as events:
                 async for event in events:
-                    yield invocation, event
+                    yield event
         except CorralError as exc:
             if resolved.new_session and exc.reason in START_FAILURES:
                 await self._abandon(caller, resolved.pin.session)
@@ -226,5 +273,8 @@ class Router:
 
     async def stop_session(self, caller: Caller, session: SessionRef) -> None:
         await self._sessions.stop(caller, session)
-        await self._executor.stop_session(caller, session)
+        pin = self.pins.get(caller.tenant, session) or await self._sessions.get(caller, session)
+        executor = self.placement.fleet.get(pin.executor) if pin is not None and pin.executor else None
+        if executor is not None:
+            await self._executor.stop_session(caller, session, executor)
         self.pins.forget(caller.tenant, session)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from corral.executor.v1 import executor_pb2, executor_pb2_grpc
 from corral.names import SessionRef, VersionRef
 from corral.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.common.clients import ServiceClient, acting_in
+from services.common.clients import ChannelPool, ServiceClient, acting_in
 from services.common.errors import InvalidArgument
 from services.common.identity import Caller
 from services.common.settings import Settings
@@ -38,10 +38,23 @@ class RegistryPins(ServiceClient["registry_pb2_grpc.RegistryServiceAsyncStub"]):
 
 
 class ExecutorSandboxes(ServiceClient["executor_pb2_grpc.ExecutorServiceAsyncStub"]):
-    """Implements SandboxStop."""
+    """Implements SandboxStop (the executor at CORRAL_EXECUTOR_ADDR, for a session never placed)
+    and SandboxStopAt (a member of the fleet, at its address)."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
+        self._fleet = ChannelPool(settings, "executor", executor_pb2_grpc.ExecutorServiceStub)
+
+    async def stop_sandbox_at(self, address: str, caller: Caller, session: SessionRef) -> None:
+        with calling("executor"):
+            await self._fleet.stub(address).StopSession(
+                executor_pb2.StopSessionRequest(session=session.name),
+                metadata=self.metadata(caller), timeout=STOP_TIMEOUT_S,
+            )
+
+    async def close(self) -> None:
+        await self._fleet.close()
+        await super().close()
 
     async def stop_sandbox(self, caller: Caller, session: SessionRef) -> None:
         with calling("executor"):

@@ -12,9 +12,10 @@ from corral import names
 from corral.names import AgentRef, EndpointRef, SessionRef, VersionRef
 from corral.sessions.v1 import sessions_pb2 as pb
 from services.common.errors import InvalidArgument
+from services.common.fleet import EXECUTOR_PREFIX
 from services.common.requests import REQUEST_DIGESTS, REQUEST_IDS
 from services.common.timestamps import timestamp
-from services.sessions import model
+from services.sessions import fleet_rules, model
 
 _STATUS_TO_PB = {
     model.SessionStatus.ACTIVE: pb.SESSION_STATUS_ACTIVE,
@@ -67,6 +68,7 @@ def new_session(request: pb.CreateSessionRequest) -> tuple[SessionRef | None, mo
         endpoint=EndpointRef.parse(s.endpoint, field="session.endpoint") if s.endpoint else None,
         idle_timeout_s=seconds(s, "idle_timeout"),
         max_lifetime_s=seconds(s, "max_lifetime"),
+        executor=fleet_rules.executor_name(s.executor, "session.executor") if s.executor else "",
     )
     return chosen, spec
 
@@ -130,6 +132,7 @@ def session_pb(record: model.SessionRecord) -> pb.Session:
         idle_timeout=duration_pb2.Duration(seconds=record.idle_timeout_s),
         max_lifetime=duration_pb2.Duration(seconds=record.max_lifetime_s),
         state_etag=record.state_etag,
+        executor=f"{EXECUTOR_PREFIX}{record.executor}" if record.executor else "",
     )
 
 
@@ -188,3 +191,13 @@ def result_pb(result: model.TurnResult | None) -> pb.LookupTurnResultResponse:
         version=result.version, invocation_id=result.invocation_id, trace_id=result.trace_id,
         commit_time=timestamp(result.commit_time),
     ))
+
+
+def placement(request: pb.PlaceSessionRequest) -> tuple[SessionRef, str, str]:
+    """The session, the executor it goes to, and the one the caller saw ("" for none)."""
+    expected = request.expected_executor
+    return (
+        named(request),
+        fleet_rules.executor_name(request.executor, "executor"),
+        fleet_rules.executor_name(expected, "expected_executor") if expected else "",
+    )

@@ -48,6 +48,8 @@ class SessionRecord:
     last_active_time: datetime
     idle_timeout_s: int
     max_lifetime_s: int
+    # The executor its turns go to (bare name; "" when never placed).
+    executor: str = ""
 
     def is_expired(self, now: datetime) -> bool:
         """True once the idle timeout or the max lifetime has passed (for a live session).
@@ -111,6 +113,8 @@ class NewSession:
     endpoint: EndpointRef | None = None
     idle_timeout_s: float | None = None
     max_lifetime_s: float | None = None
+    # The executor the router placed it on (bare name), if any.
+    executor: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,13 @@ class SessionStore(Protocol):
 
     async def delete(self, session: SessionKey) -> bool: ...
 
+    async def place(
+        self, session: SessionKey, executor: str, expected: str
+    ) -> SessionRecord | None:
+        """Records `executor` if the session's is `expected`; None when it is not (or the
+        session is gone)."""
+        ...
+
     async def pinned(self, tenant: str, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
         """For each of the tenant's `versions` that has sessions: its active ones and their
         latest activity."""
@@ -248,6 +259,17 @@ class LeaseStore(Protocol):
 
     async def holder(self, session: SessionKey) -> str | None:
         """The lease id currently holding the session, if any."""
+        ...
+
+    async def current(self, session: SessionKey) -> tuple[str, str] | None:
+        """The lease id and the holder of the session's lease, if any."""
+        ...
+
+    async def take_over(
+        self, session: SessionKey, old_lease_id: str, lease_id: str, holder: str, ttl_s: float
+    ) -> bool:
+        """Replaces the lease `old_lease_id` with a new one, atomically; False if
+        `old_lease_id` no longer holds it."""
         ...
 
     async def drop(self, session: SessionKey) -> None: ...

@@ -105,3 +105,8 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
     ) -> pb.CountPinnedSessionsResponse:
         pins = await self._sessions.count_pinned(caller(context), messages.pinned_versions(request))
         return pb.CountPinnedSessionsResponse(pins=[messages.pinned_pb(p) for p in pins])
+
+    async def PlaceSession(self, request: pb.PlaceSessionRequest, context: Context) -> pb.Session:
+        session, executor, expected = messages.placement(request)
+        placed = await self._sessions.place(caller(context), session, executor, expected)
+        return messages.session_pb(placed)

@@ -22,7 +22,8 @@ from services.common.identity import Caller
 from services.common.paging import Page, PageQuery
 from services.common.requests import REASON_REQUEST_ALREADY_COMMITTED
 from services.common.tenancy import Access, SessionOwner
-from services.sessions import rules
+from services.sessions import fleet_rules, rules
+from services.sessions.fleet_model import FleetStore, SandboxStopAt
 from services.sessions.model import (
     LeaseStore,
     NewSession,
@@ -48,6 +49,8 @@ REASON_STATE_CONFLICT = "STATE_CONFLICT"
 REASON_LEASE_LOST = "LEASE_LOST"
 REASON_SESSION_STOPPED = "SESSION_STOPPED"
 REASON_SESSION_EXPIRED = "SESSION_EXPIRED"
+REASON_HELD_ELSEWHERE = "SESSION_HELD_ELSEWHERE"
+REASON_PLACEMENT_CONFLICT = "PLACEMENT_CONFLICT"
 
 
 def _key(caller: Caller, session: SessionRef) -> SessionKey:
@@ -64,6 +67,14 @@ def _lease_lost(session: SessionRef, lease_id: str) -> Aborted:
     )
 
 
+def _busy(name: str) -> Aborted:
+    return Aborted(
+        f"session {name} is busy: another invocation is running on it; retry when it finishes",
+        reason=REASON_SESSION_BUSY,
+        metadata={"session": name},
+    )
+
+
 def _sort_key(record: SessionRecord) -> tuple[datetime, str]:
     return record.create_time, record.id
 
@@ -77,12 +88,18 @@ class Sessions:
         ids: IdSource | None = None,
         pins: PinCheck | None = None,
         sandboxes: SandboxStop | None = None,
+        fleet: FleetStore | None = None,
+        fleet_sandboxes: SandboxStopAt | None = None,
     ) -> None:
         self._store = store
         self._leases = leases
         # None only where no registry or executor is in play (the domain's unit tests).
         self._pins = pins
         self._sandboxes = sandboxes
+        # None where no fleet is in play (the domain's unit tests): a held lease is then busy.
+        self._fleet = fleet
+        self._fleet_sandboxes = fleet_sandboxes
+        self._background: set[asyncio.Task[None]] = set()
         self._clock = clock or SystemClock()
         self._ids = ids or RandomIds()
 
@@ -124,6 +141,7 @@ class Sessions:
             last_active_time=now,
             idle_timeout_s=idle,
             max_lifetime_s=lifetime,
+            executor=spec.executor,
         )
         stored = await self._store.insert(record)
         if stored is None:
@@ -177,6 +195,12 @@ class Sessions:
         log.info("deleted %s", record.key)
 
     async def _stop_sandbox(self, caller: Caller, record: SessionRecord) -> None:
+        member = None
+        if self._fleet is not None and record.executor:
+            member = await self._fleet.member(record.executor)
+        if member is not None and self._fleet_sandboxes is not None:
+            await self._stop_at(member.address, caller, record)
+            return
         if self._sandboxes is None:
             return
         try:
@@ -227,12 +251,7 @@ class Sessions:
         lease_id = self._ids.new_id()
         now = self._clock.now()
         if not await self._leases.acquire(key, lease_id, holder, ttl):
-            raise Aborted(
-                f"session {record.name} is busy: another invocation is running on it; "
-                "retry when it finishes",
-                reason=REASON_SESSION_BUSY,
-                metadata={"session": record.name},
-            )
+            await self._take_over(caller, record, lease_id, holder, ttl)
         try:
             # Read the state only once the lease is ours, so no other turn can commit under us.
             loaded = await self._store.touch_and_load(key, now)
@@ -248,6 +267,68 @@ class Sessions:
             holder,
             now + timedelta(seconds=ttl),
             SessionState(session.session, state, current.state_etag, current.turn_count),
+        )
+
+    async def _take_over(
+        self, caller: Caller, record: SessionRecord, lease_id: str, holder: str, ttl: float
+    ) -> None:
+        """Takes the session's lease from the executor that holds it when that one is gone from
+        the fleet, drained, the requester itself restarted, or not where the session is placed
+        (fleet_rules.takes_over); refuses saying who holds it otherwise."""
+        if self._fleet is None:
+            raise _busy(record.name)
+        current = await self._leases.current(record.key)
+        if current is None:  # released meanwhile
+            if await self._leases.acquire(record.key, lease_id, holder, ttl):
+                return
+            raise _busy(record.name)
+        old_lease, old_holder = current
+        member = await self._fleet.member(old_holder)
+        if not fleet_rules.takes_over(
+            holder=old_holder, requester=holder, placed_on=record.executor,
+            holder_live=member is not None, holder_draining=member is not None and member.draining,
+        ):
+            raise FailedPrecondition(
+                f"{record.name} is held by executors/{old_holder}, where its turns run; send "
+                "them there (the router does), or retry once that executor is drained or gone",
+                reason=REASON_HELD_ELSEWHERE,
+                metadata={"session": record.name, "executor": f"executors/{old_holder}"},
+            )
+        if not await self._leases.take_over(record.key, old_lease, lease_id, holder, ttl):
+            raise _busy(record.name)  # another taker won the race
+        log.info("%s: lease taken over by %s from %s (%s)", record.key, holder, old_holder,
+                 "live" if member is not None else "gone")
+        if member is not None and old_holder != holder and self._fleet_sandboxes is not None:
+            # Its sandbox would only hold memory until its idle timeout (it can no longer commit).
+            task = asyncio.create_task(self._stop_at(member.address, caller, record))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _stop_at(self, address: str, caller: Caller, record: SessionRecord) -> None:
+        assert self._fleet_sandboxes is not None
+        try:
+            await self._fleet_sandboxes.stop_sandbox_at(address, caller, record.ref)
+        except CorralError as exc:
+            log.warning("could not end the old sandbox of %s at %s: %s", record.key, address,
+                        exc.message)
+
+    async def place(
+        self, caller: Caller, session: SessionRef, executor: str, expected: str
+    ) -> SessionRecord:
+        """Records the executor the session's turns go to, if it is still `expected`."""
+        record = await self._owned(caller, session, Access.WRITE)
+        placed = await self._store.place(record.key, executor, expected)
+        if placed is not None:
+            log.info("%s placed on executors/%s (was %r)", record.key, executor, expected)
+            return placed
+        current = await self._owned(caller, session, Access.WRITE)
+        if current.executor == executor:
+            return current  # another router placed it there first
+        raise Aborted(
+            f"{record.name} is placed on executors/{current.executor or '(none)'}, not "
+            f"executors/{expected or '(none)'}; read it again and send its turn there",
+            reason=REASON_PLACEMENT_CONFLICT,
+            metadata={"session": record.name, "executor": f"executors/{current.executor}"},
         )
 
     async def renew_lease(

@@ -37,7 +37,7 @@ CACHE_TTL_MS = 60_000
 
 _COLUMNS = """id, agent, version, version_digest, endpoint, tenant, user_id, status,
     turn_count, state_etag, create_time, update_time, last_active_time, idle_timeout_s,
-    max_lifetime_s, revision"""
+    max_lifetime_s, revision, executor"""
 _NEXT_REVISION = "nextval('sessions.revision_seq')"
 # A session is found by its tenant ($1) and its id ($2).
 _KEY = "tenant = $1 AND id = $2"
@@ -67,6 +67,15 @@ if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
   return v
 end
 return false
+"""
+# Takes a lease over from the lease id in ARGV[1] ("<lease_id>\n"): only if it still holds it.
+_LEASE_TAKE_OVER = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
 """
 _LEASE_RELEASE = """
 local v = redis.call('GET', KEYS[1])
@@ -387,6 +396,17 @@ class PgSessionStore:
         await self._cache.forget(session, revision)
         return True
 
+    async def place(
+        self, session: SessionKey, executor: str, expected: str
+    ) -> SessionRecord | None:
+        row = await self._pool.fetchrow(
+            f"""UPDATE sessions.sessions SET executor = $3, revision = {_NEXT_REVISION}
+                WHERE {_KEY} AND executor = $4
+                RETURNING {_COLUMNS}""",
+            session.tenant, session.id, executor, expected,
+        )
+        return await self._cached(row)
+
     async def pinned(self, tenant: str, versions: Sequence[VersionRef]) -> Sequence[PinnedSessions]:
         rows = await self._pool.fetch(
             """SELECT version, count(*) FILTER (WHERE status = 'ACTIVE') AS active,
@@ -437,6 +457,22 @@ class RedisLeases(_PerSession):
         if value is None:
             return None
         return _text(value).split("\n", 1)[0]
+
+    async def current(self, session: SessionKey) -> tuple[str, str] | None:
+        value = await self._redis.get(self._key(session))
+        if value is None:
+            return None
+        lease_id, _, holder = _text(value).partition("\n")
+        return lease_id, holder
+
+    async def take_over(
+        self, session: SessionKey, old_lease_id: str, lease_id: str, holder: str, ttl_s: float
+    ) -> bool:
+        taken = await self._script(_LEASE_TAKE_OVER)(
+            keys=[self._key(session)],
+            args=[f"{old_lease_id}\n", f"{lease_id}\n{holder}", _ms(ttl_s)],
+        )
+        return bool(taken)
 
     async def drop(self, session: SessionKey) -> None:
         await self._redis.delete(self._key(session))

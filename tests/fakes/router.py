@@ -9,7 +9,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
-from services.common.errors import CorralError, NotFound
+from services.common.errors import Aborted, CorralError, NotFound, Unavailable
+from services.common.fleet import FleetMember, FleetView
 from services.common.identity import Caller
 from services.common.tenancy import Access, SessionOwner
 from services.router import model as router_model
@@ -39,17 +40,30 @@ class FakeSessions:
 
     async def create(
         self, caller: Caller, session: SessionRef, version: router_model.VersionInfo,
-        endpoint: EndpointRef | None,
+        endpoint: EndpointRef | None, executor: str,
     ) -> router_model.SessionPin | None:
         if (caller.tenant, session) in self.pins:
             return None
         owner = SessionOwner(caller.tenant, caller.user)
         pin = router_model.SessionPin(
-            session, owner, None, version.ref.parent, version.ref, version.digest, endpoint
+            session, owner, None, version.ref.parent, version.ref, version.digest, endpoint,
+            executor,
         )
         self.pins[caller.tenant, session] = pin
         self.created_on[session] = version
         return pin
+
+    async def place(
+        self, tenant: str, session: SessionRef, executor: str, expected: str
+    ) -> router_model.SessionPin:
+        pin = self.pins[tenant, session]
+        if pin.executor != expected:
+            raise Aborted(
+                f"{session.name} is on {pin.executor}", reason="PLACEMENT_CONFLICT",
+                metadata={"executor": f"executors/{pin.executor}"},
+            )
+        moved = self.pins[tenant, session] = dataclasses.replace(pin, executor=executor)
+        return moved
 
     async def stop(self, caller: Caller, session: SessionRef) -> None:
         pin = self._owned(caller, session, Access.WRITE)
@@ -86,19 +100,32 @@ class FakeExecutor:
         self.invocations: list[router_model.Invocation] = []
         self.closed: list[str] = []
         self.stopped: list[SessionRef] = []
+        # The executor each invocation was sent to.
+        self.sent_to: list[str] = []
         self.turns: dict[SessionRef, int] = {}
         # Set: every execution fails with it before starting (a version that cannot start).
         self.fails_with: CorralError | None = None
+        # Executors that cannot be reached; or that die after Started (mid-turn).
+        self.unreachable: set[str] = set()
+        self.dies_mid_turn: set[str] = set()
 
     async def execute(
-        self, caller: Caller, invocation: router_model.Invocation, trace: router_model.TraceContext
+        self, caller: Caller, invocation: router_model.Invocation, trace: router_model.TraceContext,
+        executor: FleetMember,
     ) -> AsyncGenerator[router_model.ExecutionEvent, None]:
         self.invocations.append(invocation)
+        self.sent_to.append(executor.name)
         session = invocation.resolved.pin.session
         if self.fails_with is not None:
             raise self.fails_with
+        gone = Unavailable(f"{executor.name} is gone",
+                           reason=router_model.REASON_EXECUTOR_UNAVAILABLE)
+        if executor.name in self.unreachable:
+            raise gone
         try:
             yield router_model.Started("trace-" + invocation.invocation_id)
+            if executor.name in self.dies_mid_turn:
+                raise gone
             size = max(1, -(-len(invocation.payload) // self.chunks))
             for start in range(0, len(invocation.payload), size):
                 yield router_model.Chunk(invocation.payload[start : start + size])
@@ -107,8 +134,30 @@ class FakeExecutor:
         finally:
             self.closed.append(invocation.invocation_id)
 
-    async def stop_session(self, caller: Caller, session: SessionRef) -> None:
+    async def stop_session(
+        self, caller: Caller, session: SessionRef, executor: FleetMember
+    ) -> None:
         self.stopped.append(session)
+
+
+class FakeFleet:
+    """The members a FleetView lists: change `members` and refresh the view."""
+
+    def __init__(self, *names: str) -> None:
+        self.members = [member(n) for n in names]
+
+    async def list(self) -> list[FleetMember]:
+        return list(self.members)
+
+    def view(self) -> FleetView:
+        return FleetView(self.list)
+
+
+def member(
+    name: str, in_use: int = 0, capacity: int = 64, warm: frozenset[str] = frozenset(),
+    draining: bool = False,
+) -> FleetMember:
+    return FleetMember(name, f"{name}.test:1", capacity, in_use, warm, draining)
 
 
 class FakeEndpoints:

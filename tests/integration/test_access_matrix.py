@@ -124,6 +124,8 @@ def resource_names(agent: str, session: str, tool: str, key: str, score: str) ->
         "registry.corral.dev/AuditEvent": "auditEvents/1",
         "sessions.corral.dev/Session": f"sessions/{session}",
         "telemetry.corral.dev/Score": score,
+        # Executors are the platform's, no tenant's: none of them is the victim's.
+        "sessions.corral.dev/Executor": "executors/nobody",
     }
 
 
@@ -363,6 +365,15 @@ def forged(world: World) -> Metadata:
             (ASSERTION_KEY, signer.sign(principal)))
 
 
+# Methods about the platform rather than a tenant (the executor fleet): a tenant's administrator
+# is refused them, whatever it names.
+PLATFORM_METHODS = frozenset({
+    "/corral.sessions.v1.FleetService/ListExecutors",
+    "/corral.sessions.v1.FleetService/DrainExecutor",
+    "/corral.sessions.v1.FleetService/UndrainExecutor",
+})
+PLATFORM_REFUSAL = "PLATFORM_ADMIN_REQUIRED"
+
 # Holes this matrix found, for the lead to fix (then the case passes and its xfail must go).
 CROSS_TENANT_HOLES: dict[str, str] = {}
 
@@ -397,6 +408,9 @@ async def test_another_tenant_never_reaches_the_victims_resources(
             elif code == Code.PERMISSION_DENIED and req is tenant_named:
                 err = await _error(world, method, req, attacker)
                 assert error_details(err)[0].reason == TENANT_NAMED_REFUSAL, seen
+            elif code == Code.PERMISSION_DENIED and method.path in PLATFORM_METHODS:
+                err = await _error(world, method, req, attacker)
+                assert error_details(err)[0].reason == PLATFORM_REFUSAL, seen
             else:
                 assert code not in (Code.PERMISSION_DENIED, Code.UNAUTHENTICATED, Code.UNKNOWN,
                                     Code.INTERNAL), seen

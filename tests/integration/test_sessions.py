@@ -11,11 +11,12 @@ import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2
 
+from corral.sessions.v1 import fleet_pb2_grpc, sessions_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as pb
-from corral.sessions.v1 import sessions_pb2_grpc
 from services.common.kv import create_redis
 from services.common.settings import Settings
 from tests.credentials import internal_channel
+from tests.fleet import beat
 from tests.harness import Platform
 from tests.rpc import error_details, fails, new_tenant, who
 
@@ -41,6 +42,15 @@ async def stub(
     await services.start("sessions")
     async with internal_channel(services.settings, "sessions", "executor") as channel:
         yield sessions_pb2_grpc.SessionsServiceStub(channel)
+
+
+@pytest_asyncio.fixture
+async def fleet(
+    services: Platform, stub: sessions_pb2_grpc.SessionsServiceAsyncStub
+) -> AsyncIterator[fleet_pb2_grpc.FleetServiceAsyncStub]:
+    """FleetService as the executors call it, on the sessions service `stub` started."""
+    async with internal_channel(services.settings, "sessions", "executor") as channel:
+        yield fleet_pb2_grpc.FleetServiceStub(channel)
 
 
 @pytest.fixture
@@ -138,7 +148,8 @@ async def test_duplicate_ids_bad_ids_and_bad_versions_are_refused(
 
 
 async def test_lease_is_exclusive_and_commit_is_compare_and_set(
-    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, tenant: str
+    stub: sessions_pb2_grpc.SessionsServiceAsyncStub, fleet: fleet_pb2_grpc.FleetServiceAsyncStub,
+    tenant: str,
 ) -> None:
     me = who(tenant)
     name = (
@@ -149,14 +160,14 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     )
     assert lease.lease_id and lease.holder == "exec-1" and lease.state.turn_count == 0
 
+    # exec-1 is a live member of the fleet: exec-2, where the session is not placed, is told so.
+    await fleet.Heartbeat(beat("exec-1"))
     err = await fails(
-        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
         stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder="exec-2"), metadata=me),
     )
-    assert error_details(err)[0].reason == "SESSION_BUSY"
-    assert (err.details() or "") == (
-        f"session {name} is busy: another invocation is running on it; retry when it finishes"
-    )
+    info = error_details(err)[0]
+    assert info.reason == "SESSION_HELD_ELSEWHERE" and info.metadata["executor"] == "executors/exec-1"
 
     renewed = await stub.RenewLease(
         pb.RenewLeaseRequest(
@@ -207,7 +218,9 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     state = await stub.GetSessionState(pb.GetSessionStateRequest(name=name), metadata=me)
     assert (state.state, state.turn_count) == (b'{"step": 1}', 1)
 
-    # Released, the session can be leased again, by exactly one of several racing callers.
+    # Released, the session can be leased again, by exactly one of several racing executors of
+    # the fleet; the others are told which one holds it.
+    await asyncio.gather(*(fleet.Heartbeat(beat(f"h{i}")) for i in range(6)))
     results = await asyncio.gather(
         *(
             stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder=f"h{i}"), metadata=me)
@@ -218,7 +231,8 @@ async def test_lease_is_exclusive_and_commit_is_compare_and_set(
     winners = [r for r in results if isinstance(r, pb.Lease)]
     assert len(winners) == 1 and winners[0].state.etag == saved.etag
     assert all(
-        isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.ABORTED
+        isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and error_details(r)[0].metadata["executor"] == f"executors/{winners[0].holder}"
         for r in results
         if r not in winners
     )

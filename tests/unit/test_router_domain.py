@@ -16,6 +16,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from services.common.identity import Caller
 from services.common.tenancy import SessionOwner
@@ -26,11 +27,19 @@ from services.router.model import (
     Target,
     VersionInfo,
 )
+from services.router.placing import Placement
 from services.router.router import Router
 from services.router.routing import bucket, choose
 from services.router.servicer import target_of
 from tests.fakes.common import SequentialIds
-from tests.fakes.router import FakeEndpoints, FakeExecutor, FakeRegistry, FakeSessions
+from tests.fakes.router import (
+    FakeEndpoints,
+    FakeExecutor,
+    FakeFleet,
+    FakeRegistry,
+    FakeSessions,
+    member,
+)
 
 AGENT = AgentRef("demo")
 V1, V2 = AGENT.version(1), AGENT.version(2)
@@ -63,22 +72,33 @@ class World:
     registry: FakeRegistry
     executor: FakeExecutor
     mirror: EndpointMirror
+    fleet: FakeFleet
+
+    def fresh_router_in(self, world: World, router: Router | None = None) -> World:
+        """This world seen through `router` (another replica)."""
+        return dataclasses.replace(world, router=router or self.fresh_router())
 
     def fresh_router(self) -> Router:
         """Another router (a replica, or this one restarted) on the same services: no pins."""
-        return Router(self.sessions, self.registry, self.executor, self.mirror, MAX_PAYLOAD)
+        return Router(
+            self.sessions, self.registry, self.executor, self.mirror, MAX_PAYLOAD,
+            Placement(self.fleet.view(), self.sessions),
+        )
 
 
 @pytest.fixture
 def world() -> World:
-    sessions, executor = FakeSessions(), FakeExecutor()
+    sessions, executor, fleet = FakeSessions(), FakeExecutor(), FakeFleet("exec-a", "exec-b")
     registry = FakeRegistry(
         VersionInfo(V1, digest(V1), idle_timeout_s=60, max_lifetime_s=120),
         VersionInfo(V2, digest(V2)),
     )
     mirror = EndpointMirror(FakeEndpoints(split(1)))
-    router = Router(sessions, registry, executor, mirror, MAX_PAYLOAD, SequentialIds())
-    return World(router, sessions, registry, executor, mirror)
+    router = Router(
+        sessions, registry, executor, mirror, MAX_PAYLOAD, Placement(fleet.view(), sessions),
+        SequentialIds(),
+    )
+    return World(router, sessions, registry, executor, mirror, fleet)
 
 
 async def test_another_tenants_endpoint_of_the_same_name_is_not_this_ones(world: World) -> None:
@@ -305,3 +325,72 @@ def test_the_servicer_parses_what_an_invocation_names() -> None:
             with pytest.raises(ResourceNameError) as info:
                 target_of(bad)
             assert info.value.field == field, change
+
+
+async def turn(world: World, session: str) -> str:
+    """Runs one turn of `session`; the executor it went to."""
+    async for _ in world.router.invoke(ALICE, at(session), b"{}", "", ()):
+        pass
+    return world.executor.sent_to[-1]
+
+
+async def test_a_session_is_placed_once_and_every_router_sends_its_turns_there(world: World) -> None:
+    first = await turn(world, "placed")
+    assert world.sessions.pins["acme", SessionRef("placed")].executor == first
+    assert await turn(world, "placed") == first
+    assert await turn(world.fresh_router_in(world), "placed") == first
+
+
+async def test_a_session_moves_when_its_executor_leaves_or_is_drained(world: World) -> None:
+    first = await turn(world, "moving")
+    other = ({"exec-a", "exec-b"} - {first}).pop()
+    world.fleet.members = [m for m in world.fleet.members if m.name != first]
+    await world.router.placement.fleet.refresh()
+    assert await turn(world, "moving") == other
+    assert world.sessions.pins["acme", SessionRef("moving")].executor == other
+    # Back and undrained, it takes new sessions again; drained, its sessions move at their turn.
+    world.fleet.members = [member(first), member(other, draining=True)]
+    await world.router.placement.fleet.refresh()
+    assert await turn(world, "moving") == first
+    assert world.sessions.pins["acme", SessionRef("moving")].executor == first
+
+
+async def test_two_routers_moving_one_session_agree_on_one_executor(world: World) -> None:
+    await turn(world, "raced")
+    other_router = world.fresh_router()
+    await turn(world.fresh_router_in(world, other_router), "raced")
+    # Both routers hold the pin; the session's executor leaves; one router moves it.
+    gone = world.sessions.pins["acme", SessionRef("raced")].executor
+    world.fleet.members = [m for m in world.fleet.members if m.name != gone] + [member("exec-c")]
+    for router in (world.router, other_router):
+        await router.placement.fleet.refresh()
+    moved_to = await turn(world, "raced")
+    # The other router's pin still names the executor that left: its CAS fails, it follows.
+    assert await turn(world.fresh_router_in(world, other_router), "raced") == moved_to
+
+
+async def test_with_no_executor_a_turn_is_unavailable_and_says_so(world: World) -> None:
+    world.fleet.members = []
+    with pytest.raises(Unavailable) as refused:
+        await turn(world, "nowhere")
+    assert refused.value.reason == "NO_EXECUTORS" and refused.value.retry_delay_s
+    # Nothing was created for it.
+    assert ("acme", SessionRef("nowhere")) not in world.sessions.pins
+
+
+async def test_an_executor_that_cannot_be_reached_is_passed_over_but_one_that_died_mid_turn_fails_the_turn(
+    world: World,
+) -> None:
+    first = await turn(world, "fragile")
+    other = ({"exec-a", "exec-b"} - {first}).pop()
+    # Killed, still listed: the turn had not started, so it goes to the other executor.
+    world.executor.unreachable.add(first)
+    assert await turn(world, "fragile") == other
+    assert world.sessions.pins["acme", SessionRef("fragile")].executor == other
+    # Dying after the turn started: the turn may have run, so it is not sent again.
+    world.executor.dies_mid_turn.add(other)
+    sent = len(world.executor.sent_to)
+    with pytest.raises(Unavailable) as failed:
+        await turn(world, "fragile")
+    assert failed.value.reason == "EXECUTOR_UNAVAILABLE"
+    assert world.executor.sent_to[sent:] == [other]

@@ -145,6 +145,16 @@ METHODS: Mapping[str, Access] = {
         "RetireVersion": internal("registry"),
         # Deleting a version, and retention, ask which live sessions are pinned to it.
         "CountPinnedSessions": internal("registry"),
+        # The router records where a session's turns go when it moves it.
+        "PlaceSession": internal("router"),
+    }),
+    **_service("corral.sessions.v1.FleetService", {
+        "Heartbeat": internal("executor"),
+        # Routers place sessions on the live members; platform administrators see and drain
+        # them (the domain checks the platform administrator: the fleet is no tenant's).
+        "ListExecutors": user(ADMIN, "router", "executor"),
+        "DrainExecutor": user(ADMIN),
+        "UndrainExecutor": user(ADMIN),
     }),
     **_service("corral.executor.v1.ExecutorService", {
         "Execute": internal("router"),
