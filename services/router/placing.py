@@ -67,10 +67,15 @@ class Placement:
         return moved, chosen
 
     def _no_executors(self) -> Unavailable:
-        stale = " (the fleet view is stale: the sessions service does not answer)" \
-            if self.fleet.stale else ""
+        members = self.fleet.members()
+        if members:
+            why = f"all {len(members)} executors of the fleet are drained"
+        elif self.fleet.stale:
+            why = "no executor is known: the sessions service, which keeps the fleet, does not answer"
+        else:
+            why = "no executor is in the fleet"
         return Unavailable(
-            f"no executor is in the fleet to run this session{stale}; retry shortly",
+            f"{why}, so no executor can run this session; retry shortly",
             reason=REASON_NO_EXECUTORS, retry_delay_s=NO_EXECUTORS_RETRY_S,
         )
 

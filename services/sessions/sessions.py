@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common import tenancy
+from services.common.background import TaskSet
 from services.common.clock import Clock, IdSource, RandomIds, SystemClock
 from services.common.errors import (
     Aborted,
@@ -99,7 +100,7 @@ class Sessions:
         # None where no fleet is in play (the domain's unit tests): a held lease is then busy.
         self._fleet = fleet
         self._fleet_sandboxes = fleet_sandboxes
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = TaskSet("stopping a sandbox whose lease was taken over")
         self._clock = clock or SystemClock()
         self._ids = ids or RandomIds()
 
@@ -300,9 +301,7 @@ class Sessions:
                  "live" if member is not None else "gone")
         if member is not None and old_holder != holder and self._fleet_sandboxes is not None:
             # Its sandbox would only hold memory until its idle timeout (it can no longer commit).
-            task = asyncio.create_task(self._stop_at(member.address, caller, record))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self._stop_at(member.address, caller, record))
 
     async def _stop_at(self, address: str, caller: Caller, record: SessionRecord) -> None:
         assert self._fleet_sandboxes is not None

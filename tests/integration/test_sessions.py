@@ -11,12 +11,13 @@ import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2
 
-from corral.sessions.v1 import fleet_pb2_grpc, sessions_pb2_grpc
+from corral.sessions.v1 import fleet_pb2, fleet_pb2_grpc, sessions_pb2_grpc
 from corral.sessions.v1 import sessions_pb2 as pb
+from services.common.auth.interceptor import TENANT_KEY
 from services.common.kv import create_redis
 from services.common.settings import Settings
 from tests.credentials import internal_channel
-from tests.fleet import beat
+from tests.fleet import beat, platform_admin
 from tests.harness import Platform
 from tests.rpc import error_details, fails, new_tenant, who
 
@@ -473,3 +474,50 @@ async def test_stop_and_delete(
         assert await redis.exists(lease_key) == 0
     finally:
         await redis.aclose()
+
+
+async def test_a_lease_passes_from_an_executor_that_no_longer_serves_the_session(
+    services: Platform, stub: sessions_pb2_grpc.SessionsServiceAsyncStub,
+    fleet: fleet_pb2_grpc.FleetServiceAsyncStub, tenant: str,
+) -> None:
+    me = who(tenant)
+    name = (await stub.CreateSession(pb.CreateSessionRequest(session=new_session()), metadata=me)).name
+
+    async def lease(holder: str) -> pb.Lease:
+        return await stub.AcquireLease(pb.AcquireLeaseRequest(session=name, holder=holder), metadata=me)
+
+    # exec-1 never heartbeated (or died): exec-2 takes its lease, and exec-1 can no longer commit.
+    old = await lease("exec-1")
+    taken = await lease("exec-2")
+    err = await fails(grpc.StatusCode.ABORTED, stub.CommitTurn(pb.CommitTurnRequest(
+        session=name, lease_id=old.lease_id, etag=old.state.etag, state=b"{}"), metadata=me))
+    assert error_details(err)[0].reason == "LEASE_LOST"
+    # exec-2, restarted under its name, gets it back at once.
+    await fleet.Heartbeat(beat("exec-2"))
+    again = await lease("exec-2")
+    assert again.lease_id != taken.lease_id
+    # A live, undrained holder keeps it; drained, it gives it up.
+    await fleet.Heartbeat(beat("exec-3"))
+    await fails(grpc.StatusCode.FAILED_PRECONDITION, lease("exec-3"))
+    async with internal_channel(services.settings, "sessions", "router") as channel:
+        admin = fleet_pb2_grpc.FleetServiceStub(channel)
+        drained = await admin.DrainExecutor(
+            fleet_pb2.DrainExecutorRequest(name="executors/exec-2"),
+            metadata=platform_admin(services.settings))
+        assert drained.draining
+        await fleet.Heartbeat(beat("exec-2"))  # still alive, but drained
+        assert (await lease("exec-3")).holder == "exec-3"
+        # The session moved (PlaceSession, as the router does): exec-4 takes it from live exec-3.
+        in_tenant = ((TENANT_KEY, tenant),)
+        placed = await sessions_pb2_grpc.SessionsServiceStub(channel).PlaceSession(
+            pb.PlaceSessionRequest(name=name, executor="executors/exec-4"), metadata=in_tenant)
+        assert placed.executor == "executors/exec-4"
+        await fleet.Heartbeat(beat("exec-4"))
+        assert (await lease("exec-4")).holder == "exec-4"
+        # A router whose view is older loses the compare-and-set, and is told where it is.
+        err = await fails(grpc.StatusCode.ABORTED, sessions_pb2_grpc.SessionsServiceStub(
+            channel).PlaceSession(pb.PlaceSessionRequest(
+                name=name, executor="executors/exec-5", expected_executor="executors/exec-3"),
+                metadata=in_tenant))
+        info = error_details(err)[0]
+        assert info.reason == "PLACEMENT_CONFLICT" and info.metadata["executor"] == "executors/exec-4"
