@@ -1,4 +1,5 @@
-"""`make chaos`: the platform as `make run` starts it (two routers; embedded PostgreSQL and Redis),
+"""`make chaos`: the platform as `make run` starts it (two routers, two executors; embedded
+PostgreSQL and Redis),
 multi-turn sessions of a turn-counting agent running against it, and one fault at a time: each
 service's process, then PostgreSQL, then Redis, killed with SIGKILL while the sessions go on
 (the launcher restarts each). Then an overload: many sessions at once. Prints one JSON document:
@@ -339,7 +340,7 @@ def main() -> int:
         return 2
     data = Path(tempfile.mkdtemp(prefix="corral-chaos-"))
     print(f"chaos: starting the platform in {data}...", file=sys.stderr, flush=True)
-    platform = Platform(data, "router=2")
+    platform = Platform(data, "router=2,executor=2")
     try:
         report = asyncio.run(run(settings, platform))
     finally:

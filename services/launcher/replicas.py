@@ -1,7 +1,9 @@
 """CORRAL_REPLICAS: how many processes of each service `make run` starts, e.g.
-`router=2,registry=2,sessions=2,telemetry=2`. Every replica of a service is reached through one
-address setting that lists them all (services/common/addresses.py), so the others call them in
-turn and do without one that died until the launcher has started it again."""
+`router=2,registry=2,sessions=2,telemetry=2,executor=2`. Every replica of a service is reached
+through one address setting that lists them all (services/common/addresses.py), so the others call
+them in turn and do without one that died until the launcher has started it again. Executors are
+a fleet instead: each registers itself and routers place sessions on them; each further executor
+gets a data directory of its own (its name, bundles, sandboxes, keys)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ from services.common.settings import SERVICES, SettingsError
 
 VARIABLE = "CORRAL_REPLICAS"
 MAX_REPLICAS = 8
-# Executors are placed per session, not called in turn: they are not replicated this way.
-NOT_REPLICATED = ("executor",)
 
 
 def parse(value: str) -> dict[str, int]:
@@ -24,8 +24,6 @@ def parse(value: str) -> dict[str, int]:
         if not sep or service not in SERVICES:
             raise SettingsError(
                 f"{VARIABLE}={value!r}: {item!r} is not SERVICE=N (services: {', '.join(SERVICES)})")
-        if service in NOT_REPLICATED:
-            raise SettingsError(f"{VARIABLE}={value!r}: {service} cannot be replicated this way")
         try:
             count = int(number)
         except ValueError:

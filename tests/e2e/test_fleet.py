@@ -114,24 +114,25 @@ def test_sessions_move_off_a_drained_or_killed_executor_and_keep_their_state(
     until(lambda: not members(platform)[SECOND].get("draining"), "the undrain in the listing")
     time.sleep(1.5)
 
-    # Killed mid-turn: that turn fails UNAVAILABLE naming the executor; nothing committed is lost.
+    # Killed mid-turn: the platform fails that turn UNAVAILABLE naming the executor (the mesh
+    # tests check the status); `corral invoke` retries it under its request id, and it runs on
+    # the other executor from the last committed state: nothing of the killed attempt counts.
     victim = session_on(platform, SECOND, "c")
     slow = subprocess.Popen(
         [CORRAL, "--json", "invoke", AGENT, "--session", victim, "--data",
-         json.dumps({"mode": "sleep", "seconds": 60})],
+         json.dumps({"mode": "sleep", "seconds": 4})],
         env=platform, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(2)  # the turn is running in exec-two's sandbox
         os.kill(second.pid, signal.SIGKILL)
-        out, _ = slow.communicate(timeout=60)
+        out, err = slow.communicate(timeout=60)
     finally:
         if slow.poll() is None:
             slow.kill()
-    error = json.loads(out)["error"]
-    assert error["code"] == "UNAVAILABLE" and f"executors/{SECOND}" in error["message"], error
-    # The session's next turn runs on the other executor, from its last committed state.
-    assert invoke(platform, victim)["output"] == "Turn 2."
+    assert slow.returncode == 0, (out, err)
+    assert json.loads(out)["output"] == "Turn 2. Slept.", out
     assert placed_on(platform, victim) == first
+    assert invoke(platform, victim)["output"] == "Turn 3."
     assert until(lambda: SECOND not in members(platform), "the killed executor out of the fleet",
                  timeout_s=10)
 

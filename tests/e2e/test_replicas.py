@@ -1,5 +1,5 @@
-"""`make run` with CORRAL_REPLICAS: two routers, registries, sessions and telemetry services as
-separate processes against one PostgreSQL and Redis. The platform behaves as with one of each:
+"""`make run` with CORRAL_REPLICAS: two routers, registries, sessions and telemetry services and
+two executors (a fleet) as separate processes against one PostgreSQL and Redis. The platform behaves as with one of each:
 both routers hear endpoint changes, a session continues through either router, and a replica
 killed with SIGKILL costs at most the calls it had in flight while the others answer and the
 launcher starts it again."""
@@ -22,12 +22,14 @@ from tests.e2e.conftest import CORRAL, corral, launched
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 REPLICATED = ("router", "registry", "sessions", "telemetry")
+# Executors join the fleet: two processes, sessions placed on either.
+FLEET = "executor=2"
 
 
 @pytest.fixture(scope="module")
 def replicated(own_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     with launched(own_database, redis_url, tmp_path_factory.mktemp("replicated"),
-                  CORRAL_REPLICAS=",".join(f"{svc}=2" for svc in REPLICATED)) as env:
+                  CORRAL_REPLICAS=",".join([*(f"{svc}=2" for svc in REPLICATED), FLEET])) as env:
         yield env
 
 
@@ -65,7 +67,9 @@ def cached_revisions(env: dict[str, str], endpoint: str) -> list[int]:
 def test_every_service_runs_twice_and_both_routers_follow_the_endpoints(replicated: dict[str, str]) -> None:
     env = replicated
     for svc in (*REPLICATED, "executor"):
-        assert len(replicas_of(env, svc)) == (2 if svc in REPLICATED else 1), svc
+        assert len(replicas_of(env, svc)) == 2, svc
+    executors = corral(env, "executors", "list")
+    assert len(executors) == 2, executors
     assert len(env["CORRAL_ROUTER_ADDR"].split(",")) == 2
     endpoint = "agents/progress-report/endpoints/prod"
     corral(env, "endpoint", "set", "progress-report", "prod", "--split", "1=100")
@@ -82,7 +86,7 @@ def test_every_service_runs_twice_and_both_routers_follow_the_endpoints(replicat
         assert reply["output"].startswith(f"Turn {turn}."), reply
 
 
-@pytest.mark.parametrize("service", ["sessions", "registry", "telemetry", "router"])
+@pytest.mark.parametrize("service", ["sessions", "registry", "telemetry", "router", "executor"])
 def test_a_killed_replica_costs_at_most_its_calls_in_flight(replicated: dict[str, str], service: str) -> None:
     env = replicated
     session = f"through-{service}-death"

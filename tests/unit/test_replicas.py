@@ -42,10 +42,10 @@ def test_settings_with_a_list_need_each_replicas_own_listen_address() -> None:
 
 
 def test_corral_replicas() -> None:
-    assert replicas.parse("router=2, sessions=3,") == {"router": 2, "sessions": 3}
+    assert replicas.parse("router=2, sessions=3,executor=2") == {"router": 2, "sessions": 3, "executor": 2}
     assert replicas.parse("") == {}
     assert replicas.names("router", 3) == ["router", "router-2", "router-3"]
     for bad, says in (("router", "SERVICE=N"), ("gateway=2", "SERVICE=N"), ("router=0", "from 1 to 8"),
-                      ("router=x", "from 1 to 8"), ("executor=2", "cannot be replicated")):
+                      ("router=x", "from 1 to 8")):
         with pytest.raises(SettingsError, match=says):
             replicas.parse(bad)
