@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.common.settings import DEFAULT_PORTS, SERVICES
+from services.common.settings import DEFAULT_PORTS, INTERNAL_PORT_OFFSET, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "deploy" / "k8s"
@@ -274,7 +274,8 @@ def test_each_executor_registers_under_its_pods_name_and_stable_address() -> Non
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["CORRAL_EXECUTOR_NAME"] == "$(POD_NAME)"
-    port = DEFAULT_PORTS["executor"]
+    # The other services reach an executor at its mutual-TLS listener, the public port plus 10.
+    port = DEFAULT_PORTS["executor"] + INTERNAL_PORT_OFFSET
     assert env["CORRAL_EXECUTOR_ADVERTISE"] == f"$(POD_NAME).executor.$(POD_NAMESPACE).svc:{port}"
     # Kubernetes expands $(VAR) only from variables defined earlier in the list.
     names = [e["name"] for e in container["env"]]
