@@ -73,11 +73,14 @@ class Platform:
 
     def __init__(self, data: Path, replicas: str) -> None:
         self.data = data
+        # The platform's own settings only: CORRAL_CHAOS_SET passes some on (A=1,B=2).
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+        env.update(dict(item.split("=", 1) for item in
+                        filter(None, os.environ.get("CORRAL_CHAOS_SET", "").split(","))))
         env.update({f"CORRAL_{svc.upper()}_ADDR": "127.0.0.1:0" for svc in SERVICES})
         env.update(dict.fromkeys(HTTP_PORTS, "0"))
         env.update({"CORRAL_DATA_DIR": str(data), "CORRAL_REPLICAS": replicas, "PYTHONPATH": str(ROOT),
-                    "CORRAL_LOG_LEVEL": "WARNING"})
+                    "CORRAL_LOG_LEVEL": os.environ.get("CORRAL_CHAOS_LOG_LEVEL") or "WARNING"})
         self.log_path = data / "platform.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env,

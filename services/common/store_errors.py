@@ -25,11 +25,14 @@ _DATABASE_NOT_REACHED: tuple[type[Exception], ...] = (
     asyncpg.CannotConnectNowError,
 )
 # And those that say the connection was lost during the call: a change may have been saved.
+# InternalClientError is what asyncpg raises on a connection a server restart left half-way
+# through an operation ("cannot switch to state 12; another operation is in progress").
 _DATABASE_LOST: tuple[type[Exception], ...] = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.ConnectionFailureError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.InternalClientError,
 )
 # asyncpg.InterfaceError is also a misuse of the driver (a bug); these are the ones a lost
 # connection or a pool shutting down causes.

@@ -38,6 +38,9 @@ UNAVAILABLE, EXHAUSTED = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_E
          UNAVAILABLE, "DATABASE_UNAVAILABLE", "PostgreSQL"),
         (asyncpg.InterfaceError("connection is closed"), UNAVAILABLE, "DATABASE_UNAVAILABLE",
          "PostgreSQL"),
+        # Seen by `make chaos` when PostgreSQL was killed under load.
+        (asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in "
+                                     "progress"), UNAVAILABLE, "DATABASE_UNAVAILABLE", "PostgreSQL"),
         (DatabasePoolExhausted(10, 5.0), EXHAUSTED, "DATABASE_POOL_EXHAUSTED", "PostgreSQL"),
         (asyncpg.TooManyConnectionsError("sorry, too many clients already"), EXHAUSTED,
          "DATABASE_CONNECTIONS_EXHAUSTED", "PostgreSQL"),
