@@ -4,6 +4,7 @@ a typed stub, the metadata that says on whose behalf a call is made, close()."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -117,9 +118,15 @@ class ServiceClient(Generic[Stub]):
         await self._channel.close()
 
 
+# A channel of a member that left the fleet lets the calls it carries finish (or fail on their
+# own) for this long before they are cancelled: closing it at once would cancel them, and a
+# cancelled call is no answer to give its caller.
+RETIRED_GRACE_S = 3600.0
+
+
 class ChannelPool(Generic[Stub]):
     """A channel and stub per address, for services reached at addresses that come and go (the
-    executor fleet): `forget` closes one whose member left, `close` all."""
+    executor fleet): `forget` retires one whose member left, `close` all."""
 
     def __init__(
         self, settings: Settings, service: str, stub: Callable[[grpc.aio.Channel], Stub]
@@ -128,6 +135,8 @@ class ChannelPool(Generic[Stub]):
         self._service = service
         self._make_stub = stub
         self._open: dict[str, tuple[grpc.aio.Channel, Stub]] = {}
+        # Channels of members that left, each closing with grace in a task of its own.
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> Stub:
         found = self._open.get(address)
@@ -140,10 +149,17 @@ class ChannelPool(Generic[Stub]):
         return set(self._open)
 
     async def forget(self, address: str) -> None:
+        """New calls to `address` get a new channel; calls under way on the old one go on."""
         found = self._open.pop(address, None)
         if found is not None:
-            await found[0].close()
+            task = asyncio.create_task(found[0].close(grace=RETIRED_GRACE_S))
+            self._retiring[task] = found[0]
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def close(self) -> None:
-        for address in list(self._open):
-            await self.forget(address)
+        for task, channel in list(self._retiring.items()):
+            task.cancel()
+            await channel.close()
+        for channel, _ in self._open.values():
+            await channel.close()
+        self._open.clear()

@@ -3,6 +3,7 @@ the registry (versions), the fleet (its members) and the executors (each at its 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
@@ -204,8 +205,8 @@ def calling_executor(executor: FleetMember) -> Iterator[None]:
 
 
 class ExecutorFleet:
-    """The executors, each on a channel of its own to its advertised address, closed when it
-    leaves the fleet."""
+    """The executors, each on a channel of its own to its advertised address, retired when it
+    leaves the fleet (the calls under way on it go on)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -230,6 +231,19 @@ class ExecutorFleet:
                     event = _event(response)
                     if event is not None:
                         yield event
+        except asyncio.CancelledError:
+            # grpc.aio says a call cancelled on this side (its channel closed) this way too; only
+            # a cancelled caller is a cancellation, anything else is an executor not reached.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise Unavailable(
+                f"{executor.resource} ({executor.address}): the call was cut off on this side "
+                "during the turn; retry: the session's next turn goes to a live executor, from its "
+                "last committed state",
+                reason=REASON_EXECUTOR_UNAVAILABLE, metadata={"executor": executor.resource},
+                retry_delay_s=1.0,
+            ) from None
         finally:
             # When the caller goes away the execution must end too, rather than run on (and
             # commit its turn) until the call object is garbage-collected.
@@ -243,7 +257,7 @@ class ExecutorFleet:
             )
 
     async def fleet_changed(self, members: Sequence[FleetMember]) -> None:
-        """Closes the channels of executors that left."""
+        """Retires the channels of executors that left."""
         live = {m.address for m in members}
         for address in self._channels.addresses() - live:
             await self._channels.forget(address)

@@ -154,3 +154,25 @@ async def test_sessions_follow_their_executor_and_move_when_it_is_drained_or_gon
     await router_sees(mesh, 1)
     assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 4."
     assert await placed_on(mesh, session) == first
+
+
+async def test_a_turn_goes_on_when_its_executor_drops_out_of_the_routers_view(
+    mesh: Mesh, fleet: fleet_pb2_grpc.FleetServiceAsyncStub
+) -> None:
+    """The fleet's view can lose a live executor for a moment (Redis restarted empty, so its
+    heartbeat is not there yet): the router retires that executor's channel, and the turns it
+    carries run to their end rather than being cut off with no answer (`make chaos` saw callers
+    wait out their deadline)."""
+    agent = await mesh.publish_agent("dropped", BEHAVIOUR)
+    session = f"{mesh.prefix}-dropped"
+    assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 1."
+    slow = asyncio.ensure_future(mesh.router.Invoke(rt.InvokeRequest(
+        agent=f"agents/{agent}", session_id=session,
+        payload=body({"mode": "sleep", "seconds": 1.5})), metadata=mesh.me))
+    await asyncio.sleep(0.5)  # the turn runs in the sandbox
+    executors = mesh.hosts["router"].service.router._executor  # type: ignore[attr-defined]
+    await executors.fleet_changed([])  # as the view reads when every heartbeat is gone
+    async with asyncio.timeout(10):
+        reply = await slow
+    assert reply.output == b"Turn 2. Slept."
+    assert (await mesh.invoke(agent, {}, session_id=session)).output == b"Turn 3."
