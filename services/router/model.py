@@ -17,6 +17,8 @@ from services.common.tenancy import SessionOwner
 DEFAULT_ENDPOINT = "DEFAULT"
 # An executor could not be reached, or went away mid-turn.
 REASON_EXECUTOR_UNAVAILABLE = "EXECUTOR_UNAVAILABLE"
+# An executor with no sandbox to spare (services/executor/admission.py): another may have one.
+REASON_EXECUTOR_AT_CAPACITY = "EXECUTOR_AT_CAPACITY"
 # Metadata carrying the caller's trace context (traceparent, tracestate) on to the executor.
 TraceContext = tuple[tuple[str, str], ...]
 

@@ -23,6 +23,7 @@ from services.common.identity import Caller
 from services.common.requests import session_for_request
 from services.common.tenancy import Access
 from services.router.model import (
+    REASON_EXECUTOR_AT_CAPACITY,
     REASON_EXECUTOR_UNAVAILABLE,
     ExecutionEvent,
     ExecutorClient,
@@ -54,7 +55,10 @@ START_FAILURES = frozenset({
 # pin is older than the session's placement), or its executor cannot be reached: a turn that
 # has not started is sent again, once, where the session is now or elsewhere.
 HELD_ELSEWHERE = "SESSION_HELD_ELSEWHERE"
-RETRIED_ELSEWHERE = frozenset({HELD_ELSEWHERE, REASON_EXECUTOR_UNAVAILABLE})
+RETRIED_ELSEWHERE = frozenset({HELD_ELSEWHERE, REASON_EXECUTOR_UNAVAILABLE, REASON_EXECUTOR_AT_CAPACITY})
+# Executors passed over for the turn's second attempt: it could not be reached, or it has no
+# sandbox to spare and another may.
+AVOIDED = frozenset({REASON_EXECUTOR_UNAVAILABLE, REASON_EXECUTOR_AT_CAPACITY})
 
 
 def check_target(target: Target) -> None:
@@ -229,10 +233,11 @@ class Router:
             except CorralError as exc:
                 # Nothing ran yet, so the turn can go elsewhere once: to where the session is
                 # now (its lease is still with the executor it left), or away from an executor
-                # that cannot be reached though the fleet still lists it (killed, not yet out).
+                # that cannot be reached though the fleet still lists it (killed, not yet out)
+                # or that has no sandbox to spare.
                 if started or attempt or exc.reason not in RETRIED_ELSEWHERE:
                     raise
-                if exc.reason == REASON_EXECUTOR_UNAVAILABLE:
+                if exc.reason in AVOIDED:
                     avoid = executor.name
                     continue
                 fresh = await self._sessions.get(caller, resolved.pin.session)

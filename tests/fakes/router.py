@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from corral.names import EndpointRef, SessionRef, VersionRef
 from services.common import tenancy
 from services.common.endpoints import EndpointTraffic, EndpointUpdate
-from services.common.errors import Aborted, CorralError, NotFound, Unavailable
+from services.common.errors import Aborted, CorralError, NotFound, ResourceExhausted, Unavailable
 from services.common.fleet import FleetMember, FleetView
 from services.common.identity import Caller
 from services.common.tenancy import Access, SessionOwner
@@ -108,6 +108,8 @@ class FakeExecutor:
         # Executors that cannot be reached; or that die after Started (mid-turn).
         self.unreachable: set[str] = set()
         self.dies_mid_turn: set[str] = set()
+        # Executors with no sandbox to spare (EXECUTOR_AT_CAPACITY).
+        self.full: set[str] = set()
 
     async def execute(
         self, caller: Caller, invocation: router_model.Invocation, trace: router_model.TraceContext,
@@ -122,6 +124,9 @@ class FakeExecutor:
                            reason=router_model.REASON_EXECUTOR_UNAVAILABLE)
         if executor.name in self.unreachable:
             raise gone
+        if executor.name in self.full:
+            raise ResourceExhausted(f"{executor.name} is full",
+                                    reason=router_model.REASON_EXECUTOR_AT_CAPACITY, retry_delay_s=1.0)
         try:
             yield router_model.Started("trace-" + invocation.invocation_id)
             if executor.name in self.dies_mid_turn:

@@ -16,6 +16,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from services.common.identity import Caller
@@ -376,6 +377,20 @@ async def test_with_no_executor_a_turn_is_unavailable_and_says_so(world: World) 
     assert refused.value.reason == "NO_EXECUTORS" and refused.value.retry_delay_s
     # Nothing was created for it.
     assert ("acme", SessionRef("nowhere")) not in world.sessions.pins
+
+
+async def test_a_session_an_executor_has_no_room_for_goes_to_another_else_is_told_to_back_off(
+    world: World,
+) -> None:
+    first = await turn(world, "crowded")
+    other = ({"exec-a", "exec-b"} - {first}).pop()
+    world.executor.full.add(first)
+    assert await turn(world, "crowded") == other
+    assert world.sessions.pins["acme", SessionRef("crowded")].executor == other
+    world.executor.full.add(other)
+    with pytest.raises(ResourceExhausted) as refused:
+        await turn(world, "crowded")
+    assert refused.value.reason == "EXECUTOR_AT_CAPACITY" and refused.value.retry_delay_s
 
 
 async def test_an_executor_that_cannot_be_reached_is_passed_over_but_one_that_died_mid_turn_fails_the_turn(
