@@ -17,6 +17,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from services.common.fleet import FleetMember
 from services.common.identity import Caller
@@ -36,7 +37,7 @@ from services.router.model import (
     TraceContext,
 )
 from services.router.pins import PinCache
-from services.router.placing import Placement
+from services.router.placing import REASON_NO_EXECUTORS, Placement
 from services.router.routing import bucket, choose
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,15 @@ class Router:
         resolved = await self.resolve(caller, target, request_id)
         invocation_id = self._ids.new_id()
         avoid = ""
+        passed_over: CorralError | None = None
         for attempt in range(2):
-            pin, executor = await self.placement.executor_for(resolved.pin, avoid)
+            try:
+                pin, executor = await self.placement.executor_for(resolved.pin, avoid)
+            except Unavailable as none_other:
+                # No other executor to go to: the first one's refusal is the caller's answer.
+                if passed_over is not None and none_other.reason == REASON_NO_EXECUTORS:
+                    raise passed_over from None
+                raise
             if pin != resolved.pin:
                 self.pins.put(pin)
                 resolved = Resolved(pin, resolved.new_session)
@@ -238,7 +246,7 @@ class Router:
                 if started or attempt or exc.reason not in RETRIED_ELSEWHERE:
                     raise
                 if exc.reason in AVOIDED:
-                    avoid = executor.name
+                    avoid, passed_over = executor.name, exc
                     continue
                 fresh = await self._sessions.get(caller, resolved.pin.session)
                 if fresh is None:

@@ -391,6 +391,13 @@ async def test_a_session_an_executor_has_no_room_for_goes_to_another_else_is_tol
     with pytest.raises(ResourceExhausted) as refused:
         await turn(world, "crowded")
     assert refused.value.reason == "EXECUTOR_AT_CAPACITY" and refused.value.retry_delay_s
+    # With no other executor to go to, the refusal is the answer, not "no executors".
+    world.executor.full.discard(first)
+    world.fleet.members = [member(other)]
+    await world.router.placement.fleet.refresh()
+    with pytest.raises(ResourceExhausted) as alone:
+        await turn(world, "crowded")
+    assert alone.value.reason == "EXECUTOR_AT_CAPACITY"
 
 
 async def test_an_executor_that_cannot_be_reached_is_passed_over_but_one_that_died_mid_turn_fails_the_turn(
