@@ -19,7 +19,7 @@ from services.common.interceptors import Context
 from services.telemetry import otlp
 from services.telemetry.forwarding import Export
 from services.telemetry.logs import AgentLogs
-from services.telemetry.otlp_logs import ingest_logs, logs_as_forwarded
+from services.telemetry.otlp_logs import ingest_logs
 
 GRPC = "grpc"
 
@@ -39,7 +39,7 @@ class LogReceiver:
         trust = otlp.Exporter.of(exporter)
         result = await ingest_logs(request, trust, self._logs)
         if self._forward is not None:
-            self._forward(logs_as_forwarded(request, trust))
+            self._forward(otlp.as_forwarded(request, trust))
         if not result.rejected:
             return ExportLogsServiceResponse()
         return ExportLogsServiceResponse(

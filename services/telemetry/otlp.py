@@ -15,8 +15,10 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeAlias, TypeVar
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
@@ -350,32 +352,41 @@ def export_batch(request: ExportTraceServiceRequest, exporter: Exporter) -> Expo
     return ExportBatch(rows=rows, scores=scores, rejected=rejected, reason=reason)
 
 
-def as_forwarded(request: ExportTraceServiceRequest, exporter: Exporter) -> ExportTraceServiceRequest:
-    """`request` as another backend should get it (CORRAL_OTLP_FORWARD): the platform's as sent;
-    a user's saying the tenant its spans were stored under, not one they claimed."""
+# An OTLP export of either signal telemetry takes in, and a list of OTLP attributes.
+KeyValues: TypeAlias = "RepeatedCompositeFieldContainer[KeyValue]"
+OtlpExport = TypeVar("OtlpExport", ExportTraceServiceRequest, ExportLogsServiceRequest)
+
+
+def as_forwarded(request: OtlpExport, exporter: Exporter) -> OtlpExport:
+    """`request` (spans or log records) as another backend should get it (CORRAL_OTLP_FORWARD):
+    the platform's as sent; a user's saying the tenant its items were stored under, not one they
+    claimed."""
     if exporter.trusted:
         return request
-    forwarded = ExportTraceServiceRequest()
+    forwarded = type(request)()
     forwarded.CopyFrom(request)
-    for resource_spans in forwarded.resource_spans:
-        restamp_tenant(resource_spans.resource.attributes, exporter.tenant)
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                _without(span.attributes, TENANT_ATTR)
+    for resource, items in _attribute_groups(forwarded):
+        _without(resource, TENANT_ATTR)
+        resource.add(key=TENANT_ATTR).value.string_value = exporter.tenant
+        for attributes in items:
+            _without(attributes, TENANT_ATTR)
     return forwarded
 
 
-def restamp_tenant(attributes: RepeatedCompositeFieldContainer[KeyValue], tenant: str) -> None:
-    """A resource's attributes saying `tenant` (and no other) as the tenant its items belong to."""
-    _without(attributes, TENANT_ATTR)
-    attributes.add(key=TENANT_ATTR).value.string_value = tenant
+def _attribute_groups(
+    request: ExportTraceServiceRequest | ExportLogsServiceRequest,
+) -> Iterator[tuple[KeyValues, Iterator[KeyValues]]]:
+    """Each resource's attributes, with those of its items (spans or log records)."""
+    if isinstance(request, ExportTraceServiceRequest):
+        for rs in request.resource_spans:
+            yield rs.resource.attributes, (s.attributes for ss in rs.scope_spans for s in ss.spans)
+    else:
+        for rl in request.resource_logs:
+            yield rl.resource.attributes, (
+                r.attributes for sl in rl.scope_logs for r in sl.log_records)
 
 
-def without_tenant(attributes: RepeatedCompositeFieldContainer[KeyValue]) -> None:
-    _without(attributes, TENANT_ATTR)
-
-
-def _without(attributes: RepeatedCompositeFieldContainer[KeyValue], key: str) -> None:
+def _without(attributes: KeyValues, key: str) -> None:
     kept = [kv for kv in attributes if kv.key != key]
     if len(kept) != len(attributes):
         del attributes[:]

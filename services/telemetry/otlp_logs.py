@@ -23,8 +23,6 @@ from services.telemetry.otlp import (
     clean_text,
     names_of,
     nanos_to_datetime,
-    restamp_tenant,
-    without_tenant,
 )
 
 # What a record says is bounded per record (the invocation's bound is the domain's).
@@ -104,17 +102,3 @@ async def ingest_logs(
     """Stores an OTLP logs export sent by `exporter`."""
     return await logs.export(log_batch(request, exporter))
 
-
-def logs_as_forwarded(request: ExportLogsServiceRequest, exporter: Exporter) -> ExportLogsServiceRequest:
-    """`request` as another backend should get it (CORRAL_OTLP_FORWARD), as otlp.as_forwarded
-    does for spans: a user's records say the tenant they were stored under."""
-    if exporter.trusted:
-        return request
-    forwarded = ExportLogsServiceRequest()
-    forwarded.CopyFrom(request)
-    for resource_logs in forwarded.resource_logs:
-        restamp_tenant(resource_logs.resource.attributes, exporter.tenant)
-        for scope_logs in resource_logs.scope_logs:
-            for record in scope_logs.log_records:
-                without_tenant(record.attributes)
-    return forwarded
